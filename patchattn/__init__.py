@@ -1,0 +1,33 @@
+"""patchattn: swap the attention of pretrained transformers and diffusers models for sparse, sink-calibrated,
+head-modulated and mixture-of-heads variants, in one line.
+
+    import patchattn
+    model, tok = patchattn.load("smollm2")
+    patchattn.patch(model, "dense")
+"""
+
+from . import methods  # noqa: F401  (registers the built-in methods)
+from .adapters import hf as _hf  # noqa: F401  (registers every method with transformers' attention registry)
+from .api import PatchHandle, get_config, get_handle, list_methods, load, patch, patched, unpatch
+from .config import MethodConfig
+from .registry import MethodSpec, register_method
+from .state import PatchContext, PatchState, TokenLayout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MethodConfig",
+    "MethodSpec",
+    "PatchContext",
+    "PatchHandle",
+    "PatchState",
+    "TokenLayout",
+    "get_config",
+    "get_handle",
+    "list_methods",
+    "load",
+    "patch",
+    "patched",
+    "register_method",
+    "unpatch",
+]

