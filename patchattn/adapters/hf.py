@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..registry import HF_PREFIX, MethodSpec, on_register
+from ..checks import check_inputs
 from ..state import STATE_ATTR, PatchContext, PatchState, get_state
 from .families import HF_FAMILIES, TARGETS, HFFamily, supported_hf_families
 
@@ -44,6 +45,9 @@ def _register_with_transformers(spec: MethodSpec) -> None:
 def _make_entry(spec: MethodSpec):
     def attention(module, query, key, value, attention_mask, **kwargs):
         _ensure_state(module, spec)
+        if query.shape[0] == 0:
+            return query.new_empty(0, query.shape[2], query.shape[1], value.shape[-1]), None
+        check_inputs(spec.name, query, key, value)
         return spec.forward(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{spec.hf_name}_attention"
