@@ -1,0 +1,339 @@
+"""Block-sparse flash attention: each query block reads a listed set of key blocks.
+
+Entry point :func:`block_sparse_attention`; helpers to build and inspect block lists. Backends:
+``torch`` (pure torch, :mod:`.reference`) and ``triton`` (:mod:`.triton_fwd`, :mod:`.triton_bwd`,
+:mod:`.decode`; imported lazily so that ``TRITON_INTERPRET`` can be set first). See README.md for
+the math, the index layout and the dispatch rules.
+
+This package imports only torch (and triton, lazily) plus its own modules.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+from . import reference
+
+__all__ = [
+    "block_sparse_attention",
+    "blocks_from_mask",
+    "mask_from_blocks",
+    "causal_blocks",
+    "dense_blocks",
+    "density",
+    "BACKENDS",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Single-token (or few-token) queries go through the split-K decode kernel below this many queries.
+DECODE_MAX_QUERIES = 16
+# Fall back to SDPA when the block list is the full (causal or dense) set and no hook needs us.
+DENSE_FALLBACK = True
+
+
+class Options(NamedTuple):
+    """The static options every backend needs."""
+    block_q: int
+    block_k: int
+    causal: bool
+    scale: float
+    softcap: float | None
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry
+# --------------------------------------------------------------------------------------------
+def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64, block_k: int = 64,
+                           causal: bool = True, scale: float | None = None,
+                           softcap: float | None = None, kv_start=None, kv_end=None,
+                           col_bias=None, head_gain=None, active=None, return_lse: bool = False,
+                           backend: str = "auto"):
+    """Attention where query block ``m`` of (batch b, head h) reads only the key blocks
+    ``kv_indices[b, h, m, :kv_counts[b, h, m]]``.
+
+    q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (Hq % Hkv == 0, GQA/MQA read k/v in place).
+    kv_indices int32 ``[B', H', NQ, K]`` strictly ascending key-block ids, kv_counts int32
+    ``[B', H', NQ]``; B' in {1, B}, H' in {1, Hkv, Hq}, NQ = ceil(Tq / block_q).
+    With ``causal``, query i sits at key position ``i + Tk - Tq``. Rows with no visible key give 0
+    (lse = -inf). Returns ``out [B, Hq, Tq, D]`` in q's dtype, or ``(out, lse [B, Hq, Tq] fp32)``.
+    """
+    backend = _resolve_backend(backend, q)
+    _validate(q, k, v, kv_indices, kv_counts, block_q, block_k, kv_start, kv_end, col_bias,
+              head_gain, active, softcap, backend)
+    kv_indices, kv_counts = _as_int32(kv_indices), _as_int32(kv_counts)
+    kv_start = None if kv_start is None else _as_int32(kv_start)
+    kv_end = None if kv_end is None else _as_int32(kv_end)
+    opts = Options(block_q, block_k, bool(causal),
+                   float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+                   None if softcap is None else float(softcap))
+    if backend == "torch":
+        return reference.block_sparse_attention_torch(
+            q, k, v, kv_indices, kv_counts, block_q=block_q, block_k=block_k, causal=opts.causal,
+            scale=opts.scale, softcap=opts.softcap, kv_start=kv_start, kv_end=kv_end,
+            col_bias=col_bias, head_gain=head_gain, active=active, return_lse=return_lse)
+    return _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
+                             head_gain, active, return_lse)
+
+
+# --------------------------------------------------------------------------------------------
+# Block-list helpers
+# --------------------------------------------------------------------------------------------
+def blocks_from_mask(block_mask: torch.Tensor):
+    """bool ``[B', H', NQ, NK]`` -> (kv_indices int32 ``[B', H', NQ, K]``, kv_counts int32 ``[B', H', NQ]``).
+
+    K is the largest row count (at least 1); entries past a row's count are 0.
+    """
+    if block_mask.dim() != 4 or block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be a bool tensor [B', H', NQ, NK], got "
+                         f"{tuple(block_mask.shape)} {block_mask.dtype}")
+    n_k = block_mask.shape[-1]
+    cols = torch.arange(n_k, device=block_mask.device, dtype=torch.int32)
+    order = torch.where(block_mask, cols, cols + n_k).sort(dim=-1).values
+    counts = block_mask.sum(dim=-1, dtype=torch.int32)
+    width = max(1, int(counts.max().item()) if counts.numel() else 1)
+    idx = order[..., :width]
+    idx = torch.where(idx < n_k, idx, torch.zeros_like(idx))
+    return idx.to(torch.int32).contiguous(), counts.contiguous()
+
+
+def mask_from_blocks(kv_indices: torch.Tensor, kv_counts: torch.Tensor, num_k_blocks: int):
+    """(kv_indices, kv_counts) -> bool ``[B', H', NQ, num_k_blocks]``."""
+    valid = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_counts[..., None]
+    valid = valid & (kv_indices >= 0) & (kv_indices < num_k_blocks)
+    hits = torch.zeros(*kv_indices.shape[:-1], num_k_blocks, dtype=torch.int32,
+                       device=kv_indices.device)
+    hits.scatter_add_(-1, kv_indices.long().clamp(0, num_k_blocks - 1), valid.to(torch.int32))
+    return hits > 0
+
+
+def causal_block_counts(Tq: int, Tk: int, block_q: int, block_k: int, device=None):
+    """Per query block, how many key blocks the causal rule allows (they are blocks 0..n-1)."""
+    n_q, n_k = math.ceil(Tq / block_q), math.ceil(Tk / block_k)
+    m = torch.arange(n_q, device=device)
+    last_key = torch.clamp((m + 1) * block_q, max=Tq) - 1 + (Tk - Tq)
+    return torch.clamp(torch.div(last_key, block_k, rounding_mode="floor") + 1, 0, n_k).to(torch.int32)
+
+
+def causal_blocks(Tq: int, Tk: int, block_q: int, block_k: int, device=None):
+    """The full causal block set as ([1, 1, NQ, NK] indices, [1, 1, NQ] counts)."""
+    n_q, n_k = math.ceil(Tq / block_q), math.ceil(Tk / block_k)
+    counts = causal_block_counts(Tq, Tk, block_q, block_k, device)
+    idx = torch.arange(n_k, device=device, dtype=torch.int32).expand(n_q, n_k)
+    return idx.contiguous().view(1, 1, n_q, n_k), counts.view(1, 1, n_q)
+
+
+def dense_blocks(Tq: int, Tk: int, block_q: int, block_k: int, device=None):
+    """Every key block for every query block (non-causal full set)."""
+    n_q, n_k = math.ceil(Tq / block_q), math.ceil(Tk / block_k)
+    idx = torch.arange(n_k, device=device, dtype=torch.int32).expand(n_q, n_k)
+    counts = torch.full((1, 1, n_q), n_k, device=device, dtype=torch.int32)
+    return idx.contiguous().view(1, 1, n_q, n_k), counts
+
+
+def density(kv_counts: torch.Tensor, Tq: int, Tk: int, block_q: int, block_k: int,
+            causal: bool = True) -> float:
+    """Fraction of the allowed key blocks (causally allowed when ``causal``) that the lists read."""
+    if causal:
+        allowed = causal_block_counts(Tq, Tk, block_q, block_k, kv_counts.device)
+    else:
+        allowed = torch.full((math.ceil(Tq / block_q),), math.ceil(Tk / block_k),
+                             device=kv_counts.device, dtype=torch.int32)
+    read = torch.minimum(kv_counts, allowed).sum(dtype=torch.float64)
+    total = allowed.sum(dtype=torch.float64) * (kv_counts.numel() // max(1, allowed.numel()))
+    return float(read / total) if total > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Backend choice and validation
+# --------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend, q):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        usable = (q.is_cuda or _interpreting()) and _triton_installed()
+        return "triton" if usable and q.dtype in TRITON_DTYPES else "torch"
+    if backend == "triton":
+        if not (q.is_cuda or _interpreting()):
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                "imported, for the CPU interpreter); use backend='torch' on CPU")
+        if not _triton_installed():
+            raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
+    return backend
+
+
+def _fail(name, got, allowed):
+    raise ValueError(f"{name}: got {got}; allowed: {allowed}")
+
+
+def _as_int32(t):
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+def _validate(q, k, v, kv_indices, kv_counts, block_q, block_k, kv_start, kv_end, col_bias,
+              head_gain, active, softcap, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            _fail(name, getattr(t, "shape", type(t)), "a 4-D tensor [B, H, T, D]")
+    dtypes = TRITON_DTYPES if backend == "triton" else TRITON_DTYPES + (torch.float64,)
+    if q.dtype not in dtypes:
+        _fail("q.dtype", q.dtype, ", ".join(map(str, dtypes)))
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            _fail(f"{name}.dtype", t.dtype, f"q's dtype {q.dtype}")
+        if t.device != q.device:
+            _fail(f"{name}.device", t.device, f"q's device {q.device}")
+    B, Hq, Tq, D = q.shape
+    if k.shape != v.shape:
+        _fail("v.shape", tuple(v.shape), f"k's shape {tuple(k.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        _fail("k.shape", tuple(k.shape), f"[{B}, Hkv, Tk, {D}] (q's batch and head_dim)")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        _fail("k.shape[1] (Hkv)", Hkv, f"a divisor of Hq={Hq}")
+    for name, bs in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(bs, int) or bs <= 0:
+            _fail(name, bs, "a positive int")
+        if backend == "triton" and (bs < 16 or bs & (bs - 1)):
+            _fail(name, bs, "a power of two >= 16 with backend='triton'")
+    n_q = math.ceil(Tq / block_q)
+    if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 4:
+        _fail("kv_indices", getattr(kv_indices, "shape", type(kv_indices)), "int32 [B', H', NQ, K]")
+    if kv_indices.dtype not in (torch.int32, torch.int64):
+        _fail("kv_indices.dtype", kv_indices.dtype, "torch.int32 (int64 is converted)")
+    Bp, Hp, nq, _ = kv_indices.shape
+    if Bp not in (1, B):
+        _fail("kv_indices.shape[0]", Bp, f"1 or B={B}")
+    if Hp not in (1, Hkv, Hq):
+        _fail("kv_indices.shape[1]", Hp, f"1, Hkv={Hkv} or Hq={Hq}")
+    if nq != n_q:
+        _fail("kv_indices.shape[2]", nq, f"NQ = ceil(Tq / block_q) = {n_q}")
+    if not isinstance(kv_counts, torch.Tensor) or tuple(kv_counts.shape) != (Bp, Hp, nq):
+        _fail("kv_counts.shape", tuple(getattr(kv_counts, "shape", ())), f"{(Bp, Hp, nq)}")
+    if kv_counts.dtype not in (torch.int32, torch.int64):
+        _fail("kv_counts.dtype", kv_counts.dtype, "torch.int32 (int64 is converted)")
+    for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
+        if t.device != q.device:
+            _fail(f"{name}.device", t.device, f"q's device {q.device}")
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t is not None and (t.shape != (B,) or t.dtype not in (torch.int32, torch.int64)):
+            _fail(name, f"{tuple(t.shape)} {t.dtype}", f"int32 [B={B}]")
+    if col_bias is not None:
+        ok = (col_bias.dim() == 3 and col_bias.shape[0] in (1, B)
+              and col_bias.shape[1] in (1, Hkv, Hq) and col_bias.shape[2] == k.shape[2]
+              and col_bias.is_floating_point())
+        if not ok:
+            _fail("col_bias", f"{tuple(col_bias.shape)} {col_bias.dtype}",
+                  f"float [1|B, 1|Hkv|Hq, Tk={k.shape[2]}]")
+    if head_gain is not None:
+        ok = head_gain.is_floating_point() and (
+            tuple(head_gain.shape) == (B, Tq, Hq)
+            or (head_gain.dim() == 2 and head_gain.shape[0] in (1, B) and head_gain.shape[1] == Hq))
+        if not ok:
+            _fail("head_gain", f"{tuple(head_gain.shape)} {head_gain.dtype}",
+                  f"float [B, Tq, Hq] = {(B, Tq, Hq)} or [1|B, Hq]")
+    if active is not None and (tuple(active.shape) != (B, Tq, Hq) or active.dtype != torch.bool):
+        _fail("active", f"{tuple(active.shape)} {active.dtype}", f"bool [B, Tq, Hq] = {(B, Tq, Hq)}")
+    if softcap is not None and not softcap > 0:
+        _fail("softcap", softcap, "None or a positive float")
+
+
+# --------------------------------------------------------------------------------------------
+# Triton dispatch
+# --------------------------------------------------------------------------------------------
+def _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
+                      head_gain, active, return_lse):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if col_bias is not None and col_bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError("col_bias: gradients w.r.t. col_bias are supported by backend='torch' "
+                         "only; detach it or use backend='torch'")
+    # A gain that needs a gradient is applied outside the kernel, so autograd sees it.
+    outer_gain = head_gain if head_gain is not None and head_gain.requires_grad else None
+    kernel_gain = None if outer_gain is not None else head_gain
+
+    if _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, active,
+                           return_lse):
+        out = _sdpa_dense(q, k, v, opts)
+        return out * reference._gain_as_bhtd(head_gain).to(out.dtype) if head_gain is not None else out
+
+    if not needs_grad and q.shape[2] <= DECODE_MAX_QUERIES and kv_indices.shape[2] == 1:
+        from . import decode
+        out, lse = decode.decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end,
+                                           col_bias, kernel_gain, active)
+    else:
+        out, lse = _BlockSparseAttention.apply(q, k, v, kv_indices, kv_counts, opts, kv_start,
+                                               kv_end, col_bias, kernel_gain, active,
+                                               return_lse or needs_grad)
+    if outer_gain is not None:
+        out = out * reference._gain_as_bhtd(outer_gain).to(out.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, active,
+                        return_lse):
+    """SDPA computes the same function only for the full block set with no hooks; check that."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if not DENSE_FALLBACK or return_lse or opts.softcap is not None:
+        return False
+    if any(t is not None for t in (kv_start, kv_end, col_bias, active)):
+        return False
+    if q.shape[2] <= DECODE_MAX_QUERIES:  # decode: the split-K kernel is as fast, and no host sync
+        return False
+    if opts.causal and Tq != Tk:  # SDPA's is_causal is top-left aligned
+        return False
+    if opts.causal:
+        allowed = causal_block_counts(Tq, Tk, opts.block_q, opts.block_k, q.device)
+    else:
+        allowed = torch.full((kv_indices.shape[2],), math.ceil(Tk / opts.block_k),
+                             device=q.device, dtype=torch.int32)
+    listed = torch.arange(kv_indices.shape[-1], device=q.device) < kv_counts[..., None]
+    inside = listed & (kv_indices < allowed[:, None]) & (kv_indices >= 0)
+    return bool((inside.sum(-1) == allowed).all())
+
+
+def _sdpa_dense(q, k, v, opts):
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # the fast SDPA kernels want matching heads (measured in bench/kernel/NOTES.md)
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=opts.causal and q.shape[2] > 1, scale=opts.scale)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain,
+                active, need_lse):
+        from . import triton_fwd
+        out, lse = triton_fwd.forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end,
+                                      col_bias, head_gain, active, need_lse)
+        ctx.save_for_backward(q, k, v, out, lse, kv_indices, kv_counts, kv_start, kv_end,
+                              col_bias, head_gain, active)
+        ctx.opts = opts
+        if lse is not None:
+            ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, _d_lse):
+        from . import triton_bwd
+        q, k, v, out, lse, idx, cnt, kv_start, kv_end, col_bias, head_gain, active = ctx.saved_tensors
+        dq, dk, dv = triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, ctx.opts, kv_start,
+                                         kv_end, col_bias, head_gain)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None

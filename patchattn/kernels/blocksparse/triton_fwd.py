@@ -1,0 +1,347 @@
+"""Triton forward kernel for block-sparse flash attention (prefill), plus the jit helpers that the
+backward and decode kernels share.
+
+One program = one (batch, q head, query tile of BLOCK_M rows). It walks the query block's sorted
+key-block list in three stretches so the mask arithmetic runs only where it can change a score:
+  head  - blocks straddling ``kv_start`` (left padding): masked
+  clean - blocks every row of the tile sees completely: no mask, no bounds checks
+  tail  - blocks crossing the causal diagonal / ``kv_end`` / ``Tk``: masked
+Blocks entirely before ``kv_start`` or entirely invisible are never loaded. Scores live in log2
+units (``scale * log2(e)`` folded in) so the softmax uses exp2.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _alloc
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tests set (BLOCK_M, BLOCK_N) here to exercise sub-tiling under the interpreter.
+FORCE_TILES: tuple[int, int] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared jit helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [R, D] tile; masks only what can be out of range (rows and/or padded head_dim)."""
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def list_ranges(list_ptr, stride_entry, count, kv_lo, full_lim, part_lim,
+                BK: tl.constexpr, SCAN: tl.constexpr):
+    """Counts over a sorted key-block list: blocks ending at or before kv_lo, starting before kv_lo,
+    ending at or before full_lim (fully visible), starting before part_lim (partly visible)."""
+    n_before = count * 0
+    n_lo = count * 0
+    n_full = count * 0
+    n_vis = count * 0
+    for c in range(0, count, SCAN):
+        offs = c + tl.arange(0, SCAN)
+        ok = offs < count
+        start = tl.load(list_ptr + offs * stride_entry, mask=ok, other=0) * BK
+        end = start + BK
+        n_before += tl.sum((ok & (end <= kv_lo)).to(tl.int32), 0)
+        n_lo += tl.sum((ok & (start < kv_lo)).to(tl.int32), 0)
+        n_full += tl.sum((ok & (end <= full_lim)).to(tl.int32), 0)
+        n_vis += tl.sum((ok & (start < part_lim)).to(tl.int32), 0)
+    return n_before, n_lo, n_full, n_vis
+
+
+@triton.jit
+def scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap, cap_log2,
+                HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_COLS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """q [M, D] x k [N, D] -> scores [M, N] in log2 units (scale, softcap and column bias applied).
+    Also returns tanh(.) of the soft-capped scores (the backward needs 1 - tanh^2)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:
+        t = tanh(qk * scale_over_cap)
+        s = cap_log2 * t
+    else:
+        t = qk
+        s = qk * scale_log2
+    if HAS_BIAS:
+        if MASK_COLS:
+            bias = tl.load(bias_ptr + cols * stride_bias_t, mask=cols < Tk, other=0.0)
+        else:
+            bias = tl.load(bias_ptr + cols * stride_bias_t)
+        s += bias.to(tl.float32)[None, :] * 1.4426950408889634
+    return s, t
+
+
+@triton.jit
+def visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL: tl.constexpr):
+    """[M, N] mask of the (query position, key position) pairs that may attend."""
+    ok = (cols[None, :] >= kv_lo) & (cols[None, :] < kv_hi)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows_pos[:, None])
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, stride_entry,
+            j_lo, j_hi, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, stride_bias_t,
+            scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
+            BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """Online softmax over list entries j_lo..j_hi (counted in BLOCK_N sub-tiles)."""
+    SUB: tl.constexpr = BK // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    for j in range(j_lo, j_hi):
+        blk = tl.load(list_ptr + (j // SUB) * stride_entry)
+        cols = blk * BK + (j % SUB) * BLOCK_N + offs_n
+        col_ok = cols < Tk
+        k = load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], col_ok, d_ok,
+                      MASKED, EVEN_D)
+        s, _t = scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap,
+                            cap_log2, HAS_SOFTCAP, HAS_BIAS, MASKED, DOT_PRECISION)
+        if MASKED:
+            s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok,
+                      MASKED, EVEN_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+        Q, K, V, Out, Lse, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active,
+        scale_log2, scale_over_cap, cap_log2,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+        sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah,
+        Hq, Tq, Tk,
+        GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr,
+        BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+        WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heavy (late, causal) tiles first
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Tq
+    rows_pos = rows + (Tk - Tq)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = load_tile(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], row_ok, d_ok,
+                  True, EVEN_D)
+    k_base = K + b * skb + (h // GROUP) * skh
+    v_base = V + b * svb + (h // GROUP) * svh
+    bias_ptr = Bias + b * sbb + (h // BIAS_DIV) * sbh
+
+    kv_lo = 0
+    kv_hi = Tk
+    if HAS_PAD:
+        kv_lo = tl.load(KvStart + b)
+        kv_hi = tl.minimum(tl.load(KvEnd + b), Tk)
+    m_blk = tile * BLOCK_M // BQ
+    list_ptr = KvIdx + b * sib + (h // LIST_DIV) * sih + m_blk * siq
+    count = tl.load(KvCnt + b * scb + (h // LIST_DIV) * sch + m_blk * scq)
+    if HAS_ACTIVE:  # skip the whole tile when no row of it is active
+        act = tl.load(Active + b * sab + rows * sat + h * sah, mask=row_ok, other=0) != 0
+        count = tl.where(tl.max(act.to(tl.int32), 0) > 0, count, 0)
+
+    first_pos = tile * BLOCK_M + (Tk - Tq)
+    last_pos = tl.minimum(tile * BLOCK_M + BLOCK_M, Tq) - 1 + (Tk - Tq)
+    if CAUSAL:
+        full_lim = tl.minimum(first_pos + 1, kv_hi)
+        part_lim = tl.minimum(last_pos + 1, kv_hi)
+    else:
+        full_lim = kv_hi
+        part_lim = kv_hi
+    n_before, n_lo, n_full, n_vis = list_ranges(list_ptr, sik, count, kv_lo, full_lim, part_lim,
+                                                BK, SCAN)
+    clean_hi = tl.maximum(n_lo, n_full)
+    SUB: tl.constexpr = BK // BLOCK_N
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
+                            tl.minimum(n_lo, n_vis) * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr,
+                            sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N,
+                            EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_lo * SUB, clean_hi * SUB, rows_pos, kv_lo,
+                            kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
+                            offs_d, d_ok, BK, BLOCK_N, EVEN_D, False, CAUSAL, HAS_BIAS,
+                            HAS_SOFTCAP, DOT_PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, clean_hi * SUB, n_vis * SUB, rows_pos,
+                            kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
+                            offs_d, d_ok, BK, BLOCK_N, EVEN_D, True, CAUSAL, HAS_BIAS,
+                            HAS_SOFTCAP, DOT_PRECISION)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if HAS_GAIN:
+        gain = tl.load(Gain + b * sgb + rows * sgt + h * sgh, mask=row_ok, other=0.0)
+        out = out * gain.to(tl.float32)[:, None]
+    if HAS_ACTIVE:
+        out = tl.where(act[:, None], out, 0.0)
+    o_ptrs = Out + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if WRITE_LSE:
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        if HAS_ACTIVE:
+            lse = tl.where(act, lse, float("-inf"))
+        tl.store(Lse + pid_bh.to(tl.int64) * Tq + rows, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------
+def _configs():
+    """A small Hopper-oriented search space; pruned per head_dim and block sizes."""
+    shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+              (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Keep tiles that divide the logical blocks and fit shared memory for this head_dim."""
+    bq, bk, d = kwargs["BQ"], kwargs["BK"], kwargs["BLOCK_D"]
+    fits = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= bq and c.kwargs["BLOCK_N"] <= bk
+            and (d <= 128 or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64
+                              and c.num_stages <= 2))]
+    big = [c for c in fits if c.kwargs["BLOCK_M"] >= min(bq, 64)]  # prefer few, large tiles
+    return (big or fits)[:4] or [configs[-1]]
+
+
+_fwd_tuned = triton.autotune(
+    configs=_configs(), key=["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP"],
+    prune_configs_by={"early_config_prune": prune_configs})(_fwd_kernel)
+
+
+def interpreter_tiles(bq, bk):
+    """Tiles for the CPU interpreter (no autotuning there: every config would run)."""
+    if FORCE_TILES is not None:
+        return min(FORCE_TILES[0], bq), min(FORCE_TILES[1], bk)
+    return bq, bk
+
+
+def dot_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def list_strides(t):
+    """Strides of a [B', H', ...] tensor with broadcast batch dims given stride 0."""
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(t.dim()))
+
+
+def gain_strides(head_gain):
+    if head_gain is None:
+        return 0, 0, 0
+    if head_gain.dim() == 3:  # [B, Tq, Hq]
+        return head_gain.stride(0), head_gain.stride(1), head_gain.stride(2)
+    return (0 if head_gain.shape[0] == 1 else head_gain.stride(0)), 0, head_gain.stride(1)
+
+
+def hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end):
+    """Pointers, strides and constexprs for the optional inputs, shared by all kernels."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    dummy = kv_indices  # any tensor on the device: never dereferenced when its flag is off
+    bias_s = list_strides(col_bias) if col_bias is not None else (0, 0, 0)
+    act = active.view(torch.uint8) if active is not None else None
+    act_s = act.stride() if act is not None else (0, 0, 0)
+    return dict(
+        ptrs=(kv_start if kv_start is not None else dummy, kv_end if kv_end is not None else dummy,
+              col_bias if col_bias is not None else dummy,
+              head_gain if head_gain is not None else dummy, act if act is not None else dummy),
+        strides=(*bias_s, *gain_strides(head_gain), *act_s),
+        consts=dict(GROUP=Hq // Hkv, LIST_DIV=Hq // kv_indices.shape[1],
+                    BIAS_DIV=Hq // col_bias.shape[1] if col_bias is not None else 1,
+                    HAS_PAD=kv_start is not None or kv_end is not None,
+                    HAS_BIAS=col_bias is not None, HAS_GAIN=head_gain is not None,
+                    HAS_ACTIVE=active is not None))
+
+
+def softmax_scales(opts):
+    """(scale*log2e, scale/softcap, softcap*log2e): scores in log2 units, with or without a cap."""
+    cap = opts.softcap
+    return (opts.scale * LOG2E, opts.scale / cap if cap else 0.0, cap * LOG2E if cap else 0.0)
+
+
+def pad_bounds(q, k, kv_start, kv_end):
+    """kv_start/kv_end both present when either is (the kernels read both)."""
+    if kv_start is None and kv_end is None:
+        return None, None
+    B, Tk = q.shape[0], k.shape[2]
+    if kv_start is None:
+        kv_start = torch.zeros(B, dtype=torch.int32, device=q.device)
+    if kv_end is None:
+        kv_end = torch.full((B,), Tk, dtype=torch.int32, device=q.device)
+    return kv_start.contiguous(), kv_end.contiguous()
+
+
+def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain, active,
+            need_lse):
+    """Launch the forward kernel; returns (out [B, Hq, Tq, D] viewed from a [B, Tq, Hq, D] buffer,
+    lse [B, Hq, Tq] fp32 or None)."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    kv_start, kv_end = pad_bounds(q, k, kv_start, kv_end)
+    # [B, Tq, Hq, D] memory: transformers transposes back to this layout, so that becomes free.
+    out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
+    lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device) if need_lse else None
+    hooks = hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end)
+    args = (q, k, v, out, lse if lse is not None else out, kv_indices, kv_counts, *hooks["ptrs"],
+            *softmax_scales(opts),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            *list_strides(kv_indices), *list_strides(kv_counts), *hooks["strides"], Hq, Tq, Tk)
+    consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
+                  BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
+                  HAS_SOFTCAP=opts.softcap is not None, WRITE_LSE=need_lse,
+                  DOT_PRECISION=dot_precision(q.dtype), SCAN=64)
+    if INTERPRETING or not q.is_cuda:
+        bm, bn = interpreter_tiles(opts.block_q, opts.block_k)
+        _fwd_kernel[(B * Hq, triton.cdiv(Tq, bm))](*args, **consts, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        grid = lambda meta: (B * Hq, triton.cdiv(Tq, meta["BLOCK_M"]))  # noqa: E731
+        _fwd_tuned[grid](*args, **consts)
+    return out, lse
