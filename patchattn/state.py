@@ -56,6 +56,8 @@ class PatchState(nn.Module):
         role: ``"text"``, ``"vision"`` or ``"dit"``.
         context: the model-wide ``PatchContext``.
         cache: free-form non-parameter storage for methods (masks chosen at prefill, frozen sink sets...).
+        stats: the latest per-call statistics a method reports (``density``: fraction of the causally allowed
+            key blocks it read), for the demo, eval and reports.
     """
 
     def __init__(self, config: MethodConfig, layer_index: int, role: str, context: PatchContext):
@@ -65,6 +67,11 @@ class PatchState(nn.Module):
         self.role = role
         self.context = context
         self.cache: dict[str, Any] = {}
+        self.stats: dict[str, float] = {}
+
+    def record(self, **stats: float) -> None:
+        """Report statistics of the latest call (floats; tensors are converted)."""
+        self.stats.update({k: float(v) for k, v in stats.items()})
 
     def extra_repr(self) -> str:
         return f"method={type(self.config).method}, layer={self.layer_index}, role={self.role}"

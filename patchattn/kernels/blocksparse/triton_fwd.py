@@ -46,6 +46,16 @@ def load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr)
 
 
 @triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc) in fp32. "upcast" is for the CPU interpreter, whose bf16 dot is wrong."""
+    if DOT_PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
 def tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
@@ -72,12 +82,13 @@ def list_ranges(list_ptr, stride_entry, count, kv_lo, full_lim, part_lim,
 
 
 @triton.jit
-def scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap, cap_log2,
+def scores_log2(a, b, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap, cap_log2,
                 HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_COLS: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """q [M, D] x k [N, D] -> scores [M, N] in log2 units (scale, softcap and column bias applied).
+                DOT_PRECISION: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
+    """a [R, D] x b [C, D] -> scores [R, C] in log2 units (scale, softcap, column bias applied).
+    a = q, b = k normally; a = k, b = q (KEYS_ON_ROWS) for the transposed backward tiles.
     Also returns tanh(.) of the soft-capped scores (the backward needs 1 - tanh^2)."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    qk = mma(a, tl.trans(b), None, DOT_PRECISION)
     if HAS_SOFTCAP:
         t = tanh(qk * scale_over_cap)
         s = cap_log2 * t
@@ -89,16 +100,26 @@ def scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_
             bias = tl.load(bias_ptr + cols * stride_bias_t, mask=cols < Tk, other=0.0)
         else:
             bias = tl.load(bias_ptr + cols * stride_bias_t)
-        s += bias.to(tl.float32)[None, :] * 1.4426950408889634
+        bias = bias.to(tl.float32) * 1.4426950408889634
+        if KEYS_ON_ROWS:
+            s += bias[:, None]
+        else:
+            s += bias[None, :]
     return s, t
 
 
 @triton.jit
-def visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL: tl.constexpr):
-    """[M, N] mask of the (query position, key position) pairs that may attend."""
-    ok = (cols[None, :] >= kv_lo) & (cols[None, :] < kv_hi)
+def visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
+    """Mask of the (query position, key position) pairs that may attend: [M, N], or [N, M]."""
+    if KEYS_ON_ROWS:
+        c = cols[:, None]
+        r = rows_pos[None, :]
+    else:
+        c = cols[None, :]
+        r = rows_pos[:, None]
+    ok = (c >= kv_lo) & (c < kv_hi)
     if CAUSAL:
-        ok = ok & (cols[None, :] <= rows_pos[:, None])
+        ok = ok & (c <= r)
     return ok
 
 
@@ -122,9 +143,9 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
         k = load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], col_ok, d_ok,
                       MASKED, EVEN_D)
         s, _t = scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap,
-                            cap_log2, HAS_SOFTCAP, HAS_BIAS, MASKED, DOT_PRECISION)
+                            cap_log2, HAS_SOFTCAP, HAS_BIAS, MASKED, DOT_PRECISION, False)
         if MASKED:
-            s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL), s, float("-inf"))
+            s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
         p = tl.math.exp2(s - m_use[:, None])
@@ -132,7 +153,7 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok,
                       MASKED, EVEN_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -260,7 +281,9 @@ def interpreter_tiles(bq, bk):
 
 
 def dot_precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if INTERPRETING else "tf32"
 
 
 def last_dim_contiguous(t):

@@ -1,0 +1,91 @@
+"""Command line: ``patchattn list | demo | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import api
+from .report import format_table
+
+
+def _list(args) -> int:
+    from .adapters.families import HF_FAMILIES
+
+    rows = [
+        {
+            "method": s.name,
+            "category": s.category,
+            "families": ",".join(s.families),
+            "fine-tune": "yes" if s.needs_finetune else "no",
+            "paper": s.paper,
+        }
+        for s in api.list_methods(args.category)
+        if not s.name.startswith("test_")
+    ]
+    print(format_table(rows))
+    if args.fields:
+        for spec in api.list_methods(args.category):
+            print(f"\n{spec.name} ({spec.config_cls.__name__}):")
+            for name, default, help_text in spec.config_cls.describe_fields():
+                print(f"  {name} = {default!r}  - {help_text}")
+    if args.families:
+        print()
+        print(format_table([{"model_type": f.model_type, "kind": f.kind, "notes": f.notes}
+                            for f in HF_FAMILIES.values()]))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    methods = args.methods.split(",") if args.methods else None
+    rows = run_demo(args.model, tokens=args.tokens, methods=methods, max_new_tokens=args.max_new_tokens,
+                    json_path=args.json)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _bench(args) -> int:
+    if args.what == "kernel":
+        from .bench.kernel import main as kernel_main
+
+        return kernel_main(args.rest)
+    raise SystemExit(f"unknown benchmark {args.what!r}; available: kernel")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="print the registered methods")
+    p.add_argument("--category", help="only this category (control, sparse, sink, head, moh, linear, other)")
+    p.add_argument("--fields", action="store_true", help="also print each method's config fields and defaults")
+    p.add_argument("--families", action="store_true", help="also print the supported model families")
+    p.set_defaults(run=_list)
+
+    p = sub.add_parser("demo", help="run every training-free method on the embedded model against dense")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), gemma3-270m, or a local model path")
+    p.add_argument("--tokens", type=int, default=2048, help="perplexity context length (default 2048)")
+    p.add_argument("--methods", help="comma-separated subset (default: all training-free methods)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("bench", help="speed benchmarks (CUDA GPU)")
+    p.add_argument("what", choices=["kernel"], help="kernel: block-sparse engine vs SDPA vs FlexAttention")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help of each)")
+    p.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, ImportError) as err:
+        print(f"patchattn: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
