@@ -21,7 +21,6 @@ def _list(args) -> int:
             "paper": s.paper,
         }
         for s in api.list_methods(args.category)
-        if not s.name.startswith("test_")
     ]
     print(format_table(rows))
     if args.fields:

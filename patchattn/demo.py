@@ -21,7 +21,7 @@ QUESTION = "What is the capital of France?"
 
 def demo_methods(names: list[str] | None = None) -> list:
     """The methods the demo runs: ``dense`` first, then every registered training-free method."""
-    specs = [s for s in api.list_methods() if not s.needs_finetune and not s.name.startswith("test_")]
+    specs = [s for s in api.list_methods() if not s.needs_finetune]
     if names:
         known = {s.name: s for s in specs}
         missing = [n for n in names if n not in known]

