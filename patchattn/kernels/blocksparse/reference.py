@@ -126,7 +126,8 @@ def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     p = torch.exp(scores - row_max)
     denom = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v_sel) / denom.clamp_min(torch.finfo(p.dtype).tiny)
+    # Empty rows have p = 0: divide by 1 (not by a tiny number, whose gradient overflows).
+    out = torch.matmul(p, v_sel) / torch.where(denom > 0, denom, torch.ones_like(denom))
     lse = (row_max + torch.log(denom)).squeeze(-1)
 
     # Back to [B, Hq, rows, D] / [B, Hq, rows].

@@ -115,7 +115,7 @@ def _dq_kernel(
                   True, EVEN_D)
     do = load_tile(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :], row_ok, d_ok,
                    True, EVEN_D)
-    lse2 = tl.load(Lse + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=float("inf")) * LOG2E
+    lse2 = tl.load(Lse + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=0.0)
     k_base = K + b * skb + (h // GROUP) * skh
@@ -195,7 +195,7 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
                       EVEN_D)
         do = load_tile(do_base + rows[:, None] * stride_dt + offs_d[None, :], row_ok, d_ok, True,
                        EVEN_D)
-        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         # Transposed tiles [BLOCK_N keys, BLOCK_M queries]: dV and dK come out without transposes.
