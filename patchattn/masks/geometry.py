@@ -1,0 +1,50 @@
+"""Where query blocks and key blocks sit relative to each other.
+
+Queries are aligned to the *end* of the keys (prefill: Tq == Tk; decoding with a KV cache: Tq small), so query
+row ``i`` is at key position ``i + Tk - Tq``.  Block patterns are defined on the key block that holds a query
+block's last position (its *diagonal* block) and on the first key position any of its rows can see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_k: int
+
+    @property
+    def n_q(self) -> int:
+        return math.ceil(self.q_len / self.block_q)
+
+    @property
+    def n_k(self) -> int:
+        return math.ceil(self.kv_len / self.block_k)
+
+    @property
+    def offset(self) -> int:
+        return self.kv_len - self.q_len
+
+    def first_position(self, device=None) -> torch.Tensor:
+        """``[NQ]`` key position of each query block's first row."""
+        return torch.arange(self.n_q, device=device) * self.block_q + self.offset
+
+    def last_position(self, device=None) -> torch.Tensor:
+        """``[NQ]`` key position of each query block's last row."""
+        rows = torch.clamp((torch.arange(self.n_q, device=device) + 1) * self.block_q, max=self.q_len) - 1
+        return rows + self.offset
+
+    def diagonal_block(self, device=None) -> torch.Tensor:
+        """``[NQ]`` index of the key block holding each query block's last position."""
+        return torch.div(self.last_position(device), self.block_k, rounding_mode="floor")
+
+    def key_blocks(self, device=None) -> torch.Tensor:
+        """``[1, NK]`` key block indices, for broadcasting against ``[NQ, 1]`` query-side tensors."""
+        return torch.arange(self.n_k, device=device)[None, :]

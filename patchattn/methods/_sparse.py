@@ -1,0 +1,119 @@
+"""What every block-sparse method shares: turn a transformers attention call into one block-sparse kernel call.
+
+A sparse method only decides *which key blocks each query block reads* (``select_blocks``); this module handles
+the rest the same way for all of them: padding, sliding-window layers, the KV-cache offset, caching static
+patterns per shape, calling ``kernels.blocksparse`` with the method's backend, and reporting the density.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import MethodConfig, option
+from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density
+from ..kernels.dense import eager_attention, sdpa_attention
+from ..masks import BlockGeometry
+
+# (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK]
+BlockSelector = Callable[[BlockGeometry, torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+@dataclass(kw_only=True)
+class SparseConfig(MethodConfig):
+    """Fields every block-sparse method has.
+
+    Attributes:
+        block_size (int): query and key block size in tokens (the unit of sparsity).
+        dense_layers (list[int]): layer indices kept dense (HiP and DuoAttention keep the first layers dense).
+    """
+
+    block_size: int = option(64, "query/key block size in tokens", choices=(16, 32, 64, 128, 256))
+    dense_layers: list = option([], "layer indices that stay dense", min=0)
+
+
+def dense_call(module, query, key, value, attention_mask, *, scaling, dropout=0.0, **kwargs):
+    """The model's own (SDPA / soft-capped eager) attention."""
+    fn = eager_attention if kwargs.get("softcap") is not None else sdpa_attention
+    return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def padding_start(attention_mask, batch: int, kv_len: int) -> torch.Tensor | None:
+    """``[B]`` first valid key per sample when the mask is causal + left padding; None if there is no mask.
+
+    Raises ValueError when the mask has another structure (sliding window, bidirectional image tokens), which a
+    block list plus a padding start cannot express.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.ndim != 4 or attention_mask.shape[1] != 1:
+        raise ValueError("expected transformers' boolean SDPA mask [B, 1, Tq, Tk]")
+    mask = attention_mask[:, 0, :, :kv_len]
+    q_len = mask.shape[1]
+    start = mask[:, -1].int().argmax(dim=-1)
+    keys = torch.arange(kv_len, device=mask.device)
+    causal = keys[None, :] <= torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
+    expected = causal[None] & (keys[None, None, :] >= start[:, None, None])
+    rows = expected.any(-1)  # fully padded query rows are free to differ
+    if not torch.equal(mask & rows[..., None], expected):
+        raise ValueError("mask is not causal + left padding")
+    return start.to(torch.int32) if bool((start > 0).any()) else None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(method: str, reason: str) -> None:
+    if (method, reason) not in _warned:
+        _warned.add((method, reason))
+        warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=3)
+
+
+def run_block_sparse(module, query, key, value, attention_mask, *, scaling, select: BlockSelector,
+                     static: bool, dropout=0.0, **kwargs):
+    """Shared forward of every block-sparse method (transformers' signature; returns ``([B, Tq, Hq, D], None)``)."""
+    state = module.patchattn
+    config = state.config
+    method = type(config).method
+    if state.layer_index in config.dense_layers:
+        state.record(density=1.0)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if kwargs.get("sliding_window"):
+        # Sliding-window layers (Gemma, Mistral) are already sparse; the method applies to the full layers.
+        _warn_once(method, "sliding-window layers keep their own window")
+        state.record(density=1.0)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    try:
+        kv_start = padding_start(attention_mask, batch, kv_len)
+    except ValueError as err:
+        _warn_once(method, str(err))
+        state.record(density=1.0)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    geometry = BlockGeometry(q_len, kv_len, config.block_size, config.block_size)
+    kv_indices, kv_counts = _blocks(state, geometry, query, key, select, static)
+    out = block_sparse_attention(
+        query, key, value, kv_indices, kv_counts, block_q=geometry.block_q, block_k=geometry.block_k, causal=True,
+        scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start, backend=config.backend,
+    )
+    state.record(density=density(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k, causal=True))
+    return out.transpose(1, 2), None
+
+
+def _blocks(state, geometry: BlockGeometry, query, key, select: BlockSelector, static: bool):
+    """Block lists for this call; static patterns are computed once per (shape, device) and cached."""
+    cache_key = ("blocks", geometry, query.device)
+    if static and cache_key in state.cache:
+        return state.cache[cache_key]
+    mask = select(geometry, query, key, state)
+    while mask.ndim < 4:
+        mask = mask[None]
+    blocks = blocks_from_mask(mask)
+    if static:
+        state.cache = {cache_key: blocks}  # keep only the latest shape: decoding changes it every step
+    return blocks
