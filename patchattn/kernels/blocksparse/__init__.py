@@ -275,7 +275,7 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, co
     if not needs_grad and q.shape[2] <= DECODE_MAX_QUERIES and kv_indices.shape[2] == 1:
         from . import decode
         out, lse = decode.decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end,
-                                           col_bias, kernel_gain, active)
+                                           col_bias, kernel_gain, active, return_lse)
     else:
         out, lse = _BlockSparseAttention.apply(q, k, v, kv_indices, kv_counts, opts, kv_start,
                                                kv_end, col_bias, kernel_gain, active,

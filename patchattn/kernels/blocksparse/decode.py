@@ -1,0 +1,219 @@
+"""Split-K block-sparse decoding (flash-decoding): a few new queries against a long KV cache.
+
+Decoding is bound by reading K/V, and one sequence has too few (head, query) rows to fill the GPU,
+so the *list of selected key blocks* is cut into ``n_splits`` contiguous stretches, each read by
+its own program; a second small kernel merges the partial softmaxes (max, sum, weighted values).
+When the whole GQA group reads the same blocks, one program serves all its q heads, so each
+selected K/V block is read from memory once per kv head, not once per q head.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _alloc
+from .triton_fwd import (INTERPRETING, dot_precision, hook_args, last_dim_contiguous,
+                         list_strides, load_tile, mma, pad_bounds, scores_log2, softmax_scales,
+                         visibility)
+
+# Aim for this many programs per multiprocessor when choosing the number of splits.
+PROGRAMS_PER_SM = 2
+_SM_COUNT: dict = {}
+
+
+@triton.jit
+def _decode_split_kernel(
+        Q, K, V, PartAcc, PartM, PartL, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active,
+        scale_log2, scale_over_cap, cap_log2,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+        sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah,
+        Hq, Tq, Tk, entries_per_split,
+        GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr, HEADS: tl.constexpr,
+        ROWS: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    pid_bg = tl.program_id(1)  # (batch, head group)
+    n_groups = Hq // HEADS
+    b = (pid_bg // n_groups).to(tl.int64)
+    h0 = (pid_bg % n_groups) * HEADS
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    r = tl.arange(0, ROWS)  # row = (head in group, query)
+    head = h0 + r // Tq
+    t = r % Tq
+    row_ok = r < HEADS * Tq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = load_tile(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + offs_d[None, :], row_ok,
+                  d_ok, True, EVEN_D)
+    k_base = K + b * skb + (h0 // GROUP) * skh
+    v_base = V + b * svb + (h0 // GROUP) * svh
+    bias_ptr = Bias + b * sbb + (h0 // BIAS_DIV) * sbh
+    rows_pos = t + (Tk - Tq)
+    kv_lo = 0
+    kv_hi = Tk
+    if HAS_PAD:
+        kv_lo = tl.load(KvStart + b)
+        kv_hi = tl.minimum(tl.load(KvEnd + b), Tk)
+    list_ptr = KvIdx + b * sib + (h0 // LIST_DIV) * sih
+    count = tl.load(KvCnt + b * scb + (h0 // LIST_DIV) * sch)
+    if HAS_ACTIVE:
+        act = tl.load(Active + b * sab + t * sat + head * sah, mask=row_ok, other=0) != 0
+        count = tl.where(tl.max(act.to(tl.int32), 0) > 0, count, 0)
+    e_lo = split * entries_per_split
+    e_hi = tl.minimum(e_lo + entries_per_split, count)
+
+    SUB: tl.constexpr = BK // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    for j in range(e_lo * SUB, e_hi * SUB):
+        blk = tl.load(list_ptr + (j // SUB) * sik)
+        cols = blk * BK + (j % SUB) * BLOCK_N + offs_n
+        col_ok = cols < Tk
+        k = load_tile(k_base + cols[:, None] * skt + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
+        v = load_tile(v_base + cols[:, None] * svt + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
+        s, _t = scores_log2(q, k, cols, bias_ptr, sbt, Tk, scale_log2, scale_over_cap, cap_log2,
+                            HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, False)
+        s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+
+    part = pid_bg.to(tl.int64) * tl.num_programs(0) + split
+    tl.store(PartAcc + (part * ROWS + r[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(PartM + part * ROWS + r, m_i)
+    tl.store(PartL + part * ROWS + r, l_i)
+
+
+@triton.jit
+def _decode_combine_kernel(
+        PartAcc, PartM, PartL, Out, Lse, Gain, Active,
+        sob, soh, sot, sgb, sgt, sgh, sab, sat, sah,
+        Hq, Tq, n_splits,
+        HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLITS_POW2: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+        WRITE_LSE: tl.constexpr):
+    pid_bg = tl.program_id(0)
+    n_groups = Hq // HEADS
+    b = (pid_bg // n_groups).to(tl.int64)
+    h0 = (pid_bg % n_groups) * HEADS
+    r = tl.arange(0, ROWS)
+    head = h0 + r // Tq
+    t = r % Tq
+    row_ok = r < HEADS * Tq
+    offs_d = tl.arange(0, BLOCK_D)
+    first = pid_bg.to(tl.int64) * n_splits
+
+    sp = tl.arange(0, SPLITS_POW2)
+    m_all = tl.load(PartM + (first + sp[:, None]) * ROWS + r[None, :], mask=sp[:, None] < n_splits,
+                    other=float("-inf"))
+    m_max = tl.max(m_all, 0)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    l_sum = tl.zeros([ROWS], dtype=tl.float32)
+    for s in range(0, n_splits):
+        w = tl.math.exp2(tl.load(PartM + (first + s) * ROWS + r) - m_use)
+        l_sum += w * tl.load(PartL + (first + s) * ROWS + r)
+        acc += w[:, None] * tl.load(PartAcc + ((first + s) * ROWS + r[:, None]) * BLOCK_D
+                                    + offs_d[None, :])
+    seen = l_sum > 0.0
+    out = acc / tl.where(seen, l_sum, 1.0)[:, None]
+    if HAS_GAIN:
+        gain = tl.load(Gain + b * sgb + t * sgt + head * sgh, mask=row_ok, other=0.0)
+        out = out * gain.to(tl.float32)[:, None]
+    lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, l_sum, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    if HAS_ACTIVE:
+        act = tl.load(Active + b * sab + t * sat + head * sah, mask=row_ok, other=0) != 0
+        out = tl.where(act[:, None], out, 0.0)
+        lse = tl.where(act, lse, float("-inf"))
+    o_ptrs = Out + b * sob + head[:, None] * soh + t[:, None] * sot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if WRITE_LSE:
+        tl.store(Lse + (b * Hq + head) * Tq + t, lse, mask=row_ok)
+
+
+_decode_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+             for n, w, s in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4)]],
+    key=["HEAD_DIM", "BK", "ROWS", "HAS_PAD", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": lambda cfgs, named, **kw: [
+        c for c in cfgs if c.kwargs["BLOCK_N"] <= kw["BK"]
+        and (kw["BLOCK_D"] <= 128 or c.kwargs["BLOCK_N"] <= 64)] or cfgs[:1]})(_decode_split_kernel)
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def heads_per_program(q, k, kv_indices, col_bias):
+    """The whole GQA group shares a program when it reads the same blocks with the same bias."""
+    Hkv = k.shape[1]
+    shared = kv_indices.shape[1] in (1, Hkv) and (col_bias is None or col_bias.shape[1] in (1, Hkv))
+    return q.shape[1] // Hkv if shared else 1
+
+
+def choose_splits(n_programs_base, n_entries, device):
+    """Enough splits to give every SM a couple of programs, never an empty one by construction."""
+    want = max(1, math.ceil(PROGRAMS_PER_SM * _sm_count(device) / n_programs_base))
+    n_splits = max(1, min(want, n_entries))
+    per_split = math.ceil(n_entries / n_splits)
+    return math.ceil(n_entries / per_split), per_split
+
+
+def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain,
+                     active, need_lse=True):
+    """Same contract as the forward kernel for Tq <= block_q (one query block)."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    kv_start, kv_end = pad_bounds(q, k, kv_start, kv_end)
+    heads = heads_per_program(q, k, kv_indices, col_bias)
+    rows = max(16, triton.next_power_of_2(heads * Tq))
+    block_d = max(16, triton.next_power_of_2(D))
+    n_groups = Hq // heads
+    n_splits, per_split = choose_splits(B * n_groups, kv_indices.shape[-1], q.device)
+
+    part_acc = _alloc.empty((B * n_groups, n_splits, rows, block_d), torch.float32, q.device)
+    part_m = _alloc.empty((B * n_groups, n_splits, rows), torch.float32, q.device)
+    part_l = _alloc.empty((B * n_groups, n_splits, rows), torch.float32, q.device)
+    hooks = hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end)
+    consts = dict(hooks["consts"], HEADS=heads, ROWS=rows, HEAD_DIM=D, BLOCK_D=block_d)
+    split_args = (q, k, v, part_acc, part_m, part_l, kv_indices, kv_counts, *hooks["ptrs"],
+                  *softmax_scales(opts), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                  *list_strides(kv_indices), *list_strides(kv_counts), *hooks["strides"],
+                  Hq, Tq, Tk, per_split)
+    split_consts = dict(consts, BK=opts.block_k, CAUSAL=opts.causal,
+                        HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype))
+    grid = (n_splits, B * n_groups)
+    if INTERPRETING or not q.is_cuda:
+        _decode_split_kernel[grid](*split_args, **split_consts, BLOCK_N=min(opts.block_k, 64))
+    else:
+        _decode_tuned[grid](*split_args, **split_consts)
+
+    out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
+    lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device) if need_lse else None
+    _gain_p, act_p = hooks["ptrs"][3:]
+    combine_consts = {key: consts[key] for key in
+                      ("HEADS", "ROWS", "HEAD_DIM", "BLOCK_D", "HAS_GAIN", "HAS_ACTIVE")}
+    _decode_combine_kernel[(B * n_groups,)](
+        part_acc, part_m, part_l, out, lse if lse is not None else out, _gain_p, act_p,
+        *out.stride()[:3], *hooks["strides"][3:], Hq, Tq, n_splits, **combine_consts,
+        SPLITS_POW2=triton.next_power_of_2(n_splits), WRITE_LSE=need_lse)
+    return out, lse
