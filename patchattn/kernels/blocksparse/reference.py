@@ -146,9 +146,10 @@ def _gather_bias(ctx, col_bias, gather_pos):
         bias = col_bias.reshape(Bb, ctx.Hkv, ctx.group, ctx.Tk)
     else:
         bias = col_bias.reshape(Bb, Hb, 1, ctx.Tk)
-    bias = bias.to(ctx.compute_dtype).expand(ctx.B, ctx.Hkv, bias.shape[2], ctx.Tk)
+    heads = max(bias.shape[2], gather_pos.shape[2])
+    bias = bias.to(ctx.compute_dtype).expand(ctx.B, ctx.Hkv, heads, ctx.Tk)
     n_chunk, length = gather_pos.shape[-2:]
-    pos = gather_pos.expand(ctx.B, ctx.Hkv, bias.shape[2], n_chunk, length)
+    pos = gather_pos.expand(ctx.B, ctx.Hkv, heads, n_chunk, length)
     return torch.gather(bias, 3, pos.reshape(*pos.shape[:3], -1)).reshape(pos.shape)
 
 
