@@ -12,10 +12,10 @@ diffusers class:
   ``F.scaled_dot_product_attention`` call made inside it to ``spec.forward`` with the call's own arguments
   (``attn_mask``, ``dropout_p``, ``is_causal``, ``scale``), so the ``dense`` method repeats the exact same SDPA call
   and reproduces the model bit for bit.  Projections, QK-norms, RoPE and token concatenation stay diffusers' code;
-- processors with a dispatcher backend (``_attention_backend``) are pinned to ``native`` while patched (restored on
-  unpatch), because other backends never call ``F.scaled_dot_product_attention``; a module whose forward still
-  makes no SDPA call (a custom processor, a backend set after patching) raises instead of silently running its own
-  attention;
+- dispatcher processors whose backend never calls ``F.scaled_dot_product_attention`` (flash, sage, flex, ...) are
+  pinned to ``native`` while patched (restored on unpatch); the ``native``/``_native_*`` SDPA backends are left as
+  they are.  A module whose forward still makes no SDPA call (a custom processor, a backend switched after
+  patching) raises instead of silently running its own attention;
 - a forward pre-hook on the transformer reads the latent grid, the text length and the timestep from its inputs
   (per-family knowledge is data in ``dit_families.py``) into the shared ``PatchContext``; just before each call
   the redirect sets ``context.layout`` for the calling module's role:
@@ -28,7 +28,9 @@ diffusers class:
   cross     image/video queries; every key is text      same as self (the layout describes the queries)
   ========  ==========================================  =========================================================
 
-  ``context.extras`` holds ``n_text``, ``n_image``, ``grid`` and ``timestep`` of the current transformer forward.
+  ``context.extras`` holds ``n_text``, ``n_image``, ``grid`` and ``timestep`` of the latest transformer forward
+  (kept after it returns, for gradient checkpointing's recomputation; a query length that does not match them
+  raises rather than mislabel tokens).
 
 The method is called as ``spec.forward(module, q, k, v, attn_mask, scaling=..., dropout=..., is_causal=...,
 cross_attention=..., enable_gqa=...)`` with ``q [B, H, Tq, D]`` and returns ``[B, Tq, H, D]``.  A method whose
@@ -60,6 +62,8 @@ from .families import TARGETS
 SAVED_PATCH_KEY = "patchattn"
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 _MISSING = object()
+# diffusers dispatcher backends that end in F.scaled_dot_product_attention (so the redirect sees their calls).
+_SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 
 
 def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -71,24 +75,25 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 # --------------------------------------------------------------------------------------------------------------
 # What is a DiT
 # --------------------------------------------------------------------------------------------------------------
-def _is_model_mixin(obj) -> bool:
-    if "diffusers" not in sys.modules:  # nothing can be a diffusers object before diffusers is imported
-        return False
+def _diffusers_class(name: str):
+    """A class from diffusers, or None when diffusers is absent or not imported yet (then nothing is a DiT)."""
+    if "diffusers" not in sys.modules:  # no object can be a diffusers object before diffusers is imported
+        return None
     try:
-        from diffusers import ModelMixin
+        import diffusers
     except ImportError:
-        return False
-    return isinstance(obj, ModelMixin)
+        return None
+    return getattr(diffusers, name)
+
+
+def _is_model_mixin(obj) -> bool:
+    cls = _diffusers_class("ModelMixin")
+    return cls is not None and isinstance(obj, cls)
 
 
 def _is_pipeline(obj) -> bool:
-    if "diffusers" not in sys.modules:
-        return False
-    try:
-        from diffusers import DiffusionPipeline
-    except ImportError:
-        return False
-    return isinstance(obj, DiffusionPipeline) and _is_model_mixin(getattr(obj, "transformer", None))
+    cls = _diffusers_class("DiffusionPipeline")
+    return cls is not None and isinstance(obj, cls) and _is_model_mixin(getattr(obj, "transformer", None))
 
 
 def supports(model) -> bool:
@@ -111,18 +116,14 @@ def family_of(transformer) -> DiTFamily:
     return family
 
 
-def _is_attention_module(module: nn.Module) -> bool:
+def _attention_modules(transformer, family: DiTFamily) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, module, role) of every attention module, each role from the family table."""
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return isinstance(module, (Attention, AttentionModuleMixin))
-
-
-def _attention_modules(transformer, family: DiTFamily) -> list[tuple[str, nn.Module, str]]:
-    """(qualified name, module, role) of every attention module, each role from the family table."""
     found = []
     for name, module in transformer.named_modules():
-        if not _is_attention_module(module):
+        if not isinstance(module, (Attention, AttentionModuleMixin)):
             continue
         role = family.attention_roles.get(name.rsplit(".", 1)[-1])
         if role is None:
@@ -198,8 +199,12 @@ def _layout_length(layout: TokenLayout) -> int:
     return max(stop for _, stop in (*layout.text_slices, layout.image_slice))
 
 
-def _input_capture_hooks(transformer, family: DiTFamily, context: PatchContext):
-    """Pre-hook filling ``context.extras`` from the forward's inputs, post-hook clearing them after the forward."""
+def _input_capture_hook(transformer, family: DiTFamily, context: PatchContext):
+    """Pre-hook filling ``context.extras`` from the forward's inputs.
+
+    The facts stay until the next transformer forward (not cleared at its end) because gradient checkpointing
+    re-runs the attention modules during backward, after the transformer's forward has returned.
+    """
     signature = inspect.signature(transformer.forward)
 
     def capture(_module, args, kwargs):
@@ -212,13 +217,7 @@ def _input_capture_hooks(transformer, family: DiTFamily, context: PatchContext):
             layouts=_layouts(family, grid, n_text, n_image),
         )
 
-    def clear(_module, _args, _kwargs, _output):
-        # Layouts are valid only during the forward that captured them (a later direct block call must not see them).
-        for key in ("grid", "n_image", "n_text", "timestep", "layouts"):
-            context.extras.pop(key, None)
-        context.layout = TokenLayout()
-
-    return capture, clear
+    return capture
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -259,7 +258,7 @@ class _SDPARedirect(TorchFunctionMode):
 
     def _layout(self, query_length: int) -> TokenLayout:
         layouts = self.context.extras.get("layouts")
-        if layouts is None:  # module called outside a transformer forward: nothing is known about the tokens
+        if layouts is None:  # module called before any transformer forward: nothing is known about the tokens
             return TokenLayout()
         layout = layouts[self.role]
         if _layout_length(layout) != query_length:
@@ -283,10 +282,10 @@ class _SDPARedirect(TorchFunctionMode):
         self.active = False
         self.__exit__(None, None, None)
         if output is not None and self.calls == 0:
+            processor = type(getattr(self.module, "processor", None)).__name__
             raise RuntimeError(
-                f"{self.name}: the attention ran without F.scaled_dot_product_attention (processor "
-                f"{type(getattr(self.module, 'processor', None)).__name__}, attention backend changed after patching?), "
-                f"so method {self.spec.name!r} was not applied"
+                f"{self.name}: the attention ran without F.scaled_dot_product_attention (processor {processor}; "
+                f"attention backend changed after patching?), so method {self.spec.name!r} was not applied"
             )
 
 
@@ -317,14 +316,28 @@ def _new_state(spec: MethodSpec, config, module, layer_index: int, context) -> P
     return PatchState(config, layer_index, "dit", context)
 
 
+def _effective_backend(processor) -> str:
+    """The dispatcher backend a processor's calls resolve to now (its own, else the global active one)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    backend = getattr(processor, "_attention_backend", None) or _AttentionBackendRegistry._active_backend
+    return str(getattr(backend, "value", backend))
+
+
 def _pin_native_backend(processor, patch: DiTPatch) -> None:
-    """Dispatcher processors: run the ``native`` backend (the one that calls F.sdpa) while patched."""
+    """Dispatcher processors whose backend never calls F.sdpa (flash, sage, flex...) run ``native`` while patched.
+
+    Backends that do end in F.sdpa (``native``, ``_native_math``...) are left alone: the redirect catches their call
+    inside their own ``sdpa_kernel`` context, so ``dense`` stays bit-exact.
+    """
     if not hasattr(processor, "_attention_backend") or any(p is processor for p, _ in patch.backends):
         return
     if getattr(processor, "_parallel_config", None) is not None:
         raise NotImplementedError(
             f"{type(processor).__name__} runs context-parallel attention; patchattn does not patch it (yet)"
         )
+    if _effective_backend(processor) in _SDPA_BACKENDS:
+        return
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     patch.backends.append((processor, processor.__dict__.get("_attention_backend", _MISSING)))
@@ -354,7 +367,8 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "all") -
 
     context = PatchContext(family=family.name, kind="dit")
     prefix = "transformer." if transformer is not model else ""
-    patch = DiTPatch(family, targets, [], context, transformer, previous_config=transformer._internal_dict)
+    # Every attention module of a DiT is patched whatever ``targets`` says (it has no text/vision split).
+    patch = DiTPatch(family, "all", [], context, transformer, previous_config=transformer._internal_dict)
     try:
         for index, (name, module, role) in enumerate(found):
             module.add_module(STATE_ATTR, _new_state(spec, config, module, index, context))
@@ -363,10 +377,9 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "all") -
             patch.hooks.append(module.register_forward_hook(redirect.exit, always_call=True))
             _pin_native_backend(getattr(module, "processor", None), patch)
             patch.modules.append(prefix + name)
-        capture, clear = _input_capture_hooks(transformer, family, context)
+        capture = _input_capture_hook(transformer, family, context)
         patch.hooks.append(transformer.register_forward_pre_hook(capture, with_kwargs=True))
-        patch.hooks.append(transformer.register_forward_hook(clear, with_kwargs=True, always_call=True))
-        record = {"method": spec.name, "config": config.to_dict(), "targets": targets}
+        record = {"method": spec.name, "config": config.to_dict(), "targets": patch.targets}
         transformer.register_to_config(**{SAVED_PATCH_KEY: record})
     except BaseException:
         remove(model, patch)
@@ -434,7 +447,7 @@ def load_dit(path: str, method=None, *, model_cls=None, subfolder: str | None = 
     from .. import api
 
     if model_cls is None:
-        model_cls = getattr(diffusers, diffusers.ModelMixin.load_config(path, subfolder=subfolder)["_class_name"])
+        model_cls = getattr(diffusers, _read_config(path, subfolder)["_class_name"])
     model = model_cls.from_pretrained(path, subfolder=subfolder, **kwargs)
     if method is not None:
         api.patch(model, method, targets="all")
@@ -442,6 +455,16 @@ def load_dit(path: str, method=None, *, model_cls=None, subfolder: str | None = 
         repatch_from_config(model)
     _load_patch_parameters(model, os.path.join(path, subfolder or ""))
     return model
+
+
+def _read_config(path: str, subfolder: str | None) -> dict:
+    """A saved model's config.json (local or Hub), through diffusers' own config loader."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    class _SavedConfig(ConfigMixin):
+        config_name = "config.json"
+
+    return _SavedConfig.load_config(path, subfolder=subfolder)
 
 
 def _load_patch_parameters(model, folder: str) -> None:
