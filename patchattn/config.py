@@ -70,6 +70,8 @@ class MethodConfig:
     """
 
     method: ClassVar[str] = ""
+    # Overrides under which the method must reproduce ``dense`` exactly (tested for every method).
+    DENSE_EQUIVALENT: ClassVar[dict] = {}
 
     backend: str = option("auto", "kernel backend", choices=BACKENDS)
 

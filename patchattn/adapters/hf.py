@@ -45,6 +45,7 @@ def _register_with_transformers(spec: MethodSpec) -> None:
 def _make_entry(spec: MethodSpec):
     def attention(module, query, key, value, attention_mask, **kwargs):
         _ensure_state(module, spec)
+        check_pattern(spec, module)
         if query.shape[0] == 0:
             return query.new_empty(0, query.shape[2], query.shape[1], value.shape[-1]), None
         check_inputs(spec.name, query, key, value)
@@ -53,6 +54,17 @@ def _make_entry(spec: MethodSpec):
     attention.__name__ = f"{spec.hf_name}_attention"
     attention.__doc__ = spec.forward.__doc__
     return attention
+
+
+def check_pattern(spec: MethodSpec, module: nn.Module) -> None:
+    """NotImplementedError when the module needs an attention pattern the method does not support."""
+    pattern = "causal-self" if getattr(module, "is_causal", True) else "noncausal-self"
+    if pattern not in spec.patterns:
+        raise NotImplementedError(
+            f"method {spec.name!r} supports the attention patterns {list(spec.patterns)}, but "
+            f"{type(module).__name__} needs {pattern!r}; patch the text backbone (targets='text') or pick a method "
+            "that supports it (patchattn list)"
+        )
 
 
 def _ensure_state(module: nn.Module, spec: MethodSpec) -> PatchState:

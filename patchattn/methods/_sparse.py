@@ -63,13 +63,9 @@ def padding_start(attention_mask, batch: int, kv_len: int) -> torch.Tensor | Non
     return start.to(torch.int32) if bool((start > 0).any()) else None
 
 
-_warned: set[str] = set()
-
-
 def _warn_once(method: str, reason: str) -> None:
-    if (method, reason) not in _warned:
-        _warned.add((method, reason))
-        warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=3)
+    # Python's default warning filter shows each distinct message once per call site.
+    warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=3)
 
 
 def run_block_sparse(module, query, key, value, attention_mask, *, scaling, select: BlockSelector,

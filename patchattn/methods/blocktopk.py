@@ -9,6 +9,7 @@ call, so decoding re-selects as the cache grows (Kinetics selects per decode ste
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,6 +24,8 @@ class BlockTopKConfig(SparseConfig):
     top_k: int = option(12, "content-selected key blocks per query block", min=0)
     sink_blocks: int = option(1, "initial blocks always read", min=0)
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30}
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:

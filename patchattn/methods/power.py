@@ -8,6 +8,7 @@ The paper (arXiv 2503.03588) uses 256-token blocks after continued pre-training;
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config import option
 from ..masks import power_of_two
@@ -19,6 +20,8 @@ from ._sparse import SparseConfig, run_block_sparse
 class PowerConfig(SparseConfig):
     sink_blocks: int = option(1, "initial blocks always attended", min=0)
     local_blocks: int = option(5, "nearest blocks attended (paper: ~5)", min=1)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"local_blocks": 1 << 30}
 
 
 def _select(geometry, query, key, state):

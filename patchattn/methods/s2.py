@@ -9,6 +9,7 @@ vertical stride 8.  The paper trains with this pattern; training-free use is rep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config import option
 from ..masks import strided_shards
@@ -20,6 +21,8 @@ from ._sparse import SparseConfig, run_block_sparse
 class S2Config(SparseConfig):
     local_blocks: int = option(32, "nearest blocks every head reads (DKernel default 32)", min=1)
     vert_stride: int = option(8, "each head reads one far block in this many (DKernel default 8)", min=1)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"vert_stride": 1}
 
 
 def _select(geometry, query, key, state):

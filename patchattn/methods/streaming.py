@@ -8,6 +8,7 @@ rounded up to whole blocks (never less than asked).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config import option
 from ..masks import sink_and_window
@@ -19,6 +20,8 @@ from ._sparse import SparseConfig, run_block_sparse
 class StreamingConfig(SparseConfig):
     sink_tokens: int = option(4, "initial tokens always attended (attention sinks; paper: 4)", min=0)
     window: int = option(1024, "recent tokens attended by each query", min=1)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"window": 1 << 30}
 
 
 def _select(geometry, query, key, state):

@@ -1,0 +1,166 @@
+"""Block-sparse methods: dense in their degenerate setting, the patterns they promise, decode, padding, grads."""
+
+import math
+
+import pytest
+import torch
+
+import patchattn
+from patchattn.eval import mean_stat
+from patchattn.kernels.blocksparse import mask_from_blocks
+from patchattn.masks import BlockGeometry, causal_allowed, power_of_two, sink_and_window, strided_shards
+from patchattn.testing import left_pad, max_abs_diff, tiny_model
+
+SPARSE = [s.name for s in patchattn.list_methods("sparse")]
+SMALL_BLOCKS = {"block_size": 16}
+TOL = 1e-5
+
+
+def _logits(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("method", SPARSE)
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3"])
+def test_degenerate_setting_reproduces_dense(method, family):
+    model = tiny_model(family)
+    ids = torch.randint(3, 100, (2, 150))
+    reference = _logits(model, input_ids=ids)
+    config = patchattn.get_config(method, **SMALL_BLOCKS)
+    overrides = type(config).DENSE_EQUIVALENT
+    assert overrides, f"{method} must declare the settings that make it dense"
+    with patchattn.patched(model, config, **overrides):
+        out = _logits(model, input_ids=ids)
+        assert mean_stat(model, "density") == pytest.approx(1.0)
+    assert max_abs_diff(out, reference) <= TOL
+
+
+@pytest.mark.parametrize("method", SPARSE)
+def test_default_sparse_setting_changes_output_and_reports_density(method):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 256))
+    reference = _logits(model, input_ids=ids)
+    overrides = {"streaming": {"window": 32}, "s2": {"local_blocks": 2}, "blocktopk": {"top_k": 2}}.get(method, {})
+    with patchattn.patched(model, method, **SMALL_BLOCKS, **overrides):
+        out = _logits(model, input_ids=ids)
+        used = mean_stat(model, "density")
+    assert 0.0 < used < 1.0
+    assert max_abs_diff(out, reference) > 1e-4, "a sparse pattern that reads fewer blocks must change something"
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", SPARSE)
+def test_generation_with_kv_cache_matches_full_recompute(method):
+    """Decode steps (one query against the cache) select the same blocks as a full forward would."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 70))
+    with patchattn.patched(model, method, **SMALL_BLOCKS):
+        generated = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        # Recompute each new token's logits without the cache: the last row must predict the same token.
+        full = _logits(model, input_ids=generated[:, :-1])
+    predicted = full[0, ids.shape[1] - 1:].argmax(-1)
+    assert torch.equal(predicted, generated[0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("method", SPARSE)
+def test_left_padding_masks_padded_keys(method):
+    model = tiny_model("llama")
+    inputs = left_pad({"input_ids": torch.randint(3, 100, (2, 90))}, [0, 20])
+    with patchattn.patched(model, method, **SMALL_BLOCKS, **type(patchattn.get_config(method)).DENSE_EQUIVALENT):
+        out = _logits(model, **inputs)
+    reference = _logits(model, **inputs)
+    valid = inputs["attention_mask"].bool()
+    assert max_abs_diff(out[valid], reference[valid]) <= TOL
+    with patchattn.patched(model, method, **SMALL_BLOCKS):
+        sparse = _logits(model, **inputs)
+    assert torch.isfinite(sparse[valid]).all()
+
+
+@pytest.mark.parametrize("method", SPARSE)
+def test_gradients_flow_through_sparse_attention(method):
+    model = tiny_model("llama").train()
+    ids = torch.randint(3, 100, (1, 64))
+    with patchattn.patched(model, method, **SMALL_BLOCKS):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_sliding_window_layers_stay_windowed():
+    model = tiny_model("gemma3_text")
+    ids = torch.randint(3, 100, (1, 120))
+    reference = _logits(model, input_ids=ids)
+    with pytest.warns(UserWarning, match="sliding-window layers keep their own window"):
+        with patchattn.patched(model, "streaming", window=1 << 20, block_size=16):
+            out = _logits(model, input_ids=ids)
+    assert max_abs_diff(out, reference) <= TOL
+
+
+def test_sparse_methods_refuse_non_causal_attention():
+    model = tiny_model("llava")
+    from patchattn.testing import tiny_inputs
+
+    inputs = tiny_inputs(model, "llava")
+    patchattn.patch(model, "streaming", targets="vision")
+    with pytest.raises(NotImplementedError, match="streaming.*causal-self.*needs .noncausal-self"):
+        model(**inputs)
+
+
+# ---- the patterns themselves --------------------------------------------------------------------------------
+def _token_mask(block_mask, g: BlockGeometry):
+    """Expand a [.., NQ, NK] block mask to tokens [.., Tq, Tk] (with causality)."""
+    tokens = block_mask.repeat_interleave(g.block_q, -2).repeat_interleave(g.block_k, -1)[..., : g.q_len, : g.kv_len]
+    rows = torch.arange(g.q_len)[:, None] + g.offset
+    return tokens & (torch.arange(g.kv_len)[None, :] <= rows)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(200, 200), (1, 200), (3, 131), (64, 64)])
+def test_sink_and_window_covers_every_token_window(q_len, kv_len):
+    g = BlockGeometry(q_len, kv_len, 16, 16)
+    tokens = _token_mask(sink_and_window(g, sink_tokens=4, window=40), g)
+    rows = torch.arange(q_len)[:, None] + g.offset
+    keys = torch.arange(kv_len)[None, :]
+    wanted = ((keys < 4) | (rows - keys < 40)) & (keys <= rows)
+    assert (tokens | ~wanted).all(), "every sink and window token must be read"
+    # ... and nothing beyond one block of slack on each side
+    slack = ((keys < 16) | (rows - keys < 40 + 16 + 16)) & (keys <= rows)
+    assert not (tokens & ~slack).any()
+
+
+def test_power_of_two_distances_and_log_reachability():
+    g = BlockGeometry(64 * 64, 64 * 64, 64, 64)
+    mask = power_of_two(g, sink_blocks=1, local_blocks=1)
+    row = mask[40].nonzero().flatten().tolist()
+    assert row == sorted({0, 40, 39, 38, 36, 32, 24, 8})
+    # Any block reaches any later one within ceil(log2 n) hops (sum of powers of two).
+    reach = torch.eye(g.n_q, dtype=torch.bool)
+    for _ in range(math.ceil(math.log2(g.n_q))):
+        reach = reach | ((mask.float() @ reach.float()) > 0)
+    assert reach[causal_allowed(g)].all()
+
+
+def test_strided_shards_union_covers_context():
+    g = BlockGeometry(1024, 1024, 16, 16)
+    mask = strided_shards(g, heads=8, local_blocks=2, vert_stride=8)
+    assert torch.equal(mask.any(0), causal_allowed(g))
+    per_head = mask.float().sum(-1).mean(-1)
+    assert (per_head < causal_allowed(g).float().sum(-1).mean() / 3).all()
+
+
+def test_blocktopk_picks_the_block_the_query_matches():
+    from patchattn.methods.blocktopk import select_top_k
+    from patchattn.state import PatchContext, PatchState
+
+    g = BlockGeometry(256, 256, 16, 16)
+    key = torch.randn(1, 1, 256, 8) * 0.01
+    query = torch.randn(1, 2, 256, 8) * 0.01
+    key[:, :, 5 * 16: 6 * 16] = torch.ones(8)  # a block the queries all point at
+    query[:] = query + torch.ones(8)
+    state = PatchState(patchattn.get_config("blocktopk", top_k=1, local_blocks=1, sink_blocks=0), 0, "text",
+                       PatchContext())
+    mask = select_top_k(g, query, key, state)
+    assert mask.shape == (1, 1, g.n_q, g.n_k)
+    assert mask[0, 0, 8:, 5].all(), "query blocks after block 5 must choose it"
+    assert (mask[0, 0].sum(-1) <= 2).all()
