@@ -16,8 +16,8 @@ import triton.language as tl
 
 from . import _alloc
 from .triton_fwd import (INTERPRETING, dot_precision, hook_args, last_dim_contiguous,
-                         list_strides, load_tile, mma, pad_bounds, scores_log2, softmax_scales,
-                         visibility)
+                         list_strides, load_tile, mma, pad_bounds, reduce_max, reduce_sum,
+                         scores_log2, softmax_scales, visibility)
 
 # Aim for this many programs per multiprocessor when choosing the number of splits.
 PROGRAMS_PER_SM = 2
@@ -64,15 +64,15 @@ def _decode_split_kernel(
     count = tl.load(KvCnt + b * scb + (h0 // LIST_DIV) * sch)
     if HAS_ACTIVE:
         act = tl.load(Active + b * sab + t * sat + head * sah, mask=row_ok, other=0) != 0
-        count = tl.where(tl.max(act.to(tl.int32), 0) > 0, count, 0)
+        count = tl.where(reduce_max(act.to(tl.int32), 0) > 0, count, 0)
     e_lo = split * entries_per_split
     e_hi = tl.minimum(e_lo + entries_per_split, count)
 
     SUB: tl.constexpr = BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc = tl.full([ROWS, BLOCK_D], 0.0, dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    l_i = tl.full([ROWS], 0.0, dtype=tl.float32)
     for j in range(e_lo * SUB, e_hi * SUB):
         blk = tl.load(list_ptr + (j // SUB) * sik)
         cols = blk * BK + (j % SUB) * BLOCK_N + offs_n
@@ -82,11 +82,11 @@ def _decode_split_kernel(
         s, _t = scores_log2(q, k, cols, bias_ptr, sbt, Tk, scale_log2, scale_over_cap, cap_log2,
                             HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, False)
         s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, reduce_max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + reduce_sum(p, 1)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
 
@@ -118,10 +118,10 @@ def _decode_combine_kernel(
     sp = tl.arange(0, SPLITS_POW2)
     m_all = tl.load(PartM + (first + sp[:, None]) * ROWS + r[None, :], mask=sp[:, None] < n_splits,
                     other=float("-inf"))
-    m_max = tl.max(m_all, 0)
+    m_max = reduce_max(m_all, 0)
     m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    l_sum = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.full([ROWS, BLOCK_D], 0.0, dtype=tl.float32)
+    l_sum = tl.full([ROWS], 0.0, dtype=tl.float32)
     for s in range(0, n_splits):
         w = tl.math.exp2(tl.load(PartM + (first + s) * ROWS + r) - m_use)
         l_sum += w * tl.load(PartL + (first + s) * ROWS + r)

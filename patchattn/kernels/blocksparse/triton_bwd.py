@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from . import _alloc
-from .triton_fwd import (INTERPRETING, dot_precision, hook_args, interpreter_tiles, last_dim_contiguous,
-                         list_ranges, list_strides, load_tile, mma, pad_bounds, scores_log2,
-                         softmax_scales, visibility)
+from .triton_fwd import (INTERPRETING, dot_precision, hook_args, interpreter_tiles,
+                         last_dim_contiguous, list_ranges, list_strides, load_tile, mma, pad_bounds,
+                         reduce_max, reduce_sum, scores_log2, softmax_scales, visibility)
 
 LOG2E = 1.4426950408889634
 
@@ -132,7 +132,7 @@ def _dq_kernel(
     count = tl.load(KvCnt + b * scb + (h // LIST_DIV) * sch + m_blk * scq)
     if HAS_ACTIVE:
         act = tl.load(Active + b * sab + rows * sat + h * sah, mask=row_ok, other=0) != 0
-        count = tl.where(tl.max(act.to(tl.int32), 0) > 0, count, 0)
+        count = tl.where(reduce_max(act.to(tl.int32), 0) > 0, count, 0)
     first_pos = tile * BLOCK_M + (Tk - Tq)
     last_pos = tl.minimum(tile * BLOCK_M + BLOCK_M, Tq) - 1 + (Tk - Tq)
     if CAUSAL:
@@ -146,7 +146,7 @@ def _dq_kernel(
     clean_hi = tl.maximum(n_lo, n_full)
     SUB: tl.constexpr = BK // BLOCK_N
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
                    tl.minimum(n_lo, n_vis) * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt,
                    scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N, EVEN_D, True,
@@ -174,7 +174,7 @@ def _count_q_blocks_before(q_ids, lo, hi, limit, offset, BQ: tl.constexpr, SCAN:
         offs = c + tl.arange(0, SCAN)
         ok = offs < hi
         first = tl.load(q_ids + offs, mask=ok, other=0) * BQ + offset
-        n += tl.sum((ok & (first < limit)).to(tl.int32), 0)
+        n += reduce_sum((ok & (first < limit)).to(tl.int32), 0)
     return n
 
 
@@ -251,8 +251,8 @@ def _dkdv_kernel(
     n_blk = n_tile * BLOCK_N // BK
     tile_last = n_tile * BLOCK_N + BLOCK_N - 1
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     SUB: tl.constexpr = BQ // BLOCK_M
     for g in range(GROUP):
         h = hkv * GROUP + g

@@ -55,9 +55,33 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
     return out
 
 
+# Reductions and tanh built from core ops only: triton's own jit'ed helpers (tl.sum, tl.max,
+# tl.zeros, tl.sigmoid) are compiled for the mode triton was imported in, so they break under the
+# interpreter when something imported triton before TRITON_INTERPRET was set. Ours are compiled
+# lazily, at first use, and run in either mode.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def reduce_sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def reduce_max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _maximum)
+
+
 @triton.jit
 def tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
 
 
 @triton.jit
@@ -74,10 +98,10 @@ def list_ranges(list_ptr, stride_entry, count, kv_lo, full_lim, part_lim,
         ok = offs < count
         start = tl.load(list_ptr + offs * stride_entry, mask=ok, other=0) * BK
         end = start + BK
-        n_before += tl.sum((ok & (end <= kv_lo)).to(tl.int32), 0)
-        n_lo += tl.sum((ok & (start < kv_lo)).to(tl.int32), 0)
-        n_full += tl.sum((ok & (end <= full_lim)).to(tl.int32), 0)
-        n_vis += tl.sum((ok & (start < part_lim)).to(tl.int32), 0)
+        n_before += reduce_sum((ok & (end <= kv_lo)).to(tl.int32), 0)
+        n_lo += reduce_sum((ok & (start < kv_lo)).to(tl.int32), 0)
+        n_full += reduce_sum((ok & (end <= full_lim)).to(tl.int32), 0)
+        n_vis += reduce_sum((ok & (start < part_lim)).to(tl.int32), 0)
     return n_before, n_lo, n_full, n_vis
 
 
@@ -146,11 +170,11 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
                             cap_log2, HAS_SOFTCAP, HAS_BIAS, MASKED, DOT_PRECISION, False)
         if MASKED:
             s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, reduce_max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + reduce_sum(p, 1)
         v = load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok,
                       MASKED, EVEN_D)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
@@ -198,7 +222,7 @@ def _fwd_kernel(
     count = tl.load(KvCnt + b * scb + (h // LIST_DIV) * sch + m_blk * scq)
     if HAS_ACTIVE:  # skip the whole tile when no row of it is active
         act = tl.load(Active + b * sab + rows * sat + h * sah, mask=row_ok, other=0) != 0
-        count = tl.where(tl.max(act.to(tl.int32), 0) > 0, count, 0)
+        count = tl.where(reduce_max(act.to(tl.int32), 0) > 0, count, 0)
 
     first_pos = tile * BLOCK_M + (Tk - Tq)
     last_pos = tl.minimum(tile * BLOCK_M + BLOCK_M, Tq) - 1 + (Tk - Tq)
@@ -213,9 +237,9 @@ def _fwd_kernel(
     clean_hi = tl.maximum(n_lo, n_full)
     SUB: tl.constexpr = BK // BLOCK_N
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
                             tl.minimum(n_lo, n_vis) * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr,
                             sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N,

@@ -1,0 +1,183 @@
+"""Triton kernels (forward, backward, decode) against the torch reference.
+
+Small sizes run everywhere (on CPU through the Triton interpreter, in CI); the ``gpu`` variants
+repeat the same checks at full sizes on a CUDA device. Every output buffer is NaN-poisoned first
+(conftest), so an element a kernel fails to write shows up as NaN.
+"""
+import pytest
+import torch
+
+from blocksparse_cases import (Case, assert_close, make_qkv, padding_bounds, random_blocks)
+from patchattn.kernels import blocksparse as bs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+SMALL = [
+    Case(),                                                                  # MHA, per-head lists
+    Case(B=2, Hq=4, Hkv=2, Tq=50, Tk=70, block_q=16, block_k=32, list_heads="kv"),  # GQA, odd T
+    Case(B=2, Hq=4, Hkv=1, Tq=40, Tk=40, list_heads="1", list_batch=False),  # MQA, shared list
+    Case(B=1, Hq=2, Hkv=1, Tq=48, Tk=48, causal=False, density=0.3),         # non-causal
+    Case(B=1, Hq=2, Hkv=2, Tq=32, Tk=32, D=48),                              # padded head_dim
+]
+LARGE = [
+    Case(B=2, Hq=8, Hkv=2, Tq=1000, Tk=1000, D=128, block_q=64, block_k=64, list_heads="kv",
+         density=0.3),
+    Case(B=1, Hq=8, Hkv=1, Tq=2048, Tk=2048, D=64, block_q=128, block_k=128, list_heads="q",
+         density=0.2),
+    Case(B=2, Hq=4, Hkv=2, Tq=700, Tk=1500, D=256, block_q=64, block_k=64, density=0.4),
+    Case(B=1, Hq=4, Hkv=4, Tq=1024, Tk=1024, D=96, block_q=128, block_k=64, causal=False,
+         density=0.3),
+]
+CASES = [pytest.param(c, id=str(c)) for c in SMALL] + [
+    pytest.param(c, id=str(c), marks=pytest.mark.gpu) for c in LARGE]
+
+
+def run_both(case, dtype, device, *, grad=False, seed=0, **hooks):
+    """(triton, torch) results: out, lse and, with grad, dq/dk/dv."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(case, dtype, device, gen)
+    idx, cnt = random_blocks(case, device, gen)
+    d_out = torch.randn(case.B, case.Hq, case.Tq, case.D, generator=gen).to(device, dtype)
+    results = []
+    for backend in ("triton", "torch"):
+        qq, kk, vv = (t.clone().requires_grad_(grad) for t in (q, k, v))
+        out, lse = bs.block_sparse_attention(qq, kk, vv, idx, cnt, block_q=case.block_q,
+                                             block_k=case.block_k, causal=case.causal,
+                                             return_lse=True, backend=backend, **hooks)
+        res = {"out": out, "lse": lse}
+        if grad:
+            res.update(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (qq, kk, vv), d_out)))
+        results.append(res)
+    return results
+
+
+def check(results, dtype):
+    got, want = results
+    for name in got:
+        kind = "grad" if name.startswith("d") else name
+        assert_close(got[name], want[name], dtype, kind, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_forward(triton_device, case, dtype):
+    check(run_both(case, dtype, triton_device), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_backward(triton_device, case, dtype):
+    check(run_both(case, dtype, triton_device, grad=True), dtype)
+
+
+HOOK_CASE = Case(B=2, Hq=4, Hkv=2, Tq=40, Tk=72, block_q=16, block_k=16, list_heads="q")
+
+
+def _hooks(name, case, device):
+    gen = torch.Generator().manual_seed(7)
+    if name == "padding":
+        start, end = padding_bounds(case, device, gen)
+        return dict(kv_start=start, kv_end=end)
+    if name.startswith("bias"):
+        heads = {"bias1": 1, "biaskv": case.Hkv, "biasq": case.Hq}[name]
+        return dict(col_bias=torch.randn(case.B, heads, case.Tk, generator=gen).to(device))
+    if name == "softcap":
+        return dict(softcap=2.5)
+    if name == "gain_tokens":
+        return dict(head_gain=torch.randn(case.B, case.Tq, case.Hq, generator=gen).to(device))
+    if name == "gain_heads":
+        return dict(head_gain=torch.rand(1, case.Hq, generator=gen).to(device))
+    if name == "active":
+        return dict(active=(torch.rand(case.B, case.Tq, case.Hq, generator=gen) < 0.4).to(device))
+    if name == "all":
+        out = {}
+        for part in ("padding", "biasq", "softcap", "gain_tokens", "active"):
+            out.update(_hooks(part, case, device))
+        return out
+    raise KeyError(name)
+
+
+HOOKS = ["padding", "bias1", "biaskv", "biasq", "softcap", "gain_tokens", "gain_heads", "active"]
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_forward_hooks(triton_device, hook):
+    dtype = torch.float32
+    check(run_both(HOOK_CASE, dtype, triton_device, **_hooks(hook, HOOK_CASE, triton_device)),
+          dtype)
+
+
+@pytest.mark.parametrize("case", [pytest.param(HOOK_CASE, id="small"), pytest.param(
+    LARGE[0], id="large", marks=pytest.mark.gpu)])
+def test_backward_all_hooks(triton_device, case):
+    dtype = torch.float32
+    check(run_both(case, dtype, triton_device, grad=True, **_hooks("all", case, triton_device)),
+          dtype)
+
+
+def test_active_rows_are_exactly_zero(triton_device):
+    hooks = _hooks("active", HOOK_CASE, triton_device)
+    (got, _) = run_both(HOOK_CASE, torch.float16, triton_device, **hooks)
+    inactive = ~hooks["active"].transpose(1, 2)
+    assert (got["out"][inactive] == 0).all()
+    assert torch.isneginf(got["lse"][inactive]).all()
+
+
+def test_sub_tiles(triton_device, monkeypatch):
+    """Kernel tiles smaller than the logical blocks (as the autotuner may pick on a GPU)."""
+    from patchattn.kernels.blocksparse import triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "FORCE_TILES", (16, 16))
+    case = Case(B=1, Hq=2, Hkv=1, Tq=70, Tk=100, block_q=32, block_k=64, list_heads="kv")
+    check(run_both(case, torch.float32, triton_device, grad=True,
+                   **_hooks("padding", case, triton_device)), torch.float32)
+
+
+DECODE = [
+    pytest.param(Case(B=2, Hq=4, Hkv=2, Tq=1, Tk=300, block_q=16, block_k=32, list_heads="kv",
+                      density=0.3), id="gqa-shared"),
+    pytest.param(Case(B=2, Hq=4, Hkv=2, Tq=3, Tk=150, block_q=16, block_k=16, list_heads="q",
+                      density=0.4), id="per-head-3q"),
+    pytest.param(Case(B=1, Hq=4, Hkv=1, Tq=1, Tk=200, block_q=16, block_k=16, list_heads="1",
+                      causal=False), id="mqa-noncausal"),
+    pytest.param(Case(B=8, Hq=32, Hkv=8, Tq=1, Tk=32768, D=128, block_q=64, block_k=64,
+                      list_heads="kv", density=0.05), id="large-b8", marks=pytest.mark.gpu),
+    pytest.param(Case(B=1, Hq=32, Hkv=8, Tq=4, Tk=20000, D=64, block_q=64, block_k=128,
+                      list_heads="q", density=0.1), id="large-4q", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", DECODE)
+def test_decode(triton_device, case, dtype):
+    check(run_both(case, dtype, triton_device), dtype)
+
+
+@pytest.mark.parametrize("case", DECODE[:2])
+def test_decode_hooks(triton_device, case):
+    hooks = _hooks("all", case, triton_device)
+    check(run_both(case, torch.float32, triton_device, **hooks), torch.float32)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_full_block_set_uses_dense_path(triton_device, causal, monkeypatch):
+    """The full block set is computed by SDPA; the kernel must agree with it as well."""
+    case = Case(B=1, Hq=4, Hkv=2, Tq=64, Tk=64, causal=causal)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(case, torch.float32, triton_device, gen)
+    blocks = bs.causal_blocks if causal else bs.dense_blocks
+    idx, cnt = blocks(64, 64, 16, 16, triton_device)
+    kw = dict(block_q=16, block_k=16, causal=causal)
+    assert bs._use_dense_fallback(q, k, idx, cnt, bs.Options(16, 16, causal, 0.25, None),
+                                  None, None, None, None, False)
+    dense = bs.block_sparse_attention(q, k, v, idx, cnt, backend="triton", **kw)
+    monkeypatch.setattr(bs, "DENSE_FALLBACK", False)
+    kernel = bs.block_sparse_attention(q, k, v, idx, cnt, backend="triton", **kw)
+    want = bs.block_sparse_attention(q, k, v, idx, cnt, backend="torch", **kw)
+    assert_close(dense, want, torch.float32, "out", "sdpa")
+    assert_close(kernel, want, torch.float32, "out", "kernel")
+    sparse = idx.clone()
+    sparse_cnt = (cnt - 1).clamp_min(0)
+    assert not bs._use_dense_fallback(q, k, sparse, sparse_cnt,
+                                      bs.Options(16, 16, causal, 0.25, None),
+                                      None, None, None, None, False)
