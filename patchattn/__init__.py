@@ -8,6 +8,7 @@ head-modulated and mixture-of-heads variants, in one line.
 
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .adapters import hf as _hf  # noqa: F401  (registers every method with transformers' attention registry)
+from .adapters.diffusers import load_dit, repatch_from_config
 from .api import PatchHandle, get_config, get_handle, list_methods, load, patch, patched, unpatch
 from .config import MethodConfig
 from .registry import MethodSpec, register_method
@@ -26,8 +27,10 @@ __all__ = [
     "get_handle",
     "list_methods",
     "load",
+    "load_dit",
     "patch",
     "patched",
     "register_method",
+    "repatch_from_config",
     "unpatch",
 ]

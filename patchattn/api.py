@@ -73,7 +73,7 @@ def patch(model, method, *, targets: str = "text", **overrides) -> PatchHandle:
     adapter = adapters.select_adapter(model)
     record = adapter.apply(model, spec, config, targets)
     family = getattr(getattr(record, "family", None), "model_type", None) or getattr(record, "family_name", "")
-    handle = PatchHandle(spec.name, config, family, targets, list(record.modules), adapter, record)
+    handle = PatchHandle(spec.name, config, family, getattr(record, "targets", targets), list(record.modules), adapter, record)
     object.__setattr__(model, HANDLE_ATTR, handle)
     return handle
 

@@ -41,7 +41,8 @@ def test_default_sparse_setting_changes_output_and_reports_density(method):
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (1, 256))
     reference = _logits(model, input_ids=ids)
-    overrides = {"streaming": {"window": 32}, "s2": {"local_blocks": 2}, "blocktopk": {"top_k": 2}}.get(method, {})
+    overrides = {"streaming": {"window": 32}, "s2": {"local_blocks": 2}, "blocktopk": {"top_k": 2},
+                 "hip": {"top_k": 2, "dense_layers": []}}.get(method, {})
     with patchattn.patched(model, method, **SMALL_BLOCKS, **overrides):
         out = _logits(model, input_ids=ids)
         used = mean_stat(model, "density")
@@ -164,3 +165,29 @@ def test_blocktopk_picks_the_block_the_query_matches():
     assert mask.shape == (1, 1, g.n_q, g.n_k)
     assert mask[0, 0, 8:, 5].all(), "query blocks after block 5 must choose it"
     assert (mask[0, 0].sum(-1) <= 2).all()
+
+
+def test_hip_tree_search_finds_the_true_top_blocks_on_separable_scores():
+    from patchattn.methods.hip import tree_search
+
+    n_k, d = 64, 4
+    k_means = torch.zeros(1, 1, n_k, d)
+    targets = [3, 17, 33, 50]
+    # Locality (the paper's premise): a high-scoring block has high-scoring neighbours.
+    for t in targets:
+        for j in range(n_k):
+            k_means[0, 0, j, 0] += torch.exp(torch.tensor(-abs(j - t) / 2.0))
+    q_means = torch.zeros(1, 1, 1, d)
+    q_means[..., 0] = 1.0
+    chosen = tree_search(q_means, k_means, torch.tensor([n_k - 1]), k=4)
+    assert sorted(chosen[0, 0, 0].nonzero().flatten().tolist()) == targets
+
+
+def test_hip_decode_reuses_selection_until_refresh():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 100))
+    with patchattn.patched(model, "hip", block_size=16, top_k=1, refresh_interval=3, dense_layers=[]):
+        # prefill, then decode steps: the first searches (age 0), the next reuses it (age 1)
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        state = model.model.layers[1].self_attn.patchattn
+        assert state.cache["hip_decode"]["age"] == 1

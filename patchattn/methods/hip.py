@@ -1,0 +1,126 @@
+"""``hip`` — HiP attention: hierarchically pruned top-k block selection, training-free.
+
+For each query block, HiP estimates its top-k keys without scoring all of them: start from ``top_k`` equal
+segments of the causal past, split every segment in two, score each half by one representative key against the
+query block, keep the ``top_k`` best halves, and repeat until the segments are single blocks — about
+``log2(n / k)`` rounds of ``2k`` scores each, O(n log n) overall instead of O(n^2).
+
+Deviations from the paper (Lee et al., ICLR 2025), documented: the search runs at key-*block* granularity
+(``block_size`` 64, the unit our block-sparse kernel reads) rather than 2-token key blocks; a segment's
+representative is the mean-pooled key of its middle block, scored against the query block's mean query shared
+by the GQA group (so the group reads each KV block once); sink and local blocks are always read (as in
+InfiniteHiP); the first ``dense_layers`` stay dense (paper: first layers dense); during decoding the selection is
+refreshed every ``refresh_interval`` steps (paper: 8) and new blocks enter through the local window meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import option
+from ..masks import BlockGeometry, causal_allowed
+from ..registry import register_method
+from ._sparse import SparseConfig, run_block_sparse
+from .blocktopk import block_means, forced_blocks
+
+
+@dataclass(kw_only=True)
+class HipConfig(SparseConfig):
+    top_k: int = option(8, "key blocks kept per query block by the tree search (paper: k=512 tokens)", min=1)
+    sink_blocks: int = option(1, "initial blocks always read", min=0)
+    local_blocks: int = option(2, "nearest blocks always read (sliding window)", min=1)
+    refresh_interval: int = option(8, "decode steps between re-running the search (paper: 8)", min=1)
+    dense_layers: list = option([0, 1], "layer indices kept dense (paper: the first layers)", min=0)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "dense_layers": []}
+
+
+def _initial_segments(diagonal: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[NQ, k]`` start/end (exclusive) of ``k`` near-equal segments of blocks ``[0, diagonal]``."""
+    length = (diagonal + 1).float()[:, None]
+    cuts = torch.arange(k + 1, device=diagonal.device).float()[None] / k
+    bounds = torch.floor(cuts * length).long()
+    return bounds[:, :-1], bounds[:, 1:]
+
+
+def tree_search(q_means: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Tensor, k: int) -> torch.Tensor:
+    """Hierarchical top-k over key blocks.
+
+    Args:
+        q_means: ``[B, H, NQ, D]`` mean query per query block (and GQA group).
+        k_means: ``[B, H, NK, D]`` mean key per key block.
+        diagonal: ``[NQ]`` last key block each query block may read.
+        k: number of blocks to keep.
+
+    Returns:
+        bool ``[B, H, NQ, NK]`` with at most ``k`` blocks per row.
+    """
+    b, h, n_q, _ = q_means.shape
+    n_k = k_means.shape[2]
+    start, end = _initial_segments(diagonal, k)
+    start = start.expand(b, h, n_q, k).clone()
+    end = end.expand(b, h, n_q, k).clone()
+    while bool(((end - start) > 1).any()):
+        mid = torch.where(end - start > 1, (start + end) // 2, end)
+        start = torch.cat([start, mid], dim=-1)  # left halves then right halves
+        end = torch.cat([mid, end], dim=-1)
+        representative = ((start + end - 1) // 2).clamp(0, n_k - 1)
+        keys = torch.gather(k_means, 2, representative.flatten(2)[..., None].expand(-1, -1, -1, k_means.shape[-1]))
+        scores = (keys.view(b, h, n_q, -1, keys.shape[-1]) * q_means[:, :, :, None]).sum(-1)
+        scores = scores.masked_fill(end <= start, float("-inf"))
+        best = scores.topk(k, dim=-1).indices
+        start, end = torch.gather(start, -1, best), torch.gather(end, -1, best)
+    chosen = torch.zeros(b, h, n_q, n_k, dtype=torch.bool, device=q_means.device)
+    valid = end > start
+    chosen.scatter_(-1, start.clamp(0, n_k - 1), valid)
+    return chosen
+
+
+def select_hip(g: BlockGeometry, query, key, state) -> torch.Tensor:
+    config = state.config
+    allowed = causal_allowed(g, query.device)
+    forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
+    reused = _reuse_decode_selection(g, state)
+    if reused is not None:
+        return reused | forced
+    groups = query.shape[1] // key.shape[1]
+    q_means = block_means(query, g.block_q)
+    q_means = q_means.view(q_means.shape[0], key.shape[1], groups, *q_means.shape[2:]).mean(dim=2)
+    k_means = block_means(key, g.block_k)
+    k = min(config.top_k, g.n_k)
+    chosen = tree_search(q_means, k_means, g.diagonal_block(query.device), k) & allowed
+    if g.q_len == 1:
+        state.cache["hip_decode"] = {"selection": chosen, "age": 0}
+    return chosen | forced
+
+
+def _reuse_decode_selection(g: BlockGeometry, state) -> torch.Tensor | None:
+    """During decoding, the last search's selection (widened to the grown cache) until it is due a refresh."""
+    saved = state.cache.get("hip_decode")
+    if g.q_len != 1:
+        state.cache.pop("hip_decode", None)
+        return None
+    if saved is None or saved["age"] + 1 >= state.config.refresh_interval:
+        return None
+    saved["age"] += 1
+    selection = saved["selection"]
+    grown = g.n_k - selection.shape[-1]
+    return torch.nn.functional.pad(selection, (0, grown)) if grown > 0 else selection[..., : g.n_k]
+
+
+@register_method(
+    "hip",
+    config=HipConfig,
+    category="sparse",
+    families=("llm", "lvlm"),
+    patterns=("causal-self",),
+    paper="Lee et al., A Training-free Sub-quadratic Cost Transformer Model Serving Framework with Hierarchically "
+    "Pruned Attention (HiP, ICLR 2025), arXiv 2406.09827",
+)
+def hip_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
+    """Hierarchical top-k block search per query block, plus sink and local blocks."""
+    return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select_hip,
+                            static=False, **kwargs)
