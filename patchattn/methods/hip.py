@@ -7,7 +7,8 @@ query block, keep the ``top_k`` best halves, and repeat until the segments are s
 
 Deviations from the paper (Lee et al., ICLR 2025), documented: the search runs at key-*block* granularity
 (``block_size`` 64, the unit our block-sparse kernel reads) rather than 2-token key blocks; a segment's
-representative is the mean-pooled key of its middle block, scored against the query block's mean query shared
+representative is its mean key (the mean of its blocks' mean-pooled keys, O(1) from prefix sums; a single
+middle key misses peaks that straddle a split), scored against the query block's mean query shared
 by the GQA group (so the group reads each KV block once); sink and local blocks are always read (as in
 InfiniteHiP); the first ``dense_layers`` stay dense (paper: first layers dense); during decoding the selection is
 refreshed every ``refresh_interval`` steps (paper: 8) and new blocks enter through the local window meanwhile.
@@ -63,20 +64,33 @@ def tree_search(q_means: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Te
     start, end = _initial_segments(diagonal, k)
     start = start.expand(b, h, n_q, k).clone()
     end = end.expand(b, h, n_q, k).clone()
+    # Prefix sums of the block means give any segment's mean key in O(1): its representative.
+    prefix = torch.nn.functional.pad(k_means.cumsum(dim=2), (0, 0, 1, 0))
     while bool(((end - start) > 1).any()):
         mid = torch.where(end - start > 1, (start + end) // 2, end)
         start = torch.cat([start, mid], dim=-1)  # left halves then right halves
         end = torch.cat([mid, end], dim=-1)
-        representative = ((start + end - 1) // 2).clamp(0, n_k - 1)
-        keys = torch.gather(k_means, 2, representative.flatten(2)[..., None].expand(-1, -1, -1, k_means.shape[-1]))
-        scores = (keys.view(b, h, n_q, -1, keys.shape[-1]) * q_means[:, :, :, None]).sum(-1)
-        scores = scores.masked_fill(end <= start, float("-inf"))
+        scores = _segment_scores(q_means, prefix, start, end)
         best = scores.topk(k, dim=-1).indices
         start, end = torch.gather(start, -1, best), torch.gather(end, -1, best)
     chosen = torch.zeros(b, h, n_q, n_k, dtype=torch.bool, device=q_means.device)
     valid = end > start
     chosen.scatter_(-1, start.clamp(0, n_k - 1), valid)
     return chosen
+
+
+def _segment_scores(q_means, prefix, start, end) -> torch.Tensor:
+    """``[B, H, NQ, S]`` score of each segment: query block mean · the segment's mean key (-inf if empty)."""
+    b, h, n_q, n_seg = start.shape
+    d = prefix.shape[-1]
+
+    def gather(index):
+        return torch.gather(prefix, 2, index.reshape(b, h, -1, 1).expand(-1, -1, -1, d)).view(b, h, n_q, n_seg, d)
+
+    length = (end - start).clamp(min=1)[..., None]
+    means = (gather(end) - gather(start)) / length
+    scores = (means * q_means[:, :, :, None]).sum(-1)
+    return scores.masked_fill(end <= start, float("-inf"))
 
 
 def select_hip(g: BlockGeometry, query, key, state) -> torch.Tensor:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _alloc
-from .triton_fwd import (INTERPRETING, dot_precision, hook_args, last_dim_contiguous,
+from .triton_fwd import (dot_precision, hook_args, last_dim_contiguous, launch,
                          list_strides, load_tile, mma, pad_bounds, reduce_max, reduce_sum,
                          scores_log2, softmax_scales, visibility)
 
@@ -201,11 +201,8 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
                   Hq, Tq, Tk, per_split)
     split_consts = dict(consts, BK=opts.block_k, CAUSAL=opts.causal,
                         HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype))
-    grid = (n_splits, B * n_groups)
-    if INTERPRETING or not q.is_cuda:
-        _decode_split_kernel[grid](*split_args, **split_consts, BLOCK_N=min(opts.block_k, 64))
-    else:
-        _decode_tuned[grid](*split_args, **split_consts)
+    launch(_decode_tuned, lambda meta: (n_splits, B * n_groups), split_args, split_consts,
+           dict(BLOCK_N=min(opts.block_k, 64)), q.device)
 
     out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
     lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device) if need_lse else None

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _alloc
-from .triton_fwd import (INTERPRETING, dot_precision, hook_args, interpreter_tiles,
+from .triton_fwd import (dot_precision, hook_args, interpreter_tiles, launch,
                          last_dim_contiguous, list_ranges, list_strides, load_tile, mma, pad_bounds,
                          reduce_max, reduce_sum, scores_log2, softmax_scales, visibility)
 
@@ -330,7 +330,6 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
                   SCAN=64)
-    interp = INTERPRETING or not q.is_cuda
     tiles = interpreter_tiles(opts.block_q, opts.block_k)
 
     dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
@@ -339,11 +338,8 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
                *dq.stride()[:3], *list_strides(kv_indices), *list_strides(kv_counts),
                *hooks["strides"], Hq, Tq, Tk)
-    if interp:
-        _dq_kernel[(B * Hq, triton.cdiv(Tq, tiles[0]))](*dq_args, **consts, BLOCK_M=tiles[0],
-                                                        BLOCK_N=tiles[1])
-    else:
-        _dq_tuned[lambda meta: (B * Hq, triton.cdiv(Tq, meta["BLOCK_M"]))](*dq_args, **consts)
+    launch(_dq_tuned, lambda meta: (B * Hq, triton.cdiv(Tq, meta["BLOCK_M"])), dq_args, consts,
+           dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]), q.device)
 
     q_ids, offsets = transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
     dk = _alloc.empty(k.shape, k.dtype, k.device)
@@ -356,10 +352,6 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
                *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
                *dk.stride()[:3], *dv.stride()[:3], *bias_s, Hkv, Tq, Tk, rows_per_batch,
                n_k_blocks)
-    if interp:
-        _dkdv_kernel[(B * Hkv, triton.cdiv(Tk, tiles[1]))](*kv_args, **kv_consts,
-                                                           BLOCK_M=tiles[0], BLOCK_N=tiles[1])
-    else:
-        _dkdv_tuned[lambda meta: (B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"]))](*kv_args,
-                                                                              **kv_consts)
+    launch(_dkdv_tuned, lambda meta: (B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"])), kv_args,
+           kv_consts, dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]), q.device)
     return dq, dk, dv

@@ -22,6 +22,8 @@ from . import _alloc
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# PATCHATTN_AUTOTUNE=0: take the first config that fits instead of timing them (tests, quick runs).
+AUTOTUNE = os.environ.get("PATCHATTN_AUTOTUNE", "1") != "0"
 # Tests set (BLOCK_M, BLOCK_N) here to exercise sub-tiling under the interpreter.
 FORCE_TILES: tuple[int, int] | None = None
 
@@ -297,6 +299,19 @@ _fwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_configs})(_fwd_kernel)
 
 
+def launch(tuned, grid, args, consts, interpreter_meta, device):
+    """Autotuned launch on a GPU; a fixed config under the interpreter or with AUTOTUNE off."""
+    if INTERPRETING or device.type != "cuda":
+        tuned.fn[grid(interpreter_meta)](*args, **consts, **interpreter_meta)
+    elif not AUTOTUNE:
+        prune = tuned.early_config_prune
+        cfg = (prune(tuned.configs, None, **consts) if prune else tuned.configs)[0]
+        tuned.fn[grid(cfg.kwargs)](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
+                                   num_stages=cfg.num_stages)
+    else:
+        tuned[grid](*args, **consts)
+
+
 def interpreter_tiles(bq, bk):
     """Tiles for the CPU interpreter (no autotuning there: every config would run)."""
     if FORCE_TILES is not None:
@@ -385,10 +400,7 @@ def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, he
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, WRITE_LSE=need_lse,
                   DOT_PRECISION=dot_precision(q.dtype), SCAN=64)
-    if INTERPRETING or not q.is_cuda:
-        bm, bn = interpreter_tiles(opts.block_q, opts.block_k)
-        _fwd_kernel[(B * Hq, triton.cdiv(Tq, bm))](*args, **consts, BLOCK_M=bm, BLOCK_N=bn)
-    else:
-        grid = lambda meta: (B * Hq, triton.cdiv(Tq, meta["BLOCK_M"]))  # noqa: E731
-        _fwd_tuned[grid](*args, **consts)
+    bm, bn = interpreter_tiles(opts.block_q, opts.block_k)
+    launch(_fwd_tuned, lambda meta: (B * Hq, triton.cdiv(Tq, meta["BLOCK_M"])), args, consts,
+           dict(BLOCK_M=bm, BLOCK_N=bn), q.device)
     return out, lse
