@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass, replace
 
 import torch
 
-from patchattn.kernels.blocksparse import blocks_from_mask
+try:
+    from patchattn.kernels import blocksparse as bs
+except ImportError:  # a bare GPU box without patchattn's other dependencies: load the package alone
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "patchattn", "kernels"))
+    import blocksparse as bs  # type: ignore[no-redef]
+
+blocks_from_mask = bs.blocks_from_mask
 
 # Largest allowed |actual - expected|, relative to max |expected|, per dtype and quantity.
 TOLERANCE = {

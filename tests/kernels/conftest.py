@@ -44,7 +44,11 @@ def triton_device():
 @pytest.fixture(autouse=True)
 def poison_outputs():
     """Every kernel output starts NaN-filled, so an element left unwritten fails the comparison."""
-    from patchattn.kernels.blocksparse import _alloc
+    import importlib
+
+    from blocksparse_cases import bs
+
+    _alloc = importlib.import_module(bs.__name__ + "._alloc")
 
     old = _alloc.POISON_OUTPUTS
     _alloc.POISON_OUTPUTS = True

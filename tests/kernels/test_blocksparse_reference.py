@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from blocksparse_cases import Case, assert_close, make_qkv, padding_bounds, random_blocks
-from patchattn.kernels import blocksparse as bs
-from patchattn.kernels.blocksparse import reference
+from blocksparse_cases import Case, assert_close, bs, make_qkv, padding_bounds, random_blocks
+reference = bs.reference
 
 CASES = [
     Case(),

@@ -4,11 +4,12 @@ Small sizes run everywhere (on CPU through the Triton interpreter, in CI); the `
 repeat the same checks at full sizes on a CUDA device. Every output buffer is NaN-poisoned first
 (conftest), so an element a kernel fails to write shows up as NaN.
 """
+import importlib
+
 import pytest
 import torch
 
-from blocksparse_cases import (Case, assert_close, make_qkv, padding_bounds, random_blocks)
-from patchattn.kernels import blocksparse as bs
+from blocksparse_cases import Case, assert_close, bs, make_qkv, padding_bounds, random_blocks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -125,8 +126,7 @@ def test_active_rows_are_exactly_zero(triton_device):
 
 def test_sub_tiles(triton_device, monkeypatch):
     """Kernel tiles smaller than the logical blocks (as the autotuner may pick on a GPU)."""
-    from patchattn.kernels.blocksparse import triton_fwd
-
+    triton_fwd = importlib.import_module(bs.__name__ + ".triton_fwd")
     monkeypatch.setattr(triton_fwd, "FORCE_TILES", (16, 16))
     case = Case(B=1, Hq=2, Hkv=1, Tq=70, Tk=100, block_q=32, block_k=64, list_heads="kv")
     check(run_both(case, torch.float32, triton_device, grad=True,

@@ -1,0 +1,398 @@
+"""Kernel benchmark: block-sparse attention vs SDPA (dense causal) vs FlexAttention (same mask).
+
+One run produces the whole table: forward, forward+backward and decode, at several sequence
+lengths, densities and head dims, plus peak memory and a correctness check of each sparse point
+against FlexAttention given the *same* block mask (the two must compute the same function).
+
+    python -m patchattn.bench.kernel --csv bench/kernel/results.csv       # full table (GPU)
+    python patchattn/bench/kernel.py --quick                              # works without patchattn deps
+
+``main(argv) -> int`` is what ``patchattn bench kernel`` calls.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+FIELDS = ["mode", "T", "D", "B", "Hq", "Hkv", "block", "density_target", "density", "impl", "ms",
+          "tflops", "peak_mib", "max_err", "vs_sdpa", "vs_flex", "note"]
+
+
+def _blocksparse():
+    """The kernel package, without importing the rest of patchattn when that is not installed."""
+    try:
+        from patchattn.kernels import blocksparse
+    except Exception:  # noqa: BLE001 - e.g. patchattn's optional deps missing on a bare GPU box
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+        import blocksparse  # type: ignore[no-redef]
+    return blocksparse
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+def random_causal_lists(bs, heads, T, block, density, device, seed=0):
+    """Per-head sorted key-block lists keeping ``density`` of the causally allowed blocks of each
+    query block (at least one); the diagonal block is always kept, so no row is empty."""
+    n = math.ceil(T / block)
+    allowed = bs.causal_block_counts(T, T, block, block, device).long()  # [NQ]
+    keep = torch.clamp(torch.round(density * allowed.double()).long(), min=1)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    score = torch.rand(heads, n, n, device=device, generator=gen)
+    cols = torch.arange(n, device=device)
+    score = torch.where(cols == (allowed - 1)[:, None], -1.0, score)   # diagonal first
+    score = torch.where(cols >= allowed[:, None], 2.0, score)          # never pick invisible
+    width = int(keep.max())
+    chosen = score.argsort(dim=-1)[..., :width]
+    valid = torch.arange(width, device=device) < keep[:, None]
+    chosen = torch.where(valid, chosen, n + cols[:width]).sort(dim=-1).values
+    chosen = torch.where(valid, chosen, 0)
+    counts = keep.expand(heads, n)
+    return chosen[None].to(torch.int32).contiguous(), counts[None].to(torch.int32).contiguous()
+
+
+def random_decode_lists(heads, batch, Tk, block, density, device, seed=0):
+    """Decode lists: ``density`` of all key blocks, always including the newest one."""
+    n = math.ceil(Tk / block)
+    keep = max(1, round(density * n))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    score = torch.rand(batch, heads, 1, n, device=device, generator=gen)
+    score[..., -1] = -1.0
+    chosen = score.argsort(dim=-1)[..., :keep].sort(dim=-1).values
+    counts = torch.full((batch, heads, 1), keep, device=device, dtype=torch.int32)
+    return chosen.to(torch.int32).contiguous(), counts
+
+
+def flex_block_mask(idx, cnt, T, block, n_q_heads):
+    """The same lists as a FlexAttention BlockMask: the diagonal block is the only partial one."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    group = n_q_heads // idx.shape[1]
+    idx, cnt = idx.repeat_interleave(group, 1), cnt.repeat_interleave(group, 1)
+    n = math.ceil(T / block)
+    full_idx = torch.zeros(*idx.shape[:3], n, dtype=torch.int32, device=idx.device)
+    full_idx[..., :idx.shape[-1]] = idx  # the last listed block (the diagonal) is past full_cnt
+    diag = torch.arange(n, dtype=torch.int32, device=idx.device).view(1, 1, n, 1)
+    part_idx = torch.zeros_like(full_idx)
+    part_idx[..., :1] = diag
+    part_cnt = torch.ones_like(cnt)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return BlockMask.from_kv_blocks(part_cnt, part_idx, cnt - 1, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=causal, seq_lengths=(T, T))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def time_ms(fn):
+    """Median milliseconds; long calls are timed a few times only."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    once = start.elapsed_time(end)
+    if once > 40:
+        runs = []
+        for _ in range(3):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            runs.append(start.elapsed_time(end))
+        return sorted(runs)[1]
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak_mib(fn):
+    """Peak memory a call adds on top of what is allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def graph_ms(fn):
+    """Time CUDA-graph replays of fn (removes Python launch overhead, as a serving loop would)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay)
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.bs = _blocksparse()
+        self.rows = []
+        self.flex = None
+        if not args.no_flex:
+            from torch.nn.attention.flex_attention import flex_attention
+            self.flex = torch.compile(flex_attention, dynamic=False)
+
+    def add(self, **row):
+        row = {k: row.get(k, "") for k in FIELDS}
+        self.rows.append(row)
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items() if v != ""}
+        print(json.dumps(shown), flush=True)
+
+    # -- prefill ----------------------------------------------------------------------------
+    def prefill(self, T, D, mode):
+        a, bs = self.args, self.bs
+        Hq, Hkv, blk = a.heads, a.kv_heads, a.block
+        group = Hq // Hkv
+        grad = mode == "fwdbwd"
+        q = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+        k = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+        v = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+        k_rep = k.detach().repeat_interleave(group, 1).requires_grad_(grad)
+        v_rep = v.detach().repeat_interleave(group, 1).requires_grad_(grad)
+        d_out = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16)
+        flops = 4 * Hq * T * T / 2 * D * (3.5 if grad else 1.0)  # causal; bwd = 2.5 x fwd
+
+        def timed(fn):
+            if not grad:
+                return fn
+            return lambda: torch.autograd.grad(fn(), (q, k, v) if fn is not sdpa else
+                                               (q, k_rep, v_rep), d_out)
+
+        def sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)
+
+        common = dict(mode=mode, T=T, D=D, B=1, Hq=Hq, Hkv=Hkv, block=blk)
+        t_sdpa = time_ms(timed(sdpa))
+        ctx = torch.no_grad() if not grad else torch.enable_grad()
+        with ctx:
+            self.add(**common, density_target=1.0, density=1.0, impl="sdpa", ms=t_sdpa,
+                     tflops=flops / t_sdpa / 1e9, peak_mib=peak_mib(timed(sdpa)), vs_sdpa=1.0)
+            if mode == "fwd":
+                def sdpa_gqa():
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, enable_gqa=True)
+                t = time_ms(sdpa_gqa)
+                self.add(**common, density_target=1.0, density=1.0, impl="sdpa_enable_gqa", ms=t,
+                         tflops=flops / t / 1e9, vs_sdpa=t_sdpa / t)
+            for dens in a.densities:
+                self.prefill_point(common, q, k, v, d_out, T, D, dens, t_sdpa, flops, grad, timed)
+            if mode == "fwd":  # fixed cost: empty lists (launch, list scan, zero writes)
+                idx, cnt = bs.causal_blocks(T, T, blk, blk, "cuda")
+                empty = torch.zeros_like(cnt)
+                t = time_ms(lambda: bs.block_sparse_attention(q, k, v, idx, empty, block_q=blk,
+                                                              block_k=blk))
+                self.add(**common, density_target=0.0, density=0.0, impl="ours_empty", ms=t,
+                         note="fixed overhead")
+
+    def prefill_point(self, common, q, k, v, d_out, T, D, dens, t_sdpa, flops, grad, timed):
+        a, bs = self.args, self.bs
+        blk = a.block
+        if dens >= 1.0:
+            idx, cnt = bs.causal_blocks(T, T, blk, blk, "cuda")
+            idx, cnt = idx.expand(1, a.kv_heads, -1, -1), cnt.expand(1, a.kv_heads, -1)
+        else:
+            idx, cnt = random_causal_lists(bs, a.kv_heads, T, blk, dens, "cuda")
+        actual = bs.density(cnt, T, T, blk, blk, True)
+        point = dict(common, density_target=dens, density=actual)
+
+        def ours():
+            return bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk)
+
+        t_ours = time_ms(timed(ours))
+        out_ours = ours().detach() if not grad else None
+        t_flex, out_flex = None, None
+        flex_ok = self.flex is not None and (not grad or T <= a.flex_bwd_max_t)
+        if flex_ok:
+            mask = flex_block_mask(idx, cnt, T, blk, a.heads)
+
+            def flex():
+                return self.flex(q, k, v, block_mask=mask, enable_gqa=True)
+
+            t_flex = time_ms(timed(flex))
+            out_flex = flex().detach() if not grad else None
+            self.add(**point, impl="flex", ms=t_flex, tflops=flops * actual / t_flex / 1e9,
+                     peak_mib=peak_mib(timed(flex)), vs_sdpa=t_sdpa / t_flex)
+        err = rel_err(out_ours, out_flex) if out_flex is not None else ""
+        self.add(**point, impl="ours", ms=t_ours, tflops=flops * actual / t_ours / 1e9,
+                 peak_mib=peak_mib(timed(ours)), max_err=err, vs_sdpa=t_sdpa / t_ours,
+                 vs_flex=(t_flex / t_ours) if t_flex else "",
+                 note="sdpa fallback" if dens >= 1.0 else "")
+        if dens >= 1.0:  # the kernel itself on the full set (fallback off)
+            bs.DENSE_FALLBACK = False
+            try:
+                t = time_ms(timed(ours))
+                err = "" if grad else rel_err(ours().detach(), timed(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, enable_gqa=True))())
+                self.add(**point, impl="ours_kernel", ms=t, tflops=flops / t / 1e9,
+                         peak_mib=peak_mib(timed(ours)), max_err=err, vs_sdpa=t_sdpa / t,
+                         vs_flex=(t_flex / t) if t_flex else "")
+            finally:
+                bs.DENSE_FALLBACK = True
+        if grad and flex_ok and T <= 16384:  # gradient check against flex at full size
+            g_ours = torch.autograd.grad(ours(), (q, k, v), d_out)
+            g_flex = torch.autograd.grad(self.flex(q, k, v, block_mask=mask, enable_gqa=True),
+                                         (q, k, v), d_out)
+            errs = [rel_err(x, y) for x, y in zip(g_ours, g_flex)]
+            self.rows[-1 if dens < 1.0 else -2]["max_err"] = max(errs)
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode(self, B, T, D):
+        a, bs = self.args, self.bs
+        Hq, Hkv, blk = a.heads, a.kv_heads, a.block
+        q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
+        common = dict(mode="decode", T=T, D=D, B=B, Hq=Hq, Hkv=Hkv, block=blk)
+        kv_bytes = 2 * B * Hkv * T * D * 2
+
+        def sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        with torch.no_grad():
+            t_sdpa, g_sdpa = time_ms(sdpa), graph_ms(sdpa)
+            self.add(**common, density_target=1.0, density=1.0, impl="sdpa", ms=t_sdpa,
+                     tflops=kv_bytes / t_sdpa / 1e9, peak_mib=peak_mib(sdpa), vs_sdpa=1.0,
+                     note="tflops column = TB/s of K/V read")
+            self.add(**common, density_target=1.0, density=1.0, impl="sdpa_graph", ms=g_sdpa,
+                     vs_sdpa=t_sdpa / g_sdpa)
+            for dens in a.decode_densities:
+                idx, cnt = random_decode_lists(Hkv, B, T, blk, dens, "cuda")
+                actual = float(cnt[0, 0, 0]) / math.ceil(T / blk)
+
+                def ours():
+                    return bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=blk)
+
+                ref = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=blk,
+                                                backend="torch")
+                t, g = time_ms(ours), graph_ms(ours)
+                point = dict(common, density_target=dens, density=actual)
+                self.add(**point, impl="ours", ms=t, tflops=kv_bytes * actual / t / 1e9,
+                         peak_mib=peak_mib(ours), max_err=rel_err(ours(), ref), vs_sdpa=t_sdpa / t)
+                self.add(**point, impl="ours_graph", ms=g, tflops=kv_bytes * actual / g / 1e9,
+                         vs_sdpa=g_sdpa / g, note="vs_sdpa against sdpa_graph")
+
+    def run(self):
+        a = self.args
+        for D in a.head_dims:
+            for mode in ("fwd", "fwdbwd"):
+                if mode in a.modes:
+                    for T in a.T:
+                        if mode == "fwdbwd" and T > a.bwd_max_t:
+                            continue
+                        self.prefill(T, D, mode)
+                        torch.cuda.empty_cache()
+            if "decode" in a.modes:
+                for B in a.decode_batches:
+                    for T in a.decode_T:
+                        self.decode(B, T, D)
+                        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def _ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text):
+    return [float(x) for x in text.split(",") if x]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="patchattn bench kernel", description=__doc__.split("\n")[0])
+    p.add_argument("--T", type=_ints, default=[4096, 16384, 65536, 131072], help="sequence lengths")
+    p.add_argument("--densities", type=_floats, default=[1.0, 0.5, 0.1, 0.02])
+    p.add_argument("--head-dims", type=_ints, default=[64, 128])
+    p.add_argument("--modes", default="fwd,fwdbwd,decode", help="any of fwd,fwdbwd,decode")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--block", type=int, default=128, help="block size (FlexAttention's is 128)")
+    p.add_argument("--decode-batches", type=_ints, default=[1, 8])
+    p.add_argument("--decode-T", type=_ints, default=[32768, 131072])
+    p.add_argument("--decode-densities", type=_floats, default=[1.0, 0.05])
+    p.add_argument("--bwd-max-t", type=int, default=131072, help="skip fwd+bwd above this T")
+    p.add_argument("--flex-bwd-max-t", type=int, default=16384,
+                   help="FlexAttention fwd+bwd only up to this T (its compile is slow)")
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--quick", action="store_true", help="T=4k,16k, d=128, densities 1, 0.1")
+    p.add_argument("--csv", help="write the rows here")
+    p.add_argument("--json", help="write rows and run metadata here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.T, args.head_dims, args.densities = [4096, 16384], [128], [1.0, 0.1]
+        args.decode_T, args.decode_batches = [32768], [1, 8]
+    args.modes = args.modes.split(",")
+    return args
+
+
+def metadata(argv):
+    import triton
+
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(),
+                command="python -m patchattn.bench.kernel " + " ".join(argv),
+                date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def print_table(rows):
+    cols = ["mode", "T", "D", "B", "density", "impl", "ms", "tflops", "peak_mib", "vs_sdpa",
+            "vs_flex", "max_err"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("patchattn bench kernel: needs a CUDA GPU (times SDPA, FlexAttention and the Triton "
+              "kernels)", file=sys.stderr)
+        return 2
+    meta = metadata(argv)
+    print(json.dumps(meta), flush=True)
+    runner = Runner(args)
+    runner.run()
+    print_table(runner.rows)
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            f.write("# " + json.dumps(meta) + "\n")
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(runner.rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=runner.rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
