@@ -152,6 +152,7 @@ class Runner:
         self.args = args
         self.bs = _blocksparse()
         self.rows = []
+        self.sink = self.sink_file = None
         self.flex = None
         if not args.no_flex:
             from torch.nn.attention.flex_attention import flex_attention
@@ -160,6 +161,9 @@ class Runner:
     def add(self, **row):
         row = {k: row.get(k, "") for k in FIELDS}
         self.rows.append(row)
+        if self.sink is not None:  # rows reach the file as they come: a cut-off run keeps them
+            self.sink.writerow(row)
+            self.sink_file.flush()
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items() if v != ""}
         print(json.dumps(shown), flush=True)
 
@@ -298,20 +302,23 @@ class Runner:
                          vs_sdpa=g_sdpa / g, note="vs_sdpa against sdpa_graph")
 
     def run(self):
+        """Forward first, then decode, then forward+backward (the slowest part last)."""
         a = self.args
-        for D in a.head_dims:
-            for mode in ("fwd", "fwdbwd"):
-                if mode in a.modes:
-                    for T in a.T:
-                        if mode == "fwdbwd" and T > a.bwd_max_t:
-                            continue
-                        self.prefill(T, D, mode)
-                        torch.cuda.empty_cache()
-            if "decode" in a.modes:
-                for B in a.decode_batches:
-                    for T in a.decode_T:
-                        self.decode(B, T, D)
-                        torch.cuda.empty_cache()
+        jobs = []
+        if "fwd" in a.modes:
+            jobs += [(self.prefill, (T, D, "fwd")) for D in a.head_dims for T in a.T]
+        if "decode" in a.modes:
+            jobs += [(self.decode, (B, T, D)) for D in a.head_dims for B in a.decode_batches
+                     for T in a.decode_T]
+        if "fwdbwd" in a.modes:
+            jobs += [(self.prefill, (T, D, "fwdbwd")) for D in a.head_dims for T in a.T
+                     if T <= a.bwd_max_t]
+        for fn, job_args in jobs:
+            try:
+                fn(*job_args)
+            except Exception as exc:  # noqa: BLE001 - report and keep the rest of the table
+                print(f"FAILED {fn.__name__}{job_args}: {type(exc).__name__}: {exc}", flush=True)
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,15 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(argv)
     print(json.dumps(meta), flush=True)
     runner = Runner(args)
-    runner.run()
-    print_table(runner.rows)
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            f.write("# " + json.dumps(meta) + "\n")
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(runner.rows)
+        runner.sink_file = open(args.csv, "w", newline="")
+        runner.sink_file.write("# " + json.dumps(meta) + "\n")
+        runner.sink = csv.DictWriter(runner.sink_file, fieldnames=FIELDS)
+        runner.sink.writeheader()
+    try:
+        runner.run()
+    finally:
+        if runner.sink_file is not None:
+            runner.sink_file.close()
+    print_table(runner.rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=runner.rows), f, indent=1)

@@ -297,6 +297,8 @@ def _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col
         return False
     if opts.causal and Tq != Tk:  # SDPA's is_causal is top-left aligned
         return False
+    if kv_indices.shape[-1] < math.ceil(Tk / opts.block_k):  # the last query block reads every
+        return False                                         # key block: decided without a sync
     if opts.causal:
         allowed = causal_block_counts(Tq, Tk, opts.block_q, opts.block_k, q.device)
     else:
@@ -308,12 +310,10 @@ def _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col
 
 
 def _sdpa_dense(q, k, v, opts):
-    group = q.shape[1] // k.shape[1]
-    if group > 1:  # the fast SDPA kernels want matching heads (measured in bench/kernel/NOTES.md)
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    # enable_gqa reads shared K/V in place; on the H200 it is as fast as repeating K/V (RESULTS.md).
     return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=opts.causal and q.shape[2] > 1, scale=opts.scale)
+        q, k, v, is_causal=opts.causal and q.shape[2] > 1, scale=opts.scale,
+        enable_gqa=q.shape[1] != k.shape[1])
 
 
 class _BlockSparseAttention(torch.autograd.Function):

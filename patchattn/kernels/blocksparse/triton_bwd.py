@@ -55,6 +55,36 @@ def transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
 
 
 # ---------------------------------------------------------------------------------------------
+# delta = rowsum(dO * O), fused (no fp32 copies of dO and O)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _delta_kernel(O, DO, Delta, sob, soh, sot, sdb, sdh, sdt, Hq, Tq,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = reduce_sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * Tq + rows, delta, mask=rows < Tq)
+
+
+def row_dot(out, d_out):
+    """rowsum(d_out * out) in fp32, [B, Hq, Tq]."""
+    B, Hq, Tq, D = out.shape
+    delta = _alloc.empty((B, Hq, Tq), torch.float32, out.device)
+    block_t = 64
+    _delta_kernel[(B * Hq, triton.cdiv(Tq, block_t))](
+        out, d_out, delta, *out.stride()[:3], *d_out.stride()[:3], Hq, Tq, HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t)
+    return delta
+
+
+# ---------------------------------------------------------------------------------------------
 # dQ
 # ---------------------------------------------------------------------------------------------
 @triton.jit
@@ -298,27 +328,27 @@ def _prune(configs, named_args, **kwargs):
     bq, bk, d = kwargs["BQ"], kwargs["BK"], kwargs["BLOCK_D"]
     fits = [c for c in configs if c.kwargs["BLOCK_M"] <= bq and c.kwargs["BLOCK_N"] <= bk
             and (d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
-    return fits[:3] or [configs[-1]]
+    return fits[:4] or [configs[-1]]
 
 
 _TUNE_KEY = ["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP"]
 _dq_tuned = triton.autotune(
-    configs=_configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2),
-                      (16, 16, 4, 2)]),
+    configs=_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2),
+                      (64, 32, 4, 2), (16, 16, 4, 2)]),
     key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_kernel)
 _dkdv_tuned = triton.autotune(
-    configs=_configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2),
-                      (16, 16, 4, 2)]),
+    configs=_configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
+                      (32, 64, 4, 2), (16, 16, 4, 2)]),
     key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
 
 
 def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
              head_gain, active):
     """Gradients (dq, dk, dv) of block-sparse attention given the forward's out and lse."""
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v, out, d_out = (last_dim_contiguous(t) for t in (q, k, v, out, d_out))
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    delta = (d_out.float() * out.float()).sum(-1).contiguous()  # = rowsum(dO_attn * O_attn)
+    delta = row_dot(out, d_out)  # = rowsum(dO_attn * O_attn) even with a gain (see module doc)
     if head_gain is not None:
         from .reference import _gain_as_bhtd
         d_out = d_out * _gain_as_bhtd(head_gain).to(d_out.dtype)
