@@ -101,6 +101,23 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
     return out.transpose(1, 2), None
 
 
+# method name -> (selector, static): lets benchmarks and reports build a method's blocks outside a model.
+BLOCK_SELECTORS: dict[str, tuple[BlockSelector, bool]] = {}
+
+
+def sparse_forward(name: str, select: BlockSelector, *, static: bool, doc: str):
+    """The attention function of a block-sparse method whose block choice is ``select``."""
+    BLOCK_SELECTORS[name] = (select, static)
+
+    def forward(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
+        return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select,
+                                static=static, **kwargs)
+
+    forward.__name__ = f"{name}_attention"
+    forward.__doc__ = doc
+    return forward
+
+
 def _blocks(state, geometry: BlockGeometry, query, key, select: BlockSelector, static: bool):
     """Block lists for this call; static patterns are computed once per (shape, device) and cached."""
     cache_key = ("blocks", geometry, query.device)

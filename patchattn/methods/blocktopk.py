@@ -16,7 +16,7 @@ import torch
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
-from ._sparse import SparseConfig, run_block_sparse
+from ._sparse import SparseConfig, sparse_forward
 
 
 @dataclass(kw_only=True)
@@ -24,8 +24,14 @@ class BlockTopKConfig(SparseConfig):
     top_k: int = option(12, "content-selected key blocks per query block", min=0)
     sink_blocks: int = option(1, "initial blocks always read", min=0)
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
+    per_head: bool = option(False, "select per query head instead of once per GQA group (reads more KV)")
+    score: str = option("max", "block score: 'mean' (pooled query . pooled key, as Kinetics/MoBA) or 'max' (best "
+                        "query row of the block and GQA group . pooled key)", choices=("mean", "max"))
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30}
+
+
+MAX_SCORE_ELEMENTS = 1 << 26
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -39,6 +45,32 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
+def block_scores(query, key, g: BlockGeometry, mode: str, per_head: bool = False) -> torch.Tensor:
+    """``[B, H, NQ, NK]`` estimated relevance of each key block to each query block; H is the number of KV heads
+    (one selection shared by each GQA group) or, with ``per_head``, of query heads."""
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    k_means = block_means(key, g.block_k)  # [B, Hkv, NK, D]
+    if mode == "mean":
+        q_means = block_means(query, g.block_q).view(b, hkv, hq // hkv, g.n_q, d)
+        scores = q_means @ k_means[:, :, None].transpose(-1, -2)
+        return scores.flatten(1, 2) if per_head else scores.mean(dim=2)
+    # 'max': every query row against the pooled keys, then the best row of the block and of the GQA group,
+    # a chunk of query blocks at a time so the [rows, NK] scores stay small at long lengths.
+    groups = hq // hkv
+    padded = torch.nn.functional.pad(query.float(), (0, 0, 0, g.n_q * g.block_q - t))
+    padded = padded.view(b, hkv, groups, g.n_q, g.block_q, d)
+    row_valid = (torch.arange(g.n_q * g.block_q, device=query.device) < t).view(g.n_q, g.block_q, 1)
+    chunk = max(1, MAX_SCORE_ELEMENTS // max(1, b * hq * g.block_q * g.n_k))
+    out = []
+    for m0 in range(0, g.n_q, chunk):
+        rows = torch.einsum("bhgmrd,bhkd->bhgmrk", padded[:, :, :, m0 : m0 + chunk], k_means)
+        rows = rows.masked_fill(~row_valid[m0 : m0 + chunk], float("-inf"))
+        out.append(rows.amax(dim=4) if per_head else rows.amax(dim=(2, 4), keepdim=True)[:, :, :, :, 0])
+    scores = torch.cat(out, dim=3)  # [B, Hkv, G or 1, NQ, NK]
+    return scores.flatten(1, 2)
+
+
 def forced_blocks(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=None) -> torch.Tensor:
     """``[NQ, NK]`` sink and local blocks, read whatever their score."""
     distance = g.diagonal_block(device)[:, None] - g.key_blocks(device)
@@ -47,10 +79,7 @@ def forced_blocks(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=
 
 def select_top_k(g: BlockGeometry, query, key, state) -> torch.Tensor:
     config = state.config
-    groups = query.shape[1] // key.shape[1]
-    q_means = block_means(query, g.block_q)
-    q_means = q_means.view(q_means.shape[0], key.shape[1], groups, *q_means.shape[2:]).mean(dim=2)
-    scores = q_means @ block_means(key, g.block_k).transpose(-1, -2)  # [B, Hkv, NQ, NK]
+    scores = block_scores(query, key, g, config.score, config.per_head)  # [B, H, NQ, NK]
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     scores = scores.masked_fill(~allowed | forced, float("-inf"))
@@ -62,7 +91,7 @@ def select_top_k(g: BlockGeometry, query, key, state) -> torch.Tensor:
     return chosen | forced
 
 
-@register_method(
+blocktopk_attention = register_method(
     "blocktopk",
     config=BlockTopKConfig,
     category="sparse",
@@ -70,8 +99,6 @@ def select_top_k(g: BlockGeometry, query, key, state) -> torch.Tensor:
     patterns=("causal-self",),
     paper="Sadhukhan et al., Kinetics: Rethinking Test-Time Scaling Laws (block top-k attention), arXiv 2506.05333; "
     "routing as in MoBA (arXiv 2502.13189)",
+)(
+    sparse_forward("blocktopk", select_top_k, static=False, doc="Top-k key blocks per query block by mean-pooled scores, plus sink and local blocks.")
 )
-def blocktopk_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
-    """Top-k key blocks per query block by mean-pooled scores, plus sink and local blocks."""
-    return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select_top_k,
-                            static=False, **kwargs)

@@ -24,7 +24,7 @@ import torch
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
-from ._sparse import SparseConfig, run_block_sparse
+from ._sparse import SparseConfig, sparse_forward
 from .blocktopk import block_means, forced_blocks
 
 
@@ -125,7 +125,7 @@ def _reuse_decode_selection(g: BlockGeometry, state) -> torch.Tensor | None:
     return torch.nn.functional.pad(selection, (0, grown)) if grown > 0 else selection[..., : g.n_k]
 
 
-@register_method(
+hip_attention = register_method(
     "hip",
     config=HipConfig,
     category="sparse",
@@ -133,8 +133,6 @@ def _reuse_decode_selection(g: BlockGeometry, state) -> torch.Tensor | None:
     patterns=("causal-self",),
     paper="Lee et al., A Training-free Sub-quadratic Cost Transformer Model Serving Framework with Hierarchically "
     "Pruned Attention (HiP, ICLR 2025), arXiv 2406.09827",
+)(
+    sparse_forward("hip", select_hip, static=False, doc="Hierarchical top-k block search per query block, plus sink and local blocks.")
 )
-def hip_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
-    """Hierarchical top-k block search per query block, plus sink and local blocks."""
-    return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select_hip,
-                            static=False, **kwargs)

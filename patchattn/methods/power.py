@@ -13,7 +13,7 @@ from typing import ClassVar
 from ..config import option
 from ..masks import power_of_two
 from ..registry import register_method
-from ._sparse import SparseConfig, run_block_sparse
+from ._sparse import SparseConfig, sparse_forward
 
 
 @dataclass(kw_only=True)
@@ -29,7 +29,7 @@ def _select(geometry, query, key, state):
     return power_of_two(geometry, config.sink_blocks, config.local_blocks, device=query.device)
 
 
-@register_method(
+power_attention = register_method(
     "power",
     config=PowerConfig,
     category="sparse",
@@ -37,8 +37,6 @@ def _select(geometry, query, key, state):
     patterns=("causal-self",),
     paper="Chen et al., PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention, "
     "arXiv 2503.03588",
+)(
+    sparse_forward("power", _select, static=True, doc="Sink, local and power-of-two-distance blocks.")
 )
-def power_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
-    """Sink, local and power-of-two-distance blocks."""
-    return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=_select,
-                            static=True, **kwargs)

@@ -14,7 +14,7 @@ from typing import ClassVar
 from ..config import option
 from ..masks import strided_shards
 from ..registry import register_method
-from ._sparse import SparseConfig, run_block_sparse
+from ._sparse import SparseConfig, sparse_forward
 
 
 @dataclass(kw_only=True)
@@ -30,7 +30,7 @@ def _select(geometry, query, key, state):
     return strided_shards(geometry, query.shape[1], config.local_blocks, config.vert_stride, device=query.device)
 
 
-@register_method(
+s2_attention = register_method(
     "s2",
     config=S2Config,
     category="sparse",
@@ -38,8 +38,6 @@ def _select(geometry, query, key, state):
     patterns=("causal-self",),
     paper="Lin et al., Efficient LLM Training and Serving with Heterogeneous Context Sharding among Attention "
     "Heads (S2-Attention), arXiv 2407.17678",
+)(
+    sparse_forward("s2", _select, static=True, doc="Local blocks plus per-head strided shards whose union covers the context.")
 )
-def s2_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
-    """Local blocks plus per-head strided shards whose union covers the context."""
-    return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=_select,
-                            static=True, **kwargs)

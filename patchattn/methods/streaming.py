@@ -13,7 +13,7 @@ from typing import ClassVar
 from ..config import option
 from ..masks import sink_and_window
 from ..registry import register_method
-from ._sparse import SparseConfig, run_block_sparse
+from ._sparse import SparseConfig, sparse_forward
 
 
 @dataclass(kw_only=True)
@@ -29,15 +29,13 @@ def _select(geometry, query, key, state):
     return sink_and_window(geometry, config.sink_tokens, config.window, device=query.device)
 
 
-@register_method(
+streaming_attention = register_method(
     "streaming",
     config=StreamingConfig,
     category="sparse",
     families=("llm", "lvlm"),
     patterns=("causal-self",),
     paper="Xiao et al., Efficient Streaming Language Models with Attention Sinks (ICLR 2024), arXiv 2309.17453",
+)(
+    sparse_forward("streaming", _select, static=True, doc="Attention sinks plus a sliding window of recent tokens.")
 )
-def streaming_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
-    """Attention sinks plus a sliding window of recent tokens."""
-    return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=_select,
-                            static=True, **kwargs)
