@@ -153,10 +153,16 @@ class Runner:
         self.bs = _blocksparse()
         self.rows = []
         self.sink = self.sink_file = None
-        self.flex = None
+        self.flex = self.flex_grad = None
         if not args.no_flex:
+            import torch._dynamo
             from torch.nn.attention.flex_attention import flex_attention
+            # one compiled graph per shape and grad mode: keep dynamo from giving up (and falling
+            # back to the unfused flex, which materialises the scores)
+            torch._dynamo.config.recompile_limit = 64
+            torch._dynamo.config.cache_size_limit = 64
             self.flex = torch.compile(flex_attention, dynamic=False)
+            self.flex_grad = torch.compile(flex_attention, dynamic=False)
 
     def add(self, **row):
         row = {k: row.get(k, "") for k in FIELDS}
@@ -234,8 +240,10 @@ class Runner:
         if flex_ok:
             mask = flex_block_mask(idx, cnt, T, blk, a.heads)
 
+            flex_fn = self.flex_grad if grad else self.flex
+
             def flex():
-                return self.flex(q, k, v, block_mask=mask, enable_gqa=True)
+                return flex_fn(q, k, v, block_mask=mask, enable_gqa=True)
 
             t_flex = time_ms(timed(flex))
             out_flex = flex().detach() if not grad else None
@@ -260,8 +268,7 @@ class Runner:
                 bs.DENSE_FALLBACK = True
         if grad and flex_ok and T <= 16384:  # gradient check against flex at full size
             g_ours = torch.autograd.grad(ours(), (q, k, v), d_out)
-            g_flex = torch.autograd.grad(self.flex(q, k, v, block_mask=mask, enable_gqa=True),
-                                         (q, k, v), d_out)
+            g_flex = torch.autograd.grad(flex(), (q, k, v), d_out)
             errs = [rel_err(x, y) for x, y in zip(g_ours, g_flex)]
             self.rows[-1 if dens < 1.0 else -2]["max_err"] = max(errs)
 
@@ -359,6 +366,19 @@ def parse_args(argv):
     return args
 
 
+def tuned_configs(bs):
+    """The launch configs the autotuner chose in this run (kernel, key constexprs -> config)."""
+    import importlib
+
+    fwd = importlib.import_module(bs.__name__ + ".triton_fwd")
+    keep = ("HEAD_DIM", "BQ", "BK", "CAUSAL", "GROUP", "ROWS")
+    out = []
+    for (name, _dev, dtype, consts), cfg in fwd.TUNED.items():
+        key = {k: v for k, v in consts if k in keep}
+        out.append(dict(kernel=name, dtype=str(dtype), **key, config=str(cfg)))
+    return out
+
+
 def metadata(argv):
     import triton
 
@@ -398,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         if runner.sink_file is not None:
             runner.sink_file.close()
     print_table(runner.rows)
+    meta["tuned"] = tuned_configs(runner.bs)
+    for entry in meta["tuned"]:
+        print("tuned:", json.dumps(entry))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=runner.rows), f, indent=1)

@@ -128,6 +128,7 @@ def test_sub_tiles(triton_device, monkeypatch):
     """Kernel tiles smaller than the logical blocks (as the autotuner may pick on a GPU)."""
     triton_fwd = importlib.import_module(bs.__name__ + ".triton_fwd")
     monkeypatch.setattr(triton_fwd, "FORCE_TILES", (16, 16))
+    monkeypatch.setattr(triton_fwd, "INTERPRETER_TILES_FASTEST", True)  # the other launch order
     case = Case(B=1, Hq=2, Hkv=1, Tq=70, Tk=100, block_q=32, block_k=64, list_heads="kv")
     check(run_both(case, torch.float32, triton_device, grad=True,
                    **_hooks("padding", case, triton_device)), torch.float32)
@@ -168,6 +169,7 @@ def test_full_block_set_uses_dense_path(triton_device, causal, monkeypatch):
     blocks = bs.causal_blocks if causal else bs.dense_blocks
     idx, cnt = blocks(64, 64, 16, 16, triton_device)
     kw = dict(block_q=16, block_k=16, causal=causal)
+    monkeypatch.setattr(bs, "DENSE_CHECK_MIN_WORK", 0)
     assert bs._use_dense_fallback(q, k, idx, cnt, bs.Options(16, 16, causal, 0.25, None),
                                   None, None, None, None, False)
     dense = bs.block_sparse_attention(q, k, v, idx, cnt, backend="triton", **kw)

@@ -33,6 +33,9 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DECODE_MAX_QUERIES = 16
 # Fall back to SDPA when the block list is the full (causal or dense) set and no hook needs us.
 DENSE_FALLBACK = True
+# Checking for the full set costs a host sync (~0.1-0.3 ms); below this much work (B*Hq*Tq*Tk*D,
+# about T = 8k at 32 heads x 128) the kernel's gap to SDPA is smaller than that, so don't check.
+DENSE_CHECK_MIN_WORK = 1 << 39
 
 
 class Options(NamedTuple):
@@ -299,6 +302,8 @@ def _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col
         return False
     if kv_indices.shape[-1] < math.ceil(Tk / opts.block_k):  # the last query block reads every
         return False                                         # key block: decided without a sync
+    if q.shape[0] * q.shape[1] * Tq * Tk * q.shape[3] < DENSE_CHECK_MIN_WORK:
+        return False
     if opts.causal:
         allowed = causal_block_counts(Tq, Tk, opts.block_q, opts.block_k, q.device)
     else:
