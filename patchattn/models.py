@@ -79,6 +79,9 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, attn_implementati
         directory, gguf_file = locate_embedded(name_or_path)
         kwargs = {"gguf_file": gguf_file, **kwargs}
         name_or_path = directory
+    elif name_or_path.endswith(".gguf"):
+        kwargs = {"gguf_file": os.path.basename(name_or_path), **kwargs}
+        name_or_path = os.path.dirname(os.path.abspath(name_or_path))
     model_kwargs = dict(kwargs, dtype=dtype)
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation

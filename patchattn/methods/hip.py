@@ -8,8 +8,8 @@ query block, keep the ``top_k`` best halves, and repeat until the segments are s
 Deviations from the paper (Lee et al., ICLR 2025), documented: the search runs at key-*block* granularity
 (``block_size`` 64, the unit our block-sparse kernel reads) rather than 2-token key blocks; a segment's
 representative is its mean key (the mean of its blocks' mean-pooled keys, O(1) from prefix sums; a single
-middle key misses peaks that straddle a split), scored against the query block's mean query shared
-by the GQA group (so the group reads each KV block once); sink and local blocks are always read (as in
+middle key misses peaks that straddle a split), scored against the query block's mean query (per
+head by default; ``per_head=False`` shares one search per GQA group so it reads each KV block once); sink and local blocks are always read (as in
 InfiniteHiP); the first ``dense_layers`` stay dense (paper: first layers dense); during decoding the selection is
 refreshed every ``refresh_interval`` steps (paper: 8) and new blocks enter through the local window meanwhile.
 """
@@ -33,6 +33,7 @@ class HipConfig(SparseConfig):
     top_k: int = option(8, "key blocks kept per query block by the tree search (paper: k=512 tokens)", min=1)
     sink_blocks: int = option(1, "initial blocks always read", min=0)
     local_blocks: int = option(2, "nearest blocks always read (sliding window)", min=1)
+    per_head: bool = option(True, "search per query head (as the paper) instead of once per GQA group")
     refresh_interval: int = option(8, "decode steps between re-running the search (paper: 8)", min=1)
     dense_layers: list = option([0, 1], "layer indices kept dense (paper: the first layers)", min=0)
 
@@ -102,8 +103,11 @@ def select_hip(g: BlockGeometry, query, key, state) -> torch.Tensor:
         return reused | forced
     groups = query.shape[1] // key.shape[1]
     q_means = block_means(query, g.block_q)
-    q_means = q_means.view(q_means.shape[0], key.shape[1], groups, *q_means.shape[2:]).mean(dim=2)
     k_means = block_means(key, g.block_k)
+    if config.per_head:
+        k_means = k_means.repeat_interleave(groups, dim=1)
+    else:
+        q_means = q_means.view(q_means.shape[0], key.shape[1], groups, *q_means.shape[2:]).mean(dim=2)
     k = min(config.top_k, g.n_k)
     chosen = tree_search(q_means, k_means, g.diagonal_block(query.device), k) & allowed
     if g.q_len == 1:

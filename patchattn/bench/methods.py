@@ -1,0 +1,145 @@
+"""Speed of every sparse method at Llama-3-8B attention shapes (32 q / 8 kv heads, head_dim 128, bf16), side by
+side in one run with SDPA (dense causal) and FlexAttention given the *same* block mask.
+
+For each method (default config) and length: the time to choose the blocks (the method's own selection), the
+block-sparse kernel time, their sum, FlexAttention's time on the same lists, and the density; plus decode with
+one query per sequence against a long KV cache at batch 1 and 8.
+
+    python -m patchattn.bench.methods --csv bench/methods/h200.csv          # CUDA GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+import torch
+
+from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density
+from ..masks import BlockGeometry
+from ..methods._sparse import BLOCK_SELECTORS
+from ..registry import get_spec
+from ..report import environment, format_table
+from ..state import PatchContext, PatchState
+from .kernel import flex_block_mask, time_ms
+
+FIELDS = ["mode", "T", "B", "method", "density", "select_ms", "kernel_ms", "total_ms", "flex_ms", "sdpa_ms",
+          "speedup_vs_sdpa", "kernel_speedup_vs_sdpa", "vs_flex", "note"]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m patchattn.bench.methods", description=__doc__)
+    p.add_argument("--methods", default="streaming,power,s2,blocktopk,hip")
+    p.add_argument("--prefill", default="32768,131072", help="prefill lengths")
+    p.add_argument("--decode", default="131072", help="KV-cache lengths for decode")
+    p.add_argument("--decode-batch", default="1,8")
+    p.add_argument("--overrides", default="{}", help='JSON {"method": {field: value}} applied to the defaults')
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--csv")
+    return p.parse_args(argv)
+
+
+def _state(name: str, overrides: dict) -> PatchState:
+    config = get_spec(name).config_cls(**overrides.get(name, {}))
+    return PatchState(config, layer_index=99, role="text", context=PatchContext())
+
+
+def _select(name, state, q, k):
+    select, _static = BLOCK_SELECTORS[name]
+    g = BlockGeometry(q.shape[2], k.shape[2], state.config.block_size, state.config.block_size)
+    mask = select(g, q, k, state)
+    while mask.ndim < 4:
+        mask = mask[None]
+    return blocks_from_mask(mask)
+
+
+def prefill_rows(T, methods, overrides, with_flex):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    q = torch.randn(1, 32, T, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, T, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    rows = []
+    for name in methods:
+        state = _state(name, overrides)
+        idx, cnt = _select(name, state, q, k)
+        block = state.config.block_size
+        select_ms = time_ms(lambda: _select(name, state, q, k))
+        kernel_ms = time_ms(lambda: block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block,
+                                                           backend="triton"))
+        row = {"mode": "prefill", "T": T, "B": 1, "method": name, "density": density(cnt, T, T, block, block),
+               "select_ms": select_ms, "kernel_ms": kernel_ms, "total_ms": select_ms + kernel_ms, "sdpa_ms": sdpa}
+        if with_flex:
+            try:
+                mask = flex_block_mask(idx, cnt, T, block, 32)
+                row["flex_ms"] = time_ms(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True))
+            except Exception as err:  # noqa: BLE001 - report, keep going
+                row["note"] = f"flex: {type(err).__name__}"
+        rows.append(_ratios(row))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def decode_rows(T, batch, methods, overrides):
+    q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, 8, T, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    rows = []
+    for name in methods:
+        state = _state(name, overrides)
+        block = state.config.block_size
+        idx, cnt = _select(name, state, q, k)
+        # Static patterns are cached across decode steps; dynamic ones re-select every step (hip: every
+        # refresh_interval steps), so the per-step selection cost is counted for them.
+        static = BLOCK_SELECTORS[name][1]
+        select_ms = 0.0 if static else time_ms(lambda: _select(name, state, q, k))
+        if name == "hip":
+            select_ms /= state.config.refresh_interval
+        kernel_ms = time_ms(lambda: block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block,
+                                                           backend="triton"))
+        row = {"mode": "decode", "T": T, "B": batch, "method": name,
+               "density": density(cnt, 1, T, block, block), "select_ms": select_ms, "kernel_ms": kernel_ms,
+               "total_ms": select_ms + kernel_ms, "sdpa_ms": sdpa}
+        rows.append(_ratios(row))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _ratios(row):
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["total_ms"]
+    row["kernel_speedup_vs_sdpa"] = row["sdpa_ms"] / row["kernel_ms"]
+    if row.get("flex_ms"):
+        row["vs_flex"] = row["flex_ms"] / row["kernel_ms"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("patchattn bench methods needs a CUDA GPU", file=sys.stderr)
+        return 2
+    methods = args.methods.split(",")
+    overrides = json.loads(args.overrides)
+    rows = []
+    for T in map(int, args.prefill.split(",")):
+        rows += prefill_rows(T, methods, overrides, not args.no_flex)
+        torch.cuda.empty_cache()
+    for T in map(int, args.decode.split(",")):
+        for batch in map(int, args.decode_batch.split(",")):
+            rows += decode_rows(T, batch, methods, overrides)
+    print(format_table(rows, ["mode", "T", "B", "method", "density", "select_ms", "kernel_ms", "flex_ms",
+                              "sdpa_ms", "speedup_vs_sdpa", "vs_flex"]))
+    if args.csv:
+        with open(args.csv, "w", newline="", encoding="utf-8") as handle:
+            handle.write(f"# {json.dumps(environment())} command: {' '.join(sys.argv)}\n")
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k) for k in FIELDS} for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
