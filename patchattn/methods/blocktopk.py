@@ -24,6 +24,8 @@ class BlockTopKConfig(SparseConfig):
     top_k: int = option(12, "content-selected key blocks per query block", min=0)
     sink_blocks: int = option(1, "initial blocks always read", min=0)
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
+    mass: float = option(1.0, "adaptive budget: keep the best blocks until their estimated share of the softmax "
+                         "mass reaches this (1.0 = always top_k; top_k stays the cap)", min=0.0, max=1.0)
     per_head: bool = option(False, "select per query head instead of once per GQA group (reads more KV)")
     score: str = option("max", "block score: 'mean' (pooled query . pooled key, as Kinetics/MoBA) or 'max' (best "
                         "query row of the block and GQA group . pooled key)", choices=("mean", "max"))
@@ -79,16 +81,34 @@ def forced_blocks(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=
 
 def select_top_k(g: BlockGeometry, query, key, state) -> torch.Tensor:
     config = state.config
-    scores = block_scores(query, key, g, config.score, config.per_head)  # [B, H, NQ, NK]
+    raw = block_scores(query, key, g, config.score, config.per_head)  # [B, H, NQ, NK]
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
-    scores = scores.masked_fill(~allowed | forced, float("-inf"))
+    scores = raw.masked_fill(~allowed | forced, float("-inf"))
     k = min(config.top_k, g.n_k)
     chosen = torch.zeros_like(scores, dtype=torch.bool)
     if k > 0:
         top = scores.topk(k, dim=-1)
-        chosen.scatter_(-1, top.indices, torch.isfinite(top.values))
+        keep = torch.isfinite(top.values)
+        if config.mass < 1.0:
+            keep &= _within_mass(raw, allowed, forced, top.values, config.mass, query.shape[-1])
+        chosen.scatter_(-1, top.indices, keep)
     return chosen | forced
+
+
+def _within_mass(raw, allowed, forced, top_values, mass: float, head_dim: int) -> torch.Tensor:
+    """For the sorted top blocks, whether they are still needed to reach ``mass`` of the estimated softmax mass.
+
+    A block's estimated mass is ``softmax(score / sqrt(d))`` over the causally allowed blocks.  The forced
+    (sink, local) blocks count first, so rows the local window already explains read few extra blocks and
+    diffuse rows read up to ``top_k``.
+    """
+    logits = raw.float() / head_dim**0.5
+    total = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=-1, keepdim=True)
+    forced_mass = torch.exp(logits - total).masked_fill(~forced, 0.0).sum(dim=-1, keepdim=True)
+    top_mass = torch.exp(top_values.float() / head_dim**0.5 - total)
+    before = forced_mass + top_mass.cumsum(dim=-1) - top_mass
+    return before < mass
 
 
 blocktopk_attention = register_method(

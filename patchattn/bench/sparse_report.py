@@ -1,0 +1,99 @@
+"""Turn the quality sweep (JSON) and the speed run (CSV) into the results table the README shows and a plot of
+quality versus speed-up per method.
+
+    python -m patchattn.bench.sparse_report --quality bench/quality/smollm2.json \
+        --speed bench/methods/h200.csv --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+
+
+def _read_speed(path: str | None) -> dict:
+    """{(mode, T, B, method): row} from the methods benchmark CSV (its first line is a '#' metadata comment)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        lines = [line for line in handle if not line.startswith("#")]
+    return {(r["mode"], int(r["T"]), int(r["B"]), r["method"]): r for r in csv.DictReader(lines)}
+
+
+def _f(value, fmt="{:.2f}"):
+    return "-" if value in (None, "") else fmt.format(float(value))
+
+
+def markdown_table(quality: dict, speed: dict) -> str:
+    rows = quality["results"]
+    lengths = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("ratio@")})
+    passkeys = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("passkey@")})
+    header = ["method"] + [f"ppl ratio {n // 1024}k" for n in lengths] + [f"density {n // 1024}k" for n in lengths]
+    header += [f"passkey {n // 1024}k" for n in passkeys]
+    header += ["prefill 128k speed-up (kernel / with selection)", "decode 128k B=1", "decode 128k B=8", "vs Flex 128k"]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        name = r["method"]
+        pre = speed.get(("prefill", 131072, 1, name), {})
+        dec1 = speed.get(("decode", 131072, 1, name), {})
+        dec8 = speed.get(("decode", 131072, 8, name), {})
+        cells = [f"`{name}`"] + [_f(r.get(f"ratio@{n}"), "{:.3f}") for n in lengths]
+        cells += [_f(r.get(f"density@{n}")) for n in lengths]
+        cells += [_f(r.get(f"passkey@{n}")) for n in passkeys]
+        cells += [f"{_f(pre.get('kernel_speedup_vs_sdpa'), '{:.1f}x')} / {_f(pre.get('speedup_vs_sdpa'), '{:.1f}x')}"
+                  if pre else "-",
+                  _f(dec1.get("speedup_vs_sdpa"), "{:.1f}x"), _f(dec8.get("speedup_vs_sdpa"), "{:.1f}x"),
+                  _f(pre.get("vs_flex"), "{:.2f}x")]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(quality: dict, speed: dict, path: str, length: int = 8192) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in quality["results"]:
+        name = r["method"]
+        pre = speed.get(("prefill", 131072, 1, name))
+        x = float(pre["speedup_vs_sdpa"]) if pre else 1.0 if name == "dense" else None
+        y = r.get(f"ratio@{length}")
+        if x is None or y is None:
+            continue
+        ax.scatter(x, y, s=60)
+        ax.annotate(f"{name} (d={r.get(f'density@{length}', 1):.2f})", (x, y), textcoords="offset points",
+                    xytext=(6, 4), fontsize=9)
+    ax.axhline(1.05, color="grey", linestyle="--", linewidth=0.8)
+    ax.text(ax.get_xlim()[0], 1.05, " +5% perplexity", va="bottom", fontsize=8, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("attention prefill speed-up vs SDPA at 128k (H200, incl. block selection)")
+    ax.set_ylabel(f"perplexity ratio to dense at {length // 1024}k ({quality['model']})")
+    ax.set_title("Training-free sparse attention: quality vs speed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m patchattn.bench.sparse_report", description=__doc__)
+    p.add_argument("--quality", required=True)
+    p.add_argument("--speed")
+    p.add_argument("--out", required=True, help="folder for RESULTS.md and quality_vs_speed.png")
+    args = p.parse_args(argv)
+    with open(args.quality, encoding="utf-8") as handle:
+        quality = json.load(handle)
+    speed = _read_speed(args.speed)
+    os.makedirs(args.out, exist_ok=True)
+    table = markdown_table(quality, speed)
+    with open(os.path.join(args.out, "RESULTS.md"), "w", encoding="utf-8") as handle:
+        handle.write(f"# Sparse methods: quality ({quality['model']}) and speed\n\n{table}\n")
+    plot(quality, speed, os.path.join(args.out, "quality_vs_speed.png"))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
