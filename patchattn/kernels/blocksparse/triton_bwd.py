@@ -45,12 +45,12 @@ def transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
     n_rows = Bp * Hp * n_k
     head_row = (torch.arange(Bp, device=dev)[:, None] * Hp + torch.arange(Hp, device=dev)) * n_k
     row = torch.where(keep, head_row[:, :, None, None] + blk, n_rows).flatten()
-    order = torch.sort(row, stable=True).indices
+    sorted_rows, order = torch.sort(row, stable=True)
     q_blocks = torch.arange(n_q, device=dev, dtype=torch.int32)[None, None, :, None]
     q_ids = q_blocks.expand(Bp, Hp, n_q, width).flatten()[order].contiguous()
-    counts = torch.bincount(row, minlength=n_rows + 1)[:n_rows]
-    offsets = torch.zeros(n_rows + 1, dtype=torch.int32, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
+    # Segment starts by binary search (bincount would need a host sync to size its output).
+    bounds = torch.arange(n_rows + 1, device=dev, dtype=sorted_rows.dtype)
+    offsets = torch.searchsorted(sorted_rows, bounds).to(torch.int32)
     return q_ids, offsets
 
 
