@@ -31,18 +31,28 @@ FIELDS = ["mode", "T", "B", "method", "density", "select_ms", "kernel_ms", "tota
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m patchattn.bench.methods", description=__doc__)
-    p.add_argument("--methods", default="streaming,power,s2,blocktopk,hip")
+    p.add_argument("--methods", default="streaming,power,s2,blocktopk,hip",
+                   help="';'-separated 'name' or 'name:{json overrides}' (a label 'name@tag:{...}' keeps variants apart)")
     p.add_argument("--prefill", default="32768,131072", help="prefill lengths")
     p.add_argument("--decode", default="131072", help="KV-cache lengths for decode")
     p.add_argument("--decode-batch", default="1,8")
-    p.add_argument("--overrides", default="{}", help='JSON {"method": {field: value}} applied to the defaults')
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--csv")
     return p.parse_args(argv)
 
 
+def parse_methods(text: str) -> list[tuple[str, str, dict]]:
+    """'a,b' or 'a;b@x:{"top_k": 4}' -> [(label, method, overrides), ...]; the label 'b@x' keeps variants apart."""
+    items = text.split(";") if (";" in text or "{" in text) else text.split(",")
+    out = []
+    for item in filter(None, (part.strip() for part in items)):
+        label, _, overrides = item.partition(":")
+        out.append((label, label.split("@")[0], json.loads(overrides) if overrides else {}))
+    return out
+
+
 def _state(name: str, overrides: dict) -> PatchState:
-    config = get_spec(name).config_cls(**overrides.get(name, {}))
+    config = get_spec(name).config_cls(**overrides)
     return PatchState(config, layer_index=99, role="text", context=PatchContext())
 
 
@@ -55,7 +65,7 @@ def _select(name, state, q, k):
     return blocks_from_mask(mask)
 
 
-def prefill_rows(T, methods, overrides, with_flex):
+def prefill_rows(T, methods, with_flex):
     from torch.nn.attention.flex_attention import flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
@@ -63,14 +73,14 @@ def prefill_rows(T, methods, overrides, with_flex):
     k, v = (torch.randn(1, 8, T, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     rows = []
-    for name in methods:
+    for label, name, overrides in methods:
         state = _state(name, overrides)
         idx, cnt = _select(name, state, q, k)
         block = state.config.block_size
         select_ms = time_ms(lambda: _select(name, state, q, k))
         kernel_ms = time_ms(lambda: block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block,
                                                            backend="triton"))
-        row = {"mode": "prefill", "T": T, "B": 1, "method": name, "density": density(cnt, T, T, block, block),
+        row = {"mode": "prefill", "T": T, "B": 1, "method": label, "density": density(cnt, T, T, block, block),
                "select_ms": select_ms, "kernel_ms": kernel_ms, "total_ms": select_ms + kernel_ms, "sdpa_ms": sdpa}
         if with_flex:
             try:
@@ -83,12 +93,12 @@ def prefill_rows(T, methods, overrides, with_flex):
     return rows
 
 
-def decode_rows(T, batch, methods, overrides):
+def decode_rows(T, batch, methods):
     q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(batch, 8, T, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
     rows = []
-    for name in methods:
+    for label, name, overrides in methods:
         state = _state(name, overrides)
         block = state.config.block_size
         idx, cnt = _select(name, state, q, k)
@@ -100,12 +110,16 @@ def decode_rows(T, batch, methods, overrides):
             select_ms /= state.config.refresh_interval
         kernel_ms = time_ms(lambda: block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block,
                                                            backend="triton"))
-        row = {"mode": "decode", "T": T, "B": batch, "method": name,
+        row = {"mode": "decode", "T": T, "B": batch, "method": label,
                "density": density(cnt, 1, T, block, block), "select_ms": select_ms, "kernel_ms": kernel_ms,
                "total_ms": select_ms + kernel_ms, "sdpa_ms": sdpa}
         rows.append(_ratios(row))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def _ratios(row):
@@ -121,15 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("patchattn bench methods needs a CUDA GPU", file=sys.stderr)
         return 2
-    methods = args.methods.split(",")
-    overrides = json.loads(args.overrides)
+    methods = parse_methods(args.methods)
     rows = []
-    for T in map(int, args.prefill.split(",")):
-        rows += prefill_rows(T, methods, overrides, not args.no_flex)
+    for T in _ints(args.prefill):
+        rows += prefill_rows(T, methods, not args.no_flex)
         torch.cuda.empty_cache()
-    for T in map(int, args.decode.split(",")):
-        for batch in map(int, args.decode_batch.split(",")):
-            rows += decode_rows(T, batch, methods, overrides)
+    for T in _ints(args.decode):
+        for batch in _ints(args.decode_batch):
+            rows += decode_rows(T, batch, methods)
     print(format_table(rows, ["mode", "T", "B", "method", "density", "select_ms", "kernel_ms", "flex_ms",
                               "sdpa_ms", "speedup_vs_sdpa", "vs_flex"]))
     if args.csv:

@@ -60,7 +60,10 @@ def block_scores(query, key, g: BlockGeometry, mode: str, per_head: bool = False
     # 'max': every query row against the pooled keys, then the best row of the block and of the GQA group,
     # a chunk of query blocks at a time so the [rows, NK] scores stay small at long lengths.
     groups = hq // hkv
-    padded = torch.nn.functional.pad(query.float(), (0, 0, 0, g.n_q * g.block_q - t))
+    # Tensor cores on the GPU (bf16/fp16 products, fp32 accumulation); exact fp32 on the CPU.
+    dtype = query.dtype if query.is_cuda else torch.float32
+    k_means = k_means.to(dtype)
+    padded = torch.nn.functional.pad(query.to(dtype), (0, 0, 0, g.n_q * g.block_q - t))
     padded = padded.view(b, hkv, groups, g.n_q, g.block_q, d)
     row_valid = (torch.arange(g.n_q * g.block_q, device=query.device) < t).view(g.n_q, g.block_q, 1)
     chunk = max(1, MAX_SCORE_ELEMENTS // max(1, b * hq * g.block_q * g.n_k))
