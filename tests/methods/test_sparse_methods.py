@@ -42,7 +42,8 @@ def test_default_sparse_setting_changes_output_and_reports_density(method):
     ids = torch.randint(3, 100, (1, 256))
     reference = _logits(model, input_ids=ids)
     overrides = {"streaming": {"window": 32}, "s2": {"local_blocks": 2}, "blocktopk": {"top_k": 2},
-                 "hip": {"top_k": 2, "dense_layers": []}}.get(method, {})
+                 "hip": {"top_k": 2, "dense_layers": []}, "duo": {"window": 32},
+                 "hyper": {"min_seq_len": 0, "lsh_blocks": 2, "sample_size": 16}}.get(method, {})
     with patchattn.patched(model, method, **SMALL_BLOCKS, **overrides):
         out = _logits(model, input_ids=ids)
         used = mean_stat(model, "density")

@@ -1,0 +1,125 @@
+"""``duo`` — retrieval heads read everything, the other heads stream (sink + recent window).
+
+Retrieval heads (Wu et al., "Retrieval Head Mechanistically Explains Long-Context Factuality", arXiv 2404.15574) are
+the few heads that copy-paste from the context; DuoAttention (Xiao et al., arXiv 2410.10819) keeps full attention on
+them and gives every other head StreamingLLM's sink + recent window.  Here the heads are chosen from per-query-head
+retrieval scores saved by ``python -m patchattn.calibrate.retrieval_heads`` (JSON ``{"model", "num_layers",
+"num_heads", "scores": [[...]], "meta"}``): the top ``retrieval_fraction`` of all heads of the model, ranked
+globally as DuoAttention thresholds its gates, read every causal block; the rest read the sink and the window.
+
+``scores="auto"`` (default) uses the shipped scores calibrated on this exact architecture (SmolLM2-135M:
+``smollm2_retrieval``).  For any other model it warns and falls back to *layer order* (every score equal, ties
+go to earlier layers: the first ``retrieval_fraction`` of the heads stay full, as HiP/DuoAttention keep early
+layers dense) — an uncalibrated default that only exists so the method runs everywhere; calibrate for real use.
+
+Deviations: heads are chosen from retrieval scores (the Retrieval Head paper) rather than DuoAttention's optimised
+gates, and per query head (DuoAttention gates KV heads); block-granular sink/window as in ``streaming``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..calibrate import check_against, load_artifact, shipped_for
+from ..config import option
+from ..masks import causal_allowed, sink_and_window
+from ..registry import register_method
+from ..state import PatchState
+from ._sparse import SparseConfig, sparse_forward
+from .moa import prefill_aligned
+
+AUTO = "auto"
+HOW_TO = ("make scores with `python -m patchattn.calibrate.retrieval_heads --model <name or path> --out scores.json` "
+          "and pass scores='scores.json'")
+
+
+@dataclass(kw_only=True)
+class DuoConfig(SparseConfig):
+    scores: str = option(AUTO, "retrieval-head scores: 'auto' (shipped scores of this model, else layer order with "
+                         "a warning), a shipped name ('smollm2_retrieval') or a path to a scores JSON")
+    retrieval_fraction: float = option(0.25, "fraction of all heads kept full (DuoAttention: 0.25 MHA, 0.5 GQA)",
+                                       min=0.0, max=1.0)
+    sink_tokens: int = option(64, "streaming heads: initial tokens attended (DuoAttention eval: 64)", min=0)
+    window: int = option(256, "streaming heads: recent tokens attended (DuoAttention eval: 256)", min=1)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"retrieval_fraction": 1.0}
+
+    def validate(self) -> None:
+        if self.scores != AUTO:
+            load_scores(self.scores)
+
+
+def load_scores(name_or_path: str) -> dict:
+    """A retrieval-score JSON, checked: ``scores`` is ``[num_layers][num_heads]`` numbers."""
+    data = load_artifact(name_or_path, "scores", "retrieval scores")
+    if not all(isinstance(s, (int, float)) for row in data["scores"] for s in row):
+        raise ValueError(f"retrieval scores {name_or_path!r}: every score must be a number")
+    return data
+
+
+def model_scores(config: DuoConfig, model_config) -> torch.Tensor:
+    """``[num_layers, num_heads]`` scores for this model (see the module docstring for ``auto``)."""
+    name = config.scores
+    if name == AUTO:
+        name = shipped_for(model_config, "scores")
+    if name is None:
+        warnings.warn(f"patchattn duo: no retrieval-head scores for this model; using layer order (uncalibrated). "
+                      f"To calibrate, {HOW_TO}", stacklevel=2)
+        return torch.zeros(model_config.num_hidden_layers, model_config.num_attention_heads)
+    data = load_scores(name)
+    check_against(data, model_config, "retrieval scores")
+    return torch.tensor(data["scores"], dtype=torch.float64)
+
+
+def retrieval_heads(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """bool ``[L, H]``: the top ``fraction`` of all heads by score (stable: ties go to earlier layers and heads)."""
+    count = round(fraction * scores.numel())
+    order = torch.sort(scores.flatten(), descending=True, stable=True).indices
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+    chosen[order[:count]] = True
+    return chosen.view_as(scores)
+
+
+def make_duo_state(module, config, layer_index, role, context) -> PatchState:
+    """Choose the layer's retrieval heads once, when patching (the choice is global over all layers)."""
+    model_config = getattr(module, "config", None)
+    if model_config is None:
+        raise ValueError(f"duo needs the attention module's model config to place its heads; {type(module).__name__} "
+                         "has none")
+    state = PatchState(config, layer_index, role, context)
+    if config.retrieval_fraction >= 1.0:  # every head full: no scores needed
+        state.duo_retrieval = torch.ones(model_config.num_attention_heads, dtype=torch.bool)
+    else:
+        state.duo_retrieval = retrieval_heads(model_scores(config, model_config), config.retrieval_fraction)[layer_index]
+    return state
+
+
+def select_duo(g, query, key, state):
+    config = state.config
+    g = prefill_aligned(g)  # a decoded token reads what its query block reads in a full forward
+    full = causal_allowed(g, query.device)
+    stream = sink_and_window(g, config.sink_tokens, config.window, device=query.device)
+    retrieval = state.duo_retrieval.to(query.device)
+    if retrieval.shape[0] != query.shape[1]:
+        raise ValueError(f"duo: scores give {retrieval.shape[0]} heads for this layer, the call has {query.shape[1]}")
+    return torch.where(retrieval[:, None, None], full, stream)  # [Hq, NQ, NK]
+
+
+duo_attention = register_method(
+    "duo",
+    config=DuoConfig,
+    category="sparse",
+    families=("llm", "lvlm"),
+    patterns=("causal-self",),
+    make_state=make_duo_state,
+    paper="Wu et al., Retrieval Head Mechanistically Explains Long-Context Factuality, arXiv 2404.15574; "
+    "Xiao et al., DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads "
+    "(ICLR 2025), arXiv 2410.10819",
+)(
+    sparse_forward("duo", select_duo, static=True,
+                   doc="Full attention on calibrated retrieval heads, sink + recent window on the other heads.")
+)

@@ -1,0 +1,168 @@
+"""``hyper`` — HyperAttention's sortLSH + uniform sampling, as a block selection for the block-sparse engine.
+
+HyperAttention (Han et al., "HyperAttention: Long-context Attention in Near-Linear Time", ICLR 2024,
+arXiv 2310.05869) hashes queries and keys with angular LSH (``lsh_num_projs`` random hyperplanes; bucket ids in
+Hamming order, so neighbouring buckets differ in one bit), sorts both by bucket, computes exact attention on the
+block diagonal of the sorted matrix (each query sees the ``bucket_keys`` keys around its own bucket in sorted
+order) and adds ``sample_size`` uniformly sampled keys, reweighted by n/m, for the residual mass.
+
+Our kernel cannot reorder tokens, so the same selection is expressed as *which key blocks each query block reads*:
+for each query block, count how many of its queries' sorted-range keys fall in each key block (bucket histograms:
+``[NQ, buckets] @ overlap @ [buckets, NK]``, keys of a bucket cut by the range counted in proportion), keep the
+``lsh_blocks`` key blocks with the largest counts, add ``ceil(sample_size / block_size)`` uniformly sampled blocks
+of the causal past, plus the sink and local blocks.  Differences from the paper, precisely:
+
+* block granularity: whole 64-key blocks are read, not the exact colliding keys, and only the best ``lsh_blocks``;
+* sampled keys are whole blocks and are **not** reweighted by n/m (the kernel's ``col_bias`` could carry
+  ``log(n/m)``, but a column may be sampled for one query block and exact for another, and the runner passes none);
+* causality is the causal block mask plus always-read sink/local blocks, not the paper's recursive halving (whose
+  diagonal blocks below ``min_seq_len`` are exact, like our local blocks);
+* the paper's hash ``perm[code]`` is replaced by each code's rank in the reflected Gray sequence, which is the
+  ordering in which adjacent buckets differ in one bit;
+* the LSH hyperplanes are drawn from ``seed + layer index`` (saved in the state as a buffer, not in
+  ``state_dict``), and sampled blocks from the same seed, so a run is reproducible and decoding keeps its samples.
+
+Below ``min_seq_len`` keys (paper: 4096) a call reads every block (exact attention), as the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import option
+from ..masks import BlockGeometry, causal_allowed
+from ..registry import register_method
+from ._sparse import SparseConfig, sparse_forward
+from .blocktopk import forced_blocks
+
+SEED_STRIDE = 1_000_003  # separates the per-layer streams of different seeds
+
+
+@dataclass(kw_only=True)
+class HyperConfig(SparseConfig):
+    lsh_num_projs: int = option(7, "angular LSH hyperplanes: 2^p buckets (paper: 7)", min=1, max=16)
+    bucket_keys: int = option(256, "keys around a query's bucket in sorted order it may read (paper block: 256)",
+                              min=1)
+    lsh_blocks: int = option(8, "key blocks kept per query block, ranked by sorted-range keys they hold", min=0)
+    sample_size: int = option(256, "uniformly sampled keys (paper: 256), read as whole blocks, not reweighted",
+                              min=0)
+    sink_blocks: int = option(1, "initial blocks always read", min=0)
+    local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
+    min_seq_len: int = option(4096, "calls with fewer keys run exact attention (paper: 4096)", min=0)
+    seed: int = option(0, "seed of the LSH hyperplanes and the sampled blocks (per layer: seed + layer)", min=0)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"min_seq_len": 1 << 30}
+
+
+# ---- sortLSH -----------------------------------------------------------------------------------------------------
+def gray_rank(num_projs: int) -> torch.Tensor:
+    """``[2^p]`` position of each binary code in the reflected Gray sequence (adjacent positions differ in one bit)."""
+    n = 1 << num_projs
+    codes = torch.arange(n)
+    rank = torch.empty(n, dtype=torch.long)
+    rank[codes ^ (codes >> 1)] = codes
+    return rank
+
+
+def lsh_projections(state, dim: int, device) -> torch.Tensor:
+    """``[D, p]`` Gaussian hyperplanes of this layer, drawn once from ``seed + layer`` and kept in the state."""
+    config = state.config
+    proj = getattr(state, "lsh_projections", None)
+    if proj is None or tuple(proj.shape) != (dim, config.lsh_num_projs):
+        gen = torch.Generator().manual_seed(config.seed * SEED_STRIDE + state.layer_index)
+        proj = torch.randn(dim, config.lsh_num_projs, generator=gen)
+        state.register_buffer("lsh_projections", proj, persistent=False)
+    return proj.to(device)
+
+
+def lsh_buckets(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D]`` -> ``[B, H, T]`` Hamming-ordered bucket of each vector (sign pattern of its projections)."""
+    bits = (x.float() @ proj) > 0
+    code = (bits.long() << torch.arange(proj.shape[1], device=x.device)).sum(-1)
+    return gray_rank(proj.shape[1]).to(x.device)[code]
+
+
+def bucket_histogram(buckets: torch.Tensor, block: int, n_buckets: int) -> torch.Tensor:
+    """``[B, H, T]`` -> ``[B, H, ceil(T / block), n_buckets]`` how many tokens of each block fall in each bucket."""
+    b, h, t = buckets.shape
+    n_blocks = -(-t // block)
+    index = (torch.arange(t, device=buckets.device) // block) * n_buckets + buckets
+    hist = torch.zeros(b, h, n_blocks * n_buckets, device=buckets.device)
+    hist.scatter_add_(-1, index, torch.ones_like(index, dtype=hist.dtype))
+    return hist.view(b, h, n_blocks, n_buckets)
+
+
+def sorted_range_overlap(key_counts: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, H, nb]`` keys per bucket -> ``[B, H, nb, nb]``: the fraction of bucket ``c``'s keys inside the sorted
+    range that a query of bucket ``b`` sees (its own bucket's keys, widened to ``width`` keys around their middle)."""
+    hi = key_counts.cumsum(-1)
+    lo = hi - key_counts
+    middle = (lo + hi) / 2
+    start = torch.minimum(lo, middle - width / 2).clamp(min=0)
+    end = torch.maximum(hi, middle + width / 2).clamp(max=hi[..., -1:])
+    inside = (torch.minimum(end[..., :, None], hi[..., None, :]) - torch.maximum(start[..., :, None], lo[..., None, :]))
+    return inside.clamp(min=0) / key_counts.clamp(min=1)[..., None, :]
+
+
+def lsh_block_scores(query, key, proj, g: BlockGeometry, width: int) -> torch.Tensor:
+    """``[B, Hq, NQ, NK]`` expected (query, key) pairs of each block pair that share a sorted bucket range."""
+    n_buckets = 1 << proj.shape[1]
+    groups = query.shape[1] // key.shape[1]
+    q_hist = bucket_histogram(lsh_buckets(query, proj), g.block_q, n_buckets)  # [B, Hq, NQ, nb]
+    k_hist = bucket_histogram(lsh_buckets(key, proj), g.block_k, n_buckets)  # [B, Hkv, NK, nb]
+    overlap = sorted_range_overlap(k_hist.sum(2), width)  # [B, Hkv, nb, nb]
+    per_bucket = (overlap @ k_hist.transpose(-1, -2)).repeat_interleave(groups, dim=1)  # [B, Hq, nb, NK]
+    return q_hist @ per_bucket
+
+
+# ---- selection ---------------------------------------------------------------------------------------------------
+def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool mask of the ``k`` best finite, positive entries of each row."""
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    k = min(k, scores.shape[-1])
+    if k > 0:
+        top = scores.topk(k, dim=-1)
+        chosen.scatter_(-1, top.indices, torch.isfinite(top.values) & (top.values > 0))
+    return chosen
+
+
+def sampled_blocks(state, g: BlockGeometry, heads: int, free: torch.Tensor) -> torch.Tensor:
+    """``[1, H, NQ, NK]`` ``ceil(sample_size / block)`` uniform blocks among the ``free`` ones of each query block.
+
+    One random priority per (key block, head), from ``seed + layer``, shared by all query blocks (the paper samples
+    one column set for all queries); drawn as ``[NK, H]`` so a longer cache keeps the earlier blocks' priorities.
+    """
+    count = math.ceil(state.config.sample_size / g.block_k)
+    gen = torch.Generator().manual_seed(state.config.seed * SEED_STRIDE + state.layer_index)
+    priority = torch.rand(g.n_k, heads, generator=gen).T.to(free.device) + 1.0  # > 0 for top_blocks
+    return top_blocks(priority[None, :, None, :].masked_fill(~free, float("-inf")), count)
+
+
+def select_hyper(g: BlockGeometry, query, key, state):
+    config = state.config
+    allowed = causal_allowed(g, query.device)
+    if g.kv_len < config.min_seq_len:
+        return allowed
+    forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
+    proj = lsh_projections(state, query.shape[-1], query.device)
+    scores = lsh_block_scores(query, key, proj, g, config.bucket_keys)
+    chosen = top_blocks(scores.masked_fill(~allowed | forced, float("-inf")), config.lsh_blocks) | forced
+    sampled = sampled_blocks(state, g, query.shape[1], allowed & ~chosen)
+    return chosen | sampled
+
+
+hyper_attention = register_method(
+    "hyper",
+    config=HyperConfig,
+    category="sparse",
+    families=("llm", "lvlm"),
+    patterns=("causal-self",),
+    paper="Han et al., HyperAttention: Long-context Attention in Near-Linear Time (ICLR 2024), arXiv 2310.05869",
+)(
+    sparse_forward("hyper", select_hyper, static=False,
+                   doc="sortLSH bucket collisions and uniformly sampled key blocks per query block, plus sink/local.")
+)

@@ -1,0 +1,126 @@
+"""``moa`` — MoA, Mixture of Sparse Attention: per-head elastic sliding windows from a calibration plan.
+
+Each head ``h`` reads the sink block(s) and a causal band of ``S_h(N) = alpha_h + beta_h * N`` recent tokens, ``N``
+being the sequence length, so some heads widen with the input and others stay local (Fu et al., "MoA: Mixture of
+Sparse Attention for Automatic Large Language Model Compression", arXiv 2406.14909).  The rules come from a
+*plan*: JSON ``{"model", "num_layers", "num_heads", "rules": [[[alpha, beta] per head] per layer], "meta"}`` made
+by ``python -m patchattn.calibrate.moa`` (``plan="smollm2"`` is shipped, calibrated on SmolLM2-135M).
+
+The default ``plan="uniform"`` is **uncalibrated**: every head gets ``alpha = 0`` and the ``beta`` whose causal
+band reads a ``density`` fraction of the causal triangle (``2 beta - beta^2 = density``), i.e. one
+length-proportional window for all heads — the baseline MoA improves on.
+
+Deviations: windows are block-granular (``block_size`` 64 as the paper's kernel; a band is rounded out to whole
+blocks, never less than asked); ``N`` is the number of keys of the call (the prompt at prefill, prompt + generated
+tokens while decoding) rather than a span frozen at the prompt length, so decoding and a full recompute agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..calibrate import check_against, load_artifact
+from ..config import option
+from ..masks import BlockGeometry, sink_and_window
+from ..registry import register_method
+from ..state import PatchState
+from ._sparse import SparseConfig, sparse_forward
+
+UNIFORM = "uniform"
+
+
+@dataclass(kw_only=True)
+class MoAConfig(SparseConfig):
+    plan: str = option(UNIFORM, "'uniform' (uncalibrated: one proportional window), a shipped plan name "
+                       "('smollm2') or a path to a plan JSON from `python -m patchattn.calibrate.moa`")
+    density: float = option(0.5, "target density: the uniform plan's band, and the calibrator's budget (paper: 0.5)",
+                            min=0.0, max=1.0)
+    sink_blocks: int = option(1, "initial blocks always read (paper: one 64-token global block)", min=0)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"plan": UNIFORM, "density": 1.0}
+
+    def validate(self) -> None:
+        if self.plan != UNIFORM:
+            load_plan(self.plan)  # fails now, naming the shipped plans, rather than at the first forward
+
+
+def load_plan(name_or_path: str) -> dict:
+    """A plan JSON, checked: ``rules`` is ``[num_layers][num_heads]`` pairs ``[alpha, beta]`` with ``beta >= 0``."""
+    data = load_artifact(name_or_path, "rules", "MoA plan")
+    for layer, row in enumerate(data["rules"]):
+        for head, rule in enumerate(row):
+            ok = isinstance(rule, list) and len(rule) == 2 and all(isinstance(x, (int, float)) for x in rule)
+            if not ok or rule[1] < 0:
+                raise ValueError(f"MoA plan {name_or_path!r}: rule of layer {layer} head {head} must be "
+                                 f"[alpha, beta] numbers with beta >= 0, got {rule!r}")
+    return data
+
+
+def uniform_beta(density: float) -> float:
+    """The band fraction whose causal band covers ``density`` of the causal triangle: 2b - b^2 = density."""
+    return 1.0 - math.sqrt(max(0.0, 1.0 - density))
+
+
+def layer_rules(config: MoAConfig, model_config, layer: int, heads: int) -> torch.Tensor:
+    """``[heads, 2]`` (alpha, beta) of one layer."""
+    if config.plan == UNIFORM:
+        return torch.tensor([[0.0, uniform_beta(config.density)]]).expand(heads, 2)
+    data = load_plan(config.plan)
+    if model_config is not None:
+        check_against(data, model_config, "MoA plan")
+    if layer >= data["num_layers"] or heads != data["num_heads"]:
+        raise ValueError(f"MoA plan {config.plan!r} has {data['num_layers']} layers x {data['num_heads']} heads; "
+                         f"this call is layer {layer} with {heads} heads")
+    return torch.tensor(data["rules"][layer], dtype=torch.float64)
+
+
+def head_windows(rules: torch.Tensor, n: int) -> list[int]:
+    """Window of each head at length ``n``: ``alpha + beta * n`` tokens, at least 1 (the query itself)."""
+    return [max(1, math.ceil(alpha + beta * n)) for alpha, beta in rules.tolist()]
+
+
+def make_moa_state(module, config, layer_index, role, context) -> PatchState:
+    """Validate the plan against the model when patching, so a wrong plan fails before any forward."""
+    state = PatchState(config, layer_index, role, context)
+    model_config = getattr(module, "config", None)
+    heads = getattr(model_config, "num_attention_heads", None)
+    state.moa_rules = layer_rules(config, model_config, layer_index, heads) if heads else None
+    return state
+
+
+def prefill_aligned(g: BlockGeometry) -> BlockGeometry:
+    """A decode call's geometry widened back to its query block's start, so a decoded token reads the blocks its
+    query block reads in a full forward (banded patterns: the block's first row sets the window's lower end)."""
+    if g.n_q != 1:
+        return g
+    widened = BlockGeometry(g.q_len + g.offset % g.block_q, g.kv_len, g.block_q, g.block_k)
+    return widened if widened.n_q == 1 and widened.q_len <= g.kv_len else g
+
+
+def select_windows(g, query, key, state):
+    g = prefill_aligned(g)
+    rules = getattr(state, "moa_rules", None)
+    if rules is None or rules.shape[0] != query.shape[1]:
+        rules = layer_rules(state.config, None, state.layer_index, query.shape[1])
+    sink = state.config.sink_blocks * g.block_k
+    masks = {w: sink_and_window(g, sink, w, device=query.device) for w in set(head_windows(rules, g.kv_len))}
+    return torch.stack([masks[w] for w in head_windows(rules, g.kv_len)])  # [Hq, NQ, NK]
+
+
+moa_attention = register_method(
+    "moa",
+    config=MoAConfig,
+    category="sparse",
+    families=("llm", "lvlm"),
+    patterns=("causal-self",),
+    make_state=make_moa_state,
+    paper="Fu et al., MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression "
+    "(COLM 2025), arXiv 2406.14909",
+)(
+    sparse_forward("moa", select_windows, static=True,
+                   doc="Per-head elastic sliding windows alpha_h + beta_h * N plus the sink block, from a calibrated plan.")
+)
