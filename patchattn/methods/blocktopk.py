@@ -47,12 +47,29 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def block_scores(query, key, g: BlockGeometry, mode: str, per_head: bool = False) -> torch.Tensor:
+def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.Tensor:
+    """``[B, Hkv, NK, D]`` mean key per block, kept in the patch state as a compressed key cache.
+
+    A prefill computes it from scratch; a decode step (a few new queries, the cache only grew) recomputes only the
+    blocks that changed, so selecting blocks never re-reads the whole KV cache (Kinetics' page means).
+    """
+    cached = state.cache.get("key_means")
+    t = key.shape[2]
+    if q_len > 16 or cached is None or cached["length"] > t or cached["means"].shape[:2] != key.shape[:2]:
+        means = block_means(key, block)
+    else:
+        first = cached["length"] // block  # the first block that gained keys since the last call
+        tail = block_means(key[:, :, first * block :], block)
+        means = torch.cat([cached["means"][:, :, :first], tail], dim=2)
+    state.cache["key_means"] = {"length": t, "means": means}
+    return means
+
+
+def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = False) -> torch.Tensor:
     """``[B, H, NQ, NK]`` estimated relevance of each key block to each query block; H is the number of KV heads
     (one selection shared by each GQA group) or, with ``per_head``, of query heads."""
     b, hq, t, d = query.shape
-    hkv = key.shape[1]
-    k_means = block_means(key, g.block_k)  # [B, Hkv, NK, D]
+    hkv = k_means.shape[1]
     if mode == "mean":
         q_means = block_means(query, g.block_q).view(b, hkv, hq // hkv, g.n_q, d)
         scores = q_means @ k_means[:, :, None].transpose(-1, -2)
@@ -62,16 +79,17 @@ def block_scores(query, key, g: BlockGeometry, mode: str, per_head: bool = False
     groups = hq // hkv
     # Tensor cores on the GPU (bf16/fp16 products, fp32 accumulation); exact fp32 on the CPU.
     dtype = query.dtype if query.is_cuda else torch.float32
-    k_means = k_means.to(dtype)
-    padded = torch.nn.functional.pad(query.to(dtype), (0, 0, 0, g.n_q * g.block_q - t))
+    k_t = k_means.to(dtype).transpose(-1, -2)
+    # Pad the last block by repeating its last row: the max over rows is unchanged, no masking pass needed.
+    padded = torch.nn.functional.pad(query.to(dtype), (0, 0, 0, g.n_q * g.block_q - t), mode="replicate")
     padded = padded.view(b, hkv, groups, g.n_q, g.block_q, d)
-    row_valid = (torch.arange(g.n_q * g.block_q, device=query.device) < t).view(g.n_q, g.block_q, 1)
     chunk = max(1, MAX_SCORE_ELEMENTS // max(1, b * hq * g.block_q * g.n_k))
     out = []
     for m0 in range(0, g.n_q, chunk):
-        rows = torch.einsum("bhgmrd,bhkd->bhgmrk", padded[:, :, :, m0 : m0 + chunk], k_means)
-        rows = rows.masked_fill(~row_valid[m0 : m0 + chunk], float("-inf"))
-        out.append(rows.amax(dim=4) if per_head else rows.amax(dim=(2, 4), keepdim=True)[:, :, :, :, 0])
+        part = padded[:, :, :, m0 : m0 + chunk]
+        rows = (part.reshape(b, hkv, -1, d) @ k_t).view(*part.shape[:-1], -1)  # [b, hkv, g, m, r, NK]
+        best = rows.amax(dim=4)
+        out.append(best if per_head else best.amax(dim=2, keepdim=True))
     scores = torch.cat(out, dim=3)  # [B, Hkv, G or 1, NQ, NK]
     return scores.flatten(1, 2)
 
@@ -84,7 +102,8 @@ def forced_blocks(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=
 
 def select_top_k(g: BlockGeometry, query, key, state) -> torch.Tensor:
     config = state.config
-    raw = block_scores(query, key, g, config.score, config.per_head)  # [B, H, NQ, NK]
+    k_means = key_block_means(state, key, g.block_k, g.q_len)
+    raw = block_scores(query, k_means, g, config.score, config.per_head)  # [B, H, NQ, NK]
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     scores = raw.masked_fill(~allowed | forced, float("-inf"))

@@ -25,7 +25,7 @@ from ..config import option
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
 from ._sparse import SparseConfig, sparse_forward
-from .blocktopk import block_means, forced_blocks
+from .blocktopk import block_means, forced_blocks, key_block_means
 
 
 @dataclass(kw_only=True)
@@ -103,7 +103,7 @@ def select_hip(g: BlockGeometry, query, key, state) -> torch.Tensor:
         return reused | forced
     groups = query.shape[1] // key.shape[1]
     q_means = block_means(query, g.block_q)
-    k_means = block_means(key, g.block_k)
+    k_means = key_block_means(state, key, g.block_k, g.q_len)
     if config.per_head:
         k_means = k_means.repeat_interleave(groups, dim=1)
     else:

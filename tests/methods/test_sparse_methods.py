@@ -195,3 +195,18 @@ def test_hip_decode_reuses_selection_until_refresh():
         model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         state = model.model.layers[1].self_attn.patchattn
         assert state.cache["hip_decode"]["age"] == 1
+
+
+def test_compressed_key_cache_matches_recompute_while_decoding():
+    from patchattn.methods.blocktopk import block_means, key_block_means
+    from patchattn.state import PatchContext, PatchState
+
+    state = PatchState(patchattn.get_config("blocktopk"), 0, "text", PatchContext())
+    key = torch.randn(2, 3, 100, 8)
+    key_block_means(state, key[:, :, :70], 16, q_len=70)
+    for t in range(71, 101):
+        got = key_block_means(state, key[:, :, :t], 16, q_len=1)
+        assert torch.allclose(got, block_means(key[:, :, :t], 16), atol=1e-6)
+    # A new, shorter sequence (a new generate call) is recomputed, not mixed with the old cache.
+    fresh = torch.randn(2, 3, 40, 8)
+    assert torch.allclose(key_block_means(state, fresh, 16, q_len=1), block_means(fresh, 16))
