@@ -57,6 +57,8 @@ def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.T
     t = key.shape[2]
     if q_len > 16 or cached is None or cached["length"] > t or cached["means"].shape[:2] != key.shape[:2]:
         means = block_means(key, block)
+    elif cached["length"] == t:
+        means = cached["means"]
     else:
         first = cached["length"] // block  # the first block that gained keys since the last call
         tail = block_means(key[:, :, first * block :], block)
@@ -81,8 +83,10 @@ def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = F
     dtype = query.dtype if query.is_cuda else torch.float32
     k_t = k_means.to(dtype).transpose(-1, -2)
     # Pad the last block by repeating its last row: the max over rows is unchanged, no masking pass needed.
-    padded = torch.nn.functional.pad(query.to(dtype), (0, 0, 0, g.n_q * g.block_q - t), mode="replicate")
-    padded = padded.view(b, hkv, groups, g.n_q, g.block_q, d)
+    padded = query.to(dtype)
+    if g.n_q * g.block_q > t:
+        padded = torch.cat([padded, padded[:, :, -1:].expand(-1, -1, g.n_q * g.block_q - t, -1)], dim=2)
+    padded = padded.reshape(b, hkv, groups, g.n_q, g.block_q, d)
     chunk = max(1, MAX_SCORE_ELEMENTS // max(1, b * hq * g.block_q * g.n_k))
     out = []
     for m0 in range(0, g.n_q, chunk):

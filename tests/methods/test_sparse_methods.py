@@ -207,6 +207,8 @@ def test_compressed_key_cache_matches_recompute_while_decoding():
     for t in range(71, 101):
         got = key_block_means(state, key[:, :, :t], 16, q_len=1)
         assert torch.allclose(got, block_means(key[:, :, :t], 16), atol=1e-6)
+        again = key_block_means(state, key[:, :, :t], 16, q_len=1)  # same length twice (e.g. a re-run)
+        assert torch.equal(again, got)
     # A new, shorter sequence (a new generate call) is recomputed, not mixed with the old cache.
     fresh = torch.randn(2, 3, 40, 8)
     assert torch.allclose(key_block_means(state, fresh, 16, q_len=1), block_means(fresh, 16))
