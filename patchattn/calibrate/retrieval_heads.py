@@ -8,8 +8,8 @@ the needle the head copy-pasted; episodes are kept only when the answer is right
 the fraction of the expected answer's tokens generated, ``--min-recall`` 0.5); a head's score is its mean over the
 kept episodes.
 
-Episodes come from a seed: a multi-token needle sentence (``The secret ingredient of <city>'s <dish> is <a> <b>
-from <place>.``) inserted at a depth of offline pydoc text, then the question; the answer is the sentence's
+Episodes come from a seed: a multi-token needle sentence (``The secret ingredient of the <city> <dish> is <a> <b>
+from <place>.``) inserted at a depth of the passkey task's filler text (``eval.longctx``), then the question; the answer is the sentence's
 continuation.  Without a tokenizer (tiny test models) the needle is a random token string, the question repeats
 its first tokens (an induction cue) and the answer is the rest.  Prefill runs SDPA; only the last query row's
 scores are computed to find the top-1 key (the argmax of the scores equals the argmax of the softmax).
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import artifact, attention_probe, base_parser, context_ids, load_model, model_name, save_json
+from ..eval.longctx import FILLER
 from ..kernels.dense import sdpa_attention
 
 PROBE = "patchattn_calibrate_retrieval_probe"
@@ -59,10 +60,18 @@ def needle_episode(tokenizer, vocab_size: int, length: int, depth: float, seed: 
         question = ids(f"\n\nQuestion: What is the secret ingredient of {subject}?\nAnswer: The secret "
                        f"ingredient of {subject} is")
         answer = ids(secret)
-    hay = context_ids(tokenizer, vocab_size, max(1, length - len(needle) - len(question)), offset, seed)[0].tolist()
+    hay = haystack(tokenizer, vocab_size, max(1, length - len(needle) - len(question)), offset, seed)
     cut = round(len(hay) * depth)
     prompt = hay[:cut] + needle + hay[cut:] + question
     return Episode(torch.tensor([prompt]), (cut, cut + len(needle)), answer)
+
+
+def haystack(tokenizer, vocab_size: int, n_tokens: int, offset: int, seed: int) -> list[int]:
+    """The passkey task's repeated filler (a 135M model loses needles in varied pydoc prose), or seeded ids."""
+    if tokenizer is None:
+        return context_ids(None, vocab_size, n_tokens, offset, seed)[0].tolist()
+    filler = tokenizer(FILLER, add_special_tokens=False).input_ids
+    return (filler * (n_tokens // len(filler) + 1))[:n_tokens]
 
 
 def top1_probe(record: dict):
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "method": "retrieval score (copy-paste top-1), arXiv 2404.15574", "lengths": lengths, "depths": depths,
         "needles": args.needles, "episodes_kept": kept, "episodes": len(lengths) * len(depths) * args.needles,
-        "min_recall": args.min_recall, "haystack": "pydoc" if tokenizer is not None else "seeded random ids",
+        "min_recall": args.min_recall, "haystack": "eval.longctx.FILLER" if tokenizer is not None else "seeded random ids",
         "seed": args.seed, "seconds": round(time.time() - started, 1),
         "command": "python -m patchattn.calibrate.retrieval_heads " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
