@@ -21,6 +21,7 @@ from .. import api
 from ..eval.longctx import answer_passkey, passkey_example
 from ..eval.ppl import mean_stat, perplexity, text_token_ids
 from ..report import environment, format_table
+from .methods import parse_methods
 
 DEFAULT_METHODS = "dense,streaming,power,s2,blocktopk,hip"
 
@@ -28,7 +29,7 @@ DEFAULT_METHODS = "dense,streaming,power,s2,blocktopk,hip"
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m patchattn.bench.quality", description=__doc__)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; 'name:{json overrides}' allowed")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="',' or ';'-separated; 'name@tag:{json overrides}' for variants")
     p.add_argument("--ppl-lengths", default="4096,8192")
     p.add_argument("--passkey-lengths", default="2048,4096,8192")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
@@ -38,16 +39,8 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def _method_list(text: str) -> list[tuple[str, dict]]:
-    out = []
-    for item in text.split(";") if ";" in text else text.split(","):
-        name, _, overrides = item.partition(":")
-        out.append((name.strip(), json.loads(overrides) if overrides else {}))
-    return out
-
-
-def evaluate_method(model, tokenizer, name, overrides, ppl_inputs, passkeys) -> dict:
-    row = {"method": name, "overrides": overrides}
+def evaluate_method(model, tokenizer, label, name, overrides, ppl_inputs, passkeys) -> dict:
+    row = {"method": label, "overrides": overrides}
     with api.patched(model, name, **overrides):
         for length, ids in ppl_inputs.items():
             start = time.perf_counter()
@@ -73,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     depths = [float(d) for d in args.depths.split(",")]
     passkeys = [passkey_example(tokenizer, n, d) for n in map(int, args.passkey_lengths.split(",")) for d in depths]
     rows = []
-    for name, overrides in tqdm(_method_list(args.methods), desc="methods"):
-        rows.append(evaluate_method(model, tokenizer, name, overrides, ppl_inputs, passkeys))
+    for label, name, overrides in tqdm(parse_methods(args.methods), desc="methods"):
+        rows.append(evaluate_method(model, tokenizer, label, name, overrides, ppl_inputs, passkeys))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "passkey"}), flush=True)
     dense = next(r for r in rows if r["method"] == "dense")
     for row in rows:

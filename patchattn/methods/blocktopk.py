@@ -21,12 +21,13 @@ from ._sparse import SparseConfig, sparse_forward
 
 @dataclass(kw_only=True)
 class BlockTopKConfig(SparseConfig):
-    top_k: int = option(12, "content-selected key blocks per query block", min=0)
+    top_k: int = option(14, "content-selected key blocks per query block", min=0)
     sink_blocks: int = option(1, "initial blocks always read", min=0)
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
     mass: float = option(1.0, "adaptive budget: keep the best blocks until their estimated share of the softmax "
                          "mass reaches this (1.0 = always top_k; top_k stays the cap)", min=0.0, max=1.0)
-    per_head: bool = option(False, "select per query head instead of once per GQA group (reads more KV)")
+    per_head: bool = option(True, "select per query head (better quality); False shares one selection per GQA "
+                            "group, so the group reads each KV block once")
     score: str = option("max", "block score: 'mean' (pooled query . pooled key, as Kinetics/MoBA) or 'max' (best "
                         "query row of the block and GQA group . pooled key)", choices=("mean", "max"))
 

@@ -30,12 +30,12 @@ from .blocktopk import block_means, forced_blocks, key_block_means
 
 @dataclass(kw_only=True)
 class HipConfig(SparseConfig):
-    top_k: int = option(8, "key blocks kept per query block by the tree search (paper: k=512 tokens)", min=1)
+    top_k: int = option(10, "key blocks kept per query block by the tree search (paper: k=512 tokens)", min=1)
     sink_blocks: int = option(1, "initial blocks always read", min=0)
     local_blocks: int = option(2, "nearest blocks always read (sliding window)", min=1)
     per_head: bool = option(True, "search per query head (as the paper) instead of once per GQA group")
     refresh_interval: int = option(8, "decode steps between re-running the search (paper: 8)", min=1)
-    dense_layers: list = option([0, 1], "layer indices kept dense (paper: the first layers)", min=0)
+    dense_layers: list = option([0], "layer indices kept dense (paper: the first layers)", min=0)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "dense_layers": []}
 
