@@ -6,8 +6,8 @@ head-modulated and mixture-of-heads variants, in one line.
     patchattn.patch(model, "dense")
 """
 
-from . import methods  # noqa: F401  (registers the built-in methods)
-from .adapters import hf as _hf  # noqa: F401  (registers every method with transformers' attention registry)
+from . import methods
+from .adapters import hf as _hf
 from .adapters.diffusers import load_dit, repatch_from_config
 from .api import PatchHandle, get_config, get_handle, list_methods, load, patch, patched, unpatch
 from .config import MethodConfig

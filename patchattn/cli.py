@@ -44,12 +44,24 @@ def _demo(args) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
-def _bench(args) -> int:
-    if args.what == "kernel":
-        from .bench.kernel import main as kernel_main
+BENCHMARKS = {
+    "kernel": "patchattn.bench.kernel",
+    "methods": "patchattn.bench.methods",
+    "quality": "patchattn.bench.quality",
+    "report": "patchattn.bench.sparse_report",
+}
 
-        return kernel_main(args.rest)
-    raise SystemExit(f"unknown benchmark {args.what!r}; available: kernel")
+
+def _bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(BENCHMARKS[args.what]).main(args.rest)
+
+
+def _calibrate(args) -> int:
+    from .calibrate import main as calibrate_main
+
+    return calibrate_main([args.what, *args.rest])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("bench", help="speed benchmarks (CUDA GPU)")
-    p.add_argument("what", choices=["kernel"], help="kernel: block-sparse engine vs SDPA vs FlexAttention")
+    p = sub.add_parser("bench", help="benchmarks: kernel and methods speed (CUDA GPU), quality (CPU/GPU), report")
+    p.add_argument("what", choices=list(BENCHMARKS),
+                   help="kernel: block-sparse engine vs SDPA vs FlexAttention; methods: every sparse method at "
+                   "Llama-3-8B shapes; quality: perplexity and passkey vs dense on a real model; report: table + plot")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help of each)")
     p.set_defaults(run=_bench)
+
+    p = sub.add_parser("calibrate", help="offline calibrations: moa plans, retrieval-head scores")
+    p.add_argument("what", choices=["moa", "retrieval-heads"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the calibration (see --help)")
+    p.set_defaults(run=_calibrate)
     return parser
 
 

@@ -28,7 +28,7 @@ def closest(name: str, candidates) -> str | None:
     return matches[0] if matches else None
 
 
-def option(default, help: str, *, min=None, max=None, choices=None):  # noqa: A002 - mirrors dataclass.field
+def option(default, help: str, *, min=None, max=None, choices=None):
     """A config field with help text and an optional allowed range or set of choices."""
     meta = {"help": help, "min": min, "max": max, "choices": choices}
     if isinstance(default, (list, dict, set)):
@@ -107,7 +107,7 @@ class MethodConfig:
         return {"method": self.method, **data}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MethodConfig":
+    def from_dict(cls, data: dict) -> MethodConfig:
         data = dict(data)
         named = data.pop("method", cls.method)
         if named != cls.method:
@@ -131,7 +131,7 @@ class MethodConfig:
                     f"{cls.__name__} has no field {name!r}{suggestion} Valid fields: {', '.join(known)}"
                 )
 
-    def replace(self, **overrides) -> "MethodConfig":
+    def replace(self, **overrides) -> MethodConfig:
         self.check_fields(overrides)
         return dataclasses.replace(self, **overrides)
 

@@ -7,8 +7,8 @@ plus one import line in ``patchattn/methods/__init__.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .config import MethodConfig, closest
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import patchattn
-from patchattn.kernels.dense import sdpa_attention, eager_attention
+from patchattn.kernels.dense import eager_attention, sdpa_attention
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

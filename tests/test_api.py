@@ -8,7 +8,7 @@ import torch
 
 import patchattn
 from patchattn.config import MethodConfig, option
-from patchattn.testing import max_abs_diff, tiny_model
+from patchattn.testing import tiny_model
 
 
 def test_list_methods_and_metadata():

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..checks import check_inputs
 from ..config import MethodConfig
 from ..registry import HF_PREFIX, MethodSpec, on_register
-from ..checks import check_inputs
 from ..state import STATE_ATTR, PatchContext, PatchState, get_state
 from .families import HF_FAMILIES, TARGETS, HFFamily, supported_hf_families
 

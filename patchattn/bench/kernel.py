@@ -30,7 +30,7 @@ def _blocksparse():
     """The kernel package, without importing the rest of patchattn when that is not installed."""
     try:
         from patchattn.kernels import blocksparse
-    except Exception:  # noqa: BLE001 - e.g. patchattn's optional deps missing on a bare GPU box
+    except Exception:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
         import blocksparse  # type: ignore[no-redef]
     return blocksparse
@@ -322,7 +322,7 @@ class Runner:
         for fn, job_args in jobs:
             try:
                 fn(*job_args)
-            except Exception as exc:  # noqa: BLE001 - report and keep the rest of the table
+            except Exception as exc:
                 print(f"FAILED {fn.__name__}{job_args}: {type(exc).__name__}: {exc}", flush=True)
             torch.cuda.empty_cache()
 

@@ -88,7 +88,7 @@ def prefill_rows(T, methods, with_flex):
                 # Flex's default query tile is 128 rows: smaller lists need matching tiles.
                 tiles = {"BLOCK_M": block, "BLOCK_N": block} if block < 128 else None
                 row["flex_ms"] = time_ms(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=tiles))
-            except Exception as err:  # noqa: BLE001 - report, keep going
+            except Exception as err:
                 row["note"] = f"flex: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
         rows.append(_ratios(row))
         print(json.dumps(rows[-1]), flush=True)

@@ -22,14 +22,13 @@ Default lengths 512/1024 with 2 samples each (paper: 2k/4k/8k with many samples)
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
 import torch
 
-from . import artifact, attention_probe, base_parser, context_ids, load_model, model_name, save_json
 from ..masks import BlockGeometry, causal_allowed, sink_and_window
+from . import artifact, attention_probe, base_parser, context_ids, load_model, model_name, save_json
 
 PROBE = "patchattn_calibrate_moa_profile"
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import artifact, attention_probe, base_parser, context_ids, load_model, model_name, save_json
 from ..eval.longctx import FILLER
 from ..kernels.dense import sdpa_attention
+from . import artifact, attention_probe, base_parser, context_ids, load_model, model_name, save_json
 
 PROBE = "patchattn_calibrate_retrieval_probe"
 CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Accra", "Bergen", "Cusco", "Dakar"]
@@ -55,7 +55,7 @@ def needle_episode(tokenizer, vocab_size: int, length: int, depth: float, seed: 
     else:
         subject = f"the {rng.choice(CITIES)} {rng.choice(DISHES)}"
         secret = f" {rng.choice(WORDS)} {rng.choice(ITEMS)} from {rng.choice(PLACES)}."
-        ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids
         needle = ids(f" The secret ingredient of {subject} is{secret} ")
         question = ids(f"\n\nQuestion: What is the secret ingredient of {subject}?\nAnswer: The secret "
                        f"ingredient of {subject} is")

@@ -48,3 +48,11 @@ class BlockGeometry:
     def key_blocks(self, device=None) -> torch.Tensor:
         """``[1, NK]`` key block indices, for broadcasting against ``[NQ, 1]`` query-side tensors."""
         return torch.arange(self.n_k, device=device)[None, :]
+
+    def prefill_aligned(self) -> BlockGeometry:
+        """A decode call's geometry widened back to its query block's start, so a decoded token reads the blocks its
+        query block reads in a full forward (banded patterns: the block's first row sets the window's lower end)."""
+        if self.n_q != 1:
+            return self
+        widened = BlockGeometry(self.q_len + self.offset % self.block_q, self.kv_len, self.block_q, self.block_k)
+        return widened if widened.n_q == 1 and widened.q_len <= self.kv_len else self

@@ -16,7 +16,9 @@ def causal_allowed(g: BlockGeometry, device=None) -> torch.Tensor:
 
 def sink_and_window(g: BlockGeometry, sink_tokens: int, window: int, device=None) -> torch.Tensor:
     """``[NQ, NK]``: blocks holding the first ``sink_tokens`` keys, and every block holding a key within ``window``
-    positions of some row of the query block (so each row's token window is fully covered)."""
+    positions of some row of the query block (so each row's token window is fully covered).  A decode step reads
+    what its whole query block would in a full forward, so cached and uncached generation agree."""
+    g = g.prefill_aligned()
     j = g.key_blocks(device)
     sinks = j < math.ceil(sink_tokens / g.block_k)
     # Key k is in row p's window when p - k < window; the earliest row (first position) sets the lower bound.

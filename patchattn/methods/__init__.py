@@ -1,3 +1,3 @@
 """Registered attention methods: one file per method; importing a file registers it."""
 
-from . import blocktopk, dense, duo, hip, hyper, moa, power, s2, streaming  # noqa: F401
+from . import blocktopk, dense, duo, hip, hyper, moa, power, s2, streaming

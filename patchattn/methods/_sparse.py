@@ -8,8 +8,8 @@ patterns per shape, calling ``kernels.blocksparse`` with the method's backend, a
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -120,13 +120,15 @@ def sparse_forward(name: str, select: BlockSelector, *, static: bool, doc: str):
 
 def _blocks(state, geometry: BlockGeometry, query, key, select: BlockSelector, static: bool):
     """Block lists for this call; static patterns are computed once per (shape, device) and cached."""
-    cache_key = ("blocks", geometry, query.device)
-    if static and cache_key in state.cache:
-        return state.cache[cache_key]
+    cache_key = (geometry, query.device)
+    cached = state.cache.get("static_blocks")
+    if static and cached is not None and cached[0] == cache_key:
+        return cached[1]
     mask = select(geometry, query, key, state)
     while mask.ndim < 4:
         mask = mask[None]
     blocks = blocks_from_mask(mask)
     if static:
-        state.cache = {cache_key: blocks}  # keep only the latest shape: decoding changes it every step
+        # Only the latest shape is kept: decoding changes it every step.
+        state.cache["static_blocks"] = (cache_key, blocks)
     return blocks

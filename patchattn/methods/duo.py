@@ -30,7 +30,6 @@ from ..masks import causal_allowed, sink_and_window
 from ..registry import register_method
 from ..state import PatchState
 from ._sparse import SparseConfig, sparse_forward
-from .moa import prefill_aligned
 
 AUTO = "auto"
 HOW_TO = ("make scores with `python -m patchattn.calibrate.retrieval_heads --model <name or path> --out scores.json` "
@@ -100,7 +99,6 @@ def make_duo_state(module, config, layer_index, role, context) -> PatchState:
 
 def select_duo(g, query, key, state):
     config = state.config
-    g = prefill_aligned(g)  # a decoded token reads what its query block reads in a full forward
     full = causal_allowed(g, query.device)
     stream = sink_and_window(g, config.sink_tokens, config.window, device=query.device)
     retrieval = state.duo_retrieval.to(query.device)

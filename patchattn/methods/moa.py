@@ -25,7 +25,7 @@ import torch
 
 from ..calibrate import check_against, load_artifact
 from ..config import option
-from ..masks import BlockGeometry, sink_and_window
+from ..masks import sink_and_window
 from ..registry import register_method
 from ..state import PatchState
 from ._sparse import SparseConfig, sparse_forward
@@ -92,17 +92,7 @@ def make_moa_state(module, config, layer_index, role, context) -> PatchState:
     return state
 
 
-def prefill_aligned(g: BlockGeometry) -> BlockGeometry:
-    """A decode call's geometry widened back to its query block's start, so a decoded token reads the blocks its
-    query block reads in a full forward (banded patterns: the block's first row sets the window's lower end)."""
-    if g.n_q != 1:
-        return g
-    widened = BlockGeometry(g.q_len + g.offset % g.block_q, g.kv_len, g.block_q, g.block_k)
-    return widened if widened.n_q == 1 and widened.q_len <= g.kv_len else g
-
-
 def select_windows(g, query, key, state):
-    g = prefill_aligned(g)
     rules = getattr(state, "moa_rules", None)
     if rules is None or rules.shape[0] != query.shape[1]:
         rules = layer_rules(state.config, None, state.layer_index, query.shape[1])

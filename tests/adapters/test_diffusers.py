@@ -10,10 +10,10 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-import patchattn  # noqa: E402
-from patchattn.adapters import diffusers as dit_adapter  # noqa: E402
-from patchattn.kernels.dense import sdpa_attention  # noqa: E402
-from patchattn.state import PatchState  # noqa: E402
+import patchattn
+from patchattn.adapters import diffusers as dit_adapter
+from patchattn.kernels.dense import sdpa_attention
+from patchattn.state import PatchState
 
 TOL = 1e-5
 BATCH = 2

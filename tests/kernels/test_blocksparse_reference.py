@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from blocksparse_cases import Case, assert_close, bs, make_qkv, padding_bounds, random_blocks
+
 reference = bs.reference
 
 CASES = [

@@ -8,7 +8,6 @@ import importlib
 
 import pytest
 import torch
-
 from blocksparse_cases import Case, assert_close, bs, make_qkv, padding_bounds, random_blocks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

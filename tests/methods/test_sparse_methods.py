@@ -7,7 +7,6 @@ import torch
 
 import patchattn
 from patchattn.eval import mean_stat
-from patchattn.kernels.blocksparse import mask_from_blocks
 from patchattn.masks import BlockGeometry, causal_allowed, power_of_two, sink_and_window, strided_shards
 from patchattn.testing import left_pad, max_abs_diff, tiny_model
 
@@ -212,3 +211,13 @@ def test_compressed_key_cache_matches_recompute_while_decoding():
     # A new, shorter sequence (a new generate call) is recomputed, not mixed with the old cache.
     fresh = torch.randn(2, 3, 40, 8)
     assert torch.allclose(key_block_means(state, fresh, 16, q_len=1), block_means(fresh, 16))
+
+
+def test_streaming_small_window_decode_matches_full_forward():
+    """A decode step reads what its query block reads in a full forward (the block's first row sets the window)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 70))
+    with patchattn.patched(model, "streaming", block_size=16, window=20):
+        generated = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        full = _logits(model, input_ids=generated[:, :-1])
+    assert torch.equal(full[0, ids.shape[1] - 1:].argmax(-1), generated[0, ids.shape[1]:])

@@ -161,7 +161,7 @@ def _interpreting() -> bool:
 
 def _triton_installed() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return False
     return True

@@ -15,9 +15,21 @@ import triton
 import triton.language as tl
 
 from . import _alloc
-from .triton_fwd import (dot_precision, hook_args, last_dim_contiguous, launch,
-                         list_strides, load_tile, mma, pad_bounds, reduce_max, reduce_sum,
-                         scores_log2, softmax_scales, visibility)
+from .triton_fwd import (
+    dot_precision,
+    hook_args,
+    last_dim_contiguous,
+    launch,
+    list_strides,
+    load_tile,
+    mma,
+    pad_bounds,
+    reduce_max,
+    reduce_sum,
+    scores_log2,
+    softmax_scales,
+    visibility,
+)
 
 # Aim for this many programs per multiprocessor when choosing the number of splits.
 PROGRAMS_PER_SM = 2

@@ -17,9 +17,23 @@ import triton
 import triton.language as tl
 
 from . import _alloc
-from .triton_fwd import (dot_precision, hook_args, interpreter_tiles, launch,
-                         last_dim_contiguous, list_ranges, list_strides, load_tile, mma, pad_bounds,
-                         reduce_max, reduce_sum, scores_log2, softmax_scales, visibility)
+from .triton_fwd import (
+    dot_precision,
+    hook_args,
+    interpreter_tiles,
+    last_dim_contiguous,
+    launch,
+    list_ranges,
+    list_strides,
+    load_tile,
+    mma,
+    pad_bounds,
+    reduce_max,
+    reduce_sum,
+    scores_log2,
+    softmax_scales,
+    visibility,
+)
 
 LOG2E = 1.4426950408889634
 
