@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import api
-from .report import format_table
+from .report import format_table, markdown_table
 
 
 def _list(args) -> int:
@@ -22,7 +22,7 @@ def _list(args) -> int:
         }
         for s in api.list_methods(args.category)
     ]
-    print(format_table(rows))
+    print(markdown_table(rows) if args.markdown else format_table(rows))
     if args.fields:
         for spec in api.list_methods(args.category):
             print(f"\n{spec.name} ({spec.config_cls.__name__}):")
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="only this category (control, sparse, sink, head, moh, linear, other)")
     p.add_argument("--fields", action="store_true", help="also print each method's config fields and defaults")
     p.add_argument("--families", action="store_true", help="also print the supported model families")
+    p.add_argument("--markdown", action="store_true", help="print the method table as markdown (for the README)")
     p.set_defaults(run=_list)
 
     p = sub.add_parser("demo", help="run every training-free method on the embedded model against dense")

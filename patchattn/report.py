@@ -18,6 +18,14 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join([line, rule, *body])
 
 
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """The same table as markdown."""
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _cell(value) -> str:
     if value is None:
         return "-"
