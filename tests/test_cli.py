@@ -46,3 +46,11 @@ def test_demo_on_the_embedded_model(tmp_path, capsys):
     assert "Paris" in row["answer"]
     assert data["environment"]["torch"]
     assert "dense" in capsys.readouterr().out
+
+
+def test_lvlm_example_runs():
+    import pathlib
+
+    script = pathlib.Path(__file__).parent.parent / "examples" / "patch_lvlm.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    assert "targets=all: 4 modules, max |diff| vs unpatched 0.0e+00" in out
