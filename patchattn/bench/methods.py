@@ -120,7 +120,7 @@ def decode_rows(T, batch, methods):
     return rows
 
 
-def _ints(text: str) -> list[int]:
+def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
@@ -139,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     methods = parse_methods(args.methods)
     rows = []
-    for T in _ints(args.prefill):
+    for T in ints(args.prefill):
         rows += prefill_rows(T, methods, not args.no_flex)
         torch.cuda.empty_cache()
-    for T in _ints(args.decode):
-        for batch in _ints(args.decode_batch):
+    for T in ints(args.decode):
+        for batch in ints(args.decode_batch):
             rows += decode_rows(T, batch, methods)
     print(format_table(rows, ["mode", "T", "B", "method", "density", "select_ms", "kernel_ms", "flex_ms",
                               "sdpa_ms", "speedup_vs_sdpa", "vs_flex"]))

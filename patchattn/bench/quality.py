@@ -21,7 +21,7 @@ from .. import api
 from ..eval.longctx import answer_passkey, passkey_example
 from ..eval.ppl import mean_stat, perplexity, text_token_ids
 from ..report import environment, format_table
-from .methods import parse_methods
+from .methods import ints, parse_methods
 
 DEFAULT_METHODS = "dense,streaming,power,s2,blocktopk,hip"
 
@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     model, tokenizer = api.load(args.model, dtype=dtype)
     model.to(args.device)
-    ppl_inputs = {n: text_token_ids(tokenizer, n) for n in map(int, args.ppl_lengths.split(","))}
+    ppl_inputs = {n: text_token_ids(tokenizer, n) for n in ints(args.ppl_lengths)}
     depths = [float(d) for d in args.depths.split(",")]
-    passkeys = [passkey_example(tokenizer, n, d) for n in map(int, args.passkey_lengths.split(",")) for d in depths]
+    passkeys = [passkey_example(tokenizer, n, d) for n in ints(args.passkey_lengths) for d in depths]
     rows = []
     for label, name, overrides in tqdm(parse_methods(args.methods), desc="methods"):
         rows.append(evaluate_method(model, tokenizer, label, name, overrides, ppl_inputs, passkeys))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "passkey"}), flush=True)
+        _write(args, rows)  # after every method, so a long sweep that is cut short keeps what it measured
     dense = next(r for r in rows if r["method"] == "dense")
     for row in rows:
         for n in ppl_inputs:
@@ -76,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["method"] + [f"{k}@{n}" for n in ppl_inputs for k in ("ratio", "density")]
     columns += [f"passkey@{n}" for n in sorted({e.length for e in passkeys})]
     print(format_table(rows, columns))
+    _write(args, rows)
+    return 0
+
+
+def _write(args, rows) -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"model": args.model, "args": vars(args), "environment": environment(), "results": rows},
                       handle, indent=2)
-    return 0
 
 
 if __name__ == "__main__":
