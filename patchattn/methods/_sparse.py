@@ -63,9 +63,17 @@ def padding_start(attention_mask, batch: int, kv_len: int) -> torch.Tensor | Non
     return start.to(torch.int32) if bool((start > 0).any()) else None
 
 
-def _warn_once(method: str, reason: str) -> None:
-    # Python's default warning filter shows each distinct message once per call site.
-    warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=3)
+def _dense_reason(state, attention_mask, batch: int, kv_len: int, kwargs) -> tuple[str | None, object]:
+    """(why this call must run dense, or None; the left-padding start when it need not)."""
+    if state.layer_index in state.config.dense_layers:
+        return "dense layer", None
+    if kwargs.get("sliding_window"):
+        # Sliding-window layers (Gemma, Mistral) are already sparse; the method applies to the full layers.
+        return "sliding-window layers keep their own window", None
+    try:
+        return None, padding_start(attention_mask, batch, kv_len)
+    except ValueError as err:
+        return str(err), None
 
 
 def run_block_sparse(module, query, key, value, attention_mask, *, scaling, select: BlockSelector,
@@ -73,21 +81,13 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
     """Shared forward of every block-sparse method (transformers' signature; returns ``([B, Tq, Hq, D], None)``)."""
     state = module.patchattn
     config = state.config
-    method = type(config).method
-    if state.layer_index in config.dense_layers:
-        state.record(density=1.0)
-        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if kwargs.get("sliding_window"):
-        # Sliding-window layers (Gemma, Mistral) are already sparse; the method applies to the full layers.
-        _warn_once(method, "sliding-window layers keep their own window")
-        state.record(density=1.0)
-        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    try:
-        kv_start = padding_start(attention_mask, batch, kv_len)
-    except ValueError as err:
-        _warn_once(method, str(err))
+    reason, kv_start = _dense_reason(state, attention_mask, batch, kv_len, kwargs)
+    if reason is not None:
+        if reason != "dense layer":
+            # Python's default filter shows each distinct message once per call site.
+            warnings.warn(f"patchattn {type(config).method}: {reason}; those calls run dense attention", stacklevel=2)
         state.record(density=1.0)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
