@@ -1,9 +1,15 @@
 """``blocktopk`` — block top-k attention (Kinetics' block top-k; the routing of MoBA and BiFormer).
 
-Keys are mean-pooled per block, queries per query block (and over the heads of a GQA group, so the group
-shares one selection and reads each KV block once); each query block keeps the ``top_k`` best-scoring key
-blocks of its causal past, plus the sink block(s) and its ``local_blocks`` nearest blocks.  Recomputed on every
-call, so decoding re-selects as the cache grows (Kinetics selects per decode step, too).
+Keys are mean-pooled per block (a compressed key cache, updated incrementally while decoding); each key block is
+scored against the best query row of the query block (``score="max"``; ``"mean"`` pools the queries too, as
+Kinetics and MoBA do); each query block and head (``per_head``; or once per GQA group) keeps the best-scoring
+key blocks of its causal past until their estimated share of the softmax mass reaches ``mass`` (at most
+``top_k``), plus the sink block(s) and its ``local_blocks`` nearest blocks.  Recomputed on every call, so
+decoding re-selects as the cache grows (Kinetics selects per decode step, too).
+
+Defaults (64-token blocks, per head, max-row scores, mass 0.97 capped at 24 blocks) come from a sweep on
+SmolLM2 at 8k tokens: +4.6% perplexity at 21.8% density, where a fixed top-14 gave +7.6% at 24.7%
+(bench/quality/).
 """
 
 from __future__ import annotations
@@ -21,17 +27,17 @@ from ._sparse import SparseConfig, sparse_forward
 
 @dataclass(kw_only=True)
 class BlockTopKConfig(SparseConfig):
-    top_k: int = option(14, "content-selected key blocks per query block", min=0)
+    top_k: int = option(24, "content-selected key blocks per query block (the cap when mass < 1)", min=0)
     sink_blocks: int = option(1, "initial blocks always read", min=0)
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
-    mass: float = option(1.0, "adaptive budget: keep the best blocks until their estimated share of the softmax "
+    mass: float = option(0.97, "adaptive budget: keep the best blocks until their estimated share of the softmax "
                          "mass reaches this (1.0 = always top_k; top_k stays the cap)", min=0.0, max=1.0)
     per_head: bool = option(True, "select per query head (better quality); False shares one selection per GQA "
                             "group, so the group reads each KV block once")
     score: str = option("max", "block score: 'mean' (pooled query . pooled key, as Kinetics/MoBA) or 'max' (best "
                         "query row of the block and GQA group . pooled key)", choices=("mean", "max"))
 
-    DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30}
+    DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "mass": 1.0}
 
 
 MAX_SCORE_ELEMENTS = 1 << 26
