@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
@@ -36,6 +38,8 @@ def _parse(argv):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", help="write results here")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --json and run only the labels it does not have yet")
     return p.parse_args(argv)
 
 
@@ -65,12 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     ppl_inputs = {n: text_token_ids(tokenizer, n) for n in ints(args.ppl_lengths)}
     depths = [float(d) for d in args.depths.split(",")]
     passkeys = [passkey_example(tokenizer, n, d) for n in ints(args.passkey_lengths) for d in depths]
-    rows = []
-    for label, name, overrides in tqdm(parse_methods(args.methods), desc="methods"):
+    rows = _previous_rows(args)
+    done = {r["method"] for r in rows}
+    todo = [m for m in parse_methods(args.methods) if m[0] not in done]
+    for label, name, overrides in tqdm(todo, desc="methods"):
         rows.append(evaluate_method(model, tokenizer, label, name, overrides, ppl_inputs, passkeys))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "passkey"}), flush=True)
         _write(args, rows)  # after every method, so a long sweep that is cut short keeps what it measured
-    dense = next(r for r in rows if r["method"] == "dense")
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if dense is None:
+        print("no 'dense' row: ratios need dense on the same tokens (add it to --methods)", file=sys.stderr)
+        return 2
     for row in rows:
         for n in ppl_inputs:
             row[f"ratio@{n}"] = row[f"ppl@{n}"] / dense[f"ppl@{n}"]
@@ -79,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, columns))
     _write(args, rows)
     return 0
+
+
+def _previous_rows(args) -> list[dict]:
+    if not (args.resume and args.json and os.path.exists(args.json)):
+        return []
+    with open(args.json, encoding="utf-8") as handle:
+        return json.load(handle)["results"]
 
 
 def _write(args, rows) -> None:
