@@ -82,10 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", required=True)
     p.add_argument("--speed")
     p.add_argument("--out", required=True, help="folder for RESULTS.md and quality_vs_speed.png")
+    p.add_argument("--alias", action="append", default=[],
+                   help="QUALITY_LABEL=SPEED_LABEL when the two runs named the same config differently")
     args = p.parse_args(argv)
     with open(args.quality, encoding="utf-8") as handle:
         quality = json.load(handle)
     speed = _read_speed(args.speed)
+    for alias in args.alias:
+        quality_label, speed_label = alias.split("=", 1)
+        speed.update({(m, t, b, quality_label): r for (m, t, b, label), r in list(speed.items()) if label == speed_label})
     os.makedirs(args.out, exist_ok=True)
     table = markdown_table(quality, speed)
     with open(os.path.join(args.out, "RESULTS.md"), "w", encoding="utf-8") as handle:
