@@ -28,11 +28,21 @@ def _list(args) -> int:
             print(f"\n{spec.name} ({spec.config_cls.__name__}):")
             for name, default, help_text in spec.config_cls.describe_fields():
                 print(f"  {name} = {default!r}  - {help_text}")
+    if args.patterns:
+        print()
+        print(format_table(_pattern_rows(api.list_methods(args.category))))
     if args.families:
         print()
         print(format_table([{"model_type": f.model_type, "kind": f.kind, "notes": f.notes}
                             for f in HF_FAMILIES.values()]))
     return 0
+
+
+def _pattern_rows(specs) -> list[dict]:
+    """One row per method: which attention patterns (CAB taxonomy) it supports."""
+    from .registry import PATTERNS
+
+    return [{"method": s.name, **{p: "yes" if p in s.patterns else "-" for p in PATTERNS}} for s in specs]
 
 
 def _demo(args) -> int:
@@ -58,6 +68,21 @@ def _bench(args) -> int:
     return importlib.import_module(BENCHMARKS[args.what]).main(args.rest)
 
 
+# Commands whose arguments belong to a module of their own: name -> (module with main(argv), help).
+DELEGATED = {
+    "eval": ("patchattn.eval.run", "many methods x offline tasks on one model, resumable (JSON/CSV)"),
+    "report": ("patchattn.eval.report", "markdown table + plots from `patchattn eval` results"),
+    "tasks-path": ("patchattn.tasks", "print the folder of the offline lm-eval tasks (for --include_path)"),
+    "train": ("patchattn.train", "run a fine-tuning recipe folder (LoRA + patch state)"),
+}
+
+
+def _delegate(args) -> int:
+    import importlib
+
+    return importlib.import_module(DELEGATED[args.command][0]).main(args.rest)
+
+
 def _calibrate(args) -> int:
     from .calibrate import main as calibrate_main
 
@@ -73,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fields", action="store_true", help="also print each method's config fields and defaults")
     p.add_argument("--families", action="store_true", help="also print the supported model families")
     p.add_argument("--markdown", action="store_true", help="print the method table as markdown (for the README)")
+    p.add_argument("--patterns", action="store_true",
+                   help="also print which attention patterns (causal/non-causal, self/cross) each method supports")
     p.set_defaults(run=_list)
 
     p = sub.add_parser("demo", help="run every training-free method on the embedded model against dense")
@@ -91,14 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("calibrate", help="offline calibrations: moa plans, retrieval-head scores")
-    p.add_argument("what", choices=["moa", "retrieval-heads"])
+    p.add_argument("what", choices=["moa", "retrieval-heads", "act"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the calibration (see --help)")
     p.set_defaults(run=_calibrate)
+
+    for name, (_, help_text) in DELEGATED.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the command (see its --help)")
+        p.set_defaults(run=_delegate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        # argparse's REMAINDER drops a leading option (``--help``), so hand delegated commands over directly.
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], run=_delegate)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, TypeError, ImportError) as err:

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 PLANS_DIR = Path(__file__).parent / "plans"
-COMMANDS = {"moa": "patchattn.calibrate.moa", "retrieval-heads": "patchattn.calibrate.retrieval_heads"}
+COMMANDS = {"moa": "patchattn.calibrate.moa", "retrieval-heads": "patchattn.calibrate.retrieval_heads",
+            "act": "patchattn.calibrate.act"}
 # Config fields that identify a model well enough to pick a shipped artifact automatically.
 SIGNATURE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "vocab_size")
 
