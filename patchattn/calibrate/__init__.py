@@ -18,6 +18,8 @@ PLANS_DIR = Path(__file__).parent / "plans"
 COMMANDS = {"moa": "patchattn.calibrate.moa", "retrieval-heads": "patchattn.calibrate.retrieval_heads",
             "act": "patchattn.calibrate.act"}
 # Config fields that identify a model well enough to pick a shipped artifact automatically.
+# Calibrations read the offline text from here on, so they never see the tokens the benchmarks score.
+CALIBRATION_TEXT_OFFSET = 32768
 SIGNATURE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "vocab_size")
 
 
@@ -144,6 +146,10 @@ def base_parser(prog: str, description: str, default_out: str):
     parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local save_pretrained folder")
     parser.add_argument("--out", default=default_out, help=f"output JSON (default {default_out})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    parser.add_argument("--device", default="cpu", help="where to run the model (cpu, cuda; default cpu)")
+    parser.add_argument("--text-offset", type=int, default=CALIBRATION_TEXT_OFFSET,
+                        help=f"first token of the offline text used (default {CALIBRATION_TEXT_OFFSET}: past the "
+                        "first 8k tokens the quality benchmarks evaluate on)")
     return parser
 
 

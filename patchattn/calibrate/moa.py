@@ -136,15 +136,16 @@ def allocate(loss: torch.Tensor, density: torch.Tensor, budget: float, steps: in
 
 
 # ---- command -----------------------------------------------------------------------------------------------------
-def calibrate(model, tokenizer, lengths, samples, block, sink_blocks, budget, seed, log=print):
+def calibrate(model, tokenizer, lengths, samples, block, sink_blocks, budget, seed, log=print, text_offset=0):
     """(rules ``[L][H][2]``, mean density per length, predicted loss) of a plan for ``model``."""
     model.requires_grad_(False)  # no weight gradients: only dL/dA is needed
-    influence_by_len, offset = {}, 0
+    influence_by_len, offset = {}, text_offset
     for n in lengths:
         total = 0
         for s in range(samples):
             started = time.time()
-            total = total + profile(model, context_ids(tokenizer, model.config.vocab_size, n, offset, seed), block)
+            ids = context_ids(tokenizer, model.config.vocab_size, n, offset, seed).to(model.device)
+            total = total + profile(model, ids, block).cpu()
             offset += n
             log(f"  profiled length {n} sample {s + 1}/{samples} in {time.time() - started:.1f}s")
         influence_by_len[n] = total / samples
@@ -169,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     started = time.time()
     model, tokenizer = load_model(args.model)
+    model.to(args.device)
     print(f"MoA calibration of {args.model}: lengths {lengths}, {args.samples} samples each, budget {args.density}")
     rules, achieved, predicted = calibrate(model, tokenizer, lengths, args.samples, args.block_size,
-                                           args.sink_blocks, args.density, args.seed)
+                                           args.sink_blocks, args.density, args.seed, text_offset=args.text_offset)
     meta = {
         "method": "moa", "paper": "arXiv 2406.14909", "profile": "gradient influence, self-generated labels, "
         "last quarter of pydoc text" if tokenizer is not None else "gradient influence on seeded random ids",

@@ -94,15 +94,15 @@ def top1_probe(record: dict):
 def decode_with_top1(model, ids: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and, per step, ``[L, Hq]`` top-1 key positions of the query that produced the token."""
     record: dict = {}
-    tokens, tops, past, step_ids = [], [], None, ids
+    tokens, tops, past, step_ids = [], [], None, ids.to(model.device)
     with attention_probe(model, PROBE, top1_probe(record)):
         for _ in range(steps):
             out = model(input_ids=step_ids, cache=past, use_cache=True)
             past = out.cache
             token = int(out.logits[0, -1].argmax())
-            tops.append(torch.stack([record[layer] for layer in sorted(record)]))
+            tops.append(torch.stack([record[layer] for layer in sorted(record)]).cpu())
             tokens.append(token)
-            step_ids = torch.tensor([[token]])
+            step_ids = torch.tensor([[token]], device=model.device)
     return tokens, tops
 
 
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     depths = torch.linspace(0, 1, args.depths).tolist()
     started = time.time()
     model, tokenizer = load_model(args.model)
+    model.to(args.device)
     print(f"retrieval-head scores of {args.model}: lengths {lengths}, {len(depths)} depths, {args.needles} needles")
     scores, kept = calibrate(model, tokenizer, lengths, depths, args.needles, args.seed, args.min_recall)
     meta = {

@@ -8,8 +8,10 @@ query block, keep the ``top_k`` best halves, and repeat until the segments are s
 Deviations from the paper (Lee et al., ICLR 2025), documented: the search runs at key-*block* granularity
 (``block_size`` 64, the unit our block-sparse kernel reads) rather than 2-token key blocks; a segment's
 representative is its mean key (the mean of its blocks' mean-pooled keys, O(1) from prefix sums; a single
-middle key misses peaks that straddle a split), scored against the query block's mean query (per
-head by default; ``per_head=False`` shares one search per GQA group so it reads each KV block once); sink and local blocks are always read (as in
+middle key misses peaks that straddle a split), scored against the query block's best query row (``score="max"``,
+as HiP scores a branch by its best query; ``"mean"`` uses the block's mean query, cheaper but it blurs the rows
+that look for one needle), per head by default (``per_head=False`` shares one search per GQA group so it reads
+each KV block once); sink and local blocks are always read (as in
 InfiniteHiP); the first ``dense_layers`` stay dense (paper: first layers dense); during decoding the selection is
 refreshed every ``refresh_interval`` steps (paper: 8) and new blocks enter through the local window meanwhile.
 """
@@ -35,6 +37,8 @@ class HipConfig(SparseConfig):
     local_blocks: int = option(2, "nearest blocks always read (sliding window)", min=1)
     per_head: bool = option(True, "search per query head (as the paper) instead of once per GQA group")
     refresh_interval: int = option(8, "decode steps between re-running the search (paper: 8)", min=1)
+    score: str = option("max", "segment score: 'max' (best query row of the block . segment mean key, as the paper) "
+                        "or 'mean' (mean query of the block . segment mean key)", choices=("mean", "max"))
     dense_layers: list = option([0], "layer indices kept dense (paper: the first layers)", min=0)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "dense_layers": []}
@@ -48,11 +52,12 @@ def _initial_segments(diagonal: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return bounds[:, :-1], bounds[:, 1:]
 
 
-def tree_search(q_means: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Tensor, k: int) -> torch.Tensor:
+def tree_search(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Tensor, k: int) -> torch.Tensor:
     """Hierarchical top-k over key blocks.
 
     Args:
-        q_means: ``[B, H, NQ, D]`` mean query per query block (and GQA group).
+        q_rows: ``[B, H, NQ, R, D]`` the query rows of each query block (and GQA group) a segment is scored
+            against; its score is the best row's (``R = 1``: one pooled row).
         k_means: ``[B, H, NK, D]`` mean key per key block.
         diagonal: ``[NQ]`` last key block each query block may read.
         k: number of blocks to keep.
@@ -60,7 +65,7 @@ def tree_search(q_means: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Te
     Returns:
         bool ``[B, H, NQ, NK]`` with at most ``k`` blocks per row.
     """
-    b, h, n_q, _ = q_means.shape
+    b, h, n_q = q_rows.shape[:3]
     n_k = k_means.shape[2]
     start, end = _initial_segments(diagonal, k)
     start = start.expand(b, h, n_q, k).clone()
@@ -71,17 +76,17 @@ def tree_search(q_means: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Te
         mid = torch.where(end - start > 1, (start + end) // 2, end)
         start = torch.cat([start, mid], dim=-1)  # left halves then right halves
         end = torch.cat([mid, end], dim=-1)
-        scores = _segment_scores(q_means, prefix, start, end)
+        scores = _segment_scores(q_rows, prefix, start, end)
         best = scores.topk(k, dim=-1).indices
         start, end = torch.gather(start, -1, best), torch.gather(end, -1, best)
-    chosen = torch.zeros(b, h, n_q, n_k, dtype=torch.bool, device=q_means.device)
+    chosen = torch.zeros(b, h, n_q, n_k, dtype=torch.bool, device=q_rows.device)
     valid = end > start
     chosen.scatter_(-1, start.clamp(0, n_k - 1), valid)
     return chosen
 
 
-def _segment_scores(q_means, prefix, start, end) -> torch.Tensor:
-    """``[B, H, NQ, S]`` score of each segment: query block mean · the segment's mean key (-inf if empty)."""
+def _segment_scores(q_rows, prefix, start, end) -> torch.Tensor:
+    """``[B, H, NQ, S]`` score of each segment: best query row · the segment's mean key (-inf if empty)."""
     b, h, n_q, n_seg = start.shape
     d = prefix.shape[-1]
 
@@ -90,8 +95,27 @@ def _segment_scores(q_means, prefix, start, end) -> torch.Tensor:
 
     length = (end - start).clamp(min=1)[..., None]
     means = (gather(end) - gather(start)) / length
-    scores = (means * q_means[:, :, :, None]).sum(-1)
+    scores = (q_rows.to(means.dtype) @ means.transpose(-1, -2)).amax(dim=3)  # [B, H, NQ, R, S] -> best row
     return scores.masked_fill(end <= start, float("-inf"))
+
+
+def query_rows(query: torch.Tensor, block: int, kv_heads: int, per_head: bool, score: str) -> torch.Tensor:
+    """``[B, H, NQ, R, D]`` the rows each query block's segments are scored against (H: query or KV heads)."""
+    b, hq, t, d = query.shape
+    groups = hq // kv_heads
+    if score == "mean":
+        rows = block_means(query, block)[:, :, :, None]  # [B, Hq, NQ, 1, D]
+    else:
+        n_q = -(-t // block)
+        # Pad the last block by repeating its last row: the max over rows is unchanged.
+        rows = torch.cat([query, query[:, :, -1:].expand(-1, -1, n_q * block - t, -1)], dim=2).float()
+        rows = rows.view(b, hq, n_q, block, d)
+    if per_head:
+        return rows
+    grouped = rows.view(b, kv_heads, groups, *rows.shape[2:])
+    if score == "mean":
+        return grouped.mean(dim=2)
+    return grouped.transpose(2, 3).reshape(b, kv_heads, rows.shape[2], groups * rows.shape[3], d)
 
 
 def select_hip(g: BlockGeometry, query, key, state) -> torch.Tensor:
@@ -102,14 +126,12 @@ def select_hip(g: BlockGeometry, query, key, state) -> torch.Tensor:
     if reused is not None:
         return reused | forced
     groups = query.shape[1] // key.shape[1]
-    q_means = block_means(query, g.block_q)
+    q_rows = query_rows(query, g.block_q, key.shape[1], config.per_head, config.score)
     k_means = key_block_means(state, key, g.block_k, g.q_len)
     if config.per_head:
         k_means = k_means.repeat_interleave(groups, dim=1)
-    else:
-        q_means = q_means.view(q_means.shape[0], key.shape[1], groups, *q_means.shape[2:]).mean(dim=2)
     k = min(config.top_k, g.n_k)
-    chosen = tree_search(q_means, k_means, g.diagonal_block(query.device), k) & allowed
+    chosen = tree_search(q_rows, k_means, g.diagonal_block(query.device), k) & allowed
     if g.q_len == 1:
         state.cache["hip_decode"] = {"selection": chosen, "age": 0}
     return chosen | forced

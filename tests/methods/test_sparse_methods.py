@@ -177,13 +177,32 @@ def test_hip_tree_search_finds_the_true_top_blocks_on_separable_scores():
     for t in targets:
         for j in range(n_k):
             k_means[0, 0, j, 0] += torch.exp(torch.tensor(-abs(j - t) / 4.0))
-    q_means = torch.zeros(1, 1, 1, d)
-    q_means[..., 0] = 1.0
-    chosen = tree_search(q_means, k_means, torch.tensor([n_k - 1]), k=4)
+    q_rows = torch.zeros(1, 1, 1, 1, d)
+    q_rows[..., 0] = 1.0
+    chosen = tree_search(q_rows, k_means, torch.tensor([n_k - 1]), k=4)
     found = chosen[0, 0, 0].nonzero().flatten().tolist()
     assert len(found) == 4
     # A greedy tree search is approximate: each peak must be found to within one block.
     assert all(min(abs(f - t) for f in found) <= 1 for t in targets), found
+
+
+def test_hip_max_row_score_finds_a_needle_that_the_mean_query_blurs():
+    from patchattn.methods.hip import query_rows, tree_search
+
+    n_k, d, needle = 64, 4, 41
+    k_means = torch.zeros(1, 1, n_k, d)
+    k_means[..., 0] = 1.0  # repetitive filler: every block looks alike to the "local" row
+    # A run of blocks only the "needle" row wants (locality, the tree search's premise).
+    k_means[0, 0, needle - 4 : needle + 4] = torch.tensor([-3.0, 3.0, 0.0, 0.0])
+    query = torch.zeros(1, 1, 2, d)
+    query[0, 0, 0, 0] = 1.0  # a row reading the filler
+    query[0, 0, 1, 1] = 1.0  # a row looking for the needle
+    found = {}
+    for score in ("max", "mean"):
+        rows = query_rows(query, block=2, kv_heads=1, per_head=True, score=score)
+        chosen = tree_search(rows, k_means, torch.tensor([n_k - 1]), k=2)[0, 0, 0]
+        found[score] = bool(chosen[needle - 4 : needle + 4].any())
+    assert found == {"max": True, "mean": False}
 
 
 def test_hip_decode_reuses_selection_until_refresh():
