@@ -1,0 +1,272 @@
+"""``moh`` — Mixture-of-Head attention: shared heads always on, routed heads picked per token, gated outputs.
+
+Jin et al., "MoH: Multi-Head Attention as Mixture-of-Head Attention" (ICML 2025), arXiv 2410.11842.
+The layer output is ``O = sum_i g_i H^i W_O^i``: ``shared_heads`` are always active, and each token activates
+``top_k`` of the routed heads (default: enough for ``active_ratio`` = 75% of all heads, the MoH-LLaMA3-8B setting
+of 16 shared + 8 of 16 routed).  Gates multiply the per-head outputs before ``o_proj``.
+
+Routers (``router``):
+
+* ``"norm"`` — the parameter-free router the paper uses to convert a pretrained LLaMA3 (spec section 7.2): logits
+  are the L2 norms of the routed heads' query vectors divided by their std across the routed heads; top-k;
+  **binary** gates (1 for shared and selected heads).  RoPE is a rotation, so the norm after RoPE (what the
+  attention function receives) equals the norm before it.
+* ``"learned"`` — a linear router per layer with the paper's gates: routed ``p = softmax(logits)``, keep top-k,
+  renormalise within the top-k and multiply by k; shared ``softmax(W_s x) * h_s``; head-type balance
+  ``[a1, a2] = 2 softmax(W_h x)`` multiplying shared / routed gates.  *Deviation, and why:* the attention
+  function sees q/k/v, not the hidden state x, so the routers read the token's value vectors ``v = x W_v``
+  (no RoPE: a linear function of x, of rank ``Hkv * head_dim``) instead of x; and the routed logits are
+  ``norm logits + W_r v + b_r`` — a learned correction of the parameter-free router — so a freshly patched
+  pretrained model starts from the query-norm choice instead of a random one (``W_s``, ``W_h`` start at 0, so
+  shared and type gates start at exactly 1; ``W_r`` starts at ``N(0, init_std)`` from ``seed``).
+
+Trainable state (the trainer relies on this): the learned router's parameters are ``nn.Parameter`` s on the
+module's ``PatchState``, created at patch time, so ``model.named_parameters()`` lists them as
+``...self_attn.patchattn.router_weight`` / ``router_bias`` / ``shared_weight`` / ``type_weight``; save every
+parameter whose name contains ``.patchattn.`` and load it back after ``patchattn.patch``.  Each forward stores the
+layer's load-balance loss ``L_b = N_r * sum_i P_i f_i`` (P_i: mean routing probability of routed head i over the
+real tokens, f_i: fraction of the top-k slots that went to head i, so uniform routing gives 1) in
+``state.cache["moh_balance_loss"]`` with its graph; :func:`aux_loss` returns ``balance_coef`` (paper 0.01) times
+the sum over layers, to add to the language-model loss.
+
+Speed: the fused kernel gets ``active [B, T, H]`` and skips a (query tile, head) only when **no** row of the tile
+is active.  With per-token routing (``route_block=1``, the paper) almost every 64-row tile has some token that
+picked each head, so the kernel saves ~nothing; ``route_block=R`` (a multiple of the kernel tile, e.g. 128) makes
+the tokens of each R-token block share the routing decision of the block's first real token (causal: a token
+never routes on a later one), so whole tiles are skipped and the work drops to about the active ratio.
+``state.stats`` reports ``density`` (fraction of (token, head) pairs computed) and ``tile_skip`` (fraction of
+64-row (tile, head) pairs the kernel skips).  On CPU (no Triton) the method runs the model's SDPA and multiplies
+by the gates (same maths, nothing skipped).  ``active_ratio=1`` with the norm router is exactly dense.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, option
+from ..registry import register_method
+from ..state import PatchState, get_state
+from ._heads import check_heads, dense_call, full_causal_attention, head_counts, use_fused_kernel, valid_rows
+from ._sparse import padding_start
+
+ROUTERS = ("norm", "learned")
+KERNEL_TILE = 64  # the kernel's smallest query tile; tile_skip is reported at this size
+
+
+@dataclass(kw_only=True)
+class MoHConfig(MethodConfig):
+    shared_heads: int | list | None = option(  # noqa: RUF009
+        None, "always-active heads: a count (the first n heads), a list of head indices, or None for the first "
+        "half (paper: 16 of 32)")
+    active_ratio: float = option(0.75, "fraction of all heads active per token (paper: 0.75)", min=0.0, max=1.0)
+    top_k: int | None = option(None, "routed heads active per token (overrides active_ratio)", min=0)
+    router: str = option("norm", "'norm': parameter-free query-norm router (MoH-LLaMA3); 'learned': linear "
+                         "routers with the paper's gates and load-balance loss", choices=ROUTERS)
+    route_block: int = option(1, "tokens sharing one routing decision (1 = per token, the paper; a multiple of "
+                              "64 lets the kernel skip whole tiles)", min=1)
+    balance_coef: float = option(0.01, "load-balance loss coefficient (paper: 0.01), applied by aux_loss()", min=0.0)
+    init_std: float = option(1e-3, "std of the learned routed-router weights at patch time", min=0.0)
+    seed: int = option(0, "seed of the learned router's initialisation", min=0)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"active_ratio": 1.0}
+
+
+# ---- head plan -------------------------------------------------------------------------------------------------
+def head_plan(config: MoHConfig, num_heads: int) -> tuple[list[int], list[int], int]:
+    """(shared heads, routed heads, routed heads active per token), checked against ``num_heads``."""
+    where = "MoHConfig.shared_heads"
+    if config.shared_heads is None:
+        shared = list(range(num_heads // 2))
+    elif isinstance(config.shared_heads, int):
+        if not 0 <= config.shared_heads <= num_heads:
+            raise ValueError(f"{where} = {config.shared_heads}: a count must be in [0, {num_heads}]")
+        shared = list(range(config.shared_heads))
+    else:
+        shared = check_heads(where, config.shared_heads, num_heads)
+    routed = [h for h in range(num_heads) if h not in shared]
+    if config.top_k is not None:
+        k = config.top_k
+    else:
+        k = round(config.active_ratio * num_heads) - len(shared)
+    if not 0 <= k <= len(routed):
+        raise ValueError(f"moh: {len(shared)} shared heads of {num_heads} leave {len(routed)} routed heads; the "
+                         f"routed heads active per token (top_k, or active_ratio*heads - shared = {k}) must be in "
+                         f"[0, {len(routed)}]")
+    return shared, routed, k
+
+
+def make_moh_state(module, config: MoHConfig, layer_index, role, context) -> PatchState:
+    """Fix the head plan and create the learned router's parameters (deterministic from ``seed`` and the layer)."""
+    heads, kv_heads, head_dim = head_counts(module)
+    shared, routed, k = head_plan(config, heads)
+    state = PatchState(config, layer_index, role, context)
+    state.register_buffer("moh_shared", torch.tensor(shared, dtype=torch.long), persistent=False)
+    state.register_buffer("moh_routed", torch.tensor(routed, dtype=torch.long), persistent=False)
+    state.moh_top_k = k
+    if config.router == "learned":
+        features = kv_heads * head_dim
+        device = next(module.parameters()).device
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + layer_index)
+        weight = torch.randn(len(routed), features, generator=gen) * config.init_std
+        state.router_weight = nn.Parameter(weight.to(device))
+        state.router_bias = nn.Parameter(torch.zeros(len(routed), device=device))
+        state.shared_weight = nn.Parameter(torch.zeros(len(shared), features, device=device))
+        state.type_weight = nn.Parameter(torch.zeros(2, features, device=device))
+    return state
+
+
+# ---- routing ---------------------------------------------------------------------------------------------------
+def norm_logits(query: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """``[B, Tq, Nr]`` query-norm logits of the routed heads, divided by their std across routed heads."""
+    norms = query.index_select(1, routed).float().norm(dim=-1).transpose(1, 2)
+    if norms.shape[-1] < 2:
+        return norms
+    return norms / norms.std(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def router_features(value: torch.Tensor, q_len: int) -> torch.Tensor:
+    """``[B, Tq, Hkv * D]``: this call's tokens' value vectors (a linear, RoPE-free function of x)."""
+    v = value[:, :, -q_len:].float()
+    return v.permute(0, 2, 1, 3).flatten(2)
+
+
+def _anchored(selected: torch.Tensor, state, kv_len: int, starts) -> torch.Tensor:
+    """Per-token selections ``[B, Tq, Nr]`` -> each token uses the selection of its block's first real token.
+
+    Blocks that began in an earlier call (decoding) reuse the selection cached then.
+    """
+    block = state.config.route_block
+    batch, q_len, _ = selected.shape
+    first = kv_len - q_len
+    pos = torch.arange(q_len, device=selected.device) + first
+    anchor = torch.clamp((pos // block) * block, min=first)[None].expand(batch, q_len)
+    if starts is not None:
+        anchor = torch.maximum(anchor, starts.to(selected.device).long()[:, None])
+    anchor = torch.minimum(anchor, pos[None])  # padding rows: themselves
+    out = torch.gather(selected, 1, (anchor - first)[..., None].expand_as(selected))
+    cached = state.cache.get("moh_block")
+    if cached is not None and cached[1].shape[0] == batch and first > 0:
+        earlier = (pos // block == cached[0]) & ((pos // block) * block < first)
+        out = torch.where(earlier[None, :, None], cached[1][:, None].to(out.dtype), out)
+    state.cache["moh_block"] = ((kv_len - 1) // block, out[:, -1].detach())
+    return out
+
+
+def _balance_loss(probs, selected, rows, k: int) -> torch.Tensor:
+    """The paper's ``N_r * sum_i P_i f_i`` over real tokens (f normalised by k: uniform routing gives 1)."""
+    n_routed = probs.shape[-1]
+    weight = torch.ones(probs.shape[:2], device=probs.device) if rows is None else rows.float()
+    total = weight.sum().clamp_min(1.0)
+    mean_prob = (probs * weight[..., None]).sum((0, 1)) / total
+    share = (selected.float() * weight[..., None]).sum((0, 1)) / (total * max(k, 1))
+    return n_routed * (mean_prob * share).sum()
+
+
+def route(state, query, value, rows, starts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gates float ``[B, Tq, Hq]``, active bool ``[B, Tq, Hq]``) for this call; stores the balance loss."""
+    config = state.config
+    batch, heads, q_len, _ = query.shape
+    shared, routed, k = state.moh_shared, state.moh_routed, state.moh_top_k
+    logits = norm_logits(query, routed)
+    if config.router == "learned":
+        features = router_features(value, q_len)
+        logits = logits + features @ state.router_weight.t() + state.router_bias
+    probs = torch.softmax(logits, dim=-1)
+    selected = torch.zeros_like(probs, dtype=torch.bool)
+    if k > 0:
+        selected.scatter_(-1, logits.topk(k, dim=-1).indices, True)
+    if config.route_block > 1:
+        selected = _anchored(selected, state, value.shape[2], starts)
+    state.cache["moh_balance_loss"] = _balance_loss(probs, selected, rows, k)
+
+    if config.router == "norm":
+        routed_gates = selected.float()
+        shared_gates = torch.ones(batch, q_len, len(shared), device=query.device)
+    else:
+        kept = probs * selected
+        routed_gates = kept / kept.sum(-1, keepdim=True).clamp_min(1e-9) * k
+        shared_gates = torch.softmax(features @ state.shared_weight.t(), dim=-1) * len(shared)
+        balance = 2 * torch.softmax(features @ state.type_weight.t(), dim=-1)
+        shared_gates, routed_gates = shared_gates * balance[..., :1], routed_gates * balance[..., 1:]
+    gates = query.new_zeros(batch, q_len, heads, dtype=torch.float32)
+    gates = gates.index_copy(2, shared, shared_gates).index_copy(2, routed, routed_gates)
+    active = torch.ones(batch, q_len, heads, dtype=torch.bool, device=query.device)
+    active[..., routed] = selected
+    return gates, active
+
+
+def _record(state, active, rows) -> None:
+    real = active if rows is None else active[rows]
+    batch, q_len, heads = active.shape
+    tiles = -(-q_len // KERNEL_TILE)
+    padded = torch.nn.functional.pad(active, (0, 0, 0, tiles * KERNEL_TILE - q_len))
+    tile_any = padded.view(batch, tiles, KERNEL_TILE, heads).any(2)
+    state.record(density=real.float().mean() if real.numel() else 1.0, tile_skip=1.0 - tile_any.float().mean())
+
+
+# ---- attention -------------------------------------------------------------------------------------------------
+def _all_active_binary(state) -> bool:
+    return state.config.router == "norm" and state.moh_top_k == len(state.moh_routed)
+
+
+@register_method(
+    "moh",
+    config=MoHConfig,
+    category="moh",
+    families=("llm", "lvlm"),
+    patterns=("causal-self",),
+    make_state=make_moh_state,
+    paper="Jin et al., MoH: Multi-Head Attention as Mixture-of-Head Attention (ICML 2025), arXiv 2410.11842",
+)
+def moh_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+    """Mixture-of-Head attention: shared heads always on, top-k routed heads per token, gated head outputs."""
+    state = module.patchattn
+    config = state.config
+    if _all_active_binary(state):
+        state.record(density=1.0, tile_skip=0.0)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    try:
+        starts = padding_start(attention_mask, batch, kv_len)
+        rows = valid_rows(attention_mask, batch, q_len, kv_len, query.device)
+        kernel_ok = not kwargs.get("sliding_window") and kwargs.get("softcap") is None
+    except ValueError as err:
+        starts, rows, kernel_ok = None, None, False
+        warnings.warn(f"patchattn moh: {err}; gates applied after dense attention (nothing skipped)", stacklevel=2)
+    gates, active = route(state, query, value, rows, starts)
+    _record(state, active, rows)
+    if kernel_ok and use_fused_kernel(config.backend, query):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = full_causal_attention(query, key, value, scaling=scale, kv_start=starts, backend=config.backend,
+                                    head_gain=gates, active=active)
+        return out.transpose(1, 2), None
+    out, _ = dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return out * gates[..., None].to(out.dtype), None
+
+
+def aux_loss(model, *, scaled: bool = True) -> torch.Tensor:
+    """Load-balance loss of the last forward: ``balance_coef * sum over layers of L_b`` (graph kept).
+
+    ``scaled=False`` returns the plain sum.  Raises ValueError when no ``moh`` layer has run a forward yet.
+    """
+    losses, coef = [], 0.0
+    for module in model.modules():
+        state = get_state(module)
+        if state is not None and isinstance(state.config, MoHConfig) and "moh_balance_loss" in state.cache:
+            losses.append(state.cache["moh_balance_loss"])
+            coef = state.config.balance_coef
+    if not losses:
+        raise ValueError("aux_loss: no moh-patched layer has run a forward yet (patch with 'moh' and call the model)")
+    total = torch.stack([loss.to(losses[0].device) for loss in losses]).sum()
+    return total * coef if scaled else total
+
+
+def router_parameters(model) -> dict[str, nn.Parameter]:
+    """The learned routers' parameters by name (all contain ``.patchattn.``)."""
+    return {name: p for name, p in model.named_parameters() if ".patchattn." in name}
