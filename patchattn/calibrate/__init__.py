@@ -126,7 +126,7 @@ def load_model(name_or_path: str):
     """
     from ..models import EMBEDDED, load_pretrained
 
-    if name_or_path in EMBEDDED:
+    if name_or_path in EMBEDDED or name_or_path.endswith(".gguf"):
         return load_pretrained(name_or_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -127,7 +127,9 @@ def _blocks(state, geometry: BlockGeometry, query, key, select: BlockSelector, s
     mask = select(geometry, query, key, state)
     while mask.ndim < 4:
         mask = mask[None]
-    blocks = blocks_from_mask(mask)
+    # Decoding (a few query rows) keeps every key block's slot: no host sync to size the lists, and the kernel
+    # reads only each row's count anyway.  Prefill sizes them to the longest row (one sync per call).
+    blocks = blocks_from_mask(mask, width=mask.shape[-1] if geometry.n_q == 1 else None)
     if static:
         # Only the latest shape is kept: decoding changes it every step.
         state.cache["static_blocks"] = (cache_key, blocks)

@@ -87,10 +87,11 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
 # --------------------------------------------------------------------------------------------
 # Block-list helpers
 # --------------------------------------------------------------------------------------------
-def blocks_from_mask(block_mask: torch.Tensor):
+def blocks_from_mask(block_mask: torch.Tensor, width: int | None = None):
     """bool ``[B', H', NQ, NK]`` -> (kv_indices int32 ``[B', H', NQ, K]``, kv_counts int32 ``[B', H', NQ]``).
 
-    K is the largest row count (at least 1); entries past a row's count are 0.
+    K is ``width`` if given (it must be >= every row's count), else the largest row count (at least 1), which
+    costs a device-to-host sync; entries past a row's count are 0.
     """
     if block_mask.dim() != 4 or block_mask.dtype != torch.bool:
         raise ValueError(f"block_mask must be a bool tensor [B', H', NQ, NK], got "
@@ -99,8 +100,9 @@ def blocks_from_mask(block_mask: torch.Tensor):
     cols = torch.arange(n_k, device=block_mask.device, dtype=torch.int32)
     order = torch.where(block_mask, cols, cols + n_k).sort(dim=-1).values
     counts = block_mask.sum(dim=-1, dtype=torch.int32)
-    width = max(1, int(counts.max().item()) if counts.numel() else 1)
-    idx = order[..., :width]
+    if width is None:
+        width = max(1, int(counts.max().item()) if counts.numel() else 1)
+    idx = order[..., : max(1, min(width, n_k))]
     idx = torch.where(idx < n_k, idx, torch.zeros_like(idx))
     return idx.to(torch.int32).contiguous(), counts.contiguous()
 
