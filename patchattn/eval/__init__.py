@@ -1,5 +1,6 @@
-"""Evaluation: perplexity and generation on offline text (lm-eval integration comes with its own module)."""
+"""Evaluation: perplexity and generation on offline text, and lm-eval tasks on patched models (``evaluate``)."""
 
+from .harness import evaluate
 from .ppl import mean_stat, offline_text, perplexity, text_token_ids
 
-__all__ = ["mean_stat", "offline_text", "perplexity", "text_token_ids"]
+__all__ = ["evaluate", "mean_stat", "offline_text", "perplexity", "text_token_ids"]

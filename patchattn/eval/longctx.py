@@ -24,8 +24,8 @@ class PasskeyExample:
     depth: float
 
 
-def passkey_example(tokenizer, length: int, depth: float, seed: int = 0) -> PasskeyExample:
-    """A passkey prompt of about ``length`` tokens with the key at ``depth`` (0 = start, 1 = end) of the filler."""
+def passkey_prompt(tokenizer, length: int, depth: float, seed: int = 0) -> tuple[str, str]:
+    """(prompt text of about ``length`` tokens with the key at ``depth`` of the filler, the key)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(f"{seed}-{length}-{depth}")
@@ -35,7 +35,12 @@ def passkey_example(tokenizer, length: int, depth: float, seed: int = 0) -> Pass
     filler_ids = tokenizer(FILLER).input_ids
     n_filler = max(1, (length - fixed) // len(filler_ids))
     before = round(n_filler * depth)
-    text = FILLER * before + needle + FILLER * (n_filler - before) + QUESTION
+    return FILLER * before + needle + FILLER * (n_filler - before) + QUESTION, key
+
+
+def passkey_example(tokenizer, length: int, depth: float, seed: int = 0) -> PasskeyExample:
+    """A passkey prompt of about ``length`` tokens with the key at ``depth`` (0 = start, 1 = end) of the filler."""
+    text, key = passkey_prompt(tokenizer, length, depth, seed)
     ids = tokenizer(text, return_tensors="pt").input_ids
     return PasskeyExample(ids, key, length, depth)
 
