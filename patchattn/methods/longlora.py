@@ -1,0 +1,185 @@
+"""``longlora`` — LongLoRA's shifted sparse attention (S²-Attn), a training-time approximation of full attention.
+
+Chen et al., "LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models" (ICLR 2024), arXiv 2309.12307.
+
+The sequence of ``N`` tokens is split into groups of ``G = N * group_size_ratio`` tokens (paper: 1/4) and each
+token attends causally inside its group only.  Half the heads (``h >= H // 2``, as the paper's code slices them)
+use groups shifted by ``G / 2`` so information flows between neighbouring groups.  The paper uses it **only while
+fine-tuning**; inference runs full attention.  Here that is ``train_only=True`` (default): S²-Attn runs when the
+attention module is in training mode (``model.train()``), anything else is the model's own dense attention, exactly.
+
+Which formulation, and why it is exact.  The paper's code has two versions.  The one used for training (flash-attn,
+``forward_flashattn``) does not roll tokens: it calls variable-length causal attention with segment boundaries at
+``0, G, 2G, ...`` for the first half of the heads and at ``G/2, 3G/2, ...`` for the second half, so the shifted
+heads' first and last segments are half groups and nothing wraps around.  The reference version
+(``forward_noflashattn``) rolls q/k/v by ``-G/2`` and masks causally in the rolled order, so its last group mixes
+the sequence's end with its beginning: the first ``G/2`` tokens can see the last ``G/2`` tokens (a causality leak
+the flash version does not have).  We implement the flash version directly as block lists on the block-sparse
+kernel: a query block reads the key blocks of its own segment, and the kernel's causal rule does the rest.  This is
+exact at token level whenever segment boundaries fall on block boundaries, so the block size is the largest
+divisor of ``G / 2`` (and of ``G``) not above ``block_size``.  ``s2_attention_reference`` below is the paper's
+algorithm in plain torch (segment by segment), the test oracle.
+
+Gradients flow through the kernel (Triton backward on GPU, autograd through the torch reference on CPU).  Calls
+against a KV cache (decoding), sliding-window layers and ``dense_layers`` always run dense.  ``state.stats``
+reports ``density`` (fraction of the causally allowed key blocks read).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import option
+from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density
+from ..registry import register_method
+from ._sparse import SparseConfig, _dense_reason, dense_call
+
+PAPER = ("Chen et al., LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models (ICLR 2024), "
+         "arXiv 2309.12307")
+
+
+@dataclass(kw_only=True)
+class GroupedConfig(SparseConfig):
+    """Fields shared by ``longlora`` and ``sinklora``: the group size and when the training attention runs."""
+
+    group_size_ratio: float = option(0.25, "group size as a fraction of the sequence length (paper: 1/4)",
+                                     min=0.0, max=1.0)
+    group_size: int | None = option(None, "group size in tokens (overrides group_size_ratio)", min=2)
+    train_only: bool = option(True, "run the sparse training attention only when the module is in training mode "
+                              "(paper: full attention at inference)")
+
+    def validate(self) -> None:
+        if self.group_size is None and self.group_size_ratio <= 0:
+            raise ValueError(f"{type(self).__name__}.group_size_ratio must be > 0 (or set group_size), "
+                             f"got {self.group_size_ratio}")
+
+
+@dataclass(kw_only=True)
+class LongLoRAConfig(GroupedConfig):
+    shift: bool = option(True, "shift the groups of the second half of the heads by half a group (paper: True)")
+
+    # One group covering the whole sequence and no shift is full causal attention, in training mode too.
+    DENSE_EQUIVALENT: ClassVar[dict] = {"group_size_ratio": 1.0, "shift": False, "train_only": False}
+
+
+# ---- geometry ------------------------------------------------------------------------------------------------
+def group_size_for(config: GroupedConfig, seq_len: int) -> int:
+    """Group size in tokens for a sequence of ``seq_len`` tokens (``int(N * ratio)``, as the paper's code)."""
+    group = config.group_size if config.group_size is not None else int(seq_len * config.group_size_ratio)
+    if group < 2:
+        raise ValueError(f"{config.method}: group size {group} (sequence {seq_len} x group_size_ratio "
+                         f"{config.group_size_ratio}) must be >= 2; use longer sequences or set group_size")
+    return min(group, seq_len) if config.group_size is None else group
+
+
+def aligned_block(group: int, shift: bool, block_size: int) -> int:
+    """Largest block size <= ``block_size`` on which every segment boundary falls (exactness of block lists)."""
+    if shift and group % 2:
+        raise ValueError(f"S2-Attn: the group size {group} must be even to shift by half a group; "
+                         "pick a sequence length / group_size_ratio giving an even group")
+    unit = group // 2 if shift else group
+    return math.gcd(unit, block_size)
+
+
+def segment_ids(seq_len: int, group: int, shifted: bool, device=None) -> torch.Tensor:
+    """``[N]`` segment of each token: ``x // G``, or ``(x + G/2) // G`` for shifted heads (flash version)."""
+    pos = torch.arange(seq_len, device=device)
+    return torch.div(pos + (group // 2 if shifted else 0), group, rounding_mode="floor")
+
+
+def s2_block_mask(seq_len: int, group: int, block: int, heads: int, shift: bool, device=None) -> torch.Tensor:
+    """bool ``[1, H, NQ, NK]``: query block m reads key block j iff both lie in the same segment and j <= m."""
+    starts = torch.arange(0, seq_len, block, device=device)
+    causal = starts[None, :] <= starts[:, None]
+    masks = []
+    for shifted in (False, True):
+        seg = segment_ids(seq_len, group, shifted and shift, device)[starts]
+        masks.append((seg[:, None] == seg[None, :]) & causal)
+    first_shifted = heads // 2
+    per_head = [masks[1] if h >= first_shifted else masks[0] for h in range(heads)]
+    return torch.stack(per_head)[None]
+
+
+# ---- reference (the paper's algorithm, plain torch) --------------------------------------------------------------
+def s2_attention_reference(query, key, value, group: int, *, shift: bool = True, scale: float | None = None):
+    """LongLoRA's flash-attn S²-Attn, segment by segment with dense causal softmax (tests; O(N * G)).
+
+    query ``[B, Hq, N, D]``, key/value ``[B, Hkv, N, D]``; returns ``[B, Hq, N, D]`` in fp32 or fp64.
+    """
+    heads, seq_len, dim = query.shape[1:]
+    group_kv = heads // key.shape[1]
+    key, value = key.repeat_interleave(group_kv, 1), value.repeat_interleave(group_kv, 1)
+    scale = dim ** -0.5 if scale is None else scale
+    out = torch.zeros_like(query)
+    for h in range(heads):
+        offset = group // 2 if (shift and h >= heads // 2) else 0
+        bounds = [0, *range(offset or group, seq_len, group), seq_len]
+        for lo, hi in itertools.pairwise(bounds):
+            if hi <= lo:
+                continue
+            q, k, v = (t[:, h, lo:hi] for t in (query, key, value))
+            scores = (q @ k.transpose(-1, -2)) * scale
+            causal = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=q.device).tril()
+            out[:, h, lo:hi] = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+    return out
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+def training_attention_active(module, config: GroupedConfig, q_len: int, kv_len: int) -> bool:
+    """Whether this call runs the training attention: training mode (or ``train_only=False``) and no KV cache."""
+    if config.train_only and not module.training:
+        return False
+    return q_len == kv_len
+
+
+def _cached_lists(state, key, build):
+    """Block lists cached per shape (one entry: training shapes repeat every step)."""
+    cached = state.cache.get("group_blocks")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    lists = blocks_from_mask(build())
+    state.cache["group_blocks"] = (key, lists)
+    return lists
+
+
+@register_method(
+    "longlora",
+    config=LongLoRAConfig,
+    category="other",
+    families=("llm", "lvlm"),
+    needs_finetune=True,
+    patterns=("causal-self",),
+    paper=PAPER,
+)
+def longlora_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+    """LongLoRA S²-Attn in training (grouped causal attention, half the heads shifted); full attention otherwise."""
+    state = module.patchattn
+    config = state.config
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if not training_attention_active(module, config, q_len, kv_len):
+        state.record(density=1.0)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    reason, kv_start = _dense_reason(state, attention_mask, batch, kv_len, kwargs)
+    if reason is not None:
+        if reason != "dense layer":
+            warnings.warn(f"patchattn longlora: {reason}; those calls run dense attention", stacklevel=2)
+        state.record(density=1.0)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    group = group_size_for(config, q_len)
+    block = aligned_block(group, config.shift, config.block_size)
+    lists_key = (q_len, group, block, heads, config.shift, query.device)
+    kv_indices, kv_counts = _cached_lists(
+        state, lists_key, lambda: s2_block_mask(q_len, group, block, heads, config.shift, query.device))
+    out = block_sparse_attention(query, key, value, kv_indices, kv_counts, block_q=block, block_k=block, causal=True,
+                                 scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start,
+                                 backend=config.backend)
+    state.record(density=density(kv_counts, q_len, kv_len, block, block, causal=True))
+    return out.transpose(1, 2), None
