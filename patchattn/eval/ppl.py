@@ -12,7 +12,7 @@ from ..state import get_state
 def offline_text(source: str = "pydoc") -> str:
     """Long English technical prose available offline: ``"pydoc"`` (CPython's pydoc topics, ~1 MB) or a file path."""
     if source == "pydoc":
-        import pydoc_data.topics as topics
+        from pydoc_data import topics
 
         return "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
     with open(source, encoding="utf-8") as handle:

@@ -10,11 +10,11 @@ from . import require_lm_eval
 
 require_lm_eval()
 
-from lm_eval.api.registry import register_model  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
 
-from .. import api  # noqa: E402
-from ..eval.ppl import mean_stat  # noqa: E402
+from .. import api
+from ..eval.ppl import mean_stat
 
 
 def parse_method_args(method_args) -> dict:

@@ -12,6 +12,7 @@ whose context is ``length`` never has to truncate them.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import random
@@ -143,7 +144,7 @@ def passkey_docs(tokenizer, lengths, depths=DEFAULT_DEPTHS, *, samples: int = 1,
         for depth in check_depths(depths):
             for sample in range(samples):
                 text, key = passkey_prompt(tokenizer, length - GEN_ROOM, depth, seed=_seed(seed, sample))
-                docs.append(dict(input=text, answer=key, length=length, depth=depth, sample=sample, seed=seed))
+                docs.append({"input": text, "answer": key, "length": length, "depth": depth, "sample": sample, "seed": seed})
     return docs
 
 
@@ -173,8 +174,8 @@ def needle_docs(tokenizer, lengths, depths=DEFAULT_DEPTHS, *, keys: int = 4, sam
                 fixed = head + "".join(t for _, t in needles) + question
                 units = _filler_units(tokenizer, length - GEN_ROOM, fixed)
                 text = head + _insert(units, needles) + question
-                docs.append(dict(input=text, answer=numbers[asked], key=words[asked], keys=keys, length=length,
-                                 depth=depth, sample=sample, seed=seed))
+                docs.append({"input": text, "answer": numbers[asked], "key": words[asked], "keys": keys, "length": length,
+                                 "depth": depth, "sample": sample, "seed": seed})
     return docs
 
 
@@ -196,7 +197,7 @@ def vartrack_docs(tokenizer, lengths, *, hops: int = 4, chains: int = 1, samples
             for c in range(chains):
                 chain = names[c * (hops + 1):(c + 1) * (hops + 1)]
                 statements = [f" VAR {chain[0]} = {values[c]}. "]
-                statements += [f" VAR {b} = VAR {a}. " for a, b in zip(chain, chain[1:])]
+                statements += [f" VAR {b} = VAR {a}. " for a, b in itertools.pairwise(chain)]
                 positions = sorted(rng.random() for _ in statements)  # in order: each refers to an earlier one
                 inserts += list(zip(positions, statements))
             asked = names[: hops + 1]
@@ -207,8 +208,8 @@ def vartrack_docs(tokenizer, lengths, *, hops: int = 4, chains: int = 1, samples
             fixed = head + "".join(t for _, t in inserts) + question
             units = _filler_units(tokenizer, length - GEN_ROOM - 8 * hops, fixed)
             text = head + _insert(units, inserts) + question
-            docs.append(dict(input=text, answer=" ".join(asked), variables=asked, value=values[0], hops=hops,
-                             chains=chains, length=length, depth=None, sample=sample, seed=seed))
+            docs.append({"input": text, "answer": " ".join(asked), "variables": asked, "value": values[0], "hops": hops,
+                             "chains": chains, "length": length, "depth": None, "sample": sample, "seed": seed})
     return docs
 
 
@@ -236,7 +237,7 @@ def ppl_docs(tokenizer, lengths, *, samples: int = 1, seed: int = 0, source: str
         slots = len(ids) // length
         for sample, slot in enumerate(random.Random(f"ppl-{seed}-{length}").sample(range(slots), samples)):
             text = tokenizer.decode(ids[slot * length:(slot + 1) * length])
-            docs.append(dict(text=text, length=length, depth=None, sample=sample, seed=seed, offset=slot * length))
+            docs.append({"text": text, "length": length, "depth": None, "sample": sample, "seed": seed, "offset": slot * length})
     return docs
 
 

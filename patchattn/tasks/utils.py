@@ -58,12 +58,12 @@ def context_of(name: str) -> int | None:
 
 def grid(meta: dict, *, samples: int) -> dict:
     lengths = gen.as_list(meta.get("lengths"), int) or list(gen.DEFAULT_LENGTHS)
-    return dict(
-        lengths=gen.cap_lengths(lengths, max_context(meta)),
-        depths=gen.as_list(meta.get("depths"), float) or list(gen.DEFAULT_DEPTHS),
-        samples=int(meta.get("samples", samples)),
-        seed=int(meta.get("seed", 0)),
-    )
+    return {
+        "lengths": gen.cap_lengths(lengths, max_context(meta)),
+        "depths": gen.as_list(meta.get("depths"), float) or list(gen.DEFAULT_DEPTHS),
+        "samples": int(meta.get("samples", samples)),
+        "seed": int(meta.get("seed", 0)),
+    }
 
 
 def _dataset(docs: list[dict]) -> dict:
