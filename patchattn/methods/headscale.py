@@ -1,0 +1,196 @@
+"""``headscale`` — generic head modulation: per-layer, per-head output gains and per-head attention replacement.
+
+The substrate of the head-modulated methods (VHR's head reinforcement, PAINT's head scaling) and of causal
+interventions on heads: the Retrieval Head masking experiment (Wu et al., arXiv 2404.15574, section 4: a masked
+head attends *uniformly*, i.e. its output is the mean of the visible values) and circuit-reuse ablations.
+
+Config:
+
+* ``gains``: ``{layer: {head: gain}}`` or ``{layer: [gain per head]}`` (JSON keys may be strings), or the name
+  of a shipped artifact / a JSON path ``{"model", "num_layers", "num_heads", "gains": [L][H] numbers, "modes":
+  [L][H] of null or a mode (optional), "meta"}`` (JSON only, never pickle).  Heads not named keep gain 1.
+* ``modes``: ``{layer: {head: mode}}`` with mode ``"identity"`` (the head attends only to its own token: output
+  = its value vector), ``"uniform"`` (attends equally to every visible key: Retrieval Head masking) or
+  ``"zero"`` (output 0).  The gain multiplies the replaced output too.
+
+How it runs: the model's own attention (SDPA) for every head, then a post-multiply by the per-head gains on the
+``[B, T, H, D]`` output before ``o_proj`` (the design's hook H3) -- exact, and SDPA is the fastest dense path.
+Replacement heads are computed without a T x T matrix under causal + left padding (a running mean of the
+values; the mask's own rows otherwise).  Gains all 1 and no modes is bit-for-bit dense (the default).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..calibrate import check_against, load_artifact
+from ..config import MethodConfig, option
+from ..registry import PATTERNS, register_method
+from ..state import PatchState
+from ._heads import check_heads, dense_call, head_counts, layer_key
+from ._sparse import padding_start
+
+MODES = ("identity", "uniform", "zero")
+
+
+@dataclass(kw_only=True)
+class HeadScaleConfig(MethodConfig):
+    gains: str | dict = option(  # noqa: RUF009
+        {}, "per-head output gains: {layer: {head: gain}} or {layer: [gain per head]}, a shipped artifact name or "
+        "a JSON path (heads not named keep 1)")
+    modes: dict = option(  # noqa: RUF009
+        {}, "per-head replacement of attention: {layer: {head: 'identity'|'uniform'|'zero'}}")
+
+    def validate(self) -> None:
+        if isinstance(self.gains, str):
+            load_gains(self.gains)
+        else:
+            for layer, row in self.gains.items():
+                _gain_row(f"HeadScaleConfig.gains[{layer!r}]", layer, row, None)
+        for layer, row in self.modes.items():
+            _mode_row(f"HeadScaleConfig.modes[{layer!r}]", layer, row, None)
+
+
+def _gain_row(where: str, layer, row, num_heads: int | None) -> dict[int, float]:
+    """{head: gain} of one layer from a dict or a full list; ValueError saying what is allowed."""
+    layer_key(where, layer)
+    if isinstance(row, (list, tuple)):
+        if num_heads is not None and len(row) != num_heads:
+            raise ValueError(f"{where}: a list of gains must have one gain per head ({num_heads}), got {len(row)}")
+        row = dict(enumerate(row))
+    if not isinstance(row, dict):
+        raise TypeError(f"{where} must be {{head: gain}} or a list of gains, got {row!r}")
+    gains = {}
+    for head, gain in row.items():
+        index = layer_key(where, head) if isinstance(head, str) else head
+        check_heads(where, [index], num_heads if num_heads is not None else 1 << 30)
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain):
+            raise ValueError(f"{where}[{head!r}]: gain must be a finite number, got {gain!r}")
+        gains[index] = float(gain)
+    return gains
+
+
+def _mode_row(where: str, layer, row, num_heads: int | None) -> dict[int, str]:
+    layer_key(where, layer)
+    if not isinstance(row, dict):
+        raise TypeError(f"{where} must be {{head: mode}}, got {row!r}")
+    modes = {}
+    for head, mode in row.items():
+        index = layer_key(where, head) if isinstance(head, str) else head
+        check_heads(where, [index], num_heads if num_heads is not None else 1 << 30)
+        if mode not in MODES:
+            raise ValueError(f"{where}[{head!r}]: mode must be one of {list(MODES)}, got {mode!r}")
+        modes[index] = mode
+    return modes
+
+
+def load_gains(name_or_path: str) -> dict:
+    """A gains artifact (``gains``: ``[num_layers][num_heads]`` numbers; optional ``modes``), checked."""
+    data = load_artifact(name_or_path, "gains", "head gains")
+    for layer, row in enumerate(data["gains"]):
+        _gain_row(f"head gains {name_or_path!r} layer {layer}", layer, row, data["num_heads"])
+    for layer, row in enumerate(data.get("modes") or []):
+        _mode_row(f"head modes {name_or_path!r} layer {layer}", layer,
+                  {h: m for h, m in enumerate(row) if m is not None}, data["num_heads"])
+    return data
+
+
+def layer_plan(config: HeadScaleConfig, model_config, layer_index: int) -> tuple[list[float], dict[int, str]]:
+    """(gain per head, {head: mode}) of one layer."""
+    layers, heads = model_config.num_hidden_layers, model_config.num_attention_heads
+    gains, modes = [1.0] * heads, {}
+    if isinstance(config.gains, str):
+        data = load_gains(config.gains)
+        check_against(data, model_config, "head gains")
+        gains = [float(g) for g in data["gains"][layer_index]]
+        artifact_modes = (data.get("modes") or [[None] * heads] * layers)[layer_index]
+        modes = {h: m for h, m in enumerate(artifact_modes) if m is not None}
+    else:
+        for layer, row in config.gains.items():
+            if layer_key("HeadScaleConfig.gains", layer, layers) == layer_index:
+                for head, gain in _gain_row(f"HeadScaleConfig.gains[{layer!r}]", layer, row, heads).items():
+                    gains[head] = gain
+    for layer, row in config.modes.items():
+        if layer_key("HeadScaleConfig.modes", layer, layers) == layer_index:
+            modes.update(_mode_row(f"HeadScaleConfig.modes[{layer!r}]", layer, row, heads))
+    return gains, modes
+
+
+def make_headscale_state(module, config: HeadScaleConfig, layer_index, role, context) -> PatchState:
+    head_counts(module)  # a clear error when the module has no model config
+    state = PatchState(config, layer_index, role, context)
+    gains, modes = layer_plan(config, module.config, layer_index)
+    state.register_buffer("head_gains", torch.tensor(gains, dtype=torch.float32), persistent=False)
+    state.head_modes = modes
+    state.is_identity = all(g == 1.0 for g in gains) and not modes
+    return state
+
+
+# ---- replacement heads -----------------------------------------------------------------------------------------
+def uniform_output(module, value, attention_mask, q_len: int) -> torch.Tensor:
+    """``[B, Hkv, Tq, D]``: mean of the values each query row may see (Retrieval Head masking)."""
+    kv_len = value.shape[2]
+    causal = getattr(module, "is_causal", True) and q_len > 1
+    try:
+        starts = padding_start(attention_mask, value.shape[0], kv_len)
+        structured = True
+    except ValueError:
+        structured = False
+    if structured and (causal or attention_mask is not None):  # running mean: no Tq x Tk tensor
+        keys = torch.arange(kv_len, device=value.device)
+        first = torch.zeros(value.shape[0], dtype=torch.long, device=value.device) if starts is None else starts.long()
+        kept = value * (keys[None, :] >= first[:, None])[:, None, :, None].to(value.dtype)
+        running = kept.float().cumsum(2)
+        q_pos = torch.arange(q_len, device=value.device) + (kv_len - q_len)
+        count = (q_pos[None, :] - first[:, None] + 1).clamp_min(1).float()  # [B, Tq]
+        return (running[:, :, q_pos] / count[:, None, :, None]).to(value.dtype)
+    if attention_mask is None:  # full (non-causal) attention, or one query
+        return value.float().mean(2, keepdim=True).expand(-1, -1, q_len, -1).to(value.dtype)
+    allowed = attention_mask[:, 0, :, :kv_len] if attention_mask.dtype == torch.bool else \
+        attention_mask[:, 0, :, :kv_len] > torch.finfo(attention_mask.dtype).min / 2
+    weights = allowed.float() / allowed.float().sum(-1, keepdim=True).clamp_min(1.0)  # the mask's own rows
+    return torch.einsum("bqk,bhkd->bhqd", weights, value.float()).to(value.dtype)
+
+
+def replaced(module, mode: str, head: int, query, value, attention_mask) -> torch.Tensor:
+    """``[B, Tq, D]`` output of ``head`` under ``mode``."""
+    group = query.shape[1] // value.shape[1]
+    q_len = query.shape[2]
+    kv_head = value[:, head // group: head // group + 1]
+    if mode == "zero":
+        return torch.zeros_like(query[:, head])
+    if mode == "identity":
+        if getattr(module, "is_cross_attention", False) or value.shape[2] < q_len:
+            raise ValueError("headscale mode 'identity' needs self-attention (a query's own value)")
+        return kv_head[:, 0, value.shape[2] - q_len:]
+    return uniform_output(module, kv_head, attention_mask, q_len)[:, 0]
+
+
+@register_method(
+    "headscale",
+    config=HeadScaleConfig,
+    category="head",
+    families=("llm", "lvlm", "dit"),
+    patterns=PATTERNS,
+    make_state=make_headscale_state,
+    paper="Head modulation substrate: Wu et al., Retrieval Head Mechanistically Explains Long-Context Factuality, "
+    "arXiv 2404.15574 (head masking = uniform attention); head gains as in VHR (He et al., ACL 2025, "
+    "arXiv 2412.13949) and PAINT (Arif et al., arXiv 2501.12206)",
+)
+def headscale_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+    """Per-head output gains and per-head replacement of attention (identity / uniform / zero)."""
+    state = module.patchattn
+    out, weights = dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if state.is_identity:
+        return out, weights
+    if query.shape[1] != state.head_gains.shape[0]:
+        raise ValueError(f"headscale: the plan has {state.head_gains.shape[0]} heads for layer {state.layer_index}, "
+                         f"the call has {query.shape[1]}")
+    if state.head_modes:
+        out = out.clone()
+        for head, mode in state.head_modes.items():
+            out[:, :, head] = replaced(module, mode, head, query, value, attention_mask).to(out.dtype)
+    return out * state.head_gains.to(device=out.device, dtype=out.dtype)[:, None], None
