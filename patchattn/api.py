@@ -116,17 +116,29 @@ def get_config(name: str, **overrides) -> MethodConfig:
     return spec.config_cls(**overrides)
 
 
-def load(name_or_path: str, method=None, *, targets: str = "text", dtype=None, **overrides):
+def load(name_or_path: str | None, method=None, *, targets: str = "text", dtype=None, adapter: str | None = None,
+         merge: bool = False, **overrides):
     """Load a causal LM and its tokenizer, patched at load time.
 
     ``"smollm2"`` and ``"gemma3-270m"`` load the embedded models from their pip packages (no network); anything
     else is a local path for ``from_pretrained``. A model saved while patched is re-patched with its saved config
     when ``method`` is None.
 
+    ``adapter=<output folder of patchattn train>`` loads a tuned model instead: the base model (``name_or_path``, or
+    the one the run trained when None), the run's inference patch with its learned patch state (MoH routers...),
+    and its LoRA adapter (``merge=True`` folds it into the weights).  ``method`` and overrides are not allowed then.
+
     Returns:
         (model, tokenizer)
     """
     import torch
+
+    if adapter is not None:
+        if method is not None or overrides:
+            raise ValueError("load(adapter=...) applies the patch the run saved; do not pass a method or overrides")
+        from .train.artifacts import load_tuned
+
+        return load_tuned(name_or_path, adapter, dtype=dtype, merge=merge)
 
     from .adapters.hf import saved_config
     from .models import load_pretrained

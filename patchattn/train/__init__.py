@@ -1,0 +1,12 @@
+"""Fine-tuning recipes: ``patchattn train recipes/<name>`` (see docs/training.md).
+
+A recipe is a folder of JSON files (patch, LoRA, training config); :func:`train` runs one with accelerate + peft
+and saves a LoRA adapter plus the patch state, which ``patchattn.load(base, adapter=<output>)`` loads back.
+"""
+
+from .artifacts import load_tuned
+from .cli import main
+from .recipe import Recipe, RecipeError, TrainConfig, load_recipe
+from .run import RunOptions, train, train_model
+
+__all__ = ["Recipe", "RecipeError", "RunOptions", "TrainConfig", "load_recipe", "load_tuned", "main", "train", "train_model"]

@@ -1,0 +1,62 @@
+"""Held-out perplexity: whole chunks in one forward, token by token against the KV cache, or with the training
+attention (S²-Attn / SF-Attn) switched on to see what the approximation costs."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..state import get_state
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
+@torch.no_grad()
+def heldout_loss(model, chunks: torch.Tensor) -> float:
+    """Mean next-token loss over the held-out chunks ``[n, T]`` (one chunk per forward)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for row in chunks:
+        ids = row[None].to(device)
+        total += float(_nll(model(input_ids=ids).logits, ids))
+        count += ids.shape[1] - 1
+    return total / count
+
+
+@contextlib.contextmanager
+def training_attention(model):
+    """Put only the patched attention modules in training mode (dropout stays off): the training attention runs."""
+    modules = [m for m in model.modules() if get_state(m) is not None]
+    previous = [m.training for m in modules]
+    for m in modules:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, previous, strict=True):
+            m.training = was
+
+
+@torch.no_grad()
+def decode_loss(model, stream: torch.Tensor, prefill: int, tokens: int) -> float:
+    """Mean loss of predicting ``tokens`` tokens one at a time after a ``prefill``-token prompt (KV cache in use)."""
+    if len(stream) < prefill + tokens + 1:
+        raise ValueError(f"decode evaluation needs {prefill + tokens + 1} held-out tokens, the text has {len(stream)}")
+    device = next(model.parameters()).device
+    ids = stream[: prefill + tokens + 1][None].to(device)
+    out = model(input_ids=ids[:, :prefill], use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    total = 0.0
+    for t in range(prefill, prefill + tokens):
+        total += float(torch.nn.functional.cross_entropy(logits.float(), ids[:, t]))
+        out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return total / tokens
+
+
+def ppl(loss: float) -> float:
+    return math.exp(loss)

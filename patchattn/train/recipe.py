@@ -1,0 +1,195 @@
+"""A recipe: a folder of small JSON files, read and checked here.
+
+``patch.json`` (required)   the attention patch used while training: ``{"method": ..., <config fields>}``.
+``lora.json`` (required)    keyword arguments of peft's ``LoraConfig`` (``r``, ``target_modules``, ``modules_to_save``...).
+``train.json`` (required)   the fields of :class:`TrainConfig` (model, data, lengths, steps, optimiser, evaluation).
+``inference.json``          the patch the tuned model runs at inference (default: ``patch.json``); e.g. LongLoRA
+                            trains with S²-Attn and infers with ``{"method": "dense"}``.
+
+Every unknown file, field or method is an error that names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import closest
+
+RECIPE_FILES = ("patch.json", "lora.json", "train.json", "inference.json")
+REQUIRED_FILES = ("patch.json", "lora.json", "train.json")
+DATA_KINDS = ("text", "files", "dataset")
+SCHEDULES = ("constant", "linear", "cosine")
+# Auxiliary losses a recipe may name: resolved from this allowlist only, never by importing a string from a file.
+AUX_LOSSES = {"patchattn.methods.moh:aux_loss": ("patchattn.methods.moh", "aux_loss")}
+
+
+class RecipeError(ValueError):
+    """A recipe file is missing, malformed or names something unknown."""
+
+
+@dataclass
+class TrainConfig:
+    """What ``train.json`` may hold (every field optional; defaults are for a short CPU run).
+
+    Attributes:
+        model: ``"smollm2"`` (embedded, offline), ``"tiny-llama"`` (random, tests), or a local model path.
+        data: ``{"text": "pydoc"}`` (CPython's pydoc_data, offline), ``{"files": [paths]}``, or
+            ``{"dataset": name, "split": "train", "column": "text", "config": None}`` (``datasets``, needs network
+            unless cached).  The last ``holdout`` fraction of the tokens is held out for perplexity.
+        seq_len, batch, grad_accum: tokens per sample, samples per micro-batch, micro-batches per optimiser step.
+        steps, lr, warmup, schedule, weight_decay, max_grad_norm: the optimiser (AdamW) and its schedule.
+        eval_every, eval_chunks, eval_seq_len: held-out perplexity every n steps (0: only before and after) on
+            ``eval_chunks`` chunks of ``eval_seq_len`` (default ``seq_len``) tokens.
+        decode_eval: ``{"prefill": n, "tokens": m}`` also measures perplexity token by token against the KV cache
+            (where eviction such as SinkLoRA's ``kv_budget`` acts); ``None`` skips it.
+        save_every: checkpoint every n steps (0: only at the end).
+        aux_loss, aux_weight: an extra loss from ``AUX_LOSSES`` (e.g. MoH's load balance), times ``aux_weight``.
+        dtype: ``"float32"`` or ``"bfloat16"`` for the base weights (LoRA weights stay float32).
+    """
+
+    model: str = "smollm2"
+    data: dict = field(default_factory=lambda: {"text": "pydoc"})
+    seq_len: int = 512
+    batch: int = 1
+    grad_accum: int = 1
+    steps: int = 100
+    lr: float = 2e-4
+    warmup: int = 10
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    holdout: float = 0.1
+    eval_every: int = 0
+    eval_chunks: int = 4
+    eval_seq_len: int | None = None
+    decode_eval: dict | None = None
+    save_every: int = 0
+    seed: int = 0
+    output_dir: str | None = None
+    aux_loss: str | None = None
+    aux_weight: float = 1.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        positive = ("seq_len", "batch", "grad_accum", "steps", "eval_chunks")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise RecipeError(f"train.json: {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup", "eval_every", "save_every", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise RecipeError(f"train.json: {name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise RecipeError(f"train.json: schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 < self.holdout < 1:
+            raise RecipeError(f"train.json: holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise RecipeError(f"train.json: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.aux_loss is not None and self.aux_loss not in AUX_LOSSES:
+            hint = closest(self.aux_loss, AUX_LOSSES)
+            raise RecipeError(f"train.json: unknown aux_loss {self.aux_loss!r}"
+                              f"{f'; did you mean {hint!r}?' if hint else ''} Allowed: {', '.join(AUX_LOSSES)}")
+        check_data(self.data)
+        if self.decode_eval is not None:
+            _check_keys("train.json: decode_eval", self.decode_eval, ("prefill", "tokens"), ("prefill", "tokens"))
+
+    @property
+    def eval_length(self) -> int:
+        return self.eval_seq_len or self.seq_len
+
+
+@dataclass
+class Recipe:
+    """A loaded recipe: its name and folder, the patches, LoRA kwargs and training config."""
+
+    name: str
+    folder: str
+    patch: dict
+    inference: dict
+    lora: dict
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "patch": self.patch, "inference": self.inference, "lora": self.lora,
+                "train": dataclasses.asdict(self.train)}
+
+
+def _check_keys(where: str, data: dict, allowed, required=()) -> None:
+    for key in data:
+        if key not in allowed:
+            hint = closest(key, allowed)
+            raise RecipeError(f"{where}: unknown field {key!r}{f'; did you mean {hint!r}?' if hint else ''} "
+                              f"Valid fields: {', '.join(allowed)}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise RecipeError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+def check_data(data: Any) -> None:
+    """The ``data`` entry names exactly one source: text, files or dataset."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"train.json: data must be an object such as {{\"text\": \"pydoc\"}}, got {data!r}")
+    kinds = [k for k in data if k in DATA_KINDS]
+    _check_keys("train.json: data", data, (*DATA_KINDS, "split", "column", "config"))
+    if len(kinds) != 1:
+        raise RecipeError(f"train.json: data must name exactly one of {', '.join(DATA_KINDS)}, got {sorted(data)}")
+    if "files" in data and not (isinstance(data["files"], list) and data["files"]):
+        raise RecipeError("train.json: data.files must be a non-empty list of text file paths")
+
+
+def check_patch(where: str, patch: dict) -> dict:
+    """A patch entry is a registered method plus valid fields of its config (checked by building it)."""
+    from .. import api
+
+    if not isinstance(patch, dict) or "method" not in patch:
+        raise RecipeError(f"{where}: must be an object with a 'method' field, got {patch!r}")
+    fields = {k: v for k, v in patch.items() if k != "method"}
+    try:
+        api.get_config(patch["method"], **fields)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{where}: {err}") from None
+    return patch
+
+
+def check_lora(lora: dict) -> dict:
+    from peft import LoraConfig
+
+    allowed = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
+    _check_keys("lora.json", lora, allowed)
+    return lora
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: must hold a JSON object")
+    return data
+
+
+def load_recipe(folder: str, overrides: dict | None = None) -> Recipe:
+    """Read and check a recipe folder; ``overrides`` replace ``train.json`` fields (CLI flags)."""
+    if not os.path.isdir(folder):
+        raise RecipeError(f"recipe folder {folder!r} does not exist (recipes ship in recipes/: moh, longlora, sinklora)")
+    names = sorted(os.listdir(folder))
+    for name in names:
+        if name.endswith(".json") and name not in RECIPE_FILES:
+            hint = closest(name, RECIPE_FILES)
+            raise RecipeError(f"{folder}: unknown recipe file {name!r}{f'; did you mean {hint!r}?' if hint else ''} "
+                              f"Recipe files: {', '.join(RECIPE_FILES)}")
+    missing = [n for n in REQUIRED_FILES if n not in names]
+    if missing:
+        raise RecipeError(f"{folder}: missing recipe file(s) {', '.join(missing)}")
+    raw = {n: _read_json(os.path.join(folder, n)) for n in RECIPE_FILES if n in names}
+    train_fields = {**raw["train.json"], **(overrides or {})}
+    _check_keys("train.json", train_fields, [f.name for f in dataclasses.fields(TrainConfig)])
+    patch = check_patch("patch.json", raw["patch.json"])
+    inference = check_patch("inference.json", raw.get("inference.json", patch))
+    name = os.path.basename(os.path.normpath(folder))
+    return Recipe(name, folder, patch, inference, check_lora(raw["lora.json"]), TrainConfig(**train_fields))

@@ -1,0 +1,245 @@
+"""The generic trainer: one recipe in, a LoRA adapter + patch state + metrics + loss curve out.
+
+Steps: load the base model and data; measure held-out perplexity of the dense model and of the base model with the
+inference patch ("before"); patch with the training patch, wrap in LoRA (patch-state parameters trainable too);
+train with AdamW under accelerate, logging every step to ``log.jsonl`` and checkpointing every ``save_every`` steps;
+then save the artifacts and measure "after" with the inference patch, the same way ``patchattn.load(...,
+adapter=...)`` builds the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import api
+from . import artifacts, checkpoint, evaluate
+from .data import TextData, build_data
+from .model import apply_patch, inner_model, load_base, trainable_parameters, wrap_lora
+from .recipe import AUX_LOSSES, Recipe, TrainConfig
+
+DEFAULT_OUTPUT_ROOT = "runs"  # relative to the working directory; git-ignored in the repository
+
+
+@dataclass
+class RunOptions:
+    """Command-line choices that are not part of the recipe."""
+
+    resume: bool = False
+    stop_after: int | None = None  # stop (as if interrupted) after this step; resume later with resume=True
+    progress: bool = True
+
+
+def output_dir_of(recipe: Recipe) -> str:
+    return recipe.train.output_dir or os.path.join(DEFAULT_OUTPUT_ROOT, recipe.name)
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warm-up, then constant / linear decay / cosine decay to 0 at ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / (config.warmup + 1)
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def resolve_aux_loss(name: str | None):
+    if name is None:
+        return None
+    module, attr = AUX_LOSSES[name]  # the recipe was checked against this allowlist
+    return getattr(importlib.import_module(module), attr)
+
+
+class JsonlLog:
+    """Append-only JSONL log; on resume, lines after the checkpoint's step are dropped so the curve continues."""
+
+    def __init__(self, path: str, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            open(path, "w").close()
+            return
+        kept = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                kept = [line for line in handle if json.loads(line)["step"] <= resume_step]
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+
+    def write(self, **row) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def measure(model, data: TextData, config: TrainConfig, *, training_attention: bool = False) -> dict:
+    """Held-out loss/perplexity (and decode perplexity when the recipe asks) of ``model`` as it is now."""
+    model.eval()
+    if training_attention:
+        with evaluate.training_attention(model):
+            loss = evaluate.heldout_loss(model, data.heldout)
+        return {"loss": loss, "ppl": evaluate.ppl(loss)}
+    loss = evaluate.heldout_loss(model, data.heldout)
+    result = {"loss": loss, "ppl": evaluate.ppl(loss)}
+    if config.decode_eval:
+        d = evaluate.decode_loss(model, data.heldout_stream, config.decode_eval["prefill"], config.decode_eval["tokens"])
+        result.update(decode_loss=d, decode_ppl=evaluate.ppl(d))
+    return result
+
+
+def baseline_metrics(model, data: TextData, recipe: Recipe) -> dict:
+    """Dense base model, base + inference patch ("before"), base + training attention."""
+    config = recipe.train
+    metrics = {"dense": measure(model, data, config)}
+    if recipe.inference["method"] != "dense":
+        apply_patch(model, recipe.inference)  # learned patch state (MoH router) at its initial values
+    metrics["before"] = measure(model, data, config)
+    if api.get_handle(model) is not None:
+        api.unpatch(model)
+    apply_patch(model, recipe.patch)
+    metrics["before_training_attention"] = measure(model, data, config, training_attention=True)
+    api.unpatch(model)
+    return metrics
+
+
+def train(recipe: Recipe, options: RunOptions | None = None) -> dict:
+    """Run ``recipe``; returns metrics (also written to ``<output>/metrics.json``)."""
+    return train_model(recipe, options)[0]
+
+
+def train_model(recipe: Recipe, options: RunOptions | None = None):
+    """Run ``recipe``; returns (metrics, the tuned peft model with its inference patch, or None if stopped early)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    options = options or RunOptions()
+    config = recipe.train
+    output = output_dir_of(recipe)
+    os.makedirs(output, exist_ok=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(config.seed)
+    started = time.time()
+
+    model, tokenizer = load_base(config.model, config.dtype)
+    model.to(accelerator.device)
+    data = build_data(config, tokenizer)
+    resume_from = checkpoint.latest_checkpoint(output) if options.resume else None
+    baseline_path = os.path.join(output, "baseline.json")
+    if resume_from and os.path.exists(baseline_path):
+        baseline = artifacts.read_json(baseline_path)
+    else:
+        baseline = baseline_metrics(model, data, recipe)
+        artifacts.write_json(baseline_path, baseline)
+
+    set_seed(config.seed)  # the patch's own initialisation (MoH router) must not depend on the baseline pass
+    apply_patch(model, recipe.patch)
+    peft_model = wrap_lora(model, recipe.lora)
+    named = trainable_parameters(peft_model)
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    peft_model, prepared_optimizer = accelerator.prepare(peft_model, optimizer)
+    start = 0
+    if resume_from:
+        start = checkpoint.load_checkpoint(resume_from, named, optimizer, scheduler)
+        accelerator.print(f"resumed from {resume_from} (step {start})")
+    log = JsonlLog(os.path.join(output, "log.jsonl"), start if resume_from else None)
+    aux = resolve_aux_loss(config.aux_loss)
+    stop = min(config.steps, options.stop_after or config.steps)
+
+    bar = _progress(config.steps, start, options.progress and accelerator.is_main_process)
+    for step in range(start, stop):
+        row = _train_step(peft_model, prepared_optimizer, scheduler, accelerator, data, config, step, aux, named)
+        log.write(step=step + 1, **row, elapsed_s=round(time.time() - started, 2))
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['lm_loss']:.3f}", lr=f"{row['lr']:.2e}")
+        done = step + 1
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            result = measure(peft_model, data, config)
+            log.write(step=done, eval_loss=result["loss"], eval_ppl=result["ppl"])
+            peft_model.train()
+        if (config.save_every and done % config.save_every == 0) or done == stop:
+            checkpoint.save_checkpoint(checkpoint.checkpoint_dir(output, done), done, named, optimizer, scheduler)
+    bar.close()
+    if stop < config.steps:
+        return {"stopped_at": stop}, None
+    return _finish(peft_model, data, recipe, output, baseline, log, started, start), peft_model
+
+
+def _train_step(model, optimizer, scheduler, accelerator, data, config, step, aux, named) -> dict:
+    model.train()
+    lm_total, aux_total = 0.0, 0.0
+    for micro in range(config.grad_accum):
+        ids = data.batch(config, step, micro).to(accelerator.device)
+        loss = model(input_ids=ids, labels=ids).loss
+        lm_total += float(loss.detach()) / config.grad_accum
+        if aux is not None:
+            extra = aux(model) * config.aux_weight
+            aux_total += float(extra.detach()) / config.grad_accum
+            loss = loss + extra
+        accelerator.backward(loss / config.grad_accum)
+    grad_norm = accelerator.clip_grad_norm_([p for _, p in named], config.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    row = {"loss": lm_total + aux_total, "lm_loss": lm_total, "lr": lr, "grad_norm": float(grad_norm)}
+    if aux is not None:
+        row["aux_loss"] = aux_total
+    return row
+
+
+def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at) -> dict:
+    config = recipe.train
+    trained = {"training_attention": measure(peft_model, data, config, training_attention=True)}
+    artifacts.save_artifacts(output, peft_model, recipe)
+    # "after": the inference patch applied the way patchattn.load(adapter=...) applies it.
+    base = inner_model(peft_model)
+    if api.get_handle(base) is not None:
+        api.unpatch(base)
+    artifacts.apply_inference_patch(base, output)
+    trained["inference"] = measure(peft_model, data, config)
+    log.write(step=config.steps, eval_loss=trained["inference"]["loss"], eval_ppl=trained["inference"]["ppl"])
+    metrics = {
+        "recipe": recipe.name,
+        "model": config.model,
+        "steps": config.steps,
+        "seq_len": config.seq_len,
+        "tokens_per_step": config.seq_len * config.batch * config.grad_accum,
+        "heldout_tokens": int(data.heldout.numel()),
+        "eval_seq_len": config.eval_length,
+        "ppl_dense": baseline["dense"]["ppl"],
+        "ppl_before": baseline["before"]["ppl"],
+        "ppl_after": trained["inference"]["ppl"],
+        "ppl_training_attention_before": baseline["before_training_attention"]["ppl"],
+        "ppl_training_attention_after": trained["training_attention"]["ppl"],
+        "inference_patch": recipe.inference,
+        "training_patch": recipe.patch,
+        "wall_time_s": round(time.time() - started, 1),
+        "resumed_at_step": resumed_at or None,
+    }
+    if config.decode_eval:
+        metrics["decode_eval"] = dict(config.decode_eval)
+        metrics["decode_ppl_dense"] = baseline["dense"]["decode_ppl"]
+        metrics["decode_ppl_before"] = baseline["before"]["decode_ppl"]
+        metrics["decode_ppl_after"] = trained["inference"]["decode_ppl"]
+    artifacts.write_json(os.path.join(output, "metrics.json"), metrics)
+    artifacts.plot_loss(os.path.join(output, "log.jsonl"), os.path.join(output, "loss.png"),
+                        f"{recipe.name}: {config.model}, seq {config.seq_len}, {config.steps} steps")
+    return metrics
