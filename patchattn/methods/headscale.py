@@ -28,7 +28,7 @@ import torch
 
 from ..calibrate import check_against, load_artifact
 from ..config import MethodConfig, option
-from ..registry import PATTERNS, register_method
+from ..registry import register_method
 from ..state import PatchState
 from ._heads import check_heads, dense_call, head_counts, layer_key
 from ._sparse import padding_start
@@ -174,7 +174,9 @@ def replaced(module, mode: str, head: int, query, value, attention_mask) -> torc
     config=HeadScaleConfig,
     category="head",
     families=("llm", "lvlm", "dit"),
-    patterns=PATTERNS,
+    # Cross-attention exists only in DiTs here, where the head states cannot be built yet (no model config):
+    # tests/test_patterns.py found the DiT cross patterns failing, so only the self-attention ones are declared.
+    patterns=("causal-self", "noncausal-self"),
     make_state=make_headscale_state,
     paper="Head modulation substrate: Wu et al., Retrieval Head Mechanistically Explains Long-Context Factuality, "
     "arXiv 2404.15574 (head masking = uniform attention); head gains as in VHR (He et al., ACL 2025, "
