@@ -186,6 +186,7 @@ def headscale_attention(module, query, key, value, attention_mask, *, scaling=No
     """Per-head output gains and per-head replacement of attention (identity / uniform / zero)."""
     state = module.patchattn
     out, weights = dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    state.record(density=1.0)
     if state.is_identity:
         return out, weights
     if query.shape[1] != state.head_gains.shape[0]:
