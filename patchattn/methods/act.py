@@ -246,6 +246,7 @@ def act_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     config = state.config
     heads = state.act_heads.to(query.device)
     dense = dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    state.record(density=1.0)  # every key is read; only the calibrated heads' weights change
     if heads.numel() == 0 or config.beta == 1.0:
         return dense
     batch, n_q_heads = query.shape[:2]
