@@ -96,13 +96,15 @@ def load_tuned(name_or_path: str | None, adapter: str, *, dtype=None, merge: boo
     return model, tokenizer
 
 
-def plot_loss(log_path: str, out_path: str, title: str) -> None:
+def plot_loss(log_path: str, out_path: str, title: str, before_loss: float | None = None) -> None:
+    """Train loss per step (and its running mean) plus held-out loss; ``before_loss`` is drawn at step 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses, eval_steps, eval_losses = [], [], [], []
+    steps, losses = [], []
+    eval_steps, eval_losses = ([0], [before_loss]) if before_loss is not None else ([], [])
     with open(log_path, encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)

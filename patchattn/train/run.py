@@ -89,7 +89,8 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
-def measure(model, data: TextData, config: TrainConfig, *, training_attention: bool = False) -> dict:
+def measure(model, data: TextData, config: TrainConfig, *, training_attention: bool = False,
+            decode: bool = True) -> dict:
     """Held-out loss/perplexity (and decode perplexity when the recipe asks) of ``model`` as it is now."""
     model.eval()
     if training_attention:
@@ -98,7 +99,7 @@ def measure(model, data: TextData, config: TrainConfig, *, training_attention: b
         return {"loss": loss, "ppl": evaluate.ppl(loss)}
     loss = evaluate.heldout_loss(model, data.heldout)
     result = {"loss": loss, "ppl": evaluate.ppl(loss)}
-    if config.decode_eval:
+    if config.decode_eval and decode:
         d = evaluate.decode_loss(model, data.heldout_stream, config.decode_eval["prefill"], config.decode_eval["tokens"])
         result.update(decode_loss=d, decode_ppl=evaluate.ppl(d))
     return result
@@ -171,7 +172,8 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
         bar.set_postfix(loss=f"{row['lm_loss']:.3f}", lr=f"{row['lr']:.2e}")
         done = step + 1
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            result = measure(peft_model, data, config)
+            # Periodic checks run the training patch in eval mode (for longlora/sinklora: full attention).
+            result = measure(peft_model, data, config, decode=False)
             log.write(step=done, eval_loss=result["loss"], eval_ppl=result["ppl"])
             peft_model.train()
         if (config.save_every and done % config.save_every == 0) or done == stop:
@@ -241,5 +243,6 @@ def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at
         metrics["decode_ppl_after"] = trained["inference"]["decode_ppl"]
     artifacts.write_json(os.path.join(output, "metrics.json"), metrics)
     artifacts.plot_loss(os.path.join(output, "log.jsonl"), os.path.join(output, "loss.png"),
-                        f"{recipe.name}: {config.model}, seq {config.seq_len}, {config.steps} steps")
+                        f"{recipe.name}: {config.model}, seq {config.seq_len}, {config.steps} steps",
+                        before_loss=baseline["before"]["loss"])
     return metrics
