@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 patchattn eval --model smollm2 --methods dense,blocktopk,hip,streaming,moa,duo --tasks passkey,ppl \
-    --lengths 1024,2048,4096 --depths 0,0.25,0.5,0.75,1 --blocks-length 2048 \
+    --lengths 1024,2048 --depths 0,0.5,1 --blocks-length 2048 \
     --json report/smollm2.json --csv report/smollm2.csv
 patchattn report report/smollm2.json --out report/
