@@ -7,7 +7,8 @@ Follows MoA's profile-then-optimise recipe (Fu et al., arXiv 2406.14909, §4), a
    against the dense model's *own* greedy next tokens (MoA's "model alignment": the paper uses answers generated
    by the dense model) on the last quarter of the sequence (the paper's loss is on response tokens only).
    The paper's influence of masking one entry and renormalising the row,
-   ``E_ij = -A_ij (G_ij - sum_k A_ik G_ik) / (1 - A_ij)``, is summed into 64-token blocks per head.
+   ``E_ij = -A_ij (G_ij - sum_k A_ik G_ik) / (1 - A_ij)``, is summed into 64-token blocks per head as ``|E_ij|``
+   (deviation: the signed sum let most heads of a 25%-budget plan drop to sink + diagonal, +197% perplexity).
 2. **Candidates.** Per head, every rule on the grid ``alpha in linspace(-min_len, max_len, 7)`` tokens,
    ``beta in linspace(0, 1, 9)``; at each profiled length ``N`` a rule reads the sink block plus the blocks
    ``sink_and_window`` gives for a window of ``alpha + beta * N`` — the exact blocks ``moa`` will read.
@@ -66,7 +67,9 @@ def profiling_attention(store: dict, block: int):
             layer = module.layer_idx
 
             def accumulate(grad, probs=probs.detach()):
-                pooled = block_sum(influence(probs, grad)[0], block)
+                # Magnitudes, not signed sums: first-order effects of masking many entries do not cancel in
+                # practice, and a signed sum lets whole heads look free to drop (a 25% plan then collapses).
+                pooled = block_sum(influence(probs, grad)[0].abs(), block)
                 store[layer] = store.get(layer, 0) + pooled
 
             probs.register_hook(accumulate)

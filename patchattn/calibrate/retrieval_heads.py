@@ -90,6 +90,11 @@ def top1_probe(record: dict):
     return attention
 
 
+# transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both.
+CACHE_ARG = "cache" if "cache" in __import__("transformers").modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ \
+    else "past_key_values"
+
+
 @torch.no_grad()
 def decode_with_top1(model, ids: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and, per step, ``[L, Hq]`` top-1 key positions of the query that produced the token."""
@@ -97,8 +102,8 @@ def decode_with_top1(model, ids: torch.Tensor, steps: int) -> tuple[list[int], l
     tokens, tops, past, step_ids = [], [], None, ids.to(model.device)
     with attention_probe(model, PROBE, top1_probe(record)):
         for _ in range(steps):
-            out = model(input_ids=step_ids, cache=past, use_cache=True)
-            past = out.cache
+            out = model(input_ids=step_ids, **{CACHE_ARG: past}, use_cache=True)
+            past = getattr(out, CACHE_ARG)
             token = int(out.logits[0, -1].argmax())
             tops.append(torch.stack([record[layer] for layer in sorted(record)]).cpu())
             tokens.append(token)

@@ -16,7 +16,7 @@ import torch
 from ..config import MethodConfig, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density
 from ..kernels.dense import eager_attention, sdpa_attention
-from ..masks import BlockGeometry
+from ..masks import BlockGeometry, causal_allowed
 
 # (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK]
 BlockSelector = Callable[[BlockGeometry, torch.Tensor, torch.Tensor, object], torch.Tensor]
@@ -33,6 +33,8 @@ class SparseConfig(MethodConfig):
 
     block_size: int = option(64, "query/key block size in tokens", choices=(16, 32, 64, 128, 256))
     dense_layers: list = option([], "layer indices that stay dense", min=0)
+    last_block_dense: bool = option(False, "at prefill, the last query block reads every key (O(T) extra work): it "
+                                    "produces the first generated token, so retrieval does not hinge on one estimate")
 
 
 def dense_call(module, query, key, value, attention_mask, *, scaling, dropout=0.0, **kwargs):
@@ -127,6 +129,9 @@ def _blocks(state, geometry: BlockGeometry, query, key, select: BlockSelector, s
     mask = select(geometry, query, key, state)
     while mask.ndim < 4:
         mask = mask[None]
+    if state.config.last_block_dense and geometry.n_q > 1:
+        mask = mask.clone()
+        mask[..., -1, :] = causal_allowed(geometry, query.device)[-1]
     # Decoding (a few query rows) keeps every key block's slot: no host sync to size the lists, and the kernel
     # reads only each row's count anyway.  Prefill sizes them to the longest row (one sync per call).
     blocks = blocks_from_mask(mask, width=mask.shape[-1] if geometry.n_q == 1 else None)

@@ -32,6 +32,8 @@ class BlockTopKConfig(SparseConfig):
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
     mass: float = option(0.97, "adaptive budget: keep the best blocks until their estimated share of the softmax "
                          "mass reaches this (1.0 = always top_k; top_k stays the cap)", min=0.0, max=1.0)
+    last_block_dense: bool = option(True, "at prefill, the last query block reads every key (O(T) extra work): it "
+                                    "produces the first generated token, so retrieval does not hinge on one estimate")
     per_head: bool = option(True, "select per query head (better quality); False shares one selection per GQA "
                             "group, so the group reads each KV block once")
     score: str = option("max", "block score: 'mean' (pooled query . pooled key, as Kinetics/MoBA) or 'max' (best "

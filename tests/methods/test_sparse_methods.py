@@ -205,6 +205,24 @@ def test_hip_max_row_score_finds_a_needle_that_the_mean_query_blurs():
     assert found == {"max": True, "mean": False}
 
 
+@pytest.mark.parametrize("method", ["hip", "blocktopk"])
+def test_last_query_block_reads_every_key_at_prefill(method):
+    from patchattn.methods._sparse import BLOCK_SELECTORS, _blocks
+    from patchattn.state import PatchContext, PatchState
+    from patchattn.registry import get_spec
+
+    g = BlockGeometry(300, 300, 16, 16)
+    q, k = torch.randn(1, 4, 300, 8), torch.randn(1, 2, 300, 8)
+    counts = {}
+    for flag in (True, False):
+        state = PatchState(get_spec(method).config_cls(block_size=16, top_k=2, last_block_dense=flag), 1, "text",
+                           PatchContext())
+        _, counts[flag] = _blocks(state, g, q, k, BLOCK_SELECTORS[method][0], static=False)
+    assert (counts[True][..., -1] == g.n_k).all()
+    assert (counts[False][..., -1] < g.n_k).all()
+    assert torch.equal(counts[True][..., :-1], counts[False][..., :-1])
+
+
 def test_hip_decode_reuses_selection_until_refresh():
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (1, 100))
