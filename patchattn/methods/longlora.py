@@ -35,19 +35,22 @@ from typing import ClassVar
 
 import torch
 
-from ..config import option
+from ..config import MethodConfig, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density
 from ..registry import register_method
-from ._sparse import SparseConfig, _dense_reason, dense_call
+from ._sparse import _dense_reason, dense_call
 
 PAPER = ("Chen et al., LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models (ICLR 2024), "
          "arXiv 2309.12307")
 
 
 @dataclass(kw_only=True)
-class GroupedConfig(SparseConfig):
-    """Fields shared by ``longlora`` and ``sinklora``: the group size and when the training attention runs."""
+class GroupedConfig(MethodConfig):
+    """Fields shared by ``longlora`` and ``sinklora``: blocks, the group size and when the training attention runs."""
 
+    block_size: int = option(64, "largest query/key block size in tokens (lowered to divide the groups)",
+                             choices=(16, 32, 64, 128, 256))
+    dense_layers: list = option([], "layer indices that stay dense", min=0)  # noqa: RUF009
     group_size_ratio: float = option(0.25, "group size as a fraction of the sequence length (paper: 1/4)",
                                      min=0.0, max=1.0)
     group_size: int | None = option(None, "group size in tokens (overrides group_size_ratio)", min=2)
