@@ -44,7 +44,7 @@ def word_tokens(tokenizer, ids: torch.Tensor) -> torch.Tensor:
     return words
 
 
-def build_task(tokenizer, seed: int, count: int, context: int = CONTEXT_TOKENS) -> dict:
+def build_task(tokenizer, seed: int, count: int, context: int = CONTEXT_TOKENS, offset: int = 0) -> dict:
     """``count`` 4-way cloze questions from CPython's pydoc text: which word comes next after ``context`` tokens?
 
     Answer: the real next word; distractors: three other words of the same passage, drawn at random
@@ -55,7 +55,8 @@ def build_task(tokenizer, seed: int, count: int, context: int = CONTEXT_TOKENS) 
     ids = _text_ids(tokenizer)[0]
     words = word_tokens(tokenizer, ids)
     vocabulary = words.nonzero()[:, 0]
-    positions = [p for p in (words[ids[context:]].nonzero()[:, 0] + context).tolist()]
+    first = offset + context  # questions only read the text from ``offset`` on
+    positions = (words[ids[first:]].nonzero()[:, 0] + first).tolist()
     if len(positions) < count:
         raise ValueError(f"the offline text has {len(positions)} cloze positions; asked for {count}")
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +115,7 @@ class LayerCache:
         return hook
 
     @torch.no_grad()
-    def letter_logits(self, start_layer: int) -> torch.Tensor:
+    def choice_logits(self, start_layer: int) -> torch.Tensor:
         """``[N, 4]`` logits of the choices at the last position, re-running layers ``start_layer``.. only."""
         rows = []
         for batch, seen in enumerate(self.inputs):
@@ -128,7 +129,7 @@ class LayerCache:
         return torch.cat(rows)
 
     def accuracy(self, start_layer: int = 0) -> float:
-        predicted = self.letter_logits(start_layer).argmax(-1)
+        predicted = self.choice_logits(start_layer).argmax(-1)
         return float((predicted == self.data["answers"]).float().mean())
 
 
@@ -136,7 +137,7 @@ def set_heads(model, chosen: dict[int, list[int]]) -> None:
     """Point every layer's ACT state at the chosen heads (the search changes them between evaluations)."""
     for index, layer in enumerate(model.model.layers):
         state = layer.self_attn.patchattn
-        state.act_heads = torch.tensor(chosen.get(index, []), dtype=torch.long)
+        state.act_heads = torch.tensor(chosen.get(index, []), dtype=torch.long, device=state.act_heads.device)
         state.cache.clear()
 
 
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep heads whose solo accuracy change is > this (default 0: any gain, as the paper)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--layers", default="", help="candidate layers 'first-last' (default 2..L-2, the paper's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,11 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise SystemExit("calibrate act needs a tokenizer (the task is text); pass a model folder with one")
-    task = build_task(tokenizer, args.seed, args.samples + args.heldout, args.context)
+    task = build_task(tokenizer, args.seed, args.samples + args.heldout, args.context, args.text_offset)
+    task = {k: v.to(args.device) for k, v in task.items()}
+    model.to(args.device)
     calibration, heldout = split(task, 0, args.samples), split(task, args.samples, args.samples + args.heldout)
     patchattn.patch(model, "act", heads={}, beta=args.beta, threshold=args.threshold)
     config = model.config
-    layers = range(2, config.num_hidden_layers - 1)
+    first, last = (int(x) for x in args.layers.split("-")) if args.layers else (2, config.num_hidden_layers - 2)
+    if not 0 <= first <= last < config.num_hidden_layers:
+        raise SystemExit(f"--layers {args.layers}: need 0 <= first <= last < {config.num_hidden_layers}")
+    layers = range(first, last + 1)
 
     def log(text):
         print(text, end="", file=sys.stderr, flush=True)
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     set_heads(model, {k: v for k, v in kept.items() if v})
     held_after, calib_after = held.accuracy(), calib_cache.accuracy()
     meta = {"beta": args.beta, "threshold": args.threshold, "seed": args.seed, "min_gain": args.min_gain,
+            "text_offset": args.text_offset, "command": "patchattn calibrate act " + " ".join(argv or sys.argv[1:]),
             "task": f"4-way next-word cloze on CPython pydoc text, {args.context} context tokens, choice logits",
             "candidate_layers": [layers.start, layers.stop - 1], "delta": delta,
             "calibration": {"questions": args.samples, "accuracy_before": baseline, "accuracy_after": calib_after},

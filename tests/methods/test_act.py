@@ -201,3 +201,20 @@ def test_auto_picks_the_shipped_smollm2_list_and_warns_elsewhere():
     assert not any(rows[0] + rows[1] + rows[29]), "candidate layers are 2..L-2"
     with pytest.warns(UserWarning, match="no calibrated ACT heads"):
         assert act.layer_heads(config, tiny_model("llama").config, 0) == []
+
+
+def test_head_search_reruns_only_later_layers_and_matches_a_full_forward():
+    from patchattn.calibrate.act import LayerCache, search, set_heads
+
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    data = {"input_ids": torch.randint(3, 100, (6, 24), generator=gen), "attention_mask": torch.ones(6, 24).long(),
+            "choices": torch.randint(3, 100, (6, 4), generator=gen), "answers": torch.randint(4, (6,), generator=gen)}
+    with patchattn.patched(model, "act", heads={}, threshold=0.05):
+        cache = LayerCache(model, data, batch_size=4)
+        set_heads(model, {1: [2]})
+        partial = cache.choice_logits(1)
+        full = model(input_ids=data["input_ids"]).logits[:, -1]
+        assert max_abs_diff(partial, full.gather(1, data["choices"])) <= 1e-5
+        baseline, delta = search(model, cache, range(2), 4, log=lambda _text: None)
+    assert 0.0 <= baseline <= 1.0 and len(delta) == 2 and all(d is not None for row in delta for d in row)
