@@ -12,7 +12,7 @@ drawn at random -- answered by the choice whose first token has the highest
 next-token logit (one forward per question, as the paper scores multiple choice with ``max_new_tokens = 1``).
 
 Cost: each head's evaluation re-runs only the layers from its own layer on (the inputs of every layer are cached
-from one uncalibrated pass), and only the four letter logits of the last position are computed.
+from one uncalibrated pass), and only the four choice logits of the last position are computed.
 
 The artifact is JSON: ``{"model", "num_layers", "num_heads", "act_heads": [L][H] 0/1, "meta": {..., "delta":
 [L][H] accuracy change of the solo calibration (null for non-candidates), "calibration": {...}, "heldout":
