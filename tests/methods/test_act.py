@@ -218,3 +218,13 @@ def test_head_search_reruns_only_later_layers_and_matches_a_full_forward():
         assert max_abs_diff(partial, full.gather(1, data["choices"])) <= 1e-5
         baseline, delta = search(model, cache, range(2), 4, log=lambda _text: None)
     assert 0.0 <= baseline <= 1.0 and len(delta) == 2 and all(d is not None for row in delta for d in row)
+
+
+def test_bf16_inputs_match_the_fp64_spec_within_bf16_rounding():
+    q, k, v = _inputs(torch.bfloat16)
+    heads, starts = torch.tensor([1, 2]), torch.tensor([0, 7], dtype=torch.int32)
+    out, _ = _fused(_state(), q, k, v, heads, starts)
+    ref, _, _ = act.act_reference(q.double(), k.double(), v.double(), [1, 2], beta=0.4, threshold=0.05, starts=starts)
+    valid = _valid(starts, q.shape[2])
+    assert out.dtype == torch.bfloat16
+    assert max_abs_diff(out.double() * valid, ref[:, heads] * valid) <= 3e-2
