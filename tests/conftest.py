@@ -47,3 +47,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run Triton kernels on the CPU through the interpreter (the GPU tests use the real device)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

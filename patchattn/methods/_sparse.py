@@ -78,6 +78,17 @@ def _dense_reason(state, attention_mask, batch: int, kv_len: int, kwargs) -> tup
         return str(err), None
 
 
+def must_run_dense(state, method: str, attention_mask, batch: int, kv_len: int, kwargs) -> tuple[str | None, object]:
+    """``_dense_reason``, plus the warning and the density record a dense call owes: (reason or None, kv_start)."""
+    reason, kv_start = _dense_reason(state, attention_mask, batch, kv_len, kwargs)
+    if reason is not None:
+        if reason != "dense layer":
+            # Python's default filter shows each distinct message once per call site.
+            warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=3)
+        state.record(density=1.0)
+    return reason, kv_start
+
+
 def run_block_sparse(module, query, key, value, attention_mask, *, scaling, select: BlockSelector,
                      static: bool, dropout=0.0, **kwargs):
     """Shared forward of every block-sparse method (transformers' signature; returns ``([B, Tq, Hq, D], None)``)."""
@@ -85,12 +96,8 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
     config = state.config
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    reason, kv_start = _dense_reason(state, attention_mask, batch, kv_len, kwargs)
+    reason, kv_start = must_run_dense(state, type(config).method, attention_mask, batch, kv_len, kwargs)
     if reason is not None:
-        if reason != "dense layer":
-            # Python's default filter shows each distinct message once per call site.
-            warnings.warn(f"patchattn {type(config).method}: {reason}; those calls run dense attention", stacklevel=2)
-        state.record(density=1.0)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     geometry = BlockGeometry(q_len, kv_len, config.block_size, config.block_size)

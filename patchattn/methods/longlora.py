@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,7 +37,7 @@ import torch
 from ..config import MethodConfig, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density
 from ..registry import register_method
-from ._sparse import _dense_reason, dense_call
+from ._sparse import dense_call, must_run_dense
 
 PAPER = ("Chen et al., LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models (ICLR 2024), "
          "arXiv 2309.12307")
@@ -169,11 +168,8 @@ def longlora_attention(module, query, key, value, attention_mask, *, scaling=Non
     if not training_attention_active(module, config, q_len, kv_len):
         state.record(density=1.0)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    reason, kv_start = _dense_reason(state, attention_mask, batch, kv_len, kwargs)
+    reason, kv_start = must_run_dense(state, "longlora", attention_mask, batch, kv_len, kwargs)
     if reason is not None:
-        if reason != "dense layer":
-            warnings.warn(f"patchattn longlora: {reason}; those calls run dense attention", stacklevel=2)
-        state.record(density=1.0)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     group = group_size_for(config, q_len)

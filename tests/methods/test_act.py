@@ -2,7 +2,6 @@
 sink mass dropping to beta, dense equivalence, head lists (dict, shipped, JSON) and clear errors."""
 
 import json
-import os
 import types
 from pathlib import Path
 
@@ -148,18 +147,6 @@ def test_generation_with_cache_and_padding_runs_and_differs_from_dense():
             assert model.model.layers[0].self_attn.patchattn.cache["act_sinks"].shape[:2] == (2, 4)
     assert out.shape == (2, 34)
     assert max_abs_diff(calibrated, dense) > 1e-4
-
-
-@pytest.fixture
-def triton_interpreter():
-    pytest.importorskip("triton")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
 
 
 def test_triton_kernel_path_matches_the_torch_path(triton_interpreter):

@@ -1,7 +1,6 @@
 """moh: head plan, the query-norm router, dense equivalence, kernel path vs the torch path (forward, gradients,
 GQA, padding), cache consistency of per-token and per-block routing, and the learned router's parameters + loss."""
 
-import os
 import types
 
 import pytest
@@ -58,18 +57,6 @@ def test_all_heads_active_is_exactly_dense():
         with patchattn.patched(model, "moh"):
             assert max_abs_diff(model(**inputs).logits, reference) > 1e-3
             assert model.model.layers[0].self_attn.patchattn.stats["density"] == pytest.approx(0.75)
-
-
-@pytest.fixture
-def triton_interpreter():
-    pytest.importorskip("triton")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
 
 
 def _attention_inputs(dtype, batch=2, heads=4, kv_heads=2, length=40, dim=16):
