@@ -173,7 +173,7 @@ def replaced(module, mode: str, head: int, query, value, attention_mask) -> torc
     "headscale",
     config=HeadScaleConfig,
     category="head",
-    families=("llm", "lvlm", "dit"),
+    families=("llm", "lvlm"),  # DiT modules carry no model config to build its state from
     # Cross-attention exists only in DiTs here, where the head states cannot be built yet (no model config):
     # tests/test_patterns.py found the DiT cross patterns failing, so only the self-attention ones are declared.
     patterns=("causal-self", "noncausal-self"),
