@@ -80,14 +80,21 @@ def plot(quality: dict, speed: dict, path: str, length: int = 8192) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m patchattn.bench.sparse_report", description=__doc__)
     p.add_argument("--quality", required=True)
-    p.add_argument("--speed")
+    p.add_argument("--speed", action="append", default=[],
+                   help="methods-benchmark CSV; repeat it: a later file's rows replace an earlier one's of the same label")
+    p.add_argument("--exclude", action="append", default=[],
+                   help="MODE:LABEL speed rows to leave out (e.g. a measurement found wrong later)")
     p.add_argument("--out", required=True, help="folder for RESULTS.md and quality_vs_speed.png")
     p.add_argument("--alias", action="append", default=[],
                    help="QUALITY_LABEL=SPEED_LABEL when the two runs named the same config differently")
     args = p.parse_args(argv)
     with open(args.quality, encoding="utf-8") as handle:
         quality = json.load(handle)
-    speed = _read_speed(args.speed)
+    speed = {}
+    for path in args.speed:
+        speed.update(_read_speed(path))
+    excluded = {tuple(item.split(":", 1)) for item in args.exclude}
+    speed = {key: row for key, row in speed.items() if (key[0], key[3]) not in excluded}
     for alias in args.alias:
         quality_label, speed_label = alias.split("=", 1)
         speed.update({(m, t, b, quality_label): r for (m, t, b, label), r in list(speed.items()) if label == speed_label})
