@@ -190,6 +190,16 @@ def _length_of_column(column: str) -> int:
     return int(token[:-1]) * 1024 if token.endswith("k") else int(token)
 
 
+def _panels(plt, n: int, panel_size: tuple[float, float]):
+    """A figure of ``n`` panels, three per row; the unused slots of the last row are hidden."""
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
 def plot_heatmaps(results: dict, task: str, path: str) -> bool:
     """Accuracy per (depth, length), one panel per method."""
     cells = [c for c in cells_by(results).values() if c["task"] == task and any(
@@ -197,12 +207,7 @@ def plot_heatmaps(results: dict, task: str, path: str) -> bool:
     if not cells:
         return False
     plt = _pyplot()
-    n = len(cells)
-    cols = min(n, 3)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
+    fig, axes = _panels(plt, len(cells), (3.6, 3.0))
     for ax, cell in zip(axes.flat, cells):
         depths, lengths, grid = accuracy_grid(cell)
         data = [[float("nan") if v is None else v for v in row] for row in grid]
@@ -230,12 +235,7 @@ def plot_blocks(results: dict, path: str) -> bool:
     if not blocks:
         return False
     plt = _pyplot()
-    n = len(blocks)
-    cols = min(n, 3)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
+    fig, axes = _panels(plt, len(blocks), (3.3, 3.4))
     for ax, (label, data) in zip(axes.flat, blocks.items()):
         ax.imshow(mask_from_json(data).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         note = " (layer runs dense)" if data["dense"] else ""

@@ -33,6 +33,16 @@ def _grads(out, tensors):
     return torch.autograd.grad((out * weight).sum(), tensors)
 
 
+def _assert_same_grads(out, ref, inputs, tol=1e-4):
+    """The same random upstream gradient through both outputs gives the same input gradients."""
+    torch.manual_seed(3)
+    got = _grads(out, inputs)
+    torch.manual_seed(3)
+    want = _grads(ref, inputs)
+    for a, b in zip(got, want):
+        assert max_abs_diff(a, b) < tol
+
+
 @pytest.mark.parametrize("seq,group", [(128, 32), (96, 32), (128, 64)])
 def test_s2_attn_matches_the_papers_algorithm_forward_and_gradients(seq, group):
     from patchattn.methods.longlora import longlora_attention
@@ -43,12 +53,7 @@ def test_s2_attn_matches_the_papers_algorithm_forward_and_gradients(seq, group):
     out = out.transpose(1, 2)
     ref = s2_attention_reference(q, k, v, group, shift=True)
     assert max_abs_diff(out, ref) < 1e-5
-    torch.manual_seed(3)
-    got = _grads(out, (q, k, v))
-    torch.manual_seed(3)
-    want = _grads(ref, (q, k, v))
-    for a, b in zip(got, want):
-        assert max_abs_diff(a, b) < 1e-4
+    _assert_same_grads(out, ref, (q, k, v))
     assert module.patchattn.stats["density"] < 1.0
 
 
@@ -105,12 +110,7 @@ def test_sf_attn_matches_reference_forward_and_gradients(seq, group, sinks):
     out = sinklora_attention(module, q, k, v, None, scaling=16 ** -0.5)[0].transpose(1, 2)
     ref = sf_attention_reference(q, k, v, group, sinks)
     assert max_abs_diff(out, ref) < 1e-5
-    torch.manual_seed(3)
-    got = _grads(out, (q, k, v))
-    torch.manual_seed(3)
-    want = _grads(ref, (q, k, v))
-    for a, b in zip(got, want):
-        assert max_abs_diff(a, b) < 1e-4
+    _assert_same_grads(out, ref, (q, k, v))
 
 
 def test_sinklora_config_errors():
