@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density
+from ..kernels.blocksparse import block_sparse_attention, density
 from ..masks import BlockGeometry
-from ..methods._sparse import BLOCK_SELECTORS
+from ..methods._sparse import BLOCK_SELECTORS, _blocks
 from ..registry import get_spec
 from ..report import environment, format_table
 from ..state import PatchContext, PatchState
@@ -57,13 +57,10 @@ def _state(name: str, overrides: dict) -> PatchState:
 
 
 def _select(name, state, q, k):
-    select, _static = BLOCK_SELECTORS[name]
+    """The method's own block lists, built exactly as in a model (dense last block, decode list sizing); never
+    taken from the static-pattern cache, so every timed call pays for its selection."""
     g = BlockGeometry(q.shape[2], k.shape[2], state.config.block_size, state.config.block_size)
-    mask = select(g, q, k, state)
-    while mask.ndim < 4:
-        mask = mask[None]
-    # As the methods do: decoding sizes the lists without a host sync.
-    return blocks_from_mask(mask, width=mask.shape[-1] if g.n_q == 1 else None)
+    return _blocks(state, g, q, k, BLOCK_SELECTORS[name][0], static=False)
 
 
 def prefill_rows(T, methods, with_flex):

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..eval.longctx import FILLER
 from ..kernels.dense import sdpa_attention
@@ -91,8 +92,7 @@ def top1_probe(record: dict):
 
 
 # transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both.
-CACHE_ARG = "cache" if "cache" in __import__("transformers").modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ \
-    else "past_key_values"
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @torch.no_grad()

@@ -22,6 +22,10 @@ from ..masks import BlockGeometry, causal_allowed
 BlockSelector = Callable[[BlockGeometry, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
+LAST_BLOCK_DENSE_HELP = ("at prefill, the last query block reads every key (O(T) extra work): it produces the first "
+                         "generated token, so retrieval does not hinge on one estimate")
+
+
 @dataclass(kw_only=True)
 class SparseConfig(MethodConfig):
     """Fields every block-sparse method has.
@@ -33,8 +37,7 @@ class SparseConfig(MethodConfig):
 
     block_size: int = option(64, "query/key block size in tokens", choices=(16, 32, 64, 128, 256))
     dense_layers: list = option([], "layer indices that stay dense", min=0)
-    last_block_dense: bool = option(False, "at prefill, the last query block reads every key (O(T) extra work): it "
-                                    "produces the first generated token, so retrieval does not hinge on one estimate")
+    last_block_dense: bool = option(False, LAST_BLOCK_DENSE_HELP)
 
 
 def dense_call(module, query, key, value, attention_mask, *, scaling, dropout=0.0, **kwargs):

@@ -22,7 +22,7 @@ import torch
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
-from ._sparse import SparseConfig, sparse_forward
+from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
 
 
 @dataclass(kw_only=True)
@@ -32,8 +32,7 @@ class BlockTopKConfig(SparseConfig):
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
     mass: float = option(0.97, "adaptive budget: keep the best blocks until their estimated share of the softmax "
                          "mass reaches this (1.0 = always top_k; top_k stays the cap)", min=0.0, max=1.0)
-    last_block_dense: bool = option(True, "at prefill, the last query block reads every key (O(T) extra work): it "
-                                    "produces the first generated token, so retrieval does not hinge on one estimate")
+    last_block_dense: bool = option(True, LAST_BLOCK_DENSE_HELP)
     per_head: bool = option(True, "select per query head (better quality); False shares one selection per GQA "
                             "group, so the group reads each KV block once")
     score: str = option("max", "block score: 'mean' (pooled query . pooled key, as Kinetics/MoBA) or 'max' (best "

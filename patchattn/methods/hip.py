@@ -26,7 +26,7 @@ import torch
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
-from ._sparse import SparseConfig, sparse_forward
+from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
 from .blocktopk import block_means, forced_blocks, key_block_means
 
 
@@ -36,8 +36,7 @@ class HipConfig(SparseConfig):
     sink_blocks: int = option(1, "initial blocks always read", min=0)
     local_blocks: int = option(2, "nearest blocks always read (sliding window)", min=1)
     per_head: bool = option(True, "search per query head (as the paper) instead of once per GQA group")
-    last_block_dense: bool = option(True, "at prefill, the last query block reads every key (O(T) extra work): it "
-                                    "produces the first generated token, so retrieval does not hinge on one estimate")
+    last_block_dense: bool = option(True, LAST_BLOCK_DENSE_HELP)
     refresh_interval: int = option(8, "decode steps between re-running the search (paper: 8)", min=1)
     score: str = option("max", "segment score: 'max' (best query row of the block . segment mean key, as the paper) "
                         "or 'mean' (mean query of the block . segment mean key)", choices=("mean", "max"))
