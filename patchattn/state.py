@@ -67,11 +67,19 @@ class PatchState(nn.Module):
         self.role = role
         self.context = context
         self.cache: dict[str, Any] = {}
-        self.stats: dict[str, float] = {}
+        self._raw_stats: dict[str, Any] = {}
 
-    def record(self, **stats: float) -> None:
-        """Report statistics of the latest call (floats; tensors are converted)."""
-        self.stats.update({k: float(v) for k, v in stats.items()})
+    def record(self, **stats) -> None:
+        """Report statistics of the latest call (floats or 0-d tensors).
+
+        Tensors are kept as they are and converted when read, so recording costs no device-to-host sync (a decode
+        step stays capturable in a CUDA graph).
+        """
+        self._raw_stats.update({k: v.detach() if torch.is_tensor(v) else v for k, v in stats.items()})
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self._raw_stats.items()}
 
     def extra_repr(self) -> str:
         return f"method={type(self.config).method}, layer={self.layer_index}, role={self.role}"

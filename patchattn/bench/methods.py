@@ -3,7 +3,8 @@ side in one run with SDPA (dense causal) and FlexAttention given the *same* bloc
 
 For each method (default config) and length: the time to choose the blocks (the method's own selection), the
 block-sparse kernel time, their sum, FlexAttention's time on the same lists, and the density; plus decode with
-one query per sequence against a long KV cache at batch 1 and 8.
+one query per sequence against a long KV cache at batch 1 and 8: the whole step (selection + kernel) timed eagerly
+and replayed from a CUDA graph, against SDPA timed both ways.
 
     python -m patchattn.bench.methods --csv bench/methods/h200.csv          # CUDA GPU
 """
@@ -23,10 +24,11 @@ from ..methods._sparse import BLOCK_SELECTORS, _blocks
 from ..registry import get_spec
 from ..report import environment, format_table
 from ..state import PatchContext, PatchState
-from .kernel import flex_block_mask, time_ms
+from .kernel import flex_block_mask, graph_ms, time_ms
 
 FIELDS = ["mode", "T", "B", "method", "density", "select_ms", "kernel_ms", "total_ms", "flex_ms", "sdpa_ms",
-          "speedup_vs_sdpa", "kernel_speedup_vs_sdpa", "vs_flex", "note"]
+          "speedup_vs_sdpa", "kernel_speedup_vs_sdpa", "vs_flex", "graph_ms", "sdpa_graph_ms",
+          "graph_speedup_vs_sdpa", "note"]
 
 
 def parse_args(argv):
@@ -93,34 +95,95 @@ def prefill_rows(T, methods, with_flex):
     return rows
 
 
-def decode_rows(T, batch, methods):
-    q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, 8, T, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+def decode_rows(T, batch, methods, device="cuda"):
+    """One decode step per method (its selection, as a model runs it every step, then the kernel), timed eagerly and
+    replayed from a CUDA graph (how serving loops run decode steps), next to SDPA timed both ways."""
+    q = torch.randn(batch, 32, 1, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, 8, T, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    sdpa_ms, sdpa_graph = time_ms(sdpa), graph_ms(sdpa)
     rows = []
     for label, name, overrides in methods:
         state = _state(name, overrides)
         block = state.config.block_size
-        idx, cnt = _select(name, state, q, k)
-        # Static patterns are cached across decode steps; dynamic ones re-select every step, hip every
-        # refresh_interval steps: its cost per step is (one search + the reuses in between) / interval.
-        static = BLOCK_SELECTORS[name][1]
-        select_ms = 0.0 if static else time_ms(lambda: _select(name, state, q, k))
-        if name == "hip":
-            def search():
-                state.cache.pop("hip_decode", None)
-                return _select(name, state, q, k)
-
-            every = state.config.refresh_interval
-            select_ms = (time_ms(search) + (every - 1) * select_ms) / every
-        kernel_ms = time_ms(lambda: block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block,
-                                                           backend="triton"))
+        _select(name, state, q[:, :, :1].expand(-1, -1, 2, -1), k)  # a prefill-like call fills the key-mean cache
+        steps = _decode_steps(name, state, q, k, v)
+        # hip searches every refresh_interval steps and reuses the lists in between: average over one cycle.
+        weights = {"search": 1, "reuse": state.config.refresh_interval - 1} if "reuse" in steps else {"step": 1}
+        eager = {kind: time_ms(fn) for kind, fn in steps.items()}
+        graphed = {kind: graph_ms(fn) for kind, fn in steps.items()}
+        idx, cnt = steps.get("search", steps.get("step")).lists()
         row = {"mode": "decode", "T": T, "B": batch, "method": label,
-               "density": density(cnt, 1, T, block, block), "select_ms": select_ms, "kernel_ms": kernel_ms,
-               "total_ms": select_ms + kernel_ms, "sdpa_ms": sdpa}
+               "density": density(cnt, 1, T, block, block), "sdpa_ms": sdpa_ms, "sdpa_graph_ms": sdpa_graph,
+               "select_ms": time_ms(lambda: _select(name, state, q, k)),
+               "kernel_ms": time_ms(lambda: block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block,
+                                                                   backend="triton")),
+               "total_ms": _cycle(eager, weights), "graph_ms": _cycle(graphed, weights),
+               "note": _sync_note(steps) if q.is_cuda else ""}
         rows.append(_ratios(row))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+class _Step:
+    """A decode step of one method: selection + kernel, with the cache state of a step after the previous one."""
+
+    def __init__(self, name, state, q, k, v, prepare):
+        self.name, self.state, self.q, self.k, self.v, self.prepare = name, state, q, k, v, prepare
+
+    def lists(self):
+        self.prepare()
+        return _select(self.name, self.state, self.q, self.k)
+
+    def __call__(self):
+        idx, cnt = self.lists()
+        block = self.state.config.block_size
+        return block_sparse_attention(self.q, self.k, self.v, idx, cnt, block_q=block, block_k=block,
+                                      backend="triton")
+
+
+def _decode_steps(name, state, q, k, v):
+    T = k.shape[2]
+
+    def grown_by_one():
+        # The cache grew by one token since the last step: the last block's mean is recomputed (in place).
+        if "key_means" in state.cache:
+            state.cache["key_means"]["length"] = T - 1
+
+    if name != "hip":
+        return {"step": _Step(name, state, q, k, v, grown_by_one)}
+
+    def search():
+        grown_by_one()
+        state.cache.pop("hip_decode", None)
+
+    def reuse():
+        if "hip_decode" not in state.cache:
+            _select(name, state, q, k)
+        state.cache["hip_decode"]["age"] = 0  # the next call reuses the saved lists
+
+    return {"search": _Step(name, state, q, k, v, search), "reuse": _Step(name, state, q, k, v, reuse)}
+
+
+def _cycle(times, weights):
+    return sum(times[kind] * w for kind, w in weights.items()) / sum(weights.values())
+
+
+def _sync_note(steps):
+    """Whether a step forces a device-to-host sync (which a CUDA graph cannot capture and eager calls pay for)."""
+    found = []
+    for kind, fn in steps.items():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        except RuntimeError as err:
+            found.append(f"{kind}: host sync ({str(err).splitlines()[0][:80]})")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return "; ".join(found) or "no host sync"
 
 
 def ints(text: str) -> list[int]:
@@ -132,6 +195,8 @@ def _ratios(row):
     row["kernel_speedup_vs_sdpa"] = row["sdpa_ms"] / row["kernel_ms"]
     if row.get("flex_ms"):
         row["vs_flex"] = row["flex_ms"] / row["kernel_ms"]
+    if row.get("graph_ms"):
+        row["graph_speedup_vs_sdpa"] = row["sdpa_graph_ms"] / row["graph_ms"]
     return row
 
 
@@ -149,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in ints(args.decode_batch):
             rows += decode_rows(T, batch, methods)
     print(format_table(rows, ["mode", "T", "B", "method", "density", "select_ms", "kernel_ms", "flex_ms",
-                              "sdpa_ms", "speedup_vs_sdpa", "vs_flex"]))
+                              "sdpa_ms", "speedup_vs_sdpa", "vs_flex", "graph_ms", "graph_speedup_vs_sdpa"]))
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as handle:
             handle.write(f"# {json.dumps(environment())} command: {' '.join(sys.argv)}\n")

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MethodConfig, option
-from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density
+from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density_tensor
 from ..kernels.dense import eager_attention, sdpa_attention
 from ..masks import BlockGeometry, causal_allowed
 
-# (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK]
-BlockSelector = Callable[[BlockGeometry, torch.Tensor, torch.Tensor, object], torch.Tensor]
+# (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK], or ready block lists
+# (kv_indices, kv_counts) when the method builds them directly (blocktopk while decoding).
+BlockSelector = Callable[[BlockGeometry, torch.Tensor, torch.Tensor, object], "torch.Tensor | tuple"]
 
 
 LAST_BLOCK_DENSE_HELP = ("at prefill, the last query block reads every key (O(T) extra work): it produces the first "
@@ -38,6 +39,10 @@ class SparseConfig(MethodConfig):
     block_size: int = option(64, "query/key block size in tokens", choices=(16, 32, 64, 128, 256))
     dense_layers: list = option([], "layer indices that stay dense", min=0)
     last_block_dense: bool = option(False, LAST_BLOCK_DENSE_HELP)
+
+    def max_blocks_per_row(self, n_k: int) -> int:
+        """An upper bound on the blocks one query block reads: decode lists get this width without a host sync."""
+        return n_k
 
 
 def dense_call(module, query, key, value, attention_mask, *, scaling, dropout=0.0, **kwargs):
@@ -109,7 +114,7 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
         query, key, value, kv_indices, kv_counts, block_q=geometry.block_q, block_k=geometry.block_k, causal=True,
         scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start, backend=config.backend,
     )
-    state.record(density=density(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k, causal=True))
+    state.record(density=density_tensor(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k, causal=True))
     return out.transpose(1, 2), None
 
 
@@ -137,15 +142,24 @@ def _blocks(state, geometry: BlockGeometry, query, key, select: BlockSelector, s
     if static and cached is not None and cached[0] == cache_key:
         return cached[1]
     mask = select(geometry, query, key, state)
-    while mask.ndim < 4:
-        mask = mask[None]
-    if state.config.last_block_dense and geometry.n_q > 1:
-        mask = mask.clone()
-        mask[..., -1, :] = causal_allowed(geometry, query.device)[-1]
-    # Decoding (a few query rows) keeps every key block's slot: no host sync to size the lists, and the kernel
-    # reads only each row's count anyway.  Prefill sizes them to the longest row (one sync per call).
-    blocks = blocks_from_mask(mask, width=mask.shape[-1] if geometry.n_q == 1 else None)
+    if isinstance(mask, tuple):
+        blocks = mask
+    else:
+        blocks = _lists(state.config, geometry, mask, query.device)
     if static:
         # Only the latest shape is kept: decoding changes it every step.
         state.cache["static_blocks"] = (cache_key, blocks)
     return blocks
+
+
+def _lists(config, geometry: BlockGeometry, mask, device):
+    """A selector's block mask -> block lists (with the dense last query block where the config asks for it)."""
+    while mask.ndim < 4:
+        mask = mask[None]
+    if config.last_block_dense and geometry.n_q > 1:
+        mask = mask.clone()
+        mask[..., -1, :] = causal_allowed(geometry, device)[-1]
+    # Decoding (one query block) sizes the lists by the method's bound: no host sync, so a decode step can be
+    # captured in a CUDA graph.  Prefill sizes them to the longest row (one sync per call).
+    width = config.max_blocks_per_row(geometry.n_k) if geometry.n_q == 1 else None
+    return blocks_from_mask(mask, width=width)

@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from ..config import option
+from ..kernels.blockselect import decode_block_topk, max_list_width, within_mass
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
@@ -39,6 +40,9 @@ class BlockTopKConfig(SparseConfig):
                         "query row of the block and GQA group . pooled key)", choices=("mean", "max"))
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "mass": 1.0}
+
+    def max_blocks_per_row(self, n_k: int) -> int:
+        return max_list_width(n_k, self.top_k, self.sink_blocks, self.local_blocks)
 
 
 MAX_SCORE_ELEMENTS = 1 << 26
@@ -70,7 +74,11 @@ def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.T
     else:
         first = cached["length"] // block  # the first block that gained keys since the last call
         tail = block_means(key[:, :, first * block :], block)
-        means = torch.cat([cached["means"][:, :, :first], tail], dim=2)
+        means = cached["means"]
+        if means.shape[2] == first + tail.shape[2]:
+            means[:, :, first:] = tail  # same blocks, the last one grew: update in place
+        else:
+            means = torch.cat([means[:, :, :first], tail], dim=2)
     state.cache["key_means"] = {"length": t, "means": means}
     return means
 
@@ -112,9 +120,14 @@ def forced_blocks(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=
     return (g.key_blocks(device) < sink_blocks) | ((distance >= 0) & (distance < local_blocks))
 
 
-def select_top_k(g: BlockGeometry, query, key, state) -> torch.Tensor:
+def select_top_k(g: BlockGeometry, query, key, state):
     config = state.config
     k_means = key_block_means(state, key, g.block_k, g.q_len)
+    if g.q_len == 1:
+        # Decoding: one query row, so 'max' and 'mean' agree; lists straight from the fused selection.
+        return decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
+                                 local_blocks=config.local_blocks, mass=config.mass, per_head=config.per_head,
+                                 reduce=config.score, backend=config.backend)
     raw = block_scores(query, k_means, g, config.score, config.per_head)  # [B, H, NQ, NK]
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
@@ -131,18 +144,9 @@ def select_top_k(g: BlockGeometry, query, key, state) -> torch.Tensor:
 
 
 def _within_mass(raw, allowed, forced, top_values, mass: float, head_dim: int) -> torch.Tensor:
-    """For the sorted top blocks, whether they are still needed to reach ``mass`` of the estimated softmax mass.
-
-    A block's estimated mass is ``softmax(score / sqrt(d))`` over the causally allowed blocks.  The forced
-    (sink, local) blocks count first, so rows the local window already explains read few extra blocks and
-    diffuse rows read up to ``top_k``.
-    """
-    logits = raw.float() / head_dim**0.5
-    total = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=-1, keepdim=True)
-    forced_mass = torch.exp(logits - total).masked_fill(~forced, 0.0).sum(dim=-1, keepdim=True)
-    top_mass = torch.exp(top_values.float() / head_dim**0.5 - total)
-    before = forced_mass + top_mass.cumsum(dim=-1) - top_mass
-    return before < mass
+    """Estimated softmax mass of a block: ``softmax(score / sqrt(d))`` over the causally allowed blocks."""
+    root_d = head_dim**0.5
+    return within_mass(raw.float() / root_d, allowed, forced, top_values.float() / root_d, mass)
 
 
 blocktopk_attention = register_method(

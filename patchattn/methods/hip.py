@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..config import option
+from ..kernels.blockselect import max_list_width
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
@@ -43,6 +44,9 @@ class HipConfig(SparseConfig):
     dense_layers: list = option([0], "layer indices kept dense (paper: the first layers)", min=0)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "dense_layers": []}
+
+    def max_blocks_per_row(self, n_k: int) -> int:
+        return max_list_width(n_k, self.top_k, self.sink_blocks, self.local_blocks)
 
 
 def _initial_segments(diagonal: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +77,9 @@ def tree_search(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Ten
     end = end.expand(b, h, n_q, k).clone()
     # Prefix sums of the block means give any segment's mean key in O(1): its representative.
     prefix = torch.nn.functional.pad(k_means.cumsum(dim=2), (0, 0, 1, 0))
-    while bool(((end - start) > 1).any()):
+    # The longest initial segment has ceil(n_k / k) blocks and every round halves it (rounding up): the number
+    # of rounds is known on the host, so the search needs no device-to-host sync.
+    for _ in range(_rounds(-(-n_k // k))):
         mid = torch.where(end - start > 1, (start + end) // 2, end)
         start = torch.cat([start, mid], dim=-1)  # left halves then right halves
         end = torch.cat([mid, end], dim=-1)
@@ -84,6 +90,13 @@ def tree_search(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Ten
     valid = end > start
     chosen.scatter_(-1, start.clamp(0, n_k - 1), valid)
     return chosen
+
+
+def _rounds(longest: int) -> int:
+    rounds = 0
+    while longest > 1:
+        longest, rounds = -(-longest // 2), rounds + 1
+    return rounds
 
 
 def _segment_scores(q_rows, prefix, start, end) -> torch.Tensor:
@@ -108,9 +121,12 @@ def query_rows(query: torch.Tensor, block: int, kv_heads: int, per_head: bool, s
         rows = block_means(query, block)[:, :, :, None]  # [B, Hq, NQ, 1, D]
     else:
         n_q = -(-t // block)
-        # Pad the last block by repeating its last row: the max over rows is unchanged.
-        rows = torch.cat([query, query[:, :, -1:].expand(-1, -1, n_q * block - t, -1)], dim=2).float()
-        rows = rows.view(b, hq, n_q, block, d)
+        if n_q == 1:  # decoding: the few rows as they are
+            rows = query.float()[:, :, None]
+        else:
+            # Pad the last block by repeating its last row: the max over rows is unchanged.
+            rows = torch.cat([query, query[:, :, -1:].expand(-1, -1, n_q * block - t, -1)], dim=2).float()
+            rows = rows.view(b, hq, n_q, block, d)
     if per_head:
         return rows
     grouped = rows.view(b, kv_heads, groups, *rows.shape[2:])

@@ -35,7 +35,7 @@ from typing import ClassVar
 import torch
 
 from ..config import MethodConfig, option
-from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density
+from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density_tensor
 from ..registry import register_method
 from ._sparse import dense_call, must_run_dense
 
@@ -180,5 +180,5 @@ def longlora_attention(module, query, key, value, attention_mask, *, scaling=Non
     out = block_sparse_attention(query, key, value, kv_indices, kv_counts, block_q=block, block_k=block, causal=True,
                                  scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start,
                                  backend=config.backend)
-    state.record(density=density(kv_counts, q_len, kv_len, block, block, causal=True))
+    state.record(density=density_tensor(kv_counts, q_len, kv_len, block, block, causal=True))
     return out.transpose(1, 2), None

@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blocksparse import block_sparse_attention, density
+from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
 from ._sparse import _dense_reason, dense_call, padding_start
 from .longlora import GroupedConfig, _cached_lists, group_size_for, training_attention_active
@@ -115,7 +115,7 @@ def _sf_attention(state, query, key, value, scaling, softcap):
     bias[..., config.sink_tokens:width] = float("-inf")
     out = block_sparse_attention(query, key_ext, value_ext, kv_indices, kv_counts, block_q=block, block_k=block,
                                  causal=True, scale=scaling, softcap=softcap, col_bias=bias, backend=config.backend)
-    state.record(density=density(kv_counts, q_len, q_len + width, block, block, causal=True))
+    state.record(density=density_tensor(kv_counts, q_len, q_len + width, block, block, causal=True))
     return out
 
 

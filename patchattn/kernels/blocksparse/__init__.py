@@ -26,6 +26,7 @@ __all__ = [
     "causal_blocks",
     "dense_blocks",
     "density",
+    "density_tensor",
     "BACKENDS",
 ]
 
@@ -144,6 +145,12 @@ def dense_blocks(Tq: int, Tk: int, block_q: int, block_k: int, device=None):
 def density(kv_counts: torch.Tensor, Tq: int, Tk: int, block_q: int, block_k: int,
             causal: bool = True) -> float:
     """Fraction of the allowed key blocks (causally allowed when ``causal``) that the lists read."""
+    return float(density_tensor(kv_counts, Tq, Tk, block_q, block_k, causal))
+
+
+def density_tensor(kv_counts: torch.Tensor, Tq: int, Tk: int, block_q: int, block_k: int,
+                   causal: bool = True) -> torch.Tensor:
+    """:func:`density` as a 0-d fp64 tensor on the lists' device: no device-to-host sync."""
     if causal:
         allowed = causal_block_counts(Tq, Tk, block_q, block_k, kv_counts.device)
     else:
@@ -151,7 +158,7 @@ def density(kv_counts: torch.Tensor, Tq: int, Tk: int, block_q: int, block_k: in
                              device=kv_counts.device, dtype=torch.int32)
     read = torch.minimum(kv_counts, allowed).sum(dtype=torch.float64)
     total = allowed.sum(dtype=torch.float64) * (kv_counts.numel() // max(1, allowed.numel()))
-    return float(read / total) if total > 0 else 0.0
+    return torch.where(total > 0, read / total.clamp(min=1), 0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ selected K/V block is read from memory once per kv head, not once per q head.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -31,8 +32,9 @@ from .triton_fwd import (
     visibility,
 )
 
-# Aim for this many programs per multiprocessor when choosing the number of splits.
-PROGRAMS_PER_SM = 2
+# Aim for this many programs per multiprocessor when choosing the number of splits (more programs keep more K/V
+# loads in flight when one sequence reads few blocks; the merge then combines more partial results).
+PROGRAMS_PER_SM = int(os.environ.get("PATCHATTN_DECODE_PROGRAMS_PER_SM", "2"))
 _SM_COUNT: dict = {}
 
 

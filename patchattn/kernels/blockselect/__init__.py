@@ -1,0 +1,53 @@
+"""Decode-time block top-k selection (the per-step choice of ``blocktopk`` while decoding).
+
+Entry point :func:`decode_block_topk`: one query row per sequence and head against the compressed key cache
+(one mean key per block) -> ascending block lists ready for ``kernels.blocksparse``.  Backends: ``torch``
+(:mod:`.reference`, the oracle) and ``triton`` (:mod:`.triton_select`, two launches, no host sync, so a decode
+step can be captured in a CUDA graph).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..blocksparse import _resolve_backend
+from .reference import decode_block_topk_torch, forced_decode_blocks, group_scores, within_mass
+
+__all__ = ["decode_block_topk", "forced_decode_blocks", "group_scores", "within_mass", "max_list_width"]
+
+
+def max_list_width(n_k: int, top_k: int, sink_blocks: int, local_blocks: int) -> int:
+    """An upper bound on any row's count: every list fits in this width."""
+    return max(1, min(n_k, top_k + sink_blocks + local_blocks))
+
+
+def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sink_blocks: int = 1,
+                      local_blocks: int = 2, mass: float = 1.0, per_head: bool = True, reduce: str = "max",
+                      backend: str = "auto"):
+    """Blocks a single query row per (batch, head) reads.
+
+    Args:
+        q: ``[B, Hq, D]`` the query (the newest position; it sits in the last key block).
+        k_means: ``[B, Hkv, NK, D]`` the mean key of every block of the cache.
+        top_k, sink_blocks, local_blocks, mass: as ``blocktopk``'s config (``mass`` >= 1 keeps ``top_k`` blocks).
+        per_head: one list per query head; else one per KV head, scoring each block by the group's ``reduce``
+            (``"max"`` or ``"mean"``) score.
+
+    Returns:
+        ``(kv_indices int32 [B, H, 1, W], kv_counts int32 [B, H, 1])``, W = :func:`max_list_width`.
+    """
+    if q.dim() != 3 or k_means.dim() != 4 or q.shape[0] != k_means.shape[0] or q.shape[2] != k_means.shape[3]:
+        raise ValueError(f"expected q [B, Hq, D] and k_means [B, Hkv, NK, D]; got {tuple(q.shape)} and "
+                         f"{tuple(k_means.shape)}")
+    if k_means.shape[1] == 0 or q.shape[1] % k_means.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k_means heads ({k_means.shape[1]})")
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce: got {reduce!r}; allowed: 'max', 'mean'")
+    n_k = k_means.shape[2]
+    args = dict(top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks, mass=mass, per_head=per_head,
+                reduce=reduce, width=max_list_width(n_k, top_k, sink_blocks, local_blocks))
+    if _resolve_backend(backend, q) == "triton":
+        from . import triton_select
+
+        if n_k <= triton_select.MAX_BLOCKS:
+            return triton_select.decode_block_topk_triton(q, k_means, **args)
+    return decode_block_topk_torch(q, k_means, **args)

@@ -1,0 +1,137 @@
+"""Decode-time block top-k (kernels/blockselect): the torch path against a brute-force oracle, Triton against torch,
+and blocktopk's decode lists against what its prefill selection picks for the same last query row."""
+import pytest
+import torch
+
+from patchattn.kernels.blockselect import decode_block_topk, max_list_width
+from patchattn.kernels.blocksparse import mask_from_blocks
+
+CASES = [  # B, Hq, Hkv, D, NK, top_k, mass, per_head, reduce, query scale
+    (2, 8, 2, 64, 37, 5, 1.0, True, "max", 1.0),
+    (2, 8, 2, 64, 37, 5, 0.9, True, "max", 6.0),
+    (1, 4, 4, 32, 3, 5, 0.97, True, "max", 1.0),  # every block forced
+    (3, 6, 2, 48, 100, 10, 0.8, False, "max", 4.0),
+    (3, 6, 2, 48, 100, 10, 0.8, False, "mean", 4.0),
+    (1, 4, 1, 128, 300, 24, 0.5, True, "max", 8.0),  # MQA, peaked scores: the mass stops early
+    (1, 2, 1, 16, 1, 4, 0.97, True, "max", 1.0),  # a single block
+]
+
+
+def oracle(q, k_means, top_k, sink, local, mass, per_head, reduce):
+    """Loop-by-loop definition: forced blocks, then the best others while the estimated mass is below ``mass``."""
+    b, hq, d = q.shape
+    hkv, n_k = k_means.shape[1], k_means.shape[2]
+    g = hq // hkv
+    heads = hq if per_head else hkv
+    chosen = torch.zeros(b, heads, n_k, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(heads):
+            if per_head:
+                s = k_means[bi, h // g].double() @ q[bi, h].double()
+            else:
+                all_s = k_means[bi, h].double() @ q[bi, h * g:(h + 1) * g].double().T  # [NK, G]
+                s = all_s.amax(1) if reduce == "max" else all_s.mean(1)
+            p = torch.softmax(s / d**0.5, 0)
+            forced = [j for j in range(n_k) if j < sink or j > n_k - 1 - local]
+            acc = float(p[forced].sum())
+            chosen[bi, h, forced] = True
+            for j in sorted(set(range(n_k)) - set(forced), key=lambda j: -float(s[j]))[:top_k]:
+                if mass < 1.0 and acc >= mass:
+                    break
+                chosen[bi, h, j] = True
+                acc += float(p[j])
+    return chosen
+
+
+def _inputs(case, device="cpu"):
+    b, hq, hkv, d, n_k, *_rest, scale = case
+    gen = torch.Generator().manual_seed(n_k * 7 + hq)
+    q = torch.randn(b, hq, d, generator=gen) * scale
+    return q.to(device), torch.randn(b, hkv, n_k, d, generator=gen).to(device)
+
+
+def _run(case, backend, device="cpu"):
+    _b, _hq, _hkv, _d, n_k, top_k, mass, per_head, reduce, _ = case
+    q, k_means = _inputs(case, device)
+    idx, counts = decode_block_topk(q, k_means, top_k=top_k, mass=mass, per_head=per_head, reduce=reduce,
+                                    backend=backend)
+    assert idx.shape[-1] == max_list_width(n_k, top_k, 1, 2)
+    assert (counts <= idx.shape[-1]).all()
+    valid = torch.arange(idx.shape[-1], device=idx.device) < counts[..., None]
+    listed = torch.where(valid, idx, -1)[..., 0, :]
+    for row, cnt in zip(listed.flatten(0, 1), counts.flatten()):
+        entries = row[: int(cnt)]
+        assert torch.equal(entries, entries.sort().values) and len(set(entries.tolist())) == len(entries)
+        assert (row[int(cnt):] == -1).all()
+    return idx, counts, mask_from_blocks(idx, counts, n_k)[:, :, 0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"nk{c[4]}-k{c[5]}-m{c[6]}-{'head' if c[7] else c[8]}")
+def test_torch_selection_matches_oracle(case):
+    _b, _hq, _hkv, _d, _n_k, top_k, mass, per_head, reduce, _ = case
+    q, k_means = _inputs(case)
+    _idx, _counts, mask = _run(case, "torch")
+    assert torch.equal(mask, oracle(q, k_means, top_k, 1, 2, mass, per_head, reduce))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"nk{c[4]}-k{c[5]}-m{c[6]}-{'head' if c[7] else c[8]}")
+def test_triton_selection_matches_torch(case, triton_device):
+    want = _run(case, "torch")
+    got = _run(case, "triton", triton_device)
+    assert torch.equal(got[1].cpu(), want[1])
+    assert torch.equal(got[2].cpu(), want[2])
+
+
+def test_blocktopk_decode_lists_match_its_prefill_choice_for_the_last_row():
+    """The decode path (lists straight from decode_block_topk) picks what the general (mask) path picks for a
+    one-row query block: the same scores, forced blocks and mass rule."""
+    import patchattn
+    from patchattn.masks import BlockGeometry
+    from patchattn.methods.blocktopk import select_top_k
+    from patchattn.state import PatchContext, PatchState
+
+    torch.manual_seed(0)
+    state = PatchState(patchattn.get_config("blocktopk", block_size=16, top_k=3, mass=0.9), 0, "text",
+                       PatchContext())
+    q, k = torch.randn(1, 4, 2, 32) * 3, torch.randn(1, 2, 150, 32)
+    # Two query rows with the same content: a one-block prefill scored by its best row (= that row).
+    two = select_top_k(BlockGeometry(2, 150, 16, 16), q[:, :, -1:].expand(-1, -1, 2, -1), k, state)
+    idx, counts = select_top_k(BlockGeometry(1, 150, 16, 16), q[:, :, -1:], k, state)
+    assert torch.equal(mask_from_blocks(idx, counts, two.shape[-1]), two)
+
+
+def test_bad_shapes_are_refused_with_the_expected_layout():
+    with pytest.raises(ValueError, match=r"q \[B, Hq, D\]"):
+        decode_block_topk(torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), top_k=2)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_block_topk(torch.randn(1, 3, 8), torch.randn(1, 2, 5, 8), top_k=2)
+    with pytest.raises(ValueError, match="reduce"):
+        decode_block_topk(torch.randn(1, 4, 8), torch.randn(1, 2, 5, 8), top_k=2, reduce="sum")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["blocktopk", "hip", "streaming"])
+def test_decode_step_has_no_host_sync_and_replays_from_a_cuda_graph(method):
+    """A method's whole decode step (selection + kernel) runs without a device-to-host sync, so a CUDA graph can
+    capture it; the replay reproduces the eager output."""
+    from patchattn.bench.methods import _decode_steps, _select, _state
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 5000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    state = _state(method, {})
+    _select(method, state, q.expand(-1, -1, 2, -1), k)
+    for step in _decode_steps(method, state, q, k, v).values():
+        eager = step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
