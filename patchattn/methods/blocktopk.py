@@ -54,8 +54,8 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     n = -(-t // block)
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - t))
     sums = padded.view(b, h, n, block, d).sum(dim=3)
-    counts = torch.full((n,), float(block), device=x.device)
-    counts[-1] = t - (n - 1) * block
+    # Rows per block (the last one may be short), built on the device: no host-to-device copy under graph capture.
+    counts = (t - torch.arange(n, device=x.device) * block).clamp(max=block).float()
     return sums / counts[:, None]
 
 

@@ -32,9 +32,10 @@ from .triton_fwd import (
     visibility,
 )
 
-# Aim for this many programs per multiprocessor when choosing the number of splits (more programs keep more K/V
-# loads in flight when one sequence reads few blocks; the merge then combines more partial results).
-PROGRAMS_PER_SM = int(os.environ.get("PATCHATTN_DECODE_PROGRAMS_PER_SM", "2"))
+# Aim for this many programs per multiprocessor when choosing the number of splits.  H200, 128k keys, 5% of the
+# blocks (bench/decode/): 1 per SM beat 2, 4 and 8 at batch 1 (graphed 4.9x SDPA vs 4.4x / 3.2x / 3.3x): more
+# splits mean more partial results for the merge to read and combine.
+PROGRAMS_PER_SM = int(os.environ.get("PATCHATTN_DECODE_PROGRAMS_PER_SM", "1"))
 _SM_COUNT: dict = {}
 
 
