@@ -114,7 +114,7 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
         query, key, value, kv_indices, kv_counts, block_q=geometry.block_q, block_k=geometry.block_k, causal=True,
         scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start, backend=config.backend,
     )
-    state.record(density=density_tensor(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k, causal=True))
+    state.record(density=lambda: density_tensor(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k))
     return out.transpose(1, 2), None
 
 

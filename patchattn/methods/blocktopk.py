@@ -52,6 +52,8 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     """``[B, H, T, D]`` -> ``[B, H, ceil(T / block), D]`` mean over each block's real (unpadded) rows."""
     b, h, t, d = x.shape
     n = -(-t // block)
+    if n == 1:  # one (possibly partial) block, e.g. the newest block while decoding: a single reduction
+        return x.mean(dim=2, keepdim=True, dtype=torch.float32)
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - t))
     sums = padded.view(b, h, n, block, d).sum(dim=3)
     # Rows per block (the last one may be short), built on the device: no host-to-device copy under graph capture.

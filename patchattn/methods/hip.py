@@ -13,7 +13,8 @@ as HiP scores a branch by its best query; ``"mean"`` uses the block's mean query
 that look for one needle), per head by default (``per_head=False`` shares one search per GQA group so it reads
 each KV block once); sink and local blocks are always read (as in
 InfiniteHiP); the first ``dense_layers`` stay dense (paper: first layers dense); during decoding the selection is
-refreshed every ``refresh_interval`` steps (paper: 8) and new blocks enter through the local window meanwhile.
+refreshed every ``refresh_interval`` steps (paper: 8) and whenever a new key block starts; at a refresh the
+top-k is computed exactly for the single query row (cheaper than the tree on a GPU, see ``_decode_lists``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blockselect import max_list_width
+from ..kernels.blockselect import decode_block_topk, max_list_width
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
@@ -135,13 +136,13 @@ def query_rows(query: torch.Tensor, block: int, kv_heads: int, per_head: bool, s
     return grouped.transpose(2, 3).reshape(b, kv_heads, rows.shape[2], groups * rows.shape[3], d)
 
 
-def select_hip(g: BlockGeometry, query, key, state) -> torch.Tensor:
+def select_hip(g: BlockGeometry, query, key, state):
     config = state.config
+    if g.q_len == 1:
+        return _decode_lists(g, query, key, state)
+    state.cache.pop("hip_decode", None)
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
-    reused = _reuse_decode_selection(g, state)
-    if reused is not None:
-        return reused | forced
     groups = query.shape[1] // key.shape[1]
     q_rows = query_rows(query, g.block_q, key.shape[1], config.per_head, config.score)
     k_means = key_block_means(state, key, g.block_k, g.q_len)
@@ -149,23 +150,28 @@ def select_hip(g: BlockGeometry, query, key, state) -> torch.Tensor:
         k_means = k_means.repeat_interleave(groups, dim=1)
     k = min(config.top_k, g.n_k)
     chosen = tree_search(q_rows, k_means, g.diagonal_block(query.device), k) & allowed
-    if g.q_len == 1:
-        state.cache["hip_decode"] = {"selection": chosen, "age": 0}
     return chosen | forced
 
 
-def _reuse_decode_selection(g: BlockGeometry, state) -> torch.Tensor | None:
-    """During decoding, the last search's selection (widened to the grown cache) until it is due a refresh."""
+def _decode_lists(g: BlockGeometry, query, key, state):
+    """Decoding: block lists re-selected every ``refresh_interval`` steps and reused in between.
+
+    The search target (the top-k blocks by segment representative) is computed exactly for the one query row: that
+    is two small launches on the GPU (``kernels.blockselect``), where the tree takes ~8 rounds of ~10.  The lists
+    are reused as they are while the cache stays within the same blocks (the newest block grows in place and is
+    read as a local block); a new block starts a fresh selection, so its tokens are never missed.
+    """
+    config = state.config
     saved = state.cache.get("hip_decode")
-    if g.q_len != 1:
-        state.cache.pop("hip_decode", None)
-        return None
-    if saved is None or saved["age"] + 1 >= state.config.refresh_interval:
-        return None
-    saved["age"] += 1
-    selection = saved["selection"]
-    grown = g.n_k - selection.shape[-1]
-    return torch.nn.functional.pad(selection, (0, grown)) if grown > 0 else selection[..., : g.n_k]
+    if saved is not None and saved["age"] + 1 < config.refresh_interval and saved["n_k"] == g.n_k:
+        saved["age"] += 1
+        return saved["lists"]
+    k_means = key_block_means(state, key, g.block_k, g.q_len)
+    lists = decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
+                              local_blocks=config.local_blocks, per_head=config.per_head, reduce=config.score,
+                              backend=config.backend)
+    state.cache["hip_decode"] = {"lists": lists, "age": 0, "n_k": g.n_k}
+    return lists
 
 
 hip_attention = register_method(

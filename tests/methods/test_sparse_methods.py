@@ -223,14 +223,17 @@ def test_last_query_block_reads_every_key_at_prefill(method):
     assert torch.equal(counts[True][..., :-1], counts[False][..., :-1])
 
 
-def test_hip_decode_reuses_selection_until_refresh():
+def test_hip_decode_reuses_lists_until_refresh_or_a_new_block():
     model = tiny_model("llama")
-    ids = torch.randint(3, 100, (1, 100))
+    ids = torch.randint(3, 100, (1, 97))  # 97 + 3 generated keys stay within the 7th 16-token block
     with patchattn.patched(model, "hip", block_size=16, top_k=1, refresh_interval=3, dense_layers=[]):
-        # prefill, then decode steps: the first searches (age 0), the next reuses it (age 1)
+        # prefill, then decode steps: the first selects (age 0), the next reuses the same lists (age 1)
         model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         state = model.model.layers[1].self_attn.patchattn
         assert state.cache["hip_decode"]["age"] == 1
+        # 95 + 3: the second decode step's key (position 96) starts a new block, so it selects afresh.
+        model.generate(input_ids=ids[:, :95], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert state.cache["hip_decode"]["age"] == 0
 
 
 def test_compressed_key_cache_matches_recompute_while_decoding():
