@@ -326,8 +326,26 @@ def launch(tuned, grid, args, consts, interpreter_meta, device):
             TUNED[key] = tuned.best_config
             return
         prune = tuned.early_config_prune
-        cfg = TUNED[key] = (prune(tuned.configs, None, **consts) if prune else tuned.configs)[0]
+        candidates = list(prune(tuned.configs, None, **consts) if prune else tuned.configs)
+        candidates += sorted((c for c in tuned.configs if c not in candidates and _tiles_divide(c, consts)),
+                             key=lambda c: (c.kwargs.get("BLOCK_M", 0) * c.kwargs.get("BLOCK_N", 0), c.num_stages))
+        # Without timing, take the first config that compiles within the GPU's shared memory (fp32 inputs and
+        # head_dim 256 overflow the larger tiles; the autotuner skips those the same way).
+        for cfg in candidates[:-1]:
+            try:
+                tuned.fn[grid(cfg.kwargs)](*args, **consts, **cfg.all_kwargs())
+            except triton.runtime.errors.OutOfResources:
+                continue
+            TUNED[key] = cfg
+            return
+        cfg = TUNED[key] = candidates[-1]
     tuned.fn[grid(cfg.kwargs)](*args, **consts, **cfg.all_kwargs())
+
+
+def _tiles_divide(cfg, consts) -> bool:
+    """Whether a config's tiles fit inside the logical query/key blocks (the kernels' layout needs that)."""
+    return (cfg.kwargs.get("BLOCK_M", 0) <= consts.get("BQ", 1 << 30)
+            and cfg.kwargs.get("BLOCK_N", 0) <= consts.get("BK", 1 << 30))
 
 
 def interpreter_tiles(bq, bk):
