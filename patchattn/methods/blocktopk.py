@@ -33,13 +33,16 @@ class BlockTopKConfig(SparseConfig):
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
     mass: float = option(0.97, "adaptive budget: keep the best blocks until their estimated share of the softmax "
                          "mass reaches this (1.0 = always top_k; top_k stays the cap)", min=0.0, max=1.0)
+    decode_mass: float = option(1.0, "the mass budget while decoding (one query row per step): 1.0 reads the top_k "
+                                "cap, which costs a few blocks of bandwidth per step and keeps copied answers intact",
+                                min=0.0, max=1.0)
     last_block_dense: bool = option(True, LAST_BLOCK_DENSE_HELP)
     per_head: bool = option(True, "select per query head (better quality); False shares one selection per GQA "
                             "group, so the group reads each KV block once")
     score: str = option("max", "block score: 'mean' (pooled query . pooled key, as Kinetics/MoBA) or 'max' (best "
                         "query row of the block and GQA group . pooled key)", choices=("mean", "max"))
 
-    DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "mass": 1.0}
+    DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "mass": 1.0, "decode_mass": 1.0}
 
     def max_blocks_per_row(self, n_k: int) -> int:
         return max_list_width(n_k, self.top_k, self.sink_blocks, self.local_blocks)
@@ -128,7 +131,7 @@ def select_top_k(g: BlockGeometry, query, key, state):
     if g.q_len == 1:
         # Decoding: one query row, so 'max' and 'mean' agree; lists straight from the fused selection.
         return decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
-                                 local_blocks=config.local_blocks, mass=config.mass, per_head=config.per_head,
+                                 local_blocks=config.local_blocks, mass=config.decode_mass, per_head=config.per_head,
                                  reduce=config.score, backend=config.backend)
     raw = block_scores(query, k_means, g, config.score, config.per_head)  # [B, H, NQ, NK]
     allowed = causal_allowed(g, query.device)
