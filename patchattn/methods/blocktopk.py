@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blockselect import decode_block_topk, max_list_width, within_mass
+from ..kernels.blockselect import decode_block_topk, max_list_width, prefill_block_scores, within_mass
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
@@ -88,11 +88,18 @@ def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.T
     return means
 
 
-def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = False) -> torch.Tensor:
+def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = False,
+                 backend: str = "torch") -> torch.Tensor:
     """``[B, H, NQ, NK]`` estimated relevance of each key block to each query block; H is the number of KV heads
-    (one selection shared by each GQA group) or, with ``per_head``, of query heads."""
+    (one selection shared by each GQA group) or, with ``per_head``, of query heads.  Entries after a query block's
+    causal diagonal are unspecified (the caller masks them)."""
     b, hq, t, d = query.shape
     hkv = k_means.shape[1]
+    if mode == "max" and g.n_q > 1:
+        fused = prefill_block_scores(query, k_means, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len,
+                                     per_head=per_head, backend=backend)
+        if fused is not None:
+            return fused
     if mode == "mean":
         q_means = block_means(query, g.block_q).view(b, hkv, hq // hkv, g.n_q, d)
         scores = q_means @ k_means[:, :, None].transpose(-1, -2)
@@ -133,7 +140,7 @@ def select_top_k(g: BlockGeometry, query, key, state):
         return decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
                                  local_blocks=config.local_blocks, mass=config.decode_mass, per_head=config.per_head,
                                  reduce=config.score, backend=config.backend)
-    raw = block_scores(query, k_means, g, config.score, config.per_head)  # [B, H, NQ, NK]
+    raw = block_scores(query, k_means, g, config.score, config.per_head, config.backend)  # [B, H, NQ, NK]
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     scores = raw.masked_fill(~allowed | forced, float("-inf"))

@@ -135,3 +135,50 @@ def test_decode_step_has_no_host_sync_and_replays_from_a_cuda_graph(method):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+PREFILL_CASES = [  # B, Hq, Hkv, Tq, Tk, block, D, per_head, dtype
+    (1, 4, 2, 150, 150, 32, 32, True, torch.float32),
+    (2, 4, 2, 150, 150, 32, 32, False, torch.float32),
+    (1, 2, 1, 70, 200, 16, 48, True, torch.float32),  # queries at the end of a longer cache, padded head_dim
+    (1, 4, 1, 130, 130, 64, 64, False, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"T{c[3]}x{c[4]}-b{c[5]}-d{c[6]}-{'head' if c[7] else 'group'}-{str(c[8])[6:]}")
+def test_prefill_block_scores_match_the_torch_path(case, triton_device):
+    """Each query block's best row x key-block mean, on and before the causal diagonal (after it: -inf)."""
+    from patchattn.kernels.blockselect import prefill_block_scores
+    from patchattn.masks import BlockGeometry, causal_allowed
+    from patchattn.methods.blocktopk import block_means, block_scores
+
+    b, hq, hkv, tq, tk, block, d, per_head, dtype = case
+    gen = torch.Generator().manual_seed(tq + tk)
+    query = torch.randn(b, hq, tq, d, generator=gen).to(dtype)
+    k_means = block_means(torch.randn(b, hkv, tk, d, generator=gen), block)
+    g = BlockGeometry(tq, tk, block, block)
+    want = block_scores(query.float(), k_means, g, "max", per_head, backend="torch").float()
+    got = prefill_block_scores(query.to(triton_device), k_means.to(triton_device), block_q=block, block_k=block,
+                               kv_len=tk, per_head=per_head, backend="triton").cpu()
+    allowed = causal_allowed(g).expand_as(want)
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    assert torch.allclose(got[allowed], want[allowed], atol=tol, rtol=tol)
+    assert torch.isneginf(got[~allowed]).all()
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_blocktopk_prefill_selection_is_the_same_with_the_fused_scores(per_head, triton_device):
+    import patchattn
+    from patchattn.masks import BlockGeometry
+    from patchattn.methods.blocktopk import select_top_k
+    from patchattn.state import PatchContext, PatchState
+
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 300, 32, generator=gen) * 2, torch.randn(1, 2, 300, 32, generator=gen)
+    g = BlockGeometry(300, 300, 16, 16)
+    masks = {}
+    for backend in ("torch", "triton"):
+        config = patchattn.get_config("blocktopk", block_size=16, top_k=4, per_head=per_head, backend=backend)
+        state = PatchState(config, 0, "text", PatchContext())
+        masks[backend] = select_top_k(g, q.to(triton_device), k.to(triton_device), state).cpu()
+    assert torch.equal(masks["triton"], masks["torch"])

@@ -1,6 +1,7 @@
-"""Decode-time block top-k selection (the per-step choice of ``blocktopk`` while decoding).
+"""Block selection kernels: decode-time block top-k (the per-step choice of ``blocktopk`` and ``hip`` while
+decoding) and prefill block scores (each query block's best row against every key-block mean).
 
-Entry point :func:`decode_block_topk`: one query row per sequence and head against the compressed key cache
+Entry points :func:`decode_block_topk` and :func:`prefill_block_scores`.  :func:`decode_block_topk`: one query row per sequence and head against the compressed key cache
 (one mean key per block) -> ascending block lists ready for ``kernels.blocksparse``.  Backends: ``torch``
 (:mod:`.reference`, the oracle) and ``triton`` (:mod:`.triton_select`, two launches, no host sync, so a decode
 step can be captured in a CUDA graph).
@@ -12,7 +13,8 @@ import torch
 from ..blocksparse import _resolve_backend
 from .reference import decode_block_topk_torch, forced_decode_blocks, group_scores, within_mass
 
-__all__ = ["decode_block_topk", "forced_decode_blocks", "group_scores", "within_mass", "max_list_width"]
+__all__ = ["decode_block_topk", "forced_decode_blocks", "group_scores", "within_mass", "max_list_width",
+           "prefill_block_scores"]
 
 
 def max_list_width(n_k: int, top_k: int, sink_blocks: int, local_blocks: int) -> int:
@@ -51,3 +53,20 @@ def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sin
         if n_k <= triton_select.MAX_BLOCKS:
             return triton_select.decode_block_topk_triton(q, k_means, **args)
     return decode_block_topk_torch(q, k_means, **args)
+
+
+def prefill_block_scores(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, block_k: int, kv_len: int,
+                         per_head: bool = True, backend: str = "auto") -> torch.Tensor | None:
+    """``[B, H, NQ, NK]`` fp32: the best row of each query block (and of its GQA group unless ``per_head``) dotted
+    with each key-block mean, ``-inf`` after the block holding the query block's last position (causal, queries at
+    the end of the keys).  Returns None where only the torch path applies (the caller's chunked reference).
+
+    Args:
+        query: ``[B, Hq, Tq, D]``; k_means: ``[B, Hkv, NK, D]`` with ``NK = ceil(kv_len / block_k)``.
+    """
+    if _resolve_backend(backend, query) != "triton" or block_q < 16 or block_q & (block_q - 1):
+        return None
+    from . import triton_prefill
+
+    return triton_prefill.prefill_block_scores(query, k_means, block_q=block_q, block_k=block_k,
+                                               kv_len=kv_len, per_head=per_head)
