@@ -39,6 +39,9 @@ class BlockTopKConfig(SparseConfig):
     last_block_dense: bool = option(True, LAST_BLOCK_DENSE_HELP)
     per_head: bool = option(True, "select per query head (better quality); False shares one selection per GQA "
                             "group, so the group reads each KV block once")
+    fused_scores: bool = option(False, "prefill 'max' scores from the fused Triton kernel (kernels/blockselect), not "
+                                "the chunked torch products; checked against them under the Triton interpreter, not "
+                                "yet run or timed on a GPU, hence off by default")
     score: str = option("max", "block score: 'mean' (pooled query . pooled key, as Kinetics/MoBA) or 'max' (best "
                         "query row of the block and GQA group . pooled key)", choices=("mean", "max"))
 
@@ -89,17 +92,17 @@ def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.T
 
 
 def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = False,
-                 backend: str = "torch") -> torch.Tensor:
+                 backend: str = "torch", fused: bool = False) -> torch.Tensor:
     """``[B, H, NQ, NK]`` estimated relevance of each key block to each query block; H is the number of KV heads
     (one selection shared by each GQA group) or, with ``per_head``, of query heads.  Entries after a query block's
     causal diagonal are unspecified (the caller masks them)."""
     b, hq, t, d = query.shape
     hkv = k_means.shape[1]
-    if mode == "max" and g.n_q > 1:
-        fused = prefill_block_scores(query, k_means, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len,
-                                     per_head=per_head, backend=backend)
-        if fused is not None:
-            return fused
+    if fused and mode == "max" and g.n_q > 1:
+        scores = prefill_block_scores(query, k_means, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len,
+                                      per_head=per_head, backend=backend)
+        if scores is not None:
+            return scores
     if mode == "mean":
         q_means = block_means(query, g.block_q).view(b, hkv, hq // hkv, g.n_q, d)
         scores = q_means @ k_means[:, :, None].transpose(-1, -2)
@@ -140,7 +143,8 @@ def select_top_k(g: BlockGeometry, query, key, state):
         return decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
                                  local_blocks=config.local_blocks, mass=config.decode_mass, per_head=config.per_head,
                                  reduce=config.score, backend=config.backend)
-    raw = block_scores(query, k_means, g, config.score, config.per_head, config.backend)  # [B, H, NQ, NK]
+    raw = block_scores(query, k_means, g, config.score, config.per_head, config.backend,
+                       config.fused_scores)  # [B, H, NQ, NK]
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     scores = raw.masked_fill(~allowed | forced, float("-inf"))

@@ -178,7 +178,8 @@ def test_blocktopk_prefill_selection_is_the_same_with_the_fused_scores(per_head,
     g = BlockGeometry(300, 300, 16, 16)
     masks = {}
     for backend in ("torch", "triton"):
-        config = patchattn.get_config("blocktopk", block_size=16, top_k=4, per_head=per_head, backend=backend)
+        config = patchattn.get_config("blocktopk", block_size=16, top_k=4, per_head=per_head, backend=backend,
+                                      fused_scores=True)
         state = PatchState(config, 0, "text", PatchContext())
         masks[backend] = select_top_k(g, q.to(triton_device), k.to(triton_device), state).cpu()
     assert torch.equal(masks["triton"], masks["torch"])
