@@ -261,3 +261,36 @@ def test_streaming_small_window_decode_matches_full_forward():
         generated = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         full = _logits(model, input_ids=generated[:, :-1])
     assert torch.equal(full[0, ids.shape[1] - 1:].argmax(-1), generated[0, ids.shape[1]:])
+
+
+def test_stats_are_recorded_without_evaluating_them_until_read():
+    """A call records tensors and functions as they are (no device sync, no extra kernels); reading converts."""
+    from patchattn.state import PatchContext, PatchState
+
+    state = PatchState(patchattn.get_config("blocktopk"), 0, "text", PatchContext())
+    calls = []
+
+    def density():
+        calls.append(1)
+        return torch.tensor(0.25)
+
+    state.record(density=density, tile_skip=torch.tensor(0.5), other=1)
+    assert calls == []
+    assert state.stats == {"density": 0.25, "tile_skip": 0.5, "other": 1.0}
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("method", ["blocktopk", "hip"])
+def test_decode_lists_are_sized_by_the_method_bound_not_the_cache(method):
+    """While decoding, lists are top_k + sink + local wide (no host sync to size them), whatever the cache length."""
+    from patchattn.masks import BlockGeometry
+    from patchattn.methods._sparse import BLOCK_SELECTORS, _blocks
+    from patchattn.state import PatchContext, PatchState
+
+    config = patchattn.get_config(method, block_size=16, top_k=3, sink_blocks=1, local_blocks=2)
+    state = PatchState(config, 1, "text", PatchContext())
+    key = torch.randn(1, 2, 500, 32)
+    query = torch.randn(1, 4, 1, 32)
+    idx, counts = _blocks(state, BlockGeometry(1, 500, 16, 16), query, key, BLOCK_SELECTORS[method][0], False)
+    assert idx.shape[-1] == config.max_blocks_per_row(32) == 6
+    assert (counts == 6).all()  # 3 chosen + sink + 2 local, all distinct at this length
