@@ -4,7 +4,9 @@ Each head ``h`` reads the sink block(s) and a causal band of ``S_h(N) = alpha_h 
 being the sequence length, so some heads widen with the input and others stay local (Fu et al., "MoA: Mixture of
 Sparse Attention for Automatic Large Language Model Compression", arXiv 2406.14909).  The rules come from a
 *plan*: JSON ``{"model", "num_layers", "num_heads", "rules": [[[alpha, beta] per head] per layer], "meta"}`` made
-by ``python -m patchattn.calibrate.moa`` (``plan="smollm2"`` is shipped, calibrated on SmolLM2-135M).
+by ``python -m patchattn.calibrate.moa`` (``plan="smollm2"`` is shipped, calibrated on SmolLM2-135M; measured, it
+loses badly to the uniform plan at the same density — x4.19 perplexity at 8k vs x1.12, bench/quality/RESULTS.md —
+so use it only to study the calibrator).
 
 The default ``plan="uniform"`` is **uncalibrated**: every head gets ``alpha = 0`` and the ``beta`` whose causal
 band reads a ``density`` fraction of the causal triangle (``2 beta - beta^2 = density``), i.e. one
