@@ -30,6 +30,23 @@ def test_moa_command_writes_a_plan_the_method_loads(saved_model, tmp_path):
         assert torch.isfinite(model(input_ids=torch.randint(3, 100, (1, 128))).logits).all()
 
 
+def test_moa_head_floor_keeps_every_head_above_a_fraction_of_the_budget(saved_model, tmp_path):
+    from patchattn.masks import BlockGeometry, causal_allowed, sink_and_window
+    from patchattn.methods.moa import head_windows
+
+    out = tmp_path / "plan.json"
+    assert calibrate.main(["moa", "--model", saved_model, "--out", str(out), "--lengths", "64,128", "--samples", "1",
+                           "--block-size", "16", "--density", "0.4", "--head-floor", "0.75"]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["meta"]["head_floor"] == 0.75
+    for n in (64, 128):
+        g = BlockGeometry(n, n, 16, 16)
+        allowed = causal_allowed(g).sum()
+        for layer in plan["rules"]:
+            for w in head_windows(torch.tensor(layer), n):
+                assert sink_and_window(g, 16, w).sum() / allowed >= 0.75 * 0.4 - 1e-6
+
+
 def test_moa_allocation_meets_the_budget_and_prefers_low_loss():
     # Two heads, three rules of density 0.2 / 0.5 / 0.8: head 0 loses a lot when narrow, head 1 nothing.
     loss = torch.tensor([[[10.0, 1.0, 0.0], [0.1, 0.05, 0.0]]])

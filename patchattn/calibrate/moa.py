@@ -139,7 +139,8 @@ def allocate(loss: torch.Tensor, density: torch.Tensor, budget: float, steps: in
 
 
 # ---- command -----------------------------------------------------------------------------------------------------
-def calibrate(model, tokenizer, lengths, samples, block, sink_blocks, budget, seed, log=print, text_offset=0):
+def calibrate(model, tokenizer, lengths, samples, block, sink_blocks, budget, seed, log=print, text_offset=0,
+              head_floor=0.0):
     """(rules ``[L][H][2]``, mean density per length, predicted loss) of a plan for ``model``."""
     model.requires_grad_(False)  # no weight gradients: only dL/dA is needed
     influence_by_len, offset = {}, text_offset
@@ -154,6 +155,10 @@ def calibrate(model, tokenizer, lengths, samples, block, sink_blocks, budget, se
         influence_by_len[n] = total / samples
     grid = candidate_grid(lengths)
     loss, density = candidate_costs(influence_by_len, grid, block, sink_blocks)
+    # A head may not go below head_floor x budget at any profiled length: the first-order influence underrates
+    # many small removals, and without a floor the allocation starves most heads (bench/quality/RESULTS.md).
+    too_sparse = (density < head_floor * budget).any(0)  # [C]
+    loss = loss.masked_fill(too_sparse, float("inf"))
     choice = allocate(loss, density, budget)
     rules = [[list(grid[c]) for c in row] for row in choice.tolist()]
     achieved = {n: round(density[i, choice].mean().item(), 4) for i, n in enumerate(lengths)}
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--density", type=float, default=0.5, help="mean density budget at every length (0.5)")
     parser.add_argument("--block-size", type=int, default=64, help="block size of the plan's method (64)")
     parser.add_argument("--sink-blocks", type=int, default=1, help="sink blocks of the plan's method (1)")
+    parser.add_argument("--head-floor", type=float, default=0.0,
+                        help="no head below this fraction of the budget at any profiled length (0 = the paper's "
+                        "unconstrained allocation; 0.5 is a tested remedy for starved heads)")
     args = parser.parse_args(argv)
     lengths = sorted(int(x) for x in args.lengths.split(","))
     torch.manual_seed(args.seed)
@@ -176,14 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     model.to(args.device)
     print(f"MoA calibration of {args.model}: lengths {lengths}, {args.samples} samples each, budget {args.density}")
     rules, achieved, predicted = calibrate(model, tokenizer, lengths, args.samples, args.block_size,
-                                           args.sink_blocks, args.density, args.seed, text_offset=args.text_offset)
+                                           args.sink_blocks, args.density, args.seed, text_offset=args.text_offset,
+                                           head_floor=args.head_floor)
     meta = {
         "method": "moa", "paper": "arXiv 2406.14909", "profile": "gradient influence, self-generated labels, "
         "last quarter of pydoc text" if tokenizer is not None else "gradient influence on seeded random ids",
         "allocation": "Lagrangian relaxation + bisection (paper: Gurobi MILP)", "lengths": lengths,
         "samples": args.samples, "density_budget": args.density, "density_at_length": achieved,
         "block_size": args.block_size, "sink_blocks": args.sink_blocks, "predicted_loss": predicted,
-        "seed": args.seed, "seconds": round(time.time() - started, 1),
+        "head_floor": args.head_floor, "seed": args.seed, "seconds": round(time.time() - started, 1),
         "command": "python -m patchattn.calibrate.moa " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     path = save_json(artifact(model_name(args.model), model.config, "rules", rules, meta), args.out)
