@@ -95,11 +95,11 @@ def prefill_rows(T, methods, with_flex):
     return rows
 
 
-def decode_rows(T, batch, methods, device="cuda"):
+def decode_rows(T, batch, methods, device="cuda", heads=(32, 8), head_dim=128):
     """One decode step per method (its selection, as a model runs it every step, then the kernel), timed eagerly and
     replayed from a CUDA graph (how serving loops run decode steps), next to SDPA timed both ways."""
-    q = torch.randn(batch, 32, 1, 128, device=device, dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, 8, T, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(batch, heads[0], 1, head_dim, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, heads[1], T, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
 
     def sdpa():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
