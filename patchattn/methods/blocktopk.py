@@ -135,14 +135,19 @@ def forced_blocks(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=
     return (g.key_blocks(device) < sink_blocks) | ((distance >= 0) & (distance < local_blocks))
 
 
+def decode_lists(query, k_means, config, mass: float = 1.0):
+    """Decoding (one query row, so 'max' and 'mean' scores agree): block lists straight from the fused selection,
+    by the config's ``top_k``, ``sink_blocks``, ``local_blocks``, ``per_head``, ``score`` and ``backend``."""
+    return decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
+                             local_blocks=config.local_blocks, mass=mass, per_head=config.per_head,
+                             reduce=config.score, backend=config.backend)
+
+
 def select_top_k(g: BlockGeometry, query, key, state):
     config = state.config
     k_means = key_block_means(state, key, g.block_k, g.q_len)
     if g.q_len == 1:
-        # Decoding: one query row, so 'max' and 'mean' agree; lists straight from the fused selection.
-        return decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
-                                 local_blocks=config.local_blocks, mass=config.decode_mass, per_head=config.per_head,
-                                 reduce=config.score, backend=config.backend)
+        return decode_lists(query, k_means, config, config.decode_mass)
     raw = block_scores(query, k_means, g, config.score, config.per_head, config.backend,
                        config.fused_scores)  # [B, H, NQ, NK]
     allowed = causal_allowed(g, query.device)

@@ -25,11 +25,11 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blockselect import decode_block_topk, max_list_width
+from ..kernels.blockselect import max_list_width
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
-from .blocktopk import block_means, forced_blocks, key_block_means
+from .blocktopk import block_means, decode_lists, forced_blocks, key_block_means
 
 
 @dataclass(kw_only=True)
@@ -167,9 +167,7 @@ def _decode_lists(g: BlockGeometry, query, key, state):
         saved["age"] += 1
         return saved["lists"]
     k_means = key_block_means(state, key, g.block_k, g.q_len)
-    lists = decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
-                              local_blocks=config.local_blocks, per_head=config.per_head, reduce=config.score,
-                              backend=config.backend)
+    lists = decode_lists(query, k_means, config)
     state.cache["hip_decode"] = {"lists": lists, "age": 0, "n_k": g.n_k}
     return lists
 

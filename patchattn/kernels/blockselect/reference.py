@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..blocksparse import blocks_from_mask
+
 
 def within_mass(logits, allowed, forced, top_logits, mass: float) -> torch.Tensor:
     """For top blocks sorted best first, whether each is still needed to reach ``mass`` of the estimated softmax mass.
@@ -43,8 +45,6 @@ def group_scores(q: torch.Tensor, k_means: torch.Tensor, per_head: bool, reduce:
 
 def decode_block_topk_torch(q, k_means, *, top_k: int, sink_blocks: int, local_blocks: int, mass: float,
                             per_head: bool, reduce: str, width: int):
-    from ..blocksparse import blocks_from_mask
-
     n_k = k_means.shape[2]
     scores = group_scores(q, k_means, per_head, reduce)
     forced = forced_decode_blocks(n_k, sink_blocks, local_blocks, q.device).expand_as(scores)
