@@ -23,7 +23,7 @@ import time
 import torch
 
 FIELDS = ["mode", "T", "D", "B", "Hq", "Hkv", "block", "density_target", "density", "impl", "ms",
-          "tflops", "peak_mib", "max_err", "vs_sdpa", "vs_flex", "note"]
+          "tflops", "peak_mib", "max_err", "vs_sdpa", "vs_flex", "bwd_fwd", "note"]
 
 
 def _blocksparse():
@@ -271,6 +271,63 @@ class Runner:
             finally:
                 bs.DENSE_FALLBACK = True
 
+    # -- backward alone ---------------------------------------------------------------------
+    def backward(self, T, D):
+        """Backward pass alone, after one forward, for both of our backward modes next to SDPA's and Flex's;
+        the ``bwd_fwd`` column is each backward over the same implementation's forward."""
+        import importlib
+
+        a, bs = self.args, self.bs
+        triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+        Hq, Hkv, blk = a.heads, a.kv_heads, a.block
+        group = Hq // Hkv
+        q, k, v, d_out = (torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16)
+                          for h in (Hq, Hkv, Hkv, Hq))
+        common = dict(mode="bwd", T=T, D=D, B=1, Hq=Hq, Hkv=Hkv, block=blk)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k.repeat_interleave(group, 1),
+                                                           v.repeat_interleave(group, 1))]
+        sdpa_fwd = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True))
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
+        t = time_ms(lambda: torch.autograd.grad(out, leaves, d_out, retain_graph=True))
+        self.add(**common, density_target=1.0, density=1.0, impl="sdpa_bwd", ms=t, bwd_fwd=t / sdpa_fwd,
+                 note=f"fwd {sdpa_fwd:.3f} ms")
+        del out, leaves
+        for dens in a.densities:
+            if dens >= 1.0:
+                idx, cnt = bs.causal_blocks(T, T, blk, blk, "cuda")
+                idx, cnt = idx.expand(1, Hkv, -1, -1), cnt.expand(1, Hkv, -1)
+            else:
+                idx, cnt = random_causal_lists(bs, Hkv, T, blk, dens, "cuda")
+            point = dict(common, density_target=dens, density=bs.density(cnt, T, T, blk, blk, True))
+            opts = bs.Options(blk, blk, True, D ** -0.5, None)
+            bs.DENSE_FALLBACK = False  # the kernels themselves, also on the full set
+            try:
+                fwd = time_ms(lambda: bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk,
+                                                                return_lse=True))
+                out, lse = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk,
+                                                     return_lse=True)
+            finally:
+                bs.DENSE_FALLBACK = True
+            grads = {}
+            for mode in triton_bwd.MODES:
+                def bwd(mode=mode):
+                    return triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, opts, None, None, None,
+                                               None, None, mode=mode)
+                t = time_ms(bwd)
+                grads[mode] = bwd()
+                err = max(rel_err(x, y) for x, y in zip(grads[mode], grads["fused"]))
+                self.add(**point, impl=f"ours_bwd_{mode}", ms=t, bwd_fwd=t / fwd, peak_mib=peak_mib(bwd),
+                         max_err=err, note=f"fwd {fwd:.3f} ms; max_err vs the fused mode")
+            del grads, out, lse
+            if self.flex is not None and T <= a.flex_bwd_max_t:
+                mask = flex_block_mask(idx, cnt, T, blk, Hq)
+                qf, kf, vf = (t.clone().requires_grad_(True) for t in (q, k, v))
+                t_fwd = time_ms(lambda: self.flex_grad(qf, kf, vf, block_mask=mask, enable_gqa=True))
+                out = self.flex_grad(qf, kf, vf, block_mask=mask, enable_gqa=True)
+                t = time_ms(lambda: torch.autograd.grad(out, (qf, kf, vf), d_out, retain_graph=True))
+                self.add(**point, impl="flex_bwd", ms=t, bwd_fwd=t / t_fwd, note=f"fwd {t_fwd:.3f} ms")
+                del out
+
     # -- decode -----------------------------------------------------------------------------
     def decode(self, B, T, D):
         a, bs = self.args, self.bs
@@ -316,6 +373,8 @@ class Runner:
         if "decode" in a.modes:
             jobs += [(self.decode, (B, T, D)) for D in a.head_dims for B in a.decode_batches
                      for T in a.decode_T]
+        if "bwd" in a.modes:
+            jobs += [(self.backward, (T, D)) for D in a.head_dims for T in a.T if T <= a.bwd_max_t]
         if "fwdbwd" in a.modes:
             jobs += [(self.prefill, (T, D, "fwdbwd")) for D in a.head_dims for T in a.T
                      if T <= a.bwd_max_t]
@@ -343,7 +402,8 @@ def parse_args(argv):
     p.add_argument("--T", type=_ints, default=[4096, 16384, 65536, 131072], help="sequence lengths")
     p.add_argument("--densities", type=_floats, default=[1.0, 0.5, 0.1, 0.02])
     p.add_argument("--head-dims", type=_ints, default=[64, 128])
-    p.add_argument("--modes", default="fwd,fwdbwd,decode", help="any of fwd,fwdbwd,decode")
+    p.add_argument("--modes", default="fwd,fwdbwd,decode", help="any of fwd,fwdbwd,decode,bwd (bwd: the backward alone, "
+                   "both backward modes)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--block", type=int, default=128, help="block size (FlexAttention's is 128)")

@@ -64,10 +64,39 @@ def test_forward(triton_device, case, dtype):
     check(run_both(case, dtype, triton_device), dtype)
 
 
+@pytest.fixture(params=["fused", "split"])
+def bwd_mode(request, monkeypatch):
+    """Both backward paths: dQ by atomics inside the dK/dV pass, and the separate dQ pass."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    monkeypatch.setattr(triton_bwd, "MODE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES)
-def test_backward(triton_device, case, dtype):
+def test_backward(triton_device, bwd_mode, case, dtype):
     check(run_both(case, dtype, triton_device, grad=True), dtype)
+
+
+def test_backward_modes_agree_and_reject_unknown(triton_device):
+    """The fused and split backward give the same gradients (up to summation order); bad modes are refused."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    case = Case(B=2, Hq=4, Hkv=2, Tq=50, Tk=70, block_q=16, block_k=32, list_heads="kv")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(case, torch.float32, triton_device, gen)
+    idx, cnt = random_blocks(case, triton_device, gen)
+    out, lse = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=32, return_lse=True,
+                                         backend="triton")
+    d_out = torch.randn_like(out)
+    opts = bs.Options(16, 32, True, case.D ** -0.5, None)
+    grads = {mode: triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, opts, None, None, None, None,
+                                       None, mode=mode) for mode in triton_bwd.MODES}
+    for fused, split in zip(grads["fused"], grads["split"]):
+        assert fused.dtype == split.dtype and fused.shape == split.shape
+        torch.testing.assert_close(fused, split, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fused"):
+        triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, opts, None, None, None, None, None,
+                            mode="atomic")
 
 
 HOOK_CASE = Case(B=2, Hq=4, Hkv=2, Tq=40, Tk=72, block_q=16, block_k=16, list_heads="q")
@@ -109,7 +138,7 @@ def test_forward_hooks(triton_device, hook):
 
 @pytest.mark.parametrize("case", [pytest.param(HOOK_CASE, id="small"), pytest.param(
     LARGE[0], id="large", marks=pytest.mark.gpu)])
-def test_backward_all_hooks(triton_device, case):
+def test_backward_all_hooks(triton_device, bwd_mode, case):
     dtype = torch.float32
     check(run_both(case, dtype, triton_device, grad=True, **_hooks("all", case, triton_device)),
           dtype)
@@ -123,7 +152,7 @@ def test_active_rows_are_exactly_zero(triton_device):
     assert torch.isneginf(got["lse"][inactive]).all()
 
 
-def test_sub_tiles(triton_device, monkeypatch):
+def test_sub_tiles(triton_device, bwd_mode, monkeypatch):
     """Kernel tiles smaller than the logical blocks (as the autotuner may pick on a GPU)."""
     triton_fwd = importlib.import_module(bs.__name__ + ".triton_fwd")
     monkeypatch.setattr(triton_fwd, "FORCE_TILES", (16, 16))

@@ -1,16 +1,23 @@
-"""Triton backward kernels for block-sparse flash attention (FlashAttention-2 style, no atomics).
+"""Triton backward kernels for block-sparse flash attention.
 
-* dQ: one program per (batch, q head, query tile); walks the same key-block list as the forward.
 * dK/dV: one program per (batch, kv head, key tile); walks the *transposed* list (which query
   blocks read this key block, built on the device by a stable sort, O(entries) memory) for every
   q head of the GQA group, so repeated keys are never materialised and dK/dV need no atomics.
-Both recompute P = exp2(S - lse) from the forward's logsumexp; delta = rowsum(dO * O) comes from
-torch. A gain applied in the forward is folded into dO; rows that were inactive or saw no key
+* dQ, two ways (``MODE``, env ``PATCHATTN_BWD``):
+  - ``fused`` (default): the dK/dV pass also forms dS @ K for each (key tile, query tile) pair it
+    visits and adds it into an fp32 dQ buffer with atomics (FlashAttention-2's original backward).
+    P and dP are computed once: 5 matrix products per tile pair instead of 7. Summation order, and
+    so the last bits of dQ, vary between runs.
+  - ``split``: a second kernel, one program per (batch, q head, query tile), walks the forward's
+    list and recomputes P and dP (FlashAttention-2's deterministic variant).
+All recompute P = exp2(S - lse) from the forward's logsumexp; delta = rowsum(dO * O) comes from a
+small kernel. A gain applied in the forward is folded into dO; rows that were inactive or saw no key
 carry lse = -inf, read here as +inf so their P is exactly 0.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -36,6 +43,8 @@ from .triton_fwd import (
 )
 
 LOG2E = 1.4426950408889634
+MODES = ("fused", "split")
+MODE = os.environ.get("PATCHATTN_BWD", "fused")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,12 +232,12 @@ def _count_q_blocks_before(q_ids, lo, hi, limit, offset, BQ: tl.constexpr, SCAN:
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, q_ids,
-                j_lo, j_hi, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, stride_bias_t, scale_log2,
-                scale_over_cap, cap_log2, offs_d, d_ok,
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
+                stride_dqt, q_ids, j_lo, j_hi, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, stride_bias_t,
+                scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
                 BQ: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
     SUB: tl.constexpr = BQ // BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     for j in range(j_lo, j_hi):
@@ -255,21 +264,25 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+        if FUSED_DQ:  # this tile pair's share of dQ = dS @ K, summed over key tiles by atomics
+            dq = mma(tl.trans(ds_t).to(k.dtype), k, None, DOT_PRECISION)
+            tl.atomic_add(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq,
+                          mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-        Q, K, V, DO, DK, DV, Lse, Delta, QIds, Offsets, KvStart, KvEnd, Bias,
+        Q, K, V, DO, DK, DV, DQ, Lse, Delta, QIds, Offsets, KvStart, KvEnd, Bias,
         scale_log2, scale_over_cap, cap_log2, scale,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-        sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sbb, sbh, sbt,
+        sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sgqb, sgqh, sgqt, sbb, sbh, sbt,
         Hkv, Tq, Tk, list_rows_per_batch, n_k_blocks,
         GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr,
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = pid_bh % Hkv
@@ -312,17 +325,18 @@ def _dkdv_kernel(
         do_base = DO + b * sdb + h * sdh
         lse_base = Lse + (b * Hq + h) * Tq
         delta_base = Delta + (b * Hq + h) * Tq
+        dq_base = DQ + b * sgqb + h * sgqh
         bias_ptr = Bias + b * sbb + (h // BIAS_DIV) * sbh
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds,
-                             seg_lo * SUB, (seg_lo + n_diag) * SUB, cols, kv_lo, kv_hi, Tq, Tk,
-                             bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
-                             BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                             DOT_PRECISION)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds,
-                             (seg_lo + n_diag) * SUB, seg_hi * SUB, cols, kv_lo, kv_hi, Tq, Tk,
-                             bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
-                             BQ, BLOCK_M, EVEN_D, False, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                             DOT_PRECISION)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdt,
+                             sgqt, QIds, seg_lo * SUB, (seg_lo + n_diag) * SUB, cols, kv_lo, kv_hi,
+                             Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
+                             d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
+                             DOT_PRECISION, FUSED_DQ)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdt,
+                             sgqt, QIds, (seg_lo + n_diag) * SUB, seg_hi * SUB, cols, kv_lo, kv_hi,
+                             Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
+                             d_ok, BQ, BLOCK_M, EVEN_D, False, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
+                             DOT_PRECISION, FUSED_DQ)
     mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + b * sdkb + hkv * sdkh + cols[:, None] * sdkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=mask)
@@ -346,19 +360,30 @@ def _prune(configs, named_args, **kwargs):
 
 
 _TUNE_KEY = ["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP"]
+_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2),
+                 (16, 16, 4, 2)]
 _dq_tuned = triton.autotune(
     configs=_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2),
                       (64, 32, 4, 2), (16, 16, 4, 2)]),
     key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_kernel)
 _dkdv_tuned = triton.autotune(
-    configs=_configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
-                      (32, 64, 4, 2), (16, 16, 4, 2)]),
-    key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
+    configs=_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
+# The fused pass accumulates into DQ, so every timing run of the autotuner starts from zeros.
+_dkdv_fused_tuned = triton.autotune(
+    configs=_configs(_DKDV_CONFIGS), key=_TUNE_KEY, reset_to_zero=["DQ"],
+    prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
 
 
 def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
-             head_gain, active):
-    """Gradients (dq, dk, dv) of block-sparse attention given the forward's out and lse."""
+             head_gain, active, mode: str | None = None):
+    """Gradients (dq, dk, dv) of block-sparse attention given the forward's out and lse.
+
+    ``mode``: "fused" (dQ by atomics in the dK/dV pass) or "split" (a separate dQ pass); default ``MODE``.
+    """
+    mode = MODE if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"backward mode {mode!r}: expected one of {MODES} (env PATCHATTN_BWD)")
     q, k, v, out, d_out = (last_dim_contiguous(t) for t in (q, k, v, out, d_out))
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -374,28 +399,48 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
                   SCAN=64)
-    tiles = interpreter_tiles(opts.block_q, opts.block_k)
+    tiles = dict(zip(("BLOCK_M", "BLOCK_N"), interpreter_tiles(opts.block_q, opts.block_k)))
+    fused = mode == "fused"
+    # dQ in the (B, Tq, Hq, D) layout the attention output uses; fp32 and zeroed when accumulated.
+    if fused:
+        dq = torch.zeros((B, Tq, Hq, D), dtype=torch.float32, device=q.device).transpose(1, 2)
+    else:
+        dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
+        _dq_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, hooks, scales, consts, tiles)
+    dk, dv = _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
+                        scales, consts, tiles, fused)
+    if fused:
+        dq = (dq * opts.scale).to(q.dtype)
+    return dq, dk, dv
 
-    dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
-    kv_start_p, kv_end_p, bias_p, _gain_p, _act_p = hooks["ptrs"]
-    dq_args = (q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, *hooks["ptrs"], *scales,
-               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
-               *dq.stride()[:3], *list_strides(kv_indices), *list_strides(kv_counts),
-               *hooks["strides"], Hq, Tq, Tk)
-    launch(_dq_tuned, lambda meta: (B * Hq, triton.cdiv(Tq, meta["BLOCK_M"])), dq_args, consts,
-           dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]), q.device)
 
+def _dq_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, hooks, scales, consts, tiles):
+    B, Hq, Tq, _ = q.shape
+    args = (q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, *hooks["ptrs"], *scales,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
+            *dq.stride()[:3], *list_strides(kv_indices), *list_strides(kv_counts),
+            *hooks["strides"], Hq, Tq, k.shape[2])
+    launch(_dq_tuned, lambda meta: (B * Hq, triton.cdiv(Tq, meta["BLOCK_M"])), args, consts, tiles,
+           q.device)
+
+
+def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks, scales,
+               consts, tiles, fused):
+    B, Hkv, Tk, _ = k.shape
+    Tq = q.shape[2]
     q_ids, offsets = transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
     dk = _alloc.empty(k.shape, k.dtype, k.device)
     dv = _alloc.empty(v.shape, v.dtype, v.device)
     n_k_blocks = math.ceil(Tk / opts.block_k)
     rows_per_batch = 0 if kv_indices.shape[0] == 1 else kv_indices.shape[1] * n_k_blocks
     bias_s = list_strides(col_bias) if col_bias is not None else (0, 0, 0)
+    kv_start_p, kv_end_p, bias_p, _gain_p, _act_p = hooks["ptrs"]
     kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE")}
-    kv_args = (q, k, v, d_out, dk, dv, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
-               *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
-               *dk.stride()[:3], *dv.stride()[:3], *bias_s, Hkv, Tq, Tk, rows_per_batch,
-               n_k_blocks)
-    launch(_dkdv_tuned, lambda meta: (B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"])), kv_args,
-           kv_consts, dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]), q.device)
-    return dq, dk, dv
+    args = (q, k, v, d_out, dk, dv, dq, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
+            *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *bias_s, Hkv, Tq, Tk,
+            rows_per_batch, n_k_blocks)
+    launch(_dkdv_fused_tuned if fused else _dkdv_tuned,
+           lambda meta: (B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"])), args,
+           dict(kv_consts, FUSED_DQ=fused), tiles, q.device)
+    return dk, dv
