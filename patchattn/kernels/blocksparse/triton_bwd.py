@@ -4,12 +4,13 @@
   blocks read this key block, built on the device by a stable sort, O(entries) memory) for every
   q head of the GQA group, so repeated keys are never materialised and dK/dV need no atomics.
 * dQ, two ways (``MODE``, env ``PATCHATTN_BWD``):
-  - ``fused`` (default): the dK/dV pass also forms dS @ K for each (key tile, query tile) pair it
-    visits and adds it into an fp32 dQ buffer with atomics (FlashAttention-2's original backward).
-    P and dP are computed once: 5 matrix products per tile pair instead of 7. Summation order, and
-    so the last bits of dQ, vary between runs.
-  - ``split``: a second kernel, one program per (batch, q head, query tile), walks the forward's
-    list and recomputes P and dP (FlashAttention-2's deterministic variant).
+  - ``split`` (default): a second kernel, one program per (batch, q head, query tile), walks the
+    forward's list and recomputes P and dP (FlashAttention-2's deterministic variant).
+  - ``fused``: the dK/dV pass also forms dS @ K for each (key tile, query tile) pair it visits and
+    adds it into an fp32 dQ buffer with atomics (FlashAttention-2's original backward): 5 matrix
+    products per tile pair instead of 7, but on the H200 the element-wise fp32 atomics cost more
+    than the products saved (equal at full density, 10-14% slower at 10%: bench/kernel/RESULTS.md),
+    and dQ's last bits vary between runs. Kept for measurement and for GPUs with cheaper atomics.
 All recompute P = exp2(S - lse) from the forward's logsumexp; delta = rowsum(dO * O) comes from a
 small kernel. A gain applied in the forward is folded into dO; rows that were inactive or saw no key
 carry lse = -inf, read here as +inf so their P is exactly 0.
@@ -44,7 +45,7 @@ from .triton_fwd import (
 
 LOG2E = 1.4426950408889634
 MODES = ("fused", "split")
-MODE = os.environ.get("PATCHATTN_BWD", "fused")
+MODE = os.environ.get("PATCHATTN_BWD", "split")
 
 
 # ---------------------------------------------------------------------------------------------
