@@ -161,5 +161,11 @@ def _lists(config, geometry: BlockGeometry, mask, device):
         mask[..., -1, :] = causal_allowed(geometry, device)[-1]
     # Decoding (one query block) sizes the lists by the method's bound: no host sync, so a decode step can be
     # captured in a CUDA graph.  Prefill sizes them to the longest row (one sync per call).
-    width = config.max_blocks_per_row(geometry.n_k) if geometry.n_q == 1 else None
+    width = decode_width(config, geometry) if geometry.n_q == 1 else None
     return blocks_from_mask(mask, width=width)
+
+
+def decode_width(config, geometry: BlockGeometry) -> int:
+    """Width of one query block's lists: the method's bound, clipped to the key blocks as ``blocks_from_mask`` does
+    (selectors that build decode lists themselves use it so their lists equal the mask path's)."""
+    return max(1, min(config.max_blocks_per_row(geometry.n_k), geometry.n_k))

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from ..config import option
-from ..masks import strided_shards
+from ..masks import BlockGeometry, strided_shards
 from ..registry import register_method
-from ._sparse import SparseConfig, sparse_forward
+from ._sparse import SparseConfig, decode_width, sparse_forward
 
 
 @dataclass(kw_only=True)
@@ -25,8 +27,30 @@ class S2Config(SparseConfig):
     DENSE_EQUIVALENT: ClassVar[dict] = {"vert_stride": 1}
 
 
+def strided_shard_lists(g: BlockGeometry, heads: int, local_blocks: int, vert_stride: int, width: int, device=None):
+    """One query block (decoding): ``strided_shards``' rows as ready lists ``([1, heads, 1, width], [1, heads, 1])``.
+
+    Rebuilding the mask each decode step (the KV length changes, so the static cache never hits) costs ~20 small
+    kernels.  Each head's row is its shard blocks before the local run (``first, first + stride, ...`` with
+    ``first = -h mod stride``), then the local run ``[local, NK)``; a few element-wise ops on ``[heads, width]``
+    give the mask path's lists (ascending, 0 past the count) with no host sync.
+    """
+    n_k = g.n_k
+    local = max(0, n_k - local_blocks)
+    first = torch.arange(0, -heads, -1, device=device, dtype=torch.int32)[:, None] % vert_stride  # (j + h) % s == 0
+    shards = (local + vert_stride - 1 - first) // vert_stride  # shard blocks in [0, local); 0 <= first < stride
+    counts = shards + (n_k - local)
+    i = torch.arange(width, device=device, dtype=torch.int32)
+    idx = torch.where(i < shards, first + i * vert_stride, i + (local - shards))
+    idx = torch.where(i < counts, idx, 0)
+    return idx.view(1, heads, 1, width), counts.view(1, heads, 1)
+
+
 def _select(geometry, query, key, state):
     config = state.config
+    if geometry.n_q == 1:
+        return strided_shard_lists(geometry, query.shape[1], config.local_blocks, config.vert_stride,
+                                   decode_width(config, geometry), query.device)
     return strided_shards(geometry, query.shape[1], config.local_blocks, config.vert_stride, device=query.device)
 
 

@@ -7,13 +7,16 @@ rounded up to whole blocks (never less than asked).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from ..config import option
-from ..masks import sink_and_window
+from ..masks import BlockGeometry, sink_and_window
 from ..registry import register_method
-from ._sparse import SparseConfig, sparse_forward
+from ._sparse import SparseConfig, decode_width, sparse_forward
 
 
 @dataclass(kw_only=True)
@@ -24,8 +27,30 @@ class StreamingConfig(SparseConfig):
     DENSE_EQUIVALENT: ClassVar[dict] = {"window": 1 << 30}
 
 
+def sink_and_window_lists(g: BlockGeometry, sink_tokens: int, window: int, width: int, device=None):
+    """One query block (decoding): ``sink_and_window``'s row as ready lists ``([1, 1, 1, width], [1, 1, 1])``.
+
+    The KV length changes every decode step, so the static cache never hits; building the mask and sorting it
+    cost ~20 small kernels per step.  The row is two runs, blocks ``[0, sinks)`` and ``[recent, NK)``, known on
+    the host, so a few element-wise ops give the same lists (ascending, 0 past the count) with no host sync.
+    """
+    n_k = g.n_k
+    sinks = min(math.ceil(sink_tokens / g.block_k), n_k)
+    # The block holding the window's lowest key (the aligned block's first row sets it, as in the mask); runs that
+    # meet or overlap are one run [0, NK).
+    recent = max(sinks, (g.prefill_aligned().offset - window + 1) // g.block_k)
+    count = sinks + n_k - recent
+    i = torch.arange(width, device=device, dtype=torch.int32)
+    idx = torch.where(i < sinks, i, i + (recent - sinks))
+    idx = torch.where(i < count, idx, 0)
+    return idx.view(1, 1, 1, width), torch.full((1, 1, 1), count, device=device, dtype=torch.int32)
+
+
 def _select(geometry, query, key, state):
     config = state.config
+    if geometry.n_q == 1:
+        return sink_and_window_lists(geometry, config.sink_tokens, config.window, decode_width(config, geometry),
+                                     query.device)
     return sink_and_window(geometry, config.sink_tokens, config.window, device=query.device)
 
 

@@ -1,0 +1,126 @@
+"""Static patterns while decoding: the arithmetic block lists equal the mask path's, in isolation and in a model."""
+
+import pytest
+import torch
+
+import patchattn
+from patchattn.kernels.blocksparse import blocks_from_mask
+from patchattn.masks import BlockGeometry, power_of_two, sink_and_window, strided_shards
+from patchattn.methods import power, s2, streaming
+from patchattn.methods._sparse import BLOCK_SELECTORS, _blocks, _lists
+from patchattn.state import PatchContext, PatchState
+from patchattn.testing import tiny_model
+
+# method -> (module, its list builder's name, the mask factory it must agree with, that factory's arguments)
+PATTERNS = {
+    "streaming": (streaming, "sink_and_window_lists", sink_and_window, lambda c, heads: (c.sink_tokens, c.window)),
+    "power": (power, "power_of_two_lists", power_of_two, lambda c, heads: (c.sink_blocks, c.local_blocks)),
+    "s2": (s2, "strided_shard_lists", strided_shards, lambda c, heads: (heads, c.local_blocks, c.vert_stride)),
+}
+
+CONFIGS = [
+    ("streaming", {}),
+    ("streaming", {"block_size": 16, "sink_tokens": 4, "window": 40}),
+    ("streaming", {"block_size": 16, "sink_tokens": 0, "window": 1}),
+    ("streaming", {"block_size": 32, "sink_tokens": 100, "window": 20}),
+    ("streaming", {"block_size": 16, "sink_tokens": 17, "window": 16}),
+    ("streaming", {"block_size": 16, "window": 1 << 30}),
+    ("power", {}),
+    ("power", {"block_size": 16, "sink_blocks": 0, "local_blocks": 1}),
+    ("power", {"block_size": 16, "sink_blocks": 3, "local_blocks": 2}),
+    ("power", {"block_size": 32, "sink_blocks": 1, "local_blocks": 7}),
+    ("power", {"block_size": 16, "local_blocks": 1 << 30}),
+    ("s2", {}),
+    ("s2", {"block_size": 16, "local_blocks": 2, "vert_stride": 8}),
+    ("s2", {"block_size": 16, "local_blocks": 1, "vert_stride": 3}),
+    ("s2", {"block_size": 32, "local_blocks": 4, "vert_stride": 1}),
+]
+
+# Every cache length up to ~6 blocks of 64 (partial blocks, kv shorter than the window or the local run), then
+# long caches (many shard and power-of-two blocks, lengths either side of a block edge).
+KV_LENS = list(range(1, 400)) + [1023, 1024, 1025, 2047, 2048, 2049, 5000, 70001]
+
+
+def _state(method, overrides):
+    return PatchState(patchattn.get_config(method, **overrides), 0, "text", PatchContext())
+
+
+@pytest.mark.parametrize("method,overrides", CONFIGS)
+def test_decode_lists_equal_the_mask_path(method, overrides):
+    state = _state(method, overrides)
+    block = state.config.block_size
+    _, _, mask_fn, params = PATTERNS[method]
+    select = BLOCK_SELECTORS[method][0]
+    for heads in ([4, 8, 12] if method == "s2" else [4]):
+        key = torch.zeros(1, 2, 1, 8)  # the static patterns never read keys
+        for kv_len in KV_LENS:
+            for q_len in sorted({1, 3, block} & set(range(1, kv_len + 1))):
+                g = BlockGeometry(q_len, kv_len, block, block)
+                assert g.n_q == 1
+                query = torch.zeros(1, heads, q_len, 8)
+                lists = select(g, query, key, state)
+                assert isinstance(lists, tuple), "one query block must skip the mask"
+                want = _lists(state.config, g, mask_fn(g, *params(state.config, heads)), query.device)
+                where = f"{method} {overrides} heads={heads} q_len={q_len} kv_len={kv_len}"
+                for got, expected in zip(lists, want):
+                    assert got.dtype == expected.dtype == torch.int32, where
+                    assert got.shape == expected.shape, where
+                    assert got.is_contiguous(), where
+                # Same blocks per row, ascending, and the same padding (0) past each count.
+                assert torch.equal(lists[1], want[1]), where
+                assert torch.equal(lists[0], want[0]), where
+
+
+def test_decode_lists_go_through_the_static_cache_unchanged():
+    state = _state("power", {"block_size": 16})
+    g = BlockGeometry(1, 500, 16, 16)
+    query, key = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 1, 8)
+    first = _blocks(state, g, query, key, BLOCK_SELECTORS["power"][0], static=True)
+    again = _blocks(state, g, query, key, BLOCK_SELECTORS["power"][0], static=True)
+    assert again is first
+    assert first[0].shape == (1, 1, 1, g.n_k)
+
+
+# ---- end to end: a patched model's decode steps are unchanged ------------------------------------------------
+def _mask_path(mask_fn):
+    """A stand-in for a method's list builder that takes the old route: build the mask, then ``blocks_from_mask``."""
+
+    def lists(g, *args):
+        *params, width, device = args
+        mask = mask_fn(g, *params, device=device)
+        while mask.ndim < 4:
+            mask = mask[None]
+        return blocks_from_mask(mask, width=width)
+
+    return lists
+
+
+def _decode_logits(model, ids, steps):
+    out = model.generate(**ids, max_new_tokens=steps, do_sample=False, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+E2E = [("streaming", {"window": 20, "sink_tokens": 4}), ("power", {"local_blocks": 1}),
+       ("s2", {"local_blocks": 1, "vert_stride": 3})]
+
+
+@pytest.mark.parametrize("method,overrides", E2E)
+def test_patched_model_decode_matches_the_mask_path(method, overrides, monkeypatch):
+    module, name, mask_fn, _ = PATTERNS[method]
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 75))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs["attention_mask"][1, :9] = 0  # left padding in the second row
+    calls = []
+    arithmetic = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or arithmetic(*a))
+    # 75 + 12 keys cross two 16-token block edges (80, 96) while decoding.
+    with patchattn.patched(model, method, block_size=16, **overrides):
+        new_seq, new_logits = _decode_logits(model, inputs, 12)
+        assert calls, "decode steps must use the arithmetic lists"
+        monkeypatch.setattr(module, name, _mask_path(mask_fn))
+        old_seq, old_logits = _decode_logits(model, inputs, 12)
+    assert torch.equal(new_seq, old_seq)
+    assert torch.equal(new_logits, old_logits)
