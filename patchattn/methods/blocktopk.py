@@ -135,19 +135,44 @@ def forced_blocks(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=
     return (g.key_blocks(device) < sink_blocks) | ((distance >= 0) & (distance < local_blocks))
 
 
-def decode_lists(query, k_means, config, mass: float = 1.0):
+def decode_means(state, key: torch.Tensor, block: int) -> tuple[torch.Tensor, bool]:
+    """Decoding: the compressed key cache, and whether only its newest block changed since the last call.
+
+    In that case (every decode step) the newest block's mean is left to the selection kernel, which recomputes it
+    from the keys as it scores (no launch of its own; a fresh block gets a row here first); otherwise the changed
+    blocks are recomputed by :func:`key_block_means`.
+    """
+    cached = state.cache.get("key_means")
+    t = key.shape[2]
+    n = -(-t // block)
+    if cached is None or cached["means"].shape[:2] != key.shape[:2] or not (n - 1) * block <= cached["length"] <= t:
+        return key_block_means(state, key, block, 1), False
+    means = cached["means"]
+    if means.shape[2] == n - 1:  # the cache just started a block: give it a row (filled by the kernel)
+        means = torch.cat([means, means.new_empty(*means.shape[:2], 1, means.shape[3])], dim=2)
+    elif means.shape[2] != n:
+        return key_block_means(state, key, block, 1), False
+    state.cache["key_means"] = {"length": t, "means": means}
+    return means, True
+
+
+def decode_lists(query, key, state, mass: float = 1.0):
     """Decoding (one query row, so 'max' and 'mean' scores agree): block lists straight from the fused selection,
-    by the config's ``top_k``, ``sink_blocks``, ``local_blocks``, ``per_head``, ``score`` and ``backend``."""
+    by the config's ``top_k``, ``sink_blocks``, ``local_blocks``, ``per_head``, ``score`` and ``backend``; the
+    compressed key cache is brought up to date on the way."""
+    config = state.config
+    k_means, tail = decode_means(state, key, config.block_size)
     return decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
                              local_blocks=config.local_blocks, mass=mass, per_head=config.per_head,
-                             reduce=config.score, backend=config.backend)
+                             reduce=config.score, keys=key if tail else None, block=config.block_size,
+                             backend=config.backend)
 
 
 def select_top_k(g: BlockGeometry, query, key, state):
     config = state.config
-    k_means = key_block_means(state, key, g.block_k, g.q_len)
     if g.q_len == 1:
-        return decode_lists(query, k_means, config, config.decode_mass)
+        return decode_lists(query, key, state, config.decode_mass)
+    k_means = key_block_means(state, key, g.block_k, g.q_len)
     raw = block_scores(query, k_means, g, config.score, config.per_head, config.backend,
                        config.fused_scores)  # [B, H, NQ, NK]
     allowed = causal_allowed(g, query.device)

@@ -157,7 +157,7 @@ def _decode_lists(g: BlockGeometry, query, key, state):
     """Decoding: block lists re-selected every ``refresh_interval`` steps and reused in between.
 
     The search target (the top-k blocks by segment representative) is computed exactly for the one query row: that
-    is two small launches on the GPU (``kernels.blockselect``), where the tree takes ~8 rounds of ~10.  The lists
+    is one launch on the GPU (``kernels.blockselect``), where the tree takes ~8 rounds of ~10.  The lists
     are reused as they are while the cache stays within the same blocks (the newest block grows in place and is
     read as a local block); a new block starts a fresh selection, so its tokens are never missed.
     """
@@ -166,8 +166,7 @@ def _decode_lists(g: BlockGeometry, query, key, state):
     if saved is not None and saved["age"] + 1 < config.refresh_interval and saved["n_k"] == g.n_k:
         saved["age"] += 1
         return saved["lists"]
-    k_means = key_block_means(state, key, g.block_k, g.q_len)
-    lists = decode_lists(query, k_means, config)
+    lists = decode_lists(query, key, state)
     state.cache["hip_decode"] = {"lists": lists, "age": 0, "n_k": g.n_k}
     return lists
 

@@ -82,6 +82,57 @@ def test_triton_selection_matches_torch(case, triton_device):
     assert torch.equal(got[2].cpu(), want[2])
 
 
+@pytest.mark.parametrize("kv_len", [152, 153, 159])  # a block just started, one row in, the block nearly full
+@pytest.mark.parametrize("per_head", [True, False])
+def test_tail_mean_is_refreshed_before_scoring(kv_len, per_head, triton_device, monkeypatch):
+    """With ``keys``, the newest block's mean is recomputed from them (stale row in, exact mean out) and the lists
+    score that fresh mean; both backends agree, and a second call (the kernel's arrival counters reset) too.
+    Chunks of 16 blocks: the 19-20 blocks take two programs per KV head, the second owning the newest block."""
+    from patchattn.kernels.blockselect import triton_select
+    from patchattn.methods.blocktopk import block_means
+
+    monkeypatch.setattr(triton_select, "SCORE_CHUNK", 16)
+    gen = torch.Generator().manual_seed(kv_len)
+    keys = torch.randn(2, 2, kv_len, 32, generator=gen)
+    fresh = block_means(keys, 8)
+    results = {}
+    for backend, device in (("torch", "cpu"), ("triton", triton_device)):
+        for call in range(2):
+            q = (torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(call)) * 4).to(device)
+            stale = fresh.clone()
+            stale[:, :, -1] = 100.0  # what the cache held before this step
+            stale = stale.to(device)
+            idx, counts = decode_block_topk(q, stale, top_k=2, per_head=per_head, keys=keys.to(device), block=8,
+                                            backend=backend)
+            torch.testing.assert_close(stale.cpu(), fresh, rtol=1e-5, atol=1e-6)
+            results[backend, call] = (idx.cpu(), counts.cpu())
+            want = decode_block_topk(q.cpu(), fresh, top_k=2, per_head=per_head, backend="torch")
+            assert torch.equal(results[backend, call][1], want[1]) and torch.equal(results[backend, call][0], want[0])
+    with pytest.raises(ValueError, match="last of the"):
+        decode_block_topk(torch.randn(2, 8, 32), fresh, top_k=2, keys=keys[:, :, :100], block=8)
+
+
+def test_blocktopk_decode_steps_keep_the_key_cache_exact():
+    """Token-by-token decoding (the cache grows by one row per step, across block starts) selects what a fresh
+    selection without any cached means selects, and leaves the exact block means in the cache."""
+    import patchattn
+    from patchattn.masks import BlockGeometry
+    from patchattn.methods.blocktopk import block_means, select_top_k
+    from patchattn.state import PatchContext, PatchState
+
+    torch.manual_seed(1)
+    config = patchattn.get_config("blocktopk", block_size=16, top_k=3)
+    state = PatchState(config, 0, "text", PatchContext())
+    q, k = torch.randn(1, 4, 40, 32) * 3, torch.randn(1, 2, 120, 32)
+    select_top_k(BlockGeometry(40, 90, 16, 16), q, k[:, :, :90], state)  # prefill fills the cache
+    for t in range(91, 120):
+        got = select_top_k(BlockGeometry(1, t, 16, 16), q[:, :, -1:], k[:, :, :t], state)
+        fresh_state = PatchState(config, 0, "text", PatchContext())
+        want = select_top_k(BlockGeometry(1, t, 16, 16), q[:, :, -1:], k[:, :, :t], fresh_state)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), t
+        torch.testing.assert_close(state.cache["key_means"]["means"], block_means(k[:, :, :t], 16))
+
+
 def test_blocktopk_decode_lists_match_its_prefill_choice_for_the_last_row():
     """The decode path (lists straight from decode_block_topk) picks what the general (mask) path picks for a
     one-row query block: the same scores, forced blocks and mass rule."""

@@ -211,3 +211,170 @@ def test_full_block_set_uses_dense_path(triton_device, causal, monkeypatch):
     assert not bs._use_dense_fallback(q, k, sparse, sparse_cnt,
                                       bs.Options(16, 16, causal, 0.25, None),
                                       None, None, None, None, False)
+
+
+# --- Decode's split-K merge: fused into the split kernel (default) or a separate launch ----------
+MERGE_CASES = [  # enough listed blocks for more splits than the merge's MERGE_TILE (16)
+    pytest.param(Case(B=2, Hq=4, Hkv=2, Tq=1, Tk=400, block_q=16, block_k=16, list_heads="kv",
+                      density=0.7), id="gqa-shared"),
+    pytest.param(Case(B=2, Hq=2, Hkv=1, Tq=3, Tk=300, block_q=16, block_k=16, list_heads="q",
+                      density=0.9), id="per-head-3q"),
+]
+
+
+def _decode_module():
+    return importlib.import_module(bs.__name__ + ".decode")
+
+
+def _force_splits(monkeypatch, decode, many):
+    """One split per row group, or one per list entry (many programs per row group); returns the
+    (n_splits, per_split) choices made, for the test to check."""
+    seen = []
+    real = decode.choose_splits
+    monkeypatch.setattr(decode, "PROGRAMS_PER_SM", 1 << 12 if many else 0)
+    monkeypatch.setattr(decode, "choose_splits", lambda *a: seen.append(real(*a)) or seen[-1])
+    return seen
+
+
+def _merge_hooks(name, case, device):
+    """Hooks the merge applies (gain, active) plus padding; no bias, so GQA groups stay shared."""
+    if name == "none":
+        return {}
+    return {**_hooks("padding", case, device), **_hooks("gain_tokens", case, device),
+            **_hooks("active", case, device)}
+
+
+def _decode(q, k, v, idx, cnt, case, backend, return_lse, **hooks):
+    """(out, lse or None) of one decode call."""
+    res = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=case.block_q, block_k=case.block_k,
+                                    causal=case.causal, return_lse=return_lse, backend=backend,
+                                    **hooks)
+    return res if return_lse else (res, None)
+
+
+def _check_decode(q, k, v, idx, cnt, case, dtype, return_lse, **hooks):
+    got = _decode(q, k, v, idx, cnt, case, "triton", return_lse, **hooks)
+    want = _decode(q, k, v, idx, cnt, case, "torch", return_lse, **hooks)
+    assert_close(got[0], want[0], dtype, "out", "out")
+    if return_lse:
+        assert_close(got[1], want[1], dtype, "lse", "lse")
+
+
+def _alloc_module():
+    return importlib.import_module(bs.__name__ + "._alloc")
+
+
+def _merge_counters(device):
+    return _alloc_module()._COUNTERS[(torch.device(device), "decode_merge")]
+
+
+def _counters_are_zero(decode, device):
+    """Every cached merge-counter buffer of the device is 0."""
+    bufs = _merge_counters(device)
+    return len(bufs) > 0 and all(int(b.abs().sum()) == 0 for b in bufs)
+
+
+@pytest.mark.parametrize("need_lse", [True, False], ids=["lse", "no-lse"])
+@pytest.mark.parametrize("hooks", ["none", "gain-active"])
+@pytest.mark.parametrize("splits", ["one", "many"])
+@pytest.mark.parametrize("merge", ["fused", "separate"])
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_decode_merge(triton_device, monkeypatch, case, merge, splits, hooks, need_lse):
+    """Both merge paths against the reference: one split (the fused kernel writes the output
+    directly) and more splits than MERGE_TILE (the last program merges), with the gain/active hooks
+    the merge applies, with and without lse."""
+    if merge == "separate" and (hooks == "none") == need_lse:
+        pytest.skip("the separate path is covered by half of the hook x lse grid")
+    decode = _decode_module()
+    monkeypatch.setattr(decode, "MERGE", merge)
+    seen = _force_splits(monkeypatch, decode, splits == "many")
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_qkv(case, torch.float32, triton_device, gen)
+    idx, cnt = random_blocks(case, triton_device, gen)
+    _check_decode(q, k, v, idx, cnt, case, torch.float32, need_lse,
+                  **_merge_hooks(hooks, case, triton_device))
+    n_splits = seen[-1][0]
+    assert n_splits == 1 if splits == "one" else n_splits > decode.MERGE_TILE
+    assert _counters_are_zero(decode, q.device)
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_decode_fused_counters_reset(triton_device, monkeypatch, case):
+    """Consecutive fused calls share the cached counters: the last program of each row group must
+    leave its counter at 0, or the next call never merges (its output would stay NaN-poisoned).
+    A larger call grows the cache and keeps the old buffer (a captured graph may still use it)."""
+    decode = _decode_module()
+    monkeypatch.setattr(decode, "MERGE", "fused")
+    monkeypatch.setattr(_alloc_module(), "_COUNTERS", {})
+    monkeypatch.setattr(_alloc_module(), "_MIN_COUNTERS", 1)
+    _force_splits(monkeypatch, decode, many=True)
+    gen = torch.Generator().manual_seed(5)
+    small = case.with_(B=1)
+    for step, c in enumerate([small, small, case]):
+        q, k, v = make_qkv(c, torch.bfloat16, triton_device, gen)
+        idx, cnt = random_blocks(c, triton_device, gen)
+        _check_decode(q, k, v, idx, cnt, c, torch.bfloat16, step != 1)
+        assert _counters_are_zero(decode, q.device), f"call {step} left counters set"
+    assert len(_merge_counters(q.device)) == 2  # grown once, the old one kept
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("merge", ["fused", "separate"])
+@pytest.mark.parametrize("B", [1, 4])
+def test_decode_cuda_graph_replays(triton_device, monkeypatch, merge, B):
+    """A decode call captured in a CUDA graph and replayed with new queries copied in: each replay
+    matches the reference, which needs the fused kernel's counters reset by its last programs."""
+    decode = _decode_module()
+    monkeypatch.setattr(decode, "MERGE", merge)
+    case = Case(B=B, Hq=32, Hkv=8, Tq=1, Tk=32768, D=128, block_q=64, block_k=64,
+                list_heads="kv", density=0.05)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(B)
+    q, k, v = make_qkv(case, dtype, triton_device, gen)
+    idx, cnt = random_blocks(case, triton_device, gen)
+    static_q = q.clone()
+
+    def call():
+        return _decode(static_q, k, v, idx, cnt, case, "triton", True)
+
+    call()  # compile, tune and fill the counter cache outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = call()
+    for _ in range(2):
+        static_q.copy_(torch.randn(q.shape, generator=gen).to(triton_device, dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_out, want_lse = _decode(static_q, k, v, idx, cnt, case, "torch", True)
+        assert_close(out, want_out, dtype, "out", "out")
+        assert_close(lse, want_lse, dtype, "lse", "lse")
+        assert _counters_are_zero(decode, q.device)
+
+
+@pytest.mark.gpu
+def test_decode_fused_merge_under_load(triton_device, monkeypatch):
+    """Memory ordering on the device: many concurrent splits per row group, calls alternating two
+    queries.  A last program that read a partial before it was visible would see the NaN poison or
+    the other query's values; the merge order is fixed, so repeats must also be bitwise equal."""
+    decode = _decode_module()
+    monkeypatch.setattr(decode, "MERGE", "fused")
+    monkeypatch.setattr(decode, "PROGRAMS_PER_SM", 4)
+    case = Case(B=1, Hq=32, Hkv=8, Tq=1, Tk=65536, D=128, block_q=64, block_k=64,
+                list_heads="kv", density=0.05)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = make_qkv(case, dtype, triton_device, gen)
+    q2 = torch.randn(q.shape, generator=gen).to(triton_device, dtype)
+    idx, cnt = random_blocks(case, triton_device, gen)
+    firsts = []
+    for qq in (q, q2):
+        got = _decode(qq, k, v, idx, cnt, case, "triton", True)
+        want = _decode(qq, k, v, idx, cnt, case, "torch", True)
+        assert_close(got[0], want[0], dtype, "out", "out")
+        assert_close(got[1], want[1], dtype, "lse", "lse")
+        firsts.append(got)
+    for i in range(200):
+        out, lse = _decode((q, q2)[i % 2], k, v, idx, cnt, case, "triton", True)
+        assert torch.equal(out, firsts[i % 2][0]) and torch.equal(lse, firsts[i % 2][1]), i
+    assert _counters_are_zero(decode, q.device)

@@ -3,8 +3,8 @@ decoding) and prefill block scores (each query block's best row against every ke
 
 Entry points :func:`decode_block_topk` and :func:`prefill_block_scores`.  :func:`decode_block_topk`: one query row per sequence and head against the compressed key cache
 (one mean key per block) -> ascending block lists ready for ``kernels.blocksparse``.  Backends: ``torch``
-(:mod:`.reference`, the oracle) and ``triton`` (:mod:`.triton_select`, two launches, no host sync, so a decode
-step can be captured in a CUDA graph).
+(:mod:`.reference`, the oracle) and ``triton`` (:mod:`.triton_select`, one launch that also refreshes the newest
+block's mean, no host sync, so a decode step can be captured in a CUDA graph).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def max_list_width(n_k: int, top_k: int, sink_blocks: int, local_blocks: int) ->
 
 def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sink_blocks: int = 1,
                       local_blocks: int = 2, mass: float = 1.0, per_head: bool = True, reduce: str = "max",
-                      backend: str = "auto"):
+                      keys: torch.Tensor | None = None, block: int | None = None, backend: str = "auto"):
     """Blocks a single query row per (batch, head) reads.
 
     Args:
@@ -33,6 +33,9 @@ def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sin
         top_k, sink_blocks, local_blocks, mass: as ``blocktopk``'s config (``mass`` >= 1 keeps ``top_k`` blocks).
         per_head: one list per query head; else one per KV head, scoring each block by the group's ``reduce``
             (``"max"`` or ``"mean"``) score.
+        keys, block: optional ``[B, Hkv, T, D]`` keys and the block size: the newest block's mean (its rows from
+            ``(NK - 1) * block`` to ``T``) is recomputed from them into ``k_means`` (in place) before scoring, so a
+            decode step's cache update needs no launch of its own.
 
     Returns:
         ``(kv_indices int32 [B, H, 1, W], kv_counts int32 [B, H, 1])``, W = :func:`max_list_width`.
@@ -45,14 +48,28 @@ def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sin
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce: got {reduce!r}; allowed: 'max', 'mean'")
     n_k = k_means.shape[2]
+    tail = None
+    if keys is not None:
+        if block is None or not (n_k - 1) * block < keys.shape[2] <= n_k * block or keys.shape[:2] != k_means.shape[:2]:
+            raise ValueError(f"keys {tuple(keys.shape)} with block {block} do not end in the last of the {n_k} blocks "
+                             f"of k_means {tuple(k_means.shape)}")
+        tail = (keys, keys.shape[2], block)
     args = dict(top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks, mass=mass, per_head=per_head,
                 reduce=reduce, width=max_list_width(n_k, top_k, sink_blocks, local_blocks))
     if _resolve_backend(backend, q) == "triton":
         from . import triton_select
 
-        if n_k <= triton_select.MAX_BLOCKS:
-            return triton_select.decode_block_topk_triton(q, k_means, **args)
+        if triton_select.fits(q.shape[1] // k_means.shape[1] if per_head else 1, n_k):
+            return triton_select.decode_block_topk_triton(q, k_means, **args, tail=tail)
+    if tail is not None:
+        update_tail_mean(k_means, *tail)
     return decode_block_topk_torch(q, k_means, **args)
+
+
+def update_tail_mean(k_means: torch.Tensor, keys: torch.Tensor, kv_len: int, block: int) -> None:
+    """Recompute the newest block's mean key (rows ``(NK - 1) * block`` to ``kv_len``) into ``k_means``."""
+    start = (k_means.shape[2] - 1) * block
+    k_means[:, :, -1] = keys[:, :, start:kv_len].mean(dim=2, dtype=torch.float32).to(k_means.dtype)
 
 
 def prefill_block_scores(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, block_k: int, kv_len: int,

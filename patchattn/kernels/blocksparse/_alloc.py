@@ -16,3 +16,28 @@ def empty(shape, dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         out.fill_(float("nan") if out.is_floating_point() else -1)
     return out
+
+
+# Zeroed int32 arrival counters for kernels whose last program finishes the job ("last block done": the decode
+# merge, the decode block top-k); each kernel resets the counters it used, so they stay zero between launches and
+# CUDA-graph replays.  One list of buffers per (device, owner kernel): two such kernels never share a counter.
+_COUNTERS: dict = {}
+_MIN_COUNTERS = 1024
+
+
+def counters(n: int, device, owner: str) -> torch.Tensor:
+    """At least ``n`` zeroed int32 counters for ``owner`` on ``device``.
+
+    Allocated and zeroed once (a launch records no memset), grown when too small; a replaced buffer stays alive,
+    since a captured graph may still use it.  During graph capture a cache too small is not grown (the buffer would
+    live in the graph's private pool): a fresh zeroed buffer is captured instead (its memset replays with the graph).
+    """
+    device = torch.device(device)
+    bufs = _COUNTERS.setdefault((device, owner), [])
+    if bufs and bufs[-1].numel() >= n:
+        return bufs[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    bufs.append(torch.zeros(max(n, _MIN_COUNTERS, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32,
+                            device=device))
+    return bufs[-1]

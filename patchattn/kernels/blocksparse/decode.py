@@ -2,7 +2,13 @@
 
 Decoding is bound by reading K/V, and one sequence has too few (head, query) rows to fill the GPU,
 so the *list of selected key blocks* is cut into ``n_splits`` contiguous stretches, each read by
-its own program; a second small kernel merges the partial softmaxes (max, sum, weighted values).
+its own program, and the partial softmaxes (max, sum, weighted values) are merged.  The merge is
+fused into the same launch (FlashDecoding's "last program merges"): each program writes its partial,
+bumps a per-(batch, head group) counter, and the program that brings it to ``n_splits`` merges the
+group's partials and resets the counter to 0 for the next call (or CUDA-graph replay).  At batch 1
+the call is latency-bound, so one launch instead of two is what counts.  With ``n_splits == 1`` the
+program writes the output directly.  ``PATCHATTN_DECODE_MERGE=separate`` keeps the former second
+merge kernel (for A/B timing).
 When the whole GQA group reads the same blocks, one program serves all its q heads, so each
 selected K/V block is read from memory once per kv head, not once per q head.
 """
@@ -37,21 +43,91 @@ from .triton_fwd import (
 # splits mean more partial results for the merge to read and combine.
 PROGRAMS_PER_SM = int(os.environ.get("PATCHATTN_DECODE_PROGRAMS_PER_SM", "1"))
 _SM_COUNT: dict = {}
+# "fused": one launch, the last split program of a row group merges; "separate": a second merge kernel.
+MERGE = os.environ.get("PATCHATTN_DECODE_MERGE", "fused")
+if MERGE not in ("fused", "separate"):
+    raise ValueError(f"PATCHATTN_DECODE_MERGE={MERGE!r}: expected 'fused' or 'separate'")
+# The merge reads the partials' row maxima this many splits at a time (a fixed width, so the split
+# kernel is not recompiled and re-tuned for every power of two of n_splits).
+MERGE_TILE = 16
+
+
+@triton.jit
+def _store_partial(PartAcc, PartM, PartL, part, r, offs_d, acc, m_i, l_i,
+                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One split's unnormalised result for its rows: acc = sum 2^(s - m) v, the max m, the sum l."""
+    tl.store(PartAcc + (part * ROWS + r[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(PartM + part * ROWS + r, m_i)
+    tl.store(PartL + part * ROWS + r, l_i)
+
+
+@triton.jit
+def _merge_partials(PartAcc, PartM, PartL, first, n_splits, r, offs_d,
+                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_TILE: tl.constexpr):
+    """(acc, l, m) of a row group as one program would have found them: its n_splits partials,
+    rescaled to their common max (0 where no split saw a key) and summed.
+
+    Loads go through L2 only (.cg): in the fused kernel the partials were written by other programs
+    of the same launch, and an L1 line must not be reused."""
+    m_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, MERGE_TILE):
+        sp = s0 + tl.arange(0, MERGE_TILE)
+        m_all = tl.load(PartM + (first + sp[:, None]) * ROWS + r[None, :],
+                        mask=sp[:, None] < n_splits, other=float("-inf"), cache_modifier=".cg")
+        m_max = tl.maximum(m_max, reduce_max(m_all, 0))
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    acc = tl.full([ROWS, BLOCK_D], 0.0, dtype=tl.float32)
+    l_sum = tl.full([ROWS], 0.0, dtype=tl.float32)
+    for s in range(0, n_splits):
+        w = tl.math.exp2(tl.load(PartM + (first + s) * ROWS + r, cache_modifier=".cg") - m_use)
+        l_sum += w * tl.load(PartL + (first + s) * ROWS + r, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(PartAcc + ((first + s) * ROWS + r[:, None]) * BLOCK_D
+                                    + offs_d[None, :], cache_modifier=".cg")
+    return acc, l_sum, m_use
+
+
+@triton.jit
+def _write_rows(acc, l_sum, m_use, Out, Lse, Gain, Active, b, head, t, row_ok, offs_d,
+                sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
+                HEAD_DIM: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+                WRITE_LSE: tl.constexpr):
+    """Normalise merged rows, apply head_gain / active, store out (input dtype) and lse (natural
+    log; -inf and a zero output for a row that saw no key)."""
+    seen = l_sum > 0.0
+    out = acc / tl.where(seen, l_sum, 1.0)[:, None]
+    if HAS_GAIN:
+        gain = tl.load(Gain + b * sgb + t * sgt + head * sgh, mask=row_ok, other=0.0)
+        out = out * gain.to(tl.float32)[:, None]
+    lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, l_sum, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    if HAS_ACTIVE:
+        act = tl.load(Active + b * sab + t * sat + head * sah, mask=row_ok, other=0) != 0
+        out = tl.where(act[:, None], out, 0.0)
+        lse = tl.where(act, lse, float("-inf"))
+    o_ptrs = Out + b * sob + head[:, None] * soh + t[:, None] * sot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if WRITE_LSE:
+        tl.store(Lse + (b * Hq + head) * Tq + t, lse, mask=row_ok)
 
 
 @triton.jit
 def _decode_split_kernel(
         Q, K, V, PartAcc, PartM, PartL, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active,
+        Out, Lse, Counter,
         scale_log2, scale_over_cap, cap_log2,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
         sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah,
+        sob, soh, sot,
         Hq, Tq, Tk, entries_per_split,
         GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr, HEADS: tl.constexpr,
         ROWS: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, WRITE_LSE: tl.constexpr,
+        MERGE_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
+    n_splits = tl.num_programs(0)
     pid_bg = tl.program_id(1)  # (batch, head group)
     n_groups = Hq // HEADS
     b = (pid_bg // n_groups).to(tl.int64)
@@ -105,10 +181,28 @@ def _decode_split_kernel(
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
 
-    part = pid_bg.to(tl.int64) * tl.num_programs(0) + split
-    tl.store(PartAcc + (part * ROWS + r[:, None]) * BLOCK_D + offs_d[None, :], acc)
-    tl.store(PartM + part * ROWS + r, m_i)
-    tl.store(PartL + part * ROWS + r, l_i)
+    first = pid_bg.to(tl.int64) * n_splits
+    if not FUSED:  # the merge kernel runs next
+        _store_partial(PartAcc, PartM, PartL, first + split, r, offs_d, acc, m_i, l_i, ROWS, BLOCK_D)
+    elif n_splits == 1:  # nothing to merge
+        _write_rows(acc, l_i, tl.where(m_i == float("-inf"), 0.0, m_i), Out, Lse, Gain, Active,
+                    b, head, t, row_ok, offs_d, sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
+                    HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
+    else:
+        _store_partial(PartAcc, PartM, PartL, first + split, r, offs_d, acc, m_i, l_i, ROWS, BLOCK_D)
+        # Every thread's stores precede (barrier) the counter's release by the one thread doing the
+        # atomic; its acquire side makes all the group's partials visible to the last program.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Counter + pid_bg, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            tl.debug_barrier()  # the acquire (one thread) precedes every thread's partial loads
+            g_acc, g_l, g_m = _merge_partials(PartAcc, PartM, PartL, first, n_splits, r, offs_d,
+                                              ROWS, BLOCK_D, MERGE_TILE)
+            _write_rows(g_acc, g_l, g_m, Out, Lse, Gain, Active, b, head, t, row_ok, offs_d,
+                        sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
+                        HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
+            # Every program of the group has arrived: reset for the next launch or graph replay.
+            tl.store(Counter + pid_bg, 0)
 
 
 @triton.jit
@@ -117,8 +211,9 @@ def _decode_combine_kernel(
         sob, soh, sot, sgb, sgt, sgh, sab, sat, sah,
         Hq, Tq, n_splits,
         HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        SPLITS_POW2: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+        MERGE_TILE: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         WRITE_LSE: tl.constexpr):
+    """The separate merge (PATCHATTN_DECODE_MERGE=separate): one program per (batch, head group)."""
     pid_bg = tl.program_id(0)
     n_groups = Hq // HEADS
     b = (pid_bg // n_groups).to(tl.int64)
@@ -128,42 +223,17 @@ def _decode_combine_kernel(
     t = r % Tq
     row_ok = r < HEADS * Tq
     offs_d = tl.arange(0, BLOCK_D)
-    first = pid_bg.to(tl.int64) * n_splits
-
-    sp = tl.arange(0, SPLITS_POW2)
-    m_all = tl.load(PartM + (first + sp[:, None]) * ROWS + r[None, :], mask=sp[:, None] < n_splits,
-                    other=float("-inf"))
-    m_max = reduce_max(m_all, 0)
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    acc = tl.full([ROWS, BLOCK_D], 0.0, dtype=tl.float32)
-    l_sum = tl.full([ROWS], 0.0, dtype=tl.float32)
-    for s in range(0, n_splits):
-        w = tl.math.exp2(tl.load(PartM + (first + s) * ROWS + r) - m_use)
-        l_sum += w * tl.load(PartL + (first + s) * ROWS + r)
-        acc += w[:, None] * tl.load(PartAcc + ((first + s) * ROWS + r[:, None]) * BLOCK_D
-                                    + offs_d[None, :])
-    seen = l_sum > 0.0
-    out = acc / tl.where(seen, l_sum, 1.0)[:, None]
-    if HAS_GAIN:
-        gain = tl.load(Gain + b * sgb + t * sgt + head * sgh, mask=row_ok, other=0.0)
-        out = out * gain.to(tl.float32)[:, None]
-    lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, l_sum, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
-    if HAS_ACTIVE:
-        act = tl.load(Active + b * sab + t * sat + head * sah, mask=row_ok, other=0) != 0
-        out = tl.where(act[:, None], out, 0.0)
-        lse = tl.where(act, lse, float("-inf"))
-    o_ptrs = Out + b * sob + head[:, None] * soh + t[:, None] * sot + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    if WRITE_LSE:
-        tl.store(Lse + (b * Hq + head) * Tq + t, lse, mask=row_ok)
+    acc, l_sum, m_use = _merge_partials(PartAcc, PartM, PartL, pid_bg.to(tl.int64) * n_splits,
+                                        n_splits, r, offs_d, ROWS, BLOCK_D, MERGE_TILE)
+    _write_rows(acc, l_sum, m_use, Out, Lse, Gain, Active, b, head, t, row_ok, offs_d,
+                sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
+                HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
 
 
 _decode_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
              for n, w, s in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4)]],
-    key=["HEAD_DIM", "BK", "ROWS", "HAS_PAD", "HAS_BIAS"],
+    key=["HEAD_DIM", "BK", "ROWS", "HAS_PAD", "HAS_BIAS", "FUSED"],
     prune_configs_by={"early_config_prune": lambda cfgs, named, **kw: [
         c for c in cfgs if c.kwargs["BLOCK_N"] <= kw["BK"]
         and (kw["BLOCK_D"] <= 128 or c.kwargs["BLOCK_N"] <= 64)] or cfgs[:1]})(_decode_split_kernel)
@@ -192,6 +262,26 @@ def choose_splits(n_programs_base, n_entries, device):
     return math.ceil(n_entries / per_split), per_split
 
 
+def _partials(n_row_groups, n_splits, rows, block_d, device, spare, fused):
+    """(acc, m, l) buffers of every split; a single fused split writes the output directly and
+    gets ``spare`` (never dereferenced) instead."""
+    if fused and n_splits == 1:
+        return spare, spare, spare
+    return (_alloc.empty((n_row_groups, n_splits, rows, block_d), torch.float32, device),
+            _alloc.empty((n_row_groups, n_splits, rows), torch.float32, device),
+            _alloc.empty((n_row_groups, n_splits, rows), torch.float32, device))
+
+
+def _merge_separately(parts, out, lse, hooks, consts, Hq, Tq, n_splits, n_row_groups):
+    """The second launch of PATCHATTN_DECODE_MERGE=separate."""
+    _gain_p, act_p = hooks["ptrs"][3:]
+    combine_consts = {key: consts[key] for key in
+                      ("HEADS", "ROWS", "HEAD_DIM", "BLOCK_D", "HAS_GAIN", "HAS_ACTIVE")}
+    _decode_combine_kernel[(n_row_groups,)](
+        *parts, out, lse, _gain_p, act_p, *out.stride()[:3], *hooks["strides"][3:], Hq, Tq,
+        n_splits, **combine_consts, MERGE_TILE=MERGE_TILE, WRITE_LSE=consts["WRITE_LSE"])
+
+
 def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain,
                      active, need_lse=True):
     """Same contract as the forward kernel for Tq <= block_q (one query block)."""
@@ -204,28 +294,28 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
     block_d = max(16, triton.next_power_of_2(D))
     n_groups = Hq // heads
     n_splits, per_split = choose_splits(B * n_groups, kv_indices.shape[-1], q.device)
+    fused = MERGE == "fused"
 
-    part_acc = _alloc.empty((B * n_groups, n_splits, rows, block_d), torch.float32, q.device)
-    part_m = _alloc.empty((B * n_groups, n_splits, rows), torch.float32, q.device)
-    part_l = _alloc.empty((B * n_groups, n_splits, rows), torch.float32, q.device)
-    hooks = hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end)
-    consts = dict(hooks["consts"], HEADS=heads, ROWS=rows, HEAD_DIM=D, BLOCK_D=block_d)
-    split_args = (q, k, v, part_acc, part_m, part_l, kv_indices, kv_counts, *hooks["ptrs"],
-                  *softmax_scales(opts), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                  *list_strides(kv_indices), *list_strides(kv_counts), *hooks["strides"],
-                  Hq, Tq, Tk, per_split)
-    split_consts = dict(consts, BK=opts.block_k, CAUSAL=opts.causal,
-                        HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype))
-    launch(_decode_tuned, lambda meta: (n_splits, B * n_groups), split_args, split_consts,
-           dict(BLOCK_N=min(opts.block_k, 64)), q.device)
-
+    counters = _alloc.counters(B * n_groups, q.device, "decode_merge")
+    spare = counters.view(torch.float32)  # an fp32 pointer for buffers a launch never touches
+    parts = _partials(B * n_groups, n_splits, rows, block_d, q.device, spare, fused)
     out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
     lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device) if need_lse else None
-    _gain_p, act_p = hooks["ptrs"][3:]
-    combine_consts = {key: consts[key] for key in
-                      ("HEADS", "ROWS", "HEAD_DIM", "BLOCK_D", "HAS_GAIN", "HAS_ACTIVE")}
-    _decode_combine_kernel[(B * n_groups,)](
-        part_acc, part_m, part_l, out, lse if lse is not None else out, _gain_p, act_p,
-        *out.stride()[:3], *hooks["strides"][3:], Hq, Tq, n_splits, **combine_consts,
-        SPLITS_POW2=triton.next_power_of_2(n_splits), WRITE_LSE=need_lse)
+    hooks = hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end)
+    consts = dict(hooks["consts"], HEADS=heads, ROWS=rows, HEAD_DIM=D, BLOCK_D=block_d,
+                  WRITE_LSE=need_lse)
+    split_args = (q, k, v, *parts, kv_indices, kv_counts, *hooks["ptrs"],
+                  out, lse if need_lse else spare, counters,
+                  *softmax_scales(opts), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                  *list_strides(kv_indices), *list_strides(kv_counts), *hooks["strides"],
+                  *out.stride()[:3], Hq, Tq, Tk, per_split)
+    # WRITE_LSE only matters to the fused kernel; pinned otherwise so need_lse makes no second variant.
+    split_consts = dict(consts, BK=opts.block_k, CAUSAL=opts.causal,
+                        HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
+                        FUSED=fused, WRITE_LSE=need_lse and fused, MERGE_TILE=MERGE_TILE)
+    launch(_decode_tuned, lambda meta: (n_splits, B * n_groups), split_args, split_consts,
+           dict(BLOCK_N=min(opts.block_k, 64)), q.device)
+    if not fused:
+        _merge_separately(parts, out, lse if need_lse else spare, hooks, consts, Hq, Tq, n_splits,
+                          B * n_groups)
     return out, lse
