@@ -14,6 +14,11 @@ CASES = [  # B, Hq, Hkv, D, NK, top_k, mass, per_head, reduce, query scale
     (3, 6, 2, 48, 100, 10, 0.8, False, "mean", 4.0),
     (1, 4, 1, 128, 300, 24, 0.5, True, "max", 8.0),  # MQA, peaked scores: the mass stops early
     (1, 2, 1, 16, 1, 4, 0.97, True, "max", 1.0),  # a single block
+    # mass 1.0 (the decode default): the radix-select path of the Triton kernel
+    (1, 4, 1, 128, 300, 24, 1.0, True, "max", 8.0),
+    (3, 6, 2, 48, 100, 10, 1.0, False, "mean", 4.0),
+    (1, 4, 4, 32, 3, 5, 1.0, True, "max", 1.0),  # every block forced
+    (2, 4, 2, 32, 70, 80, 1.0, True, "max", 1.0),  # top_k above the candidates: all blocks
 ]
 
 
@@ -124,13 +129,28 @@ def test_blocktopk_decode_steps_keep_the_key_cache_exact():
     config = patchattn.get_config("blocktopk", block_size=16, top_k=3)
     state = PatchState(config, 0, "text", PatchContext())
     q, k = torch.randn(1, 4, 40, 32) * 3, torch.randn(1, 2, 120, 32)
-    select_top_k(BlockGeometry(40, 90, 16, 16), q, k[:, :, :90], state)  # prefill fills the cache
-    for t in range(91, 120):
+    select_top_k(BlockGeometry(40, 94, 16, 16), q, k[:, :, :94], state)  # prefill fills the cache
+    for t in range(95, 100):  # 97 starts a block
         got = select_top_k(BlockGeometry(1, t, 16, 16), q[:, :, -1:], k[:, :, :t], state)
         fresh_state = PatchState(config, 0, "text", PatchContext())
         want = select_top_k(BlockGeometry(1, t, 16, 16), q[:, :, -1:], k[:, :, :t], fresh_state)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), t
         torch.testing.assert_close(state.cache["key_means"]["means"], block_means(k[:, :, :t], 16))
+
+
+def test_radix_top_k_breaks_ties_by_lowest_index_and_handles_signs(triton_device):
+    """Many equal scores (ties at the k-th value), negative and positive values, -0.0 and +0.0: the Triton kernel
+    picks what a stable descending sort picks (the oracle's rule)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.zeros(2, 4, 8)
+    q[..., 0] = 1.0
+    k_means = torch.zeros(2, 2, 500, 8)
+    k_means[..., 0] = torch.randint(-3, 4, (2, 2, 500), generator=gen).float() * 0.5
+    k_means[0, 0, 10:20, 0] = -0.0
+    for top_k in (1, 7, 60, 497):
+        got = decode_block_topk(q.to(triton_device), k_means.to(triton_device), top_k=top_k, backend="triton")
+        mask = mask_from_blocks(got[0].cpu(), got[1].cpu(), 500)[:, :, 0]
+        assert torch.equal(mask, oracle(q, k_means, top_k, 1, 2, 1.0, True, "max")), top_k
 
 
 def test_blocktopk_decode_lists_match_its_prefill_choice_for_the_last_row():

@@ -3,7 +3,7 @@ decoding) and prefill block scores (each query block's best row against every ke
 
 Entry points :func:`decode_block_topk` and :func:`prefill_block_scores`.  :func:`decode_block_topk`: one query row per sequence and head against the compressed key cache
 (one mean key per block) -> ascending block lists ready for ``kernels.blocksparse``.  Backends: ``torch``
-(:mod:`.reference`, the oracle) and ``triton`` (:mod:`.triton_select`, one launch that also refreshes the newest
+(:mod:`.reference`, the oracle) and ``triton`` (:mod:`.triton_select`, two launches that also refresh the newest
 block's mean, no host sync, so a decode step can be captured in a CUDA graph).
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sin
     if _resolve_backend(backend, q) == "triton":
         from . import triton_select
 
-        if triton_select.fits(q.shape[1] // k_means.shape[1] if per_head else 1, n_k):
+        if n_k <= triton_select.MAX_BLOCKS:
             return triton_select.decode_block_topk_triton(q, k_means, **args, tail=tail)
     if tail is not None:
         update_tail_mean(k_means, *tail)

@@ -1,14 +1,16 @@
-"""Triton decode-time block top-k in one launch, no host sync.
+"""Triton decode-time block top-k: two launches, no host sync.
 
-Grid: (chunk of key blocks, KV head, batch).  Every program scores its chunk's mean keys against the GQA group's
-query rows (one read of the compressed key cache per group); the program owning the newest block first recomputes
-that block's mean from the keys (``tail``), so the cache update costs no launch of its own.  Then the programs of a
-(batch, KV head) count their arrivals on an int32 counter; the last to arrive holds the group's score rows in
-registers (one row per list head), takes the sink and local blocks, then repeatedly the best remaining block while
-the estimated softmax mass is below ``mass`` (at most ``top_k`` times), writes the chosen blocks as ascending
-lists (a prefix sum gives each its slot) and resets the counter for the next call or CUDA-graph replay.
-At batch 1 a decode step is latency-bound, so launches are what count: this replaces the mean update (2 torch
-ops), the scoring and the selection kernels (bench/decode/breakdown_run1.csv: 9 + 19 + 11 us graphed).
+``_scores_kernel``: one program per (chunk of key blocks, KV head, batch) scores the chunk's mean keys against the
+GQA group's query rows (one read of the compressed key cache per group); the program owning the newest block first
+recomputes that block's mean from the keys (``tail``), so the cache update needs no launch of its own.
+``_select_kernel``: one program per (list head, batch) holds its row of scores in registers and takes the sink and
+local blocks plus the best ``top_k`` others, found as a threshold by a 4-pass radix select (8-bit digits of the
+scores' order-preserving integer keys, ``tl.histogram`` per pass; ties at the threshold go to the lowest block
+index, like the torch path), or, with a mass budget below 1, one by one while the estimated softmax mass is below
+it.  The chosen blocks are written as ascending lists (a prefix sum gives each its slot).
+At batch 1 a decode step is latency-bound (bench/decode/breakdown_run*.csv): the mean update's own launches and a
+top-k loop of 24 dependent arg-max reductions (~11 us) were what this replaced.  (A one-launch variant, where the
+last scoring program of each KV group selected for the group's four heads, was slower: 65 vs 30 us.)
 """
 from __future__ import annotations
 
@@ -22,9 +24,8 @@ from ..blocksparse import _alloc
 from ..blocksparse.triton_fwd import _add, reduce_max, reduce_sum
 
 SCORE_CHUNK = 64
-# Score elements (list heads of a group x key blocks, both padded to powers of two) the selecting program holds in
-# registers; longer caches use the torch path.
-MAX_SELECT_ELEMENTS = 32768
+# Rows of scores one selection program holds in registers; longer caches use the torch path.
+MAX_BLOCKS = 16384
 
 
 @triton.jit
@@ -44,11 +45,14 @@ def _tail_mean(K, skb, skh, skt, b, hkv, kv_len, d, d_ok, BK: tl.constexpr):
 
 
 @triton.jit
-def _score_chunk(Q, Means, Scores, K, b, hkv, chunk, n_k, kv_len, sqb, sqh, smb, smh, smn, ssb, ssh,
-                 skb, skh, skt, GROUP: tl.constexpr, ROWS: tl.constexpr, PER_HEAD: tl.constexpr,
-                 REDUCE_MAX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                 TAIL: tl.constexpr, BK: tl.constexpr):
+def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ssb, ssh, skb, skh, skt,
+                   GROUP: tl.constexpr, ROWS: tl.constexpr, PER_HEAD: tl.constexpr, REDUCE_MAX: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr,
+                   BK: tl.constexpr):
     """Scores of one chunk of key blocks, stored per list head (a q head, or the group's reduced score)."""
+    chunk = tl.program_id(0)
+    hkv = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     r = tl.arange(0, ROWS)
     d = tl.arange(0, BLOCK_D)
     n = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -77,74 +81,75 @@ def _score_chunk(Q, Means, Scores, K, b, hkv, chunk, n_k, kv_len, sqb, sqh, smb,
         tl.store(Scores + b * ssb + hkv * ssh + n, s, mask=n_ok)
 
 
+
+
 @triton.jit
-def _select_rows(Scores, Idx, Cnt, b, h0, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks, local_blocks, mass,
-                 inv_root_d, LIST_HEADS: tl.constexpr, LH_POW2: tl.constexpr, WIDTH: tl.constexpr,
-                 USE_MASS: tl.constexpr, NK_POW2: tl.constexpr):
-    """Block lists of list heads h0 .. h0 + LIST_HEADS - 1 from their score rows (one row per head, in registers)."""
-    h = tl.arange(0, LH_POW2)
-    h_ok = h < LIST_HEADS
-    cols = tl.arange(0, NK_POW2)
-    valid = h_ok[:, None] & (cols < n_k)[None, :]
-    # .cg: the rows were written by other programs of this launch; read them from L2, not from a stale L1 line.
-    raw = tl.load(Scores + b * ssb + (h0 + h[:, None]) * ssh + cols[None, :], mask=valid, other=float("-inf"),
-                  cache_modifier=".cg")
-    logits = raw * inv_root_d
-    top = reduce_max(logits, 1)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    total = top + tl.log(reduce_sum(tl.where(valid, tl.exp(logits - top[:, None]), 0.0), 1))
-    forced = valid & ((cols < sink_blocks) | (cols > n_k - 1 - local_blocks))[None, :]
-    acc = reduce_sum(tl.where(forced, tl.exp(logits - total[:, None]), 0.0), 1)
-    chosen = forced
+def _top_by_radix(scores, cand, k):
+    """Mask of the ``k`` largest ``scores`` among ``cand`` (ties: lowest index), by a 4-pass radix select.
+
+    Each pass histograms one byte (most significant first) of the order-preserving integer keys of the still-tied
+    candidates and finds the byte value holding the k-th largest: candidates above it are in, those on it stay
+    tied for the next byte.  Four histogram passes instead of ``k`` dependent arg-max reductions.
+    """
+    bits = scores.to(tl.int32, bitcast=True)
+    ordered = bits ^ tl.where(bits < 0, 0x7FFFFFFF, 0)  # signed-int order = float order
+    need = tl.minimum(k, reduce_sum(cand.to(tl.int32), 0))
+    match = cand & (need > 0)
+    chosen = cand != cand  # all False (bool)
+    bins = tl.arange(0, 256)
+    for p in tl.static_range(4):
+        digit = (ordered >> (24 - 8 * p)) & 0xFF
+        if p == 0:
+            digit = digit ^ 0x80  # the sign byte: negative keys sort below positive ones
+        hist = tl.histogram(digit, 256, mask=match)
+        above = reduce_sum(hist, 0) - tl.associative_scan(hist, 0, _add)  # candidates on a higher byte value
+        holds_kth = (above < need) & (above + hist >= need)
+        kth = reduce_max(tl.where(holds_kth, bins, -1), 0)
+        need -= reduce_sum(tl.where(bins == kth, above, 0), 0)
+        chosen = chosen | (match & (digit > kth))
+        match = match & (digit == kth)
+    rank = tl.associative_scan(match.to(tl.int32), 0, _add) - 1  # equal keys: the lowest indices first
+    return chosen | (match & (rank < need))
+
+
+@triton.jit
+def _top_by_mass(logits, valid, forced, k, mass, cols):
+    """The best candidates one by one while the estimated softmax mass (forced blocks first) is below ``mass``."""
+    top = reduce_max(logits, 0)
+    total = top + tl.log(reduce_sum(tl.where(valid, tl.exp(logits - top), 0.0), 0))
+    acc = reduce_sum(tl.where(forced, tl.exp(logits - total), 0.0), 0)
+    chosen = cols < 0  # all False
     left = tl.where(forced | ~valid, float("-inf"), logits)
-    cols2 = cols[None, :] + h[:, None] * 0
-    for _ in range(0, top_k):
-        best, at = tl.reduce((left, cols2), 1, _first_max)
-        take = best > float("-inf")
-        if USE_MASS:
-            take = take & (acc < mass)
-        hit = (cols2 == at[:, None]) & take[:, None]
-        chosen = chosen | hit
+    for _ in range(0, k):
+        best, at = tl.reduce((left, cols), 0, _first_max)
+        take = (best > float("-inf")) & (acc < mass)
+        chosen = chosen | tl.where(take, cols == at, False)
         acc += tl.where(take, tl.exp(best - total), 0.0)
-        left = tl.where(cols2 == at[:, None], float("-inf"), left)
-    ones = chosen.to(tl.int32)
-    slot = tl.associative_scan(ones, 1, _add) - 1
-    count = reduce_sum(ones, 1)
-    row_idx = Idx + b * sib + (h0 + h) * sih
-    tl.store(row_idx[:, None] + slot, cols2, mask=chosen)
-    w = tl.arange(0, WIDTH)
-    tl.store(row_idx[:, None] + w[None, :], w[None, :] * 0, mask=h_ok[:, None] & (w[None, :] >= count[:, None]))
-    tl.store(Cnt + b * scb + h0 + h, count, mask=h_ok)
+        left = tl.where(cols == at, float("-inf"), left)
+    return chosen
 
 
 @triton.jit
-def _decode_topk_kernel(Q, Means, K, Scores, Idx, Cnt, Counter, sqb, sqh, smb, smh, smn, ssb, ssh, sib, sih, scb,
-                        skb, skh, skt, n_k, kv_len, top_k, sink_blocks, local_blocks, mass, inv_root_d,
-                        GROUP: tl.constexpr, ROWS: tl.constexpr, PER_HEAD: tl.constexpr, REDUCE_MAX: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr,
-                        BK: tl.constexpr, LIST_HEADS: tl.constexpr, LH_POW2: tl.constexpr, WIDTH: tl.constexpr,
-                        USE_MASS: tl.constexpr, NK_POW2: tl.constexpr):
-    chunk = tl.program_id(0)
-    hkv = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    n_chunks = tl.num_programs(0)
-    _score_chunk(Q, Means, Scores, K, b, hkv, chunk, n_k, kv_len, sqb, sqh, smb, smh, smn, ssb, ssh, skb, skh, skt,
-                 GROUP, ROWS, PER_HEAD, REDUCE_MAX, HEAD_DIM, BLOCK_D, CHUNK, TAIL, BK)
-    # Every thread's score stores precede (barrier) the release by the thread doing the atomic; its acquire side
-    # makes all the group's scores visible to the last program.
-    tl.debug_barrier()
-    counter = Counter + b * tl.num_programs(1) + hkv
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == n_chunks - 1:
-        tl.debug_barrier()
-        _select_rows(Scores, Idx, Cnt, b, hkv * LIST_HEADS, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks,
-                     local_blocks, mass, inv_root_d, LIST_HEADS, LH_POW2, WIDTH, USE_MASS, NK_POW2)
-        tl.store(counter, 0)  # every chunk has arrived: ready for the next launch
-
-
-def fits(n_heads_per_list_group: int, n_k: int) -> bool:
-    """Whether one program can hold a group's score rows (else the caller takes the torch path)."""
-    return triton.next_power_of_2(n_heads_per_list_group) * max(16, triton.next_power_of_2(n_k)) <= MAX_SELECT_ELEMENTS
+def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks, local_blocks, mass,
+                   inv_root_d, WIDTH: tl.constexpr, USE_MASS: tl.constexpr, NK_POW2: tl.constexpr):
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, NK_POW2)
+    valid = cols < n_k
+    raw = tl.load(Scores + b * ssb + h * ssh + cols, mask=valid, other=float("-inf"))
+    forced = valid & ((cols < sink_blocks) | (cols > n_k - 1 - local_blocks))
+    if USE_MASS:
+        chosen = _top_by_mass(raw * inv_root_d, valid, forced, top_k, mass, cols)
+    else:
+        chosen = _top_by_radix(raw, valid & ~forced, top_k)
+    chosen = chosen | forced
+    ones = chosen.to(tl.int32)
+    slot = tl.associative_scan(ones, 0, _add) - 1
+    count = reduce_sum(ones, 0)
+    tl.store(Idx + b * sib + h * sih + slot, cols, mask=ones > 0)
+    w = tl.arange(0, WIDTH)
+    tl.store(Idx + b * sib + h * sih + w, w * 0, mask=w >= count)
+    tl.store(Cnt + b * scb + h, count)
 
 
 def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, mass, per_head, reduce, width,
@@ -153,23 +158,21 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
     Hkv, n_k = k_means.shape[1], k_means.shape[2]
     group = Hq // Hkv
     heads = Hq if per_head else Hkv
-    list_heads = group if per_head else 1
     scores = _alloc.empty((B, heads, n_k), torch.float32, q.device)
+    # tail = (keys [B, Hkv, T, D], T, block): the newest block's mean is recomputed (in place) before scoring.
+    keys, kv_len, block = tail if tail is not None else (k_means, 0, 16)
+    _scores_kernel[(triton.cdiv(n_k, SCORE_CHUNK), Hkv, B)](
+        q, k_means, scores, keys, n_k, kv_len, q.stride(0), q.stride(1), *k_means.stride()[:3], scores.stride(0),
+        scores.stride(1), *keys.stride()[:3], GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
+        PER_HEAD=per_head, REDUCE_MAX=reduce == "max", HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block)
     # The list buffer is padded to a power of two for the kernel's zero fill; callers see ``width`` entries.
     width_pow2 = triton.next_power_of_2(width)
     idx = _alloc.empty((B, heads, 1, width_pow2), torch.int32, q.device)
     counts = _alloc.empty((B, heads, 1), torch.int32, q.device)
-    # tail = (keys [B, Hkv, T, D], T, block): the newest block's mean is recomputed (in place) before scoring.
-    keys, kv_len, block = tail if tail is not None else (k_means, 0, 16)
-    nk_pow2 = max(16, triton.next_power_of_2(n_k))
-    _decode_topk_kernel[(triton.cdiv(n_k, SCORE_CHUNK), Hkv, B)](
-        q, k_means, keys, scores, idx, counts, _alloc.counters(B * Hkv, q.device, "decode_topk"),
-        q.stride(0), q.stride(1), *k_means.stride()[:3], scores.stride(0), scores.stride(1), idx.stride(0),
-        idx.stride(1), counts.stride(0), *keys.stride()[:3], n_k, kv_len, min(top_k, n_k), sink_blocks,
-        local_blocks, float(mass), D ** -0.5,
-        GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), PER_HEAD=per_head, REDUCE_MAX=reduce == "max",
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CHUNK=SCORE_CHUNK, TAIL=tail is not None,
-        BK=block, LIST_HEADS=list_heads,
-        LH_POW2=triton.next_power_of_2(list_heads), WIDTH=width_pow2, USE_MASS=mass < 1.0, NK_POW2=nk_pow2,
-        num_warps=4 if nk_pow2 * triton.next_power_of_2(list_heads) <= 4096 else 8)
+    nk_pow2 = max(256, triton.next_power_of_2(n_k))
+    _select_kernel[(heads, B)](
+        scores, idx, counts, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
+        n_k, min(top_k, n_k), sink_blocks, local_blocks, float(mass), D ** -0.5, WIDTH=width_pow2,
+        USE_MASS=mass < 1.0, NK_POW2=nk_pow2, num_warps=4 if nk_pow2 <= 4096 else 8)
     return idx[..., :width], counts
