@@ -4,13 +4,13 @@
 GQA group's query rows (one read of the compressed key cache per group); the program owning the newest block first
 recomputes that block's mean from the keys (``tail``), so the cache update needs no launch of its own.
 ``_select_kernel``: one program per (list head, batch) holds its row of scores in registers and takes the sink and
-local blocks plus the best ``top_k`` others, found as a threshold by a 4-pass radix select (8-bit digits of the
-scores' order-preserving integer keys, ``tl.histogram`` per pass; ties at the threshold go to the lowest block
-index, like the torch path), or, with a mass budget below 1, one by one while the estimated softmax mass is below
-it.  The chosen blocks are written as ascending lists (a prefix sum gives each its slot).
+local blocks plus the best ``top_k`` others, found as a threshold by bisection on the scores' order-preserving
+integer keys (ties at the threshold go to the lowest block index, like the oracle), or, with a mass budget below
+1, one by one while the estimated softmax mass is below it.  The chosen blocks are written as ascending lists (a prefix sum gives each its slot).
 At batch 1 a decode step is latency-bound (bench/decode/breakdown_run*.csv): the mean update's own launches and a
-top-k loop of 24 dependent arg-max reductions (~11 us) were what this replaced.  (A one-launch variant, where the
-last scoring program of each KV group selected for the group's four heads, was slower: 65 vs 30 us.)
+top-k loop of 24 dependent arg-max reductions (~11 us) were what this replaced.  Measured and dropped: a one-launch
+variant where the last scoring program of each KV group selected for the group's four heads (65 vs 30 us), and a
+4-pass radix select with ``tl.histogram`` (no faster than the arg-max loop).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ..blocksparse import _alloc
 # on later in tests) cannot call; tl.reduce / tl.associative_scan with our combine functions work everywhere.
 from ..blocksparse.triton_fwd import _add, reduce_max, reduce_sum
 
-SCORE_CHUNK = 64
+SCORE_CHUNK = 32
 # Rows of scores one selection program holds in registers; longer caches use the torch path.
 MAX_BLOCKS = 16384
 
@@ -84,32 +84,30 @@ def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ss
 
 
 @triton.jit
-def _top_by_radix(scores, cand, k):
-    """Mask of the ``k`` largest ``scores`` among ``cand`` (ties: lowest index), by a 4-pass radix select.
+def _top_by_threshold(scores, cand, k):
+    """Mask of the ``k`` largest ``scores`` among ``cand`` (ties: lowest index).
 
-    Each pass histograms one byte (most significant first) of the order-preserving integer keys of the still-tied
-    candidates and finds the byte value holding the k-th largest: candidates above it are in, those on it stay
-    tied for the next byte.  Four histogram passes instead of ``k`` dependent arg-max reductions.
+    The k-th largest value is found by bisection on the scores' order-preserving integer keys (one count reduction
+    per halving, at most 32), then every candidate above it and the first of those equal to it are taken: about
+    30 single-value reductions, where picking the best ``k`` one by one costs ``k`` dependent arg-max reductions
+    over (value, index) pairs.
     """
     bits = scores.to(tl.int32, bitcast=True)
     ordered = bits ^ tl.where(bits < 0, 0x7FFFFFFF, 0)  # signed-int order = float order
     need = tl.minimum(k, reduce_sum(cand.to(tl.int32), 0))
-    match = cand & (need > 0)
-    chosen = cand != cand  # all False (bool)
-    bins = tl.arange(0, 256)
-    for p in tl.static_range(4):
-        digit = (ordered >> (24 - 8 * p)) & 0xFF
-        if p == 0:
-            digit = digit ^ 0x80  # the sign byte: negative keys sort below positive ones
-        hist = tl.histogram(digit, 256, mask=match)
-        above = reduce_sum(hist, 0) - tl.associative_scan(hist, 0, _add)  # candidates on a higher byte value
-        holds_kth = (above < need) & (above + hist >= need)
-        kth = reduce_max(tl.where(holds_kth, bins, -1), 0)
-        need -= reduce_sum(tl.where(bins == kth, above, 0), 0)
-        chosen = chosen | (match & (digit > kth))
-        match = match & (digit == kth)
-    rank = tl.associative_scan(match.to(tl.int32), 0, _add) - 1  # equal keys: the lowest indices first
-    return chosen | (match & (rank < need))
+    lo = -reduce_max(tl.where(cand, -ordered, -2147483647), 0).to(tl.int64)  # smallest candidate key
+    hi = reduce_max(tl.where(cand, ordered, -2147483647), 0).to(tl.int64)  # largest
+    keys = ordered.to(tl.int64)
+    # Invariant: at least `need` candidates are >= lo, fewer than `need` are > hi.
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        enough = reduce_sum((cand & (keys >= mid)).to(tl.int32), 0) >= need
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = cand & (keys > lo)
+    tied = cand & (keys == lo)
+    rank = tl.associative_scan(tied.to(tl.int32), 0, _add) - 1
+    return (above | (tied & (rank < need - reduce_sum(above.to(tl.int32), 0)))) & (need > 0)
 
 
 @triton.jit
@@ -141,7 +139,7 @@ def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_b
     if USE_MASS:
         chosen = _top_by_mass(raw * inv_root_d, valid, forced, top_k, mass, cols)
     else:
-        chosen = _top_by_radix(raw, valid & ~forced, top_k)
+        chosen = _top_by_threshold(raw, valid & ~forced, top_k)
     chosen = chosen | forced
     ones = chosen.to(tl.int32)
     slot = tl.associative_scan(ones, 0, _add) - 1
