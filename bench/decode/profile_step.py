@@ -34,6 +34,16 @@ def profile_step(method: str, overrides: dict, batch: int = 1, T: int = 131072, 
 
 
 if __name__ == "__main__":
+    import sys
+
+    from patchattn.kernels.blockselect import triton_select
+
     with torch.no_grad():
-        for method, overrides in (("blocktopk", {}), ("blocktopk", {"per_head": False}), ("streaming", {})):
-            profile_step(method, overrides)
+        if "--warps" in sys.argv:  # the selection kernels' warps per program
+            for score_warps, select_warps in ((4, 4), (2, 2), (2, 1), (8, 8), (1, 2)):
+                triton_select.SCORE_WARPS, triton_select.SELECT_WARPS = score_warps, select_warps
+                print(f"-- scores kernel {score_warps} warps, select kernel {select_warps} warps")
+                profile_step("blocktopk", {})
+        else:
+            for method, overrides in (("blocktopk", {}), ("blocktopk", {"per_head": False}), ("streaming", {})):
+                profile_step(method, overrides)

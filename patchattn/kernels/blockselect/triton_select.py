@@ -23,9 +23,13 @@ from ..blocksparse import _alloc
 # on later in tests) cannot call; tl.reduce / tl.associative_scan with our combine functions work everywhere.
 from ..blocksparse.triton_fwd import _add, reduce_max, reduce_sum
 
-SCORE_CHUNK = 32
+SCORE_CHUNK = 64
 # Rows of scores one selection program holds in registers; longer caches use the torch path.
 MAX_BLOCKS = 16384
+# Warps per program (None: by size).  The selection is a chain of reductions over one row, so fewer warps mean fewer
+# cross-warp barriers per reduction.
+SCORE_WARPS: int | None = None
+SELECT_WARPS: int | None = None
 
 
 @triton.jit
@@ -97,15 +101,15 @@ def _top_by_threshold(scores, cand, k):
     need = tl.minimum(k, reduce_sum(cand.to(tl.int32), 0))
     lo = -reduce_max(tl.where(cand, -ordered, -2147483647), 0).to(tl.int64)  # smallest candidate key
     hi = reduce_max(tl.where(cand, ordered, -2147483647), 0).to(tl.int64)  # largest
-    keys = ordered.to(tl.int64)
-    # Invariant: at least `need` candidates are >= lo, fewer than `need` are > hi.
+    # Invariant: at least `need` candidates are >= lo, fewer than `need` are > hi.  lo, hi, mid: int64 scalars (no
+    # overflow); every mid lies between two keys, so comparing in int32 is exact.
     while lo < hi:
         mid = lo + (hi - lo + 1) // 2
-        enough = reduce_sum((cand & (keys >= mid)).to(tl.int32), 0) >= need
+        enough = reduce_sum((cand & (ordered >= mid.to(tl.int32))).to(tl.int32), 0) >= need
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
-    above = cand & (keys > lo)
-    tied = cand & (keys == lo)
+    above = cand & (ordered > lo.to(tl.int32))
+    tied = cand & (ordered == lo.to(tl.int32))
     rank = tl.associative_scan(tied.to(tl.int32), 0, _add) - 1
     return (above | (tied & (rank < need - reduce_sum(above.to(tl.int32), 0)))) & (need > 0)
 
@@ -163,7 +167,7 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
         q, k_means, scores, keys, n_k, kv_len, q.stride(0), q.stride(1), *k_means.stride()[:3], scores.stride(0),
         scores.stride(1), *keys.stride()[:3], GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         PER_HEAD=per_head, REDUCE_MAX=reduce == "max", HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block)
+        CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block, num_warps=SCORE_WARPS or 4)
     # The list buffer is padded to a power of two for the kernel's zero fill; callers see ``width`` entries.
     width_pow2 = triton.next_power_of_2(width)
     idx = _alloc.empty((B, heads, 1, width_pow2), torch.int32, q.device)
@@ -172,5 +176,5 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
     _select_kernel[(heads, B)](
         scores, idx, counts, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         n_k, min(top_k, n_k), sink_blocks, local_blocks, float(mass), D ** -0.5, WIDTH=width_pow2,
-        USE_MASS=mass < 1.0, NK_POW2=nk_pow2, num_warps=4 if nk_pow2 <= 4096 else 8)
+        USE_MASS=mass < 1.0, NK_POW2=nk_pow2, num_warps=SELECT_WARPS or (4 if nk_pow2 <= 4096 else 8))
     return idx[..., :width], counts
