@@ -40,9 +40,11 @@ if __name__ == "__main__":
 
     with torch.no_grad():
         if "--warps" in sys.argv:  # the selection kernels' warps per program
-            for score_warps, select_warps in ((4, 4), (2, 2), (2, 1), (8, 8), (1, 2)):
+            for score_warps, select_warps, precision in ((4, 4, "ieee"), (4, 4, "tf32x3"), (8, 4, "tf32x3"),
+                                                         (4, 4, "tf32")):
                 triton_select.SCORE_WARPS, triton_select.SELECT_WARPS = score_warps, select_warps
-                print(f"-- scores kernel {score_warps} warps, select kernel {select_warps} warps")
+                triton_select.SCORE_PRECISION = precision
+                print(f"-- scores kernel {score_warps} warps {precision}, select kernel {select_warps} warps")
                 profile_step("blocktopk", {})
         else:
             for method, overrides in (("blocktopk", {}), ("blocktopk", {"per_head": False}), ("streaming", {})):

@@ -21,7 +21,7 @@ import triton.language as tl
 from ..blocksparse import _alloc
 # triton.language's own max/argmax/cumsum are jit functions made at import, which the CPU interpreter (switched
 # on later in tests) cannot call; tl.reduce / tl.associative_scan with our combine functions work everywhere.
-from ..blocksparse.triton_fwd import _add, reduce_max, reduce_sum
+from ..blocksparse.triton_fwd import INTERPRETING, _add, reduce_max, reduce_sum
 
 SCORE_CHUNK = 64
 # Rows of scores one selection program holds in registers; longer caches use the torch path.
@@ -29,6 +29,9 @@ MAX_BLOCKS = 16384
 # Warps per program (None: by size).  The selection is a chain of reductions over one row, so fewer warps mean fewer
 # cross-warp barriers per reduction.
 SCORE_WARPS: int | None = None
+# Score products: exact fp32 FMAs ("ieee", what the interpreter runs) or fp32 split into three TF32 products on
+# tensor cores ("tf32x3", ~1e-7 relative error; H200, 128k keys: 6.4 vs 12.4 us, bench/decode/profile_warps.log).
+SCORE_PRECISION = "ieee" if INTERPRETING else "tf32x3"
 SELECT_WARPS: int | None = None
 
 
@@ -52,7 +55,7 @@ def _tail_mean(K, skb, skh, skt, b, hkv, kv_len, d, d_ok, BK: tl.constexpr):
 def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ssb, ssh, skb, skh, skt,
                    GROUP: tl.constexpr, ROWS: tl.constexpr, PER_HEAD: tl.constexpr, REDUCE_MAX: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr,
-                   BK: tl.constexpr):
+                   BK: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of one chunk of key blocks, stored per list head (a q head, or the group's reduced score)."""
     chunk = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -73,7 +76,7 @@ def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ss
             tail = _tail_mean(K, skb, skh, skt, b, hkv, kv_len, d, d_ok, BK)
             tl.store(means_ptr + (n_k - 1) * smn + d, tail.to(Means.dtype.element_ty), mask=d_ok)
             m_t = tl.where(n[None, :] == n_k - 1, tail[:, None], m_t)
-    s = tl.dot(q, m_t, input_precision="ieee")  # [ROWS, CHUNK] exact fp32, like the torch path
+    s = tl.dot(q, m_t, input_precision=PRECISION)  # [ROWS, CHUNK] fp32 (3xTF32 on tensor cores on a GPU)
     if PER_HEAD:
         tl.store(Scores + b * ssb + (hkv * GROUP + r[:, None]) * ssh + n[None, :], s,
                  mask=row_ok[:, None] & n_ok[None, :])
@@ -167,7 +170,7 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
         q, k_means, scores, keys, n_k, kv_len, q.stride(0), q.stride(1), *k_means.stride()[:3], scores.stride(0),
         scores.stride(1), *keys.stride()[:3], GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         PER_HEAD=per_head, REDUCE_MAX=reduce == "max", HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block, num_warps=SCORE_WARPS or 4)
+        CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block, PRECISION=SCORE_PRECISION, num_warps=SCORE_WARPS or 4)
     # The list buffer is padded to a power of two for the kernel's zero fill; callers see ``width`` entries.
     width_pow2 = triton.next_power_of_2(width)
     idx = _alloc.empty((B, heads, 1, width_pow2), torch.int32, q.device)
