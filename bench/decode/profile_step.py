@@ -40,11 +40,14 @@ if __name__ == "__main__":
 
     with torch.no_grad():
         if "--warps" in sys.argv:  # the selection kernels' warps per program
-            for score_warps, select_warps, precision in ((4, 4, "ieee"), (4, 4, "tf32x3"), (8, 4, "tf32x3"),
-                                                         (4, 4, "tf32")):
+            for score_warps, select_warps, precision, pivots in ((4, 4, "ieee", 1), (4, 4, "tf32x3", 1),
+                                                                 (8, 4, "tf32x3", 1), (4, 4, "tf32", 1),
+                                                                 (4, 4, "tf32x3", 4), (4, 4, "tf32x3", 8),
+                                                                 (4, 4, "tf32x3", 16), (4, 8, "tf32x3", 16)):
                 triton_select.SCORE_WARPS, triton_select.SELECT_WARPS = score_warps, select_warps
-                triton_select.SCORE_PRECISION = precision
-                print(f"-- scores kernel {score_warps} warps {precision}, select kernel {select_warps} warps")
+                triton_select.SCORE_PRECISION, triton_select.SELECT_PIVOTS = precision, pivots
+                print(f"-- scores kernel {score_warps} warps {precision}, select kernel {select_warps} warps, "
+                      f"{pivots} pivots")
                 profile_step("blocktopk", {})
         else:
             for method, overrides in (("blocktopk", {}), ("blocktopk", {"per_head": False}), ("streaming", {})):

@@ -33,6 +33,8 @@ SCORE_WARPS: int | None = None
 # tensor cores ("tf32x3", ~1e-7 relative error; H200, 128k keys: 6.4 vs 12.4 us, bench/decode/profile_warps.log).
 SCORE_PRECISION = "ieee" if INTERPRETING else "tf32x3"
 SELECT_WARPS: int | None = None
+# Keys tested per round of the k-th-value search (a power of two; 1 = bisection).
+SELECT_PIVOTS = 8
 
 
 @triton.jit
@@ -91,26 +93,29 @@ def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ss
 
 
 @triton.jit
-def _top_by_threshold(scores, cand, k):
+def _top_by_threshold(scores, cand, k, PIVOTS: tl.constexpr):
     """Mask of the ``k`` largest ``scores`` among ``cand`` (ties: lowest index).
 
-    The k-th largest value is found by bisection on the scores' order-preserving integer keys (one count reduction
-    per halving, at most 32), then every candidate above it and the first of those equal to it are taken: about
-    30 single-value reductions, where picking the best ``k`` one by one costs ``k`` dependent arg-max reductions
-    over (value, index) pairs.
+    The k-th largest value is found by a (PIVOTS + 1)-ary search on the scores' order-preserving integer keys: each
+    round counts the candidates at or above PIVOTS evenly spaced keys in one 2-D reduction and keeps the interval
+    holding the k-th (about 32 / log2(PIVOTS + 1) rounds); then every candidate above it and the first of those
+    equal to it are taken.  Picking the best ``k`` one by one would cost ``k`` dependent arg-max reductions.
     """
     bits = scores.to(tl.int32, bitcast=True)
     ordered = bits ^ tl.where(bits < 0, 0x7FFFFFFF, 0)  # signed-int order = float order
     need = tl.minimum(k, reduce_sum(cand.to(tl.int32), 0))
     lo = -reduce_max(tl.where(cand, -ordered, -2147483647), 0).to(tl.int64)  # smallest candidate key
     hi = reduce_max(tl.where(cand, ordered, -2147483647), 0).to(tl.int64)  # largest
-    # Invariant: at least `need` candidates are >= lo, fewer than `need` are > hi.  lo, hi, mid: int64 scalars (no
-    # overflow); every mid lies between two keys, so comparing in int32 is exact.
+    # Invariant: at least `need` candidates are >= lo, fewer than `need` are > hi.  lo, hi, pivots: int64 (no
+    # overflow); every pivot lies between two keys, so comparing in int32 is exact.
+    p = tl.arange(0, PIVOTS).to(tl.int64) + 1
     while lo < hi:
-        mid = lo + (hi - lo + 1) // 2
-        enough = reduce_sum((cand & (ordered >= mid.to(tl.int32))).to(tl.int32), 0) >= need
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+        step = (hi - lo + PIVOTS) // (PIVOTS + 1)  # >= 1
+        pivots = tl.minimum(lo + step * p, hi)
+        at_or_above = (cand[None, :] & (ordered[None, :] >= pivots.to(tl.int32)[:, None])).to(tl.int32)
+        enough = reduce_sum(at_or_above, 1) >= need  # true for a prefix of the pivots
+        lo = reduce_max(tl.where(enough, pivots, lo), 0)
+        hi = -reduce_max(tl.where(enough, -hi, 1 - pivots), 0)
     above = cand & (ordered > lo.to(tl.int32))
     tied = cand & (ordered == lo.to(tl.int32))
     rank = tl.associative_scan(tied.to(tl.int32), 0, _add) - 1
@@ -136,7 +141,8 @@ def _top_by_mass(logits, valid, forced, k, mass, cols):
 
 @triton.jit
 def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks, local_blocks, mass,
-                   inv_root_d, WIDTH: tl.constexpr, USE_MASS: tl.constexpr, NK_POW2: tl.constexpr):
+                   inv_root_d, WIDTH: tl.constexpr, USE_MASS: tl.constexpr, NK_POW2: tl.constexpr,
+                   PIVOTS: tl.constexpr):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, NK_POW2)
@@ -146,7 +152,7 @@ def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_b
     if USE_MASS:
         chosen = _top_by_mass(raw * inv_root_d, valid, forced, top_k, mass, cols)
     else:
-        chosen = _top_by_threshold(raw, valid & ~forced, top_k)
+        chosen = _top_by_threshold(raw, valid & ~forced, top_k, PIVOTS)
     chosen = chosen | forced
     ones = chosen.to(tl.int32)
     slot = tl.associative_scan(ones, 0, _add) - 1
@@ -179,5 +185,6 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
     _select_kernel[(heads, B)](
         scores, idx, counts, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         n_k, min(top_k, n_k), sink_blocks, local_blocks, float(mass), D ** -0.5, WIDTH=width_pow2,
-        USE_MASS=mass < 1.0, NK_POW2=nk_pow2, num_warps=SELECT_WARPS or (4 if nk_pow2 <= 4096 else 8))
+        USE_MASS=mass < 1.0, NK_POW2=nk_pow2, PIVOTS=SELECT_PIVOTS,
+        num_warps=SELECT_WARPS or (4 if nk_pow2 <= 4096 else 8))
     return idx[..., :width], counts
