@@ -33,8 +33,9 @@ SCORE_WARPS: int | None = None
 # tensor cores ("tf32x3", ~1e-7 relative error; H200, 128k keys: 6.4 vs 12.4 us, bench/decode/profile_warps.log).
 SCORE_PRECISION = "ieee" if INTERPRETING else "tf32x3"
 SELECT_WARPS: int | None = None
-# Keys tested per round of the k-th-value search (a power of two; 1 = bisection).
-SELECT_PIVOTS = 8
+# Keys tested per round of the k-th-value search (a power of two; 1 = bisection).  H200, 2048 blocks: 1 -> 10.8 us,
+# 4 -> 12.3, 8 -> 14.2, 16 -> 18.1 (bench/decode/profile_select.log): fewer rounds, but each 2-D reduction costs more.
+SELECT_PIVOTS = 1
 
 
 @triton.jit
@@ -96,10 +97,11 @@ def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ss
 def _top_by_threshold(scores, cand, k, PIVOTS: tl.constexpr):
     """Mask of the ``k`` largest ``scores`` among ``cand`` (ties: lowest index).
 
-    The k-th largest value is found by a (PIVOTS + 1)-ary search on the scores' order-preserving integer keys: each
-    round counts the candidates at or above PIVOTS evenly spaced keys in one 2-D reduction and keeps the interval
-    holding the k-th (about 32 / log2(PIVOTS + 1) rounds); then every candidate above it and the first of those
-    equal to it are taken.  Picking the best ``k`` one by one would cost ``k`` dependent arg-max reductions.
+    The k-th largest value is found by a (PIVOTS + 1)-ary search on the scores' order-preserving integer keys (1 =
+    bisection, the default): each round counts the candidates at or above PIVOTS evenly spaced keys in one
+    reduction and keeps the interval holding the k-th (about 32 / log2(PIVOTS + 1) rounds); then every candidate
+    above it and the first of those equal to it are taken.  Picking the best ``k`` one by one would cost ``k``
+    dependent arg-max reductions.
     """
     bits = scores.to(tl.int32, bitcast=True)
     ordered = bits ^ tl.where(bits < 0, 0x7FFFFFFF, 0)  # signed-int order = float order
