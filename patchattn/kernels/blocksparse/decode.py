@@ -50,8 +50,6 @@ if MERGE not in ("fused", "separate"):
 # The merge reads the partials' row maxima this many splits at a time (a fixed width, so the split
 # kernel is not recompiled and re-tuned for every power of two of n_splits).
 MERGE_TILE = 16
-# Partials the merge loads at once (a [MERGE_LOADS, ROWS, BLOCK_D] fp32 tile).
-MERGE_LOADS = 4
 
 
 @triton.jit
@@ -65,8 +63,7 @@ def _store_partial(PartAcc, PartM, PartL, part, r, offs_d, acc, m_i, l_i,
 
 @triton.jit
 def _merge_partials(PartAcc, PartM, PartL, first, n_splits, r, offs_d,
-                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_TILE: tl.constexpr,
-                    MERGE_LOADS: tl.constexpr):
+                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_TILE: tl.constexpr):
     """(acc, l, m) of a row group as one program would have found them: its n_splits partials,
     rescaled to their common max (0 where no split saw a key) and summed.
 
@@ -81,20 +78,11 @@ def _merge_partials(PartAcc, PartM, PartL, first, n_splits, r, offs_d,
     m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
     acc = tl.full([ROWS, BLOCK_D], 0.0, dtype=tl.float32)
     l_sum = tl.full([ROWS], 0.0, dtype=tl.float32)
-    # MERGE_LOADS partials per round, as one [splits, rows, head_dim] load: the loop is not pipelined, so one
-    # split per round paid a full L2 round trip per split (what made many splits slow).
-    sl = tl.arange(0, MERGE_LOADS)
-    for s0 in range(0, n_splits, MERGE_LOADS):
-        sp = s0 + sl
-        ok = sp < n_splits
-        m = tl.load(PartM + (first + sp[:, None]) * ROWS + r[None, :], mask=ok[:, None],
-                    other=float("-inf"), cache_modifier=".cg")
-        w = tl.math.exp2(m - m_use[None, :])  # [splits, rows]; 0 for missing splits
-        l_sum += reduce_sum(w * tl.load(PartL + (first + sp[:, None]) * ROWS + r[None, :],
-                                        mask=ok[:, None], other=0.0, cache_modifier=".cg"), 0)
-        part = tl.load(PartAcc + ((first + sp[:, None, None]) * ROWS + r[None, :, None]) * BLOCK_D
-                       + offs_d[None, None, :], mask=ok[:, None, None], other=0.0, cache_modifier=".cg")
-        acc += reduce_sum(w[:, :, None] * part, 0)
+    for s in range(0, n_splits):
+        w = tl.math.exp2(tl.load(PartM + (first + s) * ROWS + r, cache_modifier=".cg") - m_use)
+        l_sum += w * tl.load(PartL + (first + s) * ROWS + r, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(PartAcc + ((first + s) * ROWS + r[:, None]) * BLOCK_D
+                                    + offs_d[None, :], cache_modifier=".cg")
     return acc, l_sum, m_use
 
 
@@ -137,7 +125,7 @@ def _decode_split_kernel(
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, WRITE_LSE: tl.constexpr,
-        MERGE_TILE: tl.constexpr, MERGE_LOADS: tl.constexpr, BLOCK_N: tl.constexpr):
+        MERGE_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     pid_bg = tl.program_id(1)  # (batch, head group)
@@ -209,7 +197,7 @@ def _decode_split_kernel(
         if arrived == n_splits - 1:
             tl.debug_barrier()  # the acquire (one thread) precedes every thread's partial loads
             g_acc, g_l, g_m = _merge_partials(PartAcc, PartM, PartL, first, n_splits, r, offs_d,
-                                              ROWS, BLOCK_D, MERGE_TILE, MERGE_LOADS)
+                                              ROWS, BLOCK_D, MERGE_TILE)
             _write_rows(g_acc, g_l, g_m, Out, Lse, Gain, Active, b, head, t, row_ok, offs_d,
                         sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
                         HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
@@ -223,7 +211,7 @@ def _decode_combine_kernel(
         sob, soh, sot, sgb, sgt, sgh, sab, sat, sah,
         Hq, Tq, n_splits,
         HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        MERGE_TILE: tl.constexpr, MERGE_LOADS: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+        MERGE_TILE: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         WRITE_LSE: tl.constexpr):
     """The separate merge (PATCHATTN_DECODE_MERGE=separate): one program per (batch, head group)."""
     pid_bg = tl.program_id(0)
@@ -236,7 +224,7 @@ def _decode_combine_kernel(
     row_ok = r < HEADS * Tq
     offs_d = tl.arange(0, BLOCK_D)
     acc, l_sum, m_use = _merge_partials(PartAcc, PartM, PartL, pid_bg.to(tl.int64) * n_splits,
-                                        n_splits, r, offs_d, ROWS, BLOCK_D, MERGE_TILE, MERGE_LOADS)
+                                        n_splits, r, offs_d, ROWS, BLOCK_D, MERGE_TILE)
     _write_rows(acc, l_sum, m_use, Out, Lse, Gain, Active, b, head, t, row_ok, offs_d,
                 sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
                 HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
@@ -291,7 +279,7 @@ def _merge_separately(parts, out, lse, hooks, consts, Hq, Tq, n_splits, n_row_gr
                       ("HEADS", "ROWS", "HEAD_DIM", "BLOCK_D", "HAS_GAIN", "HAS_ACTIVE")}
     _decode_combine_kernel[(n_row_groups,)](
         *parts, out, lse, _gain_p, act_p, *out.stride()[:3], *hooks["strides"][3:], Hq, Tq,
-        n_splits, **combine_consts, MERGE_TILE=MERGE_TILE, MERGE_LOADS=MERGE_LOADS, WRITE_LSE=consts["WRITE_LSE"])
+        n_splits, **combine_consts, MERGE_TILE=MERGE_TILE, WRITE_LSE=consts["WRITE_LSE"])
 
 
 def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain,
@@ -324,7 +312,7 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
     # WRITE_LSE only matters to the fused kernel; pinned otherwise so need_lse makes no second variant.
     split_consts = dict(consts, BK=opts.block_k, CAUSAL=opts.causal,
                         HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
-                        FUSED=fused, WRITE_LSE=need_lse and fused, MERGE_TILE=MERGE_TILE, MERGE_LOADS=MERGE_LOADS)
+                        FUSED=fused, WRITE_LSE=need_lse and fused, MERGE_TILE=MERGE_TILE)
     launch(_decode_tuned, lambda meta: (n_splits, B * n_groups), split_args, split_consts,
            dict(BLOCK_N=min(opts.block_k, 64)), q.device)
     if not fused:
