@@ -6,11 +6,12 @@ recomputes that block's mean from the keys (``tail``), so the cache update needs
 ``_select_kernel``: one program per (list head, batch) holds its row of scores in registers and takes the sink and
 local blocks plus the best ``top_k`` others, found as a threshold by bisection on the scores' order-preserving
 integer keys (ties at the threshold go to the lowest block index, like the oracle), or, with a mass budget below
-1, one by one while the estimated softmax mass is below it.  The chosen blocks are written as ascending lists (a prefix sum gives each its slot).
-At batch 1 a decode step is latency-bound (bench/decode/breakdown_run*.csv): the mean update's own launches and a
-top-k loop of 24 dependent arg-max reductions (~11 us) were what this replaced.  Measured and dropped: a one-launch
-variant where the last scoring program of each KV group selected for the group's four heads (65 vs 30 us), and a
-4-pass radix select with ``tl.histogram`` (no faster than the arg-max loop).
+1, one by one while the estimated softmax mass is below it.  The chosen blocks are written as ascending lists (a
+prefix sum gives each its slot).
+At batch 1 a decode step is latency-bound (bench/decode/breakdown_run*.csv, profile_*.log): the mean update's own
+launches and a top-k loop of 24 dependent arg-max reductions (~11 us) were what this replaced.  Measured and
+dropped: a one-launch variant where the last scoring program of each KV group selected for the group's four heads
+(65 vs 30 us), a 4-pass radix select with ``tl.histogram`` and multi-pivot searches (no faster).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ MAX_BLOCKS = 16384
 # cross-warp barriers per reduction.
 SCORE_WARPS: int | None = None
 # Score products: exact fp32 FMAs ("ieee", what the interpreter runs) or fp32 split into three TF32 products on
-# tensor cores ("tf32x3", ~1e-7 relative error; H200, 128k keys: 6.4 vs 12.4 us, bench/decode/profile_warps.log).
+# tensor cores ("tf32x3", ~1e-7 relative error; H200, 128k keys: 6.4 vs 12.4 us, bench/decode/profile_precision.log).
 SCORE_PRECISION = "ieee" if INTERPRETING else "tf32x3"
 SELECT_WARPS: int | None = None
 # Keys tested per round of the k-th-value search (a power of two; 1 = bisection).  H200, 2048 blocks: 1 -> 10.8 us,
