@@ -92,8 +92,6 @@ def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ss
         tl.store(Scores + b * ssb + hkv * ssh + n, s, mask=n_ok)
 
 
-
-
 @triton.jit
 def _top_by_threshold(scores, cand, k, PIVOTS: tl.constexpr):
     """Mask of the ``k`` largest ``scores`` among ``cand`` (ties: lowest index).
@@ -184,7 +182,7 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
     width_pow2 = triton.next_power_of_2(width)
     idx = _alloc.empty((B, heads, 1, width_pow2), torch.int32, q.device)
     counts = _alloc.empty((B, heads, 1), torch.int32, q.device)
-    nk_pow2 = max(256, triton.next_power_of_2(n_k))
+    nk_pow2 = max(16, triton.next_power_of_2(n_k))
     _select_kernel[(heads, B)](
         scores, idx, counts, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         n_k, min(top_k, n_k), sink_blocks, local_blocks, float(mass), D ** -0.5, WIDTH=width_pow2,

@@ -19,7 +19,7 @@ def empty(shape, dtype, device) -> torch.Tensor:
 
 
 # Zeroed int32 arrival counters for kernels whose last program finishes the job ("last block done": the decode
-# merge, the decode block top-k); each kernel resets the counters it used, so they stay zero between launches and
+# merge); each kernel resets the counters it used, so they stay zero between launches and
 # CUDA-graph replays.  One list of buffers per (device, owner kernel): two such kernels never share a counter.
 _COUNTERS: dict = {}
 _MIN_COUNTERS = 1024
