@@ -22,7 +22,7 @@ import time
 
 import torch
 
-FIELDS = ["mode", "T", "D", "B", "Hq", "Hkv", "block", "density_target", "density", "impl", "ms",
+FIELDS = ["mode", "T", "D", "B", "Hq", "Hkv", "block", "layers", "density_target", "density", "impl", "ms",
           "tflops", "peak_mib", "max_err", "vs_sdpa", "vs_flex", "bwd_fwd", "note"]
 
 
@@ -330,19 +330,28 @@ class Runner:
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, B, T, D):
+        """One decode call per layer of ``--decode-layers`` (each layer its own cache, as in a model): times are
+        per layer; with several layers a graph holds them all, so its launch is paid once per token, as in a
+        captured model step, not once per attention call."""
         a, bs = self.args, self.bs
-        Hq, Hkv, blk = a.heads, a.kv_heads, a.block
+        Hq, Hkv, blk, L = a.heads, a.kv_heads, a.block, a.decode_layers
         q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
-        common = dict(mode="decode", T=T, D=D, B=B, Hq=Hq, Hkv=Hkv, block=blk)
+        caches = [tuple(torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+                  for _ in range(L)]
+        k, v = caches[0]
+        common = dict(mode="decode", T=T, D=D, B=B, Hq=Hq, Hkv=Hkv, block=blk, layers=L)
         kv_bytes = 2 * B * Hkv * T * D * 2
 
-        def sdpa():
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        def every_layer(attend):
+            return lambda: [attend(k_l, v_l) for k_l, v_l in caches][-1]
 
+        def per_layer_ms(fn):
+            return time_ms(fn) / L, graph_ms(fn) / L
+
+        sdpa = every_layer(lambda k_l, v_l: torch.nn.functional.scaled_dot_product_attention(
+            q, k_l, v_l, enable_gqa=True))
         with torch.no_grad():
-            t_sdpa, g_sdpa = time_ms(sdpa), graph_ms(sdpa)
+            t_sdpa, g_sdpa = per_layer_ms(sdpa)
             self.add(**common, density_target=1.0, density=1.0, impl="sdpa", ms=t_sdpa,
                      tflops=kv_bytes / t_sdpa / 1e9, peak_mib=peak_mib(sdpa), vs_sdpa=1.0,
                      note="tflops column = TB/s of K/V read")
@@ -351,16 +360,15 @@ class Runner:
             for dens in a.decode_densities:
                 idx, cnt = random_decode_lists(Hkv, B, T, blk, dens, "cuda")
                 actual = float(cnt[0, 0, 0]) / math.ceil(T / blk)
-
-                def ours():
-                    return bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=blk)
-
+                ours = every_layer(lambda k_l, v_l: bs.block_sparse_attention(q, k_l, v_l, idx, cnt, block_q=16,
+                                                                              block_k=blk))
                 ref = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=blk,
                                                 backend="torch")
-                t, g = time_ms(ours), graph_ms(ours)
+                got = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=blk)
+                t, g = per_layer_ms(ours)
                 point = dict(common, density_target=dens, density=actual)
                 self.add(**point, impl="ours", ms=t, tflops=kv_bytes * actual / t / 1e9,
-                         peak_mib=peak_mib(ours), max_err=rel_err(ours(), ref), vs_sdpa=t_sdpa / t)
+                         peak_mib=peak_mib(ours), max_err=rel_err(got, ref), vs_sdpa=t_sdpa / t)
                 self.add(**point, impl="ours_graph", ms=g, tflops=kv_bytes * actual / g / 1e9,
                          vs_sdpa=g_sdpa / g, note="vs_sdpa against sdpa_graph")
 
@@ -410,6 +418,8 @@ def parse_args(argv):
     p.add_argument("--decode-batches", type=_ints, default=[1, 8])
     p.add_argument("--decode-T", type=_ints, default=[32768, 131072])
     p.add_argument("--decode-densities", type=_floats, default=[1.0, 0.05])
+    p.add_argument("--decode-layers", type=int, default=1,
+                   help="decode calls per timed step, each with its own KV cache (a model's layers); times per layer")
     p.add_argument("--bwd-max-t", type=int, default=131072, help="skip fwd+bwd above this T")
     p.add_argument("--flex-bwd-max-t", type=int, default=16384,
                    help="FlexAttention fwd+bwd only up to this T (its compile is slow)")

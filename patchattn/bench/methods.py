@@ -26,7 +26,7 @@ from ..report import environment, format_table
 from ..state import PatchContext, PatchState
 from .kernel import flex_block_mask, graph_ms, time_ms
 
-FIELDS = ["mode", "T", "B", "method", "density", "select_ms", "kernel_ms", "total_ms", "flex_ms", "sdpa_ms",
+FIELDS = ["mode", "T", "B", "layers", "method", "density", "select_ms", "kernel_ms", "total_ms", "flex_ms", "sdpa_ms",
           "speedup_vs_sdpa", "kernel_speedup_vs_sdpa", "vs_flex", "graph_ms", "sdpa_graph_ms",
           "graph_speedup_vs_sdpa", "note"]
 
@@ -38,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--prefill", default="32768,131072", help="prefill lengths")
     p.add_argument("--decode", default="131072", help="KV-cache lengths for decode")
     p.add_argument("--decode-batch", default="1,8")
+    p.add_argument("--decode-layers", type=int, default=1,
+                   help="layers per timed decode step, each with its own cache (times are per layer)")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--csv")
     return p.parse_args(argv)
@@ -95,28 +97,34 @@ def prefill_rows(T, methods, with_flex):
     return rows
 
 
-def decode_rows(T, batch, methods, device="cuda", heads=(32, 8), head_dim=128):
+def decode_rows(T, batch, methods, device="cuda", heads=(32, 8), head_dim=128, layers=1):
     """One decode step per method (its selection, as a model runs it every step, then the kernel), timed eagerly and
-    replayed from a CUDA graph (how serving loops run decode steps), next to SDPA timed both ways."""
+    replayed from a CUDA graph (how serving loops run decode steps), next to SDPA timed both ways.  With ``layers``
+    > 1 a step runs that many layers, each with its own cache and method state, and times are per layer: one graph
+    launch per token is then shared by the layers, as in a captured model."""
     q = torch.randn(batch, heads[0], 1, head_dim, device=device, dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, heads[1], T, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
-
-    def sdpa():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-    sdpa_ms, sdpa_graph = time_ms(sdpa), graph_ms(sdpa)
+    caches = [tuple(torch.randn(batch, heads[1], T, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+              for _ in range(layers)]
+    k, v = caches[0]
+    sdpa = _Layers([lambda k_l=k_l, v_l=v_l: torch.nn.functional.scaled_dot_product_attention(
+        q, k_l, v_l, enable_gqa=True) for k_l, v_l in caches])
+    sdpa_ms, sdpa_graph = time_ms(sdpa) / layers, graph_ms(sdpa) / layers
     rows = []
     for label, name, overrides in methods:
-        state = _state(name, overrides)
+        per_layer = []
+        for k_l, v_l in caches:
+            state = _state(name, overrides)
+            _select(name, state, q[:, :, :1].expand(-1, -1, 2, -1), k_l)  # a prefill-like call fills the mean cache
+            per_layer.append(_decode_steps(name, state, q, k_l, v_l))
+        steps = {kind: _Layers([layer[kind] for layer in per_layer]) for kind in per_layer[0]}
+        state = per_layer[0][next(iter(steps))].state
         block = state.config.block_size
-        _select(name, state, q[:, :, :1].expand(-1, -1, 2, -1), k)  # a prefill-like call fills the key-mean cache
-        steps = _decode_steps(name, state, q, k, v)
         # hip searches every refresh_interval steps and reuses the lists in between: average over one cycle.
         weights = {"search": 1, "reuse": state.config.refresh_interval - 1} if "reuse" in steps else {"step": 1}
-        eager = {kind: time_ms(fn) for kind, fn in steps.items()}
-        graphed = {kind: graph_ms(fn) for kind, fn in steps.items()}
-        idx, cnt = steps.get("search", steps.get("step")).lists()
-        row = {"mode": "decode", "T": T, "B": batch, "method": label,
+        eager = {kind: time_ms(fn) / layers for kind, fn in steps.items()}
+        graphed = {kind: graph_ms(fn) / layers for kind, fn in steps.items()}
+        idx, cnt = steps.get("search", steps.get("step")).layers[0].lists()
+        row = {"mode": "decode", "T": T, "B": batch, "layers": layers, "method": label,
                "density": density(cnt, 1, T, block, block), "sdpa_ms": sdpa_ms, "sdpa_graph_ms": sdpa_graph,
                "select_ms": time_ms(lambda: _select(name, state, q, k)),
                "kernel_ms": time_ms(lambda: block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block,
@@ -126,6 +134,16 @@ def decode_rows(T, batch, methods, device="cuda", heads=(32, 8), head_dim=128):
         rows.append(_ratios(row))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+class _Layers:
+    """Calls each layer's step in turn (returns the last output)."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def __call__(self):
+        return [step() for step in self.layers][-1]
 
 
 class _Step:
@@ -212,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     for T in ints(args.decode):
         for batch in ints(args.decode_batch):
-            rows += decode_rows(T, batch, methods)
-    print(format_table(rows, ["mode", "T", "B", "method", "density", "select_ms", "kernel_ms", "flex_ms",
+            rows += decode_rows(T, batch, methods, layers=args.decode_layers)
+    print(format_table(rows, ["mode", "T", "B", "layers", "method", "density", "select_ms", "kernel_ms", "flex_ms",
                               "sdpa_ms", "speedup_vs_sdpa", "vs_flex", "graph_ms", "graph_speedup_vs_sdpa"]))
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as handle:

@@ -26,6 +26,10 @@ class StreamingConfig(SparseConfig):
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"window": 1 << 30}
 
+    def max_blocks_per_row(self, n_k: int) -> int:
+        # The sink run plus the window's blocks for a query block's rows (window + up to two block edges).
+        return min(n_k, math.ceil(self.sink_tokens / self.block_size) + math.ceil(self.window / self.block_size) + 3)
+
 
 def sink_and_window_lists(g: BlockGeometry, sink_tokens: int, window: int, width: int, device=None):
     """One query block (decoding): ``sink_and_window``'s row as ready lists ``([1, 1, 1, width], [1, 1, 1])``.

@@ -257,15 +257,23 @@ def test_blocktopk_prefill_selection_is_the_same_with_the_fused_scores(per_head,
     assert torch.equal(masks["triton"], masks["torch"])
 
 
-def test_methods_benchmark_decode_rows_run_every_method_step(triton_device, monkeypatch):
+@pytest.mark.parametrize("layers", [1, 2])
+def test_methods_benchmark_decode_rows_run_every_method_step(triton_device, monkeypatch, layers):
     """The decode part of `patchattn bench methods` end to end at a small size, timers replaced by one call each:
-    every method's step (selection + kernel) runs, hip's search and reuse steps both, and the row has its ratios."""
+    every method's step (selection + kernel) runs, hip's search and reuse steps both, once per layer with the
+    layer's own state, and the row has its per-layer ratios."""
     import patchattn.bench.methods as bench
 
+    selected = []
+    real_select = bench._select
+    monkeypatch.setattr(bench, "_select", lambda name, state, *a: selected.append(id(state)) or real_select(
+        name, state, *a))
     monkeypatch.setattr(bench, "time_ms", lambda fn: (fn(), 2.0)[1])
     monkeypatch.setattr(bench, "graph_ms", lambda fn: (fn(), 1.0)[1])
     rows = bench.decode_rows(300, 2, bench.parse_methods("streaming,blocktopk,hip"), device=triton_device,
-                             heads=(4, 2), head_dim=16)
+                             heads=(4, 2), head_dim=16, layers=layers)
     assert [r["method"] for r in rows] == ["streaming", "blocktopk", "hip"]
     for row in rows:
         assert 0 < row["density"] <= 1 and row["graph_speedup_vs_sdpa"] == 1.0 and row["speedup_vs_sdpa"] == 1.0
+        assert row["layers"] == layers and row["sdpa_graph_ms"] == 1.0 / layers
+    assert len(set(selected)) == 3 * layers  # a state per method and layer

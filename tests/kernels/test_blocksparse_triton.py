@@ -228,7 +228,7 @@ def _decode_module():
 
 def _force_splits(monkeypatch, decode, many):
     """One split per row group, or one per list entry (many programs per row group); returns the
-    (n_splits, per_split) choices made, for the test to check."""
+    numbers of splits chosen, for the test to check."""
     seen = []
     real = decode.choose_splits
     monkeypatch.setattr(decode, "PROGRAMS_PER_SM", 1 << 12 if many else 0)
@@ -277,23 +277,28 @@ def _counters_are_zero(decode, device):
 @pytest.mark.parametrize("need_lse", [True, False], ids=["lse", "no-lse"])
 @pytest.mark.parametrize("hooks", ["none", "gain-active"])
 @pytest.mark.parametrize("splits", ["one", "many"])
-@pytest.mark.parametrize("merge", ["fused", "separate"])
+@pytest.mark.parametrize("merge", ["fused", "fused-by-splits", "separate"])
 @pytest.mark.parametrize("case", MERGE_CASES)
 def test_decode_merge(triton_device, monkeypatch, case, merge, splits, hooks, need_lse):
-    """Both merge paths against the reference: one split (the fused kernel writes the output
-    directly) and more splits than MERGE_TILE (the last program merges), with the gain/active hooks
-    the merge applies, with and without lse."""
+    """Every merge path against the reference: one split (the fused kernel writes the output
+    directly) and more splits than MERGE_TILE (the last program merges, walking rows -- several
+    load rounds of ROW_MERGE_TILE splits -- or splits), with the gain/active hooks the merge
+    applies, with and without lse."""
     if merge == "separate" and (hooks == "none") == need_lse:
         pytest.skip("the separate path is covered by half of the hook x lse grid")
+    if merge == "fused-by-splits" and splits == "one":
+        pytest.skip("one split does not merge")
     decode = _decode_module()
-    monkeypatch.setattr(decode, "MERGE", merge)
+    monkeypatch.setattr(decode, "MERGE", "separate" if merge == "separate" else "fused")
+    monkeypatch.setattr(decode, "MERGE_BY", "splits" if merge == "fused-by-splits" else "rows")
+    monkeypatch.setattr(decode, "ROW_MERGE_TILE", 4)
     seen = _force_splits(monkeypatch, decode, splits == "many")
     gen = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(case, torch.float32, triton_device, gen)
     idx, cnt = random_blocks(case, triton_device, gen)
     _check_decode(q, k, v, idx, cnt, case, torch.float32, need_lse,
                   **_merge_hooks(hooks, case, triton_device))
-    n_splits = seen[-1][0]
+    n_splits = seen[-1]
     assert n_splits == 1 if splits == "one" else n_splits > decode.MERGE_TILE
     assert _counters_are_zero(decode, q.device)
 

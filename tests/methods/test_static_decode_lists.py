@@ -60,8 +60,11 @@ def test_decode_lists_equal_the_mask_path(method, overrides):
                 query = torch.zeros(1, heads, q_len, 8)
                 lists = select(g, query, key, state)
                 assert isinstance(lists, tuple), "one query block must skip the mask"
-                want = _lists(state.config, g, mask_fn(g, *params(state.config, heads)), query.device)
+                mask = mask_fn(g, *params(state.config, heads))
+                want = _lists(state.config, g, mask, query.device)
                 where = f"{method} {overrides} heads={heads} q_len={q_len} kv_len={kv_len}"
+                # The config's width bound holds: no block of the mask is cut off the lists.
+                assert torch.equal(want[1].flatten().long(), mask.sum(-1).flatten().long()), where
                 for got, expected in zip(lists, want):
                     assert got.dtype == expected.dtype == torch.int32, where
                     assert got.shape == expected.shape, where
@@ -78,7 +81,8 @@ def test_decode_lists_go_through_the_static_cache_unchanged():
     first = _blocks(state, g, query, key, BLOCK_SELECTORS["power"][0], static=True)
     again = _blocks(state, g, query, key, BLOCK_SELECTORS["power"][0], static=True)
     assert again is first
-    assert first[0].shape == (1, 1, 1, g.n_k)
+    # Lists as wide as the pattern's bound, not the whole cache: the decode kernel splits the width among programs.
+    assert first[0].shape == (1, 1, 1, state.config.max_blocks_per_row(g.n_k)) and g.n_k > first[0].shape[-1]
 
 
 # ---- end to end: a patched model's decode steps are unchanged ------------------------------------------------

@@ -38,10 +38,13 @@ from .triton_fwd import (
     visibility,
 )
 
-# Aim for this many programs per multiprocessor when choosing the number of splits.  H200, 128k keys, 5% of the
-# blocks (bench/decode/): 1 per SM beat 2, 4 and 8 at batch 1 (graphed 4.9x SDPA vs 4.4x / 3.2x / 3.3x): more
-# splits mean more partial results for the merge to read and combine.
-PROGRAMS_PER_SM = int(os.environ.get("PATCHATTN_DECODE_PROGRAMS_PER_SM", "1"))
+# Programs per multiprocessor when choosing the number of splits (H200, 128k keys, bench/decode/): a program that
+# serves a whole GQA group (shared lists) is best at 1 per SM (batch 1 graphed: 5.85x SDPA vs 5.75x with 2, and
+# 4.9x vs 4.4x / 3.2x / 3.3x with 2 / 4 / 8 before the row-wise merge); one serving a single q head (per-head lists,
+# 4x the programs' rows spread over 4x the row groups) at 2 (blocktopk step 4.29x vs 3.97x).
+# PATCHATTN_DECODE_PROGRAMS_PER_SM overrides both.
+PROGRAMS_PER_SM = int(os.environ["PATCHATTN_DECODE_PROGRAMS_PER_SM"]) if os.environ.get(
+    "PATCHATTN_DECODE_PROGRAMS_PER_SM") else None
 _SM_COUNT: dict = {}
 # "fused": one launch, the last split program of a row group merges; "separate": a second merge kernel.
 MERGE = os.environ.get("PATCHATTN_DECODE_MERGE", "fused")
@@ -50,15 +53,49 @@ if MERGE not in ("fused", "separate"):
 # The merge reads the partials' row maxima this many splits at a time (a fixed width, so the split
 # kernel is not recompiled and re-tuned for every power of two of n_splits).
 MERGE_TILE = 16
+# How the merging program walks the partials: "rows" loads ROW_MERGE_TILE splits of one row at once (one L2 round
+# trip per row and tile: few rows, many splits -- GQA-shared lists at batch 1 run 4 rows x ~17 splits), "splits"
+# loads one split of every row at a time (one round trip per split: many rows, e.g. a speculative block of
+# queries), "auto" takes the one with fewer round trips.
+MERGE_BY = os.environ.get("PATCHATTN_DECODE_MERGE_BY", "auto")
+if MERGE_BY not in ("auto", "rows", "splits"):
+    raise ValueError(f"PATCHATTN_DECODE_MERGE_BY={MERGE_BY!r}: expected 'auto', 'rows' or 'splits'")
+ROW_MERGE_TILE = 32
 
 
 @triton.jit
-def _store_partial(PartAcc, PartM, PartL, part, r, offs_d, acc, m_i, l_i,
+def _store_partial(PartAcc, PartM, PartL, part, r, row_ok, offs_d, acc, m_i, l_i,
                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One split's unnormalised result for its rows: acc = sum 2^(s - m) v, the max m, the sum l."""
-    tl.store(PartAcc + (part * ROWS + r[:, None]) * BLOCK_D + offs_d[None, :], acc)
-    tl.store(PartM + part * ROWS + r, m_i)
-    tl.store(PartL + part * ROWS + r, l_i)
+    """One split's unnormalised result for its real rows: acc = sum 2^(s - m) v, the max m, the sum l."""
+    tl.store(PartAcc + (part * ROWS + r[:, None]) * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(PartM + part * ROWS + r, m_i, mask=row_ok)
+    tl.store(PartL + part * ROWS + r, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_row(PartAcc, PartM, PartL, first, n_splits, row, offs_d,
+               ROWS: tl.constexpr, BLOCK_D: tl.constexpr, S_TILE: tl.constexpr):
+    """(acc [1, BLOCK_D], l [1], m [1]) of one row over its n_splits partials, S_TILE splits per round, all of a
+    round's loads issued together (an online softmax over rounds).  Loads through L2 only, as _merge_partials."""
+    m_run = tl.full([1], float("-inf"), dtype=tl.float32)
+    l_run = tl.full([1], 0.0, dtype=tl.float32)
+    acc_run = tl.full([1, BLOCK_D], 0.0, dtype=tl.float32)
+    for s0 in range(0, n_splits, S_TILE):
+        sp = s0 + tl.arange(0, S_TILE)
+        ok = sp < n_splits
+        at = (first + sp) * ROWS + row
+        m = tl.load(PartM + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        part_l = tl.load(PartL + at, mask=ok, other=0.0, cache_modifier=".cg")
+        part_acc = tl.load(PartAcc + at[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None], other=0.0,
+                           cache_modifier=".cg")
+        m_new = tl.maximum(m_run, reduce_max(m[None, :], 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(m - m_use)  # 0 for a split that saw no key (m = -inf)
+        alpha = tl.math.exp2(m_run - m_use)
+        l_run = l_run * alpha + reduce_sum(w * part_l, 0)
+        acc_run = acc_run * alpha[:, None] + reduce_sum(w[:, None] * part_acc, 0)[None, :]
+        m_run = m_new
+    return acc_run, l_run, tl.where(m_run == float("-inf"), 0.0, m_run)
 
 
 @triton.jit
@@ -119,13 +156,14 @@ def _decode_split_kernel(
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
         sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah,
         sob, soh, sot,
-        Hq, Tq, Tk, entries_per_split,
+        Hq, Tq, Tk,
         GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr, HEADS: tl.constexpr,
         ROWS: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, WRITE_LSE: tl.constexpr,
-        MERGE_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+        MERGE_TILE: tl.constexpr, MERGE_ROWS: tl.constexpr, ROW_TILE: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     pid_bg = tl.program_id(1)  # (batch, head group)
@@ -156,8 +194,11 @@ def _decode_split_kernel(
     if HAS_ACTIVE:
         act = tl.load(Active + b * sab + t * sat + head * sah, mask=row_ok, other=0) != 0
         count = tl.where(reduce_max(act.to(tl.int32), 0) > 0, count, 0)
-    e_lo = split * entries_per_split
-    e_hi = tl.minimum(e_lo + entries_per_split, count)
+    # The list's real length (count), not its padded width, is shared out: lists sized by a loose bound would
+    # otherwise leave the work to the first splits.
+    per_split = (count + n_splits - 1) // n_splits
+    e_lo = split * per_split
+    e_hi = tl.minimum(e_lo + per_split, count)
 
     SUB: tl.constexpr = BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
@@ -183,24 +224,33 @@ def _decode_split_kernel(
 
     first = pid_bg.to(tl.int64) * n_splits
     if not FUSED:  # the merge kernel runs next
-        _store_partial(PartAcc, PartM, PartL, first + split, r, offs_d, acc, m_i, l_i, ROWS, BLOCK_D)
+        _store_partial(PartAcc, PartM, PartL, first + split, r, row_ok, offs_d, acc, m_i, l_i, ROWS, BLOCK_D)
     elif n_splits == 1:  # nothing to merge
         _write_rows(acc, l_i, tl.where(m_i == float("-inf"), 0.0, m_i), Out, Lse, Gain, Active,
                     b, head, t, row_ok, offs_d, sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
                     HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
     else:
-        _store_partial(PartAcc, PartM, PartL, first + split, r, offs_d, acc, m_i, l_i, ROWS, BLOCK_D)
+        _store_partial(PartAcc, PartM, PartL, first + split, r, row_ok, offs_d, acc, m_i, l_i, ROWS, BLOCK_D)
         # Every thread's stores precede (barrier) the counter's release by the one thread doing the
         # atomic; its acquire side makes all the group's partials visible to the last program.
         tl.debug_barrier()
         arrived = tl.atomic_add(Counter + pid_bg, 1, sem="acq_rel", scope="gpu")
         if arrived == n_splits - 1:
             tl.debug_barrier()  # the acquire (one thread) precedes every thread's partial loads
-            g_acc, g_l, g_m = _merge_partials(PartAcc, PartM, PartL, first, n_splits, r, offs_d,
-                                              ROWS, BLOCK_D, MERGE_TILE)
-            _write_rows(g_acc, g_l, g_m, Out, Lse, Gain, Active, b, head, t, row_ok, offs_d,
-                        sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
-                        HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
+            if MERGE_ROWS:
+                for rr in range(0, HEADS * Tq):
+                    row = rr + tl.arange(0, 1)
+                    g_acc, g_l, g_m = _merge_row(PartAcc, PartM, PartL, first, n_splits, row, offs_d,
+                                                 ROWS, BLOCK_D, ROW_TILE)
+                    _write_rows(g_acc, g_l, g_m, Out, Lse, Gain, Active, b, h0 + row // Tq, row % Tq,
+                                row >= 0, offs_d, sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
+                                HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
+            else:
+                g_acc, g_l, g_m = _merge_partials(PartAcc, PartM, PartL, first, n_splits, r, offs_d,
+                                                  ROWS, BLOCK_D, MERGE_TILE)
+                _write_rows(g_acc, g_l, g_m, Out, Lse, Gain, Active, b, head, t, row_ok, offs_d,
+                            sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
+                            HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
             # Every program of the group has arrived: reset for the next launch or graph replay.
             tl.store(Counter + pid_bg, 0)
 
@@ -211,21 +261,18 @@ def _decode_combine_kernel(
         sob, soh, sot, sgb, sgt, sgh, sab, sat, sah,
         Hq, Tq, n_splits,
         HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        MERGE_TILE: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+        ROW_TILE: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         WRITE_LSE: tl.constexpr):
-    """The separate merge (PATCHATTN_DECODE_MERGE=separate): one program per (batch, head group)."""
+    """The separate merge (PATCHATTN_DECODE_MERGE=separate): one program per (batch, head group, row)."""
     pid_bg = tl.program_id(0)
     n_groups = Hq // HEADS
     b = (pid_bg // n_groups).to(tl.int64)
     h0 = (pid_bg % n_groups) * HEADS
-    r = tl.arange(0, ROWS)
-    head = h0 + r // Tq
-    t = r % Tq
-    row_ok = r < HEADS * Tq
+    row = tl.program_id(1) + tl.arange(0, 1)
     offs_d = tl.arange(0, BLOCK_D)
-    acc, l_sum, m_use = _merge_partials(PartAcc, PartM, PartL, pid_bg.to(tl.int64) * n_splits,
-                                        n_splits, r, offs_d, ROWS, BLOCK_D, MERGE_TILE)
-    _write_rows(acc, l_sum, m_use, Out, Lse, Gain, Active, b, head, t, row_ok, offs_d,
+    acc, l_sum, m_use = _merge_row(PartAcc, PartM, PartL, pid_bg.to(tl.int64) * n_splits, n_splits, row, offs_d,
+                                   ROWS, BLOCK_D, ROW_TILE)
+    _write_rows(acc, l_sum, m_use, Out, Lse, Gain, Active, b, h0 + row // Tq, row % Tq, row >= 0, offs_d,
                 sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
                 HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
 
@@ -254,12 +301,12 @@ def heads_per_program(q, k, kv_indices, col_bias):
     return q.shape[1] // Hkv if shared else 1
 
 
-def choose_splits(n_programs_base, n_entries, device):
-    """Enough splits to give every SM a couple of programs, never an empty one by construction."""
-    want = max(1, math.ceil(PROGRAMS_PER_SM * _sm_count(device) / n_programs_base))
-    n_splits = max(1, min(want, n_entries))
-    per_split = math.ceil(n_entries / n_splits)
-    return math.ceil(n_entries / per_split), per_split
+def choose_splits(n_programs_base, n_entries, device, heads=1):
+    """PROGRAMS_PER_SM programs per SM, at most one per list entry (the lists' width; each program's share of a
+    list's real count is worked out in the kernel)."""
+    per_sm = PROGRAMS_PER_SM if PROGRAMS_PER_SM is not None else (2 if heads == 1 else 1)
+    want = math.ceil(per_sm * _sm_count(device) / n_programs_base)
+    return max(1, min(want, n_entries))
 
 
 def _partials(n_row_groups, n_splits, rows, block_d, device, spare, fused):
@@ -276,10 +323,18 @@ def _merge_separately(parts, out, lse, hooks, consts, Hq, Tq, n_splits, n_row_gr
     """The second launch of PATCHATTN_DECODE_MERGE=separate."""
     _gain_p, act_p = hooks["ptrs"][3:]
     combine_consts = {key: consts[key] for key in
-                      ("HEADS", "ROWS", "HEAD_DIM", "BLOCK_D", "HAS_GAIN", "HAS_ACTIVE")}
-    _decode_combine_kernel[(n_row_groups,)](
+                      ("HEADS", "ROWS", "HEAD_DIM", "BLOCK_D", "HAS_GAIN", "HAS_ACTIVE", "WRITE_LSE")}
+    _decode_combine_kernel[(n_row_groups, consts["HEADS"] * Tq)](
         *parts, out, lse, _gain_p, act_p, *out.stride()[:3], *hooks["strides"][3:], Hq, Tq,
-        n_splits, **combine_consts, MERGE_TILE=MERGE_TILE, WRITE_LSE=consts["WRITE_LSE"])
+        n_splits, **combine_consts, ROW_TILE=ROW_MERGE_TILE)
+
+
+def merge_by_rows(n_rows, n_splits):
+    """Whether the merging program walks rows (ROW_MERGE_TILE splits per load round) or splits (every row per
+    round): the one with fewer dependent load rounds, unless PATCHATTN_DECODE_MERGE_BY says."""
+    if MERGE_BY != "auto":
+        return MERGE_BY == "rows"
+    return n_rows * math.ceil(n_splits / ROW_MERGE_TILE) <= n_splits
 
 
 def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain,
@@ -293,7 +348,7 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
     rows = max(16, triton.next_power_of_2(heads * Tq))
     block_d = max(16, triton.next_power_of_2(D))
     n_groups = Hq // heads
-    n_splits, per_split = choose_splits(B * n_groups, kv_indices.shape[-1], q.device)
+    n_splits = choose_splits(B * n_groups, kv_indices.shape[-1], q.device, heads)
     fused = MERGE == "fused"
 
     counters = _alloc.counters(B * n_groups, q.device, "decode_merge")
@@ -308,11 +363,13 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
                   out, lse if need_lse else spare, counters,
                   *softmax_scales(opts), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                   *list_strides(kv_indices), *list_strides(kv_counts), *hooks["strides"],
-                  *out.stride()[:3], Hq, Tq, Tk, per_split)
+                  *out.stride()[:3], Hq, Tq, Tk)
     # WRITE_LSE only matters to the fused kernel; pinned otherwise so need_lse makes no second variant.
     split_consts = dict(consts, BK=opts.block_k, CAUSAL=opts.causal,
                         HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
-                        FUSED=fused, WRITE_LSE=need_lse and fused, MERGE_TILE=MERGE_TILE)
+                        FUSED=fused, WRITE_LSE=need_lse and fused, MERGE_TILE=MERGE_TILE,
+                        MERGE_ROWS=fused and n_splits > 1 and merge_by_rows(heads * Tq, n_splits),
+                        ROW_TILE=ROW_MERGE_TILE)
     launch(_decode_tuned, lambda meta: (n_splits, B * n_groups), split_args, split_consts,
            dict(BLOCK_N=min(opts.block_k, 64)), q.device)
     if not fused:
