@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# The commands behind bench/decode/: decode steps of the sparse methods (selection + kernel, eager and CUDA-graphed)
-# at 128k keys, and the split-K decode kernel on random 5% lists with 1-8 programs per SM (repository root as cwd).
+# The commands behind bench/decode/ (repository root as cwd; results in $OUT or bench/decode):
+# the GPU decode tests, the split-K kernel on random 5% lists and the sparse methods' whole decode steps at 128k
+# keys, each timed with 1 layer per CUDA graph and with 8 layers per graph (each layer its own cache), and a
+# kernel-by-kernel profile of a step.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PATCHATTN_CHECKS=0 PYTHONPATH=.
 out=${OUT:-bench/decode}
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-python3 -m patchattn.bench.methods --methods 'streaming;power;s2;blocktopk;hip;blocktopk@group:{"per_head":false}' \
-    --prefill "" --decode 131072 --decode-batch 1,8 --csv "$out/methods_decode.csv" 2>&1 | tee "$out/methods_decode.log"
-for p in 1 2 4 8; do
-    PATCHATTN_DECODE_PROGRAMS_PER_SM=$p python3 patchattn/bench/kernel.py --modes decode --decode-T 131072 \
-        --decode-batches 1,8 --decode-densities 0.05 --head-dims 128 --no-flex \
-        --csv "$out/kernel_pps$p.csv" --json "$out/kernel_pps$p.json" 2>&1 | tee "$out/kernel_pps$p.log"
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } | tee "$out/env.txt"
+PATCHATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 6 -m gpu -rA \
+    tests/kernels/test_blocksparse_triton.py tests/kernels/test_blockselect.py \
+    -k "decode or select or top or threshold or graph" > "$out/gpu_tests_decode.log" 2>&1
+tail -1 "$out/gpu_tests_decode.log"
+for L in 1 8; do
+    python3 patchattn/bench/kernel.py --modes decode --decode-T 131072 --decode-batches 1,8 --decode-densities 0.05 \
+        --head-dims 128 --no-flex --decode-layers $L --csv "$out/kernel_decode_l$L.csv" \
+        --json "$out/kernel_decode_l$L.json" > "$out/kernel_decode_l$L.log" 2>&1
+    python3 -m patchattn.bench.methods --methods 'streaming;power;s2;blocktopk;hip;blocktopk@group:{"per_head":false}' \
+        --prefill "" --decode 131072 --decode-batch 1,8 --decode-layers $L --csv "$out/methods_decode_l$L.csv" \
+        > "$out/methods_decode_l$L.log" 2>&1
+    tail -13 "$out/methods_decode_l$L.log"
 done
-# One-launch decode kernel vs the separate merge kernel; where a blocktopk step's time goes.
-for m in fused separate; do
-    PATCHATTN_DECODE_MERGE=$m python3 patchattn/bench/kernel.py --modes decode --decode-T 131072 --decode-batches 1,8 \
-        --decode-densities 0.05 --head-dims 128 --no-flex --csv "$out/kernel_merge_$m.csv" --json "$out/kernel_merge_$m.json"
-done
-python3 bench/decode/breakdown.py --csv "$out/breakdown_run7.csv"
-python3 bench/decode/profile_step.py > "$out/profile_step.log"
-python3 bench/decode/profile_step.py --warps > "$out/profile_precision.log"
+python3 bench/decode/profile_step.py > "$out/profile_step.log" 2>&1

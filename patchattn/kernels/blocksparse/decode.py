@@ -38,11 +38,11 @@ from .triton_fwd import (
     visibility,
 )
 
-# Programs per multiprocessor when choosing the number of splits (H200, 128k keys, bench/decode/): a program that
-# serves a whole GQA group (shared lists) is best at 1 per SM (batch 1 graphed: 5.85x SDPA vs 5.75x with 2, and
-# 4.9x vs 4.4x / 3.2x / 3.3x with 2 / 4 / 8 before the row-wise merge); one serving a single q head (per-head lists,
-# 4x the programs' rows spread over 4x the row groups) at 2 (blocktopk step 4.29x vs 3.97x).
-# PATCHATTN_DECODE_PROGRAMS_PER_SM overrides both.
+# Programs per multiprocessor when choosing the number of splits (H200, 128k keys, bench/decode/RESULTS.md): a
+# program serving a whole GQA group (shared lists) is best at 1 per SM (batch 1 graphed: 5.85x SDPA vs 5.75x with
+# 2; before the row-wise merge 4.9x vs 4.4x / 3.2x / 3.3x with 2 / 4 / 8); one serving a single q head (per-head
+# lists) at 2 while there are fewer row groups than SMs (blocktopk step, batch 1, 8 layers per graph: 4.1-4.3x vs
+# 4.0x), 1 otherwise (batch 8: 256 row groups, 9.5x vs 8.6x).  PATCHATTN_DECODE_PROGRAMS_PER_SM overrides it.
 PROGRAMS_PER_SM = int(os.environ["PATCHATTN_DECODE_PROGRAMS_PER_SM"]) if os.environ.get(
     "PATCHATTN_DECODE_PROGRAMS_PER_SM") else None
 _SM_COUNT: dict = {}
@@ -304,8 +304,9 @@ def heads_per_program(q, k, kv_indices, col_bias):
 def choose_splits(n_programs_base, n_entries, device, heads=1):
     """PROGRAMS_PER_SM programs per SM, at most one per list entry (the lists' width; each program's share of a
     list's real count is worked out in the kernel)."""
-    per_sm = PROGRAMS_PER_SM if PROGRAMS_PER_SM is not None else (2 if heads == 1 else 1)
-    want = math.ceil(per_sm * _sm_count(device) / n_programs_base)
+    sms = _sm_count(device)
+    per_sm = PROGRAMS_PER_SM if PROGRAMS_PER_SM is not None else (2 if heads == 1 and n_programs_base < sms else 1)
+    want = math.ceil(per_sm * sms / n_programs_base)
     return max(1, min(want, n_entries))
 
 
