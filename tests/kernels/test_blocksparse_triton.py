@@ -176,6 +176,21 @@ DECODE = [
 ]
 
 
+
+def test_backward_configs_for_fp32_at_head_dim_256_fit_shared_memory():
+    """fp32 inputs at head_dim 256 keep only the backward tiles whose shared-memory plan fits (every larger one
+    overflows after a long compile); 2-byte inputs and smaller head dims keep their configs."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    for tuned in (triton_bwd._dq_tuned, triton_bwd._dkdv_tuned):
+        def kept(precision, d):
+            return triton_bwd._prune(tuned.configs, None, BQ=64, BK=64, BLOCK_D=d, DOT_PRECISION=precision)
+
+        wide_fp32 = kept("ieee", 256)
+        assert wide_fp32 and all(triton_bwd._smem_estimate(c, 256, 4) <= triton_bwd.FP32_WIDE_SMEM
+                                 for c in wide_fp32)
+        assert len(wide_fp32) < len(kept("tf32", 256))
+        assert kept("ieee", 128) == kept("tf32", 128)
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", DECODE)
 def test_decode(triton_device, case, dtype):

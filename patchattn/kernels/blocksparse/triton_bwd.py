@@ -353,10 +353,25 @@ def _configs(shapes):
             for m, n, w, s in shapes]
 
 
+# Shared memory a backward config may plan for with 4-byte inputs at head_dim >= 256 (H100/H200: 227 KB a block).
+FP32_WIDE_SMEM = 200 * 1024
+
+
+def _smem_estimate(cfg, block_d, elem_bytes):
+    """Bytes of shared memory a pass plans for: the two tiles it holds (K, V or Q, dO) plus its num_stages-deep
+    buffers of the two it streams; the larger of the dQ and dK/dV passes."""
+    m, n, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages
+    return elem_bytes * block_d * 2 * max(n + m * stages, m + n * stages)
+
+
 def _prune(configs, named_args, **kwargs):
     bq, bk, d = kwargs["BQ"], kwargs["BK"], kwargs["BLOCK_D"]
     fits = [c for c in configs if c.kwargs["BLOCK_M"] <= bq and c.kwargs["BLOCK_N"] <= bk
             and (d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    if kwargs.get("DOT_PRECISION") == "ieee" and d >= 256:
+        # fp32 at head_dim 256 overflows every larger tile, and each overflowing config costs a long compile before
+        # it fails (> 280 s in all on the H200): keep the ones that can fit.
+        fits = [c for c in fits if _smem_estimate(c, d, 4) <= FP32_WIDE_SMEM]
     return fits[:4] or [configs[-1]]
 
 
