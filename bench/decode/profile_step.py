@@ -39,15 +39,13 @@ if __name__ == "__main__":
     from patchattn.kernels.blockselect import triton_select
 
     with torch.no_grad():
-        if "--warps" in sys.argv:  # the selection kernels' warps per program
-            for score_warps, select_warps, precision, pivots in ((4, 4, "ieee", 1), (4, 4, "tf32x3", 1),
-                                                                 (8, 4, "tf32x3", 1), (4, 4, "tf32", 1),
-                                                                 (4, 4, "tf32x3", 4), (4, 4, "tf32x3", 8),
-                                                                 (4, 4, "tf32x3", 16), (4, 8, "tf32x3", 16)):
+        if "--warps" in sys.argv:  # the selection kernels' warps per program, score precision, pivot rule
+            for score_warps, select_warps, precision, search in ((4, 4, "ieee", "keys"), (4, 4, "tf32x3", "keys"),
+                                                                 (8, 4, "tf32x3", "keys"), (4, 4, "tf32", "keys"),
+                                                                 (4, 4, "tf32x3", "values")):
                 triton_select.SCORE_WARPS, triton_select.SELECT_WARPS = score_warps, select_warps
-                triton_select.SCORE_PRECISION, triton_select.SELECT_PIVOTS = precision, pivots
-                print(f"-- scores kernel {score_warps} warps {precision}, select kernel {select_warps} warps, "
-                      f"{pivots} pivots")
+                triton_select.SCORE_PRECISION, triton_select.SELECT_SEARCH = precision, search
+                print(f"-- scores kernel {score_warps} warps {precision}, select kernel {select_warps} warps, {search}")
                 profile_step("blocktopk", {})
         else:
             for method, overrides in (("blocktopk", {}), ("blocktopk", {"per_head": False}), ("streaming", {})):

@@ -135,13 +135,13 @@ def test_blocktopk_decode_steps_keep_the_key_cache_exact():
         torch.testing.assert_close(state.cache["key_means"]["means"], block_means(k[:, :, :t], 16))
 
 
-@pytest.mark.parametrize("pivots", [1, 8])
-def test_threshold_top_k_breaks_ties_by_lowest_index_and_handles_signs(triton_device, pivots, monkeypatch):
+@pytest.mark.parametrize("search", ["keys", "values"])
+def test_threshold_top_k_breaks_ties_by_lowest_index_and_handles_signs(triton_device, search, monkeypatch):
     """Many equal scores (ties at the k-th value), negative and positive values, -0.0 and +0.0: the Triton kernel
-    picks what a stable descending sort picks (the oracle's rule), with bisection and with an 9-ary search."""
+    picks what a stable descending sort picks (the oracle's rule), with either pivot rule of the search."""
     from patchattn.kernels.blockselect import triton_select
 
-    monkeypatch.setattr(triton_select, "SELECT_PIVOTS", pivots)
+    monkeypatch.setattr(triton_select, "SELECT_SEARCH", search)
     gen = torch.Generator().manual_seed(0)
     q = torch.zeros(1, 2, 8)
     q[..., 0] = 1.0

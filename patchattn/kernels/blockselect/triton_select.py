@@ -15,6 +15,8 @@ dropped: a one-launch variant where the last scoring program of each KV group se
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -34,9 +36,11 @@ SCORE_WARPS: int | None = None
 # tensor cores ("tf32x3", ~1e-7 relative error; H200, 128k keys: 6.4 vs 12.4 us, bench/decode/profile_precision.log).
 SCORE_PRECISION = "ieee" if INTERPRETING else "tf32x3"
 SELECT_WARPS: int | None = None
-# Keys tested per round of the k-th-value search (a power of two; 1 = bisection).  H200, 2048 blocks: 1 -> 10.8 us,
-# 4 -> 12.3, 8 -> 14.2, 16 -> 18.1 (bench/decode/profile_select.log): fewer rounds, but each 2-D reduction costs more.
-SELECT_PIVOTS = 1
+# How the k-th-value search picks its pivots: "keys" (halving the interval of keys) or "values" (every other pivot
+# halving the interval of values; see _top_by_threshold).  Counting several
+# pivots per round in one 2-D reduction was slower (H200, 2048 blocks: 1 pivot 10.8 us, 4 -> 12.3, 8 -> 14.2,
+# bench/decode/profile_select.log) and was removed.
+SELECT_SEARCH = os.environ.get("PATCHATTN_SELECT_SEARCH", "values")
 
 
 @triton.jit
@@ -93,16 +97,31 @@ def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ss
 
 
 @triton.jit
-def _top_by_threshold(scores, cand, k, PIVOTS: tl.constexpr):
+def _key_to_value(key):
+    """The float32 whose order-preserving integer key is ``key`` (an int64 scalar in int32 range)."""
+    k32 = key.to(tl.int32)
+    return (k32 ^ tl.where(k32 < 0, 0x7FFFFFFF, 0)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _value_to_key(value):
+    bits = value.to(tl.int32, bitcast=True)
+    return (bits ^ tl.where(bits < 0, 0x7FFFFFFF, 0)).to(tl.int64)
+
+
+@triton.jit
+def _top_by_threshold(scores, cand, k, VALUE_MIDPOINTS: tl.constexpr):
     """Mask of the ``k`` largest ``scores`` among ``cand`` (ties: lowest index).
 
-    The k-th largest value is found by a (PIVOTS + 1)-ary search on the scores' order-preserving integer keys (1 =
-    bisection, the default): each round counts the candidates at or above PIVOTS evenly spaced keys in one
-    reduction and keeps the interval holding the k-th (at most about 32 / log2(PIVOTS + 1) rounds); then every
-    candidate above it and the first of those equal to it are taken.  The search stops early at a pivot with
-    exactly ``need`` candidates at or above it (it lies in the gap below the k-th score: about log2(n) rounds for
-    distinct scores instead of ~30).  Picking the best ``k`` one by one would cost ``k`` dependent arg-max
-    reductions.
+    The k-th largest value is searched for on the scores' order-preserving integer keys: each round counts the
+    candidates at or above one pivot (one reduction) and keeps the interval holding the k-th; then every candidate
+    above it and the first of those equal to it are taken.  The search stops early at a pivot with exactly ``need``
+    candidates at or above it.  Pivots halve the interval of keys (at most ~32 rounds); with ``VALUE_MIDPOINTS``
+    every other pivot halves the interval of *values* instead, which is much narrower than the keys' around the
+    k-th of a bell-shaped row (2021 Gaussian scores, k = 24: 9.4 rounds instead of 14.4 on average; heavy-tailed
+    rows take more, bench/decode/select_search/simulate_rounds.txt), while the key halvings keep the worst case
+    within ~64 rounds.  H200, 128k keys, batch 1: selection 8.1 -> 6.3 us.  Picking the best ``k`` one by one would cost
+    ``k`` dependent arg-max reductions.
     """
     bits = scores.to(tl.int32, bitcast=True)
     ordered = bits ^ tl.where(bits < 0, 0x7FFFFFFF, 0)  # signed-int order = float order
@@ -111,17 +130,18 @@ def _top_by_threshold(scores, cand, k, PIVOTS: tl.constexpr):
     hi = reduce_max(tl.where(cand, ordered, -2147483647), 0).to(tl.int64)  # largest
     # Invariant: at least `need` candidates are >= lo, fewer than `need` are > hi.  lo, hi, pivots: int64 (no
     # overflow); every pivot lies between two keys, so comparing in int32 is exact.
-    p = tl.arange(0, PIVOTS).to(tl.int64) + 1
+    value_next = need * 0 + 1
     while lo < hi:
-        step = (hi - lo + PIVOTS) // (PIVOTS + 1)  # >= 1
-        pivots = tl.minimum(lo + step * p, hi)
-        at_or_above = (cand[None, :] & (ordered[None, :] >= pivots.to(tl.int32)[:, None])).to(tl.int32)
-        counts = reduce_sum(at_or_above, 1)
-        enough = counts >= need  # true for a prefix of the pivots
-        lo = reduce_max(tl.where(enough, pivots, lo), 0)
-        hi = -reduce_max(tl.where(enough, -hi, 1 - pivots), 0)
-        # Exactly `need` at or above a pivot: it is the last of the prefix (= lo) and splits the set; stop there.
-        hi = tl.where(reduce_max((counts == need).to(tl.int32), 0) > 0, lo, hi)
+        pivot = lo + (hi - lo + 1) // 2
+        if VALUE_MIDPOINTS:
+            low = _key_to_value(lo)
+            by_value = tl.minimum(tl.maximum(_value_to_key(low + (_key_to_value(hi) - low) * 0.5), lo + 1), hi)
+            pivot = tl.where(value_next > 0, by_value, pivot)
+            value_next = 1 - value_next
+        count = reduce_sum((cand & (ordered >= pivot.to(tl.int32))).to(tl.int32), 0)
+        lo = tl.where(count >= need, pivot, lo)
+        hi = tl.where(count >= need, hi, pivot - 1)
+        hi = tl.where(count == need, lo, hi)  # exactly `need` at or above the pivot: it splits the set
     above = cand & (ordered > lo.to(tl.int32))
     tied = cand & (ordered == lo.to(tl.int32))
     rank = tl.associative_scan(tied.to(tl.int32), 0, _add) - 1
@@ -148,7 +168,7 @@ def _top_by_mass(logits, valid, forced, k, mass, cols):
 @triton.jit
 def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks, local_blocks, mass,
                    inv_root_d, WIDTH: tl.constexpr, USE_MASS: tl.constexpr, NK_POW2: tl.constexpr,
-                   PIVOTS: tl.constexpr):
+                   VALUE_MIDPOINTS: tl.constexpr):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, NK_POW2)
@@ -158,7 +178,7 @@ def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_b
     if USE_MASS:
         chosen = _top_by_mass(raw * inv_root_d, valid, forced, top_k, mass, cols)
     else:
-        chosen = _top_by_threshold(raw, valid & ~forced, top_k, PIVOTS)
+        chosen = _top_by_threshold(raw, valid & ~forced, top_k, VALUE_MIDPOINTS)
     chosen = chosen | forced
     ones = chosen.to(tl.int32)
     slot = tl.associative_scan(ones, 0, _add) - 1
@@ -191,6 +211,6 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
     _select_kernel[(heads, B)](
         scores, idx, counts, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         n_k, min(top_k, n_k), sink_blocks, local_blocks, float(mass), D ** -0.5, WIDTH=width_pow2,
-        USE_MASS=mass < 1.0, NK_POW2=nk_pow2, PIVOTS=SELECT_PIVOTS,
+        USE_MASS=mass < 1.0, NK_POW2=nk_pow2, VALUE_MIDPOINTS=SELECT_SEARCH == "values",
         num_warps=SELECT_WARPS or (4 if nk_pow2 <= 4096 else 8))
     return idx[..., :width], counts
