@@ -41,6 +41,8 @@ SELECT_WARPS: int | None = None
 # pivots per round in one 2-D reduction was slower (H200, 2048 blocks: 1 pivot 10.8 us, 4 -> 12.3, 8 -> 14.2,
 # bench/decode/profile_select.log) and was removed.
 SELECT_SEARCH = os.environ.get("PATCHATTN_SELECT_SEARCH", "values")
+if SELECT_SEARCH not in ("keys", "values"):
+    raise ValueError(f"PATCHATTN_SELECT_SEARCH={SELECT_SEARCH!r}: expected 'keys' or 'values'")
 
 
 @triton.jit
