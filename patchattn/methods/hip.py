@@ -157,7 +157,7 @@ def _decode_lists(g: BlockGeometry, query, key, state):
     """Decoding: block lists re-selected every ``refresh_interval`` steps and reused in between.
 
     The search target (the top-k blocks by segment representative) is computed exactly for the one query row: that
-    is one launch on the GPU (``kernels.blockselect``), where the tree takes ~8 rounds of ~10.  The lists
+    is two launches on the GPU (``kernels.blockselect``), where the tree takes ~8 rounds of ~10.  The lists
     are reused as they are while the cache stays within the same blocks (the newest block grows in place and is
     read as a local block); a new block starts a fresh selection, so its tokens are never missed.
     """

@@ -27,7 +27,7 @@ class PowerConfig(SparseConfig):
 
     def max_blocks_per_row(self, n_k: int) -> int:
         # Sink and local runs plus at most one block per power of two below n_k.
-        return min(n_k, self.sink_blocks + self.local_blocks + n_k.bit_length())
+        return self.sink_blocks + self.local_blocks + n_k.bit_length()
 
 
 def power_of_two_lists(g: BlockGeometry, sink_blocks: int, local_blocks: int, width: int, device=None):

@@ -28,7 +28,7 @@ class S2Config(SparseConfig):
 
     def max_blocks_per_row(self, n_k: int) -> int:
         # The local run plus one block in vert_stride of the rest (rounded up).
-        return min(n_k, self.local_blocks + -(-n_k // self.vert_stride) + 1)
+        return self.local_blocks + -(-n_k // self.vert_stride) + 1
 
 
 def strided_shard_lists(g: BlockGeometry, heads: int, local_blocks: int, vert_stride: int, width: int, device=None):

@@ -28,7 +28,7 @@ class StreamingConfig(SparseConfig):
 
     def max_blocks_per_row(self, n_k: int) -> int:
         # The sink run plus the window's blocks for a query block's rows (window + up to two block edges).
-        return min(n_k, math.ceil(self.sink_tokens / self.block_size) + math.ceil(self.window / self.block_size) + 3)
+        return math.ceil(self.sink_tokens / self.block_size) + math.ceil(self.window / self.block_size) + 3
 
 
 def sink_and_window_lists(g: BlockGeometry, sink_tokens: int, window: int, width: int, device=None):

@@ -99,6 +99,18 @@ def _merge_row(PartAcc, PartM, PartL, first, n_splits, row, offs_d,
 
 
 @triton.jit
+def _merge_and_write_row(PartAcc, PartM, PartL, first, n_splits, row, h0, offs_d, Out, Lse, Gain, Active, b,
+                         sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
+                         ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ROW_TILE: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+                         WRITE_LSE: tl.constexpr):
+    """Merge one row (``[1]``, head-group-relative) of a row group over its splits and write it out."""
+    acc, l_sum, m_use = _merge_row(PartAcc, PartM, PartL, first, n_splits, row, offs_d, ROWS, BLOCK_D, ROW_TILE)
+    _write_rows(acc, l_sum, m_use, Out, Lse, Gain, Active, b, h0 + row // Tq, row % Tq, row >= 0, offs_d,
+                sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq, HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
+
+
+@triton.jit
 def _merge_partials(PartAcc, PartM, PartL, first, n_splits, r, offs_d,
                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_TILE: tl.constexpr):
     """(acc, l, m) of a row group as one program would have found them: its n_splits partials,
@@ -239,12 +251,10 @@ def _decode_split_kernel(
             tl.debug_barrier()  # the acquire (one thread) precedes every thread's partial loads
             if MERGE_ROWS:
                 for rr in range(0, HEADS * Tq):
-                    row = rr + tl.arange(0, 1)
-                    g_acc, g_l, g_m = _merge_row(PartAcc, PartM, PartL, first, n_splits, row, offs_d,
-                                                 ROWS, BLOCK_D, ROW_TILE)
-                    _write_rows(g_acc, g_l, g_m, Out, Lse, Gain, Active, b, h0 + row // Tq, row % Tq,
-                                row >= 0, offs_d, sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
-                                HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
+                    _merge_and_write_row(PartAcc, PartM, PartL, first, n_splits, rr + tl.arange(0, 1), h0,
+                                         offs_d, Out, Lse, Gain, Active, b, sob, soh, sot, sgb, sgt, sgh, sab,
+                                         sat, sah, Hq, Tq, ROWS, BLOCK_D, ROW_TILE, HEAD_DIM, HAS_GAIN,
+                                         HAS_ACTIVE, WRITE_LSE)
             else:
                 g_acc, g_l, g_m = _merge_partials(PartAcc, PartM, PartL, first, n_splits, r, offs_d,
                                                   ROWS, BLOCK_D, MERGE_TILE)
@@ -268,13 +278,10 @@ def _decode_combine_kernel(
     n_groups = Hq // HEADS
     b = (pid_bg // n_groups).to(tl.int64)
     h0 = (pid_bg % n_groups) * HEADS
-    row = tl.program_id(1) + tl.arange(0, 1)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc, l_sum, m_use = _merge_row(PartAcc, PartM, PartL, pid_bg.to(tl.int64) * n_splits, n_splits, row, offs_d,
-                                   ROWS, BLOCK_D, ROW_TILE)
-    _write_rows(acc, l_sum, m_use, Out, Lse, Gain, Active, b, h0 + row // Tq, row % Tq, row >= 0, offs_d,
-                sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
-                HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
+    _merge_and_write_row(PartAcc, PartM, PartL, pid_bg.to(tl.int64) * n_splits, n_splits,
+                         tl.program_id(1) + tl.arange(0, 1), h0, tl.arange(0, BLOCK_D), Out, Lse, Gain, Active, b,
+                         sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq, ROWS, BLOCK_D, ROW_TILE, HEAD_DIM,
+                         HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
 
 
 _decode_tuned = triton.autotune(
