@@ -8,9 +8,11 @@ export PYTHONUNBUFFERED=1 PATCHATTN_CHECKS=0 PYTHONPATH=.
 out=${OUT:-bench/decode}
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } | tee "$out/env.txt"
-PATCHATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 6 -m gpu -rA \
+# The decode and selection tests on the GPU: full-size (marked gpu) and the small cases, which run there on CUDA
+# instead of the interpreter (the 16-bit native scoring and the merge walks are only compiled there).
+PATCHATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 6 -rA \
     tests/kernels/test_blocksparse_triton.py tests/kernels/test_blockselect.py \
-    -k "decode or select or top or threshold or graph" > "$out/gpu_tests_decode.log" 2>&1
+    -k "decode or select or top or threshold or graph or 16_bit or tail or key_means" > "$out/gpu_tests_decode.log" 2>&1
 tail -1 "$out/gpu_tests_decode.log"
 for L in 1 8; do
     python3 patchattn/bench/kernel.py --modes decode --decode-T 131072 --decode-batches 1,8 --decode-densities 0.05 \

@@ -71,17 +71,20 @@ def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.T
     """``[B, Hkv, NK, D]`` mean key per block, kept in the patch state as a compressed key cache.
 
     A prefill computes it from scratch; a decode step (a few new queries, the cache only grew) recomputes only the
-    blocks that changed, so selecting blocks never re-reads the whole KV cache (Kinetics' page means).
+    blocks that changed, so selecting blocks never re-reads the whole KV cache (Kinetics' page means).  Means are
+    summed in fp32 and stored in the keys' dtype: a decode step's scoring reads the whole compressed cache, and
+    fp32 means were more bytes than the K/V blocks the attention then reads (batch 8, bench/decode/RESULTS.md).
     """
     cached = state.cache.get("key_means")
     t = key.shape[2]
-    if q_len > 16 or cached is None or cached["length"] > t or cached["means"].shape[:2] != key.shape[:2]:
-        means = block_means(key, block)
+    stale = cached is None or cached["means"].shape[:2] != key.shape[:2] or cached["means"].dtype != key.dtype
+    if q_len > 16 or stale or cached["length"] > t:
+        means = block_means(key, block).to(key.dtype)
     elif cached["length"] == t:
         means = cached["means"]
     else:
         first = cached["length"] // block  # the first block that gained keys since the last call
-        tail = block_means(key[:, :, first * block :], block)
+        tail = block_means(key[:, :, first * block :], block).to(key.dtype)
         means = cached["means"]
         if means.shape[2] == first + tail.shape[2]:
             means[:, :, first:] = tail  # same blocks, the last one grew: update in place
@@ -105,7 +108,7 @@ def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = F
             return scores
     if mode == "mean":
         q_means = block_means(query, g.block_q).view(b, hkv, hq // hkv, g.n_q, d)
-        scores = q_means @ k_means[:, :, None].transpose(-1, -2)
+        scores = q_means @ k_means.float()[:, :, None].transpose(-1, -2)
         return scores.flatten(1, 2) if per_head else scores.mean(dim=2)
     # 'max': every query row against the pooled keys, then the best row of the block and of the GQA group,
     # a chunk of query blocks at a time so the [rows, NK] scores stay small at long lengths.
@@ -145,7 +148,8 @@ def decode_means(state, key: torch.Tensor, block: int) -> tuple[torch.Tensor, bo
     cached = state.cache.get("key_means")
     t = key.shape[2]
     n = -(-t // block)
-    if cached is None or cached["means"].shape[:2] != key.shape[:2] or not (n - 1) * block <= cached["length"] <= t:
+    if (cached is None or cached["means"].shape[:2] != key.shape[:2] or cached["means"].dtype != key.dtype
+            or not (n - 1) * block <= cached["length"] <= t):
         return key_block_means(state, key, block, 1), False
     means = cached["means"]
     if means.shape[2] == n - 1:  # the cache just started a block: give it a row (filled by the kernel)

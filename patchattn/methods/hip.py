@@ -77,7 +77,7 @@ def tree_search(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Ten
     start = start.expand(b, h, n_q, k).clone()
     end = end.expand(b, h, n_q, k).clone()
     # Prefix sums of the block means give any segment's mean key in O(1): its representative.
-    prefix = torch.nn.functional.pad(k_means.cumsum(dim=2), (0, 0, 1, 0))
+    prefix = torch.nn.functional.pad(k_means.cumsum(dim=2, dtype=torch.float32), (0, 0, 1, 0))
     # The longest initial segment has ceil(n_k / k) blocks and every round halves it (rounding up): the number
     # of rounds is known on the host, so the search needs no device-to-host sync.
     for _ in range(_rounds(-(-n_k // k))):

@@ -87,20 +87,35 @@ def test_triton_selection_matches_torch(case, triton_device):
     assert torch.equal(got[2].cpu(), want[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_head", [True, False])
+def test_triton_selection_matches_torch_with_16_bit_means(dtype, per_head, triton_device):
+    """Queries and means in the cache's own 16-bit dtype (what a bf16 model stores): the kernel multiplies them
+    natively on tensor cores with fp32 sums and must pick what the torch path picks from the same values."""
+    gen = torch.Generator().manual_seed(5)
+    q = (torch.randn(2, 8, 64, generator=gen) * 4).to(dtype)
+    k_means = torch.randn(2, 2, 300, 64, generator=gen).to(dtype)
+    want = decode_block_topk(q, k_means, top_k=12, per_head=per_head, backend="torch")
+    got = decode_block_topk(q.to(triton_device), k_means.to(triton_device), top_k=12, per_head=per_head,
+                            backend="triton")
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
+
+
 @pytest.mark.parametrize("kv_len", [152, 153, 159])  # a block just started, one row in, the block nearly full
 @pytest.mark.parametrize("per_head", [True, False])
-def test_tail_mean_is_refreshed_before_scoring(kv_len, per_head, triton_device, monkeypatch):
-    """With ``keys``, the newest block's mean is recomputed from them (stale row in, exact mean out) and the lists
-    score that fresh mean; both backends agree.  Chunks of 16 blocks: the 19-20 blocks take two programs per KV
-    head, the second owning the newest block."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tail_mean_is_refreshed_before_scoring(kv_len, per_head, dtype, triton_device, monkeypatch):
+    """With ``keys``, the newest block's mean is recomputed from them (stale row in, exact mean out, rounded to the
+    cache's dtype) and the lists score that fresh mean; both backends agree.  Chunks of 16 blocks: the 19-20
+    blocks take two programs per KV head, the second owning the newest block."""
     from patchattn.kernels.blockselect import triton_select
     from patchattn.methods.blocktopk import block_means
 
     monkeypatch.setattr(triton_select, "SCORE_CHUNK", 16)
     gen = torch.Generator().manual_seed(kv_len)
-    keys = torch.randn(1, 2, kv_len, 32, generator=gen)
-    fresh = block_means(keys, 8)
-    q = torch.randn(1, 4, 32, generator=gen) * 4
+    keys = torch.randn(1, 2, kv_len, 32, generator=gen).to(dtype)
+    fresh = block_means(keys, 8).to(dtype)
+    q = (torch.randn(1, 4, 32, generator=gen) * 4).to(dtype)
     want = decode_block_topk(q, fresh, top_k=2, per_head=per_head, backend="torch")
     for backend, device in (("torch", "cpu"), ("triton", triton_device)):
         stale = fresh.clone()
@@ -108,7 +123,7 @@ def test_tail_mean_is_refreshed_before_scoring(kv_len, per_head, triton_device, 
         stale = stale.to(device)
         idx, counts = decode_block_topk(q.to(device), stale, top_k=2, per_head=per_head, keys=keys.to(device),
                                         block=8, backend=backend)
-        torch.testing.assert_close(stale.cpu(), fresh, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stale.cpu(), fresh, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
         assert torch.equal(counts.cpu(), want[1]) and torch.equal(idx.cpu(), want[0])
     with pytest.raises(ValueError, match="last of the"):
         decode_block_topk(q, fresh, top_k=2, keys=keys[:, :, :100], block=8)
@@ -133,6 +148,22 @@ def test_blocktopk_decode_steps_keep_the_key_cache_exact():
         want = select_top_k(BlockGeometry(1, t, 16, 16), q[:, :, -1:], k[:, :, :t], fresh_state)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), t
         torch.testing.assert_close(state.cache["key_means"]["means"], block_means(k[:, :, :t], 16))
+
+
+def test_key_means_are_stored_in_the_keys_dtype_and_summed_in_fp32():
+    """The compressed key cache of a bf16 model is bf16 (half the bytes a decode step's scoring reads) and equals
+    the fp32 block means rounded once, also after decode steps that update it in place."""
+    from patchattn.methods.blocktopk import block_means, key_block_means
+    from patchattn.state import PatchContext, PatchState
+    import patchattn
+
+    torch.manual_seed(2)
+    state = PatchState(patchattn.get_config("blocktopk", block_size=16), 0, "text", PatchContext())
+    k = (torch.randn(1, 2, 100, 32) * 3 + 40).to(torch.bfloat16)  # large offset: bf16 sums would drift
+    for t, q_len in ((90, 90), (91, 1), (97, 1)):
+        means = key_block_means(state, k[:, :, :t], 16, q_len)
+        assert means.dtype == torch.bfloat16
+        assert torch.equal(means, block_means(k[:, :, :t], 16).to(torch.bfloat16)), t
 
 
 @pytest.mark.parametrize("search", ["keys", "values"])

@@ -64,6 +64,29 @@ def test_forward(triton_device, case, dtype):
     check(run_both(case, dtype, triton_device), dtype)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("one_loop", [True, False], ids=["one-loop", "three-loops"])
+def test_forward_loop_layouts(triton_device, case, one_loop, monkeypatch):
+    """Both walks of a tile's list (PATCHATTN_FWD_LOOPS: one loop with a mask branch per sub-tile, or three loops)
+    with left padding (blocks cut by the padding start) and sub-tiles smaller than the blocks."""
+    triton_fwd = importlib.import_module(bs.__name__ + ".triton_fwd")
+    monkeypatch.setattr(triton_fwd, "FWD_ONE_LOOP", one_loop)
+    check(run_both(case, torch.float32, triton_device, **_hooks("padding", case, triton_device)), torch.float32)
+    monkeypatch.setattr(triton_fwd, "FORCE_TILES", (16, 16))
+    check(run_both(case, torch.bfloat16, triton_device), torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("one_loop", [True, False], ids=["one-loop", "loop-per-stretch"])
+def test_backward_loop_layouts(triton_device, case, one_loop, monkeypatch):
+    """Both walks of the backward's lists (PATCHATTN_BWD_LOOPS): dQ over a tile's list and dK/dV over each head's
+    transposed list in one loop with a mask branch, or a loop per stretch; with left padding."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    monkeypatch.setattr(triton_bwd, "BWD_ONE_LOOP", one_loop)
+    check(run_both(case, torch.float32, triton_device, grad=True, **_hooks("padding", case, triton_device)),
+          torch.float32)
+
+
 @pytest.fixture(params=["fused", "split"])
 def bwd_mode(request, monkeypatch):
     """Both backward paths: dQ by atomics inside the dK/dV pass, and the separate dQ pass."""
@@ -175,6 +198,17 @@ DECODE = [
                       list_heads="q", density=0.1), id="large-4q", marks=pytest.mark.gpu),
 ]
 
+
+
+@pytest.mark.parametrize("block_k", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("block_d", [64, 128, 256])
+def test_decode_configs_divide_the_key_blocks(block_k, block_d):
+    """Every decode config left for a block size walks sub-tiles that divide it (a 64-key sub-tile on 16-key
+    blocks walked nothing and returned zeros on the GPU; the interpreter does not autotune, so only this catches
+    it on a CPU)."""
+    decode = _decode_module()
+    kept = decode.prune_decode_configs(decode._decode_tuned.configs, None, BK=block_k, BLOCK_D=block_d)
+    assert kept and all(block_k % c.kwargs["BLOCK_N"] == 0 for c in kept)
 
 
 def test_backward_configs_for_fp32_at_head_dim_256_fit_shared_memory():
@@ -292,21 +326,24 @@ def _counters_are_zero(decode, device):
 @pytest.mark.parametrize("need_lse", [True, False], ids=["lse", "no-lse"])
 @pytest.mark.parametrize("hooks", ["none", "gain-active"])
 @pytest.mark.parametrize("splits", ["one", "many"])
-@pytest.mark.parametrize("merge", ["fused", "fused-by-splits", "separate"])
+@pytest.mark.parametrize("merge", ["fused", "fused-by-splits", "fused-together", "separate"])
 @pytest.mark.parametrize("case", MERGE_CASES)
 def test_decode_merge(triton_device, monkeypatch, case, merge, splits, hooks, need_lse):
     """Every merge path against the reference: one split (the fused kernel writes the output
     directly) and more splits than MERGE_TILE (the last program merges, walking rows -- several
-    load rounds of ROW_MERGE_TILE splits -- or splits), with the gain/active hooks the merge
+    load rounds of ROW_MERGE_TILE splits --, splits, or all rows together -- several rounds of a
+    few splits, a padded row when 3 queries share a head), with the gain/active hooks the merge
     applies, with and without lse."""
     if merge == "separate" and (hooks == "none") == need_lse:
         pytest.skip("the separate path is covered by half of the hook x lse grid")
-    if merge == "fused-by-splits" and splits == "one":
+    if merge in ("fused-by-splits", "fused-together") and splits == "one":
         pytest.skip("one split does not merge")
     decode = _decode_module()
     monkeypatch.setattr(decode, "MERGE", "separate" if merge == "separate" else "fused")
-    monkeypatch.setattr(decode, "MERGE_BY", "splits" if merge == "fused-by-splits" else "rows")
+    walks = {"fused-by-splits": "splits", "fused-together": "together"}
+    monkeypatch.setattr(decode, "MERGE_BY", walks.get(merge, "rows"))
     monkeypatch.setattr(decode, "ROW_MERGE_TILE", 4)
+    monkeypatch.setattr(decode, "TOGETHER_ELEMENTS", 1024)  # 4 rows x 4 splits x 64 dims: several rounds
     seen = _force_splits(monkeypatch, decode, splits == "many")
     gen = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(case, torch.float32, triton_device, gen)

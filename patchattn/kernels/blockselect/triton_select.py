@@ -65,7 +65,7 @@ def _tail_mean(K, skb, skh, skt, b, hkv, kv_len, d, d_ok, BK: tl.constexpr):
 def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ssb, ssh, skb, skh, skt,
                    GROUP: tl.constexpr, ROWS: tl.constexpr, PER_HEAD: tl.constexpr, REDUCE_MAX: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr,
-                   BK: tl.constexpr, PRECISION: tl.constexpr):
+                   BK: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr):
     """Scores of one chunk of key blocks, stored per list head (a q head, or the group's reduced score)."""
     chunk = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -76,17 +76,24 @@ def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ss
     row_ok = r < GROUP
     d_ok = d < HEAD_DIM
     n_ok = n < n_k
+    # NATIVE (16-bit queries and means, the cache's own dtype): exact products on tensor cores with fp32 sums;
+    # otherwise fp32 operands through PRECISION.
+    dot_dtype: tl.constexpr = Q.dtype.element_ty if NATIVE else tl.float32
     q = tl.load(Q + b * sqb + (hkv * GROUP + r[:, None]) * sqh + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0).to(tl.float32)
+                other=0.0).to(dot_dtype)
     means_ptr = Means + b * smb + hkv * smh
     m_t = tl.load(means_ptr + n[None, :] * smn + d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                  other=0.0).to(tl.float32)
+                  other=0.0).to(dot_dtype)
     if TAIL:
         if chunk == (n_k - 1) // CHUNK:  # this program owns the newest block: refresh its mean first
-            tail = _tail_mean(K, skb, skh, skt, b, hkv, kv_len, d, d_ok, BK)
-            tl.store(means_ptr + (n_k - 1) * smn + d, tail.to(Means.dtype.element_ty), mask=d_ok)
-            m_t = tl.where(n[None, :] == n_k - 1, tail[:, None], m_t)
-    s = tl.dot(q, m_t, input_precision=PRECISION)  # [ROWS, CHUNK] fp32 (3xTF32 on tensor cores on a GPU)
+            # Scored as stored (rounded to the cache's dtype), as the torch path scores it.
+            tail = _tail_mean(K, skb, skh, skt, b, hkv, kv_len, d, d_ok, BK).to(Means.dtype.element_ty)
+            tl.store(means_ptr + (n_k - 1) * smn + d, tail, mask=d_ok)
+            m_t = tl.where(n[None, :] == n_k - 1, tail.to(dot_dtype)[:, None], m_t)
+    if NATIVE:
+        s = tl.dot(q, m_t, out_dtype=tl.float32)  # [ROWS, CHUNK] fp32 sums of exact products
+    else:
+        s = tl.dot(q, m_t, input_precision=PRECISION)  # [ROWS, CHUNK] fp32 (3xTF32 on tensor cores on a GPU)
     if PER_HEAD:
         tl.store(Scores + b * ssb + (hkv * GROUP + r[:, None]) * ssh + n[None, :], s,
                  mask=row_ok[:, None] & n_ok[None, :])
@@ -191,6 +198,12 @@ def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_b
     tl.store(Cnt + b * scb + h, count)
 
 
+def native_16_bit(q, k_means) -> bool:
+    """Whether the scores can multiply the 16-bit operands as they are (not under the interpreter, whose bf16 dot is
+    wrong: there they are upcast, which gives the same exact products)."""
+    return not INTERPRETING and q.dtype == k_means.dtype and q.dtype in (torch.bfloat16, torch.float16)
+
+
 def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, mass, per_head, reduce, width,
                              tail=None):
     B, Hq, D = q.shape
@@ -204,7 +217,8 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
         q, k_means, scores, keys, n_k, kv_len, q.stride(0), q.stride(1), *k_means.stride()[:3], scores.stride(0),
         scores.stride(1), *keys.stride()[:3], GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         PER_HEAD=per_head, REDUCE_MAX=reduce == "max", HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block, PRECISION=SCORE_PRECISION, num_warps=SCORE_WARPS or 4)
+        CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block, PRECISION=SCORE_PRECISION,
+        NATIVE=native_16_bit(q, k_means), num_warps=SCORE_WARPS or 4)
     # The list buffer is padded to a power of two for the kernel's zero fill; callers see ``width`` entries.
     width_pow2 = triton.next_power_of_2(width)
     idx = _alloc.empty((B, heads, 1, width_pow2), torch.int32, q.device)

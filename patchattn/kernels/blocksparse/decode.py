@@ -5,7 +5,9 @@ so the *list of selected key blocks* is cut into ``n_splits`` contiguous stretch
 its own program, and the partial softmaxes (max, sum, weighted values) are merged.  The merge is
 fused into the same launch (FlashDecoding's "last program merges"): each program writes its partial,
 bumps a per-(batch, head group) counter, and the program that brings it to ``n_splits`` merges the
-group's partials and resets the counter to 0 for the next call (or CUDA-graph replay).  At batch 1
+group's partials and resets the counter to 0 for the next call (or CUDA-graph replay).  At batch 1 that
+merge is on the critical path of the whole call (the other programs are done), so it loads every row's
+partials of a group in one round where they fit (``merge_walk``).  At batch 1
 the call is latency-bound, so one launch instead of two is what counts.  With ``n_splits == 1`` the
 program writes the output directly.  ``PATCHATTN_DECODE_MERGE=separate`` keeps the former second
 merge kernel (for A/B timing).
@@ -58,9 +60,15 @@ MERGE_TILE = 16
 # loads one split of every row at a time (one round trip per split: many rows, e.g. a speculative block of
 # queries), "auto" takes the one with fewer round trips.
 MERGE_BY = os.environ.get("PATCHATTN_DECODE_MERGE_BY", "auto")
-if MERGE_BY not in ("auto", "rows", "splits"):
-    raise ValueError(f"PATCHATTN_DECODE_MERGE_BY={MERGE_BY!r}: expected 'auto', 'rows' or 'splits'")
+if MERGE_BY not in ("auto", "rows", "splits", "together"):
+    raise ValueError(f"PATCHATTN_DECODE_MERGE_BY={MERGE_BY!r}: expected 'auto', 'rows', 'splits' or 'together'")
 ROW_MERGE_TILE = 32
+# "together": every row of the group and as many splits as fit in this many fp32 elements ([rows, splits,
+# head_dim]) per load round, so a GQA group's 4 rows cost one round instead of four.  H200, 128k keys, 5% of
+# the blocks in GQA-shared lists, batch 1 (4 rows x 17 splits), graphed, 1 / 8 layers per graph: rows 23.2 / 18.8
+# us, together with 8192 elements (2 rounds) 20.8 / 15.9, with 16384 (1 round) 19.8 / 15.1 (bench/decode/
+# merge_walks/).  The merging program's registers cost nothing at one program per SM.
+TOGETHER_ELEMENTS = 16384
 
 
 @triton.jit
@@ -94,6 +102,35 @@ def _merge_row(PartAcc, PartM, PartL, first, n_splits, row, offs_d,
         alpha = tl.math.exp2(m_run - m_use)
         l_run = l_run * alpha + reduce_sum(w * part_l, 0)
         acc_run = acc_run * alpha[:, None] + reduce_sum(w[:, None] * part_acc, 0)[None, :]
+        m_run = m_new
+    return acc_run, l_run, tl.where(m_run == float("-inf"), 0.0, m_run)
+
+
+@triton.jit
+def _merge_rows_together(PartAcc, PartM, PartL, first, n_splits, n_rows, offs_d,
+                         ROWS: tl.constexpr, BLOCK_D: tl.constexpr, NR: tl.constexpr, S_TILE: tl.constexpr):
+    """(acc [NR, BLOCK_D], l [NR], m [NR]) of a group's first NR rows over its n_splits partials, S_TILE splits of
+    every row per round, all of a round's loads issued together (an online softmax over rounds; rows past n_rows,
+    whose partials were never written, are masked out)."""
+    row = tl.arange(0, NR)
+    row_ok = row < n_rows
+    m_run = tl.full([NR], float("-inf"), dtype=tl.float32)
+    l_run = tl.full([NR], 0.0, dtype=tl.float32)
+    acc_run = tl.full([NR, BLOCK_D], 0.0, dtype=tl.float32)
+    for s0 in range(0, n_splits, S_TILE):
+        sp = s0 + tl.arange(0, S_TILE)
+        ok = row_ok[:, None] & (sp < n_splits)[None, :]
+        at = (first + sp)[None, :] * ROWS + row[:, None]  # [NR, S_TILE]
+        m = tl.load(PartM + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        part_l = tl.load(PartL + at, mask=ok, other=0.0, cache_modifier=".cg")
+        part_acc = tl.load(PartAcc + at[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None],
+                           other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, reduce_max(m, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(m - m_use[:, None])  # 0 for a split that saw no key (m = -inf)
+        alpha = tl.math.exp2(m_run - m_use)
+        l_run = l_run * alpha + reduce_sum(w * part_l, 1)
+        acc_run = acc_run * alpha[:, None] + reduce_sum(w[:, :, None] * part_acc, 1)
         m_run = m_new
     return acc_run, l_run, tl.where(m_run == float("-inf"), 0.0, m_run)
 
@@ -175,7 +212,7 @@ def _decode_split_kernel(
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, WRITE_LSE: tl.constexpr,
         MERGE_TILE: tl.constexpr, MERGE_ROWS: tl.constexpr, ROW_TILE: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        MERGE_TOGETHER: tl.constexpr, NR: tl.constexpr, S_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     pid_bg = tl.program_id(1)  # (batch, head group)
@@ -249,7 +286,14 @@ def _decode_split_kernel(
         arrived = tl.atomic_add(Counter + pid_bg, 1, sem="acq_rel", scope="gpu")
         if arrived == n_splits - 1:
             tl.debug_barrier()  # the acquire (one thread) precedes every thread's partial loads
-            if MERGE_ROWS:
+            if MERGE_TOGETHER:
+                g_acc, g_l, g_m = _merge_rows_together(PartAcc, PartM, PartL, first, n_splits, HEADS * Tq, offs_d,
+                                                       ROWS, BLOCK_D, NR, S_TILE)
+                rr = tl.arange(0, NR)
+                _write_rows(g_acc, g_l, g_m, Out, Lse, Gain, Active, b, h0 + rr // Tq, rr % Tq, rr < HEADS * Tq,
+                            offs_d, sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
+                            HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
+            elif MERGE_ROWS:
                 for rr in range(0, HEADS * Tq):
                     _merge_and_write_row(PartAcc, PartM, PartL, first, n_splits, rr + tl.arange(0, 1), h0,
                                          offs_d, Out, Lse, Gain, Active, b, sob, soh, sot, sgb, sgt, sgh, sab,
@@ -284,13 +328,18 @@ def _decode_combine_kernel(
                          HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
 
 
+def prune_decode_configs(configs, named_args, **kwargs):
+    """Sub-tiles that divide the key blocks (a BLOCK_N above BK would walk no sub-tile at all) and fit head_dim 256;
+    the 16- and 32-key sub-tiles are there for blocks of 16 and 32."""
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= kwargs["BK"]
+            and (kwargs["BLOCK_D"] <= 128 or c.kwargs["BLOCK_N"] <= 64)]
+
+
 _decode_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-             for n, w, s in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4)]],
+             for n, w, s in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3), (16, 4, 3)]],
     key=["HEAD_DIM", "BK", "ROWS", "HAS_PAD", "HAS_BIAS", "FUSED"],
-    prune_configs_by={"early_config_prune": lambda cfgs, named, **kw: [
-        c for c in cfgs if c.kwargs["BLOCK_N"] <= kw["BK"]
-        and (kw["BLOCK_D"] <= 128 or c.kwargs["BLOCK_N"] <= 64)] or cfgs[:1]})(_decode_split_kernel)
+    prune_configs_by={"early_config_prune": prune_decode_configs})(_decode_split_kernel)
 
 
 def _sm_count(device):
@@ -337,12 +386,23 @@ def _merge_separately(parts, out, lse, hooks, consts, Hq, Tq, n_splits, n_row_gr
         n_splits, **combine_consts, ROW_TILE=ROW_MERGE_TILE)
 
 
-def merge_by_rows(n_rows, n_splits):
-    """Whether the merging program walks rows (ROW_MERGE_TILE splits per load round) or splits (every row per
-    round): the one with fewer dependent load rounds, unless PATCHATTN_DECODE_MERGE_BY says."""
+def together_tile(n_rows, n_splits, block_d):
+    """(NR, S_TILE) of the "together" merge: all rows (padded to a power of two) and the splits that fit in
+    TOGETHER_ELEMENTS per round (at least one)."""
+    nr = triton.next_power_of_2(n_rows)
+    fit = max(1, TOGETHER_ELEMENTS // (nr * block_d))
+    return nr, min(triton.next_power_of_2(n_splits), 1 << (fit.bit_length() - 1))
+
+
+def merge_walk(n_rows, n_splits, block_d):
+    """How the merging program walks the partials: "together" (every row, S_TILE splits per load round), "rows" (one
+    row, ROW_MERGE_TILE splits per round) or "splits" (one split of every row per round): the one with the fewest
+    dependent load rounds, unless PATCHATTN_DECODE_MERGE_BY says."""
     if MERGE_BY != "auto":
-        return MERGE_BY == "rows"
-    return n_rows * math.ceil(n_splits / ROW_MERGE_TILE) <= n_splits
+        return MERGE_BY
+    rounds = {"together": math.ceil(n_splits / together_tile(n_rows, n_splits, block_d)[1]),
+              "rows": n_rows * math.ceil(n_splits / ROW_MERGE_TILE), "splits": n_splits}
+    return min(rounds, key=rounds.get)  # ties: the order above
 
 
 def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain,
@@ -372,12 +432,15 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
                   *softmax_scales(opts), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                   *list_strides(kv_indices), *list_strides(kv_counts), *hooks["strides"],
                   *out.stride()[:3], Hq, Tq, Tk)
-    # WRITE_LSE only matters to the fused kernel; pinned otherwise so need_lse makes no second variant.
+    # WRITE_LSE and the merge walk only matter to the fused kernel's merge; pinned otherwise so they make no
+    # second variant.
+    walk = merge_walk(heads * Tq, n_splits, block_d) if fused and n_splits > 1 else "splits"
+    nr, s_tile = together_tile(heads * Tq, n_splits, block_d) if walk == "together" else (1, 1)
     split_consts = dict(consts, BK=opts.block_k, CAUSAL=opts.causal,
                         HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
                         FUSED=fused, WRITE_LSE=need_lse and fused, MERGE_TILE=MERGE_TILE,
-                        MERGE_ROWS=fused and n_splits > 1 and merge_by_rows(heads * Tq, n_splits),
-                        ROW_TILE=ROW_MERGE_TILE)
+                        MERGE_ROWS=walk == "rows", ROW_TILE=ROW_MERGE_TILE, MERGE_TOGETHER=walk == "together",
+                        NR=nr, S_TILE=s_tile)
     launch(_decode_tuned, lambda meta: (n_splits, B * n_groups), split_args, split_consts,
            dict(BLOCK_N=min(opts.block_k, 64)), q.device)
     if not fused:

@@ -27,6 +27,19 @@ AUTOTUNE = os.environ.get("PATCHATTN_AUTOTUNE", "1") != "0"
 # Tests set (BLOCK_M, BLOCK_N) here to exercise sub-tiling under the interpreter.
 FORCE_TILES: tuple[int, int] | None = None
 INTERPRETER_TILES_FASTEST = False
+# The forward walks a tile's list in one pipelined loop, masking the cut blocks by a branch per sub-tile
+# ("1"), or in three loops (cut by padding / fully visible / cut by the diagonal, "3"), each with its own
+# pipeline fill -- which short sparse lists pay for.  H200, d128, 32/8 heads: one loop 3-14% faster at 16k-128k,
+# 2-50% density (bench/kernel/one_loop/, bench/kernel/RESULTS.md).
+def one_loop_from_env(name: str, default: str) -> bool:
+    """Whether the environment variable ``name`` ("1" or "3", else ``default``) asks for one loop per list."""
+    loops = os.environ.get(name, default)
+    if loops not in ("1", "3"):
+        raise ValueError(f"{name}={loops!r}: expected '1' (one loop per list) or '3' (a loop per stretch)")
+    return loops == "1"
+
+
+FWD_ONE_LOOP = one_loop_from_env("PATCHATTN_FWD_LOOPS", "1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +172,9 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
             scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
             BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
-    """Online softmax over list entries j_lo..j_hi (counted in BLOCK_N sub-tiles)."""
+            DOT_PRECISION: tl.constexpr, clean_lo=0, clean_hi=0, ONE_LOOP: tl.constexpr = False):
+    """Online softmax over list entries j_lo..j_hi (counted in BLOCK_N sub-tiles).  ONE_LOOP: the entries
+    clean_lo..clean_hi skip the visibility mask (a branch per sub-tile), the others take it."""
     SUB: tl.constexpr = BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for j in range(j_lo, j_hi):
@@ -171,7 +185,10 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
                       MASKED, EVEN_D)
         s, _t = scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap,
                             cap_log2, HAS_SOFTCAP, HAS_BIAS, MASKED, DOT_PRECISION, False)
-        if MASKED:
+        if ONE_LOOP:
+            if (j < clean_lo) | (j >= clean_hi):
+                s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
+        elif MASKED:
             s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
         m_new = tl.maximum(m_i, reduce_max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
@@ -186,6 +203,28 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
 
 
 @triton.jit
+def _three_stretches(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before, n_lo, n_vis, clean_hi,
+                     rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
+                     BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The list in three walks: blocks cut by the padding start (masked), the fully visible ones (no mask),
+    the ones the causal diagonal or the end cuts (masked)."""
+    SUB: tl.constexpr = BK // BLOCK_N
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
+                            tl.minimum(n_lo, n_vis) * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr,
+                            sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N,
+                            EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_lo * SUB, clean_hi * SUB,
+                            rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
+                            offs_d, d_ok, BK, BLOCK_N, EVEN_D, False, CAUSAL, HAS_BIAS,
+                            HAS_SOFTCAP, DOT_PRECISION)
+    return _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, clean_hi * SUB, n_vis * SUB, rows_pos,
+                   kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
+                   offs_d, d_ok, BK, BLOCK_N, EVEN_D, True, CAUSAL, HAS_BIAS,
+                   HAS_SOFTCAP, DOT_PRECISION)
+
+
+@triton.jit
 def _fwd_kernel(
         Q, K, V, Out, Lse, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active,
         scale_log2, scale_over_cap, cap_log2,
@@ -197,7 +236,7 @@ def _fwd_kernel(
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_FASTEST: tl.constexpr):
+        ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_FASTEST: tl.constexpr):
     # Launch order (tuned): all heads of a query tile together (they share K/V in L2 under GQA),
     # or all tiles of a head together. Heavy (late, causal) tiles go first either way.
     if TILES_FASTEST:
@@ -249,18 +288,16 @@ def _fwd_kernel(
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
-                            tl.minimum(n_lo, n_vis) * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr,
-                            sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N,
-                            EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_lo * SUB, clean_hi * SUB, rows_pos, kv_lo,
-                            kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
-                            offs_d, d_ok, BK, BLOCK_N, EVEN_D, False, CAUSAL, HAS_BIAS,
-                            HAS_SOFTCAP, DOT_PRECISION)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, clean_hi * SUB, n_vis * SUB, rows_pos,
-                            kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
-                            offs_d, d_ok, BK, BLOCK_N, EVEN_D, True, CAUSAL, HAS_BIAS,
-                            HAS_SOFTCAP, DOT_PRECISION)
+    if ONE_LOOP:  # one pipelined walk: a short list pays one pipeline fill, not one per stretch
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
+                                n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap,
+                                cap_log2, offs_d, d_ok, BK, BLOCK_N, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
+                                DOT_PRECISION, n_lo * SUB, clean_hi * SUB, True)
+    else:
+        acc, m_i, l_i = _three_stretches(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before,
+                                         n_lo, n_vis, clean_hi, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt,
+                                         scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N,
+                                         EVEN_D, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -435,7 +472,7 @@ def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, he
     consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, WRITE_LSE=need_lse,
-                  DOT_PRECISION=dot_precision(q.dtype), SCAN=64)
+                  DOT_PRECISION=dot_precision(q.dtype), SCAN=64, ONE_LOOP=FWD_ONE_LOOP)
     bm, bn = interpreter_tiles(opts.block_q, opts.block_k)
 
     def grid(meta):
