@@ -200,6 +200,19 @@ DECODE = [
 
 
 
+def test_merge_walk_takes_the_fewest_load_rounds():
+    """A GQA group's 4 rows x 17 splits at batch 1 merge together in one round; one row per group (per-head lists)
+    too (the same tile as the row walk); many rows with few splits walk the splits; head_dim 256 keeps the walks
+    verified there."""
+    decode = _decode_module()
+    if decode.MERGE_BY != "auto":
+        pytest.skip("PATCHATTN_DECODE_MERGE_BY is set")
+    assert decode.merge_walk(4, 17, 128) == "together" and decode.together_tile(4, 17, 128) == (4, 32)
+    assert decode.merge_walk(1, 33, 128) == "together"
+    assert decode.merge_walk(4, 17, 256) == "rows"
+    assert decode.merge_walk(256, 3, 128) == "splits"
+
+
 @pytest.mark.parametrize("block_k", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("block_d", [64, 128, 256])
 def test_decode_configs_divide_the_key_blocks(block_k, block_d):

@@ -388,7 +388,7 @@ def _merge_separately(parts, out, lse, hooks, consts, Hq, Tq, n_splits, n_row_gr
 
 def together_tile(n_rows, n_splits, block_d):
     """(NR, S_TILE) of the "together" merge: all rows (padded to a power of two) and the splits that fit in
-    TOGETHER_ELEMENTS per round (at least one)."""
+    TOGETHER_ELEMENTS per round (at least one, so a forced "together" walk of many rows may exceed it)."""
     nr = triton.next_power_of_2(n_rows)
     fit = max(1, TOGETHER_ELEMENTS // (nr * block_d))
     return nr, min(triton.next_power_of_2(n_splits), 1 << (fit.bit_length() - 1))
@@ -400,8 +400,12 @@ def merge_walk(n_rows, n_splits, block_d):
     dependent load rounds, unless PATCHATTN_DECODE_MERGE_BY says."""
     if MERGE_BY != "auto":
         return MERGE_BY
-    rounds = {"together": math.ceil(n_splits / together_tile(n_rows, n_splits, block_d)[1]),
-              "rows": n_rows * math.ceil(n_splits / ROW_MERGE_TILE), "splits": n_splits}
+    rounds = {"rows": n_rows * math.ceil(n_splits / ROW_MERGE_TILE), "splits": n_splits}
+    nr, s_tile = together_tile(n_rows, n_splits, block_d)
+    # Measured on the H200 up to head_dim 128 (wider heads keep the walks verified there), and only where one split
+    # of every row fits the budget.
+    if block_d <= 128 and nr * block_d <= TOGETHER_ELEMENTS:
+        rounds = {"together": math.ceil(n_splits / s_tile), **rounds}
     return min(rounds, key=rounds.get)  # ties: the order above
 
 

@@ -430,7 +430,6 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
         raise ValueError(f"backward mode {mode!r}: expected one of {MODES} (env PATCHATTN_BWD)")
     q, k, v, out, d_out = (last_dim_contiguous(t) for t in (q, k, v, out, d_out))
     B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
     delta = row_dot(out, d_out)  # = rowsum(dO_attn * O_attn) even with a gain (see module doc)
     if head_gain is not None:
         from .reference import _gain_as_bhtd
