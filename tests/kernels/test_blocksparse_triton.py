@@ -200,7 +200,7 @@ DECODE = [
 
 
 
-def test_merge_walk_takes_the_fewest_load_rounds():
+def test_merge_walk_takes_the_fewest_load_rounds(triton_device):  # the fixture first: the kernels read the env once
     """A GQA group's 4 rows x 17 splits at batch 1 merge together in one round; one row per group (per-head lists)
     too (the same tile as the row walk); many rows with few splits walk the splits; head_dim 256 keeps the walks
     verified there."""
@@ -215,7 +215,7 @@ def test_merge_walk_takes_the_fewest_load_rounds():
 
 @pytest.mark.parametrize("block_k", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("block_d", [64, 128, 256])
-def test_decode_configs_divide_the_key_blocks(block_k, block_d):
+def test_decode_configs_divide_the_key_blocks(triton_device, block_k, block_d):
     """Every decode config left for a block size walks sub-tiles that divide it (a 64-key sub-tile on 16-key
     blocks walked nothing and returned zeros on the GPU; the interpreter does not autotune, so only this catches
     it on a CPU)."""
@@ -224,7 +224,7 @@ def test_decode_configs_divide_the_key_blocks(block_k, block_d):
     assert kept and all(block_k % c.kwargs["BLOCK_N"] == 0 for c in kept)
 
 
-def test_backward_configs_for_fp32_at_head_dim_256_fit_shared_memory():
+def test_backward_configs_for_fp32_at_head_dim_256_fit_shared_memory(triton_device):
     """fp32 inputs at head_dim 256 keep only the backward tiles whose shared-memory plan fits (every larger one
     overflows after a long compile); 2-byte inputs and smaller head dims keep their configs."""
     triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
