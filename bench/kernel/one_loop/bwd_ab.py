@@ -1,10 +1,10 @@
 # Run from the repository root on a CUDA GPU: PATCHATTN_AUTOTUNE=0 PYTHONPATH=. python3 bench/kernel/one_loop/bwd_ab.py
 """Backward A/B: one loop per list vs a loop per stretch (split mode, fixed first config), H200."""
-import json, os, sys
+import json, os
 import torch
-from patchattn.bench.kernel import random_causal_lists, time_ms, rel_err, flex_block_mask
+from patchattn.bench.kernel import random_causal_lists, time_ms, rel_err
 from patchattn.kernels import blocksparse as bs
-from patchattn.kernels.blocksparse import triton_bwd, triton_fwd
+from patchattn.kernels.blocksparse import triton_bwd
 
 Hq, Hkv, D, blk = 32, 8, 128, 128
 rows = []
