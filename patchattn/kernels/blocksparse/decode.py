@@ -5,10 +5,10 @@ so the *list of selected key blocks* is cut into ``n_splits`` contiguous stretch
 its own program, and the partial softmaxes (max, sum, weighted values) are merged.  The merge is
 fused into the same launch (FlashDecoding's "last program merges"): each program writes its partial,
 bumps a per-(batch, head group) counter, and the program that brings it to ``n_splits`` merges the
-group's partials and resets the counter to 0 for the next call (or CUDA-graph replay).  At batch 1 that
-merge is on the critical path of the whole call (the other programs are done), so it loads every row's
-partials of a group in one round where they fit (``merge_walk``).  At batch 1
-the call is latency-bound, so one launch instead of two is what counts.  With ``n_splits == 1`` the
+group's partials and resets the counter to 0 for the next call (or CUDA-graph replay).  At batch 1
+the call is latency-bound, so one launch instead of two is what counts, and the merge is the tail of the
+whole call (the other programs are done): it loads every row's partials of a group in one round where
+they fit (``merge_walk``).  With ``n_splits == 1`` the
 program writes the output directly.  ``PATCHATTN_DECODE_MERGE=separate`` keeps the former second
 merge kernel (for A/B timing).
 When the whole GQA group reads the same blocks, one program serves all its q heads, so each
@@ -55,10 +55,10 @@ if MERGE not in ("fused", "separate"):
 # The merge reads the partials' row maxima this many splits at a time (a fixed width, so the split
 # kernel is not recompiled and re-tuned for every power of two of n_splits).
 MERGE_TILE = 16
-# How the merging program walks the partials: "rows" loads ROW_MERGE_TILE splits of one row at once (one L2 round
-# trip per row and tile: few rows, many splits -- GQA-shared lists at batch 1 run 4 rows x ~17 splits), "splits"
-# loads one split of every row at a time (one round trip per split: many rows, e.g. a speculative block of
-# queries), "auto" takes the one with fewer round trips.
+# How the merging program walks the partials: "together" loads every row and TOGETHER_ELEMENTS worth of splits at
+# once (GQA-shared lists at batch 1 run 4 rows x ~17 splits: one L2 round trip), "rows" loads ROW_MERGE_TILE splits
+# of one row at once (a round trip per row and tile), "splits" loads one split of every row at a time (a round
+# trip per split: many rows, e.g. a speculative block of queries); "auto" takes the fewest round trips.
 MERGE_BY = os.environ.get("PATCHATTN_DECODE_MERGE_BY", "auto")
 if MERGE_BY not in ("auto", "rows", "splits", "together"):
     raise ValueError(f"PATCHATTN_DECODE_MERGE_BY={MERGE_BY!r}: expected 'auto', 'rows', 'splits' or 'together'")
