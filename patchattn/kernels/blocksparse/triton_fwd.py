@@ -27,10 +27,8 @@ AUTOTUNE = os.environ.get("PATCHATTN_AUTOTUNE", "1") != "0"
 # Tests set (BLOCK_M, BLOCK_N) here to exercise sub-tiling under the interpreter.
 FORCE_TILES: tuple[int, int] | None = None
 INTERPRETER_TILES_FASTEST = False
-# The forward walks a tile's list in one pipelined loop, masking the cut blocks by a branch per sub-tile
-# ("1"), or in three loops (cut by padding / fully visible / cut by the diagonal, "3"), each with its own
-# pipeline fill -- which short sparse lists pay for.  H200, d128, 32/8 heads: one loop 3-14% faster at 16k-128k,
-# 2-50% density (bench/kernel/one_loop/, bench/kernel/RESULTS.md).
+
+
 def one_loop_from_env(name: str, default: str) -> bool:
     """Whether the environment variable ``name`` ("1" or "3", else ``default``) asks for one loop per list."""
     loops = os.environ.get(name, default)
@@ -39,6 +37,10 @@ def one_loop_from_env(name: str, default: str) -> bool:
     return loops == "1"
 
 
+# The forward walks a tile's list in one pipelined loop, masking the cut blocks by a branch per sub-tile
+# ("1"), or in three loops (cut by padding / fully visible / cut by the diagonal, "3"), each with its own
+# pipeline fill -- which short sparse lists pay for.  H200, d128, 32/8 heads: one loop 3-14% faster at 16k-128k,
+# 2-50% density (bench/kernel/one_loop/, bench/kernel/RESULTS.md).
 FWD_ONE_LOOP = one_loop_from_env("PATCHATTN_FWD_LOOPS", "1")
 
 
