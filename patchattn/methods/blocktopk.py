@@ -67,6 +67,12 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
+def _cache_fits(cached, key: torch.Tensor) -> bool:
+    """Whether a cached compressed key cache belongs to keys of this batch, head count and dtype."""
+    return (cached is not None and cached["means"].shape[:2] == key.shape[:2]
+            and cached["means"].dtype == key.dtype)
+
+
 def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.Tensor:
     """``[B, Hkv, NK, D]`` mean key per block, kept in the patch state as a compressed key cache.
 
@@ -77,8 +83,7 @@ def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.T
     """
     cached = state.cache.get("key_means")
     t = key.shape[2]
-    stale = cached is None or cached["means"].shape[:2] != key.shape[:2] or cached["means"].dtype != key.dtype
-    if q_len > 16 or stale or cached["length"] > t:
+    if q_len > 16 or not _cache_fits(cached, key) or cached["length"] > t:
         means = block_means(key, block).to(key.dtype)
     elif cached["length"] == t:
         means = cached["means"]
@@ -148,8 +153,7 @@ def decode_means(state, key: torch.Tensor, block: int) -> tuple[torch.Tensor, bo
     cached = state.cache.get("key_means")
     t = key.shape[2]
     n = -(-t // block)
-    if (cached is None or cached["means"].shape[:2] != key.shape[:2] or cached["means"].dtype != key.dtype
-            or not (n - 1) * block <= cached["length"] <= t):
+    if not _cache_fits(cached, key) or not (n - 1) * block <= cached["length"] <= t:
         return key_block_means(state, key, block, 1), False
     means = cached["means"]
     if means.shape[2] == n - 1:  # the cache just started a block: give it a row (filled by the kernel)

@@ -81,38 +81,12 @@ def _store_partial(PartAcc, PartM, PartL, part, r, row_ok, offs_d, acc, m_i, l_i
 
 
 @triton.jit
-def _merge_row(PartAcc, PartM, PartL, first, n_splits, row, offs_d,
-               ROWS: tl.constexpr, BLOCK_D: tl.constexpr, S_TILE: tl.constexpr):
-    """(acc [1, BLOCK_D], l [1], m [1]) of one row over its n_splits partials, S_TILE splits per round, all of a
-    round's loads issued together (an online softmax over rounds).  Loads through L2 only, as _merge_partials."""
-    m_run = tl.full([1], float("-inf"), dtype=tl.float32)
-    l_run = tl.full([1], 0.0, dtype=tl.float32)
-    acc_run = tl.full([1, BLOCK_D], 0.0, dtype=tl.float32)
-    for s0 in range(0, n_splits, S_TILE):
-        sp = s0 + tl.arange(0, S_TILE)
-        ok = sp < n_splits
-        at = (first + sp) * ROWS + row
-        m = tl.load(PartM + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        part_l = tl.load(PartL + at, mask=ok, other=0.0, cache_modifier=".cg")
-        part_acc = tl.load(PartAcc + at[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None], other=0.0,
-                           cache_modifier=".cg")
-        m_new = tl.maximum(m_run, reduce_max(m[None, :], 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.math.exp2(m - m_use)  # 0 for a split that saw no key (m = -inf)
-        alpha = tl.math.exp2(m_run - m_use)
-        l_run = l_run * alpha + reduce_sum(w * part_l, 0)
-        acc_run = acc_run * alpha[:, None] + reduce_sum(w[:, None] * part_acc, 0)[None, :]
-        m_run = m_new
-    return acc_run, l_run, tl.where(m_run == float("-inf"), 0.0, m_run)
-
-
-@triton.jit
-def _merge_rows_together(PartAcc, PartM, PartL, first, n_splits, n_rows, offs_d,
-                         ROWS: tl.constexpr, BLOCK_D: tl.constexpr, NR: tl.constexpr, S_TILE: tl.constexpr):
-    """(acc [NR, BLOCK_D], l [NR], m [NR]) of a group's first NR rows over its n_splits partials, S_TILE splits of
-    every row per round, all of a round's loads issued together (an online softmax over rounds; rows past n_rows,
-    whose partials were never written, are masked out)."""
-    row = tl.arange(0, NR)
+def _merge_rows(PartAcc, PartM, PartL, first, n_splits, row0, n_rows, offs_d,
+                ROWS: tl.constexpr, BLOCK_D: tl.constexpr, NR: tl.constexpr, S_TILE: tl.constexpr):
+    """(acc [NR, BLOCK_D], l [NR], m [NR]) of a group's rows row0 .. row0 + NR over its n_splits partials, S_TILE
+    splits of every row per round, all of a round's loads issued together (an online softmax over rounds; rows from
+    n_rows on, whose partials were never written, are masked out).  Loads through L2 only, as _merge_partials."""
+    row = row0 + tl.arange(0, NR)
     row_ok = row < n_rows
     m_run = tl.full([NR], float("-inf"), dtype=tl.float32)
     l_run = tl.full([NR], 0.0, dtype=tl.float32)
@@ -136,13 +110,15 @@ def _merge_rows_together(PartAcc, PartM, PartL, first, n_splits, n_rows, offs_d,
 
 
 @triton.jit
-def _merge_and_write_row(PartAcc, PartM, PartL, first, n_splits, row, h0, offs_d, Out, Lse, Gain, Active, b,
+def _merge_and_write_row(PartAcc, PartM, PartL, first, n_splits, row0, h0, offs_d, Out, Lse, Gain, Active, b,
                          sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
                          ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ROW_TILE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
                          WRITE_LSE: tl.constexpr):
-    """Merge one row (``[1]``, head-group-relative) of a row group over its splits and write it out."""
-    acc, l_sum, m_use = _merge_row(PartAcc, PartM, PartL, first, n_splits, row, offs_d, ROWS, BLOCK_D, ROW_TILE)
+    """Merge one row (head-group-relative) of a row group over its splits, ROW_TILE per round, and write it out."""
+    acc, l_sum, m_use = _merge_rows(PartAcc, PartM, PartL, first, n_splits, row0, row0 + 1, offs_d, ROWS, BLOCK_D,
+                                    1, ROW_TILE)
+    row = row0 + tl.arange(0, 1)
     _write_rows(acc, l_sum, m_use, Out, Lse, Gain, Active, b, h0 + row // Tq, row % Tq, row >= 0, offs_d,
                 sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq, HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
 
@@ -287,15 +263,15 @@ def _decode_split_kernel(
         if arrived == n_splits - 1:
             tl.debug_barrier()  # the acquire (one thread) precedes every thread's partial loads
             if MERGE_TOGETHER:
-                g_acc, g_l, g_m = _merge_rows_together(PartAcc, PartM, PartL, first, n_splits, HEADS * Tq, offs_d,
-                                                       ROWS, BLOCK_D, NR, S_TILE)
+                g_acc, g_l, g_m = _merge_rows(PartAcc, PartM, PartL, first, n_splits, 0, HEADS * Tq, offs_d,
+                                              ROWS, BLOCK_D, NR, S_TILE)
                 rr = tl.arange(0, NR)
                 _write_rows(g_acc, g_l, g_m, Out, Lse, Gain, Active, b, h0 + rr // Tq, rr % Tq, rr < HEADS * Tq,
                             offs_d, sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
                             HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
             elif MERGE_ROWS:
                 for rr in range(0, HEADS * Tq):
-                    _merge_and_write_row(PartAcc, PartM, PartL, first, n_splits, rr + tl.arange(0, 1), h0,
+                    _merge_and_write_row(PartAcc, PartM, PartL, first, n_splits, rr, h0,
                                          offs_d, Out, Lse, Gain, Active, b, sob, soh, sot, sgb, sgt, sgh, sab,
                                          sat, sah, Hq, Tq, ROWS, BLOCK_D, ROW_TILE, HEAD_DIM, HAS_GAIN,
                                          HAS_ACTIVE, WRITE_LSE)
@@ -323,7 +299,7 @@ def _decode_combine_kernel(
     b = (pid_bg // n_groups).to(tl.int64)
     h0 = (pid_bg % n_groups) * HEADS
     _merge_and_write_row(PartAcc, PartM, PartL, pid_bg.to(tl.int64) * n_splits, n_splits,
-                         tl.program_id(1) + tl.arange(0, 1), h0, tl.arange(0, BLOCK_D), Out, Lse, Gain, Active, b,
+                         tl.program_id(1), h0, tl.arange(0, BLOCK_D), Out, Lse, Gain, Active, b,
                          sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq, ROWS, BLOCK_D, ROW_TILE, HEAD_DIM,
                          HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
 
