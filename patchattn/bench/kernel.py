@@ -309,15 +309,21 @@ class Runner:
             finally:
                 bs.DENSE_FALLBACK = True
             grads = {}
-            for mode in triton_bwd.MODES:
+            for name, mode, tma in (("split", "split", False), ("fused_tma", "fused", True),
+                                    ("fused_atomic", "fused", False)):
                 def bwd(mode=mode):
                     return triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, opts, None, None, None,
                                                None, None, mode=mode)
-                t = time_ms(bwd)
-                grads[mode] = bwd()
-                err = max(rel_err(x, y) for x, y in zip(grads[mode], grads["fused"]))
-                self.add(**point, impl=f"ours_bwd_{mode}", ms=t, bwd_fwd=t / fwd, peak_mib=peak_mib(bwd),
-                         max_err=err, note=f"fwd {fwd:.3f} ms; max_err vs the fused mode")
+                saved, triton_bwd.DQ_TMA = triton_bwd.DQ_TMA, tma
+                try:
+                    t = time_ms(bwd)
+                    grads[name] = bwd()
+                    mib = peak_mib(bwd)
+                finally:
+                    triton_bwd.DQ_TMA = saved
+                err = max(rel_err(x, y) for x, y in zip(grads[name], grads["split"]))
+                self.add(**point, impl=f"ours_bwd_{name}", ms=t, bwd_fwd=t / fwd, peak_mib=mib,
+                         max_err=err, note=f"fwd {fwd:.3f} ms; max_err vs the split mode")
             del grads, out, lse
             if self.flex is not None and T <= a.flex_bwd_max_t:
                 mask = flex_block_mask(idx, cnt, T, blk, Hq)

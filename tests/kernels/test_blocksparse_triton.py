@@ -101,6 +101,38 @@ def test_backward(triton_device, bwd_mode, case, dtype):
     check(run_both(case, dtype, triton_device, grad=True), dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SMALL + LARGE, ids=str)
+def test_fused_dq_by_tma_and_by_atomics(triton_device, case, monkeypatch):
+    """On Hopper the fused backward adds each dQ tile with one TMA reduction, clipped at Tq and at head_dim (odd
+    lengths, padded head dims 48 and 96); element-wise atomics elsewhere. Both against the reference, with padding."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    if not triton_bwd.dq_by_tma(torch.device(triton_device), case.D):
+        pytest.skip("TMA reductions need a Hopper or newer GPU")
+    monkeypatch.setattr(triton_bwd, "MODE", "fused")
+    for tma in (True, False):
+        monkeypatch.setattr(triton_bwd, "DQ_TMA", tma)
+        for dtype in (torch.float32, torch.bfloat16):
+            check(run_both(case, dtype, triton_device, grad=True, **_hooks("padding", case, triton_device)), dtype)
+
+
+def test_transposed_lists_are_reused_only_while_unchanged(triton_device):
+    """The backward's transposed lists are built once per live list tensor and rebuilt after an in-place edit or for
+    a new tensor; the rebuilt CSR matches a fresh build."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    case = Case(B=2, Hq=4, Hkv=2, Tq=50, Tk=70, block_q=16, block_k=32, list_heads="kv")
+    idx, cnt = random_blocks(case, "cpu", torch.Generator().manual_seed(5))
+    opts = bs.Options(16, 32, True, case.D ** -0.5, None)
+    first = triton_bwd.cached_transpose_lists(idx, cnt, 50, 70, opts)
+    assert triton_bwd.cached_transpose_lists(idx, cnt, 50, 70, opts) is first
+    assert triton_bwd.cached_transpose_lists(idx, cnt.clone(), 50, 70, opts) is not first
+    cnt.zero_()  # an in-place edit bumps the version: the lists are rebuilt, now empty
+    q_ids, offsets = triton_bwd.cached_transpose_lists(idx, cnt, 50, 70, opts)
+    assert int(offsets.max()) == 0  # every segment empty (dropped entries sort past the last segment)
+    fresh = triton_bwd.transpose_lists(idx, cnt, 50, 70, opts)
+    assert all(torch.equal(a, b) for a, b in zip((q_ids, offsets), fresh))
+
+
 def test_backward_modes_agree_and_reject_unknown(triton_device):
     """The fused and split backward give the same gradients (up to summation order); bad modes are refused."""
     triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")

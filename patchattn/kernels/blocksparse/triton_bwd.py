@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _alloc
 from .triton_fwd import (
+    INTERPRETING,
     dot_precision,
     hook_args,
     interpreter_tiles,
@@ -51,11 +54,32 @@ MODE = os.environ.get("PATCHATTN_BWD", "split")
 # "1"), or a loop per stretch ("3": up to 8 loops per dK/dV program, each with its own pipeline fill).  H200, d128,
 # split mode: one loop 5-13% faster at 16k and 64k, 2-100% density (bench/kernel/one_loop/bwd_ab.*).
 BWD_ONE_LOOP = one_loop_from_env("PATCHATTN_BWD_LOOPS", "1")
+# The fused mode's dQ: TMA bulk reduce-add of each [BLOCK_M, D] tile on Hopper and newer (FlashAttention-3's way), or
+# element-wise fp32 atomics ("0", and always on older GPUs / under the interpreter, which has no descriptor reductions).
+DQ_TMA = os.environ.get("PATCHATTN_BWD_DQ_TMA", "1") != "0"
+# The transposed lists of a live list tensor are built once and reused (static patterns share one list tensor across
+# layers and steps, as FlexAttention's BlockMask carries its transposed indices); False rebuilds them every call.
+CACHE_TRANSPOSED = os.environ.get("PATCHATTN_BWD_CACHE_LISTS", "1") != "0"
+_TRANSPOSED = WeakIdKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------------
 # Transposed block lists
 # ---------------------------------------------------------------------------------------------
+def cached_transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
+    """:func:`transpose_lists`, remembered per live ``kv_counts`` tensor while it and ``kv_indices`` are unmodified
+    (weak identity keys and version counters, as the dense-fallback check; no host sync)."""
+    if not CACHE_TRANSPOSED or (kv_indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
+    key = (Tq, Tk, opts.block_q, opts.block_k, opts.causal, kv_counts._version, kv_indices._version)
+    cached = _TRANSPOSED.get(kv_counts)
+    if cached is not None and cached[0] == key and cached[1]() is kv_indices:
+        return cached[2]
+    lists = transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
+    _TRANSPOSED[kv_counts] = (key, weakref.ref(kv_indices), lists)
+    return lists
+
+
 def transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
     """Per (B', H', key block): the sorted query blocks that read it, as CSR.
 
@@ -249,14 +273,17 @@ def _count_q_blocks_before(q_ids, lo, hi, limit, offset, BQ: tl.constexpr, SCAN:
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
-                stride_dqt, q_ids, j_lo, j_hi, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, stride_bias_t,
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, dq_batch, dq_head, stride_qt,
+                stride_dt, stride_dqt, q_ids, j_lo, j_hi, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, stride_bias_t,
                 scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
                 BQ: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
-                masked_below=0, ONE_LOOP: tl.constexpr = False):
-    """dK/dV over transposed-list entries j_lo..j_hi; ONE_LOOP masks only the entries below masked_below."""
+                DQ_TMA: tl.constexpr, masked_below=0, ONE_LOOP: tl.constexpr = False):
+    """dK/dV over transposed-list entries j_lo..j_hi; ONE_LOOP masks only the entries below masked_below.
+
+    With FUSED_DQ, ``dq_target`` is the fp32 dQ of this (batch, head): a pointer (element-wise atomics) or, with
+    DQ_TMA, a [B, Tq, Hq, D] tensor descriptor addressed by (dq_batch, row, dq_head, 0)."""
     SUB: tl.constexpr = BQ // BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     for j in range(j_lo, j_hi):
@@ -288,8 +315,12 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
         dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
         if FUSED_DQ:  # this tile pair's share of dQ = dS @ K, summed over key tiles by atomics
             dq = mma(tl.trans(ds_t).to(k.dtype), k, None, DOT_PRECISION)
-            tl.atomic_add(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq,
-                          mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if DQ_TMA:  # one bulk reduce-add of the tile by the TMA unit; rows >= Tq and cols >= D are clipped
+                dq_target.atomic_add([dq_batch, m * BQ + (j % SUB) * BLOCK_M, dq_head, 0],
+                                     dq.reshape(1, BLOCK_M, 1, dq.shape[1]))
+            else:
+                tl.atomic_add(dq_target + rows[:, None] * stride_dqt + offs_d[None, :], dq,
+                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -299,14 +330,16 @@ def _dkdv_kernel(
         scale_log2, scale_over_cap, cap_log2, scale,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
         sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sgqb, sgqh, sgqt, sbb, sbh, sbt,
-        Hkv, Tq, Tk, list_rows_per_batch, n_k_blocks,
+        Hkv, Tq, Tk, list_rows_per_batch, n_k_blocks, n_batch,
         GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr,
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
-        FUSED_DQ: tl.constexpr, ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
-    b = (pid_bh // Hkv).to(tl.int64)
+    b32 = pid_bh // Hkv  # descriptor coordinates are 32-bit
+    b = b32.to(tl.int64)
     hkv = pid_bh % Hkv
     n_tile = tl.program_id(1)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -333,6 +366,9 @@ def _dkdv_kernel(
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     SUB: tl.constexpr = BQ // BLOCK_M
+    if DQ_TMA:
+        dq_desc = tl.make_tensor_descriptor(DQ, shape=[n_batch, Tq, Hq, HEAD_DIM], strides=[sgqb, sgqt, sgqh, 1],
+                                            block_shape=[1, BLOCK_M, 1, BLOCK_D])
     for g in range(GROUP):
         h = hkv * GROUP + g
         row = b * list_rows_per_batch + (h // LIST_DIV) * n_k_blocks + n_blk
@@ -347,25 +383,28 @@ def _dkdv_kernel(
         do_base = DO + b * sdb + h * sdh
         lse_base = Lse + (b * Hq + h) * Tq
         delta_base = Delta + (b * Hq + h) * Tq
-        dq_base = DQ + b * sgqb + h * sgqh
+        if DQ_TMA:
+            dq_target = dq_desc
+        else:
+            dq_target = DQ + b * sgqb + h * sgqh
         bias_ptr = Bias + b * sbb + (h // BIAS_DIV) * sbh
         if ONE_LOOP:  # one pipelined walk per head, the masked prefix picked by a branch
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdt,
-                                 sgqt, QIds, seg_lo * SUB, seg_hi * SUB, cols, kv_lo, kv_hi,
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
+                                 sdt, sgqt, QIds, seg_lo * SUB, seg_hi * SUB, cols, kv_lo, kv_hi,
                                  Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
                                  d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ, (seg_lo + n_diag) * SUB, True)
+                                 DOT_PRECISION, FUSED_DQ, DQ_TMA, (seg_lo + n_diag) * SUB, True)
         else:
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdt,
-                                 sgqt, QIds, seg_lo * SUB, (seg_lo + n_diag) * SUB, cols, kv_lo, kv_hi,
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
+                                 sdt, sgqt, QIds, seg_lo * SUB, (seg_lo + n_diag) * SUB, cols, kv_lo, kv_hi,
                                  Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
                                  d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdt,
-                                 sgqt, QIds, (seg_lo + n_diag) * SUB, seg_hi * SUB, cols, kv_lo, kv_hi,
+                                 DOT_PRECISION, FUSED_DQ, DQ_TMA)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
+                                 sdt, sgqt, QIds, (seg_lo + n_diag) * SUB, seg_hi * SUB, cols, kv_lo, kv_hi,
                                  Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
                                  d_ok, BQ, BLOCK_M, EVEN_D, False, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ)
+                                 DOT_PRECISION, FUSED_DQ, DQ_TMA)
     mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + b * sdkb + hkv * sdkh + cols[:, None] * sdkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=mask)
@@ -447,11 +486,13 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
     # dQ in the (B, Tq, Hq, D) layout the attention output uses; fp32 and zeroed when accumulated.
     if fused:
         dq = torch.zeros((B, Tq, Hq, D), dtype=torch.float32, device=q.device).transpose(1, 2)
+        dk, dv = _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
+                            scales, consts, tiles, fused)
     else:
         dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
         _dq_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, hooks, scales, consts, tiles)
-    dk, dv = _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
-                        scales, consts, tiles, fused)
+        dk, dv = _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
+                            scales, consts, tiles, fused)
     if fused:
         dq = (dq * opts.scale).to(q.dtype)
     return dq, dk, dv
@@ -471,7 +512,7 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
                consts, tiles, fused):
     B, Hkv, Tk, _ = k.shape
     Tq = q.shape[2]
-    q_ids, offsets = transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
+    q_ids, offsets = cached_transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
     dk = _alloc.empty(k.shape, k.dtype, k.device)
     dv = _alloc.empty(v.shape, v.dtype, v.device)
     n_k_blocks = math.ceil(Tk / opts.block_k)
@@ -482,8 +523,29 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
     args = (q, k, v, d_out, dk, dv, dq, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
             *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *bias_s, Hkv, Tq, Tk,
-            rows_per_batch, n_k_blocks)
+            rows_per_batch, n_k_blocks, B)
+    tma = fused and dq_by_tma(q.device, q.shape[-1])
+    if tma:
+        _ensure_descriptor_allocator()
     launch(_dkdv_fused_tuned if fused else _dkdv_tuned,
            lambda meta: (B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"])), args,
-           dict(kv_consts, FUSED_DQ=fused), tiles, q.device)
+           dict(kv_consts, FUSED_DQ=fused, DQ_TMA=tma), tiles, q.device)
     return dk, dv
+
+
+def dq_by_tma(device, head_dim: int) -> bool:
+    """Whether the fused backward adds dQ tiles with TMA bulk reductions (``DQ_TMA``, Hopper or newer, compiled, and
+    dQ's row strides a multiple of 16 bytes as TMA needs)."""
+    if not DQ_TMA or INTERPRETING or device.type != "cuda" or head_dim % 4:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _ensure_descriptor_allocator():
+    """Device-side tensor descriptors need scratch memory from ``triton.set_allocator``; set a torch-backed one
+    unless the caller has set their own."""
+    from triton.runtime import _allocation
+    current = _allocation._allocator
+    current = current.get() if hasattr(current, "get") else current  # a ContextVar in recent Triton
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
