@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blockselect import max_list_width
+from ..kernels.blockselect import max_list_width, prefill_tree_search, tree_search_torch
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
@@ -43,75 +43,13 @@ class HipConfig(SparseConfig):
     score: str = option("max", "segment score: 'max' (best query row of the block . segment mean key, as the paper) "
                         "or 'mean' (mean query of the block . segment mean key)", choices=("mean", "max"))
     dense_layers: list = option([0], "layer indices kept dense (paper: the first layers)", min=0)
+    fused_search: bool = option(True, "prefill search in one Triton kernel (kernels/blockselect) on the triton "
+                                "backend, score='max'; same segments and scores as the torch search")
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "dense_layers": []}
 
     def max_blocks_per_row(self, n_k: int) -> int:
         return max_list_width(n_k, self.top_k, self.sink_blocks, self.local_blocks)
-
-
-def _initial_segments(diagonal: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[NQ, k]`` start/end (exclusive) of ``k`` near-equal segments of blocks ``[0, diagonal]``."""
-    length = (diagonal + 1).float()[:, None]
-    cuts = torch.arange(k + 1, device=diagonal.device).float()[None] / k
-    bounds = torch.floor(cuts * length).long()
-    return bounds[:, :-1], bounds[:, 1:]
-
-
-def tree_search(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Tensor, k: int) -> torch.Tensor:
-    """Hierarchical top-k over key blocks.
-
-    Args:
-        q_rows: ``[B, H, NQ, R, D]`` the query rows of each query block (and GQA group) a segment is scored
-            against; its score is the best row's (``R = 1``: one pooled row).
-        k_means: ``[B, H, NK, D]`` mean key per key block.
-        diagonal: ``[NQ]`` last key block each query block may read.
-        k: number of blocks to keep.
-
-    Returns:
-        bool ``[B, H, NQ, NK]`` with at most ``k`` blocks per row.
-    """
-    b, h, n_q = q_rows.shape[:3]
-    n_k = k_means.shape[2]
-    start, end = _initial_segments(diagonal, k)
-    start = start.expand(b, h, n_q, k).clone()
-    end = end.expand(b, h, n_q, k).clone()
-    # Prefix sums of the block means give any segment's mean key in O(1): its representative.
-    prefix = torch.nn.functional.pad(k_means.cumsum(dim=2, dtype=torch.float32), (0, 0, 1, 0))
-    # The longest initial segment has ceil(n_k / k) blocks and every round halves it (rounding up): the number
-    # of rounds is known on the host, so the search needs no device-to-host sync.
-    for _ in range(_rounds(-(-n_k // k))):
-        mid = torch.where(end - start > 1, (start + end) // 2, end)
-        start = torch.cat([start, mid], dim=-1)  # left halves then right halves
-        end = torch.cat([mid, end], dim=-1)
-        scores = _segment_scores(q_rows, prefix, start, end)
-        best = scores.topk(k, dim=-1).indices
-        start, end = torch.gather(start, -1, best), torch.gather(end, -1, best)
-    chosen = torch.zeros(b, h, n_q, n_k, dtype=torch.bool, device=q_rows.device)
-    valid = end > start
-    chosen.scatter_(-1, start.clamp(0, n_k - 1), valid)
-    return chosen
-
-
-def _rounds(longest: int) -> int:
-    rounds = 0
-    while longest > 1:
-        longest, rounds = -(-longest // 2), rounds + 1
-    return rounds
-
-
-def _segment_scores(q_rows, prefix, start, end) -> torch.Tensor:
-    """``[B, H, NQ, S]`` score of each segment: best query row · the segment's mean key (-inf if empty)."""
-    b, h, n_q, n_seg = start.shape
-    d = prefix.shape[-1]
-
-    def gather(index):
-        return torch.gather(prefix, 2, index.reshape(b, h, -1, 1).expand(-1, -1, -1, d)).view(b, h, n_q, n_seg, d)
-
-    length = (end - start).clamp(min=1)[..., None]
-    means = (gather(end) - gather(start)) / length
-    scores = (q_rows.to(means.dtype) @ means.transpose(-1, -2)).amax(dim=3)  # [B, H, NQ, R, S] -> best row
-    return scores.masked_fill(end <= start, float("-inf"))
 
 
 def query_rows(query: torch.Tensor, block: int, kv_heads: int, per_head: bool, score: str) -> torch.Tensor:
@@ -143,14 +81,18 @@ def select_hip(g: BlockGeometry, query, key, state):
     state.cache.pop("hip_decode", None)
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
-    groups = query.shape[1] // key.shape[1]
-    q_rows = query_rows(query, g.block_q, key.shape[1], config.per_head, config.score)
     k_means = key_block_means(state, key, g.block_k, g.q_len)
-    if config.per_head:
-        k_means = k_means.repeat_interleave(groups, dim=1)
     k = min(config.top_k, g.n_k)
-    chosen = tree_search(q_rows, k_means, g.diagonal_block(query.device), k) & allowed
-    return chosen | forced
+    chosen = None
+    if config.fused_search and config.score == "max":
+        chosen = prefill_tree_search(query, k_means, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len, k=k,
+                                     per_head=config.per_head, backend=config.backend)
+    if chosen is None:
+        q_rows = query_rows(query, g.block_q, key.shape[1], config.per_head, config.score)
+        if config.per_head:
+            k_means = k_means.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        chosen = tree_search_torch(q_rows, k_means, g.diagonal_block(query.device), k)
+    return (chosen & allowed) | forced
 
 
 def _decode_lists(g: BlockGeometry, query, key, state):

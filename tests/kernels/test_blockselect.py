@@ -288,6 +288,60 @@ def test_blocktopk_prefill_selection_is_the_same_with_the_fused_scores(per_head,
     assert torch.equal(masks["triton"], masks["torch"])
 
 
+TREE_CASES = [  # B, Hq, Hkv, Tq, Tk, block, D, k, per_head, dtype
+    (1, 2, 1, 150, 150, 16, 32, 4, True, torch.float32),
+    (1, 2, 1, 70, 300, 16, 48, 3, True, torch.float32),  # queries at the end of a longer cache, padded head_dim
+    (1, 4, 2, 200, 200, 16, 32, 5, False, torch.float32),  # one search per GQA group: best row of the group
+    (1, 2, 2, 256, 256, 32, 64, 20, True, torch.bfloat16),  # k above every query block's visible blocks: no round
+    (1, 1, 1, 400, 400, 16, 16, 4, True, torch.bfloat16),  # 25 blocks, 3 rounds
+    pytest.param((2, 8, 2, 4096, 4096, 64, 128, 10, True, torch.bfloat16), marks=pytest.mark.gpu),
+    pytest.param((1, 8, 2, 3000, 5000, 64, 64, 10, False, torch.bfloat16), marks=pytest.mark.gpu),
+]
+
+
+def _tree_case_id(c):
+    c = c.values[0] if hasattr(c, "values") else c
+    return f"T{c[3]}x{c[4]}-b{c[5]}-d{c[6]}-k{c[7]}-{'head' if c[8] else 'group'}-{str(c[9])[6:]}"
+
+
+@pytest.mark.parametrize("case", TREE_CASES, ids=_tree_case_id)
+def test_tree_search_kernel_matches_the_torch_search(case, triton_device):
+    """HiP's search in one Triton program per query block keeps the same blocks as the torch rounds (same integer
+    segments, fp32 scores; random scores have no ties)."""
+    from patchattn.kernels.blockselect import prefill_tree_search, tree_search_torch
+    from patchattn.masks import BlockGeometry
+    from patchattn.methods.blocktopk import block_means
+    from patchattn.methods.hip import query_rows
+
+    b, hq, hkv, tq, tk, block, d, k, per_head, dtype = case
+    gen = torch.Generator().manual_seed(tq + tk + k)
+    query = torch.randn(b, hq, tq, d, generator=gen).to(dtype)
+    k_means = block_means(torch.randn(b, hkv, tk, d, generator=gen), block).to(dtype)
+    g = BlockGeometry(tq, tk, block, block)
+    rows = query_rows(query, block, hkv, per_head, "max")
+    means = k_means.repeat_interleave(hq // hkv, dim=1) if per_head else k_means
+    want = tree_search_torch(rows, means, g.diagonal_block(), k)
+    got = prefill_tree_search(query.to(triton_device), k_means.to(triton_device), block_q=block, block_k=block,
+                              kv_len=tk, k=k, per_head=per_head, backend="triton").cpu()
+    assert got.shape == want.shape
+    visible = (g.diagonal_block() + 1).clamp(max=k)
+    assert torch.equal(want.sum(-1), visible.expand_as(want.sum(-1))), "k blocks, or every visible one"
+    assert torch.equal(got, want)
+
+
+def test_tree_search_keeps_every_visible_block_when_there_are_at_most_k():
+    """Early query blocks see fewer than k blocks: all of them are kept (an empty segment must not erase a chosen
+    block when the choice is scattered into the mask)."""
+    from patchattn.kernels.blockselect import tree_search_torch
+
+    gen = torch.Generator().manual_seed(0)
+    n = 40
+    chosen = tree_search_torch(torch.randn(1, 2, n, 4, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen),
+                               torch.arange(n), 10)
+    assert torch.equal(chosen.sum(-1), (torch.arange(n) + 1).clamp(max=10).expand(1, 2, n))
+    assert not chosen.triu(1).any(), "never a block after the diagonal"
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_methods_benchmark_decode_rows_run_every_method_step(triton_device, monkeypatch, layers):
     """The decode part of `patchattn bench methods` end to end at a small size, timers replaced by one call each:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..blocksparse import _resolve_backend
-from .reference import decode_block_topk_torch, forced_decode_blocks, group_scores, within_mass
+from .reference import decode_block_topk_torch, forced_decode_blocks, group_scores, tree_search_torch, within_mass
 
 __all__ = ["decode_block_topk", "forced_decode_blocks", "group_scores", "within_mass", "max_list_width",
-           "prefill_block_scores"]
+           "prefill_block_scores", "prefill_tree_search", "tree_search_torch"]
 
 
 def max_list_width(n_k: int, top_k: int, sink_blocks: int, local_blocks: int) -> int:
@@ -87,3 +87,22 @@ def prefill_block_scores(query: torch.Tensor, k_means: torch.Tensor, *, block_q:
 
     return triton_prefill.prefill_block_scores(query, k_means, block_q=block_q, block_k=block_k,
                                                kv_len=kv_len, per_head=per_head)
+
+
+def prefill_tree_search(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, block_k: int, kv_len: int,
+                        k: int, per_head: bool = True, backend: str = "auto") -> torch.Tensor | None:
+    """HiP's hierarchical top-k for every query block, scored by the block's best row (and its GQA group's unless
+    ``per_head``): bool ``[B, H, NQ, NK]``, as :func:`.reference.tree_search_torch` gives for the same rows.  Returns
+    None where only the torch path applies (the caller builds the rows and runs it).
+
+    Args:
+        query: ``[B, Hq, Tq, D]``, the last ``Tq`` of ``kv_len`` positions; k_means: ``[B, Hkv, NK, D]``.
+    """
+    if _resolve_backend(backend, query) != "triton" or block_q < 16 or block_q & (block_q - 1):
+        return None
+    from . import triton_tree
+
+    if k > triton_tree.MAX_K:
+        return None
+    return triton_tree.tree_search(query, k_means, block_q=block_q, block_k=block_k, kv_len=kv_len, k=k,
+                                   per_head=per_head)

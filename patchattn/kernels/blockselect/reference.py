@@ -60,3 +60,78 @@ def decode_block_topk_torch(q, k_means, *, top_k: int, sink_blocks: int, local_b
         chosen.scatter_(-1, top.indices, keep)
     idx, counts = blocks_from_mask((chosen | forced)[:, :, None], width=width)
     return idx, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# HiP's hierarchical top-k (prefill): the torch path and the oracle of triton_tree.py
+# ---------------------------------------------------------------------------------------------
+def initial_segments(diagonal: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[NQ, k]`` start/end (exclusive) of ``k`` near-equal segments of blocks ``[0, diagonal]``: segment ``c`` is
+    ``[floor(c * n / k), floor((c + 1) * n / k))`` for ``n = diagonal + 1`` visible blocks (integer arithmetic, so
+    the Triton search cuts the same segments)."""
+    cuts = torch.arange(k + 1, device=diagonal.device)[None] * (diagonal.long() + 1)[:, None] // k
+    return cuts[:, :-1], cuts[:, 1:]
+
+
+def search_rounds(n_k: int, k: int) -> int:
+    """Halvings until the longest initial segment (``ceil(n_k / k)`` blocks) is one block: known on the host, so the
+    search needs no device-to-host sync."""
+    longest, rounds = -(-n_k // k), 0
+    while longest > 1:
+        longest, rounds = -(-longest // 2), rounds + 1
+    return rounds
+
+
+def tree_search_torch(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Tensor, k: int) -> torch.Tensor:
+    """HiP's hierarchical top-k over key blocks: start from ``k`` equal segments of each query block's causal past,
+    split every segment in two, score each half by its mean key against the query block's best row, keep the ``k``
+    best halves (ties: torch's top-k order; left halves listed before right ones), repeat until single blocks.
+
+    Args:
+        q_rows: ``[B, H, NQ, R, D]`` the query rows each segment is scored against (best row wins; ``R = 1``: one
+            pooled row).
+        k_means: ``[B, H, NK, D]`` mean key per key block.
+        diagonal: ``[NQ]`` last key block each query block may read.
+        k: blocks to keep.
+
+    Returns:
+        bool ``[B, H, NQ, NK]`` with at most ``k`` blocks per row (every visible block when there are at most ``k``).
+    """
+    b, h, n_q = q_rows.shape[:3]
+    n_k = k_means.shape[2]
+    start, end = initial_segments(diagonal, k)
+    start = start.expand(b, h, n_q, k).clone()
+    end = end.expand(b, h, n_q, k).clone()
+    # Prefix sums of the block means give any segment's mean key in O(1): its representative.
+    prefix = torch.nn.functional.pad(k_means.cumsum(dim=2, dtype=torch.float32), (0, 0, 1, 0))
+    for _ in range(search_rounds(n_k, k)):
+        mid = torch.where(end - start > 1, (start + end) // 2, end)
+        start = torch.cat([start, mid], dim=-1)  # left halves then right halves
+        end = torch.cat([mid, end], dim=-1)
+        scores = segment_scores(q_rows, prefix, start, end)
+        best = scores.topk(k, dim=-1).indices
+        start, end = torch.gather(start, -1, best), torch.gather(end, -1, best)
+    return segments_to_mask(start, end, n_k)
+
+
+def segments_to_mask(start: torch.Tensor, end: torch.Tensor, n_k: int) -> torch.Tensor:
+    """bool ``[..., NK]``: the first block of every non-empty segment.  Empty segments write to a spare column (were
+    they clamped onto a real block, a scatter of ``False`` could overwrite a chosen block's ``True``)."""
+    index = torch.where(end > start, start, n_k).clamp(0, n_k)
+    chosen = torch.zeros(*start.shape[:-1], n_k + 1, dtype=torch.bool, device=start.device)
+    chosen.scatter_(-1, index, True)
+    return chosen[..., :n_k]
+
+
+def segment_scores(q_rows, prefix, start, end) -> torch.Tensor:
+    """``[B, H, NQ, S]`` score of each segment: best query row . the segment's mean key (-inf if empty)."""
+    b, h, n_q, n_seg = start.shape
+    d = prefix.shape[-1]
+
+    def gather(index):
+        return torch.gather(prefix, 2, index.reshape(b, h, -1, 1).expand(-1, -1, -1, d)).view(b, h, n_q, n_seg, d)
+
+    length = (end - start).clamp(min=1)[..., None]
+    means = (gather(end) - gather(start)) / length
+    scores = (q_rows.to(means.dtype) @ means.transpose(-1, -2)).amax(dim=3)  # [B, H, NQ, R, S] -> best row
+    return scores.masked_fill(end <= start, float("-inf"))

@@ -88,22 +88,29 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
 # --------------------------------------------------------------------------------------------
 # Block-list helpers
 # --------------------------------------------------------------------------------------------
-def blocks_from_mask(block_mask: torch.Tensor, width: int | None = None):
+def blocks_from_mask(block_mask: torch.Tensor, width: int | None = None, backend: str = "auto"):
     """bool ``[B', H', NQ, NK]`` -> (kv_indices int32 ``[B', H', NQ, K]``, kv_counts int32 ``[B', H', NQ]``).
 
     K is ``width`` if given (it must be >= every row's count), else the largest row count (at least 1), which
-    costs a device-to-host sync; entries past a row's count are 0.
+    costs a device-to-host sync; entries past a row's count are 0.  ``backend``: "triton" compacts each row by a
+    prefix sum in one kernel ("auto": on CUDA tensors), "torch" sorts the rows (the reference).
     """
     if block_mask.dim() != 4 or block_mask.dtype != torch.bool:
         raise ValueError(f"block_mask must be a bool tensor [B', H', NQ, NK], got "
                          f"{tuple(block_mask.shape)} {block_mask.dtype}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     n_k = block_mask.shape[-1]
-    cols = torch.arange(n_k, device=block_mask.device, dtype=torch.int32)
-    order = torch.where(block_mask, cols, cols + n_k).sort(dim=-1).values
     counts = block_mask.sum(dim=-1, dtype=torch.int32)
     if width is None:
         width = max(1, int(counts.max().item()) if counts.numel() else 1)
-    idx = order[..., : max(1, min(width, n_k))]
+    width = max(1, min(width, n_k))
+    if backend == "triton" or (backend == "auto" and block_mask.is_cuda and _triton_installed()):
+        from . import triton_lists
+        return triton_lists.compact(block_mask, width), counts.contiguous()
+    cols = torch.arange(n_k, device=block_mask.device, dtype=torch.int32)
+    order = torch.where(block_mask, cols, cols + n_k).sort(dim=-1).values
+    idx = order[..., :width]
     idx = torch.where(idx < n_k, idx, torch.zeros_like(idx))
     return idx.to(torch.int32).contiguous(), counts.contiguous()
 
