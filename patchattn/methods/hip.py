@@ -91,7 +91,7 @@ def select_hip(g: BlockGeometry, query, key, state):
         q_rows = query_rows(query, g.block_q, key.shape[1], config.per_head, config.score)
         if config.per_head:
             k_means = k_means.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        chosen = tree_search_torch(q_rows, k_means, g.diagonal_block(query.device), k)
+        chosen = tree_search_torch(q_rows, k_means, g.diagonal_block(query.device), k, score_dtype=query.dtype)
     return (chosen & allowed) | forced
 
 

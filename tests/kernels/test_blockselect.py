@@ -320,7 +320,7 @@ def test_tree_search_kernel_matches_the_torch_search(case, triton_device):
     g = BlockGeometry(tq, tk, block, block)
     rows = query_rows(query, block, hkv, per_head, "max")
     means = k_means.repeat_interleave(hq // hkv, dim=1) if per_head else k_means
-    want = tree_search_torch(rows, means, g.diagonal_block(), k)
+    want = tree_search_torch(rows, means, g.diagonal_block(), k, score_dtype=dtype)
     got = prefill_tree_search(query.to(triton_device), k_means.to(triton_device), block_q=block, block_k=block,
                               kv_len=tk, k=k, per_head=per_head, backend="triton").cpu()
     assert got.shape == want.shape

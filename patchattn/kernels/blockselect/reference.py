@@ -82,7 +82,8 @@ def search_rounds(n_k: int, k: int) -> int:
     return rounds
 
 
-def tree_search_torch(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Tensor, k: int) -> torch.Tensor:
+def tree_search_torch(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: torch.Tensor, k: int,
+                      score_dtype: torch.dtype | None = None) -> torch.Tensor:
     """HiP's hierarchical top-k over key blocks: start from ``k`` equal segments of each query block's causal past,
     split every segment in two, score each half by its mean key against the query block's best row, keep the ``k``
     best halves (ties: torch's top-k order; left halves listed before right ones), repeat until single blocks.
@@ -93,6 +94,8 @@ def tree_search_torch(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: tor
         k_means: ``[B, H, NK, D]`` mean key per key block.
         diagonal: ``[NQ]`` last key block each query block may read.
         k: blocks to keep.
+        score_dtype: a 16-bit dtype rounds the segment means to it before the (fp32) products, as the Triton search
+            does for queries of that dtype (``q_rows`` then hold values of that dtype).
 
     Returns:
         bool ``[B, H, NQ, NK]`` with at most ``k`` blocks per row (every visible block when there are at most ``k``).
@@ -108,7 +111,7 @@ def tree_search_torch(q_rows: torch.Tensor, k_means: torch.Tensor, diagonal: tor
         mid = torch.where(end - start > 1, (start + end) // 2, end)
         start = torch.cat([start, mid], dim=-1)  # left halves then right halves
         end = torch.cat([mid, end], dim=-1)
-        scores = segment_scores(q_rows, prefix, start, end)
+        scores = segment_scores(q_rows, prefix, start, end, score_dtype)
         best = scores.topk(k, dim=-1).indices
         start, end = torch.gather(start, -1, best), torch.gather(end, -1, best)
     return segments_to_mask(start, end, n_k)
@@ -123,7 +126,7 @@ def segments_to_mask(start: torch.Tensor, end: torch.Tensor, n_k: int) -> torch.
     return chosen[..., :n_k]
 
 
-def segment_scores(q_rows, prefix, start, end) -> torch.Tensor:
+def segment_scores(q_rows, prefix, start, end, score_dtype=None) -> torch.Tensor:
     """``[B, H, NQ, S]`` score of each segment: best query row . the segment's mean key (-inf if empty)."""
     b, h, n_q, n_seg = start.shape
     d = prefix.shape[-1]
@@ -133,5 +136,7 @@ def segment_scores(q_rows, prefix, start, end) -> torch.Tensor:
 
     length = (end - start).clamp(min=1)[..., None]
     means = (gather(end) - gather(start)) / length
+    if score_dtype is not None and score_dtype != torch.float32:
+        means = means.to(score_dtype).float()
     scores = (q_rows.to(means.dtype) @ means.transpose(-1, -2)).amax(dim=3)  # [B, H, NQ, R, S] -> best row
     return scores.masked_fill(end <= start, float("-inf"))

@@ -17,19 +17,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ..blocksparse.triton_fwd import INTERPRETING, last_dim_contiguous, reduce_max, reduce_sum
+from ..blocksparse.triton_fwd import INTERPRETING, dot_precision, last_dim_contiguous, mma, reduce_max, reduce_sum
 from .reference import search_rounds, segments_to_mask
 
 MAX_K = 64  # k segments live in registers as [KH] vectors and [KH, KH] rank matrices; more falls back to torch
-PRECISION = "ieee" if INTERPRETING else "tf32x3"  # ~fp32-exact scores on tensor cores, as the torch path's fp32
+# fp32 queries: ~fp32-exact scores on tensor cores (3xTF32).  16-bit queries multiply the segment means rounded to
+# their dtype (exact products, fp32 sums, as the torch path does for them): the fp32 operands of 3xTF32 take 65 KB
+# of shared memory a program at head_dim 128, 16-bit ones a third of it, so more programs hide the rounds' latency.
+PRECISION = "ieee" if INTERPRETING else "tf32x3"
 NUM_WARPS = int(os.environ.get("PATCHATTN_TREE_WARPS", "4"))
+# No software pipelining of the rounds: each round's loads depend on the previous round's choice, so extra stages
+# only multi-buffer the query tile (45 vs 20 KB of shared memory a program with bf16 queries at head_dim 128).
+NUM_STAGES = int(os.environ.get("PATCHATTN_TREE_STAGES", "1"))
 
 
 @triton.jit
 def _best_rows(q, row_ok, means_left, means_right, PRECISION: tl.constexpr):
-    """``[KH]`` x 2: the best row's score against each left and each right segment mean (``[KH, D]``)."""
-    s_left = tl.dot(q, tl.trans(means_left), input_precision=PRECISION)  # [BQ, KH]
-    s_right = tl.dot(q, tl.trans(means_right), input_precision=PRECISION)
+    """``[KH]`` x 2: the best row's score against each left and each right segment mean (``[KH, D]``), the means
+    rounded to the queries' dtype."""
+    s_left = mma(q, tl.trans(means_left.to(q.dtype)), None, PRECISION)  # [BQ, KH] fp32
+    s_right = mma(q, tl.trans(means_right.to(q.dtype)), None, PRECISION)
     return (reduce_max(tl.where(row_ok[:, None], s_left, float("-inf")), 0),
             reduce_max(tl.where(row_ok[:, None], s_right, float("-inf")), 0))
 
@@ -86,7 +93,7 @@ def _tree_search_kernel(Q, Prefix, Out, sqb, sqh, sqt, spb, sph, spn, sob, soh, 
         s_left = tl.full([KH], float("-inf"), dtype=tl.float32)
         s_right = tl.full([KH], float("-inf"), dtype=tl.float32)
         for g in range(HEADS_PER_LIST):
-            q = tl.load(q_ptrs + (h0 + g) * sqh, mask=q_mask, other=0.0, volatile=True).to(tl.float32)
+            q = tl.load(q_ptrs + (h0 + g) * sqh, mask=q_mask, other=0.0, volatile=True)
             best_left, best_right = _best_rows(q, row_ok, means_left, means_right, PRECISION)
             s_left = tl.maximum(s_left, best_left)
             s_right = tl.maximum(s_right, best_right)
@@ -124,6 +131,7 @@ def tree_search(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, blo
         Tq, kv_len, n_lists, search_rounds(n_k, k),
         GROUP=group, HEADS_PER_LIST=1 if per_head else group, BQ=block_q, BK=block_k, K=k,
         KH=max(16, triton.next_power_of_2(k)), HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        PRECISION=PRECISION, num_warps=NUM_WARPS)
+        PRECISION=PRECISION if query.dtype == torch.float32 else dot_precision(query.dtype), num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
     starts = starts.long()
     return segments_to_mask(starts, starts + (starts >= 0).long(), n_k)  # -1: an empty segment
