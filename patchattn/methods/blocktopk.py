@@ -20,7 +20,8 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blockselect import decode_block_topk, max_list_width, prefill_block_scores, within_mass
+from ..kernels.blockselect import (decode_block_topk, max_list_width, prefill_block_scores, prefill_block_select,
+                                   within_mass)
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
@@ -42,6 +43,9 @@ class BlockTopKConfig(SparseConfig):
     fused_scores: bool = option(True, "prefill 'max' scores from the fused Triton kernel (kernels/blockselect) instead "
                                 "of the chunked torch products: same lists on the H200, selection at 128k 29.9 -> 21.0 "
                                 "ms (bench/methods/RESULTS.md, run 6); the torch backend always uses the torch path")
+    fused_select: bool = option(True, "prefill choice from the scores straight to block lists in one Triton kernel "
+                                "(kernels/blockselect) instead of torch top-k, masks and lists; the torch backend "
+                                "always uses the torch path")
     score: str = option("max", "block score: 'mean' (pooled query . pooled key, as Kinetics/MoBA) or 'max' (best "
                         "query row of the block and GQA group . pooled key)", choices=("mean", "max"))
 
@@ -183,6 +187,13 @@ def select_top_k(g: BlockGeometry, query, key, state):
     k_means = key_block_means(state, key, g.block_k, g.q_len)
     raw = block_scores(query, k_means, g, config.score, config.per_head, config.backend,
                        config.fused_scores)  # [B, H, NQ, NK]
+    if config.fused_select:
+        lists = prefill_block_select(raw, q_len=g.q_len, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len,
+                                     top_k=config.top_k, sink_blocks=config.sink_blocks,
+                                     local_blocks=config.local_blocks, mass=config.mass, head_dim=query.shape[-1],
+                                     last_block_dense=config.last_block_dense, backend=config.backend)
+        if lists is not None:
+            return lists
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     scores = raw.masked_fill(~allowed | forced, float("-inf"))

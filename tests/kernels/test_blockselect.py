@@ -194,8 +194,8 @@ def test_blocktopk_decode_lists_match_its_prefill_choice_for_the_last_row():
     from patchattn.state import PatchContext, PatchState
 
     torch.manual_seed(0)
-    state = PatchState(patchattn.get_config("blocktopk", block_size=16, top_k=3, mass=0.9), 0, "text",
-                       PatchContext())
+    state = PatchState(patchattn.get_config("blocktopk", block_size=16, top_k=3, mass=0.9, fused_select=False), 0,
+                       "text", PatchContext())  # the mask path, whatever backend "auto" resolves to
     q, k = torch.randn(1, 4, 2, 32) * 3, torch.randn(1, 2, 150, 32)
     # Two query rows with the same content: a one-block prefill scored by its best row (= that row).
     two = select_top_k(BlockGeometry(2, 150, 16, 16), q[:, :, -1:].expand(-1, -1, 2, -1), k, state)
@@ -282,7 +282,7 @@ def test_blocktopk_prefill_selection_is_the_same_with_the_fused_scores(per_head,
     masks = {}
     for backend in ("torch", "triton"):
         config = patchattn.get_config("blocktopk", block_size=16, top_k=4, per_head=per_head, backend=backend,
-                                      fused_scores=True)
+                                      fused_scores=True, fused_select=False)  # masks from both (lists: next test)
         state = PatchState(config, 0, "text", PatchContext())
         masks[backend] = select_top_k(g, q.to(triton_device), k.to(triton_device), state).cpu()
     assert torch.equal(masks["triton"], masks["torch"])
@@ -340,6 +340,44 @@ def test_tree_search_keeps_every_visible_block_when_there_are_at_most_k():
                                torch.arange(n), 10)
     assert torch.equal(chosen.sum(-1), (torch.arange(n) + 1).clamp(max=10).expand(1, 2, n))
     assert not chosen.triu(1).any(), "never a block after the diagonal"
+
+
+SELECT_CASES = [  # Tq, Tk, block, per_head, top_k, mass, last_block_dense
+    (300, 300, 16, True, 4, 1.0, True),
+    (300, 300, 16, False, 4, 0.9, True),  # the adaptive budget
+    (200, 500, 16, True, 3, 1.0, False),  # queries at the end of a longer cache
+    (250, 250, 32, True, 100, 1.0, True),  # top_k above every row's candidates
+    (90, 90, 16, True, 2, 0.5, False),
+]
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: f"T{c[0]}x{c[1]}-b{c[2]}-{'head' if c[3] else 'group'}"
+                         f"-k{c[4]}-m{c[5]}-{'last' if c[6] else 'nolast'}")
+def test_blocktopk_prefill_lists_from_the_select_kernel_match_the_torch_choice(case, triton_device):
+    """Scores -> lists in one Triton program per query block (sink + local, then the top-k or the mass budget, the
+    dense last block) keeps the same blocks as the torch top-k, masks and lists."""
+    import patchattn
+    from patchattn.kernels.blocksparse import mask_from_blocks
+    from patchattn.masks import BlockGeometry
+    from patchattn.methods._sparse import _lists
+    from patchattn.methods.blocktopk import select_top_k
+    from patchattn.state import PatchContext, PatchState
+
+    tq, tk, block, per_head, top_k, mass, last = case
+    gen = torch.Generator().manual_seed(tq + tk + top_k)
+    q, k = torch.randn(1, 4, tq, 32, generator=gen) * 2, torch.randn(1, 2, tk, 32, generator=gen)
+    g = BlockGeometry(tq, tk, block, block)
+    masks = {}
+    for fused in (False, True):
+        config = patchattn.get_config("blocktopk", block_size=block, top_k=top_k, mass=mass, per_head=per_head,
+                                      last_block_dense=last, backend="triton", fused_select=fused)
+        state = PatchState(config, 0, "text", PatchContext())
+        chosen = select_top_k(g, q.to(triton_device), k.to(triton_device), state)
+        idx, cnt = chosen if isinstance(chosen, tuple) else _lists(config, g, chosen, triton_device)
+        assert isinstance(chosen, tuple) == fused
+        masks[fused] = mask_from_blocks(idx.cpu(), cnt.cpu(), g.n_k)
+        assert torch.equal(cnt.cpu(), masks[fused].sum(-1, dtype=torch.int32)), "counts match the listed blocks"
+    assert torch.equal(masks[True], masks[False])
 
 
 @pytest.mark.parametrize("layers", [1, 2])

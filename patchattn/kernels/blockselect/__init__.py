@@ -14,7 +14,7 @@ from ..blocksparse import _resolve_backend
 from .reference import decode_block_topk_torch, forced_decode_blocks, group_scores, tree_search_torch, within_mass
 
 __all__ = ["decode_block_topk", "forced_decode_blocks", "group_scores", "within_mass", "max_list_width",
-           "prefill_block_scores", "prefill_tree_search", "tree_search_torch"]
+           "prefill_block_scores", "prefill_block_select", "prefill_tree_search", "tree_search_torch"]
 
 
 def max_list_width(n_k: int, top_k: int, sink_blocks: int, local_blocks: int) -> int:
@@ -106,3 +106,22 @@ def prefill_tree_search(query: torch.Tensor, k_means: torch.Tensor, *, block_q: 
         return None
     return triton_tree.tree_search(query, k_means, block_q=block_q, block_k=block_k, kv_len=kv_len, k=k,
                                    per_head=per_head)
+
+
+def prefill_block_select(scores: torch.Tensor, *, q_len: int, block_q: int, block_k: int, kv_len: int, top_k: int,
+                         sink_blocks: int, local_blocks: int, mass: float, head_dim: int, last_block_dense: bool,
+                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``blocktopk``'s prefill choice from its ``[B, H, NQ, NK]`` block scores, straight to block lists: per query block
+    the sink and local blocks, then the ``top_k`` best others (ties: lowest index) or, with ``mass`` < 1, the best
+    while the estimated softmax mass of ``score / sqrt(head_dim)`` over the visible blocks is below ``mass``; the last
+    query block reads every visible block with ``last_block_dense``.  One Triton program per row (the decode
+    selection's search), no ``[NQ, NK]`` masks and no sort.  Returns None where only the torch path applies."""
+    if _resolve_backend(backend, scores) != "triton" or block_q < 16 or block_q & (block_q - 1):
+        return None
+    from . import triton_prefill, triton_select
+
+    if scores.shape[-1] > triton_select.MAX_BLOCKS:
+        return None
+    return triton_prefill.prefill_block_select(scores, q_len=q_len, block_q=block_q, block_k=block_k, kv_len=kv_len,
+                                               top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                                               mass=mass, head_dim=head_dim, last_block_dense=last_block_dense)

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from ..blocksparse import _alloc
-from ..blocksparse.triton_fwd import dot_precision, last_dim_contiguous, mma, reduce_max
+from ..blocksparse.triton_fwd import _add, dot_precision, last_dim_contiguous, mma, reduce_max, reduce_sum
+from .triton_select import SELECT_SEARCH, _top_by_mass, _top_by_threshold
 
 BLOCK_N = 64
 
@@ -68,3 +69,55 @@ def prefill_block_scores(query, k_means, *, block_q: int, block_k: int, kv_len: 
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=BLOCK_N,
         DOT_PRECISION=dot_precision(query.dtype), num_warps=4 if block_q <= 64 else 8)
     return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill selection: every query block's row of scores -> its ascending block list, in one program
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _prefill_select_kernel(Scores, Idx, Cnt, ssb, ssh, ssm, sib, sih, sim, scb, sch, n_q, Tq, Tk, width, top_k,
+                           sink_blocks, local_blocks, mass, inv_root_d,
+                           BQ: tl.constexpr, BK: tl.constexpr, USE_MASS: tl.constexpr, LAST_DENSE: tl.constexpr,
+                           NK_POW2: tl.constexpr, VALUE_MIDPOINTS: tl.constexpr, CHUNK: tl.constexpr):
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_visible = (tl.minimum((m + 1) * BQ, Tq) - 1 + (Tk - Tq)) // BK + 1  # blocks up to the diagonal
+    cols = tl.arange(0, NK_POW2)
+    valid = cols < n_visible
+    raw = tl.load(Scores + b * ssb + h * ssh + m * ssm + cols, mask=valid, other=float("-inf"))
+    forced = valid & ((cols < sink_blocks) | (cols > n_visible - 1 - local_blocks))
+    if USE_MASS:
+        chosen = _top_by_mass(raw * inv_root_d, valid, forced, top_k, mass, cols)
+    else:
+        chosen = _top_by_threshold(raw, valid & ~forced, top_k, VALUE_MIDPOINTS)
+    chosen = chosen | forced
+    if LAST_DENSE:  # the prefill's last query block reads every visible block
+        chosen = chosen | (valid & (m == n_q - 1))
+    ones = chosen.to(tl.int32)
+    slot = tl.associative_scan(ones, 0, _add) - 1
+    count = reduce_sum(ones, 0)
+    row = Idx + b * sib + h * sih + m * sim
+    tl.store(row + slot, cols, mask=ones > 0)
+    for c in range(0, width, CHUNK):  # entries past the count are 0, as the mask path leaves them
+        w = c + tl.arange(0, CHUNK)
+        tl.store(row + w, w * 0, mask=(w >= count) & (w < width))
+    tl.store(Cnt + b * scb + h * sch + m, count)
+
+
+def prefill_block_select(scores, *, q_len: int, block_q: int, block_k: int, kv_len: int, top_k: int, sink_blocks: int,
+                         local_blocks: int, mass: float, head_dim: int, last_block_dense: bool):
+    """(kv_indices int32 ``[B, H, NQ, W]``, kv_counts int32 ``[B, H, NQ]``) from ``[B, H, NQ, NK]`` scores."""
+    B, H, n_q, n_k = scores.shape
+    last_block_dense = last_block_dense and n_q > 1
+    width = n_k if last_block_dense else max(1, min(n_k, top_k + sink_blocks + local_blocks))
+    idx = _alloc.empty((B, H, n_q, width), torch.int32, scores.device)
+    counts = _alloc.empty((B, H, n_q), torch.int32, scores.device)
+    nk_pow2 = max(16, triton.next_power_of_2(n_k))
+    _prefill_select_kernel[(n_q, H, B)](
+        scores, idx, counts, *scores.stride()[:3], *idx.stride()[:3], *counts.stride()[:2], n_q, q_len, kv_len, width,
+        min(top_k, n_k), sink_blocks, local_blocks, float(mass), head_dim ** -0.5, BQ=block_q, BK=block_k,
+        USE_MASS=mass < 1.0, LAST_DENSE=last_block_dense, NK_POW2=nk_pow2,
+        VALUE_MIDPOINTS=SELECT_SEARCH == "values", CHUNK=min(1024, max(16, triton.next_power_of_2(width))),
+        num_warps=4 if nk_pow2 <= 4096 else 8)
+    return idx, counts
