@@ -416,8 +416,8 @@ def parse_args(argv):
     p.add_argument("--T", type=_ints, default=[4096, 16384, 65536, 131072], help="sequence lengths")
     p.add_argument("--densities", type=_floats, default=[1.0, 0.5, 0.1, 0.02])
     p.add_argument("--head-dims", type=_ints, default=[64, 128])
-    p.add_argument("--modes", default="fwd,fwdbwd,decode", help="any of fwd,fwdbwd,decode,bwd (bwd: the backward alone, "
-                   "both backward modes)")
+    p.add_argument("--modes", default="fwd,fwdbwd,decode", help="any of fwd,fwdbwd,decode,bwd (bwd: the backward alone in its three forms: "
+                   "split, fused with dQ by TMA reductions, fused with dQ by atomics)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--block", type=int, default=128, help="block size (FlexAttention's is 128)")
