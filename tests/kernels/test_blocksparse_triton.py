@@ -118,7 +118,8 @@ def test_fused_dq_by_tma_and_by_atomics(triton_device, case, monkeypatch):
 
 @pytest.mark.parametrize("shape,density,width", [((1, 2, 3, 40), 0.3, None), ((2, 1, 5, 1500), 0.05, None),
                                                   ((1, 3, 4, 70), 0.5, 70), ((1, 1, 6, 33), 0.0, 4),
-                                                  ((2, 2, 3, 2100), 0.9, None)])
+                                                  ((2, 2, 3, 2100), 0.9, None),
+                                                  pytest.param((2, 8, 128, 2048), 0.05, None, marks=pytest.mark.gpu)])
 def test_mask_to_lists_kernel_matches_the_sorting_path(triton_device, shape, density, width):
     """Block mask -> ascending lists by a prefix sum per row (Triton) equals the torch path's sort, padding zeros
     included; rows longer than one 1024-column chunk and empty rows."""
