@@ -108,6 +108,7 @@ def _prefill_select_kernel(Scores, Idx, Cnt, ssb, ssh, ssm, sib, sih, sim, scb, 
 def prefill_block_select(scores, *, q_len: int, block_q: int, block_k: int, kv_len: int, top_k: int, sink_blocks: int,
                          local_blocks: int, mass: float, head_dim: int, last_block_dense: bool):
     """(kv_indices int32 ``[B, H, NQ, W]``, kv_counts int32 ``[B, H, NQ]``) from ``[B, H, NQ, NK]`` scores."""
+    scores = last_dim_contiguous(scores)
     B, H, n_q, n_k = scores.shape
     last_block_dense = last_block_dense and n_q > 1
     width = n_k if last_block_dense else max(1, min(n_k, top_k + sink_blocks + local_blocks))
