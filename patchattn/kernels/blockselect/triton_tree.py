@@ -22,8 +22,9 @@ from .reference import search_rounds, segments_to_mask
 
 MAX_K = 64  # k segments live in registers as [KH] vectors and [KH, KH] rank matrices; more falls back to torch
 # fp32 queries: ~fp32-exact scores on tensor cores (3xTF32).  16-bit queries multiply the segment means rounded to
-# their dtype (exact products, fp32 sums, as the torch path does for them): the fp32 operands of 3xTF32 take 65 KB
-# of shared memory a program at head_dim 128, 16-bit ones a third of it, so more programs hide the rounds' latency.
+# their dtype (exact products, fp32 sums, as the torch path does for them): at head_dim 128 a program then needs
+# 20-24 KB of shared memory instead of 32-64 KB with fp32 operands, so more programs hide the rounds' latency
+# (H200, 128k: 18.1 -> 8.7 ms together with NUM_STAGES = 1, bench/methods/tree_tune_run*.log).
 PRECISION = "ieee" if INTERPRETING else "tf32x3"
 NUM_WARPS = int(os.environ.get("PATCHATTN_TREE_WARPS", "4"))
 # No software pipelining of the rounds: each round's loads depend on the previous round's choice, so extra stages
