@@ -59,6 +59,14 @@ def random_causal_lists(bs, heads, T, block, density, device, seed=0):
     return chosen[None].to(torch.int32).contiguous(), counts[None].to(torch.int32).contiguous()
 
 
+def lists_at_density(bs, heads, T, block, density, device):
+    """Per-head lists for a benchmark point: every causal block at ``density`` >= 1, else random lists."""
+    if density >= 1.0:
+        idx, cnt = bs.causal_blocks(T, T, block, block, device)
+        return idx.expand(1, heads, -1, -1), cnt.expand(1, heads, -1)
+    return random_causal_lists(bs, heads, T, block, density, device)
+
+
 def random_decode_lists(heads, batch, Tk, block, density, device, seed=0):
     """Decode lists: ``density`` of all key blocks, always including the newest one."""
     n = math.ceil(Tk / block)
@@ -222,11 +230,7 @@ class Runner:
     def prefill_point(self, common, q, k, v, d_out, T, D, dens, t_sdpa, flops, grad, timed):
         a, bs = self.args, self.bs
         blk = a.block
-        if dens >= 1.0:
-            idx, cnt = bs.causal_blocks(T, T, blk, blk, "cuda")
-            idx, cnt = idx.expand(1, a.kv_heads, -1, -1), cnt.expand(1, a.kv_heads, -1)
-        else:
-            idx, cnt = random_causal_lists(bs, a.kv_heads, T, blk, dens, "cuda")
+        idx, cnt = lists_at_density(bs, a.kv_heads, T, blk, dens, "cuda")
         actual = bs.density(cnt, T, T, blk, blk, True)
         point = dict(common, density_target=dens, density=actual)
 
@@ -293,11 +297,7 @@ class Runner:
                  note=f"fwd {sdpa_fwd:.3f} ms")
         del out, leaves
         for dens in a.densities:
-            if dens >= 1.0:
-                idx, cnt = bs.causal_blocks(T, T, blk, blk, "cuda")
-                idx, cnt = idx.expand(1, Hkv, -1, -1), cnt.expand(1, Hkv, -1)
-            else:
-                idx, cnt = random_causal_lists(bs, Hkv, T, blk, dens, "cuda")
+            idx, cnt = lists_at_density(bs, Hkv, T, blk, dens, "cuda")
             point = dict(common, density_target=dens, density=bs.density(cnt, T, T, blk, blk, True))
             opts = bs.Options(blk, blk, True, D ** -0.5, None)
             bs.DENSE_FALLBACK = False  # the kernels themselves, also on the full set

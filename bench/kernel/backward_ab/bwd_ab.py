@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from patchattn.bench.kernel import flex_block_mask, random_causal_lists, rel_err, time_ms
+from patchattn.bench.kernel import flex_block_mask, lists_at_density, rel_err, time_ms
 from patchattn.kernels import blocksparse as bs
 from patchattn.kernels.blocksparse import triton_bwd
 
@@ -24,11 +24,7 @@ for D in (128, 64):
     for T in (16384, 65536):
         q, k, v, d_out = (torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv, Hq))
         for dens in (1.0, 0.5, 0.1, 0.02):
-            if dens >= 1.0:
-                idx, cnt = bs.causal_blocks(T, T, blk, blk, "cuda")
-                idx, cnt = idx.expand(1, Hkv, -1, -1), cnt.expand(1, Hkv, -1)
-            else:
-                idx, cnt = random_causal_lists(bs, Hkv, T, blk, dens, "cuda")
+            idx, cnt = lists_at_density(bs, Hkv, T, blk, dens, "cuda")
             opts = bs.Options(blk, blk, True, D ** -0.5, None)
             bs.DENSE_FALLBACK = False
             fwd = time_ms(lambda: bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk,

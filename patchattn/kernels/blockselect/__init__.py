@@ -72,6 +72,11 @@ def update_tail_mean(k_means: torch.Tensor, keys: torch.Tensor, kv_len: int, blo
     k_means[:, :, -1] = keys[:, :, start:kv_len].mean(dim=2, dtype=torch.float32).to(k_means.dtype)
 
 
+def _prefill_on_triton(backend: str, tensor: torch.Tensor, block_q: int) -> bool:
+    """Whether a prefill selection kernel applies: the triton backend and query blocks of a power of two >= 16."""
+    return _resolve_backend(backend, tensor) == "triton" and block_q >= 16 and not block_q & (block_q - 1)
+
+
 def prefill_block_scores(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, block_k: int, kv_len: int,
                          per_head: bool = True, backend: str = "auto") -> torch.Tensor | None:
     """``[B, H, NQ, NK]`` fp32: the best row of each query block (and of its GQA group unless ``per_head``) dotted
@@ -81,7 +86,7 @@ def prefill_block_scores(query: torch.Tensor, k_means: torch.Tensor, *, block_q:
     Args:
         query: ``[B, Hq, Tq, D]``; k_means: ``[B, Hkv, NK, D]`` with ``NK = ceil(kv_len / block_k)``.
     """
-    if _resolve_backend(backend, query) != "triton" or block_q < 16 or block_q & (block_q - 1):
+    if not _prefill_on_triton(backend, query, block_q):
         return None
     from . import triton_prefill
 
@@ -98,7 +103,7 @@ def prefill_tree_search(query: torch.Tensor, k_means: torch.Tensor, *, block_q: 
     Args:
         query: ``[B, Hq, Tq, D]``, the last ``Tq`` of ``kv_len`` positions; k_means: ``[B, Hkv, NK, D]``.
     """
-    if _resolve_backend(backend, query) != "triton" or block_q < 16 or block_q & (block_q - 1):
+    if not _prefill_on_triton(backend, query, block_q):
         return None
     from . import triton_tree
 
@@ -116,7 +121,7 @@ def prefill_block_select(scores: torch.Tensor, *, q_len: int, block_q: int, bloc
     while the estimated softmax mass of ``score / sqrt(head_dim)`` over the visible blocks is below ``mass``; the last
     query block reads every visible block with ``last_block_dense``.  One Triton program per row (the decode
     selection's search), no ``[NQ, NK]`` masks and no sort.  Returns None where only the torch path applies."""
-    if _resolve_backend(backend, scores) != "triton" or block_q < 16 or block_q & (block_q - 1):
+    if not _prefill_on_triton(backend, scores, block_q):
         return None
     from . import triton_prefill, triton_select
 

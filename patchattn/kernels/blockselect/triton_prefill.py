@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ..blocksparse import _alloc
-from ..blocksparse.triton_fwd import _add, dot_precision, last_dim_contiguous, mma, reduce_max, reduce_sum
-from .triton_select import SELECT_SEARCH, _top_by_mass, _top_by_threshold
+from ..blocksparse.triton_fwd import dot_precision, last_dim_contiguous, mma, reduce_max
+from .triton_select import SELECT_SEARCH, _choose_blocks, _write_ascending
 
 BLOCK_N = 64
 
@@ -86,19 +86,12 @@ def _prefill_select_kernel(Scores, Idx, Cnt, ssb, ssh, ssm, sib, sih, sim, scb, 
     cols = tl.arange(0, NK_POW2)
     valid = cols < n_visible
     raw = tl.load(Scores + b * ssb + h * ssh + m * ssm + cols, mask=valid, other=float("-inf"))
-    forced = valid & ((cols < sink_blocks) | (cols > n_visible - 1 - local_blocks))
-    if USE_MASS:
-        chosen = _top_by_mass(raw * inv_root_d, valid, forced, top_k, mass, cols)
-    else:
-        chosen = _top_by_threshold(raw, valid & ~forced, top_k, VALUE_MIDPOINTS)
-    chosen = chosen | forced
+    chosen = _choose_blocks(raw, cols, n_visible, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS,
+                            VALUE_MIDPOINTS)
     if LAST_DENSE:  # the prefill's last query block reads every visible block
         chosen = chosen | (valid & (m == n_q - 1))
-    ones = chosen.to(tl.int32)
-    slot = tl.associative_scan(ones, 0, _add) - 1
-    count = reduce_sum(ones, 0)
     row = Idx + b * sib + h * sih + m * sim
-    tl.store(row + slot, cols, mask=ones > 0)
+    count = _write_ascending(row, chosen, cols)
     for c in range(0, width, CHUNK):  # entries past the count are 0, as the mask path leaves them
         w = c + tl.arange(0, CHUNK)
         tl.store(row + w, w * 0, mask=(w >= count) & (w < width))

@@ -176,24 +176,39 @@ def _top_by_mass(logits, valid, forced, k, mass, cols):
 
 
 @triton.jit
+def _choose_blocks(raw, cols, n_visible, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS: tl.constexpr,
+                   VALUE_MIDPOINTS: tl.constexpr):
+    """One row's choice among its ``n_visible`` blocks: the sink and local blocks (the last ``local_blocks`` visible
+    ones), then the ``top_k`` best others or, with USE_MASS, the best while the estimated mass is below ``mass``."""
+    valid = cols < n_visible
+    forced = valid & ((cols < sink_blocks) | (cols > n_visible - 1 - local_blocks))
+    if USE_MASS:
+        chosen = _top_by_mass(raw * inv_root_d, valid, forced, top_k, mass, cols)
+    else:
+        chosen = _top_by_threshold(raw, valid & ~forced, top_k, VALUE_MIDPOINTS)
+    return chosen | forced
+
+
+@triton.jit
+def _write_ascending(row_ptr, chosen, cols):
+    """Store the chosen columns at their prefix-sum slots of ``row_ptr`` (ascending); returns how many."""
+    ones = chosen.to(tl.int32)
+    slot = tl.associative_scan(ones, 0, _add) - 1
+    tl.store(row_ptr + slot, cols, mask=ones > 0)
+    return reduce_sum(ones, 0)
+
+
+@triton.jit
 def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks, local_blocks, mass,
                    inv_root_d, WIDTH: tl.constexpr, USE_MASS: tl.constexpr, NK_POW2: tl.constexpr,
                    VALUE_MIDPOINTS: tl.constexpr):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, NK_POW2)
-    valid = cols < n_k
-    raw = tl.load(Scores + b * ssb + h * ssh + cols, mask=valid, other=float("-inf"))
-    forced = valid & ((cols < sink_blocks) | (cols > n_k - 1 - local_blocks))
-    if USE_MASS:
-        chosen = _top_by_mass(raw * inv_root_d, valid, forced, top_k, mass, cols)
-    else:
-        chosen = _top_by_threshold(raw, valid & ~forced, top_k, VALUE_MIDPOINTS)
-    chosen = chosen | forced
-    ones = chosen.to(tl.int32)
-    slot = tl.associative_scan(ones, 0, _add) - 1
-    count = reduce_sum(ones, 0)
-    tl.store(Idx + b * sib + h * sih + slot, cols, mask=ones > 0)
+    raw = tl.load(Scores + b * ssb + h * ssh + cols, mask=cols < n_k, other=float("-inf"))
+    chosen = _choose_blocks(raw, cols, n_k, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS,
+                            VALUE_MIDPOINTS)
+    count = _write_ascending(Idx + b * sib + h * sih, chosen, cols)
     w = tl.arange(0, WIDTH)
     tl.store(Idx + b * sib + h * sih + w, w * 0, mask=w >= count)
     tl.store(Cnt + b * scb + h, count)

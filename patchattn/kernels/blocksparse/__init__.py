@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from typing import NamedTuple
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
+from ._memo import ListMemo
 
 __all__ = [
     "block_sparse_attention",
@@ -322,19 +321,12 @@ def _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col
         return False                                         # key block: decided without a sync
     if q.shape[0] * q.shape[1] * Tq * Tk * q.shape[3] < DENSE_CHECK_MIN_WORK:
         return False
-    key = (Tq, Tk, opts.block_q, opts.block_k, opts.causal, kv_counts._version,
-           kv_indices._version)
-    cached = _FULL_SET_CACHE.get(kv_counts)
-    if cached is not None and cached[0] == key and cached[1]() is kv_indices:
-        return cached[2]  # same live tensors, unmodified since: no host sync
-    full = _is_full_block_set(q, Tk, kv_indices, kv_counts, opts)
-    _FULL_SET_CACHE[kv_counts] = (key, weakref.ref(kv_indices), full)
-    return full
+    # Same live list tensors, unmodified since: no host sync.
+    return _FULL_SET_CACHE.get(kv_indices, kv_counts, (Tq, Tk, opts.block_q, opts.block_k, opts.causal),
+                               lambda: _is_full_block_set(q, Tk, kv_indices, kv_counts, opts))
 
 
-# Static patterns are reused across layers and steps: remember the answer per live kv_counts tensor
-# (weak identity keys, so a freed tensor's memory is never mistaken for it; versions catch edits).
-_FULL_SET_CACHE = WeakIdKeyDictionary()
+_FULL_SET_CACHE = ListMemo()
 
 
 def _is_full_block_set(q, Tk, kv_indices, kv_counts, opts):

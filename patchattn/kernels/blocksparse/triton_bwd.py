@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _alloc
+from ._memo import ListMemo
 from .triton_fwd import (
     INTERPRETING,
     dot_precision,
@@ -60,24 +59,19 @@ DQ_TMA = os.environ.get("PATCHATTN_BWD_DQ_TMA", "1") != "0"
 # The transposed lists of a live list tensor are built once and reused (static patterns share one list tensor across
 # layers and steps, as FlexAttention's BlockMask carries its transposed indices); False rebuilds them every call.
 CACHE_TRANSPOSED = os.environ.get("PATCHATTN_BWD_CACHE_LISTS", "1") != "0"
-_TRANSPOSED = WeakIdKeyDictionary()
+_TRANSPOSED = ListMemo()
 
 
 # ---------------------------------------------------------------------------------------------
 # Transposed block lists
 # ---------------------------------------------------------------------------------------------
 def cached_transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
-    """:func:`transpose_lists`, remembered per live ``kv_counts`` tensor while it and ``kv_indices`` are unmodified
-    (weak identity keys and version counters, as the dense-fallback check; no host sync)."""
+    """:func:`transpose_lists`, remembered per live list pair while unmodified (``_memo.ListMemo``, as the
+    dense-fallback check; no host sync)."""
     if not CACHE_TRANSPOSED or (kv_indices.is_cuda and torch.cuda.is_current_stream_capturing()):
         return transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
-    key = (Tq, Tk, opts.block_q, opts.block_k, opts.causal, kv_counts._version, kv_indices._version)
-    cached = _TRANSPOSED.get(kv_counts)
-    if cached is not None and cached[0] == key and cached[1]() is kv_indices:
-        return cached[2]
-    lists = transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
-    _TRANSPOSED[kv_counts] = (key, weakref.ref(kv_indices), lists)
-    return lists
+    return _TRANSPOSED.get(kv_indices, kv_counts, (Tq, Tk, opts.block_q, opts.block_k, opts.causal),
+                           lambda: transpose_lists(kv_indices, kv_counts, Tq, Tk, opts))
 
 
 def transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
