@@ -87,6 +87,28 @@ def test_backward_loop_layouts(triton_device, case, one_loop, monkeypatch):
           torch.float32)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("tiles_fastest", [True, False], ids=["tiles-fastest", "heads-fastest"])
+def test_backward_launch_orders(triton_device, bwd_mode, case, tiles_fastest, monkeypatch):
+    """Both launch orders of the backward passes (PATCHATTN_BWD_ORDER), both backward modes, with left padding."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    monkeypatch.setattr(triton_bwd, "BWD_TILES_FASTEST", tiles_fastest)
+    check(run_both(case, torch.float32, triton_device, grad=True, **_hooks("padding", case, triton_device)),
+          torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("fuse_delta", [True, False], ids=["delta-in-dq", "delta-kernel"])
+def test_backward_delta_sources(triton_device, case, fuse_delta, monkeypatch):
+    """delta = rowsum(dO * O) formed by the split backward's dQ pass (PATCHATTN_BWD_FUSE_DELTA) or by its own kernel,
+    with left padding (rows no key sees still get their delta)."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    monkeypatch.setattr(triton_bwd, "MODE", "split")
+    monkeypatch.setattr(triton_bwd, "FUSE_DELTA", fuse_delta)
+    check(run_both(case, torch.bfloat16, triton_device, grad=True, **_hooks("padding", case, triton_device)),
+          torch.bfloat16)
+
+
 @pytest.fixture(params=["fused", "split"])
 def bwd_mode(request, monkeypatch):
     """Both backward paths: dQ by atomics inside the dK/dV pass, and the separate dQ pass."""

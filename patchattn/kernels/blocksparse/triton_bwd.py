@@ -11,8 +11,8 @@
     products per tile pair instead of 7, but on the H200 the element-wise fp32 atomics cost more
     than the products saved (equal at full density, 10-14% slower at 10%: bench/kernel/RESULTS.md),
     and dQ's last bits vary between runs. Kept for measurement and for GPUs with cheaper atomics.
-All recompute P = exp2(S - lse) from the forward's logsumexp; delta = rowsum(dO * O) comes from a
-small kernel. A gain applied in the forward is folded into dO; rows that were inactive or saw no key
+All recompute P = exp2(S - lse) from the forward's logsumexp; delta = rowsum(dO * O) is formed by the split
+mode's dQ pass, which runs first and holds dO already (``FUSE_DELTA``), else by a small kernel of its own. A gain applied in the forward is folded into dO; rows that were inactive or saw no key
 carry lse = -inf, read here as +inf so their P is exactly 0.
 """
 from __future__ import annotations
@@ -60,6 +60,16 @@ DQ_TMA = os.environ.get("PATCHATTN_BWD_DQ_TMA", "1") != "0"
 # layers and steps, as FlexAttention's BlockMask carries its transposed indices); False rebuilds them every call.
 CACHE_TRANSPOSED = os.environ.get("PATCHATTN_BWD_CACHE_LISTS", "1") != "0"
 _TRANSPOSED = ListMemo()
+# The split backward's dQ pass (which runs first and loads dO anyway) also forms delta = rowsum(dO * O) for its rows
+# and stores it for the dK/dV pass: one launch and one read of dO fewer than the separate delta kernel ("0" keeps that).
+FUSE_DELTA = os.environ.get("PATCHATTN_BWD_FUSE_DELTA", "1") != "0"
+# Launch order of both passes: all tiles of one head together ("tiles": the programs running at once share one head's
+# Q/dO (dK/dV pass) or K/V (dQ pass) in L2; ncu at 16k/50%: the dK/dV pass hit L2 47% of the time in "heads" order)
+# or all heads of one tile together ("heads"). H200 (bench/kernel/delta_d64/run4): "tiles" 2-5% faster at head_dim
+# 128 from 16k/50% up, "heads" up to 3.5% faster at head_dim 64 and 16k; "auto" picks by head_dim.
+ORDERS = ("auto", "heads", "tiles")
+BWD_ORDER = os.environ.get("PATCHATTN_BWD_ORDER", "auto")
+BWD_TILES_FASTEST: bool | None = {"tiles": True, "heads": False}.get(BWD_ORDER)  # None: by head_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +145,14 @@ def row_dot(out, d_out):
 # dQ
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _program_ids(TILES_FASTEST: tl.constexpr):
+    """(head program, tile program, tile programs) from a (tiles, heads) or a (heads, tiles) grid."""
+    if TILES_FASTEST:
+        return tl.program_id(1), tl.program_id(0), tl.num_programs(0)
+    return tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+
+
+@triton.jit
 def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, list_ptr, stride_entry,
               j_lo, j_hi, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, stride_bias_t, scale_log2,
               scale_over_cap, cap_log2, offs_d, d_ok,
@@ -171,21 +189,21 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, list
 
 @triton.jit
 def _dq_kernel(
-        Q, K, V, DO, DQ, Lse, Delta, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active,
+        Q, K, V, DO, DQ, Lse, Delta, O, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active,
         scale_log2, scale_over_cap, cap_log2, scale,
-        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt, sob, soh, sot,
         sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah,
         Hq, Tq, Tk,
         GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr,
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr, ONE_LOOP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
+        DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr, ONE_LOOP: tl.constexpr, FUSE_DELTA: tl.constexpr,
+        TILES_FASTEST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh, tile, n_tiles = _program_ids(TILES_FASTEST)
+    tile = n_tiles - 1 - tile  # heavy (late, causal) query tiles first
     b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -199,7 +217,12 @@ def _dq_kernel(
                    True, EVEN_D)
     lse2 = tl.load(Lse + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=0.0)
+    if FUSE_DELTA:  # rows of O are written by this program only: form delta here, store it for the dK/dV pass
+        o = load_tile(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+        delta = reduce_sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(Delta + pid_bh.to(tl.int64) * Tq + rows, delta, mask=row_ok)
+    else:
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=0.0)
     k_base = K + b * skb + (h // GROUP) * skh
     v_base = V + b * svb + (h // GROUP) * svh
     bias_ptr = Bias + b * sbb + (h // BIAS_DIV) * sbh
@@ -329,13 +352,12 @@ def _dkdv_kernel(
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
-        FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
+        FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, ONE_LOOP: tl.constexpr, TILES_FASTEST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh, n_tile, _n = _program_ids(TILES_FASTEST)  # early key tiles (read by the most queries, causal) first
     b32 = pid_bh // Hkv  # descriptor coordinates are 32-bit
     b = b32.to(tl.int64)
     hkv = pid_bh % Hkv
-    n_tile = tl.program_id(1)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     Hq = Hkv * GROUP
 
@@ -437,7 +459,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _TUNE_KEY = ["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP"]
-_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2),
+_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2),
                  (16, 16, 4, 2)]
 _dq_tuned = triton.autotune(
     configs=_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2),
@@ -461,9 +483,18 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
     mode = MODE if mode is None else mode
     if mode not in MODES:
         raise ValueError(f"backward mode {mode!r}: expected one of {MODES} (env PATCHATTN_BWD)")
+    if BWD_ORDER not in ORDERS:
+        raise ValueError(f"backward launch order {BWD_ORDER!r}: expected one of {ORDERS} (env PATCHATTN_BWD_ORDER)")
     q, k, v, out, d_out = (last_dim_contiguous(t) for t in (q, k, v, out, d_out))
     B, Hq, Tq, D = q.shape
-    delta = row_dot(out, d_out)  # = rowsum(dO_attn * O_attn) even with a gain (see module doc)
+    fused = mode == "fused"
+    # delta = rowsum(dO * O) with the caller's dO: = rowsum(dO_attn * O_attn) even with a gain (see module doc), so the
+    # dQ pass can form it only while its dO is the caller's (no gain folded in).
+    delta_in_dq = FUSE_DELTA and not fused and head_gain is None
+    if delta_in_dq:
+        delta = _alloc.empty((B, Hq, Tq), torch.float32, q.device)
+    else:
+        delta = row_dot(out, d_out)
     if head_gain is not None:
         from .reference import _gain_as_bhtd
         d_out = d_out * _gain_as_bhtd(head_gain).to(d_out.dtype)
@@ -474,9 +505,9 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
     consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
-                  SCAN=64, ONE_LOOP=BWD_ONE_LOOP)
+                  SCAN=64, ONE_LOOP=BWD_ONE_LOOP,
+                  TILES_FASTEST=D >= 128 if BWD_TILES_FASTEST is None else BWD_TILES_FASTEST)
     tiles = dict(zip(("BLOCK_M", "BLOCK_N"), interpreter_tiles(opts.block_q, opts.block_k)))
-    fused = mode == "fused"
     # dQ in the (B, Tq, Hq, D) layout the attention output uses; fp32 and zeroed when accumulated.
     if fused:
         dq = torch.zeros((B, Tq, Hq, D), dtype=torch.float32, device=q.device).transpose(1, 2)
@@ -484,7 +515,8 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
                             scales, consts, tiles, fused)
     else:
         dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
-        _dq_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, hooks, scales, consts, tiles)
+        _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, scales,
+                 dict(consts, FUSE_DELTA=delta_in_dq), tiles)
         dk, dv = _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
                             scales, consts, tiles, fused)
     if fused:
@@ -492,14 +524,18 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
     return dq, dk, dv
 
 
-def _dq_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, hooks, scales, consts, tiles):
+def _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, scales, consts, tiles):
     B, Hq, Tq, _ = q.shape
-    args = (q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, *hooks["ptrs"], *scales,
+    args = (q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, *hooks["ptrs"], *scales,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
-            *dq.stride()[:3], *list_strides(kv_indices), *list_strides(kv_counts),
+            *dq.stride()[:3], *out.stride()[:3], *list_strides(kv_indices), *list_strides(kv_counts),
             *hooks["strides"], Hq, Tq, k.shape[2])
-    launch(_dq_tuned, lambda meta: (B * Hq, triton.cdiv(Tq, meta["BLOCK_M"])), args, consts, tiles,
+    launch(_dq_tuned, lambda meta: _grid(B * Hq, triton.cdiv(Tq, meta["BLOCK_M"]), consts), args, consts, tiles,
            q.device)
+
+
+def _grid(head_programs, tile_programs, consts):
+    return (tile_programs, head_programs) if consts["TILES_FASTEST"] else (head_programs, tile_programs)
 
 
 def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks, scales,
@@ -513,7 +549,7 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
     rows_per_batch = 0 if kv_indices.shape[0] == 1 else kv_indices.shape[1] * n_k_blocks
     bias_s = list_strides(col_bias) if col_bias is not None else (0, 0, 0)
     kv_start_p, kv_end_p, bias_p, _gain_p, _act_p = hooks["ptrs"]
-    kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE")}
+    kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE", "FUSE_DELTA")}
     args = (q, k, v, d_out, dk, dv, dq, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
             *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *bias_s, Hkv, Tq, Tk,
@@ -522,7 +558,7 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
     if tma:
         _ensure_descriptor_allocator()
     launch(_dkdv_fused_tuned if fused else _dkdv_tuned,
-           lambda meta: (B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"])), args,
+           lambda meta: _grid(B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"]), consts), args,
            dict(kv_consts, FUSED_DQ=fused, DQ_TMA=tma), tiles, q.device)
     return dk, dv
 
