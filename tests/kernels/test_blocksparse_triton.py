@@ -88,6 +88,17 @@ def test_backward_loop_layouts(triton_device, case, one_loop, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("walk", ["one", "two", "peel", "auto"])
+def test_backward_dkdv_walks(triton_device, case, walk, monkeypatch):
+    """The dK/dV pass's three walks of a transposed list (PATCHATTN_BWD_DKDV_WALK), both backward modes' dK/dV, with
+    left padding (so the masked prefix holds padded tiles as well as the causal diagonal)."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    monkeypatch.setattr(triton_bwd, "DKDV_WALK", walk)
+    check(run_both(case, torch.float32, triton_device, grad=True, **_hooks("padding", case, triton_device)),
+          torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("tiles_fastest", [True, False], ids=["tiles-fastest", "heads-fastest"])
 def test_backward_launch_orders(triton_device, bwd_mode, case, tiles_fastest, monkeypatch):
     """Both launch orders of the backward passes (PATCHATTN_BWD_ORDER), both backward modes, with left padding."""

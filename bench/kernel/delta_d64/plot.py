@@ -1,5 +1,5 @@
 """Plot forward+backward speed against FlexAttention on the same masks before this change set (backward_ab/run2 and
-run3, 2026-11-29) and after it (delta_d64/run5: delta in the dQ pass, launch order by head_dim), and the backward
+run3, 2026-11-29) and after it (delta_d64/run8 for d128, run5 for d64: delta in the dQ pass, launch order and dK/dV walk by head_dim), and the backward
 A/B of order_ab.py (CPU):
 
     python3 bench/kernel/delta_d64/plot.py
@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEFORE = {128: "../backward_ab/run2/fwdbwd_d128.csv", 64: "../backward_ab/run3/fwdbwd_d64.csv"}
-AFTER = {128: "run5/fwdbwd_d128.csv", 64: "run5/fwdbwd_d64.csv"}
+AFTER = {128: "run8/fwdbwd_d128.csv", 64: "run5/fwdbwd_d64.csv"}
 
 
 def flex_over_ours(name):
