@@ -88,10 +88,10 @@ def test_backward_loop_layouts(triton_device, case, one_loop, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("walk", ["one", "two", "peel", "auto"])
+@pytest.mark.parametrize("walk", ["one", "two", "auto"])
 def test_backward_dkdv_walks(triton_device, bwd_mode, case, walk, monkeypatch):
-    """The dK/dV pass's three walks of a transposed list (PATCHATTN_BWD_DKDV_WALK), both backward modes' dK/dV, with
-    left padding (so the masked prefix holds padded tiles as well as the causal diagonal)."""
+    """The dK/dV pass's walks of a transposed list (PATCHATTN_BWD_DKDV_WALK), in both backward modes, with left padding
+    (so the masked prefix holds padded tiles as well as the causal diagonal)."""
     triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
     monkeypatch.setattr(triton_bwd, "DKDV_WALK", walk)
     check(run_both(case, torch.float32, triton_device, grad=True, **_hooks("padding", case, triton_device)),

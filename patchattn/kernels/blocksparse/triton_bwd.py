@@ -12,8 +12,9 @@
     than the products saved (equal at full density, 10-14% slower at 10%: bench/kernel/RESULTS.md),
     and dQ's last bits vary between runs. Kept for measurement and for GPUs with cheaper atomics.
 All recompute P = exp2(S - lse) from the forward's logsumexp; delta = rowsum(dO * O) is formed by the split
-mode's dQ pass, which runs first and holds dO already (``FUSE_DELTA``), else by a small kernel of its own. A gain applied in the forward is folded into dO; rows that were inactive or saw no key
-carry lse = -inf, read here as +inf so their P is exactly 0.
+mode's dQ pass, which runs first and holds dO already (``FUSE_DELTA``), else by a small kernel of its own. A gain
+applied in the forward is folded into dO; rows that were inactive or saw no key carry lse = -inf, read here as +inf
+so their P is exactly 0.
 """
 from __future__ import annotations
 
@@ -54,13 +55,12 @@ MODE = os.environ.get("PATCHATTN_BWD", "split")
 # split mode: one loop 5-13% faster at 16k and 64k, 2-100% density (bench/kernel/one_loop/bwd_ab.*).
 BWD_ONE_LOOP = one_loop_from_env("PATCHATTN_BWD_LOOPS", "1")
 # How the dK/dV pass walks each head's transposed list: "one" pipelined loop with the diagonal (masked) entries behind
-# a branch; "two" pipelined loops (masked prefix, clean rest); "peel": the masked prefix (one or two entries under a
-# causal mask) in a loop without software pipelining, then the clean rest pipelined. The branch keeps the mask's
-# operands live through the whole loop: at 64x128 tiles ptxas spills ~16 registers around every iteration's products,
-# which the clean loop of the other two walks does not. H200 (bench/kernel/delta_d64/run7/walk_ab.json): at head_dim 128
-# "two" is 3-8% faster at 50% density, 1-2% at 10%, 2.5% slower at 2%; at head_dim 64 (no spills) "one" is 4-10%
-# faster; "peel" never wins. "auto": "two" from head_dim 128 up, "one" below.
-DKDV_WALKS = ("auto", "one", "two", "peel")
+# a branch, or "two" pipelined loops (masked prefix, clean rest). The branch keeps the mask's operands live through the
+# whole loop: at 64x128 tiles ptxas spills ~16 registers around every iteration's products, which the clean loop of
+# "two" does not. H200 (bench/kernel/delta_d64/run7/walk_ab.json): at head_dim 128 "two" is 3-8% faster at 50% density,
+# 1-2% at 10%, 2.5% slower at 2%; at head_dim 64 (no spills) "one" is 4-10% faster; an unpipelined masked prefix
+# ("peel" there) never won and was removed. "auto": "two" from head_dim 128 up, "one" below.
+DKDV_WALKS = ("auto", "one", "two")
 DKDV_WALK = os.environ.get("PATCHATTN_BWD_DKDV_WALK", "auto")
 # The fused mode's dQ: TMA bulk reduce-add of each [BLOCK_M, D] tile on Hopper and newer (FlashAttention-3's way), or
 # element-wise fp32 atomics ("0", and always on older GPUs / under the interpreter, which has no descriptor reductions).
@@ -305,15 +305,14 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, 
                 BQ: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
-                DQ_TMA: tl.constexpr, masked_below=0, ONE_LOOP: tl.constexpr = False,
-                LOOP_STAGES: tl.constexpr = None):
+                DQ_TMA: tl.constexpr, masked_below=0, ONE_LOOP: tl.constexpr = False):
     """dK/dV over transposed-list entries j_lo..j_hi; ONE_LOOP masks only the entries below masked_below.
 
     With FUSED_DQ, ``dq_target`` is the fp32 dQ of this (batch, head): a pointer (element-wise atomics) or, with
     DQ_TMA, a [B, Tq, Hq, D] tensor descriptor addressed by (dq_batch, row, dq_head, 0)."""
     SUB: tl.constexpr = BQ // BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
-    for j in tl.range(j_lo, j_hi, num_stages=LOOP_STAGES):  # None: the launch's num_stages
+    for j in range(j_lo, j_hi):
         m = tl.load(q_ids + j // SUB)
         rows = m * BQ + (j % SUB) * BLOCK_M + offs_m
         row_ok = rows < Tq
@@ -362,8 +361,7 @@ def _dkdv_kernel(
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
-        FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, ONE_LOOP: tl.constexpr, PREFIX_STAGES: tl.constexpr,
-        TILES_FASTEST: tl.constexpr,
+        FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, ONE_LOOP: tl.constexpr, TILES_FASTEST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh, n_tile, _n = _program_ids(TILES_FASTEST)  # early key tiles (read by the most queries, causal) first
     b32 = pid_bh // Hkv  # descriptor coordinates are 32-bit
@@ -426,7 +424,7 @@ def _dkdv_kernel(
                                  sdt, sgqt, QIds, seg_lo * SUB, (seg_lo + n_diag) * SUB, cols, kv_lo, kv_hi,
                                  Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
                                  d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ, DQ_TMA, LOOP_STAGES=PREFIX_STAGES)
+                                 DOT_PRECISION, FUSED_DQ, DQ_TMA)
             dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
                                  sdt, sgqt, QIds, (seg_lo + n_diag) * SUB, seg_hi * SUB, cols, kv_lo, kv_hi,
                                  Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
@@ -564,7 +562,7 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
     if DKDV_WALK not in DKDV_WALKS:
         raise ValueError(f"dK/dV walk {DKDV_WALK!r}: expected one of {DKDV_WALKS} (env PATCHATTN_BWD_DKDV_WALK)")
     walk = ("two" if q.shape[-1] >= 128 else "one") if DKDV_WALK == "auto" else DKDV_WALK
-    kv_consts.update(ONE_LOOP=consts["ONE_LOOP"] and walk == "one", PREFIX_STAGES=1 if walk == "peel" else None)
+    kv_consts.update(ONE_LOOP=consts["ONE_LOOP"] and walk == "one")
     args = (q, k, v, d_out, dk, dv, dq, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
             *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *bias_s, Hkv, Tq, Tk,
