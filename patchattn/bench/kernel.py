@@ -59,6 +59,51 @@ def random_causal_lists(bs, heads, T, block, density, device, seed=0):
     return chosen[None].to(torch.int32).contiguous(), counts[None].to(torch.int32).contiguous()
 
 
+def backward_points(bs, densities, head_dims=(128, 64), lengths=(16384, 65536), heads=(32, 8), block=128):
+    """The points of the backward A/B scripts (``bench/kernel/*/``): bf16 inputs at every head_dim x length, lists
+    at every density, the sparse kernel's forward outputs and time (the dense fallback off, so a full list is timed
+    through the kernel too) and ``split_backward()``, the split backward of that point."""
+    from types import SimpleNamespace
+
+    from patchattn.kernels.blocksparse import triton_bwd
+
+    n_q, n_kv = heads
+    for d in head_dims:
+        for T in lengths:
+            q, k, v, d_out = (torch.randn(1, h, T, d, device="cuda", dtype=torch.bfloat16)
+                              for h in (n_q, n_kv, n_kv, n_q))
+            for density in densities:
+                idx, cnt = lists_at_density(bs, n_kv, T, block, density, "cuda")
+
+                def forward():
+                    return bs.block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block, return_lse=True)
+                fallback, bs.DENSE_FALLBACK = bs.DENSE_FALLBACK, False
+                try:
+                    fwd_ms = time_ms(forward)
+                    out, lse = forward()
+                finally:
+                    bs.DENSE_FALLBACK = fallback
+                p = SimpleNamespace(D=d, T=T, density=density, q=q, k=k, v=v, d_out=d_out, idx=idx, cnt=cnt,
+                                    block=block, n_q_heads=n_q, out=out, lse=lse, fwd_ms=fwd_ms,
+                                    opts=bs.Options(block, block, True, d ** -0.5, None))
+                p.split_backward = lambda p=p: triton_bwd.backward(
+                    p.d_out, p.q, p.k, p.v, p.out, p.lse, p.idx, p.cnt, p.opts, None, None, None, None, None,
+                    mode="split")
+                yield p
+                del p, out, lse
+
+
+def flex_backward(flex, p):
+    """FlexAttention on point ``p``'s mask (a ``backward_points`` point; ``flex`` a compiled flex_attention):
+    (forward ms, backward ms, (dq, dk, dv))."""
+    mask = flex_block_mask(p.idx, p.cnt, p.T, p.block, p.n_q_heads)
+    qf, kf, vf = (t.clone().requires_grad_(True) for t in (p.q, p.k, p.v))
+    fwd_ms = time_ms(lambda: flex(qf, kf, vf, block_mask=mask, enable_gqa=True))
+    out = flex(qf, kf, vf, block_mask=mask, enable_gqa=True)
+    bwd_ms = time_ms(lambda: torch.autograd.grad(out, (qf, kf, vf), p.d_out, retain_graph=True))
+    return fwd_ms, bwd_ms, torch.autograd.grad(out, (qf, kf, vf), p.d_out)
+
+
 def lists_at_density(bs, heads, T, block, density, device):
     """Per-head lists for a benchmark point: every causal block at ``density`` >= 1, else random lists."""
     if density >= 1.0:

@@ -9,11 +9,10 @@ import os
 import torch
 import triton
 
-from patchattn.bench.kernel import flex_block_mask, lists_at_density, rel_err, time_ms
+from patchattn.bench.kernel import backward_points, flex_backward, rel_err, time_ms
 from patchattn.kernels import blocksparse as bs
 from patchattn.kernels.blocksparse import triton_bwd, triton_fwd
 
-Hq, Hkv, blk = 32, 8, 128
 DKDV = {"m64": triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         "m32": triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3)}
 VARIANTS = [("heads", "m64"), ("tiles", "m64"), ("tiles", "m32"), ("heads", "m32")]
@@ -21,42 +20,24 @@ all_configs = list(triton_bwd._dkdv_tuned.configs)
 torch._dynamo.config.cache_size_limit = 64
 flex = torch.compile(torch.nn.attention.flex_attention.flex_attention, dynamic=False)
 rows = []
-for D in (128, 64):
-    for T in (16384, 65536):
-        q, k, v, d_out = (torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv, Hq))
-        for dens in (0.5, 0.1, 0.02):
-            idx, cnt = lists_at_density(bs, Hkv, T, blk, dens, "cuda")
-            opts = bs.Options(blk, blk, True, D ** -0.5, None)
-            out, lse = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk, return_lse=True)
-            fwd = time_ms(lambda: bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk,
-                                                            return_lse=True))
-            grads = {}
-            for order, tile in VARIANTS:
-                triton_bwd.BWD_TILES_FASTEST = order == "tiles"
-                triton_bwd._dkdv_tuned.configs = [DKDV[tile]]
-                for key in [key for key in triton_fwd.TUNED if key[0] == "_dkdv_kernel"]:
-                    del triton_fwd.TUNED[key]
-
-                def bwd():
-                    return triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, opts, None, None, None, None,
-                                               None, mode="split")
-                t = time_ms(bwd)
-                name = f"{order}_{tile}"
-                grads[name] = bwd()
-                err = max(rel_err(a, b) for a, b in zip(grads[name], grads["heads_m64"]))
-                rows.append(dict(D=D, T=T, density=dens, impl=name, bwd_ms=t, fwd_ms=fwd, bwd_fwd=t / fwd,
-                                 max_rel_diff=err))
-                print(json.dumps(rows[-1]), flush=True)
-            mask = flex_block_mask(idx, cnt, T, blk, Hq)
-            qf, kf, vf = (t.clone().requires_grad_(True) for t in (q, k, v))
-            t_fwd = time_ms(lambda: flex(qf, kf, vf, block_mask=mask, enable_gqa=True))
-            o = flex(qf, kf, vf, block_mask=mask, enable_gqa=True)
-            t = time_ms(lambda: torch.autograd.grad(o, (qf, kf, vf), d_out, retain_graph=True))
-            flex_grads = torch.autograd.grad(o, (qf, kf, vf), d_out)
-            err = max(rel_err(a, b) for a, b in zip(grads["heads_m64"], flex_grads))
-            rows.append(dict(D=D, T=T, density=dens, impl="flex", bwd_ms=t, fwd_ms=t_fwd, bwd_fwd=t / t_fwd,
-                             max_rel_diff=err))
-            print(json.dumps(rows[-1]), flush=True)
-            del o, flex_grads, grads, out, lse
+for p in backward_points(bs, densities=(0.5, 0.1, 0.02)):
+    point = dict(D=p.D, T=p.T, density=p.density)
+    grads = {}
+    for order, tile in VARIANTS:
+        triton_bwd.BWD_TILES_FASTEST = order == "tiles"
+        triton_bwd._dkdv_tuned.configs = [DKDV[tile]]
+        for key in [key for key in triton_fwd.TUNED if key[0] == "_dkdv_kernel"]:
+            del triton_fwd.TUNED[key]
+        t = time_ms(p.split_backward)
+        name = f"{order}_{tile}"
+        grads[name] = p.split_backward()
+        err = max(rel_err(a, b) for a, b in zip(grads[name], grads["heads_m64"]))
+        rows.append(dict(point, impl=name, bwd_ms=t, fwd_ms=p.fwd_ms, bwd_fwd=t / p.fwd_ms, max_rel_diff=err))
+        print(json.dumps(rows[-1]), flush=True)
+    t_fwd, t, flex_grads = flex_backward(flex, p)
+    err = max(rel_err(a, b) for a, b in zip(grads["heads_m64"], flex_grads))
+    rows.append(dict(point, impl="flex", bwd_ms=t, fwd_ms=t_fwd, bwd_fwd=t / t_fwd, max_rel_diff=err))
+    print(json.dumps(rows[-1]), flush=True)
+    del flex_grads, grads
 triton_bwd._dkdv_tuned.configs = all_configs
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "bench/kernel/delta_d64"), "order_ab.json"), "w"), indent=1)

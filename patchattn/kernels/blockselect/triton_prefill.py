@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..blocksparse import _alloc
+from ..blocksparse.triton_lists import zero_tail
 from ..blocksparse.triton_fwd import dot_precision, last_dim_contiguous, mma, reduce_max
 from .triton_select import SELECT_SEARCH, _choose_blocks, _write_ascending
 
@@ -92,9 +93,7 @@ def _prefill_select_kernel(Scores, Idx, Cnt, ssb, ssh, ssm, sib, sih, sim, scb, 
         chosen = chosen | (valid & (m == n_q - 1))
     row = Idx + b * sib + h * sih + m * sim
     count = _write_ascending(row, chosen, cols)
-    for c in range(0, width, CHUNK):  # entries past the count are 0, as the mask path leaves them
-        w = c + tl.arange(0, CHUNK)
-        tl.store(row + w, w * 0, mask=(w >= count) & (w < width))
+    zero_tail(row, count, width, CHUNK)  # entries past the count are 0, as the mask path leaves them
     tl.store(Cnt + b * scb + h * sch + m, count)
 
 

@@ -494,6 +494,8 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
         raise ValueError(f"backward mode {mode!r}: expected one of {MODES} (env PATCHATTN_BWD)")
     if BWD_ORDER not in ORDERS:
         raise ValueError(f"backward launch order {BWD_ORDER!r}: expected one of {ORDERS} (env PATCHATTN_BWD_ORDER)")
+    if DKDV_WALK not in DKDV_WALKS:
+        raise ValueError(f"dK/dV walk {DKDV_WALK!r}: expected one of {DKDV_WALKS} (env PATCHATTN_BWD_DKDV_WALK)")
     q, k, v, out, d_out = (last_dim_contiguous(t) for t in (q, k, v, out, d_out))
     B, Hq, Tq, D = q.shape
     fused = mode == "fused"
@@ -511,23 +513,27 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
     kv_start, kv_end = pad_bounds(q, k, kv_start, kv_end)
     hooks = hook_args(q, k, kv_indices, col_bias, None, active, kv_start, kv_end)
     scales = (*softmax_scales(opts), opts.scale)
+    # The "auto" launch order and dK/dV walk both follow head_dim: from 128 up tiles-first and two loops pay
+    # (L2 reuse, no register spills), below they lose (bench/kernel/delta_d64).
+    wide_head = D >= 128
+    walk = ("two" if wide_head else "one") if DKDV_WALK == "auto" else DKDV_WALK
     consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
                   SCAN=64, ONE_LOOP=BWD_ONE_LOOP,
-                  TILES_FASTEST=D >= 128 if BWD_TILES_FASTEST is None else BWD_TILES_FASTEST)
+                  TILES_FASTEST=wide_head if BWD_TILES_FASTEST is None else BWD_TILES_FASTEST)
     tiles = dict(zip(("BLOCK_M", "BLOCK_N"), interpreter_tiles(opts.block_q, opts.block_k)))
     # dQ in the (B, Tq, Hq, D) layout the attention output uses; fp32 and zeroed when accumulated.
     if fused:
         dq = torch.zeros((B, Tq, Hq, D), dtype=torch.float32, device=q.device).transpose(1, 2)
         dk, dv = _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
-                            scales, consts, tiles, fused)
+                            scales, consts, tiles, fused, walk)
     else:
         dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
         _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, scales,
                  dict(consts, FUSE_DELTA=delta_in_dq), tiles)
         dk, dv = _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
-                            scales, consts, tiles, fused)
+                            scales, consts, tiles, fused, walk)
     if fused:
         dq = (dq * opts.scale).to(q.dtype)
     return dq, dk, dv
@@ -548,7 +554,7 @@ def _grid(head_programs, tile_programs, consts):
 
 
 def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks, scales,
-               consts, tiles, fused):
+               consts, tiles, fused, walk):
     B, Hkv, Tk, _ = k.shape
     Tq = q.shape[2]
     q_ids, offsets = cached_transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
@@ -559,9 +565,6 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
     bias_s = list_strides(col_bias) if col_bias is not None else (0, 0, 0)
     kv_start_p, kv_end_p, bias_p, _gain_p, _act_p = hooks["ptrs"]
     kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE", "FUSE_DELTA")}
-    if DKDV_WALK not in DKDV_WALKS:
-        raise ValueError(f"dK/dV walk {DKDV_WALK!r}: expected one of {DKDV_WALKS} (env PATCHATTN_BWD_DKDV_WALK)")
-    walk = ("two" if q.shape[-1] >= 128 else "one") if DKDV_WALK == "auto" else DKDV_WALK
     kv_consts.update(ONE_LOOP=consts["ONE_LOOP"] and walk == "one")
     args = (q, k, v, d_out, dk, dv, dq, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
             *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],

@@ -13,6 +13,14 @@ CHUNK = 1024
 
 
 @triton.jit
+def zero_tail(row_ptr, count, width, CHUNK: tl.constexpr):
+    """Zero a list row's entries from ``count`` to ``width`` (as the torch path leaves them)."""
+    for c in range(0, width, CHUNK):
+        w = c + tl.arange(0, CHUNK)
+        tl.store(row_ptr + w, w * 0, mask=(w >= count) & (w < width))
+
+
+@triton.jit
 def _compact_kernel(Mask, Idx, n_k, width, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     mask_row = Mask + row * n_k
@@ -24,9 +32,7 @@ def _compact_kernel(Mask, Idx, n_k, width, CHUNK: tl.constexpr):
         slot = written + tl.associative_scan(hit, 0, _add) - 1
         tl.store(idx_row + slot, cols, mask=(hit > 0) & (slot < width))
         written += reduce_sum(hit, 0)
-    for c in range(0, width, CHUNK):  # entries past the count are 0, as the torch path leaves them
-        w = c + tl.arange(0, CHUNK)
-        tl.store(idx_row + w, w * 0, mask=(w >= written) & (w < width))
+    zero_tail(idx_row, written, width, CHUNK)
 
 
 def compact(block_mask: torch.Tensor, width: int) -> torch.Tensor:
