@@ -7,7 +7,18 @@ hip-attn pins torch 2.5 and imports opencv, nvtx, numba, cupy and its own model 
 which the GPU machine has or our torch 2.11 / transformers 5 can load; its kernels are Triton. So the wheel is
 unpacked (never installed or vendored), its package ``__init__`` is skipped, and the few import-time names its v1.1
 module touches (``nvtx.annotate``, ``numba.njit``/``prange``, ``cv2``) are stubbed; the kernel itself runs as shipped
-with the paper's settings (mask_k 512, query block 32, key block 2, 256-token window, 16 sink tokens)."""
+with the paper's settings (mask_k 512, query block 32, key block 2, 256-token window, 16 sink tokens).
+
+Triton >= 3.4 no longer accepts a plain ``str`` as the *default* of a constexpr parameter of a jit function called
+from another one (``inspect.getcallargs`` hands the raw string to the code generator: "'str' object has no
+attribute 'type'"); hip-attn's v1.1 kernels have such defaults (``EXTEND_BACKEND: tl.constexpr =
+DEFAULT_EXTEND_BACKEND``).  Two more Triton 3.6 changes break it: a jit function may no longer reference a plain
+Python function (its bitonic argsort calls ``core.get_int_dtype``), and ``tl.flip(x)`` without ``dim`` fails its own
+static assert before resolving the default.  ``_triton36_shims`` fixes all three in memory after import (str defaults
+wrapped as ``tl.constexpr``; the argsort module's ``core`` replaced by a copy whose ``get_int_dtype`` is a
+``constexpr_function``; ``flip``'s default ``dim`` set to -1, its documented meaning); no kernel source is changed.
+Found by compiling for sm_90 on a CPU with Triton 3.6 (``JITFunction.cache_key`` over every hip-attn jit function,
+and small kernels through ``triton.compile``)."""
 import argparse
 import contextlib
 import json
@@ -41,6 +52,45 @@ def _stub_modules():
         sys.modules.setdefault(name, mod)
 
 
+def _wrap_string_defaults(prefix="hip_attn"):
+    """Wrap str defaults of every jit function in the loaded ``prefix`` modules as tl.constexpr; returns how many."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+    fixed = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(prefix) or module is None:
+            continue
+        for value in list(vars(module).values()):
+            while value is not None and not isinstance(value, JITFunction):
+                value = getattr(value, "fn", None)  # autotune / heuristics wrappers
+            if value is None or not value.fn.__defaults__:
+                continue
+            defaults = value.fn.__defaults__
+            if any(isinstance(d, str) for d in defaults):
+                value.fn.__defaults__ = tuple(tl.constexpr(d) if isinstance(d, str) else d for d in defaults)
+                fixed += 1
+    return fixed
+
+
+def _triton36_shims():
+    """Make hip-attn's v1.1 kernels compile under Triton 3.6 (see the module docstring); returns what was changed."""
+    import triton.language.core as core
+    import triton.language.standard as standard
+    from triton.runtime.jit import constexpr_function
+    changed = [f"str defaults wrapped in {_wrap_string_defaults()} jit functions"]
+    argsort = sys.modules.get("hip_attn.utils.triton_argsort")
+    if argsort is not None and not isinstance(getattr(argsort.core, "get_int_dtype", None), type(standard._get_int_dtype)):
+        shim = types.ModuleType("hip_attn_triton_core_shim")
+        shim.__dict__.update(vars(core))
+        shim.get_int_dtype = constexpr_function(core.get_int_dtype)
+        argsort.core = shim
+        changed.append("argsort's core.get_int_dtype as a constexpr_function")
+    if standard.flip.fn.__defaults__ == (None,):
+        standard.flip.fn.__defaults__ = (-1,)
+        changed.append("tl.flip's default dim = -1")
+    return changed
+
+
 def load_hip_attn(wheel: str):
     root = tempfile.mkdtemp(prefix="hip_attn_")
     zipfile.ZipFile(wheel).extractall(root)
@@ -49,7 +99,10 @@ def load_hip_attn(wheel: str):
     pkg.__path__ = [f"{root}/hip_attn"]
     sys.modules["hip_attn"] = pkg
     import importlib
-    return importlib.import_module("hip_attn.v1_1.attention2_draft_prefetch")
+    module = importlib.import_module("hip_attn.v1_1.attention2_draft_prefetch")
+    importlib.import_module("hip_attn.utils.triton_argsort")
+    print("hip-attn under Triton 3.6:", "; ".join(_triton36_shims()), flush=True)
+    return module
 
 
 def main(argv=None):

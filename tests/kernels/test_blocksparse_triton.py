@@ -356,6 +356,43 @@ def test_full_block_set_uses_dense_path(triton_device, causal, monkeypatch):
                                       None, None, None, None, False)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_lists_made_full_are_known_full_without_a_check(causal):
+    """causal_blocks / dense_blocks mark their lists full, so even a call too small for the (host-syncing) full-set
+    check goes to SDPA; an equal copy is not known (and too small to check), and an in-place edit forgets it."""
+    q = torch.zeros(1, 2, 64, 16)
+    k = torch.zeros(1, 1, 64, 16)
+    opts = bs.Options(16, 16, causal, 0.25, None)
+    idx, cnt = (bs.causal_blocks if causal else bs.dense_blocks)(64, 64, 16, 16)
+    assert q.numel() * 64 < bs.DENSE_CHECK_MIN_WORK  # the check itself would be skipped here
+
+    def dense_path(i, c, o=opts):
+        return bs._use_dense_fallback(q, k, i, c, o, None, None, None, None, False)
+
+    assert dense_path(idx, cnt)
+    assert not dense_path(idx.clone(), cnt.clone())
+    if causal:  # the causal set is not the full non-causal set
+        assert not dense_path(idx, cnt, bs.Options(16, 16, False, 0.25, None))
+    else:  # every block is full under the causal rule too
+        assert dense_path(idx, cnt, bs.Options(16, 16, True, 0.25, None))
+    cnt[..., -1] -= 1
+    assert not dense_path(idx, cnt)
+
+
+def test_list_memo_keeps_answers_per_key_and_forgets_on_edit():
+    from patchattn.kernels.blocksparse._memo import ListMemo
+    memo = ListMemo()
+    idx, cnt = torch.zeros(1, 1, 2, 3, dtype=torch.int32), torch.ones(1, 1, 2, dtype=torch.int32)
+    calls = []
+    assert memo.get(idx, cnt, ("a",), lambda: calls.append(1) or 1) == 1
+    assert memo.get(idx, cnt, ("b",), lambda: calls.append(2) or 2) == 2
+    assert memo.get(idx, cnt, ("a",), lambda: calls.append(3) or 3) == 1 and calls == [1, 2]
+    assert memo.peek(idx, cnt, ("b",)) == 2 and memo.peek(idx, cnt, ("c",)) is None
+    assert memo.peek(idx.clone(), cnt, ("a",)) is None  # another indices tensor
+    idx.add_(0)  # an in-place edit (version bump) forgets every answer
+    assert memo.peek(idx, cnt, ("a",)) is None and memo.peek(idx, cnt, ("b",)) is None
+
+
 # --- Decode's split-K merge: fused into the split kernel (default) or a separate launch ----------
 MERGE_CASES = [  # enough listed blocks for more splits than the merge's MERGE_TILE (16)
     pytest.param(Case(B=2, Hq=4, Hkv=2, Tq=1, Tk=400, block_q=16, block_k=16, list_heads="kv",

@@ -36,7 +36,8 @@ DECODE_MAX_QUERIES = 16
 # Fall back to SDPA when the block list is the full (causal or dense) set and no hook needs us.
 DENSE_FALLBACK = True
 # Checking for the full set costs a host sync (~0.1-0.3 ms); below this much work (B*Hq*Tq*Tk*D,
-# about T = 8k at 32 heads x 128) the kernel's gap to SDPA is smaller than that, so don't check.
+# about T = 8k at 32 heads x 128) the kernel's gap to SDPA is smaller than that, so don't check.  Lists made by
+# causal_blocks / dense_blocks are known full without a check, at any size.
 DENSE_CHECK_MIN_WORK = 1 << 39
 
 
@@ -124,6 +125,9 @@ def mask_from_blocks(kv_indices: torch.Tensor, kv_counts: torch.Tensor, num_k_bl
     return hits > 0
 
 
+_FULL_SET_CACHE = ListMemo()
+
+
 def causal_block_counts(Tq: int, Tk: int, block_q: int, block_k: int, device=None):
     """Per query block, how many key blocks the causal rule allows (they are blocks 0..n-1)."""
     n_q, n_k = math.ceil(Tq / block_q), math.ceil(Tk / block_k)
@@ -133,19 +137,25 @@ def causal_block_counts(Tq: int, Tk: int, block_q: int, block_k: int, device=Non
 
 
 def causal_blocks(Tq: int, Tk: int, block_q: int, block_k: int, device=None):
-    """The full causal block set as ([1, 1, NQ, NK] indices, [1, 1, NQ] counts)."""
+    """The full causal block set as ([1, 1, NQ, NK] indices, [1, 1, NQ] counts).  The pair is remembered as full
+    (while unmodified), so a causal call with it goes to SDPA without a device-to-host check."""
     n_q, n_k = math.ceil(Tq / block_q), math.ceil(Tk / block_k)
     counts = causal_block_counts(Tq, Tk, block_q, block_k, device)
     idx = torch.arange(n_k, device=device, dtype=torch.int32).expand(n_q, n_k)
-    return idx.contiguous().view(1, 1, n_q, n_k), counts.view(1, 1, n_q)
+    idx, counts = idx.contiguous().view(1, 1, n_q, n_k), counts.view(1, 1, n_q)
+    _FULL_SET_CACHE.put(idx, counts, (Tq, Tk, block_q, block_k, True), True)
+    return idx, counts
 
 
 def dense_blocks(Tq: int, Tk: int, block_q: int, block_k: int, device=None):
-    """Every key block for every query block (non-causal full set)."""
+    """Every key block for every query block (non-causal full set; also full under the causal rule, which only
+    hides more).  Remembered as full, as :func:`causal_blocks`."""
     n_q, n_k = math.ceil(Tq / block_q), math.ceil(Tk / block_k)
-    idx = torch.arange(n_k, device=device, dtype=torch.int32).expand(n_q, n_k)
+    idx = torch.arange(n_k, device=device, dtype=torch.int32).expand(n_q, n_k).contiguous().view(1, 1, n_q, n_k)
     counts = torch.full((1, 1, n_q), n_k, device=device, dtype=torch.int32)
-    return idx.contiguous().view(1, 1, n_q, n_k), counts
+    for causal in (True, False):
+        _FULL_SET_CACHE.put(idx, counts, (Tq, Tk, block_q, block_k, causal), True)
+    return idx, counts
 
 
 def density(kv_counts: torch.Tensor, Tq: int, Tk: int, block_q: int, block_k: int,
@@ -319,14 +329,15 @@ def _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col
         return False
     if kv_indices.shape[-1] < math.ceil(Tk / opts.block_k):  # the last query block reads every
         return False                                         # key block: decided without a sync
+    key = (Tq, Tk, opts.block_q, opts.block_k, opts.causal)
+    known = _FULL_SET_CACHE.peek(kv_indices, kv_counts, key)  # checked before, or made by causal/dense_blocks
+    if known is not None:
+        return known
     if q.shape[0] * q.shape[1] * Tq * Tk * q.shape[3] < DENSE_CHECK_MIN_WORK:
         return False
     # Same live list tensors, unmodified since: no host sync.
-    return _FULL_SET_CACHE.get(kv_indices, kv_counts, (Tq, Tk, opts.block_q, opts.block_k, opts.causal),
+    return _FULL_SET_CACHE.get(kv_indices, kv_counts, key,
                                lambda: _is_full_block_set(q, Tk, kv_indices, kv_counts, opts))
-
-
-_FULL_SET_CACHE = ListMemo()
 
 
 def _is_full_block_set(q, Tk, kv_indices, kv_counts, opts):
