@@ -105,6 +105,18 @@ def load_hip_attn(wheel: str):
     return module
 
 
+def synced_calls_ms(fn, calls=6):
+    """Wall milliseconds of single synchronised calls (after the first): shows whether later calls still compile."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(round((time.perf_counter() - start) * 1e3, 2))
+    return times
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("wheel")
@@ -147,6 +159,7 @@ def main(argv=None):
                 out, _meta = hip.hip_attention(qt, kt, vt, args=hargs)
                 torch.cuda.synchronize()
                 row["hip_attn_first_call_s"] = time.time() - start
+                row["hip_attn_calls_ms"] = synced_calls_ms(lambda: hip.hip_attention(qt, kt, vt, args=hargs))
                 row["hip_attn_ms"] = time_ms(lambda: hip.hip_attention(qt, kt, vt, args=hargs))
                 row["hip_attn_vs_sdpa"] = sdpa / row["hip_attn_ms"]
                 row["hip_attn_out_finite"] = bool(torch.isfinite(out).all())
