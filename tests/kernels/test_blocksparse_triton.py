@@ -98,6 +98,36 @@ def test_backward_dkdv_walks(triton_device, bwd_mode, case, walk, monkeypatch):
           torch.float32)
 
 
+GROUP_WALK_CASES = [c for c in CASES if c.values[0].list_heads in ("kv", "1") and c.values[0].Hq > c.values[0].Hkv]
+
+
+@pytest.mark.parametrize("case", GROUP_WALK_CASES)
+@pytest.mark.parametrize("group_walk", ["flat", "loop"])
+@pytest.mark.parametrize("walk", ["one", "two"])
+@pytest.mark.parametrize("hook", ["padding", "biasq", "all"])
+def test_backward_group_walks(triton_device, bwd_mode, case, group_walk, walk, hook, monkeypatch):
+    """The dK/dV pass over a GQA group sharing one list (PATCHATTN_BWD_GROUP_WALK): one walk over (entry, head) pairs
+    or one walk per head, with either walk of the masked entries, in both backward modes; per-q-head bias and every
+    hook together exercise the per-head offsets of the flat walk."""
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    monkeypatch.setattr(triton_bwd, "GROUP_WALK", group_walk)
+    monkeypatch.setattr(triton_bwd, "DKDV_WALK", walk)
+    assert triton_bwd.flat_group_walk(case.Hq // case.Hkv, case.Hq // {"kv": case.Hkv, "1": 1}[case.list_heads]) \
+        == (group_walk == "flat")
+    hooks = _hooks(hook, case, triton_device)
+    hooks.pop("head_gain", None)  # a gain moves delta out of the dQ pass; covered by test_backward_all_hooks
+    check(run_both(case, torch.float32, triton_device, grad=True, **hooks), torch.float32)
+
+
+def test_flat_group_walk_only_for_shared_lists(monkeypatch):
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    monkeypatch.setattr(triton_bwd, "GROUP_WALK", "auto")
+    assert triton_bwd.flat_group_walk(4, 4) and triton_bwd.flat_group_walk(4, 8)   # per KV head / one for all
+    assert not triton_bwd.flat_group_walk(4, 1) and not triton_bwd.flat_group_walk(1, 1)  # per q head / MHA
+    monkeypatch.setattr(triton_bwd, "GROUP_WALK", "loop")
+    assert not triton_bwd.flat_group_walk(4, 4)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("tiles_fastest", [True, False], ids=["tiles-fastest", "heads-fastest"])
 def test_backward_launch_orders(triton_device, bwd_mode, case, tiles_fastest, monkeypatch):

@@ -76,6 +76,13 @@ FUSE_DELTA = os.environ.get("PATCHATTN_BWD_FUSE_DELTA", "1") != "0"
 # Q/dO (dK/dV pass) or K/V (dQ pass) in L2; ncu at 16k/50%: the dK/dV pass hit L2 47% of the time in "heads" order)
 # or all heads of one tile together ("heads"). H200 (bench/kernel/delta_d64/run4): "tiles" 2-5% faster at head_dim
 # 128 from 16k/50% up, "heads" up to 3.5% faster at head_dim 64 and 16k; "auto" picks by head_dim.
+# How the dK/dV pass walks the q heads of its GQA group when they share one list (lists per KV head or shared by all
+# heads): "flat", one walk over (entry, head) pairs, so the pass has one or two pipelined loops in all instead of one
+# or two per head (each with its own pipeline fill, which short sparse lists pay for), or "loop", a walk per head.
+# Lists per q head always take "loop". "auto": see GROUP_WALK_AUTO.
+GROUP_WALKS = ("auto", "flat", "loop")
+GROUP_WALK = os.environ.get("PATCHATTN_BWD_GROUP_WALK", "auto")
+GROUP_WALK_AUTO = "flat"
 ORDERS = ("auto", "heads", "tiles")
 BWD_ORDER = os.environ.get("PATCHATTN_BWD_ORDER", "auto")
 BWD_TILES_FASTEST: bool | None = {"tiles": True, "heads": False}.get(BWD_ORDER)  # None: by head_dim
@@ -305,27 +312,32 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, 
                 BQ: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
-                DQ_TMA: tl.constexpr, masked_below=0, ONE_LOOP: tl.constexpr = False):
+                DQ_TMA: tl.constexpr, masked_below, ONE_LOOP: tl.constexpr, HEADS: tl.constexpr, head_strides):
     """dK/dV over transposed-list entries j_lo..j_hi; ONE_LOOP masks only the entries below masked_below.
 
+    With HEADS > 1, j walks (entry, head) pairs, the head fastest, for HEADS consecutive q heads that share the list:
+    ``head_strides`` = (q, dO, lse/delta, dQ, bias) offsets from one head to the next (the bases are the first
+    head's; the dQ offset counts heads for a descriptor, elements for a pointer).
     With FUSED_DQ, ``dq_target`` is the fp32 dQ of this (batch, head): a pointer (element-wise atomics) or, with
     DQ_TMA, a [B, Tq, Hq, D] tensor descriptor addressed by (dq_batch, row, dq_head, 0)."""
     SUB: tl.constexpr = BQ // BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     for j in range(j_lo, j_hi):
-        m = tl.load(q_ids + j // SUB)
-        rows = m * BQ + (j % SUB) * BLOCK_M + offs_m
+        g = j % HEADS
+        t = j // HEADS
+        m = tl.load(q_ids + t // SUB)
+        rows = m * BQ + (t % SUB) * BLOCK_M + offs_m
         row_ok = rows < Tq
-        q = load_tile(q_base + rows[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, True,
+        q = load_tile(q_base + g * head_strides[0] + rows[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, True,
                       EVEN_D)
-        do = load_tile(do_base + rows[:, None] * stride_dt + offs_d[None, :], row_ok, d_ok, True,
-                       EVEN_D)
-        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        do = load_tile(do_base + g * head_strides[1] + rows[:, None] * stride_dt + offs_d[None, :], row_ok, d_ok,
+                       True, EVEN_D)
+        lse2 = tl.load(lse_base + g * head_strides[2] + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + g * head_strides[2] + rows, mask=row_ok, other=0.0)
         # Transposed tiles [BLOCK_N keys, BLOCK_M queries]: dV and dK come out without transposes.
-        s_t, t_t = scores_log2(k, q, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap,
-                               cap_log2, HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, True)
+        s_t, t_t = scores_log2(k, q, cols, bias_ptr + g * head_strides[4], stride_bias_t, Tk, scale_log2,
+                               scale_over_cap, cap_log2, HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, True)
         if ONE_LOOP:
             if j < masked_below:
                 s_t = tl.where(visibility(rows + (Tk - Tq), cols, kv_lo, kv_hi, CAUSAL, True), s_t, float("-inf"))
@@ -342,10 +354,10 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, 
         if FUSED_DQ:  # this tile pair's share of dQ = dS @ K, summed over key tiles by atomics
             dq = mma(tl.trans(ds_t).to(k.dtype), k, None, DOT_PRECISION)
             if DQ_TMA:  # one bulk reduce-add of the tile by the TMA unit; rows >= Tq and cols >= D are clipped
-                dq_target.atomic_add([dq_batch, m * BQ + (j % SUB) * BLOCK_M, dq_head, 0],
+                dq_target.atomic_add([dq_batch, m * BQ + (t % SUB) * BLOCK_M, dq_head + g * head_strides[3], 0],
                                      dq.reshape(1, BLOCK_M, 1, dq.shape[1]))
             else:
-                tl.atomic_add(dq_target + rows[:, None] * stride_dqt + offs_d[None, :], dq,
+                tl.atomic_add(dq_target + g * head_strides[3] + rows[:, None] * stride_dqt + offs_d[None, :], dq,
                               mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
@@ -362,7 +374,7 @@ def _dkdv_kernel(
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
         FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, ONE_LOOP: tl.constexpr, TILES_FASTEST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        FLAT_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh, n_tile, _n = _program_ids(TILES_FASTEST)  # early key tiles (read by the most queries, causal) first
     b32 = pid_bh // Hkv  # descriptor coordinates are 32-bit
     b = b32.to(tl.int64)
@@ -394,7 +406,11 @@ def _dkdv_kernel(
     if DQ_TMA:
         dq_desc = tl.make_tensor_descriptor(DQ, shape=[n_batch, Tq, Hq, HEAD_DIM], strides=[sgqb, sgqt, sgqh, 1],
                                             block_shape=[1, BLOCK_M, 1, BLOCK_D])
-    for g in range(GROUP):
+    # FLAT_GROUP (the group's heads share one list): one walk over (entry, head) pairs instead of one per head.
+    HEADS: tl.constexpr = GROUP if FLAT_GROUP else 1
+    WALK: tl.constexpr = SUB * HEADS  # steps per list entry
+    steps = (sqh, sdh, Tq, 1 if DQ_TMA else sgqh, sbh if BIAS_DIV == 1 else 0)
+    for g in range(0, GROUP, HEADS):
         h = hkv * GROUP + g
         row = b * list_rows_per_batch + (h // LIST_DIV) * n_k_blocks + n_blk
         seg_lo = tl.load(Offsets + row)
@@ -413,23 +429,23 @@ def _dkdv_kernel(
         else:
             dq_target = DQ + b * sgqb + h * sgqh
         bias_ptr = Bias + b * sbb + (h // BIAS_DIV) * sbh
-        if ONE_LOOP:  # one pipelined walk per head, the masked prefix picked by a branch
+        if ONE_LOOP:  # one pipelined walk, the masked prefix picked by a branch
             dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
-                                 sdt, sgqt, QIds, seg_lo * SUB, seg_hi * SUB, cols, kv_lo, kv_hi,
+                                 sdt, sgqt, QIds, seg_lo * WALK, seg_hi * WALK, cols, kv_lo, kv_hi,
                                  Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
                                  d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ, DQ_TMA, (seg_lo + n_diag) * SUB, True)
+                                 DOT_PRECISION, FUSED_DQ, DQ_TMA, (seg_lo + n_diag) * WALK, True, HEADS, steps)
         else:
             dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
-                                 sdt, sgqt, QIds, seg_lo * SUB, (seg_lo + n_diag) * SUB, cols, kv_lo, kv_hi,
+                                 sdt, sgqt, QIds, seg_lo * WALK, (seg_lo + n_diag) * WALK, cols, kv_lo, kv_hi,
                                  Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
                                  d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ, DQ_TMA)
+                                 DOT_PRECISION, FUSED_DQ, DQ_TMA, 0, False, HEADS, steps)
             dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
-                                 sdt, sgqt, QIds, (seg_lo + n_diag) * SUB, seg_hi * SUB, cols, kv_lo, kv_hi,
+                                 sdt, sgqt, QIds, (seg_lo + n_diag) * WALK, seg_hi * WALK, cols, kv_lo, kv_hi,
                                  Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
                                  d_ok, BQ, BLOCK_M, EVEN_D, False, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ, DQ_TMA)
+                                 DOT_PRECISION, FUSED_DQ, DQ_TMA, 0, False, HEADS, steps)
     mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + b * sdkb + hkv * sdkh + cols[:, None] * sdkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=mask)
@@ -496,6 +512,9 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
         raise ValueError(f"backward launch order {BWD_ORDER!r}: expected one of {ORDERS} (env PATCHATTN_BWD_ORDER)")
     if DKDV_WALK not in DKDV_WALKS:
         raise ValueError(f"dK/dV walk {DKDV_WALK!r}: expected one of {DKDV_WALKS} (env PATCHATTN_BWD_DKDV_WALK)")
+    if GROUP_WALK not in GROUP_WALKS:
+        raise ValueError(f"dK/dV group walk {GROUP_WALK!r}: expected one of {GROUP_WALKS} "
+                         "(env PATCHATTN_BWD_GROUP_WALK)")
     q, k, v, out, d_out = (last_dim_contiguous(t) for t in (q, k, v, out, d_out))
     B, Hq, Tq, D = q.shape
     fused = mode == "fused"
@@ -565,7 +584,8 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
     bias_s = list_strides(col_bias) if col_bias is not None else (0, 0, 0)
     kv_start_p, kv_end_p, bias_p, _gain_p, _act_p = hooks["ptrs"]
     kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE", "FUSE_DELTA")}
-    kv_consts.update(ONE_LOOP=consts["ONE_LOOP"] and walk == "one")
+    kv_consts.update(ONE_LOOP=consts["ONE_LOOP"] and walk == "one",
+                     FLAT_GROUP=flat_group_walk(consts["GROUP"], consts["LIST_DIV"]))
     args = (q, k, v, d_out, dk, dv, dq, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
             *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *bias_s, Hkv, Tq, Tk,
@@ -577,6 +597,13 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
            lambda meta: _grid(B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"]), consts), args,
            dict(kv_consts, FUSED_DQ=fused, DQ_TMA=tma), tiles, q.device)
     return dk, dv
+
+
+def flat_group_walk(group: int, list_div: int) -> bool:
+    """Whether the dK/dV pass walks its group's heads as one list (``GROUP_WALK``): possible when every head of the
+    group reads the same list (one list per KV head, or one for all heads)."""
+    shared = group > 1 and list_div % group == 0
+    return shared and (GROUP_WALK_AUTO if GROUP_WALK == "auto" else GROUP_WALK) == "flat"
 
 
 def dq_by_tma(device, head_dim: int) -> bool:
