@@ -112,8 +112,8 @@ def test_backward_group_walks(triton_device, bwd_mode, case, group_walk, walk, h
     triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
     monkeypatch.setattr(triton_bwd, "GROUP_WALK", group_walk)
     monkeypatch.setattr(triton_bwd, "DKDV_WALK", walk)
-    assert triton_bwd.flat_group_walk(case.Hq // case.Hkv, case.Hq // {"kv": case.Hkv, "1": 1}[case.list_heads]) \
-        == (group_walk == "flat")
+    assert triton_bwd.flat_group_walk(case.Hq // case.Hkv, case.Hq // {"kv": case.Hkv, "1": 1}[case.list_heads],
+                                      case.D >= 128) == (group_walk == "flat")
     hooks = _hooks(hook, case, triton_device)
     hooks.pop("head_gain", None)  # a gain moves delta out of the dQ pass; covered by test_backward_all_hooks
     check(run_both(case, torch.float32, triton_device, grad=True, **hooks), torch.float32)
@@ -122,10 +122,14 @@ def test_backward_group_walks(triton_device, bwd_mode, case, group_walk, walk, h
 def test_flat_group_walk_only_for_shared_lists(monkeypatch):
     triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
     monkeypatch.setattr(triton_bwd, "GROUP_WALK", "auto")
-    assert triton_bwd.flat_group_walk(4, 4) and triton_bwd.flat_group_walk(4, 8)   # per KV head / one for all
-    assert not triton_bwd.flat_group_walk(4, 1) and not triton_bwd.flat_group_walk(1, 1)  # per q head / MHA
+    walk = triton_bwd.flat_group_walk
+    assert walk(4, 4, False) and walk(4, 8, False)  # lists per KV head / one for all heads, head_dim < 128
+    assert not walk(4, 4, True)  # head_dim >= 128: a walk per head (measured faster there)
+    assert not walk(4, 1, False) and not walk(1, 1, False)  # lists per q head / MHA
+    monkeypatch.setattr(triton_bwd, "GROUP_WALK", "flat")
+    assert walk(4, 4, True) and not walk(4, 1, True)
     monkeypatch.setattr(triton_bwd, "GROUP_WALK", "loop")
-    assert not triton_bwd.flat_group_walk(4, 4)
+    assert not walk(4, 4, False)
 
 
 @pytest.mark.parametrize("case", CASES)

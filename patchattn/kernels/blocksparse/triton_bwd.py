@@ -79,10 +79,11 @@ FUSE_DELTA = os.environ.get("PATCHATTN_BWD_FUSE_DELTA", "1") != "0"
 # How the dK/dV pass walks the q heads of its GQA group when they share one list (lists per KV head or shared by all
 # heads): "flat", one walk over (entry, head) pairs, so the pass has one or two pipelined loops in all instead of one
 # or two per head (each with its own pipeline fill, which short sparse lists pay for), or "loop", a walk per head.
-# Lists per q head always take "loop". "auto": see GROUP_WALK_AUTO.
+# Lists per q head always take "loop". H200, split backward alone, 16k/64k x 100/50/10/2% (bench/kernel/group_walk/):
+# "flat" is 0.2-6% faster at head_dim 64 (most at 2%), but 2-6% slower at head_dim 128 except at 2% (the longer walk
+# holds more live state where registers are already at 255); "auto" picks "flat" below head_dim 128.
 GROUP_WALKS = ("auto", "flat", "loop")
 GROUP_WALK = os.environ.get("PATCHATTN_BWD_GROUP_WALK", "auto")
-GROUP_WALK_AUTO = "flat"
 ORDERS = ("auto", "heads", "tiles")
 BWD_ORDER = os.environ.get("PATCHATTN_BWD_ORDER", "auto")
 BWD_TILES_FASTEST: bool | None = {"tiles": True, "heads": False}.get(BWD_ORDER)  # None: by head_dim
@@ -532,8 +533,8 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
     kv_start, kv_end = pad_bounds(q, k, kv_start, kv_end)
     hooks = hook_args(q, k, kv_indices, col_bias, None, active, kv_start, kv_end)
     scales = (*softmax_scales(opts), opts.scale)
-    # The "auto" launch order and dK/dV walk both follow head_dim: from 128 up tiles-first and two loops pay
-    # (L2 reuse, no register spills), below they lose (bench/kernel/delta_d64).
+    # The "auto" launch order, dK/dV walk and group walk all follow head_dim: from 128 up tiles-first, two loops and a
+    # walk per head pay (L2 reuse, fewer register spills), below they lose (bench/kernel/delta_d64, group_walk).
     wide_head = D >= 128
     walk = ("two" if wide_head else "one") if DKDV_WALK == "auto" else DKDV_WALK
     consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
@@ -585,7 +586,7 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
     kv_start_p, kv_end_p, bias_p, _gain_p, _act_p = hooks["ptrs"]
     kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE", "FUSE_DELTA")}
     kv_consts.update(ONE_LOOP=consts["ONE_LOOP"] and walk == "one",
-                     FLAT_GROUP=flat_group_walk(consts["GROUP"], consts["LIST_DIV"]))
+                     FLAT_GROUP=flat_group_walk(consts["GROUP"], consts["LIST_DIV"], q.shape[-1] >= 128))
     args = (q, k, v, d_out, dk, dv, dq, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
             *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *bias_s, Hkv, Tq, Tk,
@@ -599,11 +600,12 @@ def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, 
     return dk, dv
 
 
-def flat_group_walk(group: int, list_div: int) -> bool:
-    """Whether the dK/dV pass walks its group's heads as one list (``GROUP_WALK``): possible when every head of the
-    group reads the same list (one list per KV head, or one for all heads)."""
+def flat_group_walk(group: int, list_div: int, wide_head: bool) -> bool:
+    """Whether the dK/dV pass walks its group's heads as one list (``GROUP_WALK``; "auto": below head_dim 128):
+    possible when every head of the group reads the same list (one list per KV head, or one for all heads)."""
     shared = group > 1 and list_div % group == 0
-    return shared and (GROUP_WALK_AUTO if GROUP_WALK == "auto" else GROUP_WALK) == "flat"
+    choice = ("loop" if wide_head else "flat") if GROUP_WALK == "auto" else GROUP_WALK
+    return shared and choice == "flat"
 
 
 def dq_by_tma(device, head_dim: int) -> bool:
