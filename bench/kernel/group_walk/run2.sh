@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Call 2 behind bench/kernel/group_walk/ (repository root as cwd; results in $OUT): fwd+bwd at head_dim 64 against
-# SDPA and FlexAttention on the same masks with the final defaults ("auto" group walk: flat below head_dim 128).
+# Call 2 behind bench/kernel/group_walk/ (repository root as cwd; results in $OUT): the dK/dV tile configs x group
+# walks at head_dim 128 (dkdv_configs.py).
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PATCHATTN_CHECKS=0 PYTHONPATH=.
+export PYTHONUNBUFFERED=1 PATCHATTN_CHECKS=0 PYTHONPATH=. PATCHATTN_AUTOTUNE=0
 out=${OUT:-bench/kernel/group_walk/run2}
 mkdir -p "$out"
-timeout 400 python3 -m patchattn.bench.kernel --modes fwdbwd --T 16384,65536 --densities 0.5,0.1,0.02 --head-dims 64 \
-    --flex-bwd-max-t 65536 --csv "$out/fwdbwd_d64.csv" --json "$out/fwdbwd_d64.json" > "$out/fwdbwd_d64.log" 2>&1
-grep -E '"(ours|flex)"' "$out/fwdbwd_d64.log" | cut -c1-330
+OUT="$out" timeout 480 python3 bench/kernel/group_walk/dkdv_configs.py > "$out/dkdv_configs.log" 2>&1
+grep -v Warn "$out/dkdv_configs.log" | cut -c1-160 | tail -40
