@@ -1,7 +1,9 @@
 # On a CUDA GPU, from the repository root:
-#   python3 bench/methods/hip_attn_peer.py .whl/hip_attn-1.2.9-py3-none-any.whl --T 32768,131072 --json out.json
+#   python3 bench/methods/hip_attn_peer.py .whl/hip_attn-1.2.9-py3-none-any.whl --T 32768,131072 [--decode-T 131072]
+#       --json out.json
 """The `hip-attn` package's own HiP kernel (v1.1, the ICLR'25 paper's algorithm) timed beside SDPA and our `hip` on
-the same random inputs, prefill attention only, bf16, Llama-3-8B attention shapes (32 q / 8 kv heads, head_dim 128).
+the same random inputs: prefill attention (mask search included) and, with ``--decode-T``, decode steps (a search
+every 8 steps, reused in between, for both), bf16, Llama-3-8B attention shapes (32 q / 8 kv heads, head_dim 128).
 
 hip-attn pins torch 2.5 and imports opencv, nvtx, numba, cupy and its own model files at package import, none of
 which the GPU machine has or our torch 2.11 / transformers 5 can load; its kernels are Triton. So the wheel is
@@ -117,11 +119,49 @@ def synced_calls_ms(fn, calls=6):
     return times
 
 
+def decode_row(hip, T, batch, refresh=8):
+    """One decode step at a T-key cache: ours (`hip`, as `patchattn bench methods` times it: search every ``refresh``
+    steps, lists reused in between, eager and CUDA-graphed) and hip-attn (a mask search every step, and its
+    ``previous_metadata`` reuse, weighted the same way), next to SDPA."""
+    from patchattn.bench.kernel import graph_ms, time_ms
+    from patchattn.bench.methods import decode_rows
+    ours = decode_rows(T, batch, [("hip", "hip", {})])[0]
+    row = dict(mode="decode", T=T, B=batch, sdpa_ms=ours["sdpa_ms"], sdpa_graph_ms=ours["sdpa_graph_ms"],
+               ours_step_ms=ours["total_ms"], ours_graph_ms=ours["graph_ms"], ours_density=ours["density"],
+               ours_vs_sdpa=ours["sdpa_ms"] / ours["total_ms"], ours_graph_vs_sdpa=ours["sdpa_graph_ms"] / ours["graph_ms"])
+    if hip is None:
+        return row
+    q = torch.randn(batch, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, T, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))  # no GQA in v1.1
+    hargs = hip.HiPAttentionArgs(mask_k=512, block_size_q=32, block_stride_q=2, block_size_k=2, block_stride_k=1,
+                                 sliding_window_size=256, sink_token_size=16, is_causal=True)
+    try:
+        _out, meta = hip.hip_attention(q, k, v, args=hargs)
+        search = time_ms(lambda: hip.hip_attention(q, k, v, args=hargs))
+        reuse = time_ms(lambda: hip.hip_attention(q, k, v, args=hargs, previous_metadata=meta))
+        row.update(hip_attn_search_ms=search, hip_attn_reuse_ms=reuse,
+                   hip_attn_step_ms=(search + (refresh - 1) * reuse) / refresh)
+        row["hip_attn_vs_sdpa"] = row["sdpa_ms"] / row["hip_attn_step_ms"]
+        try:
+            g_search = graph_ms(lambda: hip.hip_attention(q, k, v, args=hargs))
+            g_reuse = graph_ms(lambda: hip.hip_attention(q, k, v, args=hargs, previous_metadata=meta))
+            row["hip_attn_graph_ms"] = (g_search + (refresh - 1) * g_reuse) / refresh
+            row["hip_attn_graph_vs_sdpa"] = row["sdpa_graph_ms"] / row["hip_attn_graph_ms"]
+        except Exception as e:  # its step syncs with the host or allocates in a way capture refuses
+            row["hip_attn_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    except Exception:
+        traceback.print_exc()
+        row["hip_attn_error"] = traceback.format_exc(limit=4)[-1500:]
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("wheel")
     p.add_argument("--T", default="32768,131072")
     p.add_argument("--block-size-q", type=int, default=32)
+    p.add_argument("--decode-T", type=int, default=0, help="also time decode steps at this cache length (0: no)")
+    p.add_argument("--decode-batches", default="1,8")
     p.add_argument("--json")
     args = p.parse_args(argv)
     rows = []
@@ -134,7 +174,7 @@ def main(argv=None):
     from patchattn.bench.kernel import time_ms
     from patchattn.bench.methods import _select, _state
     from patchattn.kernels.blocksparse import block_sparse_attention
-    for T in [int(x) for x in args.T.split(",")]:
+    for T in [int(x) for x in args.T.split(",") if x]:
         q = torch.randn(1, 32, T, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(1, 8, T, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -170,6 +210,11 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         del q, k, v
         torch.cuda.empty_cache()
+    if args.decode_T:
+        for batch in [int(x) for x in args.decode_batches.split(",")]:
+            rows.append(decode_row(hip, args.decode_T, batch))
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
     if args.json:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), open(args.json, "w"),
                   indent=1)
