@@ -23,6 +23,23 @@ def _read_speed(path: str | None) -> dict:
     return {(r["mode"], int(r["T"]), int(r["B"]), r["method"]): r for r in csv.DictReader(lines)}
 
 
+def _read_peer(label: str, path: str) -> dict:
+    """Speed rows, keyed as :func:`_read_speed`'s, from a peer harness's JSON (``bench/methods/hip_attn_peer.py``):
+    prefill rows (T, sdpa_ms, hip_attn_ms) and decode rows (mode "decode", T, B, the step eagerly and graphed)."""
+    with open(path, encoding="utf-8") as handle:
+        rows = json.load(handle)["rows"]
+    out = {}
+    for r in rows:
+        if r.get("mode") == "decode" and r.get("hip_attn_step_ms"):
+            row = {"speedup_vs_sdpa": r["sdpa_ms"] / r["hip_attn_step_ms"]}
+            if r.get("hip_attn_graph_ms"):
+                row["graph_speedup_vs_sdpa"] = r["sdpa_graph_ms"] / r["hip_attn_graph_ms"]
+            out[("decode", int(r["T"]), int(r["B"]), label)] = row
+        elif r.get("hip_attn_ms"):
+            out[("prefill", int(r["T"]), 1, label)] = {"speedup_vs_sdpa": r["sdpa_ms"] / r["hip_attn_ms"]}
+    return out
+
+
 def _f(value, fmt="{:.2f}"):
     return "-" if value in (None, "") else fmt.format(float(value))
 
@@ -36,8 +53,10 @@ def _decode_cell(row: dict) -> str:
     return f"{eager} / {_f(row['graph_speedup_vs_sdpa'], '{:.1f}x')}" if row.get("graph_speedup_vs_sdpa") else eager
 
 
-def markdown_table(quality: dict, speed: dict) -> str:
-    rows = quality["results"]
+def markdown_table(quality: dict, speed: dict, peers: tuple = ()) -> str:
+    """The README's table; ``peers``: labels of other projects' rows (speed only: they ran on their own inputs,
+    not on our model)."""
+    rows = quality["results"] + [{"method": label} for label in peers]
     lengths = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("ratio@")})
     passkeys = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("passkey@")})
     header = ["method"] + [f"ppl ratio {n // 1024}k" for n in lengths] + [f"density {n // 1024}k" for n in lengths]
@@ -99,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="methods-benchmark CSV; repeat it: a later file's rows replace an earlier one's of the same label")
     p.add_argument("--exclude", action="append", default=[],
                    help="MODE:LABEL speed rows to leave out (e.g. a measurement found wrong later)")
+    p.add_argument("--peer", action="append", default=[],
+                   help="LABEL=JSON: a peer project's speed rows (bench/methods/hip_attn_peer.py output); repeatable")
     p.add_argument("--out", required=True, help="folder for RESULTS.md and quality_vs_speed.png")
     p.add_argument("--alias", action="append", default=[],
                    help="QUALITY_LABEL=SPEED_LABEL when the two runs named the same config differently")
@@ -113,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     for alias in args.alias:
         quality_label, speed_label = alias.split("=", 1)
         speed.update({(m, t, b, quality_label): r for (m, t, b, label), r in list(speed.items()) if label == speed_label})
+    peers = []
+    for item in args.peer:
+        label, path = item.split("=", 1)
+        speed.update(_read_peer(label, path))
+        if label not in peers:
+            peers.append(label)
     os.makedirs(args.out, exist_ok=True)
-    table = markdown_table(quality, speed)
+    table = markdown_table(quality, speed, tuple(peers))
     with open(os.path.join(args.out, "RESULTS.md"), "w", encoding="utf-8") as handle:
         handle.write(f"# Sparse methods: quality ({quality['model']}) and speed\n\n{table}\n")
     plot(quality, speed, os.path.join(args.out, "quality_vs_speed.png"))
