@@ -1,5 +1,6 @@
-# On a CUDA GPU, from the repository root: PYTHONPATH=. python3 bench/kernel/known_full/eager_vs_graph.py OUT.json
-"""fwd+bwd at 16k on sparse random lists, ours and FlexAttention on the same masks, timed three ways: `do_bench`
+# On a CUDA GPU, from the repository root: PYTHONPATH=. python3 bench/kernel/known_full/eager_vs_graph.py OUT.json [fwd]
+"""fwd+bwd (or, with ``fwd``, the forward alone) at 16k on sparse random lists, ours and FlexAttention on the same
+masks, timed three ways: `do_bench`
 (what `patchattn bench kernel` reports: L2 flushed before every call, host and device both counted), a tight loop of
 back-to-back calls (no flush), and CUDA-graph replays (no host work at all).  Where ours loses under do_bench but not
 in graphs, the difference is host time per call, not GPU time."""
@@ -23,7 +24,7 @@ def loop_ms(fn, calls=50):
     return (time.perf_counter() - start) / calls * 1e3
 
 
-def main(out_path):
+def main(out_path, forward_only=False):
     import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
     torch._dynamo.config.cache_size_limit = 64
@@ -31,19 +32,21 @@ def main(out_path):
     rows = []
     T, blk, Hq, Hkv = 16384, 128, 32, 8
     for D in (128, 64):
-        q, k, v = (torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = (torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=not forward_only)
                    for h in (Hq, Hkv, Hkv))
         d_out = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16)
         for density in (0.1, 0.02):
             idx, cnt = lists_at_density(bs, Hkv, T, blk, density, "cuda")
             mask = flex_block_mask(idx, cnt, T, blk, Hq)
             impls = {
-                "ours": lambda: torch.autograd.grad(
-                    bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk), (q, k, v), d_out),
-                "flex": lambda: torch.autograd.grad(flex(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), d_out),
+                "ours": lambda: bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk),
+                "flex": lambda: flex(q, k, v, block_mask=mask, enable_gqa=True),
             }
+            if not forward_only:
+                impls = {name: lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), d_out) for name, fn in impls.items()}
             for name, fn in impls.items():
-                row = dict(D=D, T=T, density=density, impl=name, do_bench_ms=time_ms(fn), loop_ms=loop_ms(fn))
+                row = dict(D=D, T=T, density=density, impl=name, mode="fwd" if forward_only else "fwdbwd",
+                           do_bench_ms=time_ms(fn), loop_ms=loop_ms(fn))
                 try:
                     row["graph_ms"] = graph_ms(fn)
                 except Exception as e:  # capture not possible for this implementation
@@ -55,4 +58,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], forward_only=sys.argv[2:] == ["fwd"])
