@@ -2,7 +2,8 @@
 
 * dK/dV: one program per (batch, kv head, key tile); walks the *transposed* list (which query
   blocks read this key block, built on the device by a stable sort, O(entries) memory) for every
-  q head of the GQA group, so repeated keys are never materialised and dK/dV need no atomics.
+  q head of the GQA group (heads that share one list as one walk over (entry, head) pairs, ``GROUP_WALK``), so
+  repeated keys are never materialised and dK/dV need no atomics.
 * dQ, two ways (``MODE``, env ``PATCHATTN_BWD``):
   - ``split`` (default): a second kernel, one program per (batch, q head, query tile), walks the
     forward's list and recomputes P and dP (FlashAttention-2's deterministic variant).
@@ -72,10 +73,6 @@ _TRANSPOSED = ListMemo()
 # The split backward's dQ pass (which runs first and loads dO anyway) also forms delta = rowsum(dO * O) for its rows
 # and stores it for the dK/dV pass: one launch and one read of dO fewer than the separate delta kernel ("0" keeps that).
 FUSE_DELTA = os.environ.get("PATCHATTN_BWD_FUSE_DELTA", "1") != "0"
-# Launch order of both passes: all tiles of one head together ("tiles": the programs running at once share one head's
-# Q/dO (dK/dV pass) or K/V (dQ pass) in L2; ncu at 16k/50%: the dK/dV pass hit L2 47% of the time in "heads" order)
-# or all heads of one tile together ("heads"). H200 (bench/kernel/delta_d64/run4): "tiles" 2-5% faster at head_dim
-# 128 from 16k/50% up, "heads" up to 3.5% faster at head_dim 64 and 16k; "auto" picks by head_dim.
 # How the dK/dV pass walks the q heads of its GQA group when they share one list (lists per KV head or shared by all
 # heads): "flat", one walk over (entry, head) pairs, so the pass has one or two pipelined loops in all instead of one
 # or two per head (each with its own pipeline fill, which short sparse lists pay for), or "loop", a walk per head.
@@ -84,6 +81,10 @@ FUSE_DELTA = os.environ.get("PATCHATTN_BWD_FUSE_DELTA", "1") != "0"
 # holds more live state where registers are already at 255); "auto" picks "flat" below head_dim 128.
 GROUP_WALKS = ("auto", "flat", "loop")
 GROUP_WALK = os.environ.get("PATCHATTN_BWD_GROUP_WALK", "auto")
+# Launch order of both passes: all tiles of one head together ("tiles": the programs running at once share one head's
+# Q/dO (dK/dV pass) or K/V (dQ pass) in L2; ncu at 16k/50%: the dK/dV pass hit L2 47% of the time in "heads" order)
+# or all heads of one tile together ("heads"). H200 (bench/kernel/delta_d64/run4): "tiles" 2-5% faster at head_dim
+# 128 from 16k/50% up, "heads" up to 3.5% faster at head_dim 64 and 16k; "auto" picks by head_dim.
 ORDERS = ("auto", "heads", "tiles")
 BWD_ORDER = os.environ.get("PATCHATTN_BWD_ORDER", "auto")
 BWD_TILES_FASTEST: bool | None = {"tiles": True, "heads": False}.get(BWD_ORDER)  # None: by head_dim
