@@ -24,7 +24,7 @@ import triton.language as tl
 from ..blocksparse import _alloc
 # triton.language's own max/argmax/cumsum are jit functions made at import, which the CPU interpreter (switched
 # on later in tests) cannot call; tl.reduce / tl.associative_scan with our combine functions work everywhere.
-from ..blocksparse.triton_fwd import INTERPRETING, _add, reduce_max, reduce_sum
+from ..blocksparse.triton_fwd import INTERPRETING, _add, pdl_options, reduce_max, reduce_sum, wait_for_previous_kernel
 
 SCORE_CHUNK = 64
 # Rows of scores one selection program holds in registers; longer caches use the torch path.
@@ -65,8 +65,9 @@ def _tail_mean(K, skb, skh, skt, b, hkv, kv_len, d, d_ok, BK: tl.constexpr):
 def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ssb, ssh, skb, skh, skt,
                    GROUP: tl.constexpr, ROWS: tl.constexpr, PER_HEAD: tl.constexpr, REDUCE_MAX: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr,
-                   BK: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr):
+                   BK: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr):
     """Scores of one chunk of key blocks, stored per list head (a q head, or the group's reduced score)."""
+    wait_for_previous_kernel(PDL)
     chunk = tl.program_id(0)
     hkv = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -201,7 +202,8 @@ def _write_ascending(row_ptr, chosen, cols):
 @triton.jit
 def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks, local_blocks, mass,
                    inv_root_d, WIDTH: tl.constexpr, USE_MASS: tl.constexpr, NK_POW2: tl.constexpr,
-                   VALUE_MIDPOINTS: tl.constexpr):
+                   VALUE_MIDPOINTS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)  # the scores come from the kernel just before
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, NK_POW2)
@@ -234,7 +236,7 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
         scores.stride(1), *keys.stride()[:3], GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         PER_HEAD=per_head, REDUCE_MAX=reduce == "max", HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block, PRECISION=SCORE_PRECISION,
-        NATIVE=native_16_bit(q, k_means), num_warps=SCORE_WARPS or 4)
+        NATIVE=native_16_bit(q, k_means), num_warps=SCORE_WARPS or 4, **pdl_options(q.device))
     # The list buffer is padded to a power of two for the kernel's zero fill; callers see ``width`` entries.
     width_pow2 = triton.next_power_of_2(width)
     idx = _alloc.empty((B, heads, 1, width_pow2), torch.int32, q.device)
@@ -244,5 +246,5 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
         scores, idx, counts, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         n_k, min(top_k, n_k), sink_blocks, local_blocks, float(mass), D ** -0.5, WIDTH=width_pow2,
         USE_MASS=mass < 1.0, NK_POW2=nk_pow2, VALUE_MIDPOINTS=SELECT_SEARCH == "values",
-        num_warps=SELECT_WARPS or (4 if nk_pow2 <= 4096 else 8))
+        num_warps=SELECT_WARPS or (4 if nk_pow2 <= 4096 else 8), **pdl_options(q.device))
     return idx[..., :width], counts

@@ -33,11 +33,13 @@ from .triton_fwd import (
     load_tile,
     mma,
     pad_bounds,
+    pdl_options,
     reduce_max,
     reduce_sum,
     scores_log2,
     softmax_scales,
     visibility,
+    wait_for_previous_kernel,
 )
 
 # Programs per multiprocessor when choosing the number of splits (H200, 128k keys, bench/decode/RESULTS.md): a
@@ -188,7 +190,9 @@ def _decode_split_kernel(
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, WRITE_LSE: tl.constexpr,
         MERGE_TILE: tl.constexpr, MERGE_ROWS: tl.constexpr, ROW_TILE: tl.constexpr,
-        MERGE_TOGETHER: tl.constexpr, NR: tl.constexpr, S_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+        MERGE_TOGETHER: tl.constexpr, NR: tl.constexpr, S_TILE: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr):
+    wait_for_previous_kernel(PDL)  # the lists may come from the kernel just before (a method's block choice)
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     pid_bg = tl.program_id(1)  # (batch, head group)
@@ -420,7 +424,7 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
                         HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
                         FUSED=fused, WRITE_LSE=need_lse and fused, MERGE_TILE=MERGE_TILE,
                         MERGE_ROWS=walk == "rows", ROW_TILE=ROW_MERGE_TILE, MERGE_TOGETHER=walk == "together",
-                        NR=nr, S_TILE=s_tile)
+                        NR=nr, S_TILE=s_tile, **pdl_options(q.device))
     launch(_decode_tuned, lambda meta: (n_splits, B * n_groups), split_args, split_consts,
            dict(BLOCK_N=min(opts.block_k, 64)), q.device)
     if not fused:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
 from . import _alloc
 
 LOG2E = 1.4426950408889634
@@ -24,9 +26,39 @@ LN2 = 0.6931471805599453
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # PATCHATTN_AUTOTUNE=0: take the first config that fits instead of timing them (tests, quick runs).
 AUTOTUNE = os.environ.get("PATCHATTN_AUTOTUNE", "1") != "0"
+# Programmatic dependent launch (Hopper and newer) for the decode-step kernels (block scores, block choice, split-K
+# attention): each is launched while the kernel before it finishes and waits on the device (griddepcontrol) before it
+# touches memory, so a step's kernel boundaries and the one into the next layer cost less launch latency, in eager
+# streams and in CUDA graphs alike.  PATCHATTN_PDL=0 turns it off.
+PDL = os.environ.get("PATCHATTN_PDL", "1") != "0"
+_PDL_DEVICES: dict = {}
 # Tests set (BLOCK_M, BLOCK_N) here to exercise sub-tiling under the interpreter.
 FORCE_TILES: tuple[int, int] | None = None
 INTERPRETER_TILES_FASTEST = False
+
+
+def pdl_launch(device) -> bool:
+    """Whether kernels on ``device`` are launched with programmatic dependent launch (``PDL``; compiled, sm_90+)."""
+    if not PDL or INTERPRETING or device.type != "cuda":
+        return False
+    if device not in _PDL_DEVICES:
+        _PDL_DEVICES[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _PDL_DEVICES[device]
+
+
+def pdl_options(device) -> dict:
+    """Launch options for a kernel with a ``PDL`` constexpr: that flag, plus the launch attribute when it is on."""
+    on = pdl_launch(device)
+    return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """Under programmatic dependent launch, wait until the kernel launched before this one has finished and its writes
+    are visible (before this kernel reads or writes any memory), then let the next kernel launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def one_loop_from_env(name: str, default: str) -> bool:
