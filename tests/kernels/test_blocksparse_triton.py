@@ -600,3 +600,23 @@ def test_decode_fused_merge_under_load(triton_device, monkeypatch):
         out, lse = _decode((q, q2)[i % 2], k, v, idx, cnt, case, "triton", True)
         assert torch.equal(out, firsts[i % 2][0]) and torch.equal(lse, firsts[i % 2][1]), i
     assert _counters_are_zero(decode, q.device)
+
+
+def test_programmatic_dependent_launch_only_when_compiled_for_hopper(monkeypatch):
+    """Decode-step kernels ask for programmatic dependent launch (a launch option plus the PDL constexpr that makes
+    them wait on the device first) only on a CUDA device of sm_90+ with the flag on, never under the interpreter."""
+    triton_fwd = importlib.import_module(bs.__name__ + ".triton_fwd")
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_fwd, "INTERPRETING", False)
+    monkeypatch.setattr(triton_fwd, "PDL", True)
+    monkeypatch.setitem(triton_fwd._PDL_DEVICES, cuda, True)  # as if sm_90
+    assert triton_fwd.pdl_options(cuda) == {"PDL": True, "launch_pdl": True}
+    assert triton_fwd.pdl_options(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setitem(triton_fwd._PDL_DEVICES, cuda, False)  # as if an older GPU
+    assert triton_fwd.pdl_options(cuda) == {"PDL": False}
+    monkeypatch.setitem(triton_fwd._PDL_DEVICES, cuda, True)
+    monkeypatch.setattr(triton_fwd, "PDL", False)  # PATCHATTN_PDL=0
+    assert triton_fwd.pdl_options(cuda) == {"PDL": False}
+    monkeypatch.setattr(triton_fwd, "PDL", True)
+    monkeypatch.setattr(triton_fwd, "INTERPRETING", True)
+    assert triton_fwd.pdl_options(cuda) == {"PDL": False}
