@@ -93,6 +93,33 @@ def backward_points(bs, densities, head_dims=(128, 64), lengths=(16384, 65536), 
                 del p, out, lse
 
 
+def backward_switch_ab(module, attr: str, variants: dict, column: str, densities=(0.5, 0.1, 0.02), out=None):
+    """A/B of the split backward alone over the values of one module-level switch (``variants``: row label -> value
+    of ``module.attr``) at every ``backward_points`` point: time, backward/forward and the largest gradient difference
+    from the first variant. Rows are printed as they come, written to ``out`` (JSON) at the end, and returned; the
+    switch gets its value back."""
+    original = getattr(module, attr)
+    rows = []
+    try:
+        for p in backward_points(_blocksparse(), densities=densities):
+            grads = {}
+            for label, value in variants.items():
+                setattr(module, attr, value)
+                t = time_ms(p.split_backward)
+                grads[label] = p.split_backward()
+                err = max(rel_err(a, b) for a, b in zip(grads[label], next(iter(grads.values()))))
+                rows.append({"D": p.D, "T": p.T, "density": p.density, column: label, "bwd_ms": t, "fwd_ms": p.fwd_ms,
+                             "bwd_fwd": t / p.fwd_ms, "max_rel_diff": err})
+                print(json.dumps(rows[-1]), flush=True)
+            del grads
+    finally:
+        setattr(module, attr, original)
+    if out:
+        with open(out, "w") as handle:
+            json.dump(rows, handle, indent=1)
+    return rows
+
+
 def flex_backward(flex, p):
     """FlexAttention on point ``p``'s mask (a ``backward_points`` point; ``flex`` a compiled flex_attention):
     (forward ms, backward ms, (dq, dk, dv))."""

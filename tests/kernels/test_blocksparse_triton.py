@@ -609,12 +609,12 @@ def test_programmatic_dependent_launch_only_when_compiled_for_hopper(monkeypatch
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(triton_fwd, "INTERPRETING", False)
     monkeypatch.setattr(triton_fwd, "PDL", True)
-    monkeypatch.setitem(triton_fwd._PDL_DEVICES, cuda, True)  # as if sm_90
+    monkeypatch.setitem(triton_fwd._HOPPER_OR_NEWER, cuda, True)  # as if sm_90
     assert triton_fwd.pdl_options(cuda) == {"PDL": True, "launch_pdl": True}
     assert triton_fwd.pdl_options(torch.device("cpu")) == {"PDL": False}
-    monkeypatch.setitem(triton_fwd._PDL_DEVICES, cuda, False)  # as if an older GPU
+    monkeypatch.setitem(triton_fwd._HOPPER_OR_NEWER, cuda, False)  # as if an older GPU
     assert triton_fwd.pdl_options(cuda) == {"PDL": False}
-    monkeypatch.setitem(triton_fwd._PDL_DEVICES, cuda, True)
+    monkeypatch.setitem(triton_fwd._HOPPER_OR_NEWER, cuda, True)
     monkeypatch.setattr(triton_fwd, "PDL", False)  # PATCHATTN_PDL=0
     assert triton_fwd.pdl_options(cuda) == {"PDL": False}
     monkeypatch.setattr(triton_fwd, "PDL", True)

@@ -29,9 +29,9 @@ import triton.language as tl
 from . import _alloc
 from ._memo import ListMemo
 from .triton_fwd import (
-    INTERPRETING,
     dot_precision,
     hook_args,
+    hopper_or_newer,
     interpreter_tiles,
     last_dim_contiguous,
     launch,
@@ -612,9 +612,7 @@ def flat_group_walk(group: int, list_div: int, wide_head: bool) -> bool:
 def dq_by_tma(device, head_dim: int) -> bool:
     """Whether the fused backward adds dQ tiles with TMA bulk reductions (``DQ_TMA``, Hopper or newer, compiled, and
     dQ's row strides a multiple of 16 bytes as TMA needs)."""
-    if not DQ_TMA or INTERPRETING or device.type != "cuda" or head_dim % 4:
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return DQ_TMA and head_dim % 4 == 0 and hopper_or_newer(device)
 
 
 def _ensure_descriptor_allocator():

@@ -31,19 +31,25 @@ AUTOTUNE = os.environ.get("PATCHATTN_AUTOTUNE", "1") != "0"
 # touches memory, so a step's kernel boundaries and the one into the next layer cost less launch latency, in eager
 # streams and in CUDA graphs alike.  PATCHATTN_PDL=0 turns it off.
 PDL = os.environ.get("PATCHATTN_PDL", "1") != "0"
-_PDL_DEVICES: dict = {}
+_HOPPER_OR_NEWER: dict = {}
 # Tests set (BLOCK_M, BLOCK_N) here to exercise sub-tiling under the interpreter.
 FORCE_TILES: tuple[int, int] | None = None
 INTERPRETER_TILES_FASTEST = False
 
 
+def hopper_or_newer(device) -> bool:
+    """Whether compiled kernels on ``device`` can use sm_90 features (TMA descriptors, griddepcontrol); cached per
+    device, False under the interpreter and off CUDA."""
+    if INTERPRETING or device.type != "cuda":
+        return False
+    if device not in _HOPPER_OR_NEWER:
+        _HOPPER_OR_NEWER[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _HOPPER_OR_NEWER[device]
+
+
 def pdl_launch(device) -> bool:
     """Whether kernels on ``device`` are launched with programmatic dependent launch (``PDL``; compiled, sm_90+)."""
-    if not PDL or INTERPRETING or device.type != "cuda":
-        return False
-    if device not in _PDL_DEVICES:
-        _PDL_DEVICES[device] = torch.cuda.get_device_capability(device)[0] >= 9
-    return _PDL_DEVICES[device]
+    return PDL and hopper_or_newer(device)
 
 
 def pdl_options(device) -> dict:
