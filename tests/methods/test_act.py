@@ -149,12 +149,13 @@ def test_generation_with_cache_and_padding_runs_and_differs_from_dense():
     assert max_abs_diff(calibrated, dense) > 1e-4
 
 
-def test_triton_kernel_path_matches_the_torch_path(triton_interpreter):
-    q, k, v = _inputs(torch.float32, length=40)
-    heads, starts = torch.tensor([1, 2]), torch.tensor([0, 5], dtype=torch.int32)
+def test_triton_kernel_path_matches_the_torch_path(triton_target):
+    q, k, v = (t.to(triton_target) for t in _inputs(torch.float32, length=40))
+    heads = torch.tensor([1, 2], device=triton_target)
+    starts = torch.tensor([0, 5], dtype=torch.int32, device=triton_target)
     torch_out, _ = _fused(_state(backend="torch"), q, k, v, heads, starts)
     triton_out, _ = _fused(_state(backend="triton"), q, k, v, heads, starts)
-    valid = _valid(starts, q.shape[2])
+    valid = _valid(starts.cpu(), q.shape[2]).to(triton_target)
     assert max_abs_diff(torch_out * valid, triton_out * valid) <= 1e-4
 
 

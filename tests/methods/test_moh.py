@@ -68,12 +68,13 @@ def _attention_inputs(dtype, batch=2, heads=4, kv_heads=2, length=40, dim=16):
 
 
 @pytest.mark.parametrize(("dtype", "tol", "router"), [(torch.float32, 2e-5, "learned"), (torch.bfloat16, 3e-2, "norm")])
-def test_kernel_path_matches_the_torch_path_with_gradients(triton_interpreter, dtype, tol, router):
-    model = tiny_model("llama")
+def test_kernel_path_matches_the_torch_path_with_gradients(triton_target, dtype, tol, router):
+    model = tiny_model("llama").to(triton_target)
     module = model.model.layers[0].self_attn
-    q, k, v = _attention_inputs(dtype)
+    q, k, v = (t.to(triton_target) for t in _attention_inputs(dtype))
     mask = left_pad({"input_ids": torch.ones(2, 40, dtype=torch.long)}, [0, 9])["attention_mask"].bool()
-    mask4 = mask[:, None, None, :] & torch.ones(40, 40, dtype=torch.bool).tril()[None, None]
+    mask = mask.to(triton_target)
+    mask4 = mask[:, None, None, :] & torch.ones(40, 40, dtype=torch.bool, device=triton_target).tril()[None, None]
     outs, grads = {}, {}
     for backend in ("torch", "triton"):
         state = moh.make_moh_state(module, _config(backend=backend, router=router, route_block=16, init_std=0.1),
@@ -81,7 +82,8 @@ def test_kernel_path_matches_the_torch_path_with_gradients(triton_interpreter, d
         module.add_module("patchattn", state)
         inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
         out, _ = moh.moh_attention(module, *inputs, mask4, scaling=0.25)
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype) * mask[:, :, None, None]
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(triton_target, dtype)
+        weight = weight * mask[:, :, None, None]
         (out * weight).sum().backward()
         outs[backend] = out * mask[:, :, None, None]
         grads[backend] = [t.grad for t in inputs]

@@ -212,9 +212,8 @@ def _triton_matches_reference(method, device, seq, dim, group, block, tol):
 
 
 @pytest.mark.parametrize("method", ["longlora", "sinklora"])
-def test_triton_kernel_matches_the_reference_in_the_interpreter(method, monkeypatch):
+def test_triton_kernel_matches_the_reference_in_the_interpreter(method, triton_interpreter):
     """The training attention through the Triton forward + backward (CPU interpreter) equals the reference."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     _triton_matches_reference(method, "cpu", seq=64, dim=16, group=32, block=16, tol=1e-4)
 
 
