@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test suite's kernel and method tests compiled for the GPU (not the interpreter), at the commit named in
-# env.txt: bash bench/gpu_tests/run.sh <log name> <pytest args...>  (repository root as cwd; logs in $OUT or
-# bench/gpu_tests/). Autotuning off (the first config of each kernel), as every GPU test run of this repo.
+# The test suite on a GPU, Triton kernels compiled (not interpreted):
+#   bash bench/gpu_tests/run.sh <log name> <pytest args...>   (repository root as cwd; logs in $OUT or bench/gpu_tests/)
+# Autotuning off (the first config of each kernel), as every GPU test run of this repo. The tree each log was made
+# from is named in bench/gpu_tests/README.md (the device's copy of the repository has no reliable git metadata).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. PATCHATTN_AUTOTUNE=0
 out=${OUT:-bench/gpu_tests}
@@ -9,7 +10,7 @@ name=$1; shift
 mkdir -p "$out"
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  git log -1 --format='commit %H %cd' 2>/dev/null || true; } > "$out/env_$name.txt"
+  date -u; } > "$out/env_$name.txt"
 timeout "${LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 14 -rfEs --durations=15 "$@" \
   > "$out/$name.log" 2>&1
 echo "exit $?" >> "$out/$name.log"
