@@ -86,14 +86,33 @@ def _dense_reason(state, attention_mask, batch: int, kv_len: int, kwargs) -> tup
         return str(err), None
 
 
-def must_run_dense(state, method: str, attention_mask, batch: int, kv_len: int, kwargs) -> tuple[str | None, object]:
-    """``_dense_reason``, plus the warning and the density record a dense call owes: (reason or None, kv_start)."""
+def window_density(q_len: int, kv_len: int, window: int) -> float:
+    """Fraction of the causal (query, key) pairs a sliding window of ``window`` keys reads (queries are the last
+    ``q_len`` of ``kv_len`` positions)."""
+    first, last = kv_len - q_len + 1, kv_len  # keys the first and the last query see causally
+
+    def upto(n):  # 1 + 2 + ... + n
+        return n * (n + 1) // 2
+
+    causal = upto(last) - upto(first - 1)
+    if window >= last:
+        return 1.0
+    if window < first:
+        return q_len * window / causal
+    return (upto(window) - upto(first - 1) + (last - window) * window) / causal
+
+
+def must_run_dense(state, method: str, attention_mask, batch: int, kv_len: int, kwargs,
+                   q_len: int = 1) -> tuple[str | None, object]:
+    """``_dense_reason``, plus the warning and the density record a dense call owes: (reason or None, kv_start).
+    A sliding-window layer records what its window reads, not 1.0, so a model's mean density stays what it reads."""
     reason, kv_start = _dense_reason(state, attention_mask, batch, kv_len, kwargs)
     if reason is not None:
         if reason != "dense layer":
             # Python's default filter shows each distinct message once per call site.
             warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=3)
-        state.record(density=1.0)
+        window = kwargs.get("sliding_window")
+        state.record(density=window_density(q_len, kv_len, window) if window else 1.0)
     return reason, kv_start
 
 
@@ -104,7 +123,7 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
     config = state.config
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    reason, kv_start = must_run_dense(state, type(config).method, attention_mask, batch, kv_len, kwargs)
+    reason, kv_start = must_run_dense(state, type(config).method, attention_mask, batch, kv_len, kwargs, q_len)
     if reason is not None:
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

@@ -168,7 +168,7 @@ def longlora_attention(module, query, key, value, attention_mask, *, scaling=Non
     if not training_attention_active(module, config, q_len, kv_len):
         state.record(density=1.0)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    reason, kv_start = must_run_dense(state, "longlora", attention_mask, batch, kv_len, kwargs)
+    reason, kv_start = must_run_dense(state, "longlora", attention_mask, batch, kv_len, kwargs, q_len)
     if reason is not None:
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

@@ -31,7 +31,11 @@ def test_degenerate_setting_reproduces_dense(method, family):
     assert overrides, f"{method} must declare the settings that make it dense"
     with patchattn.patched(model, config, **overrides):
         out = _logits(model, input_ids=ids)
-        assert mean_stat(model, "density") == pytest.approx(1.0)
+        # Every layer the method handles reads every causal block (windowed layers report their window's share).
+        kinds = getattr(model.config, "layer_types", None) or ["full_attention"] * len(model.model.layers)
+        full = [float(layer.self_attn.patchattn.stats["density"])
+                for layer, kind in zip(model.model.layers, kinds, strict=True) if kind != "sliding_attention"]
+        assert full and full == pytest.approx([1.0] * len(full))
     assert max_abs_diff(out, reference) <= TOL
 
 
@@ -96,7 +100,14 @@ def test_sliding_window_layers_stay_windowed():
     with pytest.warns(UserWarning, match="sliding-window layers keep their own window"):
         with patchattn.patched(model, "streaming", window=1 << 20, block_size=16):
             out = _logits(model, input_ids=ids)
+            densities = {i: layer.self_attn.patchattn.stats["density"] for i, layer in enumerate(model.model.layers)}
     assert max_abs_diff(out, reference) <= TOL
+    # A windowed layer reports what its window reads (not 1.0); the full layer reads every causal block here.
+    window = model.config.sliding_window
+    for i, kind in enumerate(model.config.layer_types):
+        want = sum(min(n, window) for n in range(1, 121)) / sum(range(1, 121)) if kind == "sliding_attention" else 1.0
+        assert float(densities[i]) == pytest.approx(want), (i, kind)
+    assert "sliding_attention" in model.config.layer_types and window < 120
 
 
 def test_sparse_methods_refuse_non_causal_attention():
