@@ -62,7 +62,8 @@ def _state(name: str, overrides: dict) -> PatchState:
 
 def _select(name, state, q, k):
     """The method's own block lists, built exactly as in a model (dense last block, decode list sizing); never
-    taken from the static-pattern cache, so every timed call pays for its selection."""
+    taken from the static-pattern cache, so every timed call pays for its selection (at decode the static patterns
+    reuse their lists within a key block, ``_sparse.memo_decode_lists``, as they do in a model)."""
     g = BlockGeometry(q.shape[2], k.shape[2], state.config.block_size, state.config.block_size)
     return _blocks(state, g, q, k, BLOCK_SELECTORS[name][0], static=False)
 

@@ -8,6 +8,7 @@ patterns per shape, calling ``kernels.blocksparse`` with the method's backend, a
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -182,6 +183,30 @@ def _lists(config, geometry: BlockGeometry, mask, device):
     # captured in a CUDA graph.  Prefill sizes them to the longest row (one sync per call).
     width = decode_width(config, geometry) if geometry.n_q == 1 else None
     return blocks_from_mask(mask, width=width)
+
+
+# Decode lists of the static patterns, by the host integers that fix them (they change once per key block, not per
+# token) and device: a decode step then launches no kernel to build them (3-8 small ones otherwise; H200, eager
+# streaming step at 128k: ~100 of 254 us, bench/decode/host_profile.py).  A few recent plans per device are kept.
+_DECODE_LISTS: OrderedDict = OrderedDict()
+DECODE_LISTS_KEPT = 64
+
+
+def memo_decode_lists(plan: tuple, device, build: Callable[[], tuple]) -> tuple:
+    """``build()``'s lists for this ``plan`` (every host value they depend on) on ``device``, built once and shared
+    by every layer and step with the same plan.  The tensors are read-only to their users; nothing is stored while
+    a CUDA graph is being captured (its tensors would live in the graph's memory pool)."""
+    key = (plan, str(device))
+    lists = _DECODE_LISTS.get(key)
+    if lists is not None:
+        _DECODE_LISTS.move_to_end(key)
+        return lists
+    lists = build()
+    if not (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _DECODE_LISTS[key] = lists
+        while len(_DECODE_LISTS) > DECODE_LISTS_KEPT:
+            _DECODE_LISTS.popitem(last=False)
+    return lists
 
 
 def decode_width(config, geometry: BlockGeometry) -> int:

@@ -15,7 +15,7 @@ import torch
 from ..config import option
 from ..masks import BlockGeometry, power_of_two
 from ..registry import register_method
-from ._sparse import SparseConfig, decode_width, sparse_forward
+from ._sparse import SparseConfig, decode_width, memo_decode_lists, sparse_forward
 
 
 @dataclass(kw_only=True)
@@ -36,7 +36,8 @@ def power_of_two_lists(g: BlockGeometry, sink_blocks: int, local_blocks: int, wi
     Rebuilding the mask each decode step (the KV length changes, so the static cache never hits) costs ~20 small
     kernels; the row is known on the host instead: sink run ``[0, sinks)``, the blocks ``last - 2^e`` that fall
     between the runs (``e`` from ``e_hi`` down to ``e_lo``, so ascending), then the local run ``[local, NK)``.
-    Same lists as the mask path (ascending, 0 past the count), a few element-wise ops, no host sync.
+    Same lists as the mask path (ascending, 0 past the count), a few element-wise ops, no host sync, kept per
+    block count (``memo_decode_lists``).
     """
     n_k = g.n_k
     last = n_k - 1  # one query block's diagonal block is the last key block
@@ -46,12 +47,16 @@ def power_of_two_lists(g: BlockGeometry, sink_blocks: int, local_blocks: int, wi
     e_lo, e_hi = (last - local).bit_length(), (last - sinks).bit_length() - 1
     powers = max(0, e_hi - e_lo + 1) if local > sinks else 0
     count = sinks + powers + n_k - local
-    i = torch.arange(width, device=device, dtype=torch.int32)
-    exponent = (e_hi + sinks - i).clamp(0, max(e_hi, 0))  # clamped where unused: no negative or overflowing shift
-    idx = torch.where(i < sinks + powers, last - (1 << exponent), i + (local - sinks - powers))
-    idx = torch.where(i < sinks, i, idx)
-    idx = torch.where(i < count, idx, 0)
-    return idx.view(1, 1, 1, width), torch.full((1, 1, 1), count, device=device, dtype=torch.int32)
+
+    def build():
+        i = torch.arange(width, device=device, dtype=torch.int32)
+        exponent = (e_hi + sinks - i).clamp(0, max(e_hi, 0))  # clamped where unused: no negative or overflowing shift
+        idx = torch.where(i < sinks + powers, last - (1 << exponent), i + (local - sinks - powers))
+        idx = torch.where(i < sinks, i, idx)
+        idx = torch.where(i < count, idx, 0)
+        return idx.view(1, 1, 1, width), torch.full((1, 1, 1), count, device=device, dtype=torch.int32)
+
+    return memo_decode_lists(("power", n_k, sinks, local, width), device, build)
 
 
 def _select(geometry, query, key, state):

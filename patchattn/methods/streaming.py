@@ -16,7 +16,7 @@ import torch
 from ..config import option
 from ..masks import BlockGeometry, sink_and_window
 from ..registry import register_method
-from ._sparse import SparseConfig, decode_width, sparse_forward
+from ._sparse import SparseConfig, decode_width, memo_decode_lists, sparse_forward
 
 
 @dataclass(kw_only=True)
@@ -36,7 +36,8 @@ def sink_and_window_lists(g: BlockGeometry, sink_tokens: int, window: int, width
 
     The KV length changes every decode step, so the static cache never hits; building the mask and sorting it
     cost ~20 small kernels per step.  The row is two runs, blocks ``[0, sinks)`` and ``[recent, NK)``, known on
-    the host, so a few element-wise ops give the same lists (ascending, 0 past the count) with no host sync.
+    the host, so a few element-wise ops give the same lists (ascending, 0 past the count) with no host sync, and
+    they are kept per run bounds (``memo_decode_lists``), which change once per block.
     """
     n_k = g.n_k
     sinks = min(math.ceil(sink_tokens / g.block_k), n_k)
@@ -44,10 +45,14 @@ def sink_and_window_lists(g: BlockGeometry, sink_tokens: int, window: int, width
     # meet or overlap are one run [0, NK).
     recent = max(sinks, (g.prefill_aligned().offset - window + 1) // g.block_k)
     count = sinks + n_k - recent
-    i = torch.arange(width, device=device, dtype=torch.int32)
-    idx = torch.where(i < sinks, i, i + (recent - sinks))
-    idx = torch.where(i < count, idx, 0)
-    return idx.view(1, 1, 1, width), torch.full((1, 1, 1), count, device=device, dtype=torch.int32)
+
+    def build():
+        i = torch.arange(width, device=device, dtype=torch.int32)
+        idx = torch.where(i < sinks, i, i + (recent - sinks))
+        idx = torch.where(i < count, idx, 0)
+        return idx.view(1, 1, 1, width), torch.full((1, 1, 1), count, device=device, dtype=torch.int32)
+
+    return memo_decode_lists(("streaming", sinks, recent, count, width), device, build)
 
 
 def _select(geometry, query, key, state):

@@ -128,3 +128,27 @@ def test_patched_model_decode_matches_the_mask_path(method, overrides, monkeypat
         old_seq, old_logits = _decode_logits(model, inputs, 12)
     assert torch.equal(new_seq, old_seq)
     assert torch.equal(new_logits, old_logits)
+
+
+@pytest.mark.parametrize("method", ["streaming", "power", "s2"])
+def test_decode_lists_are_built_once_per_plan(method, monkeypatch):
+    """Steps within one key block reuse the lists (no kernels to build them); a new block builds new ones, equal to
+    a fresh build; the memo keeps a bounded number of plans."""
+    from patchattn.methods import _sparse
+
+    monkeypatch.setattr(_sparse, "_DECODE_LISTS", type(_sparse._DECODE_LISTS)())
+    monkeypatch.setattr(_sparse, "DECODE_LISTS_KEPT", 4)
+    state = _state(method, {"block_size": 16})
+    select = BLOCK_SELECTORS[method][0]
+    query, key = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 1, 8)
+    first = select(BlockGeometry(1, 1000, 16, 16), query, key, state)
+    again = select(BlockGeometry(1, 1001, 16, 16), query, key, state)  # same block count: same plan
+    assert again[0] is first[0] and again[1] is first[1]
+    later = select(BlockGeometry(1, 1009, 16, 16), query, key, state)  # a new key block starts
+    assert later[0] is not first[0]
+    monkeypatch.setattr(_sparse, "_DECODE_LISTS", type(_sparse._DECODE_LISTS)())
+    fresh = select(BlockGeometry(1, 1009, 16, 16), query, key, state)
+    assert torch.equal(fresh[0], later[0]) and torch.equal(fresh[1], later[1])
+    for kv_len in range(1100, 1300, 16):
+        select(BlockGeometry(1, kv_len, 16, 16), query, key, state)
+    assert len(_sparse._DECODE_LISTS) == 4
