@@ -33,7 +33,7 @@ FIELDS = ["mode", "T", "B", "layers", "method", "density", "select_ms", "kernel_
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m patchattn.bench.methods", description=__doc__)
-    p.add_argument("--methods", default="streaming,power,s2,blocktopk,hip",
+    p.add_argument("--methods", default="streaming,power,s2,moa,duo,hyper,blocktopk,hip",
                    help="';'-separated 'name' or 'name:{json overrides}' (a label 'name@tag:{...}' keeps variants apart)")
     p.add_argument("--prefill", default="32768,131072", help="prefill lengths")
     p.add_argument("--decode", default="131072", help="KV-cache lengths for decode")
@@ -55,9 +55,16 @@ def parse_methods(text: str) -> list[tuple[str, str, dict]]:
     return out
 
 
-def _state(name: str, overrides: dict) -> PatchState:
+def _state(name: str, overrides: dict, heads: int = 32) -> PatchState:
     config = get_spec(name).config_cls(**overrides)
-    return PatchState(config, layer_index=99, role="text", context=PatchContext())
+    state = PatchState(config, layer_index=99, role="text", context=PatchContext())
+    if name == "duo":
+        # A layer whose share of full (retrieval) heads is the default fraction: in a model the calibrated scores
+        # spread them over layers, a benchmark times one layer at the model-wide share (ties: the first heads).
+        from ..methods.duo import retrieval_heads
+
+        state.duo_retrieval = retrieval_heads(torch.zeros(1, heads), config.retrieval_fraction)[0]
+    return state
 
 
 def _select(name, state, q, k):
