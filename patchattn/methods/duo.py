@@ -29,7 +29,8 @@ from ..config import option
 from ..masks import causal_allowed, sink_and_window
 from ..registry import register_method
 from ..state import PatchState
-from ._sparse import SparseConfig, sparse_forward
+from ._sparse import SparseConfig, decode_width, sparse_forward
+from .streaming import per_head_window_lists
 
 AUTO = "auto"
 HOW_TO = ("make scores with `python -m patchattn.calibrate.retrieval_heads --model <name or path> --out scores.json` "
@@ -99,11 +100,17 @@ def make_duo_state(module, config, layer_index, role, context) -> PatchState:
 
 def select_duo(g, query, key, state):
     config = state.config
-    full = causal_allowed(g, query.device)
-    stream = sink_and_window(g, config.sink_tokens, config.window, device=query.device)
-    retrieval = state.duo_retrieval.to(query.device)
+    retrieval = state.duo_retrieval
     if retrieval.shape[0] != query.shape[1]:
         raise ValueError(f"duo: scores give {retrieval.shape[0]} heads for this layer, the call has {query.shape[1]}")
+    if g.n_q == 1:  # decoding: a full row (a window as long as the cache) or sink + window per head, as lists
+        windows = [g.kv_len if full else config.window for full in retrieval.tolist()]
+        return per_head_window_lists(g, config.sink_tokens, windows, decode_width(config, g), query.device)
+    full = causal_allowed(g, query.device)
+    stream = sink_and_window(g, config.sink_tokens, config.window, device=query.device)
+    retrieval = state.cache.get("duo_retrieval_on")
+    if retrieval is None or retrieval.device != query.device:  # copied to the device once, not every call
+        retrieval = state.cache["duo_retrieval_on"] = state.duo_retrieval.to(query.device)
     return torch.where(retrieval[:, None, None], full, stream)  # [Hq, NQ, NK]
 
 

@@ -30,7 +30,8 @@ from ..config import option
 from ..masks import sink_and_window
 from ..registry import register_method
 from ..state import PatchState
-from ._sparse import SparseConfig, sparse_forward
+from ._sparse import SparseConfig, decode_width, sparse_forward
+from .streaming import per_head_window_lists
 
 UNIFORM = "uniform"
 
@@ -99,8 +100,11 @@ def select_windows(g, query, key, state):
     if rules is None or rules.shape[0] != query.shape[1]:
         rules = layer_rules(state.config, None, state.layer_index, query.shape[1])
     sink = state.config.sink_blocks * g.block_k
-    masks = {w: sink_and_window(g, sink, w, device=query.device) for w in set(head_windows(rules, g.kv_len))}
-    return torch.stack([masks[w] for w in head_windows(rules, g.kv_len)])  # [Hq, NQ, NK]
+    windows = head_windows(rules, g.kv_len)
+    if g.n_q == 1:  # decoding: the rows as lists, kept while their bounds hold (no kernels within a key block)
+        return per_head_window_lists(g, sink, windows, decode_width(state.config, g), query.device)
+    masks = {w: sink_and_window(g, sink, w, device=query.device) for w in set(windows)}
+    return torch.stack([masks[w] for w in windows])  # [Hq, NQ, NK]
 
 
 moa_attention = register_method(

@@ -103,8 +103,8 @@ def test_moa_windows_grow_with_length_as_the_rule_says():
     assert moa.head_windows(rules, 4096) == [1088, 64]
     state = _state("moa", sink_blocks=0)
     state.moa_rules = rules
-    q = torch.zeros(1, 2, 1, 8)  # a decode query at the end: its row shows the window in blocks
-    blocks = {n: moa.select_windows(BlockGeometry(1, n, 64, 64), q, q, state).sum((-1, -2)).tolist()
+    q = torch.zeros(1, 2, 1, 8)  # a decode query at the end: its lists' counts show the window in blocks
+    blocks = {n: moa.select_windows(BlockGeometry(1, n, 64, 64), q, q, state)[1].flatten().tolist()
               for n in (1024, 4096)}
     assert blocks[1024] == [6, 2] and blocks[4096] == [18, 2]  # ceil(window / 64) + 1 partial block; fixed head stays
 

@@ -152,3 +152,39 @@ def test_decode_lists_are_built_once_per_plan(method, monkeypatch):
     for kv_len in range(1100, 1300, 16):
         select(BlockGeometry(1, kv_len, 16, 16), query, key, state)
     assert len(_sparse._DECODE_LISTS) == 4
+
+
+def _window_rows_mask(g, sink_tokens, windows):
+    """The mask path of a per-head sink + window pattern: one ``sink_and_window`` row per head."""
+    return torch.stack([sink_and_window(g, sink_tokens, w) for w in windows])
+
+
+@pytest.mark.parametrize("method,overrides", [("moa", {"block_size": 16}), ("moa", {"block_size": 16, "density": 0.2}),
+                                              ("duo", {"block_size": 16}), ("duo", {"block_size": 16, "window": 40})])
+def test_per_head_window_decode_lists_equal_the_mask_path(method, overrides):
+    """moa's elastic windows and duo's full / streaming heads decode through per-head window lists: the same lists
+    as building each head's mask row and ``blocks_from_mask``, at every cache length."""
+    from patchattn.methods.duo import retrieval_heads
+    from patchattn.methods.moa import head_windows, layer_rules
+
+    state = _state(method, overrides)
+    heads = 8
+    if method == "duo":
+        state.duo_retrieval = retrieval_heads(torch.tensor([[0.0, 3, 0, 1, 0, 0, 2, 0]]), 0.375)[0]
+    select = BLOCK_SELECTORS[method][0]
+    key = torch.zeros(1, 2, 1, 8)
+    for kv_len in list(range(1, 300)) + [1023, 1024, 1025, 5000]:
+        g = BlockGeometry(1, kv_len, 16, 16)
+        query = torch.zeros(1, heads, 1, 8)
+        lists = select(g, query, key, state)
+        assert isinstance(lists, tuple), "one query block must skip the mask"
+        if method == "moa":
+            windows = head_windows(layer_rules(state.config, None, state.layer_index, heads), kv_len)
+            mask = _window_rows_mask(g, state.config.sink_blocks * 16, windows)
+        else:
+            windows = [kv_len if full else state.config.window for full in state.duo_retrieval.tolist()]
+            mask = _window_rows_mask(g, state.config.sink_tokens, windows)
+        want = _lists(state.config, g, mask, query.device)
+        assert torch.equal(lists[1], want[1]) and torch.equal(lists[0], want[0]), f"{method} kv_len={kv_len}"
+    if method == "duo":  # the full heads read every block
+        assert lists[1].flatten()[state.duo_retrieval].eq(g.n_k).all()
