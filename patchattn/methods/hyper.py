@@ -76,7 +76,10 @@ def lsh_projections(state, dim: int, device) -> torch.Tensor:
         gen = torch.Generator().manual_seed(config.seed * SEED_STRIDE + state.layer_index)
         proj = torch.randn(dim, config.lsh_num_projs, generator=gen)
         state.register_buffer("lsh_projections", proj, persistent=False)
-    return proj.to(device)
+    if proj.device != torch.device(device):  # kept on the queries' device: no copy per call (nor in a CUDA graph)
+        proj = proj.to(device)
+        state.register_buffer("lsh_projections", proj, persistent=False)
+    return proj
 
 
 def lsh_buckets(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
