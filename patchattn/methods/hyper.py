@@ -27,6 +27,7 @@ Below ``min_seq_len`` keys (paper: 4096) a call reads every block (exact attenti
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -59,13 +60,19 @@ class HyperConfig(SparseConfig):
 
 
 # ---- sortLSH -----------------------------------------------------------------------------------------------------
-def gray_rank(num_projs: int) -> torch.Tensor:
-    """``[2^p]`` position of each binary code in the reflected Gray sequence (adjacent positions differ in one bit)."""
+def gray_rank(num_projs: int, device="cpu") -> torch.Tensor:
+    """``[2^p]`` position of each binary code in the reflected Gray sequence (adjacent positions differ in one bit),
+    made once per device (not copied there every call: a host copy cannot be captured in a CUDA graph)."""
+    return _gray_rank(num_projs, str(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _gray_rank(num_projs: int, device: str) -> torch.Tensor:
     n = 1 << num_projs
     codes = torch.arange(n)
     rank = torch.empty(n, dtype=torch.long)
     rank[codes ^ (codes >> 1)] = codes
-    return rank
+    return rank.to(device)
 
 
 def lsh_projections(state, dim: int, device) -> torch.Tensor:
@@ -86,7 +93,7 @@ def lsh_buckets(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     """``[B, H, T, D]`` -> ``[B, H, T]`` Hamming-ordered bucket of each vector (sign pattern of its projections)."""
     bits = (x.float() @ proj) > 0
     code = (bits.long() << torch.arange(proj.shape[1], device=x.device)).sum(-1)
-    return gray_rank(proj.shape[1]).to(x.device)[code]
+    return gray_rank(proj.shape[1], x.device)[code]
 
 
 def bucket_histogram(buckets: torch.Tensor, block: int, n_buckets: int) -> torch.Tensor:
@@ -140,8 +147,14 @@ def sampled_blocks(state, g: BlockGeometry, heads: int, free: torch.Tensor) -> t
     one column set for all queries); drawn as ``[NK, H]`` so a longer cache keeps the earlier blocks' priorities.
     """
     count = math.ceil(state.config.sample_size / g.block_k)
-    gen = torch.Generator().manual_seed(state.config.seed * SEED_STRIDE + state.layer_index)
-    priority = torch.rand(g.n_k, heads, generator=gen).T.to(free.device) + 1.0  # > 0 for top_blocks
+    key = ("hyper_priority", g.n_k, heads, free.device)
+    priority = state.cache.get(key)
+    if priority is None:  # drawn on the host once per shape and kept on the device (no copy per call)
+        gen = torch.Generator().manual_seed(state.config.seed * SEED_STRIDE + state.layer_index)
+        priority = torch.rand(g.n_k, heads, generator=gen).T.to(free.device) + 1.0  # > 0 for top_blocks
+        for stale in [k for k in state.cache if isinstance(k, tuple) and k[0] == key[0]]:
+            del state.cache[stale]  # one shape kept: a decoding cache grows a block at a time
+        state.cache[key] = priority
     return top_blocks(priority[None, :, None, :].masked_fill(~free, float("-inf")), count)
 
 
