@@ -55,7 +55,7 @@ def parse_methods(text: str) -> list[tuple[str, str, dict]]:
     return out
 
 
-def _state(name: str, overrides: dict, heads: int = 32) -> PatchState:
+def _state(name: str, overrides: dict, heads: int = 32, kv_heads: int = 8) -> PatchState:
     config = get_spec(name).config_cls(**overrides)
     state = PatchState(config, layer_index=99, role="text", context=PatchContext())
     if name == "duo":
@@ -63,7 +63,8 @@ def _state(name: str, overrides: dict, heads: int = 32) -> PatchState:
         # spread them over layers, a benchmark times one layer at the model-wide share (ties: the first heads).
         from ..methods.duo import retrieval_heads
 
-        state.duo_retrieval = retrieval_heads(torch.zeros(1, heads), config.retrieval_fraction)[0]
+        units = kv_heads if config.kv_heads_together else heads
+        state.duo_retrieval = retrieval_heads(torch.zeros(1, units), config.retrieval_fraction)[0]
     return state
 
 

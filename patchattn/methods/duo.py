@@ -13,7 +13,9 @@ go to earlier layers: the first ``retrieval_fraction`` of the heads stay full, a
 layers dense) — an uncalibrated default that only exists so the method runs everywhere; calibrate for real use.
 
 Deviations: heads are chosen from retrieval scores (the Retrieval Head paper) rather than DuoAttention's optimised
-gates, and per query head (DuoAttention gates KV heads); block-granular sink/window as in ``streaming``.
+gates, and per query head by default (DuoAttention gates KV heads: ``kv_heads_together=True`` does, ranking a KV
+head by its best query head, so a GQA group shares its lists and a decode step reads each KV block once);
+block-granular sink/window as in ``streaming``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class DuoConfig(SparseConfig):
                                        min=0.0, max=1.0)
     sink_tokens: int = option(64, "streaming heads: initial tokens attended (DuoAttention eval: 64)", min=0)
     window: int = option(256, "streaming heads: recent tokens attended (DuoAttention eval: 256)", min=1)
+    kv_heads_together: bool = option(False, "decide per KV head, as DuoAttention gates GQA models: a KV head is "
+                                     "full when its best query head's score ranks it in, so a GQA group shares its "
+                                     "lists and reads each KV block once (decoding); retrieval_fraction then counts "
+                                     "KV heads")
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"retrieval_fraction": 1.0}
 
@@ -91,18 +97,24 @@ def make_duo_state(module, config, layer_index, role, context) -> PatchState:
         raise ValueError(f"duo needs the attention module's model config to place its heads; {type(module).__name__} "
                          "has none")
     state = PatchState(config, layer_index, role, context)
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
     if config.retrieval_fraction >= 1.0:  # every head full: no scores needed
-        state.duo_retrieval = torch.ones(model_config.num_attention_heads, dtype=torch.bool)
-    else:
-        state.duo_retrieval = retrieval_heads(model_scores(config, model_config), config.retrieval_fraction)[layer_index]
+        state.duo_retrieval = torch.ones(kv_heads if config.kv_heads_together else heads, dtype=torch.bool)
+        return state
+    scores = model_scores(config, model_config)
+    if config.kv_heads_together:  # a KV head ranks by its best query head
+        scores = scores.view(scores.shape[0], kv_heads, heads // kv_heads).amax(-1)
+    state.duo_retrieval = retrieval_heads(scores, config.retrieval_fraction)[layer_index]
     return state
 
 
 def select_duo(g, query, key, state):
     config = state.config
     retrieval = state.duo_retrieval
-    if retrieval.shape[0] != query.shape[1]:
-        raise ValueError(f"duo: scores give {retrieval.shape[0]} heads for this layer, the call has {query.shape[1]}")
+    heads = key.shape[1] if config.kv_heads_together else query.shape[1]  # lists per KV head: the group shares them
+    if retrieval.shape[0] != heads:
+        raise ValueError(f"duo: scores give {retrieval.shape[0]} heads for this layer, the call has {heads}")
     if g.n_q == 1:  # decoding: a full row (a window as long as the cache) or sink + window per head, as lists
         windows = [g.kv_len if full else config.window for full in retrieval.tolist()]
         return per_head_window_lists(g, config.sink_tokens, windows, decode_width(config, g), query.device)

@@ -446,8 +446,24 @@ def _force_splits(monkeypatch, decode, many):
     seen = []
     real = decode.choose_splits
     monkeypatch.setattr(decode, "PROGRAMS_PER_SM", 1 << 12 if many else 0)
+    if not many:
+        monkeypatch.setattr(decode, "ENTRIES_PER_PROGRAM", 1 << 30)
     monkeypatch.setattr(decode, "choose_splits", lambda *a: seen.append(real(*a)) or seen[-1])
     return seen
+
+
+def test_decode_splits_cap_the_stretch_one_program_walks(monkeypatch):
+    """Enough splits that no program walks more than ENTRIES_PER_PROGRAM entries of the widest list; the
+    programs-per-SM rule decides below that (H200: 132 SMs)."""
+    decode = _decode_module()
+    monkeypatch.setattr(decode, "_SM_COUNT", {torch.device("cuda"): 132})
+    monkeypatch.setattr(decode, "PROGRAMS_PER_SM", None)
+    cuda = torch.device("cuda")
+    assert decode.choose_splits(8, 51, cuda, heads=4) == 17  # the kernel benchmark's batch-1 point: unchanged
+    assert decode.choose_splits(256, 27, cuda) == 1  # batch 8, top-k lists: one split per row group, unchanged
+    assert decode.choose_splits(256, 2048, cuda) == 2048 // decode.ENTRIES_PER_PROGRAM  # cache-wide lists
+    assert decode.choose_splits(32, 2048, cuda) == 2048 // decode.ENTRIES_PER_PROGRAM
+    assert decode.choose_splits(4, 3, cuda) == 3  # never more splits than entries
 
 
 def _merge_hooks(name, case, device):

@@ -140,6 +140,30 @@ def test_duo_keeps_full_attention_exactly_on_retrieval_heads(tmp_path):
         assert max_abs_diff(streaming[:, :, retrieval], dense[:, :, retrieval]) > 1e-3
 
 
+def test_duo_kv_heads_together_makes_whole_groups_full(tmp_path):
+    """DuoAttention's GQA rule: a KV head ranks by its best query head, and its whole group is full or streaming;
+    the lists are per KV head (the group shares them), at prefill and while decoding."""
+    model = tiny_model("llama")  # 2 layers x 4 heads, 2 KV heads (groups of 2)
+    scores = _write(tmp_path, model, "scores", [[0.0, 0.1, 0.9, 0.0], [0.0, 0.8, 0.0, 0.2]])
+    q, k, v = torch.randn(1, 4, 128, 16), torch.randn(1, 2, 128, 16), torch.randn(1, 2, 128, 16)
+    options = dict(scores=scores, retrieval_fraction=0.5, window=16, sink_tokens=16, block_size=16)
+    module = model.model.layers[0].self_attn
+    with patchattn.patched(model, "duo", kv_heads_together=True, **options):
+        # KV heads ranked by their best query head: layer 0 (0.1, 0.9), layer 1 (0.8, 0.2): the top half
+        assert [layer.self_attn.patchattn.duo_retrieval.tolist() for layer in model.model.layers] == [
+            [False, True], [True, False]]
+        sparse = _attend(module, duo.duo_attention, q, k, v)
+        state = module.patchattn
+        lists = duo.select_duo(BlockGeometry(1, 128, 16, 16), q[:, :, -1:], k, state)
+        counts = lists[1].flatten().tolist()
+        assert lists[0].shape[1] == 2 and counts[0] < 8 and counts[1] == 8  # sink + window | every block
+    dense = sdpa_attention(module, q, k, v, None, scaling=16 ** -0.5)[0]
+    with patchattn.patched(model, "streaming", window=16, sink_tokens=16, block_size=16):
+        streaming = _attend(module, patchattn.registry.get_spec("streaming").forward, q, k, v)
+    for head, expected in enumerate((streaming, streaming, dense, dense)):  # group 1 = query heads 2, 3
+        assert max_abs_diff(sparse[:, :, head], expected[:, :, head]) <= 1e-6, head
+
+
 def test_duo_ranks_heads_globally_and_warns_without_scores():
     scores = torch.tensor([[0.1, 0.9], [0.5, 0.5]])
     assert duo.retrieval_heads(scores, 0.5).tolist() == [[False, True], [True, False]]  # ties: earlier head

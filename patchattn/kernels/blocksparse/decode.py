@@ -50,6 +50,11 @@ from .triton_fwd import (
 PROGRAMS_PER_SM = int(os.environ["PATCHATTN_DECODE_PROGRAMS_PER_SM"]) if os.environ.get(
     "PATCHATTN_DECODE_PROGRAMS_PER_SM") else None
 _SM_COUNT: dict = {}
+# Longest stretch of a list one program walks. Row groups with very different counts (duo: full heads beside
+# streaming heads, lists as wide as the cache) would otherwise leave a few programs walking a whole cache each while
+# the rest finish at once (H200, duo at batch 8, 128k: 0.36x SDPA with one split per row group). The lists of the
+# top-k methods and the kernel benchmark (width <= 64) are not affected.
+ENTRIES_PER_PROGRAM = 64
 # "fused": one launch, the last split program of a row group merges; "separate": a second merge kernel.
 MERGE = os.environ.get("PATCHATTN_DECODE_MERGE", "fused")
 if MERGE not in ("fused", "separate"):
@@ -338,11 +343,12 @@ def heads_per_program(q, k, kv_indices, col_bias):
 
 
 def choose_splits(n_programs_base, n_entries, device, heads=1):
-    """PROGRAMS_PER_SM programs per SM, at most one per list entry (the lists' width; each program's share of a
+    """PROGRAMS_PER_SM programs per SM, and enough splits that no program walks more than ENTRIES_PER_PROGRAM
+    entries of a list as wide as the lists, at most one per list entry (the lists' width; each program's share of a
     list's real count is worked out in the kernel)."""
     sms = _sm_count(device)
     per_sm = PROGRAMS_PER_SM if PROGRAMS_PER_SM is not None else (2 if heads == 1 and n_programs_base < sms else 1)
-    want = math.ceil(per_sm * sms / n_programs_base)
+    want = max(math.ceil(per_sm * sms / n_programs_base), math.ceil(n_entries / ENTRIES_PER_PROGRAM))
     return max(1, min(want, n_entries))
 
 
