@@ -129,7 +129,7 @@ def test_duo_keeps_full_attention_exactly_on_retrieval_heads(tmp_path):
     for layer, retrieval in ((0, 2), (1, 1)):
         module = model.model.layers[layer].self_attn
         with patchattn.patched(model, "duo", scores=scores, retrieval_fraction=0.25, window=16, sink_tokens=16,
-                               block_size=16):
+                               block_size=16, kv_heads_together=False):  # per query head
             sparse = _attend(module, duo.duo_attention, q, k, v)
         dense = sdpa_attention(module, q, k, v, None, scaling=16 ** -0.5)[0]
         with patchattn.patched(model, "streaming", window=16, sink_tokens=16, block_size=16):

@@ -160,7 +160,8 @@ def _window_rows_mask(g, sink_tokens, windows):
 
 
 @pytest.mark.parametrize("method,overrides", [("moa", {"block_size": 16}), ("moa", {"block_size": 16, "density": 0.2}),
-                                              ("duo", {"block_size": 16}), ("duo", {"block_size": 16, "window": 40})])
+                                              ("duo", {"block_size": 16, "kv_heads_together": False}),
+                                              ("duo", {"block_size": 16, "window": 40, "kv_heads_together": False})])
 def test_per_head_window_decode_lists_equal_the_mask_path(method, overrides):
     """moa's elastic windows and duo's full / streaming heads decode through per-head window lists: the same lists
     as building each head's mask row and ``blocks_from_mask``, at every cache length."""
