@@ -452,9 +452,9 @@ def _force_splits(monkeypatch, decode, many):
     return seen
 
 
-def test_decode_splits_cap_the_stretch_one_program_walks(monkeypatch):
+def test_decode_splits_cap_the_stretch_one_program_walks(triton_device, monkeypatch):
     """Enough splits that no program walks more than ENTRIES_PER_PROGRAM entries of the widest list; the
-    programs-per-SM rule decides below that (H200: 132 SMs)."""
+    programs-per-SM rule decides below that (H200: 132 SMs). (triton_device first: the kernels read the env once.)"""
     decode = _decode_module()
     monkeypatch.setattr(decode, "_SM_COUNT", {torch.device("cuda"): 132})
     monkeypatch.setattr(decode, "PROGRAMS_PER_SM", None)
@@ -464,6 +464,29 @@ def test_decode_splits_cap_the_stretch_one_program_walks(monkeypatch):
     assert decode.choose_splits(256, 2048, cuda) == 2048 // decode.ENTRIES_PER_PROGRAM  # cache-wide lists
     assert decode.choose_splits(32, 2048, cuda) == 2048 // decode.ENTRIES_PER_PROGRAM
     assert decode.choose_splits(4, 3, cuda) == 3  # never more splits than entries
+
+
+def test_decode_lists_of_very_different_lengths(triton_device, monkeypatch):
+    """Per-head lists as long as the cache beside short ones (duo's full and streaming heads), split so no program
+    walks more than ENTRIES_PER_PROGRAM entries: every head against the reference, GQA, batch 2."""
+    decode = _decode_module()
+    monkeypatch.setattr(decode, "ENTRIES_PER_PROGRAM", 8)
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D, block, n_k = 2, 4, 2, 32, 16, 40
+    q = torch.randn(B, Hq, 1, D, generator=gen).to(triton_device)
+    k, v = (torch.randn(B, Hkv, n_k * block, D, generator=gen).to(triton_device) for _ in range(2))
+    idx = torch.zeros(B, Hq, 1, n_k, dtype=torch.int32)
+    cnt = torch.zeros(B, Hq, 1, dtype=torch.int32)
+    for b in range(B):
+        for h, count in enumerate([n_k, 3, n_k - 1, 5]):
+            idx[b, h, 0, :count] = torch.arange(n_k - count, n_k, dtype=torch.int32)
+            cnt[b, h, 0] = count
+    idx, cnt = idx.to(triton_device), cnt.to(triton_device)
+    got = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=block, backend="triton")
+    want = bs.block_sparse_attention(q.double(), k.double(), v.double(), idx, cnt, block_q=16, block_k=block,
+                                     backend="torch")
+    assert decode.choose_splits(B * Hq, n_k, q.device) >= n_k // 8
+    assert float((got.double() - want).abs().max()) <= 1e-4
 
 
 def _merge_hooks(name, case, device):
