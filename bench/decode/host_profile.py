@@ -8,24 +8,16 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from patchattn.bench import methods as bench
-from patchattn.bench.kernel import graph_ms
+from patchattn.bench.kernel import graph_ms, loop_ms
 
 
-def loop_us(step, n=200):
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
+def loop_us(step):
+    return loop_ms(step, calls=200, warmup=10) * 1e3
 
 
 def main(out, names):

@@ -210,6 +210,19 @@ def peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def loop_ms(fn, calls=50, warmup=1):
+    """Milliseconds per call of ``calls`` back-to-back calls with one sync at the end: no L2 flush, host time
+    included (a host-bound call shows here and not in :func:`graph_ms`)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
 def graph_ms(fn):
     """Time CUDA-graph replays of fn (removes Python launch overhead, as a serving loop would)."""
     fn()

@@ -104,7 +104,7 @@ def window_density(q_len: int, kv_len: int, window: int) -> float:
 
 
 def must_run_dense(state, method: str, attention_mask, batch: int, kv_len: int, kwargs,
-                   q_len: int = 1) -> tuple[str | None, object]:
+                   q_len: int) -> tuple[str | None, object]:
     """``_dense_reason``, plus the warning and the density record a dense call owes: (reason or None, kv_start).
     A sliding-window layer records what its window reads, not 1.0, so a model's mean density stays what it reads."""
     reason, kv_start = _dense_reason(state, attention_mask, batch, kv_len, kwargs)

@@ -147,14 +147,13 @@ def sampled_blocks(state, g: BlockGeometry, heads: int, free: torch.Tensor) -> t
     one column set for all queries); drawn as ``[NK, H]`` so a longer cache keeps the earlier blocks' priorities.
     """
     count = math.ceil(state.config.sample_size / g.block_k)
-    key = ("hyper_priority", g.n_k, heads, free.device)
-    priority = state.cache.get(key)
-    if priority is None:  # drawn on the host once per shape and kept on the device (no copy per call)
+    shape = (g.n_k, heads, free.device)
+    cached = state.cache.get("hyper_priority")
+    if cached is None or cached[0] != shape:  # drawn on the host once per shape, kept on the device
         gen = torch.Generator().manual_seed(state.config.seed * SEED_STRIDE + state.layer_index)
         priority = torch.rand(g.n_k, heads, generator=gen).T.to(free.device) + 1.0  # > 0 for top_blocks
-        for stale in [k for k in state.cache if isinstance(k, tuple) and k[0] == key[0]]:
-            del state.cache[stale]  # one shape kept: a decoding cache grows a block at a time
-        state.cache[key] = priority
+        cached = state.cache["hyper_priority"] = (shape, priority)
+    priority = cached[1]
     return top_blocks(priority[None, :, None, :].masked_fill(~free, float("-inf")), count)
 
 

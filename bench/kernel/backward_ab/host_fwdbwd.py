@@ -4,11 +4,10 @@ trails FlexAttention eagerly). Prints the GPU time of each kernel (torch.profile
 same step replayed from a CUDA graph, and the host functions that take the time (cProfile)."""
 import cProfile
 import pstats
-import time
 
 import torch
 
-from patchattn.bench.kernel import random_causal_lists
+from patchattn.bench.kernel import loop_ms, random_causal_lists
 from patchattn.kernels import blocksparse as bs
 
 T, D, Hq, Hkv, blk = 16384, 128, 32, 8, 128
@@ -22,15 +21,8 @@ def step():
     return torch.autograd.grad(out, (q, k, v), d_out)
 
 
-def wall_ms(fn, n=200):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+def wall_ms(fn):
+    return loop_ms(fn, calls=200, warmup=20)
 
 
 print(f"eager fwd+bwd: {wall_ms(step):.3f} ms per step")

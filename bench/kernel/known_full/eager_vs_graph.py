@@ -6,22 +6,10 @@ back-to-back calls (no flush), and CUDA-graph replays (no host work at all).  Wh
 in graphs, the difference is host time per call, not GPU time."""
 import json
 import sys
-import time
 
-import torch
 
-from patchattn.bench.kernel import flex_block_mask, graph_ms, lists_at_density, time_ms
+from patchattn.bench.kernel import flex_block_mask, graph_ms, lists_at_density, loop_ms, time_ms
 from patchattn.kernels import blocksparse as bs
-
-
-def loop_ms(fn, calls=50):
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e3
 
 
 def main(out_path, forward_only=False):
