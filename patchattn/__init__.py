@@ -11,6 +11,7 @@ from .adapters import hf as _hf
 from .adapters.diffusers import load_dit, repatch_from_config
 from .api import PatchHandle, get_config, get_handle, list_methods, load, patch, patched, unpatch
 from .config import MethodConfig
+from .methods._sparse import SparseConfig, register_sparse_method
 from .registry import MethodSpec, register_method
 from .state import PatchContext, PatchState, TokenLayout
 
@@ -22,6 +23,7 @@ __all__ = [
     "PatchContext",
     "PatchHandle",
     "PatchState",
+    "SparseConfig",
     "TokenLayout",
     "get_config",
     "get_handle",
@@ -31,6 +33,7 @@ __all__ = [
     "patch",
     "patched",
     "register_method",
+    "register_sparse_method",
     "repatch_from_config",
     "unpatch",
 ]

@@ -1,6 +1,7 @@
 """The method registry: one ``MethodSpec`` per registered attention method.
 
-A method file declares a config class and an attention function and registers them with ``@register_method``.
+A method file declares a config class and an attention function and registers them with ``@register_method``
+(a block-sparse method registers its block selector instead, with ``methods._sparse.register_sparse_method``).
 Everything else (adapters, CLI, demo, tests, docs) discovers methods from here, so adding a method is one new file
 plus one import line in ``patchattn/methods/__init__.py``.
 """
@@ -34,8 +35,14 @@ class MethodSpec:
         needs_finetune: True when quality needs a fine-tuning recipe first (the demo skips these).
         paper: the paper (title, venue, arXiv id) it implements.
         patterns: attention patterns it supports (``PATTERNS``); others raise a clear error.
-        make_state: optional ``make_state(module, config, layer_index) -> PatchState`` for methods with parameters.
+        make_state: optional ``make_state(module, config, layer_index, role, context) -> PatchState`` for methods
+            whose state is built from the module (parameters, per-layer plans).
         mask_builder: optional transformers mask-interface function; default is transformers' own SDPA mask.
+        select: block-sparse methods only: ``select(geometry, query, key, state)`` -> bool block mask or ready
+            block lists (``methods._sparse.BlockSelector``); None for every other method.
+        static: block-sparse methods only: True when ``select`` depends on positions only (cached per shape).
+        state_cls: the method's typed per-module state (a ``MethodState`` dataclass), held by ``PatchState`` as
+            ``method_state``; None when the method keeps nothing between calls.
     """
 
     name: str
@@ -49,6 +56,9 @@ class MethodSpec:
     make_state: Callable | None = None
     mask_builder: Callable | None = None
     summary: str = field(default="")
+    select: Callable | None = None
+    static: bool = False
+    state_cls: type | None = None
 
     @property
     def hf_name(self) -> str:
@@ -74,8 +84,11 @@ def register_method(
     patterns: tuple[str, ...] = PATTERNS,
     make_state: Callable | None = None,
     mask_builder: Callable | None = None,
+    select: Callable | None = None,
+    static: bool = False,
+    state_cls: type | None = None,
 ):
-    """Decorator registering an attention function as method ``name``."""
+    """Decorator registering an attention function as method ``name`` (see ``MethodSpec`` for the arguments)."""
 
     def decorate(forward: Callable) -> Callable:
         spec = MethodSpec(
@@ -90,6 +103,9 @@ def register_method(
             make_state=make_state,
             mask_builder=mask_builder,
             summary=(forward.__doc__ or "").strip().splitlines()[0] if forward.__doc__ else "",
+            select=select,
+            static=static,
+            state_cls=state_cls,
         )
         _validate_spec(spec)
         config.method = name
@@ -116,6 +132,8 @@ def _validate_spec(spec: MethodSpec) -> None:
         raise ValueError(f"patterns {sorted(bad)} of {spec.name!r} must be among {PATTERNS}")
     if not issubclass(spec.config_cls, MethodConfig):
         raise TypeError(f"config of {spec.name!r} must subclass MethodConfig")
+    if spec.static and spec.select is None:
+        raise ValueError(f"method {spec.name!r}: static=True needs a block selector (select=)")
 
 
 def on_register(listener: Callable[[MethodSpec], None]) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from ..kernels.blocksparse import block_sparse_attention, density
 from ..masks import BlockGeometry
-from ..methods._sparse import BLOCK_SELECTORS, _blocks
+from ..methods._sparse import block_lists
 from ..registry import get_spec
 from ..report import environment, format_table
 from ..state import PatchContext, PatchState
@@ -73,7 +73,7 @@ def _select(name, state, q, k):
     taken from the static-pattern cache, so every timed call pays for its selection (at decode the static patterns
     reuse their lists within a key block, ``_sparse.memo_decode_lists``, as they do in a model)."""
     g = BlockGeometry(q.shape[2], k.shape[2], state.config.block_size, state.config.block_size)
-    return _blocks(state, g, q, k, BLOCK_SELECTORS[name][0], static=False)
+    return block_lists(state, g, q, k, get_spec(name).select, static=False)
 
 
 def prefill_rows(T, methods, with_flex):

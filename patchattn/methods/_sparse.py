@@ -1,7 +1,7 @@
 """What every block-sparse method shares: turn a transformers attention call into one block-sparse kernel call.
 
-A sparse method only decides *which key blocks each query block reads* (``select_blocks``); this module handles
-the rest the same way for all of them: padding, sliding-window layers, the KV-cache offset, caching static
+A sparse method only decides *which key blocks each query block reads* (its selector, registered with
+``register_sparse_method``); this module handles the rest the same way for all of them: padding, sliding-window layers, the KV-cache offset, caching static
 patterns per shape, calling ``kernels.blocksparse`` with the method's backend, and reporting the density.
 """
 
@@ -18,6 +18,7 @@ from ..config import MethodConfig, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density_tensor
 from ..kernels.dense import eager_attention, sdpa_attention
 from ..masks import BlockGeometry, causal_allowed
+from ..registry import register_method
 
 # (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK], or ready block lists
 # (kv_indices, kv_counts) when the method builds them directly (blocktopk while decoding).
@@ -129,7 +130,7 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     geometry = BlockGeometry(q_len, kv_len, config.block_size, config.block_size)
-    kv_indices, kv_counts = _blocks(state, geometry, query, key, select, static)
+    kv_indices, kv_counts = block_lists(state, geometry, query, key, select, static)
     out = block_sparse_attention(
         query, key, value, kv_indices, kv_counts, block_q=geometry.block_q, block_k=geometry.block_k, causal=True,
         scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start, backend=config.backend,
@@ -138,13 +139,16 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
     return out.transpose(1, 2), None
 
 
-# method name -> (selector, static): lets benchmarks and reports build a method's blocks outside a model.
-BLOCK_SELECTORS: dict[str, tuple[BlockSelector, bool]] = {}
+def register_sparse_method(name: str, *, config: type[SparseConfig], select: BlockSelector, static: bool, paper: str,
+                           doc: str, families: tuple[str, ...] = ("llm", "lvlm"),
+                           patterns: tuple[str, ...] = ("causal-self",), make_state: Callable | None = None,
+                           state_cls: type | None = None) -> Callable:
+    """Register block-sparse method ``name``: its block choice is ``select``; the rest is ``run_block_sparse``.
 
-
-def sparse_forward(name: str, select: BlockSelector, *, static: bool, doc: str):
-    """The attention function of a block-sparse method whose block choice is ``select``."""
-    BLOCK_SELECTORS[name] = (select, static)
+    ``static``: the selection depends on positions only, so its lists are cached per shape.  The selector and the
+    flag are kept on the spec (``get_spec(name).select`` / ``.static``) for benchmarks and reports.  Returns the
+    attention function (transformers' signature).
+    """
 
     def forward(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
         return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select,
@@ -152,10 +156,12 @@ def sparse_forward(name: str, select: BlockSelector, *, static: bool, doc: str):
 
     forward.__name__ = f"{name}_attention"
     forward.__doc__ = doc
-    return forward
+    return register_method(name, config=config, category="sparse", families=families, patterns=patterns,
+                           paper=paper, make_state=make_state, select=select, static=static,
+                           state_cls=state_cls)(forward)
 
 
-def _blocks(state, geometry: BlockGeometry, query, key, select: BlockSelector, static: bool):
+def block_lists(state, geometry: BlockGeometry, query, key, select: BlockSelector, static: bool):
     """Block lists for this call; static patterns are computed once per (shape, device) and cached."""
     cache_key = (geometry, query.device)
     cached = state.cache.get("static_blocks")
@@ -165,14 +171,14 @@ def _blocks(state, geometry: BlockGeometry, query, key, select: BlockSelector, s
     if isinstance(mask, tuple):
         blocks = mask
     else:
-        blocks = _lists(state.config, geometry, mask, query.device)
+        blocks = mask_lists(state.config, geometry, mask, query.device)
     if static:
         # Only the latest shape is kept: decoding changes it every step.
         state.cache["static_blocks"] = (cache_key, blocks)
     return blocks
 
 
-def _lists(config, geometry: BlockGeometry, mask, device):
+def mask_lists(config, geometry: BlockGeometry, mask, device):
     """A selector's block mask -> block lists (with the dense last query block where the config asks for it)."""
     while mask.ndim < 4:
         mask = mask[None]

@@ -23,8 +23,7 @@ from ..config import option
 from ..kernels.blockselect import (decode_block_topk, max_list_width, prefill_block_scores, prefill_block_select,
                                    within_mass)
 from ..masks import BlockGeometry, causal_allowed
-from ..registry import register_method
-from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
+from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
 
 @dataclass(kw_only=True)
@@ -214,14 +213,12 @@ def _within_mass(raw, allowed, forced, top_values, mass: float, head_dim: int) -
     return within_mass(raw.float() / root_d, allowed, forced, top_values.float() / root_d, mass)
 
 
-blocktopk_attention = register_method(
+blocktopk_attention = register_sparse_method(
     "blocktopk",
     config=BlockTopKConfig,
-    category="sparse",
-    families=("llm", "lvlm"),
-    patterns=("causal-self",),
     paper="Sadhukhan et al., Kinetics: Rethinking Test-Time Scaling Laws (block top-k attention), arXiv 2506.05333; "
     "routing as in MoBA (arXiv 2502.13189)",
-)(
-    sparse_forward("blocktopk", select_top_k, static=False, doc="Top-k key blocks per query block by mean-pooled scores, plus sink and local blocks.")
+    select=select_top_k,
+    static=False,
+    doc="Top-k key blocks per query block by mean-pooled scores, plus sink and local blocks.",
 )

@@ -32,9 +32,8 @@ import torch
 from ..calibrate import check_against, load_artifact, shipped_for
 from ..config import option
 from ..masks import causal_allowed, sink_and_window
-from ..registry import register_method
 from ..state import PatchState
-from ._sparse import SparseConfig, decode_width, sparse_forward
+from ._sparse import SparseConfig, decode_width, register_sparse_method
 from .streaming import per_head_window_lists
 
 AUTO = "auto"
@@ -129,17 +128,14 @@ def select_duo(g, query, key, state):
     return torch.where(retrieval[:, None, None], full, stream)  # [Hq, NQ, NK]
 
 
-duo_attention = register_method(
+duo_attention = register_sparse_method(
     "duo",
     config=DuoConfig,
-    category="sparse",
-    families=("llm", "lvlm"),
-    patterns=("causal-self",),
     make_state=make_duo_state,
     paper="Wu et al., Retrieval Head Mechanistically Explains Long-Context Factuality, arXiv 2404.15574; "
     "Xiao et al., DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads "
     "(ICLR 2025), arXiv 2410.10819",
-)(
-    sparse_forward("duo", select_duo, static=True,
-                   doc="Full attention on calibrated retrieval heads, sink + recent window on the other heads.")
+    select=select_duo,
+    static=True,
+    doc="Full attention on calibrated retrieval heads, sink + recent window on the other heads.",
 )

@@ -27,8 +27,7 @@ import torch
 from ..config import option
 from ..kernels.blockselect import max_list_width, prefill_tree_search, tree_search_torch
 from ..masks import BlockGeometry, causal_allowed
-from ..registry import register_method
-from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, sparse_forward
+from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 from .blocktopk import block_means, decode_lists, forced_blocks, key_block_means
 
 
@@ -113,14 +112,12 @@ def _decode_lists(g: BlockGeometry, query, key, state):
     return lists
 
 
-hip_attention = register_method(
+hip_attention = register_sparse_method(
     "hip",
     config=HipConfig,
-    category="sparse",
-    families=("llm", "lvlm"),
-    patterns=("causal-self",),
     paper="Lee et al., A Training-free Sub-quadratic Cost Transformer Model Serving Framework with Hierarchically "
     "Pruned Attention (HiP, ICLR 2025), arXiv 2406.09827",
-)(
-    sparse_forward("hip", select_hip, static=False, doc="Hierarchical top-k block search per query block, plus sink and local blocks.")
+    select=select_hip,
+    static=False,
+    doc="Hierarchical top-k block search per query block, plus sink and local blocks.",
 )

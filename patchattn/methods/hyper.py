@@ -36,8 +36,7 @@ import torch
 
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed
-from ..registry import register_method
-from ._sparse import SparseConfig, sparse_forward
+from ._sparse import SparseConfig, register_sparse_method
 from .blocktopk import forced_blocks
 
 SEED_STRIDE = 1_000_003  # separates the per-layer streams of different seeds
@@ -170,14 +169,11 @@ def select_hyper(g: BlockGeometry, query, key, state):
     return chosen | sampled
 
 
-hyper_attention = register_method(
+hyper_attention = register_sparse_method(
     "hyper",
     config=HyperConfig,
-    category="sparse",
-    families=("llm", "lvlm"),
-    patterns=("causal-self",),
     paper="Han et al., HyperAttention: Long-context Attention in Near-Linear Time (ICLR 2024), arXiv 2310.05869",
-)(
-    sparse_forward("hyper", select_hyper, static=False,
-                   doc="sortLSH bucket collisions and uniformly sampled key blocks per query block, plus sink/local.")
+    select=select_hyper,
+    static=False,
+    doc="sortLSH bucket collisions and uniformly sampled key blocks per query block, plus sink/local.",
 )

@@ -28,9 +28,8 @@ import torch
 from ..calibrate import check_against, load_artifact
 from ..config import option
 from ..masks import sink_and_window
-from ..registry import register_method
 from ..state import PatchState
-from ._sparse import SparseConfig, decode_width, sparse_forward
+from ._sparse import SparseConfig, decode_width, register_sparse_method
 from .streaming import per_head_window_lists
 
 UNIFORM = "uniform"
@@ -107,16 +106,13 @@ def select_windows(g, query, key, state):
     return torch.stack([masks[w] for w in windows])  # [Hq, NQ, NK]
 
 
-moa_attention = register_method(
+moa_attention = register_sparse_method(
     "moa",
     config=MoAConfig,
-    category="sparse",
-    families=("llm", "lvlm"),
-    patterns=("causal-self",),
     make_state=make_moa_state,
     paper="Fu et al., MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression "
     "(COLM 2025), arXiv 2406.14909",
-)(
-    sparse_forward("moa", select_windows, static=True,
-                   doc="Per-head elastic sliding windows alpha_h + beta_h * N plus the sink block, from a calibrated plan.")
+    select=select_windows,
+    static=True,
+    doc="Per-head elastic sliding windows alpha_h + beta_h * N plus the sink block, from a calibrated plan.",
 )

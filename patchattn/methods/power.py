@@ -14,8 +14,7 @@ import torch
 
 from ..config import option
 from ..masks import BlockGeometry, power_of_two
-from ..registry import register_method
-from ._sparse import SparseConfig, decode_width, memo_decode_lists, sparse_forward
+from ._sparse import SparseConfig, decode_width, memo_decode_lists, register_sparse_method
 
 
 @dataclass(kw_only=True)
@@ -67,14 +66,12 @@ def _select(geometry, query, key, state):
     return power_of_two(geometry, config.sink_blocks, config.local_blocks, device=query.device)
 
 
-power_attention = register_method(
+power_attention = register_sparse_method(
     "power",
     config=PowerConfig,
-    category="sparse",
-    families=("llm", "lvlm"),
-    patterns=("causal-self",),
     paper="Chen et al., PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention, "
     "arXiv 2503.03588",
-)(
-    sparse_forward("power", _select, static=True, doc="Sink, local and power-of-two-distance blocks.")
+    select=_select,
+    static=True,
+    doc="Sink, local and power-of-two-distance blocks.",
 )

@@ -15,8 +15,7 @@ import torch
 
 from ..config import option
 from ..masks import BlockGeometry, strided_shards
-from ..registry import register_method
-from ._sparse import SparseConfig, decode_width, memo_decode_lists, sparse_forward
+from ._sparse import SparseConfig, decode_width, memo_decode_lists, register_sparse_method
 
 
 @dataclass(kw_only=True)
@@ -63,14 +62,12 @@ def _select(geometry, query, key, state):
     return strided_shards(geometry, query.shape[1], config.local_blocks, config.vert_stride, device=query.device)
 
 
-s2_attention = register_method(
+s2_attention = register_sparse_method(
     "s2",
     config=S2Config,
-    category="sparse",
-    families=("llm", "lvlm"),
-    patterns=("causal-self",),
     paper="Lin et al., Efficient LLM Training and Serving with Heterogeneous Context Sharding among Attention "
     "Heads (S2-Attention), arXiv 2407.17678",
-)(
-    sparse_forward("s2", _select, static=True, doc="Local blocks plus per-head strided shards whose union covers the context.")
+    select=_select,
+    static=True,
+    doc="Local blocks plus per-head strided shards whose union covers the context.",
 )

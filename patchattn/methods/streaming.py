@@ -15,8 +15,7 @@ import torch
 
 from ..config import option
 from ..masks import BlockGeometry, sink_and_window
-from ..registry import register_method
-from ._sparse import SparseConfig, decode_width, memo_decode_lists, sparse_forward
+from ._sparse import SparseConfig, decode_width, memo_decode_lists, register_sparse_method
 
 
 @dataclass(kw_only=True)
@@ -81,13 +80,11 @@ def _select(geometry, query, key, state):
     return sink_and_window(geometry, config.sink_tokens, config.window, device=query.device)
 
 
-streaming_attention = register_method(
+streaming_attention = register_sparse_method(
     "streaming",
     config=StreamingConfig,
-    category="sparse",
-    families=("llm", "lvlm"),
-    patterns=("causal-self",),
     paper="Xiao et al., Efficient Streaming Language Models with Attention Sinks (ICLR 2024), arXiv 2309.17453",
-)(
-    sparse_forward("streaming", _select, static=True, doc="Attention sinks plus a sliding window of recent tokens.")
+    select=_select,
+    static=True,
+    doc="Attention sinks plus a sliding window of recent tokens.",
 )

@@ -365,7 +365,7 @@ def test_blocktopk_prefill_lists_from_the_select_kernel_match_the_torch_choice(c
     import patchattn
     from patchattn.kernels.blocksparse import mask_from_blocks
     from patchattn.masks import BlockGeometry
-    from patchattn.methods._sparse import _lists
+    from patchattn.methods._sparse import mask_lists
     from patchattn.methods.blocktopk import select_top_k
     from patchattn.state import PatchContext, PatchState
 
@@ -379,7 +379,7 @@ def test_blocktopk_prefill_lists_from_the_select_kernel_match_the_torch_choice(c
                                       last_block_dense=last, backend="triton", fused_select=fused)
         state = PatchState(config, 0, "text", PatchContext())
         chosen = select_top_k(g, q.to(triton_device), k.to(triton_device), state)
-        idx, cnt = chosen if isinstance(chosen, tuple) else _lists(config, g, chosen, triton_device)
+        idx, cnt = chosen if isinstance(chosen, tuple) else mask_lists(config, g, chosen, triton_device)
         assert isinstance(chosen, tuple) == fused
         masks[fused] = mask_from_blocks(idx.cpu(), cnt.cpu(), g.n_k)
         assert torch.equal(cnt.cpu(), masks[fused].sum(-1, dtype=torch.int32)), "counts match the listed blocks"

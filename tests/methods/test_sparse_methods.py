@@ -219,9 +219,9 @@ def test_hip_max_row_score_finds_a_needle_that_the_mean_query_blurs():
 
 @pytest.mark.parametrize("method", ["hip", "blocktopk"])
 def test_last_query_block_reads_every_key_at_prefill(method):
-    from patchattn.methods._sparse import BLOCK_SELECTORS, _blocks
-    from patchattn.state import PatchContext, PatchState
+    from patchattn.methods._sparse import block_lists
     from patchattn.registry import get_spec
+    from patchattn.state import PatchContext, PatchState
 
     g = BlockGeometry(300, 300, 16, 16)
     q, k = torch.randn(1, 4, 300, 8), torch.randn(1, 2, 300, 8)
@@ -229,7 +229,7 @@ def test_last_query_block_reads_every_key_at_prefill(method):
     for flag in (True, False):
         state = PatchState(get_spec(method).config_cls(block_size=16, top_k=2, last_block_dense=flag), 1, "text",
                            PatchContext())
-        _, counts[flag] = _blocks(state, g, q, k, BLOCK_SELECTORS[method][0], static=False)
+        _, counts[flag] = block_lists(state, g, q, k, get_spec(method).select, static=False)
     assert (counts[True][..., -1] == g.n_k).all()
     assert (counts[False][..., -1] < g.n_k).all()
     assert torch.equal(counts[True][..., :-1], counts[False][..., :-1])
@@ -296,13 +296,58 @@ def test_stats_are_recorded_without_evaluating_them_until_read():
 def test_decode_lists_are_sized_by_the_method_bound_not_the_cache(method):
     """While decoding, lists are top_k + sink + local wide (no host sync to size them), whatever the cache length."""
     from patchattn.masks import BlockGeometry
-    from patchattn.methods._sparse import BLOCK_SELECTORS, _blocks
+    from patchattn.methods._sparse import block_lists
+    from patchattn.registry import get_spec
     from patchattn.state import PatchContext, PatchState
 
     config = patchattn.get_config(method, block_size=16, top_k=3, sink_blocks=1, local_blocks=2)
     state = PatchState(config, 1, "text", PatchContext())
     key = torch.randn(1, 2, 500, 32)
     query = torch.randn(1, 4, 1, 32)
-    idx, counts = _blocks(state, BlockGeometry(1, 500, 16, 16), query, key, BLOCK_SELECTORS[method][0], False)
+    idx, counts = block_lists(state, BlockGeometry(1, 500, 16, 16), query, key, get_spec(method).select, False)
     assert idx.shape[-1] == config.max_blocks_per_row(32) == 6
     assert (counts == 6).all()  # 3 chosen + sink + 2 local, all distinct at this length
+
+
+def test_block_sparse_methods_carry_their_selector_on_the_spec():
+    """``register_sparse_method`` puts the selector and its static flag on the spec; other methods have neither."""
+    from patchattn.registry import all_specs, get_spec
+
+    sparse = {spec.name: spec for spec in all_specs() if spec.category == "sparse"}
+    assert set(sparse) == {"blocktopk", "duo", "hip", "hyper", "moa", "power", "s2", "streaming"}
+    assert all(callable(spec.select) for spec in sparse.values())
+    assert {name for name, spec in sparse.items() if spec.static} == {"duo", "moa", "power", "s2", "streaming"}
+    for name in ("dense", "moh", "act", "headscale", "longlora", "sinklora"):
+        assert get_spec(name).select is None and not get_spec(name).static
+
+
+def test_a_user_sparse_method_is_registered_by_its_selector_alone():
+    """A selector that reads every causal block, registered once by name, runs through the shared forward and
+    reproduces dense attention."""
+    from dataclasses import dataclass
+
+    from patchattn.methods._sparse import SparseConfig, register_sparse_method
+    from patchattn.registry import _METHODS, get_spec
+
+    @dataclass(kw_only=True)
+    class EverythingConfig(SparseConfig):
+        """No knobs."""
+
+    def select(g, query, key, state):
+        return causal_allowed(g, query.device)
+
+    try:
+        register_sparse_method("test_everything", config=EverythingConfig, select=select, static=True, paper="test",
+                               doc="Every causal block.")
+        spec = get_spec("test_everything")
+        assert spec.select is select and spec.static and spec.category == "sparse"
+        assert spec.forward.__name__ == "test_everything_attention" and spec.summary == "Every causal block."
+        model = tiny_model("llama")
+        ids = torch.randint(3, 100, (1, 70))
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+            with patchattn.patched(model, "test_everything", block_size=16, backend="torch"):
+                got = model(input_ids=ids).logits
+        assert max_abs_diff(got, want) < 1e-4
+    finally:
+        _METHODS.pop("test_everything", None)

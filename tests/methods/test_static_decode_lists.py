@@ -7,7 +7,8 @@ import patchattn
 from patchattn.kernels.blocksparse import blocks_from_mask
 from patchattn.masks import BlockGeometry, power_of_two, sink_and_window, strided_shards
 from patchattn.methods import power, s2, streaming
-from patchattn.methods._sparse import BLOCK_SELECTORS, _blocks, _lists
+from patchattn.methods._sparse import block_lists, mask_lists
+from patchattn.registry import get_spec
 from patchattn.state import PatchContext, PatchState
 from patchattn.testing import tiny_model
 
@@ -50,7 +51,7 @@ def test_decode_lists_equal_the_mask_path(method, overrides):
     state = _state(method, overrides)
     block = state.config.block_size
     _, _, mask_fn, params = PATTERNS[method]
-    select = BLOCK_SELECTORS[method][0]
+    select = get_spec(method).select
     for heads in ([4, 8, 12] if method == "s2" else [4]):
         key = torch.zeros(1, 2, 1, 8)  # the static patterns never read keys
         for kv_len in KV_LENS:
@@ -61,7 +62,7 @@ def test_decode_lists_equal_the_mask_path(method, overrides):
                 lists = select(g, query, key, state)
                 assert isinstance(lists, tuple), "one query block must skip the mask"
                 mask = mask_fn(g, *params(state.config, heads))
-                want = _lists(state.config, g, mask, query.device)
+                want = mask_lists(state.config, g, mask, query.device)
                 where = f"{method} {overrides} heads={heads} q_len={q_len} kv_len={kv_len}"
                 # The config's width bound holds: no block of the mask is cut off the lists.
                 assert torch.equal(want[1].flatten().long(), mask.sum(-1).flatten().long()), where
@@ -78,8 +79,8 @@ def test_decode_lists_go_through_the_static_cache_unchanged():
     state = _state("power", {"block_size": 16})
     g = BlockGeometry(1, 500, 16, 16)
     query, key = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 1, 8)
-    first = _blocks(state, g, query, key, BLOCK_SELECTORS["power"][0], static=True)
-    again = _blocks(state, g, query, key, BLOCK_SELECTORS["power"][0], static=True)
+    first = block_lists(state, g, query, key, get_spec("power").select, static=True)
+    again = block_lists(state, g, query, key, get_spec("power").select, static=True)
     assert again is first
     # Lists as wide as the pattern's bound, not the whole cache: the decode kernel splits the width among programs.
     assert first[0].shape == (1, 1, 1, state.config.max_blocks_per_row(g.n_k)) and g.n_k > first[0].shape[-1]
@@ -139,7 +140,7 @@ def test_decode_lists_are_built_once_per_plan(method, monkeypatch):
     monkeypatch.setattr(_sparse, "_DECODE_LISTS", type(_sparse._DECODE_LISTS)())
     monkeypatch.setattr(_sparse, "DECODE_LISTS_KEPT", 4)
     state = _state(method, {"block_size": 16})
-    select = BLOCK_SELECTORS[method][0]
+    select = get_spec(method).select
     query, key = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 1, 8)
     first = select(BlockGeometry(1, 1000, 16, 16), query, key, state)
     again = select(BlockGeometry(1, 1001, 16, 16), query, key, state)  # same block count: same plan
@@ -172,7 +173,7 @@ def test_per_head_window_decode_lists_equal_the_mask_path(method, overrides):
     heads = 8
     if method == "duo":
         state.duo_retrieval = retrieval_heads(torch.tensor([[0.0, 3, 0, 1, 0, 0, 2, 0]]), 0.375)[0]
-    select = BLOCK_SELECTORS[method][0]
+    select = get_spec(method).select
     key = torch.zeros(1, 2, 1, 8)
     for kv_len in list(range(1, 300)) + [1023, 1024, 1025, 5000]:
         g = BlockGeometry(1, kv_len, 16, 16)
@@ -185,7 +186,7 @@ def test_per_head_window_decode_lists_equal_the_mask_path(method, overrides):
         else:
             windows = [kv_len if full else state.config.window for full in state.duo_retrieval.tolist()]
             mask = _window_rows_mask(g, state.config.sink_tokens, windows)
-        want = _lists(state.config, g, mask, query.device)
+        want = mask_lists(state.config, g, mask, query.device)
         assert torch.equal(lists[1], want[1]) and torch.equal(lists[0], want[0]), f"{method} kv_len={kv_len}"
     if method == "duo":  # the full heads read every block
         assert lists[1].flatten()[state.duo_retrieval].eq(g.n_k).all()
