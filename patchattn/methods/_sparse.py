@@ -75,7 +75,7 @@ def padding_start(attention_mask, batch: int, kv_len: int) -> torch.Tensor | Non
     return start.to(torch.int32) if bool((start > 0).any()) else None
 
 
-def _dense_reason(state, attention_mask, batch: int, kv_len: int, kwargs) -> tuple[str | None, object]:
+def dense_reason(state, attention_mask, batch: int, kv_len: int, kwargs) -> tuple[str | None, object]:
     """(why this call must run dense, or None; the left-padding start when it need not)."""
     if state.layer_index in state.config.dense_layers:
         return "dense layer", None
@@ -106,9 +106,9 @@ def window_density(q_len: int, kv_len: int, window: int) -> float:
 
 def must_run_dense(state, method: str, attention_mask, batch: int, kv_len: int, kwargs,
                    q_len: int) -> tuple[str | None, object]:
-    """``_dense_reason``, plus the warning and the density record a dense call owes: (reason or None, kv_start).
+    """``dense_reason``, plus the warning and the density record a dense call owes: (reason or None, kv_start).
     A sliding-window layer records what its window reads, not 1.0, so a model's mean density stays what it reads."""
-    reason, kv_start = _dense_reason(state, attention_mask, batch, kv_len, kwargs)
+    reason, kv_start = dense_reason(state, attention_mask, batch, kv_len, kwargs)
     if reason is not None:
         if reason != "dense layer":
             # Python's default filter shows each distinct message once per call site.

@@ -42,7 +42,7 @@ from typing import ClassVar
 
 import torch
 
-from ..calibrate import check_against, load_artifact, shipped_for
+from ..artifacts import check_against, load_artifact, shipped_for
 from ..config import MethodConfig, option
 from ..registry import register_method
 from ..state import PatchState

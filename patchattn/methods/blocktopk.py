@@ -20,9 +20,10 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blockselect import (decode_block_topk, max_list_width, prefill_block_scores, prefill_block_select,
+from ..kernels.blockselect import (max_list_width, prefill_block_scores, prefill_block_select,
                                    within_mass)
 from ..masks import BlockGeometry, causal_allowed
+from ._shared import block_means, decode_lists, forced_blocks, key_block_means
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
 
@@ -55,51 +56,6 @@ class BlockTopKConfig(SparseConfig):
 
 
 MAX_SCORE_ELEMENTS = 1 << 26
-
-
-def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``[B, H, T, D]`` -> ``[B, H, ceil(T / block), D]`` mean over each block's real (unpadded) rows."""
-    b, h, t, d = x.shape
-    n = -(-t // block)
-    if n == 1:  # one (possibly partial) block, e.g. the newest block while decoding: a single reduction
-        return x.mean(dim=2, keepdim=True, dtype=torch.float32)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - t))
-    sums = padded.view(b, h, n, block, d).sum(dim=3)
-    # Rows per block (the last one may be short), built on the device: no host-to-device copy under graph capture.
-    counts = (t - torch.arange(n, device=x.device) * block).clamp(max=block).float()
-    return sums / counts[:, None]
-
-
-def _cache_fits(cached, key: torch.Tensor) -> bool:
-    """Whether a cached compressed key cache belongs to keys of this batch, head count and dtype."""
-    return (cached is not None and cached["means"].shape[:2] == key.shape[:2]
-            and cached["means"].dtype == key.dtype)
-
-
-def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.Tensor:
-    """``[B, Hkv, NK, D]`` mean key per block, kept in the patch state as a compressed key cache.
-
-    A prefill computes it from scratch; a decode step (a few new queries, the cache only grew) recomputes only the
-    blocks that changed, so selecting blocks never re-reads the whole KV cache (Kinetics' page means).  Means are
-    summed in fp32 and stored in the keys' dtype: a decode step's scoring reads the whole compressed cache, and
-    fp32 means were more bytes than the K/V blocks the attention then reads (batch 8, bench/decode/RESULTS.md).
-    """
-    cached = state.cache.get("key_means")
-    t = key.shape[2]
-    if q_len > 16 or not _cache_fits(cached, key) or cached["length"] > t:
-        means = block_means(key, block).to(key.dtype)
-    elif cached["length"] == t:
-        means = cached["means"]
-    else:
-        first = cached["length"] // block  # the first block that gained keys since the last call
-        tail = block_means(key[:, :, first * block :], block).to(key.dtype)
-        means = cached["means"]
-        if means.shape[2] == first + tail.shape[2]:
-            means[:, :, first:] = tail  # same blocks, the last one grew: update in place
-        else:
-            means = torch.cat([means[:, :, :first], tail], dim=2)
-    state.cache["key_means"] = {"length": t, "means": means}
-    return means
 
 
 def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = False,
@@ -138,45 +94,6 @@ def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = F
         out.append(best if per_head else best.amax(dim=2, keepdim=True))
     scores = torch.cat(out, dim=3)  # [B, Hkv, G or 1, NQ, NK]
     return scores.flatten(1, 2)
-
-
-def forced_blocks(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=None) -> torch.Tensor:
-    """``[NQ, NK]`` sink and local blocks, read whatever their score."""
-    distance = g.diagonal_block(device)[:, None] - g.key_blocks(device)
-    return (g.key_blocks(device) < sink_blocks) | ((distance >= 0) & (distance < local_blocks))
-
-
-def decode_means(state, key: torch.Tensor, block: int) -> tuple[torch.Tensor, bool]:
-    """Decoding: the compressed key cache, and whether only its newest block changed since the last call.
-
-    In that case (every decode step) the newest block's mean is left to the selection kernel, which recomputes it
-    from the keys as it scores (no launch of its own; a fresh block gets a row here first); otherwise the changed
-    blocks are recomputed by :func:`key_block_means`.
-    """
-    cached = state.cache.get("key_means")
-    t = key.shape[2]
-    n = -(-t // block)
-    if not _cache_fits(cached, key) or not (n - 1) * block <= cached["length"] <= t:
-        return key_block_means(state, key, block, 1), False
-    means = cached["means"]
-    if means.shape[2] == n - 1:  # the cache just started a block: give it a row (filled by the kernel)
-        means = torch.cat([means, means.new_empty(*means.shape[:2], 1, means.shape[3])], dim=2)
-    elif means.shape[2] != n:
-        return key_block_means(state, key, block, 1), False
-    state.cache["key_means"] = {"length": t, "means": means}
-    return means, True
-
-
-def decode_lists(query, key, state, mass: float = 1.0):
-    """Decoding (one query row, so 'max' and 'mean' scores agree): block lists straight from the fused selection,
-    by the config's ``top_k``, ``sink_blocks``, ``local_blocks``, ``per_head``, ``score`` and ``backend``; the
-    compressed key cache is brought up to date on the way."""
-    config = state.config
-    k_means, tail = decode_means(state, key, config.block_size)
-    return decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
-                             local_blocks=config.local_blocks, mass=mass, per_head=config.per_head,
-                             reduce=config.score, keys=key if tail else None, block=config.block_size,
-                             backend=config.backend)
 
 
 def select_top_k(g: BlockGeometry, query, key, state):

@@ -29,12 +29,12 @@ from typing import ClassVar
 
 import torch
 
-from ..calibrate import check_against, load_artifact, shipped_for
+from ..artifacts import check_against, load_artifact, shipped_for
 from ..config import option
 from ..masks import causal_allowed, sink_and_window
 from ..state import PatchState
+from ._shared import per_head_window_lists
 from ._sparse import SparseConfig, decode_width, register_sparse_method
-from .streaming import per_head_window_lists
 
 AUTO = "auto"
 HOW_TO = ("make scores with `python -m patchattn.calibrate.retrieval_heads --model <name or path> --out scores.json` "

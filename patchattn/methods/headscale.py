@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibrate import check_against, load_artifact
+from ..artifacts import check_against, load_artifact
 from ..config import MethodConfig, option
 from ..registry import register_method
 from ..state import PatchState

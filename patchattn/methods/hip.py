@@ -27,8 +27,8 @@ import torch
 from ..config import option
 from ..kernels.blockselect import max_list_width, prefill_tree_search, tree_search_torch
 from ..masks import BlockGeometry, causal_allowed
+from ._shared import block_means, decode_lists, forced_blocks, key_block_means
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
-from .blocktopk import block_means, decode_lists, forced_blocks, key_block_means
 
 
 @dataclass(kw_only=True)

@@ -36,8 +36,8 @@ import torch
 
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed
+from ._shared import forced_blocks
 from ._sparse import SparseConfig, register_sparse_method
-from .blocktopk import forced_blocks
 
 SEED_STRIDE = 1_000_003  # separates the per-layer streams of different seeds
 

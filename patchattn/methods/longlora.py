@@ -34,32 +34,14 @@ from typing import ClassVar
 
 import torch
 
-from ..config import MethodConfig, option
-from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density_tensor
+from ..config import option
+from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
+from ._shared import GroupedConfig, cached_group_lists, group_size_for, training_attention_active
 from ._sparse import dense_call, must_run_dense
 
 PAPER = ("Chen et al., LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models (ICLR 2024), "
          "arXiv 2309.12307")
-
-
-@dataclass(kw_only=True)
-class GroupedConfig(MethodConfig):
-    """Fields shared by ``longlora`` and ``sinklora``: blocks, the group size and when the training attention runs."""
-
-    block_size: int = option(64, "largest query/key block size in tokens (lowered to divide the groups)",
-                             choices=(16, 32, 64, 128, 256))
-    dense_layers: list = option([], "layer indices that stay dense", min=0)  # noqa: RUF009
-    group_size_ratio: float = option(0.25, "group size as a fraction of the sequence length (paper: 1/4)",
-                                     min=0.0, max=1.0)
-    group_size: int | None = option(None, "group size in tokens (overrides group_size_ratio)", min=2)
-    train_only: bool = option(True, "run the sparse training attention only when the module is in training mode "
-                              "(paper: full attention at inference)")
-
-    def validate(self) -> None:
-        if self.group_size is None and self.group_size_ratio <= 0:
-            raise ValueError(f"{type(self).__name__}.group_size_ratio must be > 0 (or set group_size), "
-                             f"got {self.group_size_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -68,16 +50,6 @@ class LongLoRAConfig(GroupedConfig):
 
     # One group covering the whole sequence and no shift is full causal attention, in training mode too.
     DENSE_EQUIVALENT: ClassVar[dict] = {"group_size_ratio": 1.0, "shift": False, "train_only": False}
-
-
-# ---- geometry ------------------------------------------------------------------------------------------------
-def group_size_for(config: GroupedConfig, seq_len: int) -> int:
-    """Group size in tokens for a sequence of ``seq_len`` tokens (``int(N * ratio)``, as the paper's code)."""
-    group = config.group_size if config.group_size is not None else int(seq_len * config.group_size_ratio)
-    if group < 2:
-        raise ValueError(f"{config.method}: group size {group} (sequence {seq_len} x group_size_ratio "
-                         f"{config.group_size_ratio}) must be >= 2; use longer sequences or set group_size")
-    return min(group, seq_len) if config.group_size is None else group
 
 
 def aligned_block(group: int, shift: bool, block_size: int) -> int:
@@ -132,24 +104,6 @@ def s2_attention_reference(query, key, value, group: int, *, shift: bool = True,
     return out
 
 
-# ---- attention ---------------------------------------------------------------------------------------------------
-def training_attention_active(module, config: GroupedConfig, q_len: int, kv_len: int) -> bool:
-    """Whether this call runs the training attention: training mode (or ``train_only=False``) and no KV cache."""
-    if config.train_only and not module.training:
-        return False
-    return q_len == kv_len
-
-
-def _cached_lists(state, key, build):
-    """Block lists cached per shape (one entry: training shapes repeat every step)."""
-    cached = state.cache.get("group_blocks")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    lists = blocks_from_mask(build())
-    state.cache["group_blocks"] = (key, lists)
-    return lists
-
-
 @register_method(
     "longlora",
     config=LongLoRAConfig,
@@ -175,7 +129,7 @@ def longlora_attention(module, query, key, value, attention_mask, *, scaling=Non
     group = group_size_for(config, q_len)
     block = aligned_block(group, config.shift, config.block_size)
     lists_key = (q_len, group, block, heads, config.shift, query.device)
-    kv_indices, kv_counts = _cached_lists(
+    kv_indices, kv_counts = cached_group_lists(
         state, lists_key, lambda: s2_block_mask(q_len, group, block, heads, config.shift, query.device))
     out = block_sparse_attention(query, key, value, kv_indices, kv_counts, block_q=block, block_k=block, causal=True,
                                  scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start,

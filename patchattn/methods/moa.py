@@ -25,12 +25,12 @@ from typing import ClassVar
 
 import torch
 
-from ..calibrate import check_against, load_artifact
+from ..artifacts import check_against, load_artifact
 from ..config import option
 from ..masks import sink_and_window
 from ..state import PatchState
+from ._shared import per_head_window_lists
 from ._sparse import SparseConfig, decode_width, register_sparse_method
-from .streaming import per_head_window_lists
 
 UNIFORM = "uniform"
 

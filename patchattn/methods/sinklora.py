@@ -41,8 +41,8 @@ import torch
 from ..config import option
 from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
-from ._sparse import _dense_reason, dense_call, padding_start
-from .longlora import GroupedConfig, _cached_lists, group_size_for, training_attention_active
+from ._shared import GroupedConfig, cached_group_lists, group_size_for, training_attention_active
+from ._sparse import dense_call, dense_reason, padding_start
 
 PAPER = ("Zhang, SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large Language Models, "
          "arXiv 2406.05678; inference: Zhang et al., H2O: Heavy-Hitter Oracle (NeurIPS 2023), arXiv 2306.14048")
@@ -106,7 +106,7 @@ def _sf_attention(state, query, key, value, scaling, softcap):
     sink_blocks = -(-config.sink_tokens // block)
     width = sink_blocks * block
     lists_key = (q_len, group, block, sink_blocks, query.device)
-    kv_indices, kv_counts = _cached_lists(
+    kv_indices, kv_counts = cached_group_lists(
         state, lists_key, lambda: sf_block_mask(q_len, group, block, sink_blocks, query.device))
     # The sinks once more in front, so groups > 0 can read exactly sink_tokens of them (-inf bias on the rest).
     key_ext = torch.cat([key[:, :, :width], key], dim=2)
@@ -242,7 +242,7 @@ def sinklora_attention(module, query, key, value, attention_mask, *, scaling=Non
     scaling = dim ** -0.5 if scaling is None else scaling
     softcap = kwargs.get("softcap")
     if training_attention_active(module, config, q_len, kv_len):
-        reason, kv_start = _dense_reason(state, attention_mask, batch, kv_len, kwargs)
+        reason, kv_start = dense_reason(state, attention_mask, batch, kv_len, kwargs)
         if reason is None and kv_start is not None:
             reason = "SF-Attn needs unpadded sequences (pack the training text)"
         if reason is None:

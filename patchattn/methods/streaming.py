@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 
 from ..config import option
 from ..masks import BlockGeometry, sink_and_window
+from ._shared import window_row_bounds, window_row_lists
 from ._sparse import SparseConfig, decode_width, memo_decode_lists, register_sparse_method
 
 
@@ -38,38 +38,8 @@ def sink_and_window_lists(g: BlockGeometry, sink_tokens: int, window: int, width
     the host, so a few element-wise ops give the same lists (ascending, 0 past the count) with no host sync, and
     they are kept per run bounds (``memo_decode_lists``), which change once per block.
     """
-    row = _row_bounds(g, sink_tokens, window)
-    return memo_decode_lists(("streaming", *row, width), device, lambda: _row_lists(*row, width, device))
-
-
-def per_head_window_lists(g: BlockGeometry, sink_tokens: int, windows: list[int], width: int, device=None):
-    """One query block (decoding), a sink + window row per head (``windows[h]`` tokens; a window as long as the
-    cache is a full row): ``([1, H, 1, width], [1, H, 1])``, equal to the mask path's lists, kept per the heads'
-    run bounds like :func:`sink_and_window_lists`."""
-    rows = tuple(_row_bounds(g, sink_tokens, w) for w in windows)
-
-    def build():
-        lists = [_row_lists(*row, width, device) for row in rows]
-        return torch.cat([idx for idx, _ in lists], dim=1), torch.cat([count for _, count in lists], dim=1)
-
-    return memo_decode_lists(("windows", rows, width), device, build)
-
-
-def _row_bounds(g: BlockGeometry, sink_tokens: int, window: int) -> tuple[int, int, int]:
-    """(sink blocks, first recent block, count) of one decoding query block's sink + window row."""
-    n_k = g.n_k
-    sinks = min(math.ceil(sink_tokens / g.block_k), n_k)
-    # The block holding the window's lowest key (the aligned block's first row sets it, as in the mask); runs that
-    # meet or overlap are one run [0, NK).
-    recent = max(sinks, (g.prefill_aligned().offset - window + 1) // g.block_k)
-    return sinks, recent, sinks + n_k - recent
-
-
-def _row_lists(sinks: int, recent: int, count: int, width: int, device):
-    i = torch.arange(width, device=device, dtype=torch.int32)
-    idx = torch.where(i < sinks, i, i + (recent - sinks))
-    idx = torch.where(i < count, idx, 0)
-    return idx.view(1, 1, 1, width), torch.full((1, 1, 1), count, device=device, dtype=torch.int32)
+    row = window_row_bounds(g, sink_tokens, window)
+    return memo_decode_lists(("streaming", *row, width), device, lambda: window_row_lists(*row, width, device))
 
 
 def _select(geometry, query, key, state):

@@ -1,0 +1,185 @@
+"""Helpers that more than one method uses, so that no method file imports another.
+
+* block top-k selection (``blocktopk``, ``hip``): block means of keys and queries, the compressed key cache kept
+  while decoding, the always-read sink and local blocks, and decode lists from the fused selection;
+* per-head sink + window decode lists (``streaming``'s row, per head for ``duo`` and ``moa``);
+* grouped training attention (``longlora``, ``sinklora``): the shared config fields, the group size, when the
+  training attention runs, and block lists cached per shape.
+
+The block-sparse glue (padding, the dense fallbacks, the kernel call) is in ``_sparse``; head helpers in ``_heads``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MethodConfig, option
+from ..kernels.blockselect import decode_block_topk
+from ..kernels.blocksparse import blocks_from_mask
+from ..masks import BlockGeometry
+from ._sparse import memo_decode_lists
+
+
+# ---- block top-k selection (blocktopk, hip) -----------------------------------------------------------------------
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``[B, H, T, D]`` -> ``[B, H, ceil(T / block), D]`` mean over each block's real (unpadded) rows."""
+    b, h, t, d = x.shape
+    n = -(-t // block)
+    if n == 1:  # one (possibly partial) block, e.g. the newest block while decoding: a single reduction
+        return x.mean(dim=2, keepdim=True, dtype=torch.float32)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - t))
+    sums = padded.view(b, h, n, block, d).sum(dim=3)
+    # Rows per block (the last one may be short), built on the device: no host-to-device copy under graph capture.
+    counts = (t - torch.arange(n, device=x.device) * block).clamp(max=block).float()
+    return sums / counts[:, None]
+
+
+def _cache_fits(cached, key: torch.Tensor) -> bool:
+    """Whether a cached compressed key cache belongs to keys of this batch, head count and dtype."""
+    return (cached is not None and cached["means"].shape[:2] == key.shape[:2]
+            and cached["means"].dtype == key.dtype)
+
+
+def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.Tensor:
+    """``[B, Hkv, NK, D]`` mean key per block, kept in the patch state as a compressed key cache.
+
+    A prefill computes it from scratch; a decode step (a few new queries, the cache only grew) recomputes only the
+    blocks that changed, so selecting blocks never re-reads the whole KV cache (Kinetics' page means).  Means are
+    summed in fp32 and stored in the keys' dtype: a decode step's scoring reads the whole compressed cache, and
+    fp32 means were more bytes than the K/V blocks the attention then reads (batch 8, bench/decode/RESULTS.md).
+    """
+    cached = state.cache.get("key_means")
+    t = key.shape[2]
+    if q_len > 16 or not _cache_fits(cached, key) or cached["length"] > t:
+        means = block_means(key, block).to(key.dtype)
+    elif cached["length"] == t:
+        means = cached["means"]
+    else:
+        first = cached["length"] // block  # the first block that gained keys since the last call
+        tail = block_means(key[:, :, first * block :], block).to(key.dtype)
+        means = cached["means"]
+        if means.shape[2] == first + tail.shape[2]:
+            means[:, :, first:] = tail  # same blocks, the last one grew: update in place
+        else:
+            means = torch.cat([means[:, :, :first], tail], dim=2)
+    state.cache["key_means"] = {"length": t, "means": means}
+    return means
+
+
+def forced_blocks(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=None) -> torch.Tensor:
+    """``[NQ, NK]`` sink and local blocks, read whatever their score."""
+    distance = g.diagonal_block(device)[:, None] - g.key_blocks(device)
+    return (g.key_blocks(device) < sink_blocks) | ((distance >= 0) & (distance < local_blocks))
+
+
+def decode_means(state, key: torch.Tensor, block: int) -> tuple[torch.Tensor, bool]:
+    """Decoding: the compressed key cache, and whether only its newest block changed since the last call.
+
+    In that case (every decode step) the newest block's mean is left to the selection kernel, which recomputes it
+    from the keys as it scores (no launch of its own; a fresh block gets a row here first); otherwise the changed
+    blocks are recomputed by :func:`key_block_means`.
+    """
+    cached = state.cache.get("key_means")
+    t = key.shape[2]
+    n = -(-t // block)
+    if not _cache_fits(cached, key) or not (n - 1) * block <= cached["length"] <= t:
+        return key_block_means(state, key, block, 1), False
+    means = cached["means"]
+    if means.shape[2] == n - 1:  # the cache just started a block: give it a row (filled by the kernel)
+        means = torch.cat([means, means.new_empty(*means.shape[:2], 1, means.shape[3])], dim=2)
+    elif means.shape[2] != n:
+        return key_block_means(state, key, block, 1), False
+    state.cache["key_means"] = {"length": t, "means": means}
+    return means, True
+
+
+def decode_lists(query, key, state, mass: float = 1.0):
+    """Decoding (one query row, so 'max' and 'mean' scores agree): block lists straight from the fused selection,
+    by the config's ``top_k``, ``sink_blocks``, ``local_blocks``, ``per_head``, ``score`` and ``backend``; the
+    compressed key cache is brought up to date on the way."""
+    config = state.config
+    k_means, tail = decode_means(state, key, config.block_size)
+    return decode_block_topk(query[:, :, 0], k_means, top_k=config.top_k, sink_blocks=config.sink_blocks,
+                             local_blocks=config.local_blocks, mass=mass, per_head=config.per_head,
+                             reduce=config.score, keys=key if tail else None, block=config.block_size,
+                             backend=config.backend)
+
+
+# ---- sink + window rows (streaming, duo, moa) ---------------------------------------------------------------------
+def per_head_window_lists(g: BlockGeometry, sink_tokens: int, windows: list[int], width: int, device=None):
+    """One query block (decoding), a sink + window row per head (``windows[h]`` tokens; a window as long as the
+    cache is a full row): ``([1, H, 1, width], [1, H, 1])``, equal to the mask path's lists, kept per the heads'
+    run bounds like :func:`sink_and_window_lists`."""
+    rows = tuple(window_row_bounds(g, sink_tokens, w) for w in windows)
+
+    def build():
+        lists = [window_row_lists(*row, width, device) for row in rows]
+        return torch.cat([idx for idx, _ in lists], dim=1), torch.cat([count for _, count in lists], dim=1)
+
+    return memo_decode_lists(("windows", rows, width), device, build)
+
+
+def window_row_bounds(g: BlockGeometry, sink_tokens: int, window: int) -> tuple[int, int, int]:
+    """(sink blocks, first recent block, count) of one decoding query block's sink + window row."""
+    n_k = g.n_k
+    sinks = min(math.ceil(sink_tokens / g.block_k), n_k)
+    # The block holding the window's lowest key (the aligned block's first row sets it, as in the mask); runs that
+    # meet or overlap are one run [0, NK).
+    recent = max(sinks, (g.prefill_aligned().offset - window + 1) // g.block_k)
+    return sinks, recent, sinks + n_k - recent
+
+
+def window_row_lists(sinks: int, recent: int, count: int, width: int, device):
+    i = torch.arange(width, device=device, dtype=torch.int32)
+    idx = torch.where(i < sinks, i, i + (recent - sinks))
+    idx = torch.where(i < count, idx, 0)
+    return idx.view(1, 1, 1, width), torch.full((1, 1, 1), count, device=device, dtype=torch.int32)
+
+
+# ---- grouped training attention (longlora, sinklora) --------------------------------------------------------------
+@dataclass(kw_only=True)
+class GroupedConfig(MethodConfig):
+    """Fields shared by ``longlora`` and ``sinklora``: blocks, the group size and when the training attention runs."""
+
+    block_size: int = option(64, "largest query/key block size in tokens (lowered to divide the groups)",
+                             choices=(16, 32, 64, 128, 256))
+    dense_layers: list = option([], "layer indices that stay dense", min=0)  # noqa: RUF009
+    group_size_ratio: float = option(0.25, "group size as a fraction of the sequence length (paper: 1/4)",
+                                     min=0.0, max=1.0)
+    group_size: int | None = option(None, "group size in tokens (overrides group_size_ratio)", min=2)
+    train_only: bool = option(True, "run the sparse training attention only when the module is in training mode "
+                              "(paper: full attention at inference)")
+
+    def validate(self) -> None:
+        if self.group_size is None and self.group_size_ratio <= 0:
+            raise ValueError(f"{type(self).__name__}.group_size_ratio must be > 0 (or set group_size), "
+                             f"got {self.group_size_ratio}")
+
+
+def group_size_for(config: GroupedConfig, seq_len: int) -> int:
+    """Group size in tokens for a sequence of ``seq_len`` tokens (``int(N * ratio)``, as the paper's code)."""
+    group = config.group_size if config.group_size is not None else int(seq_len * config.group_size_ratio)
+    if group < 2:
+        raise ValueError(f"{config.method}: group size {group} (sequence {seq_len} x group_size_ratio "
+                         f"{config.group_size_ratio}) must be >= 2; use longer sequences or set group_size")
+    return min(group, seq_len) if config.group_size is None else group
+
+
+def training_attention_active(module, config: GroupedConfig, q_len: int, kv_len: int) -> bool:
+    """Whether this call runs the training attention: training mode (or ``train_only=False``) and no KV cache."""
+    if config.train_only and not module.training:
+        return False
+    return q_len == kv_len
+
+
+def cached_group_lists(state, key, build):
+    """Block lists cached per shape (one entry: training shapes repeat every step)."""
+    cached = state.cache.get("group_blocks")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    lists = blocks_from_mask(build())
+    state.cache["group_blocks"] = (key, lists)
+    return lists
