@@ -154,6 +154,11 @@ def get_spec(name: str) -> MethodSpec:
     raise ValueError(f"unknown attention method {name!r}.{suggestion} Known methods: {', '.join(sorted(_METHODS))}")
 
 
+def find_spec(name: str) -> MethodSpec | None:
+    """The spec of a registered method, or None (no error: for callers that handle unregistered names)."""
+    return _METHODS.get(name)
+
+
 def spec_for_config(config: MethodConfig) -> MethodSpec:
     return get_spec(type(config).method)
 

@@ -2,7 +2,8 @@
 
 ``PatchState`` is an ``nn.Module`` attached to each patched attention module as ``module.patchattn``: learned
 parameters (routers, gates, sink logits) live there, so ``state_dict`` and peft see them, and ``unpatch`` removes
-them.  ``PatchContext`` carries what a method may need to know about the *input* rather than the layer: which
+them.  Everything else a method keeps (per-layer plans fixed at patch time, caches kept between calls) is one typed
+dataclass per method, a ``MethodState`` subclass declared in the method's file, held as ``state.method_state``.  ``PatchContext`` carries what a method may need to know about the *input* rather than the layer: which
 tokens are image tokens in an LVLM, the latent grid and text span of a DiT.  Adapters fill it through forward
 pre-hooks; methods only read it.
 """
@@ -10,14 +11,41 @@ pre-hooks; methods only read it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .config import MethodConfig
+from .registry import find_spec
 
 STATE_ATTR = "patchattn"
+
+
+@dataclass
+class MethodState:
+    """Base of a method's typed per-module state (``PatchState.method_state``).
+
+    Subclasses are dataclasses whose every field has a default, so ``cls()`` is a fresh state.  The tensors named in
+    ``DEVICE_FIELDS`` follow the module across ``.to()`` / ``.cuda()`` / ``.half()`` as non-persistent buffers
+    would; nothing here is in ``state_dict``.
+    """
+
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def apply_to_tensors(self, fn) -> None:
+        """Apply ``fn`` (``nn.Module._apply``'s conversion) to the tensors of ``DEVICE_FIELDS``."""
+        for name in self.DEVICE_FIELDS:
+            value = getattr(self, name)
+            if torch.is_tensor(value):
+                setattr(self, name, fn(value))
+
+
+def new_method_state(config: MethodConfig) -> MethodState | None:
+    """A fresh typed state of the config's method (its spec's ``state_cls``), or None when it keeps none."""
+    spec = find_spec(getattr(type(config), "method", ""))
+    state_cls = spec.state_cls if spec is not None else None
+    return state_cls() if state_cls is not None else None
 
 
 @dataclass
@@ -55,19 +83,28 @@ class PatchState(nn.Module):
         layer_index: index of this attention layer within its sub-model (text or vision), counted by the adapter.
         role: ``"text"``, ``"vision"`` or ``"dit"``.
         context: the model-wide ``PatchContext``.
-        cache: free-form non-parameter storage for methods (masks chosen at prefill, frozen sink sets...).
+        method_state: the method's typed state (``MethodState`` subclass; a fresh one from the method's spec unless
+            given), or None for methods that keep nothing between calls.
         stats: the latest per-call statistics a method reports (``density``: fraction of the causally allowed
             key blocks it read), for the demo, eval and reports.
     """
 
-    def __init__(self, config: MethodConfig, layer_index: int, role: str, context: PatchContext):
+    def __init__(self, config: MethodConfig, layer_index: int, role: str, context: PatchContext,
+                 method_state: MethodState | None = None):
         super().__init__()
         self.config = config
         self.layer_index = layer_index
         self.role = role
         self.context = context
-        self.cache: dict[str, Any] = {}
+        self.method_state: MethodState | None = method_state if method_state is not None else new_method_state(config)
         self._raw_stats: dict[str, Any] = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        # The method state's device tensors move with the module, as buffers do.
+        super()._apply(fn, *args, **kwargs)
+        if self.method_state is not None:
+            self.method_state.apply_to_tensors(fn)
+        return self
 
     def record(self, **stats) -> None:
         """Report statistics of the latest call: floats, 0-d tensors, or functions that compute one.

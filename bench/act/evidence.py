@@ -46,7 +46,7 @@ def measure(q, k, v, heads, beta, threshold):
                                     v[:, index // group].float(), q.shape[-1] ** -0.5, None)
     rows = []
     for slot, h in enumerate(heads):
-        sinks = state.cache["act_sinks"][:, slot]
+        sinks = state.method_state.sinks[:, slot]
         on = sinks[:, None, :].double()
         mass_before = (before[:, h] * on).sum(-1).mean().item()
         mass_after = (after[:, h] * on).sum(-1).mean().item()

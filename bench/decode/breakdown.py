@@ -27,10 +27,10 @@ def stages(batch: int, T: int, per_head: bool) -> list[dict]:
     state = _state("blocktopk", {"per_head": per_head})
     config, block = state.config, state.config.block_size
     _select("blocktopk", state, q[:, :, :1].expand(-1, -1, 2, -1), k)  # fills the key-mean cache
-    means = state.cache["key_means"]["means"]
+    means = state.method_state.key_means.means
 
     def update():
-        state.cache["key_means"]["length"] = T - 1
+        state.method_state.key_means.length = T - 1
         return key_block_means(state, k, block, 1)
 
     def select(top_k):

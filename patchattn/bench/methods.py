@@ -64,7 +64,7 @@ def _state(name: str, overrides: dict, heads: int = 32, kv_heads: int = 8) -> Pa
         from ..methods.duo import retrieval_heads
 
         units = kv_heads if config.kv_heads_together else heads
-        state.duo_retrieval = retrieval_heads(torch.zeros(1, units), config.retrieval_fraction)[0]
+        state.method_state.retrieval = retrieval_heads(torch.zeros(1, units), config.retrieval_fraction)[0]
     return state
 
 
@@ -177,20 +177,21 @@ def _decode_steps(name, state, q, k, v):
 
     def grown_by_one():
         # The cache grew by one token since the last step: the last block's mean is recomputed (in place).
-        if "key_means" in state.cache:
-            state.cache["key_means"]["length"] = T - 1
+        key_means = getattr(state.method_state, "key_means", None)  # blocktopk and hip keep one
+        if key_means is not None:
+            key_means.length = T - 1
 
     if name != "hip":
         return {"step": _Step(name, state, q, k, v, grown_by_one)}
 
     def search():
         grown_by_one()
-        state.cache.pop("hip_decode", None)
+        state.method_state.decode = None
 
     def reuse():
-        if "hip_decode" not in state.cache:
+        if state.method_state.decode is None:
             _select(name, state, q, k)
-        state.cache["hip_decode"]["age"] = 0  # the next call reuses the saved lists
+        state.method_state.decode.age = 0  # the next call reuses the saved lists
 
     return {"search": _Step(name, state, q, k, v, search), "reuse": _Step(name, state, q, k, v, reuse)}
 

@@ -56,10 +56,9 @@ def _state(heads: int, ratio: float, route_block: int) -> PatchState:
     # leave no routed head active, so then half of the *active* heads are shared and the rest routed.
     shared = heads // 2 if ratio > 0.5 else round(ratio * heads / 2)
     config = moh.MoHConfig(active_ratio=ratio, route_block=route_block, shared_heads=shared)
-    state = PatchState(config, layer_index=0, role="text", context=PatchContext())
     shared, routed, k = moh.head_plan(config, heads)
-    state.moh_shared, state.moh_routed, state.moh_top_k = (torch.tensor(shared), torch.tensor(routed), k)
-    return state
+    plan = moh.MoHState(shared=torch.tensor(shared), routed=torch.tensor(routed), top_k=k)
+    return PatchState(config, layer_index=0, role="text", context=PatchContext(), method_state=plan)
 
 
 def _timer(device: str):
@@ -114,7 +113,7 @@ def rows_for(T, ratio, args, device, dtype, backend, timer):
             state = _state(args.heads, ratio, block)
 
             def run(state=state):
-                state.cache.clear()
+                state.method_state.balance_loss = state.method_state.last_selection = None
                 gates, active = moh.route(state, q, v, None, None)
                 out = moh.fused_moh(q, k, v, gates, active, scaling=args.head_dim ** -0.5, backend=backend,
                                     binary=True)

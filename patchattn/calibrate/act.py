@@ -137,8 +137,9 @@ def set_heads(model, chosen: dict[int, list[int]]) -> None:
     """Point every layer's ACT state at the chosen heads (the search changes them between evaluations)."""
     for index, layer in enumerate(model.model.layers):
         state = layer.self_attn.patchattn
-        state.act_heads = torch.tensor(chosen.get(index, []), dtype=torch.long, device=state.act_heads.device)
-        state.cache.clear()
+        plan = state.method_state
+        plan.heads = torch.tensor(chosen.get(index, []), dtype=torch.long, device=plan.heads.device)
+        plan.sinks = None
 
 
 def search(model, cache: LayerCache, layers: range, heads: int, log) -> tuple[float, list[list]]:

@@ -20,10 +20,27 @@ from ..config import MethodConfig, option
 from ..kernels.blockselect import decode_block_topk
 from ..kernels.blocksparse import blocks_from_mask
 from ..masks import BlockGeometry
-from ._sparse import memo_decode_lists
+from ..state import MethodState
+from ._sparse import SparseState, memo_decode_lists
 
 
 # ---- block top-k selection (blocktopk, hip) -----------------------------------------------------------------------
+@dataclass
+class KeyMeans:
+    """The compressed key cache: the mean key of each block (``[B, Hkv, NK, D]``, keys' dtype) of the first
+    ``length`` keys."""
+
+    length: int
+    means: torch.Tensor
+
+
+@dataclass
+class KeyMeansState(SparseState):
+    """State of the methods that score key blocks by their mean key (``blocktopk``, ``hip``)."""
+
+    key_means: KeyMeans | None = None
+
+
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     """``[B, H, T, D]`` -> ``[B, H, ceil(T / block), D]`` mean over each block's real (unpadded) rows."""
     b, h, t, d = x.shape
@@ -37,10 +54,9 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def _cache_fits(cached, key: torch.Tensor) -> bool:
+def _cache_fits(cached: KeyMeans | None, key: torch.Tensor) -> bool:
     """Whether a cached compressed key cache belongs to keys of this batch, head count and dtype."""
-    return (cached is not None and cached["means"].shape[:2] == key.shape[:2]
-            and cached["means"].dtype == key.dtype)
+    return cached is not None and cached.means.shape[:2] == key.shape[:2] and cached.means.dtype == key.dtype
 
 
 def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.Tensor:
@@ -51,21 +67,21 @@ def key_block_means(state, key: torch.Tensor, block: int, q_len: int) -> torch.T
     summed in fp32 and stored in the keys' dtype: a decode step's scoring reads the whole compressed cache, and
     fp32 means were more bytes than the K/V blocks the attention then reads (batch 8, bench/decode/RESULTS.md).
     """
-    cached = state.cache.get("key_means")
+    cached = state.method_state.key_means
     t = key.shape[2]
-    if q_len > 16 or not _cache_fits(cached, key) or cached["length"] > t:
+    if q_len > 16 or not _cache_fits(cached, key) or cached.length > t:
         means = block_means(key, block).to(key.dtype)
-    elif cached["length"] == t:
-        means = cached["means"]
+    elif cached.length == t:
+        means = cached.means
     else:
-        first = cached["length"] // block  # the first block that gained keys since the last call
+        first = cached.length // block  # the first block that gained keys since the last call
         tail = block_means(key[:, :, first * block :], block).to(key.dtype)
-        means = cached["means"]
+        means = cached.means
         if means.shape[2] == first + tail.shape[2]:
             means[:, :, first:] = tail  # same blocks, the last one grew: update in place
         else:
             means = torch.cat([means[:, :, :first], tail], dim=2)
-    state.cache["key_means"] = {"length": t, "means": means}
+    state.method_state.key_means = KeyMeans(t, means)
     return means
 
 
@@ -82,17 +98,17 @@ def decode_means(state, key: torch.Tensor, block: int) -> tuple[torch.Tensor, bo
     from the keys as it scores (no launch of its own; a fresh block gets a row here first); otherwise the changed
     blocks are recomputed by :func:`key_block_means`.
     """
-    cached = state.cache.get("key_means")
+    cached = state.method_state.key_means
     t = key.shape[2]
     n = -(-t // block)
-    if not _cache_fits(cached, key) or not (n - 1) * block <= cached["length"] <= t:
+    if not _cache_fits(cached, key) or not (n - 1) * block <= cached.length <= t:
         return key_block_means(state, key, block, 1), False
-    means = cached["means"]
+    means = cached.means
     if means.shape[2] == n - 1:  # the cache just started a block: give it a row (filled by the kernel)
         means = torch.cat([means, means.new_empty(*means.shape[:2], 1, means.shape[3])], dim=2)
     elif means.shape[2] != n:
         return key_block_means(state, key, block, 1), False
-    state.cache["key_means"] = {"length": t, "means": means}
+    state.method_state.key_means = KeyMeans(t, means)
     return means, True
 
 
@@ -175,11 +191,18 @@ def training_attention_active(module, config: GroupedConfig, q_len: int, kv_len:
     return q_len == kv_len
 
 
+@dataclass
+class GroupedState(MethodState):
+    """State of the grouped training attentions (``longlora``, ``sinklora``): the latest shape's block lists."""
+
+    lists_key: tuple | None = None
+    lists: tuple | None = None
+
+
 def cached_group_lists(state, key, build):
     """Block lists cached per shape (one entry: training shapes repeat every step)."""
-    cached = state.cache.get("group_blocks")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    lists = blocks_from_mask(build())
-    state.cache["group_blocks"] = (key, lists)
-    return lists
+    kept = state.method_state
+    if kept.lists is not None and kept.lists_key == key:
+        return kept.lists
+    kept.lists_key, kept.lists = key, blocks_from_mask(build())
+    return kept.lists

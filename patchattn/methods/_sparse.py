@@ -1,8 +1,8 @@
 """What every block-sparse method shares: turn a transformers attention call into one block-sparse kernel call.
 
 A sparse method only decides *which key blocks each query block reads* (its selector, registered with
-``register_sparse_method``); this module handles the rest the same way for all of them: padding, sliding-window layers, the KV-cache offset, caching static
-patterns per shape, calling ``kernels.blocksparse`` with the method's backend, and reporting the density.
+``register_sparse_method``); this module handles the rest the same way for all of them: padding, sliding-window
+layers, the KV-cache offset, caching static patterns per shape, calling ``kernels.blocksparse`` with the method's backend, and reporting the density.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, dens
 from ..kernels.dense import eager_attention, sdpa_attention
 from ..masks import BlockGeometry, causal_allowed
 from ..registry import register_method
+from ..state import MethodState
 
 # (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK], or ready block lists
 # (kv_indices, kv_counts) when the method builds them directly (blocktopk while decoding).
@@ -45,6 +46,15 @@ class SparseConfig(MethodConfig):
     def max_blocks_per_row(self, n_k: int) -> int:
         """An upper bound on the blocks one query block reads: decode lists get this width without a host sync."""
         return n_k
+
+
+@dataclass
+class SparseState(MethodState):
+    """What the block-sparse glue keeps per module: the latest static pattern's lists and the (geometry, device) they
+    were built for.  Each sparse method's state extends it."""
+
+    static_key: tuple | None = None
+    static_blocks: tuple | None = None
 
 
 def dense_call(module, query, key, value, attention_mask, *, scaling, dropout=0.0, **kwargs):
@@ -142,13 +152,16 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
 def register_sparse_method(name: str, *, config: type[SparseConfig], select: BlockSelector, static: bool, paper: str,
                            doc: str, families: tuple[str, ...] = ("llm", "lvlm"),
                            patterns: tuple[str, ...] = ("causal-self",), make_state: Callable | None = None,
-                           state_cls: type | None = None) -> Callable:
+                           state_cls: type[SparseState] = SparseState) -> Callable:
     """Register block-sparse method ``name``: its block choice is ``select``; the rest is ``run_block_sparse``.
 
     ``static``: the selection depends on positions only, so its lists are cached per shape.  The selector and the
-    flag are kept on the spec (``get_spec(name).select`` / ``.static``) for benchmarks and reports.  Returns the
-    attention function (transformers' signature).
+    flag are kept on the spec (``get_spec(name).select`` / ``.static``) for benchmarks and reports.  ``state_cls``:
+    the method's typed state, a ``SparseState`` subclass (``make_state``, when given, builds it with its plan).
+    Returns the attention function (transformers' signature).
     """
+    if not issubclass(state_cls, SparseState):
+        raise TypeError(f"sparse method {name!r}: state_cls must subclass SparseState, got {state_cls!r}")
 
     def forward(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
         return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select,
@@ -164,9 +177,9 @@ def register_sparse_method(name: str, *, config: type[SparseConfig], select: Blo
 def block_lists(state, geometry: BlockGeometry, query, key, select: BlockSelector, static: bool):
     """Block lists for this call; static patterns are computed once per (shape, device) and cached."""
     cache_key = (geometry, query.device)
-    cached = state.cache.get("static_blocks")
-    if static and cached is not None and cached[0] == cache_key:
-        return cached[1]
+    kept = state.method_state
+    if static and kept.static_blocks is not None and kept.static_key == cache_key:
+        return kept.static_blocks
     mask = select(geometry, query, key, state)
     if isinstance(mask, tuple):
         blocks = mask
@@ -174,7 +187,7 @@ def block_lists(state, geometry: BlockGeometry, query, key, select: BlockSelecto
         blocks = mask_lists(state.config, geometry, mask, query.device)
     if static:
         # Only the latest shape is kept: decoding changes it every step.
-        state.cache["static_blocks"] = (cache_key, blocks)
+        kept.static_key, kept.static_blocks = cache_key, blocks
     return blocks
 
 

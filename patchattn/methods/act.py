@@ -24,7 +24,7 @@ row, so the output form is used (no kernel change, one ``O(T * |S|)`` pass).  ``
 differentiable; the lse gets its gradient from a chunked pass (``_LseGrad``), so autograd is exact too.
 
 **Decoding.**  The sink set is found at prefill (a call with no KV-cache prefix) and frozen per sequence in
-``module.patchattn.cache["act_sinks"]`` (bool ``[B, heads, T]``); later calls (decode steps, continued prefill)
+``module.patchattn.method_state.sinks`` (bool ``[B, heads, T]``); later calls (decode steps, continued prefill)
 reuse it, since ``N - j`` means nothing for one query.  Heads that are not calibrated run the model's own SDPA
 attention unchanged (bit for bit).  ``act_reference`` is the eager oracle (materialises A; tests, tiny inputs).
 
@@ -37,7 +37,7 @@ paper's candidate layers 2..L-2 (an ablation); a shipped name or a JSON path; or
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -45,7 +45,7 @@ import torch
 from ..artifacts import check_against, load_artifact, shipped_for
 from ..config import MethodConfig, option
 from ..registry import register_method
-from ..state import PatchState
+from ..state import MethodState, PatchState
 from ._heads import check_heads, dense_call, full_causal_attention, head_counts, layer_key, use_fused_kernel
 from ._sparse import padding_start
 
@@ -75,6 +75,17 @@ class ACTConfig(MethodConfig):
                 check_heads(f"ACTConfig.heads[{layer!r}]", heads, 1 << 30)
         elif self.heads not in (AUTO, ALL):
             load_heads(self.heads)
+
+
+@dataclass
+class ACTState(MethodState):
+    """The layer's calibrated query heads (long ``[n]``, fixed when patching; they follow the module's device) and
+    the sink set the latest prefill found (bool ``[B, n, T]``), frozen for the calls that follow."""
+
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("heads",)
+
+    heads: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    sinks: torch.Tensor | None = None
 
 
 # ---- head lists ------------------------------------------------------------------------------------------------
@@ -107,10 +118,8 @@ def layer_heads(config: ACTConfig, model_config, layer_index: int) -> list[int]:
 
 def make_act_state(module, config: ACTConfig, layer_index, role, context) -> PatchState:
     head_counts(module)  # raises a clear error without a model config
-    state = PatchState(config, layer_index, role, context)
     chosen = layer_heads(config, module.config, layer_index)
-    state.register_buffer("act_heads", torch.tensor(chosen, dtype=torch.long), persistent=False)
-    return state
+    return PatchState(config, layer_index, role, context, ACTState(heads=torch.tensor(chosen, dtype=torch.long)))
 
 
 # ---- the chunked pieces ----------------------------------------------------------------------------------------
@@ -223,7 +232,7 @@ def calibrate(out, lse, q, k, v, sinks, beta, scale, starts) -> torch.Tensor:
 
 def _frozen_sinks(state, batch, n_heads, kv_len, device):
     """The prefill's sink set padded with False to ``kv_len``; None when there is none for this batch."""
-    sinks = state.cache.get("act_sinks")
+    sinks = state.method_state.sinks
     if sinks is None or sinks.shape[:2] != (batch, n_heads) or sinks.shape[-1] > kv_len:
         return None
     return torch.nn.functional.pad(sinks, (0, kv_len - sinks.shape[-1])).to(device)
@@ -237,6 +246,7 @@ def _frozen_sinks(state, batch, n_heads, kv_len, device):
     families=("llm", "lvlm"),
     patterns=("causal-self",),
     make_state=make_act_state,
+    state_cls=ACTState,
     paper="Yu et al., Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models without "
     "Training through Attention Calibration (ICML 2024), arXiv 2406.15765",
 )
@@ -244,7 +254,7 @@ def act_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     """Hidden attention sinks of calibrated heads keep beta of their mass; the rest goes to the other tokens."""
     state = module.patchattn
     config = state.config
-    heads = state.act_heads.to(query.device)
+    heads = state.method_state.heads.to(query.device)
     dense = dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     state.record(density=1.0)  # every key is read; only the calibrated heads' weights change
     if heads.numel() == 0 or config.beta == 1.0:
@@ -276,7 +286,7 @@ def calibrated_heads(state, q, k, v, scale, starts):
     lse, scores = refine_and_score(q, k, lse, scale, starts, config.chunk, columns=prefill)
     if prefill:  # find the sinks of this sequence and freeze them for the calls that follow
         sinks = sink_set(scores, config.threshold, starts)
-        state.cache["act_sinks"] = sinks
+        state.method_state.sinks = sinks
     else:
         sinks = _frozen_sinks(state, q.shape[0], q.shape[1], kv_len, q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):

@@ -23,7 +23,7 @@ from ..config import option
 from ..kernels.blockselect import (max_list_width, prefill_block_scores, prefill_block_select,
                                    within_mass)
 from ..masks import BlockGeometry, causal_allowed
-from ._shared import block_means, decode_lists, forced_blocks, key_block_means
+from ._shared import KeyMeansState, block_means, decode_lists, forced_blocks, key_block_means
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
 
@@ -53,6 +53,11 @@ class BlockTopKConfig(SparseConfig):
 
     def max_blocks_per_row(self, n_k: int) -> int:
         return max_list_width(n_k, self.top_k, self.sink_blocks, self.local_blocks)
+
+
+@dataclass
+class BlockTopKState(KeyMeansState):
+    """The compressed key cache (``key_means``), updated incrementally while decoding."""
 
 
 MAX_SCORE_ELEMENTS = 1 << 26
@@ -136,6 +141,7 @@ blocktopk_attention = register_sparse_method(
     paper="Sadhukhan et al., Kinetics: Rethinking Test-Time Scaling Laws (block top-k attention), arXiv 2506.05333; "
     "routing as in MoBA (arXiv 2502.13189)",
     select=select_top_k,
+    state_cls=BlockTopKState,
     static=False,
     doc="Top-k key blocks per query block by mean-pooled scores, plus sink and local blocks.",
 )

@@ -34,7 +34,7 @@ from ..config import option
 from ..masks import causal_allowed, sink_and_window
 from ..state import PatchState
 from ._shared import per_head_window_lists
-from ._sparse import SparseConfig, decode_width, register_sparse_method
+from ._sparse import SparseConfig, SparseState, decode_width, register_sparse_method
 
 AUTO = "auto"
 HOW_TO = ("make scores with `python -m patchattn.calibrate.retrieval_heads --model <name or path> --out scores.json` "
@@ -59,6 +59,15 @@ class DuoConfig(SparseConfig):
     def validate(self) -> None:
         if self.scores != AUTO:
             load_scores(self.scores)
+
+
+@dataclass
+class DuoState(SparseState):
+    """The layer's retrieval heads (bool ``[heads]``, per KV head with ``kv_heads_together``; on the host, where
+    decoding reads them), chosen once when patching, and their copy on the queries' device."""
+
+    retrieval: torch.Tensor | None = None
+    retrieval_on: torch.Tensor | None = None
 
 
 def load_scores(name_or_path: str) -> dict:
@@ -98,22 +107,23 @@ def make_duo_state(module, config, layer_index, role, context) -> PatchState:
     if model_config is None:
         raise ValueError(f"duo needs the attention module's model config to place its heads; {type(module).__name__} "
                          "has none")
-    state = PatchState(config, layer_index, role, context)
     heads = model_config.num_attention_heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
     if config.retrieval_fraction >= 1.0:  # every head full: no scores needed
-        state.duo_retrieval = torch.ones(kv_heads if config.kv_heads_together else heads, dtype=torch.bool)
-        return state
-    scores = model_scores(config, model_config)
-    if config.kv_heads_together:  # a KV head ranks by its best query head
-        scores = scores.view(scores.shape[0], kv_heads, heads // kv_heads).amax(-1)
-    state.duo_retrieval = retrieval_heads(scores, config.retrieval_fraction)[layer_index]
-    return state
+        retrieval = torch.ones(kv_heads if config.kv_heads_together else heads, dtype=torch.bool)
+    else:
+        scores = model_scores(config, model_config)
+        if config.kv_heads_together:  # a KV head ranks by its best query head
+            scores = scores.view(scores.shape[0], kv_heads, heads // kv_heads).amax(-1)
+        retrieval = retrieval_heads(scores, config.retrieval_fraction)[layer_index]
+    return PatchState(config, layer_index, role, context, DuoState(retrieval=retrieval))
 
 
 def select_duo(g, query, key, state):
-    config = state.config
-    retrieval = state.duo_retrieval
+    config, kept = state.config, state.method_state
+    retrieval = kept.retrieval
+    if retrieval is None:
+        raise ValueError("duo: this layer has no retrieval heads; patch the model with patchattn.patch(model, 'duo')")
     heads = key.shape[1] if config.kv_heads_together else query.shape[1]  # lists per KV head: the group shares them
     if retrieval.shape[0] != heads:
         raise ValueError(f"duo: scores give {retrieval.shape[0]} heads for this layer, the call has {heads}")
@@ -122,10 +132,10 @@ def select_duo(g, query, key, state):
         return per_head_window_lists(g, config.sink_tokens, windows, decode_width(config, g), query.device)
     full = causal_allowed(g, query.device)
     stream = sink_and_window(g, config.sink_tokens, config.window, device=query.device)
-    retrieval = state.cache.get("duo_retrieval_on")
-    if retrieval is None or retrieval.device != query.device:  # copied to the device once, not every call
-        retrieval = state.cache["duo_retrieval_on"] = state.duo_retrieval.to(query.device)
-    return torch.where(retrieval[:, None, None], full, stream)  # [Hq, NQ, NK]
+    on_device = kept.retrieval_on
+    if on_device is None or on_device.device != query.device:
+        on_device = kept.retrieval_on = retrieval.to(query.device)  # copied to the device once, not every call
+    return torch.where(on_device[:, None, None], full, stream)  # [Hq, NQ, NK]
 
 
 duo_attention = register_sparse_method(
@@ -136,6 +146,7 @@ duo_attention = register_sparse_method(
     "Xiao et al., DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads "
     "(ICLR 2025), arXiv 2410.10819",
     select=select_duo,
+    state_cls=DuoState,
     static=True,
     doc="Full attention on calibrated retrieval heads, sink + recent window on the other heads.",
 )

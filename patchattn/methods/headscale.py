@@ -22,14 +22,15 @@ values; the mask's own rows otherwise).  Gains all 1 and no modes is bit-for-bit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from ..artifacts import check_against, load_artifact
 from ..config import MethodConfig, option
 from ..registry import register_method
-from ..state import PatchState
+from ..state import MethodState, PatchState
 from ._heads import check_heads, dense_call, head_counts, layer_key
 from ._sparse import padding_start
 
@@ -52,6 +53,18 @@ class HeadScaleConfig(MethodConfig):
                 _gain_row(f"HeadScaleConfig.gains[{layer!r}]", layer, row, None)
         for layer, row in self.modes.items():
             _mode_row(f"HeadScaleConfig.modes[{layer!r}]", layer, row, None)
+
+
+@dataclass
+class HeadScaleState(MethodState):
+    """The layer's plan, fixed when patching: float ``[heads]`` gains (they follow the module's device), the
+    replaced heads ``{head: mode}``, and whether the plan changes nothing (gains 1, no modes)."""
+
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("gains",)
+
+    gains: torch.Tensor | None = None
+    modes: dict[int, str] = field(default_factory=dict)
+    identity: bool = True
 
 
 def _gain_row(where: str, layer, row, num_heads: int | None) -> dict[int, float]:
@@ -121,12 +134,10 @@ def layer_plan(config: HeadScaleConfig, model_config, layer_index: int) -> tuple
 
 def make_headscale_state(module, config: HeadScaleConfig, layer_index, role, context) -> PatchState:
     head_counts(module)  # a clear error when the module has no model config
-    state = PatchState(config, layer_index, role, context)
     gains, modes = layer_plan(config, module.config, layer_index)
-    state.register_buffer("head_gains", torch.tensor(gains, dtype=torch.float32), persistent=False)
-    state.head_modes = modes
-    state.is_identity = all(g == 1.0 for g in gains) and not modes
-    return state
+    plan = HeadScaleState(gains=torch.tensor(gains, dtype=torch.float32), modes=modes,
+                          identity=all(g == 1.0 for g in gains) and not modes)
+    return PatchState(config, layer_index, role, context, plan)
 
 
 # ---- replacement heads -----------------------------------------------------------------------------------------
@@ -178,6 +189,7 @@ def replaced(module, mode: str, head: int, query, value, attention_mask) -> torc
     # tests/test_patterns.py found the DiT cross patterns failing, so only the self-attention ones are declared.
     patterns=("causal-self", "noncausal-self"),
     make_state=make_headscale_state,
+    state_cls=HeadScaleState,
     paper="Head modulation substrate: Wu et al., Retrieval Head Mechanistically Explains Long-Context Factuality, "
     "arXiv 2404.15574 (head masking = uniform attention); head gains as in VHR (He et al., ACL 2025, "
     "arXiv 2412.13949) and PAINT (Arif et al., arXiv 2501.12206)",
@@ -185,15 +197,16 @@ def replaced(module, mode: str, head: int, query, value, attention_mask) -> torc
 def headscale_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
     """Per-head output gains and per-head replacement of attention (identity / uniform / zero)."""
     state = module.patchattn
+    plan = state.method_state
     out, weights = dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     state.record(density=1.0)
-    if state.is_identity:
+    if plan.identity:
         return out, weights
-    if query.shape[1] != state.head_gains.shape[0]:
-        raise ValueError(f"headscale: the plan has {state.head_gains.shape[0]} heads for layer {state.layer_index}, "
+    if query.shape[1] != plan.gains.shape[0]:
+        raise ValueError(f"headscale: the plan has {plan.gains.shape[0]} heads for layer {state.layer_index}, "
                          f"the call has {query.shape[1]}")
-    if state.head_modes:
+    if plan.modes:
         out = out.clone()
-        for head, mode in state.head_modes.items():
+        for head, mode in plan.modes.items():
             out[:, :, head] = replaced(module, mode, head, query, value, attention_mask).to(out.dtype)
-    return out * state.head_gains.to(device=out.device, dtype=out.dtype)[:, None], None
+    return out * plan.gains.to(device=out.device, dtype=out.dtype)[:, None], None

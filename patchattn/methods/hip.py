@@ -27,7 +27,7 @@ import torch
 from ..config import option
 from ..kernels.blockselect import max_list_width, prefill_tree_search, tree_search_torch
 from ..masks import BlockGeometry, causal_allowed
-from ._shared import block_means, decode_lists, forced_blocks, key_block_means
+from ._shared import KeyMeansState, block_means, decode_lists, forced_blocks, key_block_means
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
 
@@ -49,6 +49,23 @@ class HipConfig(SparseConfig):
 
     def max_blocks_per_row(self, n_k: int) -> int:
         return max_list_width(n_k, self.top_k, self.sink_blocks, self.local_blocks)
+
+
+@dataclass
+class HipDecode:
+    """Decode lists kept between refreshes: reused while ``age + 1 < refresh_interval`` and the cache stays within
+    ``n_k`` blocks."""
+
+    lists: tuple
+    age: int
+    n_k: int
+
+
+@dataclass
+class HipState(KeyMeansState):
+    """The compressed key cache, and the decode lists of the latest search."""
+
+    decode: HipDecode | None = None
 
 
 def query_rows(query: torch.Tensor, block: int, kv_heads: int, per_head: bool, score: str) -> torch.Tensor:
@@ -77,7 +94,7 @@ def select_hip(g: BlockGeometry, query, key, state):
     config = state.config
     if g.q_len == 1:
         return _decode_lists(g, query, key, state)
-    state.cache.pop("hip_decode", None)
+    state.method_state.decode = None
     allowed = causal_allowed(g, query.device)
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     k_means = key_block_means(state, key, g.block_k, g.q_len)
@@ -103,12 +120,12 @@ def _decode_lists(g: BlockGeometry, query, key, state):
     read as a local block); a new block starts a fresh selection, so its tokens are never missed.
     """
     config = state.config
-    saved = state.cache.get("hip_decode")
-    if saved is not None and saved["age"] + 1 < config.refresh_interval and saved["n_k"] == g.n_k:
-        saved["age"] += 1
-        return saved["lists"]
+    saved = state.method_state.decode
+    if saved is not None and saved.age + 1 < config.refresh_interval and saved.n_k == g.n_k:
+        saved.age += 1
+        return saved.lists
     lists = decode_lists(query, key, state)
-    state.cache["hip_decode"] = {"lists": lists, "age": 0, "n_k": g.n_k}
+    state.method_state.decode = HipDecode(lists, 0, g.n_k)
     return lists
 
 
@@ -118,6 +135,7 @@ hip_attention = register_sparse_method(
     paper="Lee et al., A Training-free Sub-quadratic Cost Transformer Model Serving Framework with Hierarchically "
     "Pruned Attention (HiP, ICLR 2025), arXiv 2406.09827",
     select=select_hip,
+    state_cls=HipState,
     static=False,
     doc="Hierarchical top-k block search per query block, plus sink and local blocks.",
 )

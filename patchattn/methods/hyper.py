@@ -19,7 +19,7 @@ of the causal past, plus the sink and local blocks.  Differences from the paper,
   diagonal blocks below ``min_seq_len`` are exact, like our local blocks);
 * the paper's hash ``perm[code]`` is replaced by each code's rank in the reflected Gray sequence, which is the
   ordering in which adjacent buckets differ in one bit;
-* the LSH hyperplanes are drawn from ``seed + layer index`` (saved in the state as a buffer, not in
+* the LSH hyperplanes are drawn from ``seed + layer index`` (kept in the typed state, ``HyperState``, not in
   ``state_dict``), and sampled blocks from the same seed, so a run is reproducible and decoding keeps its samples.
 
 Below ``min_seq_len`` keys (paper: 4096) a call reads every block (exact attention), as the paper.
@@ -37,7 +37,7 @@ import torch
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed
 from ._shared import forced_blocks
-from ._sparse import SparseConfig, register_sparse_method
+from ._sparse import SparseConfig, SparseState, register_sparse_method
 
 SEED_STRIDE = 1_000_003  # separates the per-layer streams of different seeds
 
@@ -58,6 +58,18 @@ class HyperConfig(SparseConfig):
     DENSE_EQUIVALENT: ClassVar[dict] = {"min_seq_len": 1 << 30}
 
 
+@dataclass
+class HyperState(SparseState):
+    """This layer's LSH hyperplanes (``[D, p]``, drawn once from ``seed + layer``) and the sampling priorities
+    (``[H, NK]``) with the ``(n_k, heads, device)`` they were drawn for."""
+
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("projections",)
+
+    projections: torch.Tensor | None = None
+    priority_shape: tuple | None = None
+    priority: torch.Tensor | None = None
+
+
 # ---- sortLSH -----------------------------------------------------------------------------------------------------
 def gray_rank(num_projs: int, device="cpu") -> torch.Tensor:
     """``[2^p]`` position of each binary code in the reflected Gray sequence (adjacent positions differ in one bit),
@@ -76,15 +88,13 @@ def _gray_rank(num_projs: int, device: str) -> torch.Tensor:
 
 def lsh_projections(state, dim: int, device) -> torch.Tensor:
     """``[D, p]`` Gaussian hyperplanes of this layer, drawn once from ``seed + layer`` and kept in the state."""
-    config = state.config
-    proj = getattr(state, "lsh_projections", None)
+    config, kept = state.config, state.method_state
+    proj = kept.projections
     if proj is None or tuple(proj.shape) != (dim, config.lsh_num_projs):
         gen = torch.Generator().manual_seed(config.seed * SEED_STRIDE + state.layer_index)
-        proj = torch.randn(dim, config.lsh_num_projs, generator=gen)
-        state.register_buffer("lsh_projections", proj, persistent=False)
+        proj = kept.projections = torch.randn(dim, config.lsh_num_projs, generator=gen)
     if proj.device != torch.device(device):  # kept on the queries' device: no copy per call (nor in a CUDA graph)
-        proj = proj.to(device)
-        state.register_buffer("lsh_projections", proj, persistent=False)
+        proj = kept.projections = proj.to(device)
     return proj
 
 
@@ -147,12 +157,12 @@ def sampled_blocks(state, g: BlockGeometry, heads: int, free: torch.Tensor) -> t
     """
     count = math.ceil(state.config.sample_size / g.block_k)
     shape = (g.n_k, heads, free.device)
-    cached = state.cache.get("hyper_priority")
-    if cached is None or cached[0] != shape:  # drawn on the host once per shape, kept on the device
+    kept = state.method_state
+    if kept.priority is None or kept.priority_shape != shape:  # drawn on the host once per shape, kept on the device
         gen = torch.Generator().manual_seed(state.config.seed * SEED_STRIDE + state.layer_index)
-        priority = torch.rand(g.n_k, heads, generator=gen).T.to(free.device) + 1.0  # > 0 for top_blocks
-        cached = state.cache["hyper_priority"] = (shape, priority)
-    priority = cached[1]
+        kept.priority = torch.rand(g.n_k, heads, generator=gen).T.to(free.device) + 1.0  # > 0 for top_blocks
+        kept.priority_shape = shape
+    priority = kept.priority
     return top_blocks(priority[None, :, None, :].masked_fill(~free, float("-inf")), count)
 
 
@@ -174,6 +184,7 @@ hyper_attention = register_sparse_method(
     config=HyperConfig,
     paper="Han et al., HyperAttention: Long-context Attention in Near-Linear Time (ICLR 2024), arXiv 2310.05869",
     select=select_hyper,
+    state_cls=HyperState,
     static=False,
     doc="sortLSH bucket collisions and uniformly sampled key blocks per query block, plus sink/local.",
 )

@@ -37,7 +37,7 @@ import torch
 from ..config import option
 from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
-from ._shared import GroupedConfig, cached_group_lists, group_size_for, training_attention_active
+from ._shared import GroupedConfig, GroupedState, cached_group_lists, group_size_for, training_attention_active
 from ._sparse import dense_call, must_run_dense
 
 PAPER = ("Chen et al., LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models (ICLR 2024), "
@@ -80,6 +80,11 @@ def s2_block_mask(seq_len: int, group: int, block: int, heads: int, shift: bool,
     return torch.stack(per_head)[None]
 
 
+@dataclass
+class LongLoRAState(GroupedState):
+    """The latest training shape's block lists."""
+
+
 # ---- reference (the paper's algorithm, plain torch) --------------------------------------------------------------
 def s2_attention_reference(query, key, value, group: int, *, shift: bool = True, scale: float | None = None):
     """LongLoRA's flash-attn S²-Attn, segment by segment with dense causal softmax (tests; O(N * G)).
@@ -112,6 +117,7 @@ def s2_attention_reference(query, key, value, group: int, *, shift: bool = True,
     needs_finetune=True,
     patterns=("causal-self",),
     paper=PAPER,
+    state_cls=LongLoRAState,
 )
 def longlora_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
     """LongLoRA S²-Attn in training (grouped causal attention, half the heads shifted); full attention otherwise."""

@@ -30,7 +30,7 @@ from ..config import option
 from ..masks import sink_and_window
 from ..state import PatchState
 from ._shared import per_head_window_lists
-from ._sparse import SparseConfig, decode_width, register_sparse_method
+from ._sparse import SparseConfig, SparseState, decode_width, register_sparse_method
 
 UNIFORM = "uniform"
 
@@ -48,6 +48,14 @@ class MoAConfig(SparseConfig):
     def validate(self) -> None:
         if self.plan != UNIFORM:
             load_plan(self.plan)  # fails now, naming the shipped plans, rather than at the first forward
+
+
+@dataclass
+class MoAState(SparseState):
+    """The layer's ``[heads, 2]`` (alpha, beta) rules, on the host (the windows are host integers), fixed when
+    patching; None until then (the rules are then read from the config at each call)."""
+
+    rules: torch.Tensor | None = None
 
 
 def load_plan(name_or_path: str) -> dict:
@@ -87,15 +95,14 @@ def head_windows(rules: torch.Tensor, n: int) -> list[int]:
 
 def make_moa_state(module, config, layer_index, role, context) -> PatchState:
     """Validate the plan against the model when patching, so a wrong plan fails before any forward."""
-    state = PatchState(config, layer_index, role, context)
     model_config = getattr(module, "config", None)
     heads = getattr(model_config, "num_attention_heads", None)
-    state.moa_rules = layer_rules(config, model_config, layer_index, heads) if heads else None
-    return state
+    rules = layer_rules(config, model_config, layer_index, heads) if heads else None
+    return PatchState(config, layer_index, role, context, MoAState(rules=rules))
 
 
 def select_windows(g, query, key, state):
-    rules = getattr(state, "moa_rules", None)
+    rules = state.method_state.rules
     if rules is None or rules.shape[0] != query.shape[1]:
         rules = layer_rules(state.config, None, state.layer_index, query.shape[1])
     sink = state.config.sink_blocks * g.block_k
@@ -113,6 +120,7 @@ moa_attention = register_sparse_method(
     paper="Fu et al., MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression "
     "(COLM 2025), arXiv 2406.14909",
     select=select_windows,
+    state_cls=MoAState,
     static=True,
     doc="Per-head elastic sliding windows alpha_h + beta_h * N plus the sink block, from a calibrated plan.",
 )

@@ -26,7 +26,7 @@ module's ``PatchState``, created at patch time, so ``model.named_parameters()`` 
 parameter whose name contains ``.patchattn.`` and load it back after ``patchattn.patch``.  Each forward stores the
 layer's load-balance loss ``L_b = N_r * sum_i P_i f_i`` (P_i: mean routing probability of routed head i over the
 real tokens, f_i: fraction of the top-k slots that went to head i, so uniform routing gives 1) in
-``state.cache["moh_balance_loss"]`` with its graph; :func:`aux_loss` returns ``balance_coef`` (paper 0.01) times
+``state.method_state.balance_loss`` with its graph; :func:`aux_loss` returns ``balance_coef`` (paper 0.01) times
 the sum over layers, to add to the language-model loss.
 
 Speed: the fused kernel gets ``active [B, T, H]`` and skips a (query tile, head) only when **no** row of the tile
@@ -50,7 +50,7 @@ from torch import nn
 
 from ..config import MethodConfig, option
 from ..registry import register_method
-from ..state import PatchState, get_state
+from ..state import MethodState, PatchState, get_state
 from ._heads import check_heads, dense_call, full_causal_attention, head_counts, use_fused_kernel, valid_rows
 from ._sparse import padding_start
 
@@ -74,6 +74,23 @@ class MoHConfig(MethodConfig):
     seed: int = option(0, "seed of the learned router's initialisation", min=0)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"active_ratio": 1.0}
+
+
+@dataclass
+class MoHState(MethodState):
+    """The layer's head plan, fixed when patching (shared and routed head indices, long; they follow the module's
+    device; routed heads active per token), the latest forward's load-balance loss (with its graph), and with
+    ``route_block > 1`` the routing block the last token was in and its selection ``[B, Nr]``, for the next call.
+    The learned router's parameters are not here: they are ``nn.Parameter`` s of the ``PatchState``."""
+
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("shared", "routed")
+
+    shared: torch.Tensor | None = None
+    routed: torch.Tensor | None = None
+    top_k: int = 0
+    balance_loss: torch.Tensor | None = None
+    last_block: int | None = None
+    last_selection: torch.Tensor | None = None
 
 
 # ---- head plan -------------------------------------------------------------------------------------------------
@@ -104,10 +121,8 @@ def make_moh_state(module, config: MoHConfig, layer_index, role, context) -> Pat
     """Fix the head plan and create the learned router's parameters (deterministic from ``seed`` and the layer)."""
     heads, kv_heads, head_dim = head_counts(module)
     shared, routed, k = head_plan(config, heads)
-    state = PatchState(config, layer_index, role, context)
-    state.register_buffer("moh_shared", torch.tensor(shared, dtype=torch.long), persistent=False)
-    state.register_buffer("moh_routed", torch.tensor(routed, dtype=torch.long), persistent=False)
-    state.moh_top_k = k
+    plan = MoHState(shared=torch.tensor(shared, dtype=torch.long), routed=torch.tensor(routed, dtype=torch.long), top_k=k)
+    state = PatchState(config, layer_index, role, context, plan)
     if config.router == "learned":
         features = kv_heads * head_dim
         device = next(module.parameters()).device
@@ -149,11 +164,11 @@ def _anchored(selected: torch.Tensor, state, kv_len: int, starts) -> torch.Tenso
         anchor = torch.maximum(anchor, starts.to(selected.device).long()[:, None])
     anchor = torch.minimum(anchor, pos[None])  # padding rows: themselves
     out = torch.gather(selected, 1, (anchor - first)[..., None].expand_as(selected))
-    cached = state.cache.get("moh_block")
-    if cached is not None and cached[1].shape[0] == batch and first > 0:
-        earlier = (pos // block == cached[0]) & ((pos // block) * block < first)
-        out = torch.where(earlier[None, :, None], cached[1][:, None].to(out.dtype), out)
-    state.cache["moh_block"] = ((kv_len - 1) // block, out[:, -1].detach())
+    kept = state.method_state
+    if kept.last_selection is not None and kept.last_selection.shape[0] == batch and first > 0:
+        earlier = (pos // block == kept.last_block) & ((pos // block) * block < first)
+        out = torch.where(earlier[None, :, None], kept.last_selection[:, None].to(out.dtype), out)
+    kept.last_block, kept.last_selection = (kv_len - 1) // block, out[:, -1].detach()
     return out
 
 
@@ -171,7 +186,8 @@ def route(state, query, value, rows, starts) -> tuple[torch.Tensor, torch.Tensor
     """(gates float ``[B, Tq, Hq]``, active bool ``[B, Tq, Hq]``) for this call; stores the balance loss."""
     config = state.config
     batch, heads, q_len, _ = query.shape
-    shared, routed, k = state.moh_shared.to(query.device), state.moh_routed.to(query.device), state.moh_top_k
+    plan = state.method_state
+    shared, routed, k = plan.shared.to(query.device), plan.routed.to(query.device), plan.top_k
     logits = norm_logits(query, routed)
     if config.router == "learned":
         features = router_features(value, q_len)
@@ -182,7 +198,7 @@ def route(state, query, value, rows, starts) -> tuple[torch.Tensor, torch.Tensor
         selected.scatter_(-1, logits.topk(k, dim=-1).indices, True)
     if config.route_block > 1:
         selected = _anchored(selected, state, value.shape[2], starts)
-    state.cache["moh_balance_loss"] = _balance_loss(probs, selected, rows, k)
+    plan.balance_loss = _balance_loss(probs, selected, rows, k)
 
     if config.router == "norm":
         routed_gates = selected.float()
@@ -211,7 +227,8 @@ def _record(state, active, rows) -> None:
 
 # ---- attention -------------------------------------------------------------------------------------------------
 def _all_active_binary(state) -> bool:
-    return state.config.router == "norm" and state.moh_top_k == len(state.moh_routed)
+    plan = state.method_state
+    return state.config.router == "norm" and plan.top_k == len(plan.routed)
 
 
 @register_method(
@@ -221,6 +238,7 @@ def _all_active_binary(state) -> bool:
     families=("llm", "lvlm"),
     patterns=("causal-self",),
     make_state=make_moh_state,
+    state_cls=MoHState,
     paper="Jin et al., MoH: Multi-Head Attention as Mixture-of-Head Attention (ICML 2025), arXiv 2410.11842",
 )
 def moh_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
@@ -268,8 +286,8 @@ def aux_loss(model, *, scaled: bool = True) -> torch.Tensor:
     losses, coef = [], 0.0
     for module in model.modules():
         state = get_state(module)
-        if state is not None and isinstance(state.config, MoHConfig) and "moh_balance_loss" in state.cache:
-            losses.append(state.cache["moh_balance_loss"])
+        if state is not None and isinstance(state.config, MoHConfig) and state.method_state.balance_loss is not None:
+            losses.append(state.method_state.balance_loss)
             coef = state.config.balance_coef
     if not losses:
         raise ValueError("aux_loss: no moh-patched layer has run a forward yet (patch with 'moh' and call the model)")

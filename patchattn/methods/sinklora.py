@@ -41,7 +41,7 @@ import torch
 from ..config import option
 from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
-from ._shared import GroupedConfig, cached_group_lists, group_size_for, training_attention_active
+from ._shared import GroupedConfig, GroupedState, cached_group_lists, group_size_for, training_attention_active
 from ._sparse import dense_call, dense_reason, padding_start
 
 PAPER = ("Zhang, SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large Language Models, "
@@ -71,6 +71,23 @@ class SinkLoRAConfig(GroupedConfig):
         if self.kv_budget is None:
             return 0
         return self.kv_recent if self.kv_recent is not None else self.kv_budget // 2
+
+
+@dataclass
+class H2OCache:
+    """H2O's eviction state: which keys each KV head keeps (bool ``[B, Hkv, Tk]``), their accumulated attention
+    mass (``[B, Hkv, Tk]``) and the left-padding start of each sequence (``[B]`` or None)."""
+
+    kept: torch.Tensor
+    mass: torch.Tensor
+    kv_start: torch.Tensor | None = None
+
+
+@dataclass
+class SinkLoRAState(GroupedState):
+    """The latest training shape's block lists, and the H2O eviction state at inference."""
+
+    h2o: H2OCache | None = None
 
 
 # ---- SF-Attn -----------------------------------------------------------------------------------------------------
@@ -183,17 +200,17 @@ def _h2o_prefill(state, module, query, key, value, attention_mask, scaling, soft
     kept = real.expand(-1, key.shape[1], -1).clone()
     protected = _protected(config, kv_len, kv_len - 1, kv_start, batch, query.device)
     kept = _evict_to_budget(config, kept, mass, protected)
-    state.cache["h2o"] = {"kept": kept, "mass": mass, "kv_start": kv_start}
+    state.method_state.h2o = H2OCache(kept, mass, kv_start)
     state.record(density=kept.float().mean())
     return out
 
 
 def _h2o_state(state, batch: int, kv_heads: int, past: int, device):
     """The eviction state for a cache of ``past`` keys (fresh, with everything kept, if none matches)."""
-    h2o = state.cache.get("h2o")
-    if h2o is None or h2o["kept"].shape[:2] != (batch, kv_heads) or h2o["kept"].shape[2] != past:
+    h2o = state.method_state.h2o
+    if h2o is None or h2o.kept.shape[:2] != (batch, kv_heads) or h2o.kept.shape[2] != past:
         kept = torch.ones(batch, kv_heads, past, dtype=torch.bool, device=device)
-        h2o = {"kept": kept, "mass": torch.zeros(batch, kv_heads, past, device=device), "kv_start": None}
+        h2o = H2OCache(kept, torch.zeros(batch, kv_heads, past, device=device))
     return h2o
 
 
@@ -204,7 +221,7 @@ def _h2o_extend(state, query, key, value, scaling, softcap):
     kv_heads, kv_len = key.shape[1], key.shape[2]
     past = kv_len - q_len
     h2o = _h2o_state(state, batch, kv_heads, past, query.device)
-    kept, mass = h2o["kept"], h2o["mass"]
+    kept, mass = h2o.kept, h2o.mass
     outs = []
     for r in range(q_len):
         length = past + r + 1
@@ -216,9 +233,9 @@ def _h2o_extend(state, query, key, value, scaling, softcap):
         v = value[:, :, :length].repeat_interleave(heads // kv_heads, 1).float()
         outs.append(p @ v)
         mass = mass + _per_kv_head(p[:, :, 0], kv_heads)
-        protected = _protected(config, length, length - 1, h2o["kv_start"], batch, query.device)
+        protected = _protected(config, length, length - 1, h2o.kv_start, batch, query.device)
         kept = _evict_to_budget(config, kept, mass, protected)
-    state.cache["h2o"] = {"kept": kept, "mass": mass, "kv_start": h2o["kv_start"]}
+    state.method_state.h2o = H2OCache(kept, mass, h2o.kv_start)
     state.record(density=kept.float().mean())
     return torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2)
 
@@ -232,6 +249,7 @@ def _h2o_extend(state, query, key, value, scaling, softcap):
     needs_finetune=True,
     patterns=("causal-self",),
     paper=PAPER,
+    state_cls=SinkLoRAState,
 )
 def sinklora_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
     """SinkLoRA SF-Attn in training (groups + global sink tokens); dense or H2O KV eviction at inference."""

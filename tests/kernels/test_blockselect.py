@@ -147,7 +147,7 @@ def test_blocktopk_decode_steps_keep_the_key_cache_exact():
         fresh_state = PatchState(config, 0, "text", PatchContext())
         want = select_top_k(BlockGeometry(1, t, 16, 16), q[:, :, -1:], k[:, :, :t], fresh_state)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), t
-        torch.testing.assert_close(state.cache["key_means"]["means"], block_means(k[:, :, :t], 16))
+        torch.testing.assert_close(state.method_state.key_means.means, block_means(k[:, :, :t], 16))
 
 
 def test_key_means_are_stored_in_the_keys_dtype_and_summed_in_fp32():

@@ -53,7 +53,7 @@ def test_fused_path_matches_the_eager_spec_forward_and_gradients(dtype):
     heads, starts = torch.tensor([1, 2]), torch.tensor([0, 7], dtype=torch.int32)
     state = _state()
     out, (qs, ks, vs) = _fused(state, q, k, v, heads, starts, requires_grad=True)
-    assert state.cache["act_sinks"].sum() > 0, "the planted sinks must be found"
+    assert state.method_state.sinks.sum() > 0, "the planted sinks must be found"
     ref_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref, _, _ = act.act_reference(*ref_inputs, [1, 2], beta=0.4, threshold=0.05, starts=starts)
     valid = _valid(starts, q.shape[2])
@@ -95,12 +95,12 @@ def test_decode_reuses_the_prefill_sinks():
     heads, starts = torch.tensor([1, 2]), torch.tensor([0, 3], dtype=torch.int32)
     state = _state()
     _fused(state, q[:, :, :40], k[:, :, :40], v[:, :, :40], heads, starts)  # prefill: freezes the sinks
-    frozen = state.cache["act_sinks"].clone()
+    frozen = state.method_state.sinks.clone()
     step, _ = _fused(state, q[:, :, 40:], k, v, heads, starts)  # one decode step against 41 keys
     sinks = torch.nn.functional.pad(frozen, (0, 1))
     ref, _, _ = act.act_reference(q[:, :, 40:], k, v, [1, 2], beta=0.4, threshold=0.05, starts=starts, sinks=sinks)
     assert max_abs_diff(step, ref[:, heads]) <= 1e-12
-    assert torch.equal(state.cache["act_sinks"], frozen)
+    assert torch.equal(state.method_state.sinks, frozen)
 
 
 def _model_call(model, layer, beta=0.4, heads=None, **inputs):
@@ -144,7 +144,7 @@ def test_generation_with_cache_and_padding_runs_and_differs_from_dense():
         with patchattn.patched(model, "act", heads={0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, threshold=0.05):
             calibrated = model(**inputs).logits
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            assert model.model.layers[0].self_attn.patchattn.cache["act_sinks"].shape[:2] == (2, 4)
+            assert model.model.layers[0].self_attn.patchattn.method_state.sinks.shape[:2] == (2, 4)
     assert out.shape == (2, 34)
     assert max_abs_diff(calibrated, dense) > 1e-4
 
@@ -165,7 +165,7 @@ def test_head_list_from_json_and_errors(tmp_path):
     rows = [[0, 1, 0, 0], [1, 0, 0, 1]]
     path = str(save_json(artifact("tiny", model.config, "act_heads", rows, {}), tmp_path / "heads.json"))
     with patchattn.patched(model, "act", heads=path):
-        assert model.model.layers[1].self_attn.patchattn.act_heads.tolist() == [0, 3]
+        assert model.model.layers[1].self_attn.patchattn.method_state.heads.tolist() == [0, 3]
     bad = json.loads(Path(path).read_text())
     bad["act_heads"] = [[0, 2, 0, 0], [1, 0, 0, 1]]
     Path(path).write_text(json.dumps(bad))

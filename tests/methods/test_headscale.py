@@ -81,7 +81,7 @@ def test_artifact_round_trip_and_refusals(tmp_path):
     path = str(save_json(data, tmp_path / "gains.json"))
     with patchattn.patched(model, "headscale", gains=path):
         state = model.model.layers[0].self_attn.patchattn
-        assert state.head_gains.tolist() == gains[0] and state.head_modes == {3: "zero"}
+        assert state.method_state.gains.tolist() == gains[0] and state.method_state.modes == {3: "zero"}
     with pytest.raises(ValueError, match=r"heads are ints in \[0, 3\]"):
         patchattn.patch(model, "headscale", gains={0: {4: 2.0}})
     with pytest.raises(ValueError, match=r"one gain per head \(4\), got 3"):

@@ -37,7 +37,7 @@ def test_moa_plan_round_trip_and_use(tmp_path):
     path = _write(tmp_path, model, "rules", rules)
     assert moa.load_plan(path)["rules"] == rules
     with patchattn.patched(model, "moa", plan=path, block_size=16):
-        assert model.model.layers[0].self_attn.patchattn.moa_rules.tolist() == rules[0]
+        assert model.model.layers[0].self_attn.patchattn.method_state.rules.tolist() == rules[0]
         out = model(input_ids=torch.randint(3, 100, (1, 100))).logits
     assert torch.isfinite(out).all()
 
@@ -102,7 +102,7 @@ def test_moa_windows_grow_with_length_as_the_rule_says():
     assert moa.head_windows(rules, 1024) == [320, 64]
     assert moa.head_windows(rules, 4096) == [1088, 64]
     state = _state("moa", sink_blocks=0)
-    state.moa_rules = rules
+    state.method_state.rules = rules
     q = torch.zeros(1, 2, 1, 8)  # a decode query at the end: its lists' counts show the window in blocks
     blocks = {n: moa.select_windows(BlockGeometry(1, n, 64, 64), q, q, state)[1].flatten().tolist()
               for n in (1024, 4096)}
@@ -150,7 +150,7 @@ def test_duo_kv_heads_together_makes_whole_groups_full(tmp_path):
     module = model.model.layers[0].self_attn
     with patchattn.patched(model, "duo", kv_heads_together=True, **options):
         # KV heads ranked by their best query head: layer 0 (0.1, 0.9), layer 1 (0.8, 0.2): the top half
-        assert [layer.self_attn.patchattn.duo_retrieval.tolist() for layer in model.model.layers] == [
+        assert [layer.self_attn.patchattn.method_state.retrieval.tolist() for layer in model.model.layers] == [
             [False, True], [True, False]]
         sparse = _attend(module, duo.duo_attention, q, k, v)
         state = module.patchattn
@@ -189,10 +189,12 @@ def test_hyper_lsh_is_deterministic_per_seed_and_layer():
     state = _state("hyper", **overrides)
     assert torch.equal(first, hyper.select_hyper(g, q, k, state))
     assert torch.equal(hyper.select_hyper(g, q, k, state), first)  # and again on the same state
-    assert "lsh_projections" in dict(state.named_buffers()) and "lsh_projections" not in state.state_dict()
+    # The hyperplanes live in the typed state, follow the module's device and stay out of state_dict.
+    assert state.method_state.projections is not None and not state.state_dict()
+    assert state.to(torch.float64).method_state.projections.dtype == torch.float64
     other = _state("hyper", layer=1, **overrides)
     hyper.select_hyper(g, q, k, other)
-    assert not torch.equal(other.lsh_projections, state.lsh_projections)
+    assert not torch.equal(other.method_state.projections.double(), state.method_state.projections)
 
 
 def test_hyper_reads_the_block_holding_keys_identical_to_the_queries():

@@ -242,14 +242,14 @@ def test_hip_decode_reuses_lists_until_refresh_or_a_new_block():
         # prefill, then decode steps: the first selects (age 0), the next reuses the same lists (age 1)
         model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         state = model.model.layers[1].self_attn.patchattn
-        assert state.cache["hip_decode"]["age"] == 1
+        assert state.method_state.decode.age == 1
         # 95 + 3: the second decode step's key (position 96) starts a new block, so it selects afresh.
         model.generate(input_ids=ids[:, :95], max_new_tokens=3, do_sample=False, pad_token_id=0)
-        assert state.cache["hip_decode"]["age"] == 0
+        assert state.method_state.decode.age == 0
 
 
 def test_compressed_key_cache_matches_recompute_while_decoding():
-    from patchattn.methods.blocktopk import block_means, key_block_means
+    from patchattn.methods._shared import block_means, key_block_means
     from patchattn.state import PatchContext, PatchState
 
     state = PatchState(patchattn.get_config("blocktopk"), 0, "text", PatchContext())

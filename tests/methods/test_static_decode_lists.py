@@ -172,7 +172,7 @@ def test_per_head_window_decode_lists_equal_the_mask_path(method, overrides):
     state = _state(method, overrides)
     heads = 8
     if method == "duo":
-        state.duo_retrieval = retrieval_heads(torch.tensor([[0.0, 3, 0, 1, 0, 0, 2, 0]]), 0.375)[0]
+        state.method_state.retrieval = retrieval_heads(torch.tensor([[0.0, 3, 0, 1, 0, 0, 2, 0]]), 0.375)[0]
     select = get_spec(method).select
     key = torch.zeros(1, 2, 1, 8)
     for kv_len in list(range(1, 300)) + [1023, 1024, 1025, 5000]:
@@ -184,9 +184,9 @@ def test_per_head_window_decode_lists_equal_the_mask_path(method, overrides):
             windows = head_windows(layer_rules(state.config, None, state.layer_index, heads), kv_len)
             mask = _window_rows_mask(g, state.config.sink_blocks * 16, windows)
         else:
-            windows = [kv_len if full else state.config.window for full in state.duo_retrieval.tolist()]
+            windows = [kv_len if full else state.config.window for full in state.method_state.retrieval.tolist()]
             mask = _window_rows_mask(g, state.config.sink_tokens, windows)
         want = mask_lists(state.config, g, mask, query.device)
         assert torch.equal(lists[1], want[1]) and torch.equal(lists[0], want[0]), f"{method} kv_len={kv_len}"
     if method == "duo":  # the full heads read every block
-        assert lists[1].flatten()[state.duo_retrieval].eq(g.n_k).all()
+        assert lists[1].flatten()[state.method_state.retrieval].eq(g.n_k).all()

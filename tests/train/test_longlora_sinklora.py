@@ -164,7 +164,7 @@ def test_h2o_eviction_matches_a_set_based_reference():
     module = _Module(patchattn.get_config("sinklora", kv_budget=12, kv_recent=4, sink_tokens=2)).eval()
     prefill = 24
     sinklora_attention(module, q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], None, scaling=8 ** -0.5)
-    assert int(module.patchattn.cache["h2o"]["kept"].sum(-1).max()) == 12
+    assert int(module.patchattn.method_state.h2o.kept.sum(-1).max()) == 12
     outs = []
     for t in range(prefill, 40):
         out, _ = sinklora_attention(module, q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], None,
@@ -173,7 +173,7 @@ def test_h2o_eviction_matches_a_set_based_reference():
     got = torch.cat(outs, dim=2)
     want = _h2o_reference(q, k, v, prefill, budget=12, recent=4, sinks=2)
     assert max_abs_diff(got.double(), want) < 1e-5
-    kept = module.patchattn.cache["h2o"]["kept"]
+    kept = module.patchattn.method_state.h2o.kept
     assert kept[..., :2].all() and kept[..., -4:].all() and int(kept.sum(-1).max()) == 12
 
 
@@ -186,7 +186,7 @@ def test_h2o_with_a_budget_larger_than_the_sequence_is_dense_while_generating():
     assert torch.equal(dense, same)
     with patchattn.patched(model, "sinklora", kv_budget=8, sink_tokens=2):
         evicting = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert model.model.layers[0].self_attn.patchattn.cache["h2o"]["kept"].sum(-1).max() == 8
+        assert model.model.layers[0].self_attn.patchattn.method_state.h2o.kept.sum(-1).max() == 8
     assert evicting.shape == dense.shape
 
 
