@@ -1,12 +1,121 @@
-"""Static block patterns (they depend only on positions, so they are built once per shape and cached)."""
+"""Static block patterns (they depend only on positions), each written once as the *runs* of one query block's row.
+
+A row of a static pattern is a few ascending, disjoint runs of key blocks: contiguous runs (sinks, a window, the
+local blocks), strided runs (S2's shards) and power-of-two distances (PowerAttention).  ``*_runs`` computes them
+from the query block's diagonal block (and first position) with plain arithmetic, so the same function serves
+
+* prefill: with ``[NQ, 1]`` tensors, ``runs_mask`` gives the bool ``[.., NQ, NK]`` mask (cached per shape);
+* decoding: with host integers for the one query block, ``runs_lists`` gives its block lists with a few
+  element-wise kernels and no host sync; the runs are hashable, so the methods memoise the lists per plan
+  (``methods._sparse.memo_decode_lists``): steps within one key block launch nothing to build them.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .geometry import BlockGeometry
+
+
+def _minimum(a, b):
+    return torch.minimum(torch.as_tensor(a), torch.as_tensor(b)) if torch.is_tensor(a) or torch.is_tensor(b) \
+        else min(a, b)
+
+
+def _maximum(a, b):
+    return torch.maximum(torch.as_tensor(a), torch.as_tensor(b)) if torch.is_tensor(a) or torch.is_tensor(b) \
+        else max(a, b)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Key blocks ``lo, lo + step, lo + 2 step, ...`` below ``hi`` (``step`` 1: a contiguous run)."""
+
+    lo: int | torch.Tensor
+    hi: int | torch.Tensor
+    step: int = 1
+
+    def members(self, j: torch.Tensor) -> torch.Tensor:
+        inside = (j >= self.lo) & (j < self.hi)
+        return inside if self.step == 1 else inside & ((j - self.lo) % self.step == 0)
+
+    def count(self):
+        span = self.hi - self.lo
+        if torch.is_tensor(span):
+            return torch.div(span + self.step - 1, self.step, rounding_mode="floor").clamp(min=0)
+        return max(0, -(-span // self.step))
+
+    def at(self, k: torch.Tensor) -> torch.Tensor:
+        """The run's ``k``-th block (``k`` an int32 tensor of offsets)."""
+        if self.step != 1:
+            k = k * self.step
+        return k if isinstance(self.lo, int) and self.lo == 0 else k + self.lo
+
+
+@dataclass(frozen=True)
+class PowerRun:
+    """Key blocks ``anchor - 2^e`` (``e >= 0``) in ``[lo, hi)``, ascending (``e`` descending)."""
+
+    anchor: int | torch.Tensor
+    lo: int | torch.Tensor
+    hi: int | torch.Tensor
+
+    def members(self, j: torch.Tensor) -> torch.Tensor:
+        distance = self.anchor - j
+        return (j >= self.lo) & (j < self.hi) & (distance > 0) & ((distance & (distance - 1)) == 0)
+
+    def _exponents(self) -> tuple[int, int]:
+        """(largest, smallest) e with ``lo <= anchor - 2^e < hi``: 2^e <= anchor - lo and 2^e > anchor - hi."""
+        return (self.anchor - self.lo).bit_length() - 1, max(self.anchor - self.hi, 0).bit_length()
+
+    def count(self) -> int:
+        if self.hi <= self.lo:
+            return 0
+        e_hi, e_lo = self._exponents()
+        return max(0, e_hi - e_lo + 1)
+
+    def at(self, k: torch.Tensor) -> torch.Tensor:
+        e_hi, _ = self._exponents()
+        exponent = (e_hi - k).clamp(0, max(e_hi, 0))  # clamped where unused: no negative or overflowing shift
+        return self.anchor - (1 << exponent)
+
+
+# ---- the patterns, once ------------------------------------------------------------------------------------------
+def sink_and_window_runs(diagonal, first, block_k: int, sink_tokens: int, window: int) -> tuple[Run, Run]:
+    """The blocks holding the first ``sink_tokens`` keys, and every block holding a key within ``window`` positions
+    of some row of the query block (the earliest row, at position ``first``, sets the lower end)."""
+    sinks = _minimum(math.ceil(sink_tokens / block_k), diagonal + 1)
+    # Key k is in row p's window when p - k < window; the block holding the lowest such key starts the run.
+    recent = _maximum(sinks, (first - window + 1) // block_k)
+    return Run(0, sinks), Run(recent, diagonal + 1)
+
+
+def power_of_two_runs(diagonal, sink_blocks: int, local_blocks: int) -> tuple[Run, PowerRun, Run]:
+    """PowerAttention: sink blocks, the blocks at power-of-two distances from the diagonal block between them, and
+    the ``local_blocks`` nearest blocks (runs that meet are one run)."""
+    sinks = _minimum(sink_blocks, diagonal + 1)
+    local = _maximum(sinks, diagonal + 1 - local_blocks)
+    return Run(0, sinks), PowerRun(diagonal, sinks, local), Run(local, diagonal + 1)
+
+
+def strided_shard_runs(diagonal, head, local_blocks: int, vert_stride: int) -> tuple[Run, Run]:
+    """S2-Attention: head ``h`` reads the blocks ``j`` with ``(j + h) % vert_stride == 0`` before its
+    ``local_blocks`` nearest blocks, then those (``head``: an int tensor broadcasting against ``diagonal``)."""
+    local = _maximum(0, diagonal + 1 - local_blocks)
+    return Run((-head) % vert_stride, local, vert_stride), Run(local, diagonal + 1)
+
+
+# ---- prefill masks -----------------------------------------------------------------------------------------------
+def runs_mask(runs, n_k: int, device=None) -> torch.Tensor:
+    """The bool mask of rows given as runs (parameters ``[.., NQ, 1]``) over ``n_k`` key blocks."""
+    j = torch.arange(n_k, device=device)
+    mask = runs[0].members(j)
+    for run in runs[1:]:
+        mask = mask | run.members(j)
+    return mask
 
 
 def causal_allowed(g: BlockGeometry, device=None) -> torch.Tensor:
@@ -15,33 +124,64 @@ def causal_allowed(g: BlockGeometry, device=None) -> torch.Tensor:
 
 
 def sink_and_window(g: BlockGeometry, sink_tokens: int, window: int, device=None) -> torch.Tensor:
-    """``[NQ, NK]``: blocks holding the first ``sink_tokens`` keys, and every block holding a key within ``window``
-    positions of some row of the query block (so each row's token window is fully covered).  A decode step reads
-    what its whole query block would in a full forward, so cached and uncached generation agree."""
+    """``[NQ, NK]``: ``sink_and_window_runs`` of every query block.  A decode step reads what its whole query block
+    would in a full forward (``prefill_aligned``), so cached and uncached generation agree."""
     g = g.prefill_aligned()
-    j = g.key_blocks(device)
-    sinks = j < math.ceil(sink_tokens / g.block_k)
-    # Key k is in row p's window when p - k < window; the earliest row (first position) sets the lower bound.
-    lowest_key = g.first_position(device)[:, None] - window + 1
-    recent = (j + 1) * g.block_k - 1 >= lowest_key
-    return (sinks | recent) & causal_allowed(g, device)
+    runs = sink_and_window_runs(g.diagonal_block(device)[:, None], g.first_position(device)[:, None], g.block_k,
+                                sink_tokens, window)
+    return runs_mask(runs, g.n_k, device) & causal_allowed(g, device)
 
 
 def power_of_two(g: BlockGeometry, sink_blocks: int, local_blocks: int, device=None) -> torch.Tensor:
-    """``[NQ, NK]``: PowerAttention's pattern: sink blocks, ``local_blocks`` nearest blocks, and blocks at
-    power-of-two distances from the diagonal block."""
-    distance = g.diagonal_block(device)[:, None] - g.key_blocks(device)
-    is_power = (distance > 0) & ((distance & (distance - 1)) == 0)
-    keep = (g.key_blocks(device) < sink_blocks) | ((distance >= 0) & (distance < local_blocks)) | is_power
-    return keep & causal_allowed(g, device)
+    """``[NQ, NK]``: ``power_of_two_runs`` of every query block."""
+    runs = power_of_two_runs(g.diagonal_block(device)[:, None], sink_blocks, local_blocks)
+    return runs_mask(runs, g.n_k, device) & causal_allowed(g, device)
 
 
 def strided_shards(g: BlockGeometry, heads: int, local_blocks: int, vert_stride: int, device=None) -> torch.Tensor:
-    """``[heads, NQ, NK]``: S2-Attention's heterogeneous sharding: every head reads its ``local_blocks`` nearest
-    blocks plus the blocks ``j`` with ``(j + h) % vert_stride == 0``; shifting the residue by the head index
-    makes the heads' union cover every block once ``heads >= vert_stride``."""
-    distance = g.diagonal_block(device)[:, None] - g.key_blocks(device)
-    local = (distance >= 0) & (distance < local_blocks)
+    """``[heads, NQ, NK]``: ``strided_shard_runs`` of every head and query block; shifting the residue by the head
+    index makes the heads' union cover every block once ``heads >= vert_stride``."""
     head = torch.arange(heads, device=device)[:, None, None]
-    shard = (g.key_blocks(device)[None] + head) % vert_stride == 0
-    return (local[None] | shard) & causal_allowed(g, device)[None]
+    runs = strided_shard_runs(g.diagonal_block(device)[:, None], head, local_blocks, vert_stride)
+    return runs_mask(runs, g.n_k, device) & causal_allowed(g, device)[None]
+
+
+# ---- decode rows -------------------------------------------------------------------------------------------------
+def sink_and_window_row(g: BlockGeometry, sink_tokens: int, window: int) -> tuple[Run, Run]:
+    """One query block's ``sink_and_window`` runs in host integers (decoding: its diagonal is the last key block)."""
+    g = g.prefill_aligned()
+    return sink_and_window_runs(g.n_k - 1, g.offset, g.block_k, sink_tokens, window)
+
+
+def power_of_two_row(g: BlockGeometry, sink_blocks: int, local_blocks: int) -> tuple[Run, PowerRun, Run]:
+    """One query block's ``power_of_two`` runs in host integers."""
+    return power_of_two_runs(g.n_k - 1, sink_blocks, local_blocks)
+
+
+def strided_shard_rows(n_k: int, heads: int, local_blocks: int, vert_stride: int, device=None):
+    """One query block's ``strided_shards`` runs for every head (the residues built on the device: no copy)."""
+    head = torch.arange(heads, device=device, dtype=torch.int32)[:, None]
+    return strided_shard_runs(n_k - 1, head, local_blocks, vert_stride)
+
+
+def runs_lists(runs, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query block's lists ``([1, H, 1, width], [1, H, 1])`` int32 from its runs: ascending blocks, 0 past the
+    count, equal to ``blocks_from_mask`` of ``runs_mask`` at that width; element-wise ops only (no host sync, no
+    host-to-device copy: capturable in a CUDA graph)."""
+    i = torch.arange(width, device=device, dtype=torch.int32)
+    idx = torch.zeros_like(i)
+    start = 0
+    for run in runs:
+        n = run.count()
+        if not torch.is_tensor(n) and n == 0:
+            continue
+        k = i if isinstance(start, int) and start == 0 else i - start
+        inside = k < n if isinstance(start, int) and start == 0 else (k >= 0) & (k < n)
+        idx = torch.where(inside, run.at(k), idx)
+        start = start + n
+    heads = idx.shape[0] if idx.ndim == 2 else 1
+    if torch.is_tensor(start):
+        counts = start.to(torch.int32).reshape(1, heads, 1)
+    else:
+        counts = torch.full((1, heads, 1), start, device=device, dtype=torch.int32)
+    return idx.reshape(1, heads, 1, width), counts

@@ -11,7 +11,6 @@ The block-sparse glue (padding, the dense fallbacks, the kernel call) is in ``_s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from ..config import MethodConfig, option
 from ..kernels.blockselect import decode_block_topk
 from ..kernels.blocksparse import blocks_from_mask
-from ..masks import BlockGeometry
+from ..masks import BlockGeometry, runs_lists, sink_and_window_row
 from ..state import MethodState
 from ._sparse import SparseState, memo_decode_lists
 
@@ -128,31 +127,15 @@ def decode_lists(query, key, state, mass: float = 1.0):
 def per_head_window_lists(g: BlockGeometry, sink_tokens: int, windows: list[int], width: int, device=None):
     """One query block (decoding), a sink + window row per head (``windows[h]`` tokens; a window as long as the
     cache is a full row): ``([1, H, 1, width], [1, H, 1])``, equal to the mask path's lists, kept per the heads'
-    run bounds like :func:`sink_and_window_lists`."""
-    rows = tuple(window_row_bounds(g, sink_tokens, w) for w in windows)
+    runs; each distinct row is built once."""
+    rows = tuple(sink_and_window_row(g, sink_tokens, w) for w in windows)
 
     def build():
-        lists = [window_row_lists(*row, width, device) for row in rows]
-        return torch.cat([idx for idx, _ in lists], dim=1), torch.cat([count for _, count in lists], dim=1)
+        distinct = {row: runs_lists(row, width, device) for row in dict.fromkeys(rows)}
+        return (torch.cat([distinct[row][0] for row in rows], dim=1),
+                torch.cat([distinct[row][1] for row in rows], dim=1))
 
     return memo_decode_lists(("windows", rows, width), device, build)
-
-
-def window_row_bounds(g: BlockGeometry, sink_tokens: int, window: int) -> tuple[int, int, int]:
-    """(sink blocks, first recent block, count) of one decoding query block's sink + window row."""
-    n_k = g.n_k
-    sinks = min(math.ceil(sink_tokens / g.block_k), n_k)
-    # The block holding the window's lowest key (the aligned block's first row sets it, as in the mask); runs that
-    # meet or overlap are one run [0, NK).
-    recent = max(sinks, (g.prefill_aligned().offset - window + 1) // g.block_k)
-    return sinks, recent, sinks + n_k - recent
-
-
-def window_row_lists(sinks: int, recent: int, count: int, width: int, device):
-    i = torch.arange(width, device=device, dtype=torch.int32)
-    idx = torch.where(i < sinks, i, i + (recent - sinks))
-    idx = torch.where(i < count, idx, 0)
-    return idx.view(1, 1, 1, width), torch.full((1, 1, 1), count, device=device, dtype=torch.int32)
 
 
 # ---- grouped training attention (longlora, sinklora) --------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from ..config import MethodConfig, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density_tensor
 from ..kernels.dense import eager_attention, sdpa_attention
-from ..masks import BlockGeometry, causal_allowed
+from ..masks import BlockGeometry, causal_allowed, runs_lists
 from ..registry import register_method
 from ..state import MethodState
 
@@ -226,6 +226,11 @@ def memo_decode_lists(plan: tuple, device, build: Callable[[], tuple]) -> tuple:
         while len(_DECODE_LISTS) > DECODE_LISTS_KEPT:
             _DECODE_LISTS.popitem(last=False)
     return lists
+
+
+def row_lists(runs: tuple, width: int, device) -> tuple:
+    """A static pattern's decode lists from one query block's runs (host integers: they are the plan), memoised."""
+    return memo_decode_lists(("runs", runs, width), device, lambda: runs_lists(runs, width, device))
 
 
 def decode_width(config, geometry: BlockGeometry) -> int:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 
 from ..config import option
-from ..masks import BlockGeometry, power_of_two
-from ._sparse import SparseConfig, decode_width, memo_decode_lists, register_sparse_method
+from ..masks import BlockGeometry, power_of_two, power_of_two_row
+from ._sparse import SparseConfig, decode_width, register_sparse_method, row_lists
 
 
 @dataclass(kw_only=True)
@@ -33,29 +32,11 @@ def power_of_two_lists(g: BlockGeometry, sink_blocks: int, local_blocks: int, wi
     """One query block (decoding): ``power_of_two``'s row as ready lists ``([1, 1, 1, width], [1, 1, 1])``.
 
     Rebuilding the mask each decode step (the KV length changes, so the static cache never hits) costs ~20 small
-    kernels; the row is known on the host instead: sink run ``[0, sinks)``, the blocks ``last - 2^e`` that fall
-    between the runs (``e`` from ``e_hi`` down to ``e_lo``, so ascending), then the local run ``[local, NK)``.
-    Same lists as the mask path (ascending, 0 past the count), a few element-wise ops, no host sync, kept per
-    block count (``memo_decode_lists``).
+    kernels; the row's runs are known on the host instead (``masks.power_of_two_row``: sink run, the power-of-two
+    distances between the runs, local run), so a few element-wise ops give the mask path's lists with no host sync,
+    kept per runs (``row_lists``), which change once per block.
     """
-    n_k = g.n_k
-    last = n_k - 1  # one query block's diagonal block is the last key block
-    sinks = min(sink_blocks, n_k)
-    local = max(sinks, n_k - local_blocks)  # runs that meet are one run [0, NK)
-    # Powers in the gap: sinks <= last - 2^e < local, i.e. last - local < 2^e <= last - sinks.
-    e_lo, e_hi = (last - local).bit_length(), (last - sinks).bit_length() - 1
-    powers = max(0, e_hi - e_lo + 1) if local > sinks else 0
-    count = sinks + powers + n_k - local
-
-    def build():
-        i = torch.arange(width, device=device, dtype=torch.int32)
-        exponent = (e_hi + sinks - i).clamp(0, max(e_hi, 0))  # clamped where unused: no negative or overflowing shift
-        idx = torch.where(i < sinks + powers, last - (1 << exponent), i + (local - sinks - powers))
-        idx = torch.where(i < sinks, i, idx)
-        idx = torch.where(i < count, idx, 0)
-        return idx.view(1, 1, 1, width), torch.full((1, 1, 1), count, device=device, dtype=torch.int32)
-
-    return memo_decode_lists(("power", n_k, sinks, local, width), device, build)
+    return row_lists(power_of_two_row(g, sink_blocks, local_blocks), width, device)
 
 
 def _select(geometry, query, key, state):

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 
 from ..config import option
-from ..masks import BlockGeometry, strided_shards
+from ..masks import BlockGeometry, runs_lists, strided_shard_rows, strided_shards
 from ._sparse import SparseConfig, decode_width, memo_decode_lists, register_sparse_method
 
 
@@ -34,24 +33,14 @@ def strided_shard_lists(g: BlockGeometry, heads: int, local_blocks: int, vert_st
     """One query block (decoding): ``strided_shards``' rows as ready lists ``([1, heads, 1, width], [1, heads, 1])``.
 
     Rebuilding the mask each decode step (the KV length changes, so the static cache never hits) costs ~20 small
-    kernels.  Each head's row is its shard blocks before the local run (``first, first + stride, ...`` with
-    ``first = -h mod stride``), then the local run ``[local, NK)``; a few element-wise ops on ``[heads, width]``
-    give the mask path's lists (ascending, 0 past the count) with no host sync, kept per block count
-    (``memo_decode_lists``).
+    kernels.  Each head's row is its runs (``masks.strided_shard_rows``: the shard blocks before the local run,
+    then the local run), the heads' residues built on the device, so a few element-wise ops on ``[heads, width]``
+    give the mask path's lists with no host sync, kept per block count (``memo_decode_lists``).
     """
     n_k = g.n_k
-    local = max(0, n_k - local_blocks)
-
-    def build():
-        first = torch.arange(0, -heads, -1, device=device, dtype=torch.int32)[:, None] % vert_stride  # (j + h) % s == 0
-        shards = (local + vert_stride - 1 - first) // vert_stride  # shard blocks in [0, local); 0 <= first < stride
-        counts = shards + (n_k - local)
-        i = torch.arange(width, device=device, dtype=torch.int32)
-        idx = torch.where(i < shards, first + i * vert_stride, i + (local - shards))
-        idx = torch.where(i < counts, idx, 0)
-        return idx.view(1, heads, 1, width), counts.view(1, heads, 1)
-
-    return memo_decode_lists(("s2", n_k, heads, local, vert_stride, width), device, build)
+    return memo_decode_lists(("s2", n_k, heads, local_blocks, vert_stride, width), device,
+                             lambda: runs_lists(strided_shard_rows(n_k, heads, local_blocks, vert_stride, device),
+                                                width, device))
 
 
 def _select(geometry, query, key, state):

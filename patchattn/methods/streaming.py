@@ -11,11 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-
 from ..config import option
-from ..masks import BlockGeometry, sink_and_window
-from ._shared import window_row_bounds, window_row_lists
-from ._sparse import SparseConfig, decode_width, memo_decode_lists, register_sparse_method
+from ..masks import BlockGeometry, sink_and_window, sink_and_window_row
+from ._sparse import SparseConfig, decode_width, register_sparse_method, row_lists
 
 
 @dataclass(kw_only=True)
@@ -34,12 +32,11 @@ def sink_and_window_lists(g: BlockGeometry, sink_tokens: int, window: int, width
     """One query block (decoding): ``sink_and_window``'s row as ready lists ``([1, 1, 1, width], [1, 1, 1])``.
 
     The KV length changes every decode step, so the static cache never hits; building the mask and sorting it
-    cost ~20 small kernels per step.  The row is two runs, blocks ``[0, sinks)`` and ``[recent, NK)``, known on
-    the host, so a few element-wise ops give the same lists (ascending, 0 past the count) with no host sync, and
-    they are kept per run bounds (``memo_decode_lists``), which change once per block.
+    cost ~20 small kernels per step.  The row's runs (``masks.sink_and_window_row``: blocks ``[0, sinks)`` and
+    ``[recent, NK)``) are known on the host, so a few element-wise ops give the same lists with no host sync, kept
+    per runs (``row_lists``), which change once per block.
     """
-    row = window_row_bounds(g, sink_tokens, window)
-    return memo_decode_lists(("streaming", *row, width), device, lambda: window_row_lists(*row, width, device))
+    return row_lists(sink_and_window_row(g, sink_tokens, window), width, device)
 
 
 def _select(geometry, query, key, state):

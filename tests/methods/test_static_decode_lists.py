@@ -190,3 +190,28 @@ def test_per_head_window_decode_lists_equal_the_mask_path(method, overrides):
         assert torch.equal(lists[1], want[1]) and torch.equal(lists[0], want[0]), f"{method} kv_len={kv_len}"
     if method == "duo":  # the full heads read every block
         assert lists[1].flatten()[state.method_state.retrieval].eq(g.n_k).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", ["streaming", "power", "s2", "moa", "duo"])
+def test_static_decode_lists_build_inside_a_cuda_graph(method, monkeypatch):
+    """A decode step captured before its plan is memoised builds the lists inside the graph (element-wise kernels,
+    no host copy or sync), stores nothing, and replays the lists an eager build gives."""
+    from patchattn.methods import _sparse
+    from patchattn.methods.duo import retrieval_heads
+
+    monkeypatch.setattr(_sparse, "_DECODE_LISTS", type(_sparse._DECODE_LISTS)())
+    state = _state(method, {"block_size": 16, **({"kv_heads_together": False} if method == "duo" else {})})
+    if method == "duo":
+        state.method_state.retrieval = retrieval_heads(torch.tensor([[0.0, 3, 0, 1, 0, 0, 2, 0]]), 0.375)[0]
+    select = get_spec(method).select
+    g = BlockGeometry(1, 5000, 16, 16)
+    query, key = torch.zeros(1, 8, 1, 8, device="cuda"), torch.zeros(1, 2, 1, 8, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = select(g, query, key, state)
+    assert len(_sparse._DECODE_LISTS) == 0, "nothing is memoised while capturing"
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = select(g, query, key, state)
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
