@@ -1,4 +1,12 @@
-"""Registered attention methods: one file per method; importing a file registers it."""
+"""Registered attention methods: one file per method; importing a file registers it.
+
+Adding a method: a new file here with its config dataclass (a ``MethodConfig``; ``SparseConfig`` for block-sparse
+methods), its attention function registered with ``patchattn.registry.register_method`` -- or, for a block-sparse
+method, only its block selector, registered with ``_sparse.register_sparse_method(name, config=, select=, static=,
+paper=, doc=)`` -- and, if it keeps anything between calls, a ``MethodState`` dataclass passed as ``state_cls=``;
+then one import line below.  A method file never imports another: shared helpers live in ``_sparse`` (block-sparse
+glue), ``_heads`` (head-level glue) and ``_shared``; artifacts are read through ``patchattn.artifacts``.
+"""
 
 from . import act, blocktopk, dense, duo, headscale, hip, hyper, moa, moh, power, s2, streaming
 from . import longlora, sinklora  # fine-tuning methods (recipes/)
