@@ -15,7 +15,6 @@ fields change once per key block, not per token; they are cached per config and 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -126,16 +125,25 @@ def resolved_config(config, geometry: BlockGeometry):
     return resolved
 
 
-@contextlib.contextmanager
-def budget_applied(state, geometry: BlockGeometry):
-    """Within the block, ``state.config`` is the config resolved for this call (the selectors read it there)."""
-    config = state.config
-    resolved = resolved_config(config, geometry)
-    if resolved is config:
-        yield config
-        return
-    state.config = resolved
-    try:
-        yield resolved
-    finally:
-        state.config = config
+class budget_applied:
+    """``with budget_applied(state, geometry):`` -- within the block, ``state.config`` is the config resolved for this
+    call (the selectors read it there).  A plain class, not a generator: calls without a density pay one check."""
+
+    __slots__ = ("geometry", "original", "state")
+
+    def __init__(self, state, geometry: BlockGeometry):
+        self.state, self.geometry, self.original = state, geometry, None
+
+    def __enter__(self):
+        config = self.state.config
+        if getattr(config, "density", None) is None:
+            return config
+        resolved = resolved_config(config, self.geometry)
+        if resolved is not config:
+            self.original = config
+            self.state.config = resolved
+        return resolved
+
+    def __exit__(self, *exc) -> None:
+        if self.original is not None:
+            self.state.config, self.original = self.original, None
