@@ -7,10 +7,12 @@ layers, the KV-cache offset, caching static patterns per shape, calling ``kernel
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +22,7 @@ from ..kernels.dense import eager_attention, sdpa_attention
 from ..masks import BlockGeometry, causal_allowed, runs_lists
 from ..registry import register_method
 from ..state import MethodState
+from ._budget import DENSITY_HELP, budget_applied, check_density, check_density_fields
 
 # (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK], or ready block lists
 # (kv_indices, kv_counts) when the method builds them directly (blocktopk while decoding).
@@ -37,11 +40,31 @@ class SparseConfig(MethodConfig):
     Attributes:
         block_size (int): query and key block size in tokens (the unit of sparsity).
         dense_layers (list[int]): layer indices kept dense (HiP and DuoAttention keep the first layers dense).
+        density (float | None): the common budget knob (``_budget.py``, docs/density.md): target fraction of the causal
+            block pairs read, mapped per call to the method's ``DENSITY_FIELDS`` by ``fields_for_density``.
     """
 
     block_size: int = option(64, "query/key block size in tokens", choices=(16, 32, 64, 128, 256))
     dense_layers: list = option([], "layer indices that stay dense", min=0)
     last_block_dense: bool = option(False, LAST_BLOCK_DENSE_HELP)
+    density: float | None = option(None, DENSITY_HELP, min=0.0, max=1.0)
+
+    # The fields ``density`` sets (they must stay at their defaults when it is given).
+    DENSITY_FIELDS: ClassVar[tuple] = ()
+
+    def __post_init__(self):
+        check_density(self.density, type(self).__name__)  # (0, 1], before the generic range check's message
+        super().__post_init__()
+        if self.density is not None and type(self).fields_for_density is SparseConfig.fields_for_density:
+            raise ValueError(f"{type(self).__name__} cannot honour density (no mapping to its own fields)")
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(self) if f.name in self.DENSITY_FIELDS}
+        check_density_fields(self, self.DENSITY_FIELDS, defaults)
+
+    def fields_for_density(self, density: float, geometry: BlockGeometry) -> dict:
+        """This method's budget fields that read ``density`` of the causal block pairs of a full causal forward of
+        ``geometry`` (queries = keys); each sparse method overrides it."""
+        raise NotImplementedError
 
     def max_blocks_per_row(self, n_k: int) -> int:
         """An upper bound on the blocks one query block reads: decode lists get this width without a host sync."""
@@ -140,7 +163,8 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     geometry = BlockGeometry(q_len, kv_len, config.block_size, config.block_size)
-    kv_indices, kv_counts = block_lists(state, geometry, query, key, select, static)
+    with budget_applied(state, geometry):  # density -> the method's own fields at this length (_budget.py)
+        kv_indices, kv_counts = block_lists(state, geometry, query, key, select, static)
     out = block_sparse_attention(
         query, key, value, kv_indices, kv_counts, block_q=geometry.block_q, block_k=geometry.block_k, causal=True,
         scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start, backend=config.backend,

@@ -23,6 +23,7 @@ from ..config import option
 from ..kernels.blockselect import (max_list_width, prefill_block_scores, prefill_block_select,
                                    within_mass)
 from ..masks import BlockGeometry, causal_allowed
+from ._budget import capped_rows, closest_budget, pattern_density
 from ._shared import KeyMeansState, block_means, decode_lists, forced_blocks, key_block_means
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
@@ -50,6 +51,17 @@ class BlockTopKConfig(SparseConfig):
                         "query row of the block and GQA group . pooled key)", choices=("mean", "max"))
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "mass": 1.0, "decode_mass": 1.0}
+    DENSITY_FIELDS: ClassVar[tuple] = ("top_k", "mass", "decode_mass")
+
+    def fields_for_density(self, density: float, geometry: BlockGeometry) -> dict:
+        """The top-k whose rows read ``density``: row ``i`` reads ``min(i + 1, sinks + local + top_k)`` blocks (``mass`` 1.0, so exactly), the
+        last one all with ``last_block_dense``; closed form."""
+        n, forced = geometry.n_k, self.sink_blocks + self.local_blocks
+
+        def reads(k):
+            return pattern_density(capped_rows(n, forced + k), min(n, forced + k), n, self.last_block_dense)
+
+        return {"top_k": closest_budget(reads, density, 0, n), "mass": 1.0, "decode_mass": 1.0}
 
     def max_blocks_per_row(self, n_k: int) -> int:
         return max_list_width(n_k, self.top_k, self.sink_blocks, self.local_blocks)

@@ -23,6 +23,7 @@ gates; ``kv_heads_together=False`` decides per query head; block-granular sink/w
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -31,8 +32,9 @@ import torch
 
 from ..artifacts import check_against, load_artifact, shipped_for
 from ..config import option
-from ..masks import causal_allowed, sink_and_window
+from ..masks import BlockGeometry, causal_allowed, sink_and_window
 from ..state import PatchState
+from ._budget import capped_rows, closest_budget, pattern_density, window_for_blocks
 from ._shared import per_head_window_lists
 from ._sparse import SparseConfig, SparseState, decode_width, register_sparse_method
 
@@ -55,10 +57,26 @@ class DuoConfig(SparseConfig):
                                      "KV heads")
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"retrieval_fraction": 1.0}
+    DENSITY_FIELDS: ClassVar[tuple] = ("window",)
 
     def validate(self) -> None:
         if self.scores != AUTO:
             load_scores(self.scores)
+        if self.density is not None and self.retrieval_fraction >= self.density and self.density < 1.0:
+            raise ValueError(f"duo: density {self.density} is not above retrieval_fraction {self.retrieval_fraction} "
+                             "(its full heads alone read that share); lower retrieval_fraction too")
+
+    def fields_for_density(self, density: float, geometry: BlockGeometry) -> dict:
+        """The streaming heads' window (the retrieval share is kept: it is calibrated) so that the model's mean reads
+        ``density``: ``retrieval_fraction`` of the heads read every block, the others ``min(i + 1, sinks + recent)``
+        in row ``i``; closed form.  Retrieval heads are placed globally, so a single layer may read more or less."""
+        n, sinks, full = geometry.n_k, math.ceil(self.sink_tokens / geometry.block_k), self.retrieval_fraction
+
+        def reads(recent):
+            stream = pattern_density(capped_rows(n, sinks + recent), min(n, sinks + recent), n, self.last_block_dense)
+            return full + (1.0 - full) * stream
+
+        return {"window": window_for_blocks(closest_budget(reads, density, 1, n), geometry.block_k)}
 
 
 @dataclass

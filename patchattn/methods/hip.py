@@ -27,6 +27,7 @@ import torch
 from ..config import option
 from ..kernels.blockselect import max_list_width, prefill_tree_search, tree_search_torch
 from ..masks import BlockGeometry, causal_allowed
+from ._budget import capped_rows, closest_budget, pattern_density
 from ._shared import KeyMeansState, block_means, decode_lists, forced_blocks, key_block_means
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
@@ -46,6 +47,18 @@ class HipConfig(SparseConfig):
                                 "backend, score='max'; same segments and scores as the torch search")
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"top_k": 1 << 30, "dense_layers": []}
+    DENSITY_FIELDS: ClassVar[tuple] = ("top_k",)
+
+    def fields_for_density(self, density: float, geometry: BlockGeometry) -> dict:
+        """The top-k whose rows read ``density``: row ``i`` reads ``min(i + 1, sinks + local + top_k)`` blocks at most (the search may pick a sink or local block again: the target is a ceiling), the
+        last one all with ``last_block_dense``; closed form."""
+        n, forced = geometry.n_k, self.sink_blocks + self.local_blocks
+
+        def reads(k):
+            return pattern_density(capped_rows(n, forced + k), min(n, forced + k), n, self.last_block_dense)
+
+        # Full density: a search as wide as the past picks every block (the bound above would leave room for overlap).
+        return {"top_k": n if density >= 1.0 else closest_budget(reads, density, 1, n)}
 
     def max_blocks_per_row(self, n_k: int) -> int:
         return max_list_width(n_k, self.top_k, self.sink_blocks, self.local_blocks)

@@ -36,6 +36,7 @@ import torch
 
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed
+from ._budget import capped_rows, closest_budget, pattern_density
 from ._shared import forced_blocks
 from ._sparse import SparseConfig, SparseState, register_sparse_method
 
@@ -56,6 +57,22 @@ class HyperConfig(SparseConfig):
     seed: int = option(0, "seed of the LSH hyperplanes and the sampled blocks (per layer: seed + layer)", min=0)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"min_seq_len": 1 << 30}
+    DENSITY_FIELDS: ClassVar[tuple] = ("lsh_blocks", "sample_size", "min_seq_len")
+
+    def fields_for_density(self, density: float, geometry: BlockGeometry) -> dict:
+        """``k`` blocks beyond the sink and local ones, two thirds by LSH and one third sampled (the defaults' 8 : 4 at
+        64-token blocks), so row ``i`` reads at most ``min(i + 1, sinks + local + k)`` blocks (fewer where LSH finds
+        fewer colliding blocks); closed form.  ``min_seq_len`` drops to 0: a set density holds at every length, and
+        density 1.0 is exact attention."""
+        if density >= 1.0:
+            return {"min_seq_len": 1 << 30}
+        n, forced = geometry.n_k, self.sink_blocks + self.local_blocks
+
+        def reads(k):
+            return pattern_density(capped_rows(n, forced + k), min(n, forced + k), n, self.last_block_dense)
+
+        k = closest_budget(reads, density, 0, n)
+        return {"lsh_blocks": k - k // 3, "sample_size": (k // 3) * geometry.block_k, "min_seq_len": 0}
 
 
 @dataclass

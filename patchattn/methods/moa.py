@@ -27,7 +27,7 @@ import torch
 
 from ..artifacts import check_against, load_artifact
 from ..config import option
-from ..masks import sink_and_window
+from ..masks import BlockGeometry, sink_and_window
 from ..state import PatchState
 from ._shared import per_head_window_lists
 from ._sparse import SparseConfig, SparseState, decode_width, register_sparse_method
@@ -39,11 +39,18 @@ UNIFORM = "uniform"
 class MoAConfig(SparseConfig):
     plan: str = option(UNIFORM, "'uniform' (uncalibrated: one proportional window), a shipped plan name "
                        "('smollm2') or a path to a plan JSON from `python -m patchattn.calibrate.moa`")
-    density: float = option(0.5, "target density: the uniform plan's band, and the calibrator's budget (paper: 0.5)",
+    density: float = option(0.5, "target density, the common knob of the sparse methods (docs/density.md): the "
+                            "uniform plan's band 2b - b^2 = density, and the calibrator's budget (paper: 0.5)",
                             min=0.0, max=1.0)
     sink_blocks: int = option(1, "initial blocks always read (paper: one 64-token global block)", min=0)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"plan": UNIFORM, "density": 1.0}
+
+    def fields_for_density(self, density: float, geometry: BlockGeometry) -> dict:
+        """None to set: ``density`` is moa's own field, its uniform band already follows the length
+        (``uniform_beta``; token-granular, so whole blocks and the sink block read a little more).  A calibrated plan's
+        rules carry the budget they were calibrated for."""
+        return {}
 
     def validate(self) -> None:
         if self.plan != UNIFORM:

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from ..config import option
 from ..masks import BlockGeometry, power_of_two, power_of_two_row
+from ._budget import causal_pairs, closest_budget, pattern_density
 from ._sparse import SparseConfig, decode_width, register_sparse_method, row_lists
 
 
@@ -22,6 +23,28 @@ class PowerConfig(SparseConfig):
     local_blocks: int = option(5, "nearest blocks attended (paper: ~5)", min=1)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"local_blocks": 1 << 30}
+    DENSITY_FIELDS: ClassVar[tuple] = ("local_blocks",)
+
+    def fields_for_density(self, density: float, geometry: BlockGeometry) -> dict:
+        """The local run whose pattern reads ``density``, by bisection on the exact count: row ``i`` reads its whole
+        past while the sink and local runs meet (``i < sinks + local``), else both runs plus one block per power of
+        two ``2^e`` with ``local <= 2^e <= i - sinks`` (the powers that fall between the runs)."""
+        n, sinks = geometry.n_k, self.sink_blocks
+
+        def powers_between(local, top):  # sum over m in [local, top] of #{e: local <= 2^e <= m}
+            total, floor_bits = 0, (local - 1).bit_length()
+            for bits in range(local.bit_length(), top.bit_length() + 1):
+                first, last = max(local, 1 << (bits - 1)), min(top, (1 << bits) - 1)
+                total += max(0, last - first + 1) * (bits - floor_bits)
+            return total
+
+        def reads(local):
+            meet = min(n, sinks + local)  # rows that read their whole causal past
+            total = causal_pairs(meet) + (n - meet) * (sinks + local) + powers_between(local, n - 1 - sinks)
+            last = n if meet == n else sinks + local + max(0, (n - 1 - sinks).bit_length() - (local - 1).bit_length())
+            return pattern_density(total, last, n, self.last_block_dense)
+
+        return {"local_blocks": closest_budget(reads, density, 1, n)}
 
     def max_blocks_per_row(self, n_k: int) -> int:
         # Sink and local runs plus at most one block per power of two below n_k.

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from ..config import option
 from ..masks import BlockGeometry, runs_lists, strided_shard_rows, strided_shards
+from ._budget import capped_rows, causal_pairs, closest_budget, pattern_density
 from ._sparse import SparseConfig, decode_width, memo_decode_lists, register_sparse_method
 
 
@@ -23,6 +24,26 @@ class S2Config(SparseConfig):
     vert_stride: int = option(8, "each head reads one far block in this many (DKernel default 8)", min=1)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"vert_stride": 1}
+    DENSITY_FIELDS: ClassVar[tuple] = ("local_blocks", "vert_stride")
+
+    def fields_for_density(self, density: float, geometry: BlockGeometry) -> dict:
+        """The local run (stride kept) whose pattern reads ``density``; when one local block with the default stride
+        already reads more, the stride grows instead (one local block).  Row ``i`` reads ``min(i + 1, local)`` blocks
+        plus, averaged over a cycle of ``vert_stride`` heads, ``1 / vert_stride`` of its ``i + 1 - local`` far ones
+        (exact when the head count is a multiple of the stride)."""
+        n = geometry.n_k
+
+        def reads(local, stride):
+            near = capped_rows(n, local)
+            last = min(n, local) + (n - min(n, local)) / stride
+            return pattern_density(near + (causal_pairs(n) - near) / stride, last, n, self.last_block_dense)
+
+        if reads(1, self.vert_stride) <= density:
+            return {"local_blocks": closest_budget(lambda b: reads(b, self.vert_stride), density, 1, n),
+                    "vert_stride": self.vert_stride}
+        stride = closest_budget(lambda s: reads(1, s), density, self.vert_stride, max(n, self.vert_stride),
+                                increasing=False)
+        return {"local_blocks": 1, "vert_stride": stride}
 
     def max_blocks_per_row(self, n_k: int) -> int:
         # The local run plus one block in vert_stride of the rest (rounded up).

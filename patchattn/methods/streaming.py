@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from ..config import option
 from ..masks import BlockGeometry, sink_and_window, sink_and_window_row
+from ._budget import capped_rows, closest_budget, pattern_density, window_for_blocks
 from ._sparse import SparseConfig, decode_width, register_sparse_method, row_lists
 
 
@@ -22,6 +23,17 @@ class StreamingConfig(SparseConfig):
     window: int = option(1024, "recent tokens attended by each query", min=1)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"window": 1 << 30}
+    DENSITY_FIELDS: ClassVar[tuple] = ("window",)
+
+    def fields_for_density(self, density: float, geometry: BlockGeometry) -> dict:
+        """The window (whole blocks of tokens) whose sink + window rows read ``density``: row ``i`` of ``n`` reads
+        ``min(i + 1, sinks + recent)`` blocks, closed form."""
+        n, sinks = geometry.n_k, math.ceil(self.sink_tokens / geometry.block_k)
+
+        def reads(recent):
+            return pattern_density(capped_rows(n, sinks + recent), min(n, sinks + recent), n, self.last_block_dense)
+
+        return {"window": window_for_blocks(closest_budget(reads, density, 1, n), geometry.block_k)}
 
     def max_blocks_per_row(self, n_k: int) -> int:
         # The sink run plus the window's blocks for a query block's rows (window + up to two block edges).
