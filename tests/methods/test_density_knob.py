@@ -20,11 +20,12 @@ import torch
 import patchattn
 from patchattn.masks import BlockGeometry, causal_allowed, power_of_two, sink_and_window, strided_shards
 from patchattn.methods._budget import resolved_config
-from patchattn.methods._sparse import BLOCK_SELECTORS, SparseConfig
+from patchattn.methods._sparse import SparseConfig
+from patchattn.registry import get_spec
 from patchattn.testing import max_abs_diff, tiny_model
 
 SPARSE = [s.name for s in patchattn.list_methods("sparse")]
-STATIC = [name for name in SPARSE if BLOCK_SELECTORS[name][1]]
+STATIC = [name for name in SPARSE if get_spec(name).static]
 SMALL = {"block_size": 16, "backend": "torch"}
 # Per-method settings for the tiny model: duo's paper sink is 64 tokens (one 64-token block); with 16-token blocks
 # one block is 16.  Its retrieval share is tested on its own below (here every head streams).
