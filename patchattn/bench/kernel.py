@@ -7,6 +7,10 @@ against FlexAttention given the *same* block mask (the two must compute the same
     python -m patchattn.bench.kernel --csv bench/kernel/results.csv       # full table (GPU)
     python patchattn/bench/kernel.py --quick                              # works without patchattn deps
 
+Kernel launch options (``KernelOptions``) are passed to every call: ``--no-autotune`` takes the first fitting config,
+``--decode-programs-per-sm`` sets the split-K target; the kernels themselves on the full block set are timed with
+``dense_fallback=False``.
+
 ``main(argv) -> int`` is what ``patchattn bench kernel`` calls.
 """
 from __future__ import annotations
@@ -26,14 +30,21 @@ FIELDS = ["mode", "T", "D", "B", "Hq", "Hkv", "block", "layers", "density_target
           "tflops", "peak_mib", "max_err", "vs_sdpa", "vs_flex", "bwd_fwd", "note"]
 
 
-def _blocksparse():
-    """The kernel package, without importing the rest of patchattn when that is not installed."""
+def _kernels():
+    """The kernels package, without importing the rest of patchattn when that is not installed."""
     try:
-        from patchattn.kernels import blocksparse
+        from patchattn import kernels
     except Exception:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
-        import blocksparse  # type: ignore[no-redef]
-    return blocksparse
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        import kernels  # type: ignore[no-redef]
+    return kernels
+
+
+def _blocksparse():
+    """The block-sparse kernel package (see :func:`_kernels`)."""
+    import importlib
+
+    return importlib.import_module(_kernels().__name__ + ".blocksparse")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,13 +70,17 @@ def random_causal_lists(bs, heads, T, block, density, device, seed=0):
     return chosen[None].to(torch.int32).contiguous(), counts[None].to(torch.int32).contiguous()
 
 
-def backward_points(bs, densities, head_dims=(128, 64), lengths=(16384, 65536), heads=(32, 8), block=128):
-    """The points of the backward A/B scripts (``bench/kernel/*/``): bf16 inputs at every head_dim x length, lists
+def backward_points(bs, densities, head_dims=(128, 64), lengths=(16384, 65536), heads=(32, 8), block=128,
+                    options=None):
+    """The points of the backward scripts (``bench/kernel/*/``): bf16 inputs at every head_dim x length, lists
     at every density, the sparse kernel's forward outputs and time (the dense fallback off, so a full list is timed
-    through the kernel too) and ``split_backward()``, the split backward of that point."""
+    through the kernel too) and ``split_backward()``, the backward of that point.  ``options``: the kernels'
+    ``KernelOptions`` (default: the defaults)."""
+    import importlib
     from types import SimpleNamespace
 
-    from patchattn.kernels.blocksparse import triton_bwd
+    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
+    options = (options or _kernels().KernelOptions()).replace(dense_fallback=False)
 
     n_q, n_kv = heads
     for d in head_dims:
@@ -76,48 +91,17 @@ def backward_points(bs, densities, head_dims=(128, 64), lengths=(16384, 65536), 
                 idx, cnt = lists_at_density(bs, n_kv, T, block, density, "cuda")
 
                 def forward():
-                    return bs.block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block, return_lse=True)
-                fallback, bs.DENSE_FALLBACK = bs.DENSE_FALLBACK, False
-                try:
-                    fwd_ms = time_ms(forward)
-                    out, lse = forward()
-                finally:
-                    bs.DENSE_FALLBACK = fallback
+                    return bs.block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block, return_lse=True,
+                                                     options=options)
+                fwd_ms = time_ms(forward)
+                out, lse = forward()
                 p = SimpleNamespace(D=d, T=T, density=density, q=q, k=k, v=v, d_out=d_out, idx=idx, cnt=cnt,
                                     block=block, n_q_heads=n_q, out=out, lse=lse, fwd_ms=fwd_ms,
-                                    opts=bs.Options(block, block, True, d ** -0.5, None))
+                                    opts=bs.Options(block, block, True, d ** -0.5, None, options))
                 p.split_backward = lambda p=p: triton_bwd.backward(
-                    p.d_out, p.q, p.k, p.v, p.out, p.lse, p.idx, p.cnt, p.opts, None, None, None, None, None,
-                    mode="split")
+                    p.d_out, p.q, p.k, p.v, p.out, p.lse, p.idx, p.cnt, p.opts, None, None, None, None, None)
                 yield p
                 del p, out, lse
-
-
-def backward_switch_ab(module, attr: str, variants: dict, column: str, densities=(0.5, 0.1, 0.02), out=None):
-    """A/B of the split backward alone over the values of one module-level switch (``variants``: row label -> value
-    of ``module.attr``) at every ``backward_points`` point: time, backward/forward and the largest gradient difference
-    from the first variant. Rows are printed as they come, written to ``out`` (JSON) at the end, and returned; the
-    switch gets its value back."""
-    original = getattr(module, attr)
-    rows = []
-    try:
-        for p in backward_points(_blocksparse(), densities=densities):
-            grads = {}
-            for label, value in variants.items():
-                setattr(module, attr, value)
-                t = time_ms(p.split_backward)
-                grads[label] = p.split_backward()
-                err = max(rel_err(a, b) for a, b in zip(grads[label], next(iter(grads.values()))))
-                rows.append({"D": p.D, "T": p.T, "density": p.density, column: label, "bwd_ms": t, "fwd_ms": p.fwd_ms,
-                             "bwd_fwd": t / p.fwd_ms, "max_rel_diff": err})
-                print(json.dumps(rows[-1]), flush=True)
-            del grads
-    finally:
-        setattr(module, attr, original)
-    if out:
-        with open(out, "w") as handle:
-            json.dump(rows, handle, indent=1)
-    return rows
 
 
 def flex_backward(flex, p):
@@ -245,6 +229,9 @@ class Runner:
     def __init__(self, args):
         self.args = args
         self.bs = _blocksparse()
+        self.options = _kernels().KernelOptions(autotune=not args.no_autotune,
+                                                decode_programs_per_sm=args.decode_programs_per_sm)
+        self.kernel_only = self.options.replace(dense_fallback=False)  # the kernels themselves, also on the full set
         self.rows = []
         self.sink = self.sink_file = None
         self.flex = self.flex_grad = None
@@ -309,7 +296,7 @@ class Runner:
                 idx, cnt = bs.causal_blocks(T, T, blk, blk, "cuda")
                 empty = torch.zeros_like(cnt)
                 t = time_ms(lambda: bs.block_sparse_attention(q, k, v, idx, empty, block_q=blk,
-                                                              block_k=blk))
+                                                              block_k=blk, options=self.options))
                 self.add(**common, density_target=0.0, density=0.0, impl="ours_empty", ms=t,
                          note="fixed overhead")
 
@@ -320,8 +307,8 @@ class Runner:
         actual = bs.density(cnt, T, T, blk, blk, True)
         point = dict(common, density_target=dens, density=actual)
 
-        def ours():
-            return bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk)
+        def ours(options=self.options):
+            return bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk, options=options)
 
         t_ours = time_ms(timed(ours))
         out_ours = ours().detach() if not grad else None
@@ -344,28 +331,27 @@ class Runner:
             g_ours = torch.autograd.grad(ours(), (q, k, v), d_out)
             g_flex = torch.autograd.grad(flex(), (q, k, v), d_out)
             err = max(rel_err(x, y) for x, y in zip(g_ours, g_flex))
-        dense_path = bs._use_dense_fallback(q, k, idx, cnt, bs.Options(blk, blk, True, D ** -0.5, None), None, None,
-                                            None, None, False)
+        dense_path = bs._use_dense_fallback(q, k, idx, cnt, bs.Options(blk, blk, True, D ** -0.5, None, self.options),
+                                            None, None, None, None, False)
         self.add(**point, impl="ours", ms=t_ours, tflops=flops * actual / t_ours / 1e9,
                  peak_mib=peak_mib(timed(ours)), max_err=err, vs_sdpa=t_sdpa / t_ours,
                  vs_flex=(t_flex / t_ours) if t_flex else "", note="sdpa fallback" if dense_path else "")
         if dens >= 1.0:  # the kernel itself on the full set (fallback off)
-            bs.DENSE_FALLBACK = False
-            try:
-                t = time_ms(timed(ours))
-                err = "" if grad else rel_err(ours().detach(), timed(
-                    lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q, k, v, is_causal=True, enable_gqa=True))())
-                self.add(**point, impl="ours_kernel", ms=t, tflops=flops / t / 1e9,
-                         peak_mib=peak_mib(timed(ours)), max_err=err, vs_sdpa=t_sdpa / t,
-                         vs_flex=(t_flex / t) if t_flex else "")
-            finally:
-                bs.DENSE_FALLBACK = True
+            def ours_kernel():
+                return ours(self.kernel_only)
+
+            t = time_ms(timed(ours_kernel))
+            err = "" if grad else rel_err(ours_kernel().detach(), timed(
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=True))())
+            self.add(**point, impl="ours_kernel", ms=t, tflops=flops / t / 1e9,
+                     peak_mib=peak_mib(timed(ours_kernel)), max_err=err, vs_sdpa=t_sdpa / t,
+                     vs_flex=(t_flex / t) if t_flex else "")
 
     # -- backward alone ---------------------------------------------------------------------
     def backward(self, T, D):
-        """Backward pass alone, after one forward, for both of our backward modes next to SDPA's and Flex's;
-        the ``bwd_fwd`` column is each backward over the same implementation's forward."""
+        """Backward pass alone, after one forward, next to SDPA's and Flex's; the ``bwd_fwd`` column is each backward
+        over the same implementation's forward."""
         import importlib
 
         a, bs = self.args, self.bs
@@ -386,32 +372,18 @@ class Runner:
         for dens in a.densities:
             idx, cnt = lists_at_density(bs, Hkv, T, blk, dens, "cuda")
             point = dict(common, density_target=dens, density=bs.density(cnt, T, T, blk, blk, True))
-            opts = bs.Options(blk, blk, True, D ** -0.5, None)
-            bs.DENSE_FALLBACK = False  # the kernels themselves, also on the full set
-            try:
-                fwd = time_ms(lambda: bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk,
-                                                                return_lse=True))
-                out, lse = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk,
-                                                     return_lse=True)
-            finally:
-                bs.DENSE_FALLBACK = True
-            grads = {}
-            for name, mode, tma in (("split", "split", False), ("fused_tma", "fused", True),
-                                    ("fused_atomic", "fused", False)):
-                def bwd(mode=mode):
-                    return triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, opts, None, None, None,
-                                               None, None, mode=mode)
-                saved, triton_bwd.DQ_TMA = triton_bwd.DQ_TMA, tma
-                try:
-                    t = time_ms(bwd)
-                    grads[name] = bwd()
-                    mib = peak_mib(bwd)
-                finally:
-                    triton_bwd.DQ_TMA = saved
-                err = max(rel_err(x, y) for x, y in zip(grads[name], grads["split"]))
-                self.add(**point, impl=f"ours_bwd_{name}", ms=t, bwd_fwd=t / fwd, peak_mib=mib,
-                         max_err=err, note=f"fwd {fwd:.3f} ms; max_err vs the split mode")
-            del grads, out, lse
+            opts = bs.Options(blk, blk, True, D ** -0.5, None, self.kernel_only)  # the kernels, also on the full set
+            fwd = time_ms(lambda: bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk,
+                                                            return_lse=True, options=self.kernel_only))
+            out, lse = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=blk, block_k=blk, return_lse=True,
+                                                 options=self.kernel_only)
+
+            def bwd():
+                return triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, opts, None, None, None, None, None)
+            t = time_ms(bwd)
+            self.add(**point, impl="ours_bwd_split", ms=t, bwd_fwd=t / fwd, peak_mib=peak_mib(bwd),
+                     note=f"fwd {fwd:.3f} ms")
+            del out, lse
             if self.flex is not None and T <= a.flex_bwd_max_t:
                 mask = flex_block_mask(idx, cnt, T, blk, Hq)
                 qf, kf, vf = (t.clone().requires_grad_(True) for t in (q, k, v))
@@ -454,10 +426,10 @@ class Runner:
                 idx, cnt = random_decode_lists(Hkv, B, T, blk, dens, "cuda")
                 actual = float(cnt[0, 0, 0]) / math.ceil(T / blk)
                 ours = every_layer(lambda k_l, v_l: bs.block_sparse_attention(q, k_l, v_l, idx, cnt, block_q=16,
-                                                                              block_k=blk))
+                                                                              block_k=blk, options=self.options))
                 ref = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=blk,
                                                 backend="torch")
-                got = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=blk)
+                got = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=blk, options=self.options)
                 t, g = per_layer_ms(ours)
                 point = dict(common, density_target=dens, density=actual)
                 self.add(**point, impl="ours", ms=t, tflops=kv_bytes * actual / t / 1e9,
@@ -503,8 +475,8 @@ def parse_args(argv):
     p.add_argument("--T", type=_ints, default=[4096, 16384, 65536, 131072], help="sequence lengths")
     p.add_argument("--densities", type=_floats, default=[1.0, 0.5, 0.1, 0.02])
     p.add_argument("--head-dims", type=_ints, default=[64, 128])
-    p.add_argument("--modes", default="fwd,fwdbwd,decode", help="any of fwd,fwdbwd,decode,bwd (bwd: the backward alone in its three forms: "
-                   "split, fused with dQ by TMA reductions, fused with dQ by atomics)")
+    p.add_argument("--modes", default="fwd,fwdbwd,decode", help="any of fwd,fwdbwd,decode,bwd (bwd: the backward "
+                   "alone, after one forward)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--block", type=int, default=128, help="block size (FlexAttention's is 128)")
@@ -517,6 +489,10 @@ def parse_args(argv):
     p.add_argument("--flex-bwd-max-t", type=int, default=16384,
                    help="FlexAttention fwd+bwd only up to this T (its compile is slow)")
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--no-autotune", action="store_true",
+                   help="KernelOptions(autotune=False): the first launch config that fits, no timing of configs")
+    p.add_argument("--decode-programs-per-sm", type=int, default=None,
+                   help="KernelOptions.decode_programs_per_sm: the split-K target (default: the measured rule)")
     p.add_argument("--quick", action="store_true", help="T=4k,16k, d=128, densities 1, 0.1")
     p.add_argument("--csv", help="write the rows here")
     p.add_argument("--json", help="write rows and run metadata here")
@@ -568,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(argv)
     print(json.dumps(meta), flush=True)
     runner = Runner(args)
+    meta["options"] = {name: getattr(runner.options, name) for name in runner.options.__dataclass_fields__}
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         runner.sink_file = open(args.csv, "w", newline="")

@@ -20,11 +20,10 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blockselect import (max_list_width, prefill_block_scores, prefill_block_select,
-                                   within_mass)
-from ..masks import BlockGeometry, causal_allowed
+from ..kernels.blockselect import max_list_width, prefill_block_choice, prefill_block_scores, prefill_block_select
+from ..masks import BlockGeometry
 from ._budget import capped_rows, closest_budget, pattern_density
-from ._shared import KeyMeansState, block_means, decode_lists, forced_blocks, key_block_means
+from ._shared import KeyMeansState, block_means, decode_lists, key_block_means
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
 
@@ -72,7 +71,6 @@ class BlockTopKState(KeyMeansState):
     """The compressed key cache (``key_means``), updated incrementally while decoding."""
 
 
-MAX_SCORE_ELEMENTS = 1 << 26
 
 
 def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = False,
@@ -80,37 +78,14 @@ def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = F
     """``[B, H, NQ, NK]`` estimated relevance of each key block to each query block; H is the number of KV heads
     (one selection shared by each GQA group) or, with ``per_head``, of query heads.  Entries after a query block's
     causal diagonal are unspecified (the caller masks them)."""
-    b, hq, t, d = query.shape
+    b, hq, _, d = query.shape
     hkv = k_means.shape[1]
-    if fused and mode == "max" and g.n_q > 1:
-        scores = prefill_block_scores(query, k_means, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len,
-                                      per_head=per_head, backend=backend)
-        if scores is not None:
-            return scores
-    if mode == "mean":
-        q_means = block_means(query, g.block_q).view(b, hkv, hq // hkv, g.n_q, d)
-        scores = q_means @ k_means.float()[:, :, None].transpose(-1, -2)
-        return scores.flatten(1, 2) if per_head else scores.mean(dim=2)
-    # 'max': every query row against the pooled keys, then the best row of the block and of the GQA group,
-    # a chunk of query blocks at a time so the [rows, NK] scores stay small at long lengths.
-    groups = hq // hkv
-    # Tensor cores on the GPU (bf16/fp16 products, fp32 accumulation); exact fp32 on the CPU.
-    dtype = query.dtype if query.is_cuda else torch.float32
-    k_t = k_means.to(dtype).transpose(-1, -2)
-    # Pad the last block by repeating its last row: the max over rows is unchanged, no masking pass needed.
-    padded = query.to(dtype)
-    if g.n_q * g.block_q > t:
-        padded = torch.cat([padded, padded[:, :, -1:].expand(-1, -1, g.n_q * g.block_q - t, -1)], dim=2)
-    padded = padded.reshape(b, hkv, groups, g.n_q, g.block_q, d)
-    chunk = max(1, MAX_SCORE_ELEMENTS // max(1, b * hq * g.block_q * g.n_k))
-    out = []
-    for m0 in range(0, g.n_q, chunk):
-        part = padded[:, :, :, m0 : m0 + chunk]
-        rows = (part.reshape(b, hkv, -1, d) @ k_t).view(*part.shape[:-1], -1)  # [b, hkv, g, m, r, NK]
-        best = rows.amax(dim=4)
-        out.append(best if per_head else best.amax(dim=2, keepdim=True))
-    scores = torch.cat(out, dim=3)  # [B, Hkv, G or 1, NQ, NK]
-    return scores.flatten(1, 2)
+    if mode == "max":
+        return prefill_block_scores(query, k_means, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len,
+                                    per_head=per_head, backend=backend if fused and g.n_q > 1 else "torch")
+    q_means = block_means(query, g.block_q).view(b, hkv, hq // hkv, g.n_q, d)
+    scores = q_means @ k_means.float()[:, :, None].transpose(-1, -2)
+    return scores.flatten(1, 2) if per_head else scores.mean(dim=2)
 
 
 def select_top_k(g: BlockGeometry, query, key, state):
@@ -120,31 +95,12 @@ def select_top_k(g: BlockGeometry, query, key, state):
     k_means = key_block_means(state, key, g.block_k, g.q_len)
     raw = block_scores(query, k_means, g, config.score, config.per_head, config.backend,
                        config.fused_scores)  # [B, H, NQ, NK]
+    choice = dict(q_len=g.q_len, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len, top_k=config.top_k,
+                  sink_blocks=config.sink_blocks, local_blocks=config.local_blocks, mass=config.mass,
+                  head_dim=query.shape[-1])
     if config.fused_select:
-        lists = prefill_block_select(raw, q_len=g.q_len, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len,
-                                     top_k=config.top_k, sink_blocks=config.sink_blocks,
-                                     local_blocks=config.local_blocks, mass=config.mass, head_dim=query.shape[-1],
-                                     last_block_dense=config.last_block_dense, backend=config.backend)
-        if lists is not None:
-            return lists
-    allowed = causal_allowed(g, query.device)
-    forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
-    scores = raw.masked_fill(~allowed | forced, float("-inf"))
-    k = min(config.top_k, g.n_k)
-    chosen = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        top = scores.topk(k, dim=-1)
-        keep = torch.isfinite(top.values)
-        if config.mass < 1.0:
-            keep &= _within_mass(raw, allowed, forced, top.values, config.mass, query.shape[-1])
-        chosen.scatter_(-1, top.indices, keep)
-    return chosen | forced
-
-
-def _within_mass(raw, allowed, forced, top_values, mass: float, head_dim: int) -> torch.Tensor:
-    """Estimated softmax mass of a block: ``softmax(score / sqrt(d))`` over the causally allowed blocks."""
-    root_d = head_dim**0.5
-    return within_mass(raw.float() / root_d, allowed, forced, top_values.float() / root_d, mass)
+        return prefill_block_select(raw, **choice, last_block_dense=config.last_block_dense, backend=config.backend)
+    return prefill_block_choice(raw, **choice)  # a mask: the dense last block and the lists come from _sparse
 
 
 blocktopk_attention = register_sparse_method(

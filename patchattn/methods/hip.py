@@ -112,11 +112,10 @@ def select_hip(g: BlockGeometry, query, key, state):
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     k_means = key_block_means(state, key, g.block_k, g.q_len)
     k = min(config.top_k, g.n_k)
-    chosen = None
-    if config.fused_search and config.score == "max":
+    if config.score == "max":
         chosen = prefill_tree_search(query, k_means, block_q=g.block_q, block_k=g.block_k, kv_len=g.kv_len, k=k,
-                                     per_head=config.per_head, backend=config.backend)
-    if chosen is None:
+                                     per_head=config.per_head, backend=config.backend if config.fused_search else "torch")
+    else:
         q_rows = query_rows(query, g.block_q, key.shape[1], config.per_head, config.score)
         if config.per_head:
             k_means = k_means.repeat_interleave(query.shape[1] // key.shape[1], dim=1)

@@ -1,6 +1,7 @@
 """Case builders and the one tolerance table shared by the block-sparse kernel tests."""
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -9,10 +10,12 @@ from dataclasses import dataclass, replace
 import torch
 
 try:
-    from patchattn.kernels import blocksparse as bs
-except ImportError:  # a bare GPU box without patchattn's other dependencies: load the package alone
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "patchattn", "kernels"))
-    import blocksparse as bs  # type: ignore[no-redef]
+    from patchattn import kernels
+except ImportError:  # a bare GPU box without patchattn's other dependencies: load the kernels package alone
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "patchattn"))
+    import kernels  # type: ignore[no-redef]
+bs = importlib.import_module(kernels.__name__ + ".blocksparse")
+KernelOptions, kernel_options = kernels.KernelOptions, kernels.kernel_options
 
 blocks_from_mask = bs.blocks_from_mask
 

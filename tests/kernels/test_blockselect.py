@@ -1,9 +1,18 @@
-"""Decode-time block top-k (kernels/blockselect): the torch path against a brute-force oracle, Triton against torch,
-and blocktopk's decode lists against what its prefill selection picks for the same last query row."""
+"""Block selection (kernels/blockselect): each entry point's torch path (blockselect/reference.py) against a
+brute-force oracle, Triton against torch through the same entry points, and the decode choice against the prefill
+choice for the same last query row.  No method code: the methods' use of these is tested in tests/methods."""
 import pytest
 import torch
 
-from patchattn.kernels.blockselect import decode_block_topk, max_list_width
+from patchattn.kernels.blockselect import (
+    decode_block_topk,
+    max_list_width,
+    prefill_block_choice,
+    prefill_block_scores,
+    prefill_block_select,
+    prefill_tree_search,
+    tree_search_torch,
+)
 from patchattn.kernels.blocksparse import mask_from_blocks
 
 CASES = [  # B, Hq, Hkv, D, NK, top_k, mass, per_head, reduce, query scale
@@ -46,6 +55,12 @@ def oracle(q, k_means, top_k, sink, local, mass, per_head, reduce):
                 chosen[bi, h, j] = True
                 acc += float(p[j])
     return chosen
+
+
+def block_means(x, block):
+    """``[B, H, T, D]`` -> ``[B, H, ceil(T / block), D]`` fp32 mean of each block's real rows (a loop: the oracle)."""
+    n = -(-x.shape[2] // block)
+    return torch.stack([x[:, :, i * block:(i + 1) * block].float().mean(dim=2) for i in range(n)], dim=2)
 
 
 def _inputs(case, device="cpu"):
@@ -109,7 +124,6 @@ def test_tail_mean_is_refreshed_before_scoring(kv_len, per_head, dtype, triton_d
     cache's dtype) and the lists score that fresh mean; both backends agree.  Chunks of 16 blocks: the 19-20
     blocks take two programs per KV head, the second owning the newest block."""
     from patchattn.kernels.blockselect import triton_select
-    from patchattn.methods.blocktopk import block_means
 
     monkeypatch.setattr(triton_select, "SCORE_CHUNK", 16)
     gen = torch.Generator().manual_seed(kv_len)
@@ -129,50 +143,9 @@ def test_tail_mean_is_refreshed_before_scoring(kv_len, per_head, dtype, triton_d
         decode_block_topk(q, fresh, top_k=2, keys=keys[:, :, :100], block=8)
 
 
-def test_blocktopk_decode_steps_keep_the_key_cache_exact():
-    """Token-by-token decoding (the cache grows by one row per step, across block starts) selects what a fresh
-    selection without any cached means selects, and leaves the exact block means in the cache."""
-    import patchattn
-    from patchattn.masks import BlockGeometry
-    from patchattn.methods.blocktopk import block_means, select_top_k
-    from patchattn.state import PatchContext, PatchState
-
-    torch.manual_seed(1)
-    config = patchattn.get_config("blocktopk", block_size=16, top_k=3)
-    state = PatchState(config, 0, "text", PatchContext())
-    q, k = torch.randn(1, 4, 40, 32) * 3, torch.randn(1, 2, 120, 32)
-    select_top_k(BlockGeometry(40, 94, 16, 16), q, k[:, :, :94], state)  # prefill fills the cache
-    for t in range(95, 100):  # 97 starts a block
-        got = select_top_k(BlockGeometry(1, t, 16, 16), q[:, :, -1:], k[:, :, :t], state)
-        fresh_state = PatchState(config, 0, "text", PatchContext())
-        want = select_top_k(BlockGeometry(1, t, 16, 16), q[:, :, -1:], k[:, :, :t], fresh_state)
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), t
-        torch.testing.assert_close(state.method_state.key_means.means, block_means(k[:, :, :t], 16))
-
-
-def test_key_means_are_stored_in_the_keys_dtype_and_summed_in_fp32():
-    """The compressed key cache of a bf16 model is bf16 (half the bytes a decode step's scoring reads) and equals
-    the fp32 block means rounded once, also after decode steps that update it in place."""
-    from patchattn.methods.blocktopk import block_means, key_block_means
-    from patchattn.state import PatchContext, PatchState
-    import patchattn
-
-    torch.manual_seed(2)
-    state = PatchState(patchattn.get_config("blocktopk", block_size=16), 0, "text", PatchContext())
-    k = (torch.randn(1, 2, 100, 32) * 3 + 40).to(torch.bfloat16)  # large offset: bf16 sums would drift
-    for t, q_len in ((90, 90), (91, 1), (97, 1)):
-        means = key_block_means(state, k[:, :, :t], 16, q_len)
-        assert means.dtype == torch.bfloat16
-        assert torch.equal(means, block_means(k[:, :, :t], 16).to(torch.bfloat16)), t
-
-
-@pytest.mark.parametrize("search", ["keys", "values"])
-def test_threshold_top_k_breaks_ties_by_lowest_index_and_handles_signs(triton_device, search, monkeypatch):
+def test_threshold_top_k_breaks_ties_by_lowest_index_and_handles_signs(triton_device):
     """Many equal scores (ties at the k-th value), negative and positive values, -0.0 and +0.0: the Triton kernel
-    picks what a stable descending sort picks (the oracle's rule), with either pivot rule of the search."""
-    from patchattn.kernels.blockselect import triton_select
-
-    monkeypatch.setattr(triton_select, "SELECT_SEARCH", search)
+    picks what a stable descending sort picks (the oracle's rule)."""
     gen = torch.Generator().manual_seed(0)
     q = torch.zeros(1, 2, 8)
     q[..., 0] = 1.0
@@ -185,24 +158,6 @@ def test_threshold_top_k_breaks_ties_by_lowest_index_and_handles_signs(triton_de
         assert torch.equal(mask, oracle(q, k_means, top_k, 1, 2, 1.0, True, "max")), top_k
 
 
-def test_blocktopk_decode_lists_match_its_prefill_choice_for_the_last_row():
-    """The decode path (lists straight from decode_block_topk) picks what the general (mask) path picks for a
-    one-row query block: the same scores, forced blocks and mass rule."""
-    import patchattn
-    from patchattn.masks import BlockGeometry
-    from patchattn.methods.blocktopk import select_top_k
-    from patchattn.state import PatchContext, PatchState
-
-    torch.manual_seed(0)
-    state = PatchState(patchattn.get_config("blocktopk", block_size=16, top_k=3, mass=0.9, fused_select=False), 0,
-                       "text", PatchContext())  # the mask path, whatever backend "auto" resolves to
-    q, k = torch.randn(1, 4, 2, 32) * 3, torch.randn(1, 2, 150, 32)
-    # Two query rows with the same content: a one-block prefill scored by its best row (= that row).
-    two = select_top_k(BlockGeometry(2, 150, 16, 16), q[:, :, -1:].expand(-1, -1, 2, -1), k, state)
-    idx, counts = select_top_k(BlockGeometry(1, 150, 16, 16), q[:, :, -1:], k, state)
-    assert torch.equal(mask_from_blocks(idx, counts, two.shape[-1]), two)
-
-
 def test_bad_shapes_are_refused_with_the_expected_layout():
     with pytest.raises(ValueError, match=r"q \[B, Hq, D\]"):
         decode_block_topk(torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), top_k=2)
@@ -210,34 +165,6 @@ def test_bad_shapes_are_refused_with_the_expected_layout():
         decode_block_topk(torch.randn(1, 3, 8), torch.randn(1, 2, 5, 8), top_k=2)
     with pytest.raises(ValueError, match="reduce"):
         decode_block_topk(torch.randn(1, 4, 8), torch.randn(1, 2, 5, 8), top_k=2, reduce="sum")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("method", ["blocktopk", "hip", "streaming"])
-def test_decode_step_has_no_host_sync_and_replays_from_a_cuda_graph(method):
-    """A method's whole decode step (selection + kernel) runs without a device-to-host sync, so a CUDA graph can
-    capture it; the replay reproduces the eager output."""
-    from patchattn.bench.methods import _decode_steps, _select, _state
-
-    torch.manual_seed(0)
-    q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(2, 2, 5000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    state = _state(method, {})
-    _select(method, state, q.expand(-1, -1, 2, -1), k)
-    for step in _decode_steps(method, state, q, k, v).values():
-        eager = step()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
 
 
 PREFILL_CASES = [  # B, Hq, Hkv, Tq, Tk, block, D, per_head, dtype
@@ -250,42 +177,29 @@ PREFILL_CASES = [  # B, Hq, Hkv, Tq, Tk, block, D, per_head, dtype
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"T{c[3]}x{c[4]}-b{c[5]}-d{c[6]}-{'head' if c[7] else 'group'}-{str(c[8])[6:]}")
 def test_prefill_block_scores_match_the_torch_path(case, triton_device):
-    """Each query block's best row x key-block mean, on and before the causal diagonal (after it: -inf)."""
-    from patchattn.kernels.blockselect import prefill_block_scores
-    from patchattn.masks import BlockGeometry, causal_allowed
-    from patchattn.methods.blocktopk import block_means, block_scores
-
+    """Each query block's best row x key-block mean, on and before the causal diagonal (after it: -inf): the torch
+    path against a loop over query blocks, rows and heads, and the Triton kernel against the torch path."""
     b, hq, hkv, tq, tk, block, d, per_head, dtype = case
     gen = torch.Generator().manual_seed(tq + tk)
     query = torch.randn(b, hq, tq, d, generator=gen).to(dtype)
     k_means = block_means(torch.randn(b, hkv, tk, d, generator=gen), block)
-    g = BlockGeometry(tq, tk, block, block)
-    want = block_scores(query.float(), k_means, g, "max", per_head, backend="torch").float()
+    want = prefill_block_scores(query.float(), k_means, block_q=block, block_k=block, kv_len=tk, per_head=per_head,
+                                backend="torch")
+    assert want.dtype == torch.float32
+    group, n_q, n_k = hq // hkv, -(-tq // block), k_means.shape[2]
+    for m in range(n_q):
+        diagonal = (min((m + 1) * block, tq) - 1 + tk - tq) // block
+        rows = query.float()[:, :, m * block:(m + 1) * block]  # [B, Hq, R, D]
+        per_q_head = (rows @ k_means.repeat_interleave(group, 1).transpose(-1, -2)).amax(dim=2)  # [B, Hq, NK]
+        best = per_q_head if per_head else per_q_head.view(b, hkv, group, n_k).amax(dim=2)
+        torch.testing.assert_close(want[:, :, m, :diagonal + 1], best[..., :diagonal + 1], rtol=1e-5, atol=1e-5)
+        assert torch.isneginf(want[:, :, m, diagonal + 1:]).all()
     got = prefill_block_scores(query.to(triton_device), k_means.to(triton_device), block_q=block, block_k=block,
                                kv_len=tk, per_head=per_head, backend="triton").cpu()
-    allowed = causal_allowed(g).expand_as(want)
+    allowed = torch.isfinite(want)
     tol = 1e-4 if dtype == torch.float32 else 0.05
     assert torch.allclose(got[allowed], want[allowed], atol=tol, rtol=tol)
     assert torch.isneginf(got[~allowed]).all()
-
-
-@pytest.mark.parametrize("per_head", [True, False])
-def test_blocktopk_prefill_selection_is_the_same_with_the_fused_scores(per_head, triton_device):
-    import patchattn
-    from patchattn.masks import BlockGeometry
-    from patchattn.methods.blocktopk import select_top_k
-    from patchattn.state import PatchContext, PatchState
-
-    gen = torch.Generator().manual_seed(3)
-    q, k = torch.randn(1, 4, 300, 32, generator=gen) * 2, torch.randn(1, 2, 300, 32, generator=gen)
-    g = BlockGeometry(300, 300, 16, 16)
-    masks = {}
-    for backend in ("torch", "triton"):
-        config = patchattn.get_config("blocktopk", block_size=16, top_k=4, per_head=per_head, backend=backend,
-                                      fused_scores=True, fused_select=False)  # masks from both (lists: next test)
-        state = PatchState(config, 0, "text", PatchContext())
-        masks[backend] = select_top_k(g, q.to(triton_device), k.to(triton_device), state).cpu()
-    assert torch.equal(masks["triton"], masks["torch"])
 
 
 TREE_CASES = [  # B, Hq, Hkv, Tq, Tk, block, D, k, per_head, dtype
@@ -308,23 +222,17 @@ def _tree_case_id(c):
 def test_tree_search_kernel_matches_the_torch_search(case, triton_device):
     """HiP's search in one Triton program per query block keeps the same blocks as the torch rounds (same integer
     segments, fp32 scores; random scores have no ties)."""
-    from patchattn.kernels.blockselect import prefill_tree_search, tree_search_torch
-    from patchattn.masks import BlockGeometry
-    from patchattn.methods.blocktopk import block_means
-    from patchattn.methods.hip import query_rows
-
     b, hq, hkv, tq, tk, block, d, k, per_head, dtype = case
     gen = torch.Generator().manual_seed(tq + tk + k)
     query = torch.randn(b, hq, tq, d, generator=gen).to(dtype)
     k_means = block_means(torch.randn(b, hkv, tk, d, generator=gen), block).to(dtype)
-    g = BlockGeometry(tq, tk, block, block)
-    rows = query_rows(query, block, hkv, per_head, "max")
-    means = k_means.repeat_interleave(hq // hkv, dim=1) if per_head else k_means
-    want = tree_search_torch(rows, means, g.diagonal_block(), k, score_dtype=dtype)
+    want = prefill_tree_search(query, k_means, block_q=block, block_k=block, kv_len=tk, k=k, per_head=per_head,
+                               backend="torch")
     got = prefill_tree_search(query.to(triton_device), k_means.to(triton_device), block_q=block, block_k=block,
                               kv_len=tk, k=k, per_head=per_head, backend="triton").cpu()
-    assert got.shape == want.shape
-    visible = (g.diagonal_block() + 1).clamp(max=k)
+    assert got.shape == want.shape == (b, hq if per_head else hkv, -(-tq // block), k_means.shape[2])
+    diagonal = (torch.clamp((torch.arange(want.shape[2]) + 1) * block, max=tq) - 1 + tk - tq) // block
+    visible = (diagonal + 1).clamp(max=k)
     assert torch.equal(want.sum(-1), visible.expand_as(want.sum(-1))), "k blocks, or every visible one"
     assert torch.equal(got, want)
 
@@ -332,8 +240,6 @@ def test_tree_search_kernel_matches_the_torch_search(case, triton_device):
 def test_tree_search_keeps_every_visible_block_when_there_are_at_most_k():
     """Early query blocks see fewer than k blocks: all of them are kept (an empty segment must not erase a chosen
     block when the choice is scattered into the mask)."""
-    from patchattn.kernels.blockselect import tree_search_torch
-
     gen = torch.Generator().manual_seed(0)
     n = 40
     chosen = tree_search_torch(torch.randn(1, 2, n, 4, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen),
@@ -358,52 +264,66 @@ def _select_case_id(c):
     return f"T{c[0]}x{c[1]}-b{c[2]}-{'head' if c[3] else 'group'}-k{c[4]}-m{c[5]}-{'last' if c[6] else 'nolast'}"
 
 
-@pytest.mark.parametrize("case", SELECT_CASES, ids=_select_case_id)
-def test_blocktopk_prefill_lists_from_the_select_kernel_match_the_torch_choice(case, triton_device):
-    """Scores -> lists in one Triton program per query block (sink + local, then the top-k or the mass budget, the
-    dense last block) keeps the same blocks as the torch top-k, masks and lists."""
-    import patchattn
-    from patchattn.kernels.blocksparse import mask_from_blocks
-    from patchattn.masks import BlockGeometry
-    from patchattn.methods._sparse import mask_lists
-    from patchattn.methods.blocktopk import select_top_k
-    from patchattn.state import PatchContext, PatchState
 
+
+def _prefill_choice_inputs(case):
     tq, tk, block, per_head, top_k, mass, last = case
     gen = torch.Generator().manual_seed(tq + tk + top_k)
-    q, k = torch.randn(1, 4, tq, 32, generator=gen) * 2, torch.randn(1, 2, tk, 32, generator=gen)
-    g = BlockGeometry(tq, tk, block, block)
-    masks = {}
-    for fused in (False, True):
-        config = patchattn.get_config("blocktopk", block_size=block, top_k=top_k, mass=mass, per_head=per_head,
-                                      last_block_dense=last, backend="triton", fused_select=fused)
-        state = PatchState(config, 0, "text", PatchContext())
-        chosen = select_top_k(g, q.to(triton_device), k.to(triton_device), state)
-        idx, cnt = chosen if isinstance(chosen, tuple) else mask_lists(config, g, chosen, triton_device)
-        assert isinstance(chosen, tuple) == fused
-        masks[fused] = mask_from_blocks(idx.cpu(), cnt.cpu(), g.n_k)
-        assert torch.equal(cnt.cpu(), masks[fused].sum(-1, dtype=torch.int32)), "counts match the listed blocks"
-    assert torch.equal(masks[True], masks[False])
+    query, keys = torch.randn(1, 4, tq, 32, generator=gen) * 2, torch.randn(1, 2, tk, 32, generator=gen)
+    scores = prefill_block_scores(query, block_means(keys, block), block_q=block, block_k=block, kv_len=tk,
+                                  per_head=per_head, backend="torch")
+    choice = dict(q_len=tq, block_q=block, block_k=block, kv_len=tk, top_k=top_k, sink_blocks=1, local_blocks=2,
+                  mass=mass, head_dim=32)
+    return scores, choice, last
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_methods_benchmark_decode_rows_run_every_method_step(triton_device, monkeypatch, layers):
-    """The decode part of `patchattn bench methods` end to end at a small size, timers replaced by one call each:
-    every method's step (selection + kernel) runs, hip's search and reuse steps both, once per layer with the
-    layer's own state, and the row has its per-layer ratios."""
-    import patchattn.bench.methods as bench
+@pytest.mark.parametrize("case", SELECT_CASES[:5], ids=_select_case_id)
+def test_prefill_block_choice_matches_the_loop_oracle(case):
+    """The torch choice per query block: sink and local blocks, then the best others while the estimated mass of the
+    visible blocks is below ``mass`` (at most ``top_k``), nothing after the diagonal."""
+    scores, choice, _last = _prefill_choice_inputs(case)
+    chosen = prefill_block_choice(scores, **choice)
+    _b, h, n_q, _n_k = scores.shape
+    for m in range(n_q):
+        n_vis = int(torch.isfinite(scores[0, 0, m]).sum())
+        for head in range(h):
+            row = scores[0, head, m, :n_vis].double()
+            p = torch.softmax(row / 32**0.5, 0)
+            forced = [j for j in range(n_vis) if j < 1 or j > n_vis - 1 - 2]
+            want, acc = set(forced), float(p[forced].sum())
+            for j in sorted(set(range(n_vis)) - set(forced), key=lambda j: -float(row[j]))[:choice["top_k"]]:
+                if choice["mass"] < 1.0 and acc >= choice["mass"]:
+                    break
+                want.add(j)
+                acc += float(p[j])
+            assert set(torch.nonzero(chosen[0, head, m]).flatten().tolist()) == want, (m, head)
 
-    selected = []
-    real_select = bench._select
-    # The states themselves are kept (not their ids): a freed state's id can be reused by the next method's state.
-    monkeypatch.setattr(bench, "_select", lambda name, state, *a: selected.append(state) or real_select(
-        name, state, *a))
-    monkeypatch.setattr(bench, "time_ms", lambda fn: (fn(), 2.0)[1])
-    monkeypatch.setattr(bench, "graph_ms", lambda fn: (fn(), 1.0)[1])
-    rows = bench.decode_rows(300, 2, bench.parse_methods("streaming,blocktopk,hip"), device=triton_device,
-                             heads=(4, 2), head_dim=16, layers=layers)
-    assert [r["method"] for r in rows] == ["streaming", "blocktopk", "hip"]
-    for row in rows:
-        assert 0 < row["density"] <= 1 and row["graph_speedup_vs_sdpa"] == 1.0 and row["speedup_vs_sdpa"] == 1.0
-        assert row["layers"] == layers and row["sdpa_graph_ms"] == 1.0 / layers
-    assert len({id(state) for state in selected}) == 3 * layers  # a state per method and layer
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=_select_case_id)
+def test_prefill_block_select_kernel_matches_the_torch_lists(case, triton_device):
+    """Scores -> lists in one Triton program per query block (sink + local, then the top-k or the mass budget, the
+    dense last block) equal the torch path's lists (its mask-based choice, then mask -> lists), padding included."""
+    scores, choice, last = _prefill_choice_inputs(case)
+    want = prefill_block_select(scores, **choice, last_block_dense=last, backend="torch")
+    got = prefill_block_select(scores.to(triton_device), **choice, last_block_dense=last, backend="triton")
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
+    mask = prefill_block_choice(scores, **choice)
+    if last and scores.shape[2] > 1:
+        mask[..., -1, :] = torch.isfinite(scores[..., -1, :])
+    assert torch.equal(mask_from_blocks(*want, scores.shape[-1]), mask)
+    assert torch.equal(want[1], mask.sum(-1, dtype=torch.int32)), "counts match the listed blocks"
+
+
+def test_decode_lists_match_the_prefill_choice_for_the_same_row():
+    """The decode selection for one query row picks what the prefill choice picks for a one-block query of that row
+    (the same scores, forced blocks and mass rule)."""
+    gen = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(1, 4, 32, generator=gen) * 3, torch.randn(1, 2, 150, 32, generator=gen)
+    k_means = block_means(keys, 16)
+    for mass in (1.0, 0.9):
+        idx, counts = decode_block_topk(q, k_means, top_k=3, mass=mass, backend="torch")
+        two_rows = q[:, :, None].expand(-1, -1, 2, -1)  # a query block of two equal rows: its best row is that row
+        scores = prefill_block_scores(two_rows, k_means, block_q=16, block_k=16, kv_len=150, backend="torch")
+        chosen = prefill_block_choice(scores, q_len=2, block_q=16, block_k=16, kv_len=150, top_k=3, sink_blocks=1,
+                                      local_blocks=2, mass=mass, head_dim=32)
+        assert torch.equal(mask_from_blocks(idx, counts, k_means.shape[2]), chosen), mass

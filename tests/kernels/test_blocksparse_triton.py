@@ -4,11 +4,13 @@ Small sizes run everywhere (on CPU through the Triton interpreter, in CI); the `
 repeat the same checks at full sizes on a CUDA device. Every output buffer is NaN-poisoned first
 (conftest), so an element a kernel fails to write shows up as NaN.
 """
+import contextlib
+import dataclasses
 import importlib
 
 import pytest
 import torch
-from blocksparse_cases import Case, assert_close, bs, make_qkv, padding_bounds, random_blocks
+from blocksparse_cases import Case, assert_close, bs, kernel_options, make_qkv, padding_bounds, random_blocks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -65,122 +67,51 @@ def test_forward(triton_device, case, dtype):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("one_loop", [True, False], ids=["one-loop", "three-loops"])
-def test_forward_loop_layouts(triton_device, case, one_loop, monkeypatch):
-    """Both walks of a tile's list (PATCHATTN_FWD_LOOPS: one loop with a mask branch per sub-tile, or three loops)
-    with left padding (blocks cut by the padding start) and sub-tiles smaller than the blocks."""
-    triton_fwd = importlib.import_module(bs.__name__ + ".triton_fwd")
-    monkeypatch.setattr(triton_fwd, "FWD_ONE_LOOP", one_loop)
+def test_forward_with_padding_and_sub_tiles(triton_device, case):
+    """The forward's one walk of a tile's list with left padding (blocks cut by the padding start, masked behind the
+    branch) and with sub-tiles smaller than the blocks."""
     check(run_both(case, torch.float32, triton_device, **_hooks("padding", case, triton_device)), torch.float32)
-    monkeypatch.setattr(triton_fwd, "FORCE_TILES", (16, 16))
-    check(run_both(case, torch.bfloat16, triton_device), torch.bfloat16)
+    with kernel_options(interpreter_tiles=(16, 16)):
+        check(run_both(case, torch.bfloat16, triton_device), torch.bfloat16)
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("one_loop", [True, False], ids=["one-loop", "loop-per-stretch"])
-def test_backward_loop_layouts(triton_device, case, one_loop, monkeypatch):
-    """Both walks of the backward's lists (PATCHATTN_BWD_LOOPS): dQ over a tile's list and dK/dV over each head's
-    transposed list in one loop with a mask branch, or a loop per stretch; with left padding."""
-    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
-    monkeypatch.setattr(triton_bwd, "BWD_ONE_LOOP", one_loop)
-    check(run_both(case, torch.float32, triton_device, grad=True, **_hooks("padding", case, triton_device)),
-          torch.float32)
+def _triton_bwd():
+    return importlib.import_module(bs.__name__ + ".triton_bwd")
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("walk", ["one", "two", "auto"])
-def test_backward_dkdv_walks(triton_device, bwd_mode, case, walk, monkeypatch):
-    """The dK/dV pass's walks of a transposed list (PATCHATTN_BWD_DKDV_WALK), in both backward modes, with left padding
-    (so the masked prefix holds padded tiles as well as the causal diagonal)."""
-    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
-    monkeypatch.setattr(triton_bwd, "DKDV_WALK", walk)
-    check(run_both(case, torch.float32, triton_device, grad=True, **_hooks("padding", case, triton_device)),
-          torch.float32)
+def test_backward_plan_follows_head_dim(triton_device):  # the fixture first: triton_fwd reads TRITON_INTERPRET once
+    """The measured per-shape choices: from head_dim 128 up two dK/dV loops, a walk per head and tiles first; below,
+    one loop, one walk over a GQA group's shared list and heads first.  Lists per q head (or MHA) walk per head."""
+    plan = _triton_bwd().backward_plan
+    assert tuple(plan(64, 4, 4)) == (False, True, False)  # lists per KV head
+    assert tuple(plan(64, 4, 8)) == (False, True, False)  # one list for all heads
+    assert tuple(plan(128, 4, 4)) == (True, False, True)
+    assert tuple(plan(256, 4, 8)) == (True, False, True)
+    assert not plan(64, 4, 1).flat_group and not plan(64, 1, 1).flat_group  # lists per q head / MHA
 
 
-GROUP_WALK_CASES = [c for c in CASES if c.values[0].list_heads in ("kv", "1") and c.values[0].Hq > c.values[0].Hkv]
+# GQA with lists shared per KV head or by all heads, at a narrow and a wide head_dim: the two backward plans.
+PLAN_CASES = [pytest.param(c.with_(D=d), id=f"{c}-D{d}") for c in
+              (Case(B=2, Hq=4, Hkv=2, Tq=50, Tk=70, block_q=16, block_k=32, list_heads="kv"),
+               Case(B=2, Hq=4, Hkv=1, Tq=40, Tk=40, list_heads="1", list_batch=False))
+              for d in (32, 128)]
 
 
-@pytest.mark.parametrize("case", GROUP_WALK_CASES)
-@pytest.mark.parametrize("group_walk", ["flat", "loop"])
-@pytest.mark.parametrize("walk", ["one", "two"])
+@pytest.mark.parametrize("case", PLAN_CASES)
 @pytest.mark.parametrize("hook", ["padding", "biasq", "all"])
-def test_backward_group_walks(triton_device, bwd_mode, case, group_walk, walk, hook, monkeypatch):
-    """The dK/dV pass over a GQA group sharing one list (PATCHATTN_BWD_GROUP_WALK): one walk over (entry, head) pairs
-    or one walk per head, with either walk of the masked entries, in both backward modes; per-q-head bias and every
-    hook together exercise the per-head offsets of the flat walk."""
-    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
-    monkeypatch.setattr(triton_bwd, "GROUP_WALK", group_walk)
-    monkeypatch.setattr(triton_bwd, "DKDV_WALK", walk)
-    assert triton_bwd.flat_group_walk(case.Hq // case.Hkv, case.Hq // {"kv": case.Hkv, "1": 1}[case.list_heads],
-                                      case.D >= 128) == (group_walk == "flat")
-    hooks = _hooks(hook, case, triton_device)
-    hooks.pop("head_gain", None)  # a gain moves delta out of the dQ pass; covered by test_backward_all_hooks
-    check(run_both(case, torch.float32, triton_device, grad=True, **hooks), torch.float32)
-
-
-def test_flat_group_walk_only_for_shared_lists(monkeypatch):
-    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
-    monkeypatch.setattr(triton_bwd, "GROUP_WALK", "auto")
-    walk = triton_bwd.flat_group_walk
-    assert walk(4, 4, False) and walk(4, 8, False)  # lists per KV head / one for all heads, head_dim < 128
-    assert not walk(4, 4, True)  # head_dim >= 128: a walk per head (measured faster there)
-    assert not walk(4, 1, False) and not walk(1, 1, False)  # lists per q head / MHA
-    monkeypatch.setattr(triton_bwd, "GROUP_WALK", "flat")
-    assert walk(4, 4, True) and not walk(4, 1, True)
-    monkeypatch.setattr(triton_bwd, "GROUP_WALK", "loop")
-    assert not walk(4, 4, False)
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("tiles_fastest", [True, False], ids=["tiles-fastest", "heads-fastest"])
-def test_backward_launch_orders(triton_device, bwd_mode, case, tiles_fastest, monkeypatch):
-    """Both launch orders of the backward passes (PATCHATTN_BWD_ORDER), both backward modes, with left padding."""
-    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
-    monkeypatch.setattr(triton_bwd, "BWD_TILES_FASTEST", tiles_fastest)
-    check(run_both(case, torch.float32, triton_device, grad=True, **_hooks("padding", case, triton_device)),
-          torch.float32)
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("fuse_delta", [True, False], ids=["delta-in-dq", "delta-kernel"])
-def test_backward_delta_sources(triton_device, case, fuse_delta, monkeypatch):
-    """delta = rowsum(dO * O) formed by the split backward's dQ pass (PATCHATTN_BWD_FUSE_DELTA) or by its own kernel,
-    with left padding (rows no key sees still get their delta)."""
-    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
-    monkeypatch.setattr(triton_bwd, "MODE", "split")
-    monkeypatch.setattr(triton_bwd, "FUSE_DELTA", fuse_delta)
-    check(run_both(case, torch.bfloat16, triton_device, grad=True, **_hooks("padding", case, triton_device)),
-          torch.bfloat16)
-
-
-@pytest.fixture(params=["fused", "split"])
-def bwd_mode(request, monkeypatch):
-    """Both backward paths: dQ by atomics inside the dK/dV pass, and the separate dQ pass."""
-    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
-    monkeypatch.setattr(triton_bwd, "MODE", request.param)
-    return request.param
+def test_backward_plans(triton_device, case, hook):
+    """The backward under both head_dim plans (one loop and a flat group walk / two loops and a walk per head) with
+    left padding (the masked prefix holds padded tiles as well as the diagonal), per-q-head bias and every hook
+    together (the flat walk's per-head offsets); gain_tokens (delta from its own kernel) included in "all"."""
+    plan = _triton_bwd().backward_plan(case.D, case.Hq // case.Hkv, case.Hq // {"kv": case.Hkv, "1": 1}[case.list_heads])
+    assert plan.two_loop_dkdv == (case.D >= 128) and plan.flat_group == (case.D < 128)
+    check(run_both(case, torch.float32, triton_device, grad=True, **_hooks(hook, case, triton_device)), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES)
-def test_backward(triton_device, bwd_mode, case, dtype):
+def test_backward(triton_device, case, dtype):
     check(run_both(case, dtype, triton_device, grad=True), dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", SMALL + LARGE, ids=str)
-def test_fused_dq_by_tma_and_by_atomics(triton_device, case, monkeypatch):
-    """On Hopper the fused backward adds each dQ tile with one TMA reduction, clipped at Tq and at head_dim (odd
-    lengths, padded head dims 48 and 96); element-wise atomics elsewhere. Both against the reference, with padding."""
-    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
-    if not triton_bwd.dq_by_tma(torch.device(triton_device), case.D):
-        pytest.skip("TMA reductions need a Hopper or newer GPU")
-    monkeypatch.setattr(triton_bwd, "MODE", "fused")
-    for tma in (True, False):
-        monkeypatch.setattr(triton_bwd, "DQ_TMA", tma)
-        for dtype in (torch.float32, torch.bfloat16):
-            check(run_both(case, dtype, triton_device, grad=True, **_hooks("padding", case, triton_device)), dtype)
 
 
 @pytest.mark.parametrize("shape,density,width", [((1, 2, 3, 40), 0.3, None), ((2, 1, 5, 1500), 0.05, None),
@@ -214,27 +145,6 @@ def test_transposed_lists_are_reused_only_while_unchanged(triton_device):
     assert int(offsets.max()) == 0  # every segment empty (dropped entries sort past the last segment)
     fresh = triton_bwd.transpose_lists(idx, cnt, 50, 70, opts)
     assert all(torch.equal(a, b) for a, b in zip((q_ids, offsets), fresh))
-
-
-def test_backward_modes_agree_and_reject_unknown(triton_device):
-    """The fused and split backward give the same gradients (up to summation order); bad modes are refused."""
-    triton_bwd = importlib.import_module(bs.__name__ + ".triton_bwd")
-    case = Case(B=2, Hq=4, Hkv=2, Tq=50, Tk=70, block_q=16, block_k=32, list_heads="kv")
-    gen = torch.Generator().manual_seed(3)
-    q, k, v = make_qkv(case, torch.float32, triton_device, gen)
-    idx, cnt = random_blocks(case, triton_device, gen)
-    out, lse = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=32, return_lse=True,
-                                         backend="triton")
-    d_out = torch.randn_like(out)
-    opts = bs.Options(16, 32, True, case.D ** -0.5, None)
-    grads = {mode: triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, opts, None, None, None, None,
-                                       None, mode=mode) for mode in triton_bwd.MODES}
-    for fused, split in zip(grads["fused"], grads["split"]):
-        assert fused.dtype == split.dtype and fused.shape == split.shape
-        torch.testing.assert_close(fused, split, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="fused"):
-        triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, opts, None, None, None, None, None,
-                            mode="atomic")
 
 
 HOOK_CASE = Case(B=2, Hq=4, Hkv=2, Tq=40, Tk=72, block_q=16, block_k=16, list_heads="q")
@@ -276,7 +186,7 @@ def test_forward_hooks(triton_device, hook):
 
 @pytest.mark.parametrize("case", [pytest.param(HOOK_CASE, id="small"), pytest.param(
     LARGE[0], id="large", marks=pytest.mark.gpu)])
-def test_backward_all_hooks(triton_device, bwd_mode, case):
+def test_backward_all_hooks(triton_device, case):
     dtype = torch.float32
     check(run_both(case, dtype, triton_device, grad=True, **_hooks("all", case, triton_device)),
           dtype)
@@ -290,14 +200,14 @@ def test_active_rows_are_exactly_zero(triton_device):
     assert torch.isneginf(got["lse"][inactive]).all()
 
 
-def test_sub_tiles(triton_device, bwd_mode, monkeypatch):
-    """Kernel tiles smaller than the logical blocks (as the autotuner may pick on a GPU)."""
-    triton_fwd = importlib.import_module(bs.__name__ + ".triton_fwd")
-    monkeypatch.setattr(triton_fwd, "FORCE_TILES", (16, 16))
-    monkeypatch.setattr(triton_fwd, "INTERPRETER_TILES_FASTEST", True)  # the other launch order
-    case = Case(B=1, Hq=2, Hkv=1, Tq=70, Tk=100, block_q=32, block_k=64, list_heads="kv")
-    check(run_both(case, torch.float32, triton_device, grad=True,
-                   **_hooks("padding", case, triton_device)), torch.float32)
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_sub_tiles(triton_device, head_dim):
+    """Kernel tiles smaller than the logical blocks (as the autotuner may pick on a GPU), the forward's other launch
+    order, both backward plans."""
+    case = Case(B=1, Hq=2, Hkv=1, Tq=70, Tk=100, D=head_dim, block_q=32, block_k=64, list_heads="kv")
+    with kernel_options(interpreter_tiles=(16, 16), interpreter_tiles_fastest=True):
+        check(run_both(case, torch.float32, triton_device, grad=True,
+                       **_hooks("padding", case, triton_device)), torch.float32)
 
 
 DECODE = [
@@ -315,13 +225,11 @@ DECODE = [
 
 
 
-def test_merge_walk_takes_the_fewest_load_rounds(triton_device):  # the fixture first: the kernels read the env once
+def test_merge_walk_takes_the_fewest_load_rounds(triton_device):
     """A GQA group's 4 rows x 17 splits at batch 1 merge together in one round; one row per group (per-head lists)
     too (the same tile as the row walk); many rows with few splits walk the splits; head_dim 256 keeps the walks
     verified there."""
     decode = _decode_module()
-    if decode.MERGE_BY != "auto":
-        pytest.skip("PATCHATTN_DECODE_MERGE_BY is set")
     assert decode.merge_walk(4, 17, 128) == "together" and decode.together_tile(4, 17, 128) == (4, 32)
     assert decode.merge_walk(1, 33, 128) == "together"
     assert decode.merge_walk(4, 17, 256) == "rows"
@@ -378,8 +286,10 @@ def test_full_block_set_uses_dense_path(triton_device, causal, monkeypatch):
     assert bs._use_dense_fallback(q, k, idx, cnt, bs.Options(16, 16, causal, 0.25, None),
                                   None, None, None, None, False)
     dense = bs.block_sparse_attention(q, k, v, idx, cnt, backend="triton", **kw)
-    monkeypatch.setattr(bs, "DENSE_FALLBACK", False)
-    kernel = bs.block_sparse_attention(q, k, v, idx, cnt, backend="triton", **kw)
+    with kernel_options(dense_fallback=False) as no_fallback:
+        assert not bs._use_dense_fallback(q, k, idx, cnt, bs.Options(16, 16, causal, 0.25, None, no_fallback),
+                                          None, None, None, None, False)
+    kernel = bs.block_sparse_attention(q, k, v, idx, cnt, backend="triton", options=no_fallback, **kw)
     want = bs.block_sparse_attention(q, k, v, idx, cnt, backend="torch", **kw)
     assert_close(dense, want, torch.float32, "out", "sdpa")
     assert_close(kernel, want, torch.float32, "out", "kernel")
@@ -427,7 +337,7 @@ def test_list_memo_keeps_answers_per_key_and_forgets_on_edit():
     assert memo.peek(idx, cnt, ("a",)) is None and memo.peek(idx, cnt, ("b",)) is None
 
 
-# --- Decode's split-K merge: fused into the split kernel (default) or a separate launch ----------
+# --- Decode's split-K merge, fused into the split kernel: its last program merges ----------------
 MERGE_CASES = [  # enough listed blocks for more splits than the merge's MERGE_TILE (16)
     pytest.param(Case(B=2, Hq=4, Hkv=2, Tq=1, Tk=400, block_q=16, block_k=16, list_heads="kv",
                       density=0.7), id="gqa-shared"),
@@ -440,30 +350,31 @@ def _decode_module():
     return importlib.import_module(bs.__name__ + ".decode")
 
 
-def _force_splits(monkeypatch, decode, many):
-    """One split per row group, or one per list entry (many programs per row group); returns the
-    numbers of splits chosen, for the test to check."""
+@contextlib.contextmanager
+def _forced_splits(monkeypatch, decode, many):
+    """Within the block, one split per row group, or one per list entry (many programs per row group, through
+    ``KernelOptions.decode_programs_per_sm``); yields the numbers of splits chosen, for the test to check."""
     seen = []
     real = decode.choose_splits
-    monkeypatch.setattr(decode, "PROGRAMS_PER_SM", 1 << 12 if many else 0)
     if not many:
         monkeypatch.setattr(decode, "ENTRIES_PER_PROGRAM", 1 << 30)
     monkeypatch.setattr(decode, "choose_splits", lambda *a: seen.append(real(*a)) or seen[-1])
-    return seen
+    with kernel_options(decode_programs_per_sm=1 << 12 if many else 0):
+        yield seen
 
 
 def test_decode_splits_cap_the_stretch_one_program_walks(triton_device, monkeypatch):
     """Enough splits that no program walks more than ENTRIES_PER_PROGRAM entries of the widest list; the
-    programs-per-SM rule decides below that (H200: 132 SMs). (triton_device first: the kernels read the env once.)"""
+    programs-per-SM rule decides below that (H200: 132 SMs), unless an option sets it."""
     decode = _decode_module()
     monkeypatch.setattr(decode, "_SM_COUNT", {torch.device("cuda"): 132})
-    monkeypatch.setattr(decode, "PROGRAMS_PER_SM", None)
     cuda = torch.device("cuda")
     assert decode.choose_splits(8, 51, cuda, heads=4) == 17  # the kernel benchmark's batch-1 point: unchanged
     assert decode.choose_splits(256, 27, cuda) == 1  # batch 8, top-k lists: one split per row group, unchanged
     assert decode.choose_splits(256, 2048, cuda) == 2048 // decode.ENTRIES_PER_PROGRAM  # cache-wide lists
     assert decode.choose_splits(32, 2048, cuda) == 2048 // decode.ENTRIES_PER_PROGRAM
     assert decode.choose_splits(4, 3, cuda) == 3  # never more splits than entries
+    assert decode.choose_splits(8, 51, cuda, heads=4, programs_per_sm=2) == 33  # KernelOptions.decode_programs_per_sm
 
 
 def test_decode_lists_of_very_different_lengths(triton_device, monkeypatch):
@@ -530,30 +441,26 @@ def _counters_are_zero(decode, device):
 @pytest.mark.parametrize("need_lse", [True, False], ids=["lse", "no-lse"])
 @pytest.mark.parametrize("hooks", ["none", "gain-active"])
 @pytest.mark.parametrize("splits", ["one", "many"])
-@pytest.mark.parametrize("merge", ["fused", "fused-by-splits", "fused-together", "separate"])
+@pytest.mark.parametrize("walk", ["rows", "splits", "together"])
 @pytest.mark.parametrize("case", MERGE_CASES)
-def test_decode_merge(triton_device, monkeypatch, case, merge, splits, hooks, need_lse):
-    """Every merge path against the reference: one split (the fused kernel writes the output
-    directly) and more splits than MERGE_TILE (the last program merges, walking rows -- several
-    load rounds of ROW_MERGE_TILE splits --, splits, or all rows together -- several rounds of a
-    few splits, a padded row when 3 queries share a head), with the gain/active hooks the merge
-    applies, with and without lse."""
-    if merge == "separate" and (hooks == "none") == need_lse:
-        pytest.skip("the separate path is covered by half of the hook x lse grid")
-    if merge in ("fused-by-splits", "fused-together") and splits == "one":
+def test_decode_merge(triton_device, monkeypatch, case, walk, splits, hooks, need_lse):
+    """Every merge walk against the reference: one split (the kernel writes the output directly) and more splits
+    than MERGE_TILE (the last program merges, walking rows -- several load rounds of ROW_MERGE_TILE splits --,
+    splits, or all rows together -- several rounds of a few splits, a padded row when 3 queries share a head),
+    with the gain/active hooks the merge applies, with and without lse.  The walk ``merge_walk`` would pick at
+    other shapes is taken here at this one."""
+    if walk != "rows" and splits == "one":
         pytest.skip("one split does not merge")
     decode = _decode_module()
-    monkeypatch.setattr(decode, "MERGE", "separate" if merge == "separate" else "fused")
-    walks = {"fused-by-splits": "splits", "fused-together": "together"}
-    monkeypatch.setattr(decode, "MERGE_BY", walks.get(merge, "rows"))
+    monkeypatch.setattr(decode, "merge_walk", lambda *_shape: walk)
     monkeypatch.setattr(decode, "ROW_MERGE_TILE", 4)
     monkeypatch.setattr(decode, "TOGETHER_ELEMENTS", 1024)  # 4 rows x 4 splits x 64 dims: several rounds
-    seen = _force_splits(monkeypatch, decode, splits == "many")
     gen = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(case, torch.float32, triton_device, gen)
     idx, cnt = random_blocks(case, triton_device, gen)
-    _check_decode(q, k, v, idx, cnt, case, torch.float32, need_lse,
-                  **_merge_hooks(hooks, case, triton_device))
+    with _forced_splits(monkeypatch, decode, splits == "many") as seen:
+        _check_decode(q, k, v, idx, cnt, case, torch.float32, need_lse,
+                      **_merge_hooks(hooks, case, triton_device))
     n_splits = seen[-1]
     assert n_splits == 1 if splits == "one" else n_splits > decode.MERGE_TILE
     assert _counters_are_zero(decode, q.device)
@@ -565,28 +472,25 @@ def test_decode_fused_counters_reset(triton_device, monkeypatch, case):
     leave its counter at 0, or the next call never merges (its output would stay NaN-poisoned).
     A larger call grows the cache and keeps the old buffer (a captured graph may still use it)."""
     decode = _decode_module()
-    monkeypatch.setattr(decode, "MERGE", "fused")
     monkeypatch.setattr(_alloc_module(), "_COUNTERS", {})
     monkeypatch.setattr(_alloc_module(), "_MIN_COUNTERS", 1)
-    _force_splits(monkeypatch, decode, many=True)
     gen = torch.Generator().manual_seed(5)
     small = case.with_(B=1)
-    for step, c in enumerate([small, small, case]):
-        q, k, v = make_qkv(c, torch.bfloat16, triton_device, gen)
-        idx, cnt = random_blocks(c, triton_device, gen)
-        _check_decode(q, k, v, idx, cnt, c, torch.bfloat16, step != 1)
-        assert _counters_are_zero(decode, q.device), f"call {step} left counters set"
+    with _forced_splits(monkeypatch, decode, many=True):
+        for step, c in enumerate([small, small, case]):
+            q, k, v = make_qkv(c, torch.bfloat16, triton_device, gen)
+            idx, cnt = random_blocks(c, triton_device, gen)
+            _check_decode(q, k, v, idx, cnt, c, torch.bfloat16, step != 1)
+            assert _counters_are_zero(decode, q.device), f"call {step} left counters set"
     assert len(_merge_counters(q.device)) == 2  # grown once, the old one kept
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merge", ["fused", "separate"])
 @pytest.mark.parametrize("B", [1, 4])
-def test_decode_cuda_graph_replays(triton_device, monkeypatch, merge, B):
+def test_decode_cuda_graph_replays(triton_device, B):
     """A decode call captured in a CUDA graph and replayed with new queries copied in: each replay
     matches the reference, which needs the fused kernel's counters reset by its last programs."""
     decode = _decode_module()
-    monkeypatch.setattr(decode, "MERGE", merge)
     case = Case(B=B, Hq=32, Hkv=8, Tq=1, Tk=32768, D=128, block_q=64, block_k=64,
                 list_heads="kv", density=0.05)
     dtype = torch.bfloat16
@@ -614,13 +518,11 @@ def test_decode_cuda_graph_replays(triton_device, monkeypatch, merge, B):
 
 
 @pytest.mark.gpu
-def test_decode_fused_merge_under_load(triton_device, monkeypatch):
+def test_decode_fused_merge_under_load(triton_device):
     """Memory ordering on the device: many concurrent splits per row group, calls alternating two
     queries.  A last program that read a partial before it was visible would see the NaN poison or
     the other query's values; the merge order is fixed, so repeats must also be bitwise equal."""
     decode = _decode_module()
-    monkeypatch.setattr(decode, "MERGE", "fused")
-    monkeypatch.setattr(decode, "PROGRAMS_PER_SM", 4)
     case = Case(B=1, Hq=32, Hkv=8, Tq=1, Tk=65536, D=128, block_q=64, block_k=64,
                 list_heads="kv", density=0.05)
     dtype = torch.bfloat16
@@ -629,33 +531,54 @@ def test_decode_fused_merge_under_load(triton_device, monkeypatch):
     q2 = torch.randn(q.shape, generator=gen).to(triton_device, dtype)
     idx, cnt = random_blocks(case, triton_device, gen)
     firsts = []
-    for qq in (q, q2):
-        got = _decode(qq, k, v, idx, cnt, case, "triton", True)
-        want = _decode(qq, k, v, idx, cnt, case, "torch", True)
-        assert_close(got[0], want[0], dtype, "out", "out")
-        assert_close(got[1], want[1], dtype, "lse", "lse")
-        firsts.append(got)
-    for i in range(200):
-        out, lse = _decode((q, q2)[i % 2], k, v, idx, cnt, case, "triton", True)
-        assert torch.equal(out, firsts[i % 2][0]) and torch.equal(lse, firsts[i % 2][1]), i
+    with kernel_options(decode_programs_per_sm=4):
+        for qq in (q, q2):
+            got = _decode(qq, k, v, idx, cnt, case, "triton", True)
+            want = _decode(qq, k, v, idx, cnt, case, "torch", True)
+            assert_close(got[0], want[0], dtype, "out", "out")
+            assert_close(got[1], want[1], dtype, "lse", "lse")
+            firsts.append(got)
+        for i in range(200):
+            out, lse = _decode((q, q2)[i % 2], k, v, idx, cnt, case, "triton", True)
+            assert torch.equal(out, firsts[i % 2][0]) and torch.equal(lse, firsts[i % 2][1]), i
     assert _counters_are_zero(decode, q.device)
 
 
 def test_programmatic_dependent_launch_only_when_compiled_for_hopper(monkeypatch):
     """Decode-step kernels ask for programmatic dependent launch (a launch option plus the PDL constexpr that makes
-    them wait on the device first) only on a CUDA device of sm_90+ with the flag on, never under the interpreter."""
+    them wait on the device first) only on a CUDA device of sm_90+ with the option on, never under the interpreter."""
     triton_fwd = importlib.import_module(bs.__name__ + ".triton_fwd")
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(triton_fwd, "INTERPRETING", False)
-    monkeypatch.setattr(triton_fwd, "PDL", True)
     monkeypatch.setitem(triton_fwd._HOPPER_OR_NEWER, cuda, True)  # as if sm_90
-    assert triton_fwd.pdl_options(cuda) == {"PDL": True, "launch_pdl": True}
-    assert triton_fwd.pdl_options(torch.device("cpu")) == {"PDL": False}
+    assert triton_fwd.pdl_options(cuda, True) == {"PDL": True, "launch_pdl": True}
+    assert triton_fwd.pdl_options(torch.device("cpu"), True) == {"PDL": False}
+    assert triton_fwd.pdl_options(cuda, False) == {"PDL": False}  # KernelOptions(pdl=False)
     monkeypatch.setitem(triton_fwd._HOPPER_OR_NEWER, cuda, False)  # as if an older GPU
-    assert triton_fwd.pdl_options(cuda) == {"PDL": False}
+    assert triton_fwd.pdl_options(cuda, True) == {"PDL": False}
     monkeypatch.setitem(triton_fwd._HOPPER_OR_NEWER, cuda, True)
-    monkeypatch.setattr(triton_fwd, "PDL", False)  # PATCHATTN_PDL=0
-    assert triton_fwd.pdl_options(cuda) == {"PDL": False}
-    monkeypatch.setattr(triton_fwd, "PDL", True)
     monkeypatch.setattr(triton_fwd, "INTERPRETING", True)
-    assert triton_fwd.pdl_options(cuda) == {"PDL": False}
+    assert triton_fwd.pdl_options(cuda, True) == {"PDL": False}
+
+
+def test_kernel_options_are_scoped_and_explicit_options_win():
+    """``kernel_options`` changes the options of calls without ``options=`` inside its block only (nested blocks
+    stack); an explicit ``options=`` is used as given; unknown names and non-options are refused."""
+    from blocksparse_cases import KernelOptions, kernels
+
+    outside = kernels.current_options()
+    with kernel_options(dense_fallback=False) as inner:
+        assert kernels.current_options() is inner and not inner.dense_fallback
+        assert inner.poison_outputs == outside.poison_outputs  # the rest carried over
+        with kernel_options(pdl=False):
+            assert not kernels.current_options().pdl and not kernels.current_options().dense_fallback
+        assert kernels.current_options().pdl
+    assert kernels.current_options() == outside
+    mine = KernelOptions(tree_warps=8)
+    assert kernels.options.resolve_options(mine) is mine and kernels.options.resolve_options(None) is outside
+    with pytest.raises(TypeError):
+        kernels.options.resolve_options({"pdl": False})
+    with pytest.raises(TypeError), kernel_options(no_such_option=1):
+        pass
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mine.pdl = False  # type: ignore[misc]

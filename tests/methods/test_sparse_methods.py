@@ -170,7 +170,8 @@ def test_blocktopk_picks_the_block_the_query_matches():
     query = torch.randn(1, 2, 256, 8) * 0.01
     key[:, :, 5 * 16: 6 * 16] = torch.ones(8)  # a block the queries all point at
     query[:] = query + torch.ones(8)
-    state = PatchState(patchattn.get_config("blocktopk", top_k=1, local_blocks=1, sink_blocks=0, per_head=False), 0, "text",
+    state = PatchState(patchattn.get_config("blocktopk", top_k=1, local_blocks=1, sink_blocks=0, per_head=False,
+                                            fused_select=False), 0, "text",
                        PatchContext())
     mask = select_top_k(g, query, key, state)
     assert mask.shape == (1, 1, g.n_q, g.n_k)

@@ -1,20 +1,33 @@
 """Block selection kernels: decode-time block top-k (the per-step choice of ``blocktopk`` and ``hip`` while
-decoding) and prefill block scores (each query block's best row against every key-block mean).
+decoding), prefill block scores and choice (``blocktopk``) and HiP's prefill tree search (``hip``).
 
-Entry points :func:`decode_block_topk` and :func:`prefill_block_scores`.  :func:`decode_block_topk`: one query row per sequence and head against the compressed key cache
-(one mean key per block) -> ascending block lists ready for ``kernels.blocksparse``.  Backends: ``torch``
-(:mod:`.reference`, the oracle) and ``triton`` (:mod:`.triton_select`, two launches that also refresh the newest
-block's mean, no host sync, so a decode step can be captured in a CUDA graph).
+Every entry point returns its result on either backend: ``triton`` (:mod:`.triton_select`, :mod:`.triton_prefill`,
+:mod:`.triton_tree`; the decode selection in two launches that also refresh the newest block's mean, no host sync,
+so a decode step can be captured in a CUDA graph) where a kernel applies, else ``torch`` (:mod:`.reference`, also
+the kernels' test oracle).  ``options``: the kernels' launch options (:class:`patchattn.kernels.KernelOptions`;
+None: those in effect, see :func:`patchattn.kernels.kernel_options`).
 """
 from __future__ import annotations
 
 import torch
 
 from ..blocksparse import _resolve_backend
-from .reference import decode_block_topk_torch, forced_decode_blocks, group_scores, tree_search_torch, within_mass
+from ..options import KernelOptions, resolve_options
+from .reference import (
+    decode_block_topk_torch,
+    forced_decode_blocks,
+    group_scores,
+    prefill_block_choice,
+    prefill_block_scores_torch,
+    prefill_block_select_torch,
+    prefill_tree_search_torch,
+    tree_search_torch,
+    within_mass,
+)
 
 __all__ = ["decode_block_topk", "forced_decode_blocks", "group_scores", "within_mass", "max_list_width",
-           "prefill_block_scores", "prefill_block_select", "prefill_tree_search", "tree_search_torch"]
+           "prefill_block_choice", "prefill_block_scores", "prefill_block_select", "prefill_tree_search",
+           "tree_search_torch"]
 
 
 def max_list_width(n_k: int, top_k: int, sink_blocks: int, local_blocks: int) -> int:
@@ -24,7 +37,8 @@ def max_list_width(n_k: int, top_k: int, sink_blocks: int, local_blocks: int) ->
 
 def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sink_blocks: int = 1,
                       local_blocks: int = 2, mass: float = 1.0, per_head: bool = True, reduce: str = "max",
-                      keys: torch.Tensor | None = None, block: int | None = None, backend: str = "auto"):
+                      keys: torch.Tensor | None = None, block: int | None = None, backend: str = "auto",
+                      options: KernelOptions | None = None):
     """Blocks a single query row per (batch, head) reads.
 
     Args:
@@ -60,7 +74,8 @@ def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sin
         from . import triton_select
 
         if n_k <= triton_select.MAX_BLOCKS:
-            return triton_select.decode_block_topk_triton(q, k_means, **args, tail=tail)
+            return triton_select.decode_block_topk_triton(q, k_means, **args, options=resolve_options(options),
+                                                          tail=tail)
     if tail is not None:
         update_tail_mean(k_means, *tail)
     return decode_block_topk_torch(q, k_means, **args)
@@ -78,55 +93,58 @@ def _prefill_on_triton(backend: str, tensor: torch.Tensor, block_q: int) -> bool
 
 
 def prefill_block_scores(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, block_k: int, kv_len: int,
-                         per_head: bool = True, backend: str = "auto") -> torch.Tensor | None:
+                         per_head: bool = True, backend: str = "auto",
+                         options: KernelOptions | None = None) -> torch.Tensor:
     """``[B, H, NQ, NK]`` fp32: the best row of each query block (and of its GQA group unless ``per_head``) dotted
     with each key-block mean, ``-inf`` after the block holding the query block's last position (causal, queries at
-    the end of the keys).  Returns None where only the torch path applies (the caller's chunked reference).
+    the end of the keys).
 
     Args:
         query: ``[B, Hq, Tq, D]``; k_means: ``[B, Hkv, NK, D]`` with ``NK = ceil(kv_len / block_k)``.
     """
+    args = dict(block_q=block_q, block_k=block_k, kv_len=kv_len, per_head=per_head)
     if not _prefill_on_triton(backend, query, block_q):
-        return None
+        return prefill_block_scores_torch(query, k_means, **args)
     from . import triton_prefill
 
-    return triton_prefill.prefill_block_scores(query, k_means, block_q=block_q, block_k=block_k,
-                                               kv_len=kv_len, per_head=per_head)
+    return triton_prefill.prefill_block_scores(query, k_means, **args, options=resolve_options(options))
 
 
 def prefill_tree_search(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, block_k: int, kv_len: int,
-                        k: int, per_head: bool = True, backend: str = "auto") -> torch.Tensor | None:
+                        k: int, per_head: bool = True, backend: str = "auto",
+                        options: KernelOptions | None = None) -> torch.Tensor:
     """HiP's hierarchical top-k for every query block, scored by the block's best row (and its GQA group's unless
-    ``per_head``): bool ``[B, H, NQ, NK]``, as :func:`.reference.tree_search_torch` gives for the same rows.  Returns
-    None where only the torch path applies (the caller builds the rows and runs it).
+    ``per_head``): bool ``[B, H, NQ, NK]``, as :func:`.reference.tree_search_torch` gives for the same rows (the torch
+    path where the kernel does not apply: no triton backend, or ``k`` above ``triton_tree.MAX_K``).
 
     Args:
         query: ``[B, Hq, Tq, D]``, the last ``Tq`` of ``kv_len`` positions; k_means: ``[B, Hkv, NK, D]``.
     """
-    if not _prefill_on_triton(backend, query, block_q):
-        return None
-    from . import triton_tree
+    args = dict(block_q=block_q, block_k=block_k, kv_len=kv_len, k=k, per_head=per_head)
+    if _prefill_on_triton(backend, query, block_q):
+        from . import triton_tree
 
-    if k > triton_tree.MAX_K:
-        return None
-    return triton_tree.tree_search(query, k_means, block_q=block_q, block_k=block_k, kv_len=kv_len, k=k,
-                                   per_head=per_head)
+        if k <= triton_tree.MAX_K:
+            return triton_tree.tree_search(query, k_means, **args, options=resolve_options(options))
+    return prefill_tree_search_torch(query, k_means, **args)
 
 
 def prefill_block_select(scores: torch.Tensor, *, q_len: int, block_q: int, block_k: int, kv_len: int, top_k: int,
                          sink_blocks: int, local_blocks: int, mass: float, head_dim: int, last_block_dense: bool,
-                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``blocktopk``'s prefill choice from its ``[B, H, NQ, NK]`` block scores, straight to block lists: per query block
-    the sink and local blocks, then the ``top_k`` best others (ties: lowest index) or, with ``mass`` < 1, the best
-    while the estimated softmax mass of ``score / sqrt(head_dim)`` over the visible blocks is below ``mass``; the last
-    query block reads every visible block with ``last_block_dense``.  One Triton program per row (the decode
-    selection's search), no ``[NQ, NK]`` masks and no sort.  Returns None where only the torch path applies."""
-    if not _prefill_on_triton(backend, scores, block_q):
-        return None
-    from . import triton_prefill, triton_select
+                         backend: str = "auto",
+                         options: KernelOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``blocktopk``'s prefill choice from its ``[B, H, NQ, NK]`` block scores, straight to block lists
+    ``(kv_indices [B, H, NQ, W], kv_counts [B, H, NQ])``: per query block the sink and local blocks, then the
+    ``top_k`` best others (ties: lowest index) or, with ``mass`` < 1, the best while the estimated softmax mass of
+    ``score / sqrt(head_dim)`` over the visible blocks is below ``mass``; the last query block reads every visible
+    block with ``last_block_dense``.  W: every block with a dense last block, else ``top_k + sink + local`` (clipped).
+    Triton: one program per row (the decode selection's search), no ``[NQ, NK]`` masks and no sort; torch:
+    :func:`.reference.prefill_block_choice` and a mask-to-lists pass."""
+    args = dict(q_len=q_len, block_q=block_q, block_k=block_k, kv_len=kv_len, top_k=top_k, sink_blocks=sink_blocks,
+                local_blocks=local_blocks, mass=mass, head_dim=head_dim, last_block_dense=last_block_dense)
+    if _prefill_on_triton(backend, scores, block_q):
+        from . import triton_prefill, triton_select
 
-    if scores.shape[-1] > triton_select.MAX_BLOCKS:
-        return None
-    return triton_prefill.prefill_block_select(scores, q_len=q_len, block_q=block_q, block_k=block_k, kv_len=kv_len,
-                                               top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
-                                               mass=mass, head_dim=head_dim, last_block_dense=last_block_dense)
+        if scores.shape[-1] <= triton_select.MAX_BLOCKS:
+            return triton_prefill.prefill_block_select(scores, **args, options=resolve_options(options))
+    return prefill_block_select_torch(scores, **args)

@@ -1,8 +1,10 @@
-"""Pure-torch decode-time block top-k: the CPU path of :mod:`patchattn.kernels.blockselect` and its test oracle.
+"""Pure torch: the CPU path of every :mod:`patchattn.kernels.blockselect` entry point and the oracle of its kernels.
 
-One query row per (batch, head) scores every key block by ``q . mean_key(block)``, keeps the sink and local
-blocks, then the best-scoring other blocks until their estimated share of the softmax mass reaches ``mass``
-(at most ``top_k``), and returns the choice as ascending block lists.
+* Decode: one query row per (batch, head) scores every key block by ``q . mean_key(block)``, keeps the sink and local
+  blocks, then the best-scoring other blocks until their estimated share of the softmax mass reaches ``mass`` (at
+  most ``top_k``), and returns the choice as ascending block lists.
+* Prefill: each query block's best row against every key-block mean (``blocktopk``'s scores), the same choice per
+  query block from those scores, and HiP's hierarchical top-k (``hip``'s search).
 """
 from __future__ import annotations
 
@@ -140,3 +142,121 @@ def segment_scores(q_rows, prefix, start, end, score_dtype=None) -> torch.Tensor
         means = means.to(score_dtype).float()
     scores = (q_rows.to(means.dtype) @ means.transpose(-1, -2)).amax(dim=3)  # [B, H, NQ, R, S] -> best row
     return scores.masked_fill(end <= start, float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill: block scores and blocktopk's choice (the torch paths of triton_prefill.py)
+# ---------------------------------------------------------------------------------------------
+# Query rows x key blocks scored at once: bounds the [rows, NK] products at long lengths.
+MAX_SCORE_ELEMENTS = 1 << 26
+
+
+def diagonal_blocks(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
+    """``[NQ]`` the key block holding each query block's last position (queries at the end of the keys)."""
+    n_q = -(-q_len // block_q)
+    last = torch.clamp((torch.arange(n_q, device=device) + 1) * block_q, max=q_len) - 1 + (kv_len - q_len)
+    return torch.div(last, block_k, rounding_mode="floor")
+
+
+def prefill_block_scores_torch(query, k_means, *, block_q: int, block_k: int, kv_len: int,
+                               per_head: bool) -> torch.Tensor:
+    """``[B, H, NQ, NK]`` fp32: each query block's best row (and its GQA group's unless ``per_head``) . each key-block
+    mean, ``-inf`` after the query block's diagonal block; a chunk of query blocks at a time so the ``[rows, NK]``
+    products stay small.  Products in the queries' dtype on a GPU (tensor cores, fp32 sums), fp32 on the CPU."""
+    b, hq, t, d = query.shape
+    hkv, n_k = k_means.shape[1], k_means.shape[2]
+    groups = hq // hkv
+    n_q = -(-t // block_q)
+    dtype = query.dtype if query.is_cuda else torch.float32
+    k_t = k_means.to(dtype).transpose(-1, -2)
+    # Pad the last block by repeating its last row: the max over rows is unchanged, no masking pass needed.
+    padded = query.to(dtype)
+    if n_q * block_q > t:
+        padded = torch.cat([padded, padded[:, :, -1:].expand(-1, -1, n_q * block_q - t, -1)], dim=2)
+    padded = padded.reshape(b, hkv, groups, n_q, block_q, d)
+    chunk = max(1, MAX_SCORE_ELEMENTS // max(1, b * hq * block_q * n_k))
+    out = []
+    for m0 in range(0, n_q, chunk):
+        part = padded[:, :, :, m0 : m0 + chunk]
+        rows = (part.reshape(b, hkv, -1, d) @ k_t).view(*part.shape[:-1], -1)  # [b, hkv, g, m, r, NK]
+        best = rows.amax(dim=4)
+        out.append(best if per_head else best.amax(dim=2, keepdim=True))
+    scores = torch.cat(out, dim=3).flatten(1, 2).float()  # [B, H, NQ, NK]
+    after = torch.arange(n_k, device=query.device) > diagonal_blocks(t, kv_len, block_q, block_k, query.device)[:, None]
+    return scores.masked_fill(after, float("-inf"))
+
+
+def _allowed_and_forced(n_q: int, n_k: int, diagonal: torch.Tensor, sink_blocks: int, local_blocks: int):
+    """``[NQ, NK]`` the causally visible blocks, and among them the sink and local blocks (read whatever their
+    score)."""
+    cols = torch.arange(n_k, device=diagonal.device)[None, :]
+    distance = diagonal[:, None] - cols
+    allowed = distance >= 0
+    forced = ((cols < sink_blocks) | ((distance >= 0) & (distance < local_blocks))) & allowed
+    return allowed, forced
+
+
+def prefill_block_choice(scores: torch.Tensor, *, q_len: int, block_q: int, block_k: int, kv_len: int, top_k: int,
+                         sink_blocks: int, local_blocks: int, mass: float, head_dim: int) -> torch.Tensor:
+    """bool ``[B, H, NQ, NK]``: ``blocktopk``'s choice per query block from its ``[B, H, NQ, NK]`` scores (entries
+    after the diagonal are ignored): the sink and local blocks, then the ``top_k`` best others (torch's top-k order)
+    or, with ``mass`` < 1, the best while the estimated softmax mass of ``score / sqrt(head_dim)`` over the visible
+    blocks is below ``mass``."""
+    n_q, n_k = scores.shape[-2:]
+    diagonal = diagonal_blocks(q_len, kv_len, block_q, block_k, scores.device)
+    allowed, forced = _allowed_and_forced(n_q, n_k, diagonal, sink_blocks, local_blocks)
+    candidates = scores.masked_fill(~allowed | forced, float("-inf"))
+    k = min(top_k, n_k)
+    chosen = torch.zeros_like(candidates, dtype=torch.bool)
+    if k > 0:
+        top = candidates.topk(k, dim=-1)
+        keep = torch.isfinite(top.values)
+        if mass < 1.0:
+            root_d = head_dim**0.5
+            keep &= within_mass(scores.float() / root_d, allowed, forced, top.values.float() / root_d, mass)
+        chosen.scatter_(-1, top.indices, keep)
+    return chosen | forced
+
+
+def prefill_block_select_torch(scores: torch.Tensor, *, q_len: int, block_q: int, block_k: int, kv_len: int,
+                               top_k: int, sink_blocks: int, local_blocks: int, mass: float, head_dim: int,
+                               last_block_dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prefill_block_choice` as block lists (the last query block reading every visible block with
+    ``last_block_dense``), as wide as the Triton choice writes them: every block with a dense last block, else the
+    bound ``top_k + sink_blocks + local_blocks`` (no host sync)."""
+    chosen = prefill_block_choice(scores, q_len=q_len, block_q=block_q, block_k=block_k, kv_len=kv_len, top_k=top_k,
+                                  sink_blocks=sink_blocks, local_blocks=local_blocks, mass=mass, head_dim=head_dim)
+    n_q, n_k = scores.shape[-2:]
+    last_block_dense = last_block_dense and n_q > 1
+    if last_block_dense:
+        diagonal = diagonal_blocks(q_len, kv_len, block_q, block_k, scores.device)
+        chosen[..., -1, :] = torch.arange(n_k, device=scores.device) <= diagonal[-1]
+    width = n_k if last_block_dense else max(1, min(n_k, top_k + sink_blocks + local_blocks))
+    return blocks_from_mask(chosen, width=width)
+
+
+def best_query_rows(query: torch.Tensor, block_q: int, kv_heads: int, per_head: bool) -> torch.Tensor:
+    """``[B, H, NQ, R, D]`` fp32: the rows of each query block (H = Hq with ``per_head``; else Hkv, the GQA group's
+    rows together), the last block padded by repeating its last row (the max over rows is unchanged)."""
+    b, hq, t, d = query.shape
+    n_q = -(-t // block_q)
+    if n_q == 1:  # decoding: the few rows as they are
+        rows = query.float()[:, :, None]
+    else:
+        rows = torch.cat([query, query[:, :, -1:].expand(-1, -1, n_q * block_q - t, -1)], dim=2).float()
+        rows = rows.view(b, hq, n_q, block_q, d)
+    if per_head:
+        return rows
+    grouped = rows.view(b, kv_heads, hq // kv_heads, *rows.shape[2:])
+    return grouped.transpose(2, 3).reshape(b, kv_heads, rows.shape[2], (hq // kv_heads) * rows.shape[3], d)
+
+
+def prefill_tree_search_torch(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, block_k: int, kv_len: int,
+                              k: int, per_head: bool) -> torch.Tensor:
+    """:func:`tree_search_torch` scored by each query block's best row (and its GQA group's unless ``per_head``):
+    bool ``[B, H, NQ, NK]``; the torch path of ``triton_tree.tree_search``."""
+    hkv = k_means.shape[1]
+    rows = best_query_rows(query, block_q, hkv, per_head)
+    means = k_means.repeat_interleave(query.shape[1] // hkv, dim=1) if per_head else k_means
+    diagonal = diagonal_blocks(query.shape[2], kv_len, block_q, block_k, query.device)
+    return tree_search_torch(rows, means, diagonal, k, score_dtype=query.dtype)

@@ -14,7 +14,7 @@ import triton.language as tl
 from ..blocksparse import _alloc
 from ..blocksparse.triton_lists import zero_tail
 from ..blocksparse.triton_fwd import dot_precision, last_dim_contiguous, mma, reduce_max
-from .triton_select import SELECT_SEARCH, _choose_blocks, _write_ascending
+from .triton_select import _choose_blocks, _write_ascending
 
 BLOCK_N = 64
 
@@ -55,7 +55,7 @@ def _prefill_scores_kernel(Q, Means, Scores, sqb, sqh, sqt, smb, smh, smn, ssb, 
             tl.store(out_ptr + n, tl.full([BLOCK_N], float("-inf"), dtype=tl.float32), mask=n < n_k)
 
 
-def prefill_block_scores(query, k_means, *, block_q: int, block_k: int, kv_len: int, per_head: bool):
+def prefill_block_scores(query, k_means, *, block_q: int, block_k: int, kv_len: int, per_head: bool, options):
     """``[B, H, NQ, NK]`` fp32 scores (H = Hq with ``per_head``, else Hkv); see the module docstring."""
     query, k_means = last_dim_contiguous(query), last_dim_contiguous(k_means)
     B, Hq, Tq, D = query.shape
@@ -63,7 +63,7 @@ def prefill_block_scores(query, k_means, *, block_q: int, block_k: int, kv_len: 
     group = Hq // Hkv
     n_lists = Hq if per_head else Hkv
     n_q = triton.cdiv(Tq, block_q)
-    scores = _alloc.empty((B, n_lists, n_q, n_k), torch.float32, query.device)
+    scores = _alloc.empty((B, n_lists, n_q, n_k), torch.float32, query.device, options.poison_outputs)
     _prefill_scores_kernel[(n_q, B * n_lists)](
         query, k_means, scores, *query.stride()[:3], *k_means.stride()[:3], *scores.stride()[:3],
         Tq, kv_len, n_k, n_lists, GROUP=group, HEADS_PER_LIST=1 if per_head else group, BQ=block_q, BK=block_k,
@@ -79,7 +79,7 @@ def prefill_block_scores(query, k_means, *, block_q: int, block_k: int, kv_len: 
 def _prefill_select_kernel(Scores, Idx, Cnt, ssb, ssh, ssm, sib, sih, sim, scb, sch, n_q, Tq, Tk, width, top_k,
                            sink_blocks, local_blocks, mass, inv_root_d,
                            BQ: tl.constexpr, BK: tl.constexpr, USE_MASS: tl.constexpr, LAST_DENSE: tl.constexpr,
-                           NK_POW2: tl.constexpr, VALUE_MIDPOINTS: tl.constexpr, CHUNK: tl.constexpr):
+                           NK_POW2: tl.constexpr, CHUNK: tl.constexpr):
     m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -87,8 +87,7 @@ def _prefill_select_kernel(Scores, Idx, Cnt, ssb, ssh, ssm, sib, sih, sim, scb, 
     cols = tl.arange(0, NK_POW2)
     valid = cols < n_visible
     raw = tl.load(Scores + b * ssb + h * ssh + m * ssm + cols, mask=valid, other=float("-inf"))
-    chosen = _choose_blocks(raw, cols, n_visible, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS,
-                            VALUE_MIDPOINTS)
+    chosen = _choose_blocks(raw, cols, n_visible, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS)
     if LAST_DENSE:  # the prefill's last query block reads every visible block
         chosen = chosen | (valid & (m == n_q - 1))
     row = Idx + b * sib + h * sih + m * sim
@@ -98,19 +97,19 @@ def _prefill_select_kernel(Scores, Idx, Cnt, ssb, ssh, ssm, sib, sih, sim, scb, 
 
 
 def prefill_block_select(scores, *, q_len: int, block_q: int, block_k: int, kv_len: int, top_k: int, sink_blocks: int,
-                         local_blocks: int, mass: float, head_dim: int, last_block_dense: bool):
+                         local_blocks: int, mass: float, head_dim: int, last_block_dense: bool, options):
     """(kv_indices int32 ``[B, H, NQ, W]``, kv_counts int32 ``[B, H, NQ]``) from ``[B, H, NQ, NK]`` scores."""
     scores = last_dim_contiguous(scores)
     B, H, n_q, n_k = scores.shape
     last_block_dense = last_block_dense and n_q > 1
     width = n_k if last_block_dense else max(1, min(n_k, top_k + sink_blocks + local_blocks))
-    idx = _alloc.empty((B, H, n_q, width), torch.int32, scores.device)
-    counts = _alloc.empty((B, H, n_q), torch.int32, scores.device)
+    idx = _alloc.empty((B, H, n_q, width), torch.int32, scores.device, options.poison_outputs)
+    counts = _alloc.empty((B, H, n_q), torch.int32, scores.device, options.poison_outputs)
     nk_pow2 = max(16, triton.next_power_of_2(n_k))
     _prefill_select_kernel[(n_q, H, B)](
         scores, idx, counts, *scores.stride()[:3], *idx.stride()[:3], *counts.stride()[:2], n_q, q_len, kv_len, width,
         min(top_k, n_k), sink_blocks, local_blocks, float(mass), head_dim ** -0.5, BQ=block_q, BK=block_k,
         USE_MASS=mass < 1.0, LAST_DENSE=last_block_dense, NK_POW2=nk_pow2,
-        VALUE_MIDPOINTS=SELECT_SEARCH == "values", CHUNK=min(1024, max(16, triton.next_power_of_2(width))),
+        CHUNK=min(1024, max(16, triton.next_power_of_2(width))),
         num_warps=4 if nk_pow2 <= 4096 else 8)
     return idx, counts

@@ -15,8 +15,6 @@ dropped: a one-launch variant where the last scoring program of each KV group se
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -29,20 +27,14 @@ from ..blocksparse.triton_fwd import INTERPRETING, _add, pdl_options, reduce_max
 SCORE_CHUNK = 64
 # Rows of scores one selection program holds in registers; longer caches use the torch path.
 MAX_BLOCKS = 16384
-# Warps per program (None: by size).  The selection is a chain of reductions over one row, so fewer warps mean fewer
-# cross-warp barriers per reduction.
-SCORE_WARPS: int | None = None
 # Score products: exact fp32 FMAs ("ieee", what the interpreter runs) or fp32 split into three TF32 products on
 # tensor cores ("tf32x3", ~1e-7 relative error; H200, 128k keys: 6.4 vs 12.4 us, bench/decode/profile_precision.log).
 SCORE_PRECISION = "ieee" if INTERPRETING else "tf32x3"
-SELECT_WARPS: int | None = None
-# How the k-th-value search picks its pivots: "keys" (halving the interval of keys) or "values" (every other pivot
-# halving the interval of values; see _top_by_threshold).  Counting several
-# pivots per round in one 2-D reduction was slower (H200, 2048 blocks: 1 pivot 10.8 us, 4 -> 12.3, 8 -> 14.2,
-# bench/decode/profile_select.log) and was removed.
-SELECT_SEARCH = os.environ.get("PATCHATTN_SELECT_SEARCH", "values")
-if SELECT_SEARCH not in ("keys", "values"):
-    raise ValueError(f"PATCHATTN_SELECT_SEARCH={SELECT_SEARCH!r}: expected 'keys' or 'values'")
+# The k-th-value search alternates pivots halving the interval of values and of keys (see _top_by_threshold).
+# Measured and removed: pivots halving the keys only (selection 8.1 vs 6.3 us, bench/decode/select_search/), several
+# pivots per round in one 2-D reduction (H200, 2048 blocks: 1 pivot 10.8 us, 4 -> 12.3, 8 -> 14.2,
+# bench/decode/profile_select.log).  Warps per program: KernelOptions.score_warps / select_warps (None: by size; the
+# selection is a chain of reductions over one row, so fewer warps mean fewer cross-warp barriers per reduction).
 
 
 @triton.jit
@@ -121,17 +113,16 @@ def _value_to_key(value):
 
 
 @triton.jit
-def _top_by_threshold(scores, cand, k, VALUE_MIDPOINTS: tl.constexpr):
+def _top_by_threshold(scores, cand, k):
     """Mask of the ``k`` largest ``scores`` among ``cand`` (ties: lowest index).
 
     The k-th largest value is searched for on the scores' order-preserving integer keys: each round counts the
     candidates at or above one pivot (one reduction) and keeps the interval holding the k-th; then every candidate
     above it and the first of those equal to it are taken.  The search stops early at a pivot with exactly ``need``
-    candidates at or above it.  Pivots halve the interval of keys (at most ~32 rounds); with ``VALUE_MIDPOINTS``
-    every other pivot halves the interval of *values* instead, which is much narrower than the keys' around the
+    candidates at or above it.  Every other pivot halves the interval of *values* (the others that of keys), which is much narrower than the keys' around the
     k-th of a bell-shaped row (2021 Gaussian scores, k = 24: 9.4 rounds instead of 14.4 on average; heavy-tailed
     rows take more, bench/decode/select_search/simulate_rounds.txt), while the key halvings keep the worst case
-    within ~64 rounds.  H200, 128k keys, batch 1: selection 8.1 -> 6.3 us.  Picking the best ``k`` one by one would cost
+    within ~64 rounds (keys alone: ~32).  H200, 128k keys, batch 1: selection 8.1 (keys alone) -> 6.3 us.  Picking the best ``k`` one by one would cost
     ``k`` dependent arg-max reductions.
     """
     ordered = _value_to_key(scores)
@@ -143,12 +134,11 @@ def _top_by_threshold(scores, cand, k, VALUE_MIDPOINTS: tl.constexpr):
     value_next = need * 0 + 1
     while lo < hi:
         pivot = lo + (hi - lo + 1) // 2
-        if VALUE_MIDPOINTS:
-            low = _key_to_value(lo)
-            by_value = tl.minimum(tl.maximum(_value_to_key(low + (_key_to_value(hi) - low) * 0.5).to(tl.int64),
-                                             lo + 1), hi)
-            pivot = tl.where(value_next > 0, by_value, pivot)
-            value_next = 1 - value_next
+        low = _key_to_value(lo)
+        by_value = tl.minimum(tl.maximum(_value_to_key(low + (_key_to_value(hi) - low) * 0.5).to(tl.int64),
+                                         lo + 1), hi)
+        pivot = tl.where(value_next > 0, by_value, pivot)
+        value_next = 1 - value_next
         count = reduce_sum((cand & (ordered >= pivot.to(tl.int32))).to(tl.int32), 0)
         lo = tl.where(count >= need, pivot, lo)
         hi = tl.where(count >= need, hi, pivot - 1)
@@ -177,8 +167,7 @@ def _top_by_mass(logits, valid, forced, k, mass, cols):
 
 
 @triton.jit
-def _choose_blocks(raw, cols, n_visible, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS: tl.constexpr,
-                   VALUE_MIDPOINTS: tl.constexpr):
+def _choose_blocks(raw, cols, n_visible, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS: tl.constexpr):
     """One row's choice among its ``n_visible`` blocks: the sink and local blocks (the last ``local_blocks`` visible
     ones), then the ``top_k`` best others or, with USE_MASS, the best while the estimated mass is below ``mass``."""
     valid = cols < n_visible
@@ -186,7 +175,7 @@ def _choose_blocks(raw, cols, n_visible, top_k, sink_blocks, local_blocks, mass,
     if USE_MASS:
         chosen = _top_by_mass(raw * inv_root_d, valid, forced, top_k, mass, cols)
     else:
-        chosen = _top_by_threshold(raw, valid & ~forced, top_k, VALUE_MIDPOINTS)
+        chosen = _top_by_threshold(raw, valid & ~forced, top_k)
     return chosen | forced
 
 
@@ -202,14 +191,13 @@ def _write_ascending(row_ptr, chosen, cols):
 @triton.jit
 def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks, local_blocks, mass,
                    inv_root_d, WIDTH: tl.constexpr, USE_MASS: tl.constexpr, NK_POW2: tl.constexpr,
-                   VALUE_MIDPOINTS: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)  # the scores come from the kernel just before
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, NK_POW2)
     raw = tl.load(Scores + b * ssb + h * ssh + cols, mask=cols < n_k, other=float("-inf"))
-    chosen = _choose_blocks(raw, cols, n_k, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS,
-                            VALUE_MIDPOINTS)
+    chosen = _choose_blocks(raw, cols, n_k, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS)
     count = _write_ascending(Idx + b * sib + h * sih, chosen, cols)
     w = tl.arange(0, WIDTH)
     tl.store(Idx + b * sib + h * sih + w, w * 0, mask=w >= count)
@@ -223,12 +211,14 @@ def native_16_bit(q, k_means) -> bool:
 
 
 def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, mass, per_head, reduce, width,
-                             tail=None):
+                             options, tail=None):
+    """Decode lists (see ``decode_block_topk``); ``options``: a ``KernelOptions`` (poisoning, warps, launch)."""
     B, Hq, D = q.shape
     Hkv, n_k = k_means.shape[1], k_means.shape[2]
     group = Hq // Hkv
     heads = Hq if per_head else Hkv
-    scores = _alloc.empty((B, heads, n_k), torch.float32, q.device)
+    poison = options.poison_outputs
+    scores = _alloc.empty((B, heads, n_k), torch.float32, q.device, poison)
     # tail = (keys [B, Hkv, T, D], T, block): the newest block's mean is recomputed (in place) before scoring.
     keys, kv_len, block = tail if tail is not None else (k_means, 0, 16)
     _scores_kernel[(triton.cdiv(n_k, SCORE_CHUNK), Hkv, B)](
@@ -236,15 +226,15 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
         scores.stride(1), *keys.stride()[:3], GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         PER_HEAD=per_head, REDUCE_MAX=reduce == "max", HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block, PRECISION=SCORE_PRECISION,
-        NATIVE=native_16_bit(q, k_means), num_warps=SCORE_WARPS or 4, **pdl_options(q.device))
+        NATIVE=native_16_bit(q, k_means), num_warps=options.score_warps or 4, **pdl_options(q.device, options.pdl))
     # The list buffer is padded to a power of two for the kernel's zero fill; callers see ``width`` entries.
     width_pow2 = triton.next_power_of_2(width)
-    idx = _alloc.empty((B, heads, 1, width_pow2), torch.int32, q.device)
-    counts = _alloc.empty((B, heads, 1), torch.int32, q.device)
+    idx = _alloc.empty((B, heads, 1, width_pow2), torch.int32, q.device, poison)
+    counts = _alloc.empty((B, heads, 1), torch.int32, q.device, poison)
     nk_pow2 = max(16, triton.next_power_of_2(n_k))
     _select_kernel[(heads, B)](
         scores, idx, counts, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         n_k, min(top_k, n_k), sink_blocks, local_blocks, float(mass), D ** -0.5, WIDTH=width_pow2,
-        USE_MASS=mass < 1.0, NK_POW2=nk_pow2, VALUE_MIDPOINTS=SELECT_SEARCH == "values",
-        num_warps=SELECT_WARPS or (4 if nk_pow2 <= 4096 else 8), **pdl_options(q.device))
+        USE_MASS=mass < 1.0, NK_POW2=nk_pow2,
+        num_warps=options.select_warps or (4 if nk_pow2 <= 4096 else 8), **pdl_options(q.device, options.pdl))
     return idx[..., :width], counts

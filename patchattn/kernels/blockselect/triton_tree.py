@@ -11,7 +11,6 @@ gather.  Output: each kept segment's first block, ``-1`` for empty ones.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -24,12 +23,11 @@ MAX_K = 64  # k segments live in registers as [KH] vectors and [KH, KH] rank mat
 # fp32 queries: ~fp32-exact scores on tensor cores (3xTF32).  16-bit queries multiply the segment means rounded to
 # their dtype (exact products, fp32 sums, as the torch path does for them): at head_dim 128 a program then needs
 # 20-24 KB of shared memory instead of 32-64 KB with fp32 operands, so more programs hide the rounds' latency
-# (H200, 128k: 18.1 -> 8.7 ms together with NUM_STAGES = 1, bench/methods/tree_tune_run*.log).
+# (H200, 128k: 18.1 -> 8.7 ms together with one stage, bench/methods/tree_tune_run*.log).  Warps and stages:
+# KernelOptions.tree_warps / tree_stages (defaults 4 and 1: no software pipelining of the rounds, each round's loads
+# depend on the previous round's choice, so extra stages only multi-buffer the query tile, 45 vs 20 KB of shared
+# memory a program with bf16 queries at head_dim 128).
 PRECISION = "ieee" if INTERPRETING else "tf32x3"
-NUM_WARPS = int(os.environ.get("PATCHATTN_TREE_WARPS", "4"))
-# No software pipelining of the rounds: each round's loads depend on the previous round's choice, so extra stages
-# only multi-buffer the query tile (45 vs 20 KB of shared memory a program with bf16 queries at head_dim 128).
-NUM_STAGES = int(os.environ.get("PATCHATTN_TREE_STAGES", "1"))
 
 
 @triton.jit
@@ -115,7 +113,7 @@ def _tree_search_kernel(Q, Prefix, Out, sqb, sqh, sqt, spb, sph, spn, sob, soh, 
 
 
 def tree_search(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, block_k: int, kv_len: int, k: int,
-                per_head: bool) -> torch.Tensor:
+                per_head: bool, options) -> torch.Tensor:
     """bool ``[B, H, NQ, NK]`` (H = Hq with ``per_head``, else Hkv): each query block's ``k`` blocks by HiP's search,
     scored by the block's best row (of its GQA group without ``per_head``); queries at the end of the ``kv_len``
     keys."""
@@ -132,7 +130,7 @@ def tree_search(query: torch.Tensor, k_means: torch.Tensor, *, block_q: int, blo
         Tq, kv_len, n_lists, search_rounds(n_k, k),
         GROUP=group, HEADS_PER_LIST=1 if per_head else group, BQ=block_q, BK=block_k, K=k,
         KH=max(16, triton.next_power_of_2(k)), HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        PRECISION=PRECISION if query.dtype == torch.float32 else dot_precision(query.dtype), num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES)
+        PRECISION=PRECISION if query.dtype == torch.float32 else dot_precision(query.dtype),
+        num_warps=options.tree_warps, num_stages=options.tree_stages)
     starts = starts.long()
     return segments_to_mask(starts, starts + (starts >= 0).long(), n_k)  # -1: an empty segment

@@ -2,10 +2,11 @@
 
 Entry point :func:`block_sparse_attention`; helpers to build and inspect block lists. Backends:
 ``torch`` (pure torch, :mod:`.reference`) and ``triton`` (:mod:`.triton_fwd`, :mod:`.triton_bwd`,
-:mod:`.decode`; imported lazily so that ``TRITON_INTERPRET`` can be set first). See README.md for
-the math, the index layout and the dispatch rules.
+:mod:`.decode`; imported lazily so that ``TRITON_INTERPRET`` can be set first). Launch options:
+``options=`` (:class:`patchattn.kernels.KernelOptions`, or the scoped :func:`patchattn.kernels.kernel_options`).
+See README.md for the math, the index layout and the dispatch rules.
 
-This package imports only torch (and triton, lazily) plus its own modules.
+This package imports only torch (and triton, lazily) plus its own modules and ``kernels.options``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..options import DEFAULT_OPTIONS, KernelOptions, resolve_options
 from . import reference
 from ._memo import ListMemo
 
@@ -33,8 +35,6 @@ BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Single-token (or few-token) queries go through the split-K decode kernel below this many queries.
 DECODE_MAX_QUERIES = 16
-# Fall back to SDPA when the block list is the full (causal or dense) set and no hook needs us.
-DENSE_FALLBACK = True
 # Checking for the full set costs a host sync (~0.1-0.3 ms); below this much work (B*Hq*Tq*Tk*D,
 # about T = 8k at 32 heads x 128) the kernel's gap to SDPA is smaller than that, so don't check.  Lists made by
 # causal_blocks / dense_blocks are known full without a check, at any size.
@@ -42,12 +42,13 @@ DENSE_CHECK_MIN_WORK = 1 << 39
 
 
 class Options(NamedTuple):
-    """The static options every backend needs."""
+    """The static options every backend needs, and the Triton kernels' launch options."""
     block_q: int
     block_k: int
     causal: bool
     scale: float
     softcap: float | None
+    kernel: KernelOptions = DEFAULT_OPTIONS
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
                            causal: bool = True, scale: float | None = None,
                            softcap: float | None = None, kv_start=None, kv_end=None,
                            col_bias=None, head_gain=None, active=None, return_lse: bool = False,
-                           backend: str = "auto"):
+                           backend: str = "auto", options: KernelOptions | None = None):
     """Attention where query block ``m`` of (batch b, head h) reads only the key blocks
     ``kv_indices[b, h, m, :kv_counts[b, h, m]]``.
 
@@ -66,6 +67,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
     ``[B', H', NQ]``; B' in {1, B}, H' in {1, Hkv, Hq}, NQ = ceil(Tq / block_q).
     With ``causal``, query i sits at key position ``i + Tk - Tq``. Rows with no visible key give 0
     (lse = -inf). Returns ``out [B, Hq, Tq, D]`` in q's dtype, or ``(out, lse [B, Hq, Tq] fp32)``.
+    ``options``: the Triton kernels' launch options (None: those in effect, see :func:`kernel_options`).
     """
     backend = _resolve_backend(backend, q)
     _validate(q, k, v, kv_indices, kv_counts, block_q, block_k, kv_start, kv_end, col_bias,
@@ -75,7 +77,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
     kv_end = None if kv_end is None else _as_int32(kv_end)
     opts = Options(block_q, block_k, bool(causal),
                    float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
-                   None if softcap is None else float(softcap))
+                   None if softcap is None else float(softcap), resolve_options(options))
     if backend == "torch":
         return reference.block_sparse_attention_torch(
             q, k, v, kv_indices, kv_counts, block_q=block_q, block_k=block_k, causal=opts.causal,
@@ -319,7 +321,7 @@ def _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col
                         return_lse):
     """SDPA computes the same function only for the full block set with no hooks; check that."""
     Tq, Tk = q.shape[2], k.shape[2]
-    if not DENSE_FALLBACK or return_lse or opts.softcap is not None:
+    if not opts.kernel.dense_fallback or return_lse or opts.softcap is not None:
         return False
     if any(t is not None for t in (kv_start, kv_end, col_bias, active)):
         return False

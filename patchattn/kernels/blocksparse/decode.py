@@ -9,15 +9,14 @@ group's partials and resets the counter to 0 for the next call (or CUDA-graph re
 the call is latency-bound, so one launch instead of two is what counts, and the merge is the tail of the
 whole call (the other programs are done): it loads every row's partials of a group in one round where
 they fit (``merge_walk``).  With ``n_splits == 1`` the
-program writes the output directly.  ``PATCHATTN_DECODE_MERGE=separate`` keeps the former second
-merge kernel (for A/B timing).
+program writes the output directly.  (A separate merge kernel was measured and removed: 26.4 vs 26.2 us graphed, 0.37
+vs 0.099 ms eager at batch 1, bench/decode/RESULTS.md.)
 When the whole GQA group reads the same blocks, one program serves all its q heads, so each
 selected K/V block is read from memory once per kv head, not once per q head.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -46,29 +45,20 @@ from .triton_fwd import (
 # program serving a whole GQA group (shared lists) is best at 1 per SM (batch 1 graphed: 5.85x SDPA vs 5.75x with
 # 2; before the row-wise merge 4.9x vs 4.4x / 3.2x / 3.3x with 2 / 4 / 8); one serving a single q head (per-head
 # lists) at 2 while there are fewer row groups than SMs (blocktopk step, batch 1, 8 layers per graph: 4.1-4.3x vs
-# 4.0x), 1 otherwise (batch 8: 256 row groups, 9.5x vs 8.6x).  PATCHATTN_DECODE_PROGRAMS_PER_SM overrides it.
-PROGRAMS_PER_SM = int(os.environ["PATCHATTN_DECODE_PROGRAMS_PER_SM"]) if os.environ.get(
-    "PATCHATTN_DECODE_PROGRAMS_PER_SM") else None
+# 4.0x), 1 otherwise (batch 8: 256 row groups, 9.5x vs 8.6x).  KernelOptions.decode_programs_per_sm overrides it.
 _SM_COUNT: dict = {}
 # Longest stretch of a list one program walks. Row groups with very different counts (duo: full heads beside
 # streaming heads, lists as wide as the cache) would otherwise leave a few programs walking a whole cache each while
 # the rest finish at once (H200, duo at batch 8, 128k: 0.36x SDPA with one split per row group). The lists of the
 # top-k methods and the kernel benchmark (width <= 64) are not affected.
 ENTRIES_PER_PROGRAM = 64
-# "fused": one launch, the last split program of a row group merges; "separate": a second merge kernel.
-MERGE = os.environ.get("PATCHATTN_DECODE_MERGE", "fused")
-if MERGE not in ("fused", "separate"):
-    raise ValueError(f"PATCHATTN_DECODE_MERGE={MERGE!r}: expected 'fused' or 'separate'")
 # The merge reads the partials' row maxima this many splits at a time (a fixed width, so the split
 # kernel is not recompiled and re-tuned for every power of two of n_splits).
 MERGE_TILE = 16
 # How the merging program walks the partials: "together" loads every row and TOGETHER_ELEMENTS worth of splits at
 # once (GQA-shared lists at batch 1 run 4 rows x ~17 splits: one L2 round trip), "rows" loads ROW_MERGE_TILE splits
 # of one row at once (a round trip per row and tile), "splits" loads one split of every row at a time (a round
-# trip per split: many rows, e.g. a speculative block of queries); "auto" takes the fewest round trips.
-MERGE_BY = os.environ.get("PATCHATTN_DECODE_MERGE_BY", "auto")
-if MERGE_BY not in ("auto", "rows", "splits", "together"):
-    raise ValueError(f"PATCHATTN_DECODE_MERGE_BY={MERGE_BY!r}: expected 'auto', 'rows', 'splits' or 'together'")
+# trip per split: many rows, e.g. a speculative block of queries); ``merge_walk`` takes the fewest round trips.
 ROW_MERGE_TILE = 32
 # "together": every row of the group and as many splits as fit in this many fp32 elements ([rows, splits,
 # head_dim]) per load round, so a GQA group's 4 rows cost one round instead of four.  H200, 128k keys, 5% of
@@ -193,7 +183,7 @@ def _decode_split_kernel(
         ROWS: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, WRITE_LSE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr,
         MERGE_TILE: tl.constexpr, MERGE_ROWS: tl.constexpr, ROW_TILE: tl.constexpr,
         MERGE_TOGETHER: tl.constexpr, NR: tl.constexpr, S_TILE: tl.constexpr, PDL: tl.constexpr,
         BLOCK_N: tl.constexpr):
@@ -257,9 +247,7 @@ def _decode_split_kernel(
         m_i = m_new
 
     first = pid_bg.to(tl.int64) * n_splits
-    if not FUSED:  # the merge kernel runs next
-        _store_partial(PartAcc, PartM, PartL, first + split, r, row_ok, offs_d, acc, m_i, l_i, ROWS, BLOCK_D)
-    elif n_splits == 1:  # nothing to merge
+    if n_splits == 1:  # nothing to merge
         _write_rows(acc, l_i, tl.where(m_i == float("-inf"), 0.0, m_i), Out, Lse, Gain, Active,
                     b, head, t, row_ok, offs_d, sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq,
                     HEAD_DIM, HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
@@ -294,25 +282,6 @@ def _decode_split_kernel(
             tl.store(Counter + pid_bg, 0)
 
 
-@triton.jit
-def _decode_combine_kernel(
-        PartAcc, PartM, PartL, Out, Lse, Gain, Active,
-        sob, soh, sot, sgb, sgt, sgh, sab, sat, sah,
-        Hq, Tq, n_splits,
-        HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        ROW_TILE: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-        WRITE_LSE: tl.constexpr):
-    """The separate merge (PATCHATTN_DECODE_MERGE=separate): one program per (batch, head group, row)."""
-    pid_bg = tl.program_id(0)
-    n_groups = Hq // HEADS
-    b = (pid_bg // n_groups).to(tl.int64)
-    h0 = (pid_bg % n_groups) * HEADS
-    _merge_and_write_row(PartAcc, PartM, PartL, pid_bg.to(tl.int64) * n_splits, n_splits,
-                         tl.program_id(1), h0, tl.arange(0, BLOCK_D), Out, Lse, Gain, Active, b,
-                         sob, soh, sot, sgb, sgt, sgh, sab, sat, sah, Hq, Tq, ROWS, BLOCK_D, ROW_TILE, HEAD_DIM,
-                         HAS_GAIN, HAS_ACTIVE, WRITE_LSE)
-
-
 def prune_decode_configs(configs, named_args, **kwargs):
     """Sub-tiles that divide the key blocks (a BLOCK_N above BK would walk no sub-tile at all) and fit head_dim 256;
     the 16- and 32-key sub-tiles are there for blocks of 16 and 32."""
@@ -323,7 +292,7 @@ def prune_decode_configs(configs, named_args, **kwargs):
 _decode_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
              for n, w, s in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3), (16, 4, 3)]],
-    key=["HEAD_DIM", "BK", "ROWS", "HAS_PAD", "HAS_BIAS", "FUSED"],
+    key=["HEAD_DIM", "BK", "ROWS", "HAS_PAD", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": prune_decode_configs})(_decode_split_kernel)
 
 
@@ -342,39 +311,29 @@ def heads_per_program(q, k, kv_indices, col_bias):
     return q.shape[1] // Hkv if shared else 1
 
 
-def choose_splits(n_programs_base, n_entries, device, heads=1):
-    """PROGRAMS_PER_SM programs per SM, and enough splits that no program walks more than ENTRIES_PER_PROGRAM
-    entries of a list as wide as the lists, at most one per list entry (the lists' width; each program's share of a
-    list's real count is worked out in the kernel)."""
+def choose_splits(n_programs_base, n_entries, device, heads=1, programs_per_sm: int | None = None):
+    """``programs_per_sm`` programs per SM (None: the measured rule above), and enough splits that no program walks
+    more than ENTRIES_PER_PROGRAM entries of a list as wide as the lists, at most one per list entry (the lists'
+    width; each program's share of a list's real count is worked out in the kernel)."""
     sms = _sm_count(device)
-    per_sm = PROGRAMS_PER_SM if PROGRAMS_PER_SM is not None else (2 if heads == 1 and n_programs_base < sms else 1)
+    per_sm = programs_per_sm if programs_per_sm is not None else (2 if heads == 1 and n_programs_base < sms else 1)
     want = max(math.ceil(per_sm * sms / n_programs_base), math.ceil(n_entries / ENTRIES_PER_PROGRAM))
     return max(1, min(want, n_entries))
 
 
-def _partials(n_row_groups, n_splits, rows, block_d, device, spare, fused):
-    """(acc, m, l) buffers of every split; a single fused split writes the output directly and
-    gets ``spare`` (never dereferenced) instead."""
-    if fused and n_splits == 1:
+def _partials(n_row_groups, n_splits, rows, block_d, device, spare, poison):
+    """(acc, m, l) buffers of every split; a single split writes the output directly and gets ``spare`` (never
+    dereferenced) instead."""
+    if n_splits == 1:
         return spare, spare, spare
-    return (_alloc.empty((n_row_groups, n_splits, rows, block_d), torch.float32, device),
-            _alloc.empty((n_row_groups, n_splits, rows), torch.float32, device),
-            _alloc.empty((n_row_groups, n_splits, rows), torch.float32, device))
-
-
-def _merge_separately(parts, out, lse, hooks, consts, Hq, Tq, n_splits, n_row_groups):
-    """The second launch of PATCHATTN_DECODE_MERGE=separate."""
-    _gain_p, act_p = hooks["ptrs"][3:]
-    combine_consts = {key: consts[key] for key in
-                      ("HEADS", "ROWS", "HEAD_DIM", "BLOCK_D", "HAS_GAIN", "HAS_ACTIVE", "WRITE_LSE")}
-    _decode_combine_kernel[(n_row_groups, consts["HEADS"] * Tq)](
-        *parts, out, lse, _gain_p, act_p, *out.stride()[:3], *hooks["strides"][3:], Hq, Tq,
-        n_splits, **combine_consts, ROW_TILE=ROW_MERGE_TILE)
+    return (_alloc.empty((n_row_groups, n_splits, rows, block_d), torch.float32, device, poison),
+            _alloc.empty((n_row_groups, n_splits, rows), torch.float32, device, poison),
+            _alloc.empty((n_row_groups, n_splits, rows), torch.float32, device, poison))
 
 
 def together_tile(n_rows, n_splits, block_d):
     """(NR, S_TILE) of the "together" merge: all rows (padded to a power of two) and the splits that fit in
-    TOGETHER_ELEMENTS per round (at least one, so a forced "together" walk of many rows may exceed it)."""
+    TOGETHER_ELEMENTS per round (at least one)."""
     nr = triton.next_power_of_2(n_rows)
     fit = max(1, TOGETHER_ELEMENTS // (nr * block_d))
     return nr, min(triton.next_power_of_2(n_splits), 1 << (fit.bit_length() - 1))
@@ -383,9 +342,7 @@ def together_tile(n_rows, n_splits, block_d):
 def merge_walk(n_rows, n_splits, block_d):
     """How the merging program walks the partials: "together" (every row, S_TILE splits per load round), "rows" (one
     row, ROW_MERGE_TILE splits per round) or "splits" (one split of every row per round): the one with the fewest
-    dependent load rounds, unless PATCHATTN_DECODE_MERGE_BY says."""
-    if MERGE_BY != "auto":
-        return MERGE_BY
+    dependent load rounds."""
     rounds = {"rows": n_rows * math.ceil(n_splits / ROW_MERGE_TILE), "splits": n_splits}
     nr, s_tile = together_tile(n_rows, n_splits, block_d)
     # Measured on the H200 up to head_dim 128 (wider heads keep the walks verified there), and only where one split
@@ -406,14 +363,14 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
     rows = max(16, triton.next_power_of_2(heads * Tq))
     block_d = max(16, triton.next_power_of_2(D))
     n_groups = Hq // heads
-    n_splits = choose_splits(B * n_groups, kv_indices.shape[-1], q.device, heads)
-    fused = MERGE == "fused"
+    n_splits = choose_splits(B * n_groups, kv_indices.shape[-1], q.device, heads, opts.kernel.decode_programs_per_sm)
+    poison = opts.kernel.poison_outputs
 
     counters = _alloc.counters(B * n_groups, q.device, "decode_merge")
     spare = counters.view(torch.float32)  # an fp32 pointer for buffers a launch never touches
-    parts = _partials(B * n_groups, n_splits, rows, block_d, q.device, spare, fused)
-    out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
-    lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device) if need_lse else None
+    parts = _partials(B * n_groups, n_splits, rows, block_d, q.device, spare, poison)
+    out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device, poison).transpose(1, 2)
+    lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device, poison) if need_lse else None
     hooks = hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end)
     consts = dict(hooks["consts"], HEADS=heads, ROWS=rows, HEAD_DIM=D, BLOCK_D=block_d,
                   WRITE_LSE=need_lse)
@@ -422,18 +379,14 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
                   *softmax_scales(opts), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                   *list_strides(kv_indices), *list_strides(kv_counts), *hooks["strides"],
                   *out.stride()[:3], Hq, Tq, Tk)
-    # WRITE_LSE and the merge walk only matter to the fused kernel's merge; pinned otherwise so they make no
-    # second variant.
-    walk = merge_walk(heads * Tq, n_splits, block_d) if fused and n_splits > 1 else "splits"
+    # The merge walk only matters when there is a merge; pinned otherwise so it makes no second variant.
+    walk = merge_walk(heads * Tq, n_splits, block_d) if n_splits > 1 else "splits"
     nr, s_tile = together_tile(heads * Tq, n_splits, block_d) if walk == "together" else (1, 1)
     split_consts = dict(consts, BK=opts.block_k, CAUSAL=opts.causal,
                         HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
-                        FUSED=fused, WRITE_LSE=need_lse and fused, MERGE_TILE=MERGE_TILE,
-                        MERGE_ROWS=walk == "rows", ROW_TILE=ROW_MERGE_TILE, MERGE_TOGETHER=walk == "together",
-                        NR=nr, S_TILE=s_tile, **pdl_options(q.device))
+                        MERGE_TILE=MERGE_TILE, MERGE_ROWS=walk == "rows", ROW_TILE=ROW_MERGE_TILE,
+                        MERGE_TOGETHER=walk == "together", NR=nr, S_TILE=s_tile,
+                        **pdl_options(q.device, opts.kernel.pdl))
     launch(_decode_tuned, lambda meta: (n_splits, B * n_groups), split_args, split_consts,
-           dict(BLOCK_N=min(opts.block_k, 64)), q.device)
-    if not fused:
-        _merge_separately(parts, out, lse if need_lse else spare, hooks, consts, Hq, Tq, n_splits,
-                          B * n_groups)
+           dict(BLOCK_N=min(opts.block_k, 64)), q.device, opts.kernel.autotune)
     return out, lse

@@ -1,26 +1,24 @@
-"""Triton backward kernels for block-sparse flash attention.
+"""Triton backward kernels for block-sparse flash attention (FlashAttention-2's deterministic two-pass backward).
 
-* dK/dV: one program per (batch, kv head, key tile); walks the *transposed* list (which query
-  blocks read this key block, built on the device by a stable sort, O(entries) memory) for every
-  q head of the GQA group (heads that share one list as one walk over (entry, head) pairs, ``GROUP_WALK``), so
-  repeated keys are never materialised and dK/dV need no atomics.
-* dQ, two ways (``MODE``, env ``PATCHATTN_BWD``):
-  - ``split`` (default): a second kernel, one program per (batch, q head, query tile), walks the
-    forward's list and recomputes P and dP (FlashAttention-2's deterministic variant).
-  - ``fused``: the dK/dV pass also forms dS @ K for each (key tile, query tile) pair it visits and
-    adds it into an fp32 dQ buffer with atomics (FlashAttention-2's original backward): 5 matrix
-    products per tile pair instead of 7, but on the H200 the element-wise fp32 atomics cost more
-    than the products saved (equal at full density, 10-14% slower at 10%: bench/kernel/RESULTS.md),
-    and dQ's last bits vary between runs. Kept for measurement and for GPUs with cheaper atomics.
-All recompute P = exp2(S - lse) from the forward's logsumexp; delta = rowsum(dO * O) is formed by the split
-mode's dQ pass, which runs first and holds dO already (``FUSE_DELTA``), else by a small kernel of its own. A gain
-applied in the forward is folded into dO; rows that were inactive or saw no key carry lse = -inf, read here as +inf
-so their P is exactly 0.
+* dQ: one program per (batch, q head, query tile) walks the forward's list and recomputes P and dP.  It runs first
+  and, holding dO already, also forms delta = rowsum(dO * O) for its rows and stores it for the dK/dV pass (a small
+  kernel of its own forms delta when a gain is folded into dO).
+* dK/dV: one program per (batch, kv head, key tile); walks the *transposed* list (which query blocks read this key
+  block, built on the device by a stable sort, O(entries) memory, remembered per live list pair) for every q head of
+  the GQA group, so repeated keys are never materialised and dK/dV need no atomics.
+Both walk each list in one pipelined loop with the mask behind a branch, except where the per-shape choices below
+(:func:`backward_plan`, measured on the H200) say otherwise.  All recompute P = exp2(S - lse) from the forward's
+logsumexp.  A gain applied in the forward is folded into dO; rows that were inactive or saw no key carry lse = -inf,
+read here as +inf so their P is exactly 0.
+
+Measured and removed (bench/kernel/RESULTS.md): a loop per stretch of each list (5-13% slower); a fused backward adding
+dS @ K into an fp32 dQ inside the dK/dV pass by atomics or TMA reductions (3-13% slower than this split backward at
+sparse d128 points); rebuilding the transposed lists every call; a separate delta kernel when the dQ pass can form it.
 """
 from __future__ import annotations
 
 import math
-import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,7 +29,6 @@ from ._memo import ListMemo
 from .triton_fwd import (
     dot_precision,
     hook_args,
-    hopper_or_newer,
     interpreter_tiles,
     last_dim_contiguous,
     launch,
@@ -39,7 +36,6 @@ from .triton_fwd import (
     list_strides,
     load_tile,
     mma,
-    one_loop_from_env,
     pad_bounds,
     reduce_max,
     reduce_sum,
@@ -49,45 +45,32 @@ from .triton_fwd import (
 )
 
 LOG2E = 1.4426950408889634
-MODES = ("fused", "split")
-MODE = os.environ.get("PATCHATTN_BWD", "split")
-# One pipelined loop per list (per head in the dK/dV pass), masking by a branch, as the forward does (PATCHATTN_BWD_LOOPS
-# "1"), or a loop per stretch ("3": up to 8 loops per dK/dV program, each with its own pipeline fill).  H200, d128,
-# split mode: one loop 5-13% faster at 16k and 64k, 2-100% density (bench/kernel/one_loop/bwd_ab.*).
-BWD_ONE_LOOP = one_loop_from_env("PATCHATTN_BWD_LOOPS", "1")
-# How the dK/dV pass walks each head's transposed list: "one" pipelined loop with the diagonal (masked) entries behind
-# a branch, or "two" pipelined loops (masked prefix, clean rest). The branch keeps the mask's operands live through the
-# whole loop: at 64x128 tiles ptxas spills ~16 registers around every iteration's products, which the clean loop of
-# "two" does not. H200 (bench/kernel/delta_d64/run7/walk_ab.json): at head_dim 128 "two" is 3-8% faster at 50% density,
-# 1-2% at 10%, 2.5% slower at 2%; at head_dim 64 (no spills) "one" is 4-10% faster; an unpipelined masked prefix
-# ("peel" there) never won and was removed. "auto": "two" from head_dim 128 up, "one" below.
-DKDV_WALKS = ("auto", "one", "two")
-DKDV_WALK = os.environ.get("PATCHATTN_BWD_DKDV_WALK", "auto")
-# The fused mode's dQ: TMA bulk reduce-add of each [BLOCK_M, D] tile on Hopper and newer (FlashAttention-3's way), or
-# element-wise fp32 atomics ("0", and always on older GPUs / under the interpreter, which has no descriptor reductions).
-DQ_TMA = os.environ.get("PATCHATTN_BWD_DQ_TMA", "1") != "0"
-# The transposed lists of a live list tensor are built once and reused (static patterns share one list tensor across
-# layers and steps, as FlexAttention's BlockMask carries its transposed indices); False rebuilds them every call.
-CACHE_TRANSPOSED = os.environ.get("PATCHATTN_BWD_CACHE_LISTS", "1") != "0"
 _TRANSPOSED = ListMemo()
-# The split backward's dQ pass (which runs first and loads dO anyway) also forms delta = rowsum(dO * O) for its rows
-# and stores it for the dK/dV pass: one launch and one read of dO fewer than the separate delta kernel ("0" keeps that).
-FUSE_DELTA = os.environ.get("PATCHATTN_BWD_FUSE_DELTA", "1") != "0"
-# How the dK/dV pass walks the q heads of its GQA group when they share one list (lists per KV head or shared by all
-# heads): "flat", one walk over (entry, head) pairs, so the pass has one or two pipelined loops in all instead of one
-# or two per head (each with its own pipeline fill, which short sparse lists pay for), or "loop", a walk per head.
-# Lists per q head always take "loop". H200, split backward alone, 16k/64k x 100/50/10/2% (bench/kernel/group_walk/):
-# "flat" is 0.2-6% faster at head_dim 64 (most at 2%), but 2-6% slower at head_dim 128 except at 2% (the longer walk
-# holds more live state where registers are already at 255); "auto" picks "flat" below head_dim 128.
-GROUP_WALKS = ("auto", "flat", "loop")
-GROUP_WALK = os.environ.get("PATCHATTN_BWD_GROUP_WALK", "auto")
-# Launch order of both passes: all tiles of one head together ("tiles": the programs running at once share one head's
-# Q/dO (dK/dV pass) or K/V (dQ pass) in L2; ncu at 16k/50%: the dK/dV pass hit L2 47% of the time in "heads" order)
-# or all heads of one tile together ("heads"). H200 (bench/kernel/delta_d64/run4): "tiles" 2-5% faster at head_dim
-# 128 from 16k/50% up, "heads" up to 3.5% faster at head_dim 64 and 16k; "auto" picks by head_dim.
-ORDERS = ("auto", "heads", "tiles")
-BWD_ORDER = os.environ.get("PATCHATTN_BWD_ORDER", "auto")
-BWD_TILES_FASTEST: bool | None = {"tiles": True, "heads": False}.get(BWD_ORDER)  # None: by head_dim
+
+
+class BackwardPlan(NamedTuple):
+    """The backward's per-shape choices (:func:`backward_plan`)."""
+    two_loop_dkdv: bool  # the dK/dV pass walks the masked (diagonal) entries in a loop of their own
+    flat_group: bool  # the dK/dV pass walks a GQA group sharing one list as one list of (entry, head) pairs
+    tiles_fastest: bool  # both passes launch all tiles of one head together (else all heads of one tile)
+
+
+def backward_plan(head_dim: int, group: int, list_div: int) -> BackwardPlan:
+    """Measured on the H200 (bench/kernel/delta_d64, group_walk; bench/kernel/RESULTS.md), all by head_dim:
+
+    * dK/dV walk: one pipelined loop with the diagonal (masked) entries behind a branch keeps the mask's operands live
+      through the loop; at 64x128 tiles and head_dim >= 128 ptxas then spills ~16 registers around every iteration's
+      products, which a second, clean loop does not: two loops 3-8% faster at 50% density, 1-2% at 10%, 2.5% slower
+      at 2%; at head_dim 64 (no spills) one loop is 4-10% faster.
+    * GQA group sharing one list (lists per KV head or one for all heads): one walk over (entry, head) pairs, one
+      pipeline fill instead of one per head, 0.2-6% faster below head_dim 128, 2-6% slower at 128 (more live state
+      where registers are already full).  Lists per q head always walk per head.
+    * Launch order: all tiles of one head together share that head's Q/dO (dK/dV) or K/V (dQ) in L2, 2-5% faster at
+      head_dim 128 from 16k/50% up; all heads of one tile together up to 3.5% faster at head_dim 64.
+    """
+    wide = head_dim >= 128
+    shared = group > 1 and list_div % group == 0
+    return BackwardPlan(two_loop_dkdv=wide, flat_group=shared and not wide, tiles_fastest=wide)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +79,7 @@ BWD_TILES_FASTEST: bool | None = {"tiles": True, "heads": False}.get(BWD_ORDER) 
 def cached_transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
     """:func:`transpose_lists`, remembered per live list pair while unmodified (``_memo.ListMemo``, as the
     dense-fallback check; no host sync)."""
-    if not CACHE_TRANSPOSED or (kv_indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if kv_indices.is_cuda and torch.cuda.is_current_stream_capturing():
         return transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
     return _TRANSPOSED.get(kv_indices, kv_counts, (Tq, Tk, opts.block_q, opts.block_k, opts.causal),
                            lambda: transpose_lists(kv_indices, kv_counts, Tq, Tk, opts))
@@ -148,10 +131,10 @@ def _delta_kernel(O, DO, Delta, sob, soh, sot, sdb, sdh, sdt, Hq, Tq,
     tl.store(Delta + pid_bh.to(tl.int64) * Tq + rows, delta, mask=rows < Tq)
 
 
-def row_dot(out, d_out):
+def row_dot(out, d_out, poison: bool = False):
     """rowsum(d_out * out) in fp32, [B, Hq, Tq]."""
     B, Hq, Tq, D = out.shape
-    delta = _alloc.empty((B, Hq, Tq), torch.float32, out.device)
+    delta = _alloc.empty((B, Hq, Tq), torch.float32, out.device, poison)
     block_t = 64
     _delta_kernel[(B * Hq, triton.cdiv(Tq, block_t))](
         out, d_out, delta, *out.stride()[:3], *d_out.stride()[:3], Hq, Tq, HEAD_DIM=D,
@@ -174,11 +157,10 @@ def _program_ids(TILES_FASTEST: tl.constexpr):
 def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, list_ptr, stride_entry,
               j_lo, j_hi, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, stride_bias_t, scale_log2,
               scale_over_cap, cap_log2, offs_d, d_ok,
-              BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, clean_lo=0, clean_hi=0, ONE_LOOP: tl.constexpr = False):
-    """dQ over list entries j_lo..j_hi; ONE_LOOP masks only the entries outside clean_lo..clean_hi (as the
-    forward's _attend)."""
+              clean_lo, clean_hi, BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ over list entries j_lo..j_hi, masking only the entries outside clean_lo..clean_hi (as the forward's
+    _attend)."""
     SUB: tl.constexpr = BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for j in range(j_lo, j_hi):
@@ -186,15 +168,12 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, list
         cols = blk * BK + (j % SUB) * BLOCK_N + offs_n
         col_ok = cols < Tk
         k = load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], col_ok, d_ok,
-                      MASKED, EVEN_D)
+                      True, EVEN_D)
         v = load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok,
-                      MASKED, EVEN_D)
+                      True, EVEN_D)
         s, t = scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap,
-                           cap_log2, HAS_SOFTCAP, HAS_BIAS, MASKED, DOT_PRECISION, False)
-        if ONE_LOOP:
-            if (j < clean_lo) | (j >= clean_hi):
-                s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
-        elif MASKED:
+                           cap_log2, HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, False)
+        if (j < clean_lo) | (j >= clean_hi):
             s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = mma(do, tl.trans(v), None, DOT_PRECISION)
@@ -216,7 +195,7 @@ def _dq_kernel(
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr, ONE_LOOP: tl.constexpr, FUSE_DELTA: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr, FUSE_DELTA: tl.constexpr,
         TILES_FASTEST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh, tile, n_tiles = _program_ids(TILES_FASTEST)
     tile = n_tiles - 1 - tile  # heavy (late, causal) query tiles first
@@ -270,24 +249,10 @@ def _dq_kernel(
     SUB: tl.constexpr = BK // BLOCK_N
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
-    if ONE_LOOP:
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
-                       n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
-                       offs_d, d_ok, BK, BLOCK_N, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-                       n_lo * SUB, clean_hi * SUB, True)
-    else:
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
-                       tl.minimum(n_lo, n_vis) * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt,
-                       scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N, EVEN_D, True,
-                       CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, n_lo * SUB,
-                       clean_hi * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2,
-                       scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N, EVEN_D, False, CAUSAL,
-                       HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, clean_hi * SUB,
-                       n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2,
-                       scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N, EVEN_D, True, CAUSAL,
-                       HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
+                   n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
+                   offs_d, d_ok, n_lo * SUB, clean_hi * SUB, BK, BLOCK_N, EVEN_D, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
+                   DOT_PRECISION)
     dq_ptrs = DQ + b * sgqb + h * sgqh + rows[:, None] * sgqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -308,20 +273,17 @@ def _count_q_blocks_before(q_ids, lo, hi, limit, offset, BQ: tl.constexpr, SCAN:
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, dq_batch, dq_head, stride_qt,
-                stride_dt, stride_dqt, q_ids, j_lo, j_hi, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, stride_bias_t,
-                scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, q_ids, j_lo, j_hi, cols,
+                kv_lo, kv_hi, Tq, Tk, bias_ptr, stride_bias_t, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
                 BQ: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
-                DQ_TMA: tl.constexpr, masked_below, ONE_LOOP: tl.constexpr, HEADS: tl.constexpr, head_strides):
-    """dK/dV over transposed-list entries j_lo..j_hi; ONE_LOOP masks only the entries below masked_below.
+                HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                masked_below, ONE_LOOP: tl.constexpr, HEADS: tl.constexpr, head_strides):
+    """dK/dV over transposed-list entries j_lo..j_hi: all masked (MASKED), none, or (ONE_LOOP) those below
+    masked_below.
 
     With HEADS > 1, j walks (entry, head) pairs, the head fastest, for HEADS consecutive q heads that share the list:
-    ``head_strides`` = (q, dO, lse/delta, dQ, bias) offsets from one head to the next (the bases are the first
-    head's; the dQ offset counts heads for a descriptor, elements for a pointer).
-    With FUSED_DQ, ``dq_target`` is the fp32 dQ of this (batch, head): a pointer (element-wise atomics) or, with
-    DQ_TMA, a [B, Tq, Hq, D] tensor descriptor addressed by (dq_batch, row, dq_head, 0)."""
+    ``head_strides`` = (q, dO, lse/delta, bias) offsets from one head to the next (the bases are the first head's)."""
     SUB: tl.constexpr = BQ // BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     for j in range(j_lo, j_hi):
@@ -338,7 +300,7 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, 
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
         delta = tl.load(delta_base + g * head_strides[2] + rows, mask=row_ok, other=0.0)
         # Transposed tiles [BLOCK_N keys, BLOCK_M queries]: dV and dK come out without transposes.
-        s_t, t_t = scores_log2(k, q, cols, bias_ptr + g * head_strides[4], stride_bias_t, Tk, scale_log2,
+        s_t, t_t = scores_log2(k, q, cols, bias_ptr + g * head_strides[3], stride_bias_t, Tk, scale_log2,
                                scale_over_cap, cap_log2, HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, True)
         if ONE_LOOP:
             if j < masked_below:
@@ -353,33 +315,24 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, 
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
-        if FUSED_DQ:  # this tile pair's share of dQ = dS @ K, summed over key tiles by atomics
-            dq = mma(tl.trans(ds_t).to(k.dtype), k, None, DOT_PRECISION)
-            if DQ_TMA:  # one bulk reduce-add of the tile by the TMA unit; rows >= Tq and cols >= D are clipped
-                dq_target.atomic_add([dq_batch, m * BQ + (t % SUB) * BLOCK_M, dq_head + g * head_strides[3], 0],
-                                     dq.reshape(1, BLOCK_M, 1, dq.shape[1]))
-            else:
-                tl.atomic_add(dq_target + g * head_strides[3] + rows[:, None] * stride_dqt + offs_d[None, :], dq,
-                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-        Q, K, V, DO, DK, DV, DQ, Lse, Delta, QIds, Offsets, KvStart, KvEnd, Bias,
+        Q, K, V, DO, DK, DV, Lse, Delta, QIds, Offsets, KvStart, KvEnd, Bias,
         scale_log2, scale_over_cap, cap_log2, scale,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-        sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sgqb, sgqh, sgqt, sbb, sbh, sbt,
-        Hkv, Tq, Tk, list_rows_per_batch, n_k_blocks, n_batch,
+        sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sbb, sbh, sbt,
+        Hkv, Tq, Tk, list_rows_per_batch, n_k_blocks,
         GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr,
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
-        FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, ONE_LOOP: tl.constexpr, TILES_FASTEST: tl.constexpr,
+        ONE_LOOP: tl.constexpr, TILES_FASTEST: tl.constexpr,
         FLAT_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh, n_tile, _n = _program_ids(TILES_FASTEST)  # early key tiles (read by the most queries, causal) first
-    b32 = pid_bh // Hkv  # descriptor coordinates are 32-bit
-    b = b32.to(tl.int64)
+    b = (pid_bh // Hkv).to(tl.int64)
     hkv = pid_bh % Hkv
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     Hq = Hkv * GROUP
@@ -405,13 +358,10 @@ def _dkdv_kernel(
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     SUB: tl.constexpr = BQ // BLOCK_M
-    if DQ_TMA:
-        dq_desc = tl.make_tensor_descriptor(DQ, shape=[n_batch, Tq, Hq, HEAD_DIM], strides=[sgqb, sgqt, sgqh, 1],
-                                            block_shape=[1, BLOCK_M, 1, BLOCK_D])
     # FLAT_GROUP (the group's heads share one list): one walk over (entry, head) pairs instead of one per head.
     HEADS: tl.constexpr = GROUP if FLAT_GROUP else 1
     WALK: tl.constexpr = SUB * HEADS  # steps per list entry
-    steps = (sqh, sdh, Tq, 1 if DQ_TMA else sgqh, sbh if BIAS_DIV == 1 else 0)
+    steps = (sqh, sdh, Tq, sbh if BIAS_DIV == 1 else 0)
     for g in range(0, GROUP, HEADS):
         h = hkv * GROUP + g
         row = b * list_rows_per_batch + (h // LIST_DIV) * n_k_blocks + n_blk
@@ -426,28 +376,21 @@ def _dkdv_kernel(
         do_base = DO + b * sdb + h * sdh
         lse_base = Lse + (b * Hq + h) * Tq
         delta_base = Delta + (b * Hq + h) * Tq
-        if DQ_TMA:
-            dq_target = dq_desc
-        else:
-            dq_target = DQ + b * sgqb + h * sgqh
         bias_ptr = Bias + b * sbb + (h // BIAS_DIV) * sbh
         if ONE_LOOP:  # one pipelined walk, the masked prefix picked by a branch
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
-                                 sdt, sgqt, QIds, seg_lo * WALK, seg_hi * WALK, cols, kv_lo, kv_hi,
-                                 Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
-                                 d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ, DQ_TMA, (seg_lo + n_diag) * WALK, True, HEADS, steps)
-        else:
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
-                                 sdt, sgqt, QIds, seg_lo * WALK, (seg_lo + n_diag) * WALK, cols, kv_lo, kv_hi,
-                                 Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
-                                 d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ, DQ_TMA, 0, False, HEADS, steps)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_target, b32, h, sqt,
-                                 sdt, sgqt, QIds, (seg_lo + n_diag) * WALK, seg_hi * WALK, cols, kv_lo, kv_hi,
-                                 Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d,
-                                 d_ok, BQ, BLOCK_M, EVEN_D, False, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, FUSED_DQ, DQ_TMA, 0, False, HEADS, steps)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds, seg_lo * WALK,
+                                 seg_hi * WALK, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap,
+                                 cap_log2, offs_d, d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
+                                 DOT_PRECISION, (seg_lo + n_diag) * WALK, True, HEADS, steps)
+        else:  # two pipelined walks: the masked prefix, then the clean rest (no mask operands live in its loop)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds, seg_lo * WALK,
+                                 (seg_lo + n_diag) * WALK, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, sbt, scale_log2,
+                                 scale_over_cap, cap_log2, offs_d, d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS,
+                                 HAS_SOFTCAP, DOT_PRECISION, 0, False, HEADS, steps)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds,
+                                 (seg_lo + n_diag) * WALK, seg_hi * WALK, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, sbt,
+                                 scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BQ, BLOCK_M, EVEN_D, False,
+                                 CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, 0, False, HEADS, steps)
     mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + b * sdkb + hkv * sdkh + cols[:, None] * sdkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=mask)
@@ -486,47 +429,29 @@ def _prune(configs, named_args, **kwargs):
 
 
 _TUNE_KEY = ["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP"]
-_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2),
-                 (16, 16, 4, 2)]
 _dq_tuned = triton.autotune(
     configs=_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2),
                       (64, 32, 4, 2), (16, 16, 4, 2)]),
     key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_kernel)
 _dkdv_tuned = triton.autotune(
-    configs=_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
-# The fused pass accumulates into DQ, so every timing run of the autotuner starts from zeros.
-_dkdv_fused_tuned = triton.autotune(
-    configs=_configs(_DKDV_CONFIGS), key=_TUNE_KEY, reset_to_zero=["DQ"],
-    prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
+    configs=_configs([(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
+                      (32, 64, 4, 2), (16, 16, 4, 2)]),
+    key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
 
 
 def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
-             head_gain, active, mode: str | None = None):
-    """Gradients (dq, dk, dv) of block-sparse attention given the forward's out and lse.
-
-    ``mode``: "fused" (dQ by atomics in the dK/dV pass) or "split" (a separate dQ pass); default ``MODE``.
-    """
-    mode = MODE if mode is None else mode
-    if mode not in MODES:
-        raise ValueError(f"backward mode {mode!r}: expected one of {MODES} (env PATCHATTN_BWD)")
-    if BWD_ORDER not in ORDERS:
-        raise ValueError(f"backward launch order {BWD_ORDER!r}: expected one of {ORDERS} (env PATCHATTN_BWD_ORDER)")
-    if DKDV_WALK not in DKDV_WALKS:
-        raise ValueError(f"dK/dV walk {DKDV_WALK!r}: expected one of {DKDV_WALKS} (env PATCHATTN_BWD_DKDV_WALK)")
-    if GROUP_WALK not in GROUP_WALKS:
-        raise ValueError(f"dK/dV group walk {GROUP_WALK!r}: expected one of {GROUP_WALKS} "
-                         "(env PATCHATTN_BWD_GROUP_WALK)")
+             head_gain, active):
+    """Gradients (dq, dk, dv) of block-sparse attention given the forward's out and lse."""
     q, k, v, out, d_out = (last_dim_contiguous(t) for t in (q, k, v, out, d_out))
     B, Hq, Tq, D = q.shape
-    fused = mode == "fused"
+    poison = opts.kernel.poison_outputs
     # delta = rowsum(dO * O) with the caller's dO: = rowsum(dO_attn * O_attn) even with a gain (see module doc), so the
     # dQ pass can form it only while its dO is the caller's (no gain folded in).
-    delta_in_dq = FUSE_DELTA and not fused and head_gain is None
+    delta_in_dq = head_gain is None
     if delta_in_dq:
-        delta = _alloc.empty((B, Hq, Tq), torch.float32, q.device)
+        delta = _alloc.empty((B, Hq, Tq), torch.float32, q.device, poison)
     else:
-        delta = row_dot(out, d_out)
+        delta = row_dot(out, d_out, poison)
     if head_gain is not None:
         from .reference import _gain_as_bhtd
         d_out = d_out * _gain_as_bhtd(head_gain).to(d_out.dtype)
@@ -534,92 +459,51 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
     kv_start, kv_end = pad_bounds(q, k, kv_start, kv_end)
     hooks = hook_args(q, k, kv_indices, col_bias, None, active, kv_start, kv_end)
     scales = (*softmax_scales(opts), opts.scale)
-    # The "auto" launch order, dK/dV walk and group walk all follow head_dim: from 128 up tiles-first, two loops and a
-    # walk per head pay (L2 reuse, fewer register spills), below they lose (bench/kernel/delta_d64, group_walk).
-    wide_head = D >= 128
-    walk = ("two" if wide_head else "one") if DKDV_WALK == "auto" else DKDV_WALK
+    plan = backward_plan(D, hooks["consts"]["GROUP"], hooks["consts"]["LIST_DIV"])
     consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
-                  SCAN=64, ONE_LOOP=BWD_ONE_LOOP,
-                  TILES_FASTEST=wide_head if BWD_TILES_FASTEST is None else BWD_TILES_FASTEST)
-    tiles = dict(zip(("BLOCK_M", "BLOCK_N"), interpreter_tiles(opts.block_q, opts.block_k)))
-    # dQ in the (B, Tq, Hq, D) layout the attention output uses; fp32 and zeroed when accumulated.
-    if fused:
-        dq = torch.zeros((B, Tq, Hq, D), dtype=torch.float32, device=q.device).transpose(1, 2)
-        dk, dv = _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
-                            scales, consts, tiles, fused, walk)
-    else:
-        dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
-        _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, scales,
-                 dict(consts, FUSE_DELTA=delta_in_dq), tiles)
-        dk, dv = _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
-                            scales, consts, tiles, fused, walk)
-    if fused:
-        dq = (dq * opts.scale).to(q.dtype)
+                  SCAN=64, TILES_FASTEST=plan.tiles_fastest)
+    tiles = dict(zip(("BLOCK_M", "BLOCK_N"), interpreter_tiles(opts.block_q, opts.block_k, opts.kernel)))
+    # dQ in the (B, Tq, Hq, D) layout the attention output uses.
+    dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device, poison).transpose(1, 2)
+    _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, scales,
+             dict(consts, FUSE_DELTA=delta_in_dq), tiles, opts.kernel.autotune)
+    dk, dv = _dkdv_pass(q, k, v, d_out, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
+                        scales, consts, tiles, plan)
     return dq, dk, dv
 
 
-def _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, scales, consts, tiles):
+def _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, scales, consts, tiles, autotune):
     B, Hq, Tq, _ = q.shape
     args = (q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, *hooks["ptrs"], *scales,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
             *dq.stride()[:3], *out.stride()[:3], *list_strides(kv_indices), *list_strides(kv_counts),
             *hooks["strides"], Hq, Tq, k.shape[2])
     launch(_dq_tuned, lambda meta: _grid(B * Hq, triton.cdiv(Tq, meta["BLOCK_M"]), consts), args, consts, tiles,
-           q.device)
+           q.device, autotune)
 
 
 def _grid(head_programs, tile_programs, consts):
     return (tile_programs, head_programs) if consts["TILES_FASTEST"] else (head_programs, tile_programs)
 
 
-def _dkdv_pass(q, k, v, d_out, dq, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks, scales,
-               consts, tiles, fused, walk):
+def _dkdv_pass(q, k, v, d_out, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks, scales, consts, tiles,
+               plan):
     B, Hkv, Tk, _ = k.shape
     Tq = q.shape[2]
     q_ids, offsets = cached_transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
-    dk = _alloc.empty(k.shape, k.dtype, k.device)
-    dv = _alloc.empty(v.shape, v.dtype, v.device)
+    dk = _alloc.empty(k.shape, k.dtype, k.device, opts.kernel.poison_outputs)
+    dv = _alloc.empty(v.shape, v.dtype, v.device, opts.kernel.poison_outputs)
     n_k_blocks = math.ceil(Tk / opts.block_k)
     rows_per_batch = 0 if kv_indices.shape[0] == 1 else kv_indices.shape[1] * n_k_blocks
     bias_s = list_strides(col_bias) if col_bias is not None else (0, 0, 0)
     kv_start_p, kv_end_p, bias_p, _gain_p, _act_p = hooks["ptrs"]
-    kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE", "FUSE_DELTA")}
-    kv_consts.update(ONE_LOOP=consts["ONE_LOOP"] and walk == "one",
-                     FLAT_GROUP=flat_group_walk(consts["GROUP"], consts["LIST_DIV"], q.shape[-1] >= 128))
-    args = (q, k, v, d_out, dk, dv, dq, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
+    kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE")}
+    kv_consts.update(ONE_LOOP=not plan.two_loop_dkdv, FLAT_GROUP=plan.flat_group)
+    args = (q, k, v, d_out, dk, dv, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
             *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
-            *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *bias_s, Hkv, Tq, Tk,
-            rows_per_batch, n_k_blocks, B)
-    tma = fused and dq_by_tma(q.device, q.shape[-1])
-    if tma:
-        _ensure_descriptor_allocator()
-    launch(_dkdv_fused_tuned if fused else _dkdv_tuned,
-           lambda meta: _grid(B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"]), consts), args,
-           dict(kv_consts, FUSED_DQ=fused, DQ_TMA=tma), tiles, q.device)
+            *dk.stride()[:3], *dv.stride()[:3], *bias_s, Hkv, Tq, Tk, rows_per_batch, n_k_blocks)
+    launch(_dkdv_tuned, lambda meta: _grid(B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"]), consts), args, kv_consts,
+           tiles, q.device, opts.kernel.autotune)
     return dk, dv
-
-
-def flat_group_walk(group: int, list_div: int, wide_head: bool) -> bool:
-    """Whether the dK/dV pass walks its group's heads as one list (``GROUP_WALK``; "auto": below head_dim 128):
-    possible when every head of the group reads the same list (one list per KV head, or one for all heads)."""
-    shared = group > 1 and list_div % group == 0
-    choice = ("loop" if wide_head else "flat") if GROUP_WALK == "auto" else GROUP_WALK
-    return shared and choice == "flat"
-
-
-def dq_by_tma(device, head_dim: int) -> bool:
-    """Whether the fused backward adds dQ tiles with TMA bulk reductions (``DQ_TMA``, Hopper or newer, compiled, and
-    dQ's row strides a multiple of 16 bytes as TMA needs)."""
-    return DQ_TMA and head_dim % 4 == 0 and hopper_or_newer(device)
-
-
-def _ensure_descriptor_allocator():
-    """Device-side tensor descriptors need scratch memory from ``triton.set_allocator``; set a torch-backed one
-    unless the caller has set their own."""
-    from triton.runtime import _allocation
-    current = _allocation._allocator
-    current = current.get() if hasattr(current, "get") else current  # a ContextVar in recent Triton
-    if isinstance(current, _allocation.NullAllocator):
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))

@@ -1,13 +1,16 @@
 """Triton forward kernel for block-sparse flash attention (prefill), plus the jit helpers that the
 backward and decode kernels share.
 
-One program = one (batch, q head, query tile of BLOCK_M rows). It walks the query block's sorted
-key-block list in three stretches so the mask arithmetic runs only where it can change a score:
+One program = one (batch, q head, query tile of BLOCK_M rows). A prefix scan splits the query block's sorted
+key-block list into three stretches so the mask arithmetic runs only where it can change a score:
   head  - blocks straddling ``kv_start`` (left padding): masked
-  clean - blocks every row of the tile sees completely: no mask, no bounds checks
+  clean - blocks every row of the tile sees completely: no mask
   tail  - blocks crossing the causal diagonal / ``kv_end`` / ``Tk``: masked
+and walks them in one software-pipelined loop, the mask behind a branch per sub-tile (a short sparse list pays one
+pipeline fill; a loop per stretch was 3-14% slower on the H200, bench/kernel/RESULTS.md, and was removed).
 Blocks entirely before ``kv_start`` or entirely invisible are never loaded. Scores live in log2
-units (``scale * log2(e)`` folded in) so the softmax uses exp2.
+units (``scale * log2(e)`` folded in) so the softmax uses exp2.  Launch options (autotuning, programmatic dependent
+launch, interpreter tiles) come in ``opts.kernel`` (:class:`patchattn.kernels.KernelOptions`).
 """
 from __future__ import annotations
 
@@ -24,17 +27,7 @@ from . import _alloc
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# PATCHATTN_AUTOTUNE=0: take the first config that fits instead of timing them (tests, quick runs).
-AUTOTUNE = os.environ.get("PATCHATTN_AUTOTUNE", "1") != "0"
-# Programmatic dependent launch (Hopper and newer) for the decode-step kernels (block scores, block choice, split-K
-# attention): each is launched while the kernel before it finishes and waits on the device (griddepcontrol) before it
-# touches memory, so a step's kernel boundaries and the one into the next layer cost less launch latency, in eager
-# streams and in CUDA graphs alike.  PATCHATTN_PDL=0 turns it off.
-PDL = os.environ.get("PATCHATTN_PDL", "1") != "0"
 _HOPPER_OR_NEWER: dict = {}
-# Tests set (BLOCK_M, BLOCK_N) here to exercise sub-tiling under the interpreter.
-FORCE_TILES: tuple[int, int] | None = None
-INTERPRETER_TILES_FASTEST = False
 
 
 def hopper_or_newer(device) -> bool:
@@ -47,14 +40,18 @@ def hopper_or_newer(device) -> bool:
     return _HOPPER_OR_NEWER[device]
 
 
-def pdl_launch(device) -> bool:
-    """Whether kernels on ``device`` are launched with programmatic dependent launch (``PDL``; compiled, sm_90+)."""
-    return PDL and hopper_or_newer(device)
+def pdl_launch(device, pdl: bool) -> bool:
+    """Whether kernels on ``device`` are launched with programmatic dependent launch: asked for
+    (``KernelOptions.pdl``), compiled, sm_90+.  Each decode-step kernel (block scores, block choice, split-K attention)
+    is then launched while the kernel before it finishes and waits on the device (griddepcontrol) before it touches
+    memory, so a step's kernel boundaries and the one into the next layer cost less launch latency, in eager streams
+    and in CUDA graphs alike."""
+    return pdl and hopper_or_newer(device)
 
 
-def pdl_options(device) -> dict:
+def pdl_options(device, pdl: bool) -> dict:
     """Launch options for a kernel with a ``PDL`` constexpr: that flag, plus the launch attribute when it is on."""
-    on = pdl_launch(device)
+    on = pdl_launch(device, pdl)
     return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
 
 
@@ -66,20 +63,6 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
         gdc_wait()
         gdc_launch_dependents()
 
-
-def one_loop_from_env(name: str, default: str) -> bool:
-    """Whether the environment variable ``name`` ("1" or "3", else ``default``) asks for one loop per list."""
-    loops = os.environ.get(name, default)
-    if loops not in ("1", "3"):
-        raise ValueError(f"{name}={loops!r}: expected '1' (one loop per list) or '3' (a loop per stretch)")
-    return loops == "1"
-
-
-# The forward walks a tile's list in one pipelined loop, masking the cut blocks by a branch per sub-tile
-# ("1"), or in three loops (cut by padding / fully visible / cut by the diagonal, "3"), each with its own
-# pipeline fill -- which short sparse lists pay for.  H200, d128, 32/8 heads: one loop 3-14% faster at 16k-128k,
-# 2-50% density (bench/kernel/one_loop/, bench/kernel/RESULTS.md).
-FWD_ONE_LOOP = one_loop_from_env("PATCHATTN_FWD_LOOPS", "1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,11 +193,10 @@ def visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL: tl.constexpr, KEYS_ON_ROWS:
 def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, stride_entry,
             j_lo, j_hi, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, stride_bias_t,
             scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
-            BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-            CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, clean_lo=0, clean_hi=0, ONE_LOOP: tl.constexpr = False):
-    """Online softmax over list entries j_lo..j_hi (counted in BLOCK_N sub-tiles).  ONE_LOOP: the entries
-    clean_lo..clean_hi skip the visibility mask (a branch per sub-tile), the others take it."""
+            clean_lo, clean_hi, BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over list entries j_lo..j_hi (counted in BLOCK_N sub-tiles): the entries clean_lo..clean_hi
+    skip the visibility mask (a branch per sub-tile), the others take it."""
     SUB: tl.constexpr = BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for j in range(j_lo, j_hi):
@@ -222,13 +204,10 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
         cols = blk * BK + (j % SUB) * BLOCK_N + offs_n
         col_ok = cols < Tk
         k = load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], col_ok, d_ok,
-                      MASKED, EVEN_D)
+                      True, EVEN_D)
         s, _t = scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap,
-                            cap_log2, HAS_SOFTCAP, HAS_BIAS, MASKED, DOT_PRECISION, False)
-        if ONE_LOOP:
-            if (j < clean_lo) | (j >= clean_hi):
-                s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
-        elif MASKED:
+                            cap_log2, HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, False)
+        if (j < clean_lo) | (j >= clean_hi):
             s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
         m_new = tl.maximum(m_i, reduce_max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
@@ -236,32 +215,10 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + reduce_sum(p, 1)
         v = load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok,
-                      MASKED, EVEN_D)
+                      True, EVEN_D)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
-
-
-@triton.jit
-def _three_stretches(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before, n_lo, n_vis, clean_hi,
-                     rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
-                     BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The list in three walks: blocks cut by the padding start (masked), the fully visible ones (no mask),
-    the ones the causal diagonal or the end cuts (masked)."""
-    SUB: tl.constexpr = BK // BLOCK_N
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
-                            tl.minimum(n_lo, n_vis) * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr,
-                            sbt, scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N,
-                            EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_lo * SUB, clean_hi * SUB,
-                            rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
-                            offs_d, d_ok, BK, BLOCK_N, EVEN_D, False, CAUSAL, HAS_BIAS,
-                            HAS_SOFTCAP, DOT_PRECISION)
-    return _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, clean_hi * SUB, n_vis * SUB, rows_pos,
-                   kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
-                   offs_d, d_ok, BK, BLOCK_N, EVEN_D, True, CAUSAL, HAS_BIAS,
-                   HAS_SOFTCAP, DOT_PRECISION)
 
 
 @triton.jit
@@ -276,7 +233,7 @@ def _fwd_kernel(
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
-        ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_FASTEST: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_FASTEST: tl.constexpr):
     # Launch order (tuned): all heads of a query tile together (they share K/V in L2 under GQA),
     # or all tiles of a head together. Heavy (late, causal) tiles go first either way.
     if TILES_FASTEST:
@@ -328,16 +285,11 @@ def _fwd_kernel(
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    if ONE_LOOP:  # one pipelined walk: a short list pays one pipeline fill, not one per stretch
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
-                                n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap,
-                                cap_log2, offs_d, d_ok, BK, BLOCK_N, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                DOT_PRECISION, n_lo * SUB, clean_hi * SUB, True)
-    else:
-        acc, m_i, l_i = _three_stretches(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before,
-                                         n_lo, n_vis, clean_hi, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt,
-                                         scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BK, BLOCK_N,
-                                         EVEN_D, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+    # One pipelined walk: a short list pays one pipeline fill, not one per stretch.
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
+                            n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap,
+                            cap_log2, offs_d, d_ok, n_lo * SUB, clean_hi * SUB, BK, BLOCK_N, EVEN_D, CAUSAL,
+                            HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -390,15 +342,16 @@ _fwd_tuned = triton.autotune(
 TUNED: dict = {}
 
 
-def launch(tuned, grid, args, consts, interpreter_meta, device):
-    """Autotuned launch on a GPU; a fixed config under the interpreter or with AUTOTUNE off."""
+def launch(tuned, grid, args, consts, interpreter_meta, device, autotune: bool = True):
+    """Autotuned launch on a GPU; a fixed config under the interpreter, or without ``autotune`` (the first config
+    that compiles)."""
     if INTERPRETING or device.type != "cuda":
         tuned.fn[grid(interpreter_meta)](*args, **consts, **interpreter_meta)
         return
     key = (tuned.fn.__name__, device.index, args[0].dtype, tuple(sorted(consts.items())))
     cfg = TUNED.get(key)
     if cfg is None:
-        if AUTOTUNE:
+        if autotune:
             tuned[grid](*args, **consts)
             TUNED[key] = tuned.best_config
             return
@@ -425,10 +378,11 @@ def _tiles_divide(cfg, consts) -> bool:
             and cfg.kwargs.get("BLOCK_N", 0) <= consts.get("BK", 1 << 30))
 
 
-def interpreter_tiles(bq, bk):
-    """Tiles for the CPU interpreter (no autotuning there: every config would run)."""
-    if FORCE_TILES is not None:
-        return min(FORCE_TILES[0], bq), min(FORCE_TILES[1], bk)
+def interpreter_tiles(bq, bk, options):
+    """Tiles for the CPU interpreter (no autotuning there: every config would run): the logical blocks, or
+    ``options.interpreter_tiles`` within them."""
+    if options.interpreter_tiles is not None:
+        return min(options.interpreter_tiles[0], bq), min(options.interpreter_tiles[1], bk)
     return bq, bk
 
 
@@ -501,8 +455,9 @@ def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, he
     Tk = k.shape[2]
     kv_start, kv_end = pad_bounds(q, k, kv_start, kv_end)
     # [B, Tq, Hq, D] memory: transformers transposes back to this layout, so that becomes free.
-    out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
-    lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device) if need_lse else None
+    poison = opts.kernel.poison_outputs
+    out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device, poison).transpose(1, 2)
+    lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device, poison) if need_lse else None
     hooks = hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end)
     args = (q, k, v, out, lse if lse is not None else out, kv_indices, kv_counts, *hooks["ptrs"],
             *softmax_scales(opts),
@@ -512,13 +467,14 @@ def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, he
     consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, WRITE_LSE=need_lse,
-                  DOT_PRECISION=dot_precision(q.dtype), SCAN=64, ONE_LOOP=FWD_ONE_LOOP)
-    bm, bn = interpreter_tiles(opts.block_q, opts.block_k)
+                  DOT_PRECISION=dot_precision(q.dtype), SCAN=64)
+    bm, bn = interpreter_tiles(opts.block_q, opts.block_k, opts.kernel)
 
     def grid(meta):
         tiles = triton.cdiv(Tq, meta["BLOCK_M"])
         return (tiles, B * Hq) if meta["TILES_FASTEST"] else (B * Hq, tiles)
 
     launch(_fwd_tuned, grid, args, consts,
-           dict(BLOCK_M=bm, BLOCK_N=bn, TILES_FASTEST=INTERPRETER_TILES_FASTEST), q.device)
+           dict(BLOCK_M=bm, BLOCK_N=bn, TILES_FASTEST=opts.kernel.interpreter_tiles_fastest), q.device,
+           opts.kernel.autotune)
     return out, lse
