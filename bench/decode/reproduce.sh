@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Decode-step figures (CUDA GPU): each sparse method's whole decode step (its block selection + the split-K kernel)
+# at 128k keys, batch 1 and 8, eagerly and replayed from a CUDA graph, against SDPA timed the same way.
+#   bash bench/decode/reproduce.sh        (repository root as cwd)
+# One run per graph depth, one results file each:
+#   steps_l1.csv   one layer per CUDA graph (the decode columns of the README's decision table)
+#   steps_l8.csv   eight layers per CUDA graph, each its own cache (how a served model's graph runs them)
+#   kernel_l1.csv / kernel_l8.csv   the kernel alone on random 5% lists (bench/kernel's decode figures)
+# Stamped: the methods CSVs' first line holds patchattn.report.environment() (GPU, torch, triton, transformers,
+# patchattn version) and the command; the kernel CSVs GPU, versions, command, date. Neither records the commit.
+set -euo pipefail
+out=${OUT:-bench/decode}
+methods=streaming,power,s2,moa,duo,hyper,blocktopk,hip
+mkdir -p "$out"
+for layers in 1 8; do
+  patchattn bench methods --methods "$methods" --prefill "" --decode 131072 --decode-batch 1,8 \
+      --decode-layers "$layers" --csv "$out/steps_l$layers.csv"
+  patchattn bench kernel --modes decode --decode-T 131072 --decode-batches 1,8 --decode-densities 0.05 \
+      --head-dims 128 --no-flex --decode-layers "$layers" --csv "$out/kernel_l$layers.csv" --json "$out/kernel_l$layers.json"
+done
