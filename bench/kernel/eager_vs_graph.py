@@ -1,4 +1,4 @@
-# On a CUDA GPU, from the repository root: PYTHONPATH=. python3 bench/kernel/known_full/eager_vs_graph.py OUT.json [fwd]
+# On a CUDA GPU, from the repository root: PYTHONPATH=. python3 bench/kernel/eager_vs_graph.py bench/kernel/eager_vs_graph.json [fwd]
 """fwd+bwd (or, with ``fwd``, the forward alone) at 16k on sparse random lists, ours and FlexAttention on the same
 masks, timed three ways: `do_bench`
 (what `patchattn bench kernel` reports: L2 flushed before every call, host and device both counted), a tight loop of
