@@ -3,8 +3,10 @@
 # at 128k keys, batch 1 and 8, eagerly and replayed from a CUDA graph, against SDPA timed the same way.
 #   bash bench/decode/reproduce.sh        (repository root as cwd)
 # One run per graph depth, one results file each:
-#   steps_l1.csv   one layer per CUDA graph (the decode columns of the README's decision table)
-#   steps_l8.csv   eight layers per CUDA graph, each its own cache (how a served model's graph runs them)
+#   steps_l1.csv   one layer per CUDA graph
+#   steps_l8.csv   eight layers per CUDA graph, each its own cache (how a served model's graph runs them): the decode
+#                  column of the README's decision table and of bench/sparse/
+# Each in a process of its own, without prefill rows before it (they slow the decode timings down, RESULTS.md).
 #   kernel_l1.csv / kernel_l8.csv   the kernel alone on random 5% lists (bench/kernel's decode figures)
 # Stamped: the methods CSVs' first line holds patchattn.report.environment() (GPU, torch, triton, transformers,
 # patchattn version) and the command; the kernel CSVs GPU, versions, command, date. Neither records the commit.

@@ -3,8 +3,9 @@
 # 8 kv heads, head_dim 128, random q/k/v), its own block selection timed, vs SDPA and FlexAttention on the same lists.
 #   bash bench/methods/reproduce.sh          (repository root as cwd)
 # One run, one results file per figure:
-#   speed.csv       prefill at 32k and 128k, decode steps at 128k (batch 1 and 8, eager and one layer per CUDA graph):
-#                   the speed columns of the README's decision table and of bench/sparse/ (its --speed input)
+#   speed.csv       prefill at 32k and 128k: the prefill column of the README's decision table and bench/sparse/
+#                   (decode steps are timed by bench/decode/reproduce.sh in processes of their own: timed after the
+#                   prefill half in the same process they measure up to 2x slower, bench/decode/RESULTS.md)
 #   speed_512k.csv  prefill at 512k for streaming, hip, blocktopk (no Flex)
 # Stamped: each CSV's first line holds patchattn.report.environment() (GPU, torch, triton, transformers, patchattn
 # version) and the command; not the commit.
@@ -14,6 +15,6 @@
 set -euo pipefail
 out=${OUT:-bench/methods}
 mkdir -p "$out"
-patchattn bench methods --csv "$out/speed.csv"
+patchattn bench methods --decode "" --csv "$out/speed.csv"
 patchattn bench methods --methods streaming,hip,blocktopk --prefill 524288 --decode "" --no-flex \
     --csv "$out/speed_512k.csv"
