@@ -7,9 +7,8 @@
 #   steps_l8.csv   eight layers per CUDA graph, each its own cache (how a served model's graph runs them): the decode
 #                  column of the README's decision table and of bench/sparse/
 # Each in a process of its own, without prefill rows before it (they slow the decode timings down, RESULTS.md).
-#   kernel_l1.csv / kernel_l8.csv   the kernel alone on random 5% lists (bench/kernel's decode figures)
-# Stamped: the methods CSVs' first line holds patchattn.report.environment() (GPU, torch, triton, transformers,
-# patchattn version) and the command; the kernel CSVs GPU, versions, command, date. Neither records the commit.
+# Stamped: each CSV's first line holds patchattn.report.environment() (GPU, torch, triton, transformers, patchattn
+# version) and the command; not the date or the commit. (The kernel alone: bench/kernel/reproduce.sh.)
 set -euo pipefail
 out=${OUT:-bench/decode}
 methods=streaming,power,s2,moa,duo,hyper,blocktopk,hip
@@ -17,6 +16,4 @@ mkdir -p "$out"
 for layers in 1 8; do
   patchattn bench methods --methods "$methods" --prefill "" --decode 131072 --decode-batch 1,8 \
       --decode-layers "$layers" --csv "$out/steps_l$layers.csv"
-  patchattn bench kernel --modes decode --decode-T 131072 --decode-batches 1,8 --decode-densities 0.05 \
-      --head-dims 128 --no-flex --decode-layers "$layers" --csv "$out/kernel_l$layers.csv" --json "$out/kernel_l$layers.json"
 done
