@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Quality figures (CPU; ~1.5 h for SmolLM2 and ~1 h for Gemma on 2 cores): every training-free sparse method's
+# default config against dense on the same tokens: perplexity ratio at 4k/8k tokens of CPython's pydoc text,
+# density, passkey retrieval at 2k/4k/8k (depths 10/50/90%, greedy, through the KV cache).
+#   bash bench/quality/reproduce.sh [smollm2|gemma]     (repository root as cwd; both when no argument)
+# One fresh run per model (no --resume: rows of different code versions never mix), one results file each:
+#   smollm2.json       the quality columns of the README's decision table and of bench/sparse/ (its --quality input)
+#   gemma3-270m.json   the same at 8k on Gemma-3-270M (only its 3 full-attention layers are sparsified)
+# Stamped: each JSON holds patchattn.report.environment() (device, torch, triton, transformers, patchattn version)
+# and the arguments; not the commit.
+set -euo pipefail
+out=${OUT:-bench/quality}
+methods=dense,streaming,power,s2,moa,duo,hyper,hip,blocktopk
+models=("$@")
+[ $# -gt 0 ] || models=(smollm2 gemma)
+mkdir -p "$out"
+for model in "${models[@]}"; do
+  case $model in
+    smollm2) patchattn bench quality --model smollm2 --methods "$methods" --ppl-lengths 4096,8192 \
+                 --passkey-lengths 2048,4096,8192 --depths 0.1,0.5,0.9 --json "$out/smollm2.json" ;;
+    gemma)   patchattn bench quality --model gemma3-270m --methods "$methods" --ppl-lengths 8192 \
+                 --passkey-lengths 8192 --depths 0.1,0.5,0.9 --json "$out/gemma3-270m.json" ;;
+    *) echo "unknown model $model (smollm2 or gemma)" >&2; exit 2 ;;
+  esac
+done
