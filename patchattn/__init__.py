@@ -13,13 +13,14 @@ from .api import PatchHandle, get_config, get_handle, list_methods, load, patch,
 from .config import MethodConfig
 from .methods._sparse import SparseConfig, register_sparse_method
 from .registry import MethodSpec, register_method
-from .state import PatchContext, PatchState, TokenLayout
+from .state import MethodState, PatchContext, PatchState, TokenLayout
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MethodConfig",
     "MethodSpec",
+    "MethodState",
     "PatchContext",
     "PatchHandle",
     "PatchState",

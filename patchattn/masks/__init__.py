@@ -5,7 +5,9 @@ live beside their methods."""
 
 from .geometry import BlockGeometry
 from .static import (PowerRun, Run, causal_allowed, power_of_two, power_of_two_row, runs_lists, runs_mask,
-                     sink_and_window, sink_and_window_row, strided_shard_rows, strided_shards)
+                     sink_and_window, sink_and_window_row, sink_and_window_rows,
+                     strided_shard_rows, strided_shards)
 
 __all__ = ["BlockGeometry", "PowerRun", "Run", "causal_allowed", "power_of_two", "power_of_two_row", "runs_lists",
-           "runs_mask", "sink_and_window", "sink_and_window_row", "strided_shard_rows", "strided_shards"]
+           "runs_mask", "sink_and_window", "sink_and_window_row", "sink_and_window_rows",
+           "strided_shard_rows", "strided_shards"]

@@ -13,7 +13,7 @@ from the query block's diagonal block (and first position) with plain arithmetic
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -21,22 +21,27 @@ from .geometry import BlockGeometry
 
 
 def _minimum(a, b):
-    return torch.minimum(torch.as_tensor(a), torch.as_tensor(b)) if torch.is_tensor(a) or torch.is_tensor(b) \
-        else min(a, b)
+    """``min`` of host integers (decoding: plain Python, no tensor), ``torch.minimum`` once a tensor is involved."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a if a < b else b
+    return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
 
 
 def _maximum(a, b):
-    return torch.maximum(torch.as_tensor(a), torch.as_tensor(b)) if torch.is_tensor(a) or torch.is_tensor(b) \
-        else max(a, b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a if a > b else b
+    return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
 
 
-@dataclass(frozen=True)
-class Run:
-    """Key blocks ``lo, lo + step, lo + 2 step, ...`` below ``hi`` (``step`` 1: a contiguous run)."""
+class Run(NamedTuple):
+    """Key blocks ``lo, lo + step, lo + 2 step, ...`` below ``hi`` (``step`` 1: a contiguous run).  A tuple: with
+    host integers it is hashed as (part of) a memo key on every decode step, so it must be cheap to build and hash;
+    ``kind`` keeps it apart from a ``PowerRun`` of the same numbers."""
 
     lo: int | torch.Tensor
     hi: int | torch.Tensor
     step: int = 1
+    kind: str = "run"
 
     def members(self, j: torch.Tensor) -> torch.Tensor:
         inside = (j >= self.lo) & (j < self.hi)
@@ -55,13 +60,13 @@ class Run:
         return k if isinstance(self.lo, int) and self.lo == 0 else k + self.lo
 
 
-@dataclass(frozen=True)
-class PowerRun:
+class PowerRun(NamedTuple):
     """Key blocks ``anchor - 2^e`` (``e >= 0``) in ``[lo, hi)``, ascending (``e`` descending)."""
 
     anchor: int | torch.Tensor
     lo: int | torch.Tensor
     hi: int | torch.Tensor
+    kind: str = "power"
 
     def members(self, j: torch.Tensor) -> torch.Tensor:
         distance = self.anchor - j
@@ -151,6 +156,13 @@ def sink_and_window_row(g: BlockGeometry, sink_tokens: int, window: int) -> tupl
     """One query block's ``sink_and_window`` runs in host integers (decoding: its diagonal is the last key block)."""
     g = g.prefill_aligned()
     return sink_and_window_runs(g.n_k - 1, g.offset, g.block_k, sink_tokens, window)
+
+
+def sink_and_window_rows(g: BlockGeometry, sink_tokens: int, windows) -> tuple[tuple[Run, Run], ...]:
+    """``sink_and_window_row`` of each window (one per head), each distinct window computed once."""
+    g = g.prefill_aligned()
+    rows = {w: sink_and_window_runs(g.n_k - 1, g.offset, g.block_k, sink_tokens, w) for w in set(windows)}
+    return tuple(rows[w] for w in windows)
 
 
 def power_of_two_row(g: BlockGeometry, sink_blocks: int, local_blocks: int) -> tuple[Run, PowerRun, Run]:

@@ -18,7 +18,7 @@ import torch
 from ..config import MethodConfig, option
 from ..kernels.blockselect import decode_block_topk
 from ..kernels.blocksparse import blocks_from_mask
-from ..masks import BlockGeometry, runs_lists, sink_and_window_row
+from ..masks import BlockGeometry, runs_lists, sink_and_window_rows
 from ..state import MethodState
 from ._sparse import SparseState, memo_decode_lists
 
@@ -128,7 +128,7 @@ def per_head_window_lists(g: BlockGeometry, sink_tokens: int, windows: list[int]
     """One query block (decoding), a sink + window row per head (``windows[h]`` tokens; a window as long as the
     cache is a full row): ``([1, H, 1, width], [1, H, 1])``, equal to the mask path's lists, kept per the heads'
     runs; each distinct row is built once."""
-    rows = tuple(sink_and_window_row(g, sink_tokens, w) for w in windows)
+    rows = sink_and_window_rows(g, sink_tokens, windows)
 
     def build():
         distinct = {row: runs_lists(row, width, device) for row in dict.fromkeys(rows)}

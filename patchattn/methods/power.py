@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-
 from ..config import option
 from ..masks import BlockGeometry, power_of_two, power_of_two_row
 from ._budget import causal_pairs, closest_budget, pattern_density

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-
 from ..config import option
 from ..masks import BlockGeometry, runs_lists, strided_shard_rows, strided_shards
 from ._budget import capped_rows, causal_pairs, closest_budget, pattern_density

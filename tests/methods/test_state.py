@@ -3,12 +3,12 @@
 
 import pytest
 import torch
+from pin_cases import PIN_CASES, method_of
 
 import patchattn
 from patchattn.registry import all_specs, get_spec
 from patchattn.state import MethodState, PatchContext, PatchState
 from patchattn.testing import tiny_model
-from pin_cases import PIN_CASES, method_of
 
 FIXED_ATTRIBUTES = set(vars(PatchState(get_spec("dense").config_cls(), 0, "text", PatchContext())))
 
