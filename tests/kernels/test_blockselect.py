@@ -327,3 +327,21 @@ def test_decode_lists_match_the_prefill_choice_for_the_same_row():
         chosen = prefill_block_choice(scores, q_len=2, block_q=16, block_k=16, kv_len=150, top_k=3, sink_blocks=1,
                                       local_blocks=2, mass=mass, head_dim=32)
         assert torch.equal(mask_from_blocks(idx, counts, k_means.shape[2]), chosen), mass
+
+
+def test_entry_points_take_explicit_launch_options(triton_device):
+    """``options=`` reaches the kernels (warps, stages, poisoned outputs) and leaves the result unchanged."""
+    from patchattn.kernels import KernelOptions
+
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(1, 2, 150, 32, generator=gen).to(triton_device)
+    k_means = block_means(torch.randn(1, 1, 150, 32, generator=gen), 16).to(triton_device)
+    args = dict(block_q=16, block_k=16, kv_len=150, k=4, backend="triton")
+    tuned = KernelOptions(tree_warps=8, tree_stages=2, poison_outputs=True)
+    assert torch.equal(prefill_tree_search(query, k_means, **args, options=tuned),
+                       prefill_tree_search(query, k_means, **args))
+    q = query[:, :, -1]
+    picked = decode_block_topk(q, k_means, top_k=3, backend="triton",
+                               options=KernelOptions(score_warps=2, select_warps=8, pdl=False, poison_outputs=True))
+    default = decode_block_topk(q, k_means, top_k=3, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(picked, default))
