@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..eval.longctx import FILLER
+from ..data import FILLER
 from ..kernels.dense import sdpa_attention
 from . import artifact, attention_probe, base_parser, context_ids, load_model, model_name, save_json
 
