@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import adapters
+from .adapters import diffusers as dit_adapter
 from .adapters.hf import saved_config
 from .config import MethodConfig
 from .models import load_base, load_pretrained
@@ -169,6 +170,45 @@ def parse_methods(text: str) -> list[tuple[str, str, dict]]:
         label, _, overrides = item.partition(":")
         out.append((label, label.split("@")[0], json.loads(overrides) if overrides else {}))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DiTs saved while patched (diffusers)
+# --------------------------------------------------------------------------------------------------------------
+def repatch_from_config(model):
+    """Patch ``model`` (a DiT or pipeline) again as its config says it was saved; returns the handle or None."""
+    saved = dit_adapter.saved_patch(model)
+    if saved is None:
+        return None
+    config = get_spec(saved["method"]).config_cls.from_dict(saved["config"])
+    return patch(model, config, targets=saved.get("targets", "all"))
+
+
+def load_dit(path: str, method=None, *, model_cls=None, subfolder: str | None = None, **kwargs):
+    """Load a diffusers DiT saved with ``save_pretrained`` and patch it.
+
+    Args:
+        path: local folder (or Hub id) of the model; ``subfolder`` as in ``from_pretrained`` (``"transformer"``
+            for a pipeline folder).
+        method: a method name or ``MethodConfig``; None re-applies the patch the model was saved with (if any).
+        model_cls: the diffusers class; None reads ``_class_name`` from the saved config.
+        **kwargs: passed to ``from_pretrained`` (``torch_dtype``, ...).
+
+    Returns:
+        the model, patched. Parameters of the patch (``*.patchattn.*`` in a saved ``state_dict``) are loaded back
+        from the folder's safetensors files.
+    """
+    import diffusers  # optional: only DiT users install it
+
+    if model_cls is None:
+        model_cls = getattr(diffusers, dit_adapter.read_saved_config(path, subfolder)["_class_name"])
+    model = model_cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+    if method is not None:
+        patch(model, method, targets="all")
+    else:
+        repatch_from_config(model)
+    dit_adapter.load_patch_parameters(model, os.path.join(path, subfolder or ""))
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------------
