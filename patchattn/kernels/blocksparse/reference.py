@@ -89,7 +89,15 @@ def _expand_lists(ctx, t):
 
 def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
     B, Hkv, G, bq, bk = ctx.B, ctx.Hkv, ctx.group, ctx.block_q, ctx.block_k
+    if idx.device.type == "cpu":
+        # Lists are padded to the longest row of the whole call (causal rows near the start list few blocks):
+        # read only as many entries as this chunk's longest list. The dropped entries are padding, masked to
+        # -inf, so only the length of the reductions changes. Not on GPUs: a host sync breaks graph capture.
+        used = max(1, int(cnt.max())) if cnt.numel() else 1
+        idx = idx[..., :used]
     n_blocks, n_entries = idx.shape[2], idx.shape[3]
+    # Without autograd the score-sized temporaries are updated in place (same operations, fewer allocations).
+    inplace = not torch.is_grad_enabled()
     rows_here = q_rows.shape[2]
     padded = n_blocks * bq
     qc = q_rows.to(ctx.compute_dtype)
@@ -113,21 +121,23 @@ def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
     k_sel = k[b_ix, h_ix, gather_pos].to(ctx.compute_dtype)  # [B, Hkv, G', C, L, D]
     v_sel = v[b_ix, h_ix, gather_pos].to(ctx.compute_dtype)
 
-    scores = torch.matmul(qc, k_sel.transpose(-1, -2)) * ctx.scale  # [B, Hkv, G', C, R, L]
+    scores = torch.matmul(qc, k_sel.transpose(-1, -2)).mul_(ctx.scale)  # [B, Hkv, G', C, R, L]
     if ctx.softcap is not None:
         scores = ctx.softcap * torch.tanh(scores / ctx.softcap)
     if col_bias is not None:
         scores = scores + _gather_bias(ctx, col_bias, gather_pos)[..., None, :]
 
     allowed = key_ok[..., None, :] & _row_mask(ctx, m0, n_blocks, key_pos, idx.device)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores.masked_fill_(allowed.logical_not_(), float("-inf"))
 
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    p = torch.exp(scores - row_max)
+    p = scores.sub_(row_max).exp_() if inplace else torch.exp(scores - row_max)
     denom = p.sum(dim=-1, keepdim=True)
     # Empty rows have p = 0: divide by 1 (not by a tiny number, whose gradient overflows).
-    out = torch.matmul(p, v_sel) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    safe_denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = torch.matmul(p, v_sel)
+    out = out.div_(safe_denom) if inplace else out / safe_denom
     lse = (row_max + torch.log(denom)).squeeze(-1)
 
     # Back to [B, Hq, rows, D] / [B, Hq, rows].
