@@ -25,6 +25,12 @@ def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, blo
     group = Hq // Hkv
     n_q_blocks, max_entries = kv_indices.shape[2], kv_indices.shape[3]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    plain = (causal and softcap is None and kv_start is None and kv_end is None and col_bias is None
+             and head_gain is None and active is None and not return_lse)
+    if plain and not _needs_grad(q, k, v) and _lists_every_causal_block(kv_indices, kv_counts, Tq, Tk, block_q, block_k):
+        # Lists that name every causally allowed block once are causal attention: on the CPU the fused SDPA
+        # kernel computes it several times faster than gathering every block (same math, same compute dtype).
+        return _causal_sdpa(q, k, v, scale, compute_dtype)
     # Fold the GQA group into the rows of one matmul when the whole group reads the same blocks.
     fold = kv_indices.shape[1] in (1, Hkv) and (col_bias is None or col_bias.shape[1] in (1, Hkv))
     ctx = _Context(B, Hq, Hkv, group, Tq, Tk, D, block_q, block_k, causal, scale, softcap, fold,
@@ -57,6 +63,34 @@ def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, blo
         out = out * _gain_as_bhtd(head_gain)
     out = out.to(q.dtype)
     return (out, lse.float()) if return_lse else out
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _lists_every_causal_block(kv_indices, kv_counts, Tq, Tk, block_q, block_k) -> bool:
+    """True for a CPU prefill whose every list names exactly the blocks ``0..m`` (query block ``m``), in any order."""
+    if kv_indices.device.type != "cpu" or Tq != Tk or block_q != block_k:
+        return False
+    n_q, entries = kv_indices.shape[2], kv_indices.shape[3]
+    if entries < n_q:
+        return False
+    pos = torch.arange(n_q)
+    if not bool((kv_counts == pos + 1).all()):
+        return False
+    listed = kv_indices[..., :n_q].long()
+    listed = torch.where(pos < kv_counts[..., None], listed, n_q).sort(dim=-1).values
+    expected = torch.where(pos[None, :] <= pos[:, None], pos[None, :], n_q)  # row m: 0..m, then filler
+    return bool((listed == expected).all())
+
+
+def _causal_sdpa(q, k, v, scale, compute_dtype):
+    group = q.shape[1] // k.shape[1]
+    k = k.to(compute_dtype).repeat_interleave(group, dim=1) if group > 1 else k.to(compute_dtype)
+    v = v.to(compute_dtype).repeat_interleave(group, dim=1) if group > 1 else v.to(compute_dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q.to(compute_dtype), k, v, is_causal=True, scale=scale)
+    return out.to(q.dtype)
 
 
 def _gain_as_bhtd(head_gain):
