@@ -171,7 +171,9 @@ def run_demo(model_name: str = "smollm2", tokens: int = 2048, methods: list[str]
     rows = []
     print(f"{len(specs)} methods, {tokens} tokens, {threads} torch thread(s) of {os.cpu_count()} cores", flush=True)
     with torch.no_grad(), torch_threads(threads):
-        for spec in tqdm(specs, desc="methods", unit="method"):
+        progress = tqdm(specs, desc="methods", unit="method")
+        for spec in progress:
+            progress.set_postfix_str(spec.name)  # which method the time is going to
             try:
                 rows.append(run_method(model, tokenizer, spec, ids, prompt, max_new_tokens))
             except Exception as err:  # report and go on: one broken method must not hide the others
