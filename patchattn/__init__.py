@@ -8,8 +8,8 @@ head-modulated and mixture-of-heads variants, in one line.
 
 from . import methods
 from .adapters import hf as _hf
-from .adapters.diffusers import load_dit, repatch_from_config
-from .api import PatchHandle, get_config, get_handle, list_methods, load, patch, patched, unpatch
+from .api import (PatchHandle, get_config, get_handle, list_methods, load, load_dit, patch, patched,
+                  repatch_from_config, unpatch)
 from .config import MethodConfig
 from .methods._sparse import SparseConfig, register_sparse_method
 from .registry import MethodSpec, register_method

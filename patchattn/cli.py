@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from . import api
+from .adapters.families import HF_FAMILIES
+from .calibrate import main as calibrate_main
+from .demo import run_demo
+from .registry import PATTERNS
 from .report import format_table, markdown_table
 
 
 def _list(args) -> int:
-    from .adapters.families import HF_FAMILIES
-
     rows = [
         {
             "method": s.name,
@@ -40,17 +43,13 @@ def _list(args) -> int:
 
 def _pattern_rows(specs) -> list[dict]:
     """One row per method: which attention patterns (CAB taxonomy) it supports."""
-    from .registry import PATTERNS
-
     return [{"method": s.name, **{p: "yes" if p in s.patterns else "-" for p in PATTERNS}} for s in specs]
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
-
     methods = args.methods.split(",") if args.methods else None
     rows = run_demo(args.model, tokens=args.tokens, methods=methods, max_new_tokens=args.max_new_tokens,
-                    json_path=args.json)
+                    json_path=args.json, threads=args.threads)
     return 1 if any("error" in r for r in rows) else 0
 
 
@@ -63,8 +62,7 @@ BENCHMARKS = {
 
 
 def _bench(args) -> int:
-    import importlib
-
+    # by name: a benchmark's own imports (triton, matplotlib) load only when it runs
     return importlib.import_module(BENCHMARKS[args.what]).main(args.rest)
 
 
@@ -78,14 +76,11 @@ DELEGATED = {
 
 
 def _delegate(args) -> int:
-    import importlib
-
+    # by name: lm-eval and the trainer's dependencies load only for their command
     return importlib.import_module(DELEGATED[args.command][0]).main(args.rest)
 
 
 def _calibrate(args) -> int:
-    from .calibrate import main as calibrate_main
-
     return calibrate_main([args.what, *args.rest])
 
 
@@ -108,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated subset (default: all training-free methods)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the perplexity forwards (default: the idle cores; decoding uses one)")
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="benchmarks: kernel and methods speed (CUDA GPU), quality (CPU/GPU), report")

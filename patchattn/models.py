@@ -15,6 +15,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    Gemma2Config,
+    Gemma3Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlavaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2_5_VLConfig,
+    Qwen3Config,
+    SiglipVisionConfig,
+)
+
+from .config import closest
 
 
 @dataclass(frozen=True)
@@ -73,8 +93,6 @@ def locate_embedded(name: str) -> tuple[str, str]:
 
 def load_pretrained(name_or_path: str, *, dtype=torch.float32, attn_implementation: str | None = None, **kwargs):
     """(model, tokenizer) for an embedded name or a local path; no network is used for embedded names."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if name_or_path in EMBEDDED:
         directory, gguf_file = locate_embedded(name_or_path)
         kwargs = {"gguf_file": gguf_file, **kwargs}
@@ -109,38 +127,26 @@ _VISION_CLIP = dict(
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig
-
     return LlamaConfig(**_TEXT)
 
 
 def _tiny_mistral():
-    from transformers import MistralConfig
-
     return MistralConfig(**_TEXT, sliding_window=None)
 
 
 def _tiny_qwen2():
-    from transformers import Qwen2Config
-
     return Qwen2Config(**_TEXT)
 
 
 def _tiny_qwen3():
-    from transformers import Qwen3Config
-
     return Qwen3Config(**_TEXT, head_dim=16)
 
 
 def _tiny_gemma2():
-    from transformers import Gemma2Config
-
     return Gemma2Config(**_TEXT, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
 
 
 def _tiny_gemma3_text():
-    from transformers import Gemma3TextConfig
-
     return Gemma3TextConfig(
         **dict(_TEXT, num_hidden_layers=3), head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
@@ -148,14 +154,10 @@ def _tiny_gemma3_text():
 
 
 def _tiny_phi3():
-    from transformers import Phi3Config
-
     return Phi3Config(**_TEXT, pad_token_id=0)
 
 
 def _tiny_llava():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
     return LlavaConfig(
         vision_config=CLIPVisionConfig(**_VISION_CLIP),
         text_config=LlamaConfig(**_TEXT),
@@ -170,8 +172,6 @@ def _qwen_vl_text():
 
 
 def _tiny_qwen2_vl():
-    from transformers import Qwen2VLConfig
-
     return Qwen2VLConfig(
         text_config=_qwen_vl_text(),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
@@ -181,8 +181,6 @@ def _tiny_qwen2_vl():
 
 
 def _tiny_qwen2_5_vl():
-    from transformers import Qwen2_5_VLConfig
-
     return Qwen2_5_VLConfig(
         text_config=_qwen_vl_text(),
         vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, num_heads=2, intermediate_size=48,
@@ -193,8 +191,6 @@ def _tiny_qwen2_5_vl():
 
 
 def _tiny_gemma3():
-    from transformers import Gemma3Config, SiglipVisionConfig
-
     text = _tiny_gemma3_text().to_dict()
     return Gemma3Config(
         text_config=text,
@@ -221,8 +217,6 @@ TINY_CONFIGS: dict[str, Callable] = {
 
 def tiny_model(family: str, *, seed: int = 0, attn_implementation: str | None = None):
     """A small random model of ``family`` (a key of ``TINY_CONFIGS``), fp32, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
     if family not in TINY_CONFIGS:
         raise ValueError(f"no tiny config for {family!r}; known: {', '.join(TINY_CONFIGS)}")
     config = TINY_CONFIGS[family]()
@@ -232,3 +226,44 @@ def tiny_model(family: str, *, seed: int = 0, attn_implementation: str | None = 
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     model = auto.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Base models by name: what a training recipe and a saved adapter name.
+# --------------------------------------------------------------------------------------------------------------
+TINY_PREFIX = "tiny-"
+
+
+class UnknownModelError(ValueError):
+    """A model name that is neither embedded, ``tiny-<family>`` nor a local folder."""
+
+
+class ByteTokenizer:
+    """Tokenizer of the tiny random test models: UTF-8 bytes folded into the vocabulary (no files, no network)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [b % self.vocab_size for b in text.encode("utf-8")]
+
+    def save_pretrained(self, path: str) -> None:  # the tokenizer is rebuilt from the model's vocabulary size
+        pass
+
+
+def load_base(name: str, dtype: str = "float32"):
+    """(model, tokenizer) in eval mode: an embedded model, ``tiny-<family>`` (random, byte tokenizer) or a path."""
+    torch_dtype = getattr(torch, dtype)
+    if name.startswith(TINY_PREFIX):
+        family = name[len(TINY_PREFIX):]
+        if family not in TINY_CONFIGS:
+            raise UnknownModelError(f"unknown model {name!r}; tiny models: "
+                                    f"{', '.join(TINY_PREFIX + f for f in TINY_CONFIGS)}")
+        model = tiny_model(family).to(torch_dtype)
+        return model, ByteTokenizer(model.config.vocab_size)
+    if name not in EMBEDDED and not os.path.exists(name):
+        known = [*EMBEDDED, *(TINY_PREFIX + f for f in TINY_CONFIGS)]
+        hint = closest(name, known)
+        raise UnknownModelError(f"unknown model {name!r}{f'; did you mean {hint!r}?' if hint else ''} Use one of "
+                                f"{', '.join(known)} or a local model folder (no hub downloads)")
+    return load_pretrained(name, dtype=torch_dtype)

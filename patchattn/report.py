@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import platform
 
+import torch
+import transformers
+
+from . import __version__
+
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """A plain-text table (readable in CI logs and terminals alike)."""
@@ -36,9 +41,6 @@ def _cell(value) -> str:
 
 def environment() -> dict:
     """Versions and hardware, recorded next to every result."""
-    import torch
-    import transformers
-
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -48,12 +50,10 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
     try:
-        import triton
+        import triton  # optional: absent on CPU-only installs
 
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    from . import __version__
-
     info["patchattn"] = __version__
     return info

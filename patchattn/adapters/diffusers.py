@@ -410,54 +410,15 @@ def _restore_config(transformer, previous) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Loading a DiT saved while patched
 # --------------------------------------------------------------------------------------------------------------
+# ``load_dit`` and ``repatch_from_config`` patch through ``patchattn.api``, so they live there (api imports
+# adapters, never the reverse); ``read_saved_config`` and ``load_patch_parameters`` are their helpers here.
 def saved_patch(model) -> dict | None:
     """The ``{"method", "config", "targets"}`` record a patched DiT saved in its config, if any."""
     saved = transformer_of(model).config.get(SAVED_PATCH_KEY)
     return saved if isinstance(saved, dict) else None
 
 
-def repatch_from_config(model):
-    """Patch ``model`` (a DiT or pipeline) again as its config says it was saved; returns the handle or None."""
-    from .. import api
-    from ..registry import get_spec
-
-    saved = saved_patch(model)
-    if saved is None:
-        return None
-    config = get_spec(saved["method"]).config_cls.from_dict(saved["config"])
-    return api.patch(model, config, targets=saved.get("targets", "all"))
-
-
-def load_dit(path: str, method=None, *, model_cls=None, subfolder: str | None = None, **kwargs):
-    """Load a diffusers DiT saved with ``save_pretrained`` and patch it.
-
-    Args:
-        path: local folder (or Hub id) of the model; ``subfolder`` as in ``from_pretrained`` (``"transformer"``
-            for a pipeline folder).
-        method: a method name or ``MethodConfig``; None re-applies the patch the model was saved with (if any).
-        model_cls: the diffusers class; None reads ``_class_name`` from the saved config.
-        **kwargs: passed to ``from_pretrained`` (``torch_dtype``, ...).
-
-    Returns:
-        the model, patched. Parameters of the patch (``*.patchattn.*`` in a saved ``state_dict``) are loaded back
-        from the folder's safetensors files.
-    """
-    import diffusers
-
-    from .. import api
-
-    if model_cls is None:
-        model_cls = getattr(diffusers, _read_config(path, subfolder)["_class_name"])
-    model = model_cls.from_pretrained(path, subfolder=subfolder, **kwargs)
-    if method is not None:
-        api.patch(model, method, targets="all")
-    else:
-        repatch_from_config(model)
-    _load_patch_parameters(model, os.path.join(path, subfolder or ""))
-    return model
-
-
-def _read_config(path: str, subfolder: str | None) -> dict:
+def read_saved_config(path: str, subfolder: str | None) -> dict:
     """A saved model's config.json (local or Hub), through diffusers' own config loader."""
     from diffusers.configuration_utils import ConfigMixin
 
@@ -467,7 +428,7 @@ def _read_config(path: str, subfolder: str | None) -> dict:
     return _SavedConfig.load_config(path, subfolder=subfolder)
 
 
-def _load_patch_parameters(model, folder: str) -> None:
+def load_patch_parameters(model, folder: str) -> None:
     """``from_pretrained`` drops the patch's own tensors (the classes do not know them): read them back."""
     wanted = {k for k in model.state_dict() if f".{STATE_ATTR}." in k}
     if not wanted or not os.path.isdir(folder):

@@ -20,10 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import api
-from ..eval.longctx import answer_passkey, passkey_example
-from ..eval.ppl import mean_stat, perplexity, text_token_ids
+from ..api import mean_stat, parse_methods
+from ..data import passkey_example, text_token_ids
+from ..eval.longctx import answer_passkey
+from ..eval.ppl import perplexity
 from ..report import environment, format_table
-from .methods import ints, parse_methods
+from .methods import ints
 
 DEFAULT_METHODS = "dense,streaming,power,s2,blocktopk,hip"
 

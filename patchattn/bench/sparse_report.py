@@ -81,7 +81,7 @@ def markdown_table(quality: dict, speed: dict, peers: tuple = ()) -> str:
 
 
 def plot(quality: dict, speed: dict, path: str, length: int = 8192) -> None:
-    import matplotlib
+    import matplotlib  # heavy, and only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -8,15 +8,31 @@ where the payload (``rules`` or ``scores``) is a ``[num_layers][num_heads]`` nes
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
 # The readers are re-exported here for the calibration commands and existing imports.
-from ..artifacts import (PLANS_DIR, SIGNATURE_FIELDS, check_against, load_artifact, resolve,  # noqa: F401
-                         shipped, shipped_for, signature)
+from ..artifacts import (  # noqa: F401
+    PLANS_DIR,
+    SIGNATURE_FIELDS,
+    check_against,
+    load_artifact,
+    resolve,
+    shipped,
+    shipped_for,
+    signature,
+)
+from ..data import all_token_ids
+from ..models import EMBEDDED, load_pretrained
 
 COMMANDS = {"moa": "patchattn.calibrate.moa", "retrieval-heads": "patchattn.calibrate.retrieval_heads",
             "act": "patchattn.calibrate.act"}
@@ -45,12 +61,8 @@ def load_model(name_or_path: str):
     A folder without tokenizer files (a tiny random test model) gives ``tokenizer=None``; the commands then use
     seeded random token ids instead of text.
     """
-    from ..models import EMBEDDED, load_pretrained
-
     if name_or_path in EMBEDDED or name_or_path.endswith(".gguf"):
         return load_pretrained(name_or_path)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="float32").eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -61,8 +73,6 @@ def load_model(name_or_path: str):
 
 def base_parser(prog: str, description: str, default_out: str):
     """The options every calibration command has: ``--model``, ``--out``, ``--seed``."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local save_pretrained folder")
     parser.add_argument("--out", default=default_out, help=f"output JSON (default {default_out})")
@@ -76,8 +86,6 @@ def base_parser(prog: str, description: str, default_out: str):
 
 def context_ids(tokenizer, vocab_size: int, n_tokens: int, offset: int, seed: int):
     """``[1, n]`` background tokens: offline text (pydoc) with a tokenizer, else seeded random ids (test models)."""
-    import torch
-
     if tokenizer is not None:
         ids = _text_ids(tokenizer)
         if ids.shape[1] < offset + n_tokens:
@@ -87,16 +95,9 @@ def context_ids(tokenizer, vocab_size: int, n_tokens: int, offset: int, seed: in
     return torch.randint(3, vocab_size, (1, n_tokens), generator=gen)
 
 
-_TEXT_IDS: dict = {}
-
-
 def _text_ids(tokenizer):
-    """The whole pydoc text tokenised once per tokenizer (``eval.ppl.text_token_ids`` re-tokenises per call)."""
-    if id(tokenizer) not in _TEXT_IDS:
-        from ..eval.ppl import offline_text
-
-        _TEXT_IDS[id(tokenizer)] = tokenizer(offline_text(), return_tensors="pt").input_ids
-    return _TEXT_IDS[id(tokenizer)]
+    """The whole pydoc text tokenised once per tokenizer."""
+    return all_token_ids(tokenizer)
 
 
 def model_name(name_or_path: str) -> str:
@@ -109,9 +110,6 @@ def attention_probe(model, name: str, fn):
 
     Registered under transformers' own registries (not patchattn's method list): it is a measuring tool.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, sdpa_mask)
     configs = [model.config, *(getattr(model.config, k) for k in getattr(model.config, "sub_configs", {}) or {})]
@@ -128,8 +126,6 @@ def attention_probe(model, name: str, fn):
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``[command, *args]`` with command ``moa`` or ``retrieval-heads`` (for a ``patchattn calibrate`` CLI)."""
-    import importlib
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: patchattn calibrate {{{','.join(COMMANDS)}}} [--help]", file=sys.stderr)

@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from . import artifact, base_parser, load_model, model_name, save_json
+from .. import api
+from . import _text_ids, artifact, base_parser, load_model, model_name, save_json
 
 CONTEXT_TOKENS = 24
 CHOICES = 4
@@ -50,8 +51,6 @@ def build_task(tokenizer, seed: int, count: int, context: int = CONTEXT_TOKENS, 
     Answer: the real next word; distractors: three other words of the same passage, drawn at random
     (deterministic from ``seed``).  Returns ``{"input_ids" [N, context], "attention_mask", "choices" [N, 4], "answers" [N]}``.
     """
-    from . import _text_ids
-
     ids = _text_ids(tokenizer)[0]
     words = word_tokens(tokenizer, ids)
     vocabulary = words.nonzero()[:, 0]
@@ -177,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import patchattn
-
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise SystemExit("calibrate act needs a tokenizer (the task is text); pass a model folder with one")
@@ -186,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     task = {k: v.to(args.device) for k, v in task.items()}
     model.to(args.device)
     calibration, heldout = split(task, 0, args.samples), split(task, args.samples, args.samples + args.heldout)
-    patchattn.patch(model, "act", heads={}, beta=args.beta, threshold=args.threshold)
+    api.patch(model, "act", heads={}, beta=args.beta, threshold=args.threshold)
     config = model.config
     first, last = (int(x) for x in args.layers.split("-")) if args.layers else (2, config.num_hidden_layers - 2)
     if not 0 <= first <= last < config.num_hidden_layers:

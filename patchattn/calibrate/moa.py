@@ -29,6 +29,7 @@ import time
 import torch
 
 from ..masks import BlockGeometry, causal_allowed, sink_and_window
+from ..methods.moa import head_windows
 from . import artifact, attention_probe, base_parser, context_ids, load_model, model_name, save_json
 
 PROBE = "patchattn_calibrate_moa_profile"
@@ -101,8 +102,6 @@ def candidate_grid(lengths: list[int]) -> list[tuple[float, float]]:
 
 def candidate_costs(influence_by_len: dict, grid, block: int, sink_blocks: int):
     """(loss ``[L, H, C]`` summed over lengths, density ``[len, C]``) of every rule on the grid."""
-    from ..methods.moa import head_windows
-
     loss, density = 0, []
     for n, infl in influence_by_len.items():
         g = BlockGeometry(n, n, block, block)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..eval.longctx import FILLER
+from ..data import filler_ids
 from ..kernels.dense import sdpa_attention
 from . import artifact, attention_probe, base_parser, context_ids, load_model, model_name, save_json
 
@@ -71,8 +71,7 @@ def haystack(tokenizer, vocab_size: int, n_tokens: int, offset: int, seed: int) 
     """The passkey task's repeated filler (a 135M model loses needles in varied pydoc prose), or seeded ids."""
     if tokenizer is None:
         return context_ids(None, vocab_size, n_tokens, offset, seed)[0].tolist()
-    filler = tokenizer(FILLER, add_special_tokens=False).input_ids
-    return (filler * (n_tokens // len(filler) + 1))[:n_tokens]
+    return filler_ids(tokenizer, n_tokens)
 
 
 def top1_probe(record: dict):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import api
+from ..kernels.blocksparse import mask_from_blocks
+from ..methods import _sparse
 from ..state import get_state
 
 
@@ -48,8 +50,6 @@ def mask_from_json(data: dict) -> torch.Tensor:
 @contextmanager
 def _capture_block_lists(layer_of_call: list, wanted_layer: int, captured: list):
     """Record (kv_indices, kv_counts, geometry) of the block-sparse calls made while ``wanted_layer`` runs."""
-    from ..methods import _sparse
-
     original = _sparse.block_sparse_attention
 
     def recording(query, key, value, kv_indices, kv_counts, *, block_q, block_k, **kwargs):
@@ -81,8 +81,6 @@ def read_blocks(model, input_ids: torch.Tensor, method: str, overrides: dict | N
                 head: int = 0) -> BlockMap:
     """Patch ``model`` with ``method``, run ``input_ids`` ``[1, T]`` once, and return the blocks that layer and head
     read (the model is unpatched afterwards)."""
-    from ..kernels.blocksparse import mask_from_blocks
-
     overrides = dict(overrides or {})
     block_size = int(overrides.get("block_size", getattr(api.get_config(method), "block_size", 64)))
     length = input_ids.shape[1]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 
+from ..lm_eval import require_lm_eval
+from ..tasks import TASKS, task_name, tasks_path
+
 # Task parameters travel to the task generators as lm-eval metadata; everything else goes to simple_evaluate.
 TASK_PARAMS = ("lengths", "depths", "samples", "seed", "keys", "hops", "chains")
 
@@ -12,10 +15,8 @@ TASK_PARAMS = ("lengths", "depths", "samples", "seed", "keys", "hops", "chains")
 def make_lm(model_or_name, method: str | None = "dense", *, method_args=None, tokenizer=None, targets="text",
             **model_kwargs):
     """A ``PatchAttnLM`` for an embedded name / local path, or for a model object (``tokenizer`` needed)."""
-    from ..lm_eval import require_lm_eval
-
     require_lm_eval()
-    from ..lm_eval.model import PatchAttnLM
+    from ..lm_eval.model import PatchAttnLM  # optional: needs the lm-eval extra
 
     return PatchAttnLM(model_or_name, method=method, method_args=method_args, targets=targets,
                        tokenizer=tokenizer, **model_kwargs)
@@ -37,8 +38,6 @@ def task_metadata(lm, model_or_name, params: dict, workdir: str) -> dict:
 
 def resolve_tasks(tasks) -> list[str]:
     """Our short names (``passkey``) become ``patchattn_passkey``; any other name is left to lm-eval."""
-    from ..tasks import TASKS
-
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     return [TASKS.get(n.strip(), n.strip()) for n in names if n.strip()]
 
@@ -61,10 +60,8 @@ def evaluate(model_or_name, tasks, method: str | None = "dense", *, method_args=
     Example:
         >>> patchattn.eval.evaluate("smollm2", "passkey", method="hip", lengths=[1024, 2048])["results"]
     """
-    from lm_eval import simple_evaluate
+    from lm_eval import simple_evaluate  # optional: the lm-eval extra
     from lm_eval.tasks import TaskManager
-
-    from ..tasks import TASKS, task_name, tasks_path
 
     names = resolve_tasks(tasks)
     for name in names:
@@ -87,8 +84,6 @@ def evaluate(model_or_name, tasks, method: str | None = "dense", *, method_args=
 
 
 def _check_known(manager, names: list[str]) -> None:
-    from ..tasks import TASKS
-
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         ours = ", ".join(f"{k} ({v})" for k, v in TASKS.items())

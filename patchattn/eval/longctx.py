@@ -7,42 +7,12 @@ the Landmark Attention paper, used by HiP, StreamingLLM and LongLoRA).  The mode
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-
 import torch
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-QUESTION = " What is the pass key? The pass key is"
+from ..data import FILLER, PASSKEY_QUESTION, PasskeyExample, passkey_example, passkey_prompt
 
-
-@dataclass(frozen=True)
-class PasskeyExample:
-    input_ids: torch.Tensor  # [1, T], T close to ``length``
-    answer: str
-    length: int  # the length asked for
-    depth: float
-
-
-def passkey_prompt(tokenizer, length: int, depth: float, seed: int = 0) -> tuple[str, str]:
-    """(prompt text of about ``length`` tokens with the key at ``depth`` of the filler, the key)."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
-    rng = random.Random(f"{seed}-{length}-{depth}")
-    key = str(rng.randint(10000, 99999))
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    fixed = len(tokenizer(needle + QUESTION).input_ids)
-    filler_ids = tokenizer(FILLER).input_ids
-    n_filler = max(1, (length - fixed) // len(filler_ids))
-    before = round(n_filler * depth)
-    return FILLER * before + needle + FILLER * (n_filler - before) + QUESTION, key
-
-
-def passkey_example(tokenizer, length: int, depth: float, seed: int = 0) -> PasskeyExample:
-    """A passkey prompt of about ``length`` tokens with the key at ``depth`` (0 = start, 1 = end) of the filler."""
-    text, key = passkey_prompt(tokenizer, length, depth, seed)
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    return PasskeyExample(ids, key, length, depth)
+QUESTION = PASSKEY_QUESTION
+__all__ = ["FILLER", "QUESTION", "PasskeyExample", "answer_passkey", "passkey_example", "passkey_prompt"]
 
 
 @torch.no_grad()

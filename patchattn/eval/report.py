@@ -13,6 +13,8 @@ import math
 import os
 from collections import defaultdict
 
+from .blocks import mask_from_json
+
 GEN_TASKS = ("passkey", "needle", "vartrack")
 
 
@@ -138,7 +140,7 @@ def _cell(value) -> str:
 # Plots
 # --------------------------------------------------------------------------------------------------------------
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy, and only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -229,8 +231,6 @@ def plot_heatmaps(results: dict, task: str, path: str) -> bool:
 
 def plot_blocks(results: dict, path: str) -> bool:
     """The key blocks each method read (white: read) for one layer and head."""
-    from .blocks import mask_from_json
-
     blocks = results.get("blocks", {})
     if not blocks:
         return False

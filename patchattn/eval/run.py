@@ -22,6 +22,12 @@ import time
 from tqdm.auto import tqdm
 
 from .. import api
+from ..data import text_token_ids
+from ..lm_eval import require_lm_eval
+from ..report import environment
+from ..tasks import task_name
+from .blocks import read_blocks
+from .harness import evaluate, make_lm
 
 DEFAULT_METHODS = "dense,blocktopk,hip,streaming"
 DEFAULT_TASKS = "passkey,ppl"
@@ -61,9 +67,7 @@ def task_params(args) -> dict:
 
 
 def parse_methods(text: str) -> list[tuple[str, str, dict]]:
-    from ..bench.methods import parse_methods as parse
-
-    methods = parse(text)
+    methods = api.parse_methods(text)
     for _label, name, overrides in methods:
         api.get_config(name, **overrides)  # unknown method or field: fail now, naming the known ones
     return methods
@@ -110,9 +114,6 @@ def find_cell(results: dict, method: str, task: str, params: dict) -> dict | Non
 # One cell
 # --------------------------------------------------------------------------------------------------------------
 def run_cell(lm, model_name: str, label: str, task: str, params: dict) -> dict:
-    from ..tasks import task_name
-    from .harness import evaluate
-
     full = task_name(task)
     cfg = {k: v for k, v in params.items() if k != "limit"}
     start = time.perf_counter()
@@ -149,16 +150,12 @@ def token_perplexity(samples: list[dict]) -> float:
 # Main
 # --------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from ..lm_eval import require_lm_eval
-
     args = parse_args(argv)
     try:
         require_lm_eval()
     except ImportError as err:
         print(f"patchattn eval: {err}", file=sys.stderr)
         return 2
-    from ..tasks import task_name
-
     methods = parse_methods(args.methods)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for task in tasks:
@@ -188,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args):
-    from .harness import make_lm
-
     return make_lm(args.model, "dense", device=args.device, dtype=args.dtype)
 
 
@@ -199,9 +194,6 @@ def _repatch(lm, name: str, overrides: dict) -> None:
 
 
 def _block_maps(lm, args, methods, results) -> None:
-    from .blocks import read_blocks
-    from .ppl import text_token_ids
-
     model = lm.model
     layer = args.blocks_layer if args.blocks_layer is not None else model.config.num_hidden_layers // 2
     ids = text_token_ids(lm.tokenizer, args.blocks_length)
@@ -217,9 +209,7 @@ def _block_maps(lm, args, methods, results) -> None:
 
 
 def _environment(lm) -> dict:
-    import lm_eval
-
-    from ..report import environment
+    import lm_eval  # optional: the lm-eval extra (main checked it is installed)
 
     info = environment()
     info["lm_eval"] = lm_eval.__version__

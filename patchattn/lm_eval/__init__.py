@@ -16,7 +16,7 @@ INSTALL_HINT = "pip install 'patchattn[eval]'"
 def require_lm_eval():
     """The ``lm_eval`` module; ImportError with the one-line install hint when the extra is missing."""
     try:
-        import lm_eval
+        import lm_eval  # the optional eval extra: this is the check
     except ImportError:
         raise ImportError(f"lm-evaluation-harness is not installed; install the eval extra: {INSTALL_HINT}") from None
     return lm_eval
@@ -26,7 +26,7 @@ def __getattr__(name: str):
     # Lazy, so `import patchattn.lm_eval` works (and can say what to install) without lm-eval.
     if name in ("PatchAttnLM", "DensityMeter"):
         require_lm_eval()
-        from . import model
+        from . import model  # imports lm-eval, so only on first use
 
         return getattr(model, name)
     raise AttributeError(name)

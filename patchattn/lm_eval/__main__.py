@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import sys
 
+from ..tasks import tasks_path
+from . import require_lm_eval
+
 
 def install() -> None:
     """Register the ``patchattn`` model and make every TaskManager also index our task folder."""
-    from . import require_lm_eval
-
     require_lm_eval()
+    # lm-eval is the optional eval extra: imported once require_lm_eval has said how to install it.
     import lm_eval.tasks
 
-    from ..tasks import tasks_path
-    from . import model  # noqa: F401  (registers "patchattn")
+    from . import model  # noqa: F401  (registers "patchattn"; imports lm-eval)
 
     base = lm_eval.tasks.TaskManager
     if getattr(base, "_patchattn", False):
@@ -34,7 +35,7 @@ def install() -> None:
             super().__init__(*args, include_path=[*paths, tasks_path()], **kwargs)
 
     lm_eval.tasks.TaskManager = TaskManagerWithOfflineTasks
-    import lm_eval.evaluator
+    import lm_eval.evaluator  # optional extra, as above
 
     lm_eval.evaluator.TaskManager = TaskManagerWithOfflineTasks
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"patchattn: {err}", file=sys.stderr)
         return 2
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # optional extra, as above
 
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()

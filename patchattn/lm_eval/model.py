@@ -14,7 +14,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .. import api
-from ..eval.ppl import mean_stat
+from ..api import mean_stat
 
 
 def parse_method_args(method_args) -> dict:

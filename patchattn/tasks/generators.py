@@ -18,7 +18,10 @@ import os
 import random
 import re
 
-from ..eval.longctx import FILLER, passkey_prompt
+from transformers import AutoTokenizer
+
+from ..data import FILLER, offline_text, passkey_prompt
+from ..models import EMBEDDED, locate_embedded
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,6 @@ def _cache_dir() -> str:
 @functools.cache
 def load_tokenizer(name_or_path: str):
     """The tokenizer of an embedded model name (``smollm2``, ``gemma3-270m``) or of a local model folder."""
-    from transformers import AutoTokenizer
-
-    from ..models import EMBEDDED, locate_embedded
-
     if name_or_path in EMBEDDED:
         cached = os.path.join(_cache_dir(), name_or_path)
         if os.path.exists(os.path.join(cached, "tokenizer_config.json")):
@@ -227,8 +226,6 @@ def ppl_docs(tokenizer, lengths, *, samples: int = 1, seed: int = 0, source: str
 
     Chunks of one length never overlap; ``seed`` picks where in the ~250k-token text they start.
     """
-    from ..eval.ppl import offline_text
-
     ids = tokenizer(offline_text(source), add_special_tokens=False).input_ids
     docs = []
     for length in lengths:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 
+import datasets
+from transformers import AutoConfig
+
+from patchattn.models import EMBEDDED
 from patchattn.tasks import generators as gen
 
 log = logging.getLogger(__name__)
@@ -41,14 +45,10 @@ def max_context(meta: dict) -> int | None:
 
 
 def context_of(name: str) -> int | None:
-    from patchattn.models import EMBEDDED
-
     known = {"smollm2": 8192, "gemma3-270m": 32768}  # their GGUF configs say so; reading them takes seconds
     if name in EMBEDDED:
         return known.get(name)
     try:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError):
         return None
@@ -67,8 +67,6 @@ def grid(meta: dict, *, samples: int) -> dict:
 
 
 def _dataset(docs: list[dict]) -> dict:
-    import datasets
-
     # Arrow needs one type per column: depth is None for tasks without one.
     for doc in docs:
         if doc.get("depth") is None:

@@ -1,4 +1,4 @@
-"""What a finished run leaves in its output folder, and how ``patchattn.load(..., adapter=...)`` reads it back.
+"""What a finished run leaves in its output folder (``patchattn.load(..., adapter=...)`` in ``api`` reads it back).
 
 ``adapter/``              the LoRA adapter (peft ``save_pretrained``: safetensors + adapter_config.json)
 ``patch.json``            the inference patch (what the tuned model runs) and the training patch, for the record
@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .model import apply_patch, inner_model, load_base, patch_parameters
+from ..api import (ADAPTER_DIR, PATCH_FILE, PATCH_STATE_FILE, RECIPE_FILE, apply_inference_patch, load_patch_state,
+                   load_tuned, patch_parameters, read_json)
+from .model import inner_model
 
-ADAPTER_DIR = "adapter"
-PATCH_FILE = "patch.json"
-PATCH_STATE_FILE = "patch_state.safetensors"
-RECIPE_FILE = "recipe.json"
+__all__ = ["ADAPTER_DIR", "PATCH_FILE", "PATCH_STATE_FILE", "RECIPE_FILE", "apply_inference_patch",
+           "load_patch_state", "load_tuned", "plot_loss", "read_json", "save_artifacts", "write_json"]
 
 
 def save_artifacts(output_dir: str, peft_model, recipe) -> None:
@@ -41,64 +40,9 @@ def write_json(path: str, data) -> None:
         handle.write("\n")
 
 
-def read_json(path: str):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {os.path.dirname(path)!r} the output folder of a finished "
-                                "`patchattn train` run?")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def load_patch_state(model, path: str) -> None:
-    """Copy saved patch-state parameters into a freshly patched model; every saved and expected name must match."""
-    saved = load_file(path)
-    expected = patch_parameters(model)
-    if set(saved) != set(expected):
-        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-        raise ValueError(f"{path} does not fit this patch: missing {missing[:3]}, unexpected {extra[:3]}")
-    with torch.no_grad():
-        for name, param in expected.items():
-            param.copy_(saved[name])
-
-
-def apply_inference_patch(model, output_dir: str, patch: dict | None = None):
-    """Patch ``model`` with the run's inference patch and load its learned patch state (when it has any)."""
-    patch = patch or read_json(os.path.join(output_dir, PATCH_FILE))["inference"]
-    if patch.get("method") == "dense":
-        return  # full attention: the model's own, exactly
-    apply_patch(model, patch)
-    if patch_parameters(model):
-        load_patch_state(model, os.path.join(output_dir, PATCH_STATE_FILE))
-
-
-def load_tuned(name_or_path: str | None, adapter: str, *, dtype=None, merge: bool = False):
-    """(model, tokenizer): the base model, the run's inference patch and patch state, and its LoRA adapter.
-
-    ``name_or_path=None`` takes the base model the run trained.  ``merge=True`` folds LoRA into the weights
-    (``merge_and_unload``): faster, equal up to rounding.
-    """
-    from peft import PeftModel
-
-    recipe = read_json(os.path.join(adapter, RECIPE_FILE))
-    trained_on = recipe["train"]["model"]
-    if name_or_path is None:
-        name_or_path = trained_on
-    elif name_or_path != trained_on:
-        warnings.warn(f"adapter {adapter!r} was trained on {trained_on!r}, loading it onto {name_or_path!r}",
-                      stacklevel=3)
-    dtype_name = str(dtype).replace("torch.", "") if dtype is not None else recipe["train"].get("dtype", "float32")
-    model, tokenizer = load_base(name_or_path, dtype_name)
-    apply_inference_patch(model, adapter)
-    model = PeftModel.from_pretrained(model, os.path.join(adapter, ADAPTER_DIR))
-    model.eval()
-    if merge:
-        model = model.merge_and_unload()
-    return model, tokenizer
-
-
 def plot_loss(log_path: str, out_path: str, title: str, before_loss: float | None = None) -> None:
     """Train loss per step (and its running mean) plus held-out loss; ``before_loss`` is drawn at step 0."""
-    import matplotlib
+    import matplotlib  # optional plotting dependency: only when a run draws its loss curve
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,6 +7,7 @@ import json
 import sys
 
 from .recipe import RecipeError, load_recipe
+from .run import RunOptions, output_dir_of, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +43,6 @@ def overrides_from(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run import RunOptions, output_dir_of, train
-
     args = build_parser().parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, overrides_from(args))

@@ -10,28 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import datasets
 import torch
 
+from ..data import offline_text
+from ..models import ByteTokenizer
 from .recipe import RecipeError, TrainConfig
 
-
-class ByteTokenizer:
-    """Tokenizer of the tiny random test models: UTF-8 bytes folded into the vocabulary (no files, no network)."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        return [b % self.vocab_size for b in text.encode("utf-8")]
-
-    def save_pretrained(self, path: str) -> None:  # the tokenizer is rebuilt from the model's vocabulary size
-        pass
+__all__ = ["ByteTokenizer", "TextData", "build_data", "read_text", "token_ids"]  # ByteTokenizer lives in models
 
 
 def read_text(data: dict) -> str:
     """The raw text of a ``data`` entry (see ``TrainConfig.data``)."""
-    from ..eval.ppl import offline_text
-
     if "text" in data:
         return offline_text(data["text"])
     if "files" in data:
@@ -43,8 +33,6 @@ def read_text(data: dict) -> str:
             except FileNotFoundError:
                 raise RecipeError(f"train.json: data file {path!r} not found") from None
         return "\n\n".join(parts)
-    import datasets
-
     dataset = datasets.load_dataset(data["dataset"], data.get("config"), split=data.get("split", "train"))
     column = data.get("column", "text")
     if column not in dataset.column_names:
@@ -81,8 +69,6 @@ class TextData:
 
 
 def build_data(config: TrainConfig, tokenizer) -> TextData:
-    import datasets
-
     ids = token_ids(tokenizer, read_text(config.data))
     split = int(len(ids) * (1 - config.holdout))
     train_ids, held = ids[:split], ids[split:]

@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from peft import LoraConfig
+
+from .. import api
 from ..config import closest
 
 RECIPE_FILES = ("patch.json", "lora.json", "train.json", "inference.json")
@@ -142,8 +145,6 @@ def check_data(data: Any) -> None:
 
 def check_patch(where: str, patch: dict) -> dict:
     """A patch entry is a registered method plus valid fields of its config (checked by building it)."""
-    from .. import api
-
     if not isinstance(patch, dict) or "method" not in patch:
         raise RecipeError(f"{where}: must be an object with a 'method' field, got {patch!r}")
     fields = {k: v for k, v in patch.items() if k != "method"}
@@ -155,8 +156,6 @@ def check_patch(where: str, patch: dict) -> dict:
 
 
 def check_lora(lora: dict) -> dict:
-    from peft import LoraConfig
-
     allowed = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
     _check_keys("lora.json", lora, allowed)
     return lora

@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from .. import api
 from . import artifacts, checkpoint, evaluate
@@ -84,8 +87,6 @@ class JsonlLog:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
@@ -127,9 +128,6 @@ def train(recipe: Recipe, options: RunOptions | None = None) -> dict:
 
 def train_model(recipe: Recipe, options: RunOptions | None = None):
     """Run ``recipe``; returns (metrics, the tuned peft model with its inference patch, or None if stopped early)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     options = options or RunOptions()
     config = recipe.train
     output = output_dir_of(recipe)

@@ -250,7 +250,7 @@ def test_save_load_round_trip(family, tmp_path):
     assert not torch.allclose(patched, reference)
     model.save_pretrained(tmp_path)
 
-    loaded = dit_adapter.load_dit(str(tmp_path))
+    loaded = patchattn.load_dit(str(tmp_path))
     loaded_handle = patchattn.get_handle(loaded)
     assert loaded_handle is not None and loaded_handle.method == "test_dit_gain"
     assert loaded_handle.modules == handle.modules
@@ -258,7 +258,7 @@ def test_save_load_round_trip(family, tmp_path):
 
     patchattn.unpatch(loaded)  # an unpatched model no longer claims a patch in its config
     assert "patchattn" not in loaded.config and torch.equal(run(loaded, inputs), reference)
-    assert dit_adapter.repatch_from_config(loaded) is None
+    assert patchattn.repatch_from_config(loaded) is None
 
 
 def test_patched_context_manager_and_dense_by_config():

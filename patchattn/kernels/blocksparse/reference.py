@@ -25,6 +25,12 @@ def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, blo
     group = Hq // Hkv
     n_q_blocks, max_entries = kv_indices.shape[2], kv_indices.shape[3]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    plain = (causal and softcap is None and kv_start is None and kv_end is None and col_bias is None
+             and head_gain is None and active is None and not return_lse)
+    if plain and not _needs_grad(q, k, v) and _lists_every_causal_block(kv_indices, kv_counts, Tq, Tk, block_q, block_k):
+        # Lists that name every causally allowed block once are causal attention: on the CPU the fused SDPA
+        # kernel computes it several times faster than gathering every block (same math, same compute dtype).
+        return _causal_sdpa(q, k, v, scale, compute_dtype)
     # Fold the GQA group into the rows of one matmul when the whole group reads the same blocks.
     fold = kv_indices.shape[1] in (1, Hkv) and (col_bias is None or col_bias.shape[1] in (1, Hkv))
     ctx = _Context(B, Hq, Hkv, group, Tq, Tk, D, block_q, block_k, causal, scale, softcap, fold,
@@ -59,6 +65,34 @@ def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, blo
     return (out, lse.float()) if return_lse else out
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _lists_every_causal_block(kv_indices, kv_counts, Tq, Tk, block_q, block_k) -> bool:
+    """True for a CPU prefill whose every list names exactly the blocks ``0..m`` (query block ``m``), in any order."""
+    if kv_indices.device.type != "cpu" or Tq != Tk or block_q != block_k:
+        return False
+    n_q, entries = kv_indices.shape[2], kv_indices.shape[3]
+    if entries < n_q:
+        return False
+    pos = torch.arange(n_q)
+    if not bool((kv_counts == pos + 1).all()):
+        return False
+    listed = kv_indices[..., :n_q].long()
+    listed = torch.where(pos < kv_counts[..., None], listed, n_q).sort(dim=-1).values
+    expected = torch.where(pos[None, :] <= pos[:, None], pos[None, :], n_q)  # row m: 0..m, then filler
+    return bool((listed == expected).all())
+
+
+def _causal_sdpa(q, k, v, scale, compute_dtype):
+    group = q.shape[1] // k.shape[1]
+    k = k.to(compute_dtype).repeat_interleave(group, dim=1) if group > 1 else k.to(compute_dtype)
+    v = v.to(compute_dtype).repeat_interleave(group, dim=1) if group > 1 else v.to(compute_dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q.to(compute_dtype), k, v, is_causal=True, scale=scale)
+    return out.to(q.dtype)
+
+
 def _gain_as_bhtd(head_gain):
     """[B, Tq, Hq] or [B|1, Hq] -> broadcastable against [B, Hq, Tq, D]."""
     if head_gain.dim() == 3:
@@ -89,7 +123,15 @@ def _expand_lists(ctx, t):
 
 def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
     B, Hkv, G, bq, bk = ctx.B, ctx.Hkv, ctx.group, ctx.block_q, ctx.block_k
+    if idx.device.type == "cpu":
+        # Lists are padded to the longest row of the whole call (causal rows near the start list few blocks):
+        # read only as many entries as this chunk's longest list. The dropped entries are padding, masked to
+        # -inf, so only the length of the reductions changes. Not on GPUs: a host sync breaks graph capture.
+        used = max(1, int(cnt.max())) if cnt.numel() else 1
+        idx = idx[..., :used]
     n_blocks, n_entries = idx.shape[2], idx.shape[3]
+    # Without autograd the score-sized temporaries are updated in place (same operations, fewer allocations).
+    inplace = not torch.is_grad_enabled()
     rows_here = q_rows.shape[2]
     padded = n_blocks * bq
     qc = q_rows.to(ctx.compute_dtype)
@@ -113,21 +155,23 @@ def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
     k_sel = k[b_ix, h_ix, gather_pos].to(ctx.compute_dtype)  # [B, Hkv, G', C, L, D]
     v_sel = v[b_ix, h_ix, gather_pos].to(ctx.compute_dtype)
 
-    scores = torch.matmul(qc, k_sel.transpose(-1, -2)) * ctx.scale  # [B, Hkv, G', C, R, L]
+    scores = torch.matmul(qc, k_sel.transpose(-1, -2)).mul_(ctx.scale)  # [B, Hkv, G', C, R, L]
     if ctx.softcap is not None:
         scores = ctx.softcap * torch.tanh(scores / ctx.softcap)
     if col_bias is not None:
         scores = scores + _gather_bias(ctx, col_bias, gather_pos)[..., None, :]
 
     allowed = key_ok[..., None, :] & _row_mask(ctx, m0, n_blocks, key_pos, idx.device)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores.masked_fill_(allowed.logical_not_(), float("-inf"))
 
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    p = torch.exp(scores - row_max)
+    p = scores.sub_(row_max).exp_() if inplace else torch.exp(scores - row_max)
     denom = p.sum(dim=-1, keepdim=True)
     # Empty rows have p = 0: divide by 1 (not by a tiny number, whose gradient overflows).
-    out = torch.matmul(p, v_sel) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    safe_denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = torch.matmul(p, v_sel)
+    out = out.div_(safe_denom) if inplace else out / safe_denom
     lse = (row_max + torch.log(denom)).squeeze(-1)
 
     # Back to [B, Hq, rows, D] / [B, Hq, rows].
