@@ -49,7 +49,7 @@ def _pattern_rows(specs) -> list[dict]:
 def _demo(args) -> int:
     methods = args.methods.split(",") if args.methods else None
     rows = run_demo(args.model, tokens=args.tokens, methods=methods, max_new_tokens=args.max_new_tokens,
-                    json_path=args.json, threads=args.threads)
+                    json_path=args.json, threads=args.threads, density=args.density)
     return 1 if any("error" in r for r in rows) else 0
 
 
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the perplexity forwards (default: the idle cores; decoding uses one)")
+    p.add_argument("--density", type=float, default=None,
+                   help="run every sparse method at this common budget (fraction of key blocks, docs/density.md) "
+                   "instead of its paper defaults")
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="benchmarks: kernel and methods speed (CUDA GPU), quality (CPU/GPU), report")

@@ -1,13 +1,15 @@
 """Offline text and synthetic prompts shared by eval, tasks, calibrate, bench, train and the demo.
 
 * ``offline_text`` / ``text_token_ids``: CPython's ``pydoc_data`` topics (~1 MB of English technical prose that
-  ships with every CPython, so nothing is ever downloaded) or a local file.
+  ships with every CPython, so nothing is ever downloaded), the source of a fixed list of standard-library
+  modules (Python code: a second kind of text) or a local file.
 * ``FILLER`` and the passkey prompt (the task of the Landmark Attention paper, used by HiP, StreamingLLM and
   LongLoRA): a 5-digit number hidden at a depth of repeated filler, asked for at the end.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from dataclasses import dataclass
 
@@ -17,13 +19,32 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 PASSKEY_QUESTION = " What is the pass key? The pass key is"
 
 
+# A second offline text of another kind (Python code, not prose): quality varies with the text, so results are
+# reported on both.  Modules of the standard library, in a fixed order; their source ships with every CPython.
+STDLIB_MODULES = ("argparse", "dataclasses", "typing", "inspect", "pathlib", "collections", "enum", "functools",
+                  "logging", "json.decoder", "json.encoder", "textwrap", "difflib", "tarfile", "zipfile", "email.message")
+TEXTS = ("pydoc", "stdlib")
+
+
 def offline_text(source: str = "pydoc") -> str:
-    """Long English technical prose available offline: ``"pydoc"`` (CPython's pydoc topics, ~1 MB) or a file path."""
+    """Long text available offline: ``"pydoc"`` (CPython's pydoc topics, English technical prose, ~1 MB),
+    ``"stdlib"`` (the source of ``STDLIB_MODULES``, Python code, ~1 MB) or a file path."""
     if source == "pydoc":
         from pydoc_data import topics  # a 1 MB module: loaded only when the text is read
 
         return "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+    if source == "stdlib":
+        return "\n\n".join(_module_source(name) for name in STDLIB_MODULES)
     with open(source, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _module_source(name: str) -> str:
+    """The source text of a standard-library module, read from its file (nothing is imported)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ValueError(f"standard-library module {name!r} has no Python source here")
+    with open(spec.origin, encoding="utf-8") as handle:
         return handle.read()
 
 

@@ -90,9 +90,11 @@ def _answer(model, tokenizer, prompt: dict, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def run_method(model, tokenizer, spec, ids, prompt, max_new_tokens: int) -> dict:
+def run_method(model, tokenizer, spec, ids, prompt, max_new_tokens: int, density: float | None = None) -> dict:
+    """One row: ``density`` (the common budget, see docs/density.md) applies to the sparse methods only."""
     start = time.perf_counter()
-    with api.patched(model, spec.name) as handle:
+    overrides = {"density": density} if density is not None and spec.category == "sparse" else {}
+    with api.patched(model, spec.name, **overrides) as handle:
         ppl = perplexity(model, ids)
         density = api.mean_stat(model, "density")
         answer = _answer(model, tokenizer, prompt, max_new_tokens)
@@ -160,8 +162,10 @@ def skipped_note() -> str | None:
 
 
 def run_demo(model_name: str = "smollm2", tokens: int = 2048, methods: list[str] | None = None,
-             max_new_tokens: int = 16, json_path: str | None = None, threads: int | None = None) -> list[dict]:
-    """Run the demo; ``threads`` is the torch thread count of the perplexity forwards (None: the idle cores)."""
+             max_new_tokens: int = 16, json_path: str | None = None, threads: int | None = None,
+             density: float | None = None) -> list[dict]:
+    """Run the demo; ``threads`` is the torch thread count of the perplexity forwards (None: the idle cores);
+    ``density`` sets every sparse method to the same budget instead of its paper defaults."""
     specs = demo_methods(methods)
     threads = threads or idle_cores()
     print(f"loading {model_name} ...", flush=True)
@@ -175,7 +179,7 @@ def run_demo(model_name: str = "smollm2", tokens: int = 2048, methods: list[str]
         for spec in progress:
             progress.set_postfix_str(spec.name)  # which method the time is going to
             try:
-                rows.append(run_method(model, tokenizer, spec, ids, prompt, max_new_tokens))
+                rows.append(run_method(model, tokenizer, spec, ids, prompt, max_new_tokens, density))
             except Exception as err:  # report and go on: one broken method must not hide the others
                 rows.append({"method": spec.name, "category": spec.category, "error": f"{type(err).__name__}: {err}"})
     dense_ppl = next((r["ppl"] for r in rows if r["method"] == "dense" and "ppl" in r), None)
@@ -189,7 +193,8 @@ def run_demo(model_name: str = "smollm2", tokens: int = 2048, methods: list[str]
             notes.append((row["method"], note))
             row["note"] = note
             row["see"] = f"[{len(notes)}]"
-    print(f"\n{model_name}: perplexity on {tokens} tokens of pydoc text; greedy answer to {QUESTION!r}\n")
+    budget = f"; sparse methods at density {density}" if density is not None else ""
+    print(f"\n{model_name}: perplexity on {tokens} tokens of pydoc text; greedy answer to {QUESTION!r}{budget}\n")
     columns = ["method", "category", "ppl", "ppl_ratio", "density", "seconds", "see", "answer"]
     print(format_table(rows, columns))
     for i, (method, note) in enumerate(notes, 1):
@@ -201,7 +206,7 @@ def run_demo(model_name: str = "smollm2", tokens: int = 2048, methods: list[str]
         if "error" in row:
             print(f"\n{row['method']} FAILED: {row['error']}")
     if json_path:
-        payload = {"model": model_name, "tokens": tokens, "threads": threads, "question": QUESTION,
+        payload = {"model": model_name, "tokens": tokens, "threads": threads, "density": density, "question": QUESTION,
                    "environment": environment(), "results": rows}
         with open(json_path, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=2)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import platform
+import subprocess
+from pathlib import Path
 
 import torch
 import transformers
@@ -56,4 +59,21 @@ def environment() -> dict:
     except ImportError:
         info["triton"] = None
     info["patchattn"] = __version__
+    info["commit"] = source_commit()
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return info
+
+
+def source_commit() -> str | None:
+    """The git commit of the patchattn source that ran (``+dirty`` with uncommitted changes to tracked files),
+    or None outside a git checkout (an installed wheel, a copy without ``.git``)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -54,3 +54,13 @@ def test_lvlm_example_runs():
     script = pathlib.Path(__file__).parent.parent / "examples" / "patch_lvlm.py"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
     assert "targets=all: 4 modules, max |diff| vs unpatched 0.0e+00" in out
+
+
+def test_demo_runs_sparse_methods_at_a_common_density(tmp_path):
+    path = tmp_path / "demo.json"
+    assert main(["demo", "--tokens", "512", "--methods", "dense,streaming", "--max-new-tokens", "2",
+                 "--density", "0.5", "--json", str(path)]) == 0
+    rows = {r["method"]: r for r in json.loads(path.read_text())["results"]}
+    assert rows["streaming"]["config"]["density"] == 0.5
+    assert abs(rows["streaming"]["density"] - 0.5) < 0.1  # 8 blocks of 64 tokens: one block is 0.03-0.2
+    assert "density" not in rows["dense"]["config"]

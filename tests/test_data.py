@@ -62,3 +62,22 @@ def test_passkey_prompt_hides_the_key_at_the_depth():
 def test_old_import_paths_still_work():
     assert longctx.passkey_example is data.passkey_example and longctx.FILLER is data.FILLER
     assert ppl.text_token_ids is data.text_token_ids and ppl.offline_text is data.offline_text
+
+
+def test_the_second_offline_text_is_code_and_differs_from_the_prose():
+    from patchattn.data import offline_text
+
+    code, prose = offline_text("stdlib"), offline_text("pydoc")
+    assert len(code) > 500_000 and "def " in code and "class " in code
+    assert code[:10_000] not in prose
+
+
+def test_results_are_stamped_with_the_source_commit():
+    import re
+
+    from patchattn.report import environment
+
+    env = environment()
+    assert env["date"] and env["torch"]
+    # In a git checkout (the tests' case) the commit is a 40-hex id, with +dirty when tracked files changed.
+    assert env["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", env["commit"])

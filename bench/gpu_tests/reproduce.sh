@@ -2,11 +2,11 @@
 # The test suite on a GPU, Triton kernels compiled (not interpreted):
 #   bash bench/gpu_tests/reproduce.sh                          the kernel suite: kernels.log (the README's figure)
 #   bash bench/gpu_tests/reproduce.sh <log name> <pytest args...>   any other selection (logs in $OUT or bench/gpu_tests/)
-# Autotuning off (the first config of each kernel), as every GPU test run of this repo. Stamped: env_<name>.txt
+# Autotuning off (the kernel tests take the first config of each kernel: tests/kernels/conftest.py). Stamped: env_<name>.txt
 # (GPU, driver, torch, triton, transformers, date); not the commit (the device's copy of the repository has no
 # reliable git metadata): the tree each log was made from is named in bench/gpu_tests/RESULTS.md.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=. PATCHATTN_AUTOTUNE=0
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
 out=${OUT:-bench/gpu_tests}
 if [ $# -eq 0 ]; then set -- kernels tests/kernels; fi
 name=$1; shift

@@ -20,11 +20,12 @@ import csv
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 import torch
+
+from ..report import environment
 
 FIELDS = ["mode", "T", "D", "B", "Hq", "Hkv", "block", "layers", "density_target", "density", "impl", "ms",
           "tflops", "peak_mib", "max_err", "vs_sdpa", "vs_flex", "bwd_fwd", "note"]
@@ -518,12 +519,9 @@ def tuned_configs(bs):
 
 
 def metadata(argv):
-    import triton
-
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, python=platform.python_version(),
-                command="python -m patchattn.bench.kernel " + " ".join(argv),
-                date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    """The run's stamp: GPU, versions, source commit, date and the command."""
+    return dict(environment(), gpu=torch.cuda.get_device_name(),
+                command="python -m patchattn.bench.kernel " + " ".join(argv))
 
 
 def print_table(rows):

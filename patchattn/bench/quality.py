@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import api
 from ..api import mean_stat, parse_methods
-from ..data import passkey_example, text_token_ids
+from ..data import TEXTS, passkey_example, text_token_ids
 from ..eval.longctx import answer_passkey
 from ..eval.ppl import perplexity
 from ..report import environment, format_table
@@ -35,6 +35,8 @@ def _parse(argv):
     p.add_argument("--model", default="smollm2")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="',' or ';'-separated; 'name@tag:{json overrides}' for variants")
     p.add_argument("--ppl-lengths", default="4096,8192")
+    p.add_argument("--texts", default="pydoc", help=f"texts scored for perplexity, ','-separated, of {TEXTS} "
+                   "(pydoc columns keep their plain names, others are named 'text:length')")
     p.add_argument("--passkey-lengths", default="2048,4096,8192")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--device", default="cpu")
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     model, tokenizer = api.load(args.model, dtype=dtype)
     model.to(args.device)
-    ppl_inputs = {n: text_token_ids(tokenizer, n) for n in ints(args.ppl_lengths)}
+    ppl_inputs = {_column(text, n): text_token_ids(tokenizer, n, source=text)
+                  for text in _texts(args.texts) for n in ints(args.ppl_lengths)}
     depths = [float(d) for d in args.depths.split(",")]
     passkeys = [passkey_example(tokenizer, n, d) for n in ints(args.passkey_lengths) for d in depths]
     rows = _previous_rows(args)
@@ -90,6 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, columns))
     _write(args, rows)
     return 0
+
+
+def _texts(value: str) -> list[str]:
+    texts = [t for t in value.split(",") if t]
+    unknown = [t for t in texts if t not in TEXTS]
+    if unknown or not texts:
+        raise SystemExit(f"--texts: unknown {unknown or value!r}; known: {', '.join(TEXTS)}")
+    return texts
+
+
+def _column(text: str, length: int) -> str:
+    """Result-column suffix of a (text, length): the plain length for pydoc (earlier files), else 'text:length'."""
+    return str(length) if text == "pydoc" else f"{text}:{length}"
 
 
 def _previous_rows(args) -> list[dict]:
