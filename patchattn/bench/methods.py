@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from ..api import parse_methods
 from ..kernels.blocksparse import block_sparse_attention, density
 from ..masks import BlockGeometry
 from ..methods._sparse import block_lists
@@ -43,16 +44,6 @@ def parse_args(argv):
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--csv")
     return p.parse_args(argv)
-
-
-def parse_methods(text: str) -> list[tuple[str, str, dict]]:
-    """'a,b' or 'a;b@x:{"top_k": 4}' -> [(label, method, overrides), ...]; the label 'b@x' keeps variants apart."""
-    items = text.split(";") if (";" in text or "{" in text) else text.split(",")
-    out = []
-    for item in filter(None, (part.strip() for part in items)):
-        label, _, overrides = item.partition(":")
-        out.append((label, label.split("@")[0], json.loads(overrides) if overrides else {}))
-    return out
 
 
 def _state(name: str, overrides: dict, heads: int = 32, kv_heads: int = 8) -> PatchState:

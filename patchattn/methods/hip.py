@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blockselect import max_list_width, prefill_tree_search, tree_search_torch
+from ..kernels.blockselect import best_query_rows, max_list_width, prefill_tree_search, tree_search_torch
 from ..masks import BlockGeometry, causal_allowed
 from ._budget import capped_rows, closest_budget, pattern_density
 from ._shared import KeyMeansState, block_means, decode_lists, forced_blocks, key_block_means
@@ -82,25 +82,15 @@ class HipState(KeyMeansState):
 
 
 def query_rows(query: torch.Tensor, block: int, kv_heads: int, per_head: bool, score: str) -> torch.Tensor:
-    """``[B, H, NQ, R, D]`` the rows each query block's segments are scored against (H: query or KV heads)."""
-    b, hq, t, d = query.shape
-    groups = hq // kv_heads
-    if score == "mean":
-        rows = block_means(query, block)[:, :, :, None]  # [B, Hq, NQ, 1, D]
-    else:
-        n_q = -(-t // block)
-        if n_q == 1:  # decoding: the few rows as they are
-            rows = query.float()[:, :, None]
-        else:
-            # Pad the last block by repeating its last row: the max over rows is unchanged.
-            rows = torch.cat([query, query[:, :, -1:].expand(-1, -1, n_q * block - t, -1)], dim=2).float()
-            rows = rows.view(b, hq, n_q, block, d)
+    """``[B, H, NQ, R, D]`` the rows each query block's segments are scored against (H: query or KV heads):
+    every row of the block ('max', the kernel's ``best_query_rows``) or the block's mean row ('mean')."""
+    if score != "mean":
+        return best_query_rows(query, block, kv_heads, per_head)
+    rows = block_means(query, block)[:, :, :, None]  # [B, Hq, NQ, 1, D]
     if per_head:
         return rows
-    grouped = rows.view(b, kv_heads, groups, *rows.shape[2:])
-    if score == "mean":
-        return grouped.mean(dim=2)
-    return grouped.transpose(2, 3).reshape(b, kv_heads, rows.shape[2], groups * rows.shape[3], d)
+    b, hq = query.shape[:2]
+    return rows.view(b, kv_heads, hq // kv_heads, *rows.shape[2:]).mean(dim=2)
 
 
 def select_hip(g: BlockGeometry, query, key, state):

@@ -14,6 +14,7 @@ import torch
 from ..blocksparse import _resolve_backend
 from ..options import KernelOptions, resolve_options
 from .reference import (
+    best_query_rows,
     decode_block_topk_torch,
     forced_decode_blocks,
     group_scores,
@@ -25,7 +26,7 @@ from .reference import (
     within_mass,
 )
 
-__all__ = ["decode_block_topk", "forced_decode_blocks", "group_scores", "within_mass", "max_list_width",
+__all__ = ["best_query_rows", "decode_block_topk", "forced_decode_blocks", "group_scores", "within_mass", "max_list_width",
            "prefill_block_choice", "prefill_block_scores", "prefill_block_select", "prefill_tree_search",
            "tree_search_torch"]
 
