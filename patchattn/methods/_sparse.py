@@ -163,8 +163,7 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     geometry = BlockGeometry(q_len, kv_len, config.block_size, config.block_size)
-    with budget_applied(state, geometry):  # density -> the method's own fields at this length (_budget.py)
-        kv_indices, kv_counts = block_lists(state, geometry, query, key, select, static)
+    kv_indices, kv_counts = block_lists(state, geometry, query, key, select, static)
     out = block_sparse_attention(
         query, key, value, kv_indices, kv_counts, block_q=geometry.block_q, block_k=geometry.block_k, causal=True,
         scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start, backend=config.backend,
@@ -199,16 +198,15 @@ def register_sparse_method(name: str, *, config: type[SparseConfig], select: Blo
 
 
 def block_lists(state, geometry: BlockGeometry, query, key, select: BlockSelector, static: bool):
-    """Block lists for this call; static patterns are computed once per (shape, device) and cached."""
+    """Block lists for this call, with ``density`` mapped to the method's own fields at this length (_budget.py);
+    static patterns are computed once per (shape, device) and cached."""
     cache_key = (geometry, query.device)
     kept = state.method_state
     if static and kept.static_blocks is not None and kept.static_key == cache_key:
         return kept.static_blocks
-    mask = select(geometry, query, key, state)
-    if isinstance(mask, tuple):
-        blocks = mask
-    else:
-        blocks = mask_lists(state.config, geometry, mask, query.device)
+    with budget_applied(state, geometry):
+        mask = select(geometry, query, key, state)
+        blocks = mask if isinstance(mask, tuple) else mask_lists(state.config, geometry, mask, query.device)
     if static:
         # Only the latest shape is kept: decoding changes it every step.
         kept.static_key, kept.static_blocks = cache_key, blocks

@@ -215,3 +215,25 @@ def test_a_method_without_a_mapping_refuses_density():
     assert Unmapped().density is None
     with pytest.raises(ValueError, match="Unmapped cannot honour density"):
         Unmapped(density=0.5)
+
+
+@pytest.mark.parametrize("method", ["streaming", "blocktopk"])
+def test_block_lists_outside_a_model_honour_density(method):
+    """Benchmarks build a method's lists with ``block_lists`` on a bare state: the density maps there too."""
+    from patchattn.kernels.blocksparse import density_tensor
+    from patchattn.masks import BlockGeometry
+    from patchattn.methods._sparse import block_lists
+    from patchattn.state import PatchContext, PatchState
+
+    spec = get_spec(method)
+    q, k = torch.randn(1, 4, 1024, 16), torch.randn(1, 2, 1024, 16)
+    g = BlockGeometry(1024, 1024, 16, 16)
+    read = {}
+    for density in (0.25, 0.5):
+        config = patchattn.get_config(method, block_size=16, backend="torch", density=density)
+        state = PatchState(config, 0, "text", PatchContext())
+        state.method_state = spec.state_cls()
+        _, counts = block_lists(state, g, q, k, spec.select, spec.static)
+        read[density] = float(density_tensor(counts, 1024, 1024, 16, 16))
+        assert state.config is config, "the resolved config is only in effect while the lists are built"
+    assert read[0.25] == pytest.approx(0.25, abs=0.02) and read[0.5] == pytest.approx(0.5, abs=0.02)
