@@ -27,7 +27,10 @@ for model in "${models[@]}"; do
     guide)   patchattn bench quality --model smollm2 --methods "$methods" --texts pydoc,stdlib --ppl-lengths 8192 \
                  --passkey-lengths 8192 --depths 0.1,0.5,0.9 --json "$out/smollm2_guide.json" ;;
     budget)  budget=""
-             for m in streaming power s2 moa duo hyper hip blocktopk; do budget+=";$m@d25:{\"density\":0.25}"; done
+             for m in streaming power s2 moa hyper hip blocktopk; do budget+=";$m@d25:{\"density\":0.25}"; done
+             # duo's full heads alone read its retrieval_fraction (0.25 by default): half of that leaves the
+             # streaming heads a share of the budget (duo refuses a density at or below its retrieval share).
+             budget+=";duo@d25:{\"density\":0.25,\"retrieval_fraction\":0.125}"
              patchattn bench quality --model smollm2 --methods "dense$budget" --texts pydoc,stdlib \
                  --ppl-lengths 4096 --passkey-lengths 4096 --depths 0.1,0.5,0.9 --json "$out/smollm2_budget25.json" ;;
     *) echo "unknown model $model (smollm2, gemma, guide or budget)" >&2; exit 2 ;;
