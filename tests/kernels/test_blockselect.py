@@ -3,6 +3,7 @@ brute-force oracle, Triton against torch through the same entry points, and the 
 choice for the same last query row.  No method code: the methods' use of these is tested in tests/methods."""
 import pytest
 import torch
+from select_cases import SELECT_CASES, select_case_id
 
 from patchattn.kernels.blockselect import (
     decode_block_topk,
@@ -248,20 +249,6 @@ def test_tree_search_keeps_every_visible_block_when_there_are_at_most_k():
     assert not chosen.triu(1).any(), "never a block after the diagonal"
 
 
-SELECT_CASES = [  # Tq, Tk, block, per_head, top_k, mass, last_block_dense
-    (300, 300, 16, True, 4, 1.0, True),
-    (300, 300, 16, False, 4, 0.9, True),  # the adaptive budget
-    (200, 500, 16, True, 3, 1.0, False),  # queries at the end of a longer cache
-    (250, 250, 32, True, 100, 1.0, True),  # top_k above every row's candidates
-    (90, 90, 16, True, 2, 0.5, False),
-    pytest.param((8192, 8192, 64, True, 24, 0.97, True), marks=pytest.mark.gpu),  # the default at full size
-    pytest.param((3000, 9000, 64, False, 24, 1.0, True), marks=pytest.mark.gpu),
-]
-
-
-def _select_case_id(c):
-    c = c.values[0] if hasattr(c, "values") else c
-    return f"T{c[0]}x{c[1]}-b{c[2]}-{'head' if c[3] else 'group'}-k{c[4]}-m{c[5]}-{'last' if c[6] else 'nolast'}"
 
 
 
@@ -277,7 +264,7 @@ def _prefill_choice_inputs(case):
     return scores, choice, last
 
 
-@pytest.mark.parametrize("case", SELECT_CASES[:5], ids=_select_case_id)
+@pytest.mark.parametrize("case", SELECT_CASES[:5], ids=select_case_id)
 def test_prefill_block_choice_matches_the_loop_oracle(case):
     """The torch choice per query block: sink and local blocks, then the best others while the estimated mass of the
     visible blocks is below ``mass`` (at most ``top_k``), nothing after the diagonal."""
@@ -299,7 +286,7 @@ def test_prefill_block_choice_matches_the_loop_oracle(case):
             assert set(torch.nonzero(chosen[0, head, m]).flatten().tolist()) == want, (m, head)
 
 
-@pytest.mark.parametrize("case", SELECT_CASES, ids=_select_case_id)
+@pytest.mark.parametrize("case", SELECT_CASES, ids=select_case_id)
 def test_prefill_block_select_kernel_matches_the_torch_lists(case, triton_device):
     """Scores -> lists in one Triton program per query block (sink + local, then the top-k or the mass budget, the
     dense last block) equal the torch path's lists (its mask-based choice, then mask -> lists), padding included."""
