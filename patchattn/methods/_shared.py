@@ -12,6 +12,7 @@ The block-sparse glue (padding, the dense fallbacks, the kernel call) is in ``_s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -36,6 +37,8 @@ class KeyMeans:
 @dataclass
 class KeyMeansState(SparseState):
     """State of the methods that score key blocks by their mean key (``blocktopk``, ``hip``)."""
+
+    CACHE_FIELDS: ClassVar[tuple[str, ...]] = (*SparseState.CACHE_FIELDS, "key_means")
 
     key_means: KeyMeans | None = None
 

@@ -23,6 +23,7 @@ from ..masks import BlockGeometry, causal_allowed, runs_lists
 from ..registry import register_method
 from ..state import MethodState
 from ._budget import DENSITY_HELP, budget_applied, check_density, check_density_fields
+from ._rows import PaddingError, clear_caches, padding_spans, run_by_rows
 
 # (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK], or ready block lists
 # (kv_indices, kv_counts) when the method builds them directly (blocktopk while decoding).
@@ -76,8 +77,13 @@ class SparseState(MethodState):
     """What the block-sparse glue keeps per module: the latest static pattern's lists and the (geometry, device) they
     were built for.  Each sparse method's state extends it."""
 
+    # What is kept between the calls of one sequence (reset for a new row group by ``_rows.fresh_copy``).
+    CACHE_FIELDS: ClassVar[tuple[str, ...]] = ("static_key", "static_blocks", "row_states")
+
     static_key: tuple | None = None
     static_blocks: tuple | None = None
+    # A padded batch runs as groups of rows with the same real span; each group's own state, by (rows, start).
+    row_states: dict = dataclasses.field(default_factory=dict)
 
 
 def dense_call(module, query, key, value, attention_mask, *, scaling, dropout=0.0, **kwargs):
@@ -108,13 +114,21 @@ def padding_start(attention_mask, batch: int, kv_len: int) -> torch.Tensor | Non
     return start.to(torch.int32) if bool((start > 0).any()) else None
 
 
-def dense_reason(state, attention_mask, batch: int, kv_len: int, kwargs) -> tuple[str | None, object]:
-    """(why this call must run dense, or None; the left-padding start when it need not)."""
+def layer_dense_reason(state, kwargs) -> str | None:
+    """Why this layer runs dense whatever the input (a dense layer, a sliding-window layer), or None."""
     if state.layer_index in state.config.dense_layers:
-        return "dense layer", None
+        return "dense layer"
     if kwargs.get("sliding_window"):
         # Sliding-window layers (Gemma, Mistral) are already sparse; the method applies to the full layers.
-        return "sliding-window layers keep their own window", None
+        return "sliding-window layers keep their own window"
+    return None
+
+
+def dense_reason(state, attention_mask, batch: int, kv_len: int, kwargs) -> tuple[str | None, object]:
+    """(why this call must run dense, or None; the left-padding start when it need not)."""
+    reason = layer_dense_reason(state, kwargs)
+    if reason is not None:
+        return reason, None
     try:
         return None, padding_start(attention_mask, batch, kv_len)
     except ValueError as err:
@@ -143,33 +157,67 @@ def must_run_dense(state, method: str, attention_mask, batch: int, kv_len: int, 
     A sliding-window layer records what its window reads, not 1.0, so a model's mean density stays what it reads."""
     reason, kv_start = dense_reason(state, attention_mask, batch, kv_len, kwargs)
     if reason is not None:
-        if reason != "dense layer":
-            # Python's default filter shows each distinct message once per call site.
-            warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=3)
-        window = kwargs.get("sliding_window")
-        state.record(density=window_density(q_len, kv_len, window) if window else 1.0)
+        record_dense_call(state, method, reason, q_len, kv_len, kwargs, stacklevel=4)
     return reason, kv_start
+
+
+def record_dense_call(state, method: str, reason: str, q_len: int, kv_len: int, kwargs, stacklevel: int = 3) -> None:
+    """The warning and the density record a dense call owes (a sliding-window layer records what its window reads,
+    not 1.0, so a model's mean density stays what it reads)."""
+    if reason != "dense layer":
+        # Python's default filter shows each distinct message once per call site.
+        warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=stacklevel)
+    window = kwargs.get("sliding_window")
+    state.record(density=window_density(q_len, kv_len, window) if window else 1.0)
+
+
+def sparse_reason(state, attention_mask, q_len: int, kv_len: int, kwargs) -> tuple[str | None, object]:
+    """(why this call must run dense, or None; the rows' real spans when the batch is padded, else None)."""
+    reason = layer_dense_reason(state, kwargs)
+    if reason is not None:
+        return reason, None
+    try:
+        return None, padding_spans(attention_mask, q_len, kv_len)
+    except PaddingError as err:
+        return str(err), None
 
 
 def run_block_sparse(module, query, key, value, attention_mask, *, scaling, select: BlockSelector,
                      static: bool, dropout=0.0, **kwargs):
-    """Shared forward of every block-sparse method (transformers' signature; returns ``([B, Tq, Hq, D], None)``)."""
-    state = module.patchattn
-    config = state.config
-    batch, _, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    reason, kv_start = must_run_dense(state, type(config).method, attention_mask, batch, kv_len, kwargs, q_len)
-    if reason is not None:
-        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    """Shared forward of every block-sparse method (transformers' signature; returns ``([B, Tq, Hq, D], None)``).
 
+    A padded batch runs row group by row group (``_rows.run_by_rows``): each row reads the blocks it would read
+    alone, whatever the padding of the others."""
+    state = module.patchattn
+    q_len, kv_len = query.shape[2], key.shape[2]
+    reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
+    if reason is not None:
+        record_dense_call(state, type(state.config).method, reason, q_len, kv_len, kwargs)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if q_len == kv_len:  # a new sequence: nothing kept from the previous one applies
+        clear_caches(state.method_state)
+
+    def run(q, k, v):
+        return sparse_call(state, q, k, v, scaling=scaling, softcap=kwargs.get("softcap"), select=select,
+                           static=static)
+
+    if spans is None:
+        return run(query, key, value), None
+    return run_by_rows(state, query, key, value, spans, run), None
+
+
+def sparse_call(state, query, key, value, *, scaling, softcap, select: BlockSelector, static: bool) -> torch.Tensor:
+    """One block-sparse kernel call on unpadded rows: ``[B, Tq, Hq, D]``."""
+    config = state.config
+    q_len, kv_len = query.shape[2], key.shape[2]
     geometry = BlockGeometry(q_len, kv_len, config.block_size, config.block_size)
     kv_indices, kv_counts = block_lists(state, geometry, query, key, select, static)
     out = block_sparse_attention(
         query, key, value, kv_indices, kv_counts, block_q=geometry.block_q, block_k=geometry.block_k, causal=True,
-        scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start, backend=config.backend,
+        scale=scaling, softcap=softcap, backend=config.backend,
     )
     state.record(density=lambda: density_tensor(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k))
-    return out.transpose(1, 2), None
+    return out.transpose(1, 2)
 
 
 def register_sparse_method(name: str, *, config: type[SparseConfig], select: BlockSelector, static: bool, paper: str,

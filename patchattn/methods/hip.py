@@ -78,6 +78,8 @@ class HipDecode:
 class HipState(KeyMeansState):
     """The compressed key cache, and the decode lists of the latest search."""
 
+    CACHE_FIELDS: ClassVar[tuple[str, ...]] = (*KeyMeansState.CACHE_FIELDS, "decode")
+
     decode: HipDecode | None = None
 
 

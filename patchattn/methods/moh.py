@@ -89,7 +89,7 @@ class MoHState(MethodState):
     routed: torch.Tensor | None = None
     top_k: int = 0
     balance_loss: torch.Tensor | None = None
-    last_block: int | None = None
+    last_block: torch.Tensor | None = None  # [B] block (counted from the row's first token) of the newest token
     last_selection: torch.Tensor | None = None
 
 
@@ -153,22 +153,25 @@ def router_features(value: torch.Tensor, q_len: int) -> torch.Tensor:
 def _anchored(selected: torch.Tensor, state, kv_len: int, starts) -> torch.Tensor:
     """Per-token selections ``[B, Tq, Nr]`` -> each token uses the selection of its block's first real token.
 
+    Blocks are counted from each row's first real token (``starts`` under left padding), as if the row were alone.
     Blocks that began in an earlier call (decoding) reuse the selection cached then.
     """
     block = state.config.route_block
     batch, q_len, _ = selected.shape
     first = kv_len - q_len
-    pos = torch.arange(q_len, device=selected.device) + first
-    anchor = torch.clamp((pos // block) * block, min=first)[None].expand(batch, q_len)
+    pos = (torch.arange(q_len, device=selected.device) + first)[None].expand(batch, q_len)
+    row_start = torch.zeros(batch, 1, dtype=torch.long, device=selected.device)
     if starts is not None:
-        anchor = torch.maximum(anchor, starts.to(selected.device).long()[:, None])
-    anchor = torch.minimum(anchor, pos[None])  # padding rows: themselves
+        row_start = starts.to(selected.device).long()[:, None]
+    block_of = torch.div(pos - row_start, block, rounding_mode="floor")
+    block_start = row_start + block_of * block
+    anchor = torch.minimum(block_start.clamp(min=first), pos)  # padding rows: themselves
     out = torch.gather(selected, 1, (anchor - first)[..., None].expand_as(selected))
     kept = state.method_state
     if kept.last_selection is not None and kept.last_selection.shape[0] == batch and first > 0:
-        earlier = (pos // block == kept.last_block) & ((pos // block) * block < first)
-        out = torch.where(earlier[None, :, None], kept.last_selection[:, None].to(out.dtype), out)
-    kept.last_block, kept.last_selection = (kv_len - 1) // block, out[:, -1].detach()
+        earlier = (block_of == kept.last_block.to(pos.device)[:, None]) & (block_start < first)
+        out = torch.where(earlier[..., None], kept.last_selection[:, None].to(out.dtype), out)
+    kept.last_block, kept.last_selection = block_of[:, -1], out[:, -1].detach()
     return out
 
 
