@@ -125,12 +125,13 @@ def _record_mean_density(state, weighted) -> None:
 @contextlib.contextmanager
 def group_state(state, group_key):
     """Within the block, ``state.method_state`` is this row group's own copy (created on first use with the
-    between-call caches cleared), so caches of different groups never mix."""
+    between-call caches cleared), so caches of different groups never mix.  States without ``row_states`` (methods
+    that keep only per-shape caches) are shared by the groups."""
     main = state.method_state
-    if main is None:
+    groups = getattr(main, "row_states", None)
+    if groups is None:  # the method keeps nothing between calls that depends on the sequence
         yield
         return
-    groups = main.row_states
     if group_key not in groups:
         groups[group_key] = fresh_copy(main)
     state.method_state = groups[group_key]

@@ -93,25 +93,18 @@ def dense_call(module, query, key, value, attention_mask, *, scaling, dropout=0.
 
 
 def padding_start(attention_mask, batch: int, kv_len: int) -> torch.Tensor | None:
-    """``[B]`` first valid key per sample when the mask is causal + left padding; None if there is no mask.
+    """``[B]`` int32 first real key per row under padding (left, right or both); None when no row starts late.
 
-    Raises ValueError when the mask has another structure (sliding window, bidirectional image tokens), which a
-    block list plus a padding start cannot express.
+    For the methods that take the whole batch in one call and only need to mask the left padding: a row's real
+    queries never reach its right padding (causality).  Raises ``PaddingError`` (a ValueError) when the mask has
+    another structure (sliding window, bidirectional image tokens), which a start per row cannot express.
     """
     if attention_mask is None:
         return None
-    if attention_mask.dtype != torch.bool or attention_mask.ndim != 4 or attention_mask.shape[1] != 1:
-        raise ValueError("expected transformers' boolean SDPA mask [B, 1, Tq, Tk]")
-    mask = attention_mask[:, 0, :, :kv_len]
-    q_len = mask.shape[1]
-    start = mask[:, -1].int().argmax(dim=-1)
-    keys = torch.arange(kv_len, device=mask.device)
-    causal = keys[None, :] <= torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
-    expected = causal[None] & (keys[None, None, :] >= start[:, None, None])
-    rows = expected.any(-1)  # fully padded query rows are free to differ
-    if not torch.equal(mask & rows[..., None], expected):
-        raise ValueError("mask is not causal + left padding")
-    return start.to(torch.int32) if bool((start > 0).any()) else None
+    spans = padding_spans(attention_mask, attention_mask.shape[2], kv_len)
+    if spans is None or not any(start > 0 for start, _ in spans):
+        return None
+    return torch.tensor([start for start, _ in spans], dtype=torch.int32, device=attention_mask.device)
 
 
 def layer_dense_reason(state, kwargs) -> str | None:
@@ -122,17 +115,6 @@ def layer_dense_reason(state, kwargs) -> str | None:
         # Sliding-window layers (Gemma, Mistral) are already sparse; the method applies to the full layers.
         return "sliding-window layers keep their own window"
     return None
-
-
-def dense_reason(state, attention_mask, batch: int, kv_len: int, kwargs) -> tuple[str | None, object]:
-    """(why this call must run dense, or None; the left-padding start when it need not)."""
-    reason = layer_dense_reason(state, kwargs)
-    if reason is not None:
-        return reason, None
-    try:
-        return None, padding_start(attention_mask, batch, kv_len)
-    except ValueError as err:
-        return str(err), None
 
 
 def window_density(q_len: int, kv_len: int, window: int) -> float:
@@ -149,16 +131,6 @@ def window_density(q_len: int, kv_len: int, window: int) -> float:
     if window < first:
         return q_len * window / causal
     return (upto(window) - upto(first - 1) + (last - window) * window) / causal
-
-
-def must_run_dense(state, method: str, attention_mask, batch: int, kv_len: int, kwargs,
-                   q_len: int) -> tuple[str | None, object]:
-    """``dense_reason``, plus the warning and the density record a dense call owes: (reason or None, kv_start).
-    A sliding-window layer records what its window reads, not 1.0, so a model's mean density stays what it reads."""
-    reason, kv_start = dense_reason(state, attention_mask, batch, kv_len, kwargs)
-    if reason is not None:
-        record_dense_call(state, method, reason, q_len, kv_len, kwargs, stacklevel=4)
-    return reason, kv_start
 
 
 def record_dense_call(state, method: str, reason: str, q_len: int, kv_len: int, kwargs, stacklevel: int = 3) -> None:
@@ -216,8 +188,64 @@ def sparse_call(state, query, key, value, *, scaling, softcap, select: BlockSele
         query, key, value, kv_indices, kv_counts, block_q=geometry.block_q, block_k=geometry.block_k, causal=True,
         scale=scaling, softcap=softcap, backend=config.backend,
     )
-    state.record(density=lambda: density_tensor(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k))
+    density = density_tensor(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k)
+    state.record(density=density)
+    if q_len == kv_len and q_len > 1:  # a prefill already waits for the host once: checking costs nothing more
+        warn_if_reads_everything(state, geometry, float(density))
     return out.transpose(1, 2)
+
+
+READS_EVERYTHING = 0.999  # density at or above this: every causally allowed block was read
+
+
+def warn_if_reads_everything(state, geometry: BlockGeometry, density: float) -> None:
+    """Warn once per model when a sparse method's selection keeps every causal block (the input is shorter than its
+    pattern, or below its ``min_seq_len``): it then costs what dense costs, and a user asked for sparse."""
+    warned = state.context.extras.setdefault("warned_reads_everything", set())
+    method = type(state.config).method
+    if density < READS_EVERYTHING or method in warned:
+        return
+    warned.add(method)
+    warnings.warn(f"patchattn {method}: {reads_everything_reason(state.config, geometry.kv_len)}", stacklevel=5)
+
+
+def reads_everything_reason(config, tokens: int) -> str:
+    """Why a selection keeps every block at ``tokens`` tokens, and what makes it sparse."""
+    fields = covering_fields(config, tokens)
+    if fields:
+        why = "; ".join(text for text, _ in fields)
+        return (f"at {tokens} tokens the pattern reads every block, so these calls cost what dense attention costs "
+                f"({why}); it is sparse on inputs longer than {max(span for _, span in fields)} tokens or with "
+                "smaller values of those fields")
+    if tokens <= config.block_size:
+        return (f"{tokens} tokens fit in one block (block_size={config.block_size}), so these calls run dense; "
+                "a smaller block_size or a longer input makes them sparse")
+    return f"at {tokens} tokens the selection kept every block, so these calls cost what dense attention costs"
+
+
+def _field_tokens(name: str, value, block_size: int | None) -> int | None:
+    """How many tokens an integer config field spans: ``*_blocks`` and ``top_k`` count blocks, ``*len*``,
+    ``window`` and ``*_tokens`` count tokens; other fields (strides, seeds, sample sizes) span nothing."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    if (name.endswith("_blocks") or name == "top_k") and block_size:
+        return value * block_size
+    if "len" in name or "window" in name or name.endswith("_tokens"):
+        return value
+    return None
+
+
+def covering_fields(config, tokens: int) -> list[tuple[str, int]]:
+    """The config fields that reach the whole input at ``tokens`` tokens: (``name=value: help``, tokens spanned)."""
+    block_size = getattr(config, "block_size", None)
+    out = []
+    for name, value, help_text in config.describe_fields():
+        value = getattr(config, name, value)
+        span = _field_tokens(name, value, block_size)
+        if span is not None and span >= tokens:
+            shown = f"{name}={value}" + (f" = {span} tokens" if span != value else "")
+            out.append((f"{shown}: {help_text}", span))
+    return out
 
 
 def register_sparse_method(name: str, *, config: type[SparseConfig], select: BlockSelector, static: bool, paper: str,

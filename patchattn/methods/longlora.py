@@ -37,8 +37,9 @@ import torch
 from ..config import option
 from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
+from ._rows import run_by_rows
 from ._shared import GroupedConfig, GroupedState, cached_group_lists, group_size_for, training_attention_active
-from ._sparse import dense_call, must_run_dense
+from ._sparse import dense_call, record_dense_call, sparse_reason
 
 PAPER = ("Chen et al., LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models (ICLR 2024), "
          "arXiv 2309.12307")
@@ -123,22 +124,33 @@ def longlora_attention(module, query, key, value, attention_mask, *, scaling=Non
     """LongLoRA S²-Attn in training (grouped causal attention, half the heads shifted); full attention otherwise."""
     state = module.patchattn
     config = state.config
-    batch, heads, q_len, _ = query.shape
-    kv_len = key.shape[2]
+    q_len, kv_len = query.shape[2], key.shape[2]
     if not training_attention_active(module, config, q_len, kv_len):
         state.record(density=1.0)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    reason, kv_start = must_run_dense(state, "longlora", attention_mask, batch, kv_len, kwargs, q_len)
+    reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
     if reason is not None:
+        record_dense_call(state, "longlora", reason, q_len, kv_len, kwargs)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
+    def run(q, k, v):  # unpadded rows: the groups start at each row's first token, as they would alone
+        return _shifted_group_attention(state, q, k, v, scaling, kwargs.get("softcap")).transpose(1, 2)
+
+    if spans is None:
+        return run(query, key, value), None
+    return run_by_rows(state, query, key, value, spans, run), None
+
+
+def _shifted_group_attention(state, query, key, value, scaling, softcap):
+    """S2-Attn on unpadded rows: ``[B, Hq, T, D]``."""
+    config = state.config
+    heads, q_len, kv_len = query.shape[1], query.shape[2], key.shape[2]
     group = group_size_for(config, q_len)
     block = aligned_block(group, config.shift, config.block_size)
     lists_key = (q_len, group, block, heads, config.shift, query.device)
     kv_indices, kv_counts = cached_group_lists(
         state, lists_key, lambda: s2_block_mask(q_len, group, block, heads, config.shift, query.device))
     out = block_sparse_attention(query, key, value, kv_indices, kv_counts, block_q=block, block_k=block, causal=True,
-                                 scale=scaling, softcap=kwargs.get("softcap"), kv_start=kv_start,
-                                 backend=config.backend)
+                                 scale=scaling, softcap=softcap, backend=config.backend)
     state.record(density=density_tensor(kv_counts, q_len, kv_len, block, block, causal=True))
-    return out.transpose(1, 2), None
+    return out

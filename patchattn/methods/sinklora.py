@@ -41,8 +41,9 @@ import torch
 from ..config import option
 from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
+from ._rows import run_by_rows
 from ._shared import GroupedConfig, GroupedState, cached_group_lists, group_size_for, training_attention_active
-from ._sparse import dense_call, dense_reason, padding_start
+from ._sparse import dense_call, padding_start, sparse_reason
 
 PAPER = ("Zhang, SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large Language Models, "
          "arXiv 2406.05678; inference: Zhang et al., H2O: Heavy-Hitter Oracle (NeurIPS 2023), arXiv 2306.14048")
@@ -255,16 +256,17 @@ def sinklora_attention(module, query, key, value, attention_mask, *, scaling=Non
     """SinkLoRA SF-Attn in training (groups + global sink tokens); dense or H2O KV eviction at inference."""
     state = module.patchattn
     config = state.config
-    batch, _, q_len, dim = query.shape
+    q_len, dim = query.shape[2], query.shape[3]
     kv_len = key.shape[2]
     scaling = dim ** -0.5 if scaling is None else scaling
     softcap = kwargs.get("softcap")
     if training_attention_active(module, config, q_len, kv_len):
-        reason, kv_start = dense_reason(state, attention_mask, batch, kv_len, kwargs)
-        if reason is None and kv_start is not None:
-            reason = "SF-Attn needs unpadded sequences (pack the training text)"
+        reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
         if reason is None:
-            return _sf_attention(state, query, key, value, scaling, softcap).transpose(1, 2), None
+            def run(q, k, v):  # unpadded rows: groups and sinks count from each row's first token
+                return _sf_attention(state, q, k, v, scaling, softcap).transpose(1, 2)
+
+            return (run(query, key, value) if spans is None else run_by_rows(state, query, key, value, spans, run)), None
         if reason != "dense layer":
             warnings.warn(f"patchattn sinklora: {reason}; those calls run dense attention", stacklevel=2)
     elif config.kv_budget is not None and not module.training and not kwargs.get("sliding_window"):
