@@ -76,6 +76,14 @@ class ACTConfig(MethodConfig):
         elif self.heads not in (AUTO, ALL):
             load_heads(self.heads)
 
+    def check_model(self, *, num_layers: int | None = None, num_heads: int | None = None) -> None:
+        super().check_model(num_layers=num_layers, num_heads=num_heads)
+        if isinstance(self.heads, dict):
+            for layer, heads in self.heads.items():
+                layer_key(self.where("heads"), layer, num_layers)
+                if num_heads is not None:
+                    check_heads(f"{self.where('heads')}[{layer!r}]", heads, num_heads)
+
 
 @dataclass
 class ACTState(MethodState):
