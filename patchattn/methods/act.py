@@ -69,10 +69,10 @@ class ACTConfig(MethodConfig):
     def validate(self) -> None:
         if isinstance(self.heads, dict):
             for layer, heads in self.heads.items():
-                layer_key("ACTConfig.heads", layer)
+                layer_key(self.where("heads"), layer)
                 if not isinstance(heads, (list, tuple)):
-                    raise TypeError(f"ACTConfig.heads[{layer!r}] must be a list of head indices, got {heads!r}")
-                check_heads(f"ACTConfig.heads[{layer!r}]", heads, 1 << 30)
+                    raise TypeError(f"{self.where('heads')}[{layer!r}] must be a list of head indices, got {heads!r}")
+                check_heads(f"{self.where('heads')}[{layer!r}]", heads, 1 << 30)
         elif self.heads not in (AUTO, ALL):
             load_heads(self.heads)
 

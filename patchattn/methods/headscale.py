@@ -50,9 +50,9 @@ class HeadScaleConfig(MethodConfig):
             load_gains(self.gains)
         else:
             for layer, row in self.gains.items():
-                _gain_row(f"HeadScaleConfig.gains[{layer!r}]", layer, row, None)
+                _gain_row(f"{self.where('gains')}[{layer!r}]", layer, row, None)
         for layer, row in self.modes.items():
-            _mode_row(f"HeadScaleConfig.modes[{layer!r}]", layer, row, None)
+            _mode_row(f"{self.where('modes')}[{layer!r}]", layer, row, None)
 
     def check_model(self, *, num_layers: int | None = None, num_heads: int | None = None) -> None:
         super().check_model(num_layers=num_layers, num_heads=num_heads)
