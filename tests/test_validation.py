@@ -248,3 +248,9 @@ def test_transformers_loads_through_the_checked_name():
         cls._from_config(config, attn_implementation=patchattn.registry.hf_attn_implementation("hipp"))
     model = cls._from_config(config, attn_implementation=patchattn.registry.hf_attn_implementation("dense"))
     assert model.config._attn_implementation == "patchattn_dense"
+
+
+def test_an_odd_longlora_group_is_refused_when_it_must_shift_by_half():
+    with pytest.raises(ValueError, match=r"longlora: LongLoRAConfig.group_size must be even with shift=True .*got 17"):
+        patchattn.get_config("longlora", group_size=17)
+    assert patchattn.get_config("longlora", group_size=17, shift=False).group_size == 17

@@ -60,6 +60,12 @@ class LongLoRAConfig(GroupedConfig):
     # One group covering the whole sequence and no shift is full causal attention, in training mode too.
     DENSE_EQUIVALENT: ClassVar[dict] = {"group_size_ratio": 1.0, "shift": False, "train_only": False}
 
+    def validate(self) -> None:
+        super().validate()
+        if self.shift and self.group_size is not None and self.group_size % 2:
+            raise ValueError(f"{self.where('group_size')} must be even with shift=True (the shifted heads move by "
+                             f"half a group), got {self.group_size}")
+
 
 def segment_unit(group: int, shift: bool) -> int:
     """Tokens between neighbouring segment boundaries of any head: half a group with the shift, else a group."""
