@@ -145,7 +145,8 @@ def per_head_window_lists(g: BlockGeometry, sink_tokens: int, windows: list[int]
 class GroupedConfig(MethodConfig):
     """Fields shared by ``longlora`` and ``sinklora``: blocks, the group size and when the training attention runs."""
 
-    block_size: int = option(64, "largest query/key block size in tokens (lowered to divide the groups)",
+    block_size: int = option(64, "largest query/key block size in tokens (lowered to divide the groups; where no "
+                             "kernel block does, the tokens are padded onto whole blocks)",
                              choices=(16, 32, 64, 128, 256))
     dense_layers: list = option([], "layer indices that stay dense", min=0, index="layer")  # noqa: RUF009
     group_size_ratio: float = option(0.25, "group size as a fraction of the sequence length (paper: 1/4)",
