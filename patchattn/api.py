@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from . import adapters
 from .adapters import diffusers as dit_adapter
 from .adapters.hf import saved_config
-from .config import MethodConfig
+from .config import MethodConfig, check_model_fit
 from .models import load_base, load_pretrained
 from .registry import CATEGORIES, MethodSpec, all_specs, get_spec, spec_for_config
 from .state import get_state
@@ -78,6 +78,7 @@ def patch(model, method, *, targets: str = "text", **overrides) -> PatchHandle:
         PatchHandle describing what was patched.
     """
     spec, config = _resolve(method, overrides)
+    check_model_fit(config, model, targets)  # layer / head indices the model lacks fail before anything changes
     if getattr(model, HANDLE_ATTR, None) is not None:
         unpatch(model)
     adapter = adapters.select_adapter(model)

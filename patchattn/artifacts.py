@@ -9,6 +9,7 @@ from here; ``patchattn.calibrate`` (which runs models through the methods) write
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -41,19 +42,39 @@ def resolve(name_or_path: str, payload: str, what: str) -> Path:
 
 
 def load_artifact(name_or_path: str, payload: str, what: str) -> dict:
-    """The parsed artifact, checked to be well-formed (shape checks against a model: ``check_against``)."""
+    """The parsed artifact, checked to be well-formed (shape checks against a model: ``check_against``).
+
+    Well-formed: positive integer ``num_layers`` / ``num_heads``, a ``[num_layers][num_heads]`` payload and no
+    NaN or infinite number in it (Python's JSON reader accepts ``NaN`` and ``Infinity``; no calibration means them).
+    """
     path = resolve(name_or_path, payload, what)
     data = _read_json(str(path), path.stat().st_mtime_ns)
     for key in ("num_layers", "num_heads", payload):
         if key not in data:
             raise ValueError(f"{what} {path} has no {key!r} field (expected keys: model, num_layers, num_heads, "
                              f"{payload}, meta)")
+    for key in ("num_layers", "num_heads"):
+        if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < 1:
+            raise ValueError(f"{what} {path}: {key!r} must be a positive integer, got {data[key]!r}")
     rows = data[payload]
     layers, heads = data["num_layers"], data["num_heads"]
     if not isinstance(rows, list) or len(rows) != layers or any(not isinstance(r, list) or len(r) != heads for r in rows):
         raise ValueError(f"{what} {path}: {payload!r} must be a [{layers}][{heads}] nested list "
                          f"(num_layers x num_heads)")
+    check_finite(rows, f"{what} {path}: {payload}")
     return data
+
+
+def check_finite(value, where: str) -> None:
+    """ValueError naming the first NaN or infinite number in nested lists / dicts (``where[layer][head]``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value!r}; allowed: finite numbers only (no NaN or Infinity)")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_finite(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, f"{where}[{key!r}]")
 
 
 _CACHE: dict = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,9 +29,21 @@ def closest(name: str, candidates) -> str | None:
     return matches[0] if matches else None
 
 
-def option(default, help: str, *, min=None, max=None, choices=None):
-    """A config field with help text and an optional allowed range or set of choices."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices}
+# Ceiling of every integer field without its own ``max``: token and block counts reach the kernels as int32.
+MAX_INT = 2**31 - 1
+# What an ``index=`` field's numbers index in the model, and the model dimension that bounds them.
+INDEX_KINDS = {"layer": "num_layers", "head": "num_heads"}
+
+
+def option(default, help: str, *, min=None, max=None, choices=None, index=None):
+    """A config field with help text and an optional allowed range or set of choices.
+
+    ``index="layer"`` / ``"head"`` marks a field whose numbers are layer / head indices of the patched model:
+    ``MethodConfig.check_model`` refuses the ones the model does not have.
+    """
+    if index is not None and index not in INDEX_KINDS:
+        raise ValueError(f"option index must be one of {list(INDEX_KINDS)}, got {index!r}")
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "index": index}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -81,24 +94,53 @@ class MethodConfig:
             self._check_field(f, hints.get(f.name, Any), getattr(self, f.name))
         self.validate()
 
+    def where(self, name: str) -> str:
+        """How errors name field ``name``: the method and the config class (``moa: MoAConfig.density``)."""
+        prefix = f"{self.method}: " if self.method else ""
+        return f"{prefix}{type(self).__name__}.{name}"
+
     def _check_field(self, f: dataclasses.Field, annotation, value) -> None:
-        where = f"{type(self).__name__}.{f.name}"
+        where = self.where(f.name)
         if not _type_ok(value, annotation):
             raise ValueError(f"{where} must be of type {_describe(annotation)}, got {value!r} ({type(value).__name__})")
         meta = f.metadata
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise ValueError(f"{where} must be one of {list(meta['choices'])}, got {value!r}")
         numbers = value if isinstance(value, (list, tuple)) else [value]
+        kind = meta.get("index")
+        if kind is not None and any(isinstance(v, bool) or not isinstance(v, int) for v in numbers if v is not None):
+            raise ValueError(f"{where} must hold {kind} indices (integers >= 0), got {value!r}")
         for v in numbers:
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 continue
-            if meta.get("min") is not None and v < meta["min"]:
-                raise ValueError(f"{where} must be >= {meta['min']}, got {value!r}")
-            if meta.get("max") is not None and v > meta["max"]:
-                raise ValueError(f"{where} must be <= {meta['max']}, got {value!r}")
+            # NaN compares False with every bound, so it must be refused before the range check lets it through.
+            if not math.isfinite(v):
+                raise ValueError(f"{where} must be a finite number{_allowed_range(meta)}, got {value!r}")
+            low, high = meta.get("min"), meta.get("max")
+            if high is None and isinstance(v, int):
+                high = MAX_INT
+            if (low is not None and v < low) or (high is not None and v > high):
+                bound = f">= {low}" if low is not None and v < low else f"<= {high}"
+                both = f" (allowed: [{low}, {high}])" if low is not None and meta.get("max") is not None else ""
+                raise ValueError(f"{where} must be {bound}{both}, got {value!r}")
 
     def validate(self) -> None:
         """Cross-field checks; subclasses override and raise ValueError with what is allowed."""
+
+    def check_model(self, *, num_layers: int | None = None, num_heads: int | None = None) -> None:
+        """ValueError for layer / head indices the model does not have (None: that dimension is unknown, unchecked).
+
+        Covers every field declared with ``option(..., index="layer" | "head")``; subclasses with indices inside
+        structured fields (dicts of layers, plan files) extend it.
+        """
+        dims = {"num_layers": num_layers, "num_heads": num_heads}
+        for f in dataclasses.fields(self):
+            kind = f.metadata.get("index")
+            if kind is None:
+                continue
+            value = getattr(self, f.name)
+            indices = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+            check_indices(self.where(f.name), indices, kind, dims[INDEX_KINDS[kind]])
 
     # -- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -143,6 +185,59 @@ class MethodConfig:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f.name, default, f.metadata.get("help", "")))
         return rows
+
+
+def check_indices(where: str, indices, kind: str, count: int | None) -> None:
+    """ValueError naming ``where``, the first index the model lacks and the model's range (``count`` of ``kind``)."""
+    if count is None:
+        return
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count:
+            raise ValueError(f"{where}: {kind} index {i!r} does not exist in this model, which has {count} "
+                             f"{kind}s (allowed: {kind} indices in [0, {count - 1}])")
+
+
+def model_dims(model, targets: str = "text") -> dict:
+    """``{"num_layers", "num_heads"}`` of the part of ``model`` that ``targets`` patches; None where not known.
+
+    Read from a transformers config by its standard names (``get_text_config()`` for the language model of an
+    LVLM, ``vision_config`` for its tower); ``"all"`` takes the larger of the two, since an index there may name a
+    layer of either.  Other models (diffusers DiTs) report None: their modules are counted only when patched.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(config, "get_text_config", None)):
+        return {"num_layers": None, "num_heads": None}
+    text = config.get_text_config()
+    vision = getattr(config, "vision_config", None)
+    parts = {"text": [text], "vision": [vision], "all": [text, vision]}.get(targets, [text])
+    dims = {}
+    for name, attrs in (("num_layers", ("num_hidden_layers", "depth")), ("num_heads", ("num_attention_heads", "num_heads"))):
+        found = [_first_int(part, attrs) for part in parts if part is not None]
+        dims[name] = max(found) if found and None not in found else None
+    return dims
+
+
+def check_model_fit(config: MethodConfig, model, targets: str = "text") -> None:
+    """Before patching: ValueError for indices in ``config`` that ``model`` does not have (``check_model``)."""
+    config.check_model(**model_dims(model, targets))
+
+
+def _first_int(config, names) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _allowed_range(meta) -> str:
+    """The field's allowed range as words (' in [0.0, 1.0]', ' >= 1', ''), for error messages."""
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and high is not None:
+        return f" in [{low}, {high}]"
+    if low is not None:
+        return f" >= {low}"
+    return f" <= {high}" if high is not None else ""
 
 
 def _plain(value):

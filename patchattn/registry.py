@@ -144,14 +144,43 @@ def on_register(listener: Callable[[MethodSpec], None]) -> None:
 
 
 def get_spec(name: str) -> MethodSpec:
-    """The spec of a registered method; ValueError listing the known names and the closest match otherwise."""
+    """The spec of a registered method (``"hip"`` or its transformers name ``"patchattn_hip"``); ValueError listing
+    the known names and the closest match otherwise (as ``patchattn_*`` names when given one)."""
     if isinstance(name, str) and name.startswith(HF_PREFIX):
-        name = name[len(HF_PREFIX):]
+        if name[len(HF_PREFIX):] in _METHODS:
+            return _METHODS[name[len(HF_PREFIX):]]
+        raise ValueError(unknown_hf_name_message(name))
     if name in _METHODS:
         return _METHODS[name]
     hint = closest(str(name), _METHODS)
     suggestion = f" Did you mean {hint!r}?" if hint else ""
     raise ValueError(f"unknown attention method {name!r}.{suggestion} Known methods: {', '.join(sorted(_METHODS))}")
+
+
+def hf_names() -> list[str]:
+    """The ``attn_implementation`` names patchattn registers with transformers (``patchattn_<method>``)."""
+    return sorted(spec.hf_name for spec in _METHODS.values())
+
+
+def unknown_hf_name_message(name: str) -> str:
+    """The error for an ``attn_implementation`` name that is not a registered ``patchattn_*`` name."""
+    hint = closest(str(name), hf_names())
+    suggestion = f" Did you mean {hint!r}?" if hint else ""
+    return (f"unknown attn_implementation {name!r}: no patchattn method of that name.{suggestion} Registered "
+            f"patchattn names: {', '.join(hf_names())}")
+
+
+def hf_attn_implementation(name: str) -> str:
+    """The transformers ``attn_implementation`` of method ``name`` (``"hip"`` or ``"patchattn_hip"``), checked.
+
+    transformers checks ``attn_implementation`` against its registry before any patchattn code runs and its error
+    lists only its own implementations, so ``from_pretrained(..., attn_implementation=hf_attn_implementation("hipp"))``
+    is the way to get an error that lists the ``patchattn_*`` names (and the closest one) for a typo."""
+    if isinstance(name, str) and name.startswith(HF_PREFIX):
+        return get_spec(name).hf_name
+    if isinstance(name, str) and name in _METHODS:
+        return _METHODS[name].hf_name
+    raise ValueError(unknown_hf_name_message(name if str(name).startswith(HF_PREFIX) else HF_PREFIX + str(name)))
 
 
 def find_spec(name: str) -> MethodSpec | None:

@@ -25,6 +25,7 @@ from ..artifacts import (  # noqa: F401
     PLANS_DIR,
     SIGNATURE_FIELDS,
     check_against,
+    check_finite,
     load_artifact,
     resolve,
     shipped,
@@ -48,9 +49,12 @@ def artifact(model_name: str, model_config, payload: str, rows: list, meta: dict
 
 
 def save_json(data: dict, path) -> Path:
+    """Write an artifact; ValueError (before writing) when it holds NaN or Infinity: a calibration that produced
+    them went wrong, and the methods would refuse the file anyway."""
+    check_finite(data, f"calibration result for {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 

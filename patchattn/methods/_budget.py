@@ -32,11 +32,12 @@ RESOLVED_KEPT = 256
 
 
 def check_density(value, where: str) -> None:
-    """ValueError unless ``value`` is None or a number in (0, 1] (other types are left to the type check)."""
+    """ValueError unless ``value`` is None or a number in (0, 1] (other types are left to the type check);
+    ``where`` names the field (``"moa: MoAConfig.density"``)."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if not (0.0 < value <= 1.0) or math.isnan(value):
-        raise ValueError(f"{where}.density must be in {DENSITY_RANGE} (a fraction of the causal block pairs read), "
+        raise ValueError(f"{where} must be in {DENSITY_RANGE} (a fraction of the causal block pairs read), "
                          f"got {value!r}")
 
 

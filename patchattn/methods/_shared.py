@@ -4,13 +4,15 @@
   while decoding, the always-read sink and local blocks, and decode lists from the fused selection;
 * per-head sink + window decode lists (``streaming``'s row, per head for ``duo`` and ``moa``);
 * grouped training attention (``longlora``, ``sinklora``): the shared config fields, the group size, when the
-  training attention runs, and block lists cached per shape.
+  training attention runs, the block size (and, where the segments do not fall on kernel blocks, a padded token
+  layout on which they do), and block lists cached per shape.
 
 The block-sparse glue (padding, the dense fallbacks, the kernel call) is in ``_sparse``; head helpers in ``_heads``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -146,9 +148,10 @@ def per_head_window_lists(g: BlockGeometry, sink_tokens: int, windows: list[int]
 class GroupedConfig(MethodConfig):
     """Fields shared by ``longlora`` and ``sinklora``: blocks, the group size and when the training attention runs."""
 
-    block_size: int = option(64, "largest query/key block size in tokens (lowered to divide the groups)",
+    block_size: int = option(64, "largest query/key block size in tokens (lowered to divide the groups; where no "
+                             "kernel block does, the tokens are padded onto whole blocks)",
                              choices=(16, 32, 64, 128, 256))
-    dense_layers: list = option([], "layer indices that stay dense", min=0)  # noqa: RUF009
+    dense_layers: list = option([], "layer indices that stay dense", min=0, index="layer")  # noqa: RUF009
     group_size_ratio: float = option(0.25, "group size as a fraction of the sequence length (paper: 1/4)",
                                      min=0.0, max=1.0)
     group_size: int | None = option(None, "group size in tokens (overrides group_size_ratio)", min=2)
@@ -157,7 +160,7 @@ class GroupedConfig(MethodConfig):
 
     def validate(self) -> None:
         if self.group_size is None and self.group_size_ratio <= 0:
-            raise ValueError(f"{type(self).__name__}.group_size_ratio must be > 0 (or set group_size), "
+            raise ValueError(f"{self.where('group_size_ratio')} must be > 0 (or set group_size), "
                              f"got {self.group_size_ratio}")
 
 
@@ -192,3 +195,71 @@ def cached_group_lists(state, key, build):
         return kept.lists
     kept.lists_key, kept.lists = key, blocks_from_mask(build())
     return kept.lists
+
+
+# ---- segments on kernel blocks (longlora, sinklora) ---------------------------------------------------------------
+# Block sizes the Triton kernel takes (the torch reference takes any).
+KERNEL_BLOCKS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class PieceLayout:
+    """Tokens spread so that every piece of ``unit`` tokens (the segments' common boundaries) starts on a block.
+
+    Token ``x`` sits at ``(x // unit) * piece + x % unit``, ``piece`` being ``unit`` rounded up to whole blocks; the
+    gaps are padding keys that get a ``-inf`` column bias, so a query reads exactly the real keys its block list and
+    the causal rule allow (real tokens keep their order).  Padding query rows are computed and dropped.
+    """
+
+    seq_len: int
+    unit: int
+    block: int
+
+    @property
+    def piece(self) -> int:
+        return -(-self.unit // self.block) * self.block
+
+    @property
+    def length(self) -> int:
+        full, rest = divmod(self.seq_len, self.unit)
+        return full * self.piece + -(-rest // self.block) * self.block
+
+    def position(self, tokens):
+        """Padded position of token indices (ints or a tensor)."""
+        return tokens // self.unit * self.piece + tokens % self.unit
+
+    def block_tokens(self, device=None) -> torch.Tensor:
+        """``[NQ]`` the real token at the start of each padded block (a piece never starts with padding)."""
+        starts = torch.arange(0, self.length, self.block, device=device)
+        return starts // self.piece * self.unit + starts % self.piece
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, T, D]`` -> ``[B, H, length, D]`` with zeros in the gaps (differentiable)."""
+        index = self.position(torch.arange(self.seq_len, device=x.device))
+        return x.new_zeros(*x.shape[:2], self.length, x.shape[3]).index_copy(2, index, x)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, length, D]`` -> ``[B, H, T, D]``: the real rows."""
+        return x.index_select(2, self.position(torch.arange(self.seq_len, device=x.device)))
+
+    def key_bias(self, device=None) -> torch.Tensor:
+        """float32 ``[length]``: 0 on real keys, ``-inf`` on padding."""
+        bias = torch.full((self.length,), float("-inf"), device=device)
+        bias[self.position(torch.arange(self.seq_len, device=device))] = 0.0
+        return bias
+
+
+def grouped_blocks(seq_len: int, unit: int, block_size: int) -> tuple[int, PieceLayout | None]:
+    """(block size, padded layout or None) for segments whose boundaries are the multiples of ``unit`` tokens.
+
+    The largest block dividing ``unit`` (and ``block_size``) puts every boundary on a block: exact block lists on the
+    tokens as they are, when the kernel takes that block.  Otherwise (``gcd(70, 64) = 2``) the tokens are spread on a
+    ``PieceLayout`` whose block is the largest kernel block within 1/16 of the least padding."""
+    block = math.gcd(unit, block_size)
+    if block in KERNEL_BLOCKS:
+        return block, None
+    sizes = [b for b in KERNEL_BLOCKS if b <= block_size]
+    padded = {b: -(-unit // b) * b for b in sizes}
+    least = min(padded.values())
+    block = max(b for b in sizes if padded[b] <= least + least // 16)
+    return block, PieceLayout(seq_len, unit, block)

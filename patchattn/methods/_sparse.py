@@ -46,7 +46,7 @@ class SparseConfig(MethodConfig):
     """
 
     block_size: int = option(64, "query/key block size in tokens", choices=(16, 32, 64, 128, 256))
-    dense_layers: list = option([], "layer indices that stay dense", min=0)
+    dense_layers: list = option([], "layer indices that stay dense", min=0, index="layer")
     last_block_dense: bool = option(False, LAST_BLOCK_DENSE_HELP)
     density: float | None = option(None, DENSITY_HELP, min=0.0, max=1.0)
 
@@ -54,7 +54,7 @@ class SparseConfig(MethodConfig):
     DENSITY_FIELDS: ClassVar[tuple] = ()
 
     def __post_init__(self):
-        check_density(self.density, type(self).__name__)  # (0, 1], before the generic range check's message
+        check_density(self.density, self.where("density"))  # (0, 1], before the generic range check's message
         super().__post_init__()
         if self.density is not None and type(self).fields_for_density is SparseConfig.fields_for_density:
             raise ValueError(f"{type(self).__name__} cannot honour density (no mapping to its own fields)")

@@ -69,12 +69,20 @@ class ACTConfig(MethodConfig):
     def validate(self) -> None:
         if isinstance(self.heads, dict):
             for layer, heads in self.heads.items():
-                layer_key("ACTConfig.heads", layer)
+                layer_key(self.where("heads"), layer)
                 if not isinstance(heads, (list, tuple)):
-                    raise TypeError(f"ACTConfig.heads[{layer!r}] must be a list of head indices, got {heads!r}")
-                check_heads(f"ACTConfig.heads[{layer!r}]", heads, 1 << 30)
+                    raise TypeError(f"{self.where('heads')}[{layer!r}] must be a list of head indices, got {heads!r}")
+                check_heads(f"{self.where('heads')}[{layer!r}]", heads, 1 << 30)
         elif self.heads not in (AUTO, ALL):
             load_heads(self.heads)
+
+    def check_model(self, *, num_layers: int | None = None, num_heads: int | None = None) -> None:
+        super().check_model(num_layers=num_layers, num_heads=num_heads)
+        if isinstance(self.heads, dict):
+            for layer, heads in self.heads.items():
+                layer_key(self.where("heads"), layer, num_layers)
+                if num_heads is not None:
+                    check_heads(f"{self.where('heads')}[{layer!r}]", heads, num_heads)
 
 
 @dataclass

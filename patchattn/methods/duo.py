@@ -91,8 +91,12 @@ class DuoState(SparseState):
 def load_scores(name_or_path: str) -> dict:
     """A retrieval-score JSON, checked: ``scores`` is ``[num_layers][num_heads]`` numbers."""
     data = load_artifact(name_or_path, "scores", "retrieval scores")
-    if not all(isinstance(s, (int, float)) for row in data["scores"] for s in row):
-        raise ValueError(f"retrieval scores {name_or_path!r}: every score must be a number")
+    for layer, row in enumerate(data["scores"]):
+        for head, score in enumerate(row):
+            if isinstance(score, bool) or not isinstance(score, (int, float)):  # a bad file: ValueError, as the rest
+                raise ValueError(  # noqa: TRY004
+                    f"retrieval scores {name_or_path!r}: scores[{layer}][{head}] (layer {layer}, head {head}) is "
+                    f"{score!r}; allowed: a finite number (higher = more of a retrieval head)")
     return data
 
 

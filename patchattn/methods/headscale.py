@@ -50,9 +50,19 @@ class HeadScaleConfig(MethodConfig):
             load_gains(self.gains)
         else:
             for layer, row in self.gains.items():
-                _gain_row(f"HeadScaleConfig.gains[{layer!r}]", layer, row, None)
+                _gain_row(f"{self.where('gains')}[{layer!r}]", layer, row, None)
         for layer, row in self.modes.items():
-            _mode_row(f"HeadScaleConfig.modes[{layer!r}]", layer, row, None)
+            _mode_row(f"{self.where('modes')}[{layer!r}]", layer, row, None)
+
+    def check_model(self, *, num_layers: int | None = None, num_heads: int | None = None) -> None:
+        super().check_model(num_layers=num_layers, num_heads=num_heads)
+        rows = [("modes", self.modes, _mode_row)]
+        if isinstance(self.gains, dict):
+            rows.append(("gains", self.gains, _gain_row))
+        for name, table, check_row in rows:
+            for layer, row in table.items():
+                layer_key(self.where(name), layer, num_layers)
+                check_row(f"{self.where(name)}[{layer!r}]", layer, row, num_heads)
 
 
 @dataclass

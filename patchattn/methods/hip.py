@@ -42,7 +42,7 @@ class HipConfig(SparseConfig):
     refresh_interval: int = option(8, "decode steps between re-running the search (paper: 8)", min=1)
     score: str = option("max", "segment score: 'max' (best query row of the block . segment mean key, as the paper) "
                         "or 'mean' (mean query of the block . segment mean key)", choices=("mean", "max"))
-    dense_layers: list = option([0], "layer indices kept dense (paper: the first layers)", min=0)
+    dense_layers: list = option([0], "layer indices kept dense (paper: the first layers)", min=0, index="layer")
     fused_search: bool = option(True, "prefill search in one Triton kernel (kernels/blockselect) on the triton "
                                 "backend, score='max'; same segments and scores as the torch search")
 

@@ -17,7 +17,9 @@ the sequence's end with its beginning: the first ``G/2`` tokens can see the last
 the flash version does not have).  We implement the flash version directly as block lists on the block-sparse
 kernel: a query block reads the key blocks of its own segment, and the kernel's causal rule does the rest.  This is
 exact at token level whenever segment boundaries fall on block boundaries, so the block size is the largest
-divisor of ``G / 2`` (and of ``G``) not above ``block_size``.  ``s2_attention_reference`` below is the paper's
+divisor of ``G / 2`` (and of ``G``) not above ``block_size``; when that is not a block the Triton kernel takes
+(``G = 70``: 2), the tokens are spread so that every half group starts on a kernel block, the gaps being padding
+keys under a ``-inf`` column bias (``_shared.PieceLayout``), which is still exact.  ``s2_attention_reference`` below is the paper's
 algorithm in plain torch (segment by segment), the test oracle.
 
 Gradients flow through the kernel (Triton backward on GPU, autograd through the torch reference on CPU).  Calls
@@ -38,7 +40,14 @@ from ..config import option
 from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
 from ._rows import run_by_rows
-from ._shared import GroupedConfig, GroupedState, cached_group_lists, group_size_for, training_attention_active
+from ._shared import (
+    GroupedConfig,
+    GroupedState,
+    cached_group_lists,
+    group_size_for,
+    grouped_blocks,
+    training_attention_active,
+)
 from ._sparse import dense_call, record_dense_call, sparse_reason
 
 PAPER = ("Chen et al., LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models (ICLR 2024), "
@@ -52,14 +61,24 @@ class LongLoRAConfig(GroupedConfig):
     # One group covering the whole sequence and no shift is full causal attention, in training mode too.
     DENSE_EQUIVALENT: ClassVar[dict] = {"group_size_ratio": 1.0, "shift": False, "train_only": False}
 
+    def validate(self) -> None:
+        super().validate()
+        if self.shift and self.group_size is not None and self.group_size % 2:
+            raise ValueError(f"{self.where('group_size')} must be even with shift=True (the shifted heads move by "
+                             f"half a group), got {self.group_size}")
 
-def aligned_block(group: int, shift: bool, block_size: int) -> int:
-    """Largest block size <= ``block_size`` on which every segment boundary falls (exactness of block lists)."""
+
+def segment_unit(group: int, shift: bool) -> int:
+    """Tokens between neighbouring segment boundaries of any head: half a group with the shift, else a group."""
     if shift and group % 2:
         raise ValueError(f"S2-Attn: the group size {group} must be even to shift by half a group; "
                          "pick a sequence length / group_size_ratio giving an even group")
-    unit = group // 2 if shift else group
-    return math.gcd(unit, block_size)
+    return group // 2 if shift else group
+
+
+def aligned_block(group: int, shift: bool, block_size: int) -> int:
+    """Largest block size <= ``block_size`` on which every segment boundary falls (exactness of block lists)."""
+    return math.gcd(segment_unit(group, shift), block_size)
 
 
 def segment_ids(seq_len: int, group: int, shifted: bool, device=None) -> torch.Tensor:
@@ -68,9 +87,13 @@ def segment_ids(seq_len: int, group: int, shifted: bool, device=None) -> torch.T
     return torch.div(pos + (group // 2 if shifted else 0), group, rounding_mode="floor")
 
 
-def s2_block_mask(seq_len: int, group: int, block: int, heads: int, shift: bool, device=None) -> torch.Tensor:
-    """bool ``[1, H, NQ, NK]``: query block m reads key block j iff both lie in the same segment and j <= m."""
-    starts = torch.arange(0, seq_len, block, device=device)
+def s2_block_mask(seq_len: int, group: int, block: int, heads: int, shift: bool, device=None,
+                  starts: torch.Tensor | None = None) -> torch.Tensor:
+    """bool ``[1, H, NQ, NK]``: query block m reads key block j iff both lie in the same segment and j <= m.
+
+    ``starts``: the token at the start of each block (default every ``block`` tokens; a ``PieceLayout``'s blocks)."""
+    if starts is None:
+        starts = torch.arange(0, seq_len, block, device=device)
     causal = starts[None, :] <= starts[:, None]
     masks = []
     for shifted in (False, True):
@@ -144,13 +167,19 @@ def longlora_attention(module, query, key, value, attention_mask, *, scaling=Non
 def _shifted_group_attention(state, query, key, value, scaling, softcap):
     """S2-Attn on unpadded rows: ``[B, Hq, T, D]``."""
     config = state.config
-    heads, q_len, kv_len = query.shape[1], query.shape[2], key.shape[2]
+    heads, q_len = query.shape[1], query.shape[2]
     group = group_size_for(config, q_len)
-    block = aligned_block(group, config.shift, config.block_size)
+    block, layout = grouped_blocks(q_len, segment_unit(group, config.shift), config.block_size)
+    bias = None
+    if layout is not None:  # segment boundaries off the kernel's blocks: run on tokens spread onto whole blocks
+        query, key, value = layout.spread(query), layout.spread(key), layout.spread(value)
+        bias = layout.key_bias(query.device)[None, None]
+    starts = None if layout is None else layout.block_tokens(query.device)
+    length = query.shape[2]
     lists_key = (q_len, group, block, heads, config.shift, query.device)
     kv_indices, kv_counts = cached_group_lists(
-        state, lists_key, lambda: s2_block_mask(q_len, group, block, heads, config.shift, query.device))
+        state, lists_key, lambda: s2_block_mask(q_len, group, block, heads, config.shift, query.device, starts))
     out = block_sparse_attention(query, key, value, kv_indices, kv_counts, block_q=block, block_k=block, causal=True,
-                                 scale=scaling, softcap=softcap, backend=config.backend)
-    state.record(density=density_tensor(kv_counts, q_len, kv_len, block, block, causal=True))
-    return out
+                                 scale=scaling, softcap=softcap, col_bias=bias, backend=config.backend)
+    state.record(density=density_tensor(kv_counts, length, length, block, block, causal=True))
+    return out if layout is None else layout.gather(out)

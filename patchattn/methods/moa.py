@@ -65,16 +65,35 @@ class MoAState(SparseState):
     rules: torch.Tensor | None = None
 
 
+# Bounds of a rule: alpha is a token offset (the kernels index tokens with int32, so a window never needs more than
+# that many tokens either way), beta a fraction of the length (1 already reads every key).
+MAX_ALPHA = 2**31 - 1
+BETA_RANGE = (0.0, 1.0)
+
+
 def load_plan(name_or_path: str) -> dict:
-    """A plan JSON, checked: ``rules`` is ``[num_layers][num_heads]`` pairs ``[alpha, beta]`` with ``beta >= 0``."""
+    """A plan JSON, checked: ``rules`` is ``[num_layers][num_heads]`` pairs ``[alpha, beta]`` of finite numbers,
+    ``|alpha| <= MAX_ALPHA`` tokens and ``beta`` in ``BETA_RANGE``."""
     data = load_artifact(name_or_path, "rules", "MoA plan")
     for layer, row in enumerate(data["rules"]):
         for head, rule in enumerate(row):
-            ok = isinstance(rule, list) and len(rule) == 2 and all(isinstance(x, (int, float)) for x in rule)
-            if not ok or rule[1] < 0:
-                raise ValueError(f"MoA plan {name_or_path!r}: rule of layer {layer} head {head} must be "
-                                 f"[alpha, beta] numbers with beta >= 0, got {rule!r}")
+            check_rule(f"MoA plan {name_or_path!r}: rules[{layer}][{head}] (layer {layer}, head {head})", rule)
     return data
+
+
+def check_rule(where: str, rule) -> None:
+    """ValueError naming the rule, its value and what is allowed, unless it is ``[alpha, beta]`` within bounds."""
+    allowed = (f"allowed: [alpha, beta] with alpha a token offset in [-{MAX_ALPHA}, {MAX_ALPHA}] and beta in "
+               f"[{BETA_RANGE[0]}, {BETA_RANGE[1]}]")
+    numbers = isinstance(rule, list) and len(rule) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in rule)
+    if not numbers or not all(math.isfinite(x) for x in rule):
+        raise ValueError(f"{where} is {rule!r}; {allowed}")
+    alpha, beta = rule
+    if not -MAX_ALPHA <= alpha <= MAX_ALPHA:
+        raise ValueError(f"{where}: alpha {alpha!r} is out of range; {allowed}")
+    if not BETA_RANGE[0] <= beta <= BETA_RANGE[1]:
+        raise ValueError(f"{where}: beta {beta!r} is out of range; {allowed}")
 
 
 def uniform_beta(density: float) -> float:

@@ -75,6 +75,18 @@ class MoHConfig(MethodConfig):
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"active_ratio": 1.0}
 
+    def validate(self) -> None:
+        if isinstance(self.shared_heads, list):
+            check_heads(self.where("shared_heads"), self.shared_heads, 1 << 30)
+        elif isinstance(self.shared_heads, int) and self.shared_heads < 0:
+            raise ValueError(f"{self.where('shared_heads')} must be a count >= 0 or a list of head indices, "
+                             f"got {self.shared_heads}")
+
+    def check_model(self, *, num_layers: int | None = None, num_heads: int | None = None) -> None:
+        super().check_model(num_layers=num_layers, num_heads=num_heads)
+        if num_heads is not None:
+            head_plan(self, num_heads)  # shared heads and top_k against the model's head count
+
 
 @dataclass
 class MoHState(MethodState):
@@ -96,12 +108,13 @@ class MoHState(MethodState):
 # ---- head plan -------------------------------------------------------------------------------------------------
 def head_plan(config: MoHConfig, num_heads: int) -> tuple[list[int], list[int], int]:
     """(shared heads, routed heads, routed heads active per token), checked against ``num_heads``."""
-    where = "MoHConfig.shared_heads"
+    where = config.where("shared_heads")
     if config.shared_heads is None:
         shared = list(range(num_heads // 2))
     elif isinstance(config.shared_heads, int):
         if not 0 <= config.shared_heads <= num_heads:
-            raise ValueError(f"{where} = {config.shared_heads}: a count must be in [0, {num_heads}]")
+            raise ValueError(f"{where} = {config.shared_heads}: a count must be in [0, {num_heads}] (the model has "
+                             f"{num_heads} heads)")
         shared = list(range(config.shared_heads))
     else:
         shared = check_heads(where, config.shared_heads, num_heads)

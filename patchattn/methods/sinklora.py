@@ -13,7 +13,9 @@ so this follows the paper's description and the spec's suggestion (8.3): token `
 block: the first block of keys is prepended once more in front of the keys (``K' = [K[:S], K]``, ``S`` = sinks
 rounded up to a block), its columns past ``sink_tokens`` get a ``-inf`` column bias, and query blocks of groups
 after the first read that prepended block plus their own group's blocks (group 0 already holds the sinks).  Query
-``i`` sits at key position ``i + S`` of ``K'``, so the kernel's causal rule is unchanged.  Gradients reach the sink
+``i`` sits at key position ``i + S`` of ``K'``, so the kernel's causal rule is unchanged.  The block is the largest
+divisor of ``G`` up to ``block_size``; when the Triton kernel does not take it (``G = 25``), the tokens are spread so
+that every group starts on a kernel block, the gaps being padding keys under the ``-inf`` bias (``_shared.PieceLayout``).  Gradients reach the sink
 keys through both copies.  Runs in training mode only by default (``train_only``), like LongLoRA.
 
 **H2O eviction (inference, ``kv_budget``).**  With ``kv_budget=None`` inference is the model's dense attention,
@@ -31,7 +33,6 @@ memory is not freed.  Sinks and heavy hitters are per KV head (GQA heads of a gr
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -42,7 +43,14 @@ from ..config import option
 from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
 from ._rows import run_by_rows
-from ._shared import GroupedConfig, GroupedState, cached_group_lists, group_size_for, training_attention_active
+from ._shared import (
+    GroupedConfig,
+    GroupedState,
+    cached_group_lists,
+    group_size_for,
+    grouped_blocks,
+    training_attention_active,
+)
 from ._sparse import dense_call, padding_start, sparse_reason
 
 PAPER = ("Zhang, SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large Language Models, "
@@ -92,9 +100,13 @@ class SinkLoRAState(GroupedState):
 
 
 # ---- SF-Attn -----------------------------------------------------------------------------------------------------
-def sf_block_mask(seq_len: int, group: int, block: int, sink_blocks: int, device=None) -> torch.Tensor:
-    """bool ``[1, 1, NQ, sink_blocks + NK]`` over the keys ``[prepended sinks, K]``: own group (causal) + sinks."""
-    starts = torch.arange(0, seq_len, block, device=device)
+def sf_block_mask(seq_len: int, group: int, block: int, sink_blocks: int, device=None,
+                  starts: torch.Tensor | None = None) -> torch.Tensor:
+    """bool ``[1, 1, NQ, sink_blocks + NK]`` over the keys ``[prepended sinks, K]``: own group (causal) + sinks.
+
+    ``starts``: the token at the start of each block (default every ``block`` tokens; a ``PieceLayout``'s blocks)."""
+    if starts is None:
+        starts = torch.arange(0, seq_len, block, device=device)
     seg = torch.div(starts, group, rounding_mode="floor")
     own = (seg[:, None] == seg[None, :]) & (starts[None, :] <= starts[:, None])
     sinks = (seg > 0)[:, None].expand(-1, sink_blocks)
@@ -120,21 +132,29 @@ def _sf_attention(state, query, key, value, scaling, softcap):
     if config.sink_tokens > group:
         raise ValueError(f"sinklora: the {config.sink_tokens} sink tokens must fit in the first group "
                          f"({group} tokens); lower sink_tokens or raise group_size")
-    block = math.gcd(group, config.block_size)
+    block, layout = grouped_blocks(q_len, group, config.block_size)
+    key_bias = torch.zeros(key.shape[2], device=query.device, dtype=torch.float32)
+    if layout is not None:  # group boundaries off the kernel's blocks: run on tokens spread onto whole blocks
+        query, key, value = layout.spread(query), layout.spread(key), layout.spread(value)
+        key_bias = layout.key_bias(query.device)
+    starts = None if layout is None else layout.block_tokens(query.device)
+    length = query.shape[2]
     sink_blocks = -(-config.sink_tokens // block)
     width = sink_blocks * block
     lists_key = (q_len, group, block, sink_blocks, query.device)
     kv_indices, kv_counts = cached_group_lists(
-        state, lists_key, lambda: sf_block_mask(q_len, group, block, sink_blocks, query.device))
-    # The sinks once more in front, so groups > 0 can read exactly sink_tokens of them (-inf bias on the rest).
+        state, lists_key, lambda: sf_block_mask(q_len, group, block, sink_blocks, query.device, starts))
+    # The sinks once more in front, so groups > 0 can read exactly sink_tokens of them (-inf bias on the rest; the
+    # first group starts the layout, so those keys are real tokens).
     key_ext = torch.cat([key[:, :, :width], key], dim=2)
     value_ext = torch.cat([value[:, :, :width], value], dim=2)
-    bias = torch.zeros(1, 1, key_ext.shape[2], device=query.device, dtype=torch.float32)
-    bias[..., config.sink_tokens:width] = float("-inf")
+    sink_bias = torch.zeros(width, device=query.device, dtype=torch.float32)
+    sink_bias[config.sink_tokens:] = float("-inf")
+    bias = torch.cat([sink_bias, key_bias])[None, None]
     out = block_sparse_attention(query, key_ext, value_ext, kv_indices, kv_counts, block_q=block, block_k=block,
                                  causal=True, scale=scaling, softcap=softcap, col_bias=bias, backend=config.backend)
-    state.record(density=density_tensor(kv_counts, q_len, q_len + width, block, block, causal=True))
-    return out
+    state.record(density=density_tensor(kv_counts, length, length + width, block, block, causal=True))
+    return out if layout is None else layout.gather(out)
 
 
 # ---- H2O ---------------------------------------------------------------------------------------------------------
