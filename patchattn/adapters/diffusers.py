@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -55,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import MethodConfig
 from ..registry import MethodSpec
-from ..state import STATE_ATTR, PatchContext, PatchState, TokenLayout, get_state
+from ..state import STATE_ATTR, PatchContext, PatchState, TokenLayout, get_state, load_patch_tensors
 from .dit_families import DiTFamily, family_for_class, supported_dit_families
 from .families import TARGETS
 
@@ -430,13 +429,4 @@ def read_saved_config(path: str, subfolder: str | None) -> dict:
 
 def load_patch_parameters(model, folder: str) -> None:
     """``from_pretrained`` drops the patch's own tensors (the classes do not know them): read them back."""
-    wanted = {k for k in model.state_dict() if f".{STATE_ATTR}." in k}
-    if not wanted or not os.path.isdir(folder):
-        return
-    from safetensors.torch import load_file
-
-    found = {}
-    for file in sorted(os.listdir(folder)):
-        if file.endswith(".safetensors"):
-            found.update({k: v for k, v in load_file(os.path.join(folder, file)).items() if k in wanted})
-    model.load_state_dict(found, strict=False)
+    load_patch_tensors(model, folder)
