@@ -192,7 +192,7 @@ def _restore_saved_tensors(model, handle: PatchHandle, saved: MethodConfig | Non
     missing = restore(model, folder)
     if missing:
         warnings.warn(f"patchattn: {folder!r} holds no saved value for {len(missing)} parameters of the "
-                      f"{handle.method} patch (e.g. {missing[0]!r}); they keep their initial values", stacklevel=4)
+                      f"{handle.method} patch (e.g. {missing[0]!r}); they keep their initial values", stacklevel=3)
 
 
 @contextlib.contextmanager

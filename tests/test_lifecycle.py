@@ -5,7 +5,6 @@ import copy
 import io
 import pickle
 import threading
-import warnings
 
 import pytest
 import torch
@@ -172,9 +171,8 @@ def test_nested_patched_blocks_restore_the_outer_patch():
         patchattn.unpatch(model)
     assert patchattn.get_handle(model) is outer
     patchattn.unpatch(model)
-    with pytest.raises(RuntimeError), patchattn.patched(model, "dense"):
-        with patchattn.patched(model, "streaming"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), patchattn.patched(model, "dense"), patchattn.patched(model, "streaming"):
+        raise RuntimeError("boom")
     assert patchattn.get_handle(model) is None and model.config._attn_implementation == "sdpa"
 
 
@@ -303,3 +301,33 @@ def test_a_peft_model_built_on_a_patched_model_trains_and_unpatches():
     patchattn.unpatch(peft_model)
     assert torch.equal(_logits(peft_model), dense)
     assert not any(".patchattn." in n for n, _ in peft_model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- DiTs too
+def test_a_patched_dit_nests_copies_and_pickles():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32,
+        in_channels=4, cross_attention_dim=16, out_channels=8, num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False).eval()
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 6), "encoder_hidden_states": torch.randn(2, 5, 32),
+              "timestep": torch.tensor([10, 500]), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+    def run(m):
+        with torch.no_grad():
+            return m(**inputs).sample
+
+    reference = run(model)
+    outer = patchattn.patch(model, "dense", backend="torch")
+    states = [model.get_submodule(n).patchattn for n in outer.modules]
+    with patchattn.patched(model, "dense") as inner:
+        assert patchattn.get_handle(model) is inner and inner.config != outer.config
+    assert patchattn.get_handle(model) is outer
+    assert all(model.get_submodule(n).patchattn is s for n, s in zip(outer.modules, states, strict=True))
+    want = run(model)
+    assert max_abs_diff(want, reference) <= 1e-5
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert patchattn.get_handle(clone).config == outer.config and torch.equal(run(clone), want)
+        patchattn.unpatch(clone)
+        assert torch.equal(run(clone), reference)

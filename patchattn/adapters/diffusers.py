@@ -198,25 +198,36 @@ def _layout_length(layout: TokenLayout) -> int:
     return max(stop for _, stop in (*layout.text_slices, layout.image_slice))
 
 
-def _input_capture_hook(transformer, family: DiTFamily, context: PatchContext):
-    """Pre-hook filling ``context.extras`` from the forward's inputs.
+@dataclass
+class _InputCapture:
+    """Pre-hook filling ``context.extras`` from the forward's inputs (a class, not a closure, so a patched DiT can be
+    pickled).
 
     The facts stay until the next transformer forward (not cleared at its end) because gradient checkpointing
     re-runs the attention modules during backward, after the transformer's forward has returned.
     """
-    signature = inspect.signature(transformer.forward)
 
-    def capture(_module, args, kwargs):
-        inputs = signature.bind_partial(*args, **kwargs).arguments
-        grid, n_image = _read_grid(transformer, family, inputs)
-        text = inputs.get(family.text_input)
+    transformer: nn.Module
+    family: DiTFamily
+    context: PatchContext
+    signature: inspect.Signature = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.signature = inspect.signature(self.transformer.forward)
+
+    def __call__(self, _module, args, kwargs):
+        inputs = self.signature.bind_partial(*args, **kwargs).arguments
+        grid, n_image = _read_grid(self.transformer, self.family, inputs)
+        text = inputs.get(self.family.text_input)
         n_text = text.shape[1] if isinstance(text, torch.Tensor) else 0
-        context.extras.update(
+        self.context.extras.update(
             grid=grid, n_image=n_image, n_text=n_text, timestep=inputs.get("timestep"),
-            layouts=_layouts(family, grid, n_text, n_image),
+            layouts=_layouts(self.family, grid, n_text, n_image),
         )
 
-    return capture
+
+def _input_capture_hook(transformer, family: DiTFamily, context: PatchContext) -> _InputCapture:
+    return _InputCapture(transformer, family, context)
 
 
 # --------------------------------------------------------------------------------------------------------------
