@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import patchattn
+from patchattn.adapters.hf import _MediaTokenHook
 from patchattn.testing import max_abs_diff, tiny_inputs, tiny_model
 
 IDS = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -170,6 +171,9 @@ def test_nested_patched_blocks_restore_the_outer_patch():
     with patchattn.patched(model, "dense"):
         patchattn.unpatch(model)
     assert patchattn.get_handle(model) is outer
+    with pytest.raises(ValueError, match="Known methods"), patchattn.patched(model, "nope"):
+        pass
+    assert patchattn.get_handle(model) is outer and list(patchattn.api.patch_parameters(model).values()) == params
     patchattn.unpatch(model)
     with pytest.raises(RuntimeError), patchattn.patched(model, "dense"), patchattn.patched(model, "streaming"):
         raise RuntimeError("boom")
@@ -204,7 +208,10 @@ def test_a_patched_model_can_be_deep_copied_pickled_and_torch_saved(family, meth
             assert torch.equal(clone(**inputs).logits, want)
         patchattn.unpatch(clone)
         assert not any(".patchattn." in n for n in clone.state_dict())
+        assert not any(isinstance(h, _MediaTokenHook) for m in clone.modules() for h in m._forward_pre_hooks.values())
     assert patchattn.get_handle(model).method == method  # the original is still patched
+    if family == "llava":
+        assert any(isinstance(h, _MediaTokenHook) for h in model._forward_pre_hooks.values())
 
 
 # ---------------------------------------------------------------------------------------------------- item 8: threads

@@ -96,8 +96,8 @@ def _warn_parameters_not_restored(module: nn.Module, spec: MethodSpec, state: Pa
         f"patchattn: this model was saved patched with {spec.name!r}, whose learned parameters ({names} of each "
         f"{type(module).__name__}) a plain from_pretrained cannot restore: transformers builds the model before the "
         "patch adds them (and reports them as unexpected keys), so they start from their initial values now. Load "
-        "the folder with patchattn.load(path), or call patchattn.get_handle(model) right after from_pretrained, to "
-        "restore the saved ones.",
+        "the folder with patchattn.load(path), or call patchattn.get_handle(model) right after from_pretrained (before "
+        "any call), to restore the saved ones.",
         UserWarning,
         stacklevel=2,
     )
