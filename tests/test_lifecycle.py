@@ -338,3 +338,22 @@ def test_a_patched_dit_nests_copies_and_pickles():
         assert patchattn.get_handle(clone).config == outer.config and torch.equal(run(clone), want)
         patchattn.unpatch(clone)
         assert torch.equal(run(clone), reference)
+
+
+def test_a_method_refusing_one_layer_leaves_the_model_untouched(monkeypatch):
+    from patchattn.adapters import hf
+
+    model = tiny_model("llama")
+    reference, keys = _logits(model), set(model.state_dict())
+    make = hf._new_state
+
+    def refuse_layer_one(spec, config, module, index, *args):
+        if index == 1:
+            raise ValueError("layer 1 refused")
+        return make(spec, config, module, index, *args)
+
+    monkeypatch.setattr(hf, "_new_state", refuse_layer_one)
+    with pytest.raises(ValueError, match="layer 1 refused"):
+        patchattn.patch(model, "moh", router="learned")
+    assert patchattn.get_handle(model) is None and set(model.state_dict()) == keys
+    assert torch.equal(_logits(model), reference)

@@ -201,7 +201,8 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "text") 
     patch = HFPatch(family, targets, [], context)
     patch.previous_impl = [(c, _unpatched_impl(model, c)) for c in _all_configs(model.config)]
 
-    counters = {"text": 0, "vision": 0}
+    # Every state is made before any is attached: a method refusing one layer leaves the model untouched.
+    counters, states = {"text": 0, "vision": 0}, []
     for name, module in model.named_modules():
         role = role_of.get(id(getattr(module, "config", None))) if _is_attention_module(module) else None
         if role is None:
@@ -209,10 +210,12 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "text") 
         index = getattr(module, "layer_idx", None)
         index = counters[role] if index is None else index
         counters[role] += 1
-        module.add_module(STATE_ATTR, _new_state(spec, config, module, index, role, context))
-        patch.modules.append(name)
-    if not patch.modules:
+        states.append((name, module, _new_state(spec, config, module, index, role, context)))
+    if not states:
         raise TypeError(f"found no attention modules to patch in {type(model).__name__} for targets={targets!r}")
+    for name, module, state in states:
+        module.add_module(STATE_ATTR, state)
+        patch.modules.append(name)
 
     for c in (c for configs in by_role.values() for c in configs):
         c._attn_implementation_internal = spec.hf_name
