@@ -95,7 +95,8 @@ def patch(model, method, *, targets: str = "text", **overrides) -> PatchHandle:
             ``"all"``. Ignored for DiTs (every attention module is patched).
         **overrides: config fields, e.g. ``patch(model, "streaming", window=512)``.
 
-    Patching an already patched model replaces the first patch cleanly (it is undone first).
+    Patching an already patched model replaces the first patch cleanly (it is undone first; if the new patch is
+    refused, the first one stays).
 
     Returns:
         PatchHandle describing what was patched.
@@ -103,9 +104,14 @@ def patch(model, method, *, targets: str = "text", **overrides) -> PatchHandle:
     spec, config = _resolve(method, overrides)
     model = _unwrap(model)
     with adapters.PATCH_LOCK:
-        if get_handle(model) is not None:
-            unpatch(model)
-        return _apply(model, adapters.select_adapter(model), spec, config, targets)
+        adapter = adapters.select_adapter(model)
+        previous = get_handle(model)
+        previous_states = _suspend(model, previous)
+        try:
+            return _apply(model, adapter, spec, config, targets)
+        except BaseException:
+            _resume(model, previous, previous_states)  # a patch the model refuses leaves the previous one in place
+            raise
 
 
 def unpatch(model) -> None:

@@ -348,7 +348,7 @@ def test_a_method_refusing_one_layer_leaves_the_model_untouched(monkeypatch):
     make = hf._new_state
 
     def refuse_layer_one(spec, config, module, index, *args):
-        if index == 1:
+        if index == 1 and spec.name == "moh":
             raise ValueError("layer 1 refused")
         return make(spec, config, module, index, *args)
 
@@ -357,3 +357,10 @@ def test_a_method_refusing_one_layer_leaves_the_model_untouched(monkeypatch):
         patchattn.patch(model, "moh", router="learned")
     assert patchattn.get_handle(model) is None and set(model.state_dict()) == keys
     assert torch.equal(_logits(model), reference)
+    # On a patched model, the refused patch leaves the previous one in place (the same states).
+    first = patchattn.patch(model, "streaming", sink_tokens=4, window=8)
+    streaming, states = _logits(model), [model.get_submodule(n).patchattn for n in first.modules]
+    with pytest.raises(ValueError, match="layer 1 refused"):
+        patchattn.patch(model, "moh", router="learned")
+    assert patchattn.get_handle(model) is first and torch.equal(_logits(model), streaming)
+    assert [model.get_submodule(n).patchattn for n in first.modules] == states
