@@ -18,7 +18,7 @@ from .adapters.hf import saved_config
 from .config import MethodConfig
 from .models import load_base, load_pretrained
 from .registry import CATEGORIES, MethodSpec, all_specs, get_spec, spec_for_config
-from .state import STATE_ATTR, get_state
+from .state import STATE_ATTR, STATE_MARK, get_state, patch_tensor_names
 
 HANDLE_ATTR = "_patchattn_handle"
 
@@ -192,7 +192,7 @@ def _restore_saved_tensors(model, handle: PatchHandle, saved: MethodConfig | Non
     """Read the patch's tensors back from the folder the model was loaded from, if it was saved with this patch
     (``saved``: the config its folder recorded)."""
     restore = getattr(handle.adapter, "load_saved_tensors", None)
-    if restore is None or saved != handle.config or not patch_parameters(model) or not isinstance(folder, str) \
+    if restore is None or saved != handle.config or not patch_tensor_names(model) or not isinstance(folder, str) \
             or not os.path.isdir(folder):
         return
     missing = restore(model, folder)
@@ -355,7 +355,7 @@ ADAPTER_DIR = "adapter"
 PATCH_FILE = "patch.json"
 PATCH_STATE_FILE = "patch_state.safetensors"
 RECIPE_FILE = "recipe.json"
-PATCH_PARAM_MARK = ".patchattn."  # every learned patch parameter (MoH routers, gates) has this in its name
+PATCH_PARAM_MARK = STATE_MARK  # every learned patch parameter (MoH routers, gates) has this in its name
 
 
 def apply_patch(model, patch_entry: dict):
