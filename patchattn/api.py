@@ -18,7 +18,7 @@ from .adapters.hf import saved_config
 from .config import MethodConfig, check_model_fit
 from .models import load_base, load_pretrained
 from .registry import CATEGORIES, MethodSpec, all_specs, get_spec, spec_for_config
-from .state import get_state
+from .state import STATE_ATTR, STATE_MARK, get_state, patch_tensor_names
 
 HANDLE_ATTR = "_patchattn_handle"
 
@@ -33,6 +33,8 @@ class PatchHandle:
         family (str): model family (``config.model_type`` or the DiT class).
         targets (str): ``"text"``, ``"vision"`` or ``"all"``.
         modules (list[str]): qualified names of the patched attention modules.
+        adapter_name (str): the adapter module that applied the patch (``"hf"``, ``"diffusers"``); held by name so
+            a patched model can be deep-copied, pickled and ``torch.save``-d.
     """
 
     method: str
@@ -40,12 +42,16 @@ class PatchHandle:
     family: str
     targets: str
     modules: list[str]
-    adapter: Any = field(repr=False)
+    adapter_name: str = field(repr=False)
     record: Any = field(repr=False)
 
     @property
     def spec(self) -> MethodSpec:
         return get_spec(self.method)
+
+    @property
+    def adapter(self):
+        return adapters.adapter_module(self.adapter_name)
 
     def summary(self) -> str:
         return f"patchattn: {self.method} on {len(self.modules)} attention modules of {self.family} ({self.targets})"
@@ -62,55 +68,182 @@ def _resolve(method, overrides: dict) -> tuple[MethodSpec, MethodConfig]:
     return spec, spec.config_cls(**overrides)
 
 
+def _unwrap(model):
+    """The model patchattn patches: a peft wrapper's base model (the wrapper calls it, so it runs patched too)."""
+    while type(model).__module__.split(".")[0] == "peft" and callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
+    return model
+
+
+def _apply(model, adapter, spec: MethodSpec, config: MethodConfig, targets: str) -> PatchHandle:
+    record = adapter.apply(model, spec, config, targets)
+    family = getattr(getattr(record, "family", None), "model_type", None) or getattr(record, "family_name", "")
+    handle = PatchHandle(spec.name, config, family, getattr(record, "targets", targets), list(record.modules),
+                         adapter.__name__.rsplit(".", 1)[-1], record)
+    object.__setattr__(model, HANDLE_ATTR, handle)
+    return handle
+
+
 def patch(model, method, *, targets: str = "text", **overrides) -> PatchHandle:
     """Swap the attention of ``model`` for ``method``, in place.
 
     Args:
-        model: a transformers model of a supported family, or a diffusers DiT.
+        model: a transformers model of a supported family, or a diffusers DiT; a peft model wrapping one patches
+            the model it wraps.
         method (str | MethodConfig): registered name (see ``list_methods()``) or a config object.
         targets (str): for vision-language models, ``"text"`` (language backbone, default), ``"vision"`` or
             ``"all"``. Ignored for DiTs (every attention module is patched).
         **overrides: config fields, e.g. ``patch(model, "streaming", window=512)``.
 
-    Patching an already patched model replaces the first patch cleanly (it is undone first).
+    Patching an already patched model replaces the first patch cleanly (it is undone first; if the new patch is
+    refused, the first one stays).
 
     Returns:
         PatchHandle describing what was patched.
     """
     spec, config = _resolve(method, overrides)
+    model = _unwrap(model)
     check_model_fit(config, model, targets)  # layer / head indices the model lacks fail before anything changes
-    if getattr(model, HANDLE_ATTR, None) is not None:
-        unpatch(model)
-    adapter = adapters.select_adapter(model)
-    record = adapter.apply(model, spec, config, targets)
-    family = getattr(getattr(record, "family", None), "model_type", None) or getattr(record, "family_name", "")
-    handle = PatchHandle(spec.name, config, family, getattr(record, "targets", targets), list(record.modules), adapter, record)
-    object.__setattr__(model, HANDLE_ATTR, handle)
-    return handle
+    with adapters.PATCH_LOCK:
+        adapter = adapters.select_adapter(model)
+        previous = get_handle(model)
+        previous_states = _suspend(model, previous)
+        try:
+            return _apply(model, adapter, spec, config, targets)
+        except BaseException:
+            _resume(model, previous, previous_states)  # a patch the model refuses leaves the previous one in place
+            raise
 
 
 def unpatch(model) -> None:
-    """Undo ``patch``: outputs, ``state_dict`` and attention implementation are exactly as before."""
-    handle = getattr(model, HANDLE_ATTR, None)
-    if handle is None:
-        raise ValueError("this model is not patched by patchattn")
-    handle.adapter.remove(model, handle.record)
-    object.__delattr__(model, HANDLE_ATTR)
+    """Undo ``patch``: outputs, ``state_dict`` and attention implementation are exactly as before.
+
+    A model loaded from a folder saved while patched (or with ``attn_implementation="patchattn_<m>"``) is
+    unpatched to SDPA (eager for models without SDPA).
+    """
+    model = _unwrap(model)
+    with adapters.PATCH_LOCK:
+        handle = get_handle(model)
+        if handle is None:
+            raise ValueError("this model is not patched by patchattn")
+        handle.adapter.remove(model, handle.record)
+        object.__delattr__(model, HANDLE_ATTR)
 
 
 def get_handle(model) -> PatchHandle | None:
-    return getattr(model, HANDLE_ATTR, None)
+    """The patch of ``model`` (of the model a peft wrapper wraps), or None when it runs no patchattn method.
+
+    A model that runs a method through its config alone -- ``from_pretrained`` of a folder saved while patched, or
+    ``attn_implementation="patchattn_<m>"`` -- gets its handle here: every targeted module gets its state now (the
+    ones already created by a call are kept), and, when none existed yet, the patch's saved parameters (MoH
+    routers...) are read back from the folder it was loaded from.
+    """
+    model = _unwrap(model)
+    handle = getattr(model, HANDLE_ATTR, None)
+    if handle is not None:
+        return handle
+    with adapters.PATCH_LOCK:
+        return getattr(model, HANDLE_ATTR, None) or _adopt(model)
+
+
+def _adopt(model) -> PatchHandle | None:
+    """A handle for a model patched through its config alone (see ``get_handle``), or None."""
+    try:
+        adapter = adapters.select_adapter(model)
+    except TypeError:
+        return None
+    loaded = getattr(adapter, "loaded_patch", None)
+    found = loaded(model) if loaded is not None else None
+    if found is None:
+        return None
+    spec, config, targets = found
+    running, saved = _states(model), saved_config(model.config, spec)
+    handle = _apply(model, adapter, spec, config, targets)
+    if running:
+        _put_back(model, handle, running)
+    else:
+        _restore_saved_tensors(model, handle, saved, getattr(model.config, "_name_or_path", None))
+    return handle
+
+
+def _root(model, handle: PatchHandle):
+    """The module tree the patch lives in (a pipeline's ``transformer`` for DiTs)."""
+    return getattr(handle.record, "transformer", model) if handle is not None else model
+
+
+def _states(model, handle: PatchHandle | None = None) -> dict[int, Any]:
+    """The patch states of ``model`` by the id of the module holding them."""
+    root = _root(model, handle)
+    if not isinstance(root, torch.nn.Module):
+        return {}
+    return {id(m): s for m in root.modules() if (s := get_state(m)) is not None}
+
+
+def _put_back(model, handle: PatchHandle, states: dict[int, Any]) -> None:
+    """Replace the states a fresh apply created by the ones that ran before (same objects: trained parameters and
+    an optimiser holding them stay valid); they join the fresh patch's shared context."""
+    for module in _root(model, handle).modules():
+        fresh, old = get_state(module), states.get(id(module))
+        if fresh is not None and old is not None and old is not fresh and type(old.config) is type(fresh.config):
+            old.context = fresh.context
+            module.add_module(STATE_ATTR, old)
+
+
+def _restore_saved_tensors(model, handle: PatchHandle, saved: MethodConfig | None, folder) -> None:
+    """Read the patch's tensors back from the folder the model was loaded from, if it was saved with this patch
+    (``saved``: the config its folder recorded)."""
+    restore = getattr(handle.adapter, "load_saved_tensors", None)
+    if restore is None or saved != handle.config or not patch_tensor_names(model) or not isinstance(folder, str) \
+            or not os.path.isdir(folder):
+        return
+    missing = restore(model, folder)
+    if missing:
+        warnings.warn(f"patchattn: {folder!r} holds no saved value for {len(missing)} parameters of the "
+                      f"{handle.method} patch (e.g. {missing[0]!r}); they keep their initial values", stacklevel=3)
 
 
 @contextlib.contextmanager
 def patched(model, method, **overrides):
-    """Context manager: ``with patched(model, "streaming", window=256): ...`` then restored."""
-    handle = patch(model, method, **overrides)
+    """Context manager: ``with patched(model, "streaming", window=256): ...``; on exit the model is as it was.
+
+    Blocks nest: leaving an inner block puts back the patch of the outer one (the same handle and state objects,
+    so learned parameters keep their values), or no patch when there was none -- whatever was patched or unpatched
+    inside the block.
+    """
+    model = _unwrap(model)
+    with adapters.PATCH_LOCK:
+        outer = get_handle(model)
+        outer_states = _suspend(model, outer)
+        try:
+            handle = patch(model, method, **overrides)
+        except BaseException:
+            _resume(model, outer, outer_states)
+            raise
     try:
         yield handle
     finally:
-        if get_handle(model) is handle:
-            unpatch(model)
+        with adapters.PATCH_LOCK:
+            if get_handle(model) is not None:
+                unpatch(model)
+            _resume(model, outer, outer_states)
+
+
+def _suspend(model, handle: PatchHandle | None) -> dict[int, Any]:
+    """Unpatch, keeping the states so ``_resume`` can put the same patch back."""
+    if handle is None:
+        return {}
+    states = _states(model, handle)
+    unpatch(model)
+    return states
+
+
+def _resume(model, handle: PatchHandle | None, states: dict[int, Any]) -> None:
+    if handle is None:
+        return
+    fresh = _apply(model, handle.adapter, handle.spec, handle.config, handle.targets)
+    handle.record, handle.modules = fresh.record, fresh.modules
+    _put_back(model, handle, states)
+    object.__setattr__(model, HANDLE_ATTR, handle)
 
 
 def list_methods(category: str | None = None) -> list[MethodSpec]:
@@ -133,7 +266,8 @@ def load(name_or_path: str | None, method=None, *, targets: str = "text", dtype=
 
     ``"smollm2"`` and ``"gemma3-270m"`` load the embedded models from their pip packages (no network); anything
     else is a local path for ``from_pretrained``. A model saved while patched is re-patched with its saved config
-    when ``method`` is None.
+    when ``method`` is None, with the parameters it saved (MoH routers...); they are also read back when ``method``
+    and overrides give exactly the saved config.
 
     ``adapter=<output folder of patchattn train>`` loads a tuned model instead: the base model (``name_or_path``, or
     the one the run trained when None), the run's inference patch with its learned patch state (MoH routers...),
@@ -148,12 +282,15 @@ def load(name_or_path: str | None, method=None, *, targets: str = "text", dtype=
         return load_tuned(name_or_path, adapter, dtype=dtype, merge=merge)
 
     model, tokenizer = load_pretrained(name_or_path, dtype=dtype or torch.float32)
-    if method is None:
-        method = saved_config(model.config)
-        if method is not None:
-            targets = model.config.patchattn.get("targets", targets)
+    saved = saved_config(model.config)
+    if method is None and not overrides:
+        get_handle(model)  # saved while patched: that patch, with its saved parameters (MoH routers...)
+        return model, tokenizer
+    if method is None and saved is not None:
+        method, targets = saved, model.config.patchattn.get("targets", targets)
     if method is not None:
-        patch(model, method, targets=targets, **overrides)
+        handle = patch(model, method, targets=targets, **overrides)
+        _restore_saved_tensors(model, handle, saved, getattr(model.config, "_name_or_path", None))
     return model, tokenizer
 
 
@@ -219,7 +356,7 @@ ADAPTER_DIR = "adapter"
 PATCH_FILE = "patch.json"
 PATCH_STATE_FILE = "patch_state.safetensors"
 RECIPE_FILE = "recipe.json"
-PATCH_PARAM_MARK = ".patchattn."  # every learned patch parameter (MoH routers, gates) has this in its name
+PATCH_PARAM_MARK = STATE_MARK  # every learned patch parameter (MoH routers, gates) has this in its name
 
 
 def apply_patch(model, patch_entry: dict):

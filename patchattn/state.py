@@ -10,6 +10,8 @@ pre-hooks; methods only read it.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,6 +22,7 @@ from .config import MethodConfig
 from .registry import find_spec
 
 STATE_ATTR = "patchattn"
+STATE_MARK = f".{STATE_ATTR}."  # in the state_dict name of every tensor a patch adds (MoH routers, gates...)
 
 
 @dataclass
@@ -118,6 +121,12 @@ class PatchState(nn.Module):
     def stats(self) -> dict[str, float]:
         return {k: float(v() if callable(v) else v) for k, v in self._raw_stats.items()}
 
+    def __getstate__(self):
+        # Recorded statistics may be functions evaluated when read (closures cannot be pickled): copies keep values.
+        state = self.__dict__.copy()
+        state["_raw_stats"] = self.stats
+        return state
+
     def extra_repr(self) -> str:
         return f"method={type(self.config).method}, layer={self.layer_index}, role={self.role}"
 
@@ -125,3 +134,41 @@ class PatchState(nn.Module):
 def get_state(module: nn.Module) -> PatchState | None:
     state = module._modules.get(STATE_ATTR)
     return state if isinstance(state, PatchState) else None
+
+
+def patch_tensor_names(model: nn.Module) -> list[str]:
+    """``state_dict`` names of the tensors the patch added (parameters and persistent buffers of the states)."""
+    return [name for name in model.state_dict() if STATE_MARK in name]
+
+
+def load_patch_tensors(model: nn.Module, folder: str,
+                       saved_name: Callable[[list[str]], dict[str, str]] | None = None) -> list[str]:
+    """Copy the patch's tensors saved in ``folder``'s safetensors files into ``model``; returns the names not found.
+
+    ``from_pretrained`` builds a model before any patch exists, so it cannot load these (transformers reports them
+    as unexpected keys); a patched model reads them back here.  ``saved_name`` maps state_dict names to the names
+    ``save_pretrained`` wrote (transformers renames some families' keys on save); tensors are copied in place, so
+    parameters keep their identity (an optimiser holding them still sees them).
+    """
+    wanted = patch_tensor_names(model)
+    if not wanted or not os.path.isdir(folder):
+        return wanted
+    names = saved_name(wanted) if saved_name is not None else {}
+    found = _read_tensors(folder, {n: n for n in wanted} | {names.get(n, n): n for n in wanted})
+    current = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in found.items():
+            current[name].copy_(tensor)
+    return [n for n in wanted if n not in found]
+
+
+def _read_tensors(folder: str, wanted: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``{model name: tensor}`` for the saved names in ``wanted`` (only those tensors are read from the files)."""
+    from safetensors import safe_open
+
+    found = {}
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(folder, file), "pt") as handle:
+            for key in sorted(set(handle.keys()).intersection(wanted)):
+                found.setdefault(wanted[key], handle.get_tensor(key))
+    return found

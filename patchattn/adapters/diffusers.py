@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -55,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import MethodConfig
 from ..registry import MethodSpec
-from ..state import STATE_ATTR, PatchContext, PatchState, TokenLayout, get_state
+from ..state import STATE_ATTR, PatchContext, PatchState, TokenLayout, get_state, load_patch_tensors
 from .dit_families import DiTFamily, family_for_class, supported_dit_families
 from .families import TARGETS
 
@@ -199,25 +198,36 @@ def _layout_length(layout: TokenLayout) -> int:
     return max(stop for _, stop in (*layout.text_slices, layout.image_slice))
 
 
-def _input_capture_hook(transformer, family: DiTFamily, context: PatchContext):
-    """Pre-hook filling ``context.extras`` from the forward's inputs.
+@dataclass
+class _InputCapture:
+    """Pre-hook filling ``context.extras`` from the forward's inputs (a class, not a closure, so a patched DiT can be
+    pickled).
 
     The facts stay until the next transformer forward (not cleared at its end) because gradient checkpointing
     re-runs the attention modules during backward, after the transformer's forward has returned.
     """
-    signature = inspect.signature(transformer.forward)
 
-    def capture(_module, args, kwargs):
-        inputs = signature.bind_partial(*args, **kwargs).arguments
-        grid, n_image = _read_grid(transformer, family, inputs)
-        text = inputs.get(family.text_input)
+    transformer: nn.Module
+    family: DiTFamily
+    context: PatchContext
+    signature: inspect.Signature = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.signature = inspect.signature(self.transformer.forward)
+
+    def __call__(self, _module, args, kwargs):
+        inputs = self.signature.bind_partial(*args, **kwargs).arguments
+        grid, n_image = _read_grid(self.transformer, self.family, inputs)
+        text = inputs.get(self.family.text_input)
         n_text = text.shape[1] if isinstance(text, torch.Tensor) else 0
-        context.extras.update(
+        self.context.extras.update(
             grid=grid, n_image=n_image, n_text=n_text, timestep=inputs.get("timestep"),
-            layouts=_layouts(family, grid, n_text, n_image),
+            layouts=_layouts(self.family, grid, n_text, n_image),
         )
 
-    return capture
+
+def _input_capture_hook(transformer, family: DiTFamily, context: PatchContext) -> _InputCapture:
+    return _InputCapture(transformer, family, context)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,13 +440,4 @@ def read_saved_config(path: str, subfolder: str | None) -> dict:
 
 def load_patch_parameters(model, folder: str) -> None:
     """``from_pretrained`` drops the patch's own tensors (the classes do not know them): read them back."""
-    wanted = {k for k in model.state_dict() if f".{STATE_ATTR}." in k}
-    if not wanted or not os.path.isdir(folder):
-        return
-    from safetensors.torch import load_file
-
-    found = {}
-    for file in sorted(os.listdir(folder)):
-        if file.endswith(".safetensors"):
-            found.update({k: v for k, v in load_file(os.path.join(folder, file)).items() if k in wanted})
-    model.load_state_dict(found, strict=False)
+    load_patch_tensors(model, folder)

@@ -9,6 +9,7 @@ module; projections, q/k norms, RoPE variants, KV-cache updates and sliding wind
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,8 @@ from torch import nn
 from ..checks import check_inputs
 from ..config import MethodConfig
 from ..registry import HF_PREFIX, MethodSpec, on_register
-from ..state import STATE_ATTR, PatchContext, PatchState, get_state
+from ..state import STATE_ATTR, PatchContext, PatchState, get_state, load_patch_tensors
+from . import PATCH_LOCK
 from .families import HF_FAMILIES, TARGETS, HFFamily, supported_hf_families
 
 SAVED_PATCH_KEY = "patchattn"
@@ -72,11 +74,33 @@ def _ensure_state(module: nn.Module, spec: MethodSpec) -> PatchState:
     state = get_state(module)
     if state is not None and type(state.config).method == spec.name:
         return state
-    config = saved_config(getattr(module, "config", None), spec) or spec.config_cls()
-    role = "vision" if getattr(module, "is_causal", True) is False else "text"
-    state = _new_state(spec, config, module, getattr(module, "layer_idx", None) or 0, role, PatchContext())
-    module.add_module(STATE_ATTR, state)
+    with PATCH_LOCK:
+        state = get_state(module)  # another thread may have created it meanwhile
+        if state is not None and type(state.config).method == spec.name:
+            return state
+        saved = saved_config(getattr(module, "config", None), spec)
+        role = "vision" if getattr(module, "is_causal", True) is False else "text"
+        state = _new_state(spec, saved or spec.config_cls(), module, getattr(module, "layer_idx", None) or 0, role,
+                           PatchContext())
+        if getattr(getattr(module, "config", None), "_attn_implementation", None) != spec.hf_name:
+            return state  # another thread changed the patch during this call: finish it without touching the model
+        module.add_module(STATE_ATTR, state)
+    if saved is not None and next(state.parameters(), None) is not None:
+        _warn_parameters_not_restored(module, spec, state)
     return state
+
+
+def _warn_parameters_not_restored(module: nn.Module, spec: MethodSpec, state: PatchState) -> None:
+    names = ", ".join(sorted(name for name, _ in state.named_parameters()))
+    warnings.warn(
+        f"patchattn: this model was saved patched with {spec.name!r}, whose learned parameters ({names} of each "
+        f"{type(module).__name__}) a plain from_pretrained cannot restore: transformers builds the model before the "
+        "patch adds them (and reports them as unexpected keys), so they start from their initial values now. Load "
+        "the folder with patchattn.load(path), or call patchattn.get_handle(model) right after from_pretrained (before "
+        "any call), to restore the saved ones.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _new_state(spec, config, module, layer_index, role, context) -> PatchState:
@@ -177,7 +201,8 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "text") 
     patch = HFPatch(family, targets, [], context)
     patch.previous_impl = [(c, _unpatched_impl(model, c)) for c in _all_configs(model.config)]
 
-    counters = {"text": 0, "vision": 0}
+    # Every state is made before any is attached: a method refusing one layer leaves the model untouched.
+    counters, states = {"text": 0, "vision": 0}, []
     for name, module in model.named_modules():
         role = role_of.get(id(getattr(module, "config", None))) if _is_attention_module(module) else None
         if role is None:
@@ -185,10 +210,12 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "text") 
         index = getattr(module, "layer_idx", None)
         index = counters[role] if index is None else index
         counters[role] += 1
-        module.add_module(STATE_ATTR, _new_state(spec, config, module, index, role, context))
-        patch.modules.append(name)
-    if not patch.modules:
+        states.append((name, module, _new_state(spec, config, module, index, role, context)))
+    if not states:
         raise TypeError(f"found no attention modules to patch in {type(model).__name__} for targets={targets!r}")
+    for name, module, state in states:
+        module.add_module(STATE_ATTR, state)
+        patch.modules.append(name)
 
     for c in (c for configs in by_role.values() for c in configs):
         c._attn_implementation_internal = spec.hf_name
@@ -231,20 +258,31 @@ def _saved_impl_tree(config, patched_ids: set, name: str):
     return own if values == {own} and all(isinstance(v, str) for v in tree.values()) else tree
 
 
-def _media_token_hook(model, family: HFFamily, context: PatchContext):
-    ids = [getattr(model.config, a) for a in family.media_token_attrs if getattr(model.config, a, None) is not None]
+@dataclass
+class _MediaTokenHook:
+    """Forward pre-hook of an LVLM: marks the image/video tokens of each prefill in the shared context.
 
-    def capture(_module, args, kwargs):
+    A class rather than a closure, so a patched model can be deep-copied and pickled.
+    """
+
+    token_ids: list[int]
+    context: PatchContext
+
+    def __call__(self, _module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         # Only a prefill (more than one new token) defines where the image tokens are; decoding keeps it.
         if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and input_ids.shape[1] > 1:
-            context.layout.image_token_mask = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+            ids = torch.tensor(self.token_ids, device=input_ids.device)
+            self.context.layout.image_token_mask = torch.isin(input_ids, ids)
 
-    return capture
+
+def _media_token_hook(model, family: HFFamily, context: PatchContext) -> _MediaTokenHook:
+    ids = [getattr(model.config, a) for a in family.media_token_attrs if getattr(model.config, a, None) is not None]
+    return _MediaTokenHook(ids, context)
 
 
 def remove(model, patch: HFPatch) -> None:
-    for module in model.modules():
+    for module in list(model.modules()):  # a snapshot: the loop removes submodules
         if get_state(module) is not None:
             del module._modules[STATE_ATTR]
     for c, impl in patch.previous_impl:
@@ -259,3 +297,52 @@ def remove(model, patch: HFPatch) -> None:
 
 def supports(model) -> bool:
     return _is_transformers_model(model)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models that run a method through their config alone (loaded from a folder saved while patched)
+# --------------------------------------------------------------------------------------------------------------
+def loaded_patch(model) -> tuple[MethodSpec, MethodConfig, str] | None:
+    """``(spec, config, targets)`` of a model whose configs name a patchattn implementation although ``patch`` never
+    ran on it (``from_pretrained`` of a folder saved while patched, or ``attn_implementation="patchattn_<m>"``);
+    None when its configs name none.  The config is the saved one, else the method's defaults (what the lazily
+    created states run)."""
+    family = HF_FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if family is None:
+        return None
+    top = model.config
+    by_role = {"text": top} if family.kind == "llm" else {
+        "text": getattr(top, family.text_config), "vision": getattr(top, family.vision_config)}
+    methods = {role: impl[len(HF_PREFIX):] for role, c in by_role.items()
+               if isinstance(impl := c._attn_implementation_internal, str) and impl.startswith(HF_PREFIX)}
+    if not methods:
+        return None
+    if len(set(methods.values())) > 1:
+        raise ValueError(f"this {family.model_type} model runs different patchattn methods per tower ({methods}); "
+                         "patchattn handles one method per model: patch it explicitly (patchattn.patch)")
+    from ..registry import get_spec
+
+    spec = get_spec(next(iter(methods.values())))
+    roles = [role for role in by_role if role in methods]
+    config = next((c for c in (saved_config(top, spec), *(saved_config(by_role[r], spec) for r in roles)) if c), None)
+    targets = "all" if len(roles) == 2 else roles[0]
+    return spec, config or spec.config_cls(), targets
+
+
+def saved_names(model, names: list[str]) -> dict[str, str]:
+    """The names ``save_pretrained`` gives these ``state_dict`` entries (transformers renames some families' keys on
+    save, e.g. LLaVA's ``model.language_model.*`` becomes ``language_model.model.*``); unchanged names are left out."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        tensors = model.state_dict(keep_vars=True)
+        name_of = {id(tensors[n]): n for n in names}
+        reverted = revert_weight_conversion(model, {n: tensors[n] for n in names})
+    except Exception:  # noqa: BLE001 -- best effort: names not found are reported by the caller
+        return {}
+    return {name_of[id(t)]: saved for saved, t in reverted.items() if id(t) in name_of and name_of[id(t)] != saved}
+
+
+def load_saved_tensors(model, folder: str) -> list[str]:
+    """Read the patch's tensors back from a folder written by ``save_pretrained``; returns the names not found."""
+    return load_patch_tensors(model, folder, lambda names: saved_names(model, names))
