@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Only the standard library at module level: `patchattn --help` and argument errors must not wait for torch.
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:  # output piped into a reader that stopped (`patchattn list | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush does not fail too
+        return 0
     except (ValueError, TypeError, ImportError, OSError) as err:  # bad input or a missing file: one line, no traceback
         print(f"patchattn {args.command}: error: {err}", file=sys.stderr)
         return 2

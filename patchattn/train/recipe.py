@@ -191,8 +191,9 @@ def recipe_folder(name_or_folder: str) -> str:
     if path.name in shipped and (len(path.parts) == 1 or path.parent.name == "recipes"):
         return str(SHIPPED / path.name)
     hint = closest(path.name, shipped)
-    raise RecipeError(f"no recipe {name_or_folder!r}{f' (did you mean {hint!r}?)' if hint else ''}: give the name "
-                      f"of a shipped recipe ({', '.join(shipped)}) or a recipe folder")
+    raise RecipeError(f"recipe folder {name_or_folder!r} does not exist"
+                      f"{f' (did you mean {hint!r}?)' if hint else ''}; give a recipe folder or the name of a "
+                      f"shipped recipe: {', '.join(shipped)}")
 
 
 def load_recipe(folder: str, overrides: dict | None = None) -> Recipe:
