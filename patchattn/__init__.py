@@ -32,7 +32,11 @@ _PUBLIC = {
                                 "patch", "patched", "repatch_from_config", "unpatch")},
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "MethodConfig", "MethodSpec", "MethodState", "PatchContext", "PatchHandle", "PatchState", "SparseConfig",
+    "TokenLayout", "get_config", "get_handle", "list_methods", "load", "load_dit", "patch", "patched",
+    "register_method", "register_sparse_method", "repatch_from_config", "unpatch",
+]
 
 
 def __getattr__(name: str):

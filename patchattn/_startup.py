@@ -26,7 +26,8 @@ def register_methods() -> None:
 def _register_after_transformers() -> None:
     try:
         register_methods()
-    except Exception as err:  # never break the user's transformers import; say why patchattn_* names are missing
+    # Never break the user's transformers import over this; say instead why the patchattn_* names are missing.
+    except Exception as err:  # noqa: BLE001
         warnings.warn(f"patchattn could not register its methods with transformers: {type(err).__name__}: {err}",
                       stacklevel=2)
 

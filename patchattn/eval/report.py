@@ -281,8 +281,8 @@ def read_results(path: str) -> dict:
             results = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not a JSON results file of `patchattn eval` ({err})") from None
-    if not isinstance(results, dict):
-        raise ValueError(f"{path} is not a results file of `patchattn eval` (a JSON object with 'cells')")
+    if not isinstance(results, dict):  # bad file content, reported like a malformed file
+        raise ValueError(f"{path} is not a results file of `patchattn eval` (a JSON object with 'cells')")  # noqa: TRY004
     return results
 
 

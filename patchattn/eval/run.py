@@ -97,7 +97,8 @@ def parse_methods(text: str) -> list[tuple[str, str, dict]]:
                          f"hip@k8:{{\"top_k\": 8}} (keys in double quotes), got {text!r} ({err.msg})") from None
     for label, name, overrides in methods:
         if not isinstance(overrides, dict):
-            raise ValueError(f"the overrides of {label!r} must be a JSON object, got {overrides!r}")
+            raise ValueError(  # noqa: TRY004  (a malformed argument, reported like the others)
+                f"the overrides of {label!r} must be a JSON object, got {overrides!r}")
         api.get_config(name, **overrides)  # unknown method or field: fail now, naming the known ones
     return methods
 
