@@ -233,6 +233,20 @@ def test_recipes_ship_in_the_package_and_load_by_name(tmp_path, monkeypatch):
         load_recipe("sinklara")
 
 
+def test_every_recipe_file_is_package_data():
+    # A non-editable install copies only the files pyproject's package-data names: every recipe file must match.
+    import tomllib
+    from pathlib import PurePosixPath
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["patchattn"]
+    recipes = ROOT / "patchattn" / "recipes"
+    files = [p.relative_to(recipes.parent).as_posix() for p in recipes.rglob("*") if p.is_file()
+             and "__pycache__" not in p.parts]
+    assert len(files) >= 12
+    # PurePosixPath.match: '*' stays within one folder, as setuptools' globs do
+    assert [f for f in files if not any(PurePosixPath(f).match(pattern) for pattern in patterns)] == []
+
+
 def test_short_runs_scale_the_evaluations():
     from patchattn.train import load_recipe
     from patchattn.train.recipe import bound_evaluations
