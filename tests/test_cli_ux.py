@@ -235,8 +235,9 @@ def test_recipes_ship_in_the_package_and_load_by_name(tmp_path, monkeypatch):
 
 def test_every_recipe_file_is_package_data():
     # A non-editable install copies only the files pyproject's package-data names: every recipe file must match.
-    import tomllib
     from pathlib import PurePosixPath
+
+    import tomllib
 
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["patchattn"]
     recipes = ROOT / "patchattn" / "recipes"
