@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from . import adapters
+from . import adapters, methods  # noqa: F401  (importing the method files registers the built-in methods)
 from .adapters import diffusers as dit_adapter
 from .adapters.hf import saved_config
 from .config import MethodConfig, check_model_fit

@@ -4,49 +4,62 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from . import api
-from .adapters.families import HF_FAMILIES
-from .calibrate import main as calibrate_main
-from .demo import run_demo
-from .registry import PATTERNS
-from .report import format_table, markdown_table
+# Only the standard library at module level: `patchattn --help` and argument errors must not wait for torch.
+# Each command imports what it needs when it runs.
 
 
 def _list(args) -> int:
-    rows = [
-        {
-            "method": s.name,
-            "category": s.category,
-            "families": ",".join(s.families),
-            "fine-tune": "yes" if s.needs_finetune else "no",
-            "paper": s.paper,
-        }
-        for s in api.list_methods(args.category)
-    ]
-    print(markdown_table(rows) if args.markdown else format_table(rows))
+    from . import api
+    from .report import format_table, markdown_table
+
+    table = markdown_table if args.markdown else format_table
+    specs = api.list_methods(args.category)
+    sections = []  # only what was asked: the method table unless a narrower view was requested
+    if not (args.fields or args.patterns or args.families):
+        sections.append(table(_method_rows(specs)))
     if args.fields:
-        for spec in api.list_methods(args.category):
-            print(f"\n{spec.name} ({spec.config_cls.__name__}):")
-            for name, default, help_text in spec.config_cls.describe_fields():
-                print(f"  {name} = {default!r}  - {help_text}")
+        sections.append(_field_lines(specs))
     if args.patterns:
-        print()
-        print(format_table(_pattern_rows(api.list_methods(args.category))))
+        sections.append(table(_pattern_rows(specs)))
     if args.families:
-        print()
-        print(format_table([{"model_type": f.model_type, "kind": f.kind, "notes": f.notes}
-                            for f in HF_FAMILIES.values()]))
+        sections.append(table(_family_rows()))
+    print("\n\n".join(sections))
     return 0
+
+
+def _method_rows(specs) -> list[dict]:
+    return [{"method": s.name, "category": s.category, "families": ",".join(s.families),
+             "fine-tune": "yes" if s.needs_finetune else "no", "paper": s.paper} for s in specs]
+
+
+def _field_lines(specs) -> str:
+    lines = []
+    for spec in specs:
+        lines.append(f"{spec.name} ({spec.config_cls.__name__}):")
+        lines += [f"  {name} = {default!r}  - {help_text}" for name, default, help_text
+                  in spec.config_cls.describe_fields()]
+    return "\n".join(lines)
 
 
 def _pattern_rows(specs) -> list[dict]:
     """One row per method: which attention patterns (CAB taxonomy) it supports."""
+    from .registry import PATTERNS
+
     return [{"method": s.name, **{p: "yes" if p in s.patterns else "-" for p in PATTERNS}} for s in specs]
 
 
+def _family_rows() -> list[dict]:
+    from .adapters.families import HF_FAMILIES
+
+    return [{"model_type": f.model_type, "kind": f.kind, "notes": f.notes} for f in HF_FAMILIES.values()]
+
+
 def _demo(args) -> int:
+    from .demo import run_demo
+
     methods = args.methods.split(",") if args.methods else None
     rows = run_demo(args.model, tokens=args.tokens, methods=methods, max_new_tokens=args.max_new_tokens,
                     json_path=args.json, threads=args.threads, density=args.density)
@@ -81,7 +94,20 @@ def _delegate(args) -> int:
 
 
 def _calibrate(args) -> int:
+    from .calibrate import main as calibrate_main
+
     return calibrate_main([args.what, *args.rest])
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,11 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run every training-free method on the embedded model against dense")
     p.add_argument("--model", default="smollm2", help="smollm2 (default), gemma3-270m, or a local model path")
-    p.add_argument("--tokens", type=int, default=2048, help="perplexity context length (default 2048)")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="perplexity context length (default 2048)")
     p.add_argument("--methods", help="comma-separated subset (default: all training-free methods)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="tokens of the greedy answer (default 16)")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads of the perplexity forwards (default: the idle cores; decoding uses one)")
     p.add_argument("--density", type=float, default=None,
                    help="run every sparse method at this common budget (fraction of key blocks, docs/density.md) "
@@ -138,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, ImportError) as err:
-        print(f"patchattn: error: {err}", file=sys.stderr)
+    except BrokenPipeError:  # output piped into a reader that stopped (`patchattn list | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush does not fail too
+        return 0
+    except (ValueError, TypeError, ImportError, OSError) as err:  # bad input or a missing file: one line, no traceback
+        print(f"patchattn {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

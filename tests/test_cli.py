@@ -1,6 +1,7 @@
 """The command line: list, demo (on the embedded SmolLM2), bad arguments."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,10 +11,13 @@ from patchattn.cli import main
 
 
 def test_list_prints_the_method_table(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "dense" in out and "control" in out and "Vaswani" in out
     assert main(["list", "--fields", "--families"]) == 0
     out = capsys.readouterr().out
-    assert "dense" in out and "control" in out and "backend = 'auto'" in out
-    assert "qwen2_5_vl" in out and "gemma3_text" in out
+    assert "backend = 'auto'" in out and "qwen2_5_vl" in out and "gemma3_text" in out
+    assert "Vaswani" not in out, "--fields/--families print what they name, not the method table"
 
 
 def test_list_unknown_category_is_an_error(capsys):
@@ -51,8 +55,10 @@ def test_demo_on_the_embedded_model(tmp_path, capsys):
 def test_lvlm_example_runs():
     import pathlib
 
-    script = pathlib.Path(__file__).parent.parent / "examples" / "patch_lvlm.py"
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    root = pathlib.Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    script = root / "examples" / "patch_lvlm.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, env=env).stdout
     assert "targets=all: 4 modules, max |diff| vs unpatched 0.0e+00" in out
 
 

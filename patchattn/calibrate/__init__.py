@@ -33,7 +33,7 @@ from ..artifacts import (  # noqa: F401
     signature,
 )
 from ..data import all_token_ids
-from ..models import EMBEDDED, load_pretrained
+from ..models import EMBEDDED, check_model_path, load_pretrained
 
 COMMANDS = {"moa": "patchattn.calibrate.moa", "retrieval-heads": "patchattn.calibrate.retrieval_heads",
             "act": "patchattn.calibrate.act"}
@@ -65,6 +65,7 @@ def load_model(name_or_path: str):
     A folder without tokenizer files (a tiny random test model) gives ``tokenizer=None``; the commands then use
     seeded random token ids instead of text.
     """
+    check_model_path(name_or_path)  # a missing folder: a clear FileNotFoundError, not a hub repo-id error
     if name_or_path in EMBEDDED or name_or_path.endswith(".gguf"):
         return load_pretrained(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="float32").eval()

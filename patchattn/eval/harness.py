@@ -6,6 +6,7 @@ import os
 import tempfile
 
 from ..lm_eval import require_lm_eval
+from ..lm_eval.quiet import quiet_evaluation
 from ..tasks import TASKS, task_name, tasks_path
 
 # Task parameters travel to the task generators as lm-eval metadata; everything else goes to simple_evaluate.
@@ -77,8 +78,9 @@ def evaluate(model_or_name, tasks, method: str | None = "dense", *, method_args=
         only_ours = all(n in TASKS.values() for n in names)
         manager = TaskManager(include_path=tasks_path(), include_defaults=not only_ours, metadata=meta)
         _check_known(manager, names)
-        results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                  log_samples=log_samples, **cfg)
+        with quiet_evaluation():  # lm-eval notes that do not apply here (see patchattn.lm_eval.quiet)
+            results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
+                                      log_samples=log_samples, **cfg)
     results["patchattn"] = {"method": lm.method_name, "config": lm.method_config, "density": lm.density}
     return results
 

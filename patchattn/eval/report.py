@@ -272,13 +272,26 @@ def build_report(results: dict, out: str) -> list[str]:
     return ["README.md", *images]
 
 
+def read_results(path: str) -> dict:
+    """The results file of ``patchattn eval``; errors name the file and how such a file is made."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no results file {path!r}; write one with `patchattn eval --json {path}`")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            results = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON results file of `patchattn eval` ({err})") from None
+    if not isinstance(results, dict):  # bad file content, reported like a malformed file
+        raise ValueError(f"{path} is not a results file of `patchattn eval` (a JSON object with 'cells')")  # noqa: TRY004
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="patchattn report", description=__doc__)
     p.add_argument("results", help="JSON written by `patchattn eval --json`")
     p.add_argument("--out", default="report", help="folder for README.md and the PNG plots")
     args = p.parse_args(argv)
-    with open(args.results, encoding="utf-8") as handle:
-        results = json.load(handle)
+    results = read_results(args.results)
     if not results.get("cells") and not results.get("blocks"):
         raise ValueError(f"{args.results} holds no results (was it written by `patchattn eval --json`?)")
     written = build_report(results, args.out)

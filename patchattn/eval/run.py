@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 from .. import api
 from ..data import text_token_ids
 from ..lm_eval import require_lm_eval
-from ..report import environment
+from ..registry import get_spec
+from ..report import environment, format_table
 from ..tasks import task_name
 from .blocks import read_blocks
 from .harness import evaluate, make_lm
+from .notes import dense_note, reads_everything
 
 DEFAULT_METHODS = "dense,blocktopk,hip,streaming"
 DEFAULT_TASKS = "passkey,ppl"
@@ -40,8 +42,10 @@ def parse_args(argv):
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated; variants as 'name@tag:{json overrides}' separated by ';'")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="passkey, needle, vartrack, ppl (comma-separated)")
-    p.add_argument("--lengths", default="1024,2048,4096", help="task lengths in tokens (capped at the context)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths for passkey / needle")
+    p.add_argument("--lengths", default="1024,2048,4096", type=number_list(int, "positive integers", 1),
+                   help="task lengths in tokens (capped at the context)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=number_list(float, "numbers in [0, 1]", 0, 1),
+                   help="needle depths for passkey / needle")
     p.add_argument("--samples", type=int, help="examples per cell of the task's grid (default: the task's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="at most this many examples per task (lm-eval --limit)")
@@ -57,18 +61,44 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def number_list(kind, what: str, low: float, high: float | None = None):
+    """argparse type: comma-separated numbers of ``kind`` in [low, high]; the error names the bad item."""
+
+    def parse(text: str) -> list:
+        values = []
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            try:
+                value = kind(item)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {item!r} in {text!r}") from None
+            if value < low or (high is not None and value > high):
+                raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {item!r} in {text!r}")
+            values.append(value)
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        return values
+
+    return parse
+
+
 def task_params(args) -> dict:
-    params = {"lengths": [int(x) for x in args.lengths.split(",") if x.strip()],
-              "depths": [float(x) for x in args.depths.split(",") if x.strip()],
-              "seed": args.seed, "limit": args.limit}
+    params = {"lengths": list(args.lengths), "depths": list(args.depths), "seed": args.seed, "limit": args.limit}
     if args.samples is not None:
         params["samples"] = args.samples
     return params
 
 
 def parse_methods(text: str) -> list[tuple[str, str, dict]]:
-    methods = api.parse_methods(text)
-    for _label, name, overrides in methods:
+    """``--methods``: names, or variants ``name@tag:{JSON overrides}`` separated by ';'; each checked now."""
+    try:
+        methods = api.parse_methods(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the overrides after 'name@tag:' must be a JSON object such as "
+                         f"hip@k8:{{\"top_k\": 8}} (keys in double quotes), got {text!r} ({err.msg})") from None
+    for label, name, overrides in methods:
+        if not isinstance(overrides, dict):
+            raise ValueError(  # noqa: TRY004  (a malformed argument, reported like the others)
+                f"the overrides of {label!r} must be a JSON object, got {overrides!r}")
         api.get_config(name, **overrides)  # unknown method or field: fail now, naming the known ones
     return methods
 
@@ -156,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"patchattn eval: {err}", file=sys.stderr)
         return 2
-    methods = parse_methods(args.methods)
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as err:  # as argparse words its own errors: the argument, then what is wrong with it
+        raise ValueError(f"argument --methods: {err}") from None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for task in tasks:
         task_name(task)  # unknown task: fail before loading anything
@@ -181,7 +214,37 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_blocks:
         _block_maps(lm, args, methods, results)
     write_results(args.json, results, args.csv)
+    print(summary(results, methods, tasks, params))
+    print(f"\nwrote {args.json}" + (f" and {args.csv}" if args.csv else "")
+          + f" (tables and plots: patchattn report {args.json})")
     return 0
+
+
+def summary(results: dict, methods, tasks: list[str], params: dict) -> str:
+    """The cells of this command as a table, then a note for each sparse method that ran dense at these lengths."""
+    rows = []
+    for label, _name, _overrides in methods:
+        for task in tasks:
+            cell = find_cell(results, label, task, params)
+            if cell is not None:
+                metrics = {k: v for k, v in cell["metrics"].items() if not k.startswith("acc_")}
+                rows.append({"method": label, "task": task, **metrics, "density": cell.get("density"),
+                             "seconds": cell.get("seconds")})
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["", f"{results.get('model')}: {len(rows)} cells, lengths {params['lengths']}", format_table(rows, columns)]
+    for label, note in dense_notes(results, methods, max(params["lengths"])):
+        lines.append(f"note: {label}: {note}")
+    return "\n".join(lines)
+
+
+def dense_notes(results: dict, methods, tokens: int) -> list[tuple[str, str]]:
+    """(label, note) for each sparse method whose cells all read every block: it ran dense, and the note says why."""
+    notes = []
+    for label, name, overrides in methods:
+        densities = [c.get("density") for c in results["cells"] if c["method"] == label]
+        if densities and all(reads_everything(get_spec(name).category, d) for d in densities):
+            notes.append((label, dense_note(api.get_config(name, **overrides), tokens, "--lengths")))
+    return notes
 
 
 def _load(args):

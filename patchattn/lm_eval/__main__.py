@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lm_eval.__main__ import cli_evaluate  # optional extra, as above
 
+    from .quiet import quiet_evaluation
+
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    with quiet_evaluation():
+        cli_evaluate()
     return 0
 
 

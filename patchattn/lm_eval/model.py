@@ -15,6 +15,7 @@ from lm_eval.models.huggingface import HFLM
 
 from .. import api
 from ..api import mean_stat
+from .quiet import model_object_notes
 
 
 def parse_method_args(method_args) -> dict:
@@ -116,7 +117,8 @@ class PatchAttnLM(HFLM):
             self.handle = api.get_handle(model)
         self.method_name = self.handle.method if self.handle else "unpatched"
         self.method_config = self.handle.config.to_dict() if self.handle else {}
-        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+        with model_object_notes():  # handing HFLM our model object is the design, not a launch mistake
+            super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
         self.meter = DensityMeter(model)
 
     @property

@@ -1,4 +1,4 @@
-"""Fine-tuning recipes: ``patchattn train recipes/<name>`` (see docs/training.md).
+"""Fine-tuning recipes: ``patchattn train <name or folder>`` (see docs/training.md; shipped: patchattn/recipes/).
 
 A recipe is a folder of JSON files (patch, LoRA, training config); :func:`train` runs one with accelerate + peft
 and saves a LoRA adapter plus the patch state, which ``patchattn.load(base, adapter=<output>)`` loads back.

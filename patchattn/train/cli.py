@@ -1,4 +1,7 @@
-"""``patchattn train RECIPE [--steps N] [--seq-len N] [--model NAME] [--output DIR] [--resume]``."""
+"""``patchattn train RECIPE [--steps N] [--seq-len N] [--model NAME] [--output DIR] [--resume] [--no-eval]``.
+
+RECIPE is the name of a shipped recipe (``moh``, ``longlora``, ``sinklora``: ``patchattn/recipes/``) or a folder.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,21 @@ import argparse
 import json
 import sys
 
-from .recipe import RecipeError, load_recipe
-from .run import RunOptions, output_dir_of, train
+from .recipe import RecipeError, bound_evaluations, load_recipe, shipped_recipes
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="patchattn train", description="Run a fine-tuning recipe folder: LoRA plus the "
                                 "attention patch's own parameters; saves adapter, patch state, metrics, loss curve.")
-    p.add_argument("recipe", help="recipe folder (patch.json, lora.json, train.json[, inference.json]), e.g. "
-                   "recipes/longlora")
-    p.add_argument("--steps", type=int, help="override train.json steps")
-    p.add_argument("--seq-len", type=int, help="override train.json seq_len")
+    p.add_argument("recipe", help=f"a shipped recipe ({', '.join(shipped_recipes())}) or a recipe folder (patch.json, "
+                   "lora.json, train.json[, inference.json])")
+    p.add_argument("--steps", type=positive_int, help="override train.json steps; fewer steps than the recipe's also "
+                   "shrink its evaluations in proportion, so the whole run stays short")
+    p.add_argument("--seq-len", type=positive_int, help="override train.json seq_len")
+    p.add_argument("--eval-chunks", type=positive_int,
+                   help="held-out chunks per evaluation (override train.json eval_chunks)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the held-out evaluations (before, during and after training): train and save only")
     p.add_argument("--model", help="override train.json model: smollm2, tiny-llama (random, for smoke runs), a path")
     p.add_argument("--output", help="output folder (default: train.json output_dir, else runs/<recipe>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
@@ -25,6 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any train.json field, e.g. --set lr=1e-4 --set eval_every=20")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     return p
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def overrides_from(args) -> dict:
@@ -37,7 +54,8 @@ def overrides_from(args) -> dict:
             out[field] = json.loads(value)
         except json.JSONDecodeError:
             out[field] = value  # a bare string such as --set schedule=cosine
-    named = {"steps": args.steps, "seq_len": args.seq_len, "model": args.model, "output_dir": args.output}
+    named = {"steps": args.steps, "seq_len": args.seq_len, "model": args.model, "output_dir": args.output,
+             "eval_chunks": args.eval_chunks}
     out.update({k: v for k, v in named.items() if v is not None})
     return out
 
@@ -45,11 +63,20 @@ def overrides_from(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        recipe = load_recipe(args.recipe, overrides_from(args))
+        overrides = overrides_from(args)
+        recipe = load_recipe(args.recipe, overrides)
     except (RecipeError, FileNotFoundError) as err:
         print(f"patchattn train: error: {err}", file=sys.stderr)
         return 2
-    options = RunOptions(resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    if not args.no_eval:
+        scaled = bound_evaluations(recipe.train, recipe.planned_steps, fixed=tuple(overrides))
+        if scaled:
+            print(f"patchattn train: {scaled}", flush=True)
+    # torch, accelerate and peft load here, after the arguments and the recipe are known to be good
+    from .run import RunOptions, output_dir_of, train
+
+    options = RunOptions(resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                         evaluate=not args.no_eval)
     result = train(recipe, options)
     print(json.dumps(result, indent=1))
     print(f"outputs in {output_dir_of(recipe)}")

@@ -7,8 +7,14 @@ import contextlib
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from ..state import get_state
+
+
+def _bar(iterable, desc: str | None, unit: str, total: int | None = None):
+    """A transient progress bar named ``desc``; none when ``desc`` is None (tests, --no-progress)."""
+    return tqdm(iterable, desc=desc, unit=unit, total=total, disable=desc is None, leave=False, dynamic_ncols=True)
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -16,11 +22,11 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_loss(model, chunks: torch.Tensor) -> float:
+def heldout_loss(model, chunks: torch.Tensor, desc: str | None = None) -> float:
     """Mean next-token loss over the held-out chunks ``[n, T]`` (one chunk per forward)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for row in chunks:
+    for row in _bar(chunks, desc, "chunk"):
         ids = row[None].to(device)
         total += float(_nll(model(input_ids=ids).logits, ids))
         count += ids.shape[1] - 1
@@ -42,7 +48,7 @@ def training_attention(model):
 
 
 @torch.no_grad()
-def decode_loss(model, stream: torch.Tensor, prefill: int, tokens: int) -> float:
+def decode_loss(model, stream: torch.Tensor, prefill: int, tokens: int, desc: str | None = None) -> float:
     """Mean loss of predicting ``tokens`` tokens one at a time after a ``prefill``-token prompt (KV cache in use)."""
     if len(stream) < prefill + tokens + 1:
         raise ValueError(f"decode evaluation needs {prefill + tokens + 1} held-out tokens, the text has {len(stream)}")
@@ -51,7 +57,7 @@ def decode_loss(model, stream: torch.Tensor, prefill: int, tokens: int) -> float
     out = model(input_ids=ids[:, :prefill], use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1]
     total = 0.0
-    for t in range(prefill, prefill + tokens):
+    for t in _bar(range(prefill, prefill + tokens), desc, "token"):
         total += float(torch.nn.functional.cross_entropy(logits.float(), ids[:, t]))
         out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]

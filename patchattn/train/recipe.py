@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig
@@ -22,6 +24,7 @@ from peft import LoraConfig
 from .. import api
 from ..config import closest
 
+SHIPPED = Path(__file__).resolve().parent.parent / "recipes"  # patchattn/recipes: installed with the package
 RECIPE_FILES = ("patch.json", "lora.json", "train.json", "inference.json")
 REQUIRED_FILES = ("patch.json", "lora.json", "train.json")
 DATA_KINDS = ("text", "files", "dataset")
@@ -114,6 +117,7 @@ class Recipe:
     inference: dict
     lora: dict
     train: TrainConfig
+    planned_steps: int | None = None  # train.json's own steps, before command-line overrides
 
     def to_dict(self) -> dict:
         return {"name": self.name, "patch": self.patch, "inference": self.inference, "lora": self.lora,
@@ -172,10 +176,29 @@ def _read_json(path: str) -> dict:
     return data
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that ship inside the package (``patchattn train <name>``)."""
+    return sorted(p.name for p in SHIPPED.iterdir() if (p / "train.json").is_file()) if SHIPPED.is_dir() else []
+
+
+def recipe_folder(name_or_folder: str) -> str:
+    """A recipe folder from a path, or from the name of a shipped recipe (also ``recipes/<name>``, the path the
+    recipes had in a source checkout)."""
+    if os.path.isdir(name_or_folder):
+        return name_or_folder
+    path = Path(name_or_folder)
+    shipped = shipped_recipes()
+    if path.name in shipped and (len(path.parts) == 1 or path.parent.name == "recipes"):
+        return str(SHIPPED / path.name)
+    hint = closest(path.name, shipped)
+    raise RecipeError(f"recipe folder {name_or_folder!r} does not exist"
+                      f"{f' (did you mean {hint!r}?)' if hint else ''}; give a recipe folder or the name of a "
+                      f"shipped recipe: {', '.join(shipped)}")
+
+
 def load_recipe(folder: str, overrides: dict | None = None) -> Recipe:
-    """Read and check a recipe folder; ``overrides`` replace ``train.json`` fields (CLI flags)."""
-    if not os.path.isdir(folder):
-        raise RecipeError(f"recipe folder {folder!r} does not exist (recipes ship in recipes/: moh, longlora, sinklora)")
+    """Read and check a recipe (a folder, or a shipped recipe's name); ``overrides`` replace ``train.json`` fields."""
+    folder = recipe_folder(folder)
     names = sorted(os.listdir(folder))
     for name in names:
         if name.endswith(".json") and name not in RECIPE_FILES:
@@ -191,4 +214,32 @@ def load_recipe(folder: str, overrides: dict | None = None) -> Recipe:
     patch = check_patch("patch.json", raw["patch.json"])
     inference = check_patch("inference.json", raw.get("inference.json", patch))
     name = os.path.basename(os.path.normpath(folder))
-    return Recipe(name, folder, patch, inference, check_lora(raw["lora.json"]), TrainConfig(**train_fields))
+    return Recipe(name, folder, patch, inference, check_lora(raw["lora.json"]), TrainConfig(**train_fields),
+                  planned_steps=raw["train.json"].get("steps", TrainConfig.steps))
+
+
+def bound_evaluations(config: TrainConfig, planned_steps: int | None, fixed: tuple[str, ...] = ()) -> str | None:
+    """Scale the evaluations with a run shortened below the recipe's steps, so ``--steps`` bounds the whole run.
+
+    A recipe sizes its held-out evaluations for its own length (SinkLoRA: 8 chunks of 2,048 tokens and 256 tokens
+    decoded one by one, three times before training); a 3-step run keeps the same share: ``ceil(chunks * 3/150)``
+    chunks and decode tokens.  Fields in ``fixed`` (set on the command line) are left alone.  Returns what changed.
+    """
+    if not planned_steps or config.steps >= planned_steps:
+        return None
+    share = config.steps / planned_steps
+    changed = []
+    if "eval_chunks" not in fixed:
+        chunks = max(1, math.ceil(config.eval_chunks * share))
+        if chunks != config.eval_chunks:
+            changed.append(f"{chunks} held-out chunk(s) instead of {config.eval_chunks}")
+            config.eval_chunks = chunks
+    if config.decode_eval and "decode_eval" not in fixed:
+        tokens = max(1, math.ceil(config.decode_eval["tokens"] * share))
+        if tokens != config.decode_eval["tokens"]:
+            changed.append(f"{tokens} decoded token(s) instead of {config.decode_eval['tokens']}")
+            config.decode_eval = {**config.decode_eval, "tokens": tokens}
+    if not changed:
+        return None
+    return (f"{config.steps} of the recipe's {planned_steps} steps: evaluations scaled to match ("
+            f"{', '.join(changed)}); choose with --eval-chunks / --set decode_eval=..., or skip them with --no-eval")

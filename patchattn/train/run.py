@@ -37,6 +37,7 @@ class RunOptions:
     resume: bool = False
     stop_after: int | None = None  # stop (as if interrupted) after this step; resume later with resume=True
     progress: bool = True
+    evaluate: bool = True  # held-out evaluations before, during and after training (False: train and save only)
 
 
 def output_dir_of(recipe: Recipe) -> str:
@@ -91,32 +92,36 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def measure(model, data: TextData, config: TrainConfig, *, training_attention: bool = False,
-            decode: bool = True) -> dict:
-    """Held-out loss/perplexity (and decode perplexity when the recipe asks) of ``model`` as it is now."""
+            decode: bool = True, desc: str | None = None) -> dict:
+    """Held-out loss/perplexity (and decode perplexity when the recipe asks) of ``model`` as it is now; ``desc``
+    names the progress bars (None: no bars)."""
     model.eval()
     if training_attention:
         with evaluate.training_attention(model):
-            loss = evaluate.heldout_loss(model, data.heldout)
+            loss = evaluate.heldout_loss(model, data.heldout, desc)
         return {"loss": loss, "ppl": evaluate.ppl(loss)}
-    loss = evaluate.heldout_loss(model, data.heldout)
+    loss = evaluate.heldout_loss(model, data.heldout, desc)
     result = {"loss": loss, "ppl": evaluate.ppl(loss)}
     if config.decode_eval and decode:
-        d = evaluate.decode_loss(model, data.heldout_stream, config.decode_eval["prefill"], config.decode_eval["tokens"])
+        d = evaluate.decode_loss(model, data.heldout_stream, config.decode_eval["prefill"], config.decode_eval["tokens"],
+                                 desc and f"{desc}, decode")
         result.update(decode_loss=d, decode_ppl=evaluate.ppl(d))
     return result
 
 
-def baseline_metrics(model, data: TextData, recipe: Recipe) -> dict:
+def baseline_metrics(model, data: TextData, recipe: Recipe, progress: bool = False) -> dict:
     """Dense base model, base + inference patch ("before"), base + training attention."""
     config = recipe.train
-    metrics = {"dense": measure(model, data, config)}
+    label = (lambda name: f"eval {name}") if progress else (lambda name: None)
+    metrics = {"dense": measure(model, data, config, desc=label("dense"))}
     if recipe.inference["method"] != "dense":
         apply_patch(model, recipe.inference)  # learned patch state (MoH router) at its initial values
-    metrics["before"] = measure(model, data, config)
+    metrics["before"] = measure(model, data, config, desc=label("before (inference patch)"))
     if api.get_handle(model) is not None:
         api.unpatch(model)
     apply_patch(model, recipe.patch)
-    metrics["before_training_attention"] = measure(model, data, config, training_attention=True)
+    metrics["before_training_attention"] = measure(model, data, config, training_attention=True,
+                                                   desc=label("before (training attention)"))
     api.unpatch(model)
     return metrics
 
@@ -141,10 +146,13 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
     data = build_data(config, tokenizer)
     resume_from = checkpoint.latest_checkpoint(output) if options.resume else None
     baseline_path = os.path.join(output, "baseline.json")
-    if resume_from and os.path.exists(baseline_path):
+    show = options.progress and accelerator.is_main_process
+    if not options.evaluate:
+        baseline = None
+    elif resume_from and os.path.exists(baseline_path):
         baseline = artifacts.read_json(baseline_path)
     else:
-        baseline = baseline_metrics(model, data, recipe)
+        baseline = baseline_metrics(model, data, recipe, progress=show)
         artifacts.write_json(baseline_path, baseline)
 
     set_seed(config.seed)  # the patch's own initialisation (MoH router) must not depend on the baseline pass
@@ -162,16 +170,16 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
     aux = resolve_aux_loss(config.aux_loss)
     stop = min(config.steps, options.stop_after or config.steps)
 
-    bar = _progress(config.steps, start, options.progress and accelerator.is_main_process)
+    bar = _progress(config.steps, start, show)
     for step in range(start, stop):
         row = _train_step(peft_model, prepared_optimizer, scheduler, accelerator, data, config, step, aux, named)
         log.write(step=step + 1, **row, elapsed_s=round(time.time() - started, 2))
         bar.update(1)
         bar.set_postfix(loss=f"{row['lm_loss']:.3f}", lr=f"{row['lr']:.2e}")
         done = step + 1
-        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+        if options.evaluate and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             # Periodic checks run the training patch in eval mode (for longlora/sinklora: full attention).
-            result = measure(peft_model, data, config, decode=False)
+            result = measure(peft_model, data, config, decode=False, desc=f"eval at step {done}" if show else None)
             log.write(step=done, eval_loss=result["loss"], eval_ppl=result["ppl"])
             peft_model.train()
         if (config.save_every and done % config.save_every == 0) or done == stop:
@@ -179,7 +187,7 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
     bar.close()
     if stop < config.steps:
         return {"stopped_at": stop}, None
-    return _finish(peft_model, data, recipe, output, baseline, log, started, start), peft_model
+    return _finish(peft_model, data, recipe, output, baseline, log, started, start, show), peft_model
 
 
 def _train_step(model, optimizer, scheduler, accelerator, data, config, step, aux, named) -> dict:
@@ -205,34 +213,33 @@ def _train_step(model, optimizer, scheduler, accelerator, data, config, step, au
     return row
 
 
-def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at) -> dict:
+def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at, show=False) -> dict:
     config = recipe.train
-    trained = {"training_attention": measure(peft_model, data, config, training_attention=True)}
+    evaluated = baseline is not None
+    if evaluated:
+        trained = {"training_attention": measure(peft_model, data, config, training_attention=True,
+                                                 desc="eval after (training attention)" if show else None)}
     artifacts.save_artifacts(output, peft_model, recipe)
     # "after": the inference patch applied the way patchattn.load(adapter=...) applies it.
     base = inner_model(peft_model)
     if api.get_handle(base) is not None:
         api.unpatch(base)
     artifacts.apply_inference_patch(base, output)
-    trained["inference"] = measure(peft_model, data, config)
+    if not evaluated:  # --no-eval: the artifacts and the loss curve only
+        metrics = {**_run_facts(recipe, data, started, resumed_at), "evaluated": False}
+        artifacts.write_json(os.path.join(output, "metrics.json"), metrics)
+        artifacts.plot_loss(os.path.join(output, "log.jsonl"), os.path.join(output, "loss.png"),
+                            f"{recipe.name}: {config.model}, seq {config.seq_len}, {config.steps} steps")
+        return metrics
+    trained["inference"] = measure(peft_model, data, config, desc="eval after (inference patch)" if show else None)
     log.write(step=config.steps, eval_loss=trained["inference"]["loss"], eval_ppl=trained["inference"]["ppl"])
     metrics = {
-        "recipe": recipe.name,
-        "model": config.model,
-        "steps": config.steps,
-        "seq_len": config.seq_len,
-        "tokens_per_step": config.seq_len * config.batch * config.grad_accum,
-        "heldout_tokens": int(data.heldout.numel()),
-        "eval_seq_len": config.eval_length,
+        **_run_facts(recipe, data, started, resumed_at),
         "ppl_dense": baseline["dense"]["ppl"],
         "ppl_before": baseline["before"]["ppl"],
         "ppl_after": trained["inference"]["ppl"],
         "ppl_training_attention_before": baseline["before_training_attention"]["ppl"],
         "ppl_training_attention_after": trained["training_attention"]["ppl"],
-        "inference_patch": recipe.inference,
-        "training_patch": recipe.patch,
-        "wall_time_s": round(time.time() - started, 1),
-        "resumed_at_step": resumed_at or None,
     }
     if config.decode_eval:
         metrics["decode_eval"] = dict(config.decode_eval)
@@ -244,3 +251,21 @@ def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at
                         f"{recipe.name}: {config.model}, seq {config.seq_len}, {config.steps} steps",
                         before_loss=baseline["before"]["loss"])
     return metrics
+
+
+def _run_facts(recipe, data, started, resumed_at) -> dict:
+    """What the run was: recipe, model, sizes, patches, wall time (every metrics.json has these)."""
+    config = recipe.train
+    return {
+        "recipe": recipe.name,
+        "model": config.model,
+        "steps": config.steps,
+        "seq_len": config.seq_len,
+        "tokens_per_step": config.seq_len * config.batch * config.grad_accum,
+        "heldout_tokens": int(data.heldout.numel()),
+        "eval_seq_len": config.eval_length,
+        "inference_patch": recipe.inference,
+        "training_patch": recipe.patch,
+        "wall_time_s": round(time.time() - started, 1),
+        "resumed_at_step": resumed_at or None,
+    }
