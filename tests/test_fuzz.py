@@ -115,7 +115,8 @@ def _batch(case: Case):
 
 
 def _generate(model, ids, mask=None):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                          pad_token_id=0,
                           output_scores=True, return_dict_in_generate=True)
 
 
@@ -149,7 +150,7 @@ def check_sparse(model, case: Case, rows, ids, mask, positions):
             assert diff <= TOLERANCE[case.dtype], f"row {i}: the padded batch differs from the row alone by {diff:.2e}"
         if case.decode:
             generated = _generate(model, ids, mask)
-            assert all(torch.isfinite(s).all() for s in generated.scores)
+            assert not any(s.isnan().any() or (s == float("inf")).any() for s in generated.scores)  # EOS is -inf
             if case.dtype == torch.float32:
                 for i, row in enumerate(rows):
                     alone = _generate(model, row[None])

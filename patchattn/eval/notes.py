@@ -6,32 +6,7 @@ its pattern (a window, a top-k budget, ``hyper``'s ``min_seq_len``) is named, ne
 
 from __future__ import annotations
 
-READS_EVERYTHING = 0.999  # density at or above this: every causally allowed block was read
-
-
-def _field_tokens(name: str, value, block_size: int | None) -> int | None:
-    """How many tokens an integer config field spans: ``*_blocks`` and ``top_k`` count blocks, ``*len*``,
-    ``window`` and ``*_tokens`` count tokens; other fields (strides, seeds, sample sizes) span nothing."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    if (name.endswith("_blocks") or name == "top_k") and block_size:
-        return value * block_size
-    if "len" in name or "window" in name or name.endswith("_tokens"):
-        return value
-    return None
-
-
-def covering_fields(config, tokens: int) -> list[tuple[str, int]]:
-    """The config fields that reach the whole text at ``tokens`` tokens: (``name=value: help``, tokens spanned)."""
-    block_size = getattr(config, "block_size", None)
-    out = []
-    for name, value, help_text in config.describe_fields():
-        value = getattr(config, name, value)
-        span = _field_tokens(name, value, block_size)
-        if span is not None and span >= tokens:
-            shown = f"{name}={value}" + (f" = {span} tokens" if span != value else "")
-            out.append((f"{shown}: {help_text}", span))
-    return out
+from ..config import READS_EVERYTHING, covering_fields
 
 
 def reads_everything(category: str, density: float | None) -> bool:

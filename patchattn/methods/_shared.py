@@ -165,8 +165,12 @@ class GroupedConfig(MethodConfig):
 
 
 def group_size_for(config: GroupedConfig, seq_len: int) -> int:
-    """Group size in tokens for a sequence of ``seq_len`` tokens (``int(N * ratio)``, as the paper's code)."""
+    """Group size in tokens for a sequence of ``seq_len`` tokens (``int(N * ratio)``, as the paper's code).
+
+    A sequence of one token is one group (the rows of a padded batch can be that short)."""
     group = config.group_size if config.group_size is not None else int(seq_len * config.group_size_ratio)
+    if seq_len == 1 and config.group_size is None:
+        return 1
     if group < 2:
         raise ValueError(f"{config.method}: group size {group} (sequence {seq_len} x group_size_ratio "
                          f"{config.group_size_ratio}) must be >= 2; use longer sequences or set group_size")

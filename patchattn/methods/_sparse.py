@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ..config import MethodConfig, option
+from ..config import READS_EVERYTHING, MethodConfig, covering_fields, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density_tensor
 from ..kernels.dense import eager_attention, sdpa_attention
 from ..masks import BlockGeometry, causal_allowed, runs_lists
@@ -195,9 +195,6 @@ def sparse_call(state, query, key, value, *, scaling, softcap, select: BlockSele
     return out.transpose(1, 2)
 
 
-READS_EVERYTHING = 0.999  # density at or above this: every causally allowed block was read
-
-
 def warn_if_reads_everything(state, geometry: BlockGeometry, density: float) -> None:
     """Warn once per model when a sparse method's selection keeps every causal block (the input is shorter than its
     pattern, or below its ``min_seq_len``): it then costs what dense costs, and a user asked for sparse."""
@@ -221,31 +218,6 @@ def reads_everything_reason(config, tokens: int) -> str:
         return (f"{tokens} tokens fit in one block (block_size={config.block_size}), so these calls run dense; "
                 "a smaller block_size or a longer input makes them sparse")
     return f"at {tokens} tokens the selection kept every block, so these calls cost what dense attention costs"
-
-
-def _field_tokens(name: str, value, block_size: int | None) -> int | None:
-    """How many tokens an integer config field spans: ``*_blocks`` and ``top_k`` count blocks, ``*len*``,
-    ``window`` and ``*_tokens`` count tokens; other fields (strides, seeds, sample sizes) span nothing."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    if (name.endswith("_blocks") or name == "top_k") and block_size:
-        return value * block_size
-    if "len" in name or "window" in name or name.endswith("_tokens"):
-        return value
-    return None
-
-
-def covering_fields(config, tokens: int) -> list[tuple[str, int]]:
-    """The config fields that reach the whole input at ``tokens`` tokens: (``name=value: help``, tokens spanned)."""
-    block_size = getattr(config, "block_size", None)
-    out = []
-    for name, value, help_text in config.describe_fields():
-        value = getattr(config, name, value)
-        span = _field_tokens(name, value, block_size)
-        if span is not None and span >= tokens:
-            shown = f"{name}={value}" + (f" = {span} tokens" if span != value else "")
-            out.append((f"{shown}: {help_text}", span))
-    return out
 
 
 def register_sparse_method(name: str, *, config: type[SparseConfig], select: BlockSelector, static: bool, paper: str,

@@ -129,7 +129,7 @@ def _sf_attention(state, query, key, value, scaling, softcap):
     config = state.config
     q_len = query.shape[2]
     group = group_size_for(config, q_len)
-    if config.sink_tokens > group:
+    if config.sink_tokens > group and group < q_len:  # one group holding the whole sequence reads its sinks anyway
         raise ValueError(f"sinklora: the {config.sink_tokens} sink tokens must fit in the first group "
                          f"({group} tokens); lower sink_tokens or raise group_size")
     block, layout = grouped_blocks(q_len, group, config.block_size)
