@@ -51,11 +51,22 @@ def _make_entry(spec: MethodSpec):
         if query.shape[0] == 0:
             return query.new_empty(0, query.shape[2], query.shape[1], value.shape[-1]), None
         check_inputs(spec.name, query, key, value)
+        key, value = causal_keys(module, query, key, value, attention_mask)
         return spec.forward(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{spec.hf_name}_attention"
     attention.__doc__ = spec.forward.__doc__
     return attention
+
+
+def causal_keys(module, query, key, value, attention_mask):
+    """The keys a causal call without a mask reads.  transformers passes no mask when SDPA's ``is_causal`` (query
+    ``i`` sees keys up to ``i``) is exact; with more keys than queries that is a static cache's prefill, whose later
+    keys are empty slots, while methods read a mask-free call as the queries being the *last* positions."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and 1 < q_len < kv_len and getattr(module, "is_causal", True):
+        return key[:, :, :q_len], value[:, :, :q_len]
+    return key, value
 
 
 def check_pattern(spec: MethodSpec, module: nn.Module) -> None:

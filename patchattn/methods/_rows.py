@@ -69,6 +69,9 @@ def _parse_spans(attention_mask, q_len: int, kv_len: int) -> tuple[Span, ...] | 
     expected = real_key[:, None, :] & (keys[None, None, :] <= positions[None, :, None]) & real_query[..., None]
     if not torch.equal(last, real_key) or not torch.equal(mask & real_query[..., None], expected):
         raise PaddingError("the mask is not causal attention over each row's real tokens (left/right padding)")
+    if bool((seen & ~real_query.any(-1)).any()):
+        # Keys after the newest query (a static cache's empty slots): the queries are not the last positions.
+        raise PaddingError("the queries are not the last positions of the keys (a static KV cache?)")
     spans = tuple(zip(start.tolist(), end.tolist()))
     return None if all(span == (0, kv_len) for span in spans) else spans
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import pytest
 import torch
@@ -109,3 +110,26 @@ def test_training_attention_on_a_padded_batch_equals_rows_alone(method):
                 alone = model(input_ids=row[None]).logits[0]
                 diff = (batch[i, left:left + len(row)].detach() - alone).abs().max().item()
                 assert diff < TOLERANCE, f"{method} row {i} (length {len(row)}, left pad {left}): {diff:.2e}"
+
+
+@pytest.mark.parametrize("method", ["streaming", "blocktopk", "moh", "act"])
+def test_static_cache_prefill_equals_dynamic_and_decode_stays_exact(method):
+    """A static cache's prefill comes without a mask over more keys than queries (empty slots): the method must read
+    only the prompt.  Its decode steps mask the empty slots, which sparse methods run densely (warned)."""
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 100), generator=torch.Generator().manual_seed(3))
+    overrides = _overrides(method)
+    with torch.no_grad(), patchattn.patched(model, method, **overrides):
+        dynamic = model(input_ids=ids).logits
+        cache = StaticCache(config=model.config, max_cache_len=130)
+        static = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        assert (static - dynamic).abs().max().item() < TOLERANCE
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tokens = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                    cache_implementation="static")
+        assert tokens.shape == (2, 103)
+    if method in ("streaming", "blocktopk"):
+        assert any("static KV cache" in str(w.message) for w in caught)
