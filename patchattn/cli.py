@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from .arguments import positive_int
+
 # Only the standard library at module level: `patchattn --help` and argument errors must not wait for torch.
 # Each command imports what it needs when it runs.
 
@@ -97,17 +99,6 @@ def _calibrate(args) -> int:
     from .calibrate import main as calibrate_main
 
     return calibrate_main([args.what, *args.rest])
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from ..arguments import positive_int
 from .recipe import RecipeError, bound_evaluations, load_recipe, shipped_recipes
 
 
@@ -32,16 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any train.json field, e.g. --set lr=1e-4 --set eval_every=20")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     return p
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def overrides_from(args) -> dict:
