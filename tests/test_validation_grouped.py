@@ -24,20 +24,20 @@ class _Module(torch.nn.Module):
         self.is_causal = True
 
 
-def _qkv(seq, dim=16, seed=0):
+def _qkv(seq, dim=16, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 4, seq, dim, generator=gen)
     k, v = torch.randn(1, 2, seq, dim, generator=gen), torch.randn(1, 2, seq, dim, generator=gen)
-    return [t.requires_grad_() for t in (q, k, v)]
+    return [t.to(device).requires_grad_() for t in (q, k, v)]
 
 
-def _run(method, backend, seq, fields):
-    q, k, v = _qkv(seq)
+def _run(method, backend, seq, fields, device="cpu"):
+    q, k, v = _qkv(seq, device=device)
     module = _Module(patchattn.get_config(method, backend=backend, **fields)).train()
     forward = longlora.longlora_attention if method == "longlora" else sinklora.sinklora_attention
     out = forward(module, q, k, v, None, scaling=0.25)[0].transpose(1, 2)
     torch.manual_seed(3)
-    grads = torch.autograd.grad((out * torch.randn(out.shape)).sum(), (q, k, v))
+    grads = torch.autograd.grad((out * torch.randn(out.shape).to(device)).sum(), (q, k, v))
     return out, grads, (q, k, v)
 
 
@@ -70,16 +70,16 @@ def test_torch_backend_matches_the_reference_off_block_lengths(method, seq, fiel
 
 
 @pytest.mark.parametrize("method,seq,fields", CASES[:2], ids=[f"{m}-{t}" for m, t, _ in CASES[:2]])
-def test_triton_runs_off_block_lengths_like_the_torch_backend(method, seq, fields, triton_interpreter):
-    out, grads, _ = _run(method, "triton", seq, fields)
-    want, want_grads, _ = _run(method, "torch", seq, fields)
+def test_triton_runs_off_block_lengths_like_the_torch_backend(method, seq, fields, triton_target):
+    out, grads, _ = _run(method, "triton", seq, fields, triton_target)
+    want, want_grads, _ = _run(method, "torch", seq, fields, triton_target)
     assert max_abs_diff(out, want) < 1e-4
     assert all(max_abs_diff(a, b) < 1e-4 for a, b in zip(grads, want_grads, strict=True))
 
 
-def test_a_dense_equivalent_longlora_model_equals_dense_through_triton(triton_interpreter):
-    model = tiny_model("llama")
-    ids = torch.randint(3, 100, (1, 70), generator=torch.Generator().manual_seed(0))
+def test_a_dense_equivalent_longlora_model_equals_dense_through_triton(triton_target):
+    model = tiny_model("llama").to(triton_target)
+    ids = torch.randint(3, 100, (1, 70), generator=torch.Generator().manual_seed(0)).to(triton_target)
     with torch.no_grad():
         dense = model(input_ids=ids).logits
         with patchattn.patched(model, "longlora", backend="triton", **longlora.LongLoRAConfig.DENSE_EQUIVALENT):
