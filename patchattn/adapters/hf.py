@@ -17,6 +17,7 @@ from torch import nn
 
 from ..checks import check_inputs
 from ..config import MethodConfig
+from ..methods._rows import keys_in_use
 from ..registry import HF_PREFIX, MethodSpec, on_register
 from ..state import STATE_ATTR, PatchContext, PatchState, get_state, load_patch_tensors
 from . import PATCH_LOCK
@@ -51,7 +52,7 @@ def _make_entry(spec: MethodSpec):
         if query.shape[0] == 0:
             return query.new_empty(0, query.shape[2], query.shape[1], value.shape[-1]), None
         check_inputs(spec.name, query, key, value)
-        key, value = causal_keys(module, query, key, value, attention_mask)
+        key, value, attention_mask = causal_keys(module, query, key, value, attention_mask)
         return spec.forward(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{spec.hf_name}_attention"
@@ -60,13 +61,22 @@ def _make_entry(spec: MethodSpec):
 
 
 def causal_keys(module, query, key, value, attention_mask):
-    """The keys a causal call without a mask reads.  transformers passes no mask when SDPA's ``is_causal`` (query
-    ``i`` sees keys up to ``i``) is exact; with more keys than queries that is a static cache's prefill, whose later
-    keys are empty slots, while methods read a mask-free call as the queries being the *last* positions."""
+    """The keys, values and mask of a causal call, cut to the keys its queries can see.
+
+    Methods read a call as its queries being the *last* positions of the keys.  A static cache breaks that: its
+    slots after the newest token are empty.  Its prefill comes without a mask (transformers relies on SDPA's
+    ``is_causal``: query ``i`` sees keys up to ``i``), its decode steps with a mask hiding the empty slots."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is None and 1 < q_len < kv_len and getattr(module, "is_causal", True):
-        return key[:, :, :q_len], value[:, :, :q_len]
-    return key, value
+    if not getattr(module, "is_causal", True) or q_len >= kv_len:
+        return key, value, attention_mask
+    if attention_mask is None:
+        visible = q_len if q_len > 1 else kv_len
+    else:
+        visible = keys_in_use(attention_mask, q_len, kv_len)
+    if visible >= kv_len:
+        return key, value, attention_mask
+    mask = None if attention_mask is None else attention_mask[..., :visible]
+    return key[:, :, :visible], value[:, :, :visible], mask
 
 
 def check_pattern(spec: MethodSpec, module: nn.Module) -> None:

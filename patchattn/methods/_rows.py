@@ -29,9 +29,19 @@ class PaddingError(ValueError):
     image tokens, a hole in the middle of a row)."""
 
 
-# The spans of the latest mask: (weak reference to it, its version counter and the lengths, spans).  Every layer of
-# a forward receives the same mask, so it is parsed (and synchronised with the host) once per forward.
-_LATEST: list = [None]
+# What was last read from a mask, per reader: (weak reference to the mask, its version counter and the lengths,
+# result).  Every layer of a forward receives the same mask, so it is read (and synchronised with the host) once.
+_LATEST: dict = {}
+
+
+def _read_once(reader, attention_mask, q_len: int, kv_len: int):
+    key = (attention_mask._version, q_len, kv_len)
+    cached = _LATEST.get(reader)
+    if cached is not None and cached[0]() is attention_mask and cached[1] == key:
+        return cached[2]
+    result = reader(attention_mask, q_len, kv_len)
+    _LATEST[reader] = (weakref.ref(attention_mask), key, result)
+    return result
 
 
 def padding_spans(attention_mask, q_len: int, kv_len: int) -> tuple[Span, ...] | None:
@@ -43,13 +53,22 @@ def padding_spans(attention_mask, q_len: int, kv_len: int) -> tuple[Span, ...] |
     """
     if attention_mask is None:
         return None
-    key = (attention_mask._version, q_len, kv_len)
-    cached = _LATEST[0]
-    if cached is not None and cached[0]() is attention_mask and cached[1] == key:
-        return cached[2]
-    spans = _parse_spans(attention_mask, q_len, kv_len)
-    _LATEST[0] = (weakref.ref(attention_mask), key, spans)
-    return spans
+    return _read_once(_parse_spans, attention_mask, q_len, kv_len)
+
+
+def keys_in_use(attention_mask, q_len: int, kv_len: int) -> int:
+    """How many leading keys the queries can see: ``kv_len``, or fewer with a static cache, whose slots after the
+    newest token are empty (and masked).  A dynamic cache always ends with the newest token."""
+    if attention_mask is None or q_len >= kv_len or attention_mask.dtype != torch.bool:
+        return kv_len
+    return _read_once(_last_visible_key, attention_mask, q_len, kv_len)
+
+
+def _last_visible_key(attention_mask, q_len: int, kv_len: int) -> int:
+    last = attention_mask[:, :, -1, :kv_len].any(dim=1)  # [B, Tk]: keys the newest query of each row sees
+    if not bool(last.any()):
+        return kv_len
+    return kv_len - int(last.any(dim=0).flip(-1).int().argmax())
 
 
 def _parse_spans(attention_mask, q_len: int, kv_len: int) -> tuple[Span, ...] | None:

@@ -112,24 +112,26 @@ def test_training_attention_on_a_padded_batch_equals_rows_alone(method):
                 assert diff < TOLERANCE, f"{method} row {i} (length {len(row)}, left pad {left}): {diff:.2e}"
 
 
-@pytest.mark.parametrize("method", ["streaming", "blocktopk", "moh", "act"])
-def test_static_cache_prefill_equals_dynamic_and_decode_stays_exact(method):
-    """A static cache's prefill comes without a mask over more keys than queries (empty slots): the method must read
-    only the prompt.  Its decode steps mask the empty slots, which sparse methods run densely (warned)."""
-    from transformers import StaticCache
+STATIC_CASES = [*PIN_CASES, "dense"]
 
+
+@pytest.mark.parametrize("case", STATIC_CASES)
+def test_static_cache_generates_what_the_default_cache_does(case):
+    """A static cache (``generate(cache_implementation="static")``) has empty slots after the newest token: its
+    prefill comes without a mask, its decode steps with one hiding those slots.  The method must read the same keys
+    as with the default cache, sparse (no dense fallback), on a padded batch."""
     model = tiny_model("llama")
-    ids = torch.randint(3, 100, (2, 100), generator=torch.Generator().manual_seed(3))
-    overrides = _overrides(method)
-    with torch.no_grad(), patchattn.patched(model, method, **overrides):
-        dynamic = model(input_ids=ids).logits
-        cache = StaticCache(config=model.config, max_cache_len=130)
-        static = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-        assert (static - dynamic).abs().max().item() < TOLERANCE
+    ids = torch.randint(3, 100, (2, 150), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+                "return_dict_in_generate": True}
+    with torch.no_grad(), patchattn.patched(model, method_of(case), **_overrides(case)):
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, **settings)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tokens = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
-                                    cache_implementation="static")
-        assert tokens.shape == (2, 103)
-    if method in ("streaming", "blocktopk"):
-        assert any("static KV cache" in str(w.message) for w in caught)
+            static = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **settings)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(static.scores, dynamic.scores))
+    assert diff < TOLERANCE
+    assert not [w for w in caught if "run dense attention" in str(w.message)]
