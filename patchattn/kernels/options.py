@@ -15,6 +15,8 @@ import contextvars
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class KernelOptions:
@@ -57,14 +59,22 @@ _CURRENT: contextvars.ContextVar[KernelOptions] = contextvars.ContextVar("patcha
 
 
 def current_options() -> KernelOptions:
-    """The options in effect here: the defaults, or those of the innermost :func:`kernel_options` block."""
+    """The options in effect here: the defaults, or those of the innermost :func:`kernel_options` block.
+
+    Under ``torch.compile`` they are read once, when the code is traced, and fixed in the compiled graph (Dynamo
+    cannot trace a ContextVar read; a graph break there would keep a decode step from compiling whole)."""
+    return _scoped_options()
+
+
+@torch.compiler.assume_constant_result
+def _scoped_options() -> KernelOptions:
     return _CURRENT.get()
 
 
 def resolve_options(options: KernelOptions | None) -> KernelOptions:
     """``options`` when given, else :func:`current_options`."""
     if options is None:
-        return _CURRENT.get()
+        return current_options()
     if not isinstance(options, KernelOptions):
         raise TypeError(f"options: expected a KernelOptions or None, got {type(options).__name__}")
     return options
