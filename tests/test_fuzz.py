@@ -5,7 +5,8 @@ Each case is drawn from its seed (the test id) and checks one of:
 * ``dense``: the method's dense-equivalent setting (``DENSE_EQUIVALENT``) gives the unpatched model's logits
   (and, in fp32, its greedy tokens) on the same padded batch;
 * ``sparse``: a setting at which the method really is sparse (``tests/pin_cases.py``, random block size) gives each
-  real row of the padded batch the logits it gets alone, and finite numbers everywhere;
+  real row of the padded batch the logits it gets alone, and finite numbers everywhere; decoding (fp32) gives each
+  row its own tokens, and a static cache the default cache's tokens;
 * ``budget``: a sparse method at a random ``density``: runs and stays finite, or refuses the budget with a
   ValueError that names ``density``;
 * ``invalid``: a random field set to NaN, infinity or a value out of its range is refused at patch time with a
@@ -117,10 +118,10 @@ def _batch(case: Case):
     return rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _generate(model, ids, mask=None):
+def _generate(model, ids, mask=None, cache: str | None = None):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                          pad_token_id=0,
-                          output_scores=True, return_dict_in_generate=True)
+                          pad_token_id=0, cache_implementation=cache, output_scores=True,
+                          return_dict_in_generate=True)
 
 
 def _real_diff(a, b, case: Case) -> float:
@@ -158,6 +159,8 @@ def check_sparse(model, case: Case, rows, ids, mask, positions):
                 for i, row in enumerate(rows):
                     alone = _generate(model, row[None])
                     assert torch.equal(generated.sequences[i, case.width:], alone.sequences[0, len(row):])
+                static = _generate(model, ids, mask, cache="static")
+                assert torch.equal(static.sequences, generated.sequences), "static cache != default cache"
 
 
 def check_budget(model, case: Case, rows, ids, mask, positions):
