@@ -5,6 +5,7 @@ work from the data; it breaks the graph, which the test pins so a fix shows)."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -35,3 +36,25 @@ def test_decode_step_compiles_whole_and_matches_eager(case):
             return
         got = step(token, cache)
     assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.skipif(not os.environ.get("PATCHATTN_SLOW"), reason="compiles a whole model twice: minutes on CPU "
+                    "(PATCHATTN_SLOW=1 runs it)")
+@pytest.mark.parametrize("case", ["streaming", "blocktopk"])
+def test_compiled_model_generates_what_the_eager_model_does(case):
+    """``torch.compile(model.forward)`` with the default cache, on a padded batch: the same tokens as eager."""
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 100), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad(), patchattn.patched(model, method_of(case), **PIN_CASES.get(case, {})):
+        want = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        eager_forward = model.forward
+        model.forward = torch.compile(model.forward)
+        try:
+            got = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        finally:
+            model.forward = eager_forward
+    assert torch.equal(got, want)
