@@ -37,7 +37,12 @@ METHODS = sorted(spec.name for spec in patchattn.list_methods()
 SPARSE = [m for m in METHODS if m in {s.name for s in patchattn.list_methods("sparse")}]
 SPARSE_SETTINGS = {method_of(case): {k: v for k, v in o.items() if k != "block_size"}
                    for case, o in PIN_CASES.items() if case == method_of(case)}
-TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 0.1}
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 2e-4, torch.bfloat16: 0.1}
+# Methods that pick heads per token by a top-k (moh): a rounding-level difference between the batch and the row
+# alone flips a near-tied choice (seen: 1 token in 26 at fp32), so their row-alone checks run in float64, where
+# ties at rounding level do not occur.
+DISCRETE_ROUTING = {"moh"}
+NAN_IN_FLOAT64 = {"gemma2"}  # transformers' Gemma-2 forward itself gives NaN in float64 (unpatched too)
 
 
 @dataclasses.dataclass
@@ -60,6 +65,10 @@ def draw(seed: int) -> Case:
     if kind == "budget":
         method = rng.choice(SPARSE)
     dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
+    if kind == "sparse" and method in DISCRETE_ROUTING:
+        dtype = torch.float64
+        if family in NAN_IN_FLOAT64:
+            family = "llama"
     lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 3))]
     width = max(lengths) + rng.choice([0, 0, rng.randint(1, 30)])
     side = rng.choice(["left", "left", "right", "both"])
@@ -138,7 +147,7 @@ def check_dense(model, case: Case, rows, ids, mask, positions):
             tokens = _generate(model, ids, mask) if case.decode else None
     diff = _real_diff(out, reference, case)
     assert diff <= TOLERANCE[case.dtype], f"dense-equivalent setting differs from dense by {diff:.2e}"
-    if case.decode and case.dtype == torch.float32:
+    if case.decode and case.dtype != torch.bfloat16:
         assert torch.equal(tokens.sequences, dense_tokens.sequences)
 
 
@@ -155,7 +164,7 @@ def check_sparse(model, case: Case, rows, ids, mask, positions):
         if case.decode:
             generated = _generate(model, ids, mask)
             assert not any(s.isnan().any() or (s == float("inf")).any() for s in generated.scores)  # EOS is -inf
-            if case.dtype == torch.float32:
+            if case.dtype != torch.bfloat16:
                 for i, row in enumerate(rows):
                     alone = _generate(model, row[None])
                     assert torch.equal(generated.sequences[i, case.width:], alone.sequences[0, len(row):])
@@ -205,5 +214,5 @@ def test_fuzz_draws_cover_every_method_kind_and_family():
     assert {c.method for c in drawn} == set(METHODS)
     assert {c.kind for c in drawn} == set(KINDS)
     assert {c.family for c in drawn} == set(LLM_FAMILIES)
-    assert {c.dtype for c in drawn} == {torch.float32, torch.bfloat16}
+    assert {torch.float32, torch.bfloat16} <= {c.dtype for c in drawn}
     assert any(c.decode for c in drawn) and any(min(c.lefts) > 0 for c in drawn)
