@@ -56,6 +56,19 @@ def padding_spans(attention_mask, q_len: int, kv_len: int) -> tuple[Span, ...] |
     return _read_once(_parse_spans, attention_mask, q_len, kv_len)
 
 
+def row_starts(attention_mask, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """``[B]`` int32 first real key of each row on the mask's device (built once per mask, as its spans are), or
+    None when no row starts after the first key."""
+    return _read_once(_row_starts, attention_mask, q_len, kv_len)
+
+
+def _row_starts(attention_mask, q_len: int, kv_len: int) -> torch.Tensor | None:
+    spans = padding_spans(attention_mask, q_len, kv_len)
+    if spans is None or not any(start > 0 for start, _ in spans):
+        return None
+    return torch.tensor([start for start, _ in spans], dtype=torch.int32, device=attention_mask.device)
+
+
 def keys_in_use(attention_mask, q_len: int, kv_len: int) -> int:
     """How many leading keys the queries can see: ``kv_len``, or fewer with a static cache, whose slots after the
     newest token are empty (and masked).  A dynamic cache always ends with the newest token."""

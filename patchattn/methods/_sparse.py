@@ -23,7 +23,7 @@ from ..masks import BlockGeometry, causal_allowed, runs_lists
 from ..registry import register_method
 from ..state import MethodState
 from ._budget import DENSITY_HELP, budget_applied, check_density, check_density_fields
-from ._rows import PaddingError, clear_caches, padding_spans, run_by_rows
+from ._rows import PaddingError, clear_caches, padding_spans, row_starts, run_by_rows
 
 # (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK], or ready block lists
 # (kv_indices, kv_counts) when the method builds them directly (blocktopk while decoding).
@@ -101,10 +101,7 @@ def padding_start(attention_mask, batch: int, kv_len: int) -> torch.Tensor | Non
     """
     if attention_mask is None:
         return None
-    spans = padding_spans(attention_mask, attention_mask.shape[2], kv_len)
-    if spans is None or not any(start > 0 for start, _ in spans):
-        return None
-    return torch.tensor([start for start, _ in spans], dtype=torch.int32, device=attention_mask.device)
+    return row_starts(attention_mask, attention_mask.shape[2], kv_len)
 
 
 def layer_dense_reason(state, kwargs) -> str | None:
@@ -133,12 +130,12 @@ def window_density(q_len: int, kv_len: int, window: int) -> float:
     return (upto(window) - upto(first - 1) + (last - window) * window) / causal
 
 
-def record_dense_call(state, method: str, reason: str, q_len: int, kv_len: int, kwargs, stacklevel: int = 3) -> None:
+def record_dense_call(state, method: str, reason: str, q_len: int, kv_len: int, kwargs) -> None:
     """The warning and the density record a dense call owes (a sliding-window layer records what its window reads,
     not 1.0, so a model's mean density stays what it reads)."""
     if reason != "dense layer":
         # Python's default filter shows each distinct message once per call site.
-        warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=stacklevel)
+        warnings.warn(f"patchattn {method}: {reason}; those calls run dense attention", stacklevel=3)
     window = kwargs.get("sliding_window")
     state.record(density=window_density(q_len, kv_len, window) if window else 1.0)
 
