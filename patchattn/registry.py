@@ -43,6 +43,9 @@ class MethodSpec:
         static: block-sparse methods only: True when ``select`` depends on positions only (cached per shape).
         state_cls: the method's typed per-module state (a ``MethodState`` dataclass), held by ``PatchState`` as
             ``method_state``; None when the method keeps nothing between calls.
+        key_bounds: the method takes a compiled decode step's rows as ``key_bounds=`` (``methods._rows.KeyBounds``:
+            the keys are a static cache's whole capacity, each row's real keys a device-side ``[start, end)``), so
+            the step needs no host read; other methods get the keys cut on the host (a graph break when compiled).
     """
 
     name: str
@@ -59,6 +62,7 @@ class MethodSpec:
     select: Callable | None = None
     static: bool = False
     state_cls: type | None = None
+    key_bounds: bool = False
 
     @property
     def hf_name(self) -> str:
@@ -87,6 +91,7 @@ def register_method(
     select: Callable | None = None,
     static: bool = False,
     state_cls: type | None = None,
+    key_bounds: bool = False,
 ):
     """Decorator registering an attention function as method ``name`` (see ``MethodSpec`` for the arguments)."""
 
@@ -106,6 +111,7 @@ def register_method(
             select=select,
             static=static,
             state_cls=state_cls,
+            key_bounds=key_bounds,
         )
         _validate_spec(spec)
         config.method = name

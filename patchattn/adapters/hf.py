@@ -17,7 +17,7 @@ from torch import nn
 
 from ..checks import check_inputs
 from ..config import MethodConfig
-from ..methods._rows import keys_in_use
+from ..methods._rows import key_bounds, keys_in_use
 from ..registry import HF_PREFIX, MethodSpec, on_register
 from ..state import STATE_ATTR, PatchContext, PatchState, get_state, load_patch_tensors
 from . import PATCH_LOCK
@@ -52,12 +52,22 @@ def _make_entry(spec: MethodSpec):
         if query.shape[0] == 0:
             return query.new_empty(0, query.shape[2], query.shape[1], value.shape[-1]), None
         check_inputs(spec.name, query, key, value)
+        if spec.key_bounds and takes_key_bounds(module, query, attention_mask):
+            return spec.forward(module, query, key, value, attention_mask, key_bounds=key_bounds(attention_mask),
+                                **kwargs)
         key, value, attention_mask = causal_keys(module, query, key, value, attention_mask)
         return spec.forward(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{spec.hf_name}_attention"
     attention.__doc__ = spec.forward.__doc__
     return attention
+
+
+def takes_key_bounds(module, query, attention_mask) -> bool:
+    """A causal decode step (one new token) with a mask: its rows' real keys are read on the device
+    (``KeyBounds``), whatever the cache, so the step has no host read (it compiles whole, replays in a CUDA graph)."""
+    return (getattr(module, "is_causal", True) and query.shape[2] == 1 and attention_mask is not None
+            and attention_mask.dtype == torch.bool and attention_mask.ndim == 4)
 
 
 def causal_keys(module, query, key, value, attention_mask):

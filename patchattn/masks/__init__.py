@@ -3,11 +3,13 @@ per pattern, composable with ``&`` / ``|``.  Static patterns are written once, a
 (``static.py``), from which both the prefill mask and the decode lists come.  Dynamic (content-based) selections
 live beside their methods."""
 
-from .geometry import BlockGeometry
-from .static import (PowerRun, Run, causal_allowed, power_of_two, power_of_two_row, runs_lists, runs_mask,
-                     sink_and_window, sink_and_window_row, sink_and_window_rows,
-                     strided_shard_rows, strided_shards)
+from .geometry import BlockGeometry, RowGeometry
+from .static import (PowerRun, Run, causal_allowed, power_of_two, power_of_two_device_rows, power_of_two_row,
+                     rows_lists, runs_lists, runs_mask, sink_and_window, sink_and_window_device_rows,
+                     sink_and_window_row, sink_and_window_rows, strided_shard_device_rows, strided_shard_rows,
+                     strided_shards)
 
-__all__ = ["BlockGeometry", "PowerRun", "Run", "causal_allowed", "power_of_two", "power_of_two_row", "runs_lists",
-           "runs_mask", "sink_and_window", "sink_and_window_row", "sink_and_window_rows",
+__all__ = ["BlockGeometry", "PowerRun", "RowGeometry", "Run", "causal_allowed", "power_of_two",
+           "power_of_two_device_rows", "power_of_two_row", "rows_lists", "runs_lists", "runs_mask", "sink_and_window",
+           "sink_and_window_device_rows", "sink_and_window_row", "sink_and_window_rows", "strided_shard_device_rows",
            "strided_shard_rows", "strided_shards"]

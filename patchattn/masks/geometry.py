@@ -56,3 +56,40 @@ class BlockGeometry:
             return self
         widened = BlockGeometry(self.q_len + self.offset % self.block_q, self.kv_len, self.block_q, self.block_k)
         return widened if widened.n_q == 1 and widened.q_len <= self.kv_len else self
+
+
+@dataclass(frozen=True)
+class RowGeometry:
+    """A decode step (one query per row) over rows of different lengths, known only on the device: a static cache's
+    rows, or a padded batch's.  ``lengths`` ``[B]``: each row's real keys, the query being the last; block ids count
+    from each row's first real key; ``capacity``: keys in the tensor (host), which bounds every row."""
+
+    lengths: torch.Tensor
+    capacity: int
+    block_q: int
+    block_k: int
+
+    @property
+    def n_k(self) -> int:
+        """Key blocks of the longest possible row (host): the width of lists sized by the capacity."""
+        return math.ceil(self.capacity / self.block_k)
+
+    def _column(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, 1, 1)  # [B, 1, 1]: broadcasts against heads and list entries
+
+    def diagonal_block(self) -> torch.Tensor:
+        """``[B, 1, 1]`` the block holding each row's query (-1 for an empty row)."""
+        return self._column(torch.div(self.lengths - 1, self.block_k, rounding_mode="floor"))
+
+    def first_position(self) -> torch.Tensor:
+        """``[B, 1, 1]`` first position of the query's block, as ``BlockGeometry.prefill_aligned`` widens a decode
+        call: a decoded token reads what its query block reads in a full forward."""
+        return self._column(torch.div(self.lengths - 1, self.block_q, rounding_mode="floor") * self.block_q)
+
+    def row_blocks(self) -> torch.Tensor:
+        """``[B, 1, 1]`` key blocks of each row."""
+        return self._column(torch.div(self.lengths + self.block_k - 1, self.block_k, rounding_mode="floor"))
+
+    def geometry(self) -> BlockGeometry:
+        """The longest row's host geometry (what a method's per-length budget reads)."""
+        return BlockGeometry(1, self.capacity, self.block_q, self.block_k)

@@ -72,20 +72,29 @@ class PowerRun(NamedTuple):
         distance = self.anchor - j
         return (j >= self.lo) & (j < self.hi) & (distance > 0) & ((distance & (distance - 1)) == 0)
 
-    def _exponents(self) -> tuple[int, int]:
+    def _exponents(self):
         """(largest, smallest) e with ``lo <= anchor - 2^e < hi``: 2^e <= anchor - lo and 2^e > anchor - hi."""
-        return (self.anchor - self.lo).bit_length() - 1, max(self.anchor - self.hi, 0).bit_length()
+        return _bit_length(self.anchor - self.lo) - 1, _bit_length(_maximum(self.anchor - self.hi, 0))
 
-    def count(self) -> int:
-        if self.hi <= self.lo:
-            return 0
+    def count(self):
         e_hi, e_lo = self._exponents()
-        return max(0, e_hi - e_lo + 1)
+        if isinstance(e_hi, int) and isinstance(e_lo, int):
+            return 0 if self.hi <= self.lo else max(0, e_hi - e_lo + 1)
+        return torch.where(torch.as_tensor(self.hi > self.lo), (e_hi - e_lo + 1).clamp(min=0), 0)
 
     def at(self, k: torch.Tensor) -> torch.Tensor:
         e_hi, _ = self._exponents()
-        exponent = (e_hi - k).clamp(0, max(e_hi, 0))  # clamped where unused: no negative or overflowing shift
-        return self.anchor - (1 << exponent)
+        # Clamped where unused: no negative or overflowing shift.
+        exponent = torch.minimum((e_hi - k).clamp(min=0), torch.as_tensor(_maximum(e_hi, 0)))
+        return self.anchor - (torch.ones_like(exponent) << exponent)
+
+
+def _bit_length(x):
+    """``int.bit_length`` of host integers, and of int tensors element-wise (0 for x <= 0) with static shapes."""
+    if isinstance(x, int):
+        return x.bit_length()
+    powers = torch.ones(31, dtype=x.dtype, device=x.device) << torch.arange(31, dtype=x.dtype, device=x.device)
+    return (x[..., None] >= powers).sum(-1).to(x.dtype)
 
 
 # ---- the patterns, once ------------------------------------------------------------------------------------------
@@ -176,10 +185,9 @@ def strided_shard_rows(n_k: int, heads: int, local_blocks: int, vert_stride: int
     return strided_shard_runs(n_k - 1, head, local_blocks, vert_stride)
 
 
-def runs_lists(runs, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query block's lists ``([1, H, 1, width], [1, H, 1])`` int32 from its runs: ascending blocks, 0 past the
-    count, equal to ``blocks_from_mask`` of ``runs_mask`` at that width; element-wise ops only (no host sync, no
-    host-to-device copy: capturable in a CUDA graph)."""
+def _runs_entries(runs, width: int, device=None):
+    """(block ids ``[..., width]``, count) of ascending disjoint runs: entry ``i`` is the ``i``-th block of their
+    union, 0 past the count; element-wise ops only."""
     i = torch.arange(width, device=device, dtype=torch.int32)
     idx = torch.zeros_like(i)
     start = 0
@@ -191,6 +199,42 @@ def runs_lists(runs, width: int, device=None) -> tuple[torch.Tensor, torch.Tenso
         inside = k < n if isinstance(start, int) and start == 0 else (k >= 0) & (k < n)
         idx = torch.where(inside, run.at(k), idx)
         start = start + n
+    return idx, start
+
+
+def rows_lists(runs, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists ``([B, H, 1, width], [B, H, 1])`` int32 of runs whose bounds are ``[B, H|1, 1]`` tensors (one decode
+    row per batch row, lengths on the device: ``RowGeometry``); equal to ``runs_lists`` of each row's host runs."""
+    idx, count = _runs_entries(runs, width, device)
+    count = torch.as_tensor(count, device=device).to(torch.int32)
+    shape = torch.broadcast_shapes(idx.shape[:-1], count.shape[:-1])
+    idx = idx.to(torch.int32).expand(*shape, width)[:, :, None, :].contiguous()
+    return idx, count.expand(*shape, 1).contiguous()
+
+
+# ---- decode rows of different lengths (device) -------------------------------------------------------------------
+def sink_and_window_device_rows(rows, sink_tokens: int, windows) -> tuple[Run, Run]:
+    """``sink_and_window_row`` of every row of ``rows`` (a ``RowGeometry``); ``windows``: one int, or per-head
+    windows as a ``[B|1, H, 1]`` tensor."""
+    return sink_and_window_runs(rows.diagonal_block(), rows.first_position(), rows.block_k, sink_tokens, windows)
+
+
+def power_of_two_device_rows(rows, sink_blocks: int, local_blocks: int) -> tuple[Run, PowerRun, Run]:
+    """``power_of_two_row`` of every row of ``rows``."""
+    return power_of_two_runs(rows.diagonal_block(), sink_blocks, local_blocks)
+
+
+def strided_shard_device_rows(rows, heads: int, local_blocks: int, vert_stride: int):
+    """``strided_shard_rows`` of every row of ``rows``: ``[B, heads, 1]`` bounds."""
+    head = torch.arange(heads, device=rows.lengths.device, dtype=torch.int32)[None, :, None]
+    return strided_shard_runs(rows.diagonal_block().to(torch.int32), head, local_blocks, vert_stride)
+
+
+def runs_lists(runs, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query block's lists ``([1, H, 1, width], [1, H, 1])`` int32 from its runs: ascending blocks, 0 past the
+    count, equal to ``blocks_from_mask`` of ``runs_mask`` at that width; element-wise ops only (no host sync, no
+    host-to-device copy: capturable in a CUDA graph)."""
+    idx, start = _runs_entries(runs, width, device)
     heads = idx.shape[0] if idx.ndim == 2 else 1
     if torch.is_tensor(start):
         counts = start.to(torch.int32).reshape(1, heads, 1)

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -67,6 +68,33 @@ def _row_starts(attention_mask, q_len: int, kv_len: int) -> torch.Tensor | None:
     if spans is None or not any(start > 0 for start, _ in spans):
         return None
     return torch.tensor([start for start, _ in spans], dtype=torch.int32, device=attention_mask.device)
+
+
+@dataclass(frozen=True)
+class KeyBounds:
+    """Each row's real keys ``[starts, ends)`` as ``[B]`` int32 device tensors, for a decode step whose queries are
+    not the last keys of the tensor (a static cache's empty slots follow them) and whose rows may start late
+    (padding), worked out without a host read so the step compiles whole (``torch.compile(fullgraph=True)``) and
+    replays in a CUDA graph.  A row with no real key has ``starts == ends == 0``."""
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.ends - self.starts
+
+
+def key_bounds(attention_mask) -> KeyBounds:
+    """The real keys of each row from the newest query's row of transformers' boolean mask ``[B, 1, Tq, Tk]``: the
+    first and one past the last key it sees (device ops with static shapes only; the mask's structure is trusted,
+    not checked -- the host path, ``padding_spans``, checks it)."""
+    seen = attention_mask[:, 0, -1, :]
+    kv_len = seen.shape[-1]
+    any_seen = seen.any(-1)
+    starts = torch.where(any_seen, seen.int().argmax(-1), 0)
+    ends = torch.where(any_seen, kv_len - seen.flip(-1).int().argmax(-1), 0)
+    return KeyBounds(starts.to(torch.int32), ends.to(torch.int32))
 
 
 def keys_in_use(attention_mask, q_len: int, kv_len: int) -> int:

@@ -19,15 +19,19 @@ import torch
 from ..config import READS_EVERYTHING, MethodConfig, covering_fields, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density_tensor
 from ..kernels.dense import eager_attention, sdpa_attention
-from ..masks import BlockGeometry, causal_allowed, runs_lists
+from ..masks import BlockGeometry, RowGeometry, causal_allowed, runs_lists
 from ..registry import register_method
 from ..state import MethodState
 from ._budget import DENSITY_HELP, budget_applied, check_density, check_density_fields
-from ._rows import PaddingError, clear_caches, padding_spans, row_starts, run_by_rows
+from ._rows import KeyBounds, PaddingError, clear_caches, padding_spans, row_starts, run_by_rows
 
 # (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK], or ready block lists
 # (kv_indices, kv_counts) when the method builds them directly (blocktopk while decoding).
 BlockSelector = Callable[[BlockGeometry, torch.Tensor, torch.Tensor, object], "torch.Tensor | tuple"]
+# (rows, query [B, Hq, 1, D], key [B, Hkv, capacity, D], state) -> (kv_indices [B, H', 1, W], kv_counts [B, H', 1]):
+# a decode step's lists for rows of different lengths (device tensors), block ids counted from each row's first
+# real key, built with static shapes and no host read.
+RowsSelector = Callable[[RowGeometry, torch.Tensor, torch.Tensor, object], tuple]
 
 
 LAST_BLOCK_DENSE_HELP = ("at prefill, the last query block reads every key (O(T) extra work): it produces the first "
@@ -152,13 +156,21 @@ def sparse_reason(state, attention_mask, q_len: int, kv_len: int, kwargs) -> tup
 
 
 def run_block_sparse(module, query, key, value, attention_mask, *, scaling, select: BlockSelector,
-                     static: bool, dropout=0.0, **kwargs):
+                     static: bool, decode_rows: RowsSelector | None = None, dropout=0.0, key_bounds=None, **kwargs):
     """Shared forward of every block-sparse method (transformers' signature; returns ``([B, Tq, Hq, D], None)``).
 
     A padded batch runs row group by row group (``_rows.run_by_rows``): each row reads the blocks it would read
-    alone, whatever the padding of the others."""
+    alone, whatever the padding of the others.  A decode step given ``key_bounds`` (the adapter does so for methods
+    with a ``decode_rows`` selector) runs every row in one launch with no host read: ``run_rows_decode``."""
     state = module.patchattn
     q_len, kv_len = query.shape[2], key.shape[2]
+    if key_bounds is not None:
+        reason = layer_dense_reason(state, kwargs)
+        if reason is None:
+            return run_rows_decode(state, query, key, value, key_bounds, scaling=scaling,
+                                   softcap=kwargs.get("softcap"), decode_rows=decode_rows), None
+        record_dense_call(state, type(state.config).method, reason, q_len, kv_len, kwargs)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
     if reason is not None:
         record_dense_call(state, type(state.config).method, reason, q_len, kv_len, kwargs)
@@ -192,6 +204,34 @@ def sparse_call(state, query, key, value, *, scaling, softcap, select: BlockSele
     return out.transpose(1, 2)
 
 
+def run_rows_decode(state, query, key, value, bounds: KeyBounds, *, scaling, softcap,
+                    decode_rows: RowsSelector) -> torch.Tensor:
+    """A decode step over rows whose real keys are ``bounds`` (device tensors): the method's ``decode_rows`` lists
+    count from each row's first real key, so every row reads what it would alone, in one launch, with no host read
+    (the step compiles whole and replays in a CUDA graph).  ``[B, 1, Hq, D]``."""
+    config = state.config
+    rows = RowGeometry(bounds.lengths, key.shape[2], config.block_size, config.block_size)
+    kv_indices, kv_counts = decode_rows(rows, query, key, state)
+    out = block_sparse_attention(
+        query, key, value, kv_indices, kv_counts, block_q=config.block_size, block_k=config.block_size, causal=True,
+        scale=scaling, softcap=softcap, kv_start=bounds.starts, kv_end=bounds.ends, lists_from_start=True,
+        backend=config.backend,
+    )
+    if not torch.compiler.is_compiling():  # a compiled step's tensors are its graph's, overwritten by the next replay
+        state.record(density=rows_density(kv_counts, rows))
+    return out.transpose(1, 2)
+
+
+def rows_density(kv_counts: torch.Tensor, rows: RowGeometry):
+    """The mean fraction of each row's key blocks read (evaluated when read: no host sync in the step)."""
+    blocks = rows.row_blocks().reshape(-1, 1, 1).clamp(min=1)
+
+    def density():
+        return (kv_counts.float() / blocks).mean()
+
+    return density
+
+
 def warn_if_reads_everything(state, geometry: BlockGeometry, density: float) -> None:
     """Warn once per model when a sparse method's selection keeps every causal block (the input is shorter than its
     pattern, or below its ``min_seq_len``): it then costs what dense costs, and a user asked for sparse."""
@@ -220,12 +260,15 @@ def reads_everything_reason(config, tokens: int) -> str:
 def register_sparse_method(name: str, *, config: type[SparseConfig], select: BlockSelector, static: bool, paper: str,
                            doc: str, families: tuple[str, ...] = ("llm", "lvlm"),
                            patterns: tuple[str, ...] = ("causal-self",), make_state: Callable | None = None,
-                           state_cls: type[SparseState] = SparseState) -> Callable:
+                           state_cls: type[SparseState] = SparseState,
+                           decode_rows: RowsSelector | None = None) -> Callable:
     """Register block-sparse method ``name``: its block choice is ``select``; the rest is ``run_block_sparse``.
 
     ``static``: the selection depends on positions only, so its lists are cached per shape.  The selector and the
     flag are kept on the spec (``get_spec(name).select`` / ``.static``) for benchmarks and reports.  ``state_cls``:
     the method's typed state, a ``SparseState`` subclass (``make_state``, when given, builds it with its plan).
+    ``decode_rows``: the method's decode step on the device for rows of different lengths (``RowsSelector``); with
+    it, a decode step with a mask (a static cache, a padded batch) needs no host read.
     Returns the attention function (transformers' signature).
     """
     if not issubclass(state_cls, SparseState):
@@ -233,13 +276,13 @@ def register_sparse_method(name: str, *, config: type[SparseConfig], select: Blo
 
     def forward(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
         return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select,
-                                static=static, **kwargs)
+                                static=static, decode_rows=decode_rows, **kwargs)
 
     forward.__name__ = f"{name}_attention"
     forward.__doc__ = doc
     return register_method(name, config=config, category="sparse", families=families, patterns=patterns,
                            paper=paper, make_state=make_state, select=select, static=static,
-                           state_cls=state_cls)(forward)
+                           state_cls=state_cls, key_bounds=decode_rows is not None)(forward)
 
 
 def block_lists(state, geometry: BlockGeometry, query, key, select: BlockSelector, static: bool):

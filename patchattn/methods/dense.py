@@ -23,9 +23,12 @@ class DenseConfig(MethodConfig):
     config=DenseConfig,
     category="control",
     paper="Vaswani et al., Attention Is All You Need (NeurIPS 2017) - the unmodified model, as control",
+    key_bounds=True,
 )
-def dense_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+def dense_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, key_bounds=None,
+                    **kwargs):
     """Dense softmax attention, identical to the unpatched model."""
+    # A decode step's mask already hides a static cache's empty slots and the padding: ``key_bounds`` adds nothing.
     if kwargs.get("softcap") is not None:
         return eager_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     return sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

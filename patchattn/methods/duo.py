@@ -32,7 +32,7 @@ import torch
 
 from ..artifacts import check_against, load_artifact, shipped_for
 from ..config import option
-from ..masks import BlockGeometry, causal_allowed, sink_and_window
+from ..masks import BlockGeometry, causal_allowed, rows_lists, sink_and_window, sink_and_window_device_rows
 from ..state import PatchState
 from ._budget import capped_rows, closest_budget, pattern_density, window_for_blocks
 from ._shared import per_head_window_lists
@@ -160,6 +160,21 @@ def select_duo(g, query, key, state):
     return torch.where(on_device[:, None, None], full, stream)  # [Hq, NQ, NK]
 
 
+def decode_rows_duo(rows, query, key, state):
+    """Decoding rows of different lengths: a window as long as the cache on retrieval heads, sink + window on the
+    rest, built on the device."""
+    config, kept = state.config, state.method_state
+    heads = key.shape[1] if config.kv_heads_together else query.shape[1]
+    if kept.retrieval is None or kept.retrieval.shape[0] != heads:
+        return select_duo(rows.geometry(), query, key, state)  # raises the selector's error
+    on_device = kept.retrieval_on
+    if on_device is None or on_device.device != query.device:
+        on_device = kept.retrieval_on = kept.retrieval.to(query.device)
+    windows = torch.where(on_device, rows.capacity, config.window).reshape(1, -1, 1)
+    runs = sink_and_window_device_rows(rows, config.sink_tokens, windows)
+    return rows_lists(runs, decode_width(config, rows.geometry()), query.device)
+
+
 duo_attention = register_sparse_method(
     "duo",
     config=DuoConfig,
@@ -168,6 +183,7 @@ duo_attention = register_sparse_method(
     "Xiao et al., DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads "
     "(ICLR 2025), arXiv 2410.10819",
     select=select_duo,
+    decode_rows=decode_rows_duo,
     state_cls=DuoState,
     static=True,
     doc="Full attention on calibrated retrieval heads, sink + recent window on the other heads.",

@@ -27,7 +27,7 @@ import torch
 
 from ..artifacts import check_against, load_artifact
 from ..config import option
-from ..masks import BlockGeometry, sink_and_window
+from ..masks import BlockGeometry, rows_lists, sink_and_window, sink_and_window_device_rows
 from ..state import PatchState
 from ._shared import per_head_window_lists
 from ._sparse import SparseConfig, SparseState, decode_width, register_sparse_method
@@ -139,6 +139,23 @@ def select_windows(g, query, key, state):
     return torch.stack([masks[w] for w in windows])  # [Hq, NQ, NK]
 
 
+def decode_windows(state, query, rows):
+    """Decoding rows of different lengths: ``[B, Hq, 1]`` each head's window at each row's length (``head_windows``
+    on the device)."""
+    rules = state.method_state.rules
+    if rules is None or rules.shape[0] != query.shape[1]:
+        rules = layer_rules(state.config, None, state.layer_index, query.shape[1])
+    rules = rules.to(device=query.device, dtype=torch.float64)
+    lengths = rows.lengths.to(torch.float64).reshape(-1, 1)
+    return torch.ceil(rules[:, 0] + rules[:, 1] * lengths).clamp(min=1).to(torch.int64)[..., None]
+
+
+def decode_rows_windows(rows, query, key, state):
+    sink = state.config.sink_blocks * rows.block_k
+    runs = sink_and_window_device_rows(rows, sink, decode_windows(state, query, rows))
+    return rows_lists(runs, decode_width(state.config, rows.geometry()), query.device)
+
+
 moa_attention = register_sparse_method(
     "moa",
     config=MoAConfig,
@@ -146,6 +163,7 @@ moa_attention = register_sparse_method(
     paper="Fu et al., MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression "
     "(COLM 2025), arXiv 2406.14909",
     select=select_windows,
+    decode_rows=decode_rows_windows,
     state_cls=MoAState,
     static=True,
     doc="Per-head elastic sliding windows alpha_h + beta_h * N plus the sink block, from a calibrated plan.",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import option
-from ..masks import BlockGeometry, power_of_two, power_of_two_row
+from ..masks import BlockGeometry, power_of_two, power_of_two_device_rows, power_of_two_row, rows_lists
 from ._budget import causal_pairs, closest_budget, pattern_density
 from ._sparse import SparseConfig, decode_width, register_sparse_method, row_lists
 
@@ -69,12 +69,19 @@ def _select(geometry, query, key, state):
     return power_of_two(geometry, config.sink_blocks, config.local_blocks, device=query.device)
 
 
+def _decode_rows(rows, query, key, state):
+    config = state.config
+    runs = power_of_two_device_rows(rows, config.sink_blocks, config.local_blocks)
+    return rows_lists(runs, decode_width(config, rows.geometry()), query.device)
+
+
 power_attention = register_sparse_method(
     "power",
     config=PowerConfig,
     paper="Chen et al., PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention, "
     "arXiv 2503.03588",
     select=_select,
+    decode_rows=_decode_rows,
     static=True,
     doc="Sink, local and power-of-two-distance blocks.",
 )

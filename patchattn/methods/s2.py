@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import option
-from ..masks import BlockGeometry, runs_lists, strided_shard_rows, strided_shards
+from ..masks import BlockGeometry, rows_lists, runs_lists, strided_shard_device_rows, strided_shard_rows, strided_shards
 from ._budget import capped_rows, causal_pairs, closest_budget, pattern_density
 from ._sparse import SparseConfig, decode_width, memo_decode_lists, register_sparse_method
 
@@ -71,12 +71,19 @@ def _select(geometry, query, key, state):
     return strided_shards(geometry, query.shape[1], config.local_blocks, config.vert_stride, device=query.device)
 
 
+def _decode_rows(rows, query, key, state):
+    config = state.config
+    runs = strided_shard_device_rows(rows, query.shape[1], config.local_blocks, config.vert_stride)
+    return rows_lists(runs, decode_width(config, rows.geometry()), query.device)
+
+
 s2_attention = register_sparse_method(
     "s2",
     config=S2Config,
     paper="Lin et al., Efficient LLM Training and Serving with Heterogeneous Context Sharding among Attention "
     "Heads (S2-Attention), arXiv 2407.17678",
     select=_select,
+    decode_rows=_decode_rows,
     static=True,
     doc="Local blocks plus per-head strided shards whose union covers the context.",
 )

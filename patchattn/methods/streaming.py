@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import option
-from ..masks import BlockGeometry, sink_and_window, sink_and_window_row
+from ..masks import BlockGeometry, rows_lists, sink_and_window, sink_and_window_device_rows, sink_and_window_row
 from ._budget import capped_rows, closest_budget, pattern_density, window_for_blocks
 from ._sparse import SparseConfig, decode_width, register_sparse_method, row_lists
 
@@ -59,11 +59,18 @@ def _select(geometry, query, key, state):
     return sink_and_window(geometry, config.sink_tokens, config.window, device=query.device)
 
 
+def _decode_rows(rows, query, key, state):
+    config = state.config
+    runs = sink_and_window_device_rows(rows, config.sink_tokens, config.window)
+    return rows_lists(runs, decode_width(config, rows.geometry()), query.device)
+
+
 streaming_attention = register_sparse_method(
     "streaming",
     config=StreamingConfig,
     paper="Xiao et al., Efficient Streaming Language Models with Attention Sinks (ICLR 2024), arXiv 2309.17453",
     select=_select,
+    decode_rows=_decode_rows,
     static=True,
     doc="Attention sinks plus a sliding window of recent tokens.",
 )

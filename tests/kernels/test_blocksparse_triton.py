@@ -582,3 +582,41 @@ def test_kernel_options_are_scoped_and_explicit_options_win():
         pass
     with pytest.raises(dataclasses.FrozenInstanceError):
         mine.pdl = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lists_counting_from_each_rows_start_equal_each_row_alone(backend, dtype, request):
+    """``lists_from_start``: a static cache's decode step in one launch, rows with their real keys at different
+    offsets and empty slots after them, equals each row's keys sliced out and attended alone."""
+    device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, Tk, D, bk = 3, 4, 2, 150, 32, 16
+    q = torch.randn(B, Hq, 1, D, generator=gen).to(device, dtype)
+    k, v = (torch.randn(B, Hkv, Tk, D, generator=gen).to(device, dtype) for _ in range(2))
+    starts = torch.tensor([0, 7, 40], dtype=torch.int32, device=device)
+    ends = torch.tensor([150, 91, 43], dtype=torch.int32, device=device)  # row 0 full, rows 1-2 end early
+    width = 4
+    idx = torch.zeros(B, Hkv, 1, width, dtype=torch.int32)
+    cnt = torch.zeros(B, Hkv, 1, dtype=torch.int32)
+    for b in range(B):
+        n_k = -(-int(ends[b] - starts[b]) // bk)
+        for h in range(Hkv):
+            pick = torch.randperm(n_k - 1, generator=gen)[: min(width - 1, n_k - 1)].sort().values
+            row = torch.cat([pick, torch.tensor([n_k - 1])]).to(torch.int32)  # always the newest block
+            idx[b, h, 0, : len(row)], cnt[b, h, 0] = row, len(row)
+    idx, cnt = idx.to(device), cnt.to(device)
+    got = bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=bk, kv_start=starts, kv_end=ends,
+                                    lists_from_start=True, backend=backend)
+    for b in range(B):
+        lo, hi = int(starts[b]), int(ends[b])
+        alone = bs.block_sparse_attention(q[b:b + 1], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi], idx[b:b + 1],
+                                          cnt[b:b + 1], block_q=16, block_k=bk, backend="torch")
+        assert_close(got[b:b + 1], alone, dtype, "out", f"row {b}")
+
+
+def test_lists_from_start_needs_bounds_and_one_query_block():
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 64, 16)
+    idx, cnt = torch.zeros(1, 2, 1, 1, dtype=torch.int32), torch.ones(1, 2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv_start and kv_end"):
+        bs.block_sparse_attention(q, k, k, idx, cnt, block_q=16, block_k=16, lists_from_start=True, backend="torch")

@@ -58,7 +58,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
                            causal: bool = True, scale: float | None = None,
                            softcap: float | None = None, kv_start=None, kv_end=None,
                            col_bias=None, head_gain=None, active=None, return_lse: bool = False,
-                           backend: str = "auto", options: KernelOptions | None = None):
+                           lists_from_start: bool = False, backend: str = "auto",
+                           options: KernelOptions | None = None):
     """Attention where query block ``m`` of (batch b, head h) reads only the key blocks
     ``kv_indices[b, h, m, :kv_counts[b, h, m]]``.
 
@@ -68,10 +69,16 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
     With ``causal``, query i sits at key position ``i + Tk - Tq``. Rows with no visible key give 0
     (lse = -inf). Returns ``out [B, Hq, Tq, D]`` in q's dtype, or ``(out, lse [B, Hq, Tq] fp32)``.
     ``options``: the Triton kernels' launch options (None: those in effect, see :func:`kernel_options`).
+    ``lists_from_start`` (decoding, Tq <= block_q, with ``kv_start``/``kv_end``): each row's block ids count from its
+    ``kv_start`` (block j holds keys ``kv_start + j * block_k ...``) and its queries are the last of its keys
+    (query i at ``kv_end - Tq + i``), so one launch serves rows whose real keys start at different offsets (a
+    padded batch in a static cache) exactly as each row alone; ``kv_end`` may stop before ``Tk`` (empty slots).
     """
     backend = _resolve_backend(backend, q)
     _validate(q, k, v, kv_indices, kv_counts, block_q, block_k, kv_start, kv_end, col_bias,
               head_gain, active, softcap, backend)
+    if lists_from_start:
+        _validate_from_start(q, kv_indices, block_q, kv_start, kv_end, col_bias)
     kv_indices, kv_counts = _as_int32(kv_indices), _as_int32(kv_counts)
     kv_start = None if kv_start is None else _as_int32(kv_start)
     kv_end = None if kv_end is None else _as_int32(kv_end)
@@ -82,9 +89,10 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
         return reference.block_sparse_attention_torch(
             q, k, v, kv_indices, kv_counts, block_q=block_q, block_k=block_k, causal=opts.causal,
             scale=opts.scale, softcap=opts.softcap, kv_start=kv_start, kv_end=kv_end,
-            col_bias=col_bias, head_gain=head_gain, active=active, return_lse=return_lse)
+            col_bias=col_bias, head_gain=head_gain, active=active, return_lse=return_lse,
+            lists_from_start=lists_from_start)
     return _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
-                             head_gain, active, return_lse)
+                             head_gain, active, return_lse, lists_from_start)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,8 +297,17 @@ def _validate(q, k, v, kv_indices, kv_counts, block_q, block_k, kv_start, kv_end
 # --------------------------------------------------------------------------------------------
 # Triton dispatch
 # --------------------------------------------------------------------------------------------
+def _validate_from_start(q, kv_indices, block_q, kv_start, kv_end, col_bias):
+    if kv_start is None or kv_end is None:
+        _fail("lists_from_start", True, "kv_start and kv_end given (the rows' real keys)")
+    if kv_indices.shape[2] != 1 or q.shape[2] > DECODE_MAX_QUERIES:
+        _fail("lists_from_start", f"Tq={q.shape[2]}", f"decoding: one query block of at most {DECODE_MAX_QUERIES}")
+    if col_bias is not None:
+        _fail("lists_from_start", "with col_bias", "no col_bias (its columns are absolute positions)")
+
+
 def _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
-                      head_gain, active, return_lse):
+                      head_gain, active, return_lse, lists_from_start=False):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if col_bias is not None and col_bias.requires_grad and torch.is_grad_enabled():
         raise ValueError("col_bias: gradients w.r.t. col_bias are supported by backend='torch' "
@@ -299,15 +316,18 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, co
     outer_gain = head_gain if head_gain is not None and head_gain.requires_grad else None
     kernel_gain = None if outer_gain is not None else head_gain
 
-    if _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, active,
-                           return_lse):
+    if lists_from_start and needs_grad:
+        _fail("lists_from_start", "with gradients", "inference (the decode kernel has no backward)")
+    if not lists_from_start and _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end,
+                                                    col_bias, active, return_lse):
         out = _sdpa_dense(q, k, v, opts)
         return out * reference._gain_as_bhtd(head_gain).to(out.dtype) if head_gain is not None else out
 
-    if not needs_grad and q.shape[2] <= DECODE_MAX_QUERIES and kv_indices.shape[2] == 1:
+    if lists_from_start or (not needs_grad and q.shape[2] <= DECODE_MAX_QUERIES and kv_indices.shape[2] == 1):
         from . import decode
         out, lse = decode.decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end,
-                                           col_bias, kernel_gain, active, return_lse)
+                                           col_bias, kernel_gain, active, return_lse,
+                                           from_start=lists_from_start)
     else:
         out, lse = _BlockSparseAttention.apply(q, k, v, kv_indices, kv_counts, opts, kv_start,
                                                kv_end, col_bias, kernel_gain, active,

@@ -183,7 +183,7 @@ def _decode_split_kernel(
         ROWS: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr, FROM_START: tl.constexpr,
         MERGE_TILE: tl.constexpr, MERGE_ROWS: tl.constexpr, ROW_TILE: tl.constexpr,
         MERGE_TOGETHER: tl.constexpr, NR: tl.constexpr, S_TILE: tl.constexpr, PDL: tl.constexpr,
         BLOCK_N: tl.constexpr):
@@ -213,6 +213,14 @@ def _decode_split_kernel(
     if HAS_PAD:
         kv_lo = tl.load(KvStart + b)
         kv_hi = tl.minimum(tl.load(KvEnd + b), Tk)
+    col_limit = Tk
+    if FROM_START:  # block ids count from the row's first real key, whose last keys are the queries
+        k_base += kv_lo.to(tl.int64) * skt
+        v_base += kv_lo.to(tl.int64) * svt
+        kv_hi = kv_hi - kv_lo
+        kv_lo = 0
+        col_limit = kv_hi
+        rows_pos = t + (kv_hi - Tq)
     list_ptr = KvIdx + b * sib + (h0 // LIST_DIV) * sih
     count = tl.load(KvCnt + b * scb + (h0 // LIST_DIV) * sch)
     if HAS_ACTIVE:
@@ -232,7 +240,7 @@ def _decode_split_kernel(
     for j in range(e_lo * SUB, e_hi * SUB):
         blk = tl.load(list_ptr + (j // SUB) * sik)
         cols = blk * BK + (j % SUB) * BLOCK_N + offs_n
-        col_ok = cols < Tk
+        col_ok = cols < col_limit
         k = load_tile(k_base + cols[:, None] * skt + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
         v = load_tile(v_base + cols[:, None] * svt + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
         s, _t = scores_log2(q, k, cols, bias_ptr, sbt, Tk, scale_log2, scale_over_cap, cap_log2,
@@ -353,8 +361,9 @@ def merge_walk(n_rows, n_splits, block_d):
 
 
 def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain,
-                     active, need_lse=True):
-    """Same contract as the forward kernel for Tq <= block_q (one query block)."""
+                     active, need_lse=True, from_start=False):
+    """Same contract as the forward kernel for Tq <= block_q (one query block); ``from_start``: the lists count
+    from each row's ``kv_start`` (``block_sparse_attention``'s ``lists_from_start``)."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
@@ -385,7 +394,7 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
     split_consts = dict(consts, BK=opts.block_k, CAUSAL=opts.causal,
                         HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
                         MERGE_TILE=MERGE_TILE, MERGE_ROWS=walk == "rows", ROW_TILE=ROW_MERGE_TILE,
-                        MERGE_TOGETHER=walk == "together", NR=nr, S_TILE=s_tile,
+                        MERGE_TOGETHER=walk == "together", NR=nr, S_TILE=s_tile, FROM_START=from_start,
                         **pdl_options(q.device, opts.kernel.pdl))
     launch(_decode_tuned, lambda meta: (n_splits, B * n_groups), split_args, split_consts,
            dict(BLOCK_N=min(opts.block_k, 64)), q.device, opts.kernel.autotune)

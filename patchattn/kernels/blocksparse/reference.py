@@ -18,14 +18,14 @@ CHUNK_SCORE_ELEMENTS = 1 << 23
 
 def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, block_k, causal,
                                  scale, softcap=None, kv_start=None, kv_end=None, col_bias=None,
-                                 head_gain=None, active=None, return_lse=False):
+                                 head_gain=None, active=None, return_lse=False, lists_from_start=False):
     """Same contract as :func:`patchattn.kernels.blocksparse.block_sparse_attention` (inputs validated)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv
     n_q_blocks, max_entries = kv_indices.shape[2], kv_indices.shape[3]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    plain = (causal and softcap is None and kv_start is None and kv_end is None and col_bias is None
+    plain = (causal and not lists_from_start and softcap is None and kv_start is None and kv_end is None and col_bias is None
              and head_gain is None and active is None and not return_lse)
     if plain and not _needs_grad(q, k, v) and _lists_every_causal_block(kv_indices, kv_counts, Tq, Tk, block_q, block_k):
         # Lists that name every causally allowed block once are causal attention: on the CPU the fused SDPA
@@ -34,7 +34,7 @@ def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, blo
     # Fold the GQA group into the rows of one matmul when the whole group reads the same blocks.
     fold = kv_indices.shape[1] in (1, Hkv) and (col_bias is None or col_bias.shape[1] in (1, Hkv))
     ctx = _Context(B, Hq, Hkv, group, Tq, Tk, D, block_q, block_k, causal, scale, softcap, fold,
-                   compute_dtype, kv_start, kv_end, col_bias)
+                   compute_dtype, kv_start, kv_end, col_bias, lists_from_start)
     rows_per_block = block_q * (group if fold else 1)
     per_block = B * Hkv * (1 if fold else group) * rows_per_block * max(1, max_entries * block_k)
     chunk = max(1, min(n_q_blocks, CHUNK_SCORE_ELEMENTS // per_block))
@@ -104,7 +104,7 @@ class _Context:
     """Shapes and options shared by every chunk (a plain holder, so checkpoint can pass it)."""
 
     def __init__(self, B, Hq, Hkv, group, Tq, Tk, D, block_q, block_k, causal, scale, softcap,
-                 fold, compute_dtype, kv_start, kv_end, col_bias):
+                 fold, compute_dtype, kv_start, kv_end, col_bias, lists_from_start=False):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -123,7 +123,7 @@ def _expand_lists(ctx, t):
 
 def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
     B, Hkv, G, bq, bk = ctx.B, ctx.Hkv, ctx.group, ctx.block_q, ctx.block_k
-    if idx.device.type == "cpu":
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
         # Lists are padded to the longest row of the whole call (causal rows near the start list few blocks):
         # read only as many entries as this chunk's longest list. The dropped entries are padding, masked to
         # -inf, so only the length of the reductions changes. Not on GPUs: a host sync breaks graph capture.
@@ -146,6 +146,8 @@ def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
     entry_ok = torch.arange(n_entries, device=idx.device) < _expand_lists(ctx, cnt)[..., None]
     offs = torch.arange(bk, device=idx.device)
     key_pos = (idx_e[..., None] * bk + offs).flatten(-2)
+    if ctx.lists_from_start:  # each row's blocks count from its first real key
+        key_pos = key_pos + ctx.kv_start.view(-1, 1, 1, 1, 1).long()
     key_ok = entry_ok[..., None].expand(*entry_ok.shape, bk).flatten(-2)
     key_ok = key_ok & (key_pos >= 0) & (key_pos < ctx.Tk)
     gather_pos = key_pos.clamp(0, ctx.Tk - 1)
@@ -205,7 +207,10 @@ def _row_mask(ctx, m0, n_blocks, key_pos, device):
         q_pos = q_pos.repeat(1, ctx.group)  # rows ordered (g, i)
     kp = key_pos[..., None, :]  # [B, Hkv, G', C, 1, L]
     ok = torch.ones_like(kp, dtype=torch.bool)
-    if ctx.causal:
+    if ctx.causal and ctx.lists_from_start:  # the queries are the last of each row's keys
+        newest = ctx.kv_end.view(-1, 1, 1, 1, 1, 1).long() - ctx.Tq
+        ok = kp <= q_pos[..., None] + newest
+    elif ctx.causal:
         ok = kp <= (q_pos + (ctx.Tk - ctx.Tq))[..., None]
     if ctx.kv_start is not None:
         ok = ok & (kp >= ctx.kv_start.view(-1, 1, 1, 1, 1, 1).long())
