@@ -620,3 +620,23 @@ def test_lists_from_start_needs_bounds_and_one_query_block():
     idx, cnt = torch.zeros(1, 2, 1, 1, dtype=torch.int32), torch.ones(1, 2, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="kv_start and kv_end"):
         bs.block_sparse_attention(q, k, k, idx, cnt, block_q=16, block_k=16, lists_from_start=True, backend="torch")
+
+
+def test_decode_compiles_whole_as_one_operator(triton_device):
+    """Under torch.compile the Triton decode launch is one opaque operator (``patchattn::block_sparse_decode``):
+    fullgraph=True traces no launch code, and the compiled call equals the eager one."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 1, 32, generator=gen).to(triton_device)
+    k, v = (torch.randn(2, 2, 100, 32, generator=gen).to(triton_device) for _ in range(2))
+    idx = torch.tensor([[0, 2, 6], [1, 3, 0]], dtype=torch.int32, device=triton_device).view(2, 1, 1, 3)
+    cnt = torch.tensor([3, 2], dtype=torch.int32, device=triton_device).view(2, 1, 1)
+    starts = torch.tensor([0, 9], dtype=torch.int32, device=triton_device)
+    ends = torch.tensor([100, 80], dtype=torch.int32, device=triton_device)
+
+    def call(q, k, v):
+        return bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16, kv_start=starts, kv_end=ends,
+                                         lists_from_start=True, backend="triton")
+
+    got = torch.compile(call, fullgraph=True, backend="eager")(q, k, v)
+    assert_close(got, call(q, k, v), torch.float32, "out", "compiled")

@@ -323,7 +323,14 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, co
         out = _sdpa_dense(q, k, v, opts)
         return out * reference._gain_as_bhtd(head_gain).to(out.dtype) if head_gain is not None else out
 
-    if lists_from_start or (not needs_grad and q.shape[2] <= DECODE_MAX_QUERIES and kv_indices.shape[2] == 1):
+    decoding = lists_from_start or (not needs_grad and q.shape[2] <= DECODE_MAX_QUERIES and kv_indices.shape[2] == 1)
+    if decoding and torch.compiler.is_compiling():
+        # One opaque operator to the compiler: it traces no launch code, and the step stays whole (fullgraph)
+        # and capturable in a CUDA graph.
+        out, lse = torch.ops.patchattn.block_sparse_decode(
+            q, k, v, kv_indices, kv_counts, kv_start, kv_end, col_bias, kernel_gain, active, opts.block_q,
+            opts.block_k, opts.causal, opts.scale, opts.softcap, lists_from_start)
+    elif decoding:
         from . import decode
         out, lse = decode.decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end,
                                            col_bias, kernel_gain, active, return_lse,
@@ -335,6 +342,28 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, co
     if outer_gain is not None:
         out = out * reference._gain_as_bhtd(outer_gain).to(out.dtype)
     return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("patchattn::block_sparse_decode", mutates_args=())
+def _decode_operator(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                     kv_counts: torch.Tensor, kv_start: torch.Tensor | None, kv_end: torch.Tensor | None,
+                     col_bias: torch.Tensor | None, head_gain: torch.Tensor | None, active: torch.Tensor | None,
+                     block_q: int, block_k: int, causal: bool, scale: float, softcap: float | None,
+                     from_start: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton decode launch as one operator, for compiled graphs (the launch options in effect apply)."""
+    from . import decode
+
+    opts = Options(block_q, block_k, causal, scale, softcap, resolve_options(None))
+    return decode.decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain,
+                                   active, True, from_start=from_start)
+
+
+@_decode_operator.register_fake
+def _decode_operator_shapes(q, k, v, kv_indices, kv_counts, kv_start, kv_end, col_bias, head_gain, active,
+                            block_q, block_k, causal, scale, softcap, from_start):
+    batch, heads, queries, dim = q.shape
+    out = q.new_empty(batch, queries, heads, dim).transpose(1, 2)  # the kernel's [B, Tq, Hq, D] memory
+    return out, q.new_empty(batch, heads, queries, dtype=torch.float32)
 
 
 def _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, active,

@@ -37,3 +37,18 @@ def counters(n: int, device, owner: str) -> torch.Tensor:
     bufs.append(torch.zeros(max(n, _MIN_COUNTERS, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32,
                             device=device))
     return bufs[-1]
+
+
+_SPARE: dict = {}
+
+
+def spare(device) -> torch.Tensor:
+    """A small fp32 buffer on ``device`` passed for pointers a launch never dereferences (one per device, made
+    outside any graph capture where possible)."""
+    device = torch.device(device)
+    buf = _SPARE.get(device)
+    if buf is None:
+        buf = torch.zeros(1, dtype=torch.float32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _SPARE[device] = buf
+    return buf

@@ -376,7 +376,7 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
     poison = opts.kernel.poison_outputs
 
     counters = _alloc.counters(B * n_groups, q.device, "decode_merge")
-    spare = counters.view(torch.float32)  # an fp32 pointer for buffers a launch never touches
+    spare = _alloc.spare(q.device)  # an fp32 pointer for buffers a launch never touches
     parts = _partials(B * n_groups, n_splits, rows, block_d, q.device, spare, poison)
     out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device, poison).transpose(1, 2)
     lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device, poison) if need_lse else None
