@@ -197,11 +197,22 @@ def sparse_call(state, query, key, value, *, scaling, softcap, select: BlockSele
         query, key, value, kv_indices, kv_counts, block_q=geometry.block_q, block_k=geometry.block_k, causal=True,
         scale=scaling, softcap=softcap, backend=config.backend,
     )
-    density = density_tensor(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k)
-    state.record(density=density)
     if q_len == kv_len and q_len > 1:  # a prefill already waits for the host once: checking costs nothing more
+        density = density_tensor(kv_counts, q_len, kv_len, geometry.block_q, geometry.block_k)
+        state.record(density=density)
         warn_if_reads_everything(state, geometry, float(density))
+    else:
+        record_decode_density(state, lambda: density_tensor(kv_counts, q_len, kv_len, geometry.block_q,
+                                                            geometry.block_k))
     return out.transpose(1, 2)
+
+
+def record_decode_density(state, density: Callable) -> None:
+    """A decode step's density, computed when read: the step launches no kernel for its statistics (~8 per layer,
+    host time in an eager step).  Not recorded in a compiled step: its tensors belong to the graph, and a CUDA graph
+    overwrites them at the next replay."""
+    if not torch.compiler.is_compiling():
+        state.record(density=density)
 
 
 def run_rows_decode(state, query, key, value, bounds: KeyBounds, *, scaling, softcap,
@@ -217,8 +228,7 @@ def run_rows_decode(state, query, key, value, bounds: KeyBounds, *, scaling, sof
         scale=scaling, softcap=softcap, kv_start=bounds.starts, kv_end=bounds.ends, lists_from_start=True,
         backend=config.backend,
     )
-    if not torch.compiler.is_compiling():  # a compiled step's tensors are its graph's, overwritten by the next replay
-        state.record(density=rows_density(kv_counts, rows))
+    record_decode_density(state, rows_density(kv_counts, rows))
     return out.transpose(1, 2)
 
 
