@@ -8,7 +8,7 @@ block's last position (its *diagonal* block) and on the first key position any o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +68,17 @@ class RowGeometry:
     capacity: int
     block_q: int
     block_k: int
+    # Lists already built by other layers of the same eager forward, by plan (``once``).
+    shared: dict | None = field(default=None, compare=False, repr=False)
+
+    def once(self, plan: tuple, build):
+        """``build()``, shared by every layer of an eager forward that asks with the same ``plan`` (each layer's own
+        in a compiled step, where nothing outlives the graph)."""
+        if self.shared is None or torch.compiler.is_compiling():
+            return build()
+        if plan not in self.shared:
+            self.shared[plan] = build()
+        return self.shared[plan]
 
     @property
     def n_k(self) -> int:

@@ -79,22 +79,33 @@ class KeyBounds:
 
     starts: torch.Tensor
     ends: torch.Tensor
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.ends - self.starts
+    lengths: torch.Tensor
+    # What the layers of one eager forward share (they get the same mask, hence the same bounds): block lists by
+    # plan, so each is built once per step rather than once per layer.  Unused in a compiled step.
+    shared: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def key_bounds(attention_mask) -> KeyBounds:
     """The real keys of each row from the newest query's row of transformers' boolean mask ``[B, 1, Tq, Tk]``: the
     first and one past the last key it sees (device ops with static shapes only; the mask's structure is trusted,
-    not checked -- the host path, ``padding_spans``, checks it)."""
+    not checked -- the host path, ``padding_spans``, checks it).  An eager forward reads each mask once."""
+    if torch.compiler.is_compiling():
+        return _key_bounds(attention_mask)
+    return _read_once(_bounds_of, attention_mask, 1, attention_mask.shape[-1])
+
+
+def _bounds_of(attention_mask, _q_len: int, _kv_len: int) -> KeyBounds:
+    return _key_bounds(attention_mask)
+
+
+def _key_bounds(attention_mask) -> KeyBounds:
     seen = attention_mask[:, 0, -1, :]
     kv_len = seen.shape[-1]
     any_seen = seen.any(-1)
     starts = torch.where(any_seen, seen.int().argmax(-1), 0)
     ends = torch.where(any_seen, kv_len - seen.flip(-1).int().argmax(-1), 0)
-    return KeyBounds(starts.to(torch.int32), ends.to(torch.int32))
+    starts, ends = starts.to(torch.int32), ends.to(torch.int32)
+    return KeyBounds(starts, ends, ends - starts)
 
 
 def keys_in_use(attention_mask, q_len: int, kv_len: int) -> int:

@@ -71,8 +71,10 @@ def _select(geometry, query, key, state):
 
 def _decode_rows(rows, query, key, state):
     config = state.config
-    runs = power_of_two_device_rows(rows, config.sink_blocks, config.local_blocks)
-    return rows_lists(runs, decode_width(config, rows.geometry()), query.device)
+    width = decode_width(config, rows.geometry())
+    plan = ("power", config.block_size, config.sink_blocks, config.local_blocks, width)
+    return rows.once(plan, lambda: rows_lists(
+        power_of_two_device_rows(rows, config.sink_blocks, config.local_blocks), width, query.device))
 
 
 power_attention = register_sparse_method(

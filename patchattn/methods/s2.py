@@ -72,9 +72,11 @@ def _select(geometry, query, key, state):
 
 
 def _decode_rows(rows, query, key, state):
-    config = state.config
-    runs = strided_shard_device_rows(rows, query.shape[1], config.local_blocks, config.vert_stride)
-    return rows_lists(runs, decode_width(config, rows.geometry()), query.device)
+    config, heads = state.config, query.shape[1]
+    width = decode_width(config, rows.geometry())
+    plan = ("s2", config.block_size, heads, config.local_blocks, config.vert_stride, width)
+    return rows.once(plan, lambda: rows_lists(
+        strided_shard_device_rows(rows, heads, config.local_blocks, config.vert_stride), width, query.device))
 
 
 s2_attention = register_sparse_method(

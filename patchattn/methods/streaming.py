@@ -61,8 +61,10 @@ def _select(geometry, query, key, state):
 
 def _decode_rows(rows, query, key, state):
     config = state.config
-    runs = sink_and_window_device_rows(rows, config.sink_tokens, config.window)
-    return rows_lists(runs, decode_width(config, rows.geometry()), query.device)
+    width = decode_width(config, rows.geometry())
+    plan = ("streaming", config.block_size, config.sink_tokens, config.window, width)
+    return rows.once(plan, lambda: rows_lists(sink_and_window_device_rows(rows, config.sink_tokens, config.window),
+                                              width, query.device))
 
 
 streaming_attention = register_sparse_method(
