@@ -167,3 +167,18 @@ def test_owner_of_profiled_code():
     assert owner("/repo/patchattn/bench/generate_profile.py") == "harness"
     assert owner("/x/site-packages/torch/nn/modules/linear.py") == "torch"
     assert owner("~") == "C"
+
+
+@pytest.mark.slow
+def test_compiled_kinds_record_their_graphs(tmp_path):
+    """transformers' compiled static-cache step and torch.compile(model.forward) on CPU (about a minute)."""
+    assert generate.main([*TINY, "--lengths", "128", "--new-tokens", "1,5", "--repeats", "1", "--methods", "dense",
+                          "--caches", "dynamic,static-compiled,compiled", "--csv", str(tmp_path / "c.csv")]) == 0
+    _, rows = _rows(tmp_path / "c.csv")
+    by_cache = {r["cache"]: r for r in rows}
+    assert by_cache["dynamic"]["graphs_warmup"] == ""  # eager: no compile counters
+    for cache in ("static-compiled", "compiled"):
+        row = by_cache[cache]
+        assert row["error"] == "" and row["tokens_equal_dynamic"] == "1/1"
+        assert int(row["graphs_warmup"]) > 0  # compiled during the warm-up ...
+        assert int(row["graphs_timed"]) == 0  # ... and not again inside the timed calls (SDPA: static shapes)

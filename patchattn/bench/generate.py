@@ -52,7 +52,7 @@ CACHES = ("dynamic", "static", "static-compiled", "compiled", "bounded")
 COMPILED = ("static-compiled", "compiled")
 COLUMNS = ["method", "cache", "batch", "prompt", "ttft_s", "decode_ms_per_step", "decode_ms_spread", "decode_tok_s",
            "ttft_vs_sdpa", "decode_vs_sdpa", "peak_gib", "kv_cache_bytes", "tokens_equal_dynamic", "tokens_hash",
-           "new_tokens", "repeats", "config_s", "error"]
+           "new_tokens", "repeats", "graphs_warmup", "graphs_timed", "graph_breaks", "config_s", "error"]
 PROGRESS = ["method", "cache", "batch", "prompt", "ttft_s", "decode_ms_per_step", "decode_tok_s", "peak_gib",
             "kv_cache_bytes", "tokens_equal_dynamic", "config_s", "error"]
 SHAPES = {
@@ -278,7 +278,9 @@ def measure(model, ids: torch.Tensor, kind: str, plan: Plan) -> tuple[dict, torc
     """Warm-up, then the differential decode timing and time to first token; the row's figures and the tokens of
     the last N2 call."""
     device = ids.device
+    before = compile_counts()
     timed_generate(model, ids, kind, plan.n2, plan)  # warm-up: autotune, compile, static cache sized for N2
+    warm = compile_counts()
     _reset_peak(device)
     steps, firsts, last = [], [], None
     for _ in range(plan.repeats):
@@ -295,7 +297,18 @@ def measure(model, ids: torch.Tensor, kind: str, plan: Plan) -> tuple[dict, torc
            "decode_tok_s": ids.shape[0] / step if step > 0 else None,
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
            "kv_cache_bytes": last.kv_bytes}
+    if kind in COMPILED:  # graphs compiled during the timed calls mean recompiles inside the timings
+        after = compile_counts()
+        row.update(graphs_warmup=warm[0] - before[0], graphs_timed=after[0] - warm[0],
+                   graph_breaks=after[1] - before[1])
     return row, last.tokens
+
+
+def compile_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) by torch.compile so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
 def _reset_peak(device: torch.device) -> None:

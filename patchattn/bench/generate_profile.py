@@ -132,7 +132,7 @@ def profile_method(model, ids: torch.Tensor, steps: int, top: int = 15) -> dict:
 
 def to_markdown(report: dict) -> str:
     head = report["setup"]
-    lines = [f"# One eager decode step: where the time goes", "",
+    lines = ["# One eager decode step: where the time goes", "",
              f"{head['layers']} layers ({head['shape']}), batch {head['batch']}, {head['prompt']} keys after the "
              f"prefill, {head['device']}, {head['dtype']}; environment: `{json.dumps(report['environment'])}`", "",
              "Host split: one step under cProfile (its overhead inflates Python time: read the shares); 'X -> C' "
