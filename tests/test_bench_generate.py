@@ -2,6 +2,7 @@
 profile. (The real runs need a GPU: bench/generate/reproduce.sh.)"""
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -169,7 +170,8 @@ def test_owner_of_profiled_code():
     assert owner("~") == "C"
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("PATCHATTN_SLOW"), reason="compiles the tiny model twice: about a minute "
+                    "on CPU; set PATCHATTN_SLOW=1")
 def test_compiled_kinds_record_their_graphs(tmp_path):
     """transformers' compiled static-cache step and torch.compile(model.forward) on CPU (about a minute)."""
     assert generate.main([*TINY, "--lengths", "128", "--new-tokens", "1,5", "--repeats", "1", "--methods", "dense",
