@@ -187,16 +187,18 @@ def check_fits(kv_bytes: int, resident_bytes: int, capacity_bytes: int) -> None:
 
 
 def cache_nbytes(cache) -> int | None:
-    """Bytes held by a transformers cache's key and value tensors (None when it has none we can see)."""
+    """Bytes of the tensors a transformers cache's layers hold (keys, values and whatever a bounded cache keeps
+    beside them; each storage counted once); None when there are none to see."""
     if cache is None:
         return None
-    total, seen = 0, False
+    storages = {}
     for layer in getattr(cache, "layers", None) or []:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor):
-                total, seen = total + tensor.nbytes, True
-    return total if seen else None
+        for value in vars(layer).values():
+            for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(tensor, torch.Tensor) and tensor.numel():
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) if storages else None
 
 
 # --------------------------------------------------------------------------------------------------------------
