@@ -107,7 +107,11 @@ def operator_profile(step, device: torch.device, top: int) -> dict:
         step()
     events = prof.key_averages()
     host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
-    kernels = sorted((e for e in events if _device_us(e) > 0), key=lambda e: -_device_us(e))
+    # Kernels are entries of their own (device type CUDA); the operators that launch them also carry their time,
+    # so only the kernel entries are summed (the launching operators where a profiler lists no kernel entries).
+    timed = [e for e in events if _device_us(e) > 0]
+    kernels = [e for e in timed if str(getattr(e, "device_type", "")).endswith("CUDA")] or timed
+    kernels.sort(key=lambda e: -_device_us(e))
     return {
         "host_ops": [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in host],
         "host_ops_total_ms": sum(e.self_cpu_time_total for e in events) / 1000,
