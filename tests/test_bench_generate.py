@@ -65,11 +65,33 @@ def test_new_token_counts_must_be_two_increasing_counts(text):
 
 
 def test_cache_kinds_can_be_limited_to_methods():
-    kinds = generate.cache_kinds("static,dynamic,bounded=streaming+duo")
+    kinds = generate.cache_kinds("static,dynamic,bounded=streaming+duo,bounded-static-compiled=duo")
     methods = [("dense", "dense", {}), ("streaming@w", "streaming", {"window": 64})]
     configs = [(label, kind) for label, _, _, kind, _, _ in generate.configurations(methods, kinds, [256], [1])]
     assert configs == [("dense", "dynamic"), ("dense", "static"),
                        ("streaming@w", "dynamic"), ("streaming@w", "static"), ("streaming@w", "bounded")]
+
+
+def test_cache_bytes_count_each_storage_of_the_layers_once():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Group:
+        keys: torch.Tensor
+        values: torch.Tensor
+
+    class Layer:
+        def __init__(self):
+            buffer = torch.zeros(2, 4, 8)
+            self.keys, self.values = buffer[0], buffer[1]  # two views of one storage: 256 bytes
+            self.groups = [Group(torch.zeros(3), torch.zeros(5))]  # 32 bytes
+            self.module = torch.nn.Linear(64, 64)  # a bounded layer's module: not the cache's memory
+
+    class Cache:
+        layers = [Layer(), Layer()]
+
+    assert generate.cache_nbytes(Cache()) == 2 * (256 + 32)
+    assert generate.cache_nbytes(None) is None
 
 
 def test_a_failing_configuration_becomes_an_error_row(tmp_path, monkeypatch):
@@ -94,7 +116,7 @@ def test_a_failing_configuration_becomes_an_error_row(tmp_path, monkeypatch):
 def test_bounded_without_the_feature_is_an_error_row(tmp_path, monkeypatch):
     import patchattn
 
-    monkeypatch.delattr(patchattn, "bounded_cache", raising=False)
+    monkeypatch.setattr(patchattn, "bounded_cache", None, raising=False)  # as a version without it
     assert generate.main([*TINY, "--lengths", "128", "--new-tokens", "1,3", "--repeats", "1", "--methods", "dense",
                           "--caches", "bounded", "--csv", str(tmp_path / "b.csv")]) == 0
     _, rows = _rows(tmp_path / "b.csv")

@@ -17,8 +17,10 @@ Measurement (per method x cache kind x prompt length x batch):
 Cache kinds: ``dynamic`` (transformers' default cache, eager), ``static`` (``cache_implementation="static"``,
 eager), ``static-compiled`` (the same with transformers' automatic compile of the decode step, ``CompileConfig``
 from ``--compile-mode``/``--fullgraph``), ``compiled`` (``torch.compile(model.forward)`` with the default cache;
-the prefill is compiled too) and ``bounded`` (``patchattn.bounded_cache(model)`` passed as the cache, where this
-version has it). ``kind=m1+m2`` limits a kind to those methods (``bounded=streaming+duo``).
+the prefill is compiled too), ``bounded`` (``patchattn.bounded_cache(model)`` passed as the cache, eager, where this
+version has it), ``bounded-static`` (``bounded_cache(model, static=True)``: fixed-size buffers, eager) and
+``bounded-static-compiled`` (the same with ``generate``'s own compile of a compileable cache, ``CompileConfig`` as
+for static-compiled). ``kind=m1+m2`` limits a kind to those methods (``bounded=streaming+duo``).
 
 A configuration that fails (out of memory, a compile error, a missing feature) is recorded as a row with its
 error and the run goes on; one whose full KV cache cannot fit in the GPU's memory is skipped with a row saying so.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import gc
 import hashlib
 import inspect
@@ -48,8 +51,9 @@ import torch
 from ..api import get_handle, parse_methods, patch, unpatch
 from ..report import environment, format_table
 
-CACHES = ("dynamic", "static", "static-compiled", "compiled", "bounded")
-COMPILED = ("static-compiled", "compiled")
+CACHES = ("dynamic", "static", "static-compiled", "compiled", "bounded", "bounded-static", "bounded-static-compiled")
+COMPILED = ("static-compiled", "compiled", "bounded-static-compiled")
+BOUNDED = ("bounded", "bounded-static", "bounded-static-compiled")
 COLUMNS = ["method", "cache", "batch", "prompt", "ttft_s", "decode_ms_per_step", "decode_ms_spread", "decode_tok_s",
            "ttft_vs_sdpa", "decode_vs_sdpa", "peak_gib", "kv_cache_bytes", "tokens_equal_dynamic", "tokens_hash",
            "new_tokens", "repeats", "graphs_warmup", "graphs_timed", "graph_breaks", "config_s", "error"]
@@ -187,18 +191,35 @@ def check_fits(kv_bytes: int, resident_bytes: int, capacity_bytes: int) -> None:
 
 
 def cache_nbytes(cache) -> int | None:
-    """Bytes of the tensors a transformers cache's layers hold (keys, values and whatever a bounded cache keeps
-    beside them; each storage counted once); None when there are none to see."""
+    """Bytes of the tensors a transformers cache's layers hold: keys, values and whatever a bounded cache keeps
+    beside them (slot groups, positions), found in the layers' attributes, their lists and dataclasses -- not in
+    modules or method state they refer to; each storage counted once. None when there are none to see."""
     if cache is None:
         return None
-    storages = {}
+    storages: dict[int, int] = {}
     for layer in getattr(cache, "layers", None) or []:
-        for value in vars(layer).values():
-            for tensor in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(tensor, torch.Tensor) and tensor.numel():
-                    storage = tensor.untyped_storage()
-                    storages[storage.data_ptr()] = storage.nbytes()
+        # a bounded layer refers to its attention module and the patch's state: not the cache's own memory
+        own = {name: value for name, value in vars(layer).items() if name not in ("module", "state")}
+        _collect_storages(own, storages, depth=4)
     return sum(storages.values()) if storages else None
+
+
+def _collect_storages(value, storages: dict, depth: int) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel():
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    elif depth == 0 or isinstance(value, torch.nn.Module):
+        return
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect_storages(item, storages, depth - 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect_storages(item, storages, depth - 1)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            _collect_storages(getattr(value, field.name), storages, depth - 1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,25 +246,27 @@ def _compile_config(plan: Plan, device: torch.device):
     return config
 
 
-def _bounded_cache(model):
+def _bounded_cache(model, static: bool):
     import patchattn
 
     factory = getattr(patchattn, "bounded_cache", None)
     if factory is None:
         raise NotRun("not available: this patchattn has no bounded_cache")
-    return factory(model)
+    return factory(model, static=True) if static else factory(model)
 
 
 def generate_kwargs(model, kind: str, new_tokens: int, plan: Plan) -> dict:
     """``generate`` arguments for one cache kind (a bounded cache is built fresh for every call)."""
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0,
               "return_dict_in_generate": True}
-    if kind == "static":
-        kwargs.update(cache_implementation="static", disable_compile=True)
-    elif kind == "static-compiled":
-        kwargs.update(cache_implementation="static", compile_config=_compile_config(plan, model.device))
-    elif kind == "bounded":
-        kwargs[cache_argument(model)] = _bounded_cache(model)
+    if kind in ("static", "static-compiled"):
+        kwargs["cache_implementation"] = "static"
+    if kind in BOUNDED:
+        kwargs[cache_argument(model)] = _bounded_cache(model, static=kind != "bounded")
+    if kind in ("static-compiled", "bounded-static-compiled"):
+        kwargs["compile_config"] = _compile_config(plan, model.device)
+    elif kind != "dynamic":  # generate would compile the step of a compileable cache on a GPU by itself
+        kwargs["disable_compile"] = True
     return kwargs
 
 
@@ -400,7 +423,7 @@ def run_config(model, label: str, kind: str, batch: int, length: int, plan: Plan
            "repeats": plan.repeats}
     start = time.perf_counter()
     try:
-        if model.device.type == "cuda" and kind != "bounded":
+        if model.device.type == "cuda" and kind not in BOUNDED:
             check_fits(full_kv_bytes(model.config, batch, length + plan.n2, model.dtype),
                        torch.cuda.memory_allocated(model.device),
                        torch.cuda.get_device_properties(model.device).total_memory)
