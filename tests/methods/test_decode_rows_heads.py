@@ -13,6 +13,7 @@ import torch
 from transformers import StaticCache
 
 import patchattn
+from patchattn.methods._heads import full_causal_attention
 from patchattn.registry import get_spec
 from patchattn.state import get_state
 from patchattn.testing import tiny_model
@@ -108,3 +109,32 @@ def test_compiled_static_decode_steps_give_the_eager_logits(case):
     for (block, selection), state in zip(buffers, after):
         if block is not None:  # moh with routing blocks: the compiled steps wrote into the prefill's buffers
             assert state.last_block is block and state.last_selection is selection
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_full_causal_decode_over_key_bounds_equals_each_row_alone(backend, request):
+    """The fused step of act and moh (every real block of each row, counted from its first real key; lse, active
+    heads and gains): a padded batch in a static cache's layout (garbage in the empty slots) gives each row's own
+    attention over its real keys, and zeros for a row with none."""
+    device = request.getfixturevalue("triton_target") if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, dim, capacity = 3, 4, 2, 16, 150
+    q = torch.randn(batch, heads, 1, dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, capacity, dim, generator=gen) * 3 for _ in range(2))
+    active = torch.rand(batch, 1, heads, generator=gen) > 0.3
+    gain = torch.rand(batch, 1, heads, generator=gen) + 0.5
+    starts, ends = torch.tensor([0, 13, 0], dtype=torch.int32), torch.tensor([101, 101, 0], dtype=torch.int32)
+    q, k, v, active, gain, starts, ends = (t.to(device) for t in (q, k, v, active, gain, starts, ends))
+    out, lse = full_causal_attention(q, k, v, scaling=dim ** -0.5, kv_start=starts, kv_end=ends, backend=backend,
+                                     head_gain=gain, active=active, return_lse=True)
+    tol = 1e-4 if backend == "triton" else 1e-5
+    for row in range(2):
+        keys = slice(int(starts[row]), int(ends[row]))
+        want, want_lse = full_causal_attention(q[row:row + 1], k[row:row + 1, :, keys], v[row:row + 1, :, keys],
+                                               scaling=dim ** -0.5, kv_start=None, backend="torch",
+                                               head_gain=gain[row:row + 1], active=active[row:row + 1],
+                                               return_lse=True)
+        assert (out[row] - want[0]).abs().max().item() < tol
+        on = active[row, 0]
+        assert (lse[row, on] - want_lse[0, on]).abs().max().item() < tol
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
