@@ -27,8 +27,9 @@ differentiable; the lse gets its gradient from a chunked pass (``_LseGrad``), so
 ``module.patchattn.method_state.sinks`` (bool ``[B, heads, T]``), with its columns gathered once (``SinkColumns``);
 later calls (decode steps, continued prefill) reuse them, since ``N - j`` means nothing for one query.  A decode
 step given ``KeyBounds`` (a static cache, a padded batch) reads each row's real keys on the device: it has static
-shapes and no host read (it compiles whole), and keeps nothing from the step (the frozen set is the prefill's).  Heads that are not calibrated run the model's own SDPA
-attention unchanged (bit for bit).  ``act_reference`` is the eager oracle (materialises A; tests, tiny inputs).
+shapes and no host read (it compiles whole), and keeps nothing from the step (the frozen set is the prefill's).
+Heads that are not calibrated run the model's own SDPA attention unchanged (bit for bit).  ``act_reference`` is
+the eager oracle (materialises A; tests, tiny inputs).
 
 **Heads** (``heads``): ``"auto"`` uses the shipped head list calibrated on this exact architecture
 (``smollm2_act`` for SmolLM2-135M, made by ``patchattn calibrate act``) and calibrates nothing on other models
