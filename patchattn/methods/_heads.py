@@ -1,5 +1,6 @@
 """Helpers shared by the head-level methods (``act``, ``headscale``, ``moh``): model dimensions, head lists,
-valid query rows under left padding, and the choice between the fused kernel and the pure-torch path."""
+valid query rows under left padding, each row's newest token in a decode step given ``KeyBounds``, and the choice
+between the fused kernel and the pure-torch path."""
 
 from __future__ import annotations
 
@@ -56,6 +57,22 @@ def valid_rows(attention_mask, batch: int, q_len: int, kv_len: int, device) -> t
     return positions[None, :] >= start.to(device).long()[:, None]
 
 
+def newest_positions(ends: torch.Tensor, q_len: int) -> torch.Tensor:
+    """long ``[B, Tq]``: where the queries of a call given ``KeyBounds`` sit, the last ``q_len`` of each row's real keys
+    (``ends``: one past each row's last; a static cache's empty slots follow them; a row with no real key gets
+    negative positions, which see nothing)."""
+    ends = ends.long()[:, None]
+    return ends - q_len + torch.arange(q_len, device=ends.device)[None]
+
+
+def newest_values(value: torch.Tensor, ends: torch.Tensor, q_len: int) -> torch.Tensor:
+    """``[B, H, Tq, D]``: the values of each row's newest ``q_len`` real keys (``value[:, :, -q_len:]`` of a cache
+    that ends with them)."""
+    positions = newest_positions(ends, q_len).clamp(min=0)
+    index = positions[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1])
+    return value.gather(2, index)
+
+
 def kv_start_of(attention_mask, batch: int, kv_len: int):
     """``[B]`` first valid key (int32) under left padding, or None."""
     return padding_start(attention_mask, batch, kv_len)
@@ -72,17 +89,33 @@ def use_fused_kernel(backend: str, query: torch.Tensor) -> bool:
 
 
 def full_causal_attention(query, key, value, *, scaling, kv_start, backend, head_gain=None, active=None,
-                          return_lse=False, block: int = 64):
+                          return_lse=False, block: int = 64, kv_end=None):
     """Causal attention over every key through the block-sparse kernel (hooks: gains, active, lse).
 
+    ``kv_end`` (a decode step given ``KeyBounds``: ``kv_start`` and ``kv_end`` are each row's real keys, the query its
+    newest): every real block of each row, counted from its first real key, with static shapes and no host read.
     Returns ``[B, Hq, Tq, D]`` (and lse ``[B, Hq, Tq]``) like ``block_sparse_attention``.
     """
     q_len, kv_len = query.shape[2], key.shape[2]
+    if kv_end is not None:
+        idx, counts = rows_blocks(kv_start, kv_end, kv_len, block)
+        return block_sparse_attention(query, key, value, idx, counts, block_q=block, block_k=block, causal=True,
+                                      scale=scaling, kv_start=kv_start, kv_end=kv_end, lists_from_start=True,
+                                      head_gain=head_gain, active=active, return_lse=return_lse, backend=backend)
     idx, counts = causal_blocks(q_len, kv_len, block, block, device=query.device)
     return block_sparse_attention(query, key, value, idx, counts, block_q=block, block_k=block, causal=True,
                                   scale=scaling, kv_start=kv_start, head_gain=head_gain, active=active,
                                   return_lse=return_lse, backend=backend)
 
 
+def rows_blocks(starts: torch.Tensor, ends: torch.Tensor, kv_len: int, block: int):
+    """Decode lists reading all of each row's real keys ``[starts, ends)``, block ids counted from its first one:
+    (``[B, 1, 1, NK]`` int32 ids ``0..NK-1`` for the capacity ``kv_len``, ``[B, 1, 1]`` counts)."""
+    n_k = -(-kv_len // block)
+    idx = torch.arange(n_k, device=starts.device, dtype=torch.int32).repeat(starts.shape[0], 1)
+    counts = torch.div(ends.long() - starts.long() + block - 1, block, rounding_mode="floor").clamp(0, n_k)
+    return idx.view(-1, 1, 1, n_k), counts.to(torch.int32).view(-1, 1, 1)
+
+
 __all__ = ["check_heads", "dense_call", "full_causal_attention", "head_counts", "kv_start_of", "layer_key",
-           "use_fused_kernel", "valid_rows"]
+           "newest_positions", "newest_values", "rows_blocks", "use_fused_kernel", "valid_rows"]

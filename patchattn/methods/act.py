@@ -24,9 +24,12 @@ row, so the output form is used (no kernel change, one ``O(T * |S|)`` pass).  ``
 differentiable; the lse gets its gradient from a chunked pass (``_LseGrad``), so autograd is exact too.
 
 **Decoding.**  The sink set is found at prefill (a call with no KV-cache prefix) and frozen per sequence in
-``module.patchattn.method_state.sinks`` (bool ``[B, heads, T]``); later calls (decode steps, continued prefill)
-reuse it, since ``N - j`` means nothing for one query.  Heads that are not calibrated run the model's own SDPA
-attention unchanged (bit for bit).  ``act_reference`` is the eager oracle (materialises A; tests, tiny inputs).
+``module.patchattn.method_state.sinks`` (bool ``[B, heads, T]``), with its columns gathered once (``SinkColumns``);
+later calls (decode steps, continued prefill) reuse them, since ``N - j`` means nothing for one query.  A decode
+step given ``KeyBounds`` (a static cache, a padded batch) reads each row's real keys on the device: it has static
+shapes and no host read (it compiles whole), and keeps nothing from the step (the frozen set is the prefill's).
+Heads that are not calibrated run the model's own SDPA attention unchanged (bit for bit).  ``act_reference`` is
+the eager oracle (materialises A; tests, tiny inputs).
 
 **Heads** (``heads``): ``"auto"`` uses the shipped head list calibrated on this exact architecture
 (``smollm2_act`` for SmolLM2-135M, made by ``patchattn calibrate act``) and calibrates nothing on other models
@@ -46,7 +49,15 @@ from ..artifacts import check_against, load_artifact, shipped_for
 from ..config import MethodConfig, option
 from ..registry import register_method
 from ..state import MethodState, PatchState
-from ._heads import check_heads, dense_call, full_causal_attention, head_counts, layer_key, use_fused_kernel
+from ._heads import (
+    check_heads,
+    dense_call,
+    full_causal_attention,
+    head_counts,
+    layer_key,
+    newest_positions,
+    use_fused_kernel,
+)
 from ._sparse import padding_start
 
 AUTO, ALL = "auto", "all"
@@ -85,15 +96,28 @@ class ACTConfig(MethodConfig):
                     check_heads(f"{self.where('heads')}[{layer!r}]", heads, num_heads)
 
 
+@dataclass(frozen=True)
+class SinkColumns:
+    """A frozen sink set as the columns ``calibrate`` reads: ``order`` long ``[B, n, M]`` (each head's sink keys
+    first, ascending; M the most sinks of any head, at least 1) and ``valid`` bool ``[B, n, M]`` (a sink, not filler);
+    ``found``: whether any head has a sink (host bool, read once at prefill)."""
+
+    order: torch.Tensor
+    valid: torch.Tensor
+    found: bool
+
+
 @dataclass
 class ACTState(MethodState):
     """The layer's calibrated query heads (long ``[n]``, fixed when patching; they follow the module's device) and
-    the sink set the latest prefill found (bool ``[B, n, T]``), frozen for the calls that follow."""
+    the sink set the latest prefill found (bool ``[B, n, T]``, and its ``SinkColumns``), frozen for the calls that
+    follow."""
 
     DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("heads",)
 
     heads: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     sinks: torch.Tensor | None = None
+    columns: SinkColumns | None = None
 
 
 # ---- head lists ------------------------------------------------------------------------------------------------
@@ -132,21 +156,32 @@ def make_act_state(module, config: ACTConfig, layer_index, role, context) -> Pat
 
 # ---- the chunked pieces ----------------------------------------------------------------------------------------
 def _allowed(q_pos, kv_len, starts, device):
-    """bool ``[B|1, 1, C, Tk]``: causal and not padding (keys and query rows)."""
+    """bool ``[B|1, 1, C, Tk]``: causal and not padding (keys and query rows).  ``q_pos``: the query rows' positions,
+    ``[C]``, or ``[B, C]`` when they differ per row (a decode step given ``KeyBounds``: keys after a row's newest
+    token, a static cache's empty slots, are then not causal)."""
     keys = torch.arange(kv_len, device=device)
-    ok = keys[None, :] <= q_pos[:, None]
-    if starts is None:
-        return ok[None, None]
-    start = starts.to(device).long().view(-1, 1, 1, 1)
-    return ok[None, None] & (keys.view(1, 1, 1, -1) >= start) & (q_pos.view(1, 1, -1, 1) >= start)
+    q_pos = q_pos if q_pos.ndim == 2 else q_pos[None]
+    ok = keys.view(1, 1, -1) <= q_pos[..., None]
+    if starts is not None:
+        start = starts.to(device).long().view(-1, 1, 1)
+        ok = ok & (keys.view(1, 1, -1) >= start) & (q_pos[..., None] >= start)
+    return ok[:, None]
 
 
-def _chunk_probs(q, k, lse, lo, hi, scale, starts):
+def query_positions(q_len: int, kv_len: int, ends=None, device=None) -> torch.Tensor:
+    """Positions of a call's query rows: the last ``q_len`` of the keys (``[Tq]``), or of each row's real keys when
+    ``ends`` (``KeyBounds.ends``) says where they stop (``[B, Tq]``)."""
+    if ends is None:
+        return torch.arange(q_len, device=device) + (kv_len - q_len)
+    return newest_positions(ends, q_len)
+
+
+def _chunk_probs(q, k, lse, lo, hi, scale, starts, ends=None):
     """Softmax probabilities of query rows ``lo:hi`` against every key, ``[B, n, C, Tk]`` (0 where not allowed)."""
     kv_len, q_len = k.shape[2], q.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.matmul(q[:, :, lo:hi].to(compute), k.to(compute).transpose(-1, -2)) * scale
-    q_pos = torch.arange(lo, hi, device=q.device) + (kv_len - q_len)
+    q_pos = query_positions(q_len, kv_len, ends, q.device)[..., lo:hi]
     ok = _allowed(q_pos, kv_len, starts, q.device) & torch.isfinite(lse[:, :, lo:hi, None])
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[:, :, lo:hi, None]
     return torch.where(ok, torch.exp(scores - safe_lse.to(compute)), torch.zeros((), dtype=compute, device=q.device))
@@ -159,9 +194,9 @@ class _LseGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, lse, scale, starts, chunk):
+    def forward(ctx, q, k, lse, scale, starts, chunk, ends=None):
         ctx.save_for_backward(q, k, lse)
-        ctx.scale, ctx.starts, ctx.chunk = scale, starts, chunk
+        ctx.scale, ctx.starts, ctx.chunk, ctx.ends = scale, starts, chunk, ends
         return lse.clone()
 
     @staticmethod
@@ -172,25 +207,27 @@ class _LseGrad(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=compute, device=k.device)
         for lo in range(0, q.shape[2], ctx.chunk):
             hi = min(q.shape[2], lo + ctx.chunk)
-            weighted = _chunk_probs(q, k, lse, lo, hi, ctx.scale, ctx.starts) * grad[:, :, lo:hi, None].to(dq.dtype)
+            probs = _chunk_probs(q, k, lse, lo, hi, ctx.scale, ctx.starts, ctx.ends)
+            weighted = probs * grad[:, :, lo:hi, None].to(dq.dtype)
             dq[:, :, lo:hi] = torch.matmul(weighted, k.to(dq.dtype)) * ctx.scale
             dk += torch.matmul(weighted.transpose(-1, -2), q[:, :, lo:hi].to(dq.dtype)) * ctx.scale
-        return dq.to(q.dtype), dk.to(k.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), None, None, None, None, None
 
 
-def refine_and_score(q, k, lse, scale, starts, chunk, *, columns: bool):
+def refine_and_score(q, k, lse, scale, starts, chunk, *, columns: bool, ends=None):
     """One chunked pass over ``q.k``: (lse recomputed at the inputs' precision, ``[B, n, Tq]``; column scores).
 
     The kernel returns lse in fp32; renormalising each row here makes fp64 inputs exact and costs nothing extra
     at prefill, where the pass runs anyway for the column scores ``s_j = sum_i A_ij / (N - j)`` (``[B, n, Tk]``,
-    only when ``columns``; needs Tq == Tk).  Never a T x T matrix: ``chunk`` rows at a time.
+    only when ``columns``; needs Tq == Tk).  Never a T x T matrix: ``chunk`` rows at a time.  ``ends``: each row's
+    real keys stop there (``KeyBounds.ends``; its queries are the last of them).
     """
     kv_len = k.shape[2]
     with torch.no_grad():
         sums, refined = None, []
         for lo in range(0, q.shape[2], chunk):
             hi = min(q.shape[2], lo + chunk)
-            probs = _chunk_probs(q, k, lse, lo, hi, scale, starts)
+            probs = _chunk_probs(q, k, lse, lo, hi, scale, starts, ends)
             row = probs.sum(-1, keepdim=True)
             refined.append(lse[:, :, lo:hi].to(row.dtype) + torch.log(row[..., 0]))
             if columns:
@@ -213,19 +250,30 @@ def sink_set(scores: torch.Tensor, threshold: float, starts) -> torch.Tensor:
     return above.scatter(-1, first, False)
 
 
-def calibrate(out, lse, q, k, v, sinks, beta, scale, starts) -> torch.Tensor:
-    """``O' = beta S + (1 - beta P) / (1 - P) (O - S)`` per row, from the sink columns only; ``[B, n, Tq, D]``."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+def sink_columns(sinks: torch.Tensor) -> SinkColumns:
+    """The columns of a sink set (bool ``[B, n, Tk]``) that ``calibrate`` reads; one host read (the widest head),
+    done once per sequence at prefill."""
     width = max(1, int(sinks.sum(-1).max()))
     order = torch.where(sinks, 0, 1).argsort(dim=-1, stable=True)[..., :width]  # sink columns first
-    valid = torch.gather(sinks, -1, order)  # [B, n, M]
+    return SinkColumns(order, torch.gather(sinks, -1, order), bool(sinks.any()))
+
+
+def calibrate(out, lse, q, k, v, sinks, beta, scale, starts, ends=None) -> torch.Tensor:
+    """``O' = beta S + (1 - beta P) / (1 - P) (O - S)`` per row, from the sink columns only; ``[B, n, Tq, D]``.
+
+    ``sinks``: bool ``[B, n, Tk]`` or its ``SinkColumns``; ``ends``: each row's real keys stop there (its queries are
+    the last of them)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    columns = sinks if isinstance(sinks, SinkColumns) else sink_columns(sinks)
+    order, valid = columns.order.to(q.device), columns.valid.to(q.device)  # [B, n, M]
     k_s = torch.gather(k, 2, order[..., None].expand(-1, -1, -1, k.shape[-1])).to(compute)
     v_s = torch.gather(v, 2, order[..., None].expand(-1, -1, -1, v.shape[-1])).to(compute)
     scores = torch.matmul(q.to(compute), k_s.transpose(-1, -2)) * scale  # [B, n, Tq, M]
-    q_pos = torch.arange(q.shape[2], device=q.device) + (k.shape[2] - q.shape[2])
-    ok = valid[:, :, None, :] & (order[:, :, None, :] <= q_pos[:, None])
+    q_pos = query_positions(q.shape[2], k.shape[2], ends, q.device)
+    q_pos = q_pos.view(-1, 1, q.shape[2], 1)  # [B|1, 1, Tq, 1]
+    ok = valid[:, :, None, :] & (order[:, :, None, :] <= q_pos)
     if starts is not None:
-        ok = ok & (q_pos.view(1, 1, -1, 1) >= starts.to(q.device).long().view(-1, 1, 1, 1))
+        ok = ok & (q_pos >= starts.to(q.device).long().view(-1, 1, 1, 1))
     row_ok = torch.isfinite(lse)[..., None]
     safe_lse = torch.where(row_ok[..., 0], lse, torch.zeros_like(lse)).to(compute)[..., None]
     logits = torch.where(ok & row_ok, scores - safe_lse, torch.full_like(scores, float("-inf")))
@@ -238,12 +286,13 @@ def calibrate(out, lse, q, k, v, sinks, beta, scale, starts) -> torch.Tensor:
     return (beta * sink_out + ratio * (out.to(compute) - sink_out)).to(out.dtype)
 
 
-def _frozen_sinks(state, batch, n_heads, kv_len, device):
-    """The prefill's sink set padded with False to ``kv_len``; None when there is none for this batch."""
-    sinks = state.method_state.sinks
-    if sinks is None or sinks.shape[:2] != (batch, n_heads) or sinks.shape[-1] > kv_len:
+def _frozen_columns(state, batch, n_heads, kv_len) -> SinkColumns | None:
+    """The prefill's sink columns; None when there is none for this batch (or it was longer than these keys)."""
+    kept = state.method_state
+    sinks, columns = kept.sinks, kept.columns
+    if sinks is None or columns is None or sinks.shape[:2] != (batch, n_heads) or sinks.shape[-1] > kv_len:
         return None
-    return torch.nn.functional.pad(sinks, (0, kv_len - sinks.shape[-1])).to(device)
+    return columns
 
 
 # ---- attention -------------------------------------------------------------------------------------------------
@@ -257,8 +306,10 @@ def _frozen_sinks(state, batch, n_heads, kv_len, device):
     state_cls=ACTState,
     paper="Yu et al., Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models without "
     "Training through Attention Calibration (ICML 2024), arXiv 2406.15765",
+    key_bounds=True,
 )
-def act_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+def act_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, key_bounds=None,
+                  **kwargs):
     """Hidden attention sinks of calibrated heads keep beta of their mass; the rest goes to the other tokens."""
     state = module.patchattn
     config = state.config
@@ -269,41 +320,52 @@ def act_attention(module, query, key, value, attention_mask, *, scaling=None, dr
         return dense
     batch, n_q_heads = query.shape[:2]
     kv_len = key.shape[2]
+    ends = None
     try:
         if kwargs.get("sliding_window") or kwargs.get("softcap") is not None:
             raise ValueError("sliding-window / soft-capped layers are not supported")
-        starts = padding_start(attention_mask, batch, kv_len)
+        if key_bounds is not None:  # a decode step: each row's real keys, read on the device
+            starts, ends = key_bounds.starts, key_bounds.ends
+        else:
+            starts = padding_start(attention_mask, batch, kv_len)
     except ValueError as err:
         warnings.warn(f"patchattn act: {err}; this call runs dense attention", stacklevel=2)
         return dense
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     group = n_q_heads // key.shape[1]
     q_sel, k_sel, v_sel = query[:, heads], key[:, heads // group], value[:, heads // group]
-    out, _ = calibrated_heads(state, q_sel, k_sel, v_sel, scale, starts)
+    out, _ = calibrated_heads(state, q_sel, k_sel, v_sel, scale, starts, ends)
     merged = dense[0].index_copy(2, heads, out.transpose(1, 2).to(dense[0].dtype))
     return merged, None
 
 
-def calibrated_heads(state, q, k, v, scale, starts):
-    """ACT on the gathered calibrated heads (``[B, n, T, D]`` each, one kv head per query head)."""
+def calibrated_heads(state, q, k, v, scale, starts, ends=None):
+    """ACT on the gathered calibrated heads (``[B, n, T, D]`` each, one kv head per query head).
+
+    ``ends`` (a decode step given ``KeyBounds``, with ``starts``): each row's real keys are ``[starts, ends)`` and its
+    query the newest of them; the step reads the prefill's frozen columns and nothing from the host."""
     config = state.config
     q_len, kv_len = q.shape[2], k.shape[2]
     backend = config.backend if use_fused_kernel(config.backend, q) else "torch"
-    out, lse = full_causal_attention(q, k, v, scaling=scale, kv_start=starts, backend=backend, return_lse=True)
+    out, lse = full_causal_attention(q, k, v, scaling=scale, kv_start=starts, kv_end=ends, backend=backend,
+                                     return_lse=True)
     prefill = q_len == kv_len
-    lse, scores = refine_and_score(q, k, lse, scale, starts, config.chunk, columns=prefill)
-    if prefill:  # find the sinks of this sequence and freeze them for the calls that follow
+    lse, scores = refine_and_score(q, k, lse, scale, starts, config.chunk, columns=prefill, ends=ends)
+    if prefill:  # find the sinks of this sequence and freeze them (and their columns) for the calls that follow
         sinks = sink_set(scores, config.threshold, starts)
-        state.method_state.sinks = sinks
+        kept = state.method_state
+        kept.sinks, kept.columns = sinks, sink_columns(sinks)
+        state.record(sinks_per_head=sinks.sum(-1).float().mean() if kept.columns.found else 0.0)
+        columns = kept.columns
     else:
-        sinks = _frozen_sinks(state, q.shape[0], q.shape[1], kv_len, q.device)
+        columns = _frozen_columns(state, q.shape[0], q.shape[1], kv_len)
+        if columns is None:
+            state.record(sinks_per_head=0.0)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        lse = _LseGrad.apply(q, k, lse, scale, starts, config.chunk)
-    if sinks is None or not bool(sinks.any()):
-        state.record(sinks_per_head=0.0)
+        lse = _LseGrad.apply(q, k, lse, scale, starts, config.chunk, ends)
+    if columns is None or not columns.found:
         return out, lse
-    state.record(sinks_per_head=sinks.sum(-1).float().mean())
-    return calibrate(out, lse, q, k, v, sinks, config.beta, scale, starts), lse
+    return calibrate(out, lse, q, k, v, columns, config.beta, scale, starts, ends), lse
 
 
 # ---- eager oracle ----------------------------------------------------------------------------------------------

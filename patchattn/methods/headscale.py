@@ -16,7 +16,9 @@ Config:
 How it runs: the model's own attention (SDPA) for every head, then a post-multiply by the per-head gains on the
 ``[B, T, H, D]`` output before ``o_proj`` (the design's hook H3) -- exact, and SDPA is the fastest dense path.
 Replacement heads are computed without a T x T matrix under causal + left padding (a running mean of the
-values; the mask's own rows otherwise).  Gains all 1 and no modes is bit-for-bit dense (the default).
+values; the mask's own rows otherwise).  Gains all 1 and no modes is bit-for-bit dense (the default).  A decode
+step given ``KeyBounds`` (a static cache, a padded batch) takes the mask as is for SDPA and reads each row's real
+keys on the device for the replaced heads: no host read, so it compiles whole.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..artifacts import check_against, load_artifact
 from ..config import MethodConfig, option
 from ..registry import register_method
 from ..state import MethodState, PatchState
-from ._heads import check_heads, dense_call, head_counts, layer_key
+from ._heads import check_heads, dense_call, head_counts, layer_key, newest_positions, newest_values
 from ._sparse import padding_start
 
 MODES = ("identity", "uniform", "zero")
@@ -151,9 +153,13 @@ def make_headscale_state(module, config: HeadScaleConfig, layer_index, role, con
 
 
 # ---- replacement heads -----------------------------------------------------------------------------------------
-def uniform_output(module, value, attention_mask, q_len: int) -> torch.Tensor:
-    """``[B, Hkv, Tq, D]``: mean of the values each query row may see (Retrieval Head masking)."""
+def uniform_output(module, value, attention_mask, q_len: int, key_bounds=None) -> torch.Tensor:
+    """``[B, Hkv, Tq, D]``: mean of the values each query row may see (Retrieval Head masking).
+
+    ``key_bounds``: each row's real keys (a decode step: its query is the newest), read on the device."""
     kv_len = value.shape[2]
+    if key_bounds is not None:
+        return running_mean(value, key_bounds.starts.long(), newest_positions(key_bounds.ends, q_len))
     causal = getattr(module, "is_causal", True) and q_len > 1
     try:
         starts = padding_start(attention_mask, value.shape[0], kv_len)
@@ -161,13 +167,9 @@ def uniform_output(module, value, attention_mask, q_len: int) -> torch.Tensor:
     except ValueError:
         structured = False
     if structured and (causal or attention_mask is not None):  # running mean: no Tq x Tk tensor
-        keys = torch.arange(kv_len, device=value.device)
         first = torch.zeros(value.shape[0], dtype=torch.long, device=value.device) if starts is None else starts.long()
-        kept = value * (keys[None, :] >= first[:, None])[:, None, :, None].to(value.dtype)
-        running = kept.float().cumsum(2)
         q_pos = torch.arange(q_len, device=value.device) + (kv_len - q_len)
-        count = (q_pos[None, :] - first[:, None] + 1).clamp_min(1).float()  # [B, Tq]
-        return (running[:, :, q_pos] / count[:, None, :, None]).to(value.dtype)
+        return running_mean(value, first, q_pos[None].expand(value.shape[0], -1))
     if attention_mask is None:  # full (non-causal) attention, or one query
         return value.float().mean(2, keepdim=True).expand(-1, -1, q_len, -1).to(value.dtype)
     allowed = attention_mask[:, 0, :, :kv_len] if attention_mask.dtype == torch.bool else \
@@ -176,8 +178,19 @@ def uniform_output(module, value, attention_mask, q_len: int) -> torch.Tensor:
     return torch.einsum("bqk,bhkd->bhqd", weights, value.float()).to(value.dtype)
 
 
-def replaced(module, mode: str, head: int, query, value, attention_mask) -> torch.Tensor:
-    """``[B, Tq, D]`` output of ``head`` under ``mode``."""
+def running_mean(value, first, q_pos) -> torch.Tensor:
+    """``[B, H, Tq, D]``: mean of the values from each row's ``first`` key ``[B]`` up to its query positions
+    ``q_pos`` ``[B, Tq]`` (a running sum: no Tq x Tk tensor; a row with no key before its query gives 0)."""
+    keys = torch.arange(value.shape[2], device=value.device)
+    kept = value * (keys[None, :] >= first[:, None])[:, None, :, None].to(value.dtype)
+    running = kept.float().cumsum(2)
+    index = q_pos.clamp(min=0)[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1])
+    count = (q_pos - first[:, None] + 1).clamp_min(1).float()  # [B, Tq]
+    return (running.gather(2, index) / count[:, None, :, None]).to(value.dtype)
+
+
+def replaced(module, mode: str, head: int, query, value, attention_mask, key_bounds=None) -> torch.Tensor:
+    """``[B, Tq, D]`` output of ``head`` under ``mode`` (``key_bounds``: each row's real keys, its query the newest)."""
     group = query.shape[1] // value.shape[1]
     q_len = query.shape[2]
     kv_head = value[:, head // group: head // group + 1]
@@ -186,8 +199,10 @@ def replaced(module, mode: str, head: int, query, value, attention_mask) -> torc
     if mode == "identity":
         if getattr(module, "is_cross_attention", False) or value.shape[2] < q_len:
             raise ValueError("headscale mode 'identity' needs self-attention (a query's own value)")
+        if key_bounds is not None:  # a static cache's empty slots follow the newest key
+            return newest_values(kv_head, key_bounds.ends, q_len)[:, 0]
         return kv_head[:, 0, value.shape[2] - q_len:]
-    return uniform_output(module, kv_head, attention_mask, q_len)[:, 0]
+    return uniform_output(module, kv_head, attention_mask, q_len, key_bounds)[:, 0]
 
 
 @register_method(
@@ -203,8 +218,10 @@ def replaced(module, mode: str, head: int, query, value, attention_mask) -> torc
     paper="Head modulation substrate: Wu et al., Retrieval Head Mechanistically Explains Long-Context Factuality, "
     "arXiv 2404.15574 (head masking = uniform attention); head gains as in VHR (He et al., ACL 2025, "
     "arXiv 2412.13949) and PAINT (Arif et al., arXiv 2501.12206)",
+    key_bounds=True,
 )
-def headscale_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+def headscale_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, key_bounds=None,
+                        **kwargs):
     """Per-head output gains and per-head replacement of attention (identity / uniform / zero)."""
     state = module.patchattn
     plan = state.method_state
@@ -218,5 +235,5 @@ def headscale_attention(module, query, key, value, attention_mask, *, scaling=No
     if plan.modes:
         out = out.clone()
         for head, mode in plan.modes.items():
-            out[:, :, head] = replaced(module, mode, head, query, value, attention_mask).to(out.dtype)
+            out[:, :, head] = replaced(module, mode, head, query, value, attention_mask, key_bounds).to(out.dtype)
     return out * plan.gains.to(device=out.device, dtype=out.dtype)[:, None], None

@@ -23,7 +23,9 @@ keys under a ``-inf`` column bias (``_shared.PieceLayout``), which is still exac
 algorithm in plain torch (segment by segment), the test oracle.
 
 Gradients flow through the kernel (Triton backward on GPU, autograd through the torch reference on CPU).  Calls
-against a KV cache (decoding), sliding-window layers and ``dense_layers`` always run dense.  ``state.stats``
+against a KV cache (decoding), sliding-window layers and ``dense_layers`` always run dense; a decode step given
+``KeyBounds`` (a static cache, a padded batch) is the model's own attention with the mask as is, as ``dense``
+runs it (no host read: it compiles whole).  ``state.stats``
 reports ``density`` (fraction of the causally allowed key blocks read).
 """
 
@@ -142,13 +144,16 @@ def s2_attention_reference(query, key, value, group: int, *, shift: bool = True,
     patterns=("causal-self",),
     paper=PAPER,
     state_cls=LongLoRAState,
+    key_bounds=True,
 )
-def longlora_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+def longlora_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, key_bounds=None,
+                       **kwargs):
     """LongLoRA S²-Attn in training (grouped causal attention, half the heads shifted); full attention otherwise."""
     state = module.patchattn
     config = state.config
     q_len, kv_len = query.shape[2], key.shape[2]
-    if not training_attention_active(module, config, q_len, kv_len):
+    # A one-token step (``key_bounds``: the mask already hides padding and empty slots) is one group: dense.
+    if key_bounds is not None or not training_attention_active(module, config, q_len, kv_len):
         state.record(density=1.0)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)

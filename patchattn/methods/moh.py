@@ -51,7 +51,16 @@ from torch import nn
 from ..config import MethodConfig, option
 from ..registry import register_method
 from ..state import MethodState, PatchState, get_state
-from ._heads import check_heads, dense_call, full_causal_attention, head_counts, use_fused_kernel, valid_rows
+from ._heads import (
+    check_heads,
+    dense_call,
+    full_causal_attention,
+    head_counts,
+    newest_positions,
+    newest_values,
+    use_fused_kernel,
+    valid_rows,
+)
 from ._sparse import padding_start
 
 ROUTERS = ("norm", "learned")
@@ -92,7 +101,9 @@ class MoHConfig(MethodConfig):
 class MoHState(MethodState):
     """The layer's head plan, fixed when patching (shared and routed head indices, long; they follow the module's
     device; routed heads active per token), the latest forward's load-balance loss (with its graph), and with
-    ``route_block > 1`` the routing block the last token was in and its selection ``[B, Nr]``, for the next call.
+    ``route_block > 1`` the routing block the last token was in and its selection ``[B, Nr]``, for the next call:
+    buffers made by the first call of a batch shape (a prefill) and updated in place after, so a compiled decode
+    step keeps none of its own outputs (a CUDA graph's replay overwrites those).
     The learned router's parameters are not here: they are ``nn.Parameter`` s of the ``PatchState``."""
 
     DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("shared", "routed")
@@ -157,35 +168,57 @@ def norm_logits(query: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
     return norms / norms.std(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def router_features(value: torch.Tensor, q_len: int) -> torch.Tensor:
-    """``[B, Tq, Hkv * D]``: this call's tokens' value vectors (a linear, RoPE-free function of x)."""
-    v = value[:, :, -q_len:].float()
+def router_features(value: torch.Tensor, q_len: int, ends=None) -> torch.Tensor:
+    """``[B, Tq, Hkv * D]``: this call's tokens' value vectors (a linear, RoPE-free function of x).  ``ends``
+    (``KeyBounds.ends``): each row's tokens end there (a static cache's empty slots follow)."""
+    v = (value[:, :, -q_len:] if ends is None else newest_values(value, ends, q_len)).float()
     return v.permute(0, 2, 1, 3).flatten(2)
 
 
-def _anchored(selected: torch.Tensor, state, kv_len: int, starts) -> torch.Tensor:
+def _anchored(selected: torch.Tensor, state, kv_len: int, starts, ends=None) -> torch.Tensor:
     """Per-token selections ``[B, Tq, Nr]`` -> each token uses the selection of its block's first real token.
 
     Blocks are counted from each row's first real token (``starts`` under left padding), as if the row were alone.
-    Blocks that began in an earlier call (decoding) reuse the selection cached then.
+    Blocks that began in an earlier call (decoding) reuse the selection cached then.  The tokens are the last
+    ``Tq`` of ``kv_len`` keys, or of each row's real keys when ``ends`` (``KeyBounds.ends``) says where they stop.
     """
     block = state.config.route_block
     batch, q_len, _ = selected.shape
-    first = kv_len - q_len
-    pos = (torch.arange(q_len, device=selected.device) + first)[None].expand(batch, q_len)
-    row_start = torch.zeros(batch, 1, dtype=torch.long, device=selected.device)
+    device = selected.device
+    if ends is None:
+        pos = (torch.arange(q_len, device=device) + (kv_len - q_len))[None].expand(batch, q_len)
+    else:
+        pos = newest_positions(ends.to(device), q_len)
+    first = pos[:, :1]  # [B, 1]: this call's first token of each row
+    row_start = torch.zeros(batch, 1, dtype=torch.long, device=device)
     if starts is not None:
-        row_start = starts.to(selected.device).long()[:, None]
+        row_start = starts.to(device).long()[:, None]
     block_of = torch.div(pos - row_start, block, rounding_mode="floor")
     block_start = row_start + block_of * block
-    anchor = torch.minimum(block_start.clamp(min=first), pos)  # padding rows: themselves
+    anchor = torch.minimum(torch.maximum(block_start, first), pos)  # padding rows: themselves
     out = torch.gather(selected, 1, (anchor - first)[..., None].expand_as(selected))
     kept = state.method_state
-    if kept.last_selection is not None and kept.last_selection.shape[0] == batch and first > 0:
-        earlier = (block_of == kept.last_block.to(pos.device)[:, None]) & (block_start < first)
+    if kept.last_selection is not None and kept.last_selection.shape == out[:, -1].shape:
+        # A block begun before this call (never at a prefill: no block starts before its first token).
+        earlier = (block_of == kept.last_block.to(device)[:, None]) & (block_start < first) & (first > 0)
         out = torch.where(earlier[..., None], kept.last_selection[:, None].to(out.dtype), out)
-    kept.last_block, kept.last_selection = block_of[:, -1], out[:, -1].detach()
+    _keep_last(kept, block_of[:, -1], out[:, -1].detach())
     return out
+
+
+def _keep_last(kept: MoHState, block: torch.Tensor, selection: torch.Tensor) -> None:
+    """Store the newest token's block and selection for the next call: in place in the buffers of this batch shape,
+    new buffers (outside any decode step: the first call of a shape is a prefill) otherwise."""
+    same = (kept.last_selection is not None and kept.last_selection.shape == selection.shape
+            and kept.last_selection.device == selection.device)
+    if same:
+        kept.last_block.copy_(block)
+        kept.last_selection.copy_(selection)
+        return
+    kept.last_block, kept.last_selection = block.clone(), selection.clone()
+    if not torch.compiler.is_compiling():  # a compiled step reads them in place (CUDA graphs: fixed addresses)
+        torch._dynamo.mark_static_address(kept.last_block)
+        torch._dynamo.mark_static_address(kept.last_selection)
 
 
 def _balance_loss(probs, selected, rows, k: int) -> torch.Tensor:
@@ -198,23 +231,27 @@ def _balance_loss(probs, selected, rows, k: int) -> torch.Tensor:
     return n_routed * (mean_prob * share).sum()
 
 
-def route(state, query, value, rows, starts) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gates float ``[B, Tq, Hq]``, active bool ``[B, Tq, Hq]``) for this call; stores the balance loss."""
+def route(state, query, value, rows, starts, ends=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gates float ``[B, Tq, Hq]``, active bool ``[B, Tq, Hq]``) for this call; stores the balance loss.
+
+    ``ends`` (a decode step given ``KeyBounds``): each row's tokens are the last of its real keys, not of the
+    tensor (a static cache's empty slots follow them)."""
     config = state.config
     batch, heads, q_len, _ = query.shape
     plan = state.method_state
     shared, routed, k = plan.shared.to(query.device), plan.routed.to(query.device), plan.top_k
     logits = norm_logits(query, routed)
     if config.router == "learned":
-        features = router_features(value, q_len)
+        features = router_features(value, q_len, ends)
         logits = logits + features @ state.router_weight.t() + state.router_bias
     probs = torch.softmax(logits, dim=-1)
     selected = torch.zeros_like(probs, dtype=torch.bool)
     if k > 0:
         selected.scatter_(-1, logits.topk(k, dim=-1).indices, True)
     if config.route_block > 1:
-        selected = _anchored(selected, state, value.shape[2], starts)
-    plan.balance_loss = _balance_loss(probs, selected, rows, k)
+        selected = _anchored(selected, state, value.shape[2], starts, ends)
+    if torch.is_grad_enabled() or not torch.compiler.is_compiling():  # an inference step keeps none of its outputs
+        plan.balance_loss = _balance_loss(probs, selected, rows, k)
 
     if config.router == "norm":
         routed_gates = selected.float()
@@ -233,12 +270,21 @@ def route(state, query, value, rows, starts) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _record(state, active, rows) -> None:
-    real = active if rows is None else active[rows]
+    """Density over the real tokens and the tile skip (static shapes, no host read; not from a compiled step, whose
+    tensors its next replay overwrites)."""
+    if torch.compiler.is_compiling():
+        return
     batch, q_len, heads = active.shape
+    if rows is None:
+        density = active.float().mean()
+    else:  # the mean over real tokens, as a masked sum (no data-dependent shape)
+        real = rows.float().sum() * heads
+        summed = (active & rows[..., None]).float().sum()
+        density = torch.where(real > 0, summed / real.clamp_min(1.0), torch.ones_like(real))
     tiles = -(-q_len // KERNEL_TILE)
     padded = torch.nn.functional.pad(active, (0, 0, 0, tiles * KERNEL_TILE - q_len))
     tile_any = padded.view(batch, tiles, KERNEL_TILE, heads).any(2)
-    state.record(density=real.float().mean() if real.numel() else 1.0, tile_skip=1.0 - tile_any.float().mean())
+    state.record(density=density, tile_skip=1.0 - tile_any.float().mean())
 
 
 # ---- attention -------------------------------------------------------------------------------------------------
@@ -256,8 +302,10 @@ def _all_active_binary(state) -> bool:
     make_state=make_moh_state,
     state_cls=MoHState,
     paper="Jin et al., MoH: Multi-Head Attention as Mixture-of-Head Attention (ICML 2025), arXiv 2410.11842",
+    key_bounds=True,
 )
-def moh_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+def moh_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, key_bounds=None,
+                  **kwargs):
     """Mixture-of-Head attention: shared heads always on, top-k routed heads per token, gated head outputs."""
     state = module.patchattn
     config = state.config
@@ -266,32 +314,40 @@ def moh_attention(module, query, key, value, attention_mask, *, scaling=None, dr
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    try:
-        starts = padding_start(attention_mask, batch, kv_len)
-        rows = valid_rows(attention_mask, batch, q_len, kv_len, query.device)
-        kernel_ok = not kwargs.get("sliding_window") and kwargs.get("softcap") is None
-    except ValueError as err:
-        starts, rows, kernel_ok = None, None, False
-        warnings.warn(f"patchattn moh: {err}; gates applied after dense attention (nothing skipped)", stacklevel=2)
-    gates, active = route(state, query, value, rows, starts)
+    ends = None
+    kernel_ok = not kwargs.get("sliding_window") and kwargs.get("softcap") is None
+    if key_bounds is not None:  # a decode step: each row's real keys, read on the device
+        starts, ends = key_bounds.starts, key_bounds.ends
+        rows = (ends > starts)[:, None]  # the query is a real token unless the row has none
+    else:
+        try:
+            starts = padding_start(attention_mask, batch, kv_len)
+            rows = valid_rows(attention_mask, batch, q_len, kv_len, query.device)
+        except ValueError as err:
+            starts, rows, kernel_ok = None, None, False
+            warnings.warn(f"patchattn moh: {err}; gates applied after dense attention (nothing skipped)",
+                          stacklevel=2)
+    gates, active = route(state, query, value, rows, starts, ends)
     _record(state, active, rows)
     if kernel_ok and use_fused_kernel(config.backend, query):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = fused_moh(query, key, value, gates, active, scaling=scale, kv_start=starts, backend=config.backend,
-                        binary=config.router == "norm")
+        out = fused_moh(query, key, value, gates, active, scaling=scale, kv_start=starts, kv_end=ends,
+                        backend=config.backend, binary=config.router == "norm")
         return out.transpose(1, 2), None
     out, _ = dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     return out * gates[..., None].to(out.dtype), None
 
 
-def fused_moh(query, key, value, gates, active, *, scaling, kv_start=None, backend="auto", binary=False):
+def fused_moh(query, key, value, gates, active, *, scaling, kv_start=None, kv_end=None, backend="auto",
+              binary=False):
     """The kernel call of ``moh``: ``[B, Hq, Tq, D]``; inactive (token, head) pairs are skipped / zero.
 
     Binary gates (the norm router) equal ``active``, so no gain is passed: the kernel's gain path costs ~15%
-    (measured on the H200, bench/moh/RESULTS.md).
+    (measured on the H200, bench/moh/RESULTS.md).  ``kv_end`` (a decode step given ``KeyBounds``, with
+    ``kv_start``): each row's real keys, its query the newest.
     """
-    return full_causal_attention(query, key, value, scaling=scaling, kv_start=kv_start, backend=backend,
-                                 head_gain=None if binary else gates, active=active)
+    return full_causal_attention(query, key, value, scaling=scaling, kv_start=kv_start, kv_end=kv_end,
+                                 backend=backend, head_gain=None if binary else gates, active=active)
 
 
 def aux_loss(model, *, scaled: bool = True) -> torch.Tensor:
