@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -66,7 +67,11 @@ def environment() -> dict:
 
 def source_commit() -> str | None:
     """The git commit of the patchattn source that ran (``+dirty`` with uncommitted changes to tracked files),
-    or None outside a git checkout (an installed wheel, a copy without ``.git``)."""
+    or None outside a git checkout (an installed wheel, a copy without ``.git``); ``PATCHATTN_COMMIT``, when set,
+    names it instead (a copy sent to another machine with stale git metadata)."""
+    stated = os.environ.get("PATCHATTN_COMMIT")  # a copy whose git metadata is stale (a remote GPU machine's)
+    if stated:
+        return stated
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
