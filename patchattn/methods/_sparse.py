@@ -19,7 +19,7 @@ import torch
 from ..config import READS_EVERYTHING, MethodConfig, covering_fields, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density_tensor
 from ..kernels.dense import eager_attention, sdpa_attention
-from ..masks import BlockGeometry, RowGeometry, causal_allowed, runs_lists
+from ..masks import BlockGeometry, RowGeometry, Run, causal_allowed, rows_lists, runs_lists
 from ..registry import register_method
 from ..state import MethodState
 from ._budget import DENSITY_HELP, budget_applied, check_density, check_density_fields
@@ -166,12 +166,16 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
     q_len, kv_len = query.shape[2], key.shape[2]
     if key_bounds is not None:
         reason = layer_dense_reason(state, kwargs)
-        if reason is None:
+        if reason is None or dense_decode_on_kernel(state, query, reason):
+            rows = full_rows if reason is not None else decode_rows
             return run_rows_decode(state, query, key, value, key_bounds, scaling=scaling,
-                                   softcap=kwargs.get("softcap"), decode_rows=decode_rows), None
+                                   softcap=kwargs.get("softcap"), decode_rows=rows), None
         record_dense_call(state, type(state.config).method, reason, q_len, kv_len, kwargs)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
+    if reason is not None and attention_mask is None and q_len == 1 and dense_decode_on_kernel(state, query, reason):
+        return sparse_call(state, query, key, value, scaling=scaling, softcap=kwargs.get("softcap"),
+                           select=full_decode_lists, static=False), None
     if reason is not None:
         record_dense_call(state, type(state.config).method, reason, q_len, kv_len, kwargs)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -230,6 +234,25 @@ def run_rows_decode(state, query, key, value, bounds: KeyBounds, *, scaling, sof
     )
     record_decode_density(state, rows_density(kv_counts, rows))
     return out.transpose(1, 2)
+
+
+def dense_decode_on_kernel(state, query, reason: str) -> bool:
+    """Whether a dense layer's decode step runs on the split-K kernel with every block listed (same attention):
+    on a GPU, SDPA's cuDNN path plans each new key length on the host, ~5 ms per call in an eager step on the H200
+    (bench/generate/RESULTS.md), while the kernel's lists for a full row are built once per key block."""
+    return (reason == "dense layer" and query.is_cuda and query.shape[2] == 1
+            and state.config.backend in ("auto", "triton"))
+
+
+def full_decode_lists(geometry: BlockGeometry, query, key, state):
+    """Every key block, as one decode row's lists (memoised per block count)."""
+    return row_lists((Run(0, geometry.n_k),), geometry.n_k, query.device)
+
+
+def full_rows(rows: RowGeometry, query, key, state):
+    """Every key block of each row (``decode_rows`` of a dense layer)."""
+    return rows.once(("full", rows.block_k, rows.n_k), lambda: rows_lists((Run(0, rows.row_blocks()),), rows.n_k,
+                                                                          query.device))
 
 
 def rows_density(kv_counts: torch.Tensor, rows: RowGeometry):

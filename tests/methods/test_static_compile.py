@@ -96,3 +96,25 @@ def test_compiled_static_generate_gives_the_default_caches_tokens(case):
         want = model.generate(input_ids=ids, **settings)
         got = model.generate(input_ids=ids, cache_implementation="static", compile_config=compiled, **settings)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_dense_layers_decode_on_the_kernel_with_every_block(monkeypatch, padded):
+    """On a GPU a dense layer's decode step runs the split-K kernel with every block listed instead of SDPA (cuDNN
+    plans every new key length on the host); forced here on CPU, the step equals SDPA's."""
+    import patchattn.methods._sparse as sparse
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 70), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :9] = 0
+    config = {**PIN_CASES["streaming"], "dense_layers": [0, 1]}
+    with torch.no_grad(), patchattn.patched(model, "streaming", **config):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        step = {"input_ids": token, "attention_mask": torch.cat([mask, torch.ones_like(token)], 1)}
+        want = model(**step, past_key_values=copy.deepcopy(out.past_key_values)).logits
+        monkeypatch.setattr(sparse, "dense_decode_on_kernel", lambda state, query, reason: reason == "dense layer")
+        got = model(**step, past_key_values=out.past_key_values).logits
+    assert (got - want).abs().max().item() < 1e-5
