@@ -1,0 +1,214 @@
+"""Bounded KV memory: a transformers ``Cache`` that frees the keys a patched method will never read again.
+
+    cache = patchattn.bounded_cache(model)          # after patchattn.patch(model, "streaming", window=...)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=...)
+
+Methods that bound their reads register a plan (``methods._kept.BOUNDED_PLANS``): ``streaming`` keeps its sink
+blocks and its window's blocks, ``duo`` the retrieval heads at full length and the streaming heads' sink + window,
+``sinklora`` with ``kv_budget`` the ``kv_budget`` keys H2O keeps per KV head.  Each layer stores *slots*: the kept
+keys with the position of each (counted from the row's first real token, so a left-padded batch counts every
+row's sinks from its own start, as the masked path does).  On each call the layer hands the method its slots and
+the new tokens' positions (``methods._kept.KeptKeys``, on the layer's method state); the method attends over the
+slots it would read and answers which slots a later query may still read; the layer frees the rest.
+
+Keys are cached after RoPE, so kept keys keep their original rotary positions (DuoAttention's and H2O's code; the
+StreamingLLM paper re-numbers positions inside its cache): this is what makes the generated tokens equal to those
+of the same method on transformers' default cache.
+
+Sliding-window layers of the model and the method's ``dense_layers`` keep transformers' own layers.  Positions are
+read from the ``position_ids`` transformers passes with each call (``generate``'s left padding: the first real
+token is position 0); without them every row starts at the first token.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from ..methods._kept import BOUNDED_PLANS, KeptKeys, SlotGroup, SlotPlan, compaction, publish
+from ..state import get_state
+
+
+class BoundedLayer(CacheLayerMixin):
+    """One layer's slots, per group of KV heads (``SlotPlan``); ``get_seq_length`` counts every token seen (RoPE
+    and the mask need the sequence's length), the slots hold what is kept."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, module, plan: SlotPlan):
+        super().__init__()
+        self.module = module
+        self.state = get_state(module)
+        self.plan = plan
+        self.seen = 0
+        self.start: torch.Tensor | None = None  # [B] first real token of each row
+        self.groups: list[SlotGroup] = []
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device = key_states.device
+        self.batch_size = key_states.shape[0]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if get_state(self.module) is not self.state:
+            raise RuntimeError("patchattn.bounded_cache: the model was re-patched or unpatched since this cache was "
+                               "made; make a new cache with patchattn.bounded_cache(model)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q_len = key_states.shape[2]
+        if self.seen == 0:
+            self.start = row_starts(_position_ids(kwargs), key_states.shape[0], q_len, key_states.device)
+        steps = torch.arange(q_len, device=key_states.device) + self.seen
+        positions = steps[None, :] - self.start[:, None]
+        positions = positions.masked_fill(positions < 0, -1)  # left padding: never read, never kept
+        plain = self.seen == 0
+        self.groups = [self._extend(g, heads, key_states, value_states, positions, plain)
+                       for g, heads in enumerate(self.plan.groups)]
+        self.seen += q_len
+        publish(self.state.method_state, KeptKeys(tuple(self.groups), positions, plain, self.retain))
+        if plain:
+            return key_states, value_states
+        return self._returned(key_states)
+
+    def _extend(self, g: int, heads, key_states, value_states, positions, plain: bool) -> SlotGroup:
+        every = len(heads) == key_states.shape[1]
+        keys = key_states if every else key_states[:, list(heads)]
+        values = value_states if every else value_states[:, list(heads)]
+        new_positions = positions[:, None, :].expand(-1, len(heads) if self.plan.per_head else 1, -1)
+        if plain:
+            return SlotGroup(heads, keys, values, new_positions)
+        old = self.groups[g]
+        return SlotGroup(heads, torch.cat([old.keys, keys], dim=2), torch.cat([old.values, values], dim=2),
+                         torch.cat([old.positions, new_positions], dim=2))
+
+    def _returned(self, key_states):
+        """The keys/values transformers passes to the attention: the slots when one group holds every head in
+        order, else a zero-size stand-in of the right shape (the method reads the groups from ``KeptKeys``)."""
+        if len(self.groups) == 1 and self.groups[0].kv_heads == tuple(range(key_states.shape[1])):
+            return self.groups[0].keys, self.groups[0].values
+        batch, heads, _, dim = key_states.shape
+        width = max(g.keys.shape[2] for g in self.groups)
+        dim_v = self.groups[0].values.shape[-1]
+        stand_in = key_states.new_zeros(())
+        return stand_in.expand(batch, heads, width, dim), stand_in.expand(batch, heads, width, dim_v)
+
+    def retain(self, keeps) -> tuple[torch.Tensor, ...]:
+        """Keep, per group, the slots ``keeps[g]`` marks (bool ``[B, 1 or h, S]``); returns each group's gather
+        index (``[B, 1 or h, S']``) so the method can compact its own per-slot state the same way."""
+        indices, groups = [], []
+        for group, keep in zip(self.groups, keeps):
+            keep = keep.expand(-1, group.positions.shape[1], -1)
+            order, valid = compaction(keep)
+            positions = torch.gather(group.positions, 2, order).masked_fill(~valid, -1)
+            heads = group.keys.shape[1]
+            take = order.expand(-1, heads, -1)[..., None]
+            groups.append(SlotGroup(group.kv_heads,
+                                    torch.gather(group.keys, 2, take.expand(-1, -1, -1, group.keys.shape[-1])),
+                                    torch.gather(group.values, 2, take.expand(-1, -1, -1, group.values.shape[-1])),
+                                    positions))
+            indices.append(order)
+        self.groups = groups
+        return tuple(indices)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The mask of the whole sequence, as a dynamic layer's: the mask is shared with the model's unbounded layers,
+        # and a bounded call reads its slots' positions instead.
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def slots(self) -> int:
+        """Slots held (per row and head, the widest group): what this layer's memory grows with."""
+        return max((g.keys.shape[2] for g in self.groups), default=0)
+
+    def reset(self) -> None:
+        self.groups, self.seen, self.start = [], 0, None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a bounded KV cache has freed keys: it cannot be cropped (assisted decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        pick = indices.to(self.device) if torch.is_tensor(indices) else indices
+        self.groups = [SlotGroup(g.kv_heads, g.keys[pick], g.values[pick], g.positions[pick]) for g in self.groups]
+        if self.start is not None:
+            self.start = self.start[pick]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.groups = [SlotGroup(g.kv_heads, *(t.repeat_interleave(repeats, 0) for t in (g.keys, g.values, g.positions)))
+                       for g in self.groups]
+        if self.start is not None:
+            self.start = self.start.repeat_interleave(repeats, 0)
+
+
+def _position_ids(kwargs) -> torch.Tensor | None:
+    """The ``position_ids`` transformers passes to ``Cache.update`` (inside ``kwargs=``), if any."""
+    inner = kwargs.get("kwargs") or {}
+    position_ids = inner.get("position_ids", kwargs.get("position_ids"))
+    if position_ids is not None and position_ids.ndim == 3:  # M-RoPE: [axes, B, T]; the text axis counts tokens
+        position_ids = position_ids[0]
+    return position_ids
+
+
+def row_starts(position_ids, batch: int, q_len: int, device) -> torch.Tensor:
+    """``[B]`` first real token of each row of a prefill: its last token is real (left padding) and sits at
+    ``position_ids[:, -1]`` from the row's start."""
+    if position_ids is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    last = position_ids[:, -1].to(device=device, dtype=torch.long).expand(batch)
+    return (q_len - 1 - last).clamp(min=0)
+
+
+class BoundedCache(Cache):
+    """A transformers ``Cache`` whose patched layers keep only what the method can still read (``bounded_cache``)."""
+
+    def slots(self) -> list[int]:
+        """Per layer, the key slots held per row and KV head (unbounded layers: their cached length)."""
+        return [layer.slots() if isinstance(layer, BoundedLayer) else layer.get_seq_length() for layer in self.layers]
+
+
+def bounded_cache(model) -> BoundedCache:
+    """A KV cache for ``model.generate(..., past_key_values=cache)`` that frees the keys the model's patch will never
+    read again (``streaming``, ``duo``, ``sinklora`` with ``kv_budget``); ValueError for other methods."""
+    text_config = model.config.get_text_config(decoder=True)
+    modules = _patched_attention(model)
+    if not modules:
+        raise ValueError("patchattn.bounded_cache: this model is not patched; patch it first, e.g. "
+                         "patchattn.patch(model, 'streaming', window=1024)")
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    layers = []
+    for index, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+        module = modules.get(index)
+        plan = _plan(module, kv_heads) if module is not None and kind == "full_attention" else None
+        layers.append(BoundedLayer(module, plan) if plan is not None else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+    return BoundedCache(layers=layers)
+
+
+def _patched_attention(model) -> dict:
+    """The patched text attention modules by layer index."""
+    found = {}
+    for module in model.modules():
+        state = get_state(module)
+        if state is not None and state.role == "text":
+            found[getattr(module, "layer_idx", state.layer_index)] = module
+    return found
+
+
+def _plan(module, kv_heads: int) -> SlotPlan | None:
+    state = get_state(module)
+    method = type(state.config).method
+    plan = BOUNDED_PLANS.get(method)
+    if plan is None:
+        raise ValueError(f"patchattn.bounded_cache: {method!r} may read any earlier key, so its KV memory cannot be "
+                         f"bounded; methods that can: {', '.join(sorted(BOUNDED_PLANS))}")
+    return plan(state, kv_heads)
