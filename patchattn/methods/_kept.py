@@ -18,7 +18,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-
 import torch
 
 from ..masks.static import sink_and_window_runs

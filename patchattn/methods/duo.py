@@ -33,10 +33,23 @@ import torch
 from ..artifacts import check_against, load_artifact, shipped_for
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed, sink_and_window
+from ..registry import register_method
 from ..state import PatchState
 from ._budget import capped_rows, closest_budget, pattern_density, window_for_blocks
+from ._kept import (
+    KeptKeys,
+    SlotPlan,
+    attend_slots,
+    causal_slots,
+    check_fixed_window,
+    read_fraction,
+    register_bounded,
+    sink_window_keep,
+    sink_window_visible,
+    take,
+)
 from ._shared import per_head_window_lists
-from ._sparse import SparseConfig, SparseState, decode_width, register_sparse_method
+from ._sparse import SparseConfig, SparseState, decode_width, run_block_sparse
 
 AUTO = "auto"
 HOW_TO = ("make scores with `python -m patchattn.calibrate.retrieval_heads --model <name or path> --out scores.json` "
@@ -86,6 +99,7 @@ class DuoState(SparseState):
 
     retrieval: torch.Tensor | None = None
     retrieval_on: torch.Tensor | None = None
+    kept_keys: KeptKeys | None = None  # the slots a bounded KV cache hands the current call (methods._kept)
 
 
 def load_scores(name_or_path: str) -> dict:
@@ -160,9 +174,96 @@ def select_duo(g, query, key, state):
     return torch.where(on_device[:, None, None], full, stream)  # [Hq, NQ, NK]
 
 
-duo_attention = register_sparse_method(
+# ---- bounded KV memory (patchattn.bounded_cache) ----------------------------------------------------------------
+def full_query_heads(state, query_heads: int, kv_heads: int) -> torch.Tensor:
+    """bool ``[Hq]``: the query heads that read every key."""
+    retrieval = state.method_state.retrieval
+    return retrieval.repeat_interleave(query_heads // kv_heads) if state.config.kv_heads_together else retrieval
+
+
+def _bounded_plan(state, kv_heads: int):
+    """Two groups of KV heads: those a full query head reads (kept whole) and the streaming ones (sink + window)."""
+    check_fixed_window(state.config)
+    retrieval = state.method_state.retrieval
+    if retrieval is None:
+        raise ValueError("duo: this layer has no retrieval heads; patch the model with patchattn.patch(model, 'duo')")
+    if state.config.kv_heads_together:
+        full = retrieval
+    else:  # a KV head is kept whole when any query head of its group is full
+        full = retrieval.view(kv_heads, -1).any(-1)
+    full_heads = tuple(h for h in range(kv_heads) if full[h])
+    stream_heads = tuple(h for h in range(kv_heads) if not full[h])
+    return SlotPlan(groups=tuple(g for g in (full_heads, stream_heads) if g))
+
+
+def _group_visible(state, group, query_positions, full_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visible ``[B, 1 or hq, Tq, S]`` for the group's query heads, keep ``[B, 1, S]``)."""
+    config = state.config
+    causal = causal_slots(query_positions, group.positions)
+    stream = sink_window_visible(query_positions, group.positions, config.block_size, config.sink_tokens,
+                                 config.window)
+    if bool(full_q.all()):
+        return causal, group.positions >= 0
+    keep = sink_window_keep(query_positions, group.positions, config.block_size, config.sink_tokens, config.window)
+    if not bool(full_q.any()):
+        return stream, keep
+    visible = torch.where(full_q.to(causal.device)[None, :, None, None], causal, stream)
+    return visible, group.positions >= 0
+
+
+def _group_query_heads(group, per_kv: int) -> list[int]:
+    return [kv * per_kv + j for kv in group.kv_heads for j in range(per_kv)]
+
+
+def _keeps(state, kept: KeptKeys, query_heads: int) -> tuple[torch.Tensor, ...]:
+    kv_heads = sum(len(g.kv_heads) for g in kept.groups)
+    full_q, per_kv = full_query_heads(state, query_heads, kv_heads), query_heads // kv_heads
+    return tuple(_group_visible(state, g, kept.query_positions, full_q[_group_query_heads(g, per_kv)])[1]
+                 for g in kept.groups)
+
+
+def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):
+    """Each group of heads over its own slots, the outputs put back by query head; ``[B, Tq, Hq, Dv]``."""
+    if query.shape[2] > 1 and state.config.last_block_dense:
+        raise NotImplementedError("duo: last_block_dense reads every key on a multi-token call, which a bounded cache "
+                                  "has evicted; pass last_block_dense=False or use the default cache")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    batch, query_heads, q_len, _ = query.shape
+    kv_heads = sum(len(g.kv_heads) for g in kept.groups)
+    full_q, per_kv = full_query_heads(state, query_heads, kv_heads), query_heads // kv_heads
+    out = query.new_empty(batch, q_len, query_heads, kept.groups[0].values.shape[-1])
+    keeps, reads = [], []
+    for group in kept.groups:
+        heads = _group_query_heads(group, per_kv)
+        visible, keep = _group_visible(state, group, kept.query_positions, full_q[heads])
+        out[:, :, heads] = attend_slots(query[:, heads], group.keys, group.values, visible, scaling=scaling,
+                                        softcap=softcap)
+        keeps.append(keep)
+        reads.append((len(heads), read_fraction(visible, kept.query_positions)))
+    state.record(density=lambda: sum(n * f() for n, f in reads) / query_heads)
+    kept.retain(tuple(keeps))
+    return out
+
+
+def duo_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
+    """Full attention on calibrated retrieval heads, sink + recent window on the other heads."""
+    state = module.patchattn
+    kept = take(state.method_state)
+    if kept is None or kept.plain:
+        out = run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select_duo,
+                               static=True, **kwargs)
+        if kept is not None:
+            kept.retain(_keeps(state, kept, query.shape[1]))
+        return out
+    return bounded_call(state, query, kept, scaling=scaling, softcap=kwargs.get("softcap")), None
+
+
+duo_attention = register_method(
     "duo",
     config=DuoConfig,
+    category="sparse",
+    families=("llm", "lvlm"),
+    patterns=("causal-self",),
     make_state=make_duo_state,
     paper="Wu et al., Retrieval Head Mechanistically Explains Long-Context Factuality, arXiv 2404.15574; "
     "Xiao et al., DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads "
@@ -170,5 +271,5 @@ duo_attention = register_sparse_method(
     select=select_duo,
     state_cls=DuoState,
     static=True,
-    doc="Full attention on calibrated retrieval heads, sink + recent window on the other heads.",
-)
+)(duo_attention)
+register_bounded("duo", _bounded_plan)

@@ -14,9 +14,18 @@ from typing import ClassVar
 from ..config import option
 from ..masks import BlockGeometry, sink_and_window, sink_and_window_row
 from ..registry import register_method
-from ._kept import (KeptKeys, SlotPlan, attend_slots, check_fixed_window, read_fraction, register_bounded, sink_window_keep,
-                    sink_window_visible, take)
 from ._budget import capped_rows, closest_budget, pattern_density, window_for_blocks
+from ._kept import (
+    KeptKeys,
+    SlotPlan,
+    attend_slots,
+    check_fixed_window,
+    read_fraction,
+    register_bounded,
+    sink_window_keep,
+    sink_window_visible,
+    take,
+)
 from ._sparse import SparseConfig, SparseState, decode_width, row_lists, run_block_sparse
 
 
