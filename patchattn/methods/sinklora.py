@@ -42,6 +42,7 @@ import torch
 from ..config import option
 from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
+from ._kept import KeptKeys, SlotPlan, register_bounded, take
 from ._rows import run_by_rows
 from ._shared import (
     GroupedConfig,
@@ -97,6 +98,7 @@ class SinkLoRAState(GroupedState):
     """The latest training shape's block lists, and the H2O eviction state at inference."""
 
     h2o: H2OCache | None = None
+    kept_keys: KeptKeys | None = None  # the slots a bounded KV cache hands the current call (methods._kept)
 
 
 # ---- SF-Attn -----------------------------------------------------------------------------------------------------
@@ -187,12 +189,18 @@ def column_mass(query, key, scaling, softcap=None, kv_start=None) -> torch.Tenso
     return mass
 
 
-def _protected(config, kv_len: int, newest: int, kv_start, batch: int, device) -> torch.Tensor:
-    """bool ``[B, 1, Tk]``: sinks (first real tokens) and the recent window ending at position ``newest``."""
+def _protected(config, positions: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+    """bool like ``positions`` (``[B, 1 or Hkv, Tk]``, counted from each row's first real token; -1 or below:
+    padding): the sinks and the recent window ending at position ``newest`` (``[B]``)."""
+    sinks = (positions >= 0) & (positions < config.sink_tokens)
+    return sinks | (positions > newest[:, None, None] - config.recent_window())
+
+
+def _row_positions(kv_len: int, kv_start, batch: int, device) -> torch.Tensor:
+    """``[B, 1, Tk]`` each key's position from its row's first real token (the masked path's keys)."""
     keys = torch.arange(kv_len, device=device)[None, None, :]
     start = torch.zeros(batch, device=device, dtype=torch.long) if kv_start is None else kv_start.long()
-    sinks = (keys >= start[:, None, None]) & (keys < start[:, None, None] + config.sink_tokens)
-    return sinks | (keys > newest - config.recent_window())
+    return keys - start[:, None, None]
 
 
 def _evict_to_budget(config, kept, mass, protected) -> torch.Tensor:
@@ -219,7 +227,8 @@ def _h2o_prefill(state, module, query, key, value, attention_mask, scaling, soft
     if kv_start is not None:
         real = keys[None, None, :] >= kv_start.long()[:, None, None]
     kept = real.expand(-1, key.shape[1], -1).clone()
-    protected = _protected(config, kv_len, kv_len - 1, kv_start, batch, query.device)
+    positions = _row_positions(kv_len, kv_start, batch, query.device)
+    protected = _protected(config, positions, positions[:, 0, -1])
     kept = _evict_to_budget(config, kept, mass, protected)
     state.method_state.h2o = H2OCache(kept, mass, kv_start)
     state.record(density=kept.float().mean())
@@ -236,13 +245,27 @@ def _h2o_state(state, batch: int, kv_heads: int, past: int, device):
 
 
 def _h2o_extend(state, query, key, value, scaling, softcap):
-    """New rows against the cache, one at a time: attend to kept keys + self, accumulate mass, evict."""
-    config = state.config
-    batch, heads, q_len, _ = query.shape
+    """New rows against the (masked) cache: ``_h2o_rows`` over every key, evicted ones masked."""
+    batch, _, q_len, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     past = kv_len - q_len
     h2o = _h2o_state(state, batch, kv_heads, past, query.device)
-    kept, mass = h2o.kept, h2o.mass
+    positions = _row_positions(kv_len, h2o.kv_start, batch, query.device)
+    out, kept, mass = _h2o_rows(state.config, query, key, value, h2o.kept, h2o.mass, positions,
+                                positions[:, 0, past:], scaling, softcap)
+    state.method_state.h2o = H2OCache(kept, mass, h2o.kv_start)
+    state.record(density=kept.float().mean())
+    return out
+
+
+def _h2o_rows(config, query, key, value, kept, mass, positions, newest, scaling, softcap):
+    """New rows one at a time: attend to kept keys + self, accumulate mass, evict.  ``key`` ``[B, Hkv, P + Tq, D]``
+    (the last ``Tq`` are the new rows' own), ``kept``/``mass`` ``[B, Hkv, P]``, ``positions`` ``[B, 1 or Hkv,
+    P + Tq]`` and ``newest`` ``[B, Tq]`` counted from each row's first real token.  Returns ``([B, Tq, Hq, Dv],
+    kept, mass)`` over the ``P + Tq`` keys."""
+    batch, heads, q_len, _ = query.shape
+    kv_heads = key.shape[1]
+    past = key.shape[2] - q_len
     outs = []
     for r in range(q_len):
         length = past + r + 1
@@ -254,11 +277,47 @@ def _h2o_extend(state, query, key, value, scaling, softcap):
         v = value[:, :, :length].repeat_interleave(heads // kv_heads, 1).float()
         outs.append(p @ v)
         mass = mass + _per_kv_head(p[:, :, 0], kv_heads)
-        protected = _protected(config, length, length - 1, h2o.kv_start, batch, query.device)
+        protected = _protected(config, positions[..., :length], newest[:, r])
         kept = _evict_to_budget(config, kept, mass, protected)
-    state.method_state.h2o = H2OCache(kept, mass, h2o.kv_start)
-    state.record(density=kept.float().mean())
-    return torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2)
+    return torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2), kept, mass
+
+
+# ---- bounded KV memory (patchattn.bounded_cache) ----------------------------------------------------------------
+def _bounded_plan(state, kv_heads: int):
+    """Every KV head keeps its own ``kv_budget`` keys."""
+    if state.config.kv_budget is None:
+        raise ValueError("sinklora without kv_budget runs dense attention at inference (it reads every key), so "
+                         "memory cannot be bounded; set kv_budget (H2O eviction)")
+    return SlotPlan(groups=(tuple(range(kv_heads)),), per_head=True)
+
+
+def _compact(h2o: H2OCache, order: torch.Tensor) -> H2OCache:
+    """The eviction state on the slots the cache kept (``order``: its gather index)."""
+    kept = torch.gather(h2o.kept, -1, order)
+    return H2OCache(kept, torch.gather(h2o.mass, -1, order) * kept, h2o.kv_start)
+
+
+def _h2o_bounded(state, module, query, key, value, attention_mask, kept_keys: KeptKeys, scaling, softcap, kwargs):
+    """H2O on a bounded cache: the slots hold exactly the kept keys, and the evicted ones are freed."""
+    if kept_keys.plain:  # a prefill: the masked path, then the cache keeps what it kept
+        out, _ = _h2o_prefill(state, module, query, key, value, attention_mask, scaling, softcap, kwargs)
+        h2o = state.method_state.h2o
+        (order,) = kept_keys.retain((h2o.kept,))
+        state.method_state.h2o = _compact(h2o, order)
+        return out
+    (group,) = kept_keys.groups
+    past = group.keys.shape[2] - query.shape[2]
+    kept = group.positions[..., :past] >= 0
+    h2o = state.method_state.h2o
+    mass = h2o.mass if h2o is not None and h2o.mass.shape == kept.shape else torch.zeros(kept.shape,
+                                                                                           device=kept.device)
+    out, kept, mass = _h2o_rows(state.config, query, group.keys, group.values, kept, mass, group.positions,
+                                kept_keys.query_positions, scaling, softcap)
+    (order,) = kept_keys.retain((kept,))
+    state.method_state.h2o = _compact(H2OCache(kept, mass), order)
+    state.record(density=state.method_state.h2o.kept.float().sum(-1).mean() / (kept_keys.query_positions[:, -1] + 1)
+                 .clamp(min=1).float().mean())
+    return out
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
@@ -280,6 +339,12 @@ def sinklora_attention(module, query, key, value, attention_mask, *, scaling=Non
     kv_len = key.shape[2]
     scaling = dim ** -0.5 if scaling is None else scaling
     softcap = kwargs.get("softcap")
+    kept_keys = take(state.method_state)
+    h2o = config.kv_budget is not None and not module.training and not kwargs.get("sliding_window")
+    if kept_keys is not None:
+        if not h2o or training_attention_active(module, config, q_len, kv_len):
+            raise RuntimeError("sinklora on a bounded KV cache runs H2O eviction only: kv_budget set, eval mode")
+        return _h2o_bounded(state, module, query, key, value, attention_mask, kept_keys, scaling, softcap, kwargs), None
     if training_attention_active(module, config, q_len, kv_len):
         reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
         if reason is None:
@@ -289,9 +354,12 @@ def sinklora_attention(module, query, key, value, attention_mask, *, scaling=Non
             return (run(query, key, value) if spans is None else run_by_rows(state, query, key, value, spans, run)), None
         if reason != "dense layer":
             warnings.warn(f"patchattn sinklora: {reason}; those calls run dense attention", stacklevel=2)
-    elif config.kv_budget is not None and not module.training and not kwargs.get("sliding_window"):
+    elif h2o:
         if q_len == kv_len:
             return _h2o_prefill(state, module, query, key, value, attention_mask, scaling, softcap, kwargs)
         return _h2o_extend(state, query, key, value, scaling, softcap), None
     state.record(density=1.0)
     return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+register_bounded("sinklora", _bounded_plan)
