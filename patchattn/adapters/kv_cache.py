@@ -127,6 +127,10 @@ class BoundedLayer(CacheLayerMixin):
         """Slots held (per row and head, the widest group): what this layer's memory grows with."""
         return max((g.keys.shape[2] for g in self.groups), default=0)
 
+    def held(self) -> int:
+        """Key vectors held per row, over the KV heads (a full layer holds ``heads x tokens``)."""
+        return sum(g.keys.shape[1] * g.keys.shape[2] for g in self.groups)
+
     def reset(self) -> None:
         self.groups, self.seen, self.start = [], 0, None
         self.is_initialized = False
@@ -173,7 +177,12 @@ class BoundedCache(Cache):
 
     def slots(self) -> list[int]:
         """Per layer, the key slots held per row and KV head (unbounded layers: their cached length)."""
-        return [layer.slots() if isinstance(layer, BoundedLayer) else layer.get_seq_length() for layer in self.layers]
+        return [layer.slots() if isinstance(layer, BoundedLayer) else _held(layer) for layer in self.layers]
+
+
+def _held(layer) -> int:
+    keys = getattr(layer, "keys", None)
+    return keys.shape[-2] if torch.is_tensor(keys) and keys.ndim == 4 else 0
 
 
 def bounded_cache(model) -> BoundedCache:

@@ -193,6 +193,8 @@ def _bounded_plan(state, kv_heads: int):
         full = retrieval.view(kv_heads, -1).any(-1)
     full_heads = tuple(h for h in range(kv_heads) if full[h])
     stream_heads = tuple(h for h in range(kv_heads) if not full[h])
+    if not stream_heads:  # every head reads every key: transformers' own layer
+        return None
     return SlotPlan(groups=tuple(g for g in (full_heads, stream_heads) if g))
 
 

@@ -1,0 +1,150 @@
+"""patchattn.bounded_cache: KV memory bounded by what the method reads, tokens equal to the masked path's."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import patchattn
+from patchattn.adapters.kv_cache import BoundedLayer
+from patchattn.testing import left_pad, tiny_model
+
+SMALL = {"block_size": 16, "backend": "torch"}
+CASES = {
+    "streaming": ("streaming", {**SMALL, "window": 32, "sink_tokens": 4}),
+    "streaming_dense_layer": ("streaming", {**SMALL, "window": 20, "sink_tokens": 20, "dense_layers": [0]}),
+    "duo": ("duo", {**SMALL, "window": 32, "sink_tokens": 4, "retrieval_fraction": 0.25}),
+    "duo_per_query_head": ("duo", {**SMALL, "window": 32, "retrieval_fraction": 0.25, "kv_heads_together": False}),
+    "sinklora_h2o": ("sinklora", {"backend": "torch", "kv_budget": 48}),
+}
+PROMPT, NEW = 200, 10
+PADS = [0, 7, 37]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duo's uncalibrated heads, generate's notices
+        yield
+
+
+def _inputs(batch: int) -> dict:
+    ids = torch.randint(3, 100, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids} if batch == 1 else left_pad({"input_ids": ids}, PADS[:batch])
+
+
+def _generate(model, inputs, **kwargs):
+    return model.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None,
+                          **kwargs)
+
+
+def _bounded_layers(cache):
+    return [layer for layer in cache.layers if isinstance(layer, BoundedLayer)]
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["batch1", "padded3"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_bounded_cache_generates_the_masked_paths_tokens_and_frees_keys(case, batch):
+    method, options = CASES[case]
+    model = tiny_model("llama")
+    inputs = _inputs(batch)
+    with torch.no_grad(), patchattn.patched(model, method, **options):
+        masked = _generate(model, inputs)
+        cache = patchattn.bounded_cache(model)
+        bounded = _generate(model, inputs, past_key_values=cache)
+    assert torch.equal(bounded, masked)
+    assert cache.get_seq_length() == PROMPT + NEW - 1  # positions keep counting every token
+    # Something was freed: every bounded layer holds fewer keys than the prompt has, over its KV heads.
+    layers = _bounded_layers(cache)
+    assert layers and all(layer.held() < model.config.num_key_value_heads * PROMPT for layer in layers)
+
+
+def test_streaming_memory_is_sink_and_window_blocks_not_the_prompt():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 700), generator=torch.Generator().manual_seed(2))
+    sink_tokens, window, block = 4, 48, 16
+    with torch.no_grad(), patchattn.patched(model, "streaming", **SMALL, window=window, sink_tokens=sink_tokens):
+        cache = patchattn.bounded_cache(model)
+        model(input_ids=ids, past_key_values=cache)
+        after_prompt = cache.slots()
+        for _ in range(20):  # decode steps: the window moves, the memory does not grow
+            model(input_ids=ids[:, :1], past_key_values=cache)
+            assert max(cache.slots()) <= math.ceil(sink_tokens / block) * block + window + 2 * block
+    bound = math.ceil(sink_tokens / block) * block + window + 2 * block  # sinks + window + its two block edges
+    assert all(slots <= bound for slots in after_prompt), after_prompt
+    key_bytes = sum(g.keys.numel() for layer in _bounded_layers(cache) for g in layer.groups)
+    assert key_bytes <= 2 * model.config.num_key_value_heads * bound * model.config.head_dim
+
+
+def test_duo_keeps_retrieval_heads_whole_and_bounds_the_streaming_heads():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 400), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), patchattn.patched(model, "duo", **SMALL, window=32, sink_tokens=4, retrieval_fraction=0.25):
+        cache = patchattn.bounded_cache(model)
+        model(input_ids=ids, past_key_values=cache)
+    groups = [(len(g.kv_heads), g.keys.shape[2]) for layer in _bounded_layers(cache) for g in layer.groups]
+    assert (1, 400) in groups  # a retrieval KV head keeps the whole prompt
+    streaming = [slots for heads, slots in groups if slots < 400]
+    assert streaming and all(slots <= 16 + 32 + 32 for slots in streaming)
+
+
+def test_h2o_holds_kv_budget_keys_per_head():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 300), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), patchattn.patched(model, "sinklora", backend="torch", kv_budget=40):
+        cache = patchattn.bounded_cache(model)
+        model(input_ids=ids, past_key_values=cache)
+        for _ in range(5):
+            model(input_ids=ids[:, :1], past_key_values=cache)
+            assert cache.slots() == [40, 40]  # the budget (+1 for the new token, evicted at once)
+    for layer in _bounded_layers(cache):
+        assert bool((layer.groups[0].positions >= 0).all())  # each head's 40 slots hold kept keys
+
+
+def test_a_multi_token_call_on_an_evicted_cache_equals_the_masked_path():
+    """A second chunk (queries not one block: aligned to the chunk's start, as the masked path does)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 260), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), patchattn.patched(model, "streaming", **SMALL, window=32, sink_tokens=4):
+        dynamic, bounded = DynamicCache(), patchattn.bounded_cache(model)
+        for cache in (dynamic, bounded):
+            model(input_ids=ids[:, :150], past_key_values=cache)
+        expected = model(input_ids=ids[:, 150:], past_key_values=dynamic).logits
+        got = model(input_ids=ids[:, 150:], past_key_values=bounded).logits
+    assert max(bounded.slots()) < 150
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_methods_that_cannot_bound_memory_say_which_can():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="not patched"):
+        patchattn.bounded_cache(model)
+    with patchattn.patched(model, "blocktopk", **SMALL), pytest.raises(ValueError) as err:
+        patchattn.bounded_cache(model)
+    assert "'blocktopk'" in str(err.value) and "duo, sinklora, streaming" in str(err.value)
+    with patchattn.patched(model, "streaming", **SMALL, density=0.3), pytest.raises(ValueError, match="window"):
+        patchattn.bounded_cache(model)
+    with patchattn.patched(model, "sinklora", backend="torch"), pytest.raises(ValueError, match="kv_budget"):
+        patchattn.bounded_cache(model)
+
+
+def test_a_cache_made_for_another_patch_refuses_to_run():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(6))
+    patchattn.patch(model, "streaming", **SMALL, window=32)
+    cache = patchattn.bounded_cache(model)
+    patchattn.patch(model, "streaming", **SMALL, window=64)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="re-patched"):
+        model(input_ids=ids, past_key_values=cache)
+
+
+def test_a_forward_without_the_cache_after_it_runs_the_masked_path():
+    """The slots handed to a call are taken by it: nothing stale reaches a later call on the default cache."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 120), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), patchattn.patched(model, "streaming", **SMALL, window=32):
+        expected = model(input_ids=ids).logits
+        model(input_ids=ids, past_key_values=patchattn.bounded_cache(model))
+        torch.testing.assert_close(model(input_ids=ids).logits, expected)
