@@ -154,6 +154,105 @@ class BoundedLayer(CacheLayerMixin):
             self.start = self.start.repeat_interleave(repeats, 0)
 
 
+class StaticBoundedLayer(BoundedLayer):
+    """A ``BoundedLayer`` in fixed-size buffers: ``capacity`` slots per row (the plan's bound), each with the position
+    it holds (-1: free).  A decode step writes its token into the row's first free slot and frees what the method
+    no longer reads by marking slots, all on the device with static shapes, so the step compiles whole
+    (``torch.compile(fullgraph=True)``) and can be captured in a CUDA graph.  A prefill (or a multi-token call) is
+    eager: it compacts the slots it keeps into the buffers."""
+
+    is_compileable = True
+
+    def __init__(self, module, plan: SlotPlan):
+        if plan.capacity is None or len(plan.groups) != 1 or plan.per_head:
+            raise ValueError("a static bounded layer needs one group of heads with a fixed capacity")
+        super().__init__(module, plan)
+        self.capacity = plan.capacity
+        self.filled = False  # a host flag set by the (eager) prefill: a decode step only reads it
+        self.cumulative = torch.zeros((), dtype=torch.long)
+        self.buffer: SlotGroup | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.filled or key_states.shape[2] > 1:
+            if self.filled:  # a multi-token call: the buffer's slots are its past (eager)
+                self.groups = [self._used(self.buffer)]
+                self.seen = int(self.cumulative)
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            self.cumulative = torch.tensor(self.seen, dtype=torch.long, device=key_states.device)
+            return keys, values
+        if get_state(self.module) is not self.state:
+            raise RuntimeError("patchattn.bounded_cache: the model was re-patched or unpatched since this cache was "
+                               "made; make a new cache with patchattn.bounded_cache(model)")
+        buffer = self.buffer
+        position = (self.cumulative - self.start)[:, None]  # [B, 1]
+        free = torch.argmax((buffer.positions[:, 0] < 0).to(torch.int8), dim=-1)  # [B]: the first free slot
+        heads, dim, dim_v = buffer.keys.shape[1], buffer.keys.shape[-1], buffer.values.shape[-1]
+        slot = free[:, None, None, None]
+        buffer.keys.scatter_(2, slot.expand(-1, heads, 1, dim), key_states)
+        buffer.values.scatter_(2, slot.expand(-1, heads, 1, dim_v), value_states)
+        buffer.positions.scatter_(2, free[:, None, None], position[:, None, :])
+        self.cumulative.add_(1)
+        publish(self.state.method_state, KeptKeys((buffer,), position, False, self._free))
+        return buffer.keys, buffer.values
+
+    def _used(self, buffer: SlotGroup) -> SlotGroup:
+        """The buffer's filled slots, compacted (eager)."""
+        order, valid = compaction(buffer.positions >= 0)
+        take = order.expand(-1, buffer.keys.shape[1], -1)[..., None]
+        return SlotGroup(buffer.kv_heads, torch.gather(buffer.keys, 2, take.expand(-1, -1, -1, buffer.keys.shape[-1])),
+                         torch.gather(buffer.values, 2, take.expand(-1, -1, -1, buffer.values.shape[-1])),
+                         torch.gather(buffer.positions, 2, order).masked_fill(~valid, -1))
+
+    def _free(self, keeps) -> tuple[torch.Tensor, ...]:
+        """Decode: the slots not kept become free (their keys stay until overwritten)."""
+        (keep,) = keeps
+        self.buffer.positions.masked_fill_(~keep, -1)
+        return (torch.arange(self.capacity, device=keep.device).expand(keep.shape),)
+
+    def retain(self, keeps) -> tuple[torch.Tensor, ...]:
+        """Eager calls: compact as the dynamic layer does, then copy into the buffers (allocated on first use)."""
+        indices = super().retain(keeps)
+        (group,) = self.groups
+        held = group.keys.shape[2]
+        if held > self.capacity - 1:
+            raise RuntimeError(f"patchattn static bounded cache: {held} slots kept, capacity {self.capacity}")
+        if self.buffer is None:
+            batch, heads, _, dim = group.keys.shape
+            self.buffer = SlotGroup(group.kv_heads, group.keys.new_zeros(batch, heads, self.capacity, dim),
+                                    group.values.new_zeros(batch, heads, self.capacity, group.values.shape[-1]),
+                                    torch.full((batch, 1, self.capacity), -1, dtype=torch.long,
+                                               device=group.keys.device))
+            for tensor in (self.buffer.keys, self.buffer.values, self.buffer.positions):
+                torch._dynamo.mark_static_address(tensor)
+        self.buffer.keys[:, :, :held] = group.keys
+        self.buffer.values[:, :, :held] = group.values
+        self.buffer.positions.fill_(-1)
+        self.buffer.positions[:, :, :held] = group.positions
+        self.groups = []
+        self.filled = True
+        return indices
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Static: the buffer's size (a decode step reads slot positions, not the mask).
+        return (self.capacity, 0) if self.filled and query_length == 1 else super().get_mask_sizes(query_length)
+
+    def get_seq_length(self):
+        return self.cumulative if self.filled else self.seen
+
+    def slots(self) -> int:
+        return self.capacity if self.buffer is not None else super().slots()
+
+    def held(self) -> int:
+        if self.buffer is None:
+            return super().held()
+        return self.buffer.keys.shape[1] * self.capacity
+
+    def reset(self) -> None:
+        super().reset()
+        self.filled, self.buffer = False, None
+        self.cumulative = torch.zeros((), dtype=torch.long)
+
+
 def _position_ids(kwargs) -> torch.Tensor | None:
     """The ``position_ids`` transformers passes to ``Cache.update`` (inside ``kwargs=``), if any."""
     inner = kwargs.get("kwargs") or {}
@@ -185,9 +284,12 @@ def _held(layer) -> int:
     return keys.shape[-2] if torch.is_tensor(keys) and keys.ndim == 4 else 0
 
 
-def bounded_cache(model) -> BoundedCache:
+def bounded_cache(model, *, static: bool = False) -> BoundedCache:
     """A KV cache for ``model.generate(..., past_key_values=cache)`` that frees the keys the model's patch will never
-    read again (``streaming``, ``duo``, ``sinklora`` with ``kv_budget``); ValueError for other methods."""
+    read again (``streaming``, ``duo``, ``sinklora`` with ``kv_budget``); ValueError for other methods.
+
+    ``static=True``: fixed-size buffers (``StaticBoundedLayer``) whose decode step compiles with ``fullgraph=True``;
+    for methods with a fixed bound on every head (``streaming``)."""
     text_config = model.config.get_text_config(decoder=True)
     modules = _patched_attention(model)
     if not modules:
@@ -199,8 +301,26 @@ def bounded_cache(model) -> BoundedCache:
     for index, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         module = modules.get(index)
         plan = _plan(module, kv_heads) if module is not None and kind == "full_attention" else None
-        layers.append(BoundedLayer(module, plan) if plan is not None else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+        if plan is None:
+            if static and kind == "full_attention":
+                raise ValueError(f"patchattn.bounded_cache(static=True): layer {index} keeps every key (a dense layer "
+                                 "or all-retrieval heads), which a fixed-size cache cannot hold; use static=False")
+            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+        elif static:
+            if plan.capacity is None or plan.per_head or len(plan.groups) != 1:
+                raise ValueError(f"patchattn.bounded_cache(static=True): {_method(module)!r} has no fixed bound on "
+                                 f"every head; static caches: {', '.join(STATIC_METHODS)}; use static=False")
+            layers.append(StaticBoundedLayer(module, plan))
+        else:
+            layers.append(BoundedLayer(module, plan))
     return BoundedCache(layers=layers)
+
+
+STATIC_METHODS = ("streaming",)
+
+
+def _method(module) -> str:
+    return type(get_state(module).config).method
 
 
 def _patched_attention(model) -> dict:

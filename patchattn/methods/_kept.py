@@ -34,6 +34,9 @@ class SlotPlan:
 
     groups: tuple[tuple[int, ...], ...]
     per_head: bool = False
+    # Slots per row a group ever needs, the call's new token included (a fixed-size ring buffer: static shapes for
+    # torch.compile), or None when a group grows with the input (duo's retrieval heads).
+    capacity: int | None = None
 
 
 @dataclass
@@ -120,16 +123,12 @@ def attend_slots(query, keys, values, visible, *, scaling: float, softcap=None) 
     return (probs @ v).to(query.dtype).transpose(1, 2)
 
 
-def read_fraction(visible: torch.Tensor, query_positions: torch.Tensor):
-    """The ``density`` a bounded call records: keys read over causal keys (a function: evaluated when read)."""
-
-    def density():
-        reads = visible.float().sum(-1).mean(1)  # [B, Tq]
-        causal = (query_positions + 1).clamp(min=1).float()
-        real = query_positions >= 0
-        return float((reads / causal)[real].mean()) if bool(real.any()) else 1.0
-
-    return density
+def read_fraction(visible: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    """The ``density`` a bounded call records: keys read over causal keys, a 0-d tensor (no host sync)."""
+    reads = visible.float().sum(-1).mean(1)  # [B, Tq]
+    causal = (query_positions + 1).clamp(min=1).float()
+    real = (query_positions >= 0).float()
+    return ((reads / causal) * real).sum() / real.sum().clamp(min=1.0)
 
 
 # ---- sink + window (streaming, duo's streaming heads) ---------------------------------------------------------
@@ -157,6 +156,12 @@ def sink_window_visible(query_positions, positions, block: int, sink_tokens: int
     key_block = torch.div(positions, block, rounding_mode="floor")[:, :, None, :]
     reads = runs[0].members(key_block) | runs[1].members(key_block)
     return reads & causal_slots(query_positions, positions)
+
+
+def sink_window_capacity(block: int, sink_tokens: int, window: int) -> int:
+    """Most slots ``sink_window_keep`` ever keeps, plus the new token: the sink blocks, and from the window's lowest
+    block (at most ``window + block - 2`` below a block start) to the next position (at most ``block - 1`` above)."""
+    return math.ceil(sink_tokens / block) * block + window + 2 * block
 
 
 def sink_window_keep(query_positions, positions, block: int, sink_tokens: int, window: int) -> torch.Tensor:

@@ -242,7 +242,7 @@ def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):
                                         softcap=softcap)
         keeps.append(keep)
         reads.append((len(heads), read_fraction(visible, kept.query_positions)))
-    state.record(density=lambda: sum(n * f() for n, f in reads) / query_heads)
+    state.record(density=sum(n * fraction for n, fraction in reads) / query_heads)
     kept.retain(tuple(keeps))
     return out
 

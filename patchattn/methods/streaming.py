@@ -22,6 +22,7 @@ from ._kept import (
     check_fixed_window,
     read_fraction,
     register_bounded,
+    sink_window_capacity,
     sink_window_keep,
     sink_window_visible,
     take,
@@ -83,7 +84,9 @@ def _bounded_plan(state, kv_heads: int):
     check_fixed_window(state.config)
     if state.layer_index in state.config.dense_layers:
         return None
-    return SlotPlan(groups=(tuple(range(kv_heads)),))
+    config = state.config
+    return SlotPlan(groups=(tuple(range(kv_heads)),),
+                    capacity=sink_window_capacity(config.block_size, config.sink_tokens, config.window))
 
 
 def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):
