@@ -193,7 +193,9 @@ class StaticBoundedLayer(BoundedLayer):
         buffer.positions.scatter_(2, free[:, None, None], position[:, None, :])
         self.cumulative.add_(1)
         publish(self.state.method_state, KeptKeys((buffer,), position, False, self._free))
-        return buffer.keys, buffer.values
+        # The method reads the slots from KeptKeys; transformers gets the new token alone as a stand-in, so no layer
+        # above reads a mask over the buffer (a one-key call is causal as it stands: nothing to cut on the host).
+        return key_states, value_states
 
     def _used(self, buffer: SlotGroup) -> SlotGroup:
         """The buffer's filled slots, compacted (eager)."""
@@ -233,8 +235,8 @@ class StaticBoundedLayer(BoundedLayer):
         return indices
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Static: the buffer's size (a decode step reads slot positions, not the mask).
-        return (self.capacity, 0) if self.filled and query_length == 1 else super().get_mask_sizes(query_length)
+        # A decode step hands transformers the new token alone (``update``): its mask covers that one key.
+        return (1, 0) if self.filled and query_length == 1 else super().get_mask_sizes(query_length)
 
     def get_seq_length(self):
         return self.cumulative if self.filled else self.seen
