@@ -103,12 +103,13 @@ def test_h2o_holds_kv_budget_keys_per_head():
         assert bool((layer.groups[0].positions >= 0).all())  # each head's 40 slots hold kept keys
 
 
-def test_a_multi_token_call_on_an_evicted_cache_equals_the_masked_path():
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_a_multi_token_call_on_an_evicted_cache_equals_the_masked_path(static):
     """A second chunk (queries not one block: aligned to the chunk's start, as the masked path does)."""
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (1, 260), generator=torch.Generator().manual_seed(5))
     with torch.no_grad(), patchattn.patched(model, "streaming", **SMALL, window=32, sink_tokens=4):
-        dynamic, bounded = DynamicCache(), patchattn.bounded_cache(model)
+        dynamic, bounded = DynamicCache(), patchattn.bounded_cache(model, static=static)
         for cache in (dynamic, bounded):
             model(input_ids=ids[:, :150], past_key_values=cache)
         expected = model(input_ids=ids[:, 150:], past_key_values=dynamic).logits
@@ -148,3 +149,54 @@ def test_a_forward_without_the_cache_after_it_runs_the_masked_path():
         expected = model(input_ids=ids).logits
         model(input_ids=ids, past_key_values=patchattn.bounded_cache(model))
         torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+# ---- the static variant: fixed-size slot buffers, a decode step that compiles whole ------------------------------
+STREAMING = CASES["streaming"][1]
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["batch1", "padded3"])
+def test_static_bounded_cache_generates_the_masked_paths_tokens_in_fixed_buffers(batch):
+    model = tiny_model("llama")
+    inputs = _inputs(batch)
+    with torch.no_grad(), patchattn.patched(model, "streaming", **STREAMING):
+        masked = _generate(model, inputs)
+        cache = patchattn.bounded_cache(model, static=True)
+        static = _generate(model, inputs, past_key_values=cache)
+    assert torch.equal(static, masked)
+    capacity = 16 + 32 + 2 * 16  # sink block + window + two block edges
+    assert cache.slots() == [capacity, capacity] and cache.is_compileable
+    assert int(cache.get_seq_length()) == PROMPT + NEW - 1
+
+
+def test_static_bounded_decode_step_compiles_whole_inside_generate():
+    """generate compiles the decode step (fullgraph=True) on a left-padded batch; same tokens, one graph."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = tiny_model("llama")
+    inputs = _inputs(3)
+    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # generate compiles on GPUs only by default
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), patchattn.patched(model, "streaming", **STREAMING):
+        masked = _generate(model, inputs)
+        compiled = _generate(model, inputs, past_key_values=patchattn.bounded_cache(model, static=True),
+                             compile_config=compile_config)
+    assert torch.equal(compiled, masked)
+    assert counters["stats"]["unique_graphs"] >= 1  # the step did run compiled (a break would have raised)
+    torch._dynamo.reset()
+
+
+def test_static_cache_is_refused_where_a_head_has_no_fixed_bound():
+    model = tiny_model("llama")
+    with patchattn.patched(model, "duo", **SMALL, window=32, retrieval_fraction=0.25), \
+            pytest.raises(ValueError, match="static=False"):
+        patchattn.bounded_cache(model, static=True)
+    with patchattn.patched(model, "streaming", **STREAMING, dense_layers=[0]), \
+            pytest.raises(ValueError, match="layer 0 keeps every key"):
+        patchattn.bounded_cache(model, static=True)
+    with patchattn.patched(model, "sinklora", backend="torch", kv_budget=40), \
+            pytest.raises(ValueError, match="streaming"):
+        patchattn.bounded_cache(model, static=True)
