@@ -67,10 +67,20 @@ class BoundedLayer(CacheLayerMixin):
         self.groups = [self._extend(g, heads, key_states, value_states, positions, plain)
                        for g, heads in enumerate(self.plan.groups)]
         self.seen += q_len
-        publish(self.state.method_state, KeptKeys(tuple(self.groups), positions, plain, self.retain))
+        publish(self.state.method_state, KeptKeys(tuple(self.groups), positions, plain, self.retain, self.recount))
         if plain:
             return key_states, value_states
         return self._returned(key_states)
+
+    def recount(self, start: torch.Tensor) -> torch.Tensor:
+        """A plain call (its slots are the tokens ``0..T-1``): positions counted from ``start`` instead."""
+        self.start = start.to(self.start.device)
+        steps = torch.arange(self.seen, device=self.start.device)
+        positions = steps[None, :] - self.start[:, None]
+        positions = positions.masked_fill(positions < 0, -1)
+        for group in self.groups:
+            group.positions = positions[:, None, :].expand(-1, group.positions.shape[1], -1)
+        return positions
 
     def _extend(self, g: int, heads, key_states, value_states, positions, plain: bool) -> SlotGroup:
         every = len(heads) == key_states.shape[1]

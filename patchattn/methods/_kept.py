@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..masks.static import sink_and_window_runs
+from ._rows import PaddingError, row_starts
 
 # method name -> plan(state, kv_heads) -> SlotPlan | None (None: this layer keeps every key); registered by each
 # method that can bound its memory; the plan raises ValueError when the config cannot (a window that grows).
@@ -62,6 +63,23 @@ class KeptKeys:
     query_positions: torch.Tensor
     plain: bool
     retain: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
+    # plain calls: count the positions from these row starts ([B]) instead; returns the new query positions
+    recount: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def count_rows_from(self, attention_mask) -> None:
+        """A plain call's positions from each row's first real token as the mask gives it (``_rows``), which the
+        cache's guess from ``position_ids`` cannot always see (Qwen2-VL passes none); kept when the mask is not
+        causal + padding."""
+        if not self.plain or self.recount is None:
+            return
+        batch, kv_len = self.query_positions.shape[0], self.query_positions.shape[1]
+        try:
+            start = None if attention_mask is None else row_starts(attention_mask, attention_mask.shape[2], kv_len)
+        except PaddingError:
+            return
+        if start is None:
+            start = torch.zeros(batch, dtype=torch.long, device=self.query_positions.device)
+        self.query_positions = self.recount(start.long())
 
 
 KEPT_FIELD = "kept_keys"

@@ -255,6 +255,7 @@ def duo_attention(module, query, key, value, attention_mask, *, scaling=None, **
         out = run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select_duo,
                                static=True, **kwargs)
         if kept is not None:
+            kept.count_rows_from(attention_mask)
             kept.retain(_keeps(state, kept, query.shape[1]))
         return out
     return bounded_call(state, query, kept, scaling=scaling, softcap=kwargs.get("softcap")), None

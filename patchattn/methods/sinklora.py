@@ -302,6 +302,7 @@ def _h2o_bounded(state, module, query, key, value, attention_mask, kept_keys: Ke
     if kept_keys.plain:  # a prefill: the masked path, then the cache keeps what it kept
         out, _ = _h2o_prefill(state, module, query, key, value, attention_mask, scaling, softcap, kwargs)
         h2o = state.method_state.h2o
+        kept_keys.count_rows_from(attention_mask)
         (order,) = kept_keys.retain((h2o.kept,))
         state.method_state.h2o = _compact(h2o, order)
         return out

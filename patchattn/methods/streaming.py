@@ -117,6 +117,7 @@ def streaming_attention(module, query, key, value, attention_mask, *, scaling=No
         out = run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=_select,
                                static=True, **kwargs)
         if kept is not None:
+            kept.count_rows_from(attention_mask)
             (group,) = kept.groups
             cfg = state.config
             kept.retain((sink_window_keep(kept.query_positions, group.positions, cfg.block_size, cfg.sink_tokens,

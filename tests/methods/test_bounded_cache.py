@@ -200,3 +200,17 @@ def test_static_cache_is_refused_where_a_head_has_no_fixed_bound():
     with patchattn.patched(model, "sinklora", backend="torch", kv_budget=40), \
             pytest.raises(ValueError, match="streaming"):
         patchattn.bounded_cache(model, static=True)
+
+
+def test_rows_count_from_the_masks_first_real_token_when_no_position_ids_reach_the_cache():
+    """Qwen2-VL passes no text positions to Cache.update: the prefill's mask gives each row's start."""
+    from patchattn.testing import tiny_inputs
+
+    model = tiny_model("qwen2_vl")
+    inputs = left_pad(tiny_inputs(model, "qwen2_vl", batch=2, text_len=150), [0, 9])
+    with torch.no_grad(), patchattn.patched(model, "streaming", **STREAMING):
+        masked = _generate(model, inputs)
+        cache = patchattn.bounded_cache(model)
+        bounded = _generate(model, inputs, past_key_values=cache)
+    assert torch.equal(bounded, masked)
+    assert all(layer.start.tolist() == [0, 9] for layer in _bounded_layers(cache))
