@@ -23,7 +23,13 @@ token is position 0); without them every row starts at the first token.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    StaticLayer,
+    get_layer_types_and_kwargs,
+)
 
 from ..methods._kept import BOUNDED_PLANS, KeptKeys, SlotGroup, SlotPlan, compaction, publish
 from ..state import get_state
@@ -67,7 +73,8 @@ class BoundedLayer(CacheLayerMixin):
         self.groups = [self._extend(g, heads, key_states, value_states, positions, plain)
                        for g, heads in enumerate(self.plan.groups)]
         self.seen += q_len
-        publish(self.state.method_state, KeptKeys(tuple(self.groups), positions, plain, self.retain, self.recount))
+        publish(self.state.method_state,
+                KeptKeys(tuple(self.groups), positions, plain, self.retain, self.recount, self.plan))
         if plain:
             return key_states, value_states
         return self._returned(key_states)
@@ -165,27 +172,30 @@ class BoundedLayer(CacheLayerMixin):
 
 
 class StaticBoundedLayer(BoundedLayer):
-    """A ``BoundedLayer`` in fixed-size buffers: ``capacity`` slots per row (the plan's bound), each with the position
-    it holds (-1: free).  A decode step writes its token into the row's first free slot and frees what the method
-    no longer reads by marking slots, all on the device with static shapes, so the step compiles whole
-    (``torch.compile(fullgraph=True)``) and can be captured in a CUDA graph.  A prefill (or a multi-token call) is
-    eager: it compacts the slots it keeps into the buffers."""
+    """A ``BoundedLayer`` in fixed-size buffers: per group, ``capacities[g]`` slots per row (the plan's bound, or
+    ``max_cache_len`` for a group that keeps every key), each with the position it holds (-1: free).  A decode step
+    writes its token into each row's first free slot and frees what the method no longer reads by marking slots, all
+    on the device with static shapes, so the step compiles whole (``torch.compile(fullgraph=True)``) and can be
+    captured in a CUDA graph.  A prefill (or a multi-token call) is eager: it compacts what it keeps into the buffers."""
 
     is_compileable = True
 
-    def __init__(self, module, plan: SlotPlan):
-        if plan.capacity is None or len(plan.groups) != 1 or plan.per_head:
-            raise ValueError("a static bounded layer needs one group of heads with a fixed capacity")
+    def __init__(self, module, plan: SlotPlan, capacities: tuple[int, ...], mask_length: int | None = None):
+        if plan.per_head:
+            raise ValueError("a static bounded layer keeps the same slots for every head of a group")
         super().__init__(module, plan)
-        self.capacity = plan.capacity
+        self.capacities = capacities
+        # The mask transformers builds is shared by every full-attention layer: beside static layers of
+        # ``max_cache_len`` it must have their size (the method reads slot positions, not the mask).
+        self.mask_length = mask_length
         self.filled = False  # a host flag set by the (eager) prefill: a decode step only reads it
         self.cumulative = torch.zeros((), dtype=torch.long)
-        self.buffer: SlotGroup | None = None
+        self.buffers: list[SlotGroup] | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.filled or key_states.shape[2] > 1:
-            if self.filled:  # a multi-token call: the buffer's slots are its past (eager)
-                self.groups = [self._used(self.buffer)]
+            if self.filled:  # a multi-token call: the buffers' slots are its past (eager)
+                self.groups = [_filled(buffer) for buffer in self.buffers]
                 self.seen = int(self.cumulative)
             keys, values = super().update(key_states, value_states, *args, **kwargs)
             self.cumulative = torch.tensor(self.seen, dtype=torch.long, device=key_states.device)
@@ -193,76 +203,101 @@ class StaticBoundedLayer(BoundedLayer):
         if get_state(self.module) is not self.state:
             raise RuntimeError("patchattn.bounded_cache: the model was re-patched or unpatched since this cache was "
                                "made; make a new cache with patchattn.bounded_cache(model)")
-        buffer = self.buffer
         position = (self.cumulative - self.start)[:, None]  # [B, 1]
-        free = torch.argmax((buffer.positions[:, 0] < 0).to(torch.int8), dim=-1)  # [B]: the first free slot
-        heads, dim, dim_v = buffer.keys.shape[1], buffer.keys.shape[-1], buffer.values.shape[-1]
-        slot = free[:, None, None, None]
-        buffer.keys.scatter_(2, slot.expand(-1, heads, 1, dim), key_states)
-        buffer.values.scatter_(2, slot.expand(-1, heads, 1, dim_v), value_states)
-        buffer.positions.scatter_(2, free[:, None, None], position[:, None, :])
+        every = len(self.buffers) == 1
+        for buffer in self.buffers:
+            heads = slice(None) if every else list(buffer.kv_heads)
+            _write_first_free(buffer, key_states[:, heads], value_states[:, heads], position)
         self.cumulative.add_(1)
-        publish(self.state.method_state, KeptKeys((buffer,), position, False, self._free))
+        publish(self.state.method_state, KeptKeys(tuple(self.buffers), position, False, self._free, None, self.plan))
         # The method reads the slots from KeptKeys; transformers gets the new token alone as a stand-in, so no layer
-        # above reads a mask over the buffer (a one-key call is causal as it stands: nothing to cut on the host).
+        # above reads a mask over the buffers (a one-key call is causal as it stands: nothing to cut on the host).
         return key_states, value_states
-
-    def _used(self, buffer: SlotGroup) -> SlotGroup:
-        """The buffer's filled slots, compacted (eager)."""
-        order, valid = compaction(buffer.positions >= 0)
-        take = order.expand(-1, buffer.keys.shape[1], -1)[..., None]
-        return SlotGroup(buffer.kv_heads, torch.gather(buffer.keys, 2, take.expand(-1, -1, -1, buffer.keys.shape[-1])),
-                         torch.gather(buffer.values, 2, take.expand(-1, -1, -1, buffer.values.shape[-1])),
-                         torch.gather(buffer.positions, 2, order).masked_fill(~valid, -1))
 
     def _free(self, keeps) -> tuple[torch.Tensor, ...]:
         """Decode: the slots not kept become free (their keys stay until overwritten)."""
-        (keep,) = keeps
-        self.buffer.positions.masked_fill_(~keep, -1)
-        return (torch.arange(self.capacity, device=keep.device).expand(keep.shape),)
+        for buffer, keep in zip(self.buffers, keeps):
+            buffer.positions.masked_fill_(~keep, -1)
+        return tuple(torch.arange(b.positions.shape[-1], device=b.positions.device).expand(k.shape)
+                     for b, k in zip(self.buffers, keeps))
 
     def retain(self, keeps) -> tuple[torch.Tensor, ...]:
         """Eager calls: compact as the dynamic layer does, then copy into the buffers (allocated on first use)."""
         indices = super().retain(keeps)
-        (group,) = self.groups
-        held = group.keys.shape[2]
-        if held > self.capacity - 1:
-            raise RuntimeError(f"patchattn static bounded cache: {held} slots kept, capacity {self.capacity}")
-        if self.buffer is None:
-            batch, heads, _, dim = group.keys.shape
-            self.buffer = SlotGroup(group.kv_heads, group.keys.new_zeros(batch, heads, self.capacity, dim),
-                                    group.values.new_zeros(batch, heads, self.capacity, group.values.shape[-1]),
-                                    torch.full((batch, 1, self.capacity), -1, dtype=torch.long,
-                                               device=group.keys.device))
-            for tensor in (self.buffer.keys, self.buffer.values, self.buffer.positions):
-                torch._dynamo.mark_static_address(tensor)
-        self.buffer.keys[:, :, :held] = group.keys
-        self.buffer.values[:, :, :held] = group.values
-        self.buffer.positions.fill_(-1)
-        self.buffer.positions[:, :, :held] = group.positions
+        for group, capacity in zip(self.groups, self.capacities):
+            if group.keys.shape[2] > capacity - 1:
+                raise RuntimeError(f"patchattn static bounded cache: {group.keys.shape[2]} keys kept for "
+                                   f"{capacity} slots; raise max_cache_len (prompt + new tokens)")
+        if self.buffers is None:
+            self.buffers = [_empty_buffer(group, capacity) for group, capacity in zip(self.groups, self.capacities)]
+        for buffer, group in zip(self.buffers, self.groups):
+            held = group.keys.shape[2]
+            buffer.keys[:, :, :held] = group.keys
+            buffer.values[:, :, :held] = group.values
+            buffer.positions.fill_(-1)
+            buffer.positions[:, :, :held] = group.positions
         self.groups = []
         self.filled = True
         return indices
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.mask_length is not None:
+            return self.mask_length, 0
         # A decode step hands transformers the new token alone (``update``): its mask covers that one key.
         return (1, 0) if self.filled and query_length == 1 else super().get_mask_sizes(query_length)
 
     def get_seq_length(self):
         return self.cumulative if self.filled else self.seen
 
+    def get_max_length(self) -> int:
+        return max(self.capacities)
+
     def slots(self) -> int:
-        return self.capacity if self.buffer is not None else super().slots()
+        return max(self.capacities) if self.buffers is not None else super().slots()
 
     def held(self) -> int:
-        if self.buffer is None:
+        if self.buffers is None:
             return super().held()
-        return self.buffer.keys.shape[1] * self.capacity
+        return sum(b.keys.shape[1] * b.keys.shape[2] for b in self.buffers)
 
     def reset(self) -> None:
         super().reset()
-        self.filled, self.buffer = False, None
+        self.filled, self.buffers = False, None
         self.cumulative = torch.zeros((), dtype=torch.long)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a static bounded cache keeps its batch (beam search: use static=False)")
+
+    batch_repeat_interleave = reorder_cache = batch_select_indices
+
+
+def _write_first_free(buffer: SlotGroup, keys, values, position) -> None:
+    """The new token into each row's first free slot, in place (static shapes, no host sync)."""
+    free = torch.argmax((buffer.positions[:, 0] < 0).to(torch.int8), dim=-1)  # [B]
+    heads, dim, dim_v = buffer.keys.shape[1], buffer.keys.shape[-1], buffer.values.shape[-1]
+    slot = free[:, None, None, None]
+    buffer.keys.scatter_(2, slot.expand(-1, heads, 1, dim), keys)
+    buffer.values.scatter_(2, slot.expand(-1, heads, 1, dim_v), values)
+    buffer.positions.scatter_(2, free[:, None, None], position[:, None, :])
+
+
+def _filled(buffer: SlotGroup) -> SlotGroup:
+    """A buffer's filled slots, compacted (eager)."""
+    order, valid = compaction(buffer.positions >= 0)
+    take = order.expand(-1, buffer.keys.shape[1], -1)[..., None]
+    return SlotGroup(buffer.kv_heads, torch.gather(buffer.keys, 2, take.expand(-1, -1, -1, buffer.keys.shape[-1])),
+                     torch.gather(buffer.values, 2, take.expand(-1, -1, -1, buffer.values.shape[-1])),
+                     torch.gather(buffer.positions, 2, order).masked_fill(~valid, -1))
+
+
+def _empty_buffer(group: SlotGroup, capacity: int) -> SlotGroup:
+    batch, heads, _, dim = group.keys.shape
+    buffer = SlotGroup(group.kv_heads, group.keys.new_zeros(batch, heads, capacity, dim),
+                       group.values.new_zeros(batch, heads, capacity, group.values.shape[-1]),
+                       torch.full((batch, 1, capacity), -1, dtype=torch.long, device=group.keys.device))
+    for tensor in (buffer.keys, buffer.values, buffer.positions):
+        torch._dynamo.mark_static_address(tensor)
+    return buffer
 
 
 def _position_ids(kwargs) -> torch.Tensor | None:
@@ -296,39 +331,48 @@ def _held(layer) -> int:
     return keys.shape[-2] if torch.is_tensor(keys) and keys.ndim == 4 else 0
 
 
-def bounded_cache(model, *, static: bool = False) -> BoundedCache:
+def bounded_cache(model, *, static: bool = False, max_cache_len: int | None = None) -> BoundedCache:
     """A KV cache for ``model.generate(..., past_key_values=cache)`` that frees the keys the model's patch will never
     read again (``streaming``, ``duo``, ``sinklora`` with ``kv_budget``); ValueError for other methods.
 
-    ``static=True``: fixed-size buffers (``StaticBoundedLayer``) whose decode step compiles with ``fullgraph=True``;
-    for methods with a fixed bound on every head (``streaming``)."""
+    ``static=True``: fixed-size buffers (``StaticBoundedLayer``) whose decode step compiles with ``fullgraph=True``
+    (``streaming``, ``duo``); heads that keep every key (duo's retrieval heads) get ``max_cache_len`` slots (prompt +
+    new tokens, as transformers' static cache)."""
     text_config = model.config.get_text_config(decoder=True)
     modules = _patched_attention(model)
     if not modules:
         raise ValueError("patchattn.bounded_cache: this model is not patched; patch it first, e.g. "
                          "patchattn.patch(model, 'streaming', window=1024)")
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    query_heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or query_heads
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
     layers = []
     for index, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         module = modules.get(index)
-        plan = _plan(module, kv_heads) if module is not None and kind == "full_attention" else None
+        plan = _plan(module, kv_heads, query_heads) if module is not None and kind == "full_attention" else None
         if plan is None:
             if static and kind == "full_attention":
-                raise ValueError(f"patchattn.bounded_cache(static=True): layer {index} keeps every key (a dense layer "
-                                 "or all-retrieval heads), which a fixed-size cache cannot hold; use static=False")
-            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+                if max_cache_len is None:
+                    raise ValueError(f"patchattn.bounded_cache(static=True): layer {index} keeps every key (a dense "
+                                     "layer or only retrieval heads); give max_cache_len (prompt + new tokens)")
+                layers.append(StaticLayer(max_cache_len=max_cache_len))
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         elif static:
-            if plan.capacity is None or plan.per_head or len(plan.groups) != 1:
-                raise ValueError(f"patchattn.bounded_cache(static=True): {_method(module)!r} has no fixed bound on "
-                                 f"every head; static caches: {', '.join(STATIC_METHODS)}; use static=False")
-            layers.append(StaticBoundedLayer(module, plan))
+            layers.append(StaticBoundedLayer(module, plan, _capacities(module, plan, max_cache_len), max_cache_len))
         else:
             layers.append(BoundedLayer(module, plan))
     return BoundedCache(layers=layers)
 
 
-STATIC_METHODS = ("streaming",)
+def _capacities(module, plan: SlotPlan, max_cache_len: int | None) -> tuple[int, ...]:
+    if plan.per_head:
+        raise ValueError(f"patchattn.bounded_cache(static=True): {_method(module)!r} keeps different keys per head "
+                         "with a host-side choice; use static=False")
+    if None in plan.capacity and max_cache_len is None:
+        raise ValueError(f"patchattn.bounded_cache(static=True): {_method(module)!r} keeps some heads whole; give "
+                         "max_cache_len (prompt + new tokens), as for transformers' static cache")
+    return tuple(max_cache_len + 1 if c is None else c for c in plan.capacity)
 
 
 def _method(module) -> str:
@@ -345,11 +389,11 @@ def _patched_attention(model) -> dict:
     return found
 
 
-def _plan(module, kv_heads: int) -> SlotPlan | None:
+def _plan(module, kv_heads: int, query_heads: int) -> SlotPlan | None:
     state = get_state(module)
     method = type(state.config).method
     plan = BOUNDED_PLANS.get(method)
     if plan is None:
         raise ValueError(f"patchattn.bounded_cache: {method!r} may read any earlier key, so its KV memory cannot be "
                          f"bounded; methods that can: {', '.join(sorted(BOUNDED_PLANS))}")
-    return plan(state, kv_heads)
+    return plan(state, kv_heads, query_heads)

@@ -35,9 +35,12 @@ class SlotPlan:
 
     groups: tuple[tuple[int, ...], ...]
     per_head: bool = False
-    # Slots per row a group ever needs, the call's new token included (a fixed-size ring buffer: static shapes for
-    # torch.compile), or None when a group grows with the input (duo's retrieval heads).
-    capacity: int | None = None
+    # Per group, the slots per row it ever needs, the call's new token included (a fixed-size buffer: static shapes
+    # for torch.compile), or None when the group grows with the input (duo's retrieval heads).
+    capacity: tuple[int | None, ...] = ()
+    # Per query head, whether it reads every slot of its group (duo's retrieval heads): host values, fixed when the
+    # cache is made, so a compiled step branches on constants.
+    heads_reading_all: tuple[bool, ...] = ()
 
 
 @dataclass
@@ -65,6 +68,7 @@ class KeptKeys:
     retain: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
     # plain calls: count the positions from these row starts ([B]) instead; returns the new query positions
     recount: Callable[[torch.Tensor], torch.Tensor] | None = None
+    plan: SlotPlan | None = None
 
     def count_rows_from(self, attention_mask) -> None:
         """A plain call's positions from each row's first real token as the mask gives it (``_rows``), which the

@@ -44,6 +44,7 @@ from ._kept import (
     check_fixed_window,
     read_fraction,
     register_bounded,
+    sink_window_capacity,
     sink_window_keep,
     sink_window_visible,
     take,
@@ -175,42 +176,44 @@ def select_duo(g, query, key, state):
 
 
 # ---- bounded KV memory (patchattn.bounded_cache) ----------------------------------------------------------------
-def full_query_heads(state, query_heads: int, kv_heads: int) -> torch.Tensor:
-    """bool ``[Hq]``: the query heads that read every key."""
-    retrieval = state.method_state.retrieval
-    return retrieval.repeat_interleave(query_heads // kv_heads) if state.config.kv_heads_together else retrieval
-
-
-def _bounded_plan(state, kv_heads: int):
-    """Two groups of KV heads: those a full query head reads (kept whole) and the streaming ones (sink + window)."""
-    check_fixed_window(state.config)
+def _bounded_plan(state, kv_heads: int, query_heads: int):
+    """Two groups of KV heads: those a full query head reads (kept whole) and the streaming ones (sink + window).
+    Which query heads read everything is fixed here, on the host, so a compiled step branches on constants."""
+    config = state.config
+    check_fixed_window(config)
     retrieval = state.method_state.retrieval
     if retrieval is None:
         raise ValueError("duo: this layer has no retrieval heads; patch the model with patchattn.patch(model, 'duo')")
-    if state.config.kv_heads_together:
-        full = retrieval
+    flags = [bool(full) for full in retrieval.tolist()]
+    per_kv = query_heads // kv_heads
+    if config.kv_heads_together:
+        full_kv, full_q = flags, tuple(flag for flag in flags for _ in range(per_kv))
     else:  # a KV head is kept whole when any query head of its group is full
-        full = retrieval.view(kv_heads, -1).any(-1)
-    full_heads = tuple(h for h in range(kv_heads) if full[h])
-    stream_heads = tuple(h for h in range(kv_heads) if not full[h])
+        full_kv, full_q = [any(flags[h * per_kv:(h + 1) * per_kv]) for h in range(kv_heads)], tuple(flags)
+    full_heads = tuple(h for h in range(kv_heads) if full_kv[h])
+    stream_heads = tuple(h for h in range(kv_heads) if not full_kv[h])
     if not stream_heads:  # every head reads every key: transformers' own layer
         return None
-    return SlotPlan(groups=tuple(g for g in (full_heads, stream_heads) if g))
+    window = sink_window_capacity(config.block_size, config.sink_tokens, config.window)
+    groups = tuple(g for g in (full_heads, stream_heads) if g)
+    return SlotPlan(groups=groups, capacity=tuple(window if g is stream_heads else None for g in groups),
+                    heads_reading_all=full_q)
 
 
-def _group_visible(state, group, query_positions, full_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_visible(state, group, query_positions, full_q: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(visible ``[B, 1 or hq, Tq, S]`` for the group's query heads, keep ``[B, 1, S]``)."""
     config = state.config
     causal = causal_slots(query_positions, group.positions)
+    if all(full_q):
+        return causal, group.positions >= 0
     stream = sink_window_visible(query_positions, group.positions, config.block_size, config.sink_tokens,
                                  config.window)
-    if bool(full_q.all()):
-        return causal, group.positions >= 0
-    keep = sink_window_keep(query_positions, group.positions, config.block_size, config.sink_tokens, config.window)
-    if not bool(full_q.any()):
+    if not any(full_q):
+        keep = sink_window_keep(query_positions, group.positions, config.block_size, config.sink_tokens,
+                                config.window)
         return stream, keep
-    visible = torch.where(full_q.to(causal.device)[None, :, None, None], causal, stream)
-    return visible, group.positions >= 0
+    reads_all = torch.tensor(full_q, device=causal.device)[None, :, None, None]
+    return torch.where(reads_all, causal, stream), group.positions >= 0
 
 
 def _group_query_heads(group, per_kv: int) -> list[int]:
@@ -218,10 +221,10 @@ def _group_query_heads(group, per_kv: int) -> list[int]:
 
 
 def _keeps(state, kept: KeptKeys, query_heads: int) -> tuple[torch.Tensor, ...]:
-    kv_heads = sum(len(g.kv_heads) for g in kept.groups)
-    full_q, per_kv = full_query_heads(state, query_heads, kv_heads), query_heads // kv_heads
-    return tuple(_group_visible(state, g, kept.query_positions, full_q[_group_query_heads(g, per_kv)])[1]
-                 for g in kept.groups)
+    per_kv = query_heads // sum(len(g.kv_heads) for g in kept.groups)
+    full_q = kept.plan.heads_reading_all
+    return tuple(_group_visible(state, g, kept.query_positions,
+                                tuple(full_q[h] for h in _group_query_heads(g, per_kv)))[1] for g in kept.groups)
 
 
 def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):
@@ -231,13 +234,13 @@ def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):
                                   "has evicted; pass last_block_dense=False or use the default cache")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     batch, query_heads, q_len, _ = query.shape
-    kv_heads = sum(len(g.kv_heads) for g in kept.groups)
-    full_q, per_kv = full_query_heads(state, query_heads, kv_heads), query_heads // kv_heads
+    per_kv = query_heads // sum(len(g.kv_heads) for g in kept.groups)
+    full_q = kept.plan.heads_reading_all
     out = query.new_empty(batch, q_len, query_heads, kept.groups[0].values.shape[-1])
     keeps, reads = [], []
     for group in kept.groups:
         heads = _group_query_heads(group, per_kv)
-        visible, keep = _group_visible(state, group, kept.query_positions, full_q[heads])
+        visible, keep = _group_visible(state, group, kept.query_positions, tuple(full_q[h] for h in heads))
         out[:, :, heads] = attend_slots(query[:, heads], group.keys, group.values, visible, scaling=scaling,
                                         softcap=softcap)
         keeps.append(keep)

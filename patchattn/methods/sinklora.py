@@ -283,7 +283,7 @@ def _h2o_rows(config, query, key, value, kept, mass, positions, newest, scaling,
 
 
 # ---- bounded KV memory (patchattn.bounded_cache) ----------------------------------------------------------------
-def _bounded_plan(state, kv_heads: int):
+def _bounded_plan(state, kv_heads: int, query_heads: int):
     """Every KV head keeps its own ``kv_budget`` keys."""
     if state.config.kv_budget is None:
         raise ValueError("sinklora without kv_budget runs dense attention at inference (it reads every key), so "

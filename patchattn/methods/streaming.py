@@ -80,13 +80,13 @@ class StreamingState(SparseState):
 
 
 # ---- bounded KV memory (patchattn.bounded_cache) ----------------------------------------------------------------
-def _bounded_plan(state, kv_heads: int):
+def _bounded_plan(state, kv_heads: int, query_heads: int):
     check_fixed_window(state.config)
     if state.layer_index in state.config.dense_layers:
         return None
     config = state.config
     return SlotPlan(groups=(tuple(range(kv_heads)),),
-                    capacity=sink_window_capacity(config.block_size, config.sink_tokens, config.window))
+                    capacity=(sink_window_capacity(config.block_size, config.sink_tokens, config.window),))
 
 
 def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):

@@ -155,50 +155,62 @@ def test_a_forward_without_the_cache_after_it_runs_the_masked_path():
 STREAMING = CASES["streaming"][1]
 
 
+STATIC_CASES = {
+    "streaming": ("streaming", STREAMING, {}),
+    "duo": ("duo", CASES["duo"][1], {"max_cache_len": PROMPT + NEW}),
+}
+
+
 @pytest.mark.parametrize("batch", [1, 3], ids=["batch1", "padded3"])
-def test_static_bounded_cache_generates_the_masked_paths_tokens_in_fixed_buffers(batch):
+@pytest.mark.parametrize("case", list(STATIC_CASES))
+def test_static_bounded_cache_generates_the_masked_paths_tokens_in_fixed_buffers(case, batch):
+    method, options, cache_options = STATIC_CASES[case]
     model = tiny_model("llama")
     inputs = _inputs(batch)
-    with torch.no_grad(), patchattn.patched(model, "streaming", **STREAMING):
+    with torch.no_grad(), patchattn.patched(model, method, **options):
         masked = _generate(model, inputs)
-        cache = patchattn.bounded_cache(model, static=True)
+        cache = patchattn.bounded_cache(model, static=True, **cache_options)
         static = _generate(model, inputs, past_key_values=cache)
     assert torch.equal(static, masked)
-    capacity = 16 + 32 + 2 * 16  # sink block + window + two block edges
-    assert cache.slots() == [capacity, capacity] and cache.is_compileable
-    assert int(cache.get_seq_length()) == PROMPT + NEW - 1
+    assert cache.is_compileable and int(cache.get_seq_length()) == PROMPT + NEW - 1
+    stream_capacity = math.ceil(options["sink_tokens"] / 16) * 16 + 32 + 2 * 16  # sinks + window + 2 block edges
+    for layer in _bounded_layers(cache):
+        sizes = [buffer.keys.shape[2] for buffer in layer.buffers]
+        assert stream_capacity in sizes and all(size in (stream_capacity, PROMPT + NEW + 1) for size in sizes)
 
 
-def test_static_bounded_decode_step_compiles_whole_inside_generate():
+@pytest.mark.parametrize("case", list(STATIC_CASES))
+def test_static_bounded_decode_step_compiles_whole_inside_generate(case):
     """generate compiles the decode step (fullgraph=True) on a left-padded batch; same tokens, one graph."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
+    method, options, cache_options = STATIC_CASES[case]
     model = tiny_model("llama")
     inputs = _inputs(3)
     compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
     compile_config._compile_all_devices = True  # generate compiles on GPUs only by default
     torch._dynamo.reset()
     counters.clear()
-    with torch.no_grad(), patchattn.patched(model, "streaming", **STREAMING):
+    with torch.no_grad(), patchattn.patched(model, method, **options):
         masked = _generate(model, inputs)
-        compiled = _generate(model, inputs, past_key_values=patchattn.bounded_cache(model, static=True),
+        compiled = _generate(model, inputs, past_key_values=patchattn.bounded_cache(model, static=True, **cache_options),
                              compile_config=compile_config)
     assert torch.equal(compiled, masked)
     assert counters["stats"]["unique_graphs"] >= 1  # the step did run compiled (a break would have raised)
     torch._dynamo.reset()
 
 
-def test_static_cache_is_refused_where_a_head_has_no_fixed_bound():
+def test_static_cache_needs_max_cache_len_for_whole_heads_and_refuses_per_head_choices():
     model = tiny_model("llama")
     with patchattn.patched(model, "duo", **SMALL, window=32, retrieval_fraction=0.25), \
-            pytest.raises(ValueError, match="static=False"):
+            pytest.raises(ValueError, match="max_cache_len"):
         patchattn.bounded_cache(model, static=True)
     with patchattn.patched(model, "streaming", **STREAMING, dense_layers=[0]), \
             pytest.raises(ValueError, match="layer 0 keeps every key"):
         patchattn.bounded_cache(model, static=True)
     with patchattn.patched(model, "sinklora", backend="torch", kv_budget=40), \
-            pytest.raises(ValueError, match="streaming"):
+            pytest.raises(ValueError, match="static=False"):
         patchattn.bounded_cache(model, static=True)
 
 
