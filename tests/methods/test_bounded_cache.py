@@ -226,3 +226,14 @@ def test_rows_count_from_the_masks_first_real_token_when_no_position_ids_reach_t
         bounded = _generate(model, inputs, past_key_values=cache)
     assert torch.equal(bounded, masked)
     assert all(layer.start.tolist() == [0, 9] for layer in _bounded_layers(cache))
+
+
+@pytest.mark.parametrize("case", ["streaming", "duo"])
+def test_beam_search_reorders_the_slots_with_the_beams(case):
+    method, options = CASES[case]
+    model = tiny_model("llama")
+    inputs = _inputs(2)
+    with torch.no_grad(), patchattn.patched(model, method, **options):
+        masked = _generate(model, inputs, num_beams=3)
+        bounded = _generate(model, inputs, num_beams=3, past_key_values=patchattn.bounded_cache(model))
+    assert torch.equal(bounded, masked)
