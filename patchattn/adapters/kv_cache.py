@@ -117,6 +117,10 @@ class BoundedLayer(CacheLayerMixin):
         indices, groups = [], []
         for group, keep in zip(self.groups, keeps):
             keep = keep.expand(-1, group.positions.shape[1], -1)
+            if bool(keep.all()):  # nothing freed (duo's retrieval heads): no copy
+                groups.append(group)
+                indices.append(torch.arange(keep.shape[-1], device=keep.device).expand(keep.shape))
+                continue
             order, valid = compaction(keep)
             positions = torch.gather(group.positions, 2, order).masked_fill(~valid, -1)
             heads = group.keys.shape[1]

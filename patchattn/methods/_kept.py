@@ -131,16 +131,19 @@ def causal_slots(query_positions: torch.Tensor, positions: torch.Tensor) -> torc
 
 def attend_slots(query, keys, values, visible, *, scaling: float, softcap=None) -> torch.Tensor:
     """Softmax attention of ``query`` ``[B, Hq, Tq, D]`` over slots ``[B, h, S, D]`` (GQA: ``Hq`` a multiple of
-    ``h``) where ``visible`` ``[B, 1, h or Hq, Tq, S]``-broadcastable; fp32 maths; ``[B, Tq, Hq, Dv]``.  A query
-    that sees nothing (padding) gets zeros."""
+    ``h``) where ``visible`` (bool ``[B, 1, h or Hq, Tq, S]``-broadcastable) says; ``[B, Tq, Hq, Dv]``.  SDPA with the
+    mask (its memory-efficient kernels on GPU: a duo retrieval head reads its whole cache each step); soft-capped
+    logits (Gemma-2) in fp32 maths.  A query that sees nothing (padding) gets zeros."""
     group = query.shape[1] // keys.shape[1]
-    k = keys.repeat_interleave(group, 1).float() if group > 1 else keys.float()
-    v = values.repeat_interleave(group, 1).float() if group > 1 else values.float()
     if visible.shape[1] not in (1, query.shape[1]):
         visible = visible.repeat_interleave(group, 1)
-    scores = (query.float() @ k.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
+    if softcap is None:
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scaling,
+                                                               enable_gqa=group > 1)
+        return out.nan_to_num(0.0).transpose(1, 2)
+    k = keys.repeat_interleave(group, 1).float() if group > 1 else keys.float()
+    v = values.repeat_interleave(group, 1).float() if group > 1 else values.float()
+    scores = softcap * torch.tanh((query.float() @ k.transpose(-1, -2)) * scaling / softcap)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     return (probs @ v).to(query.dtype).transpose(1, 2)
 
