@@ -325,6 +325,20 @@ def row_starts(position_ids, batch: int, q_len: int, device) -> torch.Tensor:
 class BoundedCache(Cache):
     """A transformers ``Cache`` whose patched layers keep only what the method can still read (``bounded_cache``)."""
 
+    def nbytes(self) -> int:
+        """Bytes of keys and values held by every layer (what a dense cache's ``2 x layers x heads x tokens x dim``
+        is compared with)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, StaticBoundedLayer) and layer.buffers is not None:
+                tensors = [t for b in layer.buffers for t in (b.keys, b.values)]
+            elif isinstance(layer, BoundedLayer):
+                tensors = [t for g in layer.groups for t in (g.keys, g.values)]
+            else:
+                tensors = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if torch.is_tensor(t)]
+            total += sum(t.numel() * t.element_size() for t in tensors if t.ndim == 4)
+        return total
+
     def slots(self) -> list[int]:
         """Per layer, the key slots held per row and KV head (unbounded layers: their cached length)."""
         return [layer.slots() if isinstance(layer, BoundedLayer) else _held(layer) for layer in self.layers]

@@ -74,8 +74,13 @@ def test_streaming_memory_is_sink_and_window_blocks_not_the_prompt():
             assert max(cache.slots()) <= math.ceil(sink_tokens / block) * block + window + 2 * block
     bound = math.ceil(sink_tokens / block) * block + window + 2 * block  # sinks + window + its two block edges
     assert all(slots <= bound for slots in after_prompt), after_prompt
-    key_bytes = sum(g.keys.numel() for layer in _bounded_layers(cache) for g in layer.groups)
-    assert key_bytes <= 2 * model.config.num_key_value_heads * bound * model.config.head_dim
+    per_token = 2 * model.config.num_key_value_heads * model.config.head_dim * 4  # keys + values, fp32
+    assert cache.nbytes() <= model.config.num_hidden_layers * bound * per_token
+    dense = DynamicCache()
+    with torch.no_grad(), patchattn.patched(model, "streaming", **SMALL, window=window, sink_tokens=sink_tokens):
+        model(input_ids=ids, past_key_values=dense)
+    dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
+    assert dense_bytes == model.config.num_hidden_layers * 700 * per_token and cache.nbytes() < dense_bytes / 5
 
 
 def test_duo_keeps_retrieval_heads_whole_and_bounds_the_streaming_heads():
@@ -212,6 +217,20 @@ def test_static_cache_needs_max_cache_len_for_whole_heads_and_refuses_per_head_c
     with patchattn.patched(model, "sinklora", backend="torch", kv_budget=40), \
             pytest.raises(ValueError, match="static=False"):
         patchattn.bounded_cache(model, static=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("method", ["streaming", "duo"])
+def test_other_families_sliding_window_layers_and_soft_capping(family, method):
+    """Gemma-2: sliding-window layers keep transformers' layers beside bounded ones, soft-capped logits."""
+    options = CASES[method][1]
+    model = tiny_model(family)
+    inputs = _inputs(3)
+    with torch.no_grad(), patchattn.patched(model, method, **options):
+        masked = _generate(model, inputs)
+        cache = patchattn.bounded_cache(model)
+        bounded = _generate(model, inputs, past_key_values=cache)
+    assert torch.equal(bounded, masked) and _bounded_layers(cache)
 
 
 def test_rows_count_from_the_masks_first_real_token_when_no_position_ids_reach_the_cache():
