@@ -17,6 +17,9 @@ by its best query head's score and its whole query group is full or streaming, s
 decode step reads each KV block once (H200, 128k: 1.94x / 3.23x SDPA at batch 1 / 8 against 1.31x / 1.64x per query
 head; SmolLM2 8k: x1.129 vs x1.152 perplexity at the same density, ``bench/quality/smollm2_duo_kv.json``).
 
+With ``patchattn.bounded_cache(model)`` the memory follows DuoAttention's: the KV heads a full query head reads keep
+every key, the others only their sink + window (``methods._kept``; kept keys keep their rotary positions).
+
 Deviations: heads are chosen from retrieval scores (the Retrieval Head paper) rather than DuoAttention's optimised
 gates; ``kv_heads_together=False`` decides per query head; block-granular sink/window as in ``streaming``.
 """

@@ -26,9 +26,10 @@ the KV head's group).  What is implemented: a prefill runs dense attention (exac
 in chunks of query rows (``q.k`` rows, softmax, column sums; ``O(chunk x N)`` memory) and the cache is cut to the
 budget; every later token (decode, or each row of a chunk against the cache) attends only to the kept keys plus
 itself, adds its attention row to the accumulated mass, and when a head holds more than the budget the kept key
-with the smallest mass outside the sinks and the recent window is evicted, for good.  Eviction is simulated with a
-mask over the transformers KV cache, as H2O's own Hugging Face code does: quality is that of a ``kv_budget`` cache,
-memory is not freed.  Sinks and heavy hitters are per KV head (GQA heads of a group share their keys).
+with the smallest mass outside the sinks and the recent window is evicted, for good.  With transformers' default cache,
+eviction is simulated with a mask over the KV cache, as H2O's own Hugging Face code does: quality is that of a
+``kv_budget`` cache, memory is not freed; with ``patchattn.bounded_cache(model)`` the evicted keys are freed (each KV
+head holds its ``kv_budget`` slots, the same tokens).  Sinks and heavy hitters are per KV head (GQA heads of a group share their keys).
 """
 
 from __future__ import annotations

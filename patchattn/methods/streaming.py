@@ -3,6 +3,10 @@
 Each query reads the first ``sink_tokens`` keys (the attention sinks) and the ``window`` most recent keys.
 Block-granular: whole ``block_size`` blocks are read, so the sink covers the first block and the window is
 rounded up to whole blocks (never less than asked).
+
+With ``patchattn.bounded_cache(model)`` the keys no later query reads are freed: each layer keeps its sink blocks
+and its window's blocks (``methods._kept``); kept keys keep their original rotary positions, so the tokens equal
+those of the default cache.
 """
 
 from __future__ import annotations
