@@ -185,8 +185,6 @@ class StaticBoundedLayer(BoundedLayer):
     is_compileable = True
 
     def __init__(self, module, plan: SlotPlan, capacities: tuple[int, ...], mask_length: int | None = None):
-        if plan.per_head:
-            raise ValueError("a static bounded layer keeps the same slots for every head of a group")
         super().__init__(module, plan)
         self.capacities = capacities
         # The mask transformers builds is shared by every full-attention layer: beside static layers of
@@ -198,10 +196,14 @@ class StaticBoundedLayer(BoundedLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.filled or key_states.shape[2] > 1:
+            if self.filled and self.plan.per_head:
+                raise NotImplementedError("a static H2O cache takes one token per call after the prefill (its "
+                                          "per-slot mass lives at the buffer's width); use static=False")
             if self.filled:  # a multi-token call: the buffers' slots are its past (eager)
                 self.groups = [_filled(buffer) for buffer in self.buffers]
                 self.seen = int(self.cumulative)
             keys, values = super().update(key_states, value_states, *args, **kwargs)
+            self.state.method_state.kept_keys.slots = self.capacities
             self.cumulative = torch.tensor(self.seen, dtype=torch.long, device=key_states.device)
             return keys, values
         if get_state(self.module) is not self.state:
@@ -213,7 +215,8 @@ class StaticBoundedLayer(BoundedLayer):
             heads = slice(None) if every else list(buffer.kv_heads)
             _write_first_free(buffer, key_states[:, heads], value_states[:, heads], position)
         self.cumulative.add_(1)
-        publish(self.state.method_state, KeptKeys(tuple(self.buffers), position, False, self._free, None, self.plan))
+        publish(self.state.method_state, KeptKeys(tuple(self.buffers), position, False, self._free, None, self.plan,
+                                                  self.capacities, in_place=True))
         # The method reads the slots from KeptKeys; transformers gets the new token alone as a stand-in, so no layer
         # above reads a mask over the buffers (a one-key call is causal as it stands: nothing to cut on the host).
         return key_states, value_states
@@ -277,12 +280,12 @@ class StaticBoundedLayer(BoundedLayer):
 
 def _write_first_free(buffer: SlotGroup, keys, values, position) -> None:
     """The new token into each row's first free slot, in place (static shapes, no host sync)."""
-    free = torch.argmax((buffer.positions[:, 0] < 0).to(torch.int8), dim=-1)  # [B]
+    free = torch.argmax((buffer.positions < 0).to(torch.int8), dim=-1)  # [B, 1 or h]
     heads, dim, dim_v = buffer.keys.shape[1], buffer.keys.shape[-1], buffer.values.shape[-1]
-    slot = free[:, None, None, None]
+    slot = free[:, :, None, None]
     buffer.keys.scatter_(2, slot.expand(-1, heads, 1, dim), keys)
     buffer.values.scatter_(2, slot.expand(-1, heads, 1, dim_v), values)
-    buffer.positions.scatter_(2, free[:, None, None], position[:, None, :])
+    buffer.positions.scatter_(2, free[:, :, None], position[:, None, :].expand(-1, free.shape[1], -1))
 
 
 def _filled(buffer: SlotGroup) -> SlotGroup:
@@ -298,7 +301,8 @@ def _empty_buffer(group: SlotGroup, capacity: int) -> SlotGroup:
     batch, heads, _, dim = group.keys.shape
     buffer = SlotGroup(group.kv_heads, group.keys.new_zeros(batch, heads, capacity, dim),
                        group.values.new_zeros(batch, heads, capacity, group.values.shape[-1]),
-                       torch.full((batch, 1, capacity), -1, dtype=torch.long, device=group.keys.device))
+                       torch.full((batch, group.positions.shape[1], capacity), -1, dtype=torch.long,
+                                  device=group.keys.device))
     for tensor in (buffer.keys, buffer.values, buffer.positions):
         torch._dynamo.mark_static_address(tensor)
     return buffer
@@ -353,9 +357,9 @@ def bounded_cache(model, *, static: bool = False, max_cache_len: int | None = No
     """A KV cache for ``model.generate(..., past_key_values=cache)`` that frees the keys the model's patch will never
     read again (``streaming``, ``duo``, ``sinklora`` with ``kv_budget``); ValueError for other methods.
 
-    ``static=True``: fixed-size buffers (``StaticBoundedLayer``) whose decode step compiles with ``fullgraph=True``
-    (``streaming``, ``duo``); heads that keep every key (duo's retrieval heads) get ``max_cache_len`` slots (prompt +
-    new tokens, as transformers' static cache)."""
+    ``static=True``: fixed-size buffers (``StaticBoundedLayer``) whose decode step compiles with ``fullgraph=True``;
+    heads that keep every key (duo's retrieval heads, a dense layer) get ``max_cache_len`` slots (prompt + new
+    tokens, as transformers' static cache)."""
     text_config = model.config.get_text_config(decoder=True)
     modules = _patched_attention(model)
     if not modules:
@@ -384,9 +388,6 @@ def bounded_cache(model, *, static: bool = False, max_cache_len: int | None = No
 
 
 def _capacities(module, plan: SlotPlan, max_cache_len: int | None) -> tuple[int, ...]:
-    if plan.per_head:
-        raise ValueError(f"patchattn.bounded_cache(static=True): {_method(module)!r} keeps different keys per head "
-                         "with a host-side choice; use static=False")
     if None in plan.capacity and max_cache_len is None:
         raise ValueError(f"patchattn.bounded_cache(static=True): {_method(module)!r} keeps some heads whole; give "
                          "max_cache_len (prompt + new tokens), as for transformers' static cache")

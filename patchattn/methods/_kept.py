@@ -69,6 +69,10 @@ class KeptKeys:
     # plain calls: count the positions from these row starts ([B]) instead; returns the new query positions
     recount: Callable[[torch.Tensor], torch.Tensor] | None = None
     plan: SlotPlan | None = None
+    # Static caches: the slots per row of each group's fixed buffer (per-slot method state is kept at that width);
+    # ``in_place``: a decode step whose new token already sits in a free slot (not after the kept ones).
+    slots: tuple[int, ...] | None = None
+    in_place: bool = False
 
     def count_rows_from(self, attention_mask) -> None:
         """A plain call's positions from each row's first real token as the mask gives it (``_rows``), which the

@@ -289,13 +289,47 @@ def _bounded_plan(state, kv_heads: int, query_heads: int):
     if state.config.kv_budget is None:
         raise ValueError("sinklora without kv_budget runs dense attention at inference (it reads every key), so "
                          "memory cannot be bounded; set kv_budget (H2O eviction)")
-    return SlotPlan(groups=(tuple(range(kv_heads)),), per_head=True)
+    return SlotPlan(groups=(tuple(range(kv_heads)),), per_head=True, capacity=(state.config.kv_budget + 1,))
 
 
-def _compact(h2o: H2OCache, order: torch.Tensor) -> H2OCache:
-    """The eviction state on the slots the cache kept (``order``: its gather index)."""
+def _compact(h2o: H2OCache, order: torch.Tensor, slots=None) -> H2OCache:
+    """The eviction state on the slots the cache kept (``order``: its gather index), at a static buffer's width
+    (``slots``) when it has one."""
     kept = torch.gather(h2o.kept, -1, order)
-    return H2OCache(kept, torch.gather(h2o.mass, -1, order) * kept, h2o.kv_start)
+    mass = torch.gather(h2o.mass, -1, order) * kept
+    if slots is not None:
+        kept = torch.nn.functional.pad(kept, (0, slots[0] - kept.shape[-1]))
+        mass = torch.nn.functional.pad(mass, (0, slots[0] - mass.shape[-1]))
+    return H2OCache(kept, mass, h2o.kv_start)
+
+
+def _evict_one(config, kept, mass, protected) -> torch.Tensor:
+    """``_evict_to_budget`` for a decode step (a head holds at most one key too many), on the device: no host sync."""
+    over = kept.sum(-1, keepdim=True) > config.kv_budget
+    candidate = kept & ~protected
+    victim = mass.masked_fill(~candidate, float("inf")).argmin(-1, keepdim=True)
+    drop = over & torch.gather(candidate, -1, victim)
+    return kept & ~torch.zeros_like(kept).scatter(-1, victim, drop)
+
+
+def _h2o_in_place(state, query, kept_keys: KeptKeys, scaling, softcap):
+    """A static cache's decode step: the new token already sits in a free slot; mass and eviction per slot, with
+    static shapes and no host sync (the step compiles whole)."""
+    config = state.config
+    (group,) = kept_keys.groups
+    heads, kv_heads = query.shape[1], group.keys.shape[1]
+    kept = group.positions >= 0  # [B, Hkv, C]: the kept keys and the new one
+    mass = state.method_state.h2o.mass
+    s = _scores(query, group.keys, scaling, softcap)  # [B, Hq, 1, C]
+    p = torch.softmax(s.masked_fill(~kept.repeat_interleave(heads // kv_heads, 1)[:, :, None, :], float("-inf")), -1)
+    out = p @ group.values.repeat_interleave(heads // kv_heads, 1).float()
+    mass = mass * kept + _per_kv_head(p[:, :, 0], kv_heads)
+    protected = _protected(config, group.positions, kept_keys.query_positions[:, 0])
+    kept = _evict_one(config, kept, mass, protected)
+    kept_keys.retain((kept,))
+    state.method_state.h2o = H2OCache(kept, mass * kept)
+    state.record(density=kept.float().sum(-1).mean() / (kept_keys.query_positions[:, -1] + 1).clamp(min=1).float().mean())
+    return out.to(query.dtype).transpose(1, 2)
 
 
 def _h2o_bounded(state, module, query, key, value, attention_mask, kept_keys: KeptKeys, scaling, softcap, kwargs):
@@ -305,8 +339,10 @@ def _h2o_bounded(state, module, query, key, value, attention_mask, kept_keys: Ke
         h2o = state.method_state.h2o
         kept_keys.count_rows_from(attention_mask)
         (order,) = kept_keys.retain((h2o.kept,))
-        state.method_state.h2o = _compact(h2o, order)
+        state.method_state.h2o = _compact(h2o, order, kept_keys.slots)
         return out
+    if kept_keys.in_place:
+        return _h2o_in_place(state, query, kept_keys, scaling, softcap)
     (group,) = kept_keys.groups
     past = group.keys.shape[2] - query.shape[2]
     kept = group.positions[..., :past] >= 0

@@ -163,6 +163,7 @@ STREAMING = CASES["streaming"][1]
 STATIC_CASES = {
     "streaming": ("streaming", STREAMING, {}),
     "duo": ("duo", CASES["duo"][1], {"max_cache_len": PROMPT + NEW}),
+    "sinklora_h2o": ("sinklora", CASES["sinklora_h2o"][1], {}),
 }
 
 
@@ -178,10 +179,13 @@ def test_static_bounded_cache_generates_the_masked_paths_tokens_in_fixed_buffers
         static = _generate(model, inputs, past_key_values=cache)
     assert torch.equal(static, masked)
     assert cache.is_compileable and int(cache.get_seq_length()) == PROMPT + NEW - 1
-    stream_capacity = math.ceil(options["sink_tokens"] / 16) * 16 + 32 + 2 * 16  # sinks + window + 2 block edges
+    if method == "sinklora":
+        bounded_capacity = options["kv_budget"] + 1  # the budget and the new token
+    else:
+        bounded_capacity = math.ceil(options["sink_tokens"] / 16) * 16 + 32 + 2 * 16  # sinks + window + 2 block edges
     for layer in _bounded_layers(cache):
         sizes = [buffer.keys.shape[2] for buffer in layer.buffers]
-        assert stream_capacity in sizes and all(size in (stream_capacity, PROMPT + NEW + 1) for size in sizes)
+        assert bounded_capacity in sizes and all(size in (bounded_capacity, PROMPT + NEW + 1) for size in sizes)
 
 
 @pytest.mark.parametrize("case", list(STATIC_CASES))
@@ -206,7 +210,7 @@ def test_static_bounded_decode_step_compiles_whole_inside_generate(case):
     torch._dynamo.reset()
 
 
-def test_static_cache_needs_max_cache_len_for_whole_heads_and_refuses_per_head_choices():
+def test_static_cache_needs_max_cache_len_for_whole_heads_and_h2o_one_token_per_call():
     model = tiny_model("llama")
     with patchattn.patched(model, "duo", **SMALL, window=32, retrieval_fraction=0.25), \
             pytest.raises(ValueError, match="max_cache_len"):
@@ -214,9 +218,12 @@ def test_static_cache_needs_max_cache_len_for_whole_heads_and_refuses_per_head_c
     with patchattn.patched(model, "streaming", **STREAMING, dense_layers=[0]), \
             pytest.raises(ValueError, match="layer 0 keeps every key"):
         patchattn.bounded_cache(model, static=True)
-    with patchattn.patched(model, "sinklora", backend="torch", kv_budget=40), \
-            pytest.raises(ValueError, match="static=False"):
-        patchattn.bounded_cache(model, static=True)
+    ids = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), patchattn.patched(model, "sinklora", backend="torch", kv_budget=40):
+        cache = patchattn.bounded_cache(model, static=True)
+        model(input_ids=ids, past_key_values=cache)
+        with pytest.raises(NotImplementedError, match="one token per call"):
+            model(input_ids=ids[:, :2], past_key_values=cache)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
