@@ -381,9 +381,13 @@ def bounded_cache(model, *, static: bool = False, max_cache_len: int | None = No
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         elif static:
-            layers.append(StaticBoundedLayer(module, plan, _capacities(module, plan, max_cache_len), max_cache_len))
+            layers.append(StaticBoundedLayer(module, plan, _capacities(module, plan, max_cache_len)))
         else:
             layers.append(BoundedLayer(module, plan))
+    if any(isinstance(layer, StaticLayer) for layer in layers):  # they share the full-attention mask
+        for layer in layers:
+            if isinstance(layer, StaticBoundedLayer):
+                layer.mask_length = max_cache_len
     return BoundedCache(layers=layers)
 
 
