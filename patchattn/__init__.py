@@ -35,8 +35,8 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "BoundedCache", "MethodConfig", "MethodSpec", "MethodState", "PatchContext", "PatchHandle", "PatchState", "SparseConfig",
-    "TokenLayout", "bounded_cache", "get_config", "get_handle", "list_methods", "load", "load_dit", "patch", "patched",
+    "BoundedCache", "MethodConfig", "MethodSpec", "MethodState", "PatchContext", "PatchHandle", "PatchState",
+    "SparseConfig", "TokenLayout", "bounded_cache", "get_config", "get_handle", "list_methods", "load", "load_dit", "patch", "patched",
     "register_method", "register_sparse_method", "repatch_from_config", "unpatch",
 ]
 

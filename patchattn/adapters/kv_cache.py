@@ -169,7 +169,8 @@ class BoundedLayer(CacheLayerMixin):
             self.start = self.start[pick]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.groups = [SlotGroup(g.kv_heads, *(t.repeat_interleave(repeats, 0) for t in (g.keys, g.values, g.positions)))
+        self.groups = [SlotGroup(g.kv_heads, *(t.repeat_interleave(repeats, 0) for t in (g.keys, g.values,
+                                                                                          g.positions)))
                        for g in self.groups]
         if self.start is not None:
             self.start = self.start.repeat_interleave(repeats, 0)
@@ -180,7 +181,8 @@ class StaticBoundedLayer(BoundedLayer):
     ``max_cache_len`` for a group that keeps every key), each with the position it holds (-1: free).  A decode step
     writes its token into each row's first free slot and frees what the method no longer reads by marking slots, all
     on the device with static shapes, so the step compiles whole (``torch.compile(fullgraph=True)``) and can be
-    captured in a CUDA graph.  A prefill (or a multi-token call) is eager: it compacts what it keeps into the buffers."""
+    captured in a CUDA graph.  A prefill (or a multi-token call) is eager: it compacts what it keeps into the
+    buffers."""
 
     is_compileable = True
 
@@ -339,7 +341,8 @@ class BoundedCache(Cache):
             elif isinstance(layer, BoundedLayer):
                 tensors = [t for g in layer.groups for t in (g.keys, g.values)]
             else:
-                tensors = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if torch.is_tensor(t)]
+                tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+            tensors = [t for t in tensors if torch.is_tensor(t)]
             total += sum(t.numel() * t.element_size() for t in tensors if t.ndim == 4)
         return total
 

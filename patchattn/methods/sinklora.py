@@ -29,7 +29,8 @@ itself, adds its attention row to the accumulated mass, and when a head holds mo
 with the smallest mass outside the sinks and the recent window is evicted, for good.  With transformers' default cache,
 eviction is simulated with a mask over the KV cache, as H2O's own Hugging Face code does: quality is that of a
 ``kv_budget`` cache, memory is not freed; with ``patchattn.bounded_cache(model)`` the evicted keys are freed (each KV
-head holds its ``kv_budget`` slots, the same tokens).  Sinks and heavy hitters are per KV head (GQA heads of a group share their keys).
+head holds its ``kv_budget`` slots, the same tokens).  Sinks and heavy hitters are per KV head (GQA heads of a group
+share their keys).
 """
 
 from __future__ import annotations
@@ -328,8 +329,13 @@ def _h2o_in_place(state, query, kept_keys: KeptKeys, scaling, softcap):
     kept = _evict_one(config, kept, mass, protected)
     kept_keys.retain((kept,))
     state.method_state.h2o = H2OCache(kept, mass * kept)
-    state.record(density=kept.float().sum(-1).mean() / (kept_keys.query_positions[:, -1] + 1).clamp(min=1).float().mean())
+    state.record(density=_held_fraction(kept, kept_keys.query_positions))
     return out.to(query.dtype).transpose(1, 2)
+
+
+def _held_fraction(kept, query_positions) -> torch.Tensor:
+    """The density a bounded H2O call records: keys held per head over the keys seen (no host sync)."""
+    return kept.float().sum(-1).mean() / (query_positions[:, -1] + 1).clamp(min=1).float().mean()
 
 
 def _h2o_bounded(state, module, query, key, value, attention_mask, kept_keys: KeptKeys, scaling, softcap, kwargs):
@@ -353,8 +359,7 @@ def _h2o_bounded(state, module, query, key, value, attention_mask, kept_keys: Ke
                                 kept_keys.query_positions, scaling, softcap)
     (order,) = kept_keys.retain((kept,))
     state.method_state.h2o = _compact(H2OCache(kept, mass), order)
-    state.record(density=state.method_state.h2o.kept.float().sum(-1).mean() / (kept_keys.query_positions[:, -1] + 1)
-                 .clamp(min=1).float().mean())
+    state.record(density=_held_fraction(state.method_state.h2o.kept, kept_keys.query_positions))
     return out
 
 

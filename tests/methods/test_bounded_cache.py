@@ -208,8 +208,8 @@ def test_static_bounded_decode_step_compiles_whole_inside_generate(case):
     counters.clear()
     with torch.no_grad(), patchattn.patched(model, method, **options):
         masked = _generate(model, inputs)
-        compiled = _generate(model, inputs, past_key_values=patchattn.bounded_cache(model, static=True, **cache_options),
-                             compile_config=compile_config)
+        cache = patchattn.bounded_cache(model, static=True, **cache_options)
+        compiled = _generate(model, inputs, past_key_values=cache, compile_config=compile_config)
     assert torch.equal(compiled, masked)
     assert counters["stats"]["unique_graphs"] >= 1  # the step did run compiled (a break would have raised)
     torch._dynamo.reset()
