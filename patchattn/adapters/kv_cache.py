@@ -33,6 +33,7 @@ from transformers.cache_utils import (
 
 from ..methods._kept import BOUNDED_PLANS, KeptKeys, SlotGroup, SlotPlan, compaction, publish
 from ..state import get_state
+from .hf import loaded_patch
 
 
 class BoundedLayer(CacheLayerMixin):
@@ -365,6 +366,9 @@ def bounded_cache(model, *, static: bool = False, max_cache_len: int | None = No
     tokens, as transformers' static cache)."""
     text_config = model.config.get_text_config(decoder=True)
     modules = _patched_attention(model)
+    if not modules and loaded_patch(model) is not None:
+        raise ValueError("patchattn.bounded_cache: this model runs a patchattn method through its config (loaded "
+                         "patched) and has no patch states yet; call patchattn.get_handle(model) first")
     if not modules:
         raise ValueError("patchattn.bounded_cache: this model is not patched; patch it first, e.g. "
                          "patchattn.patch(model, 'streaming', window=1024)")

@@ -268,3 +268,19 @@ def test_beam_search_reorders_the_slots_with_the_beams(case):
         masked = _generate(model, inputs, num_beams=3)
         bounded = _generate(model, inputs, num_beams=3, past_key_values=patchattn.bounded_cache(model))
     assert torch.equal(bounded, masked)
+
+
+def test_a_model_loaded_patched_gets_its_cache_after_get_handle(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    patchattn.patch(model, "streaming", **STREAMING)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with pytest.raises(ValueError, match="get_handle"):
+        patchattn.bounded_cache(loaded)
+    patchattn.get_handle(loaded)
+    inputs = _inputs(1)
+    with torch.no_grad():
+        bounded = _generate(loaded, inputs, past_key_values=patchattn.bounded_cache(loaded))
+        assert torch.equal(bounded, _generate(model, inputs))
