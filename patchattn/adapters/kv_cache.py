@@ -15,9 +15,10 @@ Keys are cached after RoPE, so kept keys keep their original rotary positions (D
 StreamingLLM paper re-numbers positions inside its cache): this is what makes the generated tokens equal to those
 of the same method on transformers' default cache.
 
-Sliding-window layers of the model and the method's ``dense_layers`` keep transformers' own layers.  Positions are
-read from the ``position_ids`` transformers passes with each call (``generate``'s left padding: the first real
-token is position 0); without them every row starts at the first token.
+Sliding-window layers of the model and the method's ``dense_layers`` keep transformers' own layers.  A prefill counts
+each row from its first real token as the attention mask gives it (``_rows``), else from the ``position_ids``
+transformers passes to ``Cache.update`` (left padding: the first real token is position 0), else from the first
+token.  ``static=True`` keeps the slots in fixed-size buffers whose decode step compiles whole.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class BoundedLayer(CacheLayerMixin):
 
     def _returned(self, key_states):
         """The keys/values transformers passes to the attention: the slots when one group holds every head in
-        order, else a zero-size stand-in of the right shape (the method reads the groups from ``KeptKeys``)."""
+        order, else a stand-in of the right shape and no memory (zero strides) (the method reads the groups from ``KeptKeys``)."""
         if len(self.groups) == 1 and self.groups[0].kv_heads == tuple(range(key_states.shape[1])):
             return self.groups[0].keys, self.groups[0].values
         batch, heads, _, dim = key_states.shape
