@@ -284,7 +284,7 @@ class StaticBoundedLayer(BoundedLayer):
 
 def _write_first_free(buffer: SlotGroup, keys, values, position) -> None:
     """The new token into each row's first free slot, in place (static shapes, no host sync)."""
-    free = torch.argmax((buffer.positions < 0).to(torch.int8), dim=-1)  # [B, 1 or h]
+    free = torch.argmax((buffer.positions < 0).to(torch.int32), dim=-1)  # [B, 1 or h]
     heads, dim, dim_v = buffer.keys.shape[1], buffer.keys.shape[-1], buffer.values.shape[-1]
     slot = free[:, :, None, None]
     buffer.keys.scatter_(2, slot.expand(-1, heads, 1, dim), keys)
