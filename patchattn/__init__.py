@@ -28,13 +28,15 @@ _PUBLIC = {
     "TokenLayout": "state",
     "SparseConfig": "methods._sparse",
     "register_sparse_method": "methods._sparse",
+    "BoundedCache": "adapters.kv_cache",
+    "bounded_cache": "adapters.kv_cache",
     **{name: "api" for name in ("PatchHandle", "get_config", "get_handle", "list_methods", "load", "load_dit",
                                 "patch", "patched", "repatch_from_config", "unpatch")},
 }
 
 __all__ = [
-    "MethodConfig", "MethodSpec", "MethodState", "PatchContext", "PatchHandle", "PatchState", "SparseConfig",
-    "TokenLayout", "get_config", "get_handle", "list_methods", "load", "load_dit", "patch", "patched",
+    "BoundedCache", "MethodConfig", "MethodSpec", "MethodState", "PatchContext", "PatchHandle", "PatchState",
+    "SparseConfig", "TokenLayout", "bounded_cache", "get_config", "get_handle", "list_methods", "load", "load_dit", "patch", "patched",
     "register_method", "register_sparse_method", "repatch_from_config", "unpatch",
 ]
 

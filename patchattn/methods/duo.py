@@ -17,6 +17,9 @@ by its best query head's score and its whole query group is full or streaming, s
 decode step reads each KV block once (H200, 128k: 1.94x / 3.23x SDPA at batch 1 / 8 against 1.31x / 1.64x per query
 head; SmolLM2 8k: x1.129 vs x1.152 perplexity at the same density, ``bench/quality/smollm2_duo_kv.json``).
 
+With ``patchattn.bounded_cache(model)`` the memory follows DuoAttention's: the KV heads a full query head reads keep
+every key, the others only their sink + window (``methods._kept``; kept keys keep their rotary positions).
+
 Deviations: heads are chosen from retrieval scores (the Retrieval Head paper) rather than DuoAttention's optimised
 gates; ``kv_heads_together=False`` decides per query head; block-granular sink/window as in ``streaming``.
 """
@@ -33,10 +36,24 @@ import torch
 from ..artifacts import check_against, load_artifact, shipped_for
 from ..config import option
 from ..masks import BlockGeometry, causal_allowed, rows_lists, sink_and_window, sink_and_window_device_rows
+from ..registry import register_method
 from ..state import PatchState
 from ._budget import capped_rows, closest_budget, pattern_density, window_for_blocks
+from ._kept import (
+    KeptKeys,
+    SlotPlan,
+    attend_slots,
+    causal_slots,
+    check_fixed_window,
+    read_fraction,
+    register_bounded,
+    sink_window_capacity,
+    sink_window_keep,
+    sink_window_visible,
+    take,
+)
 from ._shared import per_head_window_lists
-from ._sparse import SparseConfig, SparseState, decode_width, register_sparse_method
+from ._sparse import SparseConfig, SparseState, decode_width, run_block_sparse
 
 AUTO = "auto"
 HOW_TO = ("make scores with `python -m patchattn.calibrate.retrieval_heads --model <name or path> --out scores.json` "
@@ -86,6 +103,7 @@ class DuoState(SparseState):
 
     retrieval: torch.Tensor | None = None
     retrieval_on: torch.Tensor | None = None
+    kept_keys: KeptKeys | None = None  # the slots a bounded KV cache hands the current call (methods._kept)
 
 
 def load_scores(name_or_path: str) -> dict:
@@ -175,16 +193,108 @@ def decode_rows_duo(rows, query, key, state):
     return rows_lists(runs, decode_width(config, rows.geometry()), query.device)
 
 
-duo_attention = register_sparse_method(
+# ---- bounded KV memory (patchattn.bounded_cache) ----------------------------------------------------------------
+def _bounded_plan(state, kv_heads: int, query_heads: int):
+    """Two groups of KV heads: those a full query head reads (kept whole) and the streaming ones (sink + window).
+    Which query heads read everything is fixed here, on the host, so a compiled step branches on constants."""
+    config = state.config
+    check_fixed_window(config)
+    retrieval = state.method_state.retrieval
+    if retrieval is None:
+        raise ValueError("duo: this layer has no retrieval heads; patch the model with patchattn.patch(model, 'duo')")
+    flags = [bool(full) for full in retrieval.tolist()]
+    per_kv = query_heads // kv_heads
+    if config.kv_heads_together:
+        full_kv, full_q = flags, tuple(flag for flag in flags for _ in range(per_kv))
+    else:  # a KV head is kept whole when any query head of its group is full
+        full_kv, full_q = [any(flags[h * per_kv:(h + 1) * per_kv]) for h in range(kv_heads)], tuple(flags)
+    full_heads = tuple(h for h in range(kv_heads) if full_kv[h])
+    stream_heads = tuple(h for h in range(kv_heads) if not full_kv[h])
+    if not stream_heads:  # every head reads every key: transformers' own layer
+        return None
+    window = sink_window_capacity(config.block_size, config.sink_tokens, config.window)
+    groups = tuple(g for g in (full_heads, stream_heads) if g)
+    return SlotPlan(groups=groups, capacity=tuple(window if g is stream_heads else None for g in groups),
+                    heads_reading_all=full_q)
+
+
+def _group_visible(state, group, query_positions, full_q: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visible ``[B, 1 or hq, Tq, S]`` for the group's query heads, keep ``[B, 1, S]``)."""
+    config = state.config
+    causal = causal_slots(query_positions, group.positions)
+    if all(full_q):
+        return causal, group.positions >= 0
+    stream = sink_window_visible(query_positions, group.positions, config.block_size, config.sink_tokens,
+                                 config.window)
+    if not any(full_q):
+        keep = sink_window_keep(query_positions, group.positions, config.block_size, config.sink_tokens,
+                                config.window)
+        return stream, keep
+    reads_all = torch.tensor(full_q, device=causal.device)[None, :, None, None]
+    return torch.where(reads_all, causal, stream), group.positions >= 0
+
+
+def _group_query_heads(group, per_kv: int) -> list[int]:
+    return [kv * per_kv + j for kv in group.kv_heads for j in range(per_kv)]
+
+
+def _keeps(state, kept: KeptKeys, query_heads: int) -> tuple[torch.Tensor, ...]:
+    per_kv = query_heads // sum(len(g.kv_heads) for g in kept.groups)
+    full_q = kept.plan.heads_reading_all
+    return tuple(_group_visible(state, g, kept.query_positions,
+                                tuple(full_q[h] for h in _group_query_heads(g, per_kv)))[1] for g in kept.groups)
+
+
+def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):
+    """Each group of heads over its own slots, the outputs put back by query head; ``[B, Tq, Hq, Dv]``."""
+    if query.shape[2] > 1 and state.config.last_block_dense:
+        raise NotImplementedError("duo: last_block_dense reads every key on a multi-token call, which a bounded cache "
+                                  "has evicted; pass last_block_dense=False or use the default cache")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    batch, query_heads, q_len, _ = query.shape
+    per_kv = query_heads // sum(len(g.kv_heads) for g in kept.groups)
+    full_q = kept.plan.heads_reading_all
+    out = query.new_empty(batch, q_len, query_heads, kept.groups[0].values.shape[-1])
+    keeps, reads = [], []
+    for group in kept.groups:
+        heads = _group_query_heads(group, per_kv)
+        visible, keep = _group_visible(state, group, kept.query_positions, tuple(full_q[h] for h in heads))
+        out[:, :, heads] = attend_slots(query[:, heads], group.keys, group.values, visible, scaling=scaling,
+                                        softcap=softcap)
+        keeps.append(keep)
+        reads.append((len(heads), read_fraction(visible, kept.query_positions)))
+    state.record(density=sum(n * fraction for n, fraction in reads) / query_heads)
+    kept.retain(tuple(keeps))
+    return out
+
+
+def duo_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
+    """Full attention on calibrated retrieval heads, sink + recent window on the other heads."""
+    state = module.patchattn
+    kept = take(state.method_state)
+    if kept is None or kept.plain:
+        out = run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select_duo,
+                               static=True, decode_rows=decode_rows_duo, **kwargs)
+        if kept is not None:
+            kept.count_rows_from(attention_mask)
+            kept.retain(_keeps(state, kept, query.shape[1]))
+        return out
+    return bounded_call(state, query, kept, scaling=scaling, softcap=kwargs.get("softcap")), None
+
+
+duo_attention = register_method(
     "duo",
     config=DuoConfig,
+    category="sparse",
+    families=("llm", "lvlm"),
+    patterns=("causal-self",),
     make_state=make_duo_state,
     paper="Wu et al., Retrieval Head Mechanistically Explains Long-Context Factuality, arXiv 2404.15574; "
     "Xiao et al., DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads "
     "(ICLR 2025), arXiv 2410.10819",
     select=select_duo,
-    decode_rows=decode_rows_duo,
+    key_bounds=True,
     state_cls=DuoState,
     static=True,
-    doc="Full attention on calibrated retrieval heads, sink + recent window on the other heads.",
-)
+)(duo_attention)
+register_bounded("duo", _bounded_plan)

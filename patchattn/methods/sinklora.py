@@ -26,9 +26,11 @@ the KV head's group).  What is implemented: a prefill runs dense attention (exac
 in chunks of query rows (``q.k`` rows, softmax, column sums; ``O(chunk x N)`` memory) and the cache is cut to the
 budget; every later token (decode, or each row of a chunk against the cache) attends only to the kept keys plus
 itself, adds its attention row to the accumulated mass, and when a head holds more than the budget the kept key
-with the smallest mass outside the sinks and the recent window is evicted, for good.  Eviction is simulated with a
-mask over the transformers KV cache, as H2O's own Hugging Face code does: quality is that of a ``kv_budget`` cache,
-memory is not freed.  Sinks and heavy hitters are per KV head (GQA heads of a group share their keys).
+with the smallest mass outside the sinks and the recent window is evicted, for good.  With transformers' default cache,
+eviction is simulated with a mask over the KV cache, as H2O's own Hugging Face code does: quality is that of a
+``kv_budget`` cache, memory is not freed; with ``patchattn.bounded_cache(model)`` the evicted keys are freed (each KV
+head holds its ``kv_budget`` slots, the same tokens).  Sinks and heavy hitters are per KV head (GQA heads of a group
+share their keys).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 from ..config import option
 from ..kernels.blocksparse import block_sparse_attention, density_tensor
 from ..registry import register_method
+from ._kept import KeptKeys, SlotPlan, register_bounded, take
 from ._rows import run_by_rows
 from ._shared import (
     GroupedConfig,
@@ -97,6 +100,7 @@ class SinkLoRAState(GroupedState):
     """The latest training shape's block lists, and the H2O eviction state at inference."""
 
     h2o: H2OCache | None = None
+    kept_keys: KeptKeys | None = None  # the slots a bounded KV cache hands the current call (methods._kept)
 
 
 # ---- SF-Attn -----------------------------------------------------------------------------------------------------
@@ -187,12 +191,18 @@ def column_mass(query, key, scaling, softcap=None, kv_start=None) -> torch.Tenso
     return mass
 
 
-def _protected(config, kv_len: int, newest: int, kv_start, batch: int, device) -> torch.Tensor:
-    """bool ``[B, 1, Tk]``: sinks (first real tokens) and the recent window ending at position ``newest``."""
+def _protected(config, positions: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+    """bool like ``positions`` (``[B, 1 or Hkv, Tk]``, counted from each row's first real token; -1 or below:
+    padding): the sinks and the recent window ending at position ``newest`` (``[B]``)."""
+    sinks = (positions >= 0) & (positions < config.sink_tokens)
+    return sinks | (positions > newest[:, None, None] - config.recent_window())
+
+
+def _row_positions(kv_len: int, kv_start, batch: int, device) -> torch.Tensor:
+    """``[B, 1, Tk]`` each key's position from its row's first real token (the masked path's keys)."""
     keys = torch.arange(kv_len, device=device)[None, None, :]
     start = torch.zeros(batch, device=device, dtype=torch.long) if kv_start is None else kv_start.long()
-    sinks = (keys >= start[:, None, None]) & (keys < start[:, None, None] + config.sink_tokens)
-    return sinks | (keys > newest - config.recent_window())
+    return keys - start[:, None, None]
 
 
 def _evict_to_budget(config, kept, mass, protected) -> torch.Tensor:
@@ -219,7 +229,8 @@ def _h2o_prefill(state, module, query, key, value, attention_mask, scaling, soft
     if kv_start is not None:
         real = keys[None, None, :] >= kv_start.long()[:, None, None]
     kept = real.expand(-1, key.shape[1], -1).clone()
-    protected = _protected(config, kv_len, kv_len - 1, kv_start, batch, query.device)
+    positions = _row_positions(kv_len, kv_start, batch, query.device)
+    protected = _protected(config, positions, positions[:, 0, -1])
     kept = _evict_to_budget(config, kept, mass, protected)
     state.method_state.h2o = H2OCache(kept, mass, kv_start)
     state.record(density=kept.float().mean())
@@ -236,13 +247,27 @@ def _h2o_state(state, batch: int, kv_heads: int, past: int, device):
 
 
 def _h2o_extend(state, query, key, value, scaling, softcap):
-    """New rows against the cache, one at a time: attend to kept keys + self, accumulate mass, evict."""
-    config = state.config
-    batch, heads, q_len, _ = query.shape
+    """New rows against the (masked) cache: ``_h2o_rows`` over every key, evicted ones masked."""
+    batch, _, q_len, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     past = kv_len - q_len
     h2o = _h2o_state(state, batch, kv_heads, past, query.device)
-    kept, mass = h2o.kept, h2o.mass
+    positions = _row_positions(kv_len, h2o.kv_start, batch, query.device)
+    out, kept, mass = _h2o_rows(state.config, query, key, value, h2o.kept, h2o.mass, positions,
+                                positions[:, 0, past:], scaling, softcap)
+    state.method_state.h2o = H2OCache(kept, mass, h2o.kv_start)
+    state.record(density=kept.float().mean())
+    return out
+
+
+def _h2o_rows(config, query, key, value, kept, mass, positions, newest, scaling, softcap):
+    """New rows one at a time: attend to kept keys + self, accumulate mass, evict.  ``key`` ``[B, Hkv, P + Tq, D]``
+    (the last ``Tq`` are the new rows' own), ``kept``/``mass`` ``[B, Hkv, P]``, ``positions`` ``[B, 1 or Hkv,
+    P + Tq]`` and ``newest`` ``[B, Tq]`` counted from each row's first real token.  Returns ``([B, Tq, Hq, Dv],
+    kept, mass)`` over the ``P + Tq`` keys."""
+    batch, heads, q_len, _ = query.shape
+    kv_heads = key.shape[1]
+    past = key.shape[2] - q_len
     outs = []
     for r in range(q_len):
         length = past + r + 1
@@ -254,11 +279,88 @@ def _h2o_extend(state, query, key, value, scaling, softcap):
         v = value[:, :, :length].repeat_interleave(heads // kv_heads, 1).float()
         outs.append(p @ v)
         mass = mass + _per_kv_head(p[:, :, 0], kv_heads)
-        protected = _protected(config, length, length - 1, h2o.kv_start, batch, query.device)
+        protected = _protected(config, positions[..., :length], newest[:, r])
         kept = _evict_to_budget(config, kept, mass, protected)
-    state.method_state.h2o = H2OCache(kept, mass, h2o.kv_start)
-    state.record(density=kept.float().mean())
-    return torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2)
+    return torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2), kept, mass
+
+
+# ---- bounded KV memory (patchattn.bounded_cache) ----------------------------------------------------------------
+def _bounded_plan(state, kv_heads: int, query_heads: int):
+    """Every KV head keeps its own ``kv_budget`` keys."""
+    if state.config.kv_budget is None:
+        raise ValueError("sinklora without kv_budget runs dense attention at inference (it reads every key), so "
+                         "memory cannot be bounded; set kv_budget (H2O eviction)")
+    return SlotPlan(groups=(tuple(range(kv_heads)),), per_head=True, capacity=(state.config.kv_budget + 1,))
+
+
+def _compact(h2o: H2OCache, order: torch.Tensor, slots=None) -> H2OCache:
+    """The eviction state on the slots the cache kept (``order``: its gather index), at a static buffer's width
+    (``slots``) when it has one."""
+    kept = torch.gather(h2o.kept, -1, order)
+    mass = torch.gather(h2o.mass, -1, order) * kept
+    if slots is not None:
+        kept = torch.nn.functional.pad(kept, (0, slots[0] - kept.shape[-1]))
+        mass = torch.nn.functional.pad(mass, (0, slots[0] - mass.shape[-1]))
+    return H2OCache(kept, mass, h2o.kv_start)
+
+
+def _evict_one(config, kept, mass, protected) -> torch.Tensor:
+    """``_evict_to_budget`` for a decode step (a head holds at most one key too many), on the device: no host sync."""
+    over = kept.sum(-1, keepdim=True) > config.kv_budget
+    candidate = kept & ~protected
+    victim = mass.masked_fill(~candidate, float("inf")).argmin(-1, keepdim=True)
+    drop = over & torch.gather(candidate, -1, victim)
+    return kept & ~torch.zeros_like(kept).scatter(-1, victim, drop)
+
+
+def _h2o_in_place(state, query, kept_keys: KeptKeys, scaling, softcap):
+    """A static cache's decode step: the new token already sits in a free slot; mass and eviction per slot, with
+    static shapes and no host sync (the step compiles whole)."""
+    config = state.config
+    (group,) = kept_keys.groups
+    heads, kv_heads = query.shape[1], group.keys.shape[1]
+    kept = group.positions >= 0  # [B, Hkv, C]: the kept keys and the new one
+    mass = state.method_state.h2o.mass
+    s = _scores(query, group.keys, scaling, softcap)  # [B, Hq, 1, C]
+    p = torch.softmax(s.masked_fill(~kept.repeat_interleave(heads // kv_heads, 1)[:, :, None, :], float("-inf")), -1)
+    out = p @ group.values.repeat_interleave(heads // kv_heads, 1).float()
+    mass = mass * kept + _per_kv_head(p[:, :, 0], kv_heads)
+    protected = _protected(config, group.positions, kept_keys.query_positions[:, 0])
+    kept = _evict_one(config, kept, mass, protected)
+    kept_keys.retain((kept,))
+    state.method_state.h2o = H2OCache(kept, mass * kept)
+    state.record(density=_held_fraction(kept, kept_keys.query_positions))
+    return out.to(query.dtype).transpose(1, 2)
+
+
+def _held_fraction(kept, query_positions) -> torch.Tensor:
+    """The density a bounded H2O call records: keys held per head over the keys seen (no host sync)."""
+    return kept.float().sum(-1).mean() / (query_positions[:, -1] + 1).clamp(min=1).float().mean()
+
+
+def _h2o_bounded(state, module, query, key, value, attention_mask, kept_keys: KeptKeys, scaling, softcap, kwargs):
+    """H2O on a bounded cache: the slots hold exactly the kept keys, and the evicted ones are freed."""
+    if kept_keys.plain:  # a prefill: the masked path, then the cache keeps what it kept
+        out, _ = _h2o_prefill(state, module, query, key, value, attention_mask, scaling, softcap, kwargs)
+        h2o = state.method_state.h2o
+        kept_keys.count_rows_from(attention_mask)
+        (order,) = kept_keys.retain((h2o.kept,))
+        state.method_state.h2o = _compact(h2o, order, kept_keys.slots)
+        return out
+    if kept_keys.in_place:
+        return _h2o_in_place(state, query, kept_keys, scaling, softcap)
+    (group,) = kept_keys.groups
+    past = group.keys.shape[2] - query.shape[2]
+    kept = group.positions[..., :past] >= 0
+    h2o = state.method_state.h2o
+    mass = h2o.mass if h2o is not None and h2o.mass.shape == kept.shape else torch.zeros(kept.shape,
+                                                                                           device=kept.device)
+    out, kept, mass = _h2o_rows(state.config, query, group.keys, group.values, kept, mass, group.positions,
+                                kept_keys.query_positions, scaling, softcap)
+    (order,) = kept_keys.retain((kept,))
+    state.method_state.h2o = _compact(H2OCache(kept, mass), order)
+    state.record(density=_held_fraction(state.method_state.h2o.kept, kept_keys.query_positions))
+    return out
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
@@ -280,6 +382,12 @@ def sinklora_attention(module, query, key, value, attention_mask, *, scaling=Non
     kv_len = key.shape[2]
     scaling = dim ** -0.5 if scaling is None else scaling
     softcap = kwargs.get("softcap")
+    kept_keys = take(state.method_state)
+    h2o = config.kv_budget is not None and not module.training and not kwargs.get("sliding_window")
+    if kept_keys is not None:
+        if not h2o or training_attention_active(module, config, q_len, kv_len):
+            raise RuntimeError("sinklora on a bounded KV cache runs H2O eviction only: kv_budget set, eval mode")
+        return _h2o_bounded(state, module, query, key, value, attention_mask, kept_keys, scaling, softcap, kwargs), None
     if training_attention_active(module, config, q_len, kv_len):
         reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
         if reason is None:
@@ -289,9 +397,12 @@ def sinklora_attention(module, query, key, value, attention_mask, *, scaling=Non
             return (run(query, key, value) if spans is None else run_by_rows(state, query, key, value, spans, run)), None
         if reason != "dense layer":
             warnings.warn(f"patchattn sinklora: {reason}; those calls run dense attention", stacklevel=2)
-    elif config.kv_budget is not None and not module.training and not kwargs.get("sliding_window"):
+    elif h2o:
         if q_len == kv_len:
             return _h2o_prefill(state, module, query, key, value, attention_mask, scaling, softcap, kwargs)
         return _h2o_extend(state, query, key, value, scaling, softcap), None
     state.record(density=1.0)
     return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+register_bounded("sinklora", _bounded_plan)

@@ -3,6 +3,10 @@
 Each query reads the first ``sink_tokens`` keys (the attention sinks) and the ``window`` most recent keys.
 Block-granular: whole ``block_size`` blocks are read, so the sink covers the first block and the window is
 rounded up to whole blocks (never less than asked).
+
+With ``patchattn.bounded_cache(model)`` the keys no later query reads are freed: each layer keeps its sink blocks
+and its window's blocks (``methods._kept``); kept keys keep their original rotary positions, so the tokens equal
+those of the default cache.
 """
 
 from __future__ import annotations
@@ -13,8 +17,21 @@ from typing import ClassVar
 
 from ..config import option
 from ..masks import BlockGeometry, rows_lists, sink_and_window, sink_and_window_device_rows, sink_and_window_row
+from ..registry import register_method
 from ._budget import capped_rows, closest_budget, pattern_density, window_for_blocks
-from ._sparse import SparseConfig, decode_width, register_sparse_method, row_lists
+from ._kept import (
+    KeptKeys,
+    SlotPlan,
+    attend_slots,
+    check_fixed_window,
+    read_fraction,
+    register_bounded,
+    sink_window_capacity,
+    sink_window_keep,
+    sink_window_visible,
+    take,
+)
+from ._sparse import SparseConfig, SparseState, decode_width, row_lists, run_block_sparse
 
 
 @dataclass(kw_only=True)
@@ -67,12 +84,58 @@ def _decode_rows(rows, query, key, state):
                                               width, query.device))
 
 
-streaming_attention = register_sparse_method(
-    "streaming",
-    config=StreamingConfig,
-    paper="Xiao et al., Efficient Streaming Language Models with Attention Sinks (ICLR 2024), arXiv 2309.17453",
-    select=_select,
-    decode_rows=_decode_rows,
-    static=True,
-    doc="Attention sinks plus a sliding window of recent tokens.",
-)
+@dataclass
+class StreamingState(SparseState):
+    """``SparseState`` plus the slots a bounded KV cache hands the current call (``methods._kept``)."""
+
+    kept_keys: KeptKeys | None = None
+
+
+# ---- bounded KV memory (patchattn.bounded_cache) ----------------------------------------------------------------
+def _bounded_plan(state, kv_heads: int, query_heads: int):
+    check_fixed_window(state.config)
+    if state.layer_index in state.config.dense_layers:
+        return None
+    config = state.config
+    return SlotPlan(groups=(tuple(range(kv_heads)),),
+                    capacity=(sink_window_capacity(config.block_size, config.sink_tokens, config.window),))
+
+
+def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):
+    """Attention over a bounded cache's slots, then what to keep; ``[B, Tq, Hq, Dv]``."""
+    config = state.config
+    (group,) = kept.groups
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if query.shape[2] > 1 and config.last_block_dense:
+        raise NotImplementedError("streaming: last_block_dense reads every key on a multi-token call, which a bounded "
+                                  "cache has evicted; pass last_block_dense=False or use the default cache")
+    qpos = kept.query_positions
+    visible = sink_window_visible(qpos, group.positions, config.block_size, config.sink_tokens, config.window)
+    out = attend_slots(query, group.keys, group.values, visible, scaling=scaling, softcap=softcap)
+    state.record(density=read_fraction(visible, qpos))
+    kept.retain((sink_window_keep(qpos, group.positions, config.block_size, config.sink_tokens, config.window),))
+    return out
+
+
+@register_method("streaming", config=StreamingConfig, category="sparse", families=("llm", "lvlm"),
+                 patterns=("causal-self",), select=_select, static=True, state_cls=StreamingState, key_bounds=True,
+                 paper="Xiao et al., Efficient Streaming Language Models with Attention Sinks (ICLR 2024), arXiv "
+                 "2309.17453")
+def streaming_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
+    """Attention sinks plus a sliding window of recent tokens."""
+    state = module.patchattn
+    kept = take(state.method_state)
+    if kept is None or kept.plain:
+        out = run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=_select,
+                               static=True, decode_rows=_decode_rows, **kwargs)
+        if kept is not None:
+            kept.count_rows_from(attention_mask)
+            (group,) = kept.groups
+            cfg = state.config
+            kept.retain((sink_window_keep(kept.query_positions, group.positions, cfg.block_size, cfg.sink_tokens,
+                                          cfg.window),))
+        return out
+    return bounded_call(state, query, kept, scaling=scaling, softcap=kwargs.get("softcap")), None
+
+
+register_bounded("streaming", _bounded_plan)
