@@ -58,6 +58,11 @@ class HyperConfig(SparseConfig):
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
     min_seq_len: int = option(4096, "calls with fewer keys run exact attention (paper: 4096)", min=0)
     seed: int = option(0, "seed of the LSH hyperplanes and the sampled blocks (per layer: seed + layer)", min=0)
+    ties: str = option("topk", "order of equal LSH block scores (frequent: counts of whole keys): 'topk' (torch's "
+                       "top-k order, which depends on the row's width, so a decode step over a static cache or a padded "
+                       "batch selects each row on the host: no fullgraph compile) or 'lowest' (lowest block first at "
+                       "any width: those decode steps run on the device, compile whole and replay in a CUDA graph)",
+                       choices=("topk", "lowest"))
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"min_seq_len": 1 << 30}
     DENSITY_FIELDS: ClassVar[tuple] = ("lsh_blocks", "sample_size", "min_seq_len")
@@ -235,7 +240,8 @@ def select_hyper(g: BlockGeometry, query, key, state):
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     proj = lsh_projections(state, query.shape[-1], query.device)
     scores = lsh_block_scores(query, key, proj, g, config.bucket_keys)
-    chosen = top_blocks(scores.masked_fill(~allowed | forced, float("-inf")), config.lsh_blocks) | forced
+    pick = top_blocks_lowest_first if config.ties == "lowest" else top_blocks
+    chosen = pick(scores.masked_fill(~allowed | forced, float("-inf")), config.lsh_blocks) | forced
     sampled = sampled_blocks(state, g, query.shape[1], allowed & ~chosen)
     return chosen | sampled
 
@@ -284,11 +290,13 @@ def _bucket_counts(key, first, end, block: int, n_blocks: int, proj) -> torch.Te
 
 
 def decode_hyper_rows(rows: RowGeometry, query, key, state):
-    """``select_hyper``'s decode step for rows of different lengths, on the device with static shapes: each row's
-    LSH scores from its own keys' bucket counts (``KeyBuckets``), its forced blocks counted from its first real key,
-    its samples by the same priorities as alone, and every block below ``min_seq_len`` keys.  Ties among equal LSH
-    scores go to the lowest block (a rule independent of the capacity; the host path's ``topk`` breaks them by its
-    own order).  ``density`` is resolved at the cache's capacity."""
+    """``select_hyper``'s decode step for rows of different lengths.  With ``ties="lowest"``: on the device with
+    static shapes -- each row's LSH scores from its own keys' bucket counts (``KeyBuckets``), its forced blocks
+    counted from its first real key, its samples by the same priorities as alone, every block below ``min_seq_len``
+    keys; ``density`` resolved at the cache's capacity.  With ``ties="topk"`` (torch's order, which depends on the
+    row's width): each row selected alone on the host (``_decode_rows_on_host``)."""
+    if state.config.ties != "lowest":
+        return _decode_rows_on_host(rows, query, key, state)
     with budget_applied(state, rows.geometry()):
         config = state.config
         n_k = rows.n_k
@@ -305,6 +313,21 @@ def decode_hyper_rows(rows: RowGeometry, query, key, state):
         short = (rows.lengths < config.min_seq_len).reshape(-1, 1, 1, 1)
         mask = torch.where(short, allowed, chosen | sampled)
         return blocks_from_mask(mask, width=decode_width(config, rows.geometry()))
+
+
+def _decode_rows_on_host(rows: RowGeometry, query, key, state):
+    """Each row's ``select_hyper`` on its own keys, as alone (a host read of the rows' bounds: the step does not
+    compile whole), as lists counted from each row's first key."""
+    n_k = rows.n_k
+    starts = [0] * len(rows.lengths) if rows.starts is None else rows.starts.tolist()
+    masks = torch.zeros(len(starts), query.shape[1], 1, n_k, dtype=torch.bool, device=query.device)
+    for row, (start, length) in enumerate(zip(starts, rows.lengths.tolist())):
+        if length:
+            g = BlockGeometry(1, length, rows.block_q, rows.block_k)
+            with budget_applied(state, g):
+                masks[row:row + 1, ..., :g.n_k] = select_hyper(g, query[row:row + 1], key[row:row + 1, :,
+                                                                                      start:start + length], state)
+    return blocks_from_mask(masks, width=decode_width(state.config, rows.geometry()))
 
 
 def rows_lsh_scores(query, key_counts: torch.Tensor, proj, width: int) -> torch.Tensor:
