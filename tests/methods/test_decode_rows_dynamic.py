@@ -21,15 +21,18 @@ from patchattn.testing import tiny_model
 
 SMALL = {"block_size": 16, "backend": "torch"}
 CASES = {
-    "blocktopk": ("blocktopk", {**SMALL, "top_k": 2}),
+    # one local block: a block the rows just left is scored from the means updated in place
+    "blocktopk": ("blocktopk", {**SMALL, "top_k": 2, "local_blocks": 1}),
     "blocktopk_group": ("blocktopk", {**SMALL, "top_k": 3, "mass": 1.0, "per_head": False, "score": "mean"}),
     # refresh every 3 steps: the steps in between reuse each row's lists
     "hip": ("hip", {**SMALL, "top_k": 2, "dense_layers": [], "refresh_interval": 3}),
-    "hyper": ("hyper", {**SMALL, "min_seq_len": 0, "lsh_blocks": 2, "sample_size": 16, "ties": "lowest"}),
+    "hyper": ("hyper", {**SMALL, "min_seq_len": 0, "lsh_blocks": 2, "sample_size": 16, "local_blocks": 1,
+                        "ties": "lowest"}),
 }
 TOLERANCE = 2e-5
 STEPS = 5
-LENGTHS = [150, 77, 33]  # 10, 5 and 3 blocks of 16: sparse for the longest rows, odd lengths
+# 10, 9 and 7 blocks of 16 (4-6 read), odd lengths, rows starting late; each row starts a block while decoding
+LENGTHS = [158, 142, 109]
 
 
 def _rows(seed: int = 0) -> list[torch.Tensor]:
