@@ -150,3 +150,23 @@ def test_static_decode_step_compiles_whole_and_matches_eager(case):
         got = [compiled_run.step(step, compiled) for step in tokens]
     for t, (a, b) in enumerate(zip(got, eager)):
         assert (a - b).abs().max().item() < TOLERANCE, f"step {t}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_left_padded_generate_with_the_default_cache_reads_each_row_alone(case):
+    """The default cache on a left-padded batch: its decode steps come with a mask (the device path) over keys that
+    grow every step (the row buffers widen when the cache starts a block); every step's scores are each row's own."""
+    method, settings = CASES[case]
+    model = tiny_model("llama")
+    rows = _rows(seed=2)
+    ids, mask = _left_padded(rows, max(LENGTHS))
+    args = {"max_new_tokens": STEPS, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+            "return_dict_in_generate": True}
+    with torch.no_grad(), patchattn.patched(model, method, **settings):
+        batch = model.generate(input_ids=ids, attention_mask=mask, **args)
+        assert _rows_state(model).built
+        for i, row in enumerate(rows):
+            alone = model.generate(input_ids=row[None], **args)
+            assert torch.equal(batch.sequences[i, ids.shape[1]:], alone.sequences[0, len(row):]), f"row {i}"
+            diff = max((a[i] - b[0]).abs().max().item() for a, b in zip(batch.scores, alone.scores))
+            assert diff < TOLERANCE, f"row {i} (length {len(row)}): {diff:.2e}"
