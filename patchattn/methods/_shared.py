@@ -159,7 +159,9 @@ def row_key_means(state, key: torch.Tensor, rows: RowGeometry) -> tuple[torch.Te
     b, h, _, d = key.shape
     shape = (b, h, rows.n_k, d)
     means = kept.means
-    if kept.built and means is not None and means.dtype == key.dtype and means.shape[:2] == key.shape[:2]:
+    if means is not None and (means.dtype, means.device) != (key.dtype, key.device):
+        means = kept.means = None  # the model moved or changed dtype: a new buffer
+    if kept.built and means is not None and means.shape[:2] == key.shape[:2]:
         if means.shape == shape:
             return means, False
         if means.shape[2] < rows.n_k:  # a growing (default) cache started a block: row-relative blocks stay put
@@ -167,7 +169,7 @@ def row_key_means(state, key: torch.Tensor, rows: RowGeometry) -> tuple[torch.Te
             return kept.means, False
     starts = rows.starts if rows.starts is not None else torch.zeros_like(rows.lengths)
     fresh = row_block_means(key, starts, rows.lengths, rows.block_k, rows.n_k).to(key.dtype)
-    if means is not None and means.shape == shape and means.dtype == key.dtype:
+    if means is not None and means.shape == shape:
         means.copy_(fresh)  # the last sequence's buffer: no new allocation
     else:
         kept.means = means = fresh

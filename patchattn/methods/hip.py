@@ -184,13 +184,14 @@ def decode_hip_rows(rows, query, key, state):
 
 
 def _rows_decode_fits(kept: HipRowsDecode, idx: torch.Tensor) -> bool:
-    return kept.lists is not None and kept.lists.shape[:3] == idx.shape[:3] and kept.lists.shape[-1] <= idx.shape[-1]
+    return (kept.lists is not None and kept.lists.device == idx.device and kept.lists.shape[:3] == idx.shape[:3]
+            and kept.lists.shape[-1] <= idx.shape[-1])
 
 
 def _start_rows_decode(kept: HipRowsDecode, idx, counts, blocks) -> None:
     """The first row step of a sequence: its lists fill the buffers (in place when they have this shape)."""
-    if kept.lists is not None and kept.lists.shape == idx.shape and kept.counts.shape == counts.shape \
-            and kept.age.shape == blocks.shape:
+    if (kept.lists is not None and kept.lists.device == idx.device and kept.lists.shape == idx.shape
+            and kept.counts.shape == counts.shape and kept.age.shape == blocks.shape):
         kept.lists.copy_(idx)
         kept.counts.copy_(counts)
         kept.age.zero_()

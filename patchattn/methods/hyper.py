@@ -255,6 +255,8 @@ def row_key_buckets(state, key: torch.Tensor, rows: RowGeometry, proj: torch.Ten
     b, h = key.shape[:2]
     shape = (b, h, rows.n_k, n_buckets)
     counts = kept.counts
+    if counts is not None and counts.device != key.device:
+        counts = kept.counts = None  # the model moved: a new buffer
     starts = rows.starts if rows.starts is not None else torch.zeros_like(rows.lengths)
     if kept.built and counts is not None and counts.shape[:2] == (b, h) and counts.shape[3] == n_buckets:
         if counts.shape[2] < rows.n_k:  # a growing (default) cache started a block: row-relative blocks stay put
