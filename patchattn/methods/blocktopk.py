@@ -5,7 +5,9 @@ scored against the best query row of the query block (``score="max"``; ``"mean"`
 Kinetics and MoBA do); each query block and head (``per_head``; or once per GQA group) keeps the best-scoring
 key blocks of its causal past until their estimated share of the softmax mass reaches ``mass`` (at most
 ``top_k``), plus the sink block(s) and its ``local_blocks`` nearest blocks.  Recomputed on every call, so
-decoding re-selects as the cache grows (Kinetics selects per decode step, too).
+decoding re-selects as the cache grows (Kinetics selects per decode step, too).  A decode step with a mask (a static
+cache, a padded batch) runs on the device (``decode_top_k_rows``: no host read, it compiles whole), each row
+selecting among its own blocks from a compressed key cache kept per row (``_shared.RowMeans``).
 
 Defaults (64-token blocks, per head, max-row scores, mass 0.97 capped at 24 blocks) come from a sweep on
 SmolLM2 at 8k tokens: +4.6% perplexity at 21.8% density, where a fixed top-14 gave +7.6% at 24.7%

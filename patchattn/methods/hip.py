@@ -14,7 +14,9 @@ that look for one needle), per head by default (``per_head=False`` shares one se
 each KV block once); sink and local blocks are always read (as in
 InfiniteHiP); the first ``dense_layers`` stay dense (paper: first layers dense); during decoding the selection is
 refreshed every ``refresh_interval`` steps (paper: 8) and whenever a new key block starts; at a refresh the
-top-k is computed exactly for the single query row (cheaper than the tree on a GPU, see ``_decode_lists``).
+top-k is computed exactly for the single query row (cheaper than the tree on a GPU, see ``_decode_lists``).  A decode
+step with a mask (a static cache, a padded batch) runs on the device (``decode_hip_rows``): it selects every step and
+each row keeps its previous lists until its own refresh, so the step has static shapes and compiles whole.
 """
 
 from __future__ import annotations

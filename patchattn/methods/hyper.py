@@ -23,6 +23,11 @@ of the causal past, plus the sink and local blocks.  Differences from the paper,
   ``state_dict``), and sampled blocks from the same seed, so a run is reproducible and decoding keeps its samples.
 
 Below ``min_seq_len`` keys (paper: 4096) a call reads every block (exact attention), as the paper.
+
+Decode steps with a mask (a static cache, a padded batch) keep each row's key bucket counts (``KeyBuckets``) and run
+on the device with ``ties="lowest"`` (``decode_hyper_rows``: they compile whole); with the default ``ties="topk"``
+(torch's top-k order among equal LSH scores, which depends on the row's width: what the pinned outputs use) each row
+is selected alone on the host.
 """
 
 from __future__ import annotations
