@@ -47,12 +47,14 @@ def _register_with_transformers(spec: MethodSpec) -> None:
 
 def _make_entry(spec: MethodSpec):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        _ensure_state(module, spec)
+        state = _ensure_state(module, spec)
         check_pattern(spec, module)
         if query.shape[0] == 0:
             return query.new_empty(0, query.shape[2], query.shape[1], value.shape[-1]), None
         check_inputs(spec.name, query, key, value)
-        if spec.key_bounds and takes_key_bounds(module, query, attention_mask):
+        # ``density`` maps to each method's fields at the call's length, which a device-side row length cannot give.
+        if spec.key_bounds and getattr(state.config, "density", None) is None and takes_key_bounds(
+                module, query, attention_mask):
             return spec.forward(module, query, key, value, attention_mask, key_bounds=key_bounds(attention_mask),
                                 **kwargs)
         key, value, attention_mask = causal_keys(module, query, key, value, attention_mask)

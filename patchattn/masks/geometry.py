@@ -62,12 +62,14 @@ class BlockGeometry:
 class RowGeometry:
     """A decode step (one query per row) over rows of different lengths, known only on the device: a static cache's
     rows, or a padded batch's.  ``lengths`` ``[B]``: each row's real keys, the query being the last; block ids count
-    from each row's first real key; ``capacity``: keys in the tensor (host), which bounds every row."""
+    from each row's first real key; ``capacity``: keys in the tensor (host), which bounds every row; ``starts``
+    ``[B]``: where each row's first real key sits in the tensor (None: at 0), for methods that read the keys."""
 
     lengths: torch.Tensor
     capacity: int
     block_q: int
     block_k: int
+    starts: torch.Tensor | None = None
     # Lists already built by other layers of the same eager forward, by plan (``once``).
     shared: dict | None = field(default=None, compare=False, repr=False)
 

@@ -12,6 +12,7 @@ The block-sparse glue (padding, the dense fallbacks, the kernel call) is in ``_s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,9 +20,9 @@ from typing import ClassVar
 import torch
 
 from ..config import MethodConfig, option
-from ..kernels.blockselect import decode_block_topk
+from ..kernels.blockselect import decode_block_topk, row_block_means
 from ..kernels.blocksparse import blocks_from_mask
-from ..masks import BlockGeometry, runs_lists, sink_and_window_rows
+from ..masks import BlockGeometry, RowGeometry, runs_lists, sink_and_window_rows
 from ..state import MethodState
 from ._sparse import SparseState, memo_decode_lists
 
@@ -37,12 +38,28 @@ class KeyMeans:
 
 
 @dataclass
+class RowMeans:
+    """The compressed key cache of decode steps over rows of different lengths (``decode_rows``: a static cache, a
+    padded batch): ``means`` ``[B, Hkv, NK, D]`` (keys' dtype), block ``j`` of row ``b`` being keys ``starts[b] +
+    j * block`` ..., NK from the cache's capacity.  Built from the keys on the first such step of a sequence (in
+    place when a buffer of that shape is left from an earlier one), then each step refreshes each row's newest block
+    in place (``decode_block_topk``'s ``keys=``): a compiled step keeps no graph output across steps, so the step
+    replays in a CUDA graph.  ``built``: a host flag (torch.compile guards on it, so the steady-state step compiles
+    once); any call on the host path clears it, so a sequence that grew there is rebuilt."""
+
+    means: torch.Tensor | None = None
+    built: bool = False
+
+
+@dataclass
 class KeyMeansState(SparseState):
-    """State of the methods that score key blocks by their mean key (``blocktopk``, ``hip``)."""
+    """State of the methods that score key blocks by their mean key (``blocktopk``, ``hip``).  ``row_means`` is not a
+    cache field: it is one object shared with the row groups' copies, so their host calls mark it stale too."""
 
     CACHE_FIELDS: ClassVar[tuple[str, ...]] = (*SparseState.CACHE_FIELDS, "key_means")
 
     key_means: KeyMeans | None = None
+    row_means: RowMeans = dataclasses.field(default_factory=RowMeans)
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -126,6 +143,50 @@ def decode_lists(query, key, state, mass: float = 1.0):
                              local_blocks=config.local_blocks, mass=mass, per_head=config.per_head,
                              reduce=config.score, keys=key if tail else None, block=config.block_size,
                              backend=config.backend)
+
+
+def mark_row_means_stale(state) -> None:
+    """A call on the host path (a prefill, a decode step without a mask): the keys may have changed in ways the row
+    decode's in-place updates do not follow, so its next step rebuilds the compressed key cache."""
+    state.method_state.row_means.built = False
+
+
+def row_key_means(state, key: torch.Tensor, rows: RowGeometry) -> tuple[torch.Tensor, bool]:
+    """The row decode's compressed key cache (``RowMeans``) for this step, and whether it was built here (every
+    block computed from ``key``) rather than carried from the last step (its rows' newest blocks then still to be
+    refreshed, which ``decode_block_topk`` does with ``keys=``).  Static shapes, no host read."""
+    kept = state.method_state.row_means
+    b, h, _, d = key.shape
+    shape = (b, h, rows.n_k, d)
+    means = kept.means
+    if means is not None and (means.dtype, means.device) != (key.dtype, key.device):
+        means = kept.means = None  # the model moved or changed dtype: a new buffer
+    if kept.built and means is not None and means.shape[:2] == key.shape[:2]:
+        if means.shape == shape:
+            return means, False
+        if means.shape[2] < rows.n_k:  # a growing (default) cache started a block: row-relative blocks stay put
+            kept.means = torch.cat([means, means.new_zeros(b, h, rows.n_k - means.shape[2], d)], dim=2)
+            return kept.means, False
+    starts = rows.starts if rows.starts is not None else torch.zeros_like(rows.lengths)
+    fresh = row_block_means(key, starts, rows.lengths, rows.block_k, rows.n_k).to(key.dtype)
+    if means is not None and means.shape == shape:
+        means.copy_(fresh)  # the last sequence's buffer: no new allocation
+    else:
+        kept.means = means = fresh
+    kept.built = True
+    return means, True
+
+
+def decode_rows_lists(rows: RowGeometry, query, key, state, mass: float = 1.0):
+    """``decode_lists`` for a decode step over rows of different lengths (``RowGeometry``, with ``starts``): each row
+    selects among its own blocks, counted from its first real key, as it would alone.  No host read."""
+    config = state.config
+    means, built = row_key_means(state, key, rows)
+    starts = rows.starts if rows.starts is not None else torch.zeros_like(rows.lengths)
+    return decode_block_topk(query[:, :, 0], means, top_k=config.top_k, sink_blocks=config.sink_blocks,
+                             local_blocks=config.local_blocks, mass=mass, per_head=config.per_head,
+                             reduce=config.score, keys=None if built else key, block=rows.block_k,
+                             lengths=rows.lengths, starts=starts, backend=config.backend)
 
 
 # ---- sink + window rows (streaming, duo, moa) ---------------------------------------------------------------------

@@ -225,7 +225,8 @@ def run_rows_decode(state, query, key, value, bounds: KeyBounds, *, scaling, sof
     count from each row's first real key, so every row reads what it would alone, in one launch, with no host read
     (the step compiles whole and replays in a CUDA graph).  ``[B, 1, Hq, D]``."""
     config = state.config
-    rows = RowGeometry(bounds.lengths, key.shape[2], config.block_size, config.block_size, shared=bounds.shared)
+    rows = RowGeometry(bounds.lengths, key.shape[2], config.block_size, config.block_size, bounds.starts,
+                       shared=bounds.shared)
     kv_indices, kv_counts = decode_rows(rows, query, key, state)
     out = block_sparse_attention(
         query, key, value, kv_indices, kv_counts, block_q=config.block_size, block_k=config.block_size, causal=True,

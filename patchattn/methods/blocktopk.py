@@ -5,7 +5,9 @@ scored against the best query row of the query block (``score="max"``; ``"mean"`
 Kinetics and MoBA do); each query block and head (``per_head``; or once per GQA group) keeps the best-scoring
 key blocks of its causal past until their estimated share of the softmax mass reaches ``mass`` (at most
 ``top_k``), plus the sink block(s) and its ``local_blocks`` nearest blocks.  Recomputed on every call, so
-decoding re-selects as the cache grows (Kinetics selects per decode step, too).
+decoding re-selects as the cache grows (Kinetics selects per decode step, too).  A decode step with a mask (a static
+cache, a padded batch) runs on the device (``decode_top_k_rows``: no host read, it compiles whole), each row
+selecting among its own blocks from a compressed key cache kept per row (``_shared.RowMeans``).
 
 Defaults (64-token blocks, per head, max-row scores, mass 0.97 capped at 24 blocks) come from a sweep on
 SmolLM2 at 8k tokens: +4.6% perplexity at 21.8% density, where a fixed top-14 gave +7.6% at 24.7%
@@ -22,8 +24,8 @@ import torch
 from ..config import option
 from ..kernels.blockselect import max_list_width, prefill_block_choice, prefill_block_scores, prefill_block_select
 from ..masks import BlockGeometry
-from ._budget import capped_rows, closest_budget, pattern_density
-from ._shared import KeyMeansState, block_means, decode_lists, key_block_means
+from ._budget import budget_applied, capped_rows, closest_budget, pattern_density
+from ._shared import KeyMeansState, block_means, decode_lists, decode_rows_lists, key_block_means, mark_row_means_stale
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
 
@@ -90,6 +92,7 @@ def block_scores(query, k_means, g: BlockGeometry, mode: str, per_head: bool = F
 
 def select_top_k(g: BlockGeometry, query, key, state):
     config = state.config
+    mark_row_means_stale(state)
     if g.q_len == 1:
         return decode_lists(query, key, state, config.decode_mass)
     k_means = key_block_means(state, key, g.block_k, g.q_len)
@@ -103,12 +106,21 @@ def select_top_k(g: BlockGeometry, query, key, state):
     return prefill_block_choice(raw, **choice)  # a mask: the dense last block and the lists come from _sparse
 
 
+def decode_top_k_rows(rows, query, key, state):
+    """A decode step over rows of different lengths (a static cache, a padded batch), on the device: each row's
+    choice among its own blocks, from the row decode's compressed key cache (``_shared.RowMeans``).  ``density``
+    is resolved at the cache's capacity (the longest row), not at each row's length."""
+    with budget_applied(state, rows.geometry()):
+        return decode_rows_lists(rows, query, key, state, state.config.decode_mass)
+
+
 blocktopk_attention = register_sparse_method(
     "blocktopk",
     config=BlockTopKConfig,
     paper="Sadhukhan et al., Kinetics: Rethinking Test-Time Scaling Laws (block top-k attention), arXiv 2506.05333; "
     "routing as in MoBA (arXiv 2502.13189)",
     select=select_top_k,
+    decode_rows=decode_top_k_rows,
     state_cls=BlockTopKState,
     static=False,
     doc="Top-k key blocks per query block by mean-pooled scores, plus sink and local blocks.",

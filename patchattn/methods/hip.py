@@ -14,11 +14,14 @@ that look for one needle), per head by default (``per_head=False`` shares one se
 each KV block once); sink and local blocks are always read (as in
 InfiniteHiP); the first ``dense_layers`` stay dense (paper: first layers dense); during decoding the selection is
 refreshed every ``refresh_interval`` steps (paper: 8) and whenever a new key block starts; at a refresh the
-top-k is computed exactly for the single query row (cheaper than the tree on a GPU, see ``_decode_lists``).
+top-k is computed exactly for the single query row (cheaper than the tree on a GPU, see ``_decode_lists``).  A decode
+step with a mask (a static cache, a padded batch) runs on the device (``decode_hip_rows``): it selects every step and
+each row keeps its previous lists until its own refresh, so the step has static shapes and compiles whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,8 +30,16 @@ import torch
 from ..config import option
 from ..kernels.blockselect import best_query_rows, max_list_width, prefill_tree_search, tree_search_torch
 from ..masks import BlockGeometry, causal_allowed
-from ._budget import capped_rows, closest_budget, pattern_density
-from ._shared import KeyMeansState, block_means, decode_lists, forced_blocks, key_block_means
+from ._budget import budget_applied, capped_rows, closest_budget, pattern_density
+from ._shared import (
+    KeyMeansState,
+    block_means,
+    decode_lists,
+    decode_rows_lists,
+    forced_blocks,
+    key_block_means,
+    mark_row_means_stale,
+)
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
 
@@ -75,12 +86,27 @@ class HipDecode:
 
 
 @dataclass
+class HipRowsDecode:
+    """``HipDecode`` per row, for decode steps over rows of different lengths (``decode_rows``), in device buffers
+    updated in place (a compiled step keeps no graph output across steps): the lists in use ``[B, H, 1, W]`` and
+    their counts ``[B, H, 1]``, each row's steps since its last refresh and its blocks then (``[B]`` int32).  Set up
+    on the first row step of a sequence, with ``_shared.RowMeans`` (the same ``built`` rule)."""
+
+    lists: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    age: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+
+
+@dataclass
 class HipState(KeyMeansState):
-    """The compressed key cache, and the decode lists of the latest search."""
+    """The compressed key cache, and the decode lists of the latest search (``rows_decode``: per row, shared with
+    the row groups' copies as ``row_means`` is)."""
 
     CACHE_FIELDS: ClassVar[tuple[str, ...]] = (*KeyMeansState.CACHE_FIELDS, "decode")
 
     decode: HipDecode | None = None
+    rows_decode: HipRowsDecode = dataclasses.field(default_factory=HipRowsDecode)
 
 
 def query_rows(query: torch.Tensor, block: int, kv_heads: int, per_head: bool, score: str) -> torch.Tensor:
@@ -97,6 +123,7 @@ def query_rows(query: torch.Tensor, block: int, kv_heads: int, per_head: bool, s
 
 def select_hip(g: BlockGeometry, query, key, state):
     config = state.config
+    mark_row_means_stale(state)
     if g.q_len == 1:
         return _decode_lists(g, query, key, state)
     state.method_state.decode = None
@@ -133,12 +160,56 @@ def _decode_lists(g: BlockGeometry, query, key, state):
     return lists
 
 
+def decode_hip_rows(rows, query, key, state):
+    """``_decode_lists`` over rows of different lengths (a static cache, a padded batch), on the device: every step
+    selects (static shapes: no host-side skip), and each row keeps its previous lists while its age is below
+    ``refresh_interval`` and it has not started a block, exactly as the row alone.  ``density`` is resolved at the
+    cache's capacity."""
+    with budget_applied(state, rows.geometry()):
+        was_built = state.method_state.row_means.built
+        idx, counts = decode_rows_lists(rows, query, key, state)
+    kept = state.method_state.rows_decode
+    blocks = rows.row_blocks().reshape(-1).to(torch.int32)
+    if not was_built or not _rows_decode_fits(kept, idx):  # a new sequence (or shape): every row selects afresh
+        _start_rows_decode(kept, idx, counts, blocks)
+        return idx, counts
+    if kept.lists.shape[-1] < idx.shape[-1]:  # a growing (default) cache widened the lists
+        kept.lists = torch.nn.functional.pad(kept.lists, (0, idx.shape[-1] - kept.lists.shape[-1]))
+    reuse = (kept.age + 1 < state.config.refresh_interval) & (kept.blocks == blocks)  # [B]
+    idx = torch.where(reuse.reshape(-1, 1, 1, 1), kept.lists, idx)
+    counts = torch.where(reuse.reshape(-1, 1, 1), kept.counts, counts)
+    kept.lists.copy_(idx)
+    kept.counts.copy_(counts)
+    kept.age.copy_(torch.where(reuse, kept.age + 1, 0))
+    kept.blocks.copy_(blocks)
+    return idx, counts
+
+
+def _rows_decode_fits(kept: HipRowsDecode, idx: torch.Tensor) -> bool:
+    return (kept.lists is not None and kept.lists.device == idx.device and kept.lists.shape[:3] == idx.shape[:3]
+            and kept.lists.shape[-1] <= idx.shape[-1])
+
+
+def _start_rows_decode(kept: HipRowsDecode, idx, counts, blocks) -> None:
+    """The first row step of a sequence: its lists fill the buffers (in place when they have this shape)."""
+    if (kept.lists is not None and kept.lists.device == idx.device and kept.lists.shape == idx.shape
+            and kept.counts.shape == counts.shape and kept.age.shape == blocks.shape):
+        kept.lists.copy_(idx)
+        kept.counts.copy_(counts)
+        kept.age.zero_()
+        kept.blocks.copy_(blocks)
+        return
+    kept.lists, kept.counts = idx.clone(), counts.clone()
+    kept.age, kept.blocks = torch.zeros_like(blocks), blocks.clone()
+
+
 hip_attention = register_sparse_method(
     "hip",
     config=HipConfig,
     paper="Lee et al., A Training-free Sub-quadratic Cost Transformer Model Serving Framework with Hierarchically "
     "Pruned Attention (HiP, ICLR 2025), arXiv 2406.09827",
     select=select_hip,
+    decode_rows=decode_hip_rows,
     state_cls=HipState,
     static=False,
     doc="Hierarchical top-k block search per query block, plus sink and local blocks.",

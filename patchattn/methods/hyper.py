@@ -23,10 +23,16 @@ of the causal past, plus the sink and local blocks.  Differences from the paper,
   ``state_dict``), and sampled blocks from the same seed, so a run is reproducible and decoding keeps its samples.
 
 Below ``min_seq_len`` keys (paper: 4096) a call reads every block (exact attention), as the paper.
+
+Decode steps with a mask (a static cache, a padded batch) keep each row's key bucket counts (``KeyBuckets``) and run
+on the device with ``ties="lowest"`` (``decode_hyper_rows``: they compile whole); with the default ``ties="topk"``
+(torch's top-k order among equal LSH scores, which depends on the row's width: what the pinned outputs use) each row
+is selected alone on the host.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -35,10 +41,12 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..masks import BlockGeometry, causal_allowed
-from ._budget import capped_rows, closest_budget, pattern_density
+from ..kernels.blockselect import forced_decode_blocks
+from ..kernels.blocksparse import blocks_from_mask
+from ..masks import BlockGeometry, RowGeometry, causal_allowed
+from ._budget import budget_applied, capped_rows, closest_budget, pattern_density
 from ._shared import forced_blocks
-from ._sparse import SparseConfig, SparseState, register_sparse_method
+from ._sparse import SparseConfig, SparseState, decode_width, register_sparse_method
 
 SEED_STRIDE = 1_000_003  # separates the per-layer streams of different seeds
 
@@ -55,6 +63,11 @@ class HyperConfig(SparseConfig):
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
     min_seq_len: int = option(4096, "calls with fewer keys run exact attention (paper: 4096)", min=0)
     seed: int = option(0, "seed of the LSH hyperplanes and the sampled blocks (per layer: seed + layer)", min=0)
+    ties: str = option("topk", "order of equal LSH block scores (frequent: counts of whole keys): 'topk' (torch's "
+                       "top-k order, which depends on the row's width, so a decode step over a static cache or a padded "
+                       "batch selects each row on the host: no fullgraph compile) or 'lowest' (lowest block first at "
+                       "any width: those decode steps run on the device, compile whole and replay in a CUDA graph)",
+                       choices=("topk", "lowest"))
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"min_seq_len": 1 << 30}
     DENSITY_FIELDS: ClassVar[tuple] = ("lsh_blocks", "sample_size", "min_seq_len")
@@ -76,22 +89,44 @@ class HyperConfig(SparseConfig):
 
 
 @dataclass
+class KeyBuckets:
+    """The bucket histogram of every key block of each row, for decode steps over rows of different lengths
+    (``decode_rows``): ``counts`` ``[B, Hkv, NK, 2^p]`` fp32, block ``j`` of row ``b`` being keys ``starts[b] +
+    j * block`` ..., NK from the cache's capacity.  Built from the keys on the first such step of a sequence (in
+    place when a buffer of that shape is left), then each step recomputes each row's newest block in place (a compiled
+    step keeps no graph output across steps); ``built``: a host flag, cleared by any call on the host path."""
+
+    counts: torch.Tensor | None = None
+    built: bool = False
+
+
+@dataclass
 class HyperState(SparseState):
-    """This layer's LSH hyperplanes (``[D, p]``, drawn once from ``seed + layer``) and the sampling priorities
-    (``[H, NK]``) with the ``(n_k, heads, device)`` they were drawn for."""
+    """This layer's LSH hyperplanes (``[D, p]``, drawn once from ``seed + layer``), the sampling priorities
+    (``[H, NK]``) with the ``(n_k, heads, device)`` they were drawn for, and the row decode's key buckets (not a
+    cache field: one object shared with the row groups' copies, so their host calls mark it stale too)."""
 
     DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("projections",)
 
     projections: torch.Tensor | None = None
     priority_shape: tuple | None = None
     priority: torch.Tensor | None = None
+    key_buckets: KeyBuckets = dataclasses.field(default_factory=KeyBuckets)
 
 
 # ---- sortLSH -----------------------------------------------------------------------------------------------------
 def gray_rank(num_projs: int, device="cpu") -> torch.Tensor:
     """``[2^p]`` position of each binary code in the reflected Gray sequence (adjacent positions differ in one bit),
-    made once per device (not copied there every call: a host copy cannot be captured in a CUDA graph)."""
+    made once per device (not copied there every call: a host copy cannot be captured in a CUDA graph); a constant
+    of the graph inside a compiled step."""
+    if torch.compiler.is_compiling():
+        return _gray_rank_constant(num_projs, str(device))
     return _gray_rank(num_projs, str(device))
+
+
+@torch.compiler.assume_constant_result
+def _gray_rank_constant(num_projs: int, device: str) -> torch.Tensor:
+    return _gray_rank(num_projs, device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,27 +208,155 @@ def sampled_blocks(state, g: BlockGeometry, heads: int, free: torch.Tensor) -> t
     one column set for all queries); drawn as ``[NK, H]`` so a longer cache keeps the earlier blocks' priorities.
     """
     count = math.ceil(state.config.sample_size / g.block_k)
-    shape = (g.n_k, heads, free.device)
-    kept = state.method_state
-    if kept.priority is None or kept.priority_shape != shape:  # drawn on the host once per shape, kept on the device
-        gen = torch.Generator().manual_seed(state.config.seed * SEED_STRIDE + state.layer_index)
-        kept.priority = torch.rand(g.n_k, heads, generator=gen).T.to(free.device) + 1.0  # > 0 for top_blocks
-        kept.priority_shape = shape
-    priority = kept.priority
+    priority = sampling_priority(state, g.n_k, heads, free.device)
     return top_blocks(priority[None, :, None, :].masked_fill(~free, float("-inf")), count)
+
+
+def sampling_priority(state, n_k: int, heads: int, device) -> torch.Tensor:
+    """``[H, NK]`` the sampling priorities (> 0 for ``top_blocks``), drawn on the host once per shape and kept on
+    the device; inside a compiled step they are a constant of the graph (drawn at compile time, never kept)."""
+    seed = state.config.seed * SEED_STRIDE + state.layer_index
+    if torch.compiler.is_compiling():
+        return _drawn_priority(seed, n_k, heads, str(device))
+    shape = (n_k, heads, torch.device(device))
+    kept = state.method_state
+    if kept.priority is None or kept.priority_shape != shape:
+        kept.priority = _draw_priority(seed, n_k, heads, device)
+        kept.priority_shape = shape
+    return kept.priority
+
+
+def _draw_priority(seed: int, n_k: int, heads: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n_k, heads, generator=gen).T.to(device) + 1.0
+
+
+@torch.compiler.assume_constant_result
+def _drawn_priority(seed: int, n_k: int, heads: int, device: str) -> torch.Tensor:
+    return _draw_priority(seed, n_k, heads, device)
 
 
 def select_hyper(g: BlockGeometry, query, key, state):
     config = state.config
+    state.method_state.key_buckets.built = False  # a host-path call: the row decode rebuilds its bucket counts
     allowed = causal_allowed(g, query.device)
     if g.kv_len < config.min_seq_len:
         return allowed
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     proj = lsh_projections(state, query.shape[-1], query.device)
     scores = lsh_block_scores(query, key, proj, g, config.bucket_keys)
-    chosen = top_blocks(scores.masked_fill(~allowed | forced, float("-inf")), config.lsh_blocks) | forced
+    pick = top_blocks_lowest_first if config.ties == "lowest" else top_blocks
+    chosen = pick(scores.masked_fill(~allowed | forced, float("-inf")), config.lsh_blocks) | forced
     sampled = sampled_blocks(state, g, query.shape[1], allowed & ~chosen)
     return chosen | sampled
+
+
+# ---- decode over rows of different lengths (a static cache, a padded batch) ---------------------------------------
+def row_key_buckets(state, key: torch.Tensor, rows: RowGeometry, proj: torch.Tensor) -> torch.Tensor:
+    """``KeyBuckets.counts`` for this step: built from every key of each row on the first row step of a sequence,
+    else each row's newest block recomputed in place (idempotent: a step run twice gives the same counts)."""
+    kept = state.method_state.key_buckets
+    n_buckets = 1 << proj.shape[1]
+    b, h = key.shape[:2]
+    shape = (b, h, rows.n_k, n_buckets)
+    counts = kept.counts
+    if counts is not None and counts.device != key.device:
+        counts = kept.counts = None  # the model moved: a new buffer
+    starts = rows.starts if rows.starts is not None else torch.zeros_like(rows.lengths)
+    if kept.built and counts is not None and counts.shape[:2] == (b, h) and counts.shape[3] == n_buckets:
+        if counts.shape[2] < rows.n_k:  # a growing (default) cache started a block: row-relative blocks stay put
+            counts = kept.counts = torch.nn.functional.pad(counts, (0, 0, 0, rows.n_k - counts.shape[2]))
+        if counts.shape == shape:
+            newest = (rows.row_blocks().reshape(-1) - 1).clamp(min=0).long()
+            first = starts.long() + newest * rows.block_k
+            fresh = _bucket_counts(key, first, starts.long() + rows.lengths.long(), rows.block_k, 1, proj)
+            counts.scatter_(2, newest.reshape(-1, 1, 1, 1).expand(b, h, 1, n_buckets), fresh)
+            return counts
+    fresh = _bucket_counts(key, starts.long(), starts.long() + rows.lengths.long(), rows.block_k, rows.n_k, proj)
+    if counts is not None and counts.shape == shape:
+        counts.copy_(fresh)  # the last sequence's buffer: no new allocation
+    else:
+        counts = kept.counts = fresh
+    kept.built = True
+    return counts
+
+
+def _bucket_counts(key, first, end, block: int, n_blocks: int, proj) -> torch.Tensor:
+    """``[B, Hkv, n_blocks, 2^p]`` bucket histogram of the blocks of keys ``first[b]`` ... of each row, keys from
+    ``end[b]`` on not counted (static shapes: a gather of ``n_blocks * block`` keys per row)."""
+    b, h, t, d = key.shape
+    n_buckets = 1 << proj.shape[1]
+    positions = first[:, None] + torch.arange(n_blocks * block, device=key.device)  # [B, n_blocks * block]
+    real = positions < end[:, None]
+    rows = key.gather(2, positions.clamp(max=t - 1)[:, None, :, None].expand(b, h, n_blocks * block, d))
+    buckets = lsh_buckets(rows, proj)  # [B, Hkv, n_blocks * block]
+    index = (torch.arange(n_blocks * block, device=key.device) // block) * n_buckets + buckets
+    counts = torch.zeros(b, h, n_blocks * n_buckets, device=key.device)
+    counts.scatter_add_(-1, index, real[:, None, :].expand(b, h, -1).to(counts.dtype))
+    return counts.view(b, h, n_blocks, n_buckets)
+
+
+def decode_hyper_rows(rows: RowGeometry, query, key, state):
+    """``select_hyper``'s decode step for rows of different lengths.  With ``ties="lowest"``: on the device with
+    static shapes -- each row's LSH scores from its own keys' bucket counts (``KeyBuckets``), its forced blocks
+    counted from its first real key, its samples by the same priorities as alone, every block below ``min_seq_len``
+    keys; ``density`` resolved at the cache's capacity.  With ``ties="topk"`` (torch's order, which depends on the
+    row's width): each row selected alone on the host (``_decode_rows_on_host``)."""
+    if state.config.ties != "lowest":
+        return _decode_rows_on_host(rows, query, key, state)
+    with budget_applied(state, rows.geometry()):
+        config = state.config
+        n_k = rows.n_k
+        n_valid = rows.row_blocks().reshape(-1)
+        allowed = (torch.arange(n_k, device=query.device) < n_valid.reshape(-1, 1, 1, 1))  # [B, 1, 1, NK]
+        forced = forced_decode_blocks(n_k, config.sink_blocks, config.local_blocks, query.device, n_valid)[:, None]
+        proj = lsh_projections(state, query.shape[-1], query.device)
+        scores = rows_lsh_scores(query, row_key_buckets(state, key, rows, proj), proj, config.bucket_keys)
+        chosen = top_blocks_lowest_first(scores.masked_fill(~allowed | forced, float("-inf")), config.lsh_blocks)
+        chosen = chosen | forced
+        count = math.ceil(config.sample_size / rows.block_k)
+        priority = sampling_priority(state, n_k, query.shape[1], query.device)
+        sampled = top_blocks(priority[None, :, None, :].masked_fill(~(allowed & ~chosen), float("-inf")), count)
+        short = (rows.lengths < config.min_seq_len).reshape(-1, 1, 1, 1)
+        mask = torch.where(short, allowed, chosen | sampled)
+        return blocks_from_mask(mask, width=decode_width(config, rows.geometry()))
+
+
+def _decode_rows_on_host(rows: RowGeometry, query, key, state):
+    """Each row's ``select_hyper`` on its own keys, as alone (a host read of the rows' bounds: the step does not
+    compile whole), as lists counted from each row's first key."""
+    n_k = rows.n_k
+    starts = [0] * len(rows.lengths) if rows.starts is None else rows.starts.tolist()
+    masks = torch.zeros(len(starts), query.shape[1], 1, n_k, dtype=torch.bool, device=query.device)
+    for row, (start, length) in enumerate(zip(starts, rows.lengths.tolist())):
+        if length:
+            g = BlockGeometry(1, length, rows.block_q, rows.block_k)
+            with budget_applied(state, g):
+                masks[row:row + 1, ..., :g.n_k] = select_hyper(g, query[row:row + 1], key[row:row + 1, :,
+                                                                                      start:start + length], state)
+    return blocks_from_mask(masks, width=decode_width(state.config, rows.geometry()))
+
+
+def rows_lsh_scores(query, key_counts: torch.Tensor, proj, width: int) -> torch.Tensor:
+    """``lsh_block_scores`` of one query per row against its blocks' bucket counts ``[B, Hkv, NK, nb]``:
+    ``[B, Hq, 1, NK]``."""
+    n_buckets = key_counts.shape[-1]
+    groups = query.shape[1] // key_counts.shape[1]
+    q_hist = torch.nn.functional.one_hot(lsh_buckets(query, proj), n_buckets).float()  # [B, Hq, 1, nb]
+    overlap = sorted_range_overlap(key_counts.sum(2), width)  # [B, Hkv, nb, nb]
+    per_bucket = (overlap @ key_counts.transpose(-1, -2)).repeat_interleave(groups, dim=1)  # [B, Hq, nb, NK]
+    return q_hist @ per_bucket
+
+
+def top_blocks_lowest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``top_blocks`` with ties going to the lowest index (a stable sort), whatever the row's width."""
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    k = min(k, scores.shape[-1])
+    if k > 0:
+        values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+        values, indices = values[..., :k], indices[..., :k]
+        chosen.scatter_(-1, indices, torch.isfinite(values) & (values > 0))
+    return chosen
 
 
 hyper_attention = register_sparse_method(
@@ -201,6 +364,7 @@ hyper_attention = register_sparse_method(
     config=HyperConfig,
     paper="Han et al., HyperAttention: Long-context Attention in Near-Linear Time (ICLR 2024), arXiv 2310.05869",
     select=select_hyper,
+    decode_rows=decode_hyper_rows,
     state_cls=HyperState,
     static=False,
     doc="sortLSH bucket collisions and uniformly sampled key blocks per query block, plus sink/local.",

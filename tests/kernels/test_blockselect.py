@@ -332,3 +332,116 @@ def test_entry_points_take_explicit_launch_options(triton_device):
                                options=KernelOptions(score_warps=2, select_warps=8, pdl=False, poison_outputs=True))
     default = decode_block_topk(q, k_means, top_k=3, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(picked, default))
+
+
+# ---- rows of different lengths (lengths=, starts=): a padded batch or a static cache's empty slots ----------------
+ROW_CASES = [  # Hq, Hkv, D, block, lengths, top_k, mass, per_head, reduce
+    (4, 2, 32, 8, [37, 8, 1, 61], 2, 1.0, True, "max"),  # odd lengths, a one-key row, one row starts a block
+    (4, 2, 32, 8, [37, 0, 64, 9], 3, 0.9, False, "max"),  # an empty row, GQA groups, a mass budget
+    (6, 2, 16, 16, [150, 17, 160, 33], 4, 1.0, False, "mean"),
+    (4, 4, 32, 8, [5, 100, 23], 30, 1.0, True, "max"),  # top_k above a short row's candidates
+]
+
+
+def _row_inputs(case, capacity_blocks=None):
+    hq, hkv, d, block, lengths, *_ = case
+    gen = torch.Generator().manual_seed(sum(lengths) + hq)
+    n_k = capacity_blocks or -(-max(lengths) // block) + 2  # room beyond the longest row, as a static cache leaves
+    lengths = torch.tensor(lengths, dtype=torch.int32)
+    starts = torch.tensor([(3 * i) % 7 for i in range(len(lengths))], dtype=torch.int32)  # rows start late (padding)
+    keys = torch.randn(len(lengths), hkv, int(starts.max()) + n_k * block, d, generator=gen)
+    q = torch.randn(len(lengths), hq, d, generator=gen) * 3
+    return q, keys, starts, lengths, n_k
+
+
+def _fresh_row_means(keys, starts, lengths, block, n_k):
+    """``[B, Hkv, n_k, D]`` each row's block means (a loop: the oracle), zeros past its keys."""
+    rows = []
+    for r in range(len(lengths)):
+        n = int(lengths[r])
+        means = torch.zeros(keys.shape[1], n_k, keys.shape[3])
+        if n:
+            own = block_means(keys[r:r + 1, :, int(starts[r]):int(starts[r]) + n], block)[0]
+            means[:, :own.shape[1]] = own
+        rows.append(means)
+    return torch.stack(rows)
+
+
+def _row_alone(case, q, keys, starts, lengths, row):
+    """Row ``row``'s lists when it is alone: its own keys, every block of its cache valid (the existing path)."""
+    _hq, _hkv, _d, block, _l, top_k, mass, per_head, reduce = case
+    n = int(lengths[row])
+    if n == 0:
+        return None
+    own = keys[row:row + 1, :, int(starts[row]):int(starts[row]) + n]
+    return decode_block_topk(q[row:row + 1], block_means(own, block), top_k=top_k, mass=mass, per_head=per_head,
+                             reduce=reduce, backend="torch")
+
+
+def _assert_rows_alone(case, got, q, keys, starts, lengths):
+    idx, counts = (t.cpu() for t in got)
+    for row in range(len(lengths)):
+        alone = _row_alone(case, q, keys, starts, lengths, row)
+        if alone is None:
+            assert (counts[row] == 0).all(), f"row {row} is empty but reads {counts[row].flatten().tolist()}"
+            continue
+        width = alone[0].shape[-1]
+        assert torch.equal(counts[row:row + 1], alone[1]), f"row {row}"
+        valid = torch.arange(idx.shape[-1]) < counts[row:row + 1, ..., None]
+        assert torch.equal(torch.where(valid, idx[row:row + 1], -1)[..., :width],
+                           torch.where(valid[..., :width], alone[0], -1)), f"row {row}"
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: f"b{c[3]}-k{c[5]}-m{c[6]}-{'head' if c[7] else c[8]}")
+def test_rows_of_different_lengths_read_what_each_row_reads_alone(case):
+    """``lengths=`` / ``starts=`` (torch path): each row selects among its own valid blocks only -- its sinks from
+    its first key, its newest block local -- exactly as the row alone; an empty row reads nothing; with ``keys``, the
+    stale newest block of each row is refreshed in place first."""
+    block = case[3]
+    q, keys, starts, lengths, n_k = _row_inputs(case)
+    fresh = _fresh_row_means(keys, starts, lengths, block, n_k)
+    args = dict(top_k=case[5], mass=case[6], per_head=case[7], reduce=case[8], block=block, lengths=lengths,
+                starts=starts, backend="torch")
+    _assert_rows_alone(case, decode_block_topk(q, fresh, **args), q, keys, starts, lengths)
+    stale = fresh.clone()
+    newest = ((lengths + block - 1) // block - 1).clamp(min=0)
+    stale[torch.arange(len(lengths)), :, newest] = 50.0
+    stale[..., n_k - 1:, :] = float("nan")  # columns past every row must not matter
+    got = decode_block_topk(q, stale, keys=keys, **args)
+    _assert_rows_alone(case, got, q, keys, starts, lengths)
+    nonempty = lengths > 0
+    torch.testing.assert_close(stale[nonempty][:, :, :n_k - 1], fresh[nonempty][:, :, :n_k - 1])
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: f"b{c[3]}-k{c[5]}-m{c[6]}-{'head' if c[7] else c[8]}")
+def test_triton_rows_of_different_lengths_match_torch(case, triton_device, monkeypatch):
+    """The Triton selection with ``lengths=`` / ``starts=`` / ``keys=``: the same lists and refreshed means as the
+    torch path (chunks of 4 blocks, so a row's newest block is owned by different programs for different rows)."""
+    from patchattn.kernels.blockselect import triton_select
+
+    monkeypatch.setattr(triton_select, "SCORE_CHUNK", 4)
+    block = case[3]
+    q, keys, starts, lengths, n_k = _row_inputs(case)
+    means = _fresh_row_means(keys, starts, lengths, block, n_k)
+    means[torch.arange(len(lengths)), :, ((lengths + block - 1) // block - 1).clamp(min=0)] = -7.0  # stale
+    args = dict(top_k=case[5], mass=case[6], per_head=case[7], reduce=case[8], block=block)
+    want_means = means.clone()
+    want = decode_block_topk(q, want_means, keys=keys, lengths=lengths, starts=starts, backend="torch", **args)
+    got_means = means.clone().to(triton_device)
+    got = decode_block_topk(q.to(triton_device), got_means, keys=keys.to(triton_device),
+                            lengths=lengths.to(triton_device), starts=starts.to(triton_device), backend="triton",
+                            **args)
+    nonempty = lengths > 0
+    torch.testing.assert_close(got_means.cpu()[nonempty], want_means[nonempty])
+    assert torch.equal(got[1].cpu(), want[1])
+    valid = torch.arange(want[0].shape[-1]) < want[1][..., None]
+    assert torch.equal(torch.where(valid, got[0].cpu(), -1), torch.where(valid, want[0], -1))
+    _assert_rows_alone(case, got, q, keys, starts, lengths)
+
+
+def test_rows_need_the_block_size_and_one_length_per_row():
+    q, k_means = torch.randn(2, 4, 8), torch.randn(2, 2, 5, 8)
+    with pytest.raises(ValueError, match="block"):
+        decode_block_topk(q, k_means, top_k=2, lengths=torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match=r"\[2\]"):
+        decode_block_topk(q, k_means, top_k=2, lengths=torch.tensor([3]), block=4)

@@ -22,13 +22,16 @@ from .reference import (
     prefill_block_scores_torch,
     prefill_block_select_torch,
     prefill_tree_search_torch,
+    row_block_counts,
+    row_block_means,
     tree_search_torch,
+    update_row_tail_means,
     within_mass,
 )
 
 __all__ = ["best_query_rows", "decode_block_topk", "forced_decode_blocks", "group_scores", "within_mass", "max_list_width",
            "prefill_block_choice", "prefill_block_scores", "prefill_block_select", "prefill_tree_search",
-           "tree_search_torch"]
+           "row_block_counts", "row_block_means", "tree_search_torch"]
 
 
 def max_list_width(n_k: int, top_k: int, sink_blocks: int, local_blocks: int) -> int:
@@ -38,8 +41,9 @@ def max_list_width(n_k: int, top_k: int, sink_blocks: int, local_blocks: int) ->
 
 def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sink_blocks: int = 1,
                       local_blocks: int = 2, mass: float = 1.0, per_head: bool = True, reduce: str = "max",
-                      keys: torch.Tensor | None = None, block: int | None = None, backend: str = "auto",
-                      options: KernelOptions | None = None):
+                      keys: torch.Tensor | None = None, block: int | None = None,
+                      lengths: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+                      backend: str = "auto", options: KernelOptions | None = None):
     """Blocks a single query row per (batch, head) reads.
 
     Args:
@@ -51,6 +55,12 @@ def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sin
         keys, block: optional ``[B, Hkv, T, D]`` keys and the block size: the newest block's mean (its rows from
             ``(NK - 1) * block`` to ``T``) is recomputed from them into ``k_means`` (in place) before scoring, so a
             decode step's cache update needs no launch of its own.
+        lengths, starts: rows of different lengths (a padded batch, a static cache's empty slots), as ``[B]``
+            device tensors: row ``b`` holds ``lengths[b]`` keys, its block ``j`` being keys ``starts[b] + j * block``
+            ... of ``keys`` (``starts``: zeros when None); only its first ``ceil(lengths[b] / block)`` blocks of
+            ``k_means`` are valid, the query sitting in the last of them (sinks count from block 0, the local blocks
+            end at it; a row of length 0 reads nothing).  ``block`` is then required; with ``keys``, each row's
+            newest block is refreshed.  No host read: the call keeps static shapes.
 
     Returns:
         ``(kv_indices int32 [B, H, 1, W], kv_counts int32 [B, H, 1])``, W = :func:`max_list_width`.
@@ -63,14 +73,16 @@ def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sin
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce: got {reduce!r}; allowed: 'max', 'mean'")
     n_k = k_means.shape[2]
+    args = dict(top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks, mass=mass, per_head=per_head,
+                reduce=reduce, width=max_list_width(n_k, top_k, sink_blocks, local_blocks))
+    if lengths is not None:
+        return _decode_rows_topk(q, k_means, args, keys, block, lengths, starts, backend, options)
     tail = None
     if keys is not None:
         if block is None or not (n_k - 1) * block < keys.shape[2] <= n_k * block or keys.shape[:2] != k_means.shape[:2]:
             raise ValueError(f"keys {tuple(keys.shape)} with block {block} do not end in the last of the {n_k} blocks "
                              f"of k_means {tuple(k_means.shape)}")
         tail = (keys, keys.shape[2], block)
-    args = dict(top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks, mass=mass, per_head=per_head,
-                reduce=reduce, width=max_list_width(n_k, top_k, sink_blocks, local_blocks))
     if _resolve_backend(backend, q) == "triton":
         from . import triton_select
 
@@ -80,6 +92,28 @@ def decode_block_topk(q: torch.Tensor, k_means: torch.Tensor, *, top_k: int, sin
     if tail is not None:
         update_tail_mean(k_means, *tail)
     return decode_block_topk_torch(q, k_means, **args)
+
+
+def _decode_rows_topk(q, k_means, args, keys, block, lengths, starts, backend, options):
+    """``decode_block_topk`` over rows of different lengths (``lengths`` given)."""
+    batch = q.shape[0]
+    if block is None:
+        raise ValueError("lengths: the block size (block=) is required to count each row's blocks")
+    if lengths.shape != (batch,) or (starts is not None and starts.shape != (batch,)):
+        raise ValueError(f"lengths and starts: expected [{batch}] tensors; got {tuple(lengths.shape)} and "
+                         f"{None if starts is None else tuple(starts.shape)}")
+    if keys is not None and keys.shape[:2] != k_means.shape[:2]:
+        raise ValueError(f"keys {tuple(keys.shape)} and k_means {tuple(k_means.shape)}: batch and heads differ")
+    starts = torch.zeros_like(lengths) if starts is None else starts
+    if _resolve_backend(backend, q) == "triton":
+        from . import triton_select
+
+        if k_means.shape[2] <= triton_select.MAX_BLOCKS:
+            return triton_select.decode_block_topk_triton(q, k_means, **args, options=resolve_options(options),
+                                                          rows=(keys, starts, lengths, block))
+    if keys is not None:
+        update_row_tail_means(k_means, keys, starts, lengths, block)
+    return decode_block_topk_torch(q, k_means, **args, n_valid=row_block_counts(lengths, block))
 
 
 def update_tail_mean(k_means: torch.Tensor, keys: torch.Tensor, kv_len: int, block: int) -> None:

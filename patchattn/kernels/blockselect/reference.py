@@ -27,10 +27,57 @@ def within_mass(logits, allowed, forced, top_logits, mass: float) -> torch.Tenso
     return before < mass
 
 
-def forced_decode_blocks(n_k: int, sink_blocks: int, local_blocks: int, device=None) -> torch.Tensor:
-    """``[NK]`` sink blocks and the ``local_blocks`` last blocks (the query sits in the last one)."""
+def forced_decode_blocks(n_k: int, sink_blocks: int, local_blocks: int, device=None,
+                         n_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``[NK]`` sink blocks and the ``local_blocks`` last blocks (the query sits in the last one); with ``n_valid``
+    (``[B]`` valid blocks of each row), ``[B, 1, NK]`` counted within each row's valid blocks."""
     cols = torch.arange(n_k, device=device)
-    return (cols < sink_blocks) | (cols > n_k - 1 - local_blocks)
+    if n_valid is None:
+        return (cols < sink_blocks) | (cols > n_k - 1 - local_blocks)
+    last = n_valid.reshape(-1, 1, 1) - 1
+    return valid_decode_blocks(n_k, n_valid) & ((cols < sink_blocks) | (cols > last - local_blocks))
+
+
+def valid_decode_blocks(n_k: int, n_valid: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, NK]`` the blocks each row holds (its first ``n_valid`` of the ``NK`` columns)."""
+    return torch.arange(n_k, device=n_valid.device) < n_valid.reshape(-1, 1, 1)
+
+
+def row_block_counts(lengths: torch.Tensor, block: int) -> torch.Tensor:
+    """``[B]`` blocks holding each row's ``lengths`` keys (0 for an empty row)."""
+    return torch.div(lengths + block - 1, block, rounding_mode="floor")
+
+
+def update_row_tail_means(k_means: torch.Tensor, keys: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                          block: int) -> None:
+    """Recompute in place each row's newest block mean: block ``j`` of row ``b`` holds the keys
+    ``starts[b] + j * block`` ... (up to ``starts[b] + lengths[b]``) of ``keys`` ``[B, Hkv, T, D]``; ``k_means``
+    ``[B, Hkv, NK, D]``.  Static shapes, no host read (a gather of ``block`` keys per row, a scatter); an empty row
+    writes a zero mean into its block 0, which it does not read."""
+    b, h, _, d = k_means.shape
+    newest = (row_block_counts(lengths, block) - 1).clamp(min=0).long()  # [B]
+    first = starts.long() + newest * block
+    positions = first[:, None] + torch.arange(block, device=keys.device)  # [B, block]
+    real = positions < (starts.long() + lengths.long())[:, None]
+    positions = positions.clamp(max=keys.shape[2] - 1)
+    rows = keys.gather(2, positions[:, None, :, None].expand(b, h, block, d))
+    sums = torch.where(real[:, None, :, None], rows, 0).sum(dim=2, dtype=torch.float32)
+    mean = sums / real.sum(-1).clamp(min=1).reshape(-1, 1, 1)
+    k_means.scatter_(2, newest.reshape(-1, 1, 1, 1).expand(b, h, 1, d), mean[:, :, None].to(k_means.dtype))
+
+
+def row_block_means(keys: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, block: int,
+                    n_k: int) -> torch.Tensor:
+    """``[B, Hkv, n_k, D]`` fp32 mean of every block of each row, blocks counted from the row's first key
+    ``starts[b]`` (``lengths[b]`` keys; blocks past a row's keys are zero).  Static shapes, no host read."""
+    b, h, t, d = keys.shape
+    offsets = torch.arange(n_k * block, device=keys.device)
+    positions = (starts.long()[:, None] + offsets).clamp(max=t - 1)
+    real = offsets < lengths.long()[:, None]  # [B, n_k * block]
+    rows = keys.gather(2, positions[:, None, :, None].expand(b, h, n_k * block, d))
+    sums = torch.where(real[:, None, :, None], rows, 0).view(b, h, n_k, block, d).sum(dim=3, dtype=torch.float32)
+    counts = real.view(b, n_k, block).sum(-1).clamp(min=1)
+    return sums / counts[:, None, :, None]
 
 
 def group_scores(q: torch.Tensor, k_means: torch.Tensor, per_head: bool, reduce: str) -> torch.Tensor:
@@ -46,18 +93,20 @@ def group_scores(q: torch.Tensor, k_means: torch.Tensor, per_head: bool, reduce:
 
 
 def decode_block_topk_torch(q, k_means, *, top_k: int, sink_blocks: int, local_blocks: int, mass: float,
-                            per_head: bool, reduce: str, width: int):
+                            per_head: bool, reduce: str, width: int, n_valid: torch.Tensor | None = None):
+    """``decode_block_topk``'s torch path; ``n_valid`` (``[B]``): each row's valid blocks (the first of the
+    ``NK``; the query sits in the last valid one), None: all ``NK``."""
     n_k = k_means.shape[2]
     scores = group_scores(q, k_means, per_head, reduce)
-    forced = forced_decode_blocks(n_k, sink_blocks, local_blocks, q.device).expand_as(scores)
+    forced = forced_decode_blocks(n_k, sink_blocks, local_blocks, q.device, n_valid).expand_as(scores)
+    allowed = torch.ones_like(forced) if n_valid is None else valid_decode_blocks(n_k, n_valid).expand_as(scores)
     chosen = torch.zeros_like(forced)
     k = min(top_k, n_k)
     if k > 0:
-        top = scores.masked_fill(forced, float("-inf")).topk(k, dim=-1)
+        top = scores.masked_fill(forced | ~allowed, float("-inf")).topk(k, dim=-1)
         keep = torch.isfinite(top.values)
         if mass < 1.0:
             root_d = q.shape[-1] ** 0.5
-            allowed = torch.ones_like(forced)
             keep &= within_mass(scores / root_d, allowed, forced, top.values / root_d, mass)
         chosen.scatter_(-1, top.indices, keep)
     idx, counts = blocks_from_mask((chosen | forced)[:, :, None], width=width)

@@ -54,11 +54,22 @@ def _tail_mean(K, skb, skh, skt, b, hkv, kv_len, d, d_ok, BK: tl.constexpr):
 
 
 @triton.jit
-def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ssb, ssh, skb, skh, skt,
-                   GROUP: tl.constexpr, ROWS: tl.constexpr, PER_HEAD: tl.constexpr, REDUCE_MAX: tl.constexpr,
+def _row_tail_mean(K, skb, skh, skt, b, hkv, first, last, d, d_ok, BK: tl.constexpr):
+    """Mean of keys ``[first, last)`` (at most ``BK``: one row's newest block), ``[BLOCK_D]`` fp32."""
+    rows = first + tl.arange(0, BK)
+    keys = tl.load(K + b * skb + hkv * skh + rows[:, None] * skt + d[None, :],
+                   mask=(rows < last)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    return reduce_sum(keys, 0) / tl.maximum(last - first, 1).to(tl.float32)
+
+
+@triton.jit
+def _scores_kernel(Q, Means, Scores, K, Starts, Lengths, n_k, kv_len, sqb, sqh, smb, smh, smn, ssb, ssh, skb, skh,
+                   skt, GROUP: tl.constexpr, ROWS: tl.constexpr, PER_HEAD: tl.constexpr, REDUCE_MAX: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr,
-                   BK: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr):
-    """Scores of one chunk of key blocks, stored per list head (a q head, or the group's reduced score)."""
+                   BY_ROW: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr,
+                   PDL: tl.constexpr):
+    """Scores of one chunk of key blocks, stored per list head (a q head, or the group's reduced score).  BY_ROW:
+    row ``b`` holds ``Lengths[b]`` keys from ``Starts[b]`` (its newest block is the one the tail refreshes)."""
     wait_for_previous_kernel(PDL)
     chunk = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -77,7 +88,16 @@ def _scores_kernel(Q, Means, Scores, K, n_k, kv_len, sqb, sqh, smb, smh, smn, ss
     means_ptr = Means + b * smb + hkv * smh
     m_t = tl.load(means_ptr + n[None, :] * smn + d[:, None], mask=n_ok[None, :] & d_ok[:, None],
                   other=0.0).to(dot_dtype)
-    if TAIL:
+    if TAIL and BY_ROW:
+        length = tl.load(Lengths + b).to(tl.int64)
+        newest = tl.maximum((length + BK - 1) // BK - 1, 0)  # an empty row refreshes its (unread) block 0
+        if chunk == newest // CHUNK:  # this program owns the row's newest block: refresh its mean first
+            start = tl.load(Starts + b).to(tl.int64)
+            tail = _row_tail_mean(K, skb, skh, skt, b, hkv, start + newest * BK, start + length, d, d_ok,
+                                  BK).to(Means.dtype.element_ty)
+            tl.store(means_ptr + newest * smn + d, tail, mask=d_ok)
+            m_t = tl.where(n[None, :] == newest, tail.to(dot_dtype)[:, None], m_t)
+    elif TAIL:
         if chunk == (n_k - 1) // CHUNK:  # this program owns the newest block: refresh its mean first
             # Scored as stored (rounded to the cache's dtype), as the torch path scores it.
             tail = _tail_mean(K, skb, skh, skt, b, hkv, kv_len, d, d_ok, BK).to(Means.dtype.element_ty)
@@ -189,15 +209,19 @@ def _write_ascending(row_ptr, chosen, cols):
 
 
 @triton.jit
-def _select_kernel(Scores, Idx, Cnt, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks, local_blocks, mass,
+def _select_kernel(Scores, Idx, Cnt, Lengths, ssb, ssh, sib, sih, scb, n_k, top_k, sink_blocks, local_blocks, mass,
                    inv_root_d, WIDTH: tl.constexpr, USE_MASS: tl.constexpr, NK_POW2: tl.constexpr,
-                   PDL: tl.constexpr):
+                   BY_ROW: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)  # the scores come from the kernel just before
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, NK_POW2)
-    raw = tl.load(Scores + b * ssb + h * ssh + cols, mask=cols < n_k, other=float("-inf"))
-    chosen = _choose_blocks(raw, cols, n_k, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS)
+    if BY_ROW:  # the row's own blocks only (a shorter row's other columns score stale or unset means)
+        n_visible = (tl.load(Lengths + b) + BK - 1) // BK
+    else:
+        n_visible = n_k
+    raw = tl.load(Scores + b * ssb + h * ssh + cols, mask=cols < n_visible, other=float("-inf"))
+    chosen = _choose_blocks(raw, cols, n_visible, top_k, sink_blocks, local_blocks, mass, inv_root_d, USE_MASS)
     count = _write_ascending(Idx + b * sib + h * sih, chosen, cols)
     w = tl.arange(0, WIDTH)
     tl.store(Idx + b * sib + h * sih + w, w * 0, mask=w >= count)
@@ -211,8 +235,9 @@ def native_16_bit(q, k_means) -> bool:
 
 
 def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, mass, per_head, reduce, width,
-                             options, tail=None):
-    """Decode lists (see ``decode_block_topk``); ``options``: a ``KernelOptions`` (poisoning, warps, launch)."""
+                             options, tail=None, rows=None):
+    """Decode lists (see ``decode_block_topk``); ``options``: a ``KernelOptions`` (poisoning, warps, launch).
+    ``rows``: ``(keys or None, starts, lengths, block)`` for rows of different lengths (``[B]`` int tensors)."""
     B, Hq, D = q.shape
     Hkv, n_k = k_means.shape[1], k_means.shape[2]
     group = Hq // Hkv
@@ -221,11 +246,16 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
     scores = _alloc.empty((B, heads, n_k), torch.float32, q.device, poison)
     # tail = (keys [B, Hkv, T, D], T, block): the newest block's mean is recomputed (in place) before scoring.
     keys, kv_len, block = tail if tail is not None else (k_means, 0, 16)
+    starts = lengths = k_means  # placeholders (not read) unless rows are given
+    if rows is not None:
+        row_keys, starts, lengths, block = rows
+        keys = row_keys if row_keys is not None else k_means
     _scores_kernel[(triton.cdiv(n_k, SCORE_CHUNK), Hkv, B)](
-        q, k_means, scores, keys, n_k, kv_len, q.stride(0), q.stride(1), *k_means.stride()[:3], scores.stride(0),
-        scores.stride(1), *keys.stride()[:3], GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
+        q, k_means, scores, keys, starts, lengths, n_k, kv_len, q.stride(0), q.stride(1), *k_means.stride()[:3],
+        scores.stride(0), scores.stride(1), *keys.stride()[:3], GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         PER_HEAD=per_head, REDUCE_MAX=reduce == "max", HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        CHUNK=SCORE_CHUNK, TAIL=tail is not None, BK=block, PRECISION=SCORE_PRECISION,
+        CHUNK=SCORE_CHUNK, TAIL=tail is not None or (rows is not None and rows[0] is not None),
+        BY_ROW=rows is not None, BK=block, PRECISION=SCORE_PRECISION,
         NATIVE=native_16_bit(q, k_means), num_warps=options.score_warps or 4, **pdl_options(q.device, options.pdl))
     # The list buffer is padded to a power of two for the kernel's zero fill; callers see ``width`` entries.
     width_pow2 = triton.next_power_of_2(width)
@@ -233,8 +263,8 @@ def decode_block_topk_triton(q, k_means, *, top_k, sink_blocks, local_blocks, ma
     counts = _alloc.empty((B, heads, 1), torch.int32, q.device, poison)
     nk_pow2 = max(16, triton.next_power_of_2(n_k))
     _select_kernel[(heads, B)](
-        scores, idx, counts, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
-        n_k, min(top_k, n_k), sink_blocks, local_blocks, float(mass), D ** -0.5, WIDTH=width_pow2,
-        USE_MASS=mass < 1.0, NK_POW2=nk_pow2,
+        scores, idx, counts, lengths, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
+        counts.stride(0), n_k, min(top_k, n_k), sink_blocks, local_blocks, float(mass), D ** -0.5, WIDTH=width_pow2,
+        USE_MASS=mass < 1.0, NK_POW2=nk_pow2, BY_ROW=rows is not None, BK=block,
         num_warps=options.select_warps or (4 if nk_pow2 <= 4096 else 8), **pdl_options(q.device, options.pdl))
     return idx[..., :width], counts
