@@ -376,8 +376,10 @@ def bounded_cache(model, *, static: bool = False, max_cache_len: int | None = No
     query_heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or query_heads
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    if isinstance(layer_kwargs, dict):  # transformers 5.17: one dict for every layer (later: one per layer)
+        layer_kwargs = [layer_kwargs] * len(layer_types)
     layers = []
-    for index, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+    for index, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
         module = modules.get(index)
         plan = _plan(module, kv_heads, query_heads) if module is not None and kind == "full_attention" else None
         if plan is None:
