@@ -52,9 +52,7 @@ def _make_entry(spec: MethodSpec):
         if query.shape[0] == 0:
             return query.new_empty(0, query.shape[2], query.shape[1], value.shape[-1]), None
         check_inputs(spec.name, query, key, value)
-        # ``density`` maps to each method's fields at the call's length, which a device-side row length cannot give.
-        if spec.key_bounds and getattr(state.config, "density", None) is None and takes_key_bounds(
-                module, query, attention_mask):
+        if spec.key_bounds and not density_per_length(state.config) and takes_key_bounds(module, query, attention_mask):
             return spec.forward(module, query, key, value, attention_mask, key_bounds=key_bounds(attention_mask),
                                 **kwargs)
         key, value, attention_mask = causal_keys(module, query, key, value, attention_mask)
@@ -63,6 +61,12 @@ def _make_entry(spec: MethodSpec):
     attention.__name__ = f"{spec.hf_name}_attention"
     attention.__doc__ = spec.forward.__doc__
     return attention
+
+
+def density_per_length(config) -> bool:
+    """Whether ``density=`` sets the method's fields from each call's length (``DENSITY_FIELDS``), which a row
+    length known only on the device cannot give: those decode steps keep the host path."""
+    return getattr(config, "density", None) is not None and bool(getattr(config, "DENSITY_FIELDS", ()))
 
 
 def takes_key_bounds(module, query, attention_mask) -> bool:

@@ -54,7 +54,10 @@ def test_key_bounds_read_padding_and_empty_slots():
     assert bounds.starts.tolist() == [0, 2, 0] and bounds.ends.tolist() == [6, 6, 0]
 
 
-DEVICE_ROWS = [case for case in PIN_CASES if get_spec(method_of(case)).key_bounds]
+# hyper's default ties="topk" keeps torch.topk's order among equal scores, which depends on the list width: over rows
+# of different lengths it selects each row on the host (exact, but a graph break); ties="lowest" is the device path.
+HOST_ROWS = {"hyper"}
+DEVICE_ROWS = [case for case in PIN_CASES if get_spec(method_of(case)).key_bounds and case not in HOST_ROWS]
 
 
 @pytest.mark.parametrize("case", DEVICE_ROWS + ["dense"])
