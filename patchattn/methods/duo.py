@@ -43,6 +43,7 @@ from ._kept import (
     KeptKeys,
     SlotPlan,
     attend_slots,
+    bounded_or_sparse,
     causal_slots,
     check_fixed_window,
     read_fraction,
@@ -50,10 +51,9 @@ from ._kept import (
     sink_window_capacity,
     sink_window_keep,
     sink_window_visible,
-    take,
 )
 from ._shared import per_head_window_lists
-from ._sparse import SparseConfig, SparseState, decode_width, run_block_sparse
+from ._sparse import SparseConfig, SparseState, decode_width
 
 AUTO = "auto"
 HOW_TO = ("make scores with `python -m patchattn.calibrate.retrieval_heads --model <name or path> --out scores.json` "
@@ -270,16 +270,8 @@ def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):
 
 def duo_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
     """Full attention on calibrated retrieval heads, sink + recent window on the other heads."""
-    state = module.patchattn
-    kept = take(state.method_state)
-    if kept is None or kept.plain:
-        out = run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select_duo,
-                               static=True, decode_rows=decode_rows_duo, **kwargs)
-        if kept is not None:
-            kept.count_rows_from(attention_mask)
-            kept.retain(_keeps(state, kept, query.shape[1]))
-        return out
-    return bounded_call(state, query, kept, scaling=scaling, softcap=kwargs.get("softcap")), None
+    return bounded_or_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select_duo,
+                             decode_rows=decode_rows_duo, keeps=_keeps, bounded=bounded_call, **kwargs)
 
 
 duo_attention = register_method(

@@ -23,15 +23,15 @@ from ._kept import (
     KeptKeys,
     SlotPlan,
     attend_slots,
+    bounded_or_sparse,
     check_fixed_window,
     read_fraction,
     register_bounded,
     sink_window_capacity,
     sink_window_keep,
     sink_window_visible,
-    take,
 )
-from ._sparse import SparseConfig, SparseState, decode_width, row_lists, run_block_sparse
+from ._sparse import SparseConfig, SparseState, decode_width, row_lists
 
 
 @dataclass(kw_only=True)
@@ -123,19 +123,15 @@ def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):
                  "2309.17453")
 def streaming_attention(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
     """Attention sinks plus a sliding window of recent tokens."""
-    state = module.patchattn
-    kept = take(state.method_state)
-    if kept is None or kept.plain:
-        out = run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=_select,
-                               static=True, decode_rows=_decode_rows, **kwargs)
-        if kept is not None:
-            kept.count_rows_from(attention_mask)
-            (group,) = kept.groups
-            cfg = state.config
-            kept.retain((sink_window_keep(kept.query_positions, group.positions, cfg.block_size, cfg.sink_tokens,
-                                          cfg.window),))
-        return out
-    return bounded_call(state, query, kept, scaling=scaling, softcap=kwargs.get("softcap")), None
+    return bounded_or_sparse(module, query, key, value, attention_mask, scaling=scaling, select=_select,
+                             decode_rows=_decode_rows, keeps=_keeps, bounded=bounded_call, **kwargs)
+
+
+def _keeps(state, kept: KeptKeys, query_heads: int) -> tuple:
+    (group,) = kept.groups
+    config = state.config
+    return (sink_window_keep(kept.query_positions, group.positions, config.block_size, config.sink_tokens,
+                             config.window),)
 
 
 register_bounded("streaming", _bounded_plan)
