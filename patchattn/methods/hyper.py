@@ -185,20 +185,35 @@ def lsh_block_scores(query, key, proj, g: BlockGeometry, width: int) -> torch.Te
     groups = query.shape[1] // key.shape[1]
     q_hist = bucket_histogram(lsh_buckets(query, proj), g.block_q, n_buckets)  # [B, Hq, NQ, nb]
     k_hist = bucket_histogram(lsh_buckets(key, proj), g.block_k, n_buckets)  # [B, Hkv, NK, nb]
+    return shared_range_pairs(q_hist, k_hist, width, groups)
+
+
+def shared_range_pairs(q_hist: torch.Tensor, k_hist: torch.Tensor, width: int, groups: int) -> torch.Tensor:
+    """``[B, Hq, NQ, NK]`` from query-block and key-block bucket histograms (``[B, Hq, NQ, nb]``, ``[B, Hkv, NK,
+    nb]``): the expected pairs that share a sorted bucket range."""
     overlap = sorted_range_overlap(k_hist.sum(2), width)  # [B, Hkv, nb, nb]
     per_bucket = (overlap @ k_hist.transpose(-1, -2)).repeat_interleave(groups, dim=1)  # [B, Hq, nb, NK]
     return q_hist @ per_bucket
 
 
 # ---- selection ---------------------------------------------------------------------------------------------------
-def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """bool mask of the ``k`` best finite, positive entries of each row."""
+def top_blocks(scores: torch.Tensor, k: int, lowest_first: bool = False) -> torch.Tensor:
+    """bool mask of the ``k`` best finite, positive entries of each row; ``lowest_first``: ties go to the lowest
+    index (a stable sort) whatever the row's width, instead of ``torch.topk``'s order."""
     chosen = torch.zeros_like(scores, dtype=torch.bool)
     k = min(k, scores.shape[-1])
     if k > 0:
-        top = scores.topk(k, dim=-1)
-        chosen.scatter_(-1, top.indices, torch.isfinite(top.values) & (top.values > 0))
+        if lowest_first:
+            values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+            values, indices = values[..., :k], indices[..., :k]
+        else:
+            values, indices = scores.topk(k, dim=-1)
+        chosen.scatter_(-1, indices, torch.isfinite(values) & (values > 0))
     return chosen
+
+
+def top_blocks_lowest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return top_blocks(scores, k, lowest_first=True)
 
 
 def sampled_blocks(state, g: BlockGeometry, heads: int, free: torch.Tensor) -> torch.Tensor:
@@ -343,20 +358,9 @@ def rows_lsh_scores(query, key_counts: torch.Tensor, proj, width: int) -> torch.
     n_buckets = key_counts.shape[-1]
     groups = query.shape[1] // key_counts.shape[1]
     q_hist = torch.nn.functional.one_hot(lsh_buckets(query, proj), n_buckets).float()  # [B, Hq, 1, nb]
-    overlap = sorted_range_overlap(key_counts.sum(2), width)  # [B, Hkv, nb, nb]
-    per_bucket = (overlap @ key_counts.transpose(-1, -2)).repeat_interleave(groups, dim=1)  # [B, Hq, nb, NK]
-    return q_hist @ per_bucket
+    return shared_range_pairs(q_hist, key_counts, width, groups)
 
 
-def top_blocks_lowest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``top_blocks`` with ties going to the lowest index (a stable sort), whatever the row's width."""
-    chosen = torch.zeros_like(scores, dtype=torch.bool)
-    k = min(k, scores.shape[-1])
-    if k > 0:
-        values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
-        values, indices = values[..., :k], indices[..., :k]
-        chosen.scatter_(-1, indices, torch.isfinite(values) & (values > 0))
-    return chosen
 
 
 hyper_attention = register_sparse_method(
