@@ -17,7 +17,7 @@ from torch import nn
 
 from ..checks import check_inputs
 from ..config import MethodConfig
-from ..methods._rows import key_bounds, keys_in_use
+from ..methods._rows import KeyBounds, key_bounds, keys_in_use
 from ..registry import HF_PREFIX, MethodSpec, on_register
 from ..state import STATE_ATTR, PatchContext, PatchState, get_state, load_patch_tensors
 from . import PATCH_LOCK
@@ -52,9 +52,13 @@ def _make_entry(spec: MethodSpec):
         if query.shape[0] == 0:
             return query.new_empty(0, query.shape[2], query.shape[1], value.shape[-1]), None
         check_inputs(spec.name, query, key, value)
-        if spec.key_bounds and not density_per_length(state.config) and takes_key_bounds(module, query, attention_mask):
+        rows_path = spec.key_bounds and not density_per_length(state.config)
+        if rows_path and takes_key_bounds(module, query, attention_mask):
             return spec.forward(module, query, key, value, attention_mask, key_bounds=key_bounds(attention_mask),
                                 **kwargs)
+        if (rows_path and spec.category == "sparse" and fills_static_cache(module, query, key)
+                and getattr(state.method_state, "kept_keys", None) is None):  # a bounded cache hands its own slots
+            warm_up_rows_decode(spec, module, query, key, value, attention_mask, kwargs)
         key, value, attention_mask = causal_keys(module, query, key, value, attention_mask)
         return spec.forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -74,6 +78,27 @@ def takes_key_bounds(module, query, attention_mask) -> bool:
     (``KeyBounds``), whatever the cache, so the step has no host read (it compiles whole, replays in a CUDA graph)."""
     return (getattr(module, "is_causal", True) and query.shape[2] == 1 and attention_mask is not None
             and attention_mask.dtype == torch.bool and attention_mask.ndim == 4)
+
+
+def fills_static_cache(module, query, key) -> bool:
+    """A causal prefill into a cache longer than the prompt (a static cache's capacity)."""
+    return getattr(module, "is_causal", True) and 1 < query.shape[2] < key.shape[2]
+
+
+def warm_up_rows_decode(spec, module, query, key, value, attention_mask, kwargs) -> None:
+    """Run one decode step of the prompt's last token over the whole capacity, before the prefill, and drop it.
+
+    The decode steps that follow keep device buffers sized by the capacity (compressed key caches, per-row lists)
+    and update them in place.  Made here, eagerly, those buffers belong to no compiled graph; made in the first
+    compiled step they would be outputs of a CUDA graph, which its next replay overwrites.  The prefill then marks
+    them stale, so the first real step refills them in place: the tokens do not change."""
+    last = query[:, :, -1:]
+    if attention_mask is None:  # no padding: every row's real keys are the prompt
+        lengths = torch.full((query.shape[0],), query.shape[2], dtype=torch.int32, device=query.device)
+        bounds = KeyBounds(torch.zeros_like(lengths), lengths, lengths)
+    else:
+        bounds = key_bounds(attention_mask)
+    spec.forward(module, last, key, value, None, key_bounds=bounds, **kwargs)
 
 
 def causal_keys(module, query, key, value, attention_mask):

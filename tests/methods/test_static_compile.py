@@ -121,3 +121,30 @@ def test_dense_layers_decode_on_the_kernel_with_every_block(monkeypatch, padded)
         monkeypatch.setattr(sparse, "dense_decode_on_kernel", lambda state, query, reason: reason == "dense layer")
         got = model(**step, past_key_values=out.past_key_values).logits
     assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("case", ["blocktopk", "hip"])
+def test_decode_buffers_exist_before_the_first_compiled_step(case):
+    """A static cache's prefill makes the decode buffers (compressed key cache, per-row lists) eagerly, and the
+    compiled steps refill those same tensors: a buffer made inside a compiled step would be a CUDA graph's output,
+    overwritten by its next replay."""
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 200), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :21] = 0
+    with torch.no_grad(), patchattn.patched(model, method_of(case), **PIN_CASES[case]):
+        cache = StaticCache(config=model.config, max_cache_len=256)
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        states = [layer.self_attn.patchattn.method_state for layer in model.model.layers]
+        before = [s.row_means.means for s in states]
+        assert all(m is not None and m.shape[2] == 256 // 16 for m in before)
+        lists = [s.rows_decode.lists for s in states] if case == "hip" else []
+        token = out.logits[:, -1:].argmax(-1)
+        mask2 = torch.cat([mask, torch.ones_like(token)], dim=1)
+        step = torch.compile(lambda x: model(input_ids=x, attention_mask=mask2, past_key_values=cache,
+                                             cache_position=torch.tensor([200]), use_cache=True).logits,
+                             fullgraph=True, backend="eager")
+        step(token)
+    assert all(s.row_means.means is m for s, m in zip(states, before))
+    assert all(s.rows_decode.lists is m for s, m in zip(states, lists))
