@@ -640,3 +640,10 @@ def test_decode_compiles_whole_as_one_operator(triton_device):
 
     got = torch.compile(call, fullgraph=True, backend="eager")(q, k, v)
     assert_close(got, call(q, k, v), torch.float32, "out", "compiled")
+
+
+def test_host_next_power_of_2_matches_triton():
+    import triton
+
+    from patchattn.kernels.blocksparse.decode import next_power_of_2
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))

@@ -339,12 +339,18 @@ def _partials(n_row_groups, n_splits, rows, block_d, device, spare, poison):
             _alloc.empty((n_row_groups, n_splits, rows), torch.float32, device, poison))
 
 
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` in plain Python: Triton 3.9's goes through a JIT function's call path (~4 us a
+    call, six per decode launch, on the host time of every eager decode step)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def together_tile(n_rows, n_splits, block_d):
     """(NR, S_TILE) of the "together" merge: all rows (padded to a power of two) and the splits that fit in
     TOGETHER_ELEMENTS per round (at least one)."""
-    nr = triton.next_power_of_2(n_rows)
+    nr = next_power_of_2(n_rows)
     fit = max(1, TOGETHER_ELEMENTS // (nr * block_d))
-    return nr, min(triton.next_power_of_2(n_splits), 1 << (fit.bit_length() - 1))
+    return nr, min(next_power_of_2(n_splits), 1 << (fit.bit_length() - 1))
 
 
 def merge_walk(n_rows, n_splits, block_d):
@@ -369,8 +375,8 @@ def decode_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col
     Tk = k.shape[2]
     kv_start, kv_end = pad_bounds(q, k, kv_start, kv_end)
     heads = heads_per_program(q, k, kv_indices, col_bias)
-    rows = max(16, triton.next_power_of_2(heads * Tq))
-    block_d = max(16, triton.next_power_of_2(D))
+    rows = max(16, next_power_of_2(heads * Tq))
+    block_d = max(16, next_power_of_2(D))
     n_groups = Hq // heads
     n_splits = choose_splits(B * n_groups, kv_indices.shape[-1], q.device, heads, opts.kernel.decode_programs_per_sm)
     poison = opts.kernel.poison_outputs
