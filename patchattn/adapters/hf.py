@@ -56,8 +56,9 @@ def _make_entry(spec: MethodSpec):
         if rows_path and takes_key_bounds(module, query, attention_mask):
             return spec.forward(module, query, key, value, attention_mask, key_bounds=key_bounds(attention_mask),
                                 **kwargs)
-        if (rows_path and spec.category == "sparse" and fills_static_cache(module, query, key)
-                and getattr(state.method_state, "kept_keys", None) is None):  # a bounded cache hands its own slots
+        kept = state.method_state
+        if (rows_path and getattr(kept, "DECODE_BUFFERS", False) and fills_static_cache(module, query, key)
+                and getattr(kept, "kept_keys", None) is None):  # a bounded cache hands its own slots
             warm_up_rows_decode(spec, module, query, key, value, attention_mask, kwargs)
         key, value, attention_mask = causal_keys(module, query, key, value, attention_mask)
         return spec.forward(module, query, key, value, attention_mask, **kwargs)

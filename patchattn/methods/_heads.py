@@ -9,6 +9,7 @@ import os
 import torch
 
 from ..kernels.blocksparse import block_sparse_attention, causal_blocks
+from ._rows import real_blocks
 from ._sparse import dense_call, padding_start
 
 
@@ -98,7 +99,7 @@ def full_causal_attention(query, key, value, *, scaling, kv_start, backend, head
     """
     q_len, kv_len = query.shape[2], key.shape[2]
     if kv_end is not None:
-        idx, counts = rows_blocks(kv_start, kv_end, kv_len, block)
+        idx, counts = real_blocks(kv_end - kv_start, kv_len, block)
         return block_sparse_attention(query, key, value, idx, counts, block_q=block, block_k=block, causal=True,
                                       scale=scaling, kv_start=kv_start, kv_end=kv_end, lists_from_start=True,
                                       head_gain=head_gain, active=active, return_lse=return_lse, backend=backend)
@@ -108,14 +109,5 @@ def full_causal_attention(query, key, value, *, scaling, kv_start, backend, head
                                   return_lse=return_lse, backend=backend)
 
 
-def rows_blocks(starts: torch.Tensor, ends: torch.Tensor, kv_len: int, block: int):
-    """Decode lists reading all of each row's real keys ``[starts, ends)``, block ids counted from its first one:
-    (``[B, 1, 1, NK]`` int32 ids ``0..NK-1`` for the capacity ``kv_len``, ``[B, 1, 1]`` counts)."""
-    n_k = -(-kv_len // block)
-    idx = torch.arange(n_k, device=starts.device, dtype=torch.int32).repeat(starts.shape[0], 1)
-    counts = torch.div(ends.long() - starts.long() + block - 1, block, rounding_mode="floor").clamp(0, n_k)
-    return idx.view(-1, 1, 1, n_k), counts.to(torch.int32).view(-1, 1, 1)
-
-
 __all__ = ["check_heads", "dense_call", "full_causal_attention", "head_counts", "kv_start_of", "layer_key",
-           "newest_positions", "newest_values", "rows_blocks", "use_fused_kernel", "valid_rows"]
+           "newest_positions", "newest_values", "use_fused_kernel", "valid_rows"]

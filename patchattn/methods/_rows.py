@@ -108,6 +108,15 @@ def _key_bounds(attention_mask) -> KeyBounds:
     return KeyBounds(starts, ends, ends - starts)
 
 
+def real_blocks(lengths: torch.Tensor, kv_len: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode lists reading every real key of each row, block ids counted from its first one: (``[B, 1, 1, NK]`` int32
+    ids ``0..NK-1`` for the capacity ``kv_len``, ``[B, 1, 1]`` counts of the ``lengths`` rows' blocks)."""
+    n_k = -(-kv_len // block)
+    idx = torch.arange(n_k, device=lengths.device, dtype=torch.int32).expand(lengths.shape[0], n_k)
+    counts = torch.div(lengths.long() + block - 1, block, rounding_mode="floor").clamp(0, n_k)
+    return idx.reshape(-1, 1, 1, n_k), counts.to(torch.int32).view(-1, 1, 1)
+
+
 def keys_in_use(attention_mask, q_len: int, kv_len: int) -> int:
     """How many leading keys the queries can see: ``kv_len``, or fewer with a static cache, whose slots after the
     newest token are empty (and masked).  A dynamic cache always ends with the newest token."""

@@ -57,6 +57,7 @@ class KeyMeansState(SparseState):
     cache field: it is one object shared with the row groups' copies, so their host calls mark it stale too."""
 
     CACHE_FIELDS: ClassVar[tuple[str, ...]] = (*SparseState.CACHE_FIELDS, "key_means")
+    DECODE_BUFFERS: ClassVar[bool] = True
 
     key_means: KeyMeans | None = None
     row_means: RowMeans = dataclasses.field(default_factory=RowMeans)

@@ -19,11 +19,11 @@ import torch
 from ..config import READS_EVERYTHING, MethodConfig, covering_fields, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask, density_tensor
 from ..kernels.dense import eager_attention, sdpa_attention
-from ..masks import BlockGeometry, RowGeometry, Run, causal_allowed, rows_lists, runs_lists
+from ..masks import BlockGeometry, RowGeometry, Run, causal_allowed, runs_lists
 from ..registry import register_method
 from ..state import MethodState
 from ._budget import DENSITY_HELP, budget_applied, check_density, check_density_fields
-from ._rows import KeyBounds, PaddingError, clear_caches, padding_spans, row_starts, run_by_rows
+from ._rows import KeyBounds, PaddingError, clear_caches, padding_spans, real_blocks, row_starts, run_by_rows
 
 # (geometry, query, key, state) -> bool block mask [B' or 1, H' (1, Hkv or Hq), NQ, NK], or ready block lists
 # (kv_indices, kv_counts) when the method builds them directly (blocktopk while decoding).
@@ -83,6 +83,9 @@ class SparseState(MethodState):
 
     # What is kept between the calls of one sequence (reset for a new row group by ``_rows.fresh_copy``).
     CACHE_FIELDS: ClassVar[tuple[str, ...]] = ("static_key", "static_blocks", "row_states")
+    # Whether decode steps over rows (``decode_rows``) keep device buffers between steps, which a static cache's
+    # prefill then makes eagerly (``adapters.hf.warm_up_rows_decode``).
+    DECODE_BUFFERS: ClassVar[bool] = False
 
     static_key: tuple | None = None
     static_blocks: tuple | None = None
@@ -252,8 +255,7 @@ def full_decode_lists(geometry: BlockGeometry, query, key, state):
 
 def full_rows(rows: RowGeometry, query, key, state):
     """Every key block of each row (``decode_rows`` of a dense layer)."""
-    return rows.once(("full", rows.block_k, rows.n_k), lambda: rows_lists((Run(0, rows.row_blocks()),), rows.n_k,
-                                                                          query.device))
+    return rows.once(("full", rows.block_k, rows.n_k), lambda: real_blocks(rows.lengths, rows.capacity, rows.block_k))
 
 
 def rows_density(kv_counts: torch.Tensor, rows: RowGeometry):

@@ -106,6 +106,7 @@ class HyperState(SparseState):
     (``[H, NK]``) with the ``(n_k, heads, device)`` they were drawn for, and the row decode's key buckets (not a
     cache field: one object shared with the row groups' copies, so their host calls mark it stale too)."""
 
+    DECODE_BUFFERS: ClassVar[bool] = True
     DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("projections",)
 
     projections: torch.Tensor | None = None

@@ -25,8 +25,8 @@ def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, blo
     group = Hq // Hkv
     n_q_blocks, max_entries = kv_indices.shape[2], kv_indices.shape[3]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    plain = (causal and not lists_from_start and softcap is None and kv_start is None and kv_end is None and col_bias is None
-             and head_gain is None and active is None and not return_lse)
+    plain = (causal and not lists_from_start and softcap is None and kv_start is None and kv_end is None
+             and col_bias is None and head_gain is None and active is None and not return_lse)
     if plain and not _needs_grad(q, k, v) and _lists_every_causal_block(kv_indices, kv_counts, Tq, Tk, block_q, block_k):
         # Lists that name every causally allowed block once are causal attention: on the CPU the fused SDPA
         # kernel computes it several times faster than gathering every block (same math, same compute dtype).
