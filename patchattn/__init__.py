@@ -31,13 +31,13 @@ _PUBLIC = {
     "BoundedCache": "adapters.kv_cache",
     "bounded_cache": "adapters.kv_cache",
     **{name: "api" for name in ("PatchHandle", "get_config", "get_handle", "list_methods", "load", "load_dit",
-                                "patch", "patched", "repatch_from_config", "unpatch")},
+                                "patch", "patched", "repatch_from_config", "set_denoising_steps", "unpatch")},
 }
 
 __all__ = [
     "BoundedCache", "MethodConfig", "MethodSpec", "MethodState", "PatchContext", "PatchHandle", "PatchState",
     "SparseConfig", "TokenLayout", "bounded_cache", "get_config", "get_handle", "list_methods", "load", "load_dit", "patch", "patched",
-    "register_method", "register_sparse_method", "repatch_from_config", "unpatch",
+    "register_method", "register_sparse_method", "repatch_from_config", "set_denoising_steps", "unpatch",
 ]
 
 

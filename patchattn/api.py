@@ -322,6 +322,19 @@ def repatch_from_config(model):
     return patch(model, config, targets=saved.get("targets", "all"))
 
 
+def set_denoising_steps(model, num_steps: int | None) -> None:
+    """Tell a patched DiT how many denoising steps each generation has (``None``: unknown again).
+
+    Needed only for schedules that count from the end (``dense_last_steps``) when the transformer is patched
+    alone; a patched pipeline reads the count from its scheduler.
+    """
+    model = _unwrap(model)
+    handle = get_handle(model)
+    if handle is None or handle.adapter_name != "diffusers":
+        raise ValueError("set_denoising_steps needs a DiT (or pipeline) patched by patchattn.patch")
+    dit_adapter.set_denoising_steps(handle.record, num_steps)
+
+
 def load_dit(path: str, method=None, *, model_cls=None, subfolder: str | None = None, **kwargs):
     """Load a diffusers DiT saved with ``save_pretrained`` and patch it.
 

@@ -210,24 +210,92 @@ class _InputCapture:
     transformer: nn.Module
     family: DiTFamily
     context: PatchContext
+    scheduler: object = None
     signature: inspect.Signature = field(init=False, repr=False)
+    steps: StepCounter = field(init=False)
 
     def __post_init__(self):
         self.signature = inspect.signature(self.transformer.forward)
+        self.steps = StepCounter()
 
     def __call__(self, _module, args, kwargs):
         inputs = self.signature.bind_partial(*args, **kwargs).arguments
         grid, n_image = _read_grid(self.transformer, self.family, inputs)
         text = inputs.get(self.family.text_input)
         n_text = text.shape[1] if isinstance(text, torch.Tensor) else 0
+        timestep = inputs.get("timestep")
         self.context.extras.update(
-            grid=grid, n_image=n_image, n_text=n_text, timestep=inputs.get("timestep"),
+            grid=grid, n_image=n_image, n_text=n_text, timestep=timestep,
             layouts=_layouts(self.family, grid, n_text, n_image),
+            step=self.steps.advance(timestep, self._scheduler_timesteps()),
+            num_steps=self._num_steps(),
         )
 
+    def _scheduler_timesteps(self):
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        return timesteps if isinstance(timesteps, torch.Tensor) and timesteps.numel() else None
 
-def _input_capture_hook(transformer, family: DiTFamily, context: PatchContext) -> _InputCapture:
-    return _InputCapture(transformer, family, context)
+    def _num_steps(self) -> int | None:
+        fixed = self.context.extras.get(NUM_STEPS_KEY)
+        if fixed is not None:
+            return fixed
+        timesteps = self._scheduler_timesteps()
+        return None if timesteps is None else int(timesteps.numel())
+
+
+NUM_STEPS_KEY = "num_steps_set"  # context.extras entry set by ``patchattn.set_denoising_steps``
+
+
+@dataclass
+class StepCounter:
+    """Counts denoising steps from the transformer's ``timestep`` input, without touching the pipeline.
+
+    With the pipeline's scheduler known (a patched pipeline), the step is the timestep's index in
+    ``scheduler.timesteps``.  Otherwise: the first forward is step 0; a forward with the same timestep is the same
+    step (classifier-free guidance run as two forwards); a lower timestep is the next step; a higher one starts a new
+    generation at step 0 (every diffusers scheduler walks its timesteps downwards).
+    """
+
+    step: int | None = None
+    last: float | None = None
+
+    def advance(self, timestep, schedule=None) -> int | None:
+        value = _first_value(timestep)
+        if value is None:
+            return self.step
+        index = _index_in(schedule, value)
+        if index is not None:
+            self.step = index
+        elif self.last is None or value > self.last:
+            self.step = 0
+        elif value < self.last:
+            self.step += 1
+        self.last = value
+        return self.step
+
+
+def _first_value(timestep) -> float | None:
+    """The timestep of the batch's first sample as a float (one host read per transformer forward)."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+    return None if timestep is None else float(timestep)
+
+
+def _index_in(schedule, value: float) -> int | None:
+    """Index of ``value`` in a scheduler's timesteps (compared loosely: pipelines cast and rescale them)."""
+    if schedule is None:
+        return None
+    values = schedule.detach().float().cpu()
+    close = torch.isclose(values, torch.tensor(value), rtol=1e-4, atol=1e-3).nonzero()
+    if close.numel():
+        return int(close[0, 0])
+    # FLUX-style pipelines pass timestep / 1000 to the transformer
+    close = torch.isclose(values / 1000, torch.tensor(value), rtol=1e-4, atol=1e-6).nonzero()
+    return int(close[0, 0]) if close.numel() else None
+
+
+def _input_capture_hook(transformer, family: DiTFamily, context: PatchContext, scheduler=None) -> _InputCapture:
+    return _InputCapture(transformer, family, context, scheduler)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -374,6 +442,7 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "all") -
     found = _attention_modules(transformer, family)
     for role in sorted({role for _, _, role in found}):  # DiT attention is bidirectional; refuse before changing
         _check_pattern(spec, _pattern(False, role == "cross"), f"{role} attention of {family.name}")
+    config.check_model(num_layers=len(found))  # dense_layers etc. count attention modules, in adapter order
 
     context = PatchContext(family=family.name, kind="dit")
     prefix = "transformer." if transformer is not model else ""
@@ -387,7 +456,7 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "all") -
             patch.hooks.append(module.register_forward_hook(redirect.exit, always_call=True))
             _pin_native_backend(getattr(module, "processor", None), patch)
             patch.modules.append(prefix + name)
-        capture = _input_capture_hook(transformer, family, context)
+        capture = _input_capture_hook(transformer, family, context, getattr(model, "scheduler", None))
         patch.hooks.append(transformer.register_forward_pre_hook(capture, with_kwargs=True))
         record = {"method": spec.name, "config": config.to_dict(), "targets": patch.targets}
         transformer.register_to_config(**{SAVED_PATCH_KEY: record})
@@ -395,6 +464,13 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "all") -
         remove(model, patch)
         raise
     return patch
+
+
+def set_denoising_steps(patch: DiTPatch, num_steps: int | None) -> None:
+    """Tell the methods how many denoising steps a generation has (a patched pipeline's scheduler says it itself)."""
+    if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
+        raise ValueError(f"num_steps must be a positive int or None, got {num_steps!r}")
+    patch.context.extras[NUM_STEPS_KEY] = num_steps
 
 
 def remove(model, patch: DiTPatch) -> None:

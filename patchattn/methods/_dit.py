@@ -1,0 +1,114 @@
+"""What every DiT method shares: the schedule fields, the typed view of one call, and the exact dense call.
+
+A DiT method sees one attention call of one module at one denoising step.  The diffusers adapter
+(``adapters/diffusers.py``) fills ``PatchContext`` from the transformer's input before each forward -- the latent grid,
+the text span, the timestep and the denoising step it counts -- and sets ``context.layout`` for the calling module's
+role; ``dit_call`` turns that into a ``DiTCall``.  Methods never read ``context.extras`` themselves.
+
+Schedules are config fields of every DiT method (``DiTScheduleConfig``): dense attention for the first and the last
+denoising steps (Radial Attention's warm-up; the last steps after radial-attention issue #51) and for chosen layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..config import MethodConfig, option
+
+
+@dataclass(kw_only=True)
+class DiTScheduleConfig(MethodConfig):
+    """Schedule fields shared by every DiT method: where the method steps aside for dense attention."""
+
+    dense_first_steps: int = option(0, "denoising steps run dense at the start (warm-up)", min=0)
+    dense_last_steps: int = option(
+        0, "denoising steps run dense at the end (needs the step count: a patched pipeline, or set_denoising_steps)",
+        min=0,
+    )
+    dense_layers: list = option([], "attention modules (adapter order) that stay dense", min=0, index="layer")
+
+    SCHEDULE_FIELDS: ClassVar[tuple[str, ...]] = ("dense_first_steps", "dense_last_steps", "dense_layers")
+
+
+@dataclass(frozen=True)
+class DiTCall:
+    """One DiT attention call, as a method needs to know it.
+
+    Attributes:
+        role: ``"joint"`` (text and image tokens in one sequence), ``"self"`` (image/video only) or ``"cross"``
+            (image/video queries, text keys).
+        grid: latent grid ``(frames, height, width)`` in tokens, or None when the adapter could not read it.
+        image: ``(start, stop)`` of the image/video tokens in the query sequence.
+        text: ``(start, stop)`` ranges of text tokens in the query sequence (joint attention only).
+        layer: index of the attention module (adapter order: ``named_modules`` of the transformer).
+        step: denoising step counted by the adapter (0 at the first forward of a generation), None when unknown.
+        num_steps: the generation's number of steps when known (a patched pipeline's scheduler), else None.
+        timestep: the transformer's ``timestep`` input of this forward (a tensor), or None.
+    """
+
+    role: str
+    grid: tuple[int, int, int] | None
+    image: tuple[int, int]
+    text: tuple[tuple[int, int], ...]
+    layer: int
+    step: int | None
+    num_steps: int | None
+    timestep: torch.Tensor | None
+
+    @property
+    def n_image(self) -> int:
+        return self.image[1] - self.image[0]
+
+    @property
+    def n_text(self) -> int:
+        return sum(stop - start for start, stop in self.text)
+
+
+def dit_call(state, query: torch.Tensor, cross_attention: bool = False) -> DiTCall:
+    """The ``DiTCall`` of this module's current call (``query [B, H, T, D]``)."""
+    context = state.context
+    layout = context.layout
+    extras = context.extras
+    n_query = query.shape[2]
+    image = layout.image_slice if layout.image_slice is not None else (0, n_query)
+    if cross_attention:
+        role = "cross"
+    else:
+        role = "joint" if layout.text_slices else "self"
+    return DiTCall(
+        role=role, grid=layout.grid, image=tuple(image), text=tuple(layout.text_slices), layer=state.layer_index,
+        step=extras.get("step"), num_steps=extras.get("num_steps"), timestep=extras.get("timestep"),
+    )
+
+
+def scheduled_dense(config: DiTScheduleConfig, call: DiTCall) -> bool:
+    """True when the schedule runs this call dense (a dense layer, or a warm-up / final step).
+
+    ``dense_last_steps`` needs the step count; without it (a bare transformer, no ``set_denoising_steps``) the
+    field cannot be honoured: it warns (once per place, Python's default) and the step runs the method.
+    """
+    if call.layer in config.dense_layers:
+        return True
+    if call.step is None:
+        return False
+    if call.step < config.dense_first_steps:
+        return True
+    if config.dense_last_steps:
+        if call.num_steps is None:
+            warnings.warn("dense_last_steps is set but the number of denoising steps is unknown (patch the pipeline, or "
+                          "call patchattn.set_denoising_steps(model, n)); the last steps run the method", stacklevel=2)
+            return False
+        return call.step >= call.num_steps - config.dense_last_steps
+    return False
+
+
+def dense_sdpa(query, key, value, attn_mask=None, *, scaling=None, dropout=0.0, is_causal=False, enable_gqa=False):
+    """The exact SDPA call the unpatched model makes, returned ``[B, T, H, D]`` as methods return."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout,
+                                         is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa)
+    return out.transpose(1, 2)
