@@ -80,6 +80,27 @@ CASES = {
                      [1, 1, 1, 1, 1]]), added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
         (1, 4, 3), 5, None, {"attn1": "self", "attn2": "cross"},
     ),
+    "hunyuan_video": Case(
+        "HunyuanVideoTransformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+             num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+             pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), guidance_embeds=False),
+        # [video; text] with a text padding mask (the refiner, text-only attention, is left unpatched)
+        lambda: dict(hidden_states=torch.randn(BATCH, 4, 3, 8, 6), encoder_hidden_states=torch.randn(BATCH, 5, 16),
+                     timestep=torch.randint(0, 1000, (BATCH,)), pooled_projections=torch.randn(BATCH, 8),
+                     encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])),
+        (3, 4, 3), 5, False, {"attn": "joint"},
+    ),
+    "ltx_video": Case(
+        "LTXVideoTransformer3DModel",
+        dict(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+             cross_attention_dim=16, num_layers=2, caption_channels=16),
+        # packed latent [B, F*H*W, C]; the grid comes from the num_frames/height/width arguments
+        lambda: dict(hidden_states=torch.randn(BATCH, 2 * 4 * 3, 4), encoder_hidden_states=torch.randn(BATCH, 5, 16),
+                     timestep=torch.randint(0, 1000, (BATCH,)), encoder_attention_mask=torch.ones(BATCH, 5),
+                     num_frames=2, height=4, width=3),
+        (2, 4, 3), 5, None, {"attn1": "self", "attn2": "cross"},
+    ),
 }
 FAMILIES = list(CASES)
 

@@ -26,6 +26,7 @@ diffusers class:
   joint     text and image tokens in the family's order ``text_slices`` and ``image_slice`` in that sequence
   self      image/video tokens only                     ``image_slice=(0, n)``, no text slices
   cross     image/video queries; every key is text      same as self (the layout describes the queries)
+  text      text tokens only (HunyuanVideo's refiner)   not patched: it runs the model's own attention
   ========  ==========================================  =========================================================
 
   ``context.extras`` holds ``n_text``, ``n_image``, ``grid`` and ``timestep`` of the latest transformer forward
@@ -55,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 from ..config import MethodConfig
 from ..registry import MethodSpec
 from ..state import STATE_ATTR, PatchContext, PatchState, TokenLayout, get_state, load_patch_tensors
-from .dit_families import DiTFamily, family_for_class, supported_dit_families
+from .dit_families import DiTFamily, family_for_class, role_of, supported_dit_families
 from .families import TARGETS
 
 SAVED_PATCH_KEY = "patchattn"
@@ -124,7 +125,7 @@ def _attention_modules(transformer, family: DiTFamily) -> list[tuple[str, nn.Mod
     for name, module in transformer.named_modules():
         if not isinstance(module, (Attention, AttentionModuleMixin)):
             continue
-        role = family.attention_roles.get(name.rsplit(".", 1)[-1])
+        role = role_of(family, name)
         if role is None:
             raise TypeError(
                 f"{family.name}: attention module {name!r} ({type(module).__name__}) has no role in dit_families.py "
@@ -176,7 +177,10 @@ def _read_grid(transformer, family: DiTFamily, inputs: dict) -> tuple[tuple[int,
         n_image = hidden.shape[1]
         return (grid if math.prod(grid) == n_image else None), n_image
     axes = family.latent_axes
-    sizes = [hidden.shape[axes.index(a)] if a in axes else 1 for a in "FHW"]
+    if axes == "args":  # packed latent; the forward takes the unpatchified grid as arguments
+        sizes = [int(inputs[name]) for name in family.grid_inputs]
+    else:
+        sizes = [hidden.shape[axes.index(a)] if a in axes else 1 for a in "FHW"]
     patch = [_config_value(transformer.config, p) for p in family.patch]
     grid = tuple(s // p for s, p in zip(sizes, patch))
     return grid, math.prod(grid)
@@ -185,13 +189,14 @@ def _read_grid(transformer, family: DiTFamily, inputs: dict) -> tuple[tuple[int,
 def _layouts(family: DiTFamily, grid, n_text: int, n_image: int) -> dict[str, TokenLayout]:
     """The layout each attention role sees (see the module docstring)."""
     image_only = TokenLayout(grid=grid, image_slice=(0, n_image))
+    text_only = TokenLayout(text_slices=((0, n_text),), image_slice=(0, 0))
     if not family.joint_order:
-        return {"self": image_only, "cross": image_only}
+        return {"self": image_only, "cross": image_only, "text": text_only}
     if family.joint_order[0] == "text":
         joint = TokenLayout(text_slices=((0, n_text),), grid=grid, image_slice=(n_text, n_text + n_image))
     else:
         joint = TokenLayout(text_slices=((n_image, n_image + n_text),), grid=grid, image_slice=(0, n_image))
-    return {"joint": joint, "self": image_only, "cross": image_only}
+    return {"joint": joint, "self": image_only, "cross": image_only, "text": text_only}
 
 
 def _layout_length(layout: TokenLayout) -> int:
@@ -439,7 +444,8 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "all") -
     family = family_of(transformer)
     if "dit" not in spec.families:
         raise ValueError(f"method {spec.name!r} supports model kinds {list(spec.families)}, not 'dit' ({family.name})")
-    found = _attention_modules(transformer, family)
+    # Text-only attention (a text refiner) has no image tokens for a method to act on: it stays the model's own.
+    found = [entry for entry in _attention_modules(transformer, family) if entry[2] != "text"]
     for role in sorted({role for _, _, role in found}):  # DiT attention is bidirectional; refuse before changing
         _check_pattern(spec, _pattern(False, role == "cross"), f"{role} attention of {family.name}")
     config.check_model(num_layers=len(found))  # dense_layers etc. count attention modules, in adapter order
