@@ -112,3 +112,33 @@ def dense_sdpa(query, key, value, attn_mask=None, *, scaling=None, dropout=0.0, 
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout,
                                          is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa)
     return out.transpose(1, 2)
+
+
+def key_padding_ends(attn_mask: torch.Tensor | None, batch: int, k_len: int) -> torch.Tensor | None:
+    """Each row's number of visible keys, for a key-padding mask whose visible keys are a prefix (HunyuanVideo's
+    ``[video; text; padding]``); None when there is no mask.
+
+    ``attn_mask`` is SDPA's: bool (True = visible) or additive float (0 visible, <= -1e4 hidden), broadcasting over
+    heads and queries (``[B or 1, 1, 1, Tk]``).  Anything else is not a key-padding mask: NotImplementedError, so a
+    sparse method never drops a mask silently.  The prefix check reads the mask on the host (skipped under
+    ``torch.compile``, where it would break the graph).
+    """
+    if attn_mask is None:
+        return None
+    if attn_mask.ndim != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1:
+        raise NotImplementedError(
+            f"this DiT method supports key-padding masks [B, 1, 1, Tk] only, got a mask of shape "
+            f"{tuple(attn_mask.shape)}"
+        )
+    visible = attn_mask if attn_mask.dtype == torch.bool else attn_mask > -1e4
+    visible = visible[:, 0, 0].expand(batch, k_len)
+    ends = visible.sum(-1, dtype=torch.int32)
+    if not torch.compiler.is_compiling():
+        prefix = torch.arange(k_len, device=visible.device)[None] < ends[:, None]
+        hidden_values_ok = attn_mask.dtype == torch.bool or bool(((attn_mask == 0) | (attn_mask <= -1e4)).all())
+        if not (hidden_values_ok and torch.equal(prefix, visible)):
+            raise NotImplementedError(
+                "this DiT method supports key-padding masks whose visible keys are a prefix of the sequence "
+                "(0 / -inf or bool), not this mask"
+            )
+    return ends

@@ -96,3 +96,20 @@ def test_set_denoising_steps_needs_a_patched_dit():
     model, _ = tiny("flux")
     with pytest.raises(ValueError, match="patched by patchattn"):
         patchattn.set_denoising_steps(model, 4)
+
+
+def test_key_padding_ends_reads_prefix_masks_and_refuses_others():
+    from patchattn.methods._dit import key_padding_ends
+
+    bool_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)[:, None, None]
+    assert key_padding_ends(bool_mask, 2, 4).tolist() == [3, 4]
+    additive = torch.zeros(2, 1, 1, 4)
+    additive[0, ..., 2:] = -10000.0
+    assert key_padding_ends(additive, 2, 4).tolist() == [2, 4]
+    assert key_padding_ends(None, 2, 4) is None
+    with pytest.raises(NotImplementedError, match="prefix"):
+        key_padding_ends(torch.tensor([[1, 0, 1, 1]], dtype=torch.bool)[:, None, None], 1, 4)
+    with pytest.raises(NotImplementedError, match=r"\[B, 1, 1, Tk\]"):
+        key_padding_ends(torch.ones(1, 1, 4, 4, dtype=torch.bool), 1, 4)
+    with pytest.raises(NotImplementedError, match="prefix"):
+        key_padding_ends(torch.full((1, 1, 1, 4), -0.5), 1, 4)  # a bias, not a padding mask
