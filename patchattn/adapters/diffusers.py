@@ -62,6 +62,7 @@ from .families import TARGETS
 SAVED_PATCH_KEY = "patchattn"
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 _MISSING = object()
+_FUNCTIONAL = {"unflatten": torch.unflatten}  # Tensor method name -> the same computation as a torch function
 # diffusers dispatcher backends that end in F.scaled_dot_product_attention (so the redirect sees their calls).
 _SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 
@@ -223,6 +224,9 @@ class _InputCapture:
         self.signature = inspect.signature(self.transformer.forward)
         self.steps = StepCounter()
 
+    # Reading the timestep (the step count) is a host read: under torch.compile this hook runs eagerly, before the
+    # compiled forward, so the attention itself stays in one graph.
+    @torch.compiler.disable
     def __call__(self, _module, args, kwargs):
         inputs = self.signature.bind_partial(*args, **kwargs).arguments
         grid, n_image = _read_grid(self.transformer, self.family, inputs)
@@ -319,6 +323,10 @@ class _SDPARedirect(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not _SDPA:
+            # Tensor methods written in Python that end in ``super().method`` stop torch.compile's tracing inside a
+            # mode (a graph break per call); the torch function is the same computation.
+            if getattr(func, "__name__", None) in _FUNCTIONAL:
+                func = _FUNCTIONAL[func.__name__]
             return func(*args, **kwargs)
         self.calls += 1
         return self._attend(**_sdpa_arguments(*args, **kwargs))
