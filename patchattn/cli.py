@@ -72,6 +72,7 @@ BENCHMARKS = {
     "kernel": "patchattn.bench.kernel",
     "methods": "patchattn.bench.methods",
     "generate": "patchattn.bench.generate",
+    "dit": "patchattn.bench.dit",
     "quality": "patchattn.bench.quality",
     "report": "patchattn.bench.sparse_report",
 }
