@@ -260,7 +260,6 @@ def forward_rows(shape: Shape, methods, layers: int, device, dtype) -> list[dict
             unpatch(model)
         rows.append(dict(shape=shape.name, mode="forward", method=label, tokens=shape.tokens, ms=ms, sdpa_ms=sdpa_ms,
                          speedup_vs_sdpa=sdpa_ms / ms, note=note))
-    del model
     return rows
 
 

@@ -14,8 +14,14 @@ from ._sparse import dense_call, padding_start
 
 
 def head_counts(module) -> tuple[int, int, int]:
-    """(query heads, kv heads, head_dim) of an attention module, read from its model config."""
+    """(query heads, kv heads, head_dim) of an attention module: from its transformers model config, or from a
+    diffusers attention module's own ``heads`` / ``inner_dim`` / ``inner_kv_dim``."""
     config = getattr(module, "config", None)
+    if config is None and isinstance(getattr(module, "heads", None), int):
+        heads = module.heads
+        head_dim = getattr(module, "head_dim", None) or module.inner_dim // heads
+        kv_dim = getattr(module, "inner_kv_dim", None) or heads * head_dim
+        return heads, kv_dim // head_dim, head_dim
     if config is None:
         raise ValueError(f"{type(module).__name__} has no model config; the head-level methods need one")
     heads = config.num_attention_heads
@@ -109,5 +115,14 @@ def full_causal_attention(query, key, value, *, scaling, kv_start, backend, head
                                   return_lse=return_lse, backend=backend)
 
 
-__all__ = ["check_heads", "dense_call", "full_causal_attention", "head_counts", "kv_start_of", "layer_key",
-           "newest_positions", "newest_values", "use_fused_kernel", "valid_rows"]
+def full_noncausal_attention(query, key, value, *, scaling, backend, head_gain=None, active=None, block: int = 64):
+    """Bidirectional attention over every key through the block-sparse kernel (DiTs; hooks: gains, active)."""
+    n_q, n_k = -(-query.shape[2] // block), -(-key.shape[2] // block)
+    idx = torch.arange(n_k, dtype=torch.int32, device=query.device).expand(1, 1, n_q, n_k)
+    counts = torch.full((1, 1, n_q), n_k, dtype=torch.int32, device=query.device)
+    return block_sparse_attention(query, key, value, idx, counts, block_q=block, block_k=block, causal=False,
+                                  scale=scaling, head_gain=head_gain, active=active, backend=backend)
+
+
+__all__ = ["check_heads", "dense_call", "full_causal_attention", "full_noncausal_attention", "head_counts",
+           "kv_start_of", "layer_key", "newest_positions", "newest_values", "use_fused_kernel", "valid_rows"]

@@ -29,6 +29,10 @@ real tokens, f_i: fraction of the top-k slots that went to head i, so uniform ro
 ``state.method_state.balance_loss`` with its graph; :func:`aux_loss` returns ``balance_coef`` (paper 0.01) times
 the sum over layers, to add to the language-model loss.
 
+DiTs (the MoH paper also reports DiT results, trained from scratch): self and joint attention route heads per token
+the same way, bidirectionally (``route_block`` counts tokens in the model's order: raster order of the latent grid);
+cross-attention (text keys) stays dense.  Without fine-tuning, routing heads away changes a pretrained DiT's output.
+
 Speed: the fused kernel gets ``active [B, T, H]`` and skips a (query tile, head) only when **no** row of the tile
 is active.  With per-token routing (``route_block=1``, the paper) almost every 64-row tile has some token that
 picked each head, so the kernel saves ~nothing; ``route_block=R`` (a multiple of the kernel tile, e.g. 128) makes
@@ -51,10 +55,12 @@ from torch import nn
 from ..config import MethodConfig, option
 from ..registry import register_method
 from ..state import MethodState, PatchState, get_state
+from ._dit import dense_sdpa
 from ._heads import (
     check_heads,
     dense_call,
     full_causal_attention,
+    full_noncausal_attention,
     head_counts,
     newest_positions,
     newest_values,
@@ -297,8 +303,8 @@ def _all_active_binary(state) -> bool:
     "moh",
     config=MoHConfig,
     category="moh",
-    families=("llm", "lvlm"),
-    patterns=("causal-self",),
+    families=("llm", "lvlm", "dit"),
+    patterns=("causal-self", "noncausal-self", "noncausal-cross"),
     make_state=make_moh_state,
     state_cls=MoHState,
     paper="Jin et al., MoH: Multi-Head Attention as Mixture-of-Head Attention (ICML 2025), arXiv 2410.11842",
@@ -312,6 +318,8 @@ def moh_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     if _all_active_binary(state):
         state.record(density=1.0, tile_skip=0.0)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if state.role == "dit":
+        return _dit_moh(state, query, key, value, attention_mask, scaling, dropout, kwargs)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     ends = None
@@ -335,6 +343,26 @@ def moh_attention(module, query, key, value, attention_mask, *, scaling=None, dr
                         backend=config.backend, binary=config.router == "norm")
         return out.transpose(1, 2), None
     out, _ = dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return out * gates[..., None].to(out.dtype), None
+
+
+def _dit_moh(state, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """A DiT call: heads routed per image/text token of self and joint attention (the MoH paper's DiT setting);
+    cross-attention stays dense (its keys are text only).  Tokens are in the model's order (raster order for
+    ``route_block``); a key-padding mask (HunyuanVideo's text) keeps the gated SDPA path."""
+    if kwargs.get("cross_attention"):
+        state.record(density=1.0, tile_skip=0.0)
+        return dense_sdpa(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                          enable_gqa=kwargs.get("enable_gqa", False)), None
+    gates, active = route(state, query, value, None, None)
+    _record(state, active, None)
+    if attention_mask is None and dropout == 0.0 and use_fused_kernel(state.config.backend, query):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = full_noncausal_attention(query, key, value, scaling=scale, backend=state.config.backend,
+                                       head_gain=None if state.config.router == "norm" else gates, active=active)
+        return out.transpose(1, 2), None
+    out = dense_sdpa(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                     enable_gqa=kwargs.get("enable_gqa", False))
     return out * gates[..., None].to(out.dtype), None
 
 
