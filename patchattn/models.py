@@ -24,6 +24,7 @@ from transformers import (
     Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
+    Idefics3Config,
     LlamaConfig,
     LlavaConfig,
     MistralConfig,
@@ -33,6 +34,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen3Config,
     SiglipVisionConfig,
+    SmolVLMConfig,
 )
 
 from .config import closest
@@ -251,6 +253,21 @@ def _tiny_gemma3():
     )
 
 
+_IDEFICS_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                       patch_size=4)
+
+
+def _tiny_idefics3():
+    # 16 patches per image, merged 2x2 by the connector's pixel shuffle: 4 image tokens per image
+    return Idefics3Config(text_config=LlamaConfig(**_TEXT).to_dict(), vision_config=_IDEFICS_VISION, scale_factor=2,
+                          image_token_id=120)
+
+
+def _tiny_smolvlm():
+    return SmolVLMConfig(text_config=LlamaConfig(**_TEXT).to_dict(), vision_config=_IDEFICS_VISION, scale_factor=2,
+                         image_token_id=120)
+
+
 TINY_CONFIGS: dict[str, Callable] = {
     "llama": _tiny_llama,
     "mistral": _tiny_mistral,
@@ -263,6 +280,8 @@ TINY_CONFIGS: dict[str, Callable] = {
     "qwen2_vl": _tiny_qwen2_vl,
     "qwen2_5_vl": _tiny_qwen2_5_vl,
     "gemma3": _tiny_gemma3,
+    "idefics3": _tiny_idefics3,
+    "smolvlm": _tiny_smolvlm,
 }
 
 

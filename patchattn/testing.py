@@ -7,7 +7,7 @@ import torch
 from .models import TINY_CONFIGS, tiny_model
 
 LLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
-LVLM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3")
+LVLM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
 assert set(LLM_FAMILIES + LVLM_FAMILIES) == set(TINY_CONFIGS)
 
 
@@ -19,6 +19,9 @@ def _image_tokens(model, family: str) -> tuple[int, dict]:
         return (v.image_size // v.patch_size) ** 2, {}
     if family == "gemma3":
         return config.mm_tokens_per_image, {}
+    if family in ("idefics3", "smolvlm"):
+        v = config.vision_config
+        return (v.image_size // v.patch_size) ** 2 // config.scale_factor**2, {}
     if family in ("qwen2_vl", "qwen2_5_vl"):
         v = config.vision_config
         grid = torch.tensor([[1, 4, 4]])
@@ -49,6 +52,8 @@ def tiny_inputs(model, family: str, *, batch: int = 2, text_len: int = 12, with_
             kwargs["token_type_ids"] = token_types
         size = model.config.vision_config.image_size
         kwargs["pixel_values"] = torch.randn(batch, 3, size, size, generator=gen)
+        if family in ("idefics3", "smolvlm"):  # [B, images per sample, C, H, W]
+            kwargs["pixel_values"] = kwargs["pixel_values"][:, None]
     return kwargs
 
 

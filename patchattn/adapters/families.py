@@ -53,6 +53,14 @@ HF_FAMILIES: dict[str, HFFamily] = {
             "gemma3", "lvlm", "text_config", "vision_config", ("image_token_id",),
             "SigLIP vision tower; bidirectional attention among image tokens in the text mask",
         ),
+        HFFamily(
+            "idefics3", "lvlm", "text_config", "vision_config", ("image_token_id",),
+            "SigLIP vision tower, pixel-shuffle connector (scale_factor^2 patches per token), image splitting",
+        ),
+        HFFamily(
+            "smolvlm", "lvlm", "text_config", "vision_config", ("image_token_id",),
+            "SmolVLM: the Idefics3 design with a SmolLM2 backbone",
+        ),
     ]
 }
 
