@@ -72,7 +72,7 @@ def lists_for(mask, block_q, block_k):
     tiles_from_token_mask with the (batch, head) rows as heads (one shared pool)."""
     Bp, Hp = mask.shape[:2]
     tiled = tiles_from_token_mask(mask.reshape(Bp * Hp, *mask.shape[2:]), block_q, block_k)
-    shape = lambda t: t.reshape(Bp, Hp, *t.shape[2:])  # noqa: E731
+    shape = lambda t: t.reshape(Bp, Hp, *t.shape[2:])
     return shape(tiled.kv_indices), shape(tiled.kv_counts), shape(tiled.tile_mask_ids), tiled.tile_masks
 
 
@@ -150,7 +150,7 @@ def test_token_mask_round_trip_and_tile_kinds(shape, blocks):
     padded[:, :Tq, :Tk] = heads_mask
     real = torch.zeros_like(padded)
     real[:, :Tq, :Tk] = True
-    per_tile = lambda t: t.view(-1, n_q, blocks[0], n_k, blocks[1]).transpose(2, 3)  # noqa: E731
+    per_tile = lambda t: t.view(-1, n_q, blocks[0], n_k, blocks[1]).transpose(2, 3)
     any_seen = per_tile(padded).any((-1, -2))
     all_seen = (per_tile(padded) | ~per_tile(real)).all((-1, -2))
     listed = bs.mask_from_blocks(tiled.kv_indices, tiled.kv_counts, n_k)[0]
@@ -286,7 +286,7 @@ def test_tiles_with_padding_bounds(triton_device):
     case = CASES[1]
     qkv, d_out, mask = make_inputs(case, seed=5)
     lists = lists_for(mask, case.block_q, case.block_k)
-    bounds = dict(kv_start=torch.tensor([0, 9], dtype=torch.int32), kv_end=torch.tensor([70, 55], dtype=torch.int32))
+    bounds = {"kv_start": torch.tensor([0, 9], dtype=torch.int32), "kv_end": torch.tensor([70, 55], dtype=torch.int32)}
     got = attend("triton", qkv, d_out, lists, case, torch.float32, triton_device, grad=True,
                  **{n: t.to(triton_device) for n, t in bounds.items()})
     want = attend("torch", qkv, d_out, lists, case, torch.float32, "cpu", grad=True, **bounds)
@@ -301,7 +301,7 @@ def test_full_block_set_with_partial_tiles_is_not_sent_to_sdpa(triton_device):
     """Lists made by dense_blocks are remembered as the full set (the SDPA fallback's shortcut); with partial tiles
     the call must still run the kernel and mask."""
     case = TileCase(Tq=48, Tk=48)
-    qkv, d_out, mask = make_inputs(case, seed=6)
+    qkv, d_out, _mask = make_inputs(case, seed=6)
     idx, cnt = bs.dense_blocks(case.Tq, case.Tk, case.block_q, case.block_k, device=triton_device)
     tids = torch.full(idx.shape, -1, dtype=torch.int32)
     tids[0, 0, 1, 2] = 0
@@ -368,7 +368,7 @@ def test_tile_arguments_are_validated():
     case = TileCase(Tq=32, Tk=32)
     (q, k, v), _, mask = make_inputs(case, seed=10)
     idx, cnt, tids, pool = lists_for(mask, 16, 16)
-    call = lambda **kw: bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16, causal=False,  # noqa: E731
+    call = lambda **kw: bs.block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16, causal=False,
                                                   backend="torch", **kw)
     with pytest.raises(ValueError, match="both"):
         call(tile_masks=pool)
