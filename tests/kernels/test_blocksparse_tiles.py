@@ -297,6 +297,22 @@ def test_tiles_with_padding_bounds(triton_device):
           torch.float32)
 
 
+def test_tiles_with_every_other_hook(triton_device):
+    """Tiles compose with per-q-head column bias, softcap, a per-token gain and inactive (token, head) pairs: Triton
+    against the reference (which applies each hook as without tiles), forward and backward."""
+    case = CASES[1]
+    qkv, d_out, mask = make_inputs(case, seed=11)
+    lists = lists_for(mask, case.block_q, case.block_k)
+    gen = torch.Generator().manual_seed(12)
+    hooks = {"kv_start": torch.tensor([0, 9], dtype=torch.int32), "kv_end": torch.tensor([70, 55], dtype=torch.int32),
+             "col_bias": torch.randn(case.B, case.Hq, case.Tk, generator=gen), "softcap": 2.5,
+             "head_gain": torch.randn(case.B, case.Tq, case.Hq, generator=gen),
+             "active": torch.rand(case.B, case.Tq, case.Hq, generator=gen) < 0.7}
+    on_device = {n: t.to(triton_device) if torch.is_tensor(t) else t for n, t in hooks.items()}
+    got = attend("triton", qkv, d_out, lists, case, torch.float32, triton_device, grad=True, **on_device)
+    check(got, attend("torch", qkv, d_out, lists, case, torch.float32, "cpu", grad=True, **hooks), torch.float32)
+
+
 def test_full_block_set_with_partial_tiles_is_not_sent_to_sdpa(triton_device):
     """Lists made by dense_blocks are remembered as the full set (the SDPA fallback's shortcut); with partial tiles
     the call must still run the kernel and mask."""
