@@ -158,14 +158,17 @@ def flex_mask_from_tiles(tiled, heads: int):
 
     full_cnt, full_idx = packed(whole)
     part_cnt, part_idx = packed(partial)
-    table = torch.full((*idx.shape[1:3], n_k), -1, dtype=torch.long, device=idx.device)  # [H', NQ, NK] tile id
-    table.scatter_(-1, idx[0], torch.where(partial[0], ids[0], -1))
+    # [H', NQ, NK]: -2 not listed (hidden), -1 whole tile, p >= 0 partial tile p; mask_mod is the exact token mask
+    # (fused Flex evaluates it on partial blocks only, its eager path everywhere).
+    table = torch.full((*idx.shape[1:3], n_k + 1), -2, dtype=torch.long, device=idx.device)  # last column: unlisted
+    table.scatter_(-1, torch.where(listed[0], idx[0], n_k), torch.where(listed[0], ids[0], -2))
+    table = table[..., :n_k]
     masks, bq, bk = tiled.tile_masks, tiled.block_q, tiled.block_k
     shared_heads = table.shape[0] == 1
 
     def mask_mod(b, h, q_idx, kv_idx):
         tile = table[0 if shared_heads else h, q_idx // bq, kv_idx // bk]
-        return (tile >= 0) & masks[tile.clamp(min=0), q_idx % bq, kv_idx % bk]
+        return (tile == -1) | ((tile >= 0) & masks[tile.clamp(min=0), q_idx % bq, kv_idx % bk])
 
     return BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
                                     seq_lengths=(tiled.q_len, tiled.k_len))
