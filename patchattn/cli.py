@@ -73,6 +73,7 @@ BENCHMARKS = {
     "methods": "patchattn.bench.methods",
     "generate": "patchattn.bench.generate",
     "dit": "patchattn.bench.dit",
+    "lvlm": "patchattn.bench.lvlm",
     "quality": "patchattn.bench.quality",
     "report": "patchattn.bench.sparse_report",
 }
