@@ -59,7 +59,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
                            softcap: float | None = None, kv_start=None, kv_end=None,
                            col_bias=None, head_gain=None, active=None, return_lse: bool = False,
                            lists_from_start: bool = False, backend: str = "auto",
-                           options: KernelOptions | None = None):
+                           options: KernelOptions | None = None, tile_masks=None, tile_mask_ids=None):
     """Attention where query block ``m`` of (batch b, head h) reads only the key blocks
     ``kv_indices[b, h, m, :kv_counts[b, h, m]]``.
 
@@ -73,12 +73,29 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
     ``kv_start`` (block j holds keys ``kv_start + j * block_k ...``) and its queries are the last of its keys
     (query i at ``kv_end - Tq + i``), so one launch serves rows whose real keys start at different offsets (a
     padded batch in a static cache) exactly as each row alone; ``kv_end`` may stop before ``Tk`` (empty slots).
+
+    **Partial tiles** (FlexAttention's full/partial blocks): ``tile_mask_ids`` int32, the shape of ``kv_indices``,
+    gives each list entry's element mask: ``-1`` = the whole key block is visible (the fast path, as without tiles),
+    ``p >= 0`` = only the keys where ``tile_masks[p][i, j]`` is True are visible to the query at offset ``i`` of its
+    query block, key offset ``j`` of the key block; ``tile_masks`` bool ``[P, block_q, block_k]`` is one pool shared
+    by every batch, head and entry (identical tiles stored once).  ``p`` must be < P (checked on CPU only: on a GPU
+    the check would cost a host sync).  The element mask is ANDed with ``causal``, ``kv_start``/``kv_end`` and
+    ``Tk``; ``col_bias``, ``softcap``, ``head_gain`` and ``active`` apply as without tiles.  Forward and backward
+    are exact, and rows that see no key give 0.  Cost: a partial tile loads its ``block_q x block_k`` bytes of mask
+    and takes the masked branch (one ``where`` per score tile), in the forward, the dQ and the dK/dV pass; a whole
+    tile (-1) costs what it costs without tiles, so build masks whose tiles are mostly whole (permute tokens so that
+    neighbourhoods fill blocks) and keep partial tiles to the edges.  With tile masks the split-K decode kernel is
+    not used (small ``Tq`` runs the prefill kernel), nor the dense SDPA fallback; ``lists_from_start`` is refused.
+    See :mod:`patchattn.masks.tiles` to build the lists and tiles from a token mask.
     """
     backend = _resolve_backend(backend, q)
     _validate(q, k, v, kv_indices, kv_counts, block_q, block_k, kv_start, kv_end, col_bias,
               head_gain, active, softcap, backend)
     if lists_from_start:
         _validate_from_start(q, kv_indices, block_q, kv_start, kv_end, col_bias)
+    if tile_masks is not None or tile_mask_ids is not None:
+        _validate_tiles(q, kv_indices, tile_masks, tile_mask_ids, block_q, block_k, lists_from_start)
+        tile_masks, tile_mask_ids = _tile_inputs(tile_masks, tile_mask_ids)
     kv_indices, kv_counts = _as_int32(kv_indices), _as_int32(kv_counts)
     kv_start = None if kv_start is None else _as_int32(kv_start)
     kv_end = None if kv_end is None else _as_int32(kv_end)
@@ -90,9 +107,9 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
             q, k, v, kv_indices, kv_counts, block_q=block_q, block_k=block_k, causal=opts.causal,
             scale=opts.scale, softcap=opts.softcap, kv_start=kv_start, kv_end=kv_end,
             col_bias=col_bias, head_gain=head_gain, active=active, return_lse=return_lse,
-            lists_from_start=lists_from_start)
+            lists_from_start=lists_from_start, tile_masks=tile_masks, tile_mask_ids=tile_mask_ids)
     return _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
-                             head_gain, active, return_lse, lists_from_start)
+                             head_gain, active, return_lse, lists_from_start, tile_masks, tile_mask_ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +311,37 @@ def _validate(q, k, v, kv_indices, kv_counts, block_q, block_k, kv_start, kv_end
         _fail("softcap", softcap, "None or a positive float")
 
 
+def _validate_tiles(q, kv_indices, tile_masks, tile_mask_ids, block_q, block_k, lists_from_start):
+    if (tile_masks is None) != (tile_mask_ids is None):
+        _fail("tile_masks / tile_mask_ids", "only one of them", "both (partial tiles) or neither (whole blocks)")
+    if lists_from_start:
+        _fail("lists_from_start", "with tile masks", "lists counted from key 0 (lists_from_start=False)")
+    if not isinstance(tile_mask_ids, torch.Tensor) or tuple(tile_mask_ids.shape) != tuple(kv_indices.shape):
+        _fail("tile_mask_ids.shape", tuple(getattr(tile_mask_ids, "shape", ())),
+              f"kv_indices' shape {tuple(kv_indices.shape)}")
+    if tile_mask_ids.dtype not in (torch.int32, torch.int64):
+        _fail("tile_mask_ids.dtype", tile_mask_ids.dtype, "torch.int32 (int64 is converted)")
+    if not isinstance(tile_masks, torch.Tensor) or tile_masks.dim() != 3 or tile_masks.dtype != torch.bool \
+            or tuple(tile_masks.shape[1:]) != (block_q, block_k):
+        _fail("tile_masks", f"{tuple(getattr(tile_masks, 'shape', ()))} {getattr(tile_masks, 'dtype', None)}",
+              f"bool [P, block_q={block_q}, block_k={block_k}]")
+    for name, t in (("tile_masks", tile_masks), ("tile_mask_ids", tile_mask_ids)):
+        if t.device != q.device:
+            _fail(f"{name}.device", t.device, f"q's device {q.device}")
+    if tile_mask_ids.device.type == "cpu" and tile_mask_ids.numel():  # on a GPU this check would be a host sync
+        low, high = int(tile_mask_ids.min()), int(tile_mask_ids.max())
+        if low < -1 or high >= tile_masks.shape[0]:
+            _fail("tile_mask_ids", f"values in [{low}, {high}]",
+                  f"-1 (whole block) or a tile index below P={tile_masks.shape[0]}")
+
+
+def _tile_inputs(tile_masks, tile_mask_ids):
+    """Tiles as the kernels read them (contiguous int32 ids; ``None, None`` when the pool is empty: every id is -1)."""
+    if tile_masks.shape[0] == 0:
+        return None, None
+    return tile_masks.contiguous(), _as_int32(tile_mask_ids)
+
+
 # --------------------------------------------------------------------------------------------
 # Triton dispatch
 # --------------------------------------------------------------------------------------------
@@ -307,7 +355,7 @@ def _validate_from_start(q, kv_indices, block_q, kv_start, kv_end, col_bias):
 
 
 def _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
-                      head_gain, active, return_lse, lists_from_start=False):
+                      head_gain, active, return_lse, lists_from_start=False, tile_masks=None, tile_mask_ids=None):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if col_bias is not None and col_bias.requires_grad and torch.is_grad_enabled():
         raise ValueError("col_bias: gradients w.r.t. col_bias are supported by backend='torch' "
@@ -318,12 +366,14 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, co
 
     if lists_from_start and needs_grad:
         _fail("lists_from_start", "with gradients", "inference (the decode kernel has no backward)")
-    if not lists_from_start and _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start, kv_end,
-                                                    col_bias, active, return_lse):
+    tiled = tile_masks is not None  # partial tiles: neither SDPA (a full set is not dense) nor the decode kernel
+    if not lists_from_start and not tiled and _use_dense_fallback(q, k, kv_indices, kv_counts, opts, kv_start,
+                                                                  kv_end, col_bias, active, return_lse):
         out = _sdpa_dense(q, k, v, opts)
         return out * reference._gain_as_bhtd(head_gain).to(out.dtype) if head_gain is not None else out
 
-    decoding = lists_from_start or (not needs_grad and q.shape[2] <= DECODE_MAX_QUERIES and kv_indices.shape[2] == 1)
+    decoding = lists_from_start or (not needs_grad and not tiled and q.shape[2] <= DECODE_MAX_QUERIES
+                                    and kv_indices.shape[2] == 1)
     if decoding and torch.compiler.is_compiling():
         # One opaque operator to the compiler: it traces no launch code, and the step stays whole (fullgraph)
         # and capturable in a CUDA graph.
@@ -338,7 +388,7 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, co
     else:
         out, lse = _BlockSparseAttention.apply(q, k, v, kv_indices, kv_counts, opts, kv_start,
                                                kv_end, col_bias, kernel_gain, active,
-                                               return_lse or needs_grad)
+                                               return_lse or needs_grad, tile_masks, tile_mask_ids)
     if outer_gain is not None:
         out = out * reference._gain_as_bhtd(outer_gain).to(out.dtype)
     return (out, lse) if return_lse else out
@@ -413,12 +463,13 @@ def _sdpa_dense(q, k, v, opts):
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain,
-                active, need_lse):
+                active, need_lse, tile_masks=None, tile_mask_ids=None):
         from . import triton_fwd
         out, lse = triton_fwd.forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end,
-                                      col_bias, head_gain, active, need_lse)
+                                      col_bias, head_gain, active, need_lse, tile_masks=tile_masks,
+                                      tile_mask_ids=tile_mask_ids)
         ctx.save_for_backward(q, k, v, out, lse, kv_indices, kv_counts, kv_start, kv_end,
-                              col_bias, head_gain, active)
+                              col_bias, head_gain, active, tile_masks, tile_mask_ids)
         ctx.opts = opts
         if lse is not None:
             ctx.mark_non_differentiable(lse)
@@ -427,7 +478,9 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, _d_lse):
         from . import triton_bwd
-        q, k, v, out, lse, idx, cnt, kv_start, kv_end, col_bias, head_gain, active = ctx.saved_tensors
+        (q, k, v, out, lse, idx, cnt, kv_start, kv_end, col_bias, head_gain, active, tile_masks,
+         tile_mask_ids) = ctx.saved_tensors
         dq, dk, dv = triton_bwd.backward(d_out, q, k, v, out, lse, idx, cnt, ctx.opts, kv_start,
-                                         kv_end, col_bias, head_gain, active)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                         kv_end, col_bias, head_gain, active, tile_masks=tile_masks,
+                                         tile_mask_ids=tile_mask_ids)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None

@@ -2,7 +2,8 @@
 
 Vectorised over batch, heads and a chunk of query blocks at once: for each chunk it gathers only the
 listed key blocks (``[.., K * block_k, D]``), never a ``Tq x Tk`` matrix, so memory stays
-``O(chunk * K * block_k)``. Plain torch ops, so autograd works; under autograd each chunk is
+``O(chunk * K * block_k)``.  Partial tiles (``tile_mask_ids >= 0``) gather their element masks beside the keys and
+AND them into the same visibility mask as the causal and padding rules. Plain torch ops, so autograd works; under autograd each chunk is
 checkpointed so training memory does not grow with the number of key blocks read.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ CHUNK_SCORE_ELEMENTS = 1 << 23
 
 def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, block_k, causal,
                                  scale, softcap=None, kv_start=None, kv_end=None, col_bias=None,
-                                 head_gain=None, active=None, return_lse=False, lists_from_start=False):
+                                 head_gain=None, active=None, return_lse=False, lists_from_start=False,
+                                 tile_masks=None, tile_mask_ids=None):
     """Same contract as :func:`patchattn.kernels.blocksparse.block_sparse_attention` (inputs validated)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -26,7 +28,8 @@ def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, blo
     n_q_blocks, max_entries = kv_indices.shape[2], kv_indices.shape[3]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     plain = (causal and not lists_from_start and softcap is None and kv_start is None and kv_end is None
-             and col_bias is None and head_gain is None and active is None and not return_lse)
+             and col_bias is None and head_gain is None and active is None and not return_lse
+             and tile_masks is None)
     if plain and not _needs_grad(q, k, v) and _lists_every_causal_block(kv_indices, kv_counts, Tq, Tk, block_q, block_k):
         # Lists that name every causally allowed block once are causal attention: on the CPU the fused SDPA
         # kernel computes it several times faster than gathering every block (same math, same compute dtype).
@@ -34,7 +37,7 @@ def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, blo
     # Fold the GQA group into the rows of one matmul when the whole group reads the same blocks.
     fold = kv_indices.shape[1] in (1, Hkv) and (col_bias is None or col_bias.shape[1] in (1, Hkv))
     ctx = _Context(B, Hq, Hkv, group, Tq, Tk, D, block_q, block_k, causal, scale, softcap, fold,
-                   compute_dtype, kv_start, kv_end, col_bias, lists_from_start)
+                   compute_dtype, kv_start, kv_end, col_bias, lists_from_start, _tiles_with_full(tile_masks))
     rows_per_block = block_q * (group if fold else 1)
     per_block = B * Hkv * (1 if fold else group) * rows_per_block * max(1, max_entries * block_k)
     chunk = max(1, min(n_q_blocks, CHUNK_SCORE_ELEMENTS // per_block))
@@ -46,11 +49,12 @@ def block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, *, block_q, blo
         m1 = min(n_q_blocks, m0 + chunk)
         q_rows = q[:, :, m0 * block_q: min(m1 * block_q, Tq)]
         idx, cnt = kv_indices[:, :, m0:m1], kv_counts[:, :, m0:m1]
+        tid = None if tile_mask_ids is None else tile_mask_ids[:, :, m0:m1]
         if use_checkpoint:
-            o, lse = checkpoint(_attend_chunk, ctx, m0, q_rows, k, v, idx, cnt, col_bias,
+            o, lse = checkpoint(_attend_chunk, ctx, m0, q_rows, k, v, idx, cnt, col_bias, tid,
                                 use_reentrant=False)
         else:
-            o, lse = _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias)
+            o, lse = _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias, tid)
         outs.append(o)
         lses.append(lse)
     out = torch.cat(outs, dim=2)
@@ -93,6 +97,14 @@ def _causal_sdpa(q, k, v, scale, compute_dtype):
     return out.to(q.dtype)
 
 
+def _tiles_with_full(tile_masks):
+    """``tile_masks [P, bq, bk]`` with an all-visible tile in front, so ``tile id + 1`` indexes it (-1: whole block)."""
+    if tile_masks is None:
+        return None
+    full = torch.ones((1, *tile_masks.shape[1:]), dtype=torch.bool, device=tile_masks.device)
+    return torch.cat([full, tile_masks.bool()])
+
+
 def _gain_as_bhtd(head_gain):
     """[B, Tq, Hq] or [B|1, Hq] -> broadcastable against [B, Hq, Tq, D]."""
     if head_gain.dim() == 3:
@@ -104,7 +116,7 @@ class _Context:
     """Shapes and options shared by every chunk (a plain holder, so checkpoint can pass it)."""
 
     def __init__(self, B, Hq, Hkv, group, Tq, Tk, D, block_q, block_k, causal, scale, softcap,
-                 fold, compute_dtype, kv_start, kv_end, col_bias, lists_from_start=False):
+                 fold, compute_dtype, kv_start, kv_end, col_bias, lists_from_start=False, tiles=None):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -121,7 +133,7 @@ def _expand_lists(ctx, t):
     return t.expand(ctx.B, ctx.Hkv, g, *rest)
 
 
-def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
+def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias, tile_ids=None):
     B, Hkv, G, bq, bk = ctx.B, ctx.Hkv, ctx.group, ctx.block_q, ctx.block_k
     if idx.device.type == "cpu" and not torch.compiler.is_compiling():
         # Lists are padded to the longest row of the whole call (causal rows near the start list few blocks):
@@ -129,6 +141,7 @@ def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
         # -inf, so only the length of the reductions changes. Not on GPUs: a host sync breaks graph capture.
         used = max(1, int(cnt.max())) if cnt.numel() else 1
         idx = idx[..., :used]
+        tile_ids = None if tile_ids is None else tile_ids[..., :used]
     n_blocks, n_entries = idx.shape[2], idx.shape[3]
     # Without autograd the score-sized temporaries are updated in place (same operations, fewer allocations).
     inplace = not torch.is_grad_enabled()
@@ -164,6 +177,8 @@ def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
         scores = scores + _gather_bias(ctx, col_bias, gather_pos)[..., None, :]
 
     allowed = key_ok[..., None, :] & _row_mask(ctx, m0, n_blocks, key_pos, idx.device)
+    if tile_ids is not None:
+        allowed = allowed & _tile_mask(ctx, tile_ids, entry_ok)
     scores = scores.masked_fill_(allowed.logical_not_(), float("-inf"))
 
     row_max = scores.amax(dim=-1, keepdim=True)
@@ -183,6 +198,20 @@ def _attend_chunk(ctx, m0, q_rows, k, v, idx, cnt, col_bias):
     out = out.reshape(B, ctx.Hq, padded, ctx.D)[:, :, :rows_here]
     lse = lse.reshape(B, ctx.Hq, padded)[:, :, :rows_here]
     return out, lse
+
+
+def _tile_mask(ctx, tile_ids, entry_ok):
+    """Each listed entry's element mask laid out like the scores: [B, Hkv, G', C, R, K * bk].
+
+    Entries past a row's count may hold any id: they are masked by ``key_ok`` already, so read them as whole blocks.
+    """
+    ids = _expand_lists(ctx, tile_ids).long()
+    ids = torch.where(entry_ok, ids + 1, torch.zeros_like(ids)).clamp(min=0)  # -1 -> the all-visible tile 0
+    tiles = ctx.tiles[ids]  # [B, Hkv, G', C, K, bq, bk]
+    tiles = tiles.transpose(-3, -2).flatten(-2)  # [B, Hkv, G', C, bq, K * bk]
+    if ctx.fold:  # rows ordered (g, i): query offset i inside its block is the row modulo bq
+        tiles = tiles.repeat(1, 1, 1, 1, ctx.group, 1)
+    return tiles
 
 
 def _gather_bias(ctx, col_bias, gather_pos):

@@ -6,6 +6,9 @@
 * dK/dV: one program per (batch, kv head, key tile); walks the *transposed* list (which query blocks read this key
   block, built on the device by a stable sort, O(entries) memory, remembered per live list pair) for every q head of
   the GQA group, so repeated keys are never materialised and dK/dV need no atomics.
+Partial tiles: both passes AND an entry's element mask into its scores behind a branch on its tile id (>= 0), as the
+forward; the dK/dV pass reads the tile ids transposed with its lists (the same stable sort's order, remembered per
+live tile-id tensor beside the transposed lists).
 Both walk each list in one pipelined loop with the mask behind a branch, except where the per-shape choices below
 (:func:`backward_plan`, measured on the H200) say otherwise.  All recompute P = exp2(S - lse) from the forward's
 logsumexp.  A gain applied in the forward is folded into dO; rows that were inactive or saw no key carry lse = -inf,
@@ -18,6 +21,7 @@ sparse d128 points); rebuilding the transposed lists every call; a separate delt
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -27,6 +31,7 @@ import triton.language as tl
 from . import _alloc
 from ._memo import ListMemo
 from .triton_fwd import (
+    apply_tile_mask,
     dot_precision,
     hook_args,
     interpreter_tiles,
@@ -41,6 +46,7 @@ from .triton_fwd import (
     reduce_sum,
     scores_log2,
     softmax_scales,
+    tile_args,
     visibility,
 )
 
@@ -85,12 +91,47 @@ def cached_transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
                            lambda: transpose_lists(kv_indices, kv_counts, Tq, Tk, opts))
 
 
+def cached_transpose_tile_ids(kv_indices, kv_counts, tile_mask_ids, Tq, Tk, opts):
+    """:func:`transpose_tile_ids`, remembered beside the transposed lists of the same live list pair while
+    ``tile_mask_ids`` is the same live, unmodified tensor (one tile-id tensor per list pair: a new one replaces it)."""
+    if kv_indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return transpose_tile_ids(kv_indices, kv_counts, tile_mask_ids, Tq, Tk, opts)
+    key = (Tq, Tk, opts.block_q, opts.block_k, opts.causal, "tile ids")
+    known = _TRANSPOSED.peek(kv_indices, kv_counts, key)
+    if known is not None and known[0]() is tile_mask_ids and known[1] == tile_mask_ids._version:
+        return known[2]
+    t_ids = transpose_tile_ids(kv_indices, kv_counts, tile_mask_ids, Tq, Tk, opts)
+    _TRANSPOSED.put(kv_indices, kv_counts, key, (weakref.ref(tile_mask_ids), tile_mask_ids._version, t_ids))
+    return t_ids
+
+
+def transpose_tile_ids(kv_indices, kv_counts, tile_mask_ids, Tq, Tk, opts):
+    """``tile_mask_ids`` (the shape of ``kv_indices``) in the order of :func:`transpose_lists`' ``q_ids``: entry e of
+    the CSR holds the tile id of the list entry that q_ids[e] came from."""
+    order, _sorted_rows, _n_rows = _transpose_order(kv_indices, kv_counts, Tq, Tk, opts)
+    return tile_mask_ids.flatten()[order].contiguous()
+
+
 def transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
     """Per (B', H', key block): the sorted query blocks that read it, as CSR.
 
     Returns (q_ids int32 [entries], offsets int32 [B' * H' * NK + 1]). Entries that are out of
     range or causally invisible are dropped. No host synchronisation.
     """
+    Bp, Hp, n_q, width = kv_indices.shape
+    dev = kv_indices.device
+    order, sorted_rows, n_rows = _transpose_order(kv_indices, kv_counts, Tq, Tk, opts)
+    q_blocks = torch.arange(n_q, device=dev, dtype=torch.int32)[None, None, :, None]
+    q_ids = q_blocks.expand(Bp, Hp, n_q, width).flatten()[order].contiguous()
+    # Segment starts by binary search (bincount would need a host sync to size its output).
+    bounds = torch.arange(n_rows + 1, device=dev, dtype=sorted_rows.dtype)
+    offsets = torch.searchsorted(sorted_rows, bounds).to(torch.int32)
+    return q_ids, offsets
+
+
+def _transpose_order(kv_indices, kv_counts, Tq, Tk, opts):
+    """The stable sort of every list entry by its (B', H', key block) row: (order, sorted rows, number of rows);
+    dropped entries sort past the last row."""
     Bp, Hp, n_q, width = kv_indices.shape
     n_k = math.ceil(Tk / opts.block_k)
     dev = kv_indices.device
@@ -104,12 +145,7 @@ def transpose_lists(kv_indices, kv_counts, Tq, Tk, opts):
     head_row = (torch.arange(Bp, device=dev)[:, None] * Hp + torch.arange(Hp, device=dev)) * n_k
     row = torch.where(keep, head_row[:, :, None, None] + blk, n_rows).flatten()
     sorted_rows, order = torch.sort(row, stable=True)
-    q_blocks = torch.arange(n_q, device=dev, dtype=torch.int32)[None, None, :, None]
-    q_ids = q_blocks.expand(Bp, Hp, n_q, width).flatten()[order].contiguous()
-    # Segment starts by binary search (bincount would need a host sync to size its output).
-    bounds = torch.arange(n_rows + 1, device=dev, dtype=sorted_rows.dtype)
-    offsets = torch.searchsorted(sorted_rows, bounds).to(torch.int32)
-    return q_ids, offsets
+    return order, sorted_rows, n_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,10 +193,12 @@ def _program_ids(TILES_FASTEST: tl.constexpr):
 def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, list_ptr, stride_entry,
               j_lo, j_hi, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, stride_bias_t, scale_log2,
               scale_over_cap, cap_log2, offs_d, d_ok,
-              clean_lo, clean_hi, BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ over list entries j_lo..j_hi, masking only the entries outside clean_lo..clean_hi (as the forward's
-    _attend)."""
+              clean_lo, clean_hi, tile_ids, stride_tile_entry, tile_masks, q_off,
+              BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              HAS_TILES: tl.constexpr):
+    """dQ over list entries j_lo..j_hi, masking only the entries outside clean_lo..clean_hi and partial tiles (as the
+    forward's _attend)."""
     SUB: tl.constexpr = BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for j in range(j_lo, j_hi):
@@ -175,6 +213,9 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, list
                            cap_log2, HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, False)
         if (j < clean_lo) | (j >= clean_hi):
             s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
+        if HAS_TILES:
+            s = apply_tile_mask(s, tile_ids, j // SUB, stride_tile_entry, tile_masks, q_off,
+                                (j % SUB) * BLOCK_N + offs_n, BQ, BK, False)
         p = tl.math.exp2(s - lse2[:, None])
         dp = mma(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -186,16 +227,16 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, list
 
 @triton.jit
 def _dq_kernel(
-        Q, K, V, DO, DQ, Lse, Delta, O, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active,
+        Q, K, V, DO, DQ, Lse, Delta, O, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active, TileIds, TileMasks,
         scale_log2, scale_over_cap, cap_log2, scale,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt, sob, soh, sot,
-        sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah,
+        sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah, stb, sth, stq, stk,
         Hq, Tq, Tk,
         GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr,
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr, FUSE_DELTA: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr, FUSE_DELTA: tl.constexpr, HAS_TILES: tl.constexpr,
         TILES_FASTEST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh, tile, n_tiles = _program_ids(TILES_FASTEST)
     tile = n_tiles - 1 - tile  # heavy (late, causal) query tiles first
@@ -232,6 +273,8 @@ def _dq_kernel(
     m_blk = tile * BLOCK_M // BQ
     list_ptr = KvIdx + b * sib + (h // LIST_DIV) * sih + m_blk * siq
     count = tl.load(KvCnt + b * scb + (h // LIST_DIV) * sch + m_blk * scq)
+    tile_ids = TileIds + b * stb + (h // LIST_DIV) * sth + m_blk * stq
+    q_off = (tile * BLOCK_M) % BQ + tl.arange(0, BLOCK_M)  # rows' offsets inside their query block
     if HAS_ACTIVE:
         act = tl.load(Active + b * sab + rows * sat + h * sah, mask=row_ok, other=0) != 0
         count = tl.where(reduce_max(act.to(tl.int32), 0) > 0, count, 0)
@@ -251,8 +294,8 @@ def _dq_kernel(
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
                    n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap, cap_log2,
-                   offs_d, d_ok, n_lo * SUB, clean_hi * SUB, BK, BLOCK_N, EVEN_D, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                   DOT_PRECISION)
+                   offs_d, d_ok, n_lo * SUB, clean_hi * SUB, tile_ids, stk, TileMasks, q_off, BQ, BK, BLOCK_N, EVEN_D,
+                   CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_TILES)
     dq_ptrs = DQ + b * sgqb + h * sgqh + rows[:, None] * sgqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -278,12 +321,15 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
                 BQ: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                masked_below, ONE_LOOP: tl.constexpr, HEADS: tl.constexpr, head_strides):
+                masked_below, ONE_LOOP: tl.constexpr, HEADS: tl.constexpr, head_strides,
+                tile_ids, tile_masks, k_off, BK: tl.constexpr, HAS_TILES: tl.constexpr):
     """dK/dV over transposed-list entries j_lo..j_hi: all masked (MASKED), none, or (ONE_LOOP) those below
     masked_below.
 
     With HEADS > 1, j walks (entry, head) pairs, the head fastest, for HEADS consecutive q heads that share the list:
-    ``head_strides`` = (q, dO, lse/delta, bias) offsets from one head to the next (the bases are the first head's)."""
+    ``head_strides`` = (q, dO, lse/delta, bias) offsets from one head to the next (the bases are the first head's).
+    With HAS_TILES, ``tile_ids`` holds each transposed entry's tile id (aligned with ``q_ids``) and partial tiles AND
+    their element mask in, in every loop (a partial tile may sit in the clean stretch)."""
     SUB: tl.constexpr = BQ // BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     for j in range(j_lo, j_hi):
@@ -308,6 +354,9 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         elif MASKED:
             vis = visibility(rows + (Tk - Tq), cols, kv_lo, kv_hi, CAUSAL, True)
             s_t = tl.where(vis, s_t, float("-inf"))
+        if HAS_TILES:
+            s_t = apply_tile_mask(s_t, tile_ids, t // SUB, 1, tile_masks, (t % SUB) * BLOCK_M + offs_m, k_off, BQ, BK,
+                                  True)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dv = mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
@@ -320,7 +369,7 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
 
 @triton.jit
 def _dkdv_kernel(
-        Q, K, V, DO, DK, DV, Lse, Delta, QIds, Offsets, KvStart, KvEnd, Bias,
+        Q, K, V, DO, DK, DV, Lse, Delta, QIds, Offsets, KvStart, KvEnd, Bias, TileIdsT, TileMasks,
         scale_log2, scale_over_cap, cap_log2, scale,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
         sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sbb, sbh, sbt,
@@ -329,7 +378,7 @@ def _dkdv_kernel(
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
-        ONE_LOOP: tl.constexpr, TILES_FASTEST: tl.constexpr,
+        ONE_LOOP: tl.constexpr, TILES_FASTEST: tl.constexpr, HAS_TILES: tl.constexpr,
         FLAT_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh, n_tile, _n = _program_ids(TILES_FASTEST)  # early key tiles (read by the most queries, causal) first
     b = (pid_bh // Hkv).to(tl.int64)
@@ -354,6 +403,7 @@ def _dkdv_kernel(
     tile_clean = (n_tile * BLOCK_N >= kv_lo) & ((n_tile + 1) * BLOCK_N <= kv_hi)
     n_blk = n_tile * BLOCK_N // BK
     tile_last = n_tile * BLOCK_N + BLOCK_N - 1
+    k_off = (n_tile * BLOCK_N) % BK + tl.arange(0, BLOCK_N)  # keys' offsets inside their key block
 
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
@@ -381,16 +431,19 @@ def _dkdv_kernel(
             dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds, seg_lo * WALK,
                                  seg_hi * WALK, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, sbt, scale_log2, scale_over_cap,
                                  cap_log2, offs_d, d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS, HAS_SOFTCAP,
-                                 DOT_PRECISION, (seg_lo + n_diag) * WALK, True, HEADS, steps)
+                                 DOT_PRECISION, (seg_lo + n_diag) * WALK, True, HEADS, steps, TileIdsT, TileMasks,
+                                 k_off, BK, HAS_TILES)
         else:  # two pipelined walks: the masked prefix, then the clean rest (no mask operands live in its loop)
             dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds, seg_lo * WALK,
                                  (seg_lo + n_diag) * WALK, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, sbt, scale_log2,
                                  scale_over_cap, cap_log2, offs_d, d_ok, BQ, BLOCK_M, EVEN_D, True, CAUSAL, HAS_BIAS,
-                                 HAS_SOFTCAP, DOT_PRECISION, 0, False, HEADS, steps)
+                                 HAS_SOFTCAP, DOT_PRECISION, 0, False, HEADS, steps, TileIdsT, TileMasks, k_off, BK,
+                                 HAS_TILES)
             dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, QIds,
                                  (seg_lo + n_diag) * WALK, seg_hi * WALK, cols, kv_lo, kv_hi, Tq, Tk, bias_ptr, sbt,
                                  scale_log2, scale_over_cap, cap_log2, offs_d, d_ok, BQ, BLOCK_M, EVEN_D, False,
-                                 CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, 0, False, HEADS, steps)
+                                 CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, 0, False, HEADS, steps, TileIdsT,
+                                 TileMasks, k_off, BK, HAS_TILES)
     mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + b * sdkb + hkv * sdkh + cols[:, None] * sdkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=mask)
@@ -428,7 +481,7 @@ def _prune(configs, named_args, **kwargs):
     return fits[:4] or [configs[-1]]
 
 
-_TUNE_KEY = ["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP"]
+_TUNE_KEY = ["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP", "HAS_TILES"]
 _dq_tuned = triton.autotune(
     configs=_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2),
                       (64, 32, 4, 2), (16, 16, 4, 2)]),
@@ -440,7 +493,7 @@ _dkdv_tuned = triton.autotune(
 
 
 def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias,
-             head_gain, active):
+             head_gain, active, tile_masks=None, tile_mask_ids=None):
     """Gradients (dq, dk, dv) of block-sparse attention given the forward's out and lse."""
     q, k, v, out, d_out = (last_dim_contiguous(t) for t in (q, k, v, out, d_out))
     B, Hq, Tq, D = q.shape
@@ -460,26 +513,28 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
     hooks = hook_args(q, k, kv_indices, col_bias, None, active, kv_start, kv_end)
     scales = (*softmax_scales(opts), opts.scale)
     plan = backward_plan(D, hooks["consts"]["GROUP"], hooks["consts"]["LIST_DIV"])
-    consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
+    tile_hooks = tile_args(kv_indices, tile_masks, tile_mask_ids)
+    consts = dict(hooks["consts"], **tile_hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),
                   SCAN=64, TILES_FASTEST=plan.tiles_fastest)
     tiles = dict(zip(("BLOCK_M", "BLOCK_N"), interpreter_tiles(opts.block_q, opts.block_k, opts.kernel)))
     # dQ in the (B, Tq, Hq, D) layout the attention output uses.
     dq = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device, poison).transpose(1, 2)
-    _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, scales,
+    _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, tile_hooks, scales,
              dict(consts, FUSE_DELTA=delta_in_dq), tiles, opts.kernel.autotune)
     dk, dv = _dkdv_pass(q, k, v, d_out, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks,
-                        scales, consts, tiles, plan)
+                        scales, consts, tiles, plan, tile_masks, tile_mask_ids)
     return dq, dk, dv
 
 
-def _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, scales, consts, tiles, autotune):
+def _dq_pass(q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, hooks, tile_hooks, scales, consts, tiles,
+             autotune):
     B, Hq, Tq, _ = q.shape
-    args = (q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, *hooks["ptrs"], *scales,
+    args = (q, k, v, d_out, dq, lse, delta, out, kv_indices, kv_counts, *hooks["ptrs"], *tile_hooks["ptrs"], *scales,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
             *dq.stride()[:3], *out.stride()[:3], *list_strides(kv_indices), *list_strides(kv_counts),
-            *hooks["strides"], Hq, Tq, k.shape[2])
+            *hooks["strides"], *tile_hooks["strides"], Hq, Tq, k.shape[2])
     launch(_dq_tuned, lambda meta: _grid(B * Hq, triton.cdiv(Tq, meta["BLOCK_M"]), consts), args, consts, tiles,
            q.device, autotune)
 
@@ -489,10 +544,15 @@ def _grid(head_programs, tile_programs, consts):
 
 
 def _dkdv_pass(q, k, v, d_out, lse, delta, kv_indices, kv_counts, col_bias, opts, hooks, scales, consts, tiles,
-               plan):
+               plan, tile_masks=None, tile_mask_ids=None):
     B, Hkv, Tk, _ = k.shape
     Tq = q.shape[2]
     q_ids, offsets = cached_transpose_lists(kv_indices, kv_counts, Tq, Tk, opts)
+    if tile_masks is not None:
+        tile_ptrs = (cached_transpose_tile_ids(kv_indices, kv_counts, tile_mask_ids, Tq, Tk, opts),
+                     tile_masks.view(torch.uint8))
+    else:
+        tile_ptrs = (q_ids, q_ids)  # never dereferenced
     dk = _alloc.empty(k.shape, k.dtype, k.device, opts.kernel.poison_outputs)
     dv = _alloc.empty(v.shape, v.dtype, v.device, opts.kernel.poison_outputs)
     n_k_blocks = math.ceil(Tk / opts.block_k)
@@ -501,7 +561,7 @@ def _dkdv_pass(q, k, v, d_out, lse, delta, kv_indices, kv_counts, col_bias, opts
     kv_start_p, kv_end_p, bias_p, _gain_p, _act_p = hooks["ptrs"]
     kv_consts = {key: val for key, val in consts.items() if key not in ("HAS_GAIN", "HAS_ACTIVE")}
     kv_consts.update(ONE_LOOP=not plan.two_loop_dkdv, FLAT_GROUP=plan.flat_group)
-    args = (q, k, v, d_out, dk, dv, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p,
+    args = (q, k, v, d_out, dk, dv, lse, delta, q_ids, offsets, kv_start_p, kv_end_p, bias_p, *tile_ptrs,
             *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3], *bias_s, Hkv, Tq, Tk, rows_per_batch, n_k_blocks)
     launch(_dkdv_tuned, lambda meta: _grid(B * Hkv, triton.cdiv(Tk, meta["BLOCK_N"]), consts), args, kv_consts,

@@ -8,7 +8,9 @@ key-block list into three stretches so the mask arithmetic runs only where it ca
   tail  - blocks crossing the causal diagonal / ``kv_end`` / ``Tk``: masked
 and walks them in one software-pipelined loop, the mask behind a branch per sub-tile (a short sparse list pays one
 pipeline fill; a loop per stretch was 3-14% slower on the H200, bench/kernel/RESULTS.md, and was removed).
-Blocks entirely before ``kv_start`` or entirely invisible are never loaded. Scores live in log2
+Blocks entirely before ``kv_start`` or entirely invisible are never loaded.  Partial tiles (``HAS_TILES``): an entry
+whose tile id is >= 0 also loads its ``[BLOCK_M, BLOCK_N]`` slice of the element mask and ANDs it in, behind a second
+branch, so whole tiles (id -1) run exactly the code they run without tiles.  Scores live in log2
 units (``scale * log2(e)`` folded in) so the softmax uses exp2.  Launch options (autotuning, programmatic dependent
 launch, interpreter tiles) come in ``opts.kernel`` (:class:`patchattn.kernels.KernelOptions`).
 """
@@ -172,6 +174,23 @@ def scores_log2(a, b, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_
 
 
 @triton.jit
+def apply_tile_mask(s, tile_ids, entry, stride_entry, tile_masks, q_off, k_off,
+                    BQ: tl.constexpr, BK: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
+    """Scores of a partial tile (list entry ``entry`` has tile id >= 0) with its element mask applied; whole tiles
+    (id -1) pass through untouched.  ``q_off``/``k_off``: offsets inside the query / key block of the scores' rows
+    and columns ([M, N]; [N, M] with KEYS_ON_ROWS).  Offsets are always inside the tile, so no bounds mask."""
+    tid = tl.load(tile_ids + entry * stride_entry)
+    if tid >= 0:
+        base = tile_masks + tid.to(tl.int64) * (BQ * BK)
+        if KEYS_ON_ROWS:
+            seen = tl.load(base + q_off[None, :] * BK + k_off[:, None])
+        else:
+            seen = tl.load(base + q_off[:, None] * BK + k_off[None, :])
+        s = tl.where(seen != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
     """Mask of the (query position, key position) pairs that may attend: [M, N], or [N, M]."""
     if KEYS_ON_ROWS:
@@ -193,10 +212,12 @@ def visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL: tl.constexpr, KEYS_ON_ROWS:
 def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, stride_entry,
             j_lo, j_hi, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, stride_bias_t,
             scale_log2, scale_over_cap, cap_log2, offs_d, d_ok,
-            clean_lo, clean_hi, BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-            CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            clean_lo, clean_hi, tile_ids, stride_tile_entry, tile_masks, q_off,
+            BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            HAS_TILES: tl.constexpr):
     """Online softmax over list entries j_lo..j_hi (counted in BLOCK_N sub-tiles): the entries clean_lo..clean_hi
-    skip the visibility mask (a branch per sub-tile), the others take it."""
+    skip the visibility mask (a branch per sub-tile), the others take it; partial tiles take their element mask."""
     SUB: tl.constexpr = BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for j in range(j_lo, j_hi):
@@ -209,6 +230,9 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
                             cap_log2, HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, False)
         if (j < clean_lo) | (j >= clean_hi):
             s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
+        if HAS_TILES:
+            s = apply_tile_mask(s, tile_ids, j // SUB, stride_tile_entry, tile_masks, q_off,
+                                (j % SUB) * BLOCK_N + offs_n, BQ, BK, False)
         m_new = tl.maximum(m_i, reduce_max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
         p = tl.math.exp2(s - m_use[:, None])
@@ -223,16 +247,16 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
 
 @triton.jit
 def _fwd_kernel(
-        Q, K, V, Out, Lse, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active,
+        Q, K, V, Out, Lse, KvIdx, KvCnt, KvStart, KvEnd, Bias, Gain, Active, TileIds, TileMasks,
         scale_log2, scale_over_cap, cap_log2,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-        sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah,
+        sib, sih, siq, sik, scb, sch, scq, sbb, sbh, sbt, sgb, sgt, sgh, sab, sat, sah, stb, sth, stq, stk,
         Hq, Tq, Tk,
         GROUP: tl.constexpr, LIST_DIV: tl.constexpr, BIAS_DIV: tl.constexpr,
         BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-        WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr,
+        WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr, HAS_TILES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_FASTEST: tl.constexpr):
     # Launch order (tuned): all heads of a query tile together (they share K/V in L2 under GQA),
     # or all tiles of a head together. Heavy (late, causal) tiles go first either way.
@@ -265,6 +289,8 @@ def _fwd_kernel(
     m_blk = tile * BLOCK_M // BQ
     list_ptr = KvIdx + b * sib + (h // LIST_DIV) * sih + m_blk * siq
     count = tl.load(KvCnt + b * scb + (h // LIST_DIV) * sch + m_blk * scq)
+    tile_ids = TileIds + b * stb + (h // LIST_DIV) * sth + m_blk * stq
+    q_off = (tile * BLOCK_M) % BQ + tl.arange(0, BLOCK_M)  # rows' offsets inside their query block
     if HAS_ACTIVE:  # skip the whole tile when no row of it is active
         act = tl.load(Active + b * sab + rows * sat + h * sah, mask=row_ok, other=0) != 0
         count = tl.where(reduce_max(act.to(tl.int32), 0) > 0, count, 0)
@@ -288,8 +314,8 @@ def _fwd_kernel(
     # One pipelined walk: a short list pays one pipeline fill, not one per stretch.
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
                             n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap,
-                            cap_log2, offs_d, d_ok, n_lo * SUB, clean_hi * SUB, BK, BLOCK_N, EVEN_D, CAUSAL,
-                            HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+                            cap_log2, offs_d, d_ok, n_lo * SUB, clean_hi * SUB, tile_ids, stk, TileMasks, q_off,
+                            BQ, BK, BLOCK_N, EVEN_D, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_TILES)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -332,7 +358,7 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 _fwd_tuned = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP"],
+    configs=_configs(), key=["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP", "HAS_TILES"],
     prune_configs_by={"early_config_prune": prune_configs})(_fwd_kernel)
 
 
@@ -428,6 +454,14 @@ def hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end):
                     HAS_ACTIVE=active is not None))
 
 
+def tile_args(kv_indices, tile_masks, tile_mask_ids):
+    """Pointers, list strides and the constexpr for partial tiles (``tile_mask_ids`` has ``kv_indices``' shape)."""
+    if tile_masks is None:
+        return {"ptrs": (kv_indices, kv_indices), "strides": (0, 0, 0, 0), "consts": {"HAS_TILES": False}}
+    return {"ptrs": (tile_mask_ids, tile_masks.view(torch.uint8)), "strides": list_strides(tile_mask_ids),
+            "consts": {"HAS_TILES": True}}
+
+
 def softmax_scales(opts):
     """(scale*log2e, scale/softcap, softcap*log2e): scores in log2 units, with or without a cap."""
     cap = opts.softcap
@@ -447,7 +481,7 @@ def pad_bounds(q, k, kv_start, kv_end):
 
 
 def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, head_gain, active,
-            need_lse):
+            need_lse, tile_masks=None, tile_mask_ids=None):
     """Launch the forward kernel; returns (out [B, Hq, Tq, D] viewed from a [B, Tq, Hq, D] buffer,
     lse [B, Hq, Tq] fp32 or None)."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
@@ -459,12 +493,13 @@ def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, he
     out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device, poison).transpose(1, 2)
     lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device, poison) if need_lse else None
     hooks = hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end)
-    args = (q, k, v, out, lse if lse is not None else out, kv_indices, kv_counts, *hooks["ptrs"],
+    tiles = tile_args(kv_indices, tile_masks, tile_mask_ids)
+    args = (q, k, v, out, lse if lse is not None else out, kv_indices, kv_counts, *hooks["ptrs"], *tiles["ptrs"],
             *softmax_scales(opts),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            *list_strides(kv_indices), *list_strides(kv_counts), *hooks["strides"], Hq, Tq, Tk)
-    consts = dict(hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
+            *list_strides(kv_indices), *list_strides(kv_counts), *hooks["strides"], *tiles["strides"], Hq, Tq, Tk)
+    consts = dict(hooks["consts"], **tiles["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, WRITE_LSE=need_lse,
                   DOT_PRECISION=dot_precision(q.dtype), SCAN=64)
