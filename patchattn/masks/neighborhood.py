@@ -321,7 +321,7 @@ class NeighborhoodPlan:
 
     def token_mask(self) -> torch.Tensor:
         """bool ``[T, T]`` in the call's order (tests: small sequences only)."""
-        mask = self.tiled.token_mask()
+        mask = self.tiled.token_mask()[0]
         return mask[self.position][:, self.position]
 
 
