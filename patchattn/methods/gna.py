@@ -65,8 +65,7 @@ class GNAConfig(DiTScheduleConfig):
                                     "empty (the GNA paper's FLUX-4K 16/256)", min=0.0, max=1.0)
     dilation: int | list = option(1, "dilation per axis (DiNAT)", min=1)
     causal: bool | list = option(False, "causal per axis (e.g. [true, false, false]: causal in time)")
-    tile: list = option([], "tile shape in tokens per axis (product a power of two >= 16); empty: chosen per grid",
-                        min=1)
+    tile: list = option([], "tile shape in tokens per axis (product a power of two >= 16); empty: chosen per grid")
     tile_tokens: int = option(64, "tokens per tile (= the engine's block) when tile is empty", min=16, max=256)
 
     DENSE_EQUIVALENT = {"window_fraction": 1.0}
@@ -83,6 +82,8 @@ class GNAConfig(DiTScheduleConfig):
             size = getattr(self, name)
             if size & (size - 1):
                 raise ValueError(f"{self.where(name)} must be a power of two, got {size}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tile):
+            raise ValueError(f"{self.where('tile')} must hold positive integers, got {self.tile}")
         if self.tile and (math.prod(self.tile) < 16 or math.prod(self.tile) & (math.prod(self.tile) - 1)):
             raise ValueError(f"{self.where('tile')} must hold a power of two >= 16 tokens, got {self.tile}")
 
@@ -153,7 +154,7 @@ def _dense(state, query, key, value, attention_mask, scaling, dropout, is_causal
 @register_method(
     "gna",
     config=GNAConfig,
-    category="sparse",
+    category="other",  # not "sparse": that category means the LLM block-sparse methods (selector, density knob)
     families=("dit",),
     patterns=("noncausal-self", "noncausal-cross"),
     state_cls=GNAState,
