@@ -368,7 +368,7 @@ def _check_layout(n_image: int, image, text) -> None:
     if image[1] - image[0] != n_image:
         raise ValueError(f"image span {image} holds {image[1] - image[0]} tokens, the grid {n_image}")
     spans = sorted([image, *text])
-    if spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    if spans[0][0] != 0 or any(a[1] != b[0] for a, b in itertools.pairwise(spans)):
         raise ValueError(f"image {image} and text {text} must cover the sequence from 0 without gaps or overlaps")
 
 
@@ -417,7 +417,6 @@ def _with_text(image_lists, axes: list[AxisTiles], n_image_blocks: int, n_text_b
         torch.cat([slot < counts[:, None], torch.ones(n_q, n_text_blocks, dtype=torch.bool)], 1),
     )
     # Text queries see the whole image axis by axis: only tiles holding padding are partial.
-    f, h, w = axes
     n_pat = [ax.patterns.shape[0] for ax in axes]
     vf, vh, vw = (ax.valid_pattern for ax in axes)
     whole_code = ((vf[:, None, None] * n_pat[1] + vh[None, :, None]) * n_pat[2] + vw[None, None, :]).reshape(-1)

@@ -35,6 +35,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import ClassVar
 
 import torch
 
@@ -68,7 +69,7 @@ class GNAConfig(DiTScheduleConfig):
     tile: list = option([], "tile shape in tokens per axis (product a power of two >= 16); empty: chosen per grid")
     tile_tokens: int = option(64, "tokens per tile (= the engine's block) when tile is empty", min=16, max=256)
 
-    DENSE_EQUIVALENT = {"window_fraction": 1.0}
+    DENSE_EQUIVALENT: ClassVar[dict] = {"window_fraction": 1.0}
 
     def validate(self) -> None:
         super().validate()
@@ -78,10 +79,8 @@ class GNAConfig(DiTScheduleConfig):
                 raise ValueError(f"{self.where(name)} takes at most {AXES} values (frames, height, width), got {value}")
         if self.window_fraction <= 0:
             raise ValueError(f"{self.where('window_fraction')} must be > 0, got {self.window_fraction}")
-        for name in ("tile_tokens",):
-            size = getattr(self, name)
-            if size & (size - 1):
-                raise ValueError(f"{self.where(name)} must be a power of two, got {size}")
+        if self.tile_tokens & (self.tile_tokens - 1):
+            raise ValueError(f"{self.where('tile_tokens')} must be a power of two, got {self.tile_tokens}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tile):
             raise ValueError(f"{self.where('tile')} must hold positive integers, got {self.tile}")
         if self.tile and (math.prod(self.tile) < 16 or math.prod(self.tile) & (math.prod(self.tile) - 1)):

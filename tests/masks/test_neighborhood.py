@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from patchattn.masks.neighborhood import (Neighborhood, axis_sees, choose_tile, neighborhood_plan,
-                                          neighborhood_token_mask, tile_cost, with_text)
+from patchattn.masks.neighborhood import (
+    Neighborhood,
+    axis_sees,
+    choose_tile,
+    neighborhood_plan,
+    neighborhood_token_mask,
+    tile_cost,
+    with_text,
+)
 
 
 def _plan_mask(plan):
@@ -22,8 +29,8 @@ def _plan_mask(plan):
 
 # ---- the definition itself, on hand-checked cases ------------------------------------------------------------------
 def test_axis_rule_matches_natten_on_hand_cases():
-    row = lambda q, **kw: [k for k in range(10) if axis_sees(q, k, 10, **kw)]  # noqa: E731
-    plain = dict(stride=1, dilation=1, causal=False)
+    row = lambda q, **kw: [k for k in range(10) if axis_sees(q, k, 10, **kw)]
+    plain = {"stride": 1, "dilation": 1, "causal": False}
     assert row(5, window=3, **plain) == [4, 5, 6]
     assert row(0, window=3, **plain) == [0, 1, 2]          # shifted inside the axis, never shrunk
     assert row(9, window=3, **plain) == [7, 8, 9]

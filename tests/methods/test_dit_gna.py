@@ -10,14 +10,14 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from dit_cases import CASES, FAMILIES, run, tiny
+
 import patchattn
 from patchattn.masks.neighborhood import neighborhood_token_mask, with_text
 from patchattn.methods._dit import dense_sdpa, dit_call
 from patchattn.methods.gna import GNAConfig, neighborhood_for
 from patchattn.registry import get_spec
 from patchattn.state import PatchContext, PatchState, TokenLayout
-
-from dit_cases import CASES, FAMILIES, run, tiny
 
 
 # ---- one attention call, against the brute-force mask ------------------------------------------------------------
@@ -46,13 +46,13 @@ def _layout(grid, n_text, text_first):
 
 CALLS = [
     # grid, text tokens, text first, settings
-    ((1, 5, 7), 0, None, dict(window=3)),
-    ((1, 6, 5), 4, True, dict(window=[3, 4], stride=[1, 2])),
-    ((1, 4, 9), 7, False, dict(window=[4, 3], stride=[2, 3], dilation=[1, 2], causal=[True, False])),
-    ((3, 4, 5), 0, None, dict(window=[2, 3, 3], stride=[1, 1, 3], causal=[True, False, False])),
-    ((4, 3, 5), 5, True, dict(window=[3, 2, 4], stride=[3, 2, 2], dilation=[1, 1, 2])),
-    ((1, 1, 21), 3, False, dict(window=5, stride=5)),  # a 1D sequence, blocked (HaloNet-style halo-free blocks)
-    ((1, 16, 16), 0, None, dict()),  # the default: the FLUX-4K setting scaled to the grid
+    ((1, 5, 7), 0, None, {"window": 3}),
+    ((1, 6, 5), 4, True, {"window": [3, 4], "stride": [1, 2]}),
+    ((1, 4, 9), 7, False, {"window": [4, 3], "stride": [2, 3], "dilation": [1, 2], "causal": [True, False]}),
+    ((3, 4, 5), 0, None, {"window": [2, 3, 3], "stride": [1, 1, 3], "causal": [True, False, False]}),
+    ((4, 3, 5), 5, True, {"window": [3, 2, 4], "stride": [3, 2, 2], "dilation": [1, 1, 2]}),
+    ((1, 1, 21), 3, False, {"window": 5, "stride": 5}),  # a 1D sequence, blocked (HaloNet-style halo-free blocks)
+    ((1, 16, 16), 0, None, {}),  # the default: the FLUX-4K setting scaled to the grid
 ]
 
 
@@ -138,7 +138,7 @@ def gna_oracle(module, query, key, value, attention_mask, *, scaling=None, dropo
     return dense_sdpa(query, key, value, mask, scaling=scaling, dropout=dropout, enable_gqa=enable_gqa), None
 
 
-SMALL = dict(window=2, stride=1, tile_tokens=16, backend="torch")
+SMALL = {"window": 2, "stride": 1, "tile_tokens": 16, "backend": "torch"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
