@@ -25,8 +25,10 @@ such calls run the model's own SDPA, exactly, with no warning.
 
 Deviations from NATTEN: a window larger than an axis covers the axis (NATTEN refuses ``kernel * dilation >
 extent``); the tile shape is chosen per grid by counting listed and partial tiles (NATTEN's profiler searches tile
-shapes by timing); an ``attn_mask`` on a self/joint call (no DiT family passes one) is honoured through a dense
-masked SDPA over the neighborhood mask, with a warning, since the engine takes no arbitrary mask.
+shapes by timing).  An ``attn_mask`` on a self/joint call (no tiny DiT family here passes one): a mask of the keys
+only (padded text of a varlen batch, ``[B, 1, 1, T]``) becomes the engine's per-key bias, still one engine call;
+any other mask runs a dense masked SDPA over the neighborhood mask, with a warning (the engine takes no arbitrary
+mask).  Plans are kept process-wide (an LRU of 32) on the device they were built for.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import ClassVar
 import torch
 
 from ..config import option
+from ..kernels.blocksparse import block_sparse_attention
 from ..masks.neighborhood import Neighborhood, NeighborhoodPlan, neighborhood_plan
 from ..masks.tiles import tiled_attention
 from ..registry import register_method
@@ -128,6 +131,7 @@ def neighborhood_for(config: GNAConfig, grid: tuple[int, int, int]) -> Neighborh
     return hood
 
 
+@torch.compiler.disable  # host-side list building: a compiled forward calls it once per new grid, then guards
 @lru_cache(maxsize=PLAN_CACHE)
 def _shared_plan(hood: Neighborhood, tile, block: int, image, text, device: str) -> NeighborhoodPlan:
     return neighborhood_plan(hood.grid, hood.window, hood.stride, hood.dilation, hood.causal, tile=tile, block=block,
@@ -181,15 +185,40 @@ def gna_attention(module, query, key, value, attention_mask, *, scaling=None, dr
                                   "set the model's attention dropout to 0")
     plan = plan_for(state, config, hood, call, query.device)
     state.record(density=plan.density)
+    bias = None
     if attention_mask is not None:
-        return _masked_dense(plan, query, key, value, attention_mask, scaling, enable_gqa), None
-    out = tiled_attention(plan.permute(query), plan.permute(key), plan.permute(value), plan.tiled, scale=scaling,
-                          backend=config.backend)
+        bias = _key_bias(attention_mask, query, plan)
+        if bias is None:
+            return _masked_dense(plan, query, key, value, attention_mask, scaling, enable_gqa), None
+    q, k, v = plan.permute(query), plan.permute(key), plan.permute(value)
+    if bias is None:
+        out = tiled_attention(q, k, v, plan.tiled, scale=scaling, backend=config.backend)
+    else:
+        tiled = plan.tiled
+        out = block_sparse_attention(q, k, v, tiled.kv_indices, tiled.kv_counts, block_q=tiled.block_q,
+                                     block_k=tiled.block_k, causal=False, scale=scaling, col_bias=bias,
+                                     tile_masks=tiled.tile_masks, tile_mask_ids=tiled.tile_mask_ids,
+                                     backend=config.backend)
     return plan.unpermute(out).transpose(1, 2), None
 
 
+def _key_bias(attention_mask, query, plan: NeighborhoodPlan):
+    """A mask that depends on the key only (``[B|1, H|1, 1, T]``: padded text of a varlen batch) as the engine's
+    per-key additive bias in tile order (``[B|1, H|1, length]`` fp32); None for any other mask."""
+    if attention_mask.dim() != 4 or attention_mask.shape[2] != 1 or attention_mask.shape[1] not in (1, query.shape[1]):
+        return None
+    columns = attention_mask[:, :, 0, :]
+    if columns.dtype == torch.bool:
+        bias = torch.zeros(columns.shape, dtype=torch.float32, device=columns.device)
+        bias = bias.masked_fill(~columns, float("-inf"))
+    else:
+        bias = columns.float()
+    out = bias.new_zeros(bias.shape[0], bias.shape[1], plan.length)  # grid padding: invisible through the tiles
+    return out.index_copy(2, plan.position, bias)
+
+
 def _masked_dense(plan: NeighborhoodPlan, query, key, value, attention_mask, scaling, enable_gqa):
-    """A call that brings its own mask: SDPA over the neighborhood mask and that mask (``T x T``, slow)."""
+    """A call that brings a mask over queries and keys: SDPA over it and the neighborhood mask (``T x T``, slow)."""
     warnings.warn("patchattn gna: this self/joint attention call has an attn_mask; it runs as dense SDPA with the "
                   "neighborhood mask (T x T) added, not through the block-sparse engine", stacklevel=3)
     allowed = plan.token_mask().to(query.device)

@@ -207,12 +207,33 @@ def test_plans_are_built_once_and_kept_per_module():
         assert all(p is plans[0] for plans in by_layout.values() for p in plans)  # shared by every layer
 
 
-def test_a_self_attention_mask_is_honoured_densely():
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_key_padding_mask_runs_in_the_engine(dtype, backend, request):
+    """Padded text of a varlen batch: each row hides its own keys (a whole text block for row 0)."""
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreter")
+    config = GNAConfig(backend=backend, tile_tokens=16, window=3)
+    grid, image, text = (1, 4, 5), (0, 20), ((20, 40),)
+    q, k, v = (torch.randn(2, 2, 40, 8) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    keep[0, ..., 24:40] = False
+    keep[1, ..., 37:] = False
+    mask = keep if dtype == torch.bool else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    module = _module(config, grid, image, text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dense fallback
+        out, _ = get_spec("gna").forward(module, q, k, v, mask, scaling=None)
+    expected = dense_sdpa(q, k, v, _oracle_mask(config, grid, image, text, 40) & keep)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_query_dependent_mask_is_honoured_densely():
     config = GNAConfig(backend="torch", tile_tokens=16, window=3)
     grid, image, text = (1, 4, 5), (0, 20), ()
     q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
-    keep = torch.ones(1, 1, 1, 20, dtype=torch.bool)
-    keep[..., 7] = False
+    keep = torch.ones(1, 1, 20, 20, dtype=torch.bool)
+    keep[..., 3:, 7] = False
     module = _module(config, grid, image, text)
     with pytest.warns(UserWarning, match="attn_mask"):
         out, _ = get_spec("gna").forward(module, q, k, v, keep, scaling=None)
