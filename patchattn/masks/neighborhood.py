@@ -298,6 +298,8 @@ class NeighborhoodPlan:
         partial_tiles: listed (query block, key block) pairs with an element mask.
         listed_tiles: every listed pair; ``distinct_tiles``: element masks stored (after dedup).
         density: visible token pairs over ``T * T`` (the exact sparsity of the attention).
+        source: ``[length]``, the token at each permuted position when nothing is padded (a gather permutes), else
+            None (padded slots: zeros, then a scatter).
     """
 
     tiled: TiledMask
@@ -309,9 +311,12 @@ class NeighborhoodPlan:
     distinct_tiles: int
     density: float
     hood: Neighborhood = field(repr=False)
+    source: torch.Tensor | None = field(default=None, repr=False)
 
     def permute(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, T, D]`` in the call's order -> ``[B, H, length, D]`` in tile order (padding zero)."""
+        if self.source is not None:  # tiles fill the grid: a plain gather, no zero fill
+            return x.index_select(2, self.source)
         out = x.new_zeros(x.shape[0], x.shape[1], self.length, x.shape[3])
         return out.index_copy(2, self.position, x)
 
@@ -359,9 +364,9 @@ def neighborhood_plan(grid, window, stride=1, dilation=1, causal=False, *, tile=
         block_q=size, block_k=size, q_len=length, k_len=length,
     )
     position = _positions(hood, axes, tile, image, text, n_image_blocks * size).to(device)
+    source = torch.argsort(position).to(device) if length == position.shape[0] else None
     return NeighborhoodPlan(tiled, position, length, tuple(tile), int((ids >= 0).sum()), int(counts.sum()),
-                            tile_masks.shape[0],
-                            _density(hood, n_image, n_text), hood)
+                            tile_masks.shape[0], _density(hood, n_image, n_text), hood, source)
 
 
 def _check_layout(n_image: int, image, text) -> None:

@@ -120,13 +120,18 @@ def test_text_tokens_are_additional_keys(grid, window, stride, dilation, causal,
     assert torch.all(tiled.tile_mask_ids[0, 0][in_text & listed] == -1)
 
 
-def test_permutation_round_trip():
-    plan = neighborhood_plan((3, 5, 6), 3, block=16, image=(4, 94), text=((0, 4),))
-    x = torch.randn(2, 3, 94, 8)
+@pytest.mark.parametrize("grid", [(3, 5, 6), (4, 4, 8)], ids=["padded", "whole-tiles"])
+def test_permutation_round_trip(grid):
+    n = math.prod(grid)
+    plan = neighborhood_plan(grid, 3, block=16, image=(4, 4 + n), text=((0, 4),))
+    x = torch.randn(2, 3, n + 4, 8)
     permuted = plan.permute(x)
     assert permuted.shape[2] == plan.length
     assert torch.equal(plan.unpermute(permuted), x)
-    assert torch.unique(plan.position).numel() == 94  # every token has its own slot
+    assert torch.unique(plan.position).numel() == n + 4  # every token has its own slot
+    padding = torch.ones(plan.length, dtype=torch.bool)
+    padding[plan.position] = False
+    assert not permuted[:, :, padding].any()
 
 
 # ---- partial tiles: few, and none where stride and tiles align (GNA's point) ------------------------------------
