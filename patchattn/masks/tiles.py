@@ -259,7 +259,8 @@ def tiles_from_predicate(visible: Callable[[torch.Tensor, torch.Tensor, torch.Te
     parts = []
     for start in range(0, where.shape[0], chunk):
         w = where[start:start + chunk]
-        seen = visible(w[:, 0, None, None], w[:, 1, None, None] * block_q + q_off, w[:, 2, None, None] * block_k + k_off)
+        head, q_blk, k_blk = (w[:, i, None, None] for i in range(3))
+        seen = visible(head, q_blk * block_q + q_off, k_blk * block_k + k_off)
         parts.append(seen.expand(w.shape[0], block_q, block_k).to(torch.bool))
     tiles = torch.cat(parts) if parts else torch.zeros(0, block_q, block_k, dtype=torch.bool, device=dev)
     full = torch.zeros_like(candidates)

@@ -3,8 +3,8 @@
 Vectorised over batch, heads and a chunk of query blocks at once: for each chunk it gathers only the
 listed key blocks (``[.., K * block_k, D]``), never a ``Tq x Tk`` matrix, so memory stays
 ``O(chunk * K * block_k)``.  Partial tiles (``tile_mask_ids >= 0``) gather their element masks beside the keys and
-AND them into the same visibility mask as the causal and padding rules. Plain torch ops, so autograd works; under autograd each chunk is
-checkpointed so training memory does not grow with the number of key blocks read.
+AND them into the same visibility mask as the causal and padding rules.  Plain torch ops, so autograd works; under
+autograd each chunk is checkpointed so training memory does not grow with the number of key blocks read.
 """
 from __future__ import annotations
 
