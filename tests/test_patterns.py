@@ -41,8 +41,14 @@ def _quiet():
 # --------------------------------------------------------------------------------------------------------------
 # One runner per pattern: run the model through the method; return (patched output, unpatched output)
 # --------------------------------------------------------------------------------------------------------------
+def _dit_only(method) -> bool:
+    return not {"llm", "lvlm"} & set(_spec(method).families)
+
+
 @torch.no_grad()
 def _causal_self(method):
+    if _dit_only(method):  # a DiT whose self-attention runs causal: refused at call time
+        return _dit(method, causal_cross=False, causal_self=True)
     model = tiny_model("llama")
     inputs = tiny_inputs(model, "llama")
     reference = model(**inputs).logits
@@ -52,6 +58,8 @@ def _causal_self(method):
 
 @torch.no_grad()
 def _noncausal_self(method):
+    if _dit_only(method):  # PixArt's attn1: its non-causal self-attention (attn2 is cross-attention)
+        return _dit(method, causal_cross=False)
     model = tiny_model("llava")
     inputs = tiny_inputs(model, "llava")
     vision = model.model.vision_tower
@@ -76,7 +84,7 @@ class CausalCrossProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _pixart(causal_cross: bool):
+def _pixart(causal_cross: bool, causal_self: bool = False):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     model = diffusers.PixArtTransformer2DModel(
@@ -85,9 +93,11 @@ def _pixart(causal_cross: bool):
         activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6,
     ).eval()
-    if causal_cross:
-        for block in model.transformer_blocks:
+    for block in model.transformer_blocks:
+        if causal_cross:
             block.attn2.set_processor(CausalCrossProcessor())
+        if causal_self:
+            block.attn1.set_processor(CausalCrossProcessor())  # the same maths over its own tokens: causal self
     gen = torch.Generator().manual_seed(0)
     inputs = {"hidden_states": torch.randn(2, 4, 8, 6, generator=gen),
                   "encoder_hidden_states": torch.randn(2, 5, 32, generator=gen),
@@ -96,8 +106,8 @@ def _pixart(causal_cross: bool):
 
 
 @torch.no_grad()
-def _dit(method, causal_cross: bool):
-    model, inputs = _pixart(causal_cross)
+def _dit(method, causal_cross: bool, causal_self: bool = False):
+    model, inputs = _pixart(causal_cross, causal_self)
     reference = model(**inputs).sample
     spec = _spec(method)
     pattern = "causal-cross" if causal_cross else "noncausal-cross"
@@ -160,9 +170,11 @@ def test_block_sparse_methods_are_exact_on_one_block():
         assert max_abs_diff(out, reference) <= TOL, method
 
 
-def test_every_method_declares_causal_self():
-    # Every method of the package targets LLMs; one that refused causal self-attention could not be used at all.
-    assert all("causal-self" in _spec(m).patterns for m in METHODS)
+def test_every_llm_method_declares_causal_self():
+    # A method for LLMs/LVLMs that refused causal self-attention could not be used at all; DiT-only methods
+    # (bidirectional attention) declare the non-causal patterns instead.
+    assert all("causal-self" in _spec(m).patterns for m in METHODS if not _dit_only(m))
+    assert all("noncausal-self" in _spec(m).patterns for m in METHODS if _dit_only(m))
 
 
 def test_list_patterns_prints_the_declared_matrix(capsys):
