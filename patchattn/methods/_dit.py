@@ -142,3 +142,20 @@ def key_padding_ends(attn_mask: torch.Tensor | None, batch: int, k_len: int) -> 
                 "(0 / -inf or bool), not this mask"
             )
     return ends
+
+
+def key_bias_in_order(attention_mask, heads: int, length: int, position: torch.Tensor):
+    """A mask that depends on the key only (``[B|1, H|1, 1, T]``: padded text of a varlen batch) as the engine's
+    per-key additive bias in a permuted order (``position[i]``: where token ``i`` goes in a sequence of ``length``;
+    slots no token fills get 0: grid padding is hidden by the tiles), ``[B|1, H|1, length]`` fp32; None for any
+    other mask (one that depends on the query too)."""
+    if attention_mask.dim() != 4 or attention_mask.shape[2] != 1 or attention_mask.shape[1] not in (1, heads):
+        return None
+    columns = attention_mask[:, :, 0, :]
+    if columns.dtype == torch.bool:
+        bias = torch.zeros(columns.shape, dtype=torch.float32, device=columns.device)
+        bias = bias.masked_fill(~columns, float("-inf"))
+    else:
+        bias = columns.float()
+    out = bias.new_zeros(bias.shape[0], bias.shape[1], length)
+    return out.index_copy(2, position, bias)

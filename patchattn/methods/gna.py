@@ -47,7 +47,7 @@ from ..masks.neighborhood import Neighborhood, NeighborhoodPlan, neighborhood_pl
 from ..masks.tiles import tiled_attention
 from ..registry import register_method
 from ..state import MethodState
-from ._dit import DiTCall, DiTScheduleConfig, dense_sdpa, dit_call, scheduled_dense
+from ._dit import DiTCall, DiTScheduleConfig, dense_sdpa, dit_call, key_bias_in_order, scheduled_dense
 
 AXES = 3
 PLAN_CACHE = 32  # plans kept process-wide (grids x text layouts x settings x devices)
@@ -187,7 +187,7 @@ def gna_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     state.record(density=plan.density)
     bias = None
     if attention_mask is not None:
-        bias = _key_bias(attention_mask, query, plan)
+        bias = key_bias_in_order(attention_mask, query.shape[1], plan.length, plan.position)
         if bias is None:
             return _masked_dense(plan, query, key, value, attention_mask, scaling, enable_gqa), None
     q, k, v = plan.permute(query), plan.permute(key), plan.permute(value)
@@ -200,21 +200,6 @@ def gna_attention(module, query, key, value, attention_mask, *, scaling=None, dr
                                      tile_masks=tiled.tile_masks, tile_mask_ids=tiled.tile_mask_ids,
                                      backend=config.backend)
     return plan.unpermute(out).transpose(1, 2), None
-
-
-def _key_bias(attention_mask, query, plan: NeighborhoodPlan):
-    """A mask that depends on the key only (``[B|1, H|1, 1, T]``: padded text of a varlen batch) as the engine's
-    per-key additive bias in tile order (``[B|1, H|1, length]`` fp32); None for any other mask."""
-    if attention_mask.dim() != 4 or attention_mask.shape[2] != 1 or attention_mask.shape[1] not in (1, query.shape[1]):
-        return None
-    columns = attention_mask[:, :, 0, :]
-    if columns.dtype == torch.bool:
-        bias = torch.zeros(columns.shape, dtype=torch.float32, device=columns.device)
-        bias = bias.masked_fill(~columns, float("-inf"))
-    else:
-        bias = columns.float()
-    out = bias.new_zeros(bias.shape[0], bias.shape[1], plan.length)  # grid padding: invisible through the tiles
-    return out.index_copy(2, plan.position, bias)
 
 
 def _masked_dense(plan: NeighborhoodPlan, query, key, value, attention_mask, scaling, enable_gqa):
