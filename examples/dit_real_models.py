@@ -67,11 +67,13 @@ def main():
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    overrides = json.loads(args.overrides)
+    patchattn.get_config(args.method, **overrides)  # a wrong name or field fails here, before any download
 
     pipe, entry = load(args.model)
     steps = args.steps or entry["steps"]
     dense, dense_s = generate(pipe, entry, steps, args.seed)
-    handle = patchattn.patch(pipe, args.method, **json.loads(args.overrides))  # a pipeline: its scheduler counts steps
+    handle = patchattn.patch(pipe, args.method, **overrides)  # a pipeline: its scheduler counts steps
     print(handle.summary())
     patched, patched_s = generate(pipe, entry, steps, args.seed)
     patchattn.unpatch(pipe)

@@ -3,6 +3,8 @@ recipes by name with a short run, the notes for methods that ran dense."""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -10,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import patchattn
@@ -215,8 +218,32 @@ def test_dit_example_runs():
     assert "unpatched output bit-identical: True" in out.stdout
 
 
+def test_real_dit_example_checks_its_arguments_before_downloading():
+    # The example downloads FLUX/SD3/Wan weights, which tests cannot: what runs here is everything before that.
+    diffusers = pytest.importorskip("diffusers")
+    from patchattn.adapters.dit_families import DIT_FAMILIES
+
+    out = _run([str(ROOT / "examples" / "dit_real_models.py"), "--help"])
+    assert out.returncode == 0, out.stderr
+    assert "gna" in out.stdout
+    out = _run([str(ROOT / "examples" / "dit_real_models.py"), "--method", "gnaa"])
+    assert out.returncode != 0 and "Did you mean 'gna'" in out.stderr  # the known names are listed, nothing was downloaded
+    out = _run([str(ROOT / "examples" / "dit_real_models.py"), "--overrides", '{"windw": 3}'])
+    assert out.returncode != 0 and "did you mean 'window'" in out.stderr
+    spec = importlib.util.spec_from_file_location("dit_real_models", ROOT / "examples" / "dit_real_models.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    known = {family.class_name for family in DIT_FAMILIES.values()}
+    for entry in example.MODELS.values():  # every pipeline named exists and its transformer is a supported family
+        pipeline = getattr(diffusers, entry["pipeline"])
+        transformer = str(inspect.signature(pipeline.__init__).parameters["transformer"].annotation)
+        assert any(name in transformer for name in known), (entry["pipeline"], transformer)
+    assert example.psnr(np.zeros(4), np.zeros(4)) == float("inf")
+    assert example.psnr(np.zeros(4), np.full(4, 0.1)) == pytest.approx(20.0)
+
+
 def test_every_example_has_a_test():
-    tested = {"patch_llm.py", "patch_dit.py", "patch_lvlm.py"}  # patch_lvlm: tests/test_cli.py
+    tested = {"patch_llm.py", "patch_dit.py", "patch_lvlm.py", "dit_real_models.py"}  # patch_lvlm: tests/test_cli.py
     assert {p.name for p in (ROOT / "examples").glob("*.py")} == tested
 
 

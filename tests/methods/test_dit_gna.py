@@ -129,12 +129,15 @@ class OracleConfig(GNAConfig):
                            patterns=("noncausal-self", "noncausal-cross"), paper="test oracle")
 def gna_oracle(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, is_causal=False,
                cross_attention=False, enable_gqa=False, **kwargs):
-    """Dense SDPA under the token-by-token neighborhood mask (cross attention dense)."""
+    """Dense SDPA under the token-by-token neighborhood mask and the model's key padding (cross attention dense)."""
     state = module.patchattn
     call = dit_call(state, query, cross_attention)
     mask = attention_mask
     if call.role != "cross":
         mask = _oracle_mask(state.config, call.grid, call.image, call.text, query.shape[2]).to(query.device)
+        if attention_mask is not None:  # HunyuanVideo's padded text: hidden keys stay hidden
+            visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1e4
+            mask = mask & visible
     return dense_sdpa(query, key, value, mask, scaling=scaling, dropout=dropout, enable_gqa=enable_gqa), None
 
 
