@@ -46,6 +46,10 @@ class MethodSpec:
         key_bounds: the method takes a compiled decode step's rows as ``key_bounds=`` (``methods._rows.KeyBounds``:
             the keys are a static cache's whole capacity, each row's real keys a device-side ``[start, end)``), so
             the step needs no host read; other methods get the keys cut on the host (a graph break when compiled).
+        install: optional ``install(model, patch) -> list of handles`` for methods that need more of the model than
+            its attention calls (a vision tower's attention maps, a forward hook on the whole model): called by the
+            adapter once every state is attached, with the model the adapter patched and its patch record
+            (``.context``, ``.family``, ``.modules``); each returned handle's ``remove()`` runs at ``unpatch``.
     """
 
     name: str
@@ -63,6 +67,7 @@ class MethodSpec:
     static: bool = False
     state_cls: type | None = None
     key_bounds: bool = False
+    install: Callable | None = None
 
     @property
     def hf_name(self) -> str:
@@ -92,6 +97,7 @@ def register_method(
     static: bool = False,
     state_cls: type | None = None,
     key_bounds: bool = False,
+    install: Callable | None = None,
 ):
     """Decorator registering an attention function as method ``name`` (see ``MethodSpec`` for the arguments)."""
 
@@ -112,6 +118,7 @@ def register_method(
             static=static,
             state_cls=state_cls,
             key_bounds=key_bounds,
+            install=install,
         )
         _validate_spec(spec)
         config.method = name

@@ -474,6 +474,8 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "all") -
         patch.hooks.append(transformer.register_forward_pre_hook(capture, with_kwargs=True))
         record = {"method": spec.name, "config": config.to_dict(), "targets": patch.targets}
         transformer.register_to_config(**{SAVED_PATCH_KEY: record})
+        if spec.install is not None:
+            patch.hooks.extend(spec.install(transformer, patch))
     except BaseException:
         remove(model, patch)
         raise

@@ -285,6 +285,12 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "text") 
     _remember_patch(model, spec, config, targets, by_role, patch)
     if family.media_token_attrs:
         patch.hooks.append(model.register_forward_pre_hook(_media_token_hook(model, family, context), with_kwargs=True))
+    if spec.install is not None:
+        try:
+            patch.hooks.extend(spec.install(model, patch))
+        except BaseException:
+            remove(model, patch)
+            raise
     return patch
 
 
