@@ -4,7 +4,8 @@ For each method and each pattern — causal self, non-causal self, causal cross,
 really uses the pattern is run through the method: a declared pattern must work (dense: exactly the unpatched
 model), an undeclared one must raise ``NotImplementedError`` naming the method and the pattern, never fall back.
 
-The models, tiny and random (no downloads): a Llama (causal self-attention), the CLIP vision tower of a LLaVA
+The models, tiny and random (no downloads): a Llama (causal self-attention; the text backbone of a LLaVA for
+LVLM-only methods), the CLIP vision tower of a LLaVA
 (non-causal self-attention, ``targets="vision"``), and a PixArt DiT (non-causal self-attention in ``attn1``,
 cross-attention from image queries to caption keys in ``attn2``), whose ``attn2`` runs causal in the causal-cross
 case (a processor that calls SDPA with ``is_causal=True``, no other change).
@@ -49,8 +50,9 @@ def _dit_only(method) -> bool:
 def _causal_self(method):
     if _dit_only(method):  # a DiT whose self-attention runs causal: refused at call time
         return _dit(method, causal_cross=False, causal_self=True)
-    model = tiny_model("llama")
-    inputs = tiny_inputs(model, "llama")
+    family = "llama" if "llm" in _spec(method).families else "llava"  # an LVLM-only method: LLaVA's text backbone
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family)
     reference = model(**inputs).logits
     with patchattn.patched(model, method):
         return model(**inputs).logits, reference
