@@ -35,8 +35,9 @@ RECIPES = Path(__file__).resolve().parent / "recipes"  # the fine-tuning recipes
 
 
 def demo_methods(names: list[str] | None = None) -> list:
-    """The methods the demo runs: ``dense`` first, then every registered training-free method."""
-    specs = [s for s in api.list_methods() if not s.needs_finetune]
+    """The methods the demo runs: ``dense`` first, then every registered training-free method for LLMs (the demo's
+    model is one; DiT- and LVLM-only methods have their own examples)."""
+    specs = [s for s in api.list_methods() if not s.needs_finetune and "llm" in s.families]
     if names:
         known = {s.name: s for s in specs}
         missing = [n for n in names if n not in known]
@@ -125,10 +126,15 @@ def row_note(row: dict, tokens: int, dense_ppl: float | None) -> str | None:
 
 
 def skipped_note() -> str | None:
-    skipped = [s.name for s in api.list_methods() if s.needs_finetune]
-    if not skipped:
-        return None
-    return f"not run (need fine-tuning first, see `patchattn train --help`): {', '.join(skipped)}"
+    llm = [s for s in api.list_methods() if "llm" in s.families]
+    skipped = [s.name for s in llm if s.needs_finetune]
+    other = [s.name for s in api.list_methods() if "llm" not in s.families]
+    notes = []
+    if skipped:
+        notes.append(f"not run (need fine-tuning first, see `patchattn train --help`): {', '.join(skipped)}")
+    if other:
+        notes.append(f"not for language models (see examples/patch_dit.py, examples/patch_lvlm.py): {', '.join(other)}")
+    return "\n".join(notes) or None
 
 
 def run_demo(model_name: str = "smollm2", tokens: int = 2048, methods: list[str] | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import patchattn
 from patchattn import demo
 
@@ -37,3 +39,12 @@ def test_methods_that_need_tuning_are_named_as_skipped():
     note = demo.skipped_note()
     assert all(name in note for name in skipped) if skipped else note is None
     assert not any(s.name in skipped for s in demo.demo_methods())
+
+
+def test_the_demo_runs_language_model_methods_only_and_names_the_others():
+    others = [s.name for s in patchattn.list_methods() if "llm" not in s.families]
+    assert "gna" in others  # a DiT-only method exists, so the filter is exercised
+    assert all("llm" in s.families for s in demo.demo_methods())
+    assert all(name in demo.skipped_note() for name in others)
+    with pytest.raises(ValueError, match="gna"):
+        demo.demo_methods(["gna"])
