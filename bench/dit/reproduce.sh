@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# DiT methods at real shapes (CUDA GPU, H200): one attention call and one whole transformer forward per method,
+# beside SDPA (and FlexAttention on the method's own tiles) in the same run. Random weights: speed does not depend
+# on them. Needs diffusers for the forward rows.
+#   bash bench/dit/reproduce.sh [step ...]      (repository root as cwd; no step: all, in this order)
+# Steps (one CSV each, a .json beside it with the environment and command):
+#   gna        FLUX 1024² / 4K (128² and NATTEN's 256² grid), Wan 720p, HunyuanVideo 720p: dense, gna (defaults:
+#              the GNA paper's FLUX preset scaled per axis), moh (forward only)                     ~5 min
+#   gna_paper  HunyuanVideo 720p with the GNA paper's 3D setting (window 18x24x24, stride 16x8x8)    ~1 min
+#   methods    the other DiT methods at their defaults on the same shapes                           ~5 min
+set -euo pipefail
+out=${OUT:-bench/dit}
+mkdir -p "$out"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(gna gna_paper methods)
+for step in "${steps[@]}"; do
+    echo "== $step ($(date -u +%H:%M:%S) UTC)"
+    case $step in
+    gna) python -m patchattn.bench.dit --shapes flux-1024,flux-4k,flux-4k-256,wan-720p,hunyuan-720p \
+        --methods 'dense;gna;moh' --csv "$out/gna.csv" ;;
+    gna_paper) python -m patchattn.bench.dit --shapes hunyuan-720p --modes attention \
+        --methods 'gna@paper:{"window":[18,24,24],"stride":[16,8,8]}' --csv "$out/gna_paper.csv" ;;
+    methods) python -m patchattn.bench.dit --shapes flux-1024,flux-4k,wan-720p,hunyuan-720p \
+        --methods 'radial;agent;clear' --csv "$out/methods.csv" ;;
+    *) echo "unknown step: $step" >&2; exit 2 ;;
+    esac
+done
