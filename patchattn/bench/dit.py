@@ -169,10 +169,26 @@ def flex_mask_from_tiles(tiled, heads: int):
 
     def mask_mod(b, h, q_idx, kv_idx):
         tile = table[0 if shared_heads else h, q_idx // bq, kv_idx // bk]
+        if masks.shape[0] == 0:  # whole tiles only: indexing an empty pool fails to lower in Inductor
+            return tile == -1
         return (tile == -1) | ((tile >= 0) & masks[tile.clamp(min=0), q_idx % bq, kv_idx % bk])
 
     return BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
                                     seq_lengths=(tiled.q_len, tiled.k_len))
+
+
+def flex_ms(tiled, shape: Shape, device, dtype) -> float:
+    """FlexAttention, compiled, on the method's tiles: q/k/v of the tiled (permuted, padded) lengths."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.reset()  # a fresh compile per shape: past the recompile limit Flex would run eagerly (T x T)
+    block_mask = flex_mask_from_tiles(tiled, shape.heads)
+    q = torch.randn(1, shape.heads, tiled.q_len, shape.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(1, shape.heads, tiled.k_len, shape.head_dim, device=device, dtype=dtype) for _ in "kv")
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    # Flex's own tile (128 on Hopper) must divide the mask's blocks: run it at the method's tile size.
+    options = {"BLOCK_M": tiled.block_q, "BLOCK_N": tiled.block_k}
+    return time_ms(lambda: compiled(q, k, v, block_mask=block_mask, kernel_options=options), device)
 
 
 def attention_row(shape: Shape, label: str, name: str, overrides: dict, device, dtype, flex: bool) -> dict:
@@ -194,14 +210,8 @@ def attention_row(shape: Shape, label: str, name: str, overrides: dict, device, 
                speedup_vs_sdpa=sdpa_ms / ms, density=module.patchattn.stats.get("density"), note="")
     tiled = _tiled_mask(module.patchattn)
     if flex and tiled is not None and device.type == "cuda":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        block_mask = flex_mask_from_tiles(tiled, shape.heads)
-        compiled = torch.compile(flex_attention)
-        # Flex's own tile (128 on Hopper) must divide the mask's blocks: run it at the method's tile size.
-        options = {"BLOCK_M": tiled.block_q, "BLOCK_N": tiled.block_k}
         try:
-            row["flex_ms"] = time_ms(lambda: compiled(q, k, v, block_mask=block_mask, kernel_options=options), device)
+            row["flex_ms"] = flex_ms(tiled, shape, device, dtype)
         except Exception as error:  # a Flex failure is a finding for the table, not a reason to lose the run
             row["note"] = f"flex failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
             return row

@@ -51,3 +51,23 @@ def test_flex_mask_from_tiles_is_the_same_mask():
     q, k, v = torch.randn(1, heads, q_len, 8), torch.randn(1, heads, k_len, 8), torch.randn(1, heads, k_len, 8)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[None])
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_flex_mask_from_whole_tiles_only():
+    """A layout with no partial tile (gna's aligned strides) leaves an empty tile pool: the Flex mask must not index
+    it (Inductor failed to lower that on the H200)."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from patchattn.masks.tiles import tiles_from_token_mask
+
+    torch.manual_seed(0)
+    mask = torch.zeros(1, 32, 48, dtype=torch.bool)
+    mask[:, :16, :32] = True
+    mask[:, 16:, 16:] = True
+    tiled = tiles_from_token_mask(mask, 16, 16)
+    assert tiled.tile_masks.shape[0] == 0
+    block_mask = dit.flex_mask_from_tiles(tiled, 1)
+    q, k, v = torch.randn(1, 1, 32, 8), torch.randn(1, 1, 48, 8), torch.randn(1, 1, 48, 8)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[None])
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), expected, atol=1e-5, rtol=1e-4)
