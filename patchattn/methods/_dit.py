@@ -107,6 +107,26 @@ def scheduled_dense(config: DiTScheduleConfig, call: DiTCall) -> bool:
     return False
 
 
+def runs_dense(config: DiTScheduleConfig, call: DiTCall, method: str) -> bool:
+    """True when this call runs the model's dense attention: cross attention (no grid to act on), a scheduled dense
+    step or layer, or an unknown latent grid (warned: never a silent fallback)."""
+    if call.role == "cross" or scheduled_dense(config, call):
+        return True
+    if call.grid is None:
+        warnings.warn(f"patchattn {method}: the latent grid of this call is unknown; it runs dense attention",
+                      stacklevel=3)
+        return True
+    return False
+
+
+def dense_call(state, query, key, value, attention_mask, *, scaling=None, dropout=0.0, is_causal=False,
+               enable_gqa=False):
+    """The model's own SDPA call as a method's result (``(out [B, T, H, D], None)``), recorded as density 1."""
+    state.record(density=1.0)
+    return dense_sdpa(query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=is_causal,
+                      enable_gqa=enable_gqa), None
+
+
 def dense_sdpa(query, key, value, attn_mask=None, *, scaling=None, dropout=0.0, is_causal=False, enable_gqa=False):
     """The exact SDPA call the unpatched model makes, returned ``[B, T, H, D]`` as methods return."""
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout,

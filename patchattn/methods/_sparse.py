@@ -293,26 +293,37 @@ def reads_everything_reason(config, tokens: int) -> str:
     return f"at {tokens} tokens the selection kept every block, so these calls cost what dense attention costs"
 
 
+DIT_PATTERNS = ("noncausal-self", "noncausal-cross")  # what a DiT's attention modules call
+
+
 def register_sparse_method(name: str, *, config: type[SparseConfig], select: BlockSelector, static: bool, paper: str,
                            doc: str, families: tuple[str, ...] = ("llm", "lvlm"),
                            patterns: tuple[str, ...] = ("causal-self",), make_state: Callable | None = None,
                            state_cls: type[SparseState] = SparseState,
-                           decode_rows: RowsSelector | None = None) -> Callable:
+                           decode_rows: RowsSelector | None = None, dit_forward: Callable | None = None) -> Callable:
     """Register block-sparse method ``name``: its block choice is ``select``; the rest is ``run_block_sparse``.
 
     ``static``: the selection depends on positions only, so its lists are cached per shape.  The selector and the
     flag are kept on the spec (``get_spec(name).select`` / ``.static``) for benchmarks and reports.  ``state_cls``:
     the method's typed state, a ``SparseState`` subclass (``make_state``, when given, builds it with its plan).
     ``decode_rows``: the method's decode step on the device for rows of different lengths (``RowsSelector``); with
-    it, a decode step with a mask (a static cache, a padded batch) needs no host read.
+    it, a decode step with a mask (a static cache, a padded batch) needs no host read.  ``dit_forward``: the
+    method's attention function for diffusion transformers (non-causal, on the latent grid); with it the method is
+    registered for the ``dit`` family too.
     Returns the attention function (transformers' signature).
     """
     if not issubclass(state_cls, SparseState):
         raise TypeError(f"sparse method {name!r}: state_cls must subclass SparseState, got {state_cls!r}")
 
     def forward(module, query, key, value, attention_mask, *, scaling=None, **kwargs):
+        if dit_forward is not None and module.patchattn.role == "dit":
+            return dit_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         return run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select,
                                 static=static, decode_rows=decode_rows, **kwargs)
+
+    if dit_forward is not None:
+        families = (*families, "dit")
+        patterns = (*patterns, *(p for p in DIT_PATTERNS if p not in patterns))
 
     forward.__name__ = f"{name}_attention"
     forward.__doc__ = doc

@@ -12,10 +12,18 @@ selecting among its own blocks from a compressed key cache kept per row (``_shar
 Defaults (64-token blocks, per head, max-row scores, mass 0.97 capped at 24 blocks) come from a sweep on
 SmolLM2 at 8k tokens: +4.6% perplexity at 21.8% density, where a fixed top-14 gave +7.6% at 24.7%
 (bench/quality/).
+
+On diffusion transformers (``methods/_dit_routing.py``) it is BiFormer's region routing, non-causal: the latent grid
+in 2D/3D tiles of ``block_size`` tokens, tiles scored by mean-pooled query . mean-pooled key (``score`` is not used:
+a DiT has no causal row to take a maximum over cheaply), each query tile reads its own tile and up to ``top_k``
+others (``mass`` as above; ``sink_blocks``, ``local_blocks``, ``last_block_dense`` and the decode fields are LLM-only),
+text tokens of joint attention read and are read by everything; cross attention stays dense; the DiT schedule fields
+(dense first/last denoising steps, ``dense_layers``) apply.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,11 +34,13 @@ from ..kernels.blockselect import max_list_width, prefill_block_choice, prefill_
 from ..masks import BlockGeometry
 from ._budget import budget_applied, capped_rows, closest_budget, pattern_density
 from ._shared import KeyMeansState, block_means, decode_lists, decode_rows_lists, key_block_means, mark_row_means_stale
+from ._dit import DiTScheduleConfig, dense_call, dit_call, runs_dense
+from ._dit_routing import routed_tile_attention
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
 
 
 @dataclass(kw_only=True)
-class BlockTopKConfig(SparseConfig):
+class BlockTopKConfig(SparseConfig, DiTScheduleConfig):
     top_k: int = option(24, "content-selected key blocks per query block (the cap when mass < 1)", min=0)
     sink_blocks: int = option(1, "initial blocks always read", min=0)
     local_blocks: int = option(2, "nearest blocks always read (includes the diagonal block)", min=1)
@@ -114,6 +124,29 @@ def decode_top_k_rows(rows, query, key, state):
         return decode_rows_lists(rows, query, key, state, state.config.decode_mass)
 
 
+def blocktopk_dit(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, is_causal=False,
+                  cross_attention=False, enable_gqa=False, **kwargs):
+    """A diffusion transformer's call: routed tiles on the latent grid (self/joint attention), dense otherwise."""
+    state = module.patchattn
+    config: BlockTopKConfig = state.config
+    call = dit_call(state, query, cross_attention)
+    if runs_dense(config, call, "blocktopk"):
+        return dense_call(state, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                          is_causal=is_causal, enable_gqa=enable_gqa)
+    if dropout:
+        raise NotImplementedError("patchattn blocktopk: attention dropout is not supported (the engine has none); "
+                                  "set the model's attention dropout to 0")
+    top_k, mass = config.top_k, config.mass
+    if config.density is not None:  # the budget knob: that share of the image tiles, own tile included
+        tiles = math.ceil(call.n_image / config.block_size)
+        top_k, mass = max(0, round(config.density * tiles) - 1), 1.0
+    out = routed_tile_attention(query, key, value, attention_mask, call, top_k=top_k, mass=mass,
+                                block=config.block_size, scaling=scaling, backend=config.backend, record=state.record)
+    if out is None:  # every tile kept: the model's own attention, exactly
+        return dense_call(state, query, key, value, attention_mask, scaling=scaling, enable_gqa=enable_gqa)
+    return out, None
+
+
 blocktopk_attention = register_sparse_method(
     "blocktopk",
     config=BlockTopKConfig,
@@ -124,4 +157,5 @@ blocktopk_attention = register_sparse_method(
     state_cls=BlockTopKState,
     static=False,
     doc="Top-k key blocks per query block by mean-pooled scores, plus sink and local blocks.",
+    dit_forward=blocktopk_dit,
 )

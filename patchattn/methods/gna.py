@@ -47,7 +47,7 @@ from ..masks.neighborhood import Neighborhood, NeighborhoodPlan, neighborhood_pl
 from ..masks.tiles import tiled_attention
 from ..registry import register_method
 from ..state import MethodState
-from ._dit import DiTCall, DiTScheduleConfig, dense_sdpa, dit_call, key_bias_in_order, scheduled_dense
+from ._dit import DiTCall, DiTScheduleConfig, dense_call, dense_sdpa, dit_call, key_bias_in_order, runs_dense
 
 AXES = 3
 PLAN_CACHE = 32  # plans kept process-wide (grids x text layouts x settings x devices)
@@ -148,12 +148,6 @@ def plan_for(state, config: GNAConfig, hood: Neighborhood, call: DiTCall, device
     return plans[key]
 
 
-def _dense(state, query, key, value, attention_mask, scaling, dropout, is_causal, enable_gqa):
-    state.record(density=1.0)
-    return dense_sdpa(query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=is_causal,
-                      enable_gqa=enable_gqa), None
-
-
 @register_method(
     "gna",
     config=GNAConfig,
@@ -171,15 +165,12 @@ def gna_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     state = module.patchattn
     config: GNAConfig = state.config
     call = dit_call(state, query, cross_attention)
-    dense_args = (state, query, key, value, attention_mask, scaling, dropout, is_causal, enable_gqa)
-    if call.role == "cross" or scheduled_dense(config, call):
-        return _dense(*dense_args)
-    if call.grid is None:
-        warnings.warn("patchattn gna: the latent grid of this call is unknown; it runs dense attention", stacklevel=2)
-        return _dense(*dense_args)
+    dense = dict(scaling=scaling, dropout=dropout, is_causal=is_causal, enable_gqa=enable_gqa)
+    if runs_dense(config, call, "gna"):
+        return dense_call(state, query, key, value, attention_mask, **dense)
     hood = neighborhood_for(config, call.grid)
     if hood.covers_everything():  # the documented dense-equivalent setting: exact, no warning
-        return _dense(*dense_args)
+        return dense_call(state, query, key, value, attention_mask, **dense)
     if dropout:
         raise NotImplementedError("patchattn gna: attention dropout is not supported (the engine has none); "
                                   "set the model's attention dropout to 0")
