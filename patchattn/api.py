@@ -292,6 +292,7 @@ def load(name_or_path: str | None, method=None, *, targets: str = "text", dtype=
     ``adapter=<output folder of patchattn train>`` loads a tuned model instead: the base model (``name_or_path``, or
     the one the run trained when None), the run's inference patch with its learned patch state (MoH routers...),
     and its LoRA adapter (``merge=True`` folds it into the weights).  ``method`` and overrides are not allowed then.
+    The output folder of a DiT distillation run gives ``(transformer, None)`` (see ``load_tuned_dit``).
 
     Returns:
         (model, tokenizer)
