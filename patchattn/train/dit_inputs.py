@@ -61,7 +61,10 @@ def synthetic_inputs(transformer, grid, n_text: int, batch: int, generator: torc
     low, high = timestep_range
     t = _rand(generator, batch, low=low, high=high) * TIMESTEP_SCALE.get(name, DEFAULT_TIMESTEP_SCALE)
     channels = config["in_channels"]
-    text = lambda width: _randn(generator, batch, n_text, width, dtype=dtype)  # noqa: E731
+
+    def text(dim: int) -> torch.Tensor:
+        return _randn(generator, batch, n_text, dim, dtype=dtype)
+
     if name == "flux":
         ids = torch.zeros(height, width, 3)
         ids[..., 1], ids[..., 2] = torch.arange(height)[:, None], torch.arange(width)[None]

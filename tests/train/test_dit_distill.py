@@ -12,15 +12,22 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import patchattn  # noqa: E402
-from patchattn import api  # noqa: E402
-from patchattn.dit_models import tiny_dit  # noqa: E402
-from patchattn.eval.drift import cosine, drift, psnr  # noqa: E402
-from patchattn.registry import all_specs  # noqa: E402
-from patchattn.train import RecipeError, RunOptions, load_recipe, main, train, train_model  # noqa: E402
-from patchattn.train.dit import (HELDOUT_STREAM, TRAIN_STREAM, make_batch, output_of, shapes_of,  # noqa: E402
-                                 teacher_output, wrap_dit_lora)
-from patchattn.train.recipe import SHIPPED  # noqa: E402
+import patchattn
+from patchattn import api
+from patchattn.dit_models import tiny_dit
+from patchattn.eval.drift import cosine, drift, psnr
+from patchattn.registry import all_specs
+from patchattn.train import RecipeError, RunOptions, load_recipe, main, train, train_model
+from patchattn.train.dit import (
+    HELDOUT_STREAM,
+    TRAIN_STREAM,
+    make_batch,
+    output_of,
+    shapes_of,
+    teacher_output,
+    wrap_dit_lora,
+)
+from patchattn.train.recipe import SHIPPED
 
 CLEAR = SHIPPED / "clear"
 # gna with a 3x3 neighborhood: sparse on these grids, so the student starts away from the teacher
@@ -70,7 +77,8 @@ def test_distillation_moves_the_student_towards_its_dense_teacher(family, tmp_pa
     for file in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "patch.json",
                  "patch_state.safetensors", "recipe.json", "metrics.json", "log.jsonl", "loss.png"):
         assert os.path.exists(os.path.join(out, file)), file
-    assert json.loads(open(os.path.join(out, "patch.json")).read())["inference"] == GNA
+    with open(os.path.join(out, "patch.json")) as handle:
+        assert json.load(handle)["inference"] == GNA
     assert "not image/video quality" in metrics["drift_note"]
 
 
