@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 
 import patchattn
 from patchattn import api
-from patchattn.dit_models import tiny_dit
+from patchattn.dit_models import TINY_DITS, tiny_dit
 from patchattn.eval.drift import cosine, drift, psnr
 from patchattn.registry import all_specs
 from patchattn.train import RecipeError, RunOptions, load_recipe, main, train, train_model
@@ -27,6 +27,7 @@ from patchattn.train.dit import (
     teacher_output,
     wrap_dit_lora,
 )
+from patchattn.train.dit_inputs import synthetic_inputs
 from patchattn.train.recipe import SHIPPED
 
 CLEAR = SHIPPED / "clear"
@@ -211,3 +212,22 @@ def test_clear_recipe_distils_a_tiny_flux(tmp_path):
         tuned.eval()
         model, _ = patchattn.load(None, adapter=recipe.train.output_dir)
         assert torch.equal(output_of(model, inputs), output_of(tuned, inputs))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_DITS))
+def test_synthetic_inputs_sit_on_the_requested_grid_of_every_family(family):
+    """The adapter reads back the grid and text length the inputs were built for (its own, independent reader)."""
+    transformer = tiny_dit(family)
+    handle = patchattn.patch(transformer, "gna", targets="all")
+    grid, n_text = TINY_DITS[family].grid, TINY_DITS[family].n_text
+    inputs = synthetic_inputs(transformer, grid, n_text, 2, torch.Generator().manual_seed(0), (0.25, 0.75))
+    with torch.no_grad():
+        out = output_of(transformer, inputs)
+    extras = handle.record.context.extras
+    assert extras["grid"] == grid and extras["n_image"] == math.prod(grid) and extras["n_text"] == n_text
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    t = inputs["timestep"].float()
+    scale = 1.0 if family == "flux" else 1000.0
+    assert ((t >= 0.25 * scale - 0.5) & (t <= 0.75 * scale + 0.5)).all()
+    again = synthetic_inputs(transformer, grid, n_text, 2, torch.Generator().manual_seed(0), (0.25, 0.75))
+    assert all(torch.equal(inputs[k], again[k]) for k in inputs if isinstance(inputs[k], torch.Tensor))
