@@ -228,6 +228,26 @@ def patched(model, method, **overrides):
             _resume(model, outer, outer_states)
 
 
+@contextlib.contextmanager
+def unpatched(model):
+    """The model's own attention inside the block (a dense teacher pass, say); on exit the same patch is back.
+
+    The patch comes back with the same handle and state objects, so learned patch parameters (and an optimiser
+    holding them) stay valid; they are not in the model inside the block.  An unpatched model is left as it is.
+    """
+    model = _unwrap(model)
+    with adapters.PATCH_LOCK:
+        handle = get_handle(model)
+        states = _suspend(model, handle)
+    try:
+        yield model
+    finally:
+        with adapters.PATCH_LOCK:
+            if get_handle(model) is not None:
+                unpatch(model)
+            _resume(model, handle, states)
+
+
 def _suspend(model, handle: PatchHandle | None) -> dict[int, Any]:
     """Unpatch, keeping the states so ``_resume`` can put the same patch back."""
     if handle is None:
@@ -272,6 +292,7 @@ def load(name_or_path: str | None, method=None, *, targets: str = "text", dtype=
     ``adapter=<output folder of patchattn train>`` loads a tuned model instead: the base model (``name_or_path``, or
     the one the run trained when None), the run's inference patch with its learned patch state (MoH routers...),
     and its LoRA adapter (``merge=True`` folds it into the weights).  ``method`` and overrides are not allowed then.
+    The output folder of a DiT distillation run gives ``(transformer, None)`` (see ``load_tuned_dit``).
 
     Returns:
         (model, tokenizer)
@@ -417,11 +438,14 @@ def load_tuned(name_or_path: str | None, adapter: str, *, dtype=None, merge: boo
     """(model, tokenizer): the base model, the run's inference patch and patch state, and its LoRA adapter.
 
     ``name_or_path=None`` takes the base model the run trained.  ``merge=True`` folds LoRA into the weights
-    (``merge_and_unload``): faster, equal up to rounding.
+    (``merge_and_unload``): faster, equal up to rounding.  A DiT distillation run gives ``(transformer, None)``
+    (see ``load_tuned_dit``).
     """
     from peft import PeftModel  # peft (and accelerate behind it) loads in seconds: only when an adapter is read
 
     recipe = read_json(os.path.join(adapter, RECIPE_FILE))
+    if recipe["train"].get("kind") == DIT_DISTILL_KIND:
+        return load_tuned_dit(name_or_path, adapter, recipe, dtype=dtype, merge=merge), None
     trained_on = recipe["train"]["model"]
     if name_or_path is None:
         name_or_path = trained_on
@@ -436,3 +460,30 @@ def load_tuned(name_or_path: str | None, adapter: str, *, dtype=None, merge: boo
     if merge:
         model = model.merge_and_unload()
     return model, tokenizer
+
+
+DIT_DISTILL_KIND = "dit_distill"  # train.json ``kind`` of a DiT distillation run (patchattn.train.dit)
+
+
+def load_tuned_dit(name_or_path: str | None, adapter: str, recipe: dict | None = None, *, dtype=None,
+                   merge: bool = False):
+    """The tuned transformer of a DiT distillation run: base DiT (``tiny-<family>`` or a local diffusers folder;
+    None: the one the run trained), the run's inference patch and patch state, its LoRA adapter (peft), eval mode.
+    """
+    from peft import PeftModel
+
+    from .dit_models import load_dit_base
+
+    recipe = recipe or read_json(os.path.join(adapter, RECIPE_FILE))
+    trained_on = recipe["train"]["model"]
+    if name_or_path is None:
+        name_or_path = trained_on
+    elif name_or_path != trained_on:
+        warnings.warn(f"adapter {adapter!r} was trained on {trained_on!r}, loading it onto {name_or_path!r}",
+                      stacklevel=3)
+    dtype_name = str(dtype).replace("torch.", "") if dtype is not None else recipe["train"].get("dtype", "float32")
+    model = load_dit_base(name_or_path, dtype_name)
+    apply_inference_patch(model, adapter)
+    model = PeftModel.from_pretrained(model, os.path.join(adapter, ADAPTER_DIR))
+    model.eval()
+    return model.merge_and_unload() if merge else model

@@ -2,6 +2,8 @@
 
 A recipe is a folder of JSON files (patch, LoRA, training config); :func:`train` runs one with accelerate + peft
 and saves a LoRA adapter plus the patch state, which ``patchattn.load(base, adapter=<output>)`` loads back.
+A DiT recipe (``"kind": "dit_distill"`` in train.json, e.g. ``clear``) distils a patched diffusers transformer from
+its own dense attention on synthetic inputs instead (``train/dit.py``).
 """
 
 from .artifacts import load_tuned

@@ -40,7 +40,8 @@ def write_json(path: str, data) -> None:
         handle.write("\n")
 
 
-def plot_loss(log_path: str, out_path: str, title: str, before_loss: float | None = None) -> None:
+def plot_loss(log_path: str, out_path: str, title: str, before_loss: float | None = None, *,
+              loss_key: str = "lm_loss", ylabel: str = "next-token loss (nats)") -> None:
     """Train loss per step (and its running mean) plus held-out loss; ``before_loss`` is drawn at step 0."""
     import matplotlib  # optional plotting dependency: only when a run draws its loss curve
 
@@ -54,7 +55,7 @@ def plot_loss(log_path: str, out_path: str, title: str, before_loss: float | Non
             row = json.loads(line)
             if "loss" in row:
                 steps.append(row["step"])
-                losses.append(row["lm_loss"])
+                losses.append(row[loss_key])
             if "eval_loss" in row:
                 eval_steps.append(row["step"])
                 eval_losses.append(row["eval_loss"])
@@ -67,7 +68,7 @@ def plot_loss(log_path: str, out_path: str, title: str, before_loss: float | Non
     if eval_steps:
         ax.plot(eval_steps, eval_losses, "o-", label="held-out loss (inference attention)")
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("next-token loss (nats)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

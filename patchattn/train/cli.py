@@ -1,6 +1,8 @@
 """``patchattn train RECIPE [--steps N] [--seq-len N] [--model NAME] [--output DIR] [--resume] [--no-eval]``.
 
-RECIPE is the name of a shipped recipe (``moh``, ``longlora``, ``sinklora``: ``patchattn/recipes/``) or a folder.
+RECIPE is the name of a shipped recipe (``moh``, ``longlora``, ``sinklora``, ``clear``: ``patchattn/recipes/``) or a
+folder.  A DiT distillation recipe (``"kind": "dit_distill"`` in train.json, e.g. ``clear``) takes ``--model`` (a local
+diffusers folder or ``tiny-<family>``), ``--steps``, ``--output``, ``--set`` (``grid``, ``n_text``, ...).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out chunks per evaluation (override train.json eval_chunks)")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the held-out evaluations (before, during and after training): train and save only")
-    p.add_argument("--model", help="override train.json model: smollm2, tiny-llama (random, for smoke runs), a path")
+    p.add_argument("--model", help="override train.json model: smollm2, tiny-llama (random, for smoke runs), a path; "
+                   "DiT recipes: a local diffusers folder, or tiny-flux, tiny-wan, ... (random, for smoke runs)")
     p.add_argument("--output", help="output folder (default: train.json output_dir, else runs/<recipe>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
     p.add_argument("--stop-after", type=int, help="stop after this step as if interrupted (resume later)")

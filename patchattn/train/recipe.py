@@ -2,7 +2,9 @@
 
 ``patch.json`` (required)   the attention patch used while training: ``{"method": ..., <config fields>}``.
 ``lora.json`` (required)    keyword arguments of peft's ``LoraConfig`` (``r``, ``target_modules``, ``modules_to_save``...).
-``train.json`` (required)   the fields of :class:`TrainConfig` (model, data, lengths, steps, optimiser, evaluation).
+``train.json`` (required)   the fields of :class:`TrainConfig` (model, data, lengths, steps, optimiser, evaluation),
+                            or, with ``"kind": "dit_distill"``, of :class:`DiTDistillConfig` (a DiT distilled from
+                            its own dense attention on synthetic inputs).
 ``inference.json``          the patch the tuned model runs at inference (default: ``patch.json``); e.g. LongLoRA
                             trains with S²-Attn and infers with ``{"method": "dense"}``.
 
@@ -108,6 +110,71 @@ class TrainConfig:
 
 
 @dataclass
+class DiTDistillConfig:
+    """What ``train.json`` holds for a DiT distillation run (``"kind": "dit_distill"``; see ``train/dit.py``).
+
+    Attributes:
+        kind: ``"dit_distill"`` (what selects this config).
+        model: ``"tiny-<family>"`` (random, offline: flux, sd3, cogvideox, wan, pixart, hunyuan_video, ltx_video)
+            or a local diffusers folder (a transformer, or a pipeline with ``transformer/``); None: must be given
+            (``--model``).
+        grid: ``[frames, height, width]`` of the latent in tokens after patchify (FLUX 1024x1024: ``[1, 64, 64]``);
+            None: the tiny model's own.
+        n_text: text tokens per sample (None: the tiny model's own; CogVideoX: its ``max_text_seq_length``).
+        timestep_range: timesteps are drawn uniformly from this fraction of the schedule.
+        batch, grad_accum, steps, lr, warmup, schedule, weight_decay, max_grad_norm: as in ``TrainConfig``.
+        eval_batches: held-out synthetic batches for the drift measure before and after tuning (0: none).
+        save_every, seed, output_dir, dtype: as in ``TrainConfig``.
+    """
+
+    kind: str = "dit_distill"
+    model: str | None = None
+    grid: list | None = None
+    n_text: int | None = None
+    timestep_range: list = field(default_factory=lambda: [0.0, 1.0])
+    batch: int = 1
+    grad_accum: int = 1
+    steps: int = 100
+    lr: float = 1e-4
+    warmup: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_batches: int = 4
+    save_every: int = 0
+    seed: int = 0
+    output_dir: str | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.kind != DIT_DISTILL:
+            raise RecipeError(f"train.json: kind must be {DIT_DISTILL!r} for a DiT run, got {self.kind!r}")
+        for name in ("batch", "grad_accum", "steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise RecipeError(f"train.json: {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup", "eval_batches", "save_every", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise RecipeError(f"train.json: {name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.n_text is not None and (not isinstance(self.n_text, int) or self.n_text < 1):
+            raise RecipeError(f"train.json: n_text must be a positive integer or null, got {self.n_text!r}")
+        if self.grid is not None and (not isinstance(self.grid, list) or len(self.grid) != 3
+                                      or any(not isinstance(g, int) or g < 1 for g in self.grid)):
+            raise RecipeError(f"train.json: grid must be [frames, height, width] (positive integers), got {self.grid!r}")
+        low, high = (self.timestep_range + [None, None])[:2] if isinstance(self.timestep_range, list) else (None, None)
+        if not (isinstance(self.timestep_range, list) and len(self.timestep_range) == 2
+                and isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0 <= low <= high <= 1):
+            raise RecipeError(f"train.json: timestep_range must be [low, high] with 0 <= low <= high <= 1, "
+                              f"got {self.timestep_range!r}")
+        if self.schedule not in SCHEDULES:
+            raise RecipeError(f"train.json: schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise RecipeError(f"train.json: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+
+DIT_DISTILL = api.DIT_DISTILL_KIND
+
+
+@dataclass
 class Recipe:
     """A loaded recipe: its name and folder, the patches, LoRA kwargs and training config."""
 
@@ -116,12 +183,16 @@ class Recipe:
     patch: dict
     inference: dict
     lora: dict
-    train: TrainConfig
+    train: TrainConfig | DiTDistillConfig
     planned_steps: int | None = None  # train.json's own steps, before command-line overrides
 
     def to_dict(self) -> dict:
         return {"name": self.name, "patch": self.patch, "inference": self.inference, "lora": self.lora,
                 "train": dataclasses.asdict(self.train)}
+
+    @property
+    def is_dit(self) -> bool:
+        return isinstance(self.train, DiTDistillConfig)
 
 
 def _check_keys(where: str, data: dict, allowed, required=()) -> None:
@@ -210,12 +281,13 @@ def load_recipe(folder: str, overrides: dict | None = None) -> Recipe:
         raise RecipeError(f"{folder}: missing recipe file(s) {', '.join(missing)}")
     raw = {n: _read_json(os.path.join(folder, n)) for n in RECIPE_FILES if n in names}
     train_fields = {**raw["train.json"], **(overrides or {})}
-    _check_keys("train.json", train_fields, [f.name for f in dataclasses.fields(TrainConfig)])
+    config_cls = DiTDistillConfig if "kind" in raw["train.json"] else TrainConfig
+    _check_keys("train.json", train_fields, [f.name for f in dataclasses.fields(config_cls)])
     patch = check_patch("patch.json", raw["patch.json"])
     inference = check_patch("inference.json", raw.get("inference.json", patch))
     name = os.path.basename(os.path.normpath(folder))
-    return Recipe(name, folder, patch, inference, check_lora(raw["lora.json"]), TrainConfig(**train_fields),
-                  planned_steps=raw["train.json"].get("steps", TrainConfig.steps))
+    return Recipe(name, folder, patch, inference, check_lora(raw["lora.json"]), config_cls(**train_fields),
+                  planned_steps=raw["train.json"].get("steps", config_cls.steps))
 
 
 def bound_evaluations(config: TrainConfig, planned_steps: int | None, fixed: tuple[str, ...] = ()) -> str | None:
@@ -225,7 +297,7 @@ def bound_evaluations(config: TrainConfig, planned_steps: int | None, fixed: tup
     decoded one by one, three times before training); a 3-step run keeps the same share: ``ceil(chunks * 3/150)``
     chunks and decode tokens.  Fields in ``fixed`` (set on the command line) are left alone.  Returns what changed.
     """
-    if not planned_steps or config.steps >= planned_steps:
+    if not planned_steps or config.steps >= planned_steps or not isinstance(config, TrainConfig):
         return None
     share = config.steps / planned_steps
     changed = []

@@ -132,8 +132,14 @@ def train(recipe: Recipe, options: RunOptions | None = None) -> dict:
 
 
 def train_model(recipe: Recipe, options: RunOptions | None = None):
-    """Run ``recipe``; returns (metrics, the tuned peft model with its inference patch, or None if stopped early)."""
+    """Run ``recipe``; returns (metrics, the tuned peft model with its inference patch, or None if stopped early).
+
+    A DiT recipe (``"kind": "dit_distill"`` in train.json) runs ``dit.distill`` instead."""
     options = options or RunOptions()
+    if recipe.is_dit:
+        from .dit import distill
+
+        return distill(recipe, options)
     config = recipe.train
     output = output_dir_of(recipe)
     os.makedirs(output, exist_ok=True)
