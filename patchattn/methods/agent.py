@@ -51,8 +51,8 @@ class AgentConfig(DiTScheduleConfig):
 
     pool: int | list = option([1, 4, 4], "pooling cell per axis (frames, height, width; 2 values: height, width) -- "
                               "one agent per cell (AgentSD: 4x4); 1: one agent per token (dense)", min=1)
-    agent_grid: list = option([], "pooled grid in agents per axis, overriding pool (e.g. [7, 7]: the ViT paper's 49 "
-                              "agents)", min=1)
+    agent_grid: int | list = option([], "pooled grid in agents per axis, overriding pool (e.g. [7, 7]: the ViT "
+                                    "paper's 49 agents; one value: every axis, capped by the grid)", min=1)
     k_scale2: float = option(0.3, "the second softmax (queries over agents) uses scale ** k_scale2 (AgentSD 0.3: "
                              "flatter)", min=0.0, max=1.0)
     k_shortcut: float = option(0.075, "adds k_shortcut * V to each image query's output (AgentSD 0.075)", min=0.0)
@@ -88,7 +88,7 @@ def per_axis(value, grid: tuple[int, int, int], name: str) -> tuple[int, int, in
 
 def agent_grid_for(config: AgentConfig, grid: tuple[int, int, int]) -> tuple[int, int, int]:
     """The pooled grid of this call: ``agent_grid`` (capped by the grid), else ``ceil(extent / pool)`` per axis."""
-    if config.agent_grid:
+    if isinstance(config.agent_grid, int) or config.agent_grid:
         return tuple(min(a, g) for a, g in zip(per_axis(config.agent_grid, grid, "agent_grid"), grid))
     return tuple(math.ceil(g / p) for g, p in zip(grid, per_axis(config.pool, grid, "pool")))
 
