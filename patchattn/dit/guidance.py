@@ -115,7 +115,7 @@ class SoftPAGGuidance:
     """Guidance with a ``softpag``-patched transformer: ``scale`` is ``w`` (diffusers' PAG default 3.0), ``cfg_scale``
     the classifier-free guidance ``g`` (None: no CFG)."""
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     scale: float = 3.0
     cfg_scale: float | None = None
     _inside: bool = field(default=False, init=False, repr=False)

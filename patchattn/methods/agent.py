@@ -128,6 +128,9 @@ def agent_attention(query, key, value, call: DiTCall, agent_grid, *, scale, k_sc
                     attention_mask=None) -> torch.Tensor:
     """``[B, H, T, D]``: agent attention for the image queries, dense attention for the text queries."""
     start, stop = call.image
+    if call.n_image + call.n_text != query.shape[2]:
+        raise RuntimeError(f"agent: the layout covers {call.n_image} image and {call.n_text} text tokens, the call has "
+                           f"{query.shape[2]} queries")
     image_q = query[:, :, start:stop]
     agents = pooled_agents(image_q, call.grid, agent_grid)
     agent_values = F.scaled_dot_product_attention(agents, key, value, attn_mask=attention_mask, scale=scale)
