@@ -108,7 +108,7 @@ def agents_run(config: AgentConfig, call: DiTCall, n_agents: int) -> bool:
 
 def pooled_agents(image_queries: torch.Tensor, grid: tuple[int, int, int], agent_grid) -> torch.Tensor:
     """``[B, H, a, D]`` agents: the image queries ``[B, H, n, D]`` (row-major over ``grid``) average-pooled."""
-    b, h, n, d = image_queries.shape
+    b, h, _, d = image_queries.shape
     volume = image_queries.reshape(b * h, *grid, d).permute(0, 4, 1, 2, 3)
     pooled = F.adaptive_avg_pool3d(volume, agent_grid)
     return pooled.permute(0, 2, 3, 4, 1).reshape(b, h, -1, d)

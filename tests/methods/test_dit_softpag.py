@@ -108,10 +108,9 @@ def test_guidance_helper_in_a_user_loop_matches_the_manual_computation():
     uncond = run(model, uncond_inputs)
     perturbed = _weak(model, inputs, heads, scale)
     manual = uncond + 4.0 * (cond - uncond) + 2.5 * (cond - perturbed)
-    with patchattn.patched(model, "softpag", heads=heads, scale=scale):
-        with torch.no_grad():
-            got = SoftPAGGuidance(model, scale=2.5, cfg_scale=4.0)(inputs, uncond_inputs)
-            alone = SoftPAGGuidance(model, scale=2.5)(inputs)
+    with patchattn.patched(model, "softpag", heads=heads, scale=scale), torch.no_grad():
+        got = SoftPAGGuidance(model, scale=2.5, cfg_scale=4.0)(inputs, uncond_inputs)
+        alone = SoftPAGGuidance(model, scale=2.5)(inputs)
     torch.testing.assert_close(got, manual, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(alone, cond + 2.5 * (cond - perturbed), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="not patched with softpag"):
@@ -169,9 +168,8 @@ def test_greedy_search_picks_the_heads_the_objective_favours(target):
 
 def test_set_perturbed_heads_refuses_unknown_layers():
     model, _ = tiny("flux")
-    with patchattn.patched(model, "softpag"):
-        with pytest.raises(ValueError, match=r"layers \[4\]"):
-            set_perturbed_heads(model, [(4, 0)])
+    with patchattn.patched(model, "softpag"), pytest.raises(ValueError, match=r"layers \[4\]"):
+        set_perturbed_heads(model, [(4, 0)])
 
 
 def test_calibrate_headhunter_writes_a_head_list_softpag_loads(tmp_path):
