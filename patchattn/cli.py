@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help of each)")
     p.set_defaults(run=_bench)
 
-    p = sub.add_parser("calibrate", help="offline calibrations: moa plans, retrieval-head scores")
-    p.add_argument("what", choices=["moa", "retrieval-heads", "act"])
+    p = sub.add_parser("calibrate", help="offline calibrations: moa plans, retrieval-head scores, act and "
+                       "headhunter head lists")
+    p.add_argument("what", choices=["moa", "retrieval-heads", "act", "headhunter"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the calibration (see --help)")
     p.set_defaults(run=_calibrate)
 

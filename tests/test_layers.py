@@ -104,6 +104,14 @@ def test_adapters_and_api_import_no_application_layer():
     assert not bad, "adapters/api must not import train/eval/bench/cli/calibrate/demo/lm_eval:\n" + "\n".join(bad)
 
 
+def test_dit_helpers_sit_at_the_api_level():
+    # patchattn/dit (guidance) may use methods and api; nothing at or below that level uses it.
+    bad = _violations(("dit",), ("train", "eval", "bench", "cli", "calibrate", "demo", "lm_eval", "tasks"))
+    bad += _violations(("kernels", "masks", "methods", "adapters", "api", *BELOW_METHODS), ("dit",))
+    assert not bad, "patchattn/dit is at the api level:\n" + "\n".join(bad)
+    assert ("calibrate", "dit") in {(_top(s), _top(d)) for s, d, _ in EDGES}  # the scan sees its users
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one member (Tarjan)."""
     index, low, stack, on_stack, out = {}, {}, [], set(), []
