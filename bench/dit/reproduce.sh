@@ -7,12 +7,15 @@
 #   gna        FLUX 1024² / 4K (128² and NATTEN's 256² grid), Wan 720p, HunyuanVideo 720p: dense, gna (defaults:
 #              the GNA paper's FLUX preset scaled per axis), moh (forward only)                     ~5 min
 #   gna_paper  HunyuanVideo 720p with the GNA paper's 3D setting (window 18x24x24, stride 16x8x8)    ~1 min
-#   methods    the other DiT methods at their defaults on the same shapes                           ~5 min
+#   gna_flex   gna attention only, beside FlexAttention compiled on the same tiles                  ~2 min
+#   routing    blocktopk (BiFormer routing: defaults, and density 0.1) and agent, same shapes       ~4 min
+#   local      radial and clear at their defaults, same shapes                                      ~4 min
 set -euo pipefail
 out=${OUT:-bench/dit}
 mkdir -p "$out"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(gna gna_paper methods)
+[ ${#steps[@]} -eq 0 ] && steps=(gna gna_paper gna_flex routing local)
+shapes=flux-1024,flux-4k,wan-720p,hunyuan-720p
 for step in "${steps[@]}"; do
     echo "== $step ($(date -u +%H:%M:%S) UTC)"
     case $step in
@@ -20,8 +23,11 @@ for step in "${steps[@]}"; do
         --methods 'dense;gna;moh' --csv "$out/gna.csv" ;;
     gna_paper) python -m patchattn.bench.dit --shapes hunyuan-720p --modes attention \
         --methods 'gna@paper:{"window":[18,24,24],"stride":[16,8,8]}' --csv "$out/gna_paper.csv" ;;
-    methods) python -m patchattn.bench.dit --shapes flux-1024,flux-4k,wan-720p,hunyuan-720p \
-        --methods 'radial;agent;clear' --csv "$out/methods.csv" ;;
+    gna_flex) python -m patchattn.bench.dit --shapes $shapes,flux-4k-256 --modes attention --methods 'gna' \
+        --csv "$out/gna_flex.csv" ;;
+    routing) python -m patchattn.bench.dit --shapes $shapes \
+        --methods 'blocktopk;blocktopk@d10:{"density":0.1};agent' --csv "$out/routing.csv" ;;
+    local) python -m patchattn.bench.dit --shapes $shapes --methods 'radial;clear' --csv "$out/local.csv" ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
     esac
 done
