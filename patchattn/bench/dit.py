@@ -276,13 +276,19 @@ def forward_rows(shape: Shape, methods, layers: int, device, dtype) -> list[dict
     sdpa_ms = time_ms(run, device)
     rows = []
     for label, name, overrides in methods:
-        patch(model, name, **overrides)
-        try:
-            ms = time_ms(run, device)
-        finally:
-            unpatch(model)
-        rows.append(dict(shape=shape.name, mode="forward", method=label, tokens=shape.tokens, ms=ms, sdpa_ms=sdpa_ms,
-                         speedup_vs_sdpa=sdpa_ms / ms, note=note))
+        def timed():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            patch(model, name, **overrides)
+            try:
+                ms = time_ms(run, device)
+            finally:
+                unpatch(model)
+            peak = f"; peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+            return [dict(shape=shape.name, mode="forward", method=label, tokens=shape.tokens, ms=ms, sdpa_ms=sdpa_ms,
+                         speedup_vs_sdpa=sdpa_ms / ms, note=note + peak)]
+
+        rows += _guarded(timed, shape, "forward", label, device)
     return rows
 
 
@@ -313,35 +319,65 @@ def _shapes(text: str) -> list[Shape]:
     return [SHAPES[n] for n in names]
 
 
-def run_benchmark(args) -> list[dict]:
+def _failed_row(shape: Shape, mode: str, label: str, error: Exception) -> dict:
+    """A row that records why a measurement failed (out of memory, an unsupported shape), so the run goes on."""
+    return dict(shape=shape.name, mode=mode, method=label, tokens=shape.tokens,
+                note=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+
+
+def _guarded(make_rows, shape: Shape, mode: str, label: str, device) -> list[dict]:
+    try:
+        return make_rows()
+    except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError) as error:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [_failed_row(shape, mode, label, error)]
+
+
+def run_benchmark(args, emit=lambda row: None) -> list[dict]:
+    """Every (shape, mode, method) row; ``emit`` gets each row as soon as it is measured (written to the CSV)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     methods = parse_methods(args.methods)
     for _, name, _ in methods:
         get_spec(name)  # unknown names fail before any timing, listing the known ones
     modes = set(args.modes.split(","))
     rows = []
+
+    def add(new_rows):
+        for row in new_rows:
+            rows.append(row)
+            emit(row)
+            print(format_table([row], FIELDS), file=sys.stderr)
+
     for shape in _shapes(args.shapes):
         if "attention" in modes:
             for label, name, overrides in methods:
-                rows.append(attention_row(shape, label, name, overrides, device, dtype, not args.no_flex))
-                print(format_table([rows[-1]], FIELDS), file=sys.stderr)
+                add(_guarded(lambda: [attention_row(shape, label, name, overrides, device, dtype, not args.no_flex)],
+                             shape, "attention", label, device))
         if "forward" in modes:
-            rows += forward_rows(shape, methods, args.layers, device, dtype)
+            add(_guarded(lambda: forward_rows(shape, methods, args.layers, device, dtype), shape, "forward", "all",
+                         device))
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rows = run_benchmark(args)
-    print(format_table(rows, FIELDS))
-    if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+    if not args.csv:
+        rows = run_benchmark(args)
+    else:  # rows are written as they come: a run cut short keeps what it measured
         meta = {"command": "python -m patchattn.bench.dit " + " ".join(argv or sys.argv[1:]), **environment()}
         with open(args.csv.rsplit(".", 1)[0] + ".json", "w") as handle:
             json.dump(meta, handle, indent=2)
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            writer.writeheader()
+
+            def emit(row):
+                writer.writerow(row)
+                handle.flush()
+
+            rows = run_benchmark(args, emit)
+    print(format_table(rows, FIELDS))
     return 0
 
 
