@@ -13,6 +13,7 @@ the edge tiles of a frame whole.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -153,7 +154,7 @@ def _check_layout(n_image: int, image, text) -> None:
     if image[1] - image[0] != n_image:
         raise ValueError(f"image span {image} holds {image[1] - image[0]} tokens, the grid {n_image}")
     spans = sorted([image, *text])
-    if spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    if spans[0][0] != 0 or any(a[1] != b[0] for a, b in itertools.pairwise(spans)):
         raise ValueError(f"image {image} and text {text} must cover the sequence from 0 without gaps or overlaps")
 
 

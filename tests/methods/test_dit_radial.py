@@ -27,7 +27,7 @@ def _sees(i, k, j, l, s, dense_band, decay, sink):
     d = abs(i - j)
     if d <= dense_band or (sink and j == 0):
         return True
-    band = int(math.floor(math.log2(max(d, 1))))
+    band = math.floor(math.log2(max(d, 1)))
     w = decay * s / 2 ** band
     if w >= 1:
         return abs(k - l) < w
