@@ -14,6 +14,7 @@ the edge tiles of a frame whole.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -173,10 +174,7 @@ def coded_tiles(layout: FrameLayout, visible: Callable[[torch.Tensor, torch.Tens
     block, length, n_blocks = layout.block, layout.length, layout.n_blocks
     where = candidates.nonzero()  # [n, 2] row-major
     pair_codes = codes[where[:, 0], where[:, 1]]
-    if where.shape[0]:
-        _, inverse = torch.unique(pair_codes, dim=0, return_inverse=True)
-    else:
-        inverse = torch.zeros(0, dtype=torch.int64)
+    inverse = _code_ids(pair_codes)
     n_codes = int(inverse.max()) + 1 if inverse.numel() else 0
     first = torch.full((n_codes,), where.shape[0], dtype=torch.int64)
     first = first.scatter_reduce(0, inverse, torch.arange(where.shape[0]), reduce="amin")
@@ -224,6 +222,21 @@ def coded_tiles(layout: FrameLayout, visible: Callable[[torch.Tensor, torch.Tens
     tiled = TiledMask(kv_indices, kv_counts, ids.contiguous(), pool.contiguous(), block, block, length, length)
     n_tokens = layout.n_tokens
     return tiled, visible_pairs / (n_tokens * n_tokens)
+
+
+def _code_ids(codes: torch.Tensor) -> torch.Tensor:
+    """Dense ids of the distinct rows of ``codes`` ``[n, C]``: the columns folded into one int64 (mixed radix) when
+    that fits, a 1D unique being far faster than ``unique(dim=0)``."""
+    if not codes.shape[0]:
+        return torch.zeros(0, dtype=torch.int64)
+    low, high = codes.amin(0), codes.amax(0)
+    spans = (high - low + 1).tolist()
+    if math.prod(spans) >= 1 << 62:
+        return torch.unique(codes, dim=0, return_inverse=True)[1]
+    key = torch.zeros(codes.shape[0], dtype=torch.int64)
+    for column, span in enumerate(spans):
+        key = key * span + (codes[:, column] - low[column])
+    return torch.unique(key, return_inverse=True)[1]
 
 
 def _distinct(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
