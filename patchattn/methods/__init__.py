@@ -10,4 +10,5 @@ glue), ``_heads`` (head-level glue) and ``_shared``; artifacts are read through 
 
 from . import act, blocktopk, dense, duo, headscale, hip, hyper, moa, moh, power, s2, streaming
 from . import agent, gna, softpag  # DiTs
+from . import clear, radial  # DiTs: Radial Attention, CLEAR
 from . import longlora, sinklora  # fine-tuning methods (recipes/)

@@ -6,7 +6,8 @@ import pathlib
 import pytest
 
 METHODS_DIR = pathlib.Path(__file__).resolve().parents[2] / "patchattn" / "methods"
-SHARED = {"_sparse", "_heads", "_rows", "_shared", "_budget", "_kept", "_dit", "_dit_routing"}  # the glue and helper modules every method may use
+# The glue and helper modules every method may use.
+SHARED = {"_sparse", "_heads", "_rows", "_shared", "_budget", "_kept", "_dit", "_dit_routing", "_framed"}
 ABOVE = {"calibrate", "api", "adapters", "train", "eval", "bench", "cli", "demo", "lm_eval", "report"}
 
 
