@@ -9,7 +9,7 @@
 #   gna_paper  HunyuanVideo 720p with the GNA paper's 3D setting (window 18x24x24, stride 16x8x8)    ~1 min
 #   gna_flex   gna attention only, beside FlexAttention compiled on the same tiles                  ~2 min
 #   routing    blocktopk (BiFormer routing: defaults, and density 0.1) and agent, same shapes       ~4 min
-#   local      radial and clear at their defaults, same shapes                                      ~4 min
+#   local      radial (defaults past its dense warm-up steps) and clear, video shapes and FLUX-4K     ~3 min
 set -euo pipefail
 out=${OUT:-bench/dit}
 mkdir -p "$out"
@@ -27,7 +27,8 @@ for step in "${steps[@]}"; do
         --csv "$out/gna_flex.csv" ;;
     routing) python -m patchattn.bench.dit --shapes $shapes \
         --methods 'blocktopk;blocktopk@d10:{"density":0.1};agent' --csv "$out/routing.csv" ;;
-    local) python -m patchattn.bench.dit --shapes $shapes --methods 'radial;clear' --csv "$out/local.csv" ;;
+    local) python -m patchattn.bench.dit --shapes wan-720p,hunyuan-720p,flux-4k \
+        --methods 'radial@steady:{"dense_first_steps":0};clear' --csv "$out/local.csv" ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
     esac
 done
