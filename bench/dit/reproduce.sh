@@ -9,12 +9,13 @@
 #   gna_paper  HunyuanVideo 720p with the GNA paper's 3D setting (window 18x24x24, stride 16x8x8)    ~1 min
 #   gna_flex   gna attention only, beside FlexAttention compiled on the same tiles                  ~2 min
 #   routing    blocktopk (BiFormer routing: defaults, and density 0.1) and agent, same shapes       ~4 min
+#   radial_wan radial with the released code's Wan setting (no dense band, decay 0.2, frame-0 sink), Wan 720p  ~1 min
 #   local      radial (defaults past its dense warm-up steps) and clear, video shapes and FLUX-4K     ~3 min
 set -euo pipefail
 out=${OUT:-bench/dit}
 mkdir -p "$out"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(gna gna_paper gna_flex routing local)
+[ ${#steps[@]} -eq 0 ] && steps=(gna gna_paper gna_flex routing local radial_wan)
 shapes=flux-1024,flux-4k,wan-720p,hunyuan-720p
 for step in "${steps[@]}"; do
     echo "== $step ($(date -u +%H:%M:%S) UTC)"
@@ -29,6 +30,8 @@ for step in "${steps[@]}"; do
         --methods 'blocktopk;blocktopk@d10:{"density":0.1};agent' --csv "$out/routing.csv" ;;
     local) python -m patchattn.bench.dit --shapes wan-720p,hunyuan-720p,flux-4k \
         --methods 'radial@steady:{"dense_first_steps":0};clear' --csv "$out/local.csv" ;;
+    radial_wan) python -m patchattn.bench.dit --shapes wan-720p --csv "$out/radial_wan.csv" --methods \
+        'radial@wan:{"dense_first_steps":0,"dense_band":0,"decay_factor":0.2,"first_frame_sink":true}' ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
     esac
 done
