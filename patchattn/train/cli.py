@@ -1,6 +1,6 @@
 """``patchattn train RECIPE [--steps N] [--seq-len N] [--model NAME] [--output DIR] [--resume] [--no-eval]``.
 
-RECIPE is the name of a shipped recipe (``moh``, ``longlora``, ``sinklora``: ``patchattn/recipes/``) or a folder.
+RECIPE is the name of a shipped recipe (``moh``, ``longlora``, ``sinklora``, ``composite``: ``patchattn/recipes/``) or a folder.
 """
 
 from __future__ import annotations
