@@ -20,7 +20,7 @@ import torch
 
 from .tiles import tiles_from_token_mask
 
-__all__ = ["composite_token_mask", "composite_block_lists"]
+__all__ = ["composite_block_lists", "composite_token_mask"]
 
 
 def composite_token_mask(image: torch.Tensor, q_len: int, allowed: torch.Tensor | None = None, *,

@@ -18,7 +18,8 @@ def test_two_steps_with_images_then_reload(tmp_path):
     recipe = load_recipe("composite", {**SMOKE, "output_dir": str(tmp_path / "run")})
     assert recipe.patch["method"] == "composite" and recipe.train.data["images"] == "synthetic"
     metrics, tuned = train_model(recipe, RunOptions(progress=False))
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if "lm_loss" in line]
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if "lm_loss" in line]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     assert metrics["ppl_before"] != metrics["ppl_dense"], "held-out chunks carry an image: composite changes them"
     names = [n for n, p in tuned.named_parameters() if p.requires_grad]
