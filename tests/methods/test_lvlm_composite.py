@@ -197,3 +197,25 @@ def test_chunked_prefill_over_a_cache_is_refused():
         more = torch.randint(3, 100, (1, 3))
         with pytest.raises(NotImplementedError, match="chunked prefill"):
             model(input_ids=torch.cat([inputs["input_ids"][:, :0], more], 1), past_key_values=out.past_key_values)
+
+
+def test_per_row_lists_on_the_triton_engine_forward_and_gradients(triton_target):
+    """The engine path the method takes on a GPU (interpreted on CPU): two rows with different image spans."""
+    from patchattn.kernels.blocksparse import block_sparse_attention
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.zeros(2, 40, dtype=torch.bool)
+    image[0, 3:19], image[0, 25:33], image[1, 10:30] = True, True, True
+    mask = composite_token_mask(image, 40)
+    idx, counts, ids, tiles, _ = composite_block_lists(mask, 16)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=gen).to(triton_target).requires_grad_() for _ in range(3))
+    args = [t.to(triton_target) for t in (idx, counts)]
+    out = block_sparse_attention(q, k, v, *args, block_q=16, block_k=16, causal=False,
+                                 tile_masks=tiles.to(triton_target), tile_mask_ids=ids.to(triton_target),
+                                 backend="triton")
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(triton_target))
+    assert max_abs_diff(out, want) <= 1e-4
+    grad = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, (q, k, v), grad)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    assert all(max_abs_diff(a, b) <= 1e-4 for a, b in zip(got_grads, want_grads))
