@@ -330,7 +330,7 @@ def load_base(name: str, dtype: str = "float32"):
             raise UnknownModelError(f"unknown model {name!r}; tiny models: "
                                     f"{', '.join(TINY_PREFIX + f for f in TINY_CONFIGS)}")
         model = tiny_model(family).to(torch_dtype)
-        return model, ByteTokenizer(model.config.vocab_size)
+        return model, ByteTokenizer(model.config.get_text_config().vocab_size)
     if name not in EMBEDDED and not os.path.exists(name):
         known = [*EMBEDDED, *(TINY_PREFIX + f for f in TINY_CONFIGS)]
         hint = closest(name, known)

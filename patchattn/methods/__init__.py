@@ -12,3 +12,4 @@ from . import act, blocktopk, dense, duo, headscale, hip, hyper, moa, moh, power
 from . import agent, gna, softpag  # DiTs
 from . import clear, radial  # DiTs: Radial Attention, CLEAR
 from . import longlora, sinklora  # fine-tuning methods (recipes/)
+from . import composite  # LVLMs (EE-MLLM)

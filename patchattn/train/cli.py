@@ -1,6 +1,6 @@
 """``patchattn train RECIPE [--steps N] [--seq-len N] [--model NAME] [--output DIR] [--resume] [--no-eval]``.
 
-RECIPE is the name of a shipped recipe (``moh``, ``longlora``, ``sinklora``, ``clear``: ``patchattn/recipes/``) or a
+RECIPE is the name of a shipped recipe (``moh``, ``longlora``, ``sinklora``, ``composite``, ``clear``: ``patchattn/recipes/``) or a
 folder.  A DiT distillation recipe (``"kind": "dit_distill"`` in train.json, e.g. ``clear``) takes ``--model`` (a local
 diffusers folder or ``tiny-<family>``), ``--steps``, ``--output``, ``--set`` (``grid``, ``n_text``, ...).
 """

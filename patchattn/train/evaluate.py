@@ -18,18 +18,23 @@ def _bar(iterable, desc: str | None, unit: str, total: int | None = None):
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+    """Summed next-token loss; labels -100 (image tokens) are not counted."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum",
+                                             ignore_index=-100)
 
 
 @torch.no_grad()
-def heldout_loss(model, chunks: torch.Tensor, desc: str | None = None) -> float:
-    """Mean next-token loss over the held-out chunks ``[n, T]`` (one chunk per forward)."""
+def heldout_loss(model, chunks: torch.Tensor, desc: str | None = None, inputs_of=None) -> float:
+    """Mean next-token loss over the held-out chunks ``[n, T]`` (one chunk per forward); ``inputs_of(ids, i)`` gives
+    a chunk's forward kwargs with ``labels`` (images attached), default the ids alone."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for row in _bar(chunks, desc, "chunk"):
-        ids = row[None].to(device)
-        total += float(_nll(model(input_ids=ids).logits, ids))
-        count += ids.shape[1] - 1
+    for i, row in enumerate(_bar(chunks, desc, "chunk")):
+        inputs = {"input_ids": row[None], "labels": row[None]} if inputs_of is None else inputs_of(row[None], i)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        labels = inputs.pop("labels")
+        total += float(_nll(model(**inputs).logits, labels))
+        count += int((labels[:, 1:] != -100).sum())
     return total / count
 
 

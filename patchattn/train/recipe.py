@@ -47,7 +47,9 @@ class TrainConfig:
         model: ``"smollm2"`` (embedded, offline), ``"tiny-llama"`` (random, tests), or a local model path.
         data: ``{"text": "pydoc"}`` (CPython's pydoc_data, offline), ``{"files": [paths]}``, or
             ``{"dataset": name, "split": "train", "column": "text", "config": None}`` (``datasets``, needs network
-            unless cached).  The last ``holdout`` fraction of the tokens is held out for perplexity.
+            unless cached).  The last ``holdout`` fraction of the tokens is held out for perplexity.  LLaVA models
+            only: ``"images": "synthetic"`` (random images, smoke runs) or ``"images": [image files]`` gives every
+            training and held-out chunk one image (its tokens after the first text token; see ``train/data.py``).
         seq_len, batch, grad_accum: tokens per sample, samples per micro-batch, micro-batches per optimiser step.
         steps, lr, warmup, schedule, weight_decay, max_grad_norm: the optimiser (AdamW) and its schedule.
         eval_every, eval_chunks, eval_seq_len: held-out perplexity every n steps (0: only before and after) on
@@ -211,11 +213,16 @@ def check_data(data: Any) -> None:
     if not isinstance(data, dict):
         raise RecipeError(f"train.json: data must be an object such as {{\"text\": \"pydoc\"}}, got {data!r}")
     kinds = [k for k in data if k in DATA_KINDS]
-    _check_keys("train.json: data", data, (*DATA_KINDS, "split", "column", "config"))
+    _check_keys("train.json: data", data, (*DATA_KINDS, "split", "column", "config", "images"))
     if len(kinds) != 1:
         raise RecipeError(f"train.json: data must name exactly one of {', '.join(DATA_KINDS)}, got {sorted(data)}")
     if "files" in data and not (isinstance(data["files"], list) and data["files"]):
         raise RecipeError("train.json: data.files must be a non-empty list of text file paths")
+    images = data.get("images")
+    if images is not None and images != "synthetic" and not (isinstance(images, list) and images
+                                                             and all(isinstance(p, str) for p in images)):
+        raise RecipeError(f"train.json: data.images must be \"synthetic\" or a non-empty list of image file paths, "
+                          f"got {images!r}")
 
 
 def check_patch(where: str, patch: dict) -> dict:

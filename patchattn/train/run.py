@@ -98,9 +98,9 @@ def measure(model, data: TextData, config: TrainConfig, *, training_attention: b
     model.eval()
     if training_attention:
         with evaluate.training_attention(model):
-            loss = evaluate.heldout_loss(model, data.heldout, desc)
+            loss = evaluate.heldout_loss(model, data.heldout, desc, data.heldout_inputs)
         return {"loss": loss, "ppl": evaluate.ppl(loss)}
-    loss = evaluate.heldout_loss(model, data.heldout, desc)
+    loss = evaluate.heldout_loss(model, data.heldout, desc, data.heldout_inputs)
     result = {"loss": loss, "ppl": evaluate.ppl(loss)}
     if config.decode_eval and decode:
         d = evaluate.decode_loss(model, data.heldout_stream, config.decode_eval["prefill"], config.decode_eval["tokens"],
@@ -149,7 +149,7 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
 
     model, tokenizer = load_base(config.model, config.dtype)
     model.to(accelerator.device)
-    data = build_data(config, tokenizer)
+    data = build_data(config, tokenizer, model)
     resume_from = checkpoint.latest_checkpoint(output) if options.resume else None
     baseline_path = os.path.join(output, "baseline.json")
     show = options.progress and accelerator.is_main_process
@@ -200,8 +200,8 @@ def _train_step(model, optimizer, scheduler, accelerator, data, config, step, au
     model.train()
     lm_total, aux_total = 0.0, 0.0
     for micro in range(config.grad_accum):
-        ids = data.batch(config, step, micro).to(accelerator.device)
-        loss = model(input_ids=ids, labels=ids).loss
+        inputs = {k: v.to(accelerator.device) for k, v in data.inputs(config, step, micro).items()}
+        loss = model(**inputs).loss
         lm_total += float(loss.detach()) / config.grad_accum
         if aux is not None:
             extra = aux(model) * config.aux_weight

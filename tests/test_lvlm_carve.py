@@ -1,0 +1,110 @@
+"""CARVE (``patchattn.lvlm.carve``) on a tiny LLaVA with a tiny fake processor.
+
+No LLaVA processor can be built offline for the tiny model (a real tokenizer's ids exceed its 128-token vocabulary
+and none ships in the package), so the processor here is a stand-in with the transformers interface: text to byte
+ids, ``<image>`` to the model's image tokens, the image resized to the vision tower's size.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from patchattn.lvlm import CarveConfig, carve, contrast, fuse
+from patchattn.lvlm.carve import attention_maps, default_layers
+from patchattn.lvlm.images import apply_regions, connected_regions, keep_top_regions, top_p_cells
+from patchattn.testing import tiny_model
+
+
+class FakeProcessor:
+    """transformers-style processor for the tiny LLaVA (16 image tokens of a 16x16 image)."""
+
+    def __init__(self, model):
+        self.image_token = model.config.image_token_id
+        self.size = model.config.vision_config.image_size
+        self.tokens = (self.size // model.config.vision_config.patch_size) ** 2
+
+    def __call__(self, text, images, return_tensors="pt"):
+        before, after = text.split("<image>")
+        encode = lambda s: [3 + b % 97 for b in s.encode()]
+        ids = encode(before) + [self.image_token] * self.tokens + encode(after)
+        pixels = F.interpolate(images.float()[None], size=(self.size, self.size), mode="bilinear")
+        return {"input_ids": torch.tensor([ids]), "pixel_values": pixels}
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [" ".join(str(int(i)) for i in row) for row in ids]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("llava")
+    image = torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(0))
+    return model, FakeProcessor(model), image
+
+
+def test_carve_returns_sensible_shapes(setup):
+    model, processor, image = setup
+    result = carve(model, processor, image, "What is left of the cat?", steps=3, answer_tokens=4)
+    assert result.question_maps.shape == result.general_maps.shape == (3, 1, 16)
+    assert result.attention_map.shape == result.kept.shape == (4, 4)
+    assert result.image.shape == image.shape
+    assert 1 <= int(result.kept.sum()) <= 16 * 0.4 + 1  # top-p cells only (ties aside)
+    assert len(result.answer.split()) == 4
+    masked_out = F.interpolate(result.kept[None, None].float(), size=(32, 48), mode="nearest")[0, 0] == 0
+    assert torch.all(result.image[:, masked_out] == 0) and torch.equal(result.image[:, ~masked_out],
+                                                                     image[:, ~masked_out])
+    assert result.layers == [1]  # 20/32 and 25/32 of 2 layers, clipped
+    cropped = carve(model, processor, image, "What is left of the cat?", steps=2, answer_tokens=2, mode="crop")
+    assert cropped.image.shape == image.shape
+
+
+def test_contrast_and_fusion_match_a_manual_computation():
+    gen = torch.Generator().manual_seed(1)
+    q, g = torch.rand(3, 2, 6, generator=gen), torch.rand(3, 2, 6, generator=gen)
+    lam = 0.05
+    got = fuse(contrast(q, g, lam), (2, 3))
+    want = torch.zeros(6)
+    for t in range(3):
+        for layer in range(2):
+            for n in range(6):
+                want[n] += (t + 1) * q[t, layer, n] / (g[t, layer, n] + lam)
+    assert torch.allclose(got, want.reshape(2, 3), rtol=1e-6)
+    end = fuse(contrast(q, g, lam), (2, 3), time="end")
+    assert torch.allclose(end, (q[2] / (g[2] + lam)).sum(0).reshape(2, 3))
+
+
+def test_maps_are_the_models_own_attention(setup):
+    """Step 0's map is the last prompt row of an eager forward's attention over the image tokens."""
+    model, processor, image = setup
+    inputs = processor(text="USER: <image>\nhi ASSISTANT:", images=image)
+    maps = attention_maps(model, inputs, [0, 1], steps=2)
+    eager = tiny_model("llava")
+    eager.config.get_text_config()._attn_implementation_internal = "eager"
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True)
+    image_pos = inputs["input_ids"][0] == model.config.image_token_id
+    for i, layer in enumerate((0, 1)):
+        want = out.attentions[layer][0].mean(0)[-1, image_pos]
+        assert torch.allclose(maps[0, i], want, atol=1e-6)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"  # restored
+
+
+def test_regions_thresholds_and_components():
+    score = torch.tensor([[9.0, 8.0, 0.0, 0.0], [0.0, 0.0, 0.0, 7.0], [1.0, 0.0, 0.0, 6.5], [0.0, 0.0, 0.0, 0.0]])
+    cells = top_p_cells(score, 0.25)  # 4 of 16 cells
+    assert int(cells.sum()) == 4
+    assert sorted(len(r) for r in connected_regions(cells)) == [2, 2]
+    kept = keep_top_regions(score, cells, 1)
+    assert kept[0, 0] and kept[0, 1] and not kept[1, 3]  # 17 beats 13.5
+    assert torch.equal(top_p_cells(score, 1.0), torch.ones(4, 4, dtype=torch.bool))
+    pixels = torch.ones(3, 8, 8)
+    masked = apply_regions(pixels, kept, "mask")
+    assert masked[:, :2, :4].eq(1).all() and masked[:, 2:].eq(0).all()
+
+
+def test_bad_settings_are_refused(setup):
+    model, processor, image = setup
+    with pytest.raises(ValueError, match="mode"):
+        CarveConfig(mode="blur")
+    with pytest.raises(ValueError, match="layers"):
+        carve(model, processor, image, "q", layers=[5])
+    assert default_layers(32) == [20, 25] and default_layers(28) == [18, 22]
