@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("calibrate", help="offline calibrations: moa plans, retrieval-head scores")
-    p.add_argument("what", choices=["moa", "retrieval-heads", "act"])
+    p.add_argument("what", choices=["moa", "retrieval-heads", "act", "sink-dims"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the calibration (see --help)")
     p.set_defaults(run=_calibrate)
 
