@@ -243,7 +243,8 @@ def test_decode_steps_keep_the_prefill_choices(family):
                      **{k: torch.cat([inputs[k], torch.zeros_like(token)], 1) for k in extra if k in inputs})
         for state, before in zip(states, frozen):
             assert torch.equal(state.method_state.sinks, before)
-            assert state.stats["selected"] >= 0
+            assert state.stats["selected"] >= 0.0
+        assert max(s.stats["selected"] for s in states) > 0, "the decode step edits no row"
         full_inputs = {**inputs, "input_ids": torch.cat([inputs["input_ids"], token], 1)}
         for key in extra:
             if key in inputs:
