@@ -339,3 +339,18 @@ def test_calibration_finds_a_planted_dimension(tmp_path):
     patchattn.patch(model, "var", sink_dims=str(out), tau=4.0, first_layer=0)
     assert get_state(model.model.language_model.layers[0].self_attn).method_state.dims.tolist() == [DIM]
     patchattn.unpatch(model)
+
+
+@pytest.mark.parametrize("q_len", [40, 1])
+def test_triton_kernels_match_the_torch_path(triton_interpreter, q_len):
+    """The fused passes on the Triton kernels (interpreter on CPU): the hidden columns' finite bias, the image-block
+    lists and the decode kernel (one query row) give the torch path's edit."""
+    q, k, v, image, sinks, starts = _call(torch.float32)
+    q = q[:, :, -q_len:].contiguous()
+    rows = var.editable_rows(image, q_len, starts)
+    results = [var.redistribute(q, k, v, image, sinks, rows, scale=q.shape[-1] ** -0.5, starts=starts, backend=b,
+                                **SETTINGS) for b in ("torch", "triton")]
+    (correction, selected), (triton_correction, triton_selected) = results
+    assert selected.any() and torch.equal(selected, triton_selected)
+    assert max_abs_diff(torch.where(selected[..., None], correction, 0),
+                        torch.where(selected[..., None], triton_correction, 0)) <= 1e-4
