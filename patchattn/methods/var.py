@@ -357,6 +357,9 @@ def var_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     if kwargs.get("sliding_window") or kwargs.get("softcap") is not None:
         state.record(selected=0.0)  # a window can hide the image; soft-capped scores are not the kernel's
         return dense
+    if torch.is_grad_enabled() and query.requires_grad:
+        warnings.warn("patchattn var is training-free: the kernels' lse carries no gradient, so gradients through "
+                      "the edited rows are not exact (the dense part's are)", stacklevel=2)
     image, sinks = frozen
     starts = key_starts(attention_mask, batch, kv_len)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
