@@ -37,8 +37,8 @@ def load_any(name_or_path: str):
     tower, the image-text model."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
-    from . import load_model
     from ..models import EMBEDDED
+    from . import load_model
 
     if name_or_path in EMBEDDED or not Path(name_or_path, "config.json").is_file():
         return load_model(name_or_path)
@@ -101,7 +101,7 @@ def merge_entry(path: Path, model_type: str, entry: dict) -> dict:
     """The table at ``path`` (or a new one) with ``entry`` replacing the entry of the same backbone."""
     table = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if not isinstance(table.get(TABLE_KEY, {}), dict):
-        raise ValueError(f"{path}: {TABLE_KEY!r} must be an object {{model_type: [entries]}}")
+        raise TypeError(f"{path}: {TABLE_KEY!r} must be an object {{model_type: [entries]}}")
     entries = table.setdefault(TABLE_KEY, {}).setdefault(model_type, [])
     same = [e for e in entries if all(e.get(f) == entry[f] for f in MATCH_FIELDS)]
     for e in same:

@@ -129,7 +129,7 @@ def _read_table(path: str, _mtime_ns: int) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err}); the sink-dimension table is JSON") from err
     table = data.get(TABLE_KEY) if isinstance(data, dict) else None
     if not isinstance(table, dict):
-        raise ValueError(f"{path}: a sink-dimension table is a JSON object with a {TABLE_KEY!r} object "
+        raise TypeError(f"{path}: a sink-dimension table is a JSON object with a {TABLE_KEY!r} object "
                          "{model_type: [{hidden_size, num_hidden_layers, intermediate_size, dims, ...}]}")
     for model_type, entries in table.items():
         if not isinstance(entries, list) or not all(isinstance(e, dict) and "dims" in e for e in entries):
@@ -247,7 +247,7 @@ def redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, sc
     ``[B, Tk]``; ``rows`` bool ``[B, Tq]``: the query rows that may be edited.  Edited output = dense + correction on
     the selected (head, query) rows.
     """
-    batch, n_q, q_len, _ = q.shape
+    n_q, q_len = q.shape[1], q.shape[2]
     kv_len, group = k.shape[2], n_q // k.shape[1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys = torch.arange(kv_len, device=q.device)
