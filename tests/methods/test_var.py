@@ -12,6 +12,7 @@ import torch
 
 import patchattn
 from patchattn.calibrate import sink_dims as calibrate_sink_dims
+from patchattn.cli import main as cli_main
 from patchattn.methods import var
 from patchattn.state import get_state
 from patchattn.testing import left_pad, max_abs_diff, tiny_inputs, tiny_model
@@ -225,30 +226,27 @@ def test_left_padded_batch_matches_the_oracle_and_each_row_alone(family, monkeyp
         assert max_abs_diff(fused[b, real], alone[b]) <= 1e-4
 
 
-@pytest.mark.parametrize("family", LVLMS)
-def test_decode_steps_keep_the_prefill_choices(family):
+DECODE_CASES = [(f, None) for f in LVLMS] + [("llava", [0, 3]), ("gemma3", [2, 0])]
+
+
+@pytest.mark.parametrize(("family", "pad"), DECODE_CASES, ids=[f"{f}-{p}" for f, p in DECODE_CASES])
+def test_decode_steps_keep_the_prefill_choices(family, pad):
     """A decode step reads the prefill's frozen image and sink masks (the new token's own hidden state is not
-    looked at): its logits are the last row of one forward over prompt + token."""
-    model, inputs, handle = _setup(family)
+    looked at): its logits are the last row of one forward over prompt + token, padded batches included."""
+    model, inputs, handle = _setup(family, pad=pad)
     with torch.no_grad(), patchattn.patched(model, "var", **_config()):
         prefill = model(**inputs, use_cache=True)
         states = [s for s in _text_states(model) if s.method_state.active]
         frozen = [s.method_state.sinks.clone() for s in states]
         token = prefill.logits[:, -1].argmax(-1, keepdim=True)
         handle.remove()  # the decode step's input carries no planted activation (the prefill choice stands)
-        step_inputs = {k: v for k, v in inputs.items() if k in ("attention_mask",)}
-        extra = {"mm_token_type_ids": None, "token_type_ids": None}
-        step = model(input_ids=token, past_key_values=prefill.past_key_values, use_cache=True,
-                     **{k: torch.cat([v, torch.ones_like(token)], 1) for k, v in step_inputs.items()},
-                     **{k: torch.cat([inputs[k], torch.zeros_like(token)], 1) for k in extra if k in inputs})
+        grown = {k: torch.cat([inputs[k], torch.full_like(token, int(k == "attention_mask"))], 1)
+                 for k in ("attention_mask", "mm_token_type_ids", "token_type_ids") if k in inputs}
+        step = model(input_ids=token, past_key_values=prefill.past_key_values, use_cache=True, **grown)
         for state, before in zip(states, frozen):
             assert torch.equal(state.method_state.sinks, before)
-            assert state.stats["selected"] >= 0.0
         assert max(s.stats["selected"] for s in states) > 0, "the decode step edits no row"
-        full_inputs = {**inputs, "input_ids": torch.cat([inputs["input_ids"], token], 1)}
-        for key in extra:
-            if key in inputs:
-                full_inputs[key] = torch.cat([inputs[key], torch.zeros_like(token)], 1)
+        full_inputs = {**inputs, **grown, "input_ids": torch.cat([inputs["input_ids"], token], 1)}
         _plant(model, torch.nn.functional.pad(_planted_positions(inputs, model.config.image_token_id), (0, 1)))
         full = model(**full_inputs).logits[:, -1]
     assert max_abs_diff(step.logits[:, -1], full) <= 1e-4
@@ -332,8 +330,9 @@ def test_calibration_finds_a_planted_dimension(tmp_path):
     folder = tmp_path / "planted"
     model.save_pretrained(folder)
     out = tmp_path / "dims.json"
-    assert calibrate_sink_dims.main(["--model", str(folder), "--out", str(out), "--first-layer", "1",
-                                     "--prompts", "2", "--length", "24"]) == 0
+    command = ["calibrate", "sink-dims", "--model", str(folder), "--out", str(out), "--first-layer", "1",
+               "--prompts", "2", "--length", "24"]
+    assert cli_main(command) == 0
     table = json.loads(out.read_text())
     assert table["sink_dims"]["llama"][0]["dims"] == [DIM]
     patchattn.patch(model, "var", sink_dims=str(out), tau=4.0, first_layer=0)
@@ -354,3 +353,11 @@ def test_triton_kernels_match_the_torch_path(triton_interpreter, q_len):
     assert selected.any() and torch.equal(selected, triton_selected)
     assert max_abs_diff(torch.where(selected[..., None], correction, 0),
                         torch.where(selected[..., None], triton_correction, 0)) <= 1e-4
+
+
+def test_calibration_without_massive_activations_writes_nothing(tmp_path, capsys):
+    folder, out = tmp_path / "plain", tmp_path / "dims.json"
+    tiny_model("llava").save_pretrained(folder)
+    assert calibrate_sink_dims.main(["--model", str(folder), "--out", str(out), "--first-layer", "1",
+                                     "--prompts", "2", "--length", "24"]) == 1
+    assert not out.exists() and "no massive activations" in capsys.readouterr().err
