@@ -365,13 +365,22 @@ def var_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     backend = config.backend if use_fused_kernel(config.backend, query) else "torch"
     rows = editable_rows(image, q_len, starts)
-    correction, selected = redistribute(query, key, value, image, sinks, rows, recycled=config.recycled,
-                                        rho=config.rho, summ=config.summ, budget=config.budget, scale=scale,
-                                        starts=starts, backend=backend)
-    state.record(selected=selected.float().mean())
+    editable = rows.any(0)
+    if not bool(editable.any()):  # e.g. a prefill whose image is at the end
+        state.record(selected=0.0)
+        return dense
+    # Only the rows from the first editable one on go through the passes: a prefill's prompt and image rows (the
+    # bulk of an LVLM prompt) cost nothing more than dense attention.
+    lo = int(editable.int().argmax())
+    correction, selected = redistribute(query[:, :, lo:], key, value, image, sinks, rows[:, lo:],
+                                        recycled=config.recycled, rho=config.rho, summ=config.summ,
+                                        budget=config.budget, scale=scale, starts=starts, backend=backend)
+    state.record(selected=selected.float().sum() / (selected.shape[0] * selected.shape[1] * q_len))
     out = dense[0]  # [B, Tq, Hq, D]
-    edited = out.to(correction.dtype) + correction.transpose(1, 2)
-    return torch.where(selected.transpose(1, 2)[..., None], edited.to(out.dtype), out), None
+    tail = out[:, lo:]
+    edited = (tail.to(correction.dtype) + correction.transpose(1, 2)).to(out.dtype)
+    tail = torch.where(selected.transpose(1, 2)[..., None], edited, tail)
+    return torch.cat([out[:, :lo], tail], dim=1), None
 
 
 # ---- eager oracle ----------------------------------------------------------------------------------------------
