@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("calibrate", help="offline calibrations: moa plans, retrieval-head scores, act and "
-                       "headhunter head lists")
-    p.add_argument("what", choices=["moa", "retrieval-heads", "act", "headhunter"])
+                       "headhunter head lists, sink dimensions (var)")
+    p.add_argument("what", choices=["moa", "retrieval-heads", "act", "headhunter", "sink-dims"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the calibration (see --help)")
     p.set_defaults(run=_calibrate)
 

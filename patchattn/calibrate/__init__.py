@@ -36,7 +36,8 @@ from ..data import all_token_ids
 from ..models import EMBEDDED, check_model_path, load_pretrained
 
 COMMANDS = {"moa": "patchattn.calibrate.moa", "retrieval-heads": "patchattn.calibrate.retrieval_heads",
-            "act": "patchattn.calibrate.act", "headhunter": "patchattn.calibrate.headhunter"}
+            "act": "patchattn.calibrate.act", "headhunter": "patchattn.calibrate.headhunter",
+            "sink-dims": "patchattn.calibrate.sink_dims"}
 # Calibrations read the offline text from here on, so they never see the tokens the benchmarks score.
 CALIBRATION_TEXT_OFFSET = 32768
 

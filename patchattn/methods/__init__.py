@@ -13,3 +13,4 @@ from . import agent, gna, softpag  # DiTs
 from . import clear, radial  # DiTs: Radial Attention, CLEAR
 from . import longlora, sinklora  # fine-tuning methods (recipes/)
 from . import composite  # LVLMs (EE-MLLM)
+from . import var  # LVLMs: visual attention sink redistribution
