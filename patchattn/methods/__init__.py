@@ -11,3 +11,4 @@ glue), ``_heads`` (head-level glue) and ``_shared``; artifacts are read through 
 from . import act, blocktopk, dense, duo, headscale, hip, hyper, moa, moh, power, s2, streaming
 from . import gna  # DiTs
 from . import longlora, sinklora  # fine-tuning methods (recipes/)
+from . import paint, vhr  # LVLMs: the generated token reads the image (last-row edits)
