@@ -50,10 +50,13 @@ class Oracle:
         self.local: torch.Tensor | None = None
         self.summary: torch.Tensor | None = None
         self.heads: dict[int, torch.Tensor] = {}
+        self.slots: dict[int, int] = {}
         self.vhd: dict[int, torch.Tensor] = {}
 
-    def keys_mask(self, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
-        return torch.cat([mask, mask.new_zeros(mask.shape[0], kv_len - mask.shape[1])], dim=1)
+    def keys_mask(self, mask: torch.Tensor, kv_len: int, slots: int) -> torch.Tensor:
+        """The prompt's mask on the call's keys: the last ``kv_len`` of ``slots`` (Gemma 3's sliding-window layers
+        keep only their newest keys in the cache)."""
+        return torch.cat([mask, mask.new_zeros(mask.shape[0], slots - mask.shape[1])], dim=1)[:, slots - kv_len:]
 
     def __call__(self, module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, softcap=None,
                  **kwargs):
@@ -62,7 +65,9 @@ class Oracle:
         value_full = value.repeat_interleave(groups, 1)
         layer = module.layer_idx
         if self.kind == "paint":
-            edit = self.paint_edit(layer, key.shape[2])
+            q_len, kv_len = query.shape[2], key.shape[2]
+            self.slots[layer] = kv_len if q_len == kv_len else self.slots[layer] + q_len
+            edit = self.paint_edit(layer, kv_len, self.slots[layer])
             probs = full_probs(module, query, key, attention_mask, scaling, softcap, edit)
             return torch.matmul(probs, value_full).transpose(1, 2).contiguous(), None
         probs = full_probs(module, query, key, attention_mask, scaling, softcap)
@@ -99,10 +104,10 @@ class Oracle:
         self.heads[layer], self.vhd[layer] = torch.stack(heads), torch.stack(vhds)
 
     # -- PAINT: the released code's edit of the last row's scores
-    def paint_edit(self, layer, kv_len):
+    def paint_edit(self, layer, kv_len, slots):
         if layer not in self.params["layers"] or self.local is None:
             return None
-        local, summary = self.keys_mask(self.local, kv_len), self.keys_mask(self.summary, kv_len)
+        local, summary = self.keys_mask(self.local, kv_len, slots), self.keys_mask(self.summary, kv_len, slots)
 
         def edit(scores):
             scores = scores.clone()

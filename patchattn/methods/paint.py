@@ -88,7 +88,8 @@ class PaintConfig(MethodConfig):
                               "negative counts from the end)")
     summary_layer: int = option(-2, "vision layer whose CLS attention gives summary tokens (paper: -2, the "
                                 "penultimate)")
-    start_layer: int = option(2, "first language-model layer edited (paper: 2)", min=0, index="layer")
+    start_layer: int = option(2, "first language-model layer edited (paper: 2; a model with fewer layers is not "
+                              "edited)", min=0)
     end_layer: int | None = option(None, "one past the last edited layer (None: the last layer, as the paper's 32 "
                                    "of 32)", min=0)
     heads: str = option("uniform", "'uniform' (every head, the released code) or 'visual' (per-head gains by the "
@@ -102,9 +103,11 @@ class PaintConfig(MethodConfig):
 
 @dataclass
 class PaintState(MethodState):
-    """Whether this layer edits (fixed when patching)."""
+    """Whether this layer edits (fixed when patching), and how many token slots the sequence has after the latest
+    call (a sliding-window cache keeps only the newest keys: the call's keys are the last ``kv_len`` slots)."""
 
     active: bool = False
+    slots: int = 0
 
 
 @dataclass
@@ -334,13 +337,30 @@ def current_tokens(context) -> PaintTokens | None:
     return capture.tokens
 
 
-def key_boosts(tokens: PaintTokens, config: PaintConfig, batch: int, kv_len: int, device) -> torch.Tensor | None:
+def count_slots(kept: PaintState, q_len: int, kv_len: int) -> int:
+    """The sequence's token slots after this call: a call with no cache prefix starts a sequence, others add their
+    queries."""
+    kept.slots = kv_len if q_len == kv_len else kept.slots + q_len
+    return kept.slots
+
+
+def key_boosts(tokens: PaintTokens, config: PaintConfig, batch: int, kv_len: int, slots: int, device):
     """float ``[B, Tk]``: each key's ``c`` (alpha on local, beta on summary tokens, 0 elsewhere and on the tokens
-    generated since the prompt); None when the batch does not match."""
-    if tokens.local.shape[0] != batch or tokens.local.shape[1] > kv_len:
+    generated since the prompt); the keys are the last ``kv_len`` of ``slots`` (a sliding-window cache); None when
+    the batch or the lengths do not match."""
+    width = tokens.local.shape[1]
+    if tokens.local.shape[0] != batch or width > slots or kv_len > slots:
         return None
     boost = config.alpha * tokens.local.double() + config.beta * tokens.summary.double()
-    return torch.cat([boost, boost.new_zeros(batch, kv_len - boost.shape[1])], dim=1).to(device)
+    boost = torch.cat([boost, boost.new_zeros(batch, slots - width)], dim=1)
+    return boost[:, slots - kv_len:].to(device)
+
+
+def key_image(tokens: PaintTokens, kv_len: int, slots: int, device) -> torch.Tensor:
+    """bool ``[B, Tk]``: the image tokens among the call's keys (placed as ``key_boosts`` places its boosts)."""
+    mask = tokens.source
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], slots - mask.shape[1])], dim=1)
+    return mask[:, slots - kv_len:].to(device)
 
 
 def boost_logits(logits, allowed, boost, *, image=None, visual_heads: bool = False):
@@ -373,19 +393,18 @@ def paint_attention(module, query, key, value, attention_mask, *, scaling=None, 
     config = state.config
     out, _ = dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     state.record(density=1.0)
-    if not state.method_state.active or (config.alpha == 0.0 and config.beta == 0.0):
+    kept = state.method_state
+    if not kept.active or (config.alpha == 0.0 and config.beta == 0.0):
         return out, None
-    tokens = current_tokens(state.context)
     batch, kv_len = query.shape[0], key.shape[2]
-    boost = None if tokens is None else key_boosts(tokens, config, batch, kv_len, query.device)
+    slots = count_slots(kept, query.shape[2], kv_len)
+    tokens = current_tokens(state.context)
+    boost = None if tokens is None else key_boosts(tokens, config, batch, kv_len, slots, query.device)
     if boost is None:
         return out, None
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     row = last_row(query, key, value, attention_mask, scaling=scale, softcap=kwargs.get("softcap"))
-    image = None
-    if config.heads == "visual":
-        mask = tokens.source.to(query.device)
-        image = torch.cat([mask, mask.new_zeros(batch, kv_len - mask.shape[1])], dim=1)
+    image = key_image(tokens, kv_len, slots, query.device) if config.heads == "visual" else None
     edit = lambda logits, allowed: boost_logits(logits, allowed, boost, image=image,  # noqa: E731
                                                 visual_heads=config.heads == "visual")
     return edited_last_row(out, row, edit), None
