@@ -245,6 +245,8 @@ def install_paint(model, patch) -> list:
     from transformers import AttentionInterface
 
     family = patch.family
+    if getattr(family, "kind", None) != "lvlm":  # no vision tower (the registry refuses other kinds before this)
+        return []
     if family.model_type not in TOKEN_MAPS:
         raise ValueError(f"paint maps vision-tower patches to image tokens for {sorted(TOKEN_MAPS)}; "
                          f"{family.model_type!r} is not supported yet")
