@@ -30,6 +30,7 @@ row runs fused (SDPA); the last row is recomputed exactly (``methods/_lastrow``)
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -206,7 +207,7 @@ def _per_image(query, key, kwargs):
     if bounds is None or query.shape[0] != 1:
         return [(query, key)]
     edges = bounds.tolist()
-    return [(query[:, :, a:b], key[:, :, a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    return [(query[:, :, a:b], key[:, :, a:b]) for a, b in itertools.pairwise(edges)]
 
 
 class _Restore:
@@ -407,6 +408,8 @@ def paint_attention(module, query, key, value, attention_mask, *, scaling=None, 
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     row = last_row(query, key, value, attention_mask, scaling=scale, softcap=kwargs.get("softcap"))
     image = key_image(tokens, kv_len, slots, query.device) if config.heads == "visual" else None
-    edit = lambda logits, allowed: boost_logits(logits, allowed, boost, image=image,  # noqa: E731
-                                                visual_heads=config.heads == "visual")
+
+    def edit(logits, allowed):
+        return boost_logits(logits, allowed, boost, image=image, visual_heads=config.heads == "visual")
+
     return edited_last_row(out, row, edit), None

@@ -1,5 +1,7 @@
 """``vhr``: the fused last-row selection against full eager attention, on tiny LLaVA, Qwen2-VL and Gemma 3."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from patchattn.methods import vhr
 from patchattn.testing import max_abs_diff, tiny_inputs, tiny_model
 
 TOL = 2e-5
-SETTINGS = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+SETTINGS = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
 
 
 def _text_states(model, handle):
@@ -79,9 +81,10 @@ def test_model_matches_the_eager_oracle_prefill_and_decode(family, rows):
     if rows == "generated":  # prompt rows before the last are the dense model's, exactly
         assert torch.equal(got[:, :-1], dense[:, :-1])
     chosen = [s.method_state.heads.clone() for s in states]
-    tokens = model.generate(**inputs, **SETTINGS)
-    expected_tokens = reference.generate(**inputs, **SETTINGS)
-    assert torch.equal(tokens, expected_tokens)
+    settings = dict(SETTINGS, output_scores=True, return_dict_in_generate=True)
+    tokens, expected_tokens = model.generate(**inputs, **settings), reference.generate(**inputs, **settings)
+    assert torch.equal(tokens.sequences, expected_tokens.sequences)
+    assert max(max_abs_diff(a, b) for a, b in zip(tokens.scores, expected_tokens.scores)) <= TOL
     # decode steps kept the prefill's choice (the oracle also reused its own)
     assert all(torch.equal(s.method_state.heads, c) for s, c in zip(states, chosen))
     patchattn.unpatch(model)
@@ -95,12 +98,18 @@ def test_decode_steps_reuse_the_heads_of_the_prefill():
         out = model(**inputs, use_cache=True)
         state = _text_states(model, handle)[1]
         chosen = state.method_state.heads.clone()
-        flipped = ~chosen  # a decode step must use what the state holds, not select again
-        state.method_state.heads = flipped
         step = torch.tensor([[5]])
         mask = torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)
-        model(input_ids=step, past_key_values=out.past_key_values, attention_mask=mask)
-    assert torch.equal(state.method_state.heads, flipped)
+
+        def decode():
+            cache = copy.deepcopy(out.past_key_values)
+            return model(input_ids=step, past_key_values=cache, attention_mask=mask).logits
+
+        kept = decode()
+        assert torch.equal(state.method_state.heads, chosen)  # the step did not select again
+        state.method_state.heads = ~chosen  # a decode step uses what the state holds
+        assert max_abs_diff(decode(), kept) > 1e-4
+        assert torch.equal(state.method_state.heads, ~chosen)
     patchattn.unpatch(model)
 
 
