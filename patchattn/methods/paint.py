@@ -48,6 +48,9 @@ CAPTURE_NAME = "paint_vision_capture"  # the capture's name in transformers' att
 EXTRAS_KEY = "paint"
 HEAD_MODES = ("uniform", "visual")
 SCORES = ("auto", "cls", "received")
+NOT_ADOPTED = ("patchattn paint: this model was loaded with attn_implementation='patchattn_paint', so no hook reads "
+               "the vision tower and it runs dense; call patchattn.get_handle(model) (or patchattn.patch) once after "
+               "loading")
 
 
 @dataclass(frozen=True)
@@ -400,6 +403,8 @@ def paint_attention(module, query, key, value, attention_mask, *, scaling=None, 
     if not kept.active or (config.alpha == 0.0 and config.beta == 0.0):
         return out, None
     batch, kv_len = query.shape[0], key.shape[2]
+    if not state.context.kind:  # a state made lazily by a call: no vision-tower capture, no image-token mask
+        warnings.warn(NOT_ADOPTED, stacklevel=2)
     slots = count_slots(kept, query.shape[2], kv_len)
     tokens = current_tokens(state.context)
     boost = None if tokens is None else key_boosts(tokens, config, batch, kv_len, slots, query.device)

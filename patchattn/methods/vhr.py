@@ -31,6 +31,7 @@ and the decode steps.  ``alpha = 1`` is dense exactly.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +44,9 @@ from ._heads import dense_call, head_counts
 from ._lastrow import last_row, row_output
 
 ROWS = ("all", "generated")
+NOT_ADOPTED = ("patchattn {method}: this model was loaded with attn_implementation='patchattn_{method}', so nothing "
+               "tells the attention which tokens are image tokens and it runs dense; call patchattn.get_handle(model) "
+               "(or patchattn.patch) once after loading")
 
 
 @dataclass(kw_only=True)
@@ -138,6 +142,8 @@ def vhr_attention(module, query, key, value, attention_mask, *, scaling=None, dr
         return out, None
     batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     if q_len == kv_len:  # a sequence's first call: its last row gives the first generated token
+        if not state.context.kind:  # a state made lazily by a call: no adapter hook marks the image tokens
+            warnings.warn(NOT_ADOPTED.format(method="vhr"), stacklevel=2)
         image = image_columns(state.context, batch, kv_len, query.device)
         if image is None or not bool(image.any()):
             kept.heads = kept.vhd = None

@@ -283,3 +283,21 @@ def test_gemma3_sliding_window_cache_keeps_the_image_columns_aligned():
         assert _capture(model).tokens.local.any()
     assert torch.equal(got.sequences, expected.sequences)
     assert max(max_abs_diff(a, b) for a, b in zip(got.scores, expected.scores)) <= TOL
+
+
+def test_a_model_loaded_with_the_name_warns_until_adopted(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        patchattn.patch(model, "paint", start_layer=0)
+        patched = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="get_handle"):
+        assert torch.equal(loaded(**inputs).logits, reference)
+    assert patchattn.get_handle(loaded) is not None
+    with torch.no_grad():
+        assert max_abs_diff(loaded(**inputs).logits, patched) <= TOL
