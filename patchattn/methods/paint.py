@@ -418,3 +418,22 @@ def paint_attention(module, query, key, value, attention_mask, *, scaling=None, 
         return boost_logits(logits, allowed, boost, image=image, visual_heads=config.heads == "visual")
 
     return edited_last_row(out, row, edit), None
+
+
+# ---- eager oracle ----------------------------------------------------------------------------------------------
+def paint_reference(q, k, v, local, summary, *, alpha, beta, scale=None, allowed=None):
+    """The released code's edit on materialised scores (tests, tiny inputs): ``out [B, Hq, Tq, D]``.
+
+    ``local`` / ``summary``: bool ``[B, Tk]`` key sets; the last query row's allowed scores become
+    ``s + alpha |s|`` / ``s + beta |s|`` before the softmax; ``allowed`` bool ``[B, 1, Tq, Tk]`` (None: causal)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if allowed is None:
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)[None, None]
+    scores = q @ k.transpose(-1, -2) * scale
+    last = scores[:, :, -1]
+    c = (alpha * local.to(scores.dtype) + beta * summary.to(scores.dtype))[:, None, :]
+    scores = torch.cat([scores[:, :, :-1], (last + c * last.abs()).unsqueeze(2)], dim=2)
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0) @ v

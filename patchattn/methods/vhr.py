@@ -161,3 +161,27 @@ def vhr_attention(module, query, key, value, attention_mask, *, scaling=None, dr
         out[:, -1:] = out[:, -1:] * gains
         return out, None
     return out * gains, None
+
+
+# ---- eager oracle ----------------------------------------------------------------------------------------------
+def vhr_reference(q, k, v, image, *, alpha, scale=None, allowed=None, heads=None):
+    """The paper's computation on materialised probabilities (tests, tiny inputs): ``(out [B, Hq, Tq, D], heads)``.
+
+    q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; ``image`` bool ``[B, Tk]``; ``allowed`` bool ``[B, 1, Tq, Tk]``
+    (None: causal).  The no-image branch renormalises the last row's probabilities without the image columns;
+    ``heads`` (bool ``[B, Hq]``) given: a later call reusing a choice, else chosen here from the last row."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if allowed is None:
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)[None, None]
+    probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    out = probs @ v
+    if heads is None:
+        last = probs[:, :, -1]
+        kept = last * ~image[:, None, :]
+        seen = (last * image[:, None, :]).sum(-1, keepdim=True) > 0
+        without = torch.where(seen, kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny), last)
+        heads = select_heads(head_divergence(out[:, :, -1], without.unsqueeze(2).matmul(v)[:, :, 0]))
+    return out * torch.where(heads, alpha, 1.0).to(out.dtype)[:, :, None, None], heads

@@ -301,3 +301,34 @@ def test_a_model_loaded_with_the_name_warns_until_adopted(tmp_path):
     assert patchattn.get_handle(loaded) is not None
     with torch.no_grad():
         assert max_abs_diff(loaded(**inputs).logits, patched) <= TOL
+
+
+def test_the_attention_function_matches_its_reference_prefill_then_decode():
+    from patchattn.state import PatchContext, PatchState
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, 12, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    image = torch.zeros(2, 10, dtype=torch.bool)
+    image[0, 2:8], image[1, 4:9] = True, True
+    local, summary = torch.zeros_like(image), torch.zeros_like(image)
+    local[0, [2, 5]], local[1, [4, 6, 7]], summary[0, 7], summary[1, 8] = True, True, True, True
+    starts = torch.tensor([0, 3])
+    keys = torch.arange(12)
+    allowed = ((keys[None, :] <= keys[:, None])[None] & (keys >= starts[:, None, None]))[:, None]
+    context = PatchContext(family="llava", kind="lvlm")
+    context.layout.image_token_mask = image
+    capture = paint.PaintCapture(paint.TokenMap(cls=True), True, 16, 0.25, 1.5)
+    capture.tokens = paint.PaintTokens(local, summary, image)
+    context.extras["paint"] = capture
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    module.patchattn = PatchState(patchattn.get_config("paint"), 3, "text", context, paint.PaintState(active=True))
+    valid = (torch.arange(10)[None] >= starts[:, None])[:, :, None, None]
+    pad = torch.zeros(2, 2, dtype=torch.bool)
+    for lo, hi in ((0, 10), (10, 11), (11, 12)):  # the prefill, then two decode steps
+        out, _ = paint.paint_attention(module, q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], allowed[:, :, lo:hi, :hi])
+        ref = paint.paint_reference(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], torch.cat([local, pad], 1)[:, :hi],
+                                    torch.cat([summary, pad], 1)[:, :hi], alpha=0.7, beta=0.3,
+                                    allowed=allowed[:, :, lo:hi, :hi]).transpose(1, 2)
+        rows = valid if hi == 10 else torch.ones(2, 1, 1, 1, dtype=torch.bool)
+        assert max_abs_diff(out * rows, ref * rows) <= 1e-12

@@ -180,3 +180,38 @@ def test_layers_follow_the_config():
     with pytest.raises(ValueError, match="lvlm"):
         patchattn.patch(tiny_model("llama"), "vhr")
     assert np.isclose(vhr.VHRConfig().alpha, 2.0) and vhr.VHRConfig().last_layers == 14
+
+
+# ---- the attention function on random tensors against the method file's eager reference ------------------------------
+def _tensors(batch=2, heads=4, kv_heads=2, length=12, dim=8, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, h, length, dim, generator=gen, dtype=torch.float64) for h in (heads, kv_heads, kv_heads)]
+
+
+def test_the_attention_function_matches_its_reference_prefill_then_decode():
+    from patchattn.state import PatchContext, PatchState
+
+    q, k, v = _tensors()
+    image = torch.zeros(2, 12, dtype=torch.bool)
+    image[0, 2:6], image[1, 4:9] = True, True
+    starts = torch.tensor([0, 3])
+    keys = torch.arange(12)
+    allowed = ((keys[None, :] <= keys[:, None])[None] & (keys >= starts[:, None, None]))[:, None]
+    context = PatchContext(family="llava", kind="lvlm")
+    context.layout.image_token_mask = image[:, :10]  # the prompt: 10 tokens, then two decode steps
+    config = patchattn.get_config("vhr")
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    module.patchattn = PatchState(config, 0, "text", context, vhr.VHRState(active=True))
+    out, _ = vhr.vhr_attention(module, q[:, :, :10], k[:, :, :10], v[:, :, :10], allowed[:, :, :10, :10])
+    expected, heads = vhr.vhr_reference(q[:, :, :10], k[:, :, :10], v[:, :, :10], image[:, :10], alpha=2.0,
+                                        allowed=allowed[:, :, :10, :10])
+    valid = (torch.arange(10)[None] >= starts[:, None])[:, :, None, None]
+    assert torch.equal(module.patchattn.method_state.heads, heads)
+    assert max_abs_diff((out * valid), (expected.transpose(1, 2) * valid)) <= 1e-12
+    for t in (10, 11):  # decode steps: one query, the kept heads
+        step, _ = vhr.vhr_attention(module, q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1],
+                                    allowed[:, :, t:t + 1, :t + 1])
+        ref, _ = vhr.vhr_reference(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], image, alpha=2.0,
+                                   allowed=allowed[:, :, t:t + 1, :t + 1], heads=heads)
+        assert max_abs_diff(step, ref.transpose(1, 2)) <= 1e-12
