@@ -333,13 +333,14 @@ def current_tokens(context) -> PaintTokens | None:
     """The tokens of the current prompt, built on its first edited call and kept for the decode steps."""
     capture = context.extras.get(EXTRAS_KEY)
     image_mask = context.layout.image_token_mask
-    if capture is None or image_mask is None or not bool(image_mask.any()):
+    if capture is None or image_mask is None:
         return None
-    if capture.tokens is None or capture.tokens.source is not image_mask:
-        if not capture.scores["local"]:
-            return None
-        capture.tokens = build_tokens(capture, image_mask)
-        capture.scores = {"local": [], "summary": []}  # used: a later prompt needs its own vision forward
+    if capture.tokens is not None and capture.tokens.source is image_mask:
+        return capture.tokens  # decode steps: no host read
+    if not capture.scores["local"] or not bool(image_mask.any()):
+        return None  # no image in this prompt (the scores of an earlier one are used up)
+    capture.tokens = build_tokens(capture, image_mask)
+    capture.scores = {"local": [], "summary": []}  # used: a later prompt needs its own vision forward
     return capture.tokens
 
 
