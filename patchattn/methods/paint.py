@@ -104,6 +104,11 @@ class PaintConfig(MethodConfig):
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"alpha": 0.0, "beta": 0.0}
 
+    def validate(self) -> None:
+        if self.end_layer is not None and self.end_layer <= self.start_layer:
+            raise ValueError(f"{self.where('end_layer')} must be greater than start_layer ({self.start_layer}), got "
+                             f"{self.end_layer}: no layer would be edited")
+
 
 @dataclass
 class PaintState(MethodState):

@@ -261,6 +261,8 @@ def test_unsupported_family_and_bad_fields_are_refused():
     assert patchattn.get_handle(model) is None and not any(hasattr(m, "patchattn") for m in model.modules())
     with pytest.raises(ValueError, match="CLS"):
         patchattn.patch(tiny_model("qwen2_vl"), "paint", scores="cls")
+    with pytest.raises(ValueError, match="end_layer"):
+        patchattn.patch(tiny_model("llava"), "paint", start_layer=1, end_layer=1)
     with pytest.raises(ValueError, match="summary_layer"):
         patchattn.patch(tiny_model("llava"), "paint", summary_layer=5)
     with pytest.raises(ValueError, match="lvlm"):
