@@ -14,3 +14,4 @@ from . import clear, radial  # DiTs: Radial Attention, CLEAR
 from . import longlora, sinklora  # fine-tuning methods (recipes/)
 from . import composite  # LVLMs (EE-MLLM)
 from . import var  # LVLMs: visual attention sink redistribution
+from . import paint, vhr  # LVLMs: the generated token reads the image (last-row edits)

@@ -1,0 +1,336 @@
+"""``paint``: token choice from the vision tower and the last-row logit edit, against eager oracles, on tiny LLaVA,
+Qwen2-VL and Gemma 3."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from lvlm_cases import FAMILIES, Oracle, full_probs, image_mask, oracle_model, padded_inputs
+
+import patchattn
+from patchattn.methods import _lastrow, paint
+from patchattn.testing import max_abs_diff, tiny_inputs, tiny_model
+
+TOL = 2e-5
+SETTINGS = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+
+
+def _capture(model):
+    return patchattn.get_handle(model) and model.get_submodule(patchattn.get_handle(model).modules[0]).patchattn \
+        .context.extras["paint"]
+
+
+# ---- oracle token choice: the vision tower's attention maps, materialised -----------------------------------------
+def _vision_maps(family, inputs, summary_layer=-2):
+    """Per image, the (first layer, ``summary_layer``) patch scores, from full eager attention maps."""
+    model = tiny_model(family)
+    if family == "qwen2_vl":
+        return _qwen_maps(model, inputs, summary_layer)
+    model.config.vision_config._attn_implementation_internal = "eager"
+    with torch.no_grad():
+        maps = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions
+    if family == "llava":  # CLS row, summed over heads; patch columns
+        return [(maps[0][b, :, 0, 1:].sum(0), maps[summary_layer][b, :, 0, 1:].sum(0))
+                for b in range(maps[0].shape[0])]
+    pooled = []  # Gemma 3's SigLIP: attention received (mean over query patches), pooled 4x4 -> 2x2 as the projector
+    for b in range(maps[0].shape[0]):
+        pair = []
+        for layer in (0, summary_layer):
+            received = maps[layer][b].mean(1).sum(0).view(1, 1, 4, 4)
+            pair.append(torch.nn.functional.avg_pool2d(received, 2).flatten())
+        pooled.append(tuple(pair))
+    return pooled
+
+
+def _qwen_maps(model, inputs, summary_layer):
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    seen = {}
+
+    def grab(layer):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            q, k, _ = module.qkv(h).reshape(h.shape[0], 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, *kwargs["position_embeddings"])
+            edges = kwargs["cu_seqlens"].tolist()
+            scores = []
+            for a, b in itertools.pairwise(edges):
+                logits = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * module.scaling
+                received = torch.softmax(logits, -1).mean(1).sum(0)  # [N]
+                scores.append(received.view(-1, 4).mean(-1))  # 2x2 merged patches are consecutive
+            seen[layer] = scores
+        return hook
+
+    blocks = model.model.visual.blocks
+    last = summary_layer % len(blocks)
+    handles = [blocks[i].attn.register_forward_pre_hook(grab(i), with_kwargs=True) for i in {0, last}]
+    with torch.no_grad():
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    return list(zip(seen[0], seen[last]))
+
+
+def _oracle_tokens(family, inputs, mask, ratio=0.25, factor=1.5, summary_layer=-2):
+    local, summary = [], []
+    for loc, summ in _vision_maps(family, inputs, summary_layer):
+        q1, q3 = np.percentile(summ.double().numpy(), [25, 75])
+        s = torch.from_numpy(summ.double().numpy() > q3 + factor * (q3 - q1))
+        top = torch.zeros_like(s)
+        top[torch.topk(loc, int(loc.numel() * ratio)).indices] = True
+        local.append(top & ~s)
+        summary.append(s)
+    flat_local, flat_summary = torch.zeros_like(mask), torch.zeros_like(mask)
+    flat_local[mask], flat_summary[mask] = torch.cat(local), torch.cat(summary)
+    return flat_local, flat_summary
+
+
+# The tiny towers have 2 layers, so the paper's penultimate layer is the first one: the second case reads the
+# summary tokens from the last layer, with every score above Q3 an outlier, so both sets are non-empty.
+CHOICES = [(1.5, -2), (0.0, -1)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("factor", "summary_layer"), CHOICES)
+def test_token_choice_matches_the_vision_towers_eager_maps(family, factor, summary_layer):
+    model = tiny_model(family)
+    inputs = padded_inputs(model, family)
+    mask = image_mask(model, inputs)
+    with torch.no_grad(), patchattn.patched(model, "paint", start_layer=0, iqr_factor=factor,
+                                            summary_layer=summary_layer):
+        model(**inputs)
+        tokens = _capture(model).tokens
+    local, summary = _oracle_tokens(family, inputs, mask, factor=factor, summary_layer=summary_layer)
+    assert torch.equal(tokens.local, local) and torch.equal(tokens.summary, summary)
+    assert local.any() and not (local & summary).any()
+    if factor == 0.0:
+        assert summary.any()  # the summary path is exercised
+
+
+# ---- whole models against the eager oracle ----------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("factor", "summary_layer"), CHOICES)
+def test_model_matches_the_eager_oracle_prefill_and_decode(family, factor, summary_layer):
+    model = tiny_model(family)
+    inputs = padded_inputs(model, family)
+    mask = image_mask(model, inputs)
+    oracle = Oracle("paint", layers={0, 1, 2}, alpha=0.7, beta=0.3)
+    oracle.local, oracle.summary = _oracle_tokens(family, inputs, mask, factor=factor, summary_layer=summary_layer)
+    reference = oracle_model(family, oracle, f"paint_oracle_{family}_{factor}")
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        dense = model(**inputs).logits
+        patchattn.patch(model, "paint", start_layer=0, iqr_factor=factor, summary_layer=summary_layer)
+        got = model(**inputs).logits
+    assert max_abs_diff(got[valid], expected[valid]) <= TOL
+    assert torch.equal(got[:, :-1], dense[:, :-1])  # only the last row is edited
+    assert max_abs_diff(got[:, -1], dense[:, -1]) > 1e-4
+    tokens = _capture(model).tokens
+    settings = dict(SETTINGS, output_scores=True, return_dict_in_generate=True)
+    got_run, expected_run = model.generate(**inputs, **settings), reference.generate(**inputs, **settings)
+    assert torch.equal(got_run.sequences, expected_run.sequences)
+    assert max(max_abs_diff(a, b) for a, b in zip(got_run.scores, expected_run.scores)) <= TOL
+    after = _capture(model).tokens  # generate's prefill chose again (same image: same tokens); its steps kept them
+    assert after is not tokens and torch.equal(after.local, tokens.local) and torch.equal(after.summary, tokens.summary)
+    handle = patchattn.get_handle(model)
+    assert after.source is model.get_submodule(handle.modules[0]).patchattn.context.layout.image_token_mask
+    patchattn.unpatch(model)
+
+
+def test_paper_layers_by_default():
+    model = tiny_model("gemma3")  # 3 text layers: the paper's 2..L-1 edits the last one only
+    handle = patchattn.patch(model, "paint")
+    states = [model.get_submodule(n).patchattn for n in handle.modules]
+    assert [s.method_state.active for s in states if s.role == "text"] == [False, False, True]
+    patchattn.unpatch(model)
+    handle = patchattn.patch(model, "paint", start_layer=1, end_layer=2)
+    states = [model.get_submodule(n).patchattn for n in handle.modules]
+    assert [s.method_state.active for s in states if s.role == "text"] == [False, True, False]
+    patchattn.unpatch(model)
+
+
+# ---- the edit and the last-row path, on random tensors --------------------------------------------------------------
+def test_the_last_row_path_is_exact_with_gqa_window_and_padding():
+    torch.manual_seed(2)
+    batch, heads, kv_heads, length, dim = 3, 4, 2, 9, 8
+    q = torch.randn(batch, heads, length, dim, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64)
+    keys = torch.arange(length)
+    window = (keys[None, :] <= keys[:, None]) & (keys[None, :] > keys[:, None] - 5)
+    mask = window[None, None].repeat(batch, 1, 1, 1)
+    mask[1, :, :, :3] = False  # left padding of row 1
+    mask[2, :, -1, :] = False  # a fully masked last row (padding) keeps the fused value
+    dense = torch.matmul(full_probs(None, q, k, mask, dim**-0.5), v.repeat_interleave(2, 1)).transpose(1, 2)
+    fused = dense + 1.0  # any fused output: rows before the last must come back untouched
+    row = _lastrow.last_row(q, k, v, mask, scaling=dim**-0.5)
+    out = _lastrow.edited_last_row(fused, row, lambda logits, allowed: logits)
+    assert torch.equal(out[:, :-1], fused[:, :-1])
+    assert torch.allclose(out[:2, -1], dense[:2, -1], atol=1e-12)
+    assert torch.equal(out[2, -1], fused[2, -1])
+
+
+def test_boost_matches_the_released_edit_and_the_head_variant():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 6, dtype=torch.float64)
+    allowed = torch.ones(2, 1, 6, dtype=torch.bool)
+    allowed[1, 0, 0] = False
+    boost = torch.tensor([[0.7, 0.0, 0.3, 0.0, 0.0, 0.0], [0.0, 0.7, 0.7, 0.3, 0.0, 0.0]], dtype=torch.float64)
+    got = paint.boost_logits(logits.masked_fill(~allowed, float("-inf")), allowed, boost)
+    expected = logits + boost[:, None] * logits.abs()
+    assert torch.allclose(got[allowed.expand_as(got)], expected[allowed.expand_as(got)])
+    image = boost > 0
+    got = paint.boost_logits(logits, torch.ones_like(allowed), boost, image=image, visual_heads=True)
+    share = (torch.softmax(logits, -1) * image[:, None]).sum(-1)  # [B, H]
+    weight = share / share.mean(-1, keepdim=True)
+    assert torch.allclose(got, logits + weight[..., None] * boost[:, None] * logits.abs())
+
+
+def test_head_variant_runs_on_a_model_and_differs():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava")
+    with torch.no_grad():
+        with patchattn.patched(model, "paint", start_layer=0):
+            uniform = model(**inputs).logits
+        with patchattn.patched(model, "paint", start_layer=0, heads="visual"):
+            visual = model(**inputs).logits
+    assert torch.isfinite(visual).all() and max_abs_diff(visual[:, -1], uniform[:, -1]) > 0
+
+
+# ---- dense equivalence, unpatch, targets, families -------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_boost_is_dense_exactly(family):
+    model = tiny_model(family)
+    inputs = padded_inputs(model, family)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with patchattn.patched(model, "paint", start_layer=0, alpha=0.0, beta=0.0):
+            assert torch.equal(model(**inputs).logits, reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpatch_restores_the_model_and_its_vision_tower(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family)
+    configs = {n: m.config for n, m in model.named_modules() if getattr(m, "config", None) is not None}
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        patchattn.patch(model, "paint", start_layer=0)
+        captured = [m for m in model.modules() if hasattr(m, "_patchattn_paint")]
+        assert len(captured) == 1  # tiny towers of 2 layers: the first layer is the penultimate
+        model.generate(**inputs, **SETTINGS)
+        patchattn.unpatch(model)
+        assert torch.equal(model(**inputs).logits, reference)
+    assert all(m.config is configs[n] for n, m in model.named_modules() if n in configs)
+    assert not any(hasattr(m, "_patchattn_paint") or hasattr(m, "patchattn") for m in model.modules())
+    assert not any(m._forward_pre_hooks for m in model.modules() if m is not model)
+
+
+def test_the_capture_leaves_the_vision_tower_exact_and_targets_are_respected():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava")
+    vision = model.model.vision_tower
+    with torch.no_grad():
+        reference = vision(pixel_values=inputs["pixel_values"]).last_hidden_state
+        with patchattn.patched(model, "paint"):
+            assert torch.equal(vision(pixel_values=inputs["pixel_values"]).last_hidden_state, reference)
+        with patchattn.patched(model, "paint", targets="vision"), pytest.raises(NotImplementedError, match="paint"):
+            model(**inputs)
+
+
+def test_text_only_input_and_a_new_prompt():
+    model = tiny_model("llava")
+    text = tiny_inputs(model, "llava", with_image=False)
+    inputs = tiny_inputs(model, "llava")
+    with torch.no_grad():
+        reference = model(**text).logits
+        with patchattn.patched(model, "paint", start_layer=0):
+            model(**inputs)
+            first = _capture(model).tokens
+            assert torch.equal(model(**text).logits, reference)  # the previous image's tokens are not applied
+            model(**inputs)
+            assert _capture(model).tokens is not first and torch.equal(_capture(model).tokens.local, first.local)
+
+
+def test_unsupported_family_and_bad_fields_are_refused():
+    model = tiny_model("idefics3")
+    with pytest.raises(ValueError, match="llava"):
+        patchattn.patch(model, "paint")
+    assert patchattn.get_handle(model) is None and not any(hasattr(m, "patchattn") for m in model.modules())
+    with pytest.raises(ValueError, match="CLS"):
+        patchattn.patch(tiny_model("qwen2_vl"), "paint", scores="cls")
+    with pytest.raises(ValueError, match="end_layer"):
+        patchattn.patch(tiny_model("llava"), "paint", start_layer=1, end_layer=1)
+    with pytest.raises(ValueError, match="summary_layer"):
+        patchattn.patch(tiny_model("llava"), "paint", summary_layer=5)
+    with pytest.raises(ValueError, match="lvlm"):
+        patchattn.patch(tiny_model("llama"), "paint")
+
+
+def test_gemma3_sliding_window_cache_keeps_the_image_columns_aligned():
+    """A short prompt: Gemma 3's sliding-window layers (window 8) drop the prompt's first keys while decoding, with
+    the image still inside the window; the edited columns must follow the cache (the newest keys), as the oracle's."""
+    model = tiny_model("gemma3")
+    inputs = tiny_inputs(model, "gemma3", batch=1, text_len=4)  # 8 tokens, the image at 2..5
+    mask = image_mask(model, inputs)
+    oracle = Oracle("paint", layers={0, 1, 2}, alpha=0.7, beta=0.3)
+    oracle.local, oracle.summary = _oracle_tokens("gemma3", inputs, mask, factor=0.0, summary_layer=-1)
+    reference = oracle_model("gemma3", oracle, "paint_oracle_gemma3_short")
+    settings = dict(SETTINGS, output_scores=True, return_dict_in_generate=True)
+    expected = reference.generate(**inputs, **settings)
+    with patchattn.patched(model, "paint", start_layer=0, iqr_factor=0.0, summary_layer=-1):
+        got = model.generate(**inputs, **settings)
+        assert _capture(model).tokens.local.any()
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max(max_abs_diff(a, b) for a, b in zip(got.scores, expected.scores)) <= TOL
+
+
+def test_a_model_loaded_with_the_name_warns_until_adopted(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        patchattn.patch(model, "paint", start_layer=0)
+        patched = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="get_handle"):
+        assert torch.equal(loaded(**inputs).logits, reference)
+    assert patchattn.get_handle(loaded) is not None
+    with torch.no_grad():
+        assert max_abs_diff(loaded(**inputs).logits, patched) <= TOL
+
+
+def test_the_attention_function_matches_its_reference_prefill_then_decode():
+    from patchattn.state import PatchContext, PatchState
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, 12, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    image = torch.zeros(2, 10, dtype=torch.bool)
+    image[0, 2:8], image[1, 4:9] = True, True
+    local, summary = torch.zeros_like(image), torch.zeros_like(image)
+    local[0, [2, 5]], local[1, [4, 6, 7]], summary[0, 7], summary[1, 8] = True, True, True, True
+    starts = torch.tensor([0, 3])
+    keys = torch.arange(12)
+    allowed = ((keys[None, :] <= keys[:, None])[None] & (keys >= starts[:, None, None]))[:, None]
+    context = PatchContext(family="llava", kind="lvlm")
+    context.layout.image_token_mask = image
+    capture = paint.PaintCapture(paint.TokenMap(cls=True), True, 16, 0.25, 1.5)
+    capture.tokens = paint.PaintTokens(local, summary, image)
+    context.extras["paint"] = capture
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    module.patchattn = PatchState(patchattn.get_config("paint"), 3, "text", context, paint.PaintState(active=True))
+    valid = (torch.arange(10)[None] >= starts[:, None])[:, :, None, None]
+    pad = torch.zeros(2, 2, dtype=torch.bool)
+    for lo, hi in ((0, 10), (10, 11), (11, 12)):  # the prefill, then two decode steps
+        out, _ = paint.paint_attention(module, q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], allowed[:, :, lo:hi, :hi])
+        ref = paint.paint_reference(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], torch.cat([local, pad], 1)[:, :hi],
+                                    torch.cat([summary, pad], 1)[:, :hi], alpha=0.7, beta=0.3,
+                                    allowed=allowed[:, :, lo:hi, :hi]).transpose(1, 2)
+        rows = valid if hi == 10 else torch.ones(2, 1, 1, 1, dtype=torch.bool)
+        assert max_abs_diff(out * rows, ref * rows) <= 1e-12
