@@ -10,6 +10,8 @@
 #   gna_flex   gna attention only, beside FlexAttention compiled on the same tiles                  ~2 min
 #   routing    blocktopk (BiFormer routing: defaults, and density 0.1) and agent, same shapes       ~4 min
 #   radial_wan radial with the released code's Wan setting (no dense band, decay 0.2, frame-0 sink), Wan 720p  ~1 min
+#   drift      CPU is enough: output and 4-Euler-step latent drift vs dense (cosine, PSNR) of every DiT method on
+#              random-weight FLUX / Wan transformers with 32x32 / 5x16x16 latent grids — drift, not quality   ~5 min
 #   local      radial (defaults past its dense warm-up steps) and clear, video shapes and FLUX-4K     ~3 min
 set -euo pipefail
 out=${OUT:-bench/dit}
@@ -32,6 +34,8 @@ for step in "${steps[@]}"; do
         --methods 'radial@steady:{"dense_first_steps":0};clear' --csv "$out/local.csv" ;;
     radial_wan) python -m patchattn.bench.dit --shapes wan-720p --csv "$out/radial_wan.csv" --methods \
         'radial@wan:{"dense_first_steps":0,"dense_band":0,"decay_factor":0.2,"first_frame_sink":true}' ;;
+    drift) python -m patchattn.bench.dit --shapes small --modes drift --layers 2 --device cpu --dtype float32 \
+        --methods 'dense;gna;clear;radial@steady:{"dense_first_steps":0};blocktopk;agent;moh' --csv "$out/drift.csv" ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
     esac
 done

@@ -19,6 +19,7 @@ No DiT weights are used: speed does not depend on them.  Quality is not measured
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -36,7 +37,7 @@ from ..report import environment, format_table
 from ..state import PatchContext, PatchState, TokenLayout
 
 FIELDS = ["shape", "mode", "method", "tokens", "density", "ms", "sdpa_ms", "speedup_vs_sdpa", "flex_ms", "vs_flex",
-          "note"]
+          "cosine", "psnr_db", "note"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,12 @@ SHAPES = {
         Shape("hunyuan-720p", "hunyuan_video", (30, 48, 80), 256, 24),
         Shape("tiny-flux", "flux", (1, 12, 10), 7, 2, 32),
         Shape("tiny-wan", "wan", (3, 6, 5), 7, 2, 32),
+        Shape("small-flux", "flux", (1, 32, 32), 64, 4, 64),  # CPU-sized drift runs: several tiles per axis
+        Shape("small-wan", "wan", (5, 16, 16), 64, 4, 64),
     ]
 }
-GROUPS = {"default": ["flux-1024", "flux-4k", "wan-720p", "hunyuan-720p"], "tiny": ["tiny-flux", "tiny-wan"]}
+GROUPS = {"default": ["flux-1024", "flux-4k", "wan-720p", "hunyuan-720p"], "tiny": ["tiny-flux", "tiny-wan"],
+          "small": ["small-flux", "small-wan"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,6 +297,66 @@ def forward_rows(shape: Shape, methods, layers: int, device, dtype) -> list[dict
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Drift (not quality): how far a patched random-weight transformer's output and a few denoising steps move from dense
+# ----------------------------------------------------------------------------------------------------------------
+DRIFT_NOTE = "drift vs dense on random weights, not quality"
+
+
+def euler_latents(model, inputs: dict, steps: int, timestep_scale: float) -> torch.Tensor:
+    """``steps`` flow-matching Euler steps from the inputs' latents, the model's output taken as the velocity
+    (t from 1 to 0; FLUX reads t, Wan t * 1000): the latents after them."""
+    x = inputs["hidden_states"]
+    times = torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad():
+        for t, t_next in zip(times[:-1], times[1:]):
+            step_inputs = dict(inputs, hidden_states=x,
+                               timestep=torch.full_like(inputs["timestep"], float(t) * timestep_scale))
+            x = x + (t_next - t) * model(**step_inputs).sample
+    return x
+
+
+def drift_rows(shape: Shape, methods, layers: int, device, dtype, steps: int) -> list[dict]:
+    """Per method: cosine and PSNR of one transformer output, and of the latents after ``steps`` Euler steps."""
+    from ..eval.drift import cosine, psnr
+
+    if shape.family not in MODELS:
+        return []
+    torch.manual_seed(0)
+    model, inputs, note = MODELS[shape.family](shape, layers, device, dtype)
+    model = model.to(device=device, dtype=dtype).eval()
+    inputs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    scale = 1000.0 if shape.family == "wan" else 1.0
+
+    def outputs():
+        with torch.no_grad():
+            return model(**inputs).sample, euler_latents(model, inputs, steps, scale)
+
+    reference = outputs()
+    rows = []
+    for label, name, overrides in methods:
+        def measured():
+            with patched_model(model, name, overrides):
+                got = outputs()
+            return [dict(shape=shape.name, mode=mode, method=label, tokens=shape.tokens,
+                         cosine=float(cosine(g.float(), r.float()).mean()),
+                         psnr_db=float(psnr(g.float(), r.float()).mean()), note=f"{DRIFT_NOTE}; {note}")
+                    for mode, g, r in (("drift-output", got[0], reference[0]),
+                                       (f"drift-{steps}-steps", got[1], reference[1]))]
+
+        rows += _guarded(measured, shape, "drift", label, device)
+    return rows
+
+
+@contextlib.contextmanager
+def patched_model(model, name: str, overrides: dict):
+    patch(model, name, **overrides)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv):
@@ -302,7 +366,9 @@ def parse_args(argv):
                    help="';'-separated 'name' or 'name:{json overrides}' (a label 'name@tag:{...}' keeps variants apart)")
     p.add_argument("--shapes", default="default", help=f"a group ({', '.join(GROUPS)}) or ','-separated names "
                                                       f"({', '.join(SHAPES)})")
-    p.add_argument("--modes", default="attention,forward", help="attention, forward or both")
+    p.add_argument("--modes", default="attention,forward",
+                   help="','-separated: attention, forward, drift (output and Euler-step latents vs dense: not quality)")
+    p.add_argument("--drift-steps", type=int, default=4, help="Euler denoising steps compared in drift mode")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks in a timed whole forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -354,6 +420,9 @@ def run_benchmark(args, emit=lambda row: None) -> list[dict]:
             for label, name, overrides in methods:
                 add(_guarded(lambda: [attention_row(shape, label, name, overrides, device, dtype, not args.no_flex)],
                              shape, "attention", label, device))
+        if "drift" in modes:
+            add(_guarded(lambda: drift_rows(shape, methods, args.layers, device, dtype, args.drift_steps), shape,
+                         "drift", "all", device))
         if "forward" in modes:
             add(_guarded(lambda: forward_rows(shape, methods, args.layers, device, dtype), shape, "forward", "all",
                          device))

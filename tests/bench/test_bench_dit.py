@@ -71,3 +71,18 @@ def test_flex_mask_from_whole_tiles_only():
     q, k, v = torch.randn(1, 1, 32, 8), torch.randn(1, 1, 48, 8), torch.randn(1, 1, 48, 8)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[None])
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_drift_mode_compares_with_dense(tmp_path):
+    """Drift rows: dense against itself is exact (cosine 1, PSNR inf); a sparse method moves the output."""
+    import csv
+
+    out = tmp_path / "drift.csv"
+    assert dit.main(["--shapes", "tiny-wan", "--modes", "drift", "--methods", "dense;gna", "--device", "cpu",
+                     "--dtype", "float32", "--layers", "1", "--drift-steps", "2", "--csv", str(out)]) == 0
+    rows = {(r["mode"], r["method"]): r for r in csv.DictReader(out.open())}
+    assert set(rows) == {(m, n) for m in ("drift-output", "drift-2-steps") for n in ("dense", "gna")}
+    assert float(rows["drift-output", "dense"]["psnr_db"]) == float("inf")
+    assert abs(float(rows["drift-output", "dense"]["cosine"]) - 1.0) < 1e-12
+    assert float(rows["drift-output", "gna"]["psnr_db"]) < 200
+    assert "not quality" in rows["drift-2-steps", "gna"]["note"]
