@@ -13,6 +13,7 @@ engine call per attention call; selection stays on the device (no host read).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -24,7 +25,15 @@ from ._dit import DiTCall, key_bias_in_order
 PLAN_CACHE = 32
 
 
-@torch.compiler.disable  # host-side plan building: once per (grid, layout, device), then cached
+@dataclass(frozen=True)
+class RoutingPlan:
+    """A grid's tiles for routing: the covering plan, the real tokens of each image tile, the image tile count."""
+
+    plan: NeighborhoodPlan
+    counts: torch.Tensor  # [n_image_tiles] float
+    n_image_tiles: int
+
+
 @lru_cache(maxsize=PLAN_CACHE)
 def covering_plan(grid: tuple[int, int, int], block: int, image, text, device: str) -> NeighborhoodPlan:
     """Every tile of the grid listed for every query tile (text after): the permutation, the tile pool for the
@@ -33,11 +42,23 @@ def covering_plan(grid: tuple[int, int, int], block: int, image, text, device: s
                              device=torch.device(device))
 
 
-def tile_token_counts(plan: NeighborhoodPlan, n_image_tiles: int, n_image: int, image_start: int) -> torch.Tensor:
-    """``[n_image_tiles]`` real (non-padding) tokens in each image tile."""
+@torch.compiler.disable  # host-side plan building, once per (grid, layout, device); a compiled call finds it cached
+def _routing_plan(grid, block: int, image, text, device: str) -> RoutingPlan:
+    plan = covering_plan(grid, block, image, text, device)
     size = plan.tiled.block_q
-    slots = plan.position[image_start:image_start + n_image]
-    return torch.bincount(slots // size, minlength=n_image_tiles).float()
+    n_text = sum(stop - start for start, stop in text)
+    n_image_tiles = (plan.length - n_text) // size
+    slots = plan.position[image[0]:image[1]]
+    counts = torch.bincount(slots // size, minlength=n_image_tiles).float()  # real tokens per tile (not padding)
+    return RoutingPlan(plan, counts, n_image_tiles)
+
+
+def routing_plan(plans: dict, call: DiTCall, block: int, device) -> RoutingPlan:
+    """This call's routing plan from the module's own ``plans`` (traced as a dict lookup), built once."""
+    key = (call.grid, block, call.image, call.text, str(device))
+    if key not in plans:
+        plans[key] = _routing_plan(*key)
+    return plans[key]
 
 
 def pooled_tiles(x: torch.Tensor, n_tiles: int, size: int, counts: torch.Tensor) -> torch.Tensor:
@@ -95,16 +116,15 @@ def routed_density(keep_image: torch.Tensor, counts: torch.Tensor, n_text: int) 
     return (image_rows + n_text * total) / (total * total)
 
 
-def routed_tile_attention(query, key, value, attention_mask, call: DiTCall, *, top_k: int, mass: float,
+def routed_tile_attention(query, key, value, attention_mask, call: DiTCall, *, plans: dict, top_k: int, mass: float,
                           block: int, scaling, backend: str, record):
     """One self/joint DiT attention call through routed tiles: ``[B, T, H, D]`` like the model's SDPA call, or None
     when the settings read every tile (the dense-equivalent setting)."""
-    plan = covering_plan(call.grid, block, call.image, call.text, str(query.device))
+    routing = routing_plan(plans, call, block, query.device)
+    plan, counts, n_image_tiles = routing.plan, routing.counts, routing.n_image_tiles
     size = plan.tiled.block_q
-    n_image_tiles = (plan.length - call.n_text) // size
     if top_k >= n_image_tiles - 1 and mass >= 1.0:
         return None  # every tile is read: the caller runs the model's own attention (exact)
-    counts = tile_token_counts(plan, n_image_tiles, call.n_image, call.image[0]).to(query.device)
     q, k, v = plan.permute(query), plan.permute(key), plan.permute(value)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     k_means = pooled_tiles(k, n_image_tiles, size, counts)

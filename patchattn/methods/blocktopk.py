@@ -24,7 +24,7 @@ text tokens of joint attention read and are read by everything; cross attention 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -80,7 +80,10 @@ class BlockTopKConfig(SparseConfig, DiTScheduleConfig):
 
 @dataclass
 class BlockTopKState(KeyMeansState):
-    """The compressed key cache (``key_means``), updated incrementally while decoding."""
+    """The compressed key cache (``key_means``), updated incrementally while decoding; on a DiT, the routing plans
+    of the grids this module has seen (``tile_plans``: permutation and tile token counts, by grid and layout)."""
+
+    tile_plans: dict = field(default_factory=dict)
 
 
 
@@ -140,7 +143,8 @@ def blocktopk_dit(module, query, key, value, attention_mask, *, scaling=None, dr
     if config.density is not None:  # the budget knob: that share of the image tiles, own tile included
         tiles = math.ceil(call.n_image / config.block_size)
         top_k, mass = max(0, round(config.density * tiles) - 1), 1.0
-    out = routed_tile_attention(query, key, value, attention_mask, call, top_k=top_k, mass=mass,
+    out = routed_tile_attention(query, key, value, attention_mask, call, plans=state.method_state.tile_plans,
+                                top_k=top_k, mass=mass,
                                 block=config.block_size, scaling=scaling, backend=config.backend, record=state.record)
     if out is None:  # every tile kept: the model's own attention, exactly
         return dense_call(state, query, key, value, attention_mask, scaling=scaling, enable_gqa=enable_gqa)
