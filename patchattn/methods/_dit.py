@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MethodConfig, option
+from ..kernels.blocksparse import block_sparse_attention
 
 
 @dataclass(kw_only=True)
@@ -179,3 +180,37 @@ def key_bias_in_order(attention_mask, heads: int, length: int, position: torch.T
         bias = columns.float()
     out = bias.new_zeros(bias.shape[0], bias.shape[1], length)
     return out.index_copy(2, position, bias)
+
+
+def tiled_call(name: str, plan, query, key, value, attention_mask, scaling, backend: str, enable_gqa: bool):
+    """One block-sparse engine call over a DiT method's token plan (``permute``/``unpermute``, ``tiled``,
+    ``position``, ``length``: gna's ``NeighborhoodPlan``, radial's and clear's ``FramePlan``), ``query [B, H, T, D]``
+    -> ``[B, T, H, D]``.  A key-padding mask (HunyuanVideo's padded text) becomes the engine's per-key bias; a mask
+    that depends on the query runs dense SDPA under the plan's token mask, with a warning."""
+    bias = None
+    if attention_mask is not None:
+        bias = key_bias_in_order(attention_mask, query.shape[1], plan.length, plan.position)
+        if bias is None:
+            return _masked_dense(name, plan, query, key, value, attention_mask, scaling, enable_gqa)
+    tiled = plan.tiled
+    if tiled.kv_indices.device != query.device:
+        tiled = tiled.to(query.device)
+    q, k, v = plan.permute(query), plan.permute(key), plan.permute(value)
+    out = block_sparse_attention(q, k, v, tiled.kv_indices, tiled.kv_counts, block_q=tiled.block_q,
+                                 block_k=tiled.block_k, causal=False, scale=scaling, col_bias=bias,
+                                 tile_masks=tiled.tile_masks, tile_mask_ids=tiled.tile_mask_ids, backend=backend)
+    return plan.unpermute(out).transpose(1, 2)
+
+
+def _masked_dense(name: str, plan, query, key, value, attention_mask, scaling, enable_gqa):
+    """A mask over queries and keys (no supported family passes one): dense SDPA over it and the plan's token mask
+    (``T x T``, slow), never the mask dropped."""
+    warnings.warn(f"patchattn {name}: this self/joint attention call has an attn_mask that depends on the query; it "
+                  "runs as dense SDPA with the method's mask (T x T) added, not through the block-sparse engine",
+                  stacklevel=3)
+    allowed = plan.token_mask().to(query.device)
+    if attention_mask.dtype == torch.bool:
+        mask = attention_mask & allowed
+    else:
+        mask = attention_mask.masked_fill(~allowed, float("-inf"))
+    return dense_sdpa(query, key, value, mask, scaling=scaling, enable_gqa=enable_gqa)

@@ -25,7 +25,6 @@ SDPA, exactly, with no warning.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
@@ -37,8 +36,7 @@ from ..masks.circular import circular_plan, covers_everything
 from ..masks.frames import FramePlan
 from ..registry import register_method
 from ..state import MethodState
-from ._dit import DiTScheduleConfig, dit_call, scheduled_dense
-from ._framed import run_dense, run_plan
+from ._dit import DiTScheduleConfig, dense_call, dit_call, runs_dense, tiled_call
 
 PLAN_CACHE = 32
 
@@ -109,18 +107,12 @@ def clear_attention(module, query, key, value, attention_mask, *, scaling=None, 
     state = module.patchattn
     config: ClearConfig = state.config
     call = dit_call(state, query, cross_attention)
-    dense_args = (state, query, key, value, attention_mask, scaling, dropout, is_causal, enable_gqa)
-    if call.role == "cross" or scheduled_dense(config, call):
-        return run_dense(*dense_args)
-    if call.grid is None:
-        warnings.warn("patchattn clear: the latent grid of this call is unknown; it runs dense attention",
-                      stacklevel=2)
-        return run_dense(*dense_args)
-    if covers_everything(call.grid, config.radius, config.frame_window):  # the dense-equivalent setting: exact
-        return run_dense(*dense_args)
+    dense = dict(scaling=scaling, dropout=dropout, is_causal=is_causal, enable_gqa=enable_gqa)
+    if runs_dense(config, call, "clear") or covers_everything(call.grid, config.radius, config.frame_window):  # the dense-equivalent setting: exact
+        return dense_call(state, query, key, value, attention_mask, **dense)
     if dropout:
         raise NotImplementedError("patchattn clear: attention dropout is not supported (the engine has none); "
                                   "set the model's attention dropout to 0")
     plan = plan_for(state, config, call, query.device)
     state.record(density=plan.density)
-    return run_plan("clear", plan, query, key, value, attention_mask, scaling, config.backend, enable_gqa), None
+    return tiled_call("clear", plan, query, key, value, attention_mask, scaling, config.backend, enable_gqa), None

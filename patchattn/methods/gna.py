@@ -34,7 +34,6 @@ mask).  Plans are kept process-wide (an LRU of 32) on the device they were built
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
@@ -42,12 +41,10 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..kernels.blocksparse import block_sparse_attention
 from ..masks.neighborhood import Neighborhood, NeighborhoodPlan, neighborhood_plan
-from ..masks.tiles import tiled_attention
 from ..registry import register_method
 from ..state import MethodState
-from ._dit import DiTCall, DiTScheduleConfig, dense_call, dense_sdpa, dit_call, key_bias_in_order, runs_dense
+from ._dit import DiTCall, DiTScheduleConfig, dense_call, dit_call, runs_dense, tiled_call
 
 AXES = 3
 PLAN_CACHE = 32  # plans kept process-wide (grids x text layouts x settings x devices)
@@ -176,30 +173,4 @@ def gna_attention(module, query, key, value, attention_mask, *, scaling=None, dr
                                   "set the model's attention dropout to 0")
     plan = plan_for(state, config, hood, call, query.device)
     state.record(density=plan.density)
-    bias = None
-    if attention_mask is not None:
-        bias = key_bias_in_order(attention_mask, query.shape[1], plan.length, plan.position)
-        if bias is None:
-            return _masked_dense(plan, query, key, value, attention_mask, scaling, enable_gqa), None
-    q, k, v = plan.permute(query), plan.permute(key), plan.permute(value)
-    if bias is None:
-        out = tiled_attention(q, k, v, plan.tiled, scale=scaling, backend=config.backend)
-    else:
-        tiled = plan.tiled
-        out = block_sparse_attention(q, k, v, tiled.kv_indices, tiled.kv_counts, block_q=tiled.block_q,
-                                     block_k=tiled.block_k, causal=False, scale=scaling, col_bias=bias,
-                                     tile_masks=tiled.tile_masks, tile_mask_ids=tiled.tile_mask_ids,
-                                     backend=config.backend)
-    return plan.unpermute(out).transpose(1, 2), None
-
-
-def _masked_dense(plan: NeighborhoodPlan, query, key, value, attention_mask, scaling, enable_gqa):
-    """A call that brings a mask over queries and keys: SDPA over it and the neighborhood mask (``T x T``, slow)."""
-    warnings.warn("patchattn gna: this self/joint attention call has an attn_mask; it runs as dense SDPA with the "
-                  "neighborhood mask (T x T) added, not through the block-sparse engine", stacklevel=3)
-    allowed = plan.token_mask().to(query.device)
-    if attention_mask.dtype == torch.bool:
-        mask = attention_mask & allowed
-    else:
-        mask = attention_mask.masked_fill(~allowed, float("-inf"))
-    return dense_sdpa(query, key, value, mask, scaling=scaling, enable_gqa=enable_gqa)
+    return tiled_call("gna", plan, query, key, value, attention_mask, scaling, config.backend, enable_gqa), None

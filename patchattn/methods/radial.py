@@ -28,7 +28,6 @@ frame 0 an attention-sink column), ``decay_factor`` its window scale (0.2 Wan, 0
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
@@ -40,8 +39,7 @@ from ..masks.frames import FramePlan
 from ..masks.radial import RadialRule, radial_plan
 from ..registry import register_method
 from ..state import MethodState
-from ._dit import DiTScheduleConfig, dit_call, scheduled_dense
-from ._framed import run_dense, run_plan
+from ._dit import DiTScheduleConfig, dense_call, dit_call, runs_dense, tiled_call
 
 PLAN_CACHE = 32
 
@@ -113,18 +111,12 @@ def radial_attention(module, query, key, value, attention_mask, *, scaling=None,
     state = module.patchattn
     config: RadialConfig = state.config
     call = dit_call(state, query, cross_attention)
-    dense_args = (state, query, key, value, attention_mask, scaling, dropout, is_causal, enable_gqa)
-    if call.role == "cross" or scheduled_dense(config, call):
-        return run_dense(*dense_args)
-    if call.grid is None:
-        warnings.warn("patchattn radial: the latent grid of this call is unknown; it runs dense attention",
-                      stacklevel=2)
-        return run_dense(*dense_args)
-    if config.rule(call.grid).covers_everything():  # one frame, or dense_band past the last frame: exact dense
-        return run_dense(*dense_args)
+    dense = dict(scaling=scaling, dropout=dropout, is_causal=is_causal, enable_gqa=enable_gqa)
+    if runs_dense(config, call, "radial") or config.rule(call.grid).covers_everything():  # one frame, or dense_band past the last frame: exact dense
+        return dense_call(state, query, key, value, attention_mask, **dense)
     if dropout:
         raise NotImplementedError("patchattn radial: attention dropout is not supported (the engine has none); "
                                   "set the model's attention dropout to 0")
     plan = plan_for(state, config, call, query.device)
     state.record(density=plan.density)
-    return run_plan("radial", plan, query, key, value, attention_mask, scaling, config.backend, enable_gqa), None
+    return tiled_call("radial", plan, query, key, value, attention_mask, scaling, config.backend, enable_gqa), None
