@@ -35,6 +35,7 @@ from lvlm_hallucination import (
     lvlm_methods,
     open_image,
     resolve_image,
+    vision_language_methods,
 )
 
 import patchattn
@@ -92,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="share of the image's token cells kept (paper: 0.4)")
     p.add_argument("--regions", type=int, default=None, help="connected regions kept (paper: 2)")
     p.add_argument("--config", default="{}", help="CarveConfig fields as JSON, e.g. '{\"steps\": 12}'")
-    p.add_argument("--method", default=None, help="patch the model with this method first, e.g. var "
-                   "('name:{\"field\": value}' gives overrides)")
+    p.add_argument("--method", default=None, help="patch the model with this method first: an LVLM one ("
+                   f"{', '.join(vision_language_methods())}) or a text method; 'name:{{\"field\": value}}' gives "
+                   "overrides")
     p.add_argument("--answer-tokens", type=int, default=None, help="tokens of each answer (default 32)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
@@ -105,10 +107,13 @@ def main(argv=None):
     try:  # everything the user typed is checked here, before any download
         config = carve_config(args.config, mode=args.mode, top_p=args.top_p, regions=args.regions,
                               answer_tokens=args.answer_tokens)
-        method = lvlm_methods(args.method)[0] if args.method else None
+        methods = lvlm_methods(args.method) if args.method else [None]
+        if len(methods) != 1:
+            raise ValueError(f"--method {args.method!r}: give one method")
+        method = methods[0]
         if not args.question.strip():
             raise ValueError("--question is empty")
-        image = resolve_image(args.image, None, "--image")
+        image = resolve_image(args.image, None, "--image", root_flag=None)
         out = image_file(args.out)
     except (ValueError, TypeError) as err:
         sys.exit(f"error: {err}")
@@ -119,7 +124,8 @@ def main(argv=None):
         _, name, overrides = method
         print(patchattn.patch(model, name, **overrides).summary())
     picture = open_image(image, {})
-    config = dataclasses.replace(config, prompt=carve_prompt(processor))
+    if config.prompt == CarveConfig.prompt:  # not set in --config: the model's own chat template
+        config = dataclasses.replace(config, prompt=carve_prompt(processor))
     plain = answer(model, processor, picture, args.question, config.answer_tokens, prompt=config.prompt)
     result = carve(model, processor, picture, args.question, config)
     result.image.save(out)

@@ -103,7 +103,7 @@ def is_url(reference: str) -> bool:
     return reference.startswith(("http://", "https://"))
 
 
-def resolve_image(reference, root: str | None, where: str) -> str:
+def resolve_image(reference, root: str | None, where: str, root_flag: str | None = "--image-root") -> str:
     """An image URL as it is, or a local path (relative to ``root`` when given) that must exist."""
     if not isinstance(reference, str) or not reference:
         raise ValueError(f"{where}: 'image' must be a URL or a file path, got {reference!r}")
@@ -111,7 +111,8 @@ def resolve_image(reference, root: str | None, where: str) -> str:
         return reference
     path = Path(root) / reference if root and not Path(reference).is_absolute() else Path(reference)
     if not path.is_file():
-        raise ValueError(f"{where}: no image file {str(path)!r}" + ("" if root else " (relative paths: --image-root)"))
+        hint = f" (relative paths: {root_flag})" if root_flag and not root else ""
+        raise ValueError(f"{where}: no image file {str(path)!r}{hint}")
     return str(path)
 
 
