@@ -250,7 +250,8 @@ def test_lvlm_examples_check_their_arguments_before_downloading(tmp_path, monkey
     for script in (hallucination, carve):
         out = _run([script, "--help"], cwd=tmp_path)
         assert out.returncode == 0 and "var, vhr" in " ".join(out.stdout.split()), out.stderr
-        out = _run([script, "--image", "x.jpg", "--question", "q"] if script == carve else [script, "--methods", "varr"])
+        bad = ["--image", "x.jpg", "--question", "q"] if script == carve else ["--methods", "varr"]
+        out = _run([script, *bad], cwd=tmp_path)
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
         assert ("no image file 'x.jpg'" if script == carve else "Did you mean 'var'") in out.stderr
 
