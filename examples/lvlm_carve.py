@@ -13,7 +13,8 @@ random model; it is written to run unchanged where the weights are reachable:
 
 It prints the model's answer on the original image, then CARVE's answer on the refined one, and saves the refined
 image (``--out``).  ``--config`` sets ``patchattn.lvlm.CarveConfig`` fields (layers, steps, lam, top_p, regions, mode,
-...); ``--method`` patches the model (e.g. ``var``) for all three passes.  One image per prompt; the image tokens
+...); ``--method`` patches the model (e.g. ``var``) for both answers (CARVE's two attention-reading passes switch the
+text backbone to eager attention, so they read the unpatched model's maps).  One image per prompt; the image tokens
 must form a grid (LLaVA, Qwen2-VL / Qwen2.5-VL, Gemma 3; not Idefics3 / SmolVLM's split images).  Every argument is
 checked before anything is downloaded.
 """
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="share of the image's token cells kept (paper: 0.4)")
     p.add_argument("--regions", type=int, default=None, help="connected regions kept (paper: 2)")
     p.add_argument("--config", default="{}", help="CarveConfig fields as JSON, e.g. '{\"steps\": 12}'")
-    p.add_argument("--method", default=None, help="patch the model with this method first: an LVLM one ("
+    p.add_argument("--method", default=None, help="patch the model for both answers with this method: an LVLM one ("
                    f"{', '.join(vision_language_methods())}) or a text method; 'name:{{\"field\": value}}' gives "
                    "overrides")
     p.add_argument("--answer-tokens", type=int, default=None, help="tokens of each answer (default 32)")

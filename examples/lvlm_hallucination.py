@@ -123,15 +123,18 @@ def _json_lines(path: str, flag: str):
         raise ValueError(f"{flag}: no file {path!r}")
     text = file.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        records = json.loads(text)
-        return [(f"{path} item {i}", r) for i, r in enumerate(records)]
-    out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not JSON ({err})") from err
+        try:
+            out = [(f"{path} item {i}", r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not JSON ({err})") from err
+    else:
+        out = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number} is not JSON ({err})") from err
     if not out:
         raise ValueError(f"{flag}: {path!r} has no items")
     return out
@@ -367,8 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS, help="methods compared with dense: the LVLM ones ("
                    f"{', '.join(vision_language_methods())}) or any text method; 'a;b@x:{{\"field\": value}}' "
                    "gives overrides (default %(default)s)")
-    p.add_argument("--pope-file", help="POPE questions, JSON lines {image, text or object, label: yes|no}")
-    p.add_argument("--chair-file", help="images to caption, JSON lines {image, objects: [COCO names]}")
+    p.add_argument("--pope-file", help="POPE questions, JSON lines {image, text or object, label: yes|no} "
+                   "(default: the 8 built-in questions)")
+    p.add_argument("--chair-file", help="images to caption, JSON lines {image, objects: [COCO names]} "
+                   "(default: one built-in image)")
     p.add_argument("--image-root", help="folder of the files' relative image paths (e.g. COCO val2014/)")
     p.add_argument("--limit", type=int, default=None, help="at most this many items of each file")
     p.add_argument("--answer-tokens", type=int, default=8)
