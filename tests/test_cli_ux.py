@@ -242,8 +242,57 @@ def test_real_dit_example_checks_its_arguments_before_downloading():
     assert example.psnr(np.zeros(4), np.full(4, 0.1)) == pytest.approx(20.0)
 
 
+def test_lvlm_examples_check_their_arguments_before_downloading(tmp_path, monkeypatch):
+    # Both download an LVLM (and images): what runs here is everything before that.  As a user runs them (--help and
+    # one bad argument each), then every check in-process with the downloads replaced by a failure.  Their protocol
+    # on a tiny model: tests/test_lvlm_examples.py.
+    hallucination, carve = str(ROOT / "examples" / "lvlm_hallucination.py"), str(ROOT / "examples" / "lvlm_carve.py")
+    for script in (hallucination, carve):
+        out = _run([script, "--help"], cwd=tmp_path)
+        assert out.returncode == 0 and "var, vhr" in " ".join(out.stdout.split()), out.stderr
+        bad = ["--image", "x.jpg", "--question", "q"] if script == carve else ["--methods", "varr"]
+        out = _run([script, *bad], cwd=tmp_path)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        assert ("no image file 'x.jpg'" if script == carve else "Did you mean 'var'") in out.stderr
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    monkeypatch.chdir(tmp_path)
+    hallucination, carve = importlib.import_module("lvlm_hallucination"), importlib.import_module("lvlm_carve")
+
+    def download(*args, **kwargs):
+        raise AssertionError("an argument check came after a download")
+
+    for module in (hallucination, carve):
+        monkeypatch.setattr(module, "check_family", download)
+        monkeypatch.setattr(module, "load_lvlm", download)
+    (tmp_path / "photo.png").write_bytes(b"")
+    (tmp_path / "pope.jsonl").write_text('{"image": "missing.jpg", "object": "cat", "label": "yes"}\n')
+    cases = [
+        (hallucination, ["--methods", "vhr,varr"], "Did you mean 'var'"),
+        (hallucination, ["--methods", 'paint:{"alpah": 1}'], "did you mean 'alpha'"),
+        (hallucination, ["--methods", "gna"], "does not patch vision-language models"),
+        (hallucination, ["--pope-file", "nope.jsonl"], "--pope-file: no file 'nope.jsonl'"),
+        (hallucination, ["--pope-file", "pope.jsonl"], "pope.jsonl:1: no image file 'missing.jpg'"),
+        (hallucination, ["--limit", "0"], "--limit must be >= 1"),
+        (hallucination, ["--out", "no/such/folder/r.json"], "does not exist"),
+        (carve, ["--image", "missing.jpg", "--question", "What?"], "--image: no image file 'missing.jpg'"),
+        (carve, ["--image", "photo.png", "--question", "What?", "--config", '{"stps": 3}'], "did you mean 'steps'"),
+        (carve, ["--image", "photo.png", "--question", "What?", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (carve, ["--image", "photo.png", "--question", "What?", "--method", "vhrr"], "Did you mean 'vhr'"),
+        (carve, ["--image", "photo.png", "--question", "What?", "--method", "var,vhr"], "give one method"),
+        (carve, ["--image", "photo.png", "--question", "What?", "--out", "refined.txt"], "image file name"),
+    ]
+    for module, args, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            module.main(args)
+        assert message in str(stop.value.code), (args, stop.value.code)
+    with pytest.raises(AssertionError, match="after a download"):  # good arguments reach the download
+        carve.main(["--image", "photo.png", "--question", "What?"])
+
+
 def test_every_example_has_a_test():
-    tested = {"patch_llm.py", "patch_dit.py", "patch_lvlm.py", "dit_real_models.py"}  # patch_lvlm: tests/test_cli.py
+    tested = {"patch_llm.py", "patch_dit.py", "patch_lvlm.py", "dit_real_models.py",  # patch_lvlm: tests/test_cli.py
+              "lvlm_hallucination.py", "lvlm_carve.py"}
     assert {p.name for p in (ROOT / "examples").glob("*.py")} == tested
 
 

@@ -1,5 +1,5 @@
-"""Every relative link of the user-facing markdown (README, docs/results.md, the bench index and its RESULTS files)
-points at a file or folder that exists in the repository."""
+"""Every relative link of the user-facing markdown (README, docs/results.md, docs/lvlm.md, the bench index and its
+RESULTS files) points at a file or folder that exists in the repository."""
 
 import re
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["README.md", "docs/results.md", "bench/README.md", *sorted(
+DOCUMENTS = ["README.md", "docs/results.md", "docs/lvlm.md", "bench/README.md", *sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*/RESULTS.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 

@@ -108,3 +108,7 @@ def test_bad_settings_are_refused(setup):
     with pytest.raises(ValueError, match="layers"):
         carve(model, processor, image, "q", layers=[5])
     assert default_layers(32) == [20, 25] and default_layers(28) == [18, 22]
+    with pytest.raises(ValueError, match="image placeholder"):
+        CarveConfig(prompt="USER: {instruction} ASSISTANT:")
+    for placeholder in ("<image>", "<|image_pad|>", "<start_of_image>"):  # LLaVA / Idefics3, Qwen-VL, Gemma 3
+        assert CarveConfig(prompt=f"{placeholder}{{instruction}}").prompt.format(instruction="q") == placeholder + "q"

@@ -32,6 +32,8 @@ from .images import apply_regions, as_tensor, keep_top_regions, like_input, top_
 __all__ = ["CarveConfig", "CarveResult", "carve", "contrast", "default_layers", "fuse", "image_grid"]
 
 PAPER_DEPTH = 32  # LLaVA-1.5-7B / Qwen2.5-VL-7B: the paper's layers [20, 25] are for 32 (28) layers
+# The text that a processor expands into an image's tokens: LLaVA / Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL, Gemma 3
+IMAGE_PLACEHOLDERS = ("<image>", "<|image_pad|>", "<start_of_image>")
 
 
 @dataclass
@@ -63,8 +65,9 @@ class CarveConfig:
         for name in ("steps", "regions", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CarveConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if "<image>" not in self.prompt or "{instruction}" not in self.prompt:
-            raise ValueError("CarveConfig.prompt must contain '<image>' and '{instruction}'")
+        if not any(p in self.prompt for p in IMAGE_PLACEHOLDERS) or "{instruction}" not in self.prompt:
+            raise ValueError(f"CarveConfig.prompt must contain an image placeholder ({', '.join(IMAGE_PLACEHOLDERS)}) "
+                             "and '{instruction}'")
 
 
 @dataclass
