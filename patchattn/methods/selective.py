@@ -10,9 +10,12 @@ Softmax ``softmax(K q)`` becomes ``softmax(tau_q(x_i, i) * K q)`` and values ``v
   (init 2.0, the fine-tune setting); ``position="linear"`` is the code's other variant ``1 + beta * log(n_i)``
   (init 0: exactly dense at step 0); ``"none"`` drops it;
 * **token temperature** (the paper's ``tau(x)``): ``tanh(u_h . f_i + b_h)`` added to ``s_i`` per query head ``h``,
-  where ``f_i`` is the head's own query (``token_input="query"``, a per-head projection of the query) or the token's
-  value vectors (``"value"``: RoPE-free); ``u, b`` start at 0, so it starts at exactly 0.  Since ``s_i >= 1`` and
-  ``tanh > -1`` the inverse temperature stays positive;
+  where ``f_i`` is the token's value vectors (``token_input="value"``, default) or the head's own query
+  (``"query"``).  The paper's ``tau`` reads the token embedding ``x``; the attention function sees q/k/v only, and
+  its q is after RoPE, so ``u . q`` would rotate with the absolute position (and meet unseen angles past the tuned
+  length); ``v = x W_v`` is the RoPE-free linear function of ``x`` at hand (as moh's learned router).  ``u, b``
+  start at 0, so the term starts at exactly 0.  Since ``s_i >= 1`` and ``tanh > -1`` the inverse temperature
+  stays positive (``position="linear"`` with a negative ``beta`` can break that; the user's choice);
 * **value temperature**: ``tau_v = 1 + tanh(w_g . v_j + c_g)`` per KV head ``g`` (in ``(0, 2)``: can silence noisy
   tokens), ``w, c`` start at 0 (exactly 1).
 
@@ -57,8 +60,9 @@ class SelectiveConfig(MethodConfig):
     beta_init: float | None = option(None, "initial beta (None: 2.0 for 'exp', the fine-tune code's; 0.0 for "  # noqa: RUF009
                                      "'linear')")
     query_temperature: bool = option(True, "token-dependent query temperature tanh(u.f + b) (paper's tau(x))")
-    token_input: str = option("query", "what the token temperature reads: 'query' (each head's own query) or "
-                              "'value' (the token's value vectors, RoPE-free)", choices=TOKEN_INPUTS)
+    token_input: str = option("value", "what the token temperature reads: 'value' (the token's value vectors: a "
+                              "RoPE-free linear map of x) or 'query' (each head's own query, after RoPE)",
+                              choices=TOKEN_INPUTS)
     value_temperature: bool = option(True, "value temperature 1 + tanh(w.v + c) per KV head")
 
     # No position term, no token or value temperature: the model's own attention, whatever the parameters.
@@ -176,8 +180,8 @@ def selective_reference(query, key, value, valid, *, scale, beta=None, position=
     n = valid.sum(-1).clamp_min(1).double()  # [B, Tq]
     tau = torch.ones_like(n)[:, None].expand(-1, heads, -1).clone()
     if position != "none":
-        b = torch.as_tensor(beta).double().reshape(())
-        lam = math.exp(-math.exp(float(b))) if position == "exp" else float(b)
+        b = float(beta.detach()) if torch.is_tensor(beta) else float(beta)
+        lam = math.exp(-math.exp(b)) if position == "exp" else b
         tau = tau + lam * torch.log(n)[:, None]
     if query_weight is not None:
         if token_input == "query":
