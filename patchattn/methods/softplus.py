@@ -204,5 +204,5 @@ def softplus_reference(query, key, value, valid, *, scale, train_len=2048, power
                 r = torch.clamp(n * a - 1, min=0) ** power
                 total = r.sum(-1, keepdim=True)
                 a = torch.where(total > 0, r / torch.where(total > 0, total, 1), a)
-            out[b, :, row] = a @ v[b, :, cols]
+            out[b, :, row] = torch.einsum("hn,hnd->hd", a, v[b][:, cols])
     return out
