@@ -29,7 +29,7 @@ causal offset when there is none), so padded rows and decode steps count positio
 **Trainable state.**  ``beta``, ``u, b`` and ``w, c`` are ``nn.Parameter`` s on each layer's ``PatchState``
 (``...self_attn.patchattn.position_beta`` etc.); the trainer trains every ``.patchattn.`` parameter with the LoRA and
 saves them in ``patch_state.safetensors``; ``patchattn.load(..., adapter=...)`` reloads them (as moh's router).
-About ``2 * H * D`` parameters per layer (Llama-3-8B: 5K of 218M per layer, 0.002%).  ``selective_reference``
+``H*Hkv*D + H + Hkv*D + Hkv + 1`` parameters per layer (Llama-3-8B: 34K of 218M per layer, 0.016%).  ``selective_reference``
 is the eager oracle (materialised softmax of the scaled logits).
 """
 
