@@ -24,7 +24,8 @@ values is the same as scaling the value: ``q_i <- tau_q(i) q_i``, ``v_j <- tau_v
 attention (SDPA / FlashAttention on a GPU: the fused path, with its masks, GQA, soft-cap and cache) runs unchanged.
 This is exact up to rounding the scaled q/v back to the model's dtype.  ``tau_v`` is a function of the cached
 ``v_j`` itself, so KV-cached decoding sees the same values as a full forward; ``n_i`` comes from the mask (or the
-causal offset when there is none), so padded rows and decode steps count positions as a row alone would.
+causal offset when there is none), so padded rows and decode steps count positions as a row alone would; a
+static-cache decode step (``KeyBounds``) reads everything on the device, so it compiles whole.
 
 **Trainable state.**  ``beta``, ``u, b`` and ``w, c`` are ``nn.Parameter`` s on each layer's ``PatchState``
 (``...self_attn.patchattn.position_beta`` etc.); the trainer trains every ``.patchattn.`` parameter with the LoRA and
@@ -45,7 +46,7 @@ from torch import nn
 from ..config import MethodConfig, option
 from ..registry import register_method
 from ..state import PatchState
-from ._heads import dense_call, head_counts
+from ._heads import dense_call, head_counts, newest_values
 
 POSITIONS = ("exp", "linear", "none")
 TOKEN_INPUTS = ("query", "value")
@@ -113,8 +114,10 @@ def position_scale(state, n: torch.Tensor) -> torch.Tensor | None:
     return 1.0 + lam * torch.log(n.to(beta.device))
 
 
-def query_temperature(state, query: torch.Tensor, value: torch.Tensor, n: torch.Tensor) -> torch.Tensor | None:
-    """``[B, Hq, Tq]`` float inverse temperature of each query (None when it is identically 1)."""
+def query_temperature(state, query: torch.Tensor, value: torch.Tensor, n: torch.Tensor,
+                      ends: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``[B, Hq, Tq]`` float inverse temperature of each query (None when it is identically 1).  ``ends``
+    (``KeyBounds.ends`` of a static-cache decode step): the queries' own values end there, not at the tensor's end."""
     config = state.config
     pos = position_scale(state, n)
     if not config.query_temperature:
@@ -123,7 +126,8 @@ def query_temperature(state, query: torch.Tensor, value: torch.Tensor, n: torch.
         token = torch.einsum("bhtd,hd->bht", query.float(), state.query_weight.float())
     else:
         q_len = query.shape[2]
-        feats = value[:, :, -q_len:].float().permute(0, 2, 1, 3).flatten(2)  # [B, Tq, Hkv * D]
+        own = value[:, :, -q_len:] if ends is None else newest_values(value, ends, q_len)
+        feats = own.float().permute(0, 2, 1, 3).flatten(2)  # [B, Tq, Hkv * D]
         token = (feats @ state.query_weight.float().t()).transpose(1, 2)
     token = torch.tanh(token + state.query_bias.float()[None, :, None])
     return token + (1.0 if pos is None else pos[:, None, :])
@@ -137,11 +141,11 @@ def value_temperature(state, value: torch.Tensor) -> torch.Tensor | None:
     return 1.0 + torch.tanh(logits + state.value_bias.float()[None, :, None])
 
 
-def scaled_inputs(state, query, value, attention_mask):
-    """(query, value) with the temperatures folded in, in the inputs' dtypes."""
+def scaled_inputs(state, query, value, attention_mask, ends=None):
+    """(query, value) with the temperatures folded in, in the inputs' dtypes (device ops only: no host read)."""
     batch, _, q_len, _ = query.shape
     n = visible_keys(attention_mask, batch, q_len, value.shape[2], query.device)
-    tau_q = query_temperature(state, query, value, n)
+    tau_q = query_temperature(state, query, value, n, ends)
     tau_v = value_temperature(state, value)
     if tau_q is not None:
         query = (query.float() * tau_q[..., None]).to(query.dtype)
@@ -159,11 +163,14 @@ def scaled_inputs(state, query, value, attention_mask):
     patterns=("causal-self",),
     make_state=make_selective_state,
     paper=PAPER,
+    key_bounds=True,
 )
-def selective_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+def selective_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, key_bounds=None,
+                        **kwargs):
     """Selective attention: learned query/position inverse temperature and value temperature (q, v rescaled)."""
     state = module.patchattn
-    query, value = scaled_inputs(state, query, value, attention_mask)
+    ends = None if key_bounds is None else key_bounds.ends
+    query, value = scaled_inputs(state, query, value, attention_mask, ends)
     state.record(density=1.0)
     return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

@@ -23,7 +23,8 @@ replaces the map:
 ``[chunk, Tk]`` weights only, never ``T x T``; under autograd each chunk is recomputed in the backward
 (``torch.utils.checkpoint``), so training memory stays ``O(chunk * T)`` per layer too.  The visible keys come from
 the mask (causal, left/right padding, sliding windows, the KV cache of a decode step), so padded rows equal rows
-alone and a decode step equals the full forward's row.  ``softplus_reference`` is the eager ``T x T`` oracle.
+alone and a decode step equals the full forward's row; a static-cache decode step (``KeyBounds``: empty slots
+are hidden by the mask) reads everything on the device, so it compiles whole.  ``softplus_reference`` is the eager ``T x T`` oracle.
 Needs training (the paper trains GPT-2 from scratch); the recipe is a LoRA adaptation of a pretrained model.
 """
 
@@ -159,8 +160,10 @@ def softplus_core(config: SoftplusConfig, query, key, value, valid, *, scale: fl
     needs_finetune=True,
     patterns=("causal-self",),
     paper=PAPER,
+    key_bounds=True,
 )
-def softplus_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+def softplus_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, key_bounds=None,
+                       **kwargs):
     """Softplus attention with a length scale and LSSAR re-weighting (l1-normalised, chunked over queries)."""
     state = module.patchattn
     config = state.config
