@@ -107,8 +107,9 @@ def attention_weights(config: SoftplusConfig, logits, valid, positions, head_dim
     c = length_scale(config, n, head_dim)
     scaled = logits * c
     if config.positive_map == "exp":
-        scaled = scaled.masked_fill(~valid, float("-inf"))
-        weights = torch.softmax(scaled, -1).nan_to_num(0.0)
+        seen = valid.any(-1, keepdim=True)  # rows that see nothing (padding queries) get 0, not NaN
+        scaled = scaled.masked_fill(~valid, float("-inf")).masked_fill(~seen, 0.0)
+        weights = torch.softmax(scaled, -1) * seen
     else:
         positive = torch.where(valid, F.softplus(scaled), torch.zeros_like(scaled))
         weights = positive / positive.sum(-1, keepdim=True).clamp_min(torch.finfo(positive.dtype).tiny)

@@ -190,3 +190,18 @@ def test_static_cache_decode_step_compiles_whole_and_equals_the_default_cache():
         got = torch.compile(step, fullgraph=True, backend="eager")(token, cache)
     assert max_abs_diff(got, want) < 1e-5
     assert max_abs_diff(want, default) < 1e-5
+
+
+def test_rows_that_see_nothing_give_zeros_and_finite_gradients():
+    gen = torch.Generator().manual_seed(8)
+    valid = _valid(torch.ones(2, 13, dtype=torch.bool), 13)
+    valid[1, :4] = False  # padding queries: no key at all
+    valid[1, :, :4] = False
+    for overrides in ({}, {"positive_map": "exp"}, {"positive_map": "exp", "reweight": False, "min_scale": 1.0}):
+        config = patchattn.get_config("softplus", chunk=5, train_len=8, **overrides)
+        q = torch.randn(2, 4, 13, 8, generator=gen, requires_grad=True)
+        k, v = (torch.randn(2, 2, 13, 8, generator=gen, requires_grad=True) for _ in range(2))
+        out = softplus.softplus_core(config, q, k, v, valid, scale=0.3)
+        out.sum().backward()
+        assert (out[1, :, :4] == 0).all(), overrides
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v)), overrides
