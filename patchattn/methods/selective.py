@@ -58,7 +58,7 @@ PAPER = ("Zhang et al., Selective Attention: Enhancing Transformer through Princ
 class SelectiveConfig(MethodConfig):
     position: str = option("exp", "position temperature: 'exp' 1+exp(-exp(beta))*log n (released code), 'linear' "
                            "1+beta*log n, 'none'", choices=POSITIONS)
-    beta_init: float | None = option(None, "initial beta (None: 2.0 for 'exp', the fine-tune code's; 0.0 for "  # noqa: RUF009
+    beta_init: float | None = option(None, "initial beta (None: 2.0 for 'exp', the fine-tune code's; 0.0 for "
                                      "'linear')")
     query_temperature: bool = option(True, "token-dependent query temperature tanh(u.f + b) (paper's tau(x))")
     token_input: str = option("value", "what the token temperature reads: 'value' (the token's value vectors: a "

@@ -134,7 +134,7 @@ def _chunk_attention(config, scale, softcap, q, k, v, valid, positions):
 
 def softplus_core(config: SoftplusConfig, query, key, value, valid, *, scale: float, softcap=None) -> torch.Tensor:
     """Chunked LSSA(R): ``[B, Hq, Tq, D]`` in the query's dtype; key/value ``[B, Hkv, Tk, D]`` (GQA expanded here)."""
-    heads, q_len, dim = query.shape[1:]
+    heads, q_len = query.shape[1:3]
     group = heads // key.shape[1]
     q, k, v = query.float(), key.float(), value.float()
     if config.qk_norm:

@@ -183,7 +183,7 @@ def test_unpatch_is_exact():
 def test_recipe_trains_two_steps_and_reloads_the_temperatures(tmp_path):
     recipe = load_recipe("selective", {**SMOKE, "output_dir": str(tmp_path / "run")})
     assert recipe.patch["method"] == "selective"
-    metrics, tuned = train_model(recipe, RunOptions(progress=False))
+    _, tuned = train_model(recipe, RunOptions(progress=False))
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if "lm_loss" in line]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     trained = {n: p.detach().clone() for n, p in tuned.named_parameters() if ".patchattn." in n}
