@@ -11,8 +11,9 @@ shared among the block's tokens by a softmax restricted to the block (``P(token 
 
 Landmark keys (deviation: no token is inserted).  The paper appends a ``<landmark>`` token after every block and
 trains its key.  Here the token sequence is unchanged and each block's landmark key is *derived* from its keys:
-a learned per-KV-head attention pooling ``L_n = sum_j softmax_j(k_j . u_h) k_j`` over the block's (post-RoPE) keys,
-plus a learned per-head logit offset ``o_h``: the landmark logit is ``q . L_n * scale + o_h``.  ``u`` starts at 0
+a learned per-KV-head attention pooling ``L_n = sum_j softmax_j(v_j . u_h) k_j`` of the block's (post-RoPE) keys,
+weighted by the values (RoPE-free: pooling weights read from rotated keys would depend on absolute positions, so a
+left-padded row would differ from the row alone), plus a learned per-head logit offset ``o_h``: the landmark logit is ``q . L_n * scale + o_h``.  ``u`` starts at 0
 (mean pooling) and ``o`` at ``log(block_size)`` (Jensen: ``log sum_j exp(s_j) >= log(block) + mean_j s_j``, so a
 freshly patched model starts near the block's true softmax mass).  Only complete blocks have a landmark (the block
 holding the query is always local), so a landmark never changes once its block is full, and the tokens stay where
@@ -35,7 +36,7 @@ log-sum-exp: exactly the grouped softmax, with the work of the listed blocks onl
 log-sum-exp's gradient, which the Triton path does not give (``lse`` is non-differentiable there): calls that need
 gradients run the engine's torch backend (block lists, autograd through the reference); inference runs Triton.
 
-Trainable state: ``landmark_query`` (``[Hkv, head_dim]``, zeros) and ``landmark_offset`` (``[Hkv]``,
+Trainable state: ``landmark_query`` (``[Hkv, head_dim]`` (the values' head_dim), zeros) and ``landmark_offset`` (``[Hkv]``,
 ``log(block_size)``) are ``nn.Parameter`` s of the module's ``PatchState`` (names contain ``.patchattn.``): saved with
 a LoRA adapter and loaded back by ``patchattn.load(..., adapter=...)``.  ``local_blocks`` covering the whole input
 is the model's own causal attention (``DENSE_EQUIVALENT``).  Sliding-window layers and ``dense_layers`` stay the
@@ -89,12 +90,14 @@ def make_landmark_state(module, config: LandmarkConfig, layer_index, role, conte
     return state
 
 
-def landmark_keys(key: torch.Tensor, pool_query: torch.Tensor, block: int) -> torch.Tensor:
-    """fp32 ``[B, Hkv, NC, D]``: each complete block's landmark key, ``sum_j softmax_j(k_j . u_h) k_j``."""
+def landmark_keys(key: torch.Tensor, value: torch.Tensor, pool_query: torch.Tensor, block: int) -> torch.Tensor:
+    """fp32 ``[B, Hkv, NC, D]``: each complete block's landmark key ``sum_j softmax_j(v_j . u_h) k_j``.  The weights
+    read the values (no RoPE), so ``q . L`` stays a function of relative positions, as every other logit is."""
     batch, heads, length, dim = key.shape
     n = length // block
     keys = key[:, :, : n * block].float().view(batch, heads, n, block, dim)
-    weights = torch.softmax(torch.einsum("bhnjd,hd->bhnj", keys, pool_query.float()), dim=-1)
+    values = value[:, :, : n * block].float().view(batch, heads, n, block, value.shape[-1])
+    weights = torch.softmax(torch.einsum("bhnjd,hd->bhnj", values, pool_query.float()), dim=-1)
     return torch.einsum("bhnj,bhnjd->bhnd", weights, keys)
 
 
@@ -142,7 +145,7 @@ def grouped_landmark_attention(state, query, key, value, scale: float, softcap: 
         state.record(density=(reads_local / (current + 1)).mean())
         return out_local[:, :, pad:]
 
-    landmarks = landmark_keys(key, state.landmark_query, block)
+    landmarks = landmark_keys(key, value, state.landmark_query, block)
     logits = landmark_logits(padded_q, landmarks, state.landmark_offset, scale, softcap)  # [B, Hq, rows, NC]
     row_block = current.repeat_interleave(block)[:rows]
     candidate = torch.arange(n_c, device=device)[None] <= (row_block - local)[:, None]  # [rows, NC]
