@@ -201,3 +201,16 @@ def test_recipe_trains_two_steps_and_reloads(tmp_path):
         assert torch.equal(model(input_ids=ids).logits, want)
         reloaded = {n: p for n, p in model.named_parameters() if ".patchattn." in n}
     assert len(reloaded) == len(learned)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_triton_inference_path_matches_the_torch_path(triton_target, dtype, tol):
+    (q, k, v), weight, a = _inputs(dtype, tq=70, tk=70)
+    q, k, v, weight, a = (t.detach().to(triton_target) for t in (q, k, v, weight, a))
+    outs = {}
+    for backend in ("torch", "triton"):
+        state = _state(20, 16, weight, a)
+        state.config.backend = backend
+        with torch.no_grad():
+            outs[backend] = dma.dynamic_mask_attention(state, q, k, v, 0.25, None)
+    assert max_abs_diff(outs["torch"], outs["triton"]) <= tol

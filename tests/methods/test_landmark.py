@@ -212,3 +212,16 @@ def test_recipe_trains_two_steps_and_reloads(tmp_path):
         assert torch.equal(model(input_ids=ids).logits, want)
         reloaded = {n: p for n, p in model.named_parameters() if ".patchattn." in n}
     assert len(reloaded) == len(learned)
+
+
+@pytest.mark.parametrize("dtype,tol,tq", [(torch.float32, 2e-5, 75), (torch.bfloat16, 3e-2, 1)])
+def test_triton_inference_path_matches_the_torch_path(triton_target, dtype, tol, tq):
+    (q, k, v), pool_query, offset = _inputs(dtype, tq=tq, tk=75)
+    q, k, v, pool_query, offset = (t.detach().to(triton_target) for t in (q, k, v, pool_query, offset))
+    outs = {}
+    for backend in ("torch", "triton"):
+        state = _state(16, 2, 1, pool_query, offset)
+        state.config.backend = backend
+        with torch.no_grad():
+            outs[backend] = landmark.grouped_landmark_attention(state, q, k, v, 0.25, None, 2)
+    assert max_abs_diff(outs["torch"], outs["triton"]) <= tol
