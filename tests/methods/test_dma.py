@@ -78,7 +78,7 @@ def test_forward_and_gradients_match_the_oracle(dtype, tol, tq, tk, window, bloc
     want_out = reference_dma(*leaves[:3], bias, window, scale=0.25, softcap=softcap)
     want = torch.autograd.grad((want_out * grad_out.double()).sum(), leaves)
     assert max_abs_diff(out, want_out) <= tol
-    for name, g, w in zip("q k v dt_proj a".split(), got, want, strict=True):
+    for name, g, w in zip(["q", "k", "v", "dt_proj", "a"], got, want, strict=True):
         assert max_abs_diff(g, w) <= tol * max(1.0, w.abs().max().item()), name
 
 

@@ -93,7 +93,7 @@ def test_forward_and_gradients_match_the_oracle(dtype, tol, tq, tk, block, top_k
     want_out = reference_landmark(*leaves, block, top_k, local, 0.25, softcap)
     want = torch.autograd.grad((want_out * grad_out.double()).sum(), leaves)
     assert max_abs_diff(out, want_out) <= tol
-    for name, g, w in zip("q k v landmark_query landmark_offset".split(), got, want, strict=True):
+    for name, g, w in zip(["q", "k", "v", "landmark_query", "landmark_offset"], got, want, strict=True):
         assert max_abs_diff(g, w) <= tol * max(1.0, w.abs().max().item()), name
 
 
