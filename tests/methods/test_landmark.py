@@ -18,7 +18,7 @@ from patchattn.testing import left_pad, max_abs_diff, tiny_model
 
 # ---- the oracle: the paper's grouped softmax, row by row ---------------------------------------------------------
 def reference_landmark(q, k, v, pool_query, offset, block, top_k, local, scale, softcap=None):
-    """Each row: one softmax over its local tokens (blocks ``c - local + 1 .. c``) and the landmarks of its
+    """Each row (all at once, on materialised scores): one softmax over its local tokens (blocks ``c - local + 1 .. c``) and the landmarks of its
     ``top_k`` best earlier complete blocks; a block's weight is shared by a softmax over the block's own keys.
     The landmark of block n: ``sum_j softmax_j(v_j . u) k_j``, its logit ``q . L * scale (+ softcap) + offset``."""
     b, hq, tq, d = q.shape
@@ -39,25 +39,21 @@ def reference_landmark(q, k, v, pool_query, offset, block, top_k, local, scale, 
     marks = torch.stack(marks, 2) if marks else k.new_zeros(b, hkv, 0, d)
     mark_logits = cap(torch.einsum("bhid,bhnd->bhin", q, marks.repeat_interleave(g, 1)) * scale)
     mark_logits = mark_logits + offset.repeat_interleave(g)[None, :, None, None]
-    rows = []
-    for i in range(tq):
-        p = tk - tq + i
-        c = p // block
-        pos = torch.arange(tk)
-        local_keys = (pos <= p) & (pos // block > c - local)
-        candidates = [n for n in range(n_c) if n <= c - local]
-        chosen = torch.zeros(b, hq, n_c, dtype=torch.bool)
-        if candidates:
-            cand_logits = mark_logits[:, :, i, candidates]
-            best = cand_logits.topk(min(top_k, len(candidates)), -1).indices
-            chosen[..., candidates] = torch.zeros_like(cand_logits, dtype=torch.bool).scatter(-1, best, True)
-        top = torch.softmax(torch.cat([scores[:, :, i].masked_fill(~local_keys, -math.inf),
-                                       mark_logits[:, :, i].masked_fill(~chosen, -math.inf)], -1), -1)
-        within = torch.softmax(scores[:, :, i, :n_c * block].reshape(b, hq, n_c, block), -1)
-        block_weights = (top[..., tk:, None] * within).reshape(b, hq, n_c * block)
-        weights = top[..., :tk] + torch.nn.functional.pad(block_weights, (0, tk - n_c * block))
-        rows.append(torch.einsum("bhj,bhjd->bhd", weights, vr))
-    return torch.stack(rows, 2)
+    pos = torch.arange(tk)
+    row_pos = torch.arange(tk - tq, tk)
+    row_block = row_pos // block
+    local_keys = (pos[None] <= row_pos[:, None]) & (pos[None] // block > (row_block - local)[:, None])  # [Tq, Tk]
+    candidates = torch.arange(n_c)[None] <= (row_block - local)[:, None]  # [Tq, NC]
+    chosen = torch.zeros(b, hq, tq, n_c, dtype=torch.bool)
+    if n_c:
+        best = mark_logits.masked_fill(~candidates, -math.inf).topk(min(top_k, n_c), -1).indices
+        chosen = chosen.scatter(-1, best, True) & candidates
+    top = torch.softmax(torch.cat([scores.masked_fill(~local_keys, -math.inf),
+                                   mark_logits.masked_fill(~chosen, -math.inf)], -1), -1)
+    within = torch.softmax(scores[..., :n_c * block].reshape(b, hq, tq, n_c, block), -1)
+    block_weights = (top[..., tk:, None] * within).reshape(b, hq, tq, n_c * block)
+    weights = top[..., :tk] + torch.nn.functional.pad(block_weights, (0, tk - n_c * block))
+    return weights @ vr
 
 
 def _state(block, top_k, local, pool_query, offset):
