@@ -133,12 +133,13 @@ def grouped_landmark_attention(state, query, key, value, scale: float, softcap: 
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, state.landmark_query)):
         backend = "torch"  # the Triton path's log-sum-exp has no gradient
 
-    def attend(kv_indices, kv_counts):
+    def attend(kv_indices, kv_counts, return_lse=False):
         return block_sparse_attention(padded_q, key, value, kv_indices, kv_counts, block_q=block, block_k=block,
-                                      causal=True, scale=scale, softcap=softcap, return_lse=True, backend=backend)
+                                      causal=True, scale=scale, softcap=softcap, return_lse=return_lse,
+                                      backend=backend)
 
     local_mask = (blocks[None] <= current[:, None]) & (blocks[None] > current[:, None] - local)
-    out_local, lse_local = attend(*blocks_from_mask(local_mask[None, None]))
+    out_local, lse_local = attend(*blocks_from_mask(local_mask[None, None]), return_lse=True)
     last_candidate = int(current[-1]) - local  # the last query block's newest earlier block
     reads_local = (current - (current - local + 1).clamp(min=0) + 1).float()
     if last_candidate < 0 or top_k == 0:
@@ -161,12 +162,12 @@ def grouped_landmark_attention(state, query, key, value, scale: float, softcap: 
     gates, outs = [lse_local], [out_local]
     for rank in range(kv_indices.shape[-1]):
         listed = kv_counts > rank
-        out_r, lse_r = attend(kv_indices[..., rank:rank + 1].contiguous(), listed.to(torch.int32))
+        # The block's mass enters through its landmark gate, not through its own log-sum-exp.
+        out_r = attend(kv_indices[..., rank:rank + 1].contiguous(), listed.to(torch.int32))
         row_pick = kv_indices[..., rank].long().repeat_interleave(block, dim=-1)[..., :rows, None]
         row_listed = listed.repeat_interleave(block, dim=-1)[..., :rows, None]
         keep = chosen.gather(-1, row_pick) & row_listed
         gates.append(logits.gather(-1, row_pick).masked_fill(~keep, float("-inf")).squeeze(-1))
-        del lse_r  # the block's mass enters through its landmark, not through its own log-sum-exp
         outs.append(out_r)
     weights = torch.softmax(torch.stack(gates, dim=-1), dim=-1)  # [B, Hq, rows, 1 + K]
     out = sum(weights[..., i, None] * outs[i].float() for i in range(len(outs)))
