@@ -38,10 +38,10 @@ SPARSE = [m for m in METHODS if m in {s.name for s in patchattn.list_methods("sp
 SPARSE_SETTINGS = {method_of(case): {k: v for k, v in o.items() if k != "block_size"}
                    for case, o in PIN_CASES.items() if case == method_of(case)}
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 2e-4, torch.bfloat16: 0.1}
-# Methods that pick heads per token by a top-k (moh): a rounding-level difference between the batch and the row
-# alone flips a near-tied choice (seen: 1 token in 26 at fp32), so their row-alone checks run in float64, where
-# ties at rounding level do not occur.
-DISCRETE_ROUTING = {"moh"}
+# Methods that pick heads (moh) or blocks (landmark) per token by a top-k: a rounding-level difference between the
+# batch and the row alone flips a near-tied choice (seen: 1 token in 26 at fp32), so their row-alone checks run in
+# float64, where ties at rounding level do not occur.
+DISCRETE_ROUTING = {"moh", "landmark"}
 NAN_IN_FLOAT64 = {"gemma2"}  # transformers' Gemma-2 forward itself gives NaN in float64 (unpatched too)
 
 

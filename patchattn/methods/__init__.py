@@ -12,6 +12,7 @@ from . import act, blocktopk, dense, duo, headscale, hip, hyper, moa, moh, power
 from . import agent, gna, softpag  # DiTs
 from . import clear, radial  # DiTs: Radial Attention, CLEAR
 from . import longlora, sinklora  # fine-tuning methods (recipes/)
+from . import dma, landmark  # fine-tuning sparse methods (recipes/dma, recipes/landmark)
 from . import composite  # LVLMs (EE-MLLM)
 from . import var  # LVLMs: visual attention sink redistribution
 from . import paint, vhr  # LVLMs: the generated token reads the image (last-row edits)

@@ -1,0 +1,187 @@
+"""``dma`` — Trainable Dynamic Mask Attention: a learned key bias from the values picks each query's keys.
+
+Shi et al., "Trainable Dynamic Mask Sparse Attention", arXiv 2508.02124; code: flash-dmattn (Doge models).
+
+Per KV head ``h`` every key ``j`` gets a content-aware bias from its token's value vectors (all KV heads concatenated):
+``delta_j = dt_proj(V_j)`` (a linear map to one scalar per KV head) and ``b_j = A_h * softplus(delta_j)`` with a
+learnable ``A_h`` (init 0, as the paper's code: the bias starts at exactly 0).  Each query keeps the ``window`` keys
+of its causal past with the largest (detached) bias and attends ``softmax(q k^T * scale + b + mask) V``; the bias is
+a logit term, so ``dt_proj`` and ``A`` learn through it.  The query heads of a GQA group share their KV head's bias
+and mask.  ``window >= length`` is dense attention plus the bias (exactly dense while ``A = 0``).
+
+Ties.  The top-``window`` choice breaks ties towards the more recent key (the paper's ``topk`` leaves them
+unspecified): a freshly patched model (``A = 0``, all biases equal) starts as a sliding window of ``window`` tokens.
+
+On the engine.  Because the bias belongs to the key, the kept set of a key only shrinks as queries move on: key
+``j`` is kept by the queries ``j <= i < until_j``, ``until_j`` being the position of the ``window``-th key that
+beats it (``kept_until``).  Query block ``c`` therefore reads key block ``n <= c`` iff some key of ``n`` is still
+kept at the block's first row; the tiles where a key leaves the window inside the block are partial tiles
+(``tile_masks``: ``row < until_key``), the rest whole tiles, so the kernel is exact at token level and skips the
+blocks no query of the block keeps.  The bias is the engine's ``col_bias``.  The engine's Triton backward has no
+gradient for ``col_bias``; when the bias needs one (training), the call runs the engine's torch backend (block
+lists, autograd through the reference), which is slower but still skips the masked blocks.  Inference (no grad) runs
+Triton.  ``kept_until`` compares every pair of keys (``O(T^2 / chunk)`` memory per chunk of 256 keys): the
+selection costs what dense scores cost, the attention what the kept blocks cost.
+
+Trainable state: ``dt_proj`` (``[Hkv, Hkv * head_dim]``, ``N(0, init_std)`` from ``seed`` and the layer) and ``a``
+(``[Hkv]``, zeros) are ``nn.Parameter`` s of the module's ``PatchState`` (names contain ``.patchattn.``), saved with a
+LoRA adapter by the trainer and loaded back by ``patchattn.load(..., adapter=...)``.  Sliding-window layers and
+``dense_layers`` run the model's own attention (no bias).  ``state.stats['density']``: fraction of the causal
+(query, key) pairs kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MethodConfig, option
+from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask
+from ..registry import register_method
+from ..state import PatchState
+from ._heads import head_counts
+from ._rows import run_by_rows
+from ._sparse import dense_call, record_dense_call, sparse_reason
+
+PAPER = "Shi et al., Trainable Dynamic Mask Sparse Attention, arXiv 2508.02124 (code: flash-dmattn)"
+KEY_CHUNK = 256  # keys ranked at once by kept_until (memory: chunk x keys per head)
+
+
+@dataclass(kw_only=True)
+class DMAConfig(MethodConfig):
+    window: int = option(2048, "keys kept per query: the top-window of its causal past by the learned key bias "
+                         "(Doge config: 2048)", min=1)
+    block_size: int = option(64, "query/key block size of the kernel's block lists", choices=(16, 32, 64, 128))
+    dense_layers: list = option([], "layer indices that stay dense", min=0, index="layer")  # noqa: RUF009
+    init_std: float = option(0.02, "std of dt_proj's initial weights (A starts at 0, so the bias starts at 0)",
+                             min=0.0)
+    seed: int = option(0, "seed of dt_proj's initialisation", min=0)
+
+    # Every key kept; the bias is 0 until A is trained.
+    DENSE_EQUIVALENT: ClassVar[dict] = {"window": 1 << 30}
+
+
+def make_dma_state(module, config: DMAConfig, layer_index, role, context) -> PatchState:
+    """The layer's ``dt_proj`` and ``a`` (deterministic from ``seed`` and the layer)."""
+    _, kv_heads, head_dim = head_counts(module)
+    state = PatchState(config, layer_index, role, context)
+    device = next(module.parameters()).device
+    gen = torch.Generator().manual_seed(config.seed * 100_003 + layer_index)
+    weight = torch.randn(kv_heads, kv_heads * head_dim, generator=gen) * config.init_std
+    state.dt_proj = nn.Parameter(weight.to(device))
+    state.a = nn.Parameter(torch.zeros(kv_heads, device=device))
+    return state
+
+
+def key_bias(value: torch.Tensor, dt_proj: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[B, Hkv, Tk]``: ``A_h * softplus(dt_proj(V_j))`` per key (V_j: the token's values of every KV head)."""
+    batch, heads, length, dim = value.shape
+    flat = value.transpose(1, 2).reshape(batch, length, heads * dim).float()
+    delta = flat @ dt_proj.float().t()  # [B, Tk, Hkv]
+    return (a.float() * F.softplus(delta)).transpose(1, 2)
+
+
+def kept_until(bias: torch.Tensor, window: int) -> torch.Tensor:
+    """long ``[B, Hkv, Tk]``: key ``j`` is among the top-``window`` keys (by bias, ties to the later key) of every
+    query ``i`` with ``j <= i < until_j``; ``until_j`` is the position of the ``window``-th key that beats ``j``
+    (``Tk`` when fewer do).  Uses the detached bias."""
+    bias = bias.detach()
+    length = bias.shape[-1]
+    if window >= length:
+        return torch.full_like(bias, length, dtype=torch.long)
+    pos = torch.arange(length, device=bias.device)
+    out = []
+    for lo in range(0, length, KEY_CHUNK):
+        own, own_pos = bias[..., lo:lo + KEY_CHUNK, None], pos[lo:lo + KEY_CHUNK, None]
+        beats = (bias[..., None, :] > own) | ((bias[..., None, :] == own) & (pos > own_pos))  # [B, H, C, Tk]
+        out.append((beats.cumsum(-1, dtype=torch.int32) < window).sum(-1))
+    return torch.cat(out, dim=-1).long()
+
+
+def dynamic_mask_lists(until: torch.Tensor, first_block: int, n_q: int, block: int, kv_len: int):
+    """Block lists and partial tiles for query blocks aligned on key blocks (query block ``m`` holds the positions of
+    key block ``first_block + m``): ``(kv_indices, kv_counts, tile_masks, tile_mask_ids)``, per KV head."""
+    batch, heads, _ = until.shape
+    n_k = math.ceil(kv_len / block)
+    # Keys past the end never bound anything (the engine hides them): a large "until".
+    padded = F.pad(until, (0, n_k * block - kv_len), value=1 << 40).view(batch, heads, n_k, block)
+    current = first_block + torch.arange(n_q, device=until.device)  # [NQ] key block of each query block
+    first_row = current * block
+    reads = (torch.arange(n_k, device=until.device)[None] <= current[:, None]) \
+        & (padded.amax(-1)[:, :, None, :] > first_row[None, None, :, None])  # [B, H, NQ, NK]
+    kv_indices, kv_counts = blocks_from_mask(reads)
+    rows = first_row[:, None] + torch.arange(block, device=until.device)  # [NQ, block]
+    keys = padded.gather(2, kv_indices.long()[..., None].flatten(2, 3).expand(-1, -1, -1, block))
+    keys = keys.view(batch, heads, n_q, -1, block)  # [B, H, NQ, K, block]: until of each listed key
+    tiles = rows[None, None, :, None, :, None] < keys[..., None, :]  # [B, H, NQ, K, block_q, block_k]
+    listed = torch.arange(kv_indices.shape[-1], device=until.device) < kv_counts[..., None]
+    partial = listed & ~tiles.flatten(-2).all(-1)
+    tile_ids = torch.where(partial, partial.flatten().cumsum(0).view(partial.shape) - 1, -1).to(torch.int32)
+    return kv_indices, kv_counts, tiles[partial], tile_ids
+
+
+def dynamic_mask_attention(state, query, key, value, scale: float, softcap: float | None) -> torch.Tensor:
+    """DMA on unpadded rows (queries: the last ``Tq`` of ``Tk`` positions): ``[B, Hq, Tq, D]``."""
+    config = state.config
+    block = config.block_size
+    q_len, kv_len = query.shape[2], key.shape[2]
+    bias = key_bias(value, state.dt_proj, state.a)
+    until = kept_until(bias, config.window)
+    offset = kv_len - q_len
+    pad = offset % block  # align query blocks on key blocks: a few leading rows, dropped after
+    padded_q = F.pad(query, (0, 0, pad, 0)) if pad else query
+    n_q = math.ceil((q_len + pad) / block)
+    kv_indices, kv_counts, tile_masks, tile_ids = dynamic_mask_lists(until, (offset - pad) // block, n_q, block,
+                                                                     kv_len)
+    backend = config.backend
+    if torch.is_grad_enabled() and bias.requires_grad:
+        backend = "torch"  # the Triton backward has no col_bias gradient
+    out = block_sparse_attention(padded_q, key, value, kv_indices, kv_counts, block_q=block, block_k=block,
+                                 causal=True, scale=scale, softcap=softcap, col_bias=bias, backend=backend,
+                                 tile_masks=tile_masks, tile_mask_ids=tile_ids)
+    state.record(density=_kept_share(until, offset, kv_len))
+    return out[:, :, pad:]
+
+
+def _kept_share(until: torch.Tensor, offset: int, kv_len: int) -> torch.Tensor:
+    """Fraction of the causal (query, key) pairs of the queries ``offset..kv_len-1`` that are kept."""
+    pos = torch.arange(kv_len, device=until.device)
+    kept = (until.clamp(max=kv_len) - pos.clamp(min=offset)).clamp(min=0).sum(-1).float()
+    causal = sum(range(offset + 1, kv_len + 1))
+    return (kept / causal).mean()
+
+
+@register_method(
+    "dma",
+    config=DMAConfig,
+    category="other",
+    families=("llm", "lvlm"),
+    needs_finetune=True,
+    patterns=("causal-self",),
+    paper=PAPER,
+    make_state=make_dma_state,
+)
+def dma_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+    """Dynamic mask attention: each query keeps the top-window keys by a learned value-derived bias."""
+    state = module.patchattn
+    q_len, kv_len = query.shape[2], key.shape[2]
+    reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
+    if reason is not None:
+        record_dense_call(state, "dma", reason, q_len, kv_len, kwargs)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if dropout:
+        raise NotImplementedError("patchattn dma: attention dropout is not supported (the engine has none); set the "
+                                  "model's attention dropout to 0")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+
+    def run(q, k, v):  # unpadded rows: a row's keys are its own
+        return dynamic_mask_attention(state, q, k, v, scale, kwargs.get("softcap")).transpose(1, 2)
+
+    if spans is None:
+        return run(query, key, value), None
+    return run_by_rows(state, query, key, value, spans, run), None

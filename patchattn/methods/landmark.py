@@ -1,0 +1,211 @@
+"""``landmark`` — Landmark Attention: a landmark key per block gates the block; top-k blocks retrieved at inference.
+
+Mohtashami & Jaggi, "Landmark Attention: Random-Access Infinite Context Length for Transformers" (NeurIPS 2023),
+arXiv 2305.16300; code: epfml/landmark-attention.
+
+Grouped softmax (the paper's training attention).  Keys fall in blocks of ``block_size`` tokens.  A query at position
+``p`` in block ``c`` attends the tokens of its *local* blocks (``c - local_blocks + 1 .. c``; the paper: the current
+block) directly, and every earlier block ``n`` through that block's landmark: one softmax over {local tokens} and
+{landmarks of the earlier blocks} gives each local token its weight and each block ``n`` a weight ``P(n)``, which is
+shared among the block's tokens by a softmax restricted to the block (``P(token | n)``).  Landmarks carry no value.
+
+Landmark keys (deviation: no token is inserted).  The paper appends a ``<landmark>`` token after every block and
+trains its key.  Here the token sequence is unchanged and each block's landmark key is *derived* from its keys:
+a learned per-KV-head attention pooling ``L_n = sum_j softmax_j(v_j . u_h) k_j`` of the block's (post-RoPE) keys,
+weighted by the values (RoPE-free: pooling weights read from rotated keys would depend on absolute positions, so a
+left-padded row would differ from the row alone), plus a learned per-head logit offset ``o_h``: the landmark logit is ``q . L_n * scale + o_h``.  ``u`` starts at 0
+(mean pooling) and ``o`` at ``log(block_size)`` (Jensen: ``log sum_j exp(s_j) >= log(block) + mean_j s_j``, so a
+freshly patched model starts near the block's true softmax mass).  Only complete blocks have a landmark (the block
+holding the query is always local), so a landmark never changes once its block is full, and the tokens stay where
+the model put them (no landmark positions to skip, no change to the tokenizer or to generation).
+
+Inference (``model.eval()``).  Each query and each query head retrieves the ``top_k`` earlier blocks with the
+highest landmark logits (paper's ``run_test``: 5) and runs the same grouped softmax over those blocks + its local
+blocks (non-retrieved landmarks leave the softmax).  With ``top_k`` >= the number of blocks it is the training
+attention exactly (tested).  Deviation: retrieved blocks keep their own positions (the keys in the cache are
+rotated already); the paper re-places them just before the local context to extrapolate beyond its training length.
+In training mode (``train_all_blocks``, default) every earlier block is gated, as the paper trains.
+
+On the engine.  Query blocks are aligned on key blocks (a few leading query rows are padded in when a call starts
+mid-block, and dropped), so a query block shares its local blocks and candidates.  One call reads the local blocks
+(causal) and returns its log-sum-exp; the earlier blocks are read one *rank* at a time: the union of the retrieved
+blocks of a query block's rows (per head: lists ``[B, Hq, NQ, K]``) is listed, and call ``r`` reads entry ``r`` of
+every list, returning the within-block softmax output and its log-sum-exp.  The rows then mix these pieces with their
+own gates (the landmark logit of the block where the row retrieved it, ``-inf`` otherwise) and the local
+log-sum-exp: exactly the grouped softmax, with the work of the listed blocks only.  The gradient needs the
+log-sum-exp's gradient, which the Triton path does not give (``lse`` is non-differentiable there): calls that need
+gradients run the engine's torch backend (block lists, autograd through the reference); inference runs Triton.
+
+Trainable state: ``landmark_query`` (``[Hkv, head_dim]`` (the values' head_dim), zeros) and ``landmark_offset`` (``[Hkv]``,
+``log(block_size)``) are ``nn.Parameter`` s of the module's ``PatchState`` (names contain ``.patchattn.``): saved with
+a LoRA adapter and loaded back by ``patchattn.load(..., adapter=...)``.  ``local_blocks`` covering the whole input
+is the model's own causal attention (``DENSE_EQUIVALENT``).  Sliding-window layers and ``dense_layers`` stay the
+model's own.  ``state.stats['density']``: fraction of the causal key blocks each query reads (local + retrieved).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MethodConfig, option
+from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask
+from ..registry import register_method
+from ..state import PatchState
+from ._heads import head_counts
+from ._rows import run_by_rows
+from ._sparse import dense_call, record_dense_call, sparse_reason
+
+PAPER = ("Mohtashami & Jaggi, Landmark Attention: Random-Access Infinite Context Length for Transformers "
+         "(NeurIPS 2023), arXiv 2305.16300")
+
+
+@dataclass(kw_only=True)
+class LandmarkConfig(MethodConfig):
+    block_size: int = option(64, "tokens per landmark block (paper, LLaMA: 63 tokens + the landmark)",
+                             choices=(16, 32, 64, 128))
+    top_k: int = option(5, "earlier blocks retrieved per query and head at inference (paper's run_test: 5)", min=0)
+    local_blocks: int = option(1, "blocks attended directly: the query's own block and the ones just before it "
+                               "(paper: the current block)", min=1)
+    train_all_blocks: bool = option(True, "in training mode gate every earlier block (the paper's grouped softmax); "
+                                    "False: retrieve top_k in training too")
+    dense_layers: list = option([], "layer indices that stay dense", min=0, index="layer")  # noqa: RUF009
+
+    # Every block local: plain causal softmax.
+    DENSE_EQUIVALENT: ClassVar[dict] = {"local_blocks": 1 << 30}
+
+
+def make_landmark_state(module, config: LandmarkConfig, layer_index, role, context) -> PatchState:
+    """The layer's landmark pooling query (zeros: mean pooling) and logit offset (``log(block_size)``)."""
+    _, kv_heads, head_dim = head_counts(module)
+    state = PatchState(config, layer_index, role, context)
+    device = next(module.parameters()).device
+    state.landmark_query = nn.Parameter(torch.zeros(kv_heads, head_dim, device=device))
+    state.landmark_offset = nn.Parameter(torch.full((kv_heads,), math.log(config.block_size), device=device))
+    return state
+
+
+def landmark_keys(key: torch.Tensor, value: torch.Tensor, pool_query: torch.Tensor, block: int) -> torch.Tensor:
+    """fp32 ``[B, Hkv, NC, D]``: each complete block's landmark key ``sum_j softmax_j(v_j . u_h) k_j``.  The weights
+    read the values (no RoPE), so ``q . L`` stays a function of relative positions, as every other logit is."""
+    batch, heads, length, dim = key.shape
+    n = length // block
+    keys = key[:, :, : n * block].float().view(batch, heads, n, block, dim)
+    values = value[:, :, : n * block].float().view(batch, heads, n, block, value.shape[-1])
+    weights = torch.softmax(torch.einsum("bhnjd,hd->bhnj", values, pool_query.float()), dim=-1)
+    return torch.einsum("bhnj,bhnjd->bhnd", weights, keys)
+
+
+def landmark_logits(query, landmarks, offset, scale: float, softcap: float | None) -> torch.Tensor:
+    """fp32 ``[B, Hq, Tq, NC]``: each query head's logit for each landmark (its KV head's)."""
+    batch, heads, length, dim = query.shape
+    kv_heads = landmarks.shape[1]
+    q = query.float().view(batch, kv_heads, heads // kv_heads, length, dim)
+    logits = torch.einsum("bhgtd,bhnd->bhgtn", q, landmarks) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits + offset.float()[None, :, None, None, None]
+    return logits.reshape(batch, heads, length, -1)
+
+
+def grouped_landmark_attention(state, query, key, value, scale: float, softcap: float | None,
+                               top_k: int) -> torch.Tensor:
+    """The grouped softmax over local tokens and the ``top_k`` best earlier blocks per query and head, on unpadded
+    rows (queries: the last ``Tq`` of ``Tk`` positions): ``[B, Hq, Tq, D]``."""
+    config = state.config
+    block, local = config.block_size, config.local_blocks
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    offset = kv_len - q_len
+    pad = offset % block  # query blocks aligned on key blocks
+    rows = q_len + pad
+    n_q, n_k, n_c = math.ceil(rows / block), math.ceil(kv_len / block), kv_len // block
+    device = query.device
+    padded_q = F.pad(query, (0, 0, pad, 0)) if pad else query
+    current = (offset - pad) // block + torch.arange(n_q, device=device)  # [NQ] key block of each query block
+    blocks = torch.arange(n_k, device=device)
+    backend = config.backend
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, state.landmark_query)):
+        backend = "torch"  # the Triton path's log-sum-exp has no gradient
+
+    def attend(kv_indices, kv_counts, return_lse=False):
+        return block_sparse_attention(padded_q, key, value, kv_indices, kv_counts, block_q=block, block_k=block,
+                                      causal=True, scale=scale, softcap=softcap, return_lse=return_lse,
+                                      backend=backend)
+
+    local_mask = (blocks[None] <= current[:, None]) & (blocks[None] > current[:, None] - local)
+    out_local, lse_local = attend(*blocks_from_mask(local_mask[None, None]), return_lse=True)
+    last_candidate = int(current[-1]) - local  # the last query block's newest earlier block
+    reads_local = (current - (current - local + 1).clamp(min=0) + 1).float()
+    if last_candidate < 0 or top_k == 0:
+        state.record(density=(reads_local / (current + 1)).mean())
+        return out_local[:, :, pad:]
+
+    landmarks = landmark_keys(key, value, state.landmark_query, block)
+    logits = landmark_logits(padded_q, landmarks, state.landmark_offset, scale, softcap)  # [B, Hq, rows, NC]
+    row_block = current.repeat_interleave(block)[:rows]
+    candidate = torch.arange(n_c, device=device)[None] <= (row_block - local)[:, None]  # [rows, NC]
+    candidate[:pad] = False  # the alignment rows retrieve nothing
+    if top_k >= n_c:
+        chosen = candidate.expand(batch, heads, rows, n_c)
+    else:
+        best = logits.masked_fill(~candidate, float("-inf")).topk(top_k, dim=-1).indices
+        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, best, True) & candidate
+
+    union = F.pad(chosen, (0, 0, 0, n_q * block - rows)).view(batch, heads, n_q, block, n_c).any(3)
+    kv_indices, kv_counts = blocks_from_mask(union)  # [B, Hq, NQ, K]
+    gates, outs = [lse_local], [out_local]
+    for rank in range(kv_indices.shape[-1]):
+        listed = kv_counts > rank
+        # The block's mass enters through its landmark gate, not through its own log-sum-exp.
+        out_r = attend(kv_indices[..., rank:rank + 1].contiguous(), listed.to(torch.int32))
+        row_pick = kv_indices[..., rank].long().repeat_interleave(block, dim=-1)[..., :rows, None]
+        row_listed = listed.repeat_interleave(block, dim=-1)[..., :rows, None]
+        keep = chosen.gather(-1, row_pick) & row_listed
+        gates.append(logits.gather(-1, row_pick).masked_fill(~keep, float("-inf")).squeeze(-1))
+        outs.append(out_r)
+    weights = torch.softmax(torch.stack(gates, dim=-1), dim=-1)  # [B, Hq, rows, 1 + K]
+    out = sum(weights[..., i, None] * outs[i].float() for i in range(len(outs)))
+    reads = chosen.sum(-1).float() + reads_local.repeat_interleave(block)[:rows]
+    state.record(density=(reads[..., pad:] / (row_block[pad:] + 1)).mean())
+    return out[:, :, pad:].to(query.dtype)
+
+
+@register_method(
+    "landmark",
+    config=LandmarkConfig,
+    category="other",
+    families=("llm", "lvlm"),
+    needs_finetune=True,
+    patterns=("causal-self",),
+    paper=PAPER,
+    make_state=make_landmark_state,
+)
+def landmark_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+    """Landmark attention: blocks gated by learned landmark keys (grouped softmax), top-k blocks at inference."""
+    state = module.patchattn
+    config = state.config
+    q_len, kv_len = query.shape[2], key.shape[2]
+    reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
+    if reason is None and config.local_blocks >= math.ceil(kv_len / config.block_size):
+        reason = "dense layer"  # every block is local: the model's own attention, exactly (no warning)
+    if reason is not None:
+        record_dense_call(state, "landmark", reason, q_len, kv_len, kwargs)
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if dropout:
+        raise NotImplementedError("patchattn landmark: attention dropout is not supported (the engine has none); set "
+                                  "the model's attention dropout to 0")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    top_k = 1 << 30 if module.training and config.train_all_blocks else config.top_k
+
+    def run(q, k, v):  # unpadded rows: blocks counted from the row's first real token
+        return grouped_landmark_attention(state, q, k, v, scale, kwargs.get("softcap"), top_k).transpose(1, 2)
+
+    if spans is None:
+        return run(query, key, value), None
+    return run_by_rows(state, query, key, value, spans, run), None
