@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     options = RunOptions(resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
                          evaluate=not args.no_eval)
     result = train(recipe, options)
+    if "process_index" in result:  # another process of a data-parallel run: the main one reports
+        return 0
     print(json.dumps(result, indent=1))
     print(f"outputs in {output_dir_of(recipe)}")
     return 0

@@ -77,6 +77,11 @@ class ImageData:
         return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels[which]}
 
 
+def first_row(config: TrainConfig, step: int, micro: int, rank: int = 0, world: int = 1) -> int:
+    """Index (in the epoch-shuffled stream of training rows) of the first row of this micro-batch of this process."""
+    return ((step * world + rank) * config.grad_accum + micro) * config.batch
+
+
 @dataclass
 class TextData:
     """Training chunks (a ``datasets.Dataset`` of ``input_ids``) and held-out chunks for perplexity."""
@@ -86,12 +91,13 @@ class TextData:
     heldout_stream: torch.Tensor  # [tokens] the held-out tail as one stream (decode evaluation)
     images: ImageData | None = None
 
-    def inputs(self, config: TrainConfig, step: int, micro: int) -> dict:
-        """Forward kwargs (with ``labels``) of optimiser step ``step``, micro-batch ``micro``."""
-        ids = self.batch(config, step, micro)
+    def inputs(self, config: TrainConfig, step: int, micro: int, rank: int = 0, world: int = 1) -> dict:
+        """Forward kwargs (with ``labels``) of optimiser step ``step``, micro-batch ``micro``, for process ``rank`` of
+        ``world`` (data parallel: each process reads its own rows)."""
+        ids = self.batch(config, step, micro, rank, world)
         if self.images is None:
             return {"input_ids": ids, "labels": ids}
-        return self.images.attach(ids, (step * config.grad_accum + micro) * config.batch)
+        return self.images.attach(ids, first_row(config, step, micro, rank, world))
 
     def heldout_inputs(self, ids: torch.Tensor, index: int) -> dict:
         """Forward kwargs of held-out chunk ``index`` (``ids [1, T]``); ``labels`` mark what the loss counts."""
@@ -99,11 +105,12 @@ class TextData:
             return {"input_ids": ids, "labels": ids}
         return self.images.attach(ids, index)
 
-    def batch(self, config: TrainConfig, step: int, micro: int) -> torch.Tensor:
-        """``[batch, seq_len]`` ids for optimiser step ``step`` (0-based), micro-batch ``micro``."""
+    def batch(self, config: TrainConfig, step: int, micro: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """``[batch, seq_len]`` ids for optimiser step ``step`` (0-based), micro-batch ``micro``, process ``rank`` of
+        ``world``: an optimiser step reads ``world`` times ``batch * grad_accum`` rows, each process its own share, in
+        the order of a one-process run of ``world`` times the batch."""
         n = len(self.train)
-        per_step = config.batch * config.grad_accum
-        first = step * per_step + micro * config.batch
+        first = first_row(config, step, micro, rank, world)
         rows = []
         for i in range(first, first + config.batch):
             epoch, slot = divmod(i, n)

@@ -87,6 +87,13 @@ class JsonlLog:
             handle.write(json.dumps(row) + "\n")
 
 
+class NoLog:
+    """The log of a process other than the main one (data parallel): the main process writes the run's files."""
+
+    def write(self, **row) -> None:
+        pass
+
+
 def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
@@ -159,7 +166,8 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
         baseline = artifacts.read_json(baseline_path)
     else:
         baseline = baseline_metrics(model, data, recipe, progress=show)
-        artifacts.write_json(baseline_path, baseline)
+        if accelerator.is_main_process:
+            artifacts.write_json(baseline_path, baseline)
 
     set_seed(config.seed)  # the patch's own initialisation (MoH router) must not depend on the baseline pass
     apply_patch(model, recipe.patch)
@@ -172,7 +180,8 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
     if resume_from:
         start = checkpoint.load_checkpoint(resume_from, named, optimizer, scheduler)
         accelerator.print(f"resumed from {resume_from} (step {start})")
-    log = JsonlLog(os.path.join(output, "log.jsonl"), start if resume_from else None)
+    main = accelerator.is_main_process  # data parallel: every process trains, the main one writes the files
+    log = JsonlLog(os.path.join(output, "log.jsonl"), start if resume_from else None) if main else NoLog()
     aux = resolve_aux_loss(config.aux_loss)
     stop = min(config.steps, options.stop_after or config.steps)
 
@@ -188,11 +197,15 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
             result = measure(peft_model, data, config, decode=False, desc=f"eval at step {done}" if show else None)
             log.write(step=done, eval_loss=result["loss"], eval_ppl=result["ppl"])
             peft_model.train()
-        if (config.save_every and done % config.save_every == 0) or done == stop:
+        if main and ((config.save_every and done % config.save_every == 0) or done == stop):
             checkpoint.save_checkpoint(checkpoint.checkpoint_dir(output, done), done, named, optimizer, scheduler)
     bar.close()
+    accelerator.wait_for_everyone()
     if stop < config.steps:
         return {"stopped_at": stop}, None
+    peft_model = accelerator.unwrap_model(peft_model)
+    if not main:
+        return {"process_index": accelerator.process_index, "output_dir": output}, peft_model
     return _finish(peft_model, data, recipe, output, baseline, log, started, start, show), peft_model
 
 
@@ -200,7 +213,8 @@ def _train_step(model, optimizer, scheduler, accelerator, data, config, step, au
     model.train()
     lm_total, aux_total = 0.0, 0.0
     for micro in range(config.grad_accum):
-        inputs = {k: v.to(accelerator.device) for k, v in data.inputs(config, step, micro).items()}
+        inputs = data.inputs(config, step, micro, accelerator.process_index, accelerator.num_processes)
+        inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
         loss = model(**inputs).loss
         lm_total += float(loss.detach()) / config.grad_accum
         if aux is not None:
@@ -213,6 +227,9 @@ def _train_step(model, optimizer, scheduler, accelerator, data, config, step, au
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if accelerator.num_processes > 1:  # the logged losses are the mean over every process's rows
+        lm_total, aux_total = accelerator.reduce(torch.tensor([lm_total, aux_total], device=accelerator.device),
+                                                 reduction="mean").tolist()
     row = {"loss": lm_total + aux_total, "lm_loss": lm_total, "lr": lr, "grad_norm": float(grad_norm)}
     if aux is not None:
         row["aux_loss"] = aux_total
