@@ -15,3 +15,4 @@ from . import longlora, sinklora  # fine-tuning methods (recipes/)
 from . import composite  # LVLMs (EE-MLLM)
 from . import var  # LVLMs: visual attention sink redistribution
 from . import paint, vhr  # LVLMs: the generated token reads the image (last-row edits)
+from . import hybrid, lightning  # linear attention (Lightning Attention-2, MiniMax-01 hybrid; recipes/)
