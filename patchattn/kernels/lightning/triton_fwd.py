@@ -31,7 +31,7 @@ def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
     if HAS_STATE:
         state = tl.load(S_IN + s_off, mask=s_mask, other=0.0).to(tl.float32)
     else:
-        state = tl.zeros([BF, BE], dtype=tl.float32)
+        state = tl.full([BF, BE], 0.0, dtype=tl.float32)
     diff = offs_b[:, None] - offs_b[None, :]
     intra = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.0)
     q_decay = tl.exp(-slope * (offs_b + 1).to(tl.float32))
