@@ -32,7 +32,8 @@ REQUIRED_FILES = ("patch.json", "lora.json", "train.json")
 DATA_KINDS = ("text", "files", "dataset")
 SCHEDULES = ("constant", "linear", "cosine")
 # Auxiliary losses a recipe may name: resolved from this allowlist only, never by importing a string from a file.
-AUX_LOSSES = {"patchattn.methods.moh:aux_loss": ("patchattn.methods.moh", "aux_loss")}
+AUX_LOSSES = {"patchattn.methods.moh:aux_loss": ("patchattn.methods.moh", "aux_loss"),
+              "patchattn.methods.hybrid:transfer_loss": ("patchattn.methods.hybrid", "transfer_loss")}
 
 
 class RecipeError(ValueError):
