@@ -57,7 +57,7 @@ def make_hybrid_state(module, config: HybridConfig, layer_index, role, context):
     "hybrid",
     config=HybridConfig,
     category="linear",
-    families=("llm",),
+    families=("llm", "lvlm"),
     patterns=("causal-self",),
     needs_finetune=True,
     make_state=make_hybrid_state,

@@ -40,7 +40,7 @@ class LightningAttentionConfig(LightningConfig):
     "lightning",
     config=LightningAttentionConfig,
     category="linear",
-    families=("llm",),
+    families=("llm", "lvlm"),
     patterns=("causal-self",),
     needs_finetune=True,
     make_state=make_lightning_state,
