@@ -10,6 +10,7 @@ parameters; softmax layers get none.  ``needs_finetune=True`` (``recipes/hybrid`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config import option
 from ..registry import register_method
@@ -35,6 +36,8 @@ class HybridConfig(LightningConfig):
                                          index="layer")
     softmax_window: int | None = option(None, "softmax layers: causal sliding window of this many keys (None: "
                                         "the model's full attention)", min=1)
+
+    DENSE_EQUIVALENT: ClassVar[dict] = {"softmax_every": 1}  # every layer keeps the model's softmax attention
 
 
 def softmax_layer_indices(config: HybridConfig, num_layers: int) -> list[int]:

@@ -191,6 +191,8 @@ def test_hybrid_layer_plan_and_dense_softmax_layers():
         with patchattn.patched(model, "hybrid", softmax_layers=[0, 1]):  # every layer softmax: dense exactly
             assert torch.equal(model(**inputs).logits, reference)
             assert not lightning.conversion_parameters(model)
+        with patchattn.patched(model, "hybrid", **hybrid.HybridConfig.DENSE_EQUIVALENT):
+            assert torch.equal(model(**inputs).logits, reference)
         with patchattn.patched(model, "hybrid", softmax_layers=[0, 1], softmax_window=30):  # window covers all
             assert max_abs_diff(model(**inputs).logits[1, 4:], reference[1, 4:]) <= 1e-5
             assert max_abs_diff(model(**inputs).logits[0], reference[0]) <= 1e-5
