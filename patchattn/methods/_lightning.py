@@ -29,7 +29,6 @@ token, anything else rebuilds the state from the cached keys (O(T), same result)
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -145,16 +144,28 @@ def feature_map(state, x: torch.Tensor, which: str) -> torch.Tensor:
     return torch.cat([torch.softmax(proj, dim=-1), torch.softmax(-proj, dim=-1)], dim=-1)
 
 
-def key_validity(attention_mask, batch: int, kv_len: int, device) -> torch.Tensor | None:
-    """bool ``[B, Tk]``: keys that are real tokens (not left padding); None when nothing is padded."""
+def key_validity(attention_mask, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """bool ``[B, Tk]``: keys that are real tokens (not padding); None when nothing is padded.
+
+    From the padding spans of a causal + padding mask; for any other mask (a sliding-window layer's) from its
+    diagonal -- a real query sees its own key -- for this call's keys, and earlier (cached) keys are taken as real
+    (their padding was zeroed in the state when they were new)."""
     try:
         start = padding_start(attention_mask, batch, kv_len)
-    except ValueError as err:
-        warnings.warn(f"patchattn lightning: {err}; every key is treated as real", stacklevel=3)
-        return None
+    except ValueError:
+        start = _diagonal(attention_mask, batch, q_len, kv_len, device)
+        return start
     if start is None:
         return None
     return torch.arange(kv_len, device=device)[None, :] >= start.to(device).long()[:, None]
+
+
+def _diagonal(attention_mask, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    rows = torch.arange(q_len, device=attention_mask.device)
+    diag = attention_mask[:, 0, rows, rows + (kv_len - q_len)]  # [B or 1, Tq]
+    seen = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    past = torch.ones(seen.shape[0], kv_len - q_len, dtype=torch.bool, device=seen.device)
+    return torch.cat([past, seen], dim=1).expand(batch, kv_len).to(device)
 
 
 def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -176,7 +187,7 @@ def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **k
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     past = kv_len - q_len
-    valid = key_validity(attention_mask, batch, kv_len, query.device)
+    valid = key_validity(attention_mask, batch, q_len, kv_len, query.device)
 
     phi_k = feature_map(state, key, "k")
     v = value.float()
