@@ -3,8 +3,8 @@ inter-block recurrent state).
 
 Entry point :func:`lightning_attention` (``backend``: ``torch`` = the chunked pure-torch path, ``triton`` = the
 Triton forward of :mod:`.triton_fwd`, imported lazily so ``TRITON_INTERPRET`` can be set first; ``auto`` = Triton on
-CUDA / under the interpreter).  The Triton path has no backward kernel of its own: its backward recomputes the block
-through the chunked torch path and differentiates that (same maths, more memory).  Oracles: :mod:`.reference`.
+CUDA / under the interpreter).  The Triton backward is three more runs of the forward kernel (dQ forward in time,
+dK and dV on the reversed sequence) plus O(T F E) torch terms for the states.  Oracles: :mod:`.reference`.
 
 This package imports only torch (and triton, lazily) plus its own modules.
 """
@@ -46,7 +46,7 @@ def _use_triton(backend: str, q: torch.Tensor) -> bool:
 
 
 class _TritonLightning(torch.autograd.Function):
-    """Triton forward; backward through the chunked torch path (recomputed)."""
+    """Triton forward; Triton backward from three more runs of the forward kernel (see :func:`_triton_backward`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, state, block):
@@ -60,15 +60,43 @@ class _TritonLightning(torch.autograd.Function):
     def backward(ctx, grad_out, grad_state):
         q, k, v, slopes, state = ctx.saved_tensors
         state = state if ctx.has_state else None
-        with torch.enable_grad():
-            inputs = [x.detach().requires_grad_(True) for x in (q, k, v)]
-            s0 = state.detach().requires_grad_(True) if state is not None else None
-            out, final = chunked_linear_attention(*inputs, slopes, s0, ctx.block)
-            wanted = inputs + ([s0] if s0 is not None else [])
-            grads = torch.autograd.grad((out, final), wanted, (grad_out, grad_state), allow_unused=True)
-        gq, gk, gv = grads[:3]
-        gs = grads[3] if s0 is not None else None
-        return gq, gk, gv, None, gs, None
+        gq, gk, gv, gs = _triton_backward(q, k, v, slopes, state, grad_out, grad_state, ctx.block)
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, gs, None
+
+
+def _triton_backward(q, k, v, slopes, state, grad_out, grad_state, block):
+    """Gradients of ``(o, final state)``; each sum over tokens is itself a decayed linear attention:
+
+    * ``dQ_t = sum_{j<=t} lambda^(t-j) (dO_t . v_j) k_j + lambda^(t+1) dO_t S_0^T`` -- the forward with
+      ``(q, k, v, S_0) -> (dO, V, K, S_0^T)``;
+    * ``dK_j = sum_{t>=j} lambda^(t-j) (dO_t . v_j) q_t`` and ``dV_j = sum_{t>=j} lambda^(t-j) (q_t . k_j) dO_t``
+      -- the forward on the reversed sequence with ``(V, dO, Q)`` and ``(K, Q, dO)``;
+    * the final state ``S_T = lambda^T S_0 + sum_j lambda^(T-1-j) k_j^T v_j`` adds ``lambda^(T-1-j) G v_j`` to
+      ``dK_j``, ``lambda^(T-1-j) G^T k_j`` to ``dV_j`` (``G``: its gradient) and ``dS_0 = sum_t lambda^(t+1)
+      q_t^T dO_t + lambda^T G`` (these three in torch, O(T F E))."""
+    from .triton_fwd import lightning_forward
+
+    t = q.shape[2]
+    d_out = grad_out.to(v.dtype)
+    flip = lambda x: x.flip(2)  # noqa: E731
+    init = state.float().transpose(-1, -2).contiguous() if state is not None else None
+    gq, _ = lightning_forward(d_out, v, k, slopes, init, block)
+    gk, _ = lightning_forward(flip(v), flip(d_out), flip(q), slopes, None, block)
+    gv, _ = lightning_forward(flip(k), flip(q), flip(d_out), slopes, None, block)
+    gq, gk, gv = gq.float(), flip(gk).float(), flip(gv).float()
+    pos = torch.arange(t, device=q.device)
+    lam = lambda n: torch.exp(-slopes.float()[:, None] * n.float())  # noqa: E731  [H, len(n)]
+    grad_state = grad_state.float() if grad_state is not None else None
+    if grad_state is not None:
+        tail = lam(t - 1 - pos)[None, :, :, None]  # lambda^(T-1-j)
+        gk = gk + tail * (v.float() @ grad_state.transpose(-1, -2))
+        gv = gv + tail * (k.float() @ grad_state)
+    gs = None
+    if state is not None:
+        gs = torch.einsum("bhtf,bhte->bhfe", q.float() * lam(pos + 1)[None, :, :, None], grad_out.float())
+        if grad_state is not None:
+            gs = gs + lam(torch.tensor([t], device=q.device))[None, :, :, None] * grad_state
+    return gq, gk, gv, gs
 
 
 def lightning_attention(q, k, v, slopes, state=None, *, block: int = 64, backend: str = "auto"):
