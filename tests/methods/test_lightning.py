@@ -259,3 +259,17 @@ def test_recipe_trains_two_steps_and_reloads(name, tmp_path):
         fresh = tiny_model("llama")
         with patchattn.patched(fresh, name, **({"softmax_every": 2} if name == "hybrid" else {})):
             assert max_abs_diff(fresh(input_ids=ids).logits, want) > 1e-4  # the reload carried trained parameters
+
+
+def test_prefill_in_chunks_through_the_cache_equals_one_pass():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 50))
+    with torch.no_grad(), patchattn.patched(model, "lightning", block_size=16):
+        _perturb(model)
+        full = model(input_ids=ids).logits
+        out = model(input_ids=ids[:, :20], use_cache=True)
+        parts = [out.logits]
+        for start, stop in ((20, 37), (37, 50)):
+            out = model(input_ids=ids[:, start:stop], past_key_values=out.past_key_values, use_cache=True)
+            parts.append(out.logits)
+    assert max_abs_diff(torch.cat(parts, 1), full) <= 1e-4
