@@ -23,7 +23,7 @@ def _inputs(batch=2, heads=3, t=37, f=8, e=5, dtype=torch.float32, requires_grad
 
 def _loop_oracle(q, k, v, slopes, state=None):
     """Independent oracle: the definition summed token by token in float64."""
-    batch, heads, t, f = q.shape
+    batch, heads, t, _ = q.shape
     out = torch.zeros(batch, heads, t, v.shape[-1], dtype=torch.float64)
     for h in range(heads):
         lam = torch.exp(-slopes[h].double())

@@ -24,7 +24,7 @@ def _perturb(model, seed=1):
     """Move the conversion parameters off their initial values (as training would)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in lightning.conversion_parameters(model).items():
+        for p in lightning.conversion_parameters(model).values():
             p.add_(torch.randn(p.shape, generator=gen) * 0.3)
 
 

@@ -17,8 +17,14 @@ import torch
 
 from .reference import chunked_linear_attention, naive_linear_attention, recurrent_step
 
-__all__ = ["lightning_attention", "chunked_linear_attention", "naive_linear_attention", "recurrent_step",
-           "alibi_slopes", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "alibi_slopes",
+    "chunked_linear_attention",
+    "lightning_attention",
+    "naive_linear_attention",
+    "recurrent_step",
+]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -78,14 +84,14 @@ def _triton_backward(q, k, v, slopes, state, grad_out, grad_state, block):
 
     t = q.shape[2]
     d_out = grad_out.to(v.dtype)
-    flip = lambda x: x.flip(2)  # noqa: E731
+    flip = lambda x: x.flip(2)
     init = state.float().transpose(-1, -2).contiguous() if state is not None else None
     gq, _ = lightning_forward(d_out, v, k, slopes, init, block)
     gk, _ = lightning_forward(flip(v), flip(d_out), flip(q), slopes, None, block)
     gv, _ = lightning_forward(flip(k), flip(q), flip(d_out), slopes, None, block)
     gq, gk, gv = gq.float(), flip(gk).float(), flip(gv).float()
     pos = torch.arange(t, device=q.device)
-    lam = lambda n: torch.exp(-slopes.float()[:, None] * n.float())  # noqa: E731  [H, len(n)]
+    lam = lambda n: torch.exp(-slopes.float()[:, None] * n.float())  # [H, len(n)]: lambda^n
     grad_state = grad_state.float() if grad_state is not None else None
     if grad_state is not None:
         tail = lam(t - 1 - pos)[None, :, :, None]  # lambda^(T-1-j)

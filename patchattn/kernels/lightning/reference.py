@@ -64,5 +64,5 @@ def recurrent_step(q, k, v, slopes, state):
     outs = []
     for i in range(q.shape[2]):
         s = s * lam + k[:, :, i].float()[..., :, None] * v[:, :, i].float()[..., None, :]
-        outs.append((q[:, :, i, None].float() @ s))
+        outs.append(q[:, :, i, None].float() @ s)
     return torch.cat(outs, dim=2).to(v.dtype), s
