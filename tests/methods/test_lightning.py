@@ -4,6 +4,7 @@ pass (and really uses the state; a reordered cache is rebuilt), the Triton path 
 path with gradients, hybrid's layer plan and its dense equivalence, unpatch, the attention-transfer loss, and both
 recipes: two steps on the tiny model, then ``patchattn.load(..., adapter=...)`` gives the same logits."""
 
+import json
 import math
 
 import pytest
@@ -245,8 +246,15 @@ def test_recipe_trains_two_steps_and_reloads(name, tmp_path):
     if name == "hybrid":
         assert recipe.train.aux_loss == "patchattn.methods.hybrid:transfer_loss"
         recipe.patch["softmax_every"] = 2  # the tiny model has 2 layers: one of each
+    if name == "hybrid":
+        assert recipe.train.aux_only_steps > 0
+        recipe.train.aux_only_steps = 1  # step 1: attention transfer only; step 2: LoRA on the LM loss
     metrics, tuned = train_model(recipe, RunOptions(progress=False))
     assert math.isfinite(metrics["ppl_after"])
+    if name == "hybrid":
+        log = [json.loads(line) for line in open(tmp_path / name / "log.jsonl") if '"lm_loss"' in line]
+        assert log[0]["stage"] == "aux_only" and log[0]["loss"] == log[0]["aux_loss"] > 0
+        assert "stage" not in log[1] and log[1]["loss"] == log[1]["lm_loss"]
     params = lightning.conversion_parameters(tuned)
     assert params and all(p.requires_grad for p in params.values())
     init = torch.eye(16).repeat(4, 1, 1)
@@ -273,3 +281,22 @@ def test_prefill_in_chunks_through_the_cache_equals_one_pass():
             out = model(input_ids=ids[:, start:stop], past_key_values=out.past_key_values, use_cache=True)
             parts.append(out.logits)
     assert max_abs_diff(torch.cat(parts, 1), full) <= 1e-4
+
+
+def test_two_stage_training_moves_only_the_patch_parameters_in_the_transfer_stage(tmp_path):
+    """aux_only_steps: the first stage updates the conversion parameters on the transfer loss, LoRA stays at its
+    initialisation (so the teacher is the base model); the LM stage then moves LoRA too."""
+    from patchattn.train import RunOptions, load_recipe, train_model
+
+    overrides = {"model": "tiny-llama", "steps": 1, "seq_len": 32, "eval_every": 0, "save_every": 0,
+                 "eval_chunks": 1, "warmup": 0, "lr": 1e-2, "decode_eval": None, "aux_only_steps": 1,
+                 "output_dir": str(tmp_path / "stage1")}
+    recipe = load_recipe("hybrid", overrides)
+    recipe.patch["softmax_every"] = 2
+    _, tuned = train_model(recipe, RunOptions(progress=False, evaluate=False))
+    lora_b = {n: p for n, p in tuned.named_parameters() if "lora_B" in n}
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b.values())  # LoRA untouched
+    init = torch.eye(16).repeat(4, 1, 1)
+    assert any(not torch.allclose(p, init) for n, p in tuned.named_parameters() if n.endswith("feature_q"))
+    with pytest.raises(patchattn.train.RecipeError, match="aux_only_steps needs an aux_loss"):
+        load_recipe("lightning", {"aux_only_steps": 3})
