@@ -302,7 +302,7 @@ def test_recipes_ship_in_the_package_and_load_by_name(tmp_path, monkeypatch):
     from patchattn.train.recipe import RecipeError, shipped_recipes
 
     assert set(shipped_recipes()) == {"moh", "longlora", "sinklora", "composite", "clear", "selective", "softplus",
-                                      "landmark", "dma"}
+                                      "landmark", "dma", "lightning", "hybrid"}
     monkeypatch.chdir(tmp_path)  # no recipes/ folder here
     assert load_recipe("sinklora").patch["method"] == "sinklora"
     assert load_recipe("recipes/longlora").name == "longlora"  # the old source-checkout path still works

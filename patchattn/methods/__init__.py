@@ -17,3 +17,4 @@ from . import composite  # LVLMs (EE-MLLM)
 from . import var  # LVLMs: visual attention sink redistribution
 from . import paint, vhr  # LVLMs: the generated token reads the image (last-row edits)
 from . import selective, softplus  # fine-tuning methods: temperature (SSA), softplus + re-weighting (LSSAR)
+from . import hybrid, lightning  # linear attention (Lightning Attention-2, MiniMax-01 hybrid; recipes/)

@@ -32,7 +32,8 @@ REQUIRED_FILES = ("patch.json", "lora.json", "train.json")
 DATA_KINDS = ("text", "files", "dataset")
 SCHEDULES = ("constant", "linear", "cosine")
 # Auxiliary losses a recipe may name: resolved from this allowlist only, never by importing a string from a file.
-AUX_LOSSES = {"patchattn.methods.moh:aux_loss": ("patchattn.methods.moh", "aux_loss")}
+AUX_LOSSES = {"patchattn.methods.moh:aux_loss": ("patchattn.methods.moh", "aux_loss"),
+              "patchattn.methods.hybrid:transfer_loss": ("patchattn.methods.hybrid", "transfer_loss")}
 
 
 class RecipeError(ValueError):
@@ -58,6 +59,10 @@ class TrainConfig:
             (where eviction such as SinkLoRA's ``kv_budget`` acts); ``None`` skips it.
         save_every: checkpoint every n steps (0: only at the end).
         aux_loss, aux_weight: an extra loss from ``AUX_LOSSES`` (e.g. MoH's load balance), times ``aux_weight``.
+        aux_only_steps: a first stage of n steps that minimises the aux loss alone and updates only the patch's
+            own parameters (``.patchattn.`` names; LoRA stays at its initialisation, so a softmax teacher computed
+            through the adapted projections is the base model's): LoLCATs' attention transfer before LoRA; the later
+            steps then minimise the LM loss alone.  0 (default): one stage, LM loss + aux loss throughout.
         dtype: ``"float32"`` or ``"bfloat16"`` for the base weights (LoRA weights stay float32).
     """
 
@@ -82,6 +87,7 @@ class TrainConfig:
     output_dir: str | None = None
     aux_loss: str | None = None
     aux_weight: float = 1.0
+    aux_only_steps: int = 0
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -89,7 +95,7 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise RecipeError(f"train.json: {name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup", "eval_every", "save_every", "seed"):
+        for name in ("warmup", "eval_every", "save_every", "seed", "aux_only_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise RecipeError(f"train.json: {name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.schedule not in SCHEDULES:
@@ -102,6 +108,8 @@ class TrainConfig:
             hint = closest(self.aux_loss, AUX_LOSSES)
             raise RecipeError(f"train.json: unknown aux_loss {self.aux_loss!r}"
                               f"{f'; did you mean {hint!r}?' if hint else ''} Allowed: {', '.join(AUX_LOSSES)}")
+        if self.aux_only_steps and self.aux_loss is None:
+            raise RecipeError("train.json: aux_only_steps needs an aux_loss (the loss of that first stage)")
         check_data(self.data)
         if self.decode_eval is not None:
             _check_keys("train.json: decode_eval", self.decode_eval, ("prefill", "tokens"), ("prefill", "tokens"))

@@ -212,16 +212,21 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
 def _train_step(model, optimizer, scheduler, accelerator, data, config, step, aux, named) -> dict:
     model.train()
     lm_total, aux_total = 0.0, 0.0
+    aux_stage = step < config.aux_only_steps  # the first stage of a two-stage recipe: aux loss alone
     for micro in range(config.grad_accum):
         inputs = data.inputs(config, step, micro, accelerator.process_index, accelerator.num_processes)
         inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
         loss = model(**inputs).loss
         lm_total += float(loss.detach()) / config.grad_accum
-        if aux is not None:
+        if aux is not None and (aux_stage or not config.aux_only_steps):
             extra = aux(model) * config.aux_weight
             aux_total += float(extra.detach()) / config.grad_accum
-            loss = loss + extra
+            loss = extra if aux_stage else loss + extra
         accelerator.backward(loss / config.grad_accum)
+    if aux_stage:  # only the patch's own parameters move (AdamW skips parameters without a gradient)
+        for name, param in named:
+            if ".patchattn." not in name:
+                param.grad = None
     grad_norm = accelerator.clip_grad_norm_([p for _, p in named], config.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -230,7 +235,10 @@ def _train_step(model, optimizer, scheduler, accelerator, data, config, step, au
     if accelerator.num_processes > 1:  # the logged losses are the mean over every process's rows
         lm_total, aux_total = accelerator.reduce(torch.tensor([lm_total, aux_total], device=accelerator.device),
                                                  reduction="mean").tolist()
-    row = {"loss": lm_total + aux_total, "lm_loss": lm_total, "lr": lr, "grad_norm": float(grad_norm)}
+    total = aux_total if aux_stage else lm_total + aux_total
+    row = {"loss": total, "lm_loss": lm_total, "lr": lr, "grad_norm": float(grad_norm)}
+    if aux_stage:
+        row["stage"] = "aux_only"
     if aux is not None:
         row["aux_loss"] = aux_total
     return row

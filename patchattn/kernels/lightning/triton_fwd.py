@@ -1,0 +1,75 @@
+"""Triton forward of Lightning Attention-2: one program per (batch x head, value-column chunk) walks the sequence
+block by block, keeping the ``[F, E_chunk]`` state in float32 registers (intra-block: masked decayed ``(Q K^T) V``;
+inter-block: ``lambda^(row+1) Q S``; then ``S <- lambda^c S + (K lambda^(c-1-row))^T V``).  Same definition as
+:mod:`.reference` (its chunked path is the oracle)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
+                   F: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, BF: tl.constexpr, BE: tl.constexpr,
+                   HAS_STATE: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    head = pid_bh % H
+    slope = tl.load(SLOPES + head).to(tl.float32)
+    offs_b = tl.arange(0, BLOCK)
+    offs_f = tl.arange(0, BF)
+    offs_e = pid_e * BE + tl.arange(0, BE)
+    f_ok = offs_f < F
+    e_ok = offs_e < E
+    q_base = Q + pid_bh * T * F
+    k_base = K + pid_bh * T * F
+    v_base = V + pid_bh * T * E
+    o_base = O + pid_bh * T * E
+    s_off = pid_bh * F * E + offs_f[:, None] * E + offs_e[None, :]
+    s_mask = f_ok[:, None] & e_ok[None, :]
+    if HAS_STATE:
+        state = tl.load(S_IN + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.full([BF, BE], 0.0, dtype=tl.float32)
+    diff = offs_b[:, None] - offs_b[None, :]
+    intra = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+    q_decay = tl.exp(-slope * (offs_b + 1).to(tl.float32))
+    for start in range(0, T, BLOCK):
+        rows = start + offs_b
+        r_ok = rows < T
+        q = tl.load(q_base + rows[:, None] * F + offs_f[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+        k = tl.load(k_base + rows[:, None] * F + offs_f[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+        v = tl.load(v_base + rows[:, None] * E + offs_e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * intra
+        out = tl.dot(scores, v, input_precision="ieee")
+        out += tl.dot(q, state, input_precision="ieee") * q_decay[:, None]
+        tl.store(o_base + rows[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty),
+                 mask=r_ok[:, None] & e_ok[None, :])
+        c = tl.minimum(T - start, BLOCK)
+        k_decay = tl.where(r_ok, tl.exp(-slope * tl.maximum(c - 1 - offs_b, 0).to(tl.float32)), 0.0)
+        state = state * tl.exp(-slope * c.to(tl.float32)) + tl.dot(tl.trans(k * k_decay[:, None]), v,
+                                                                   input_precision="ieee")
+    tl.store(S_OUT + s_off, state, mask=s_mask)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def lightning_forward(q, k, v, slopes, state=None, block: int = 64):
+    """``(o [B, H, T, E] in v's dtype, final state [B, H, F, E] float32)``; see :mod:`.reference`."""
+    batch, heads, t, f = q.shape
+    e = v.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(batch, heads, t, e, device=q.device, dtype=v.dtype)
+    final = torch.empty(batch, heads, f, e, device=q.device, dtype=torch.float32)
+    block_e = min(_pow2(e), 64)
+    s_in = state.float().contiguous() if state is not None else final
+    grid = (batch * heads, triton.cdiv(e, block_e))
+    _lightning_fwd[grid](q, k, v, s_in, out, final, slopes.float().contiguous(), t, heads,
+                         F=f, E=e, BLOCK=max(16, block), BF=_pow2(f), BE=block_e, HAS_STATE=state is not None)
+    return out, final

@@ -1,0 +1,277 @@
+"""Shared code of ``lightning`` and ``hybrid``: a softmax attention layer converted to Lightning Attention-2.
+
+What a converted layer computes (query heads ``h``, the layer's q/k/v after RoPE, as transformers hands them over):
+
+1. **Feature map** ``phi`` on q and k (``feature_map``):
+   ``"hedgehog"`` (default, LoLCATs' learnable map: ``phi(x) = [softmax(x W), softmax(-x W)]`` over the feature
+   axis, ``W`` one ``D x D`` matrix per query head for q and per kv head for k, initialised to the identity; 2D
+   features), ``"elu"`` (``elu(x) + 1``, parameter-free) or ``"silu"`` (TransNormerLLM's ``SiLU`` on q and k).
+2. **Decayed causal linear attention** (``patchattn.kernels.lightning``): ``o_t = sum_{j<=t} lambda_h^(t-j)
+   (phi(q_t) . phi(k_j)) v_j`` with ``lambda_h = exp(-s_h)``; ``decay="tnl"`` (default) is TransNormerLLM's
+   schedule, the ALiBi slopes ``s_h`` times ``1 - l/(L-1) + 1e-5`` for layer ``l`` of ``L``; ``"alibi"`` the slopes
+   alone (Lightning Attention-2's README), ``"none"`` no decay.  Tiled: intra-block masked quadratic part + an
+   inter-block recurrent state (Triton forward on CUDA; chunked torch elsewhere).
+3. **Normalisation** (``normalize``): ``"sum"`` (default, what LoLCATs keeps so a converted layer starts close to a
+   softmax layer: ``o_t / (phi(q_t) . sum_j lambda^(t-j) phi(k_j))``, the denominator computed by the same kernel
+   through a column of ones appended to v), ``"rms"`` (TransNormerLLM's: an RMSNorm over the layer's heads with a
+   learnable weight) or ``"none"``.
+4. **Output gate** (``output_gate``): TransNormerLLM's low-rank gate ``sigmoid(U W x)``, here ``2 sigmoid(U W v)``
+   read from the token's value vectors (the attention function does not see ``x``; ``v = x W_v`` is a RoPE-free
+   linear function of it), with ``U`` zero-initialised so the gate starts at exactly 1.
+
+New parameters live on the module's ``PatchState`` (``...self_attn.patchattn.feature_q`` etc.), so the trainer
+trains them beside LoRA, saves them in ``patch_state.safetensors`` and ``patchattn.load(..., adapter=...)`` reloads
+them.  Decoding: the recurrent state ``[B, H, F, E]`` after the last call is kept in the method state; a call whose
+cache holds exactly the tokens seen so far (checked against the last key seen) continues from it in O(1) per
+token, anything else rebuilds the state from the cached keys (O(T), same result).  Left padding: padded keys get
+``phi(k) = 0`` (and v = 0), so a padded row equals the row alone (the decay depends only on distances).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MethodConfig, option
+from ..kernels.lightning import alibi_slopes, lightning_attention
+from ..state import MethodState, PatchState, get_state
+from ._heads import head_counts
+from ._sparse import dense_call, padding_start
+
+FEATURE_MAPS = ("hedgehog", "elu", "silu")
+NORMALIZERS = ("sum", "rms", "none")
+DECAYS = ("tnl", "alibi", "none")
+LIGHTNING_PAPER = ("Qin et al., Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large "
+                   "Language Models, arXiv 2401.04658 (+ TransNormerLLM, arXiv 2307.14995; conversion: LoLCATs, "
+                   "arXiv 2410.10254)")
+
+
+@dataclass(kw_only=True)
+class LightningConfig(MethodConfig):
+    feature_map: str = option("hedgehog", "feature map on q and k: 'hedgehog' (LoLCATs' learnable softmax map, "
+                              "identity init), 'elu' (elu+1), 'silu' (TransNormerLLM)", choices=FEATURE_MAPS)
+    normalize: str = option("sum", "'sum': linear-attention denominator (LoLCATs); 'rms': TransNormerLLM's "
+                            "RMSNorm over heads (learnable weight); 'none'", choices=NORMALIZERS)
+    decay: str = option("tnl", "per-head decay: 'tnl' (ALiBi slopes scaled by 1 - l/(L-1) + 1e-5, TransNormerLLM), "
+                        "'alibi' (slopes alone), 'none'", choices=DECAYS)
+    output_gate: bool = option(True, "TransNormerLLM's low-rank sigmoid output gate (starts at exactly 1)")
+    gate_rank: int = option(16, "rank of the output gate", min=1)
+    block_size: int = option(64, "tile of the intra-block quadratic part (Lightning's BLOCK)", min=16, max=256)
+    transfer_coef: float = option(0.0, "attention transfer: in training mode also run the softmax teacher on the "
+                                  "same q/k/v and keep the MSE for transfer_loss() (0: off)", min=0.0)
+    init_std: float = option(1e-2, "std of the output gate's down projection at patch time", min=0.0)
+    seed: int = option(0, "seed of the output gate's initialisation", min=0)
+
+    def validate(self) -> None:
+        if self.feature_map == "silu" and self.normalize == "sum":
+            raise ValueError(f"{self.where('normalize')} = 'sum' needs non-negative features (a denominator that "
+                             f"can reach 0 with SiLU's negative values); use normalize='rms' (TransNormerLLM's "
+                             f"pairing) or feature_map 'hedgehog' / 'elu'")
+
+
+@dataclass
+class LightningState(MethodState):
+    """The layer's decay slopes ``[Hq]`` (fixed at patch time) and, for decoding, the recurrent state after the last
+    call (``kv [B, Hq, F, E]`` float32), how many tokens it covers and the last key it saw ``[B, Hkv, D]`` (to
+    recognise the same cache); ``transfer`` the latest attention-transfer MSE (with its graph).  ``softmax`` marks a
+    hybrid's softmax layer."""
+
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("slopes",)
+
+    slopes: torch.Tensor | None = None
+    softmax: bool = False
+    kv: torch.Tensor | None = None
+    tokens: int = 0
+    last_key: torch.Tensor | None = None
+    transfer: torch.Tensor | None = None
+
+
+# ---- patch time ------------------------------------------------------------------------------------------------
+def layer_count(module) -> int | None:
+    config = getattr(module, "config", None)
+    return getattr(config, "num_hidden_layers", None)
+
+
+def decay_slopes(config: LightningConfig, heads: int, layer: int, layers: int | None) -> torch.Tensor:
+    """``[heads]`` float32 slopes ``s_h`` (decay ``exp(-s_h)`` per token)."""
+    if config.decay == "none":
+        return torch.zeros(heads)
+    slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float32)
+    if config.decay == "tnl":
+        scale = 1.0 - layer / (layers - 1) + 1e-5 if layers and layers > 1 else 1.0
+        slopes = slopes * scale
+    return slopes
+
+
+def make_lightning_state(module, config: LightningConfig, layer_index, role, context, softmax=False) -> PatchState:
+    """The slopes and the conversion parameters (feature maps, norm weight, gate) of one layer."""
+    heads, kv_heads, head_dim = head_counts(module)
+    plan = LightningState(slopes=decay_slopes(config, heads, layer_index, layer_count(module)), softmax=softmax)
+    state = PatchState(config, layer_index, role, context, plan)
+    if softmax:
+        return state
+    param = next(module.parameters())
+    device = param.device
+    if config.feature_map == "hedgehog":
+        eye = torch.eye(head_dim, device=device)
+        state.feature_q = nn.Parameter(eye.repeat(heads, 1, 1))
+        state.feature_k = nn.Parameter(eye.repeat(kv_heads, 1, 1))
+    if config.normalize == "rms":
+        state.norm_weight = nn.Parameter(torch.ones(heads * head_dim, device=device))
+    if config.output_gate:
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + layer_index)
+        down = torch.randn(config.gate_rank, kv_heads * head_dim, generator=gen) * config.init_std
+        state.gate_down = nn.Parameter(down.to(device))
+        state.gate_up = nn.Parameter(torch.zeros(heads * head_dim, config.gate_rank, device=device))
+    return state
+
+
+# ---- the converted layer ---------------------------------------------------------------------------------------
+def feature_map(state, x: torch.Tensor, which: str) -> torch.Tensor:
+    """``phi(x)`` float32 ``[B, H, T, F]`` for ``x [B, H, T, D]`` (``which``: ``"q"`` or ``"k"``)."""
+    kind = state.config.feature_map
+    x = x.float()
+    if kind == "elu":
+        return F.elu(x) + 1.0
+    if kind == "silu":
+        return F.silu(x)
+    weight = getattr(state, f"feature_{which}").float()  # [H, D, D]
+    proj = torch.einsum("bhtd,hde->bhte", x, weight)
+    return torch.cat([torch.softmax(proj, dim=-1), torch.softmax(-proj, dim=-1)], dim=-1)
+
+
+def key_validity(attention_mask, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """bool ``[B, Tk]``: keys that are real tokens (not padding); None when nothing is padded.
+
+    From the padding spans of a causal + padding mask; for any other mask (a sliding-window layer's) from its
+    diagonal -- a real query sees its own key -- for this call's keys, and earlier (cached) keys are taken as real
+    (their padding was zeroed in the state when they were new)."""
+    try:
+        start = padding_start(attention_mask, batch, kv_len)
+    except ValueError:
+        start = _diagonal(attention_mask, batch, q_len, kv_len, device)
+        return start
+    if start is None:
+        return None
+    return torch.arange(kv_len, device=device)[None, :] >= start.to(device).long()[:, None]
+
+
+def _diagonal(attention_mask, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    rows = torch.arange(q_len, device=attention_mask.device)
+    diag = attention_mask[:, 0, rows, rows + (kv_len - q_len)]  # [B or 1, Tq]
+    seen = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    past = torch.ones(seen.shape[0], kv_len - q_len, dtype=torch.bool, device=seen.device)
+    return torch.cat([past, seen], dim=1).expand(batch, kv_len).to(device)
+
+
+def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _same_cache(kept: LightningState, key: torch.Tensor, past: int) -> bool:
+    """Whether the kept state covers exactly the cache's first ``past`` keys (same rows, same last key)."""
+    if kept.kv is None or kept.tokens != past or kept.last_key is None or kept.kv.shape[0] != key.shape[0]:
+        return False
+    return kept.last_key.shape == key[:, :, past - 1].shape and torch.equal(kept.last_key, key[:, :, past - 1])
+
+
+def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **kwargs) -> torch.Tensor:
+    """The converted layer's output ``[B, Tq, Hq, D]`` (before ``o_proj``), updating the decode state."""
+    state = module.patchattn
+    config, kept = state.config, state.method_state
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    past = kv_len - q_len
+    valid = key_validity(attention_mask, batch, q_len, kv_len, query.device)
+
+    phi_k = feature_map(state, key, "k")
+    v = value.float()
+    if valid is not None:  # padded keys contribute nothing (phi(k) = 0), so a padded row equals the row alone
+        phi_k = phi_k * valid[:, None, :, None]
+        v = v * valid[:, None, :, None]
+    if config.normalize == "sum":
+        v = torch.cat([v, torch.ones_like(v[..., :1]) * (valid[:, None, :, None] if valid is not None else 1.0)], -1)
+    slopes = kept.slopes.to(query.device)
+
+    initial = None
+    if past > 0:
+        if _same_cache(kept, key, past):
+            initial = kept.kv
+        else:  # rebuild the state of the cached keys (another cache, e.g. a reordered beam)
+            _, initial = lightning_attention(
+                torch.zeros_like(_expand(phi_k[:, :, :past], groups)), _expand(phi_k[:, :, :past], groups),
+                _expand(v[:, :, :past], groups), slopes, block=config.block_size, backend=config.backend)
+    phi_q = feature_map(state, query, "q")
+    out, final = lightning_attention(phi_q, _expand(phi_k[:, :, past:], groups), _expand(v[:, :, past:], groups),
+                                     slopes, initial, block=config.block_size, backend=config.backend)
+    if not module.training:  # training calls have no cache to continue
+        kept.kv, kept.tokens, kept.last_key = final.detach(), kv_len, key[:, :, -1].detach().clone()
+    if config.normalize == "sum":
+        den = out[..., -1:]
+        out = torch.where(den > 1e-12, out[..., :-1] / den.clamp_min(1e-12), torch.zeros_like(out[..., :-1]))
+    out = out.transpose(1, 2)  # [B, Tq, Hq, D]
+    if config.normalize == "rms":
+        flat = out.flatten(2)
+        flat = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6) * state.norm_weight.float()
+        out = flat.view_as(out)
+    if config.output_gate:
+        features = value[:, :, past:].float().permute(0, 2, 1, 3).flatten(2)  # [B, Tq, Hkv*D]
+        gate = 2 * torch.sigmoid(features @ state.gate_down.float().t() @ state.gate_up.float().t())
+        out = out * gate.view(batch, q_len, heads, head_dim)
+    out = out.to(query.dtype)
+    if config.transfer_coef > 0 and module.training and torch.is_grad_enabled():
+        with torch.no_grad():
+            teacher, _ = dense_call(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        kept.transfer = (out.float() - teacher.float()).pow(2).mean()
+    return out
+
+
+def softmax_layer(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, window=None, **kwargs):
+    """A hybrid's softmax layer: the model's own attention, or causal sliding-window attention of ``window`` keys
+    (each query sees itself and the ``window - 1`` keys before it; the model's mask, padding included, still
+    applies)."""
+    if window is None:
+        return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    qpos = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    kpos = torch.arange(kv_len, device=query.device)[None, :]
+    band = (kpos <= qpos) & (qpos - kpos < window)
+    if attention_mask is None:
+        mask = band[None, None]
+    elif attention_mask.dtype == torch.bool:
+        mask = attention_mask[..., :kv_len] & band
+    else:
+        mask = attention_mask[..., :kv_len].masked_fill(~band, float("-inf"))
+    groups = query.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(query, _expand(key, groups), _expand(value, groups), attn_mask=mask,
+                                         dropout_p=dropout if module.training else 0.0, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def transfer_loss(model, *, scaled: bool = True) -> torch.Tensor:
+    """Attention-transfer loss of the last training forward (LoLCATs' stage 1): the mean over converted layers of
+    the MSE between each layer's linear-attention output and its softmax teacher on the same q/k/v, times
+    ``transfer_coef`` (``scaled=False``: the plain mean).  Needs ``transfer_coef > 0``; ValueError when no layer has
+    computed one yet."""
+    losses, coef = [], 0.0
+    for module in model.modules():
+        state = get_state(module)
+        kept = getattr(state, "method_state", None) if state is not None else None
+        if isinstance(kept, LightningState) and kept.transfer is not None:
+            losses.append(kept.transfer)
+            coef = state.config.transfer_coef
+    if not losses:
+        raise ValueError("transfer_loss: no lightning/hybrid layer has computed an attention-transfer loss (patch "
+                         "with transfer_coef > 0 and run a forward in training mode)")
+    total = torch.stack([loss.to(losses[0].device) for loss in losses]).mean()
+    return total * coef if scaled else total
+
+
+def conversion_parameters(model) -> dict[str, nn.Parameter]:
+    """The converted layers' own parameters by name (all contain ``.patchattn.``)."""
+    return {name: p for name, p in model.named_parameters() if ".patchattn." in name}
