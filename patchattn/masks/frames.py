@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import blocksparse
-from .tiles import TiledMask
+from .tiles import PermutedTokens, TiledMask
 
 PAD, IMAGE, TEXT = 0, 1, 2
 REPRESENTATIVE_CHUNK = 1 << 22  # rule elements evaluated per chunk (representatives x block x block)
@@ -252,7 +252,7 @@ def _distinct(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # The plan a method runs
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FramePlan:
+class FramePlan(PermutedTokens):
     """A call's permutation and TiledMask: ``permute`` q/k/v, run the engine, ``unpermute`` the output.
 
     Attributes:
@@ -274,22 +274,6 @@ class FramePlan:
         position = layout.position.to(device)
         source = torch.argsort(layout.position).to(device) if layout.length == layout.n_tokens else None
         return cls(tiled.to(device) if device is not None else tiled, position, layout.length, density, source)
-
-    def permute(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, H, T, D]`` in the call's order -> ``[B, H, length, D]`` in slot order (padding zero)."""
-        if self.source is not None:
-            return x.index_select(2, self.source)
-        out = x.new_zeros(x.shape[0], x.shape[1], self.length, x.shape[3])
-        return out.index_copy(2, self.position, x)
-
-    def unpermute(self, y: torch.Tensor) -> torch.Tensor:
-        """``[B, H, length, D]`` in slot order -> ``[B, H, T, D]`` in the call's order."""
-        return y.index_select(2, self.position)
-
-    def token_mask(self) -> torch.Tensor:
-        """bool ``[T, T]`` in the call's order (tests and small sequences only)."""
-        mask = self.tiled.token_mask()[0]
-        return mask[self.position][:, self.position]
 
 
 def square_tile(block: int, height: int, width: int) -> tuple[int, int]:

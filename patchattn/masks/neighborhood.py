@@ -41,7 +41,7 @@ from functools import lru_cache
 
 import torch
 
-from .tiles import TiledMask
+from .tiles import PermutedTokens, TiledMask
 
 AXES = 3
 PARTIAL_COST = 1.5  # a partial tile loads its mask and takes the masked branch: counted as 1.5 whole tiles
@@ -287,7 +287,7 @@ def choose_tile(hood: Neighborhood, block: int) -> tuple[int, int, int]:
 # The plan: permutation + TiledMask
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class NeighborhoodPlan:
+class NeighborhoodPlan(PermutedTokens):
     """Everything one attention call needs: where each token goes, and the engine's lists and tiles.
 
     Attributes:
@@ -312,22 +312,6 @@ class NeighborhoodPlan:
     density: float
     hood: Neighborhood = field(repr=False)
     source: torch.Tensor | None = field(default=None, repr=False)
-
-    def permute(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, H, T, D]`` in the call's order -> ``[B, H, length, D]`` in tile order (padding zero)."""
-        if self.source is not None:  # tiles fill the grid: a plain gather, no zero fill
-            return x.index_select(2, self.source)
-        out = x.new_zeros(x.shape[0], x.shape[1], self.length, x.shape[3])
-        return out.index_copy(2, self.position, x)
-
-    def unpermute(self, y: torch.Tensor) -> torch.Tensor:
-        """``[B, H, length, D]`` in tile order -> ``[B, H, T, D]`` in the call's order."""
-        return y.index_select(2, self.position)
-
-    def token_mask(self) -> torch.Tensor:
-        """bool ``[T, T]`` in the call's order (tests: small sequences only)."""
-        mask = self.tiled.token_mask()[0]
-        return mask[self.position][:, self.position]
 
 
 def neighborhood_plan(grid, window, stride=1, dilation=1, causal=False, *, tile=None, block: int = 64,

@@ -29,7 +29,7 @@ import torch
 
 from ..kernels import blocksparse
 
-__all__ = ["TiledMask", "tiled_attention", "tiles_from_parts", "tiles_from_predicate", "tiles_from_token_mask"]
+__all__ = ["PermutedTokens", "TiledMask", "tiled_attention", "tiles_from_parts", "tiles_from_predicate", "tiles_from_token_mask"]
 
 # Score-sized elements evaluated per chunk by tiles_from_predicate (bool/int64 temporaries stay ~100 MB at most).
 PREDICATE_CHUNK_ELEMENTS = 1 << 22
@@ -151,6 +151,28 @@ class TiledMask:
 # --------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------
+class PermutedTokens:
+    """What a token plan adds to its ``TiledMask``: tokens permuted into tile order.  Subclasses (dataclasses) hold
+    ``tiled``, ``position`` (``[T]``: the slot of each token of the call), ``length`` (slots, padding included) and
+    ``source`` (``[length]``: the token in each slot when no slot is padding, else None)."""
+
+    def permute(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, T, D]`` in the call's order -> ``[B, H, length, D]`` in slot order (padding slots zero)."""
+        if self.source is not None:  # no padding slot: a plain gather, no zero fill
+            return x.index_select(2, self.source)
+        out = x.new_zeros(x.shape[0], x.shape[1], self.length, x.shape[3])
+        return out.index_copy(2, self.position, x)
+
+    def unpermute(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B, H, length, D]`` in slot order -> ``[B, H, T, D]`` in the call's order."""
+        return y.index_select(2, self.position)
+
+    def token_mask(self) -> torch.Tensor:
+        """bool ``[T, T]`` in the call's order (tests and small sequences only)."""
+        mask = self.tiled.token_mask()[0]
+        return mask[self.position][:, self.position]
+
+
 def _as_heads(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dtype != torch.bool or t.dim() not in (2, 3):
         raise ValueError(f"{name}: got {tuple(t.shape)} {t.dtype}; allowed: bool [N1, N2] or [H, N1, N2]")
