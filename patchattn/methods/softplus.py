@@ -136,7 +136,8 @@ def softplus_core(config: SoftplusConfig, query, key, value, valid, *, scale: fl
     """Chunked LSSA(R): ``[B, Hq, Tq, D]`` in the query's dtype; key/value ``[B, Hkv, Tk, D]`` (GQA expanded here)."""
     heads, q_len = query.shape[1:3]
     group = heads // key.shape[1]
-    q, k, v = query.float(), key.float(), value.float()
+    work = torch.promote_types(query.dtype, torch.float32)  # fp32 at least; float64 stays float64
+    q, k, v = query.to(work), key.to(work), value.to(work)
     if config.qk_norm:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
