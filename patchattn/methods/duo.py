@@ -218,20 +218,28 @@ def _bounded_plan(state, kv_heads: int, query_heads: int):
                     heads_reading_all=full_q)
 
 
+def _group_keep(state, group, query_positions, full_q: tuple[bool, ...]) -> torch.Tensor:
+    """keep ``[B, 1, S]``: the slots the group's heads may still read later (every filled slot when any of its query
+    heads reads everything; else the sink + window)."""
+    if any(full_q):
+        return group.positions >= 0
+    config = state.config
+    return sink_window_keep(query_positions, group.positions, config.block_size, config.sink_tokens, config.window)
+
+
 def _group_visible(state, group, query_positions, full_q: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(visible ``[B, 1 or hq, Tq, S]`` for the group's query heads, keep ``[B, 1, S]``)."""
     config = state.config
+    keep = _group_keep(state, group, query_positions, full_q)
     causal = causal_slots(query_positions, group.positions)
     if all(full_q):
-        return causal, group.positions >= 0
+        return causal, keep
     stream = sink_window_visible(query_positions, group.positions, config.block_size, config.sink_tokens,
                                  config.window)
     if not any(full_q):
-        keep = sink_window_keep(query_positions, group.positions, config.block_size, config.sink_tokens,
-                                config.window)
         return stream, keep
     reads_all = torch.tensor(full_q, device=causal.device)[None, :, None, None]
-    return torch.where(reads_all, causal, stream), group.positions >= 0
+    return torch.where(reads_all, causal, stream), keep
 
 
 def _group_query_heads(group, per_kv: int) -> list[int]:
@@ -241,8 +249,10 @@ def _group_query_heads(group, per_kv: int) -> list[int]:
 def _keeps(state, kept: KeptKeys, query_heads: int) -> tuple[torch.Tensor, ...]:
     per_kv = query_heads // sum(len(g.kv_heads) for g in kept.groups)
     full_q = kept.plan.heads_reading_all
-    return tuple(_group_visible(state, g, kept.query_positions,
-                                tuple(full_q[h] for h in _group_query_heads(g, per_kv)))[1] for g in kept.groups)
+    # Only what to keep: the [Tq, S] visibility of a long prefill is never built here (at 128k it was two 17 GB masks
+    # per layer: duo's bounded prefill peaked at 105.6 GiB on the H200, bench/generate).
+    return tuple(_group_keep(state, g, kept.query_positions, tuple(full_q[h] for h in _group_query_heads(g, per_kv)))
+                 for g in kept.groups)
 
 
 def bounded_call(state, query, kept: KeptKeys, *, scaling, softcap):

@@ -95,6 +95,32 @@ def test_duo_keeps_retrieval_heads_whole_and_bounds_the_streaming_heads():
     assert streaming and all(slots <= 16 + 32 + 32 for slots in streaming)
 
 
+@pytest.mark.parametrize("kv_heads_together", [True, False])
+def test_duo_prefill_decides_what_to_keep_without_a_query_by_slot_mask(monkeypatch, kv_heads_together):
+    """The prefill of a bounded cache only says which slots to keep: building the [Tq, S] visibility there cost two
+    17 GB masks per layer at 128k (the H200's 105.6 GiB peak)."""
+    import patchattn.methods.duo as duo
+
+    shapes = []
+    for name in ("causal_slots", "sink_window_visible"):
+        real = getattr(duo, name)
+
+        def recording(query_positions, *args, _real=real, **kwargs):
+            shapes.append(tuple(query_positions.shape))
+            return _real(query_positions, *args, **kwargs)
+
+        monkeypatch.setattr(duo, name, recording)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 300), generator=torch.Generator().manual_seed(3))
+    settings = dict(SMALL, window=32, sink_tokens=4, retrieval_fraction=0.25, kv_heads_together=kv_heads_together)
+    with torch.no_grad(), patchattn.patched(model, "duo", **settings):
+        cache = patchattn.bounded_cache(model)
+        model(input_ids=ids, past_key_values=cache)  # the prefill
+        assert not any(q_len > 1 for _, q_len in shapes), shapes
+        model(input_ids=ids[:, :1], past_key_values=cache)  # a decode step reads through the visibility
+    assert shapes and all(q_len == 1 for _, q_len in shapes)
+
+
 def test_h2o_holds_kv_budget_keys_per_head():
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (1, 300), generator=torch.Generator().manual_seed(4))
