@@ -203,29 +203,32 @@ def _restore_saved_tensors(model, handle: PatchHandle, saved: MethodConfig | Non
 
 
 @contextlib.contextmanager
+def _set_aside(model):
+    """Inside the block the model's patch (if any) is suspended; on exit whatever was patched inside is undone and the
+    suspended patch comes back with the same handle and state objects (learned parameters keep their values)."""
+    with adapters.PATCH_LOCK:
+        handle = get_handle(model)
+        states = _suspend(model, handle)
+    try:
+        yield
+    finally:
+        with adapters.PATCH_LOCK:
+            if get_handle(model) is not None:
+                unpatch(model)
+            _resume(model, handle, states)
+
+
+@contextlib.contextmanager
 def patched(model, method, **overrides):
     """Context manager: ``with patched(model, "streaming", window=256): ...``; on exit the model is as it was.
 
     Blocks nest: leaving an inner block puts back the patch of the outer one (the same handle and state objects,
     so learned parameters keep their values), or no patch when there was none -- whatever was patched or unpatched
-    inside the block.
+    inside the block.  A patch that is refused leaves the outer one in place.
     """
     model = _unwrap(model)
-    with adapters.PATCH_LOCK:
-        outer = get_handle(model)
-        outer_states = _suspend(model, outer)
-        try:
-            handle = patch(model, method, **overrides)
-        except BaseException:
-            _resume(model, outer, outer_states)
-            raise
-    try:
-        yield handle
-    finally:
-        with adapters.PATCH_LOCK:
-            if get_handle(model) is not None:
-                unpatch(model)
-            _resume(model, outer, outer_states)
+    with _set_aside(model):
+        yield patch(model, method, **overrides)
 
 
 @contextlib.contextmanager
@@ -236,16 +239,8 @@ def unpatched(model):
     holding them) stay valid; they are not in the model inside the block.  An unpatched model is left as it is.
     """
     model = _unwrap(model)
-    with adapters.PATCH_LOCK:
-        handle = get_handle(model)
-        states = _suspend(model, handle)
-    try:
+    with _set_aside(model):
         yield model
-    finally:
-        with adapters.PATCH_LOCK:
-            if get_handle(model) is not None:
-                unpatch(model)
-            _resume(model, handle, states)
 
 
 def _suspend(model, handle: PatchHandle | None) -> dict[int, Any]:

@@ -1,7 +1,7 @@
 """Base DiTs by name for DiT training runs: ``tiny-<family>`` (random, built from a config: no download) or a local
 diffusers folder (a transformer folder, or a pipeline folder with a ``transformer/`` subfolder).
 
-The tiny configs are the ones the adapter tests use (``tests/dit_cases.py``), so a DiT recipe can be smoke-run
+The tiny configs are also the ones the tests build (``tests/dit_cases.py`` reads them here), so a DiT recipe can be smoke-run
 offline on every supported family.  Each tiny model also names a default latent grid (in tokens, after patchify)
 and text length, used when a recipe does not give its own.
 """

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from patchattn.dit_models import TINY_DITS
+
 diffusers = pytest.importorskip("diffusers")
 
 BATCH = 2
@@ -36,44 +38,29 @@ def _flux_inputs():
 
 CASES = {
     "flux": Case(
-        "FluxTransformer2DModel",
-        dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+        TINY_DITS["flux"].cls, TINY_DITS["flux"].config,
         _flux_inputs, (1, 3, 4), 5, True, {"attn": "joint"},
     ),
     "sd3": Case(
-        "SD3Transformer2DModel",
-        dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-             joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-             pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
+        TINY_DITS["sd3"].cls, TINY_DITS["sd3"].config,
         lambda: dict(hidden_states=torch.randn(BATCH, 4, 8, 6), encoder_hidden_states=torch.randn(BATCH, 5, 32),
                      pooled_projections=torch.randn(BATCH, 32), timestep=torch.rand(BATCH)),
         (1, 4, 3), 5, False, {"attn": "joint", "attn2": "self"},
     ),
     "cogvideox": Case(
-        "CogVideoXTransformer3DModel",
-        dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
-             text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-             temporal_compression_ratio=4, max_text_seq_length=6),
+        TINY_DITS["cogvideox"].cls, TINY_DITS["cogvideox"].config,
         lambda: dict(hidden_states=torch.randn(BATCH, 3, 4, 8, 6), encoder_hidden_states=torch.randn(BATCH, 6, 16),
                      timestep=torch.randint(0, 1000, (BATCH,))),
         (3, 4, 3), 6, True, {"attn1": "joint"},
     ),
     "wan": Case(
-        "WanTransformer3DModel",
-        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-             text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-             qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+        TINY_DITS["wan"].cls, TINY_DITS["wan"].config,
         lambda: dict(hidden_states=torch.randn(BATCH, 4, 2, 8, 6), encoder_hidden_states=torch.randn(BATCH, 5, 16),
                      timestep=torch.randint(0, 1000, (BATCH,))),
         (2, 4, 3), 5, None, {"attn1": "self", "attn2": "cross"},
     ),
     "pixart": Case(
-        "PixArtTransformer2DModel",
-        dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-             caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
-             activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-             norm_elementwise_affine=False, norm_eps=1e-6),
+        TINY_DITS["pixart"].cls, TINY_DITS["pixart"].config,
         # A caption padding mask, so the cross-attention mask path is exercised too.
         lambda: dict(hidden_states=torch.randn(BATCH, 4, 8, 6), encoder_hidden_states=torch.randn(BATCH, 5, 32),
                      timestep=torch.randint(0, 1000, (BATCH,)), encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0],
@@ -81,10 +68,7 @@ CASES = {
         (1, 4, 3), 5, None, {"attn1": "self", "attn2": "cross"},
     ),
     "hunyuan_video": Case(
-        "HunyuanVideoTransformer3DModel",
-        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-             num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
-             pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), guidance_embeds=False),
+        TINY_DITS["hunyuan_video"].cls, TINY_DITS["hunyuan_video"].config,
         # [video; text] with a text padding mask (the refiner, text-only attention, is left unpatched)
         lambda: dict(hidden_states=torch.randn(BATCH, 4, 3, 8, 6), encoder_hidden_states=torch.randn(BATCH, 5, 16),
                      timestep=torch.randint(0, 1000, (BATCH,)), pooled_projections=torch.randn(BATCH, 8),
@@ -92,9 +76,7 @@ CASES = {
         (3, 4, 3), 5, False, {"attn": "joint"},
     ),
     "ltx_video": Case(
-        "LTXVideoTransformer3DModel",
-        dict(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
-             cross_attention_dim=16, num_layers=2, caption_channels=16),
+        TINY_DITS["ltx_video"].cls, TINY_DITS["ltx_video"].config,
         # packed latent [B, F*H*W, C]; the grid comes from the num_frames/height/width arguments
         lambda: dict(hidden_states=torch.randn(BATCH, 2 * 4 * 3, 4), encoder_hidden_states=torch.randn(BATCH, 5, 16),
                      timestep=torch.randint(0, 1000, (BATCH,)), encoder_attention_mask=torch.ones(BATCH, 5),

@@ -19,7 +19,6 @@ No DiT weights are used: speed does not depend on them.  Quality is not measured
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import json
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..api import parse_methods, patch, unpatch
+from ..api import parse_methods, patched
 from ..registry import get_spec
 from ..report import environment, format_table
 from ..state import PatchContext, PatchState, TokenLayout
@@ -265,13 +264,19 @@ def _wan(shape: Shape, layers: int, device, dtype):
 MODELS = {"flux": _flux, "wan": _wan}
 
 
-def forward_rows(shape: Shape, methods, layers: int, device, dtype) -> list[dict]:
-    if shape.family not in MODELS:
-        return []
+def built_model(shape: Shape, layers: int, device, dtype):
+    """(model, inputs, note) of the shape's family on ``device`` in ``dtype``, seeded."""
     torch.manual_seed(0)
     model, inputs, note = MODELS[shape.family](shape, layers, device, dtype)
     model = model.to(device=device, dtype=dtype).eval()
     inputs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    return model, inputs, note
+
+
+def forward_rows(shape: Shape, methods, layers: int, device, dtype) -> list[dict]:
+    if shape.family not in MODELS:
+        return []
+    model, inputs, note = built_model(shape, layers, device, dtype)
 
     def run():
         with torch.no_grad():
@@ -283,11 +288,8 @@ def forward_rows(shape: Shape, methods, layers: int, device, dtype) -> list[dict
         def timed():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            patch(model, name, **overrides)
-            try:
+            with patched(model, name, **overrides):
                 ms = time_ms(run, device)
-            finally:
-                unpatch(model)
             peak = f"; peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
             return [dict(shape=shape.name, mode="forward", method=label, tokens=shape.tokens, ms=ms, sdpa_ms=sdpa_ms,
                          speedup_vs_sdpa=sdpa_ms / ms, note=note + peak)]
@@ -321,10 +323,7 @@ def drift_rows(shape: Shape, methods, layers: int, device, dtype, steps: int) ->
 
     if shape.family not in MODELS:
         return []
-    torch.manual_seed(0)
-    model, inputs, note = MODELS[shape.family](shape, layers, device, dtype)
-    model = model.to(device=device, dtype=dtype).eval()
-    inputs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    model, inputs, note = built_model(shape, layers, device, dtype)
     scale = 1000.0 if shape.family == "wan" else 1.0
 
     def outputs():
@@ -335,7 +334,7 @@ def drift_rows(shape: Shape, methods, layers: int, device, dtype, steps: int) ->
     rows = []
     for label, name, overrides in methods:
         def measured():
-            with patched_model(model, name, overrides):
+            with patched(model, name, **overrides):
                 got = outputs()
             return [dict(shape=shape.name, mode=mode, method=label, tokens=shape.tokens,
                          cosine=float(cosine(g.float(), r.float()).mean()),
@@ -345,15 +344,6 @@ def drift_rows(shape: Shape, methods, layers: int, device, dtype, steps: int) ->
 
         rows += _guarded(measured, shape, "drift", label, device)
     return rows
-
-
-@contextlib.contextmanager
-def patched_model(model, name: str, overrides: dict):
-    patch(model, name, **overrides)
-    try:
-        yield model
-    finally:
-        unpatch(model)
 
 
 # ----------------------------------------------------------------------------------------------------------------

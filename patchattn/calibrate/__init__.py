@@ -70,11 +70,15 @@ def load_model(name_or_path: str):
     if name_or_path in EMBEDDED or name_or_path.endswith(".gguf"):
         return load_pretrained(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="float32").eval()
+    return model, optional_tokenizer(name_or_path)
+
+
+def optional_tokenizer(name_or_path: str):
+    """The folder's tokenizer, or None for a folder without tokenizer files (a tiny random test model)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+        return None
 
 
 def base_parser(prog: str, description: str, default_out: str):

@@ -35,21 +35,17 @@ def text_config_of(model):
 def load_any(name_or_path: str):
     """(model, tokenizer or None): an LLM (``calibrate.load_model``) or, for a folder whose config has a vision
     tower, the image-text model."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from ..models import EMBEDDED
-    from . import load_model
+    from . import load_model, optional_tokenizer
 
     if name_or_path in EMBEDDED or not Path(name_or_path, "config.json").is_file():
         return load_model(name_or_path)
     if not hasattr(AutoConfig.from_pretrained(name_or_path), "vision_config"):
         return load_model(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype="float32").eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+    return model, optional_tokenizer(name_or_path)
 
 
 def prompts(model, tokenizer, count: int, length: int, seed: int, offset: int = CALIBRATION_TEXT_OFFSET):

@@ -13,7 +13,6 @@ the edge tiles of a frame whole.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import blocksparse
+from .neighborhood import check_layout
 from .tiles import PermutedTokens, TiledMask
 
 PAD, IMAGE, TEXT = 0, 1, 2
@@ -116,7 +116,7 @@ def frame_layout(grid, image: tuple[int, int], text: tuple[tuple[int, int], ...]
     frames, height, width = (int(g) for g in grid)
     n_image = frames * height * width
     text = tuple(tuple(t) for t in text)
-    _check_layout(n_image, tuple(image), text)
+    check_layout(n_image, tuple(image), text)
     if tile is None:
         per_frame = -(-height * width // block) * block
         ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
@@ -149,14 +149,6 @@ def frame_layout(grid, image: tuple[int, int], text: tuple[tuple[int, int], ...]
     coords["x"][image_slots] = xs.reshape(-1).repeat(frames)
     coords["raster"][image_slots] = (ys * width + xs).reshape(-1).repeat(frames)
     return FrameLayout((frames, height, width), block, tile, position, length, kind, **coords)
-
-
-def _check_layout(n_image: int, image, text) -> None:
-    if image[1] - image[0] != n_image:
-        raise ValueError(f"image span {image} holds {image[1] - image[0]} tokens, the grid {n_image}")
-    spans = sorted([image, *text])
-    if spans[0][0] != 0 or any(a[1] != b[0] for a, b in itertools.pairwise(spans)):
-        raise ValueError(f"image {image} and text {text} must cover the sequence from 0 without gaps or overlaps")
 
 
 # ----------------------------------------------------------------------------------------------------------------

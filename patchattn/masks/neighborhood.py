@@ -328,7 +328,7 @@ def neighborhood_plan(grid, window, stride=1, dilation=1, causal=False, *, tile=
     n_image = math.prod(hood.grid)
     image = (0, n_image) if image is None else tuple(image)
     text = tuple(tuple(t) for t in text)
-    _check_layout(n_image, image, text)
+    check_layout(n_image, image, text)
     tile = choose_tile(hood, block) if tile is None else _leading(tile, len(grid) if isinstance(grid, (tuple, list))
                                                                   else 1, 1, "tile")
     size = math.prod(tile)
@@ -353,7 +353,8 @@ def neighborhood_plan(grid, window, stride=1, dilation=1, causal=False, *, tile=
                             tile_masks.shape[0], _density(hood, n_image, n_text), hood, source)
 
 
-def _check_layout(n_image: int, image, text) -> None:
+def check_layout(n_image: int, image, text) -> None:
+    """ValueError unless the image span holds the grid and image + text spans tile the sequence from 0."""
     if image[1] - image[0] != n_image:
         raise ValueError(f"image span {image} holds {image[1] - image[0]} tokens, the grid {n_image}")
     spans = sorted([image, *text])

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..config import option
 from ..registry import register_method
-from ._dit import DiTCall, DiTScheduleConfig, dense_sdpa, dit_call, scheduled_dense
+from ._dit import DiTCall, DiTScheduleConfig, dense_call, dit_call, runs_dense
 
 AXES = 3
 
@@ -162,16 +162,13 @@ def agent_forward(module, query, key, value, attention_mask, *, scaling=None, dr
     state = module.patchattn
     config: AgentConfig = state.config
     call = dit_call(state, query, cross_attention)
-    dense = (call.role == "cross" or call.grid is None or scheduled_dense(config, call) or is_causal)
+    dense = is_causal or runs_dense(config, call, "agent")
     if not dense:
         agent_grid = agent_grid_for(config, call.grid)
         dense = not agents_run(config, call, math.prod(agent_grid))
     if dense:
-        if call.grid is None and call.role != "cross":
-            warnings.warn("agent: the latent grid of this call is unknown; it runs dense attention", stacklevel=2)
-        state.record(density=1.0)
-        return dense_sdpa(query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=is_causal,
-                          enable_gqa=enable_gqa), None
+        return dense_call(state, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                          is_causal=is_causal, enable_gqa=enable_gqa)
     if dropout:
         raise NotImplementedError("agent: attention dropout is not supported; set the model's attention dropout to 0")
     if enable_gqa and key.shape[1] != query.shape[1]:

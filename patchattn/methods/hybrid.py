@@ -40,20 +40,23 @@ class HybridConfig(LightningConfig):
     DENSE_EQUIVALENT: ClassVar[dict] = {"softmax_every": 1}  # every layer keeps the model's softmax attention
 
 
+def keeps_softmax(config: HybridConfig, layer: int) -> bool:
+    """Whether ``layer`` keeps softmax attention (an explicit list, else 1 of every ``softmax_every``)."""
+    if config.softmax_layers is not None:
+        return layer in config.softmax_layers
+    return layer % config.softmax_every == config.softmax_every - 1
+
+
 def softmax_layer_indices(config: HybridConfig, num_layers: int) -> list[int]:
     """The layers that keep softmax attention."""
     if config.softmax_layers is not None:
         return sorted(set(config.softmax_layers))
-    k = config.softmax_every
-    return [layer for layer in range(num_layers) if layer % k == k - 1]
+    return [layer for layer in range(num_layers) if keeps_softmax(config, layer)]
 
 
 def make_hybrid_state(module, config: HybridConfig, layer_index, role, context):
-    if config.softmax_layers is not None:
-        softmax = layer_index in config.softmax_layers
-    else:
-        softmax = layer_index % config.softmax_every == config.softmax_every - 1
-    return make_lightning_state(module, config, layer_index, role, context, softmax=softmax)
+    return make_lightning_state(module, config, layer_index, role, context,
+                                softmax=keeps_softmax(config, layer_index))
 
 
 @register_method(
