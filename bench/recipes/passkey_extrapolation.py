@@ -16,11 +16,13 @@ import argparse
 import json
 import os
 import re
+import sys
 
 import torch
 
 import patchattn
 from patchattn.data import passkey_example
+from patchattn.report import environment
 from patchattn.train.model import load_base
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -53,7 +55,7 @@ def main() -> None:
     parser.add_argument("--output", default="bench/recipes/passkey_extrapolation.json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {}
+    results = {"environment": {**environment(), "command": " ".join(sys.argv)}}
     for run in ["dense", *args.runs]:
         if run == "dense":  # the first run's base model, unpatched, no LoRA
             with open(os.path.join(args.runs[0], "recipe.json")) as handle:
@@ -68,6 +70,8 @@ def main() -> None:
     print("| run | " + " | ".join(f"passkey {n // 1024}k" for n in args.lengths) + " |")
     print("|---|" + "---|" * len(args.lengths))
     for run, row in results.items():
+        if run == "environment":
+            continue
         print(f"| `{run}` | " + " | ".join(f"{row[f'passkey@{n}']:.2f}" for n in args.lengths) + " |")
 
 

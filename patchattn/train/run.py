@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .. import api
+from .. import api, report
 from . import artifacts, checkpoint, evaluate
 from .data import TextData, build_data
 from .model import apply_patch, inner_model, load_base, trainable_parameters, wrap_lora
@@ -299,4 +299,5 @@ def _run_facts(recipe, data, started, resumed_at) -> dict:
         "training_patch": recipe.patch,
         "wall_time_s": round(time.time() - started, 1),
         "resumed_at_step": resumed_at or None,
+        "environment": report.environment(),  # commit, GPU, versions: the figure's stamp
     }
