@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import datasets
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +41,8 @@ def read_text(data: dict) -> str:
             except FileNotFoundError:
                 raise RecipeError(f"train.json: data file {path!r} not found") from None
         return "\n\n".join(parts)
+    import datasets  # only a hub dataset needs it (and its pandas / pyarrow)
+
     dataset = datasets.load_dataset(data["dataset"], data.get("config"), split=data.get("split", "train"))
     column = data.get("column", "text")
     if column not in dataset.column_names:
@@ -84,9 +85,9 @@ def first_row(config: TrainConfig, step: int, micro: int, rank: int = 0, world: 
 
 @dataclass
 class TextData:
-    """Training chunks (a ``datasets.Dataset`` of ``input_ids``) and held-out chunks for perplexity."""
+    """Training chunks and held-out chunks for perplexity."""
 
-    train: object  # datasets.Dataset with column input_ids
+    train: torch.Tensor  # [n_chunks, seq_len] token ids
     heldout: torch.Tensor  # [n, eval_len]
     heldout_stream: torch.Tensor  # [tokens] the held-out tail as one stream (decode evaluation)
     images: ImageData | None = None
@@ -115,8 +116,8 @@ class TextData:
         for i in range(first, first + config.batch):
             epoch, slot = divmod(i, n)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
-            rows.append(self.train[int(order[slot])]["input_ids"])
-        return torch.tensor(rows, dtype=torch.long)
+            rows.append(self.train[int(order[slot])])
+        return torch.stack(rows).long()
 
 
 def _read_image(path: str) -> torch.Tensor:
@@ -170,5 +171,4 @@ def build_data(config: TrainConfig, tokenizer, model=None) -> TextData:
         raise RecipeError(f"the held-out text has {len(held)} tokens: too few for one evaluation chunk of "
                           f"{length} tokens; raise holdout or lower eval_seq_len")
     heldout = held[: n_eval * length].view(n_eval, length)
-    train = datasets.Dataset.from_dict({"input_ids": chunks.tolist()})
-    return TextData(train, heldout, held, build_images(config, model))
+    return TextData(chunks.clone(), heldout, held, build_images(config, model))
