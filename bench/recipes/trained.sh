@@ -2,7 +2,7 @@
 # Issue 23's trained attentions on SmolLM2 (a CUDA GPU; repository root as cwd), the runs side by side on one GPU
 # (a 135M model at batch 1 leaves an H200 mostly idle, so parallel processes cost little wall time):
 #   bash bench/recipes/trained.sh [names...]
-# Names: selective softplus landmark dma lightning hybrid hybrid_k4 hybrid_k2 dense_lora dense_lora_1024
+# Names (NAME:STEPS runs fewer steps): selective softplus landmark dma lightning hybrid hybrid_k4 hybrid_k2 dense_lora dense_lora_1024
 # (default: all). hybrid is the shipped recipe (1 softmax layer in 8, MiniMax-01); hybrid_k4 / hybrid_k2 the same
 # recipe with softmax_every 4 / 2 (built under runs/recipes/); lightning is the all-linear end. dense_lora_1024 is the
 # dense-LoRA control at lightning's and hybrid's 1024 tokens and 200 steps (its step-150 evaluation is lightning's
@@ -25,11 +25,12 @@ json.dump(patch, open(path, "w"))
 PY
 }
 
-one() {  # one NAME: train it, copy its small outputs
-    local name=$1 folder=$1 extra=()
+one() {  # one NAME[:STEPS]: train it (STEPS: fewer steps than the recipe's), copy its small outputs
+    local name=${1%%:*} folder=${1%%:*} extra=()
+    [[ $1 == *:* ]] && extra=(--steps "${1##*:}")
     case $name in
         dense_lora) folder=bench/recipes/controls/dense_lora ;;
-        dense_lora_1024) folder=bench/recipes/controls/dense_lora; extra=(--seq-len 1024 --steps 200) ;;
+        dense_lora_1024) folder=bench/recipes/controls/dense_lora; extra=(--seq-len 1024 --steps 200 "${extra[@]}") ;;
         hybrid_k4) variant hybrid_k4 4; folder=runs/recipes/hybrid_k4 ;;
         hybrid_k2) variant hybrid_k2 2; folder=runs/recipes/hybrid_k2 ;;
     esac
