@@ -100,6 +100,8 @@ def agents_run(config: AgentConfig, call: DiTCall, n_agents: int) -> bool:
     if config.agent_until >= 1.0 or call.step is None:
         return True
     if call.num_steps is None:
+        if torch.compiler.is_compiling():  # warnings.warn breaks the graph (every call); an eager call warns
+            return True
         warnings.warn("agent: agent_until < 1 needs the number of denoising steps (patch the pipeline, or call "
                       "patchattn.set_denoising_steps(model, n)); every step runs agent attention", stacklevel=3)
         return True
