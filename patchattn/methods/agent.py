@@ -100,6 +100,8 @@ def agents_run(config: AgentConfig, call: DiTCall, n_agents: int) -> bool:
     if config.agent_until >= 1.0 or call.step is None:
         return True
     if call.num_steps is None:
+        if torch.compiler.is_compiling():  # warnings.warn breaks the graph (every call); an eager call warns
+            return True
         warnings.warn("agent: agent_until < 1 needs the number of denoising steps (patch the pipeline, or call "
                       "patchattn.set_denoising_steps(model, n)); every step runs agent attention", stacklevel=3)
         return True
@@ -107,21 +109,29 @@ def agents_run(config: AgentConfig, call: DiTCall, n_agents: int) -> bool:
 
 
 def pooled_agents(image_queries: torch.Tensor, grid: tuple[int, int, int], agent_grid) -> torch.Tensor:
-    """``[B, H, a, D]`` agents: the image queries ``[B, H, n, D]`` (row-major over ``grid``) average-pooled."""
+    """``[B, H, a, D]`` agents, contiguous: the image queries ``[B, H, n, D]`` (row-major over ``grid``) average-pooled.
+
+    Contiguous because the pooling works channels-first: without the copy the agents would be a view whose last
+    dimension has stride ``a``, and every fused SDPA kernel (flash, memory-efficient, cuDNN; the CPU's flash too)
+    needs stride 1 there, so both SDPA calls fell back to the math path and built ``[B, H, a, T]`` scores (74 GiB at
+    HunyuanVideo 720p; design note 43)."""
     b, h, _, d = image_queries.shape
     volume = image_queries.reshape(b * h, *grid, d).permute(0, 4, 1, 2, 3)
     pooled = F.adaptive_avg_pool3d(volume, agent_grid)
-    return pooled.permute(0, 2, 3, 4, 1).reshape(b, h, -1, d)
+    return pooled.permute(0, 2, 3, 4, 1).reshape(b, h, -1, d).contiguous()
 
 
 def _key_mask(attention_mask):
-    """The model's mask as one that broadcasts over any query count (key padding), or NotImplementedError."""
+    """The model's mask as one that broadcasts over any query count (key padding), or NotImplementedError.
+
+    Its last dimension gets stride 1 (a copy of ``B x H x Tk`` values at most): the GPU's fused kernels need that of
+    a mask too, the CPU's do not (so a CPU run cannot show it)."""
     if attention_mask is None:
         return None
     if attention_mask.ndim != 4 or attention_mask.shape[2] != 1:
         raise NotImplementedError(f"agent: supports masks of the keys only ([B, 1|H, 1, Tk]: key padding), got a mask "
                                   f"of shape {tuple(attention_mask.shape)}")
-    return attention_mask
+    return attention_mask if attention_mask.stride(-1) == 1 else attention_mask.contiguous()
 
 
 def agent_attention(query, key, value, call: DiTCall, agent_grid, *, scale, k_scale2: float, k_shortcut: float,

@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("diffusers")
 
@@ -168,3 +170,113 @@ def test_the_schedule_runs_dense_after_the_agent_steps():
         partly = run(model, inputs)
     states_differ = not torch.allclose(partly, first, atol=1e-6)
     assert states_differ  # layer 0 dense changes the output
+
+
+# ---- memory: the two small attentions stay on the fused kernels ------------------------------------------------
+class LargestOutput(TorchDispatchMode):
+    """Records every aten op of a forward and the largest tensor any of them returns (in elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.largest = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func))
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest] + [t.numel() for t in tensors])
+        return out
+
+
+def _video_call(masked: bool, dtype=torch.float32):
+    """A joint video call (text last, HunyuanVideo's order) where the agents outnumber the head dimension, so any
+    score matrix (queries x agents, agents x keys, let alone queries x keys) is larger than q itself."""
+    grid, n_text = (2, 16, 16), 16
+    image, text = _layout(grid, n_text, text_first=False)
+    length = math.prod(grid) + n_text
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=gen, dtype=dtype) for _ in range(3))
+    mask = None
+    if masked:  # key padding built key-major, as a model may: its last dimension is strided
+        keep = torch.ones(length, 2, dtype=torch.bool)
+        keep[-5:] = False
+        mask = keep[None, None, None, :, 0]
+        assert mask.stride(-1) == 2
+    config = AgentConfig(pool=[1, 2, 2], agent_until=1.0)  # 128 agents for 512 image tokens, head dim 16
+    assert math.prod(agent_grid_for(config, grid)) == 128
+    return _module(config, grid, image, text), q, k, v, mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_tensor_larger_than_the_queries_is_built(masked):
+    """The fused kernels keep the [a, T] and [T, a] scores in tiles; the math path (SDPA's fallback) would return them
+    from a bmm. Nothing the forward builds may be larger than q ([B, H, T, D]): memory O(T·D), not O(T·a)."""
+    module, q, k, v, mask = _video_call(masked)
+    with LargestOutput() as seen:
+        get_spec("agent").forward(module, q, k, v, mask, scaling=0.25)
+    assert seen.largest <= q.numel(), seen.largest
+    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in seen.ops
+    assert not [op for op in seen.ops if "bmm" in op or "softmax" in op]
+
+
+def test_the_recorder_sees_the_math_path_of_strided_agents():
+    """The recorder's negative control: the agents as the pooling's view (last-dimension stride a, as before the
+    fix) send SDPA to the math path, whose scores are larger than q."""
+    module, q, k, v, _ = _video_call(False)
+    image = q[:, :, :512]
+    agents = torch.nn.functional.adaptive_avg_pool3d(image.reshape(2, 2, 16, 16, 16).permute(0, 4, 1, 2, 3),
+                                                     (2, 8, 8)).permute(0, 2, 3, 4, 1).reshape(1, 2, 128, 16)
+    assert agents.stride(-1) != 1
+    with LargestOutput() as seen:
+        torch.nn.functional.scaled_dot_product_attention(agents, k, v)
+    assert seen.largest >= 128 * q.shape[2] * 2 > q.numel()
+
+
+def fused_kernel_violations(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                            enable_gqa=False):
+    """What keeps an SDPA call off every fused CUDA kernel (flash, memory-efficient, cuDNN), after PyTorch's
+    ``sdp_utils.cpp`` (``check_last_dim_stride_equals_1_dense``, ``check_tensor_dtype``,
+    ``check_batch_size_and_num_heads_dense``, ``check_head_dim_size_*``), plus this method's own rule that no mask
+    has a query dimension (a [Tq, Tk] mask is what the agents avoid).  The memory-efficient kernel pads a mask
+    whose last dimension is not a multiple of 16 itself (``pad_bias``), so alignment is not checked."""
+    problems = []
+    tensors = {"query": query, "key": key, "value": value}
+    problems += [f"{name} last-dim stride {t.stride(-1)}" for name, t in tensors.items() if t.stride(-1) != 1]
+    problems += [f"{name} is {t.ndim}-D" for name, t in tensors.items() if t.ndim != 4]
+    if len({t.dtype for t in tensors.values()}) > 1:
+        problems.append("q/k/v dtypes differ")
+    if enable_gqa or key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
+        problems.append("batch or head counts differ")
+    if not query.shape[-1] == key.shape[-1] == value.shape[-1] or query.shape[-1] > 256:
+        problems.append(f"head dims {query.shape[-1]}, {key.shape[-1]}, {value.shape[-1]}")
+    if dropout_p:
+        problems.append("dropout")
+    if attn_mask is not None:
+        if attn_mask.stride(-1) != 1:
+            problems.append(f"mask last-dim stride {attn_mask.stride(-1)}")
+        if attn_mask.dtype not in (torch.bool, query.dtype):
+            problems.append(f"mask dtype {attn_mask.dtype}")
+        if attn_mask.shape[-2] != 1:
+            problems.append(f"mask of shape {tuple(attn_mask.shape)} has a query dimension")
+        if is_causal:
+            problems.append("mask with is_causal")
+    return problems
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_every_sdpa_call_meets_the_fused_kernels_constraints(monkeypatch, mask_kind):
+    module, q, k, v, mask = _video_call(mask_kind is not None, dtype=torch.bfloat16)
+    if mask_kind == "additive":  # 0 / -inf in the query dtype, still strided
+        additive = torch.zeros(q.shape[2], 2, dtype=q.dtype).masked_fill(~mask[0, 0, 0, :, None], float("-inf"))
+        mask = additive[None, None, None, :, 0]
+        assert mask.stride(-1) == 2
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def recording_sdpa(*args, **kwargs):
+        calls.append(fused_kernel_violations(*args, **kwargs))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    get_spec("agent").forward(module, q, k, v, mask, scaling=0.25)
+    assert len(calls) == 3 and calls == [[], [], []]  # agents over keys, queries over agents, the text rows

@@ -17,7 +17,8 @@ SETTINGS = {
     "radial": {"dense_first_steps": 0, "block": 16, "backend": "torch"},
     "clear": {"radius": 2, "backend": "torch"},
     "blocktopk": {"top_k": 1, "mass": 1.0, "block_size": 16, "backend": "torch"},
-    "agent": {"pool": [1, 2, 2], "agent_until": 1.0},  # an unknown step count warns (a break) each call
+    "agent": {"pool": [1, 2, 2], "agent_until": 1.0},
+    "agent@steps": {"pool": [1, 2, 2]},  # agent_until < 1, step count unknown: warns in eager calls, no break
     "softpag": {"heads": [[0, 0]], "perturb": True},
     "moh": {},
 }
@@ -29,7 +30,7 @@ def test_patched_wan_compiles_without_graph_breaks(method):
 
     model, inputs = tiny("wan")
     inputs["hidden_states"] = torch.randn(2, 4, 2, 16, 12)  # a 2x8x6 latent grid: several tiles
-    with patchattn.patched(model, method, **SETTINGS[method]):
+    with patchattn.patched(model, method.split("@")[0], **SETTINGS[method]):
         eager = run(model, inputs)  # builds the plans
         dynamo.reset()
         explain = dynamo.explain(model)(**inputs)
