@@ -130,15 +130,33 @@ def shape_rows(shape: Shape, methods, layers: int | None, device, dtype) -> list
     note = f"{model.config.get_text_config().num_hidden_layers} language layers"
     rows = []
     for label, name, overrides in methods:
-        patch(model, name, **overrides)
+        row = dict(shape=shape.name, method=label, image_tokens=n_image, tokens=tokens, sdpa_ms=sdpa_ms, note=note)
         try:
-            ms = time_ms(prefill, device)
-        finally:
-            unpatch(model)
-        rows.append(dict(shape=shape.name, method=label, image_tokens=n_image, tokens=tokens, ms=ms, sdpa_ms=sdpa_ms,
-                         overhead_pct=100 * (ms / sdpa_ms - 1), speedup_vs_sdpa=sdpa_ms / ms, note=note))
+            ms = _patched_ms(model, name, overrides, prefill, device)
+            row.update(ms=ms, overhead_pct=100 * (ms / sdpa_ms - 1), speedup_vs_sdpa=sdpa_ms / ms)
+        except Exception as error:  # one method failing on one shape is a row, not a lost run
+            row["note"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        rows.append(row)
         print(format_table([rows[-1]], FIELDS), file=sys.stderr)
     return rows
+
+
+def _patched_ms(model, name, overrides, prefill, device) -> float:
+    patch(model, name, **overrides)
+    try:
+        return time_ms(prefill, device)
+    finally:
+        unpatch(model)
+
+
+def write_csv(path: str, rows: list[dict], argv) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = {"command": "python -m patchattn.bench.lvlm " + " ".join(argv or sys.argv[1:]), **environment()}
+    with open(path.rsplit(".", 1)[0] + ".json", "w") as handle:
+        json.dump(meta, handle, indent=2)
 
 
 def parse_args(argv):
@@ -165,16 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; known: {', '.join(SHAPES)} or groups {', '.join(GROUPS)}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    rows = [row for n in names for row in shape_rows(SHAPES[n], methods, args.layers, device, dtype)]
+    rows = []
+    for n in names:  # rows are written after every shape, so a run cut short keeps what it measured
+        rows.extend(shape_rows(SHAPES[n], methods, args.layers, device, dtype))
+        if args.csv:
+            write_csv(args.csv, rows, argv)
     print(format_table(rows, FIELDS))
-    if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        meta = {"command": "python -m patchattn.bench.lvlm " + " ".join(argv or sys.argv[1:]), **environment()}
-        with open(args.csv.rsplit(".", 1)[0] + ".json", "w") as handle:
-            json.dump(meta, handle, indent=2)
     return 0
 
 
