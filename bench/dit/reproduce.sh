@@ -13,11 +13,12 @@
 #   drift      CPU is enough: output and 4-Euler-step latent drift vs dense (cosine, PSNR) of every DiT method on
 #              random-weight FLUX / Wan transformers with 32x32 / 5x16x16 latent grids — drift, not quality   ~5 min
 #   local      radial (defaults past its dense warm-up steps) and clear, video shapes and FLUX-4K     ~3 min
+#   agent      agent attention only (AgentSD defaults), after the fix of its strided agents (design note 43)  ~0.5 min
 set -euo pipefail
 out=${OUT:-bench/dit}
 mkdir -p "$out"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(gna gna_paper gna_flex routing local radial_wan)
+[ ${#steps[@]} -eq 0 ] && steps=(gna gna_paper gna_flex routing local radial_wan agent)
 shapes=flux-1024,flux-4k,wan-720p,hunyuan-720p
 for step in "${steps[@]}"; do
     echo "== $step ($(date -u +%H:%M:%S) UTC)"
@@ -34,6 +35,7 @@ for step in "${steps[@]}"; do
         --methods 'radial@steady:{"dense_first_steps":0};clear' --csv "$out/local.csv" ;;
     radial_wan) python -m patchattn.bench.dit --shapes wan-720p --csv "$out/radial_wan.csv" --methods \
         'radial@wan:{"dense_first_steps":0,"dense_band":0,"decay_factor":0.2,"first_frame_sink":true}' ;;
+    agent) python -m patchattn.bench.dit --modes attention --methods agent --shapes $shapes --csv "$out/agent.csv" ;;
     drift) python -m patchattn.bench.dit --shapes small --modes drift --layers 2 --device cpu --dtype float32 \
         --methods 'dense;gna;clear;radial@steady:{"dense_first_steps":0};blocktopk;agent;moh' --csv "$out/drift.csv" ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
