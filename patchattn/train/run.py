@@ -225,7 +225,7 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
         peft_model = accelerator.unwrap_model(peft_model)
     if not main:
         return {"process_index": accelerator.process_index, "output_dir": output}, peft_model
-    return _finish(peft_model, data, recipe, output, baseline, log, started, start, show), peft_model
+    return _finish(peft_model, data, recipe, output, baseline, log, started, start, show, layout), peft_model
 
 
 def _warn_if_data_order_changes(accelerator, saved: dict, layout: dict) -> None:
@@ -292,7 +292,7 @@ def _train_step(model, optimizer, scheduler, accelerator, data, config, step, au
     return row
 
 
-def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at, show=False) -> dict:
+def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at, show=False, layout=None) -> dict:
     config = recipe.train
     evaluated = baseline is not None
     if evaluated:
@@ -305,7 +305,7 @@ def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at
         api.unpatch(base)
     artifacts.apply_inference_patch(base, output)
     if not evaluated:  # --no-eval: the artifacts and the loss curve only
-        metrics = {**_run_facts(recipe, data, started, resumed_at), "evaluated": False}
+        metrics = {**_run_facts(recipe, data, started, resumed_at, layout), "evaluated": False}
         artifacts.write_json(os.path.join(output, "metrics.json"), metrics)
         artifacts.plot_loss(os.path.join(output, "log.jsonl"), os.path.join(output, "loss.png"),
                             f"{recipe.name}: {config.model}, seq {config.seq_len}, {config.steps} steps")
@@ -313,7 +313,7 @@ def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at
     trained["inference"] = measure(peft_model, data, config, desc="eval after (inference patch)" if show else None)
     log.write(step=config.steps, eval_loss=trained["inference"]["loss"], eval_ppl=trained["inference"]["ppl"])
     metrics = {
-        **_run_facts(recipe, data, started, resumed_at),
+        **_run_facts(recipe, data, started, resumed_at, layout),
         "ppl_dense": baseline["dense"]["ppl"],
         "ppl_before": baseline["before"]["ppl"],
         "ppl_after": trained["inference"]["ppl"],
@@ -332,15 +332,18 @@ def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at
     return metrics
 
 
-def _run_facts(recipe, data, started, resumed_at) -> dict:
-    """What the run was: recipe, model, sizes, patches, wall time (every metrics.json has these)."""
+def _run_facts(recipe, data, started, resumed_at, layout=None) -> dict:
+    """What the run was: recipe, model, sizes, patches, processes, wall time (every metrics.json has these)."""
     config = recipe.train
+    layout = layout or {"processes": 1, "parallel": "single", "rows_per_step": config.batch * config.grad_accum}
     return {
         "recipe": recipe.name,
         "model": config.model,
         "steps": config.steps,
         "seq_len": config.seq_len,
-        "tokens_per_step": config.seq_len * config.batch * config.grad_accum,
+        "tokens_per_step": config.seq_len * layout["rows_per_step"],
+        "processes": layout["processes"],
+        "parallel": layout["parallel"],
         "heldout_tokens": int(data.heldout.numel()),
         "eval_seq_len": config.eval_length,
         "inference_patch": recipe.inference,
