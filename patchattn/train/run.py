@@ -265,7 +265,11 @@ def _train_step(model, optimizer, scheduler, accelerator, data, config, step, au
         if aux is not None and (aux_stage or not config.aux_only_steps):
             extra = aux(model) * config.aux_weight
             aux_total += float(extra.detach()) / config.grad_accum
-            loss = extra if aux_stage else loss + extra
+            if aux_stage:  # DDP's gradient averaging and FSDP2's gathers for backward hang on the model's output,
+                # which a loss computed inside the blocks alone (hybrid's transfer loss) never reaches: add it at 0
+                loss = extra + 0.0 * loss if mode.kind != "single" else extra
+            else:
+                loss = loss + extra
         accelerator.backward(loss / config.grad_accum)
     if aux_stage:  # only the patch's own parameters move (AdamW skips parameters without a gradient)
         for name, param in named:
