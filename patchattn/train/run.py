@@ -2,9 +2,9 @@
 
 Steps: load the base model and data; measure held-out perplexity of the dense model and of the base model with the
 inference patch ("before"); patch with the training patch, wrap in LoRA (patch-state parameters trainable too);
-train with AdamW under accelerate (one process, DDP, or FSDP2 from the accelerate config: ``parallel``), logging every step to ``log.jsonl`` and checkpointing every ``save_every`` steps;
-then save the artifacts and measure "after" with the inference patch, the same way ``patchattn.load(...,
-adapter=...)`` builds the model.
+train with AdamW under accelerate (one process, DDP, or FSDP2 as the accelerate config says: ``parallel``), logging
+every step to ``log.jsonl`` and checkpointing every ``save_every`` steps; then save the artifacts and measure
+"after" with the inference patch, the same way ``patchattn.load(..., adapter=...)`` builds the model.
 """
 
 from __future__ import annotations
