@@ -16,7 +16,7 @@ import patchattn
 from patchattn.train import parallel
 from patchattn.train.recipe import RecipeError
 
-from .launch import ACCELERATE, accelerate, log, saved_weights, train_args
+from .launch import ACCELERATE, CONFIGS, accelerate, log, saved_weights, train_args
 
 PROBE = os.path.join(os.path.dirname(__file__), "fsdp_probe.py")
 
@@ -84,18 +84,12 @@ def test_launch_mode_reads_the_accelerate_config(monkeypatch):
 def test_shipped_configs_name_the_modes_the_trainer_reads():
     import yaml
 
-    ddp = yaml.safe_load((parallel_configs() / "ddp.yaml").read_text())
-    fsdp2 = yaml.safe_load((parallel_configs() / "fsdp2.yaml").read_text())
+    ddp = yaml.safe_load((CONFIGS / "ddp.yaml").read_text())
+    fsdp2 = yaml.safe_load((CONFIGS / "fsdp2.yaml").read_text())
     assert ddp["distributed_type"] == "MULTI_GPU"
     assert fsdp2["distributed_type"] == "FSDP" and fsdp2["fsdp_config"]["fsdp_version"] == 2
     assert not any(fsdp2["fsdp_config"].get(key, False) for key in parallel.UNSUPPORTED_FSDP.values())
     assert fsdp2["mixed_precision"] == "no"
-
-
-def parallel_configs():
-    from .launch import CONFIGS
-
-    return CONFIGS
 
 
 def test_a_dit_recipe_refuses_several_processes(monkeypatch, tmp_path):
