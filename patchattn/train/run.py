@@ -2,9 +2,9 @@
 
 Steps: load the base model and data; measure held-out perplexity of the dense model and of the base model with the
 inference patch ("before"); patch with the training patch, wrap in LoRA (patch-state parameters trainable too);
-train with AdamW under accelerate, logging every step to ``log.jsonl`` and checkpointing every ``save_every`` steps;
-then save the artifacts and measure "after" with the inference patch, the same way ``patchattn.load(...,
-adapter=...)`` builds the model.
+train with AdamW under accelerate (one process, DDP, or FSDP2 as the accelerate config says: ``parallel``), logging
+every step to ``log.jsonl`` and checkpointing every ``save_every`` steps; then save the artifacts and measure
+"after" with the inference patch, the same way ``patchattn.load(..., adapter=...)`` builds the model.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .. import api, report
-from . import artifacts, checkpoint, evaluate
+from . import artifacts, checkpoint, evaluate, parallel
 from .data import TextData, build_data
 from .model import apply_patch, inner_model, load_base, trainable_parameters, wrap_lora
-from .recipe import AUX_LOSSES, Recipe, TrainConfig
+from .recipe import AUX_LOSSES, Recipe, RecipeError, TrainConfig
 
 DEFAULT_OUTPUT_ROOT = "runs"  # relative to the working directory; git-ignored in the repository
 
@@ -146,11 +146,15 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
     if recipe.is_dit:
         from .dit import distill
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # it has no data-parallel path: N processes would race
+            raise RecipeError("a DiT distillation recipe (kind dit_distill) trains on one process; launch it "
+                              "without torchrun / accelerate launch --num_processes")
         return distill(recipe, options)
     config = recipe.train
     output = output_dir_of(recipe)
     os.makedirs(output, exist_ok=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    mode = parallel.launch_mode(accelerator.num_processes)
     set_seed(config.seed)
     started = time.time()
 
@@ -172,14 +176,22 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
     set_seed(config.seed)  # the patch's own initialisation (MoH router) must not depend on the baseline pass
     apply_patch(model, recipe.patch)
     peft_model = wrap_lora(model, recipe.lora)
+    if mode.sharded:  # FSDP2: shard first, so that the optimiser holds the DTensor shards
+        parallel.shard_blocks(peft_model, model, mode)
     named = trainable_parameters(peft_model)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    peft_model, prepared_optimizer = accelerator.prepare(peft_model, optimizer)
+    if mode.sharded:
+        prepared_optimizer = optimizer
+    else:
+        peft_model, prepared_optimizer = accelerator.prepare(peft_model, optimizer)
+    rows_per_step = accelerator.num_processes * config.batch * config.grad_accum
+    layout = {"processes": accelerator.num_processes, "parallel": mode.kind, "rows_per_step": rows_per_step}
     start = 0
     if resume_from:
         start = checkpoint.load_checkpoint(resume_from, named, optimizer, scheduler)
         accelerator.print(f"resumed from {resume_from} (step {start})")
+        _warn_if_data_order_changes(accelerator, checkpoint.read_state(resume_from), layout)
     main = accelerator.is_main_process  # data parallel: every process trains, the main one writes the files
     log = JsonlLog(os.path.join(output, "log.jsonl"), start if resume_from else None) if main else NoLog()
     aux = resolve_aux_loss(config.aux_loss)
@@ -187,7 +199,8 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
 
     bar = _progress(config.steps, start, show)
     for step in range(start, stop):
-        row = _train_step(peft_model, prepared_optimizer, scheduler, accelerator, data, config, step, aux, named)
+        row = _train_step(peft_model, prepared_optimizer, scheduler, accelerator, data, config, step, aux, named,
+                          mode)
         log.write(step=step + 1, **row, elapsed_s=round(time.time() - started, 2))
         bar.update(1)
         bar.set_postfix(loss=f"{row['lm_loss']:.3f}", lr=f"{row['lr']:.2e}")
@@ -197,19 +210,50 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
             result = measure(peft_model, data, config, decode=False, desc=f"eval at step {done}" if show else None)
             log.write(step=done, eval_loss=result["loss"], eval_ppl=result["ppl"])
             peft_model.train()
-        if main and ((config.save_every and done % config.save_every == 0) or done == stop):
-            checkpoint.save_checkpoint(checkpoint.checkpoint_dir(output, done), done, named, optimizer, scheduler)
+        if (config.save_every and done % config.save_every == 0) or done == stop:  # every process gathers
+            checkpoint.save_checkpoint(checkpoint.checkpoint_dir(output, done), done, named, optimizer, scheduler,
+                                       write=main, layout=layout)
     bar.close()
     accelerator.wait_for_everyone()
     if stop < config.steps:
         return {"stopped_at": stop}, None
-    peft_model = accelerator.unwrap_model(peft_model)
+    if mode.sharded:  # gather the trained weights; the main process finishes on an unsharded copy
+        trained = parallel.gather_trainable(named)
+        del peft_model, named, optimizer, prepared_optimizer, scheduler
+        peft_model = _unsharded(recipe, trained, accelerator.device) if main else None
+    else:
+        peft_model = accelerator.unwrap_model(peft_model)
     if not main:
         return {"process_index": accelerator.process_index, "output_dir": output}, peft_model
-    return _finish(peft_model, data, recipe, output, baseline, log, started, start, show), peft_model
+    return _finish(peft_model, data, recipe, output, baseline, log, started, start, show, layout), peft_model
 
 
-def _train_step(model, optimizer, scheduler, accelerator, data, config, step, aux, named) -> dict:
+def _warn_if_data_order_changes(accelerator, saved: dict, layout: dict) -> None:
+    """Resuming on another number of processes is exact only when a step still reads the same rows."""
+    if "rows_per_step" in saved and saved["rows_per_step"] != layout["rows_per_step"]:
+        accelerator.print(f"warning: the checkpoint's steps read {saved['rows_per_step']} rows ({saved['processes']} "
+                          f"process(es)); this run's read {layout['rows_per_step']} ({layout['processes']}): the data "
+                          "order and batch size change from here; keep processes x batch x grad_accum equal (e.g. "
+                          "--set batch=...) to continue the same run")
+
+
+def _unsharded(recipe: Recipe, trained: dict, device):
+    """The trained peft model rebuilt on one process from gathered weights (what FSDP2's shards hold together)."""
+    config = recipe.train
+    model, _ = load_base(config.model, config.dtype)
+    model.to(device)
+    set_seed(config.seed)  # the patch's non-learned state as in training
+    apply_patch(model, recipe.patch)
+    peft_model = wrap_lora(model, recipe.lora)
+    named = trainable_parameters(peft_model)
+    if [n for n, _ in named] != list(trained):
+        raise RuntimeError("FSDP2: the rebuilt model's trainable parameters differ from the trained ones")
+    for name, param in named:
+        parallel.copy_full_(param, trained[name])
+    return peft_model
+
+
+def _train_step(model, optimizer, scheduler, accelerator, data, config, step, aux, named, mode) -> dict:
     model.train()
     lm_total, aux_total = 0.0, 0.0
     aux_stage = step < config.aux_only_steps  # the first stage of a two-stage recipe: aux loss alone
@@ -221,13 +265,21 @@ def _train_step(model, optimizer, scheduler, accelerator, data, config, step, au
         if aux is not None and (aux_stage or not config.aux_only_steps):
             extra = aux(model) * config.aux_weight
             aux_total += float(extra.detach()) / config.grad_accum
-            loss = extra if aux_stage else loss + extra
+            if aux_stage:  # DDP's gradient averaging and FSDP2's gathers for backward hang on the model's output,
+                # which a loss computed inside the blocks alone (hybrid's transfer loss) never reaches: add it at 0
+                loss = extra + 0.0 * loss if mode.kind != "single" else extra
+            else:
+                loss = loss + extra
         accelerator.backward(loss / config.grad_accum)
     if aux_stage:  # only the patch's own parameters move (AdamW skips parameters without a gradient)
         for name, param in named:
             if ".patchattn." not in name:
                 param.grad = None
-    grad_norm = accelerator.clip_grad_norm_([p for _, p in named], config.max_grad_norm)
+    params = [p for _, p in named]
+    if mode.sharded:
+        grad_norm = parallel.clip_grad_norm(params, config.max_grad_norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -244,7 +296,7 @@ def _train_step(model, optimizer, scheduler, accelerator, data, config, step, au
     return row
 
 
-def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at, show=False) -> dict:
+def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at, show=False, layout=None) -> dict:
     config = recipe.train
     evaluated = baseline is not None
     if evaluated:
@@ -257,7 +309,7 @@ def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at
         api.unpatch(base)
     artifacts.apply_inference_patch(base, output)
     if not evaluated:  # --no-eval: the artifacts and the loss curve only
-        metrics = {**_run_facts(recipe, data, started, resumed_at), "evaluated": False}
+        metrics = {**_run_facts(recipe, data, started, resumed_at, layout), "evaluated": False}
         artifacts.write_json(os.path.join(output, "metrics.json"), metrics)
         artifacts.plot_loss(os.path.join(output, "log.jsonl"), os.path.join(output, "loss.png"),
                             f"{recipe.name}: {config.model}, seq {config.seq_len}, {config.steps} steps")
@@ -265,7 +317,7 @@ def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at
     trained["inference"] = measure(peft_model, data, config, desc="eval after (inference patch)" if show else None)
     log.write(step=config.steps, eval_loss=trained["inference"]["loss"], eval_ppl=trained["inference"]["ppl"])
     metrics = {
-        **_run_facts(recipe, data, started, resumed_at),
+        **_run_facts(recipe, data, started, resumed_at, layout),
         "ppl_dense": baseline["dense"]["ppl"],
         "ppl_before": baseline["before"]["ppl"],
         "ppl_after": trained["inference"]["ppl"],
@@ -284,15 +336,18 @@ def _finish(peft_model, data, recipe, output, baseline, log, started, resumed_at
     return metrics
 
 
-def _run_facts(recipe, data, started, resumed_at) -> dict:
-    """What the run was: recipe, model, sizes, patches, wall time (every metrics.json has these)."""
+def _run_facts(recipe, data, started, resumed_at, layout=None) -> dict:
+    """What the run was: recipe, model, sizes, patches, processes, wall time (every metrics.json has these)."""
     config = recipe.train
+    layout = layout or {"processes": 1, "parallel": "single", "rows_per_step": config.batch * config.grad_accum}
     return {
         "recipe": recipe.name,
         "model": config.model,
         "steps": config.steps,
         "seq_len": config.seq_len,
-        "tokens_per_step": config.seq_len * config.batch * config.grad_accum,
+        "tokens_per_step": config.seq_len * layout["rows_per_step"],
+        "processes": layout["processes"],
+        "parallel": layout["parallel"],
         "heldout_tokens": int(data.heldout.numel()),
         "eval_seq_len": config.eval_length,
         "inference_patch": recipe.inference,
