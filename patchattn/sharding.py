@@ -24,7 +24,7 @@ from torch import nn
 
 # Methods whose tensor-parallel output equals the single-process one (tests/distributed/test_tensor_parallel.py).
 # Head-local methods: each head's output depends on that head's q/k/v and the config only.
-HEAD_LOCAL_METHODS = frozenset({"dense", "streaming", "blocktopk", "hip", "power", "softplus", "s2"})
+HEAD_LOCAL_METHODS = frozenset({"dense", "streaming", "blocktopk", "hip", "power", "softplus"})
 # Methods with per-head state, cut to the rank's heads by their state's ``shard_heads``; ``moh`` gathers the
 # routing inputs of all heads (its top-k ranks all routed heads).
 PER_HEAD_METHODS = frozenset({"duo", "moa", "act", "headscale", "moh"})

@@ -46,6 +46,8 @@ def cases(artifacts: dict[str, str]) -> dict[str, tuple[str, dict]]:
         "streaming": ("streaming", {"window": 24, "sink_tokens": 4, "block_size": 16}),
         "blocktopk": ("blocktopk", {"block_size": 16, "top_k": 1, "sink_blocks": 0, "local_blocks": 1}),
         "hip": ("hip", {"block_size": 16, "top_k": 1, "dense_layers": []}),
+        "power": ("power", {}),
+        "softplus": ("softplus", {}),
         "duo": ("duo", {"scores": artifacts["scores"], "retrieval_fraction": 0.5, "window": 16, "sink_tokens": 4,
                         "block_size": 16, "kv_heads_together": False}),
         "duo_kv": ("duo", {"scores": artifacts["scores"], "retrieval_fraction": 0.5, "window": 16, "sink_tokens": 4,
@@ -140,7 +142,6 @@ def run_tp(tmp_path: Path, kv_heads: int) -> list[dict]:
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 def test_each_rank_runs_its_heads_and_matches_the_single_process_patched_model(tmp_path, kv_heads):
     reports = run_tp(tmp_path, kv_heads)
-    print(json.dumps(reports, indent=1))
     names = list(cases({"scores": "", "rules": ""}))
     for rank, report in enumerate(reports):
         assert report["local_q_rows"] == [2 * 16, 64]  # 2 of 4 heads x head_dim 16: transformers really split them
