@@ -46,7 +46,7 @@ def cases(artifacts: dict[str, str]) -> dict[str, tuple[str, dict]]:
         "streaming": ("streaming", {"window": 24, "sink_tokens": 4, "block_size": 16}),
         "blocktopk": ("blocktopk", {"block_size": 16, "top_k": 1, "sink_blocks": 0, "local_blocks": 1}),
         "hip": ("hip", {"block_size": 16, "top_k": 1, "dense_layers": []}),
-        "power": ("power", {}),
+        "power": ("power", {"block_size": 16, "local_blocks": 2}),
         "softplus": ("softplus", {}),
         "duo": ("duo", {"scores": artifacts["scores"], "retrieval_fraction": 0.5, "window": 16, "sink_tokens": 4,
                         "block_size": 16, "kv_heads_together": False}),
