@@ -110,9 +110,30 @@ def worker(folder: str, result: str) -> None:
     except ValueError as err:
         report["refused"] = str(err)
     report["unpatched"] = (run_steps(tp_model, ids) - dense).abs().max().item()
+    report["loaded_patched"] = loaded_patched(one_model, folder, ids, rank)
     Path(f"{result}.{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def loaded_patched(one_model, folder: str, ids, rank: int) -> float:
+    """A folder saved while patched, loaded tensor-parallel: the lazily made states are cut to the rank's heads."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    import patchattn
+
+    saved = f"{folder}-patched"
+    with patchattn.patched(one_model, "headscale", gains={0: [0.5, 1.5, 2.0, 0.25]}):
+        want = run_steps(one_model, ids)
+        if rank == 0:
+            one_model.save_pretrained(saved)
+    dist.barrier()
+    model = AutoModelForCausalLM.from_pretrained(saved, distributed_config=DistributedConfig(tp_size=2),
+                                                 dtype=torch.float32).eval()
+    return (run_steps(model, ids) - want).abs().max().item()
 
 
 # ---- the tests ----------------------------------------------------------------------------------------------------
@@ -153,6 +174,7 @@ def test_each_rank_runs_its_heads_and_matches_the_single_process_patched_model(t
                 assert case["vs_dense"] > 1e-3, f"{name} changes nothing on this input"
         assert "'dma'" in report["refused"] and "moh" in report["refused"], report["refused"]
         assert report["unpatched"] < TOL
+        assert report["loaded_patched"] < TOL
 
 
 if __name__ == "__main__":
