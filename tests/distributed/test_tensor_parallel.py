@@ -62,18 +62,24 @@ def cases(artifacts: dict[str, str]) -> dict[str, tuple[str, dict]]:
 
 # ---- the worker (run by torchrun) ---------------------------------------------------------------------------------
 def run_steps(model, ids):
-    """Logits of a prefill and ``STEPS`` greedy decode steps, concatenated along the sequence."""
+    """Logits of a prefill and ``STEPS`` greedy decode steps, concatenated along the sequence.  The second row is
+    left-padded by 8 tokens (the mask's path: padding starts, decode steps read each row's real keys)."""
     import torch
 
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         logits, cache = [out.logits], out.past_key_values
         for _ in range(STEPS):
             nxt = logits[-1][:, -1:].argmax(-1)
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
             logits.append(out.logits)
             cache = out.past_key_values
-    return torch.cat(logits, dim=1)
+    logits = torch.cat(logits, dim=1)
+    logits[1, :8] = 0  # padding rows' logits are not defined by any method
+    return logits
 
 
 def worker(folder: str, result: str) -> None:
@@ -155,7 +161,7 @@ def run_tp(tmp_path: Path, kv_heads: int) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), __file__, str(folder), str(tmp_path / "result")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((tmp_path / f"result.{rank}.json").read_text()) for rank in range(2)]
 

@@ -12,8 +12,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import patchattn
-from patchattn.sharding import (TENSOR_PARALLEL_METHODS, HeadShard, check_supported, model_shard, module_shard,
-                                shard_state)
+from patchattn.sharding import (
+    TENSOR_PARALLEL_METHODS,
+    HeadShard,
+    check_supported,
+    model_shard,
+    module_shard,
+    shard_state,
+)
 from patchattn.state import STATE_ATTR, get_state
 
 
@@ -155,3 +161,28 @@ def test_every_method_claimed_tensor_parallel_is_run_by_the_two_rank_test():
     from tests.distributed.test_tensor_parallel import cases
 
     assert {method for method, _ in cases({"scores": "", "rules": ""}).values()} == TENSOR_PARALLEL_METHODS
+
+
+LINE = r"(rank \d/2: query heads \d\.\.\d|all heads \(one process\)); generated (\[[^\]]*\])"
+
+
+def test_the_torchrun_example_generates_on_each_rank_what_one_process_generates():
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.distributed.test_tensor_parallel import ROOT, free_port
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    example = str(Path(ROOT) / "examples" / "tensor_parallel.py")
+    runs = {}
+    for label, launcher in (("one", []), ("tp", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                   "--master_addr", "127.0.0.1", "--master_port", str(free_port())])):
+        proc = subprocess.run([sys.executable, *launcher, example, "tiny", "moh"], check=False, env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[label] = sorted(re.findall(LINE, proc.stdout))  # the ranks' lines may interleave
+    assert [heads for heads, _ in runs["tp"]] == ["rank 0/2: query heads 0..1", "rank 1/2: query heads 2..3"]
+    assert {tokens for _, tokens in runs["tp"]} == {runs["one"][0][1]}
