@@ -158,7 +158,7 @@ def test_each_layers_state_is_made_on_that_layers_device(method, overrides):
 
 
 def test_every_method_claimed_tensor_parallel_is_run_by_the_two_rank_test():
-    from tests.distributed.test_tensor_parallel import cases
+    from distributed.test_tensor_parallel import cases
 
     assert {method for method, _ in cases({"scores": "", "rules": ""}).values()} == TENSOR_PARALLEL_METHODS
 
@@ -173,7 +173,7 @@ def test_the_torchrun_example_generates_on_each_rank_what_one_process_generates(
     import sys
     from pathlib import Path
 
-    from tests.distributed.test_tensor_parallel import ROOT, free_port
+    from distributed.test_tensor_parallel import ROOT, free_port
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     example = str(Path(ROOT) / "examples" / "tensor_parallel.py")
