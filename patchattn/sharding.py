@@ -109,7 +109,8 @@ class HeadShard:
 
 # ---- reading the shard from a model -----------------------------------------------------------------------------
 def _placement(weight) -> tuple[int, int, int, Any] | None:
-    """``(shard dim, rank, size, group)`` of a DTensor weight sharded on one mesh dim; None for a plain tensor."""
+    """``(shard dim, rank, size, group)`` of a DTensor weight sharded on one mesh dim; None for a plain tensor or a
+    replicated one (each rank holds all of it)."""
     try:
         from torch.distributed.tensor import DTensor, Shard
     except ImportError:  # a torch without torch.distributed
@@ -118,7 +119,9 @@ def _placement(weight) -> tuple[int, int, int, Any] | None:
         return None
     mesh, placements = weight.device_mesh, weight.placements
     sharded = [(i, p.dim) for i, p in enumerate(placements) if isinstance(p, Shard) and mesh.size(i) > 1]
-    if len(sharded) != 1:
+    if not sharded:
+        return None
+    if len(sharded) > 1:
         raise ValueError(f"patchattn supports one tensor-parallel mesh dimension per projection; this weight has "
                          f"placements {placements}")
     mesh_dim, tensor_dim = sharded[0]
@@ -139,7 +142,7 @@ def module_shard(module: nn.Module) -> HeadShard | None:
         found[name] = _placement(weight) if weight is not None else None
     sharded = {name: p for name, p in found.items() if p is not None}
     if not sharded:
-        if any(_is_dtensor(p) for p in module.parameters()):
+        if any(_placement(p) is not None for p in module.parameters()):
             raise ValueError(f"{type(module).__name__} has tensor-parallel weights but no q_proj/k_proj/v_proj/"
                              "o_proj: patchattn supports tensor parallelism on separate q/k/v/o projections only")
         return None
@@ -157,14 +160,6 @@ def module_shard(module: nn.Module) -> HeadShard | None:
     return HeadShard(rank=rank, world_size=size, heads=heads, kv_heads=kv_heads, group=group)
 
 
-def _is_dtensor(tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(tensor, DTensor)
-
-
 def model_shard(modules: list[nn.Module]) -> HeadShard | None:
     """The one ``HeadShard`` of the attention modules being patched (None without tensor parallelism).
 
@@ -172,9 +167,9 @@ def model_shard(modules: list[nn.Module]) -> HeadShard | None:
     shards = [module_shard(m) for m in modules]
     distinct = {(s.rank, s.world_size, s.heads, s.kv_heads) if s is not None else None for s in shards}
     if len(distinct) > 1:
-        raise ValueError(f"the attention layers are split differently across tensor-parallel ranks ({sorted(map(str, distinct))});"
-                         " patchattn supports one head split for all patched layers (a decoder-only LLM under "
-                         "transformers' default tp_plan)")
+        raise ValueError(f"the attention layers are split differently across tensor-parallel ranks "
+                         f"({sorted(map(str, distinct))}); patchattn supports one head split for all patched layers "
+                         "(a decoder-only LLM under transformers' default tp_plan)")
     return shards[0] if shards else None
 
 
@@ -191,9 +186,8 @@ def check_supported(method: str, kind: str) -> None:
 
 def shard_state(state, shard: HeadShard) -> None:
     """Cut one layer's per-head method state to the rank's heads (in place; ``state`` is a ``PatchState``)."""
-    kept = state.method_state
-    if kept is not None and hasattr(kept, "shard_heads"):
-        kept.shard_heads(shard)
+    if state.method_state is not None:
+        state.method_state.shard_heads(shard)
 
 
 # ---- device maps --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .registry import find_spec
+from .sharding import HeadShard
 
 STATE_ATTR = "patchattn"
 STATE_MARK = f".{STATE_ATTR}."  # in the state_dict name of every tensor a patch adds (MoH routers, gates...)
@@ -85,7 +86,7 @@ class PatchContext:
     extras: dict[str, Any] = field(default_factory=dict)
     # Under tensor parallelism, which heads this rank's attention modules hold (``sharding.HeadShard``, set once at
     # patch time from the projections' placements); None in one process, where every module holds all its heads.
-    shard: Any = None
+    shard: HeadShard | None = None
 
 
 class PatchState(nn.Module):
