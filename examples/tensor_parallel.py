@@ -34,13 +34,16 @@ if name is None:  # a tiny random Llama (4 query heads, 2 KV heads), the same on
 # from_pretrained starts the process group (gloo on CPU, NCCL on GPU) and shards the projections.
 model = AutoModelForCausalLM.from_pretrained(name, distributed_config=DistributedConfig(tp_size=world),
                                              dtype=torch.float32).eval()
-handle = patchattn.patch(model, method, **overrides)
+patchattn.patch(model, method, **overrides)
 shard = model.model.layers[0].self_attn.patchattn.context.shard  # which heads this rank holds
 ids = torch.arange(3, 35)[None].to(model.device)
 with torch.no_grad():
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
-heads = "all heads (one process)" if shard is None else (
-    f"rank {shard.rank}/{shard.world_size}: query heads {shard.head_offset}..{shard.head_offset + shard.local_heads - 1}")
+if shard is None:
+    heads = "all heads (one process)"
+else:
+    last = shard.head_offset + shard.local_heads - 1
+    heads = f"rank {shard.rank}/{shard.world_size}: query heads {shard.head_offset}..{last}"
 print(f"{heads}; generated {out[0, ids.shape[1]:].tolist()}")
 if dist.is_initialized():
     dist.destroy_process_group()
