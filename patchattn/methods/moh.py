@@ -244,8 +244,11 @@ def route(state, query, value, rows, starts, ends=None) -> tuple[torch.Tensor, t
     tensor (a static cache's empty slots follow them)."""
     config = state.config
     shard = state.context.shard
-    if shard is not None:  # tensor parallelism: the top-k ranks all routed heads, so route on all ranks' heads
-        query, value = shard.gather(query, 1), shard.gather(value, 1)
+    if shard is not None:  # tensor parallelism: the top-k ranks all routed heads, so route on all ranks' heads.
+        # Only each head's query norm is needed: gathered as [B, H, Tq, 1], whose norm over the last dim is itself.
+        query = shard.gather(query.float().norm(dim=-1, keepdim=True), 1)
+        if config.router == "learned":  # the learned router reads every KV head's values
+            value = shard.gather(value, 1)
     batch, heads, q_len, _ = query.shape
     plan = state.method_state
     shared, routed, k = plan.shared.to(query.device), plan.routed.to(query.device), plan.top_k
