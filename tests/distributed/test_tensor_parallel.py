@@ -117,9 +117,32 @@ def worker(folder: str, result: str) -> None:
         report["refused"] = str(err)
     report["unpatched"] = (run_steps(tp_model, ids) - dense).abs().max().item()
     report["loaded_patched"] = loaded_patched(one_model, folder, ids, rank)
+    report["wrong_split"] = wrong_split(tp_model)
+    report["gathered"] = shard.gather(torch.arange(2.0)[None] + 2 * rank, 1).tolist()
     Path(f"{result}.{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def wrong_split(tp_model) -> str:
+    """The error for projections split other than by heads (q_proj row-split here, as no default plan does)."""
+    from torch import nn
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from patchattn.sharding import module_shard
+
+    mesh = tp_model.model.layers[0].self_attn.q_proj.weight.device_mesh
+    module = nn.Module()
+    module.config = tp_model.config
+    for name, dim in (("q_proj", 1), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1)):
+        layer = nn.Linear(64, 64, bias=False)
+        layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(dim)]))
+        setattr(module, name, layer)
+    try:
+        module_shard(module)
+    except ValueError as err:
+        return str(err)
+    return ""
 
 
 def loaded_patched(one_model, folder: str, ids, rank: int) -> float:
@@ -181,6 +204,8 @@ def test_each_rank_runs_its_heads_and_matches_the_single_process_patched_model(t
         assert "'dma'" in report["refused"] and "moh" in report["refused"], report["refused"]
         assert report["unpatched"] < TOL
         assert report["loaded_patched"] < TOL
+        assert "q_proj: sharded on weight dim 1" in report["wrong_split"], report["wrong_split"]
+        assert report["gathered"] == [[0.0, 1.0, 2.0, 3.0]]  # the heads of both ranks, in global order
 
 
 if __name__ == "__main__":
