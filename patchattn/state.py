@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .registry import find_spec
+from .sharding import HeadShard
 
 STATE_ATTR = "patchattn"
 STATE_MARK = f".{STATE_ATTR}."  # in the state_dict name of every tensor a patch adds (MoH routers, gates...)
@@ -42,6 +43,12 @@ class MethodState:
             value = getattr(self, name)
             if torch.is_tensor(value):
                 setattr(self, name, fn(value))
+
+    def shard_heads(self, shard) -> None:
+        """Cut the per-head fields to a tensor-parallel rank's heads (``sharding.HeadShard``), once at patch time.
+
+        Nothing by default: a state with per-head fields overrides this (``sharding.TENSOR_PARALLEL_METHODS`` lists
+        the methods checked under tensor parallelism)."""
 
 
 def new_method_state(config: MethodConfig) -> MethodState | None:
@@ -70,12 +77,16 @@ class TokenLayout:
 
 @dataclass
 class PatchContext:
-    """Shared by all patched modules of one model; refreshed by the adapter's pre-hooks on each forward."""
+    """Shared by all patched modules of one model; refreshed by the adapter's pre-hooks on each forward (except
+    ``shard``, fixed when patching)."""
 
     family: str = ""
     kind: str = ""
     layout: TokenLayout = field(default_factory=TokenLayout)
     extras: dict[str, Any] = field(default_factory=dict)
+    # Under tensor parallelism, which heads this rank's attention modules hold (``sharding.HeadShard``, set once at
+    # patch time from the projections' placements); None in one process, where every module holds all its heads.
+    shard: HeadShard | None = None
 
 
 class PatchState(nn.Module):

@@ -19,6 +19,7 @@ from ..checks import check_inputs
 from ..config import MethodConfig
 from ..methods._rows import KeyBounds, key_bounds, keys_in_use
 from ..registry import HF_PREFIX, MethodSpec, on_register
+from ..sharding import check_supported, model_shard, place_state, shard_state
 from ..state import STATE_ATTR, PatchContext, PatchState, get_state, load_patch_tensors
 from . import PATCH_LOCK
 from .families import HF_FAMILIES, TARGETS, HFFamily, supported_hf_families
@@ -145,6 +146,7 @@ def _ensure_state(module: nn.Module, spec: MethodSpec) -> PatchState:
         role = "vision" if getattr(module, "is_causal", True) is False else "text"
         state = _new_state(spec, saved or spec.config_cls(), module, getattr(module, "layer_idx", None) or 0, role,
                            PatchContext())
+        _fit_states(spec, "llm" if role == "text" else "lvlm", state.context, [(module, state)])
         if getattr(getattr(module, "config", None), "_attn_implementation", None) != spec.hf_name:
             return state  # another thread changed the patch during this call: finish it without touching the model
         module.add_module(STATE_ATTR, state)
@@ -164,6 +166,19 @@ def _warn_parameters_not_restored(module: nn.Module, spec: MethodSpec, state: Pa
         UserWarning,
         stacklevel=2,
     )
+
+
+def _fit_states(spec, kind: str, context: PatchContext, states: list) -> None:
+    """Cut the new states to this rank's heads under tensor parallelism (``context.shard``, read once here) and put
+    each on its layer's device (``device_map`` may spread the layers over devices)."""
+    shard = model_shard([module for module, _ in states])
+    if shard is not None:
+        check_supported(spec.name, kind)
+        context.shard = shard
+        for _, state in states:
+            shard_state(state, shard)
+    for module, state in states:
+        place_state(state, module)
 
 
 def _new_state(spec, config, module, layer_index, role, context) -> PatchState:
@@ -276,6 +291,7 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "text") 
         states.append((name, module, _new_state(spec, config, module, index, role, context)))
     if not states:
         raise TypeError(f"found no attention modules to patch in {type(model).__name__} for targets={targets!r}")
+    _fit_states(spec, family.kind, context, [(module, state) for _, module, state in states])
     for name, module, state in states:
         module.add_module(STATE_ATTR, state)
         patch.modules.append(name)

@@ -119,6 +119,9 @@ class ACTState(MethodState):
     sinks: torch.Tensor | None = None
     columns: SinkColumns | None = None
 
+    def shard_heads(self, shard) -> None:
+        self.heads = shard.local_indices(self.heads)
+
 
 # ---- head lists ------------------------------------------------------------------------------------------------
 def load_heads(name_or_path: str) -> dict:

@@ -105,6 +105,10 @@ class DuoState(SparseState):
     retrieval_on: torch.Tensor | None = None
     kept_keys: KeptKeys | None = None  # the slots a bounded KV cache hands the current call (methods._kept)
 
+    def shard_heads(self, shard) -> None:
+        if self.retrieval is not None:  # [heads] or, with kv_heads_together, [kv_heads]: the size says which
+            self.retrieval = shard.local(self.retrieval).clone()
+
 
 def load_scores(name_or_path: str) -> dict:
     """A retrieval-score JSON, checked: ``scores`` is ``[num_layers][num_heads]`` numbers."""

@@ -78,6 +78,11 @@ class HeadScaleState(MethodState):
     modes: dict[int, str] = field(default_factory=dict)
     identity: bool = True
 
+    def shard_heads(self, shard) -> None:
+        if self.gains is not None:
+            self.gains = shard.local(self.gains).clone()
+        self.modes = shard.local_keys(self.modes)
+
 
 def _gain_row(where: str, layer, row, num_heads: int | None) -> dict[int, float]:
     """{head: gain} of one layer from a dict or a full list; ValueError saying what is allowed."""

@@ -64,6 +64,10 @@ class MoAState(SparseState):
 
     rules: torch.Tensor | None = None
 
+    def shard_heads(self, shard) -> None:
+        if self.rules is not None:
+            self.rules = shard.local(self.rules).clone()
+
 
 # Bounds of a rule: alpha is a token offset (the kernels index tokens with int32, so a window never needs more than
 # that many tokens either way), beta a fraction of the length (1 already reads every key).

@@ -243,6 +243,12 @@ def route(state, query, value, rows, starts, ends=None) -> tuple[torch.Tensor, t
     ``ends`` (a decode step given ``KeyBounds``): each row's tokens are the last of its real keys, not of the
     tensor (a static cache's empty slots follow them)."""
     config = state.config
+    shard = state.context.shard
+    if shard is not None:  # tensor parallelism: the top-k ranks all routed heads, so route on all ranks' heads.
+        # Only each head's query norm is needed: gathered as [B, H, Tq, 1], whose norm over the last dim is itself.
+        query = shard.gather(query.float().norm(dim=-1, keepdim=True), 1)
+        if config.router == "learned":  # the learned router reads every KV head's values
+            value = shard.gather(value, 1)
     batch, heads, q_len, _ = query.shape
     plan = state.method_state
     shared, routed, k = plan.shared.to(query.device), plan.routed.to(query.device), plan.top_k
@@ -272,6 +278,8 @@ def route(state, query, value, rows, starts, ends=None) -> tuple[torch.Tensor, t
     gates = gates.index_copy(2, shared, shared_gates).index_copy(2, routed, routed_gates)
     active = torch.ones(batch, q_len, heads, dtype=torch.bool, device=query.device)
     active[..., routed] = selected
+    if shard is not None:
+        return shard.local(gates, 2), shard.local(active, 2)
     return gates, active
 
 
