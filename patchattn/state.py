@@ -76,6 +76,11 @@ class PatchContext:
     kind: str = ""
     layout: TokenLayout = field(default_factory=TokenLayout)
     extras: dict[str, Any] = field(default_factory=dict)
+    # Context-parallel prefill (``patchattn.distributed``): the whole prompt's length while each call's queries are
+    # one chunk of it (the last positions of the keys it gets: the prompt up to the chunk's end).  A chunk that ends
+    # before the prompt does not hold the prompt's last block (``last_block_dense``), and ``density`` resolves at the
+    # whole prompt.  None outside such a prefill.
+    prefill_tokens: int | None = None
 
 
 class PatchState(nn.Module):

@@ -1,0 +1,65 @@
+"""Two CPU processes (gloo) for the context-parallel tests: start them, and what each rank checks.
+
+Each rank builds the same tiny Llama (GQA: 4 query heads, 2 KV heads), patches it, runs the one-process prefill
+on the whole prompt as the oracle, then the context-parallel prefill, and compares its own tokens' logits (fp32).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+PROMPT = 16 * 8 + 5  # not a multiple of the block size: the last block is partial
+BLOCK = 16
+# Settings that make each method sparse on a 9-block prompt (their defaults read every block at this length).
+METHODS = {
+    "dense": {},
+    "hip": dict(block_size=BLOCK, top_k=2, sink_blocks=1, local_blocks=1),
+    "blocktopk": dict(block_size=BLOCK, top_k=2, sink_blocks=1, local_blocks=1, mass=1.0),
+    "streaming": dict(block_size=BLOCK, sink_tokens=4, window=32),
+    "power": dict(block_size=BLOCK, sink_blocks=1, local_blocks=1),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(fn, *args) -> None:
+    """``fn(rank, *args)`` in two spawned processes joined by a gloo group; a failure on a rank fails the call."""
+    port = free_port()
+    mp.spawn(_entry, args=(port, fn, args), nprocs=WORLD, join=True)
+
+
+def _entry(rank: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        fn(rank, *args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def prompt(batch: int = 2, tokens: int = PROMPT) -> torch.Tensor:
+    return torch.randint(3, 120, (batch, tokens), generator=torch.Generator().manual_seed(1))
+
+
+def patched_tiny_llama(method: str, **overrides):
+    import patchattn
+    from patchattn.testing import tiny_model
+
+    model = tiny_model("llama", seed=0)
+    patchattn.patch(model, method, **{**METHODS[method], "backend": "torch", **overrides})
+    return model
