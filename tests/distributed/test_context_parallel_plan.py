@@ -1,0 +1,71 @@
+"""The load-balancing plan of context-parallel prefill (no processes needed), and its place in the layers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from patchattn.distributed import plan_shards
+from patchattn.distributed.plan import block_rows_work
+
+
+def _brute_work(chunks, block: int) -> int:
+    """Causal block pairs, counted one query block at a time."""
+    return sum(q + 1 for start, stop in chunks for q in range(start // block, math.ceil(stop / block)))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_zigzag_balances_causal_work_within_one_block_row(world):
+    block = 16
+    for n in range(world, 160):
+        tokens = n * block - 5  # a partial last block
+        plan = plan_shards(tokens, world, block, "zigzag")
+        work = [_brute_work(plan.chunks[r], block) for r in range(world)]
+        assert work == [plan.causal_work(r) for r in range(world)]
+        assert sum(work) == n * (n + 1) // 2
+        assert max(work) - min(work) <= n, (n, work)  # at most one query block's row of key blocks apart
+        assert all(len(plan.chunks[r]) <= 2 for r in range(world))  # a front run and a back run
+
+
+def test_zigzag_is_much_more_even_than_the_contiguous_split():
+    n, block = 64, 128
+    zig, flat = (plan_shards(n * block, 2, block, b) for b in ("zigzag", "contiguous"))
+    assert [zig.causal_work(r) for r in range(2)] == [1040, 1040]
+    assert [flat.causal_work(r) for r in range(2)] == [528, 1552]
+    assert zig.chunks == (((0, 16 * block), (48 * block, 64 * block)), ((16 * block, 48 * block),))
+
+
+def test_chunks_cover_the_prompt_once_in_whole_blocks():
+    plan = plan_shards(133, 2, 16)
+    positions = torch.cat([plan.positions(r) for r in range(2)])
+    assert sorted(positions.tolist()) == list(range(133))
+    for rank_chunks in plan.chunks:
+        for start, stop in rank_chunks:
+            assert start % 16 == 0 and (stop % 16 == 0 or stop == 133)
+    index = plan.gather_index()
+    width = plan.max_local_length
+    for r in range(2):  # position p sits at rank r's slot of the padded all-gather layout
+        assert torch.equal(index[plan.positions(r)], r * width + torch.arange(plan.local_length(r)))
+
+
+def test_block_rows_work_and_errors():
+    assert block_rows_work(0, 4) == 1 + 2 + 3 + 4
+    assert block_rows_work(2, 4) == 3 + 4
+    with pytest.raises(ValueError, match="balance must be one of zigzag, contiguous"):
+        plan_shards(100, 2, 16, "striped")
+    with pytest.raises(ValueError, match="needs at least 4 blocks"):
+        plan_shards(40, 4, 16)
+
+
+def test_distributed_sits_at_the_api_level():
+    # patchattn/distributed may use api and methods; nothing at or below that level imports it.
+    from tests.test_layers import EDGES, _top
+
+    below = ("kernels", "masks", "methods", "adapters", "api", "config", "registry", "state", "checks")
+    above = ("train", "eval", "bench", "cli", "calibrate", "demo", "lm_eval", "tasks")
+    bad = [f"{s} -> {d}" for s, d, _ in EDGES
+           if (_top(s) in below and _top(d) == "distributed") or (_top(s) == "distributed" and _top(d) in above)]
+    assert not bad, bad
+    assert ("distributed", "api") in {(_top(s), _top(d)) for s, d, _ in EDGES}
