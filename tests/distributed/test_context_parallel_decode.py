@@ -48,10 +48,6 @@ def _check_decode(rank: int, methods: tuple) -> None:
         assert torch.equal(generated[:, ids.shape[1]:], want_tokens), f"{method}: generate differs"
 
 
-def test_decode_after_gathering_the_cache_equals_one_process():
-    run_two_ranks(_check_decode, ("hip", "blocktopk", "streaming", "dense"))
-
-
 def _check_refusals(rank: int) -> None:
     import patchattn
     from patchattn.distributed import context_parallel, plan_shards
@@ -86,5 +82,11 @@ def _check_refusals(rank: int) -> None:
         assert torch.isfinite(model(ids).logits).all()
 
 
-def test_refusals_name_what_is_supported():
-    run_two_ranks(_check_refusals)
+def _check_decode_and_refusals(rank: int) -> None:
+    _check_decode(rank, ("hip", "blocktopk", "streaming", "dense"))
+    _check_refusals(rank)
+
+
+def test_decode_after_gathering_the_cache_equals_one_process_and_refusals_are_clear():
+    # One pair of processes for both checks (each start costs seconds).
+    run_two_ranks(_check_decode_and_refusals)
