@@ -272,13 +272,27 @@ class ContextParallel:
         if "position_ids" in kwargs or "inputs_embeds" in kwargs:
             raise ValueError("context_parallel sets position_ids from the split; pass input_ids only")
         tokens = input_ids.shape[1]
-        self.plan = plan_shards(tokens, self.world, self.block, self.balance)
+        self.split(tokens)
         positions = self.positions.to(input_ids.device)
         run = self._prefill_run(input_ids.device)
         local_ids = input_ids.index_select(1, positions)
         position_ids = positions[None].expand(input_ids.shape[0], -1)
         with self._running(run, tokens):
             return self.model(input_ids=local_ids, position_ids=position_ids, **kwargs)
+
+    def split(self, tokens: int) -> ShardPlan:
+        """Plan a prompt of ``tokens`` tokens over the group (``__call__`` does it; ``attention`` uses the latest)."""
+        self.plan = plan_shards(tokens, self.world, self.block, self.balance)
+        return self.plan
+
+    def attention(self, module, query, key, value, **kwargs) -> torch.Tensor:
+        """One patched attention module's call on this rank's tokens of the latest split, without the rest of the
+        model (benchmarks): ``query``/``key``/``value`` ``[B, H, T_local, D]`` as the module computes them;
+        returns ``[B, T_local, Hq, Dv]``.  ``kwargs``: the module's (``scaling``, ...)."""
+        plan = self._require_plan()
+        with self._running(self._prefill_run(query.device), plan.tokens):
+            out, _ = context_parallel_attention(module, query, key, value, None, **kwargs)
+        return out
 
     def gather(self, local: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Every rank's per-token tensor (``local``: this rank's, tokens on ``dim``) in prompt order, on every rank."""
@@ -356,7 +370,7 @@ def context_parallel(model, group=None, balance: str = "zigzag", exchange: str =
         cp = patchattn.distributed.context_parallel(model, balance="zigzag")
         out = cp(input_ids, use_cache=True)          # every rank: the same prompt; out.logits: its tokens
         logits = cp.gather(out.logits)               # [B, T, V] in prompt order, on every rank
-        cache = cp.gather_cache(out.past_key_values) # the whole cache: decode continues in one process
+        cache = cp.gather_cache(out.cache)           # the whole cache: decode continues in one process
     """
     return ContextParallel(model, group=group, balance=balance, exchange=exchange)
 

@@ -63,3 +63,17 @@ def patched_tiny_llama(method: str, **overrides):
     model = tiny_model("llama", seed=0)
     patchattn.patch(model, method, **{**METHODS[method], "backend": "torch", **overrides})
     return model
+
+
+def cache_of(output):
+    """The KV cache of a forward's output (transformers renamed ``past_key_values`` to ``cache``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def cache_kwarg(model, cache) -> dict:
+    """``{name: cache}`` under the name this transformers' forward and generate take it."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}

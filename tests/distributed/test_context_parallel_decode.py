@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cp_cases import patched_tiny_llama, prompt, run_two_ranks
+from .cp_cases import cache_kwarg, cache_of, patched_tiny_llama, prompt, run_two_ranks
 
 STEPS = 4
 
@@ -17,8 +17,8 @@ def _greedy(model, logits, cache, steps: int):
     for _ in range(steps):
         token = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
-        out = model(token, past_key_values=cache, use_cache=True)
-        logits, cache = out.logits, out.past_key_values
+        out = model(token, **cache_kwarg(model, cache), use_cache=True)
+        logits, cache = out.logits, cache_of(out)
         seen.append(logits)
     return torch.cat(tokens, dim=1), torch.cat(seen, dim=1)
 
@@ -31,18 +31,19 @@ def _check_decode(rank: int, methods: tuple) -> None:
         model = patched_tiny_llama(method)
         with torch.no_grad():
             out = model(ids, use_cache=True)
-            want_tokens, want_logits = _greedy(model, out.logits, out.past_key_values, STEPS)
+            want_tokens, want_logits = _greedy(model, out.logits, cache_of(out), STEPS)
             cp = context_parallel(model)
             out = cp(ids, use_cache=True)
             logits = cp.gather(out.logits)
-            cache = cp.gather_cache(out.past_key_values)
+            cache = cp.gather_cache(cache_of(out))
             assert cache.get_seq_length() == ids.shape[1]
             tokens, got_logits = _greedy(model, logits, cache, STEPS)
             # generate() continues from the gathered cache too (the prompt plus the first token; it feeds the rest)
             cp_out = cp(ids, use_cache=True)
             first = cp.gather(cp_out.logits)[:, -1].argmax(-1, keepdim=True)
-            generated = model.generate(torch.cat([ids, first], dim=1), past_key_values=cp.gather_cache(
-                cp_out.past_key_values), max_new_tokens=STEPS - 1, do_sample=False)
+            whole = cp.gather_cache(cache_of(cp_out))
+            generated = model.generate(torch.cat([ids, first], dim=1), **cache_kwarg(model, whole),
+                                       max_new_tokens=STEPS - 1, do_sample=False)
         assert torch.equal(tokens, want_tokens), f"{method} rank {rank}: decoded tokens differ"
         assert torch.allclose(got_logits, want_logits, atol=2e-5), f"{method} rank {rank}: decode logits differ"
         assert torch.equal(generated[:, ids.shape[1]:], want_tokens), f"{method}: generate differs"
