@@ -91,8 +91,8 @@ class _Prefill:
 
 
 def _chunk_attention(forward, module, state, method: str, q, k, v, kwargs) -> torch.Tensor:
-    """One chunk through the patched method, ``[B, Tq, Hq, Dv]``; dense calls through the engine with every causal
-    block (transformers' SDPA path would align a shorter query top-left)."""
+    """One chunk through the patched method, ``[B, Tq, Hq, Dv]``; dense calls (the ``dense`` method, a method's
+    dense layers) bottom-right aligned here (transformers' SDPA path aligns a shorter query top-left)."""
     if method == "dense" or layer_dense_reason(state, kwargs) is not None:
         return offset_causal_attention(q, k, v, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
                                        backend=getattr(state.config, "backend", "auto"),
@@ -103,8 +103,20 @@ def _chunk_attention(forward, module, state, method: str, q, k, v, kwargs) -> to
 
 def offset_causal_attention(q, k, v, *, scaling=None, softcap=None, backend: str = "auto",
                             block: int = DENSE_BLOCK) -> torch.Tensor:
-    """Causal attention of queries that are the last ``Tq`` positions of ``Tk`` keys (bottom-right aligned), on the
-    block-sparse engine with every allowed block: ``[B, Tq, Hq, Dv]``."""
+    """Causal attention of queries that are the last ``Tq`` positions of ``Tk`` keys (bottom-right aligned):
+    ``[B, Tq, Hq, Dv]``.  SDPA with torch's lower-right causal bias (flash / memory-efficient kernels on a GPU, no
+    mask materialised), as the one-process dense prefill runs SDPA; with soft-capping (Gemma-2), the block-sparse
+    engine with every allowed block."""
+    if softcap is None:
+        from torch.nn.attention.bias import causal_lower_right
+
+        if q.is_cuda and q.shape[1] != k.shape[1]:  # the fused lower-right kernels take equal head counts
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scaling,
+            enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)
     geometry = BlockGeometry(q.shape[2], k.shape[2], block, block)
     kv_indices, kv_counts = blocks_from_mask(causal_allowed(geometry, q.device)[None, None])
     out = block_sparse_attention(q, k, v, kv_indices, kv_counts, block_q=block, block_k=block, causal=True,

@@ -69,3 +69,19 @@ def test_distributed_sits_at_the_api_level():
            if (_top(s) in below and _top(d) == "distributed") or (_top(s) == "distributed" and _top(d) in above)]
     assert not bad, bad
     assert ("distributed", "api") in {(_top(s), _top(d)) for s, d, _ in EDGES}
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_offset_causal_attention_is_bottom_right_causal(softcap):
+    # A chunk's dense call: queries are the last 40 of 100 keys (GQA 4:2), with and without soft-capping.
+    from patchattn.distributed.context_parallel import offset_causal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, t, 8, generator=gen) for h, t in ((4, 40), (2, 100), (2, 100)))
+    scores = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 8 ** -0.5
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    visible = torch.ones(40, 100, dtype=torch.bool).tril(60)  # query i sits at key position 60 + i
+    want = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
+    got = offset_causal_attention(q, k, v, scaling=8 ** -0.5, softcap=softcap, backend="torch", block=16)
+    assert torch.allclose(got, want.transpose(1, 2), atol=1e-5)
