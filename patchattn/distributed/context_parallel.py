@@ -31,6 +31,7 @@ from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask
 from ..masks import BlockGeometry, causal_allowed
 from ..methods._rows import clear_caches
 from ..methods._sparse import layer_dense_reason
+from ..registry import get_spec
 from ..state import get_state
 from .plan import BALANCES, ShardPlan, plan_shards
 
@@ -99,6 +100,22 @@ def _chunk_attention(forward, module, state, method: str, q, k, v, kwargs) -> to
                                        block=getattr(state.config, "block_size", DENSE_BLOCK))
     out, _ = forward(module, q, k, v, None, **kwargs)
     return out
+
+
+def chunk_attention(module, query, key, value, *, prompt_tokens: int, **kwargs) -> torch.Tensor:
+    """One chunk of a context-parallel prefill, in this process: ``query`` ``[B, Hq, Tq, D]`` are the prompt positions
+    ``[Tk - Tq, Tk)`` of a ``prompt_tokens``-token prompt and ``key``/``value`` its first ``Tk`` positions; runs the
+    patched module's method as a rank does and returns ``[B, Tq, Hq, Dv]`` (the rows a one-process prefill of the
+    whole prompt gives).  For tests and benchmarks of the chunk semantics without a process group."""
+    state = get_state(module)
+    if state is None:
+        raise ValueError("chunk_attention needs a patched attention module (patchattn.patch(model, method))")
+    method = type(state.config).method
+    previous, state.context.prefill_tokens = state.context.prefill_tokens, prompt_tokens
+    try:
+        return _chunk_attention(get_spec(method).forward, module, state, method, query, key, value, kwargs)
+    finally:
+        state.context.prefill_tokens = previous
 
 
 def offset_causal_attention(q, k, v, *, scaling=None, softcap=None, backend: str = "auto",
@@ -387,5 +404,5 @@ def context_parallel(model, group=None, balance: str = "zigzag", exchange: str =
     return ContextParallel(model, group=group, balance=balance, exchange=exchange)
 
 
-__all__ = ["EXCHANGES", "IMPLEMENTATION", "SUPPORTED_METHODS", "ContextParallel", "context_parallel",
-           "offset_causal_attention"]
+__all__ = ["EXCHANGES", "IMPLEMENTATION", "SUPPORTED_METHODS", "ContextParallel", "chunk_attention",
+           "context_parallel", "offset_causal_attention"]
