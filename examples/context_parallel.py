@@ -1,11 +1,12 @@
 """Context-parallel prefill of a long prompt over the processes of a torchrun job, then decoding on one.
 
-    torchrun --nproc_per_node 2 examples/context_parallel.py [method] [tokens]      # GPUs (NCCL) or CPU (gloo)
+    torchrun --nproc_per_node 2 examples/context_parallel.py [method] [tokens] [model]  # GPUs (NCCL) or CPU (gloo)
 
 Each process prefills its share of the prompt's query blocks (zig-zag: equal causal work) and reads the other
 processes' keys and values layer by layer; the logits it gets are the one-process prefill's for its tokens.  The
 gathered KV cache then lets rank 0 decode alone.  Default: ``hip`` on 4,096 tokens of the embedded SmolLM2
-(CPython's pydoc text), checked against a one-process prefill.
+(CPython's pydoc text), checked against a one-process prefill; ``model`` is ``smollm2`` or a local model folder
+with its tokenizer (models with sliding-window layers, as Gemma 3, are not supported).
 """
 
 import os
@@ -20,13 +21,14 @@ from patchattn.distributed import context_parallel
 
 method = sys.argv[1] if len(sys.argv) > 1 else "hip"
 tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
+model_name = sys.argv[3] if len(sys.argv) > 3 else "smollm2"
 
 cuda = torch.cuda.is_available()
 dist.init_process_group("nccl" if cuda else "gloo")
 rank = dist.get_rank()
 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
 
-model, tokenizer = patchattn.load("smollm2")
+model, tokenizer = patchattn.load(model_name)
 model.to(device)
 patchattn.patch(model, method)
 ids = text_token_ids(tokenizer, tokens).to(device)  # [1, tokens], the same on every rank
