@@ -154,12 +154,19 @@ def _all_gather_kv(run: _Prefill, key, value, compute) -> None:
     kv = _packed(run, key, value)
     world = run.plan.world
     gathered = torch.empty((world, *kv.shape), dtype=kv.dtype, device=kv.device)
-    dist.all_gather(list(gathered.unbind(0)), kv, group=run.group)
+    all_gather_stacked(gathered, kv, run.group)
     b, h, width, d = kv.shape
     full = gathered.permute(1, 2, 0, 3, 4).reshape(b, h, world * width, d).index_select(2, run.gather_index)
     full_k, full_v = full.split([key.shape[-1], value.shape[-1]], dim=-1)
     for i in range(len(run.chunks)):
         compute(i, full_k, full_v)
+
+
+def all_gather_stacked(out: torch.Tensor, local: torch.Tensor, group) -> None:
+    """``out[r] = rank r's local`` (``out``: contiguous ``[world, *local.shape]``) in one collective (``all_gather_single``, as torch now names
+    ``all_gather_into_tensor``)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out.flatten(0, 1), local, group=group)  # the concatenated form: gloo takes no other
 
 
 def _ring_kv(run: _Prefill, key, value, compute) -> None:
@@ -332,7 +339,7 @@ class ContextParallel:
             moved = torch.cat([moved, moved.new_zeros((pad, *moved.shape[1:]))])
         moved = moved.contiguous()
         gathered = torch.empty((plan.world, *moved.shape), dtype=moved.dtype, device=moved.device)
-        dist.all_gather(list(gathered.unbind(0)), moved, group=self.group)
+        all_gather_stacked(gathered, moved, self.group)
         full = gathered.flatten(0, 1).index_select(0, plan.gather_index(moved.device))
         return full.movedim(0, dim)
 
