@@ -23,7 +23,7 @@ def test_bench_runs_on_two_cpu_processes_and_writes_a_stamped_csv(tmp_path):
                "--methods", "hip", "--layers", "1", "--repeats", "1", "--csv", str(out),
                "--method-args", json.dumps({"hip": {"block_size": 16, "top_k": 2}})]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     stamp, *lines = out.read_text().splitlines()
     meta = json.loads(stamp.removeprefix("# "))

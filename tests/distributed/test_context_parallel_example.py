@@ -32,7 +32,7 @@ def test_example_runs_under_torchrun(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(ROOT / "examples" / "context_parallel.py"), "blocktopk", "200", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0: prefilled" in done.stdout and "rank 1: prefilled" in done.stdout
     error = float(re.search(r"one process\| logits: (\S+)", done.stdout).group(1))
