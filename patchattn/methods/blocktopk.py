@@ -33,9 +33,9 @@ from ..config import option
 from ..kernels.blockselect import max_list_width, prefill_block_choice, prefill_block_scores, prefill_block_select
 from ..masks import BlockGeometry
 from ._budget import budget_applied, capped_rows, closest_budget, pattern_density
+from ._shared import KeyMeansState, block_means, decode_lists, decode_rows_lists, key_block_means, mark_row_means_stale
 from ._dit import DiTScheduleConfig, dense_call, dit_call, runs_dense
 from ._dit_routing import routed_tile_attention
-from ._shared import KeyMeansState, block_means, decode_lists, decode_rows_lists, key_block_means, mark_row_means_stale
 from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, reads_last_block_whole, register_sparse_method
 
 
