@@ -37,7 +37,7 @@ from .plan import BALANCES, ShardPlan, plan_shards
 
 # Methods whose calls read "queries = the last positions of the keys" through the block-sparse engine (or dense):
 # tested to equal the one-process prefill (tests/distributed/test_context_parallel.py).
-SUPPORTED_METHODS = ("dense", "blocktopk", "hip", "streaming", "power")
+SUPPORTED_METHODS = ("dense", "blocktopk", "hip", "streaming", "power", "s2", "moa")
 EXCHANGES = ("allgather", "ring")
 IMPLEMENTATION = "patchattn_context_parallel"  # the attention implementation a patched model runs during a prefill
 DENSE_BLOCK = 128  # chunk alignment for ``dense`` (no block size of its own)

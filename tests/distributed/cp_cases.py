@@ -24,6 +24,8 @@ METHODS = {
     "blocktopk": dict(block_size=BLOCK, top_k=2, sink_blocks=1, local_blocks=1, mass=1.0),
     "streaming": dict(block_size=BLOCK, sink_tokens=4, window=32),
     "power": dict(block_size=BLOCK, sink_blocks=1, local_blocks=1),
+    "s2": dict(block_size=BLOCK, local_blocks=2),
+    "moa": dict(block_size=BLOCK),  # its uniform plan: windows that scale with the prompt's length
 }
 
 

@@ -58,7 +58,7 @@ def _check_refusals(rank: int) -> None:
         context_parallel(tiny_model("llama"))
     with pytest.raises(NotImplementedError, match="supports dense, blocktopk"):
         model = tiny_model("llama")
-        patchattn.patch(model, "moa")
+        patchattn.patch(model, "hyper")
         context_parallel(model)
     model = patched_tiny_llama("streaming")
     with pytest.raises(ValueError, match="balance must be one of zigzag, contiguous"):
