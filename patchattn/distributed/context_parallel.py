@@ -34,11 +34,12 @@ from ..methods._sparse import layer_dense_reason
 from ..registry import get_spec
 from ..state import get_state
 from .plan import BALANCES, ShardPlan, plan_shards
+from .ring_attention import ring_attention
 
 # Methods whose calls read "queries = the last positions of the keys" through the block-sparse engine (or dense):
 # tested to equal the one-process prefill (tests/distributed/test_context_parallel.py).
 SUPPORTED_METHODS = ("dense", "blocktopk", "hip", "streaming", "power", "s2", "moa")
-EXCHANGES = ("allgather", "ring")
+EXCHANGES = ("allgather", "ring", "ring_attention")
 IMPLEMENTATION = "patchattn_context_parallel"  # the attention implementation a patched model runs during a prefill
 DENSE_BLOCK = 128  # chunk alignment for ``dense`` (no block size of its own)
 _RUN_KEY = "context_parallel_run"  # PatchContext.extras: the prefill in progress, read by the attention entry
@@ -78,6 +79,10 @@ class _Prefill:
         if id(state) not in self.cleared and state.method_state is not None:
             clear_caches(state.method_state)  # a new sequence: nothing kept from the previous one applies
             self.cleared.add(id(state))
+        if self.exchange == "ring_attention":  # dense only (checked when the ContextParallel is made)
+            return ring_attention(self, query, key, value, scaling=kwargs.get("scaling"),
+                                  softcap=kwargs.get("softcap"), backend=getattr(state.config, "backend", "auto"),
+                                  block=self.plan.block), None
         outs: dict[int, torch.Tensor] = {}
 
         def compute(i: int, full_k: torch.Tensor, full_v: torch.Tensor) -> None:
@@ -246,7 +251,8 @@ class ContextParallel:
         model: the patched transformers model.
         group: the process group (None: the default group).
         balance: ``"zigzag"`` (causal work balanced) or ``"contiguous"``.
-        exchange: ``"allgather"`` (one collective per layer) or ``"ring"`` (point-to-point steps, compute overlapped).
+        exchange: ``"allgather"`` (one collective per layer), ``"ring"`` (point-to-point steps, compute overlapped)
+            or ``"ring_attention"`` (``dense`` only: shards dropped after use, partial outputs merged).
         plan: the latest prefill's split (None before the first call).
     """
 
@@ -271,6 +277,10 @@ class ContextParallel:
         if handle.method not in SUPPORTED_METHODS:
             raise NotImplementedError(f"context_parallel supports {', '.join(SUPPORTED_METHODS)}, not "
                                       f"{handle.method!r}")
+        if self.exchange == "ring_attention" and handle.method != "dense":
+            raise NotImplementedError(f"exchange='ring_attention' runs the dense method only (a content-based "
+                                      f"selection reads every key block first); {handle.method!r} takes "
+                                      "'allgather' or 'ring'")
         if handle.adapter_name != "hf":
             raise NotImplementedError("context_parallel supports transformers language models only")
         self._handle = handle

@@ -79,3 +79,35 @@ def cache_kwarg(model, cache) -> dict:
 
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache}
+
+
+ATOL = 2e-5
+
+
+def check_prefill(rank: int, methods: tuple, balance: str, exchange: str, overrides: dict) -> None:
+    """On one rank: for each method, its logits and the gathered logits equal the one-process prefill's (fp32)."""
+    import patchattn
+    from patchattn.distributed import context_parallel
+    from patchattn.testing import tiny_model
+
+    ids = prompt()
+    dense_model = tiny_model("llama", seed=0)
+    with torch.no_grad():
+        dense = dense_model(ids).logits
+    for method in methods:
+        model = patched_tiny_llama(method, **overrides.get(method, {}))
+        with torch.no_grad():
+            oracle = model(ids).logits
+            cp = context_parallel(model, balance=balance, exchange=exchange)
+            local = cp(ids).logits
+            whole = cp.gather(local)
+        if method != "dense":  # the method is sparse here: a wrong selection would change the logits
+            assert (oracle - dense).abs().max() > 1e-3, f"{method} reads every block at this length"
+        positions = cp.positions
+        assert local.shape[1] == positions.numel() < ids.shape[1]
+        err = (local - oracle[:, positions]).abs().max().item()
+        assert err < ATOL, f"{method} ({balance}, {exchange}) rank {rank}: max |cp - one process| = {err:.2e}"
+        assert torch.allclose(whole, oracle, atol=ATOL), f"{method}: gathered logits differ"
+        patchattn.unpatch(model)
+        with torch.no_grad():  # the prefill left the model as it was
+            assert torch.equal(model(ids).logits, dense)

@@ -20,7 +20,7 @@ def test_bench_runs_on_two_cpu_processes_and_writes_a_stamped_csv(tmp_path):
     out = tmp_path / "cp.csv"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(SCRIPT), "--device", "cpu", "--shape", "tiny", "--tokens", "133",
-               "--methods", "hip", "--layers", "1", "--repeats", "1", "--csv", str(out),
+               "--methods", "hip", "dense", "--layers", "1", "--repeats", "1", "--csv", str(out),
                "--method-args", json.dumps({"hip": {"block_size": 16, "top_k": 2}})]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -29,8 +29,9 @@ def test_bench_runs_on_two_cpu_processes_and_writes_a_stamped_csv(tmp_path):
     meta = json.loads(stamp.removeprefix("# "))
     assert meta["world"] == 2 and meta["device"] == "cpu" and "commit" in meta and "torch" in meta
     rows = list(csv.DictReader(lines))
-    assert {(r["mode"], r["exchange"]) for r in rows} == {(m, e) for m in ("attention", "model")
-                                                          for e in ("allgather", "ring")}
+    assert {(r["mode"], r["method"], r["exchange"]) for r in rows} == {
+        (m, method, e) for m in ("attention", "model") for method in ("hip", "dense")
+        for e in ("allgather", "ring", "ring_attention") if e != "ring_attention" or method == "dense"}
     for row in rows:
         assert row["error"] == "", row
         assert float(row["ms"]) > 0 and float(row["one_gpu_ms"]) > 0

@@ -63,8 +63,10 @@ def _check_refusals(rank: int) -> None:
     model = patched_tiny_llama("streaming")
     with pytest.raises(ValueError, match="balance must be one of zigzag, contiguous"):
         context_parallel(model, balance="striped")
-    with pytest.raises(ValueError, match="exchange must be one of allgather, ring"):
+    with pytest.raises(ValueError, match="exchange must be one of allgather, ring, ring_attention"):
         context_parallel(model, exchange="broadcast")
+    with pytest.raises(NotImplementedError, match="runs the dense method only"):
+        context_parallel(model, exchange="ring_attention")
     cp = context_parallel(model)
     ids = prompt()
     with pytest.raises(NotImplementedError, match="padded"):

@@ -85,3 +85,23 @@ def test_offset_causal_attention_is_bottom_right_causal(softcap):
     want = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
     got = offset_causal_attention(q, k, v, scaling=8 ** -0.5, softcap=softcap, backend="torch", block=16)
     assert torch.allclose(got, want.transpose(1, 2), atol=1e-5)
+
+
+def test_ring_attention_merge_of_disjoint_key_parts_is_the_whole_attention():
+    # Keys [0, 48) seen whole, then the chunk's own keys [48, 80) causally: merged = causal rows 48..79 of 80 keys.
+    from patchattn.distributed.ring_attention import merge, partial_attention
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 32, 8, generator=gen)
+    k, v = torch.randn(1, 2, 80, 8, generator=gen), torch.randn(1, 2, 80, 8, generator=gen)
+    run = dict(scaling=0.3, softcap=None, backend="torch", block=16)
+    before = partial_attention(q, k[:, :, :48], v[:, :, :48], causal=False, **run)
+    own = partial_attention(q, k[:, :, 48:], v[:, :, 48:], causal=True, **run)
+    out, lse = merge(merge(None, own), before)
+    scores = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3
+    visible = torch.ones(32, 80, dtype=torch.bool).tril(48)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    assert torch.allclose(out, scores.softmax(-1) @ v.repeat_interleave(2, dim=1), atol=1e-5)
+    assert torch.allclose(lse, scores.logsumexp(-1), atol=1e-5)
+    empty = (torch.zeros(1, 4, 32, 8), torch.full((1, 4, 32), float("-inf")))  # a part no row sees: no change
+    assert torch.allclose(merge(empty, (out, lse))[0], out) and torch.allclose(merge((out, lse), empty)[1], lse)
