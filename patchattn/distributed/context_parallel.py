@@ -7,9 +7,11 @@ passed around the ring with each chunk computed as soon as the keys it reads hav
 method once per local chunk: queries ``[start, stop)`` against keys ``[0, stop)``, which is how every block-sparse
 method already reads a call (queries are the last positions of the keys).  The method's selection therefore sees
 the same query blocks and key blocks as in one process, and the outputs equal the one-process prefill's.
+``dense`` can instead run ring attention proper (``exchange="ring_attention"``, ``ring_attention.py``).
 
 ``PatchContext.prefill_tokens`` tells the methods the whole prompt's length, so only the chunk holding the
-prompt's last block reads it whole (``last_block_dense``) and ``density`` resolves at the whole prompt.
+prompt's last block reads it whole (``last_block_dense``), ``density`` resolves at the whole prompt and ``moa``'s
+elastic windows scale with it.
 
 Inference only (the collectives carry no gradient).  Unpadded batches, causal self-attention without a sliding
 window.  After the prefill, ``gather_cache`` assembles the whole KV cache on every rank, so decoding continues in
