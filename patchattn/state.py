@@ -87,6 +87,11 @@ class PatchContext:
     # Under tensor parallelism, which heads this rank's attention modules hold (``sharding.HeadShard``, set once at
     # patch time from the projections' placements); None in one process, where every module holds all its heads.
     shard: HeadShard | None = None
+    # Context-parallel prefill (``patchattn.distributed``): the whole prompt's length while each call's queries are
+    # one chunk of it (the last positions of the keys it gets: the prompt up to the chunk's end).  A chunk that ends
+    # before the prompt does not hold the prompt's last block (``last_block_dense``), and ``density`` resolves at the
+    # whole prompt.  None outside such a prefill.
+    prefill_tokens: int | None = None
 
 
 class PatchState(nn.Module):

@@ -292,6 +292,7 @@ def test_lvlm_examples_check_their_arguments_before_downloading(tmp_path, monkey
 
 def test_every_example_has_a_test():
     tested = {"patch_llm.py", "patch_dit.py", "patch_lvlm.py", "dit_real_models.py",  # patch_lvlm: tests/test_cli.py
+              "context_parallel.py",  # tests/distributed/test_context_parallel_example.py
               "lvlm_hallucination.py", "lvlm_carve.py",
               "tensor_parallel.py"}  # tests/distributed/test_tensor_parallel_units.py
     assert {p.name for p in (ROOT / "examples").glob("*.py")} == tested

@@ -335,29 +335,55 @@ def register_sparse_method(name: str, *, config: type[SparseConfig], select: Blo
 def block_lists(state, geometry: BlockGeometry, query, key, select: BlockSelector, static: bool):
     """Block lists for this call, with ``density`` mapped to the method's own fields at this length (_budget.py);
     static patterns are computed once per (shape, device) and cached."""
-    cache_key = (geometry, query.device)
+    prompt = state.context.prefill_tokens
+    cache_key = (geometry, query.device, prompt)
     kept = state.method_state
     if static and kept.static_blocks is not None and kept.static_key == cache_key:
         return kept.static_blocks
-    with budget_applied(state, geometry):
+    dense_last = reads_last_block_whole(state.config, geometry, prompt)
+    if dense_last and geometry.n_q == 1:  # a context-parallel chunk of one block, the prompt's last: every key
+        return blocks_from_mask(causal_allowed(geometry, query.device)[None, None])
+    with budget_applied(state, prompt_geometry(geometry, prompt)):
         mask = select(geometry, query, key, state)
-        blocks = mask if isinstance(mask, tuple) else mask_lists(state.config, geometry, mask, query.device)
+        blocks = mask if isinstance(mask, tuple) else mask_lists(state.config, geometry, mask, query.device,
+                                                                 dense_last)
     if static:
         # Only the latest shape is kept: decoding changes it every step.
         kept.static_key, kept.static_blocks = cache_key, blocks
     return blocks
 
 
-def mask_lists(config, geometry: BlockGeometry, mask, device):
-    """A selector's block mask -> block lists (with the dense last query block where the config asks for it)."""
+def reads_last_block_whole(config, geometry: BlockGeometry, prompt: int | None = None) -> bool:
+    """Whether this call's last query block reads every key (``last_block_dense``): the prompt's last block of a
+    multi-block prefill.  ``prompt``: the whole prompt's length when the call is one context-parallel chunk of it
+    (``PatchContext.prefill_tokens``); a chunk ending before the prompt's end does not hold that block."""
+    if not config.last_block_dense:
+        return False
+    if prompt is None:
+        return geometry.n_q > 1
+    return geometry.kv_len == prompt and prompt > geometry.block_q
+
+
+def prompt_geometry(geometry: BlockGeometry, prompt: int | None) -> BlockGeometry:
+    """The geometry ``density`` resolves at: the call's own, or the whole prompt's for a context-parallel chunk."""
+    if prompt is None:
+        return geometry
+    return BlockGeometry(prompt, prompt, geometry.block_q, geometry.block_k)
+
+
+def mask_lists(config, geometry: BlockGeometry, mask, device, dense_last: bool | None = None):
+    """A selector's block mask -> block lists (with the dense last query block where the config asks for it;
+    ``dense_last`` overrides that choice, as ``reads_last_block_whole`` makes it for a context-parallel chunk)."""
     while mask.ndim < 4:
         mask = mask[None]
-    if config.last_block_dense and geometry.n_q > 1:
+    if dense_last is None:
+        dense_last = reads_last_block_whole(config, geometry)
+    if dense_last:
         mask = mask.clone()
         mask[..., -1, :] = causal_allowed(geometry, device)[-1]
     # Decoding (one query block) sizes the lists by the method's bound: no host sync, so a decode step can be
     # captured in a CUDA graph.  Prefill sizes them to the longest row (one sync per call).
-    width = decode_width(config, geometry) if geometry.n_q == 1 else None
+    width = decode_width(config, geometry) if geometry.n_q == 1 and not dense_last else None
     return blocks_from_mask(mask, width=width)
 
 

@@ -36,7 +36,7 @@ from ._budget import budget_applied, capped_rows, closest_budget, pattern_densit
 from ._shared import KeyMeansState, block_means, decode_lists, decode_rows_lists, key_block_means, mark_row_means_stale
 from ._dit import DiTScheduleConfig, dense_call, dit_call, runs_dense
 from ._dit_routing import routed_tile_attention
-from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, register_sparse_method
+from ._sparse import LAST_BLOCK_DENSE_HELP, SparseConfig, reads_last_block_whole, register_sparse_method
 
 
 @dataclass(kw_only=True)
@@ -115,7 +115,8 @@ def select_top_k(g: BlockGeometry, query, key, state):
                   sink_blocks=config.sink_blocks, local_blocks=config.local_blocks, mass=config.mass,
                   head_dim=query.shape[-1])
     if config.fused_select:
-        return prefill_block_select(raw, **choice, last_block_dense=config.last_block_dense, backend=config.backend)
+        dense_last = reads_last_block_whole(config, g, state.context.prefill_tokens)
+        return prefill_block_select(raw, **choice, last_block_dense=dense_last, backend=config.backend)
     return prefill_block_choice(raw, **choice)  # a mask: the dense last block and the lists come from _sparse
 
 

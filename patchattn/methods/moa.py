@@ -136,7 +136,8 @@ def select_windows(g, query, key, state):
     if rules is None or rules.shape[0] != query.shape[1]:
         rules = layer_rules(state.config, None, state.layer_index, query.shape[1])
     sink = state.config.sink_blocks * g.block_k
-    windows = head_windows(rules, g.kv_len)
+    # Elastic windows scale with the sequence: a context-parallel chunk's is the whole prompt (PatchContext).
+    windows = head_windows(rules, state.context.prefill_tokens or g.kv_len)
     if g.n_q == 1:  # decoding: the rows as lists, kept while their bounds hold (no kernels within a key block)
         return per_head_window_lists(g, sink, windows, decode_width(state.config, g), query.device)
     masks = {w: sink_and_window(g, sink, w, device=query.device) for w in set(windows)}
