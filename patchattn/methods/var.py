@@ -338,7 +338,8 @@ def _rows_from(context, kept: VARState, image, attention_mask, starts, q_len: in
     def first_row():
         rows = editable_rows(image, q_len, starts)
         editable = rows.any(0)
-        return rows, (int(editable.int().argmax()) if bool(editable.any()) else None)
+        first = int(torch.where(editable.any(), editable.int().argmax(), -1))  # one read
+        return rows, (first if first >= 0 else None)
 
     return per_forward(context, "var_rows", (kept.image, attention_mask, q_len, image.shape[1]), first_row)
 
