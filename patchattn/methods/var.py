@@ -241,13 +241,20 @@ def image_block_lists(columns: torch.Tensor, q_len: int, kv_len: int, block: int
     return blocks_from_mask((has[:, None, :] & causal[None])[:, None], width=n_k, backend="torch")
 
 
-def column_pass(q, k, v, columns, lse, *, scale, starts, backend):
+def pass_lists(image: torch.Tensor, q_len: int, kv_len: int):
+    """The column passes' block lists: the key blocks holding image tokens (for ``I_ns``, a subset of the image) and
+    every causal block (for the sinks, which may sit anywhere).  They depend only on the image, so a forward builds
+    them once for every layer."""
+    return image_block_lists(image, q_len, kv_len), image_block_lists(torch.ones_like(image), q_len, kv_len)
+
+
+def column_pass(q, k, v, columns, lists, lse, *, scale, starts, backend):
     """``(Obar, A)`` over the key columns ``columns`` (bool ``[B, Tk]``) for every query row: the attention output
     normalised over those columns ``[B, Hq, Tq, D]`` and their share of the row's attention ``exp(lse_C - lse)``
-    ``[B, Hq, Tq]`` (0 where the row sees none of them; ``lse``: the rows' log-sum-exp over every key)."""
-    q_len, kv_len = q.shape[2], k.shape[2]
+    ``[B, Hq, Tq]`` (0 where the row sees none of them; ``lse``: the rows' log-sum-exp over every key).  ``lists``:
+    block lists covering every block that holds one of the columns."""
     bias = torch.where(columns, 0.0, HIDDEN).to(torch.float32)[:, None, :]
-    idx, counts = image_block_lists(columns, q_len, kv_len)
+    idx, counts = lists
     out, part_lse = block_sparse_attention(q, k, v, idx, counts, block_q=BLOCK, block_k=BLOCK, causal=True,
                                            scale=scale, kv_start=starts, col_bias=bias, return_lse=True,
                                            backend=backend)
@@ -255,14 +262,15 @@ def column_pass(q, k, v, columns, lse, *, scale, starts, backend):
     return out.nan_to_num(0.0), mass
 
 
-def redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, scale, starts, backend):
+def redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, scale, starts, backend, lists=None):
     """The VAR edit as a correction of the dense output: ``(correction [B, Hq, Tq, D], selected bool [B, Hq, Tq])``.
 
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (queries are the last Tq keys); ``image`` / ``sinks`` bool
     ``[B, Tk]``; ``rows`` bool ``[B, Tq]``: the query rows that may be edited.  Edited output = dense + correction on
-    the selected (head, query) rows.
+    the selected (head, query) rows.  ``lists``: ``pass_lists(image, Tq, Tk)`` when the caller keeps them.
     """
     kv_len = k.shape[2]
+    image_lists, all_lists = pass_lists(image, q.shape[2], kv_len) if lists is None else lists
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys = torch.arange(kv_len, device=q.device)
     if starts is not None:  # padding is never a sink
@@ -277,13 +285,13 @@ def redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, sc
     # (b) the image's non-sink tokens: Obar(I_ns) and A(I_ns); (c) the sinks that give: Obar(S) and A(S), so
     # sum_S A_j v_j = A(S) * Obar(S); and the visual sinks' A(I_s).  Each is one engine pass over the key blocks
     # holding those columns, the block's other columns hidden by a column bias: static shapes, no host read.
-    def restricted(columns):
-        out, mass = column_pass(q, k, v, columns, lse, scale=scale, starts=starts, backend=backend)
+    def restricted(columns, lists):
+        out, mass = column_pass(q, k, v, columns, lists, lse, scale=scale, starts=starts, backend=backend)
         return out, mass.to(compute)
 
-    image_out, mass_image_ns = restricted(non_sink_image)
-    given_normalised, mass_given = restricted(givers)
-    mass_visual_sinks = mass_given if budget == "visual" else restricted(visual_sinks)[1]
+    image_out, mass_image_ns = restricted(non_sink_image, image_lists)
+    given_normalised, mass_given = restricted(givers, all_lists)
+    mass_visual_sinks = mass_given if budget == "visual" else restricted(visual_sinks, image_lists)[1]
     given_out = mass_given[..., None] * given_normalised.to(compute)  # sum_S A_j v_j
     finite = torch.isfinite(lse)[..., None]
 
@@ -386,9 +394,12 @@ def var_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     if lo is None:  # e.g. a prefill whose image is at the end
         state.record(selected=0.0)
         return dense
+    lists = per_forward(state.context, "var_lists", (kept.image, q_len - lo, kv_len),
+                        lambda: pass_lists(image, q_len - lo, kv_len))  # built by the forward's first layer
     correction, selected = redistribute(query[:, :, lo:], key, value, image, sinks, rows[:, lo:],
                                         recycled=config.recycled, rho=config.rho, summ=config.summ,
-                                        budget=config.budget, scale=scale, starts=starts, backend=backend)
+                                        budget=config.budget, scale=scale, starts=starts, backend=backend,
+                                        lists=lists)
     state.record(selected=selected.float().sum() / (selected.shape[0] * selected.shape[1] * q_len))
     out = dense[0]  # [B, Tq, Hq, D]
     tail = out[:, lo:]
