@@ -184,9 +184,10 @@ def make_var_state(module, config: VARConfig, layer_index, role, context) -> Pat
 # ---- sink tokens from the layer input ----------------------------------------------------------------------------
 def massive_tokens(hidden: torch.Tensor, dims: torch.Tensor, tau: float, eps: float = 1e-6) -> torch.Tensor:
     """bool ``[B, T]``: tokens whose weightless-RMS-normalised hidden state exceeds ``tau`` in a sink dimension."""
-    x = hidden.float()
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return normed.index_select(-1, dims.to(hidden.device)).abs().amax(-1) > tau
+    # The RMS in fp32 without an fp32 copy of the hidden states; only the few sink dimensions are upcast.
+    mean_square = torch.linalg.vector_norm(hidden, dim=-1, keepdim=True, dtype=torch.float32).pow(2) / hidden.shape[-1]
+    picked = hidden.index_select(-1, dims.to(hidden.device)).float()
+    return (picked * torch.rsqrt(mean_square + eps)).abs().amax(-1) > tau
 
 
 @dataclass
