@@ -18,6 +18,8 @@ the module's own implementation unchanged; ``unpatch`` puts the shared config ba
 (Qwen2-VL, Gemma 3's SigLIP) scores each patch by the attention it *receives*, averaged over all query patches
 (computed in query chunks); the scores follow the connector onto the image tokens (Qwen2-VL merges
 ``spatial_merge_size^2`` consecutive patches, Gemma 3 average-pools the patch grid), as the features do.
+Qwen2.5-VL's tower attends in windows except in its full-attention layers: the scores come from those (``local_layer``
+and ``summary_layer`` count them), and are put back from the tower's window order into image order.
 
 **Logit edit** in the language model's layers ``[start_layer, end_layer)`` (2 .. L-1), on the last query row of
 every call (the prefill's last token and each decode step, as the released code edits ``attn_weights[:, :, -1]``):
