@@ -22,12 +22,12 @@ from patchattn.models import TINY_CONFIGS
 from patchattn.testing import tiny_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from host_syncs import SyncCounter  # noqa: E402
+from host_syncs import SyncCounter
 
 OPTIONS = {  # every layer active, so each layer runs the method's whole path
-    "var": dict(sink_dims=[17], tau=4.0, first_layer=0, except_last_layer=False, summ=0.05, rho=0.3),
-    "vhr": dict(last_layers=100),
-    "paint": dict(start_layer=0),
+    "var": {"sink_dims": [17], "tau": 4.0, "first_layer": 0, "except_last_layer": False, "summ": 0.05, "rho": 0.3},
+    "vhr": {"last_layers": 100},
+    "paint": {"start_layer": 0},
     "composite": {},
 }
 # Reads per prefill forward that do not depend on the depth (image-token facts, PAINT's token sets, composite's
