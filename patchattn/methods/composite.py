@@ -30,6 +30,7 @@ from ..kernels.blocksparse import block_sparse_attention
 from ..kernels.dense import eager_attention, sdpa_attention
 from ..masks.composite import composite_block_lists, composite_token_mask
 from ..registry import register_method
+from ._perforward import has_image
 
 PLAN_CACHE = 4  # prefill layouts kept (each holds its masks alive, so identity keys cannot be reused)
 
@@ -105,7 +106,7 @@ def image_keys(state, batch: int, q_len: int, k_len: int) -> torch.Tensor | None
             "prefill the whole prompt in one call")
     if image.shape[0] not in (1, batch):
         raise ValueError(f"patchattn composite: image-token mask for {image.shape[0]} rows, the call has {batch}")
-    return image if bool(image.any()) else None
+    return image if has_image(state.context, image) else None  # one host read per forward, not per layer
 
 
 def _dense(module, query, key, value, attention_mask, scaling, dropout, kwargs):

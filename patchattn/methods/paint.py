@@ -18,6 +18,8 @@ the module's own implementation unchanged; ``unpatch`` puts the shared config ba
 (Qwen2-VL, Gemma 3's SigLIP) scores each patch by the attention it *receives*, averaged over all query patches
 (computed in query chunks); the scores follow the connector onto the image tokens (Qwen2-VL merges
 ``spatial_merge_size^2`` consecutive patches, Gemma 3 average-pools the patch grid), as the features do.
+Qwen2.5-VL's tower attends in windows except in its full-attention layers: the scores come from those (``local_layer``
+and ``summary_layer`` count them), and are put back from the tower's window order into image order.
 
 **Logit edit** in the language model's layers ``[start_layer, end_layer)`` (2 .. L-1), on the last query row of
 every call (the prefill's last token and each decode step, as the released code edits ``attn_weights[:, :, -1]``):
@@ -58,12 +60,17 @@ class TokenMap:
     """How one family's vision tower patches become image tokens.
 
     ``cls``: the tower has a CLS token first (CLIP); ``merge``: consecutive patches merged per token (Qwen2-VL's
-    ``spatial_merge_size^2``); ``pool``: image tokens per image after average-pooling a square patch grid (Gemma 3).
+    ``spatial_merge_size^2``); ``pool``: image tokens per image after average-pooling a square patch grid (Gemma 3);
+    ``windowed``: the tower sees each image's merge groups in window order (Qwen2.5-VL), so its token scores are put
+    back in image order; ``layers``: the tower layers ``local_layer`` / ``summary_layer`` count (None: all; Qwen2.5-VL:
+    its full-attention layers, the only ones whose attention spans the whole image).
     """
 
     cls: bool = False
     merge: int = 1
     pool: int | None = None
+    windowed: bool = False
+    layers: tuple[int, ...] | None = None
 
 
 def _llava(config) -> TokenMap:
@@ -78,7 +85,12 @@ def _gemma3(config) -> TokenMap:
     return TokenMap(pool=config.mm_tokens_per_image)
 
 
-TOKEN_MAPS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "gemma3": _gemma3}
+def _qwen2_5_vl(config) -> TokenMap:
+    vision = config.vision_config
+    return TokenMap(merge=vision.spatial_merge_size ** 2, windowed=True, layers=tuple(vision.fullatt_block_indexes))
+
+
+TOKEN_MAPS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "gemma3": _gemma3}
 
 
 @dataclass(kw_only=True)
@@ -142,10 +154,44 @@ class PaintCapture:
     iqr_factor: float
     scores: dict = field(default_factory=lambda: {"local": [], "summary": []})
     tokens: PaintTokens | None = None
+    orders: list = field(default_factory=list)  # windowed towers: per image, window order -> image order
 
     def reset(self, *_args, **_kwargs) -> None:  # the vision tower's forward pre-hook: new images
         self.scores = {"local": [], "summary": []}
         self.tokens = None
+        self.orders = []
+
+
+@dataclass
+class WindowOrder:
+    """Forward pre-hook of a windowed vision tower (Qwen2.5-VL): per image, the permutation that puts its merged
+    tokens back in image order (the tower attends in window order; its merger un-permutes the same way)."""
+
+    capture: PaintCapture
+
+    def __call__(self, tower, args, kwargs) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is None:
+            return
+        window_index = _window_index(tower, grid)
+        sizes = (grid.prod(-1) // tower.spatial_merge_size ** 2).tolist()
+        offset, orders = 0, []
+        for size in sizes:
+            orders.append(torch.argsort(window_index[offset:offset + size] - offset))
+            offset += size
+        self.capture.orders = orders
+
+
+def _window_index(tower, grid):
+    """The tower's window order of the merged tokens (transformers' own function: the tower's method in older
+    versions, a module function in newer ones)."""
+    if hasattr(tower, "get_window_index"):
+        return tower.get_window_index(grid)[0]
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
+
+    config = tower.config
+    return get_vision_window_index(grid, spatial_merge_size=config.spatial_merge_size, window_size=config.window_size,
+                                   patch_size=config.patch_size)[0]
 
 
 def edited_layers(config: PaintConfig, num_layers: int) -> range:
@@ -265,16 +311,21 @@ def install_paint(model, patch) -> list:
         raise ValueError(f"paint: scores='cls' needs a vision tower with a CLS token; {family.model_type}'s has none "
                          "(use 'received' or 'auto')")
     tower, layers = _vision_parts(model, family)
+    if token_map.layers is not None:  # role indices count these layers only (Qwen2.5-VL: full attention)
+        layers = [layers[i] for i in token_map.layers]
     roles: dict[int, list[str]] = {}
     for role, index in (("local", config.local_layer), ("summary", config.summary_layer)):
         if not -len(layers) <= index < len(layers):
-            raise ValueError(f"paint: {role}_layer={index} but the vision tower has {len(layers)} layers")
+            kind = " full-attention" if token_map.layers is not None else ""
+            raise ValueError(f"paint: {role}_layer={index} but the vision tower has {len(layers)}{kind} layers")
         roles.setdefault(index % len(layers), []).append(role)
     capture = PaintCapture(token_map, use_cls=token_map.cls and config.scores != "received", chunk=config.chunk,
                            local_ratio=config.local_ratio, iqr_factor=config.iqr_factor)
     AttentionInterface.register(CAPTURE_NAME, capture_attention)
     patch.context.extras[EXTRAS_KEY] = capture
     handles = [_DropExtras(patch.context), tower.register_forward_pre_hook(capture.reset)]
+    if token_map.windowed:
+        handles.append(tower.register_forward_pre_hook(WindowOrder(capture), with_kwargs=True))
     for index, served in roles.items():
         module = layers[index]
         private = copy.copy(module.config)
@@ -286,15 +337,17 @@ def install_paint(model, patch) -> list:
 
 
 # ---- from patch scores to image tokens ----------------------------------------------------------------------
-def token_scores(patch_score: torch.Tensor, token_map: TokenMap) -> torch.Tensor:
-    """One image's patch scores ``[N]`` -> its image tokens' scores, following the connector."""
+def token_scores(patch_score: torch.Tensor, token_map: TokenMap, order: torch.Tensor | None = None) -> torch.Tensor:
+    """One image's patch scores ``[N]`` -> its image tokens' scores, following the connector (``order``: a windowed
+    tower's permutation from window order to image order)."""
     if token_map.cls:
         return patch_score[1:]  # LLaVA's default feature strategy drops the CLS token
     if token_map.pool is not None:
         side, out_side = math.isqrt(patch_score.numel()), math.isqrt(token_map.pool)
         grid = patch_score.view(1, 1, side, side)
         return torch.nn.functional.avg_pool2d(grid, side // out_side).flatten()
-    return patch_score.view(-1, token_map.merge).mean(-1)
+    merged = patch_score.view(-1, token_map.merge).mean(-1)
+    return merged if order is None else merged[order.to(merged.device)]
 
 
 def local_tokens(score: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -317,7 +370,13 @@ def build_tokens(capture: PaintCapture, image_mask: torch.Tensor) -> PaintTokens
     image order); None (with a warning) when the captured images do not match the image tokens."""
     per_role = {}
     for role in ("local", "summary"):
-        per_role[role] = [token_scores(s, capture.token_map) for s in capture.scores[role]]
+        orders = capture.orders if capture.token_map.windowed else []
+        if capture.token_map.windowed and len(orders) != len(capture.scores[role]):
+            orders = []  # the count check below refuses the input
+            per_role[role] = []
+            continue
+        per_role[role] = [token_scores(s, capture.token_map, orders[i] if orders else None)
+                          for i, s in enumerate(capture.scores[role])]
     sizes = [s.numel() for s in per_role["local"]]
     if not sizes or sum(sizes) != int(image_mask.sum()) or len(per_role["summary"]) != len(sizes):
         warnings.warn(f"paint: the vision tower gave {sum(sizes)} token scores for {int(image_mask.sum())} image "

@@ -50,6 +50,7 @@ from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask
 from ..registry import register_method
 from ..state import MethodState, PatchState, get_state
 from ._heads import dense_call, full_causal_attention, head_counts, use_fused_kernel
+from ._perforward import has_image, per_forward
 
 AUTO = "auto"
 TABLE_KEY = "sink_dims"
@@ -183,9 +184,10 @@ def make_var_state(module, config: VARConfig, layer_index, role, context) -> Pat
 # ---- sink tokens from the layer input ----------------------------------------------------------------------------
 def massive_tokens(hidden: torch.Tensor, dims: torch.Tensor, tau: float, eps: float = 1e-6) -> torch.Tensor:
     """bool ``[B, T]``: tokens whose weightless-RMS-normalised hidden state exceeds ``tau`` in a sink dimension."""
-    x = hidden.float()
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return normed.index_select(-1, dims.to(hidden.device)).abs().amax(-1) > tau
+    # The RMS in fp32 without an fp32 copy of the hidden states; only the few sink dimensions are upcast.
+    mean_square = torch.linalg.vector_norm(hidden, dim=-1, keepdim=True, dtype=torch.float32).pow(2) / hidden.shape[-1]
+    picked = hidden.index_select(-1, dims.to(hidden.device)).float()
+    return (picked * torch.rsqrt(mean_square + eps)).abs().amax(-1) > tau
 
 
 @dataclass
@@ -218,14 +220,14 @@ def install_sink_probes(model, patch) -> list:
 
 # ---- the fused edit ----------------------------------------------------------------------------------------------
 def key_starts(attention_mask, batch: int, kv_len: int) -> torch.Tensor | None:
-    """``[B]`` int32 first key the newest query sees (left padding), or None.  Read from the mask's last row, which is
-    a text row in every family (Gemma 3's bidirectional image block does not reach it)."""
+    """``[B]`` int32 first key the newest query sees (left padding; 0 without), or None without a mask.  Read from the
+    mask's last row, which is a text row in every family (Gemma 3's bidirectional image block does not reach it).
+    Always a tensor when there is a mask: asking whether any row is padded would be a host read in every layer."""
     if attention_mask is None:
         return None
     visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     last = visible[:, 0, -1, :kv_len] if visible.ndim == 4 else visible.reshape(visible.shape[0], -1)[:, -kv_len:]
-    start = last.int().argmax(-1).expand(batch)
-    return start.int() if bool((start > 0).any()) else None
+    return last.int().argmax(-1).expand(batch).int()
 
 
 def image_block_lists(columns: torch.Tensor, q_len: int, kv_len: int, block: int = BLOCK):
@@ -240,15 +242,36 @@ def image_block_lists(columns: torch.Tensor, q_len: int, kv_len: int, block: int
     return blocks_from_mask((has[:, None, :] & causal[None])[:, None], width=n_k, backend="torch")
 
 
-def redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, scale, starts, backend):
+def pass_lists(image: torch.Tensor, q_len: int, kv_len: int):
+    """The column passes' block lists: the key blocks holding image tokens (for ``I_ns``, a subset of the image) and
+    every causal block (for the sinks, which may sit anywhere).  They depend only on the image, so a forward builds
+    them once for every layer."""
+    return image_block_lists(image, q_len, kv_len), image_block_lists(torch.ones_like(image), q_len, kv_len)
+
+
+def column_pass(q, k, v, columns, lists, lse, *, scale, starts, backend):
+    """``(Obar, A)`` over the key columns ``columns`` (bool ``[B, Tk]``) for every query row: the attention output
+    normalised over those columns ``[B, Hq, Tq, D]`` and their share of the row's attention ``exp(lse_C - lse)``
+    ``[B, Hq, Tq]`` (0 where the row sees none of them; ``lse``: the rows' log-sum-exp over every key).  ``lists``:
+    block lists covering every block that holds one of the columns."""
+    bias = torch.where(columns, 0.0, HIDDEN).to(torch.float32)[:, None, :]
+    idx, counts = lists
+    out, part_lse = block_sparse_attention(q, k, v, idx, counts, block_q=BLOCK, block_k=BLOCK, causal=True,
+                                           scale=scale, kv_start=starts, col_bias=bias, return_lse=True,
+                                           backend=backend)
+    mass = torch.exp(part_lse.to(lse.dtype) - lse).nan_to_num(0.0)
+    return out.nan_to_num(0.0), mass
+
+
+def redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, scale, starts, backend, lists=None):
     """The VAR edit as a correction of the dense output: ``(correction [B, Hq, Tq, D], selected bool [B, Hq, Tq])``.
 
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (queries are the last Tq keys); ``image`` / ``sinks`` bool
     ``[B, Tk]``; ``rows`` bool ``[B, Tq]``: the query rows that may be edited.  Edited output = dense + correction on
-    the selected (head, query) rows.
+    the selected (head, query) rows.  ``lists``: ``pass_lists(image, Tq, Tk)`` when the caller keeps them.
     """
-    n_q, q_len = q.shape[1], q.shape[2]
-    kv_len, group = k.shape[2], n_q // k.shape[1]
+    kv_len = k.shape[2]
+    image_lists, all_lists = pass_lists(image, q.shape[2], kv_len) if lists is None else lists
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys = torch.arange(kv_len, device=q.device)
     if starts is not None:  # padding is never a sink
@@ -260,31 +283,18 @@ def redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, sc
     # (a) every causal key: each row's log-sum-exp
     _, lse = full_causal_attention(q, k, v, scaling=scale, kv_start=starts, backend=backend, return_lse=True)
     lse = lse.to(compute)
-    # (b) the image's non-sink tokens only: their blocks, the other columns hidden by a column bias
-    bias = torch.where(non_sink_image, 0.0, HIDDEN).to(torch.float32)[:, None, :]
-    idx, counts = image_block_lists(non_sink_image, q_len, kv_len)
-    image_out, image_lse = block_sparse_attention(q, k, v, idx, counts, block_q=BLOCK, block_k=BLOCK, causal=True,
-                                                  scale=scale, kv_start=starts, col_bias=bias, return_lse=True,
-                                                  backend=backend)
-    mass_image_ns = torch.exp(image_lse.to(compute) - lse).nan_to_num(0.0)  # A(I_ns), 0 where nothing is seen
-    # (c) the sink columns, gathered: A(I_s), A(S) and sum_S A_j v_j
-    width = max(1, int(sinks.sum(-1).max()))
-    order = torch.where(sinks, 0, 1).argsort(dim=-1, stable=True)[:, :width]  # [B, M], sinks first
-    valid = torch.gather(sinks, 1, order)
-    is_visual, gives = torch.gather(visual_sinks, 1, order), torch.gather(givers, 1, order)
-    index = order[:, None, :, None]
-    k_s = torch.gather(k, 2, index.expand(-1, k.shape[1], -1, k.shape[-1])).repeat_interleave(group, 1)
-    v_s = torch.gather(v, 2, index.expand(-1, v.shape[1], -1, v.shape[-1])).repeat_interleave(group, 1)
-    scores = torch.matmul(q.to(compute), k_s.to(compute).transpose(-1, -2)) * scale  # [B, Hq, Tq, M]
-    q_pos = torch.arange(q_len, device=q.device) + (kv_len - q_len)
-    seen = valid[:, None, None, :] & (order[:, None, None, :] <= q_pos[None, None, :, None])
+    # (b) the image's non-sink tokens: Obar(I_ns) and A(I_ns); (c) the sinks that give: Obar(S) and A(S), so
+    # sum_S A_j v_j = A(S) * Obar(S); and the visual sinks' A(I_s).  Each is one engine pass over the key blocks
+    # holding those columns, the block's other columns hidden by a column bias: static shapes, no host read.
+    def restricted(columns, lists):
+        out, mass = column_pass(q, k, v, columns, lists, lse, scale=scale, starts=starts, backend=backend)
+        return out, mass.to(compute)
+
+    image_out, mass_image_ns = restricted(non_sink_image, image_lists)
+    given_normalised, mass_given = restricted(givers, all_lists)
+    mass_visual_sinks = mass_given if budget == "visual" else restricted(visual_sinks, image_lists)[1]
+    given_out = mass_given[..., None] * given_normalised.to(compute)  # sum_S A_j v_j
     finite = torch.isfinite(lse)[..., None]
-    safe_lse = torch.where(finite, lse[..., None], torch.zeros_like(lse[..., None]))
-    probs = torch.where(seen & finite, torch.exp(scores - safe_lse), torch.zeros((), dtype=compute, device=q.device))
-    mass_visual_sinks = (probs * is_visual[:, None, None, :]).sum(-1)
-    giving = probs * gives[:, None, None, :]
-    mass_given = giving.sum(-1)  # A(S)
-    given_out = torch.matmul(giving, v_s.to(compute))  # sum_S A_j v_j
 
     mass_image = mass_image_ns + mass_visual_sinks
     selected = (rows[:, None, :] & visual_sinks.any(-1)[:, None, None] & finite[..., 0] & (mass_image >= summ)
@@ -321,9 +331,26 @@ def _freeze(state: PatchState, batch: int, kv_len: int) -> None:
     image = state.context.layout.image_token_mask
     sinks = kept.hidden_sinks
     fits = (image is not None and sinks is not None and tuple(image.shape) == (batch, kv_len)
-            and tuple(sinks.shape) == (batch, kv_len) and bool(image.any()))
+            and tuple(sinks.shape) == (batch, kv_len) and has_image(state.context, image))
     kept.image, kept.sinks = (image.bool(), sinks.bool()) if fits else (None, None)
     kept.hidden_sinks = None
+
+
+def _rows_from(context, kept: VARState, image, attention_mask, starts, q_len: int):
+    """(editable rows bool ``[B, Tq]``, the first editable row or None).  Only the rows from the first editable one
+    on go through the passes: a prefill's prompt and image rows (the bulk of an LVLM prompt) cost nothing more than
+    dense attention.  Where that row is, is read once per forward (the image and attention masks are the same objects
+    in every layer); a decode step's one row needs no read (an unedited row is not selected)."""
+    if q_len == 1:
+        return editable_rows(image, q_len, starts), 0
+
+    def first_row():
+        rows = editable_rows(image, q_len, starts)
+        editable = rows.any(0)
+        first = int(torch.where(editable.any(), editable.int().argmax(), -1))  # one read
+        return rows, (first if first >= 0 else None)
+
+    return per_forward(context, "var_rows", (kept.image, attention_mask, q_len, image.shape[1]), first_row)
 
 
 # ---- attention -------------------------------------------------------------------------------------------------
@@ -364,17 +391,16 @@ def var_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     starts = key_starts(attention_mask, batch, kv_len)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     backend = config.backend if use_fused_kernel(config.backend, query) else "torch"
-    rows = editable_rows(image, q_len, starts)
-    editable = rows.any(0)
-    if not bool(editable.any()):  # e.g. a prefill whose image is at the end
+    rows, lo = _rows_from(state.context, kept, image, attention_mask, starts, q_len)
+    if lo is None:  # e.g. a prefill whose image is at the end
         state.record(selected=0.0)
         return dense
-    # Only the rows from the first editable one on go through the passes: a prefill's prompt and image rows (the
-    # bulk of an LVLM prompt) cost nothing more than dense attention.
-    lo = int(editable.int().argmax())
+    lists = per_forward(state.context, "var_lists", (kept.image, q_len - lo, kv_len),
+                        lambda: pass_lists(image, q_len - lo, kv_len))  # built by the forward's first layer
     correction, selected = redistribute(query[:, :, lo:], key, value, image, sinks, rows[:, lo:],
                                         recycled=config.recycled, rho=config.rho, summ=config.summ,
-                                        budget=config.budget, scale=scale, starts=starts, backend=backend)
+                                        budget=config.budget, scale=scale, starts=starts, backend=backend,
+                                        lists=lists)
     state.record(selected=selected.float().sum() / (selected.shape[0] * selected.shape[1] * q_len))
     out = dense[0]  # [B, Tq, Hq, D]
     tail = out[:, lo:]

@@ -42,6 +42,7 @@ from ..registry import register_method
 from ..state import MethodState, PatchState
 from ._heads import dense_call, head_counts
 from ._lastrow import last_row, row_output
+from ._perforward import has_image
 
 ROWS = ("all", "generated")
 NOT_ADOPTED = ("patchattn {method}: this model was loaded with attn_implementation='patchattn_{method}', so nothing "
@@ -145,7 +146,7 @@ def vhr_attention(module, query, key, value, attention_mask, *, scaling=None, dr
         if not state.context.kind:  # a state made lazily by a call: no adapter hook marks the image tokens
             warnings.warn(NOT_ADOPTED.format(method="vhr"), stacklevel=2)
         image = image_columns(state.context, batch, kv_len, query.device)
-        if image is None or not bool(image.any()):
+        if image is None or not has_image(state.context, state.context.layout.image_token_mask):
             kept.heads = kept.vhd = None
             return out, None
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling

@@ -7,7 +7,7 @@ import pytest
 
 METHODS_DIR = pathlib.Path(__file__).resolve().parents[2] / "patchattn" / "methods"
 SHARED = {"_sparse", "_heads", "_rows", "_shared", "_budget", "_kept", "_dit", "_dit_routing",
-          "_lastrow", "_lightning"}
+          "_lastrow", "_lightning", "_perforward"}
 ABOVE = {"calibrate", "api", "adapters", "train", "eval", "bench", "cli", "demo", "lm_eval", "report"}
 
 

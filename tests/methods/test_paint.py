@@ -334,3 +334,109 @@ def test_the_attention_function_matches_its_reference_prefill_then_decode():
                                     allowed=allowed[:, :, lo:hi, :hi]).transpose(1, 2)
         rows = valid if hi == 10 else torch.ones(2, 1, 1, 1, dtype=torch.bool)
         assert max_abs_diff(out * rows, ref * rows) <= 1e-12
+
+
+# ---- Qwen2.5-VL: a windowed tower (merge groups in window order), scores from its full-attention layers -----------
+def _qwen25_model():
+    from transformers import AutoModelForImageTextToText
+
+    from patchattn.models import TINY_CONFIGS
+
+    config = TINY_CONFIGS["qwen2_5_vl"]()
+    config.vision_config.depth, config.vision_config.fullatt_block_indexes = 6, [1, 3, 5]
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(config).eval()
+
+
+def _qwen25_inputs(model, batch=2):
+    """One 8x8-patch image per row (16 image tokens): 4 windows of 2x2 merged tokens, so window order is not image
+    order."""
+    gen = torch.Generator().manual_seed(0)
+    config = model.config
+    ids = torch.randint(3, 100, (batch, 14), generator=gen)
+    ids = torch.cat([ids[:, :2], torch.full((batch, 16), config.image_token_id), ids[:, 2:]], dim=1)
+    v = config.vision_config
+    return {"input_ids": ids, "mm_token_type_ids": (ids == config.image_token_id).long(),
+            "image_grid_thw": torch.tensor([[1, 8, 8]] * batch),
+            "pixel_values": torch.randn(batch * 64, 3 * v.temporal_patch_size * v.patch_size ** 2, generator=gen)}
+
+
+def _qwen25_oracle_scores(model, inputs, layers):
+    """Per image and layer, the attention each merged token receives (eager, per image, mean over query patches,
+    summed over heads), in *image* order: the window permutation is found by matching the patch embeddings (image
+    order) against the first block's input (window order)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    seen, visual = {}, model.model.visual
+
+    def embedded(_module, _args, output):
+        seen["embedded"] = output
+
+    def first_block(_module, args, kwargs):
+        seen["permuted"] = args[0] if args else kwargs["hidden_states"]
+
+    def grab(layer):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            q, k, _ = module.qkv(h).reshape(h.shape[0], 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, *kwargs["position_embeddings"])
+            scores = []
+            for a, b in itertools.pairwise(kwargs["cu_seqlens"].tolist()):
+                logits = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * module.scaling
+                scores.append(torch.softmax(logits, -1).mean(1).sum(0).view(-1, 4).mean(-1))
+            seen[layer] = scores
+        return hook
+
+    handles = [visual.patch_embed.register_forward_hook(embedded),
+               visual.blocks[0].register_forward_pre_hook(first_block, with_kwargs=True)]
+    handles += [visual.blocks[i].attn.register_forward_pre_hook(grab(i), with_kwargs=True) for i in layers]
+    with torch.no_grad():
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    groups = seen["embedded"].shape[0] // 4
+    original = seen["embedded"].reshape(groups, -1)
+    permuted = seen["permuted"].reshape(groups, -1)
+    source = torch.cdist(permuted, original).argmin(-1)  # window-order group -> image-order group
+    assert torch.equal(source.sort().values, torch.arange(groups))
+    per_image = groups // len(seen[layers[0]])
+    out = {}
+    for layer in layers:
+        placed = torch.empty(groups)
+        placed[source] = torch.cat(seen[layer])
+        out[layer] = placed.view(-1, per_image)
+    return out, source
+
+
+def test_qwen2_5_vl_scores_come_from_full_attention_layers_in_image_order():
+    model = _qwen25_model()
+    inputs = _qwen25_inputs(model)
+    mask = image_mask(model, inputs)
+    scores, source = _qwen25_oracle_scores(model, inputs, [1, 3])
+    assert not torch.equal(source, torch.arange(source.numel())), "the case must permute the tokens"
+    local, summary = [], []
+    for loc, summ in zip(scores[1], scores[3]):  # local_layer 0 -> full layer 1, summary_layer -2 -> full layer 3
+        q1, q3 = np.percentile(summ.double().numpy(), [25, 75])
+        s = torch.from_numpy(summ.double().numpy() > q3 + 0.0 * (q3 - q1))
+        top = torch.zeros_like(s)
+        top[torch.topk(loc, int(loc.numel() * 0.25)).indices] = True
+        local.append(top & ~s)
+        summary.append(s)
+    flat_local, flat_summary = torch.zeros_like(mask), torch.zeros_like(mask)
+    flat_local[mask], flat_summary[mask] = torch.cat(local), torch.cat(summary)
+    with torch.no_grad():
+        dense = model(**inputs).logits
+        with patchattn.patched(model, "paint", start_layer=0, iqr_factor=0.0):
+            got = model(**inputs).logits
+            tokens = _capture(model).tokens
+            captured = sorted(n for n, m in model.named_modules() if hasattr(m, "_patchattn_paint"))
+        assert torch.equal(model(**inputs).logits, dense)  # unpatch is exact
+    assert captured == ["model.visual.blocks.1.attn", "model.visual.blocks.3.attn"]
+    assert flat_local.any() and flat_summary.any()
+    assert torch.equal(tokens.local, flat_local) and torch.equal(tokens.summary, flat_summary)
+    assert torch.equal(got[:, :-1], dense[:, :-1]) and max_abs_diff(got[:, -1], dense[:, -1]) > 1e-5
+
+
+def test_qwen2_5_vl_layer_indices_count_full_attention_layers():
+    with pytest.raises(ValueError, match="3 full-attention layers"):
+        patchattn.patch(_qwen25_model(), "paint", summary_layer=3)

@@ -148,7 +148,8 @@ def _config(**overrides):
             **overrides}
 
 
-def _oracle_redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, scale, starts, backend):
+def _oracle_redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, scale, starts, backend,
+                         lists=None):
     """The fused edit's interface, computed by the eager oracle (a model run through it is the reference)."""
     out, probs, _, selected = var.var_reference(q, k, v, image, sinks, rows, p=recycled, rho=rho, summ=summ,
                                                 budget=budget, scale=scale, starts=starts)

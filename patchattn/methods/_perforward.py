@@ -1,0 +1,45 @@
+"""Facts of one forward, computed on its first attention call and reused by every later layer.
+
+An LVLM forward hands every layer the same tensors: the adapter's image-token mask (``context.layout``) and the
+model's attention mask (transformers builds one per forward).  What a method derives from them on the host (does
+the prompt have an image, where the first editable row is) is the same in every layer, so it is read once per
+forward -- one host-device synchronisation instead of one per layer -- and cached in ``context.extras`` keyed by
+the *identity* of those tensors (held, so an id cannot be reused while cached; a new forward brings new tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+EXTRAS_PREFIX = "per_forward:"
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return a is b
+    return type(a) is type(b) and a == b
+
+
+def per_forward(context, name: str, key: tuple, compute: Callable[[], Any]):
+    """``compute()`` once for ``key`` (tensors compared by identity, other items by value), cached in
+    ``context.extras`` under ``name``; the latest key only (one forward at a time)."""
+    slot = EXTRAS_PREFIX + name
+    entry = context.extras.get(slot)
+    if entry is not None and len(entry[0]) == len(key) and all(_same(a, b) for a, b in zip(entry[0], key)):
+        return entry[1]
+    value = compute()
+    context.extras[slot] = (tuple(key), value)
+    return value
+
+
+def has_image(context, image: torch.Tensor | None) -> bool:
+    """Whether the forward's image-token mask marks any token (one host read per forward)."""
+    if image is None:
+        return False
+    return per_forward(context, "has_image", (image,), lambda: bool(image.any()))
+
+
+__all__ = ["has_image", "per_forward"]

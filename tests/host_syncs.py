@@ -1,0 +1,86 @@
+"""Count the host-device synchronisations of a forward on the CPU (tests; no GPU needed).
+
+A ``TorchDispatchMode`` sees every aten op; the ones whose result the host must wait for on a GPU are counted:
+scalar reads (``item``, ``bool()``, ``int()``, ``float()`` -> ``_local_scalar_dense``), ops whose output size
+depends on the data (``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave`` with a
+tensor of repeats), and ``Tensor.tolist`` (read in C++ without dispatching, so wrapped here).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import traceback
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Host reads that only the CPU runs: the block-sparse engine's pure-torch reference (a GPU runs the Triton kernel)
+# and its CPU-only value check of the tile ids.  Not counted, so a count is what a GPU forward would wait for.
+CPU_ONLY = (("kernels/blocksparse/reference.py", None), ("kernels/blocksparse/__init__.py", "_validate_tiles"))
+SCALAR_READS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose"}
+SIZED_BY_DATA = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                 "unique_dim_consecutive", "masked_scatter"}
+
+
+def _is_sync(func, args) -> bool:
+    name = func.overloadpacket.__name__
+    if name in SCALAR_READS or name in SIZED_BY_DATA:
+        return True
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else ()
+        return any(torch.is_tensor(i) and i.dtype == torch.bool for i in indices if i is not None)
+    if name == "repeat_interleave":
+        return len(args) > 1 and torch.is_tensor(args[1]) and args[1].numel() > 1
+    return False
+
+
+class SyncCounter(TorchDispatchMode):
+    """``with SyncCounter(where=("patchattn",)) as c: model(...)``; ``c.count``: the syncs, ``c.sites`` where they
+    were issued (the innermost stack frame whose file path contains one of ``where``; '' counts every sync)."""
+
+    def __init__(self, where: tuple[str, ...] = ("",)):
+        super().__init__()
+        self.where = where
+        self.sites: collections.Counter = collections.Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.sites.values())
+
+    def _record(self, what: str) -> None:
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "host_syncs.py" in frame.filename or "torch/" in frame.filename and "site-packages" in frame.filename:
+                continue
+            if any(frame.filename.endswith(f) and name in (None, frame.name) for f, name in CPU_ONLY):
+                return
+            if any(w in frame.filename for w in self.where):
+                self.sites[f"{what} {frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}"] += 1
+            return
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _is_sync(func, args):
+            self._record(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        original = torch.Tensor.tolist
+        counter = self
+
+        def tolist(tensor):
+            counter._record("tolist")
+            return original(tensor)
+
+        self._original_tolist = original
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._original_tolist
+        return super().__exit__(*exc)
+
+
+@contextlib.contextmanager
+def counting(where=("patchattn",)):
+    with SyncCounter(where) as counter:
+        yield counter
