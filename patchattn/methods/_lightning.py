@@ -180,7 +180,36 @@ def _same_cache(kept: LightningState, key: torch.Tensor, past: int) -> bool:
 
 
 def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **kwargs) -> torch.Tensor:
-    """The converted layer's output ``[B, Tq, Hq, D]`` (before ``o_proj``), updating the decode state."""
+    """The converted layer's output ``[B, Tq, Hq, D]`` (before ``o_proj``), updating the decode state; in a training
+    forward with ``transfer_coef > 0`` also keeps the layer's attention-transfer MSE (``transfer_mse``)."""
+    out = _linear_output(module, query, key, value, attention_mask)
+    config = module.patchattn.config
+    if config.transfer_coef > 0 and module.training and torch.is_grad_enabled():
+        module.patchattn.method_state.transfer = transfer_mse(module, query, key, value, attention_mask, out,
+                                                              scaling=scaling, **kwargs)
+    return out
+
+
+def transfer_mse(module, query, key, value, attention_mask, out, *, scaling=None, **kwargs) -> torch.Tensor:
+    """LoLCATs' layer-wise attention transfer: MSE between this layer's linear-attention output and the softmax
+    teacher's on the SAME q/k/v, with gradients into this layer's own conversion parameters only.
+
+    The student of the loss runs on detached q/k/v.  Without that (the first version reused ``out``), layer ``l``'s
+    MSE back-propagated through the residual stream into every earlier layer's feature maps and gates against a
+    detached teacher, so the stage minimised the MSE by reshaping the stream the later layers see rather than by
+    matching each layer's attention: on SmolLM2 the summed MSE fell while held-out perplexity rose (issue 23,
+    design note 42).  When q/k/v carry no gradient ``out`` already is that student."""
+    inputs = (query, key, value)
+    if any(t.requires_grad for t in inputs):
+        student = _linear_output(module, *(t.detach() for t in inputs), attention_mask)
+    else:
+        student = out
+    with torch.no_grad():
+        teacher, _ = dense_call(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return (student.float() - teacher.float()).pow(2).mean()
+
+
+def _linear_output(module, query, key, value, attention_mask) -> torch.Tensor:
     state = module.patchattn
     config, kept = state.config, state.method_state
     batch, heads, q_len, head_dim = query.shape
@@ -223,12 +252,7 @@ def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **k
         features = value[:, :, past:].float().permute(0, 2, 1, 3).flatten(2)  # [B, Tq, Hkv*D]
         gate = 2 * torch.sigmoid(features @ state.gate_down.float().t() @ state.gate_up.float().t())
         out = out * gate.view(batch, q_len, heads, head_dim)
-    out = out.to(query.dtype)
-    if config.transfer_coef > 0 and module.training and torch.is_grad_enabled():
-        with torch.no_grad():
-            teacher, _ = dense_call(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        kept.transfer = (out.float() - teacher.float()).pow(2).mean()
-    return out
+    return out.to(query.dtype)
 
 
 def softmax_layer(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, window=None, **kwargs):
