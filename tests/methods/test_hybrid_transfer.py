@@ -7,9 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import patchattn
+from patchattn.methods import _lightning as lightning_impl
 from patchattn.methods import lightning
-from patchattn.methods._lightning import LightningState
-from patchattn.state import get_state
 
 
 def _model(layers=4, seed=0):
@@ -19,22 +18,13 @@ def _model(layers=4, seed=0):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def _layer_losses(model) -> dict[int, torch.Tensor]:
-    out = {}
-    for module in model.modules():
-        state = get_state(module)
-        if state is not None and isinstance(state.method_state, LightningState) and state.method_state.transfer is not None:
-            out[state.layer_index] = state.method_state.transfer
-    return out
-
-
 def test_a_layers_transfer_loss_reaches_only_its_own_parameters():
     model = _model()
     ids = torch.randint(3, 128, (2, 40))
     with patchattn.patched(model, "lightning", transfer_coef=1.0, block_size=16):
         model.train()
         model(input_ids=ids)
-        losses = _layer_losses(model)
+        losses = lightning_impl.layer_transfer_losses(model)
         assert sorted(losses) == [0, 1, 2, 3]
         params = lightning.conversion_parameters(model)
         for layer, loss in losses.items():
@@ -84,3 +74,23 @@ def test_transfer_steps_bring_the_converted_model_closer_to_the_softmax_model():
         model.eval()
         after = _kl_to_dense(model, dense, held)
     assert after < 0.9 * before, (before, after)
+
+
+def test_transfer_coef_leaves_the_training_forward_and_its_lm_gradients_unchanged():
+    """The transfer bookkeeping must not change what the LM stage trains: same loss, same gradients (LoRA-free
+    here: the conversion parameters) with and without ``transfer_coef``."""
+    ids = torch.randint(3, 128, (2, 40))
+    results = []
+    for coef in (0.0, 1.0):
+        model = _model(layers=2)
+        with patchattn.patched(model, "lightning", transfer_coef=coef, block_size=16):
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            params = lightning.conversion_parameters(model)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            results.append((loss.detach(), [g if g is None else g.detach() for g in grads]))
+            model.eval()
+    (loss0, grads0), (loss1, grads1) = results
+    assert torch.equal(loss0, loss1)
+    for g0, g1 in zip(grads0, grads1, strict=True):
+        assert (g0 is None and g1 is None) or torch.equal(g0, g1)
