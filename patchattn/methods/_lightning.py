@@ -61,8 +61,8 @@ class LightningConfig(MethodConfig):
     output_gate: bool = option(True, "TransNormerLLM's low-rank sigmoid output gate (starts at exactly 1)")
     gate_rank: int = option(16, "rank of the output gate", min=1)
     block_size: int = option(64, "tile of the intra-block quadratic part (Lightning's BLOCK)", min=16, max=256)
-    transfer_coef: float = option(0.0, "attention transfer: in training mode also run the softmax teacher on the "
-                                  "same q/k/v and keep the MSE for transfer_loss() (0: off)", min=0.0)
+    transfer_coef: float = option(0.0, "attention transfer: a training forward keeps each layer's q/k/v so that "
+                                  "transfer_loss() can compare it with the softmax teacher (0: off)", min=0.0)
     init_std: float = option(1e-2, "std of the output gate's down projection at patch time", min=0.0)
     seed: int = option(0, "seed of the output gate's initialisation", min=0)
 
@@ -77,7 +77,8 @@ class LightningConfig(MethodConfig):
 class LightningState(MethodState):
     """The layer's decay slopes ``[Hq]`` (fixed at patch time) and, for decoding, the recurrent state after the last
     call (``kv [B, Hq, F, E]`` float32), how many tokens it covers and the last key it saw ``[B, Hkv, D]`` (to
-    recognise the same cache); ``transfer`` the latest attention-transfer MSE (with its graph).  ``softmax`` marks a
+    recognise the same cache); ``transfer`` the detached inputs of the latest training forward, from which
+    ``transfer_loss`` computes the layer's attention-transfer MSE when asked.  ``softmax`` marks a
     hybrid's softmax layer."""
 
     DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("slopes",)
@@ -87,7 +88,19 @@ class LightningState(MethodState):
     kv: torch.Tensor | None = None
     tokens: int = 0
     last_key: torch.Tensor | None = None
-    transfer: torch.Tensor | None = None
+    transfer: TransferInputs | None = None
+
+
+@dataclass
+class TransferInputs:
+    """A training forward's q/k/v (detached), mask and attention kwargs: what the layer's transfer MSE needs."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float | None
+    kwargs: dict
 
 
 # ---- patch time ------------------------------------------------------------------------------------------------
@@ -180,7 +193,34 @@ def _same_cache(kept: LightningState, key: torch.Tensor, past: int) -> bool:
 
 
 def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **kwargs) -> torch.Tensor:
-    """The converted layer's output ``[B, Tq, Hq, D]`` (before ``o_proj``), updating the decode state."""
+    """The converted layer's output ``[B, Tq, Hq, D]`` (before ``o_proj``), updating the decode state; a training
+    forward with ``transfer_coef > 0`` also keeps its detached inputs for ``transfer_loss``."""
+    state = module.patchattn
+    if state.config.transfer_coef > 0 and module.training and torch.is_grad_enabled():
+        state.method_state.transfer = TransferInputs(query.detach(), key.detach(), value.detach(), attention_mask,
+                                                     scaling, kwargs)
+    return _linear_output(module, query, key, value, attention_mask, keep_state=not module.training)
+
+
+def transfer_mse(module) -> torch.Tensor:
+    """LoLCATs' layer-wise attention transfer for one converted layer: the MSE between its linear-attention output
+    and the softmax teacher's on the SAME q/k/v of the last training forward, recomputed from the detached inputs so
+    that the gradient reaches this layer's own conversion parameters only.
+
+    The first version took the MSE on the layer's output as passed on: then layer ``l``'s MSE back-propagated
+    through the residual stream into every earlier layer's feature maps and gates against a detached teacher, and
+    the stage lowered the MSE by reshaping the stream the later layers see instead of matching each layer's
+    attention: on SmolLM2 the summed MSE fell while held-out perplexity rose (issue 23, design note 42).  Computed
+    only when asked, so a recipe's LM stage (which never asks) pays nothing for it."""
+    saved = module.patchattn.method_state.transfer
+    student = _linear_output(module, saved.query, saved.key, saved.value, saved.attention_mask, keep_state=False)
+    with torch.no_grad():
+        teacher, _ = dense_call(module, saved.query, saved.key, saved.value, saved.attention_mask,
+                                scaling=saved.scaling, **saved.kwargs)
+    return (student.float() - teacher.float()).pow(2).mean()
+
+
+def _linear_output(module, query, key, value, attention_mask, *, keep_state: bool) -> torch.Tensor:
     state = module.patchattn
     config, kept = state.config, state.method_state
     batch, heads, q_len, head_dim = query.shape
@@ -209,7 +249,7 @@ def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **k
     phi_q = feature_map(state, query, "q")
     out, final = lightning_attention(phi_q, _expand(phi_k[:, :, past:], groups), _expand(v[:, :, past:], groups),
                                      slopes, initial, block=config.block_size, backend=config.backend)
-    if not module.training:  # training calls have no cache to continue
+    if keep_state:  # training calls have no cache to continue
         kept.kv, kept.tokens, kept.last_key = final.detach(), kv_len, key[:, :, -1].detach().clone()
     if config.normalize == "sum":
         den = out[..., -1:]
@@ -223,12 +263,7 @@ def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **k
         features = value[:, :, past:].float().permute(0, 2, 1, 3).flatten(2)  # [B, Tq, Hkv*D]
         gate = 2 * torch.sigmoid(features @ state.gate_down.float().t() @ state.gate_up.float().t())
         out = out * gate.view(batch, q_len, heads, head_dim)
-    out = out.to(query.dtype)
-    if config.transfer_coef > 0 and module.training and torch.is_grad_enabled():
-        with torch.no_grad():
-            teacher, _ = dense_call(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        kept.transfer = (out.float() - teacher.float()).pow(2).mean()
-    return out
+    return out.to(query.dtype)
 
 
 def softmax_layer(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, window=None, **kwargs):
@@ -253,23 +288,33 @@ def softmax_layer(module, query, key, value, attention_mask, *, scaling=None, dr
     return out.transpose(1, 2).contiguous(), None
 
 
-def transfer_loss(model, *, scaled: bool = True) -> torch.Tensor:
-    """Attention-transfer loss of the last training forward (LoLCATs' stage 1): the mean over converted layers of
-    the MSE between each layer's linear-attention output and its softmax teacher on the same q/k/v, times
-    ``transfer_coef`` (``scaled=False``: the plain mean).  Needs ``transfer_coef > 0``; ValueError when no layer has
-    computed one yet."""
-    losses, coef = [], 0.0
+def _transfer_layers(model):
+    """``(module, state)`` of the converted layers that kept a training forward's inputs."""
     for module in model.modules():
         state = get_state(module)
         kept = getattr(state, "method_state", None) if state is not None else None
         if isinstance(kept, LightningState) and kept.transfer is not None:
-            losses.append(kept.transfer)
-            coef = state.config.transfer_coef
-    if not losses:
+            yield module, state
+
+
+def layer_transfer_losses(model) -> dict[int, torch.Tensor]:
+    """``{layer index: transfer MSE}`` of the last training forward (``transfer_mse``: each with gradients into its
+    own layer's conversion parameters only)."""
+    return {state.layer_index: transfer_mse(module) for module, state in _transfer_layers(model)}
+
+
+def transfer_loss(model, *, scaled: bool = True) -> torch.Tensor:
+    """Attention-transfer loss of the last training forward (LoLCATs' stage 1): the mean over converted layers of
+    the MSE between each layer's linear-attention output and its softmax teacher on the same q/k/v, times
+    ``transfer_coef`` (``scaled=False``: the plain mean).  Needs ``transfer_coef > 0``; ValueError when no layer has
+    run a training forward yet."""
+    layers = list(_transfer_layers(model))
+    if not layers:
         raise ValueError("transfer_loss: no lightning/hybrid layer has computed an attention-transfer loss (patch "
                          "with transfer_coef > 0 and run a forward in training mode)")
+    losses = [transfer_mse(module) for module, _ in layers]
     total = torch.stack([loss.to(losses[0].device) for loss in losses]).mean()
-    return total * coef if scaled else total
+    return total * layers[-1][1].config.transfer_coef if scaled else total
 
 
 def conversion_parameters(model) -> dict[str, nn.Parameter]:

@@ -5,12 +5,18 @@ Shi et al., "Trainable Dynamic Mask Sparse Attention", arXiv 2508.02124; code: f
 Per KV head ``h`` every key ``j`` gets a content-aware bias from its token's value vectors (all KV heads concatenated):
 ``delta_j = dt_proj(V_j)`` (a linear map to one scalar per KV head) and ``b_j = A_h * softplus(delta_j)`` with a
 learnable ``A_h`` (init 0, as the paper's code: the bias starts at exactly 0).  Each query keeps the ``window`` keys
-of its causal past with the largest (detached) bias and attends ``softmax(q k^T * scale + b + mask) V``; the bias is
-a logit term, so ``dt_proj`` and ``A`` learn through it.  The query heads of a GQA group share their KV head's bias
+of its causal past with the largest (detached) score ``b_j + recency * j / window`` and attends
+``softmax(q k^T * scale + b + mask) V``; the bias is a logit term, so ``dt_proj`` and ``A`` learn through it.  The query heads of a GQA group share their KV head's bias
 and mask.  ``window >= length`` is dense attention plus the bias (exactly dense while ``A = 0``).
 
-Ties.  The top-``window`` choice breaks ties towards the more recent key (the paper's ``topk`` leaves them
-unspecified): a freshly patched model (``A = 0``, all biases equal) starts as a sliding window of ``window`` tokens.
+Recency (a deviation for retrofits; ``recency=0`` is the paper's ranking).  A top-k ranking does not see the scale
+of ``A``: with the paper's bias-only score, a freshly patched model (``A = 0``, every bias equal, ties to the more
+recent key) is a sliding window, but after the first optimiser step (``A ~ 1e-4``) the mask is the ranking of
+``softplus(dt_proj(V))`` alone -- ``window`` content-picked keys instead of the recent ones -- and a pretrained model's
+loss jumps (SmolLM2, window 128 at 512 tokens: 2.80 at ``A = 0``, 4.76 at ``A = 1e-6``).  The paper trains from
+scratch, where that does not matter.  The recency term ``recency * j / window`` (per key, so the kept set of a key
+still only shrinks) makes the untrained mask the sliding window and lets the bias move it continuously: a key kept
+past the window must out-score the later keys by ``recency`` logits per window of age.
 
 On the engine.  Because the bias belongs to the key, the kept set of a key only shrinks as queries move on: key
 ``j`` is kept by the queries ``j <= i < until_j``, ``until_j`` being the position of the ``window``-th key that
@@ -61,6 +67,10 @@ class DMAConfig(MethodConfig):
     init_std: float = option(0.02, "std of dt_proj's initial weights (A starts at 0, so the bias starts at 0)",
                              min=0.0)
     seed: int = option(0, "seed of dt_proj's initialisation", min=0)
+    recency: float = option(1.0, "selection score b_j + recency * j / window (j: key position): a key must beat a "
+                            "later one by `recency` logits per window of age to stay kept; > 0 makes the untrained "
+                            "mask a sliding window that the learned bias bends gradually (0: the paper's bias-only "
+                            "ranking, whose mask jumps to a content ranking as soon as A leaves 0)", min=0.0)
 
     # Every key kept; the bias is 0 until A is trained.
     DENSE_EQUIVALENT: ClassVar[dict] = {"window": 1 << 30}
@@ -86,14 +96,24 @@ def key_bias(value: torch.Tensor, dt_proj: torch.Tensor, a: torch.Tensor) -> tor
     return (a.float() * F.softplus(delta)).transpose(1, 2)
 
 
-def kept_until(bias: torch.Tensor, window: int) -> torch.Tensor:
-    """long ``[B, Hkv, Tk]``: key ``j`` is among the top-``window`` keys (by bias, ties to the later key) of every
-    query ``i`` with ``j <= i < until_j``; ``until_j`` is the position of the ``window``-th key that beats ``j``
-    (``Tk`` when fewer do).  Uses the detached bias."""
-    bias = bias.detach()
+def selection_score(bias: torch.Tensor, window: int, recency: float) -> torch.Tensor:
+    """fp32 ``[B, Hkv, Tk]`` score that ranks the keys: the detached bias plus ``recency`` per ``window`` positions
+    (a per-key term: for every query it ranks later keys higher by the same amount)."""
+    score = bias.detach().float()
+    if recency:
+        pos = torch.arange(score.shape[-1], device=score.device, dtype=torch.float32)
+        score = score + pos * (recency / window)
+    return score
+
+
+def kept_until(bias: torch.Tensor, window: int, recency: float = 0.0) -> torch.Tensor:
+    """long ``[B, Hkv, Tk]``: key ``j`` is among the top-``window`` keys (by ``selection_score``, ties to the later
+    key) of every query ``i`` with ``j <= i < until_j``; ``until_j`` is the position of the ``window``-th key that
+    beats ``j`` (``Tk`` when fewer do).  Uses the detached bias."""
     length = bias.shape[-1]
     if window >= length:
         return torch.full_like(bias, length, dtype=torch.long)
+    bias = selection_score(bias, window, recency)
     pos = torch.arange(length, device=bias.device)
     out = []
     for lo in range(0, length, KEY_CHUNK):
@@ -131,7 +151,7 @@ def dynamic_mask_attention(state, query, key, value, scale: float, softcap: floa
     block = config.block_size
     q_len, kv_len = query.shape[2], key.shape[2]
     bias = key_bias(value, state.dt_proj, state.a)
-    until = kept_until(bias, config.window)
+    until = kept_until(bias, config.window, config.recency)
     offset = kv_len - q_len
     pad = offset % block  # align query blocks on key blocks: a few leading rows, dropped after
     padded_q = F.pad(query, (0, 0, pad, 0)) if pad else query

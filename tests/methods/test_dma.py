@@ -25,9 +25,10 @@ def reference_bias(value, weight, a):
     return a[None, :, None] * F.softplus(delta)
 
 
-def reference_dma(q, k, v, bias, window, scale=None, softcap=None):
-    """Per query row: keep the ``window`` keys of its causal past with the largest bias (ties: the later key), then
-    ``softmax(q k^T * scale + bias)`` over the kept keys.  bias ``[B, Hkv, Tk]``; queries are the last Tq keys."""
+def reference_dma(q, k, v, bias, window, scale=None, softcap=None, recency=0.0):
+    """Per query row: keep the ``window`` keys of its causal past with the largest ``bias_j + recency * j / window``
+    (ties: the later key), then ``softmax(q k^T * scale + bias)`` over the kept keys.  bias ``[B, Hkv, Tk]``; queries
+    are the last Tq keys."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -43,13 +44,14 @@ def reference_dma(q, k, v, bias, window, scale=None, softcap=None):
         p = tk - tq + i
         for bb in range(b):
             for h in range(hq):
-                ranked = sorted(range(p + 1), key=lambda j: (detached[bb, h, j].item(), j), reverse=True)
+                ranked = sorted(range(p + 1), key=lambda j: (detached[bb, h, j].item() + recency * j / window, j),
+                                reverse=True)
                 keep[bb, h, i, ranked[:window]] = True
     return torch.softmax(scores.masked_fill(~keep, float("-inf")), -1) @ v
 
 
-def _state(window, block, weight, a):
-    config = dma.DMAConfig(window=window, block_size=block, backend="torch")
+def _state(window, block, weight, a, recency=0.0):
+    config = dma.DMAConfig(window=window, block_size=block, backend="torch", recency=recency)
     return types.SimpleNamespace(config=config, dt_proj=weight, a=a, record=lambda **_: None)
 
 
@@ -64,18 +66,20 @@ def _inputs(dtype, b=2, hq=4, hkv=2, tq=37, tk=37, d=16, seed=0):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("tq,tk,window,block,softcap", [(37, 37, 9, 16, None), (70, 70, 20, 16, 5.0),
-                                                         (5, 53, 11, 16, None), (1, 45, 7, 32, None)])
-def test_forward_and_gradients_match_the_oracle(dtype, tol, tq, tk, window, block, softcap):
+@pytest.mark.parametrize("tq,tk,window,block,softcap,recency", [(37, 37, 9, 16, None, 0.0),
+                                                                 (70, 70, 20, 16, 5.0, 0.0),
+                                                                 (5, 53, 11, 16, None, 1.0), (1, 45, 7, 32, None, 3.0),
+                                                                 (37, 37, 9, 16, None, 1.0)])
+def test_forward_and_gradients_match_the_oracle(dtype, tol, tq, tk, window, block, softcap, recency):
     (q, k, v), weight, a = _inputs(dtype, tq=tq, tk=tk)
-    state = _state(window, block, weight, a)
+    state = _state(window, block, weight, a, recency)
     out = dma.dynamic_mask_attention(state, q, k, v, 0.25, softcap)
     grad_out = torch.randn_like(out.float())
     got = torch.autograd.grad((out.float() * grad_out).sum(), (q, k, v, weight, a))
 
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v, weight, a)]
     bias = reference_bias(leaves[2], leaves[3], leaves[4])
-    want_out = reference_dma(*leaves[:3], bias, window, scale=0.25, softcap=softcap)
+    want_out = reference_dma(*leaves[:3], bias, window, scale=0.25, softcap=softcap, recency=recency)
     want = torch.autograd.grad((want_out * grad_out.double()).sum(), leaves)
     assert max_abs_diff(out, want_out) <= tol
     for name, g, w in zip(["q", "k", "v", "dt_proj", "a"], got, want, strict=True):
@@ -93,9 +97,10 @@ def test_window_beyond_the_length_is_dense_plus_bias():
     assert max_abs_diff(out, want) <= 2e-5
 
 
-def test_untrained_bias_is_a_sliding_window_of_the_most_recent_keys():
+@pytest.mark.parametrize("recency", [0.0, 1.0])
+def test_untrained_bias_is_a_sliding_window_of_the_most_recent_keys(recency):
     (q, k, v), weight, a = _inputs(torch.float32, tq=40, tk=40)
-    out = dma.dynamic_mask_attention(_state(12, 16, weight, torch.zeros_like(a)), q, k, v, 0.25, None)
+    out = dma.dynamic_mask_attention(_state(12, 16, weight, torch.zeros_like(a), recency), q, k, v, 0.25, None)
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     pos = torch.arange(40)
     window = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - 12)
@@ -108,6 +113,29 @@ def test_kept_until_agrees_with_ranking_every_prefix():
     until = dma.kept_until(bias, 7)[0, 0]
     for i in range(60):
         ranked = sorted(range(i + 1), key=lambda j: (bias[0, 0, j].item(), j), reverse=True)[:7]
+        kept = {j for j in range(i + 1) if i < until[j]}
+        assert kept == set(ranked), i
+
+
+def test_a_tiny_first_step_keeps_the_sliding_window():
+    """Issue 23: the first optimiser step moves A off 0 by ~lr; with the default recency the mask must stay the
+    untrained sliding window (and the output move by ~A), not jump to the ranking of softplus(dt_proj(V)), which is
+    what the paper's bias-only score (recency=0) does and what made a pretrained model's loss jump."""
+    (q, k, v), weight, a = _inputs(torch.float32, tq=64, tk=64)
+    tiny = torch.full_like(a, 1e-4)
+    recency = dma.DMAConfig().recency
+    untrained = dma.dynamic_mask_attention(_state(12, 16, weight, torch.zeros_like(a), recency), q, k, v, 0.25, None)
+    stepped = dma.dynamic_mask_attention(_state(12, 16, weight, tiny, recency), q, k, v, 0.25, None)
+    assert max_abs_diff(stepped, untrained) <= 1e-3
+    paper = dma.dynamic_mask_attention(_state(12, 16, weight, tiny, 0.0), q, k, v, 0.25, None)
+    assert max_abs_diff(paper, untrained) > 0.1  # the discontinuity the recency term removes
+
+
+def test_kept_until_with_recency_agrees_with_ranking_every_prefix():
+    bias = torch.randn(1, 1, 60) * 0.5
+    until = dma.kept_until(bias, 7, 2.0)[0, 0]
+    for i in range(60):
+        ranked = sorted(range(i + 1), key=lambda j: (bias[0, 0, j].item() + 2.0 * j / 7, j), reverse=True)[:7]
         kept = {j for j in range(i + 1) if i < until[j]}
         assert kept == set(ranked), i
 
