@@ -77,9 +77,8 @@ class LightningConfig(MethodConfig):
 class LightningState(MethodState):
     """The layer's decay slopes ``[Hq]`` (fixed at patch time) and, for decoding, the recurrent state after the last
     call (``kv [B, Hq, F, E]`` float32), how many tokens it covers and the last key it saw ``[B, Hkv, D]`` (to
-    recognise the same cache); ``transfer`` the detached inputs of the latest training forward, from which
-    ``transfer_loss`` computes the layer's attention-transfer MSE when asked.  ``softmax`` marks a
-    hybrid's softmax layer."""
+    recognise the same cache); ``transfer`` the attention-transfer MSE of the latest training forward (computed
+    from its detached q/k/v, see ``transfer_mse``).  ``softmax`` marks a hybrid's softmax layer."""
 
     DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("slopes",)
 
@@ -88,19 +87,7 @@ class LightningState(MethodState):
     kv: torch.Tensor | None = None
     tokens: int = 0
     last_key: torch.Tensor | None = None
-    transfer: TransferInputs | None = None
-
-
-@dataclass
-class TransferInputs:
-    """A training forward's q/k/v (detached), mask and attention kwargs: what the layer's transfer MSE needs."""
-
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    attention_mask: torch.Tensor | None
-    scaling: float | None
-    kwargs: dict
+    transfer: torch.Tensor | None = None
 
 
 # ---- patch time ------------------------------------------------------------------------------------------------
@@ -194,29 +181,29 @@ def _same_cache(kept: LightningState, key: torch.Tensor, past: int) -> bool:
 
 def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **kwargs) -> torch.Tensor:
     """The converted layer's output ``[B, Tq, Hq, D]`` (before ``o_proj``), updating the decode state; a training
-    forward with ``transfer_coef > 0`` also keeps its detached inputs for ``transfer_loss``."""
+    forward with ``transfer_coef > 0`` also computes the layer's attention-transfer MSE (``transfer_mse``)."""
     state = module.patchattn
     if state.config.transfer_coef > 0 and module.training and torch.is_grad_enabled():
-        state.method_state.transfer = TransferInputs(query.detach(), key.detach(), value.detach(), attention_mask,
-                                                     scaling, kwargs)
+        state.method_state.transfer = transfer_mse(module, query.detach(), key.detach(), value.detach(),
+                                                   attention_mask, scaling=scaling, **kwargs)
     return _linear_output(module, query, key, value, attention_mask, keep_state=not module.training)
 
 
-def transfer_mse(module) -> torch.Tensor:
+def transfer_mse(module, query, key, value, attention_mask, *, scaling=None, **kwargs) -> torch.Tensor:
     """LoLCATs' layer-wise attention transfer for one converted layer: the MSE between its linear-attention output
-    and the softmax teacher's on the SAME q/k/v of the last training forward, recomputed from the detached inputs so
-    that the gradient reaches this layer's own conversion parameters only.
+    and the softmax teacher's on the layer's DETACHED q/k/v, so that the gradient reaches this layer's own
+    conversion parameters only.
 
     The first version took the MSE on the layer's output as passed on: then layer ``l``'s MSE back-propagated
     through the residual stream into every earlier layer's feature maps and gates against a detached teacher, and
     the stage lowered the MSE by reshaping the stream the later layers see instead of matching each layer's
-    attention: on SmolLM2 the summed MSE fell while held-out perplexity rose (issue 23, design note 42).  Computed
-    only when asked, so a recipe's LM stage (which never asks) pays nothing for it."""
-    saved = module.patchattn.method_state.transfer
-    student = _linear_output(module, saved.query, saved.key, saved.value, saved.attention_mask, keep_state=False)
+    attention: on SmolLM2 the summed MSE fell while held-out perplexity rose (issue 23, design note 42).  It is
+    computed inside the forward, where FSDP2 holds the layer's parameters unsharded (a recomputation after the
+    forward would meet sharded parameters); its graph is separate from the output's, so the LM gradients are the
+    same with and without ``transfer_coef``."""
+    student = _linear_output(module, query, key, value, attention_mask, keep_state=False)
     with torch.no_grad():
-        teacher, _ = dense_call(module, saved.query, saved.key, saved.value, saved.attention_mask,
-                                scaling=saved.scaling, **saved.kwargs)
+        teacher, _ = dense_call(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     return (student.float() - teacher.float()).pow(2).mean()
 
 
@@ -300,7 +287,7 @@ def _transfer_layers(model):
 def layer_transfer_losses(model) -> dict[int, torch.Tensor]:
     """``{layer index: transfer MSE}`` of the last training forward (``transfer_mse``: each with gradients into its
     own layer's conversion parameters only)."""
-    return {state.layer_index: transfer_mse(module) for module, state in _transfer_layers(model)}
+    return {state.layer_index: state.method_state.transfer for _, state in _transfer_layers(model)}
 
 
 def transfer_loss(model, *, scaled: bool = True) -> torch.Tensor:
@@ -312,7 +299,7 @@ def transfer_loss(model, *, scaled: bool = True) -> torch.Tensor:
     if not layers:
         raise ValueError("transfer_loss: no lightning/hybrid layer has computed an attention-transfer loss (patch "
                          "with transfer_coef > 0 and run a forward in training mode)")
-    losses = [transfer_mse(module) for module, _ in layers]
+    losses = [state.method_state.transfer for _, state in layers]
     total = torch.stack([loss.to(losses[0].device) for loss in losses]).mean()
     return total * layers[-1][1].config.transfer_coef if scaled else total
 
