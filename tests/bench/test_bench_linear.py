@@ -77,14 +77,15 @@ def test_bench_methods_points_whole_attention_methods_here(capsys):
 
 
 def test_bench_generate_runs_hybrid_and_lightning_on_the_dynamic_cache(tmp_path):
-    """The end-to-end command of bench/linear/reproduce.sh, at the tiny CPU shape: a row per method, no errors."""
+    """The end-to-end command of bench/linear/reproduce.sh, at the tiny CPU shape (hybrid: 1 softmax layer of 2): a
+    row per method, no errors."""
     from patchattn.bench import generate
 
     out = tmp_path / "generate.csv"
-    assert generate.main(["--shape", "tiny", "--layers", "8", "--device", "cpu", "--dtype", "float32", "--lengths",
-                          "96", "--methods", "dense,hybrid,lightning", "--caches", "dynamic", "--new-tokens", "1,4",
+    assert generate.main(["--shape", "tiny", "--layers", "2", "--device", "cpu", "--dtype", "float32", "--lengths",
+                          "96", "--methods", 'dense;hybrid:{"softmax_every":2};lightning', "--caches", "dynamic", "--new-tokens", "1,4",
                           "--repeats", "1", "--csv", str(out)]) == 0
     lines = out.read_text().splitlines()
     rows = list(csv.DictReader(lines[1:]))
     assert [r["method"] for r in rows] == ["dense", "hybrid", "lightning"]
-    assert all(r["error"] == "" and float(r["decode_ms_per_step"]) > 0 for r in rows), rows
+    assert all(r["error"] == "" and r["decode_ms_per_step"] and r["tokens_hash"] for r in rows), rows  # no timing
