@@ -13,11 +13,14 @@
 #   landmark_long landmark at 64k, 128k (its landmark logits are [32, T, T/64] fp32: 34 GB at 128k)       ~5 min
 #   dma           dma layer prefill + decode, 4k..32k                                                         ~3 min
 #   dma_long      dma at 64k, 128k (its key ranking compares every pair of keys: O(T^2) selection)          ~6 min
-#   generate_32k  model.generate, 32-layer Llama-3-8B shape, 32k prompt: dense (SDPA), hybrid, lightning   ~4 min
-#   generate_128k_hybrid     the same at 128k: dense and hybrid (MiniMax 7 lightning : 1 softmax)           ~6 min
-#   generate_128k_lightning  the same at 128k: dense and lightning                                          ~6 min
-# generate: transformers' dynamic cache (bounded_cache refuses lightning/hybrid; the static cache is not checked
-# for them, design note 47), so the cache still grows and each step copies it (torch.cat) for every method.
+#   generate_32k  model.generate, 32-layer Llama-3-8B shape, 32k prompt, dynamic and static cache: dense (SDPA),
+#                 hybrid, lightning; decode = differential over 128 steps, 2 repeats                     ~4 min
+#   generate_128k_hybrid     the same at 128k: dense and hybrid (MiniMax 7 lightning : 1 softmax); 256 steps
+#                            (a 128k prefill varies by ~1 s between calls), 1 repeat                      ~6 min
+#   generate_128k_lightning  the same at 128k: dense and lightning                                      ~6 min
+# generate: bounded_cache refuses lightning/hybrid (they keep the cache to recognise it and to rebuild their state
+# for another one), so the cache holds every key; the dynamic cache copies it at every step (torch.cat, for every
+# method), the static one does not (design note 47). Static-compiled is not run for them: their step reads the host.
 set -euo pipefail
 out=${OUT:-bench/linear}
 mkdir -p "$out"
@@ -26,9 +29,9 @@ steps=("$@")
     generate_128k_hybrid generate_128k_lightning)
 short=4096,8192,16384,32768
 long=65536,131072
-gen() {  # gen LENGTH METHODS CSV
-    python -m patchattn.cli bench generate --lengths "$1" --batch 1 --methods "$2" --caches dynamic \
-        --new-tokens 1,33 --repeats 2 --csv "$3"
+gen() {  # gen LENGTH METHODS NEW_TOKENS REPEATS CSV
+    python -m patchattn.cli bench generate --lengths "$1" --batch 1 --methods "$2" --caches dynamic,static \
+        --new-tokens "$3" --repeats "$4" --csv "$5"
 }
 for step in "${steps[@]}"; do
     echo "== $step ($(date -u +%H:%M:%S) UTC)"
@@ -45,9 +48,9 @@ for step in "${steps[@]}"; do
         --decode-lengths $short --csv "$out/dma.csv" ;;
     dma_long) python -m patchattn.bench.linear --modes prefill,decode --methods dma --lengths $long \
         --decode-lengths $long --csv "$out/dma_long.csv" ;;
-    generate_32k) gen 32768 dense,hybrid,lightning "$out/generate_32k.csv" ;;
-    generate_128k_hybrid) gen 131072 dense,hybrid "$out/generate_128k_hybrid.csv" ;;
-    generate_128k_lightning) gen 131072 dense,lightning "$out/generate_128k_lightning.csv" ;;
+    generate_32k) gen 32768 dense,hybrid,lightning 1,129 2 "$out/generate_32k.csv" ;;
+    generate_128k_hybrid) gen 131072 dense,hybrid 1,257 1 "$out/generate_128k_hybrid.csv" ;;
+    generate_128k_lightning) gen 131072 dense,lightning 1,257 1 "$out/generate_128k_lightning.csv" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

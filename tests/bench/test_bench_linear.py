@@ -76,16 +76,18 @@ def test_bench_methods_points_whole_attention_methods_here(capsys):
     assert "patchattn bench linear" in capsys.readouterr().err
 
 
-def test_bench_generate_runs_hybrid_and_lightning_on_the_dynamic_cache(tmp_path):
+def test_bench_generate_runs_hybrid_and_lightning_on_dynamic_and_static_caches(tmp_path):
     """The end-to-end command of bench/linear/reproduce.sh, at the tiny CPU shape (hybrid: 1 softmax layer of 2): a
-    row per method, no errors."""
+    row per method and cache, no errors, the static cache's tokens those of the dynamic cache."""
     from patchattn.bench import generate
 
     out = tmp_path / "generate.csv"
     assert generate.main(["--shape", "tiny", "--layers", "2", "--device", "cpu", "--dtype", "float32", "--lengths",
-                          "96", "--methods", 'dense;hybrid:{"softmax_every":2};lightning', "--caches", "dynamic", "--new-tokens", "1,4",
+                          "64", "--methods", 'dense;hybrid:{"softmax_every":2};lightning', "--caches", "dynamic,static", "--new-tokens", "1,4",
                           "--repeats", "1", "--csv", str(out)]) == 0
     lines = out.read_text().splitlines()
     rows = list(csv.DictReader(lines[1:]))
-    assert [r["method"] for r in rows] == ["dense", "hybrid", "lightning"]
+    assert [(r["method"], r["cache"]) for r in rows] == [(m, c) for m in ("dense", "hybrid", "lightning")
+                                                         for c in ("dynamic", "static")]
+    assert [r["tokens_equal_dynamic"] for r in rows if r["cache"] == "static"] == ["1/1"] * 3
     assert all(r["error"] == "" and r["decode_ms_per_step"] and r["tokens_hash"] for r in rows), rows  # no timing
