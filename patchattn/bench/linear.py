@@ -92,8 +92,8 @@ def call_layer(name: str, module, q, k, v):
 
 
 def qkv(batch, heads, T, head_dim, device, dtype, grad=False):
-    gen = torch.Generator(device="cpu").manual_seed(T)
-    make = lambda h: (torch.randn(batch, h, T, head_dim, generator=gen) * 0.5).to(device, dtype)  # noqa: E731
+    gen = torch.Generator(device=device).manual_seed(T)  # on the device: a 128k tensor drawn on the CPU takes seconds
+    make = lambda h: (torch.randn(batch, h, T, head_dim, generator=gen, device=device) * 0.5).to(dtype)
     q, k, v = make(heads[0]), make(heads[1]), make(heads[1])
     return tuple(x.requires_grad_(grad) for x in (q, k, v))
 
@@ -137,7 +137,8 @@ def backward_of(fn, inputs):
 # Rows
 # ----------------------------------------------------------------------------------------------------------------
 def _row(mode, method, T, B, heads, ms=None, sdpa_ms=None, note=""):
-    row = dict(mode=mode, method=method, T=T, B=B, heads=f"{heads[0]}/{heads[1]}", ms=ms, sdpa_ms=sdpa_ms, note=note)
+    row = {"mode": mode, "method": method, "T": T, "B": B, "heads": f"{heads[0]}/{heads[1]}", "ms": ms,
+           "sdpa_ms": sdpa_ms, "note": note}
     if ms and sdpa_ms:
         row["speedup_vs_sdpa"] = sdpa_ms / ms
     return row
@@ -157,13 +158,13 @@ def kernel_row(mode, T, batch, heads, head_dim, device, dtype):
         groups = heads[0] // heads[1]
         slopes = torch.tensor(alibi_slopes(heads[0]), device=device)
         kx, vx = (x.detach().repeat_interleave(groups, 1).requires_grad_(grad) for x in (k, v))
-        lightning = lambda: lightning_attention(q, kx, vx, slopes)[0]  # noqa: E731
+        lightning = lambda: lightning_attention(q, kx, vx, slopes)[0]
         sdpa, note = sdpa_fn(q, k, v, device)
         if grad:
             lightning, sdpa = backward_of(lightning, (q, kx, vx)), backward_of(sdpa, (q, k, v))
         row.update(_row(mode, "lightning-kernel", T, batch, heads, time_ms(lightning, device), time_ms(sdpa, device),
                         note))
-    except Exception as err:  # a row, not a lost run
+    except Exception as err:  # noqa: BLE001 (a row, not a lost run)
         _failed(row, err)
     return row
 
@@ -175,7 +176,7 @@ def prefill_row(mode, label, name, overrides, T, heads, head_dim, device, dtype)
         module = method_layer(name, overrides, heads, head_dim, device).to(dtype=torch.float32)
         module.train(grad)
         q, k, v = qkv(1, heads, T, head_dim, device, dtype, grad)
-        layer = lambda: call_layer(name, module, q, k, v)  # noqa: E731
+        layer = lambda: call_layer(name, module, q, k, v)
         sdpa, note = sdpa_fn(q, k, v, device)
         if grad:
             layer, sdpa = backward_of(layer, (q, k, v)), backward_of(sdpa, (q, k, v))
@@ -184,7 +185,7 @@ def prefill_row(mode, label, name, overrides, T, heads, head_dim, device, dtype)
             with torch.no_grad():
                 ms, sdpa_ms = time_ms(layer, device), time_ms(sdpa, device)
         row.update(_row(mode, label, T, 1, heads, ms, sdpa_ms, note), density=_density(module))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (a row, not a lost run)
         _failed(row, err)
     return row
 
@@ -199,7 +200,7 @@ def decode_kernel_row(T, heads, head_dim, device, dtype, sdpa_ms):
         with torch.no_grad():
             ms = time_ms(lambda: lightning_attention(q, k, v, slopes, state), device)
         row.update(_row("decode-kernel", "lightning-kernel", T, 1, heads, ms, sdpa_ms))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (a row, not a lost run)
         _failed(row, err)
     return row
 
@@ -215,7 +216,7 @@ def decode_row(label, name, overrides, T, heads, head_dim, device, dtype, sdpa_m
             step = _decode_step(name, module, q, k, v)
             ms = time_ms(step, device)
         row.update(_row("decode", label, T, 1, heads, ms, sdpa_ms), density=_density(module))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (a row, not a lost run)
         _failed(row, err)
     return row
 
