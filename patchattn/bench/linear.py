@@ -108,18 +108,18 @@ def _flash(device):
 
 def sdpa_fn(q, k, v, device, *, causal=True):
     """SDPA (flash on CUDA) on GQA inputs: with ``enable_gqa`` where the flash backend takes it, else on KV heads
-    repeated beforehand (outside the timing); returns (fn, note)."""
+    repeated beforehand (outside the timing); returns (fn, its input tensors, note)."""
     def run(kk, vv, **gqa):
         with _flash(device):
             return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, **gqa)
 
     try:
         run(k, v, enable_gqa=True)
-        return (lambda: run(k, v, enable_gqa=True)), ""
+        return (lambda: run(k, v, enable_gqa=True)), (q, k, v), ""
     except RuntimeError:
         groups = q.shape[1] // k.shape[1]
         kk, vv = (x.detach().repeat_interleave(groups, 1).requires_grad_(x.requires_grad) for x in (k, v))
-        return (lambda: run(kk, vv)), "sdpa: KV heads repeated (no GQA in this flash backend)"
+        return (lambda: run(kk, vv)), (q, kk, vv), "sdpa: KV heads repeated (no GQA in this flash backend)"
 
 
 def backward_of(fn, inputs):
@@ -159,9 +159,9 @@ def kernel_row(mode, T, batch, heads, head_dim, device, dtype):
         slopes = torch.tensor(alibi_slopes(heads[0]), device=device)
         kx, vx = (x.detach().repeat_interleave(groups, 1).requires_grad_(grad) for x in (k, v))
         lightning = lambda: lightning_attention(q, kx, vx, slopes)[0]
-        sdpa, note = sdpa_fn(q, k, v, device)
+        sdpa, sdpa_inputs, note = sdpa_fn(q, k, v, device)
         if grad:
-            lightning, sdpa = backward_of(lightning, (q, kx, vx)), backward_of(sdpa, (q, k, v))
+            lightning, sdpa = backward_of(lightning, (q, kx, vx)), backward_of(sdpa, sdpa_inputs)
         row.update(_row(mode, "lightning-kernel", T, batch, heads, time_ms(lightning, device), time_ms(sdpa, device),
                         note))
     except Exception as err:  # noqa: BLE001 (a row, not a lost run)
@@ -177,9 +177,9 @@ def prefill_row(mode, label, name, overrides, T, heads, head_dim, device, dtype)
         module.train(grad)
         q, k, v = qkv(1, heads, T, head_dim, device, dtype, grad)
         layer = lambda: call_layer(name, module, q, k, v)
-        sdpa, note = sdpa_fn(q, k, v, device)
+        sdpa, sdpa_inputs, note = sdpa_fn(q, k, v, device)
         if grad:
-            layer, sdpa = backward_of(layer, (q, k, v)), backward_of(sdpa, (q, k, v))
+            layer, sdpa = backward_of(layer, (q, k, v)), backward_of(sdpa, sdpa_inputs)
             ms, sdpa_ms = time_ms(layer, device), time_ms(sdpa, device)
         else:
             with torch.no_grad():
@@ -245,7 +245,7 @@ def _decode_step(name, module, q, k, v):
 def sdpa_decode_ms(T, heads, head_dim, device, dtype):
     _, k, v = qkv(1, heads, T, head_dim, device, dtype)
     q = torch.randn(1, heads[0], 1, head_dim, device=device, dtype=dtype)
-    fn, _ = sdpa_fn(q, k, v, device, causal=False)
+    fn, _, _ = sdpa_fn(q, k, v, device, causal=False)
     with torch.no_grad():
         return time_ms(fn, device)
 

@@ -91,3 +91,21 @@ def test_bench_generate_runs_hybrid_and_lightning_on_dynamic_and_static_caches(t
                                                          for c in ("dynamic", "static")]
     assert [r["tokens_equal_dynamic"] for r in rows if r["cache"] == "static"] == ["1/1"] * 3
     assert all(r["error"] == "" and r["decode_ms_per_step"] and r["tokens_hash"] for r in rows), rows  # no timing
+
+
+def test_sdpa_without_gqa_repeats_the_kv_heads_and_says_so(monkeypatch):
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def no_gqa(q, k, v, **kwargs):
+        if kwargs.pop("enable_gqa", False):
+            raise RuntimeError("No available kernel")
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(linear.F, "scaled_dot_product_attention", no_gqa)
+    q, k, v = linear.qkv(1, (4, 2), 32, 8, torch.device("cpu"), torch.float32, grad=True)
+    fn, inputs, note = linear.sdpa_fn(q, k, v, torch.device("cpu"))
+    assert "repeated" in note and inputs[1].shape[1] == 4 and inputs[1].requires_grad
+    expected = real(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(fn(), expected)
+    linear.backward_of(fn, inputs)()
+    assert all(x.grad is not None for x in inputs)
