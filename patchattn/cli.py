@@ -74,6 +74,7 @@ BENCHMARKS = {
     "generate": "patchattn.bench.generate",
     "dit": "patchattn.bench.dit",
     "lvlm": "patchattn.bench.lvlm",
+    "linear": "patchattn.bench.linear",
     "quality": "patchattn.bench.quality",
     "report": "patchattn.bench.sparse_report",
 }
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: kernel and methods speed (CUDA GPU), quality (CPU/GPU), report")
     p.add_argument("what", choices=list(BENCHMARKS),
                    help="kernel: block-sparse engine vs SDPA vs FlexAttention; methods: every sparse method at "
-                   "Llama-3-8B shapes; generate: model.generate end to end (time to first token, tokens/s, memory); quality: perplexity and passkey vs dense on a real model; report: table + plot")
+                   "Llama-3-8B shapes; generate: model.generate end to end (time to first token, tokens/s, memory); linear: "
+                   "Lightning Attention-2 kernel, lightning / landmark / dma layers vs SDPA (prefill, decode); quality: perplexity and passkey vs dense on a real model; report: table + plot")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help of each)")
     p.set_defaults(run=_bench)
 

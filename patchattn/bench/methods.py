@@ -221,10 +221,15 @@ def _ratios(row):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    methods = parse_methods(args.methods)
+    whole = [name for _, name, _ in methods if get_spec(name).select is None]
+    if whole:  # landmark, dma, lightning: selection and kernel calls inside the attention function, trained state
+        print(f"patchattn bench methods times block selectors; {', '.join(whole)} have none (their attention "
+              "function runs its own engine calls): time them with `patchattn bench linear`", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("patchattn bench methods needs a CUDA GPU", file=sys.stderr)
         return 2
-    methods = parse_methods(args.methods)
     rows = []
     for T in ints(args.prefill):
         rows += prefill_rows(T, methods, not args.no_flex)

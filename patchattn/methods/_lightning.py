@@ -215,9 +215,14 @@ def _linear_output(module, query, key, value, attention_mask, *, keep_state: boo
     groups = heads // kv_heads
     past = kv_len - q_len
     valid = key_validity(attention_mask, batch, q_len, kv_len, query.device)
+    # Continuing the kept state reads only this call's keys (O(1) per decoded token); a rebuild reads them all.
+    reuse = past > 0 and _same_cache(kept, key, past)
+    start = past if reuse else 0
+    if valid is not None:
+        valid = valid[:, start:]
 
-    phi_k = feature_map(state, key, "k")
-    v = value.float()
+    phi_k = feature_map(state, key[:, :, start:], "k")
+    v = value[:, :, start:].float()
     if valid is not None:  # padded keys contribute nothing (phi(k) = 0), so a padded row equals the row alone
         phi_k = phi_k * valid[:, None, :, None]
         v = v * valid[:, None, :, None]
@@ -225,16 +230,15 @@ def _linear_output(module, query, key, value, attention_mask, *, keep_state: boo
         v = torch.cat([v, torch.ones_like(v[..., :1]) * (valid[:, None, :, None] if valid is not None else 1.0)], -1)
     slopes = kept.slopes.to(query.device)
 
-    initial = None
-    if past > 0:
-        if _same_cache(kept, key, past):
-            initial = kept.kv
-        else:  # rebuild the state of the cached keys (another cache, e.g. a reordered beam)
-            _, initial = lightning_attention(
-                torch.zeros_like(_expand(phi_k[:, :, :past], groups)), _expand(phi_k[:, :, :past], groups),
-                _expand(v[:, :, :past], groups), slopes, block=config.block_size, backend=config.backend)
+    initial, new = None, past - start  # ``new``: where this call's keys start in phi_k / v
+    if reuse:
+        initial = kept.kv
+    elif past > 0:  # rebuild the state of the cached keys (another cache, e.g. a reordered beam)
+        _, initial = lightning_attention(
+            torch.zeros_like(_expand(phi_k[:, :, :past], groups)), _expand(phi_k[:, :, :past], groups),
+            _expand(v[:, :, :past], groups), slopes, block=config.block_size, backend=config.backend)
     phi_q = feature_map(state, query, "q")
-    out, final = lightning_attention(phi_q, _expand(phi_k[:, :, past:], groups), _expand(v[:, :, past:], groups),
+    out, final = lightning_attention(phi_q, _expand(phi_k[:, :, new:], groups), _expand(v[:, :, new:], groups),
                                      slopes, initial, block=config.block_size, backend=config.backend)
     if keep_state:  # training calls have no cache to continue
         kept.kv, kept.tokens, kept.last_key = final.detach(), kv_len, key[:, :, -1].detach().clone()
