@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -82,3 +84,14 @@ def source_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def write_stamped_csv(path: str, rows: list[dict], fields, command: str) -> None:
+    """``rows`` to the CSV ``path`` (columns ``fields``, extra keys ignored) and, beside it, ``<path>.json`` with the
+    command and ``environment()``: one results file per figure, stamped."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(path.rsplit(".", 1)[0] + ".json", "w", encoding="utf-8") as handle:
+        json.dump({"command": command, **environment()}, handle, indent=2)

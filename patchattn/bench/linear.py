@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import json
 import sys
 from types import SimpleNamespace
 
@@ -45,7 +43,7 @@ from torch import nn
 from ..api import parse_methods
 from ..kernels.lightning import alibi_slopes, lightning_attention
 from ..registry import get_spec
-from ..report import environment, format_table
+from ..report import format_table, write_stamped_csv
 from ..state import PatchContext, PatchState
 from .dit import time_ms
 
@@ -299,13 +297,7 @@ def _flush(device, sink, rows):
 
 
 def write_csv(path: str, rows: list[dict], argv) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    meta = {"command": "python -m patchattn.bench.linear " + " ".join(argv), **environment()}
-    with open(path.rsplit(".", 1)[0] + ".json", "w", encoding="utf-8") as handle:
-        json.dump(meta, handle, indent=2)
+    write_stamped_csv(path, rows, FIELDS, "python -m patchattn.bench.linear " + " ".join(argv))
 
 
 def parse_args(argv):

@@ -17,8 +17,6 @@ Speed does not depend on the weights; quality does and is not measured here.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ import torch
 
 from ..api import parse_methods, patch, unpatch
 from ..registry import get_spec
-from ..report import environment, format_table
+from ..report import format_table, write_stamped_csv
 from .dit import time_ms
 
 FIELDS = ["shape", "method", "image_tokens", "tokens", "ms", "sdpa_ms", "overhead_pct", "speedup_vs_sdpa", "note"]
@@ -154,13 +152,7 @@ def _patched_ms(model, name, overrides, prefill, device) -> float:
 
 
 def write_csv(path: str, rows: list[dict], argv) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    meta = {"command": "python -m patchattn.bench.lvlm " + " ".join(argv or sys.argv[1:]), **environment()}
-    with open(path.rsplit(".", 1)[0] + ".json", "w") as handle:
-        json.dump(meta, handle, indent=2)
+    write_stamped_csv(path, rows, FIELDS, "python -m patchattn.bench.lvlm " + " ".join(argv or sys.argv[1:]))
 
 
 def parse_args(argv):
