@@ -52,6 +52,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import MethodConfig, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask
@@ -130,7 +131,12 @@ def grouped_landmark_attention(state, query, key, value, scale: float, softcap: 
     current = (offset - pad) // block + torch.arange(n_q, device=device)  # [NQ] key block of each query block
     blocks = torch.arange(n_k, device=device)
     backend = config.backend
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, state.landmark_query)):
+    last_candidate = (offset - pad) // block + n_q - 1 - local  # the last query block's newest earlier block
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (query, key, value, state.landmark_query, state.landmark_offset))
+    if needs_grad and last_candidate >= 0 and top_k > 0:
+        return grouped_landmark_training(state, query, key, value, scale, softcap, top_k)
+    if needs_grad:
         backend = "torch"  # the Triton path's log-sum-exp has no gradient
 
     def attend(kv_indices, kv_counts, return_lse=False):
@@ -140,7 +146,6 @@ def grouped_landmark_attention(state, query, key, value, scale: float, softcap: 
 
     local_mask = (blocks[None] <= current[:, None]) & (blocks[None] > current[:, None] - local)
     out_local, lse_local = attend(*blocks_from_mask(local_mask[None, None]), return_lse=True)
-    last_candidate = int(current[-1]) - local  # the last query block's newest earlier block
     reads_local = (current - (current - local + 1).clamp(min=0) + 1).float()
     if last_candidate < 0 or top_k == 0:
         state.record(density=(reads_local / (current + 1)).mean())
@@ -174,6 +179,86 @@ def grouped_landmark_attention(state, query, key, value, scale: float, softcap: 
     reads = chosen.sum(-1).float() + reads_local.repeat_interleave(block)[:rows]
     state.record(density=(reads[..., pad:] / (row_block[pad:] + 1)).mean())
     return out[:, :, pad:].to(query.dtype)
+
+
+# Training: the grouped softmax as one weight matrix per chunk of query rows (no per-block loop) ---------------------
+# Upper bound on the score elements (fp32) one chunk materialises, as the engine's torch reference.
+TRAINING_CHUNK_SCORES = 1 << 23
+
+
+def grouped_landmark_training(state, query, key, value, scale: float, softcap: float | None,
+                              top_k: int) -> torch.Tensor:
+    """The grouped softmax of :func:`grouped_landmark_attention` for calls that need gradients, with a fixed number
+    of operations whatever the number of blocks: each row's weight of key ``j`` is ``exp(s_j - lse)`` for a local key
+    and ``exp(s_j - lse_n + g_n - lse)`` for a key of a gated earlier block ``n`` (``lse_n``: the block's own
+    log-sum-exp, ``g_n``: its landmark logit, ``lse``: the log-sum-exp of the local scores and the gates), one
+    ``[rows, Tk]`` matrix per chunk of rows, checkpointed (memory stays one chunk's).  ``[B, Hq, Tq, D]``."""
+    config = state.config
+    block, local = config.block_size, config.local_blocks
+    q_len, kv_len = query.shape[2], key.shape[2]
+    n_c = kv_len // block
+    device = query.device
+    row_block = (kv_len - q_len + torch.arange(q_len, device=device)) // block  # [Tq]
+    landmarks = landmark_keys(key, value, state.landmark_query, block)
+    logits = landmark_logits(query, landmarks, state.landmark_offset, scale, softcap)  # [B, Hq, Tq, NC]
+    candidate = torch.arange(n_c, device=device)[None] <= (row_block - local)[:, None]  # [Tq, NC]
+    if top_k >= n_c:
+        chosen = candidate.expand_as(logits)
+    else:
+        best = logits.masked_fill(~candidate, float("-inf")).topk(top_k, dim=-1).indices
+        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, best, True) & candidate
+    gates = logits.masked_fill(~chosen, float("-inf"))
+    batch, heads = query.shape[:2]
+    rows = max(1, min(q_len, TRAINING_CHUNK_SCORES // max(1, batch * heads * kv_len)))
+    outs = []
+    for r0 in range(0, q_len, rows):
+        outs.append(checkpoint(_grouped_rows, query[:, :, r0:r0 + rows], key, value, gates[:, :, r0:r0 + rows],
+                               kv_len - q_len + r0, block, local, scale, softcap, use_reentrant=False))
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    reads_local = (row_block - (row_block - local + 1).clamp(min=0) + 1).float()
+    state.record(density=((chosen.sum(-1).float() + reads_local) / (row_block + 1)).mean())
+    return out.to(query.dtype)
+
+
+def _grouped_rows(query, key, value, gates, first_pos: int, block: int, local: int, scale: float,
+                  softcap: float | None) -> torch.Tensor:
+    """fp32 ``[B, Hq, rows, D]`` for query rows at key positions ``first_pos ..`` with gates ``[B, Hq, rows, NC]``.
+
+    Only the key blocks up to the last row's are read.  Each block is exponentiated against its own maximum ``m_n``
+    (``E = exp(s - m_n)``, block sums ``S_n >= 1`` for a block with a visible key), so a key's weight is ``E_j``
+    times a per-(row, block) factor: ``exp(m_n - lse)`` in a local block, ``exp(g_n - lse) / S_n`` in a gated one."""
+    batch, heads, rows, dim = query.shape
+    kv_heads, group = key.shape[1], heads // key.shape[1]
+    last = first_pos + rows  # keys past the last row's position are never read
+    n_k = math.ceil(last / block)
+    kv_end = min(key.shape[2], n_k * block)
+    q = (query.float() * scale).view(batch, kv_heads, group, rows, dim)
+    scores = torch.einsum("bhgtd,bhsd->bhgts", q, key[:, :, :kv_end].float()).reshape(batch, heads, rows, kv_end)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    row_pos = first_pos + torch.arange(rows, device=query.device)
+    visible = torch.arange(kv_end, device=query.device)[None] <= row_pos[:, None]  # causal
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if kv_end < n_k * block:  # the incomplete last block (local): -inf keys to fill the block view
+        scores = F.pad(scores, (0, n_k * block - kv_end), value=float("-inf"))
+    scores = scores.view(batch, heads, rows, n_k, block)
+    peak = scores.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)).detach()  # fully hidden block: 0
+    exps = torch.exp(scores - peak)
+    sums = exps.sum(-1)  # [B, Hq, rows, NK]: >= 1 for a block with a visible key, 0 otherwise
+    sums = torch.where(sums > 0, sums, torch.ones_like(sums))
+    peak = peak.squeeze(-1)
+    blocks = torch.arange(n_k, device=query.device)[None]
+    is_local = (blocks > (row_pos // block - local)[:, None]) & (blocks <= (row_pos // block)[:, None])  # [rows, NK]
+    gates = gates[..., :n_k]
+    if gates.shape[-1] < n_k:
+        gates = F.pad(gates, (0, n_k - gates.shape[-1]), value=float("-inf"))
+    local_lse = torch.where(is_local, peak + torch.log(sums), float("-inf"))
+    total = torch.logsumexp(torch.cat([local_lse, gates], dim=-1), dim=-1, keepdim=True)  # finite: own key
+    factor = torch.where(is_local, torch.exp(peak - total), torch.exp(gates - total) / sums)
+    weights = (exps * factor[..., None]).view(batch, kv_heads, group, rows, n_k * block)[..., :kv_end]
+    out = weights @ value[:, :, None, :kv_end].float()
+    return out.reshape(batch, heads, rows, value.shape[-1])
 
 
 @register_method(
