@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import patchattn
 from patchattn.methods import landmark
@@ -221,3 +222,50 @@ def test_triton_inference_path_matches_the_torch_path(triton_target, dtype, tol,
         with torch.no_grad():
             outs[backend] = landmark.grouped_landmark_attention(state, q, k, v, 0.25, None, 2)
     assert max_abs_diff(outs["torch"], outs["triton"]) <= tol
+
+
+# ---- training cost: no per-block work, no host syncs (issue 23) ---------------------------------------------------
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators run (forward and backward) and the host syncs among them (``.item()``, ``int()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs = 0, 0
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        self.ops += 1
+        self.syncs += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+        return func(*args, **(kwargs or {}))
+
+
+def _training_call_counts(block, length=256):
+    (q, k, v), pool_query, offset = _inputs(torch.float32, b=1, tq=length, tk=length)
+    state = _state(block, 1 << 30, 1, pool_query, offset)
+    with _OpCounter() as counter:
+        out = landmark.grouped_landmark_attention(state, q, k, v, 0.25, None, 1 << 30)
+        out.sum().backward()
+    return counter.ops, counter.syncs
+
+
+def test_training_ops_do_not_grow_with_the_number_of_blocks_and_never_sync():
+    """The grouped softmax with gradients used to call the engine once per earlier block (each with its own mask
+    building, gathers and syncs): ~9 s a step on an H200.  Now 4, 8 or 16 blocks cost the same operators."""
+    counts = {block: _training_call_counts(block) for block in (64, 32, 16)}
+    assert len({ops for ops, _ in counts.values()}) == 1, counts
+    assert all(syncs == 0 for _, syncs in counts.values()), counts
+
+
+@pytest.mark.parametrize("tq,tk", [(75, 75), (7, 83)])
+def test_training_chunks_of_rows_match_the_oracle(monkeypatch, tq, tk):
+    """Chunks of query rows that start mid-block and stop before the incomplete last block give the oracle's
+    attention and gradients."""
+    monkeypatch.setattr(landmark, "TRAINING_CHUNK_SCORES", 2 * 4 * tk * 5)  # 5 rows a chunk
+    (q, k, v), pool_query, offset = _inputs(torch.float32, tq=tq, tk=tk)
+    out = landmark.grouped_landmark_attention(_state(16, 2, 2, pool_query, offset), q, k, v, 0.25, None, 2)
+    got = torch.autograd.grad(out.sum(), (q, k, v, pool_query, offset))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pool_query, offset)]
+    want_out = reference_landmark(*leaves, 16, 2, 2, 0.25)
+    want = torch.autograd.grad(want_out.sum(), leaves)
+    assert max_abs_diff(out, want_out) <= 2e-5
+    for g, w in zip(got, want, strict=True):
+        assert max_abs_diff(g, w) <= 2e-5 * max(1.0, w.abs().max().item())
