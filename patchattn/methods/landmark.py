@@ -34,7 +34,8 @@ every list, returning the within-block softmax output and its log-sum-exp.  The 
 own gates (the landmark logit of the block where the row retrieved it, ``-inf`` otherwise) and the local
 log-sum-exp: exactly the grouped softmax, with the work of the listed blocks only.  The gradient needs the
 log-sum-exp's gradient, which the Triton path does not give (``lse`` is non-differentiable there): calls that need
-gradients run the engine's torch backend (block lists, autograd through the reference); inference runs Triton.
+gradients (training) skip the engine and compute the same grouped softmax as one weight matrix per chunk of query rows
+(``grouped_landmark_training``: operators independent of the number of blocks, no host sync); inference runs Triton.
 
 Trainable state: ``landmark_query`` (``[Hkv, head_dim]`` (the values' head_dim), zeros) and ``landmark_offset`` (``[Hkv]``,
 ``log(block_size)``) are ``nn.Parameter`` s of the module's ``PatchState`` (names contain ``.patchattn.``): saved with
