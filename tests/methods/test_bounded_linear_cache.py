@@ -98,7 +98,7 @@ def test_beam_search_reorders_the_state():
     ids = torch.randint(3, 100, (1, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), patchattn.patched(model, "hybrid", **SMALL, softmax_every=2):
         _perturbed(model)
-        kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+        kwargs = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
         expected = model.generate(input_ids=ids, **kwargs)
         got = model.generate(input_ids=ids, past_key_values=patchattn.bounded_cache(model), **kwargs)
     assert torch.equal(got, expected)
@@ -123,3 +123,19 @@ def test_a_forward_without_the_cache_after_it_uses_no_stale_state():
         model(input_ids=ids, past_key_values=cache)
         model(input_ids=ids[:, :1], past_key_values=cache)
         torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_other_families_generate_the_default_caches_tokens(family):
+    model = tiny_model(family)
+    with torch.no_grad(), patchattn.patched(model, "lightning", **SMALL):
+        _perturbed(model)
+        expected = _generate(model, _inputs(2), past_key_values=DynamicCache())
+        got = _generate(model, _inputs(2), past_key_values=patchattn.bounded_cache(model))
+    assert torch.equal(got, expected)
+
+
+def test_sliding_window_layer_types_are_refused():
+    model = tiny_model("gemma2")
+    with patchattn.patched(model, "lightning", **SMALL), pytest.raises(ValueError, match="sliding-window"):
+        patchattn.bounded_cache(model)
