@@ -19,6 +19,11 @@ Sliding-window layers of the model and the method's ``dense_layers`` keep transf
 each row from its first real token as the attention mask gives it (``_rows``), else from the ``position_ids``
 transformers passes to ``Cache.update`` (left padding: the first real token is position 0), else from the first
 token.  ``static=True`` keeps the slots in fixed-size buffers whose decode step compiles whole.
+
+Linear layers (``lightning``, ``hybrid``'s lightning layers) keep no keys at all: a ``LinearStateLayer`` holds the
+layer's recurrent state (``[B, Hq, F, E]``, fixed size) and hands it to the method each call (``LinearCarry``);
+the layer gets this call's keys alone and stores its state after the call.  ``hybrid``'s softmax layers keep
+transformers' full layers.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from transformers.cache_utils import (
 )
 
 from ..methods._kept import BOUNDED_PLANS, KeptKeys, SlotGroup, SlotPlan, compaction, publish
+from ..methods._lightning import LightningState, LinearCarry, publish_carry
 from ..state import get_state
 from .hf import loaded_patch
 
@@ -176,6 +182,72 @@ class BoundedLayer(CacheLayerMixin):
                        for g in self.groups]
         if self.start is not None:
             self.start = self.start.repeat_interleave(repeats, 0)
+
+
+class LinearStateLayer(CacheLayerMixin):
+    """A linear-attention layer's cache: no keys, the recurrent state after every token seen (``LinearCarry``), so its
+    memory does not grow with the context.  Beam search reorders the state's rows; cropping (assisted decoding)
+    cannot be undone from a state and raises."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.state = get_state(module)
+        self.seen = 0
+        self.kv: torch.Tensor | None = None  # [B, Hq, F, E] float32
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device = key_states.device
+        self.batch_size = key_states.shape[0]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if get_state(self.module) is not self.state:
+            raise RuntimeError("patchattn.bounded_cache: the model was re-patched or unpatched since this cache was "
+                               "made; make a new cache with patchattn.bounded_cache(model)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        publish_carry(self.state.method_state, LinearCarry(self.seen, self.kv, self._store))
+        self.seen += key_states.shape[2]
+        return key_states, value_states
+
+    def _store(self, kv: torch.Tensor) -> None:
+        self.kv = kv
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0  # the whole sequence's mask, shared with full softmax layers
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def slots(self) -> int:
+        return 0
+
+    def reset(self) -> None:
+        self.seen, self.kv = 0, None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a linear layer's bounded cache keeps a recurrent state, not keys: it cannot be "
+                                  "cropped (assisted decoding); use the default cache")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.kv is not None:
+            self.kv = self.kv[indices.to(self.kv.device) if torch.is_tensor(indices) else indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.kv is not None:
+            self.kv = self.kv.repeat_interleave(repeats, 0)
 
 
 class StaticBoundedLayer(BoundedLayer):
@@ -335,13 +407,15 @@ class BoundedCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes of keys and values held by every layer (what a dense cache's ``2 x layers x heads x tokens x dim``
-        is compared with)."""
+        is compared with); a linear layer's recurrent state counts as what it holds."""
         total = 0
         for layer in self.layers:
             if isinstance(layer, StaticBoundedLayer) and layer.buffers is not None:
                 tensors = [t for b in layer.buffers for t in (b.keys, b.values)]
             elif isinstance(layer, BoundedLayer):
                 tensors = [t for g in layer.groups for t in (g.keys, g.values)]
+            elif isinstance(layer, LinearStateLayer):
+                tensors = [layer.kv]
             else:
                 tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
             tensors = [t for t in tensors if torch.is_tensor(t)]
@@ -350,7 +424,8 @@ class BoundedCache(Cache):
 
     def slots(self) -> list[int]:
         """Per layer, the key slots held per row and KV head (unbounded layers: their cached length)."""
-        return [layer.slots() if isinstance(layer, BoundedLayer) else _held(layer) for layer in self.layers]
+        return [layer.slots() if isinstance(layer, (BoundedLayer, LinearStateLayer)) else _held(layer)
+                for layer in self.layers]
 
 
 def _held(layer) -> int:
@@ -360,7 +435,9 @@ def _held(layer) -> int:
 
 def bounded_cache(model, *, static: bool = False, max_cache_len: int | None = None) -> BoundedCache:
     """A KV cache for ``model.generate(..., past_key_values=cache)`` that frees the keys the model's patch will never
-    read again (``streaming``, ``duo``, ``sinklora`` with ``kv_budget``); ValueError for other methods.
+    read again (``streaming``, ``duo``, ``sinklora`` with ``kv_budget``), or keeps only the recurrent state of a
+    linear layer (``lightning``, ``hybrid``'s lightning layers; its softmax layers keep every key); ValueError for
+    other methods.
 
     ``static=True``: fixed-size buffers (``StaticBoundedLayer``) whose decode step compiles with ``fullgraph=True``;
     heads that keep every key (duo's retrieval heads, a dense layer) get ``max_cache_len`` slots (prompt + new
@@ -381,6 +458,18 @@ def bounded_cache(model, *, static: bool = False, max_cache_len: int | None = No
     layers = []
     for index, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
         module = modules.get(index)
+        linear = module is not None and isinstance(get_state(module).method_state, LightningState)
+        if linear and static:
+            raise ValueError(f"patchattn.bounded_cache(static=True): {_method(module)!r} decodes from a recurrent "
+                             "state on the host and does not compile; use bounded_cache(model) (static=False)")
+        if linear and kind != "full_attention":
+            raise ValueError(f"patchattn.bounded_cache: layer {index} of this model is a sliding-window layer, which "
+                             f"{_method(module)!r} runs as a full-length linear layer; only models whose layers are "
+                             "all full attention are supported")
+        if linear:
+            softmax = get_state(module).method_state.softmax  # hybrid's softmax layers keep every key
+            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs) if softmax else LinearStateLayer(module))
+            continue
         plan = _plan(module, kv_heads, query_heads) if module is not None and kind == "full_attention" else None
         if plan is None:
             if static and kind == "full_attention":
@@ -422,11 +511,14 @@ def _patched_attention(model) -> dict:
     return found
 
 
+LINEAR_METHODS = ("hybrid", "lightning")  # a recurrent state per linear layer (``LinearStateLayer``)
+
+
 def _plan(module, kv_heads: int, query_heads: int) -> SlotPlan | None:
     state = get_state(module)
     method = type(state.config).method
     plan = BOUNDED_PLANS.get(method)
     if plan is None:
         raise ValueError(f"patchattn.bounded_cache: {method!r} may read any earlier key, so its KV memory cannot be "
-                         f"bounded; methods that can: {', '.join(sorted(BOUNDED_PLANS))}")
+                         f"bounded; methods that can: {', '.join(sorted([*BOUNDED_PLANS, *LINEAR_METHODS]))}")
     return plan(state, kv_heads, query_heads)

@@ -29,6 +29,7 @@ token, anything else rebuilds the state from the cached keys (O(T), same result)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -88,6 +89,30 @@ class LightningState(MethodState):
     tokens: int = 0
     last_key: torch.Tensor | None = None
     transfer: torch.Tensor | None = None
+    carry: LinearCarry | None = None  # published by a bounded cache for its next call (``take_carry``)
+
+
+@dataclass
+class LinearCarry:
+    """What a bounded cache (``patchattn.bounded_cache``) hands a linear layer instead of its past keys: the
+    recurrent state ``kv`` after the ``past`` tokens before this call (None before the first call) and ``store``,
+    which the layer calls with its state after this call.  The call's ``key``/``value`` are then its own tokens
+    only, and the attention mask still spans ``past + q_len`` keys (it is shared with full softmax layers)."""
+
+    past: int
+    kv: torch.Tensor | None
+    store: Callable[[torch.Tensor], None]
+
+
+def publish_carry(method_state: LightningState, carry: LinearCarry) -> None:
+    method_state.carry = carry
+
+
+def take_carry(method_state: LightningState) -> LinearCarry | None:
+    """This call's carry (cleared: a later call without the bounded cache sees none), or None."""
+    carry = method_state.carry
+    method_state.carry = None
+    return carry
 
 
 # ---- patch time ------------------------------------------------------------------------------------------------
@@ -186,7 +211,8 @@ def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **k
     if state.config.transfer_coef > 0 and module.training and torch.is_grad_enabled():
         state.method_state.transfer = transfer_mse(module, query.detach(), key.detach(), value.detach(),
                                                    attention_mask, scaling=scaling, **kwargs)
-    return _linear_output(module, query, key, value, attention_mask, keep_state=not module.training)
+    carry = take_carry(state.method_state)
+    return _linear_output(module, query, key, value, attention_mask, keep_state=not module.training, carry=carry)
 
 
 def transfer_mse(module, query, key, value, attention_mask, *, scaling=None, **kwargs) -> torch.Tensor:
@@ -207,19 +233,25 @@ def transfer_mse(module, query, key, value, attention_mask, *, scaling=None, **k
     return (student.float() - teacher.float()).pow(2).mean()
 
 
-def _linear_output(module, query, key, value, attention_mask, *, keep_state: bool) -> torch.Tensor:
+def _linear_output(module, query, key, value, attention_mask, *, keep_state: bool,
+                   carry: LinearCarry | None = None) -> torch.Tensor:
     state = module.patchattn
     config, kept = state.config, state.method_state
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    past = kv_len - q_len
-    valid = key_validity(attention_mask, batch, q_len, kv_len, query.device)
-    # Continuing the kept state reads only this call's keys (O(1) per decoded token); a rebuild reads them all.
-    reuse = past > 0 and _same_cache(kept, key, past)
-    start = past if reuse else 0
-    if valid is not None:
-        valid = valid[:, start:]
+    if carry is not None:  # a bounded cache: ``key`` holds this call's tokens only, the state the ones before
+        valid = key_validity(attention_mask, batch, q_len, carry.past + kv_len, query.device)
+        valid = None if valid is None else valid[:, carry.past:]
+        past, reuse, start = 0, True, 0
+    else:
+        past = kv_len - q_len
+        valid = key_validity(attention_mask, batch, q_len, kv_len, query.device)
+        # Continuing the kept state reads only this call's keys (O(1) per decoded token); a rebuild reads them all.
+        reuse = past > 0 and _same_cache(kept, key, past)
+        start = past if reuse else 0
+        if valid is not None:
+            valid = valid[:, start:]
 
     phi_k = feature_map(state, key[:, :, start:], "k")
     v = value[:, :, start:].float()
@@ -231,7 +263,9 @@ def _linear_output(module, query, key, value, attention_mask, *, keep_state: boo
     slopes = kept.slopes.to(query.device)
 
     initial, new = None, past - start  # ``new``: where this call's keys start in phi_k / v
-    if reuse:
+    if carry is not None:
+        initial = carry.kv
+    elif reuse:
         initial = kept.kv
     elif past > 0:  # rebuild the state of the cached keys (another cache, e.g. a reordered beam)
         _, initial = lightning_attention(
@@ -240,7 +274,9 @@ def _linear_output(module, query, key, value, attention_mask, *, keep_state: boo
     phi_q = feature_map(state, query, "q")
     out, final = lightning_attention(phi_q, _expand(phi_k[:, :, new:], groups), _expand(v[:, :, new:], groups),
                                      slopes, initial, block=config.block_size, backend=config.backend)
-    if keep_state:  # training calls have no cache to continue
+    if carry is not None:
+        carry.store(final.detach())
+    elif keep_state:  # training calls have no cache to continue
         kept.kv, kept.tokens, kept.last_key = final.detach(), kv_len, key[:, :, -1].detach().clone()
     if config.normalize == "sum":
         den = out[..., -1:]

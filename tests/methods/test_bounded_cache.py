@@ -155,7 +155,7 @@ def test_methods_that_cannot_bound_memory_say_which_can():
         patchattn.bounded_cache(model)
     with patchattn.patched(model, "blocktopk", **SMALL), pytest.raises(ValueError) as err:
         patchattn.bounded_cache(model)
-    assert "'blocktopk'" in str(err.value) and "duo, sinklora, streaming" in str(err.value)
+    assert "'blocktopk'" in str(err.value) and "duo, hybrid, lightning, sinklora, streaming" in str(err.value)
     with patchattn.patched(model, "streaming", **SMALL, density=0.3), pytest.raises(ValueError, match="window"):
         patchattn.bounded_cache(model)
     with patchattn.patched(model, "sinklora", backend="torch"), pytest.raises(ValueError, match="kv_budget"):
