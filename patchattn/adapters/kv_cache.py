@@ -43,34 +43,45 @@ from ..state import get_state
 from .hf import loaded_patch
 
 
-class BoundedLayer(CacheLayerMixin):
-    """One layer's slots, per group of KV heads (``SlotPlan``); ``get_seq_length`` counts every token seen (RoPE
-    and the mask need the sequence's length), the slots hold what is kept."""
+class _PatchedLayer(CacheLayerMixin):
+    """What every bounded-cache layer shares: the patched attention module it serves (its state must not change
+    under the cache) and transformers' lazy initialisation."""
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, module, plan: SlotPlan):
+    def __init__(self, module):
         super().__init__()
         self.module = module
         self.state = get_state(module)
-        self.plan = plan
         self.seen = 0
-        self.start: torch.Tensor | None = None  # [B] first real token of each row
-        self.groups: list[SlotGroup] = []
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
         self.batch_size = key_states.shape[0]
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def _start_update(self, key_states, value_states) -> None:
         if get_state(self.module) is not self.state:
             raise RuntimeError("patchattn.bounded_cache: the model was re-patched or unpatched since this cache was "
                                "made; make a new cache with patchattn.bounded_cache(model)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+
+
+class BoundedLayer(_PatchedLayer):
+    """One layer's slots, per group of KV heads (``SlotPlan``); ``get_seq_length`` counts every token seen (RoPE
+    and the mask need the sequence's length), the slots hold what is kept."""
+
+    def __init__(self, module, plan: SlotPlan):
+        super().__init__(module)
+        self.plan = plan
+        self.start: torch.Tensor | None = None  # [B] first real token of each row
+        self.groups: list[SlotGroup] = []
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._start_update(key_states, value_states)
         q_len = key_states.shape[2]
         if self.seen == 0:
             self.start = row_starts(_position_ids(kwargs), key_states.shape[0], q_len, key_states.device)
@@ -184,33 +195,17 @@ class BoundedLayer(CacheLayerMixin):
             self.start = self.start.repeat_interleave(repeats, 0)
 
 
-class LinearStateLayer(CacheLayerMixin):
+class LinearStateLayer(_PatchedLayer):
     """A linear-attention layer's cache: no keys, the recurrent state after every token seen (``LinearCarry``), so its
     memory does not grow with the context.  Beam search reorders the state's rows; cropping (assisted decoding)
     cannot be undone from a state and raises."""
 
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-
     def __init__(self, module):
-        super().__init__()
-        self.module = module
-        self.state = get_state(module)
-        self.seen = 0
+        super().__init__(module)
         self.kv: torch.Tensor | None = None  # [B, Hq, F, E] float32
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.device = key_states.device
-        self.batch_size = key_states.shape[0]
-        self.is_initialized = True
-
     def update(self, key_states, value_states, *args, **kwargs):
-        if get_state(self.module) is not self.state:
-            raise RuntimeError("patchattn.bounded_cache: the model was re-patched or unpatched since this cache was "
-                               "made; make a new cache with patchattn.bounded_cache(model)")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        self._start_update(key_states, value_states)
         publish_carry(self.state.method_state, LinearCarry(self.seen, self.kv, self._store))
         self.seen += key_states.shape[2]
         return key_states, value_states
