@@ -79,7 +79,8 @@ class LightningState(MethodState):
     """The layer's decay slopes ``[Hq]`` (fixed at patch time) and, for decoding, the recurrent state after the last
     call (``kv [B, Hq, F, E]`` float32), how many tokens it covers and the last key it saw ``[B, Hkv, D]`` (to
     recognise the same cache); ``transfer`` the attention-transfer MSE of the latest training forward (computed
-    from its detached q/k/v, see ``transfer_mse``).  ``softmax`` marks a hybrid's softmax layer."""
+    from its detached q/k/v, see ``transfer_mse``) while ``transfer_on`` (``end_transfer`` turns it off once the
+    transfer stage is over).  ``softmax`` marks a hybrid's softmax layer."""
 
     DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("slopes",)
 
@@ -89,6 +90,7 @@ class LightningState(MethodState):
     tokens: int = 0
     last_key: torch.Tensor | None = None
     transfer: torch.Tensor | None = None
+    transfer_on: bool = True
     carry: LinearCarry | None = None  # published by a bounded cache for its next call (``take_carry``)
 
 
@@ -208,7 +210,8 @@ def linear_layer(module, query, key, value, attention_mask, *, scaling=None, **k
     """The converted layer's output ``[B, Tq, Hq, D]`` (before ``o_proj``), updating the decode state; a training
     forward with ``transfer_coef > 0`` also computes the layer's attention-transfer MSE (``transfer_mse``)."""
     state = module.patchattn
-    if state.config.transfer_coef > 0 and module.training and torch.is_grad_enabled():
+    transfer = state.config.transfer_coef > 0 and state.method_state.transfer_on
+    if transfer and module.training and torch.is_grad_enabled():
         state.method_state.transfer = transfer_mse(module, query.detach(), key.detach(), value.detach(),
                                                    attention_mask, scaling=scaling, **kwargs)
     carry = take_carry(state.method_state)
@@ -315,13 +318,28 @@ def softmax_layer(module, query, key, value, attention_mask, *, scaling=None, dr
     return out.transpose(1, 2).contiguous(), None
 
 
-def _transfer_layers(model):
-    """``(module, state)`` of the converted layers that kept a training forward's inputs."""
+def _linear_layers(model):
+    """``(module, state)`` of every lightning/hybrid layer of ``model``."""
     for module in model.modules():
         state = get_state(module)
-        kept = getattr(state, "method_state", None) if state is not None else None
-        if isinstance(kept, LightningState) and kept.transfer is not None:
+        if isinstance(getattr(state, "method_state", None), LightningState):
             yield module, state
+
+
+def end_transfer(model) -> int:
+    """End the attention-transfer stage: training forwards stop computing each layer's transfer MSE (one linear pass
+    and one softmax teacher per converted layer that only ``transfer_loss`` reads) and drop the last one kept.  The
+    trainer calls it when a recipe's ``aux_only_steps`` are over; returns the layers switched off."""
+    switched = 0
+    for _, state in _linear_layers(model):
+        state.method_state.transfer_on, state.method_state.transfer = False, None
+        switched += 1
+    return switched
+
+
+def _transfer_layers(model):
+    """``(module, state)`` of the converted layers that kept a training forward's transfer MSE."""
+    return ((module, state) for module, state in _linear_layers(model) if state.method_state.transfer is not None)
 
 
 def layer_transfer_losses(model) -> dict[int, torch.Tensor]:

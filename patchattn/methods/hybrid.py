@@ -19,13 +19,14 @@ from ._lightning import (
     LightningConfig,
     LightningState,
     conversion_parameters,
+    end_transfer,
     linear_layer,
     make_lightning_state,
     softmax_layer,
     transfer_loss,
 )
 
-__all__ = ["HybridConfig", "conversion_parameters", "softmax_layer_indices", "transfer_loss"]
+__all__ = ["HybridConfig", "conversion_parameters", "end_transfer", "softmax_layer_indices", "transfer_loss"]
 
 
 @dataclass(kw_only=True)

@@ -23,12 +23,13 @@ from ._lightning import (
     LightningConfig,
     LightningState,
     conversion_parameters,
+    end_transfer,
     linear_layer,
     make_lightning_state,
     transfer_loss,
 )
 
-__all__ = ["LightningAttentionConfig", "conversion_parameters", "transfer_loss"]
+__all__ = ["LightningAttentionConfig", "conversion_parameters", "end_transfer", "transfer_loss"]
 
 
 @dataclass(kw_only=True)

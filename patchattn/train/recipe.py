@@ -34,6 +34,9 @@ SCHEDULES = ("constant", "linear", "cosine")
 # Auxiliary losses a recipe may name: resolved from this allowlist only, never by importing a string from a file.
 AUX_LOSSES = {"patchattn.methods.moh:aux_loss": ("patchattn.methods.moh", "aux_loss"),
               "patchattn.methods.hybrid:transfer_loss": ("patchattn.methods.hybrid", "transfer_loss")}
+# What the trainer calls once when a two-stage recipe's aux-only stage ends, so that the model stops computing a loss
+# nobody reads any more (hybrid: each converted layer's transfer MSE).
+AUX_STAGE_ENDS = {"patchattn.methods.hybrid:transfer_loss": ("patchattn.methods.hybrid", "end_transfer")}
 
 
 class RecipeError(ValueError):

@@ -25,7 +25,7 @@ from .. import api, report
 from . import artifacts, checkpoint, evaluate, parallel
 from .data import TextData, build_data
 from .model import apply_patch, inner_model, load_base, trainable_parameters, wrap_lora
-from .recipe import AUX_LOSSES, Recipe, RecipeError, TrainConfig
+from .recipe import AUX_LOSSES, AUX_STAGE_ENDS, Recipe, RecipeError, TrainConfig
 
 DEFAULT_OUTPUT_ROOT = "runs"  # relative to the working directory; git-ignored in the repository
 
@@ -60,10 +60,10 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
-def resolve_aux_loss(name: str | None):
-    if name is None:
+def resolve_aux_loss(name: str | None, table: dict = AUX_LOSSES):
+    if name is None or name not in table:
         return None
-    module, attr = AUX_LOSSES[name]  # the recipe was checked against this allowlist
+    module, attr = table[name]  # the recipe was checked against AUX_LOSSES
     return getattr(importlib.import_module(module), attr)
 
 
@@ -195,10 +195,14 @@ def train_model(recipe: Recipe, options: RunOptions | None = None):
     main = accelerator.is_main_process  # data parallel: every process trains, the main one writes the files
     log = JsonlLog(os.path.join(output, "log.jsonl"), start if resume_from else None) if main else NoLog()
     aux = resolve_aux_loss(config.aux_loss)
+    end_aux_stage = resolve_aux_loss(config.aux_loss, AUX_STAGE_ENDS) if config.aux_only_steps else None
     stop = min(config.steps, options.stop_after or config.steps)
 
     bar = _progress(config.steps, start, show)
     for step in range(start, stop):
+        if end_aux_stage is not None and step >= config.aux_only_steps:  # also when resuming after the stage
+            end_aux_stage(peft_model)
+            end_aux_stage = None
         row = _train_step(peft_model, prepared_optimizer, scheduler, accelerator, data, config, step, aux, named,
                           mode)
         log.write(step=step + 1, **row, elapsed_s=round(time.time() - started, 2))

@@ -3,6 +3,9 @@ MSE trains that layer's own conversion parameters only, and a few transfer-only 
 closer to the softmax model (issue 23: the first version let every layer's MSE reach the earlier layers through the
 residual stream; the summed MSE fell while perplexity rose)."""
 
+import json
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -94,3 +97,49 @@ def test_transfer_coef_leaves_the_training_forward_and_its_lm_gradients_unchange
     assert torch.equal(loss0, loss1)
     for g0, g1 in zip(grads0, grads1, strict=True):
         assert (g0 is None and g1 is None) or torch.equal(g0, g1)
+
+
+def _train_hybrid(tmp_path, name, steps=3):
+    from patchattn.train import RunOptions, load_recipe, train_model
+
+    overrides = {"model": "tiny-llama", "steps": steps, "seq_len": 32, "eval_every": 0, "save_every": 0,
+                 "eval_chunks": 1, "warmup": 0, "lr": 1e-2, "decode_eval": None, "aux_only_steps": 1,
+                 "output_dir": str(tmp_path / name)}
+    recipe = load_recipe("hybrid", overrides)
+    recipe.patch["softmax_every"] = 2  # the tiny model's 2 layers: one converted, one softmax
+    train_model(recipe, RunOptions(progress=False, evaluate=False))
+    return [json.loads(line) for line in open(tmp_path / name / "log.jsonl") if '"lm_loss"' in line]
+
+
+def test_the_transfer_mse_is_computed_only_during_the_transfer_stage(tmp_path, monkeypatch):
+    """After ``aux_only_steps`` the trainer ends the transfer stage (``end_transfer``): the LM stage's forwards no
+    longer pay a linear pass and a softmax teacher per converted layer, and its losses are unchanged."""
+    from patchattn.train import recipe as recipe_module
+
+    calls = []
+    real = lightning_impl.transfer_mse
+    monkeypatch.setattr(lightning_impl, "transfer_mse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    switched = _train_hybrid(tmp_path, "switched")
+    assert len(calls) == 1, f"transfer MSE computed in {len(calls)} forwards; only the one transfer step needs it"
+
+    calls.clear()
+    monkeypatch.setattr(recipe_module, "AUX_STAGE_ENDS", {})
+    monkeypatch.setattr("patchattn.train.run.AUX_STAGE_ENDS", {})
+    always = _train_hybrid(tmp_path, "always")
+    assert len(calls) == 3  # without the switch every training forward computes it
+    assert [row["loss"] for row in switched] == [row["loss"] for row in always]
+
+
+def test_end_transfer_switches_every_converted_layer_off():
+    model = _model(layers=4)
+    ids = torch.randint(3, 128, (1, 24))
+    with patchattn.patched(model, "hybrid", softmax_every=2, transfer_coef=1.0, block_size=16):
+        model.train()
+        model(input_ids=ids)
+        assert sorted(lightning_impl.layer_transfer_losses(model)) == [0, 2]
+        assert lightning_impl.end_transfer(model) == 4  # softmax layers carry the state too
+        model(input_ids=ids)
+        assert lightning_impl.layer_transfer_losses(model) == {}
+        with pytest.raises(ValueError, match="no lightning/hybrid layer"):
+            lightning_impl.transfer_loss(model)
+        model.eval()
