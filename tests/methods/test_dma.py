@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from decode_cases import decoded_rows
 
 import patchattn
 from patchattn.methods import dma
@@ -186,14 +187,7 @@ def test_cached_decoding_equals_the_full_forwards_last_row(dtype, tol):
     with patchattn.patched(model, "dma", window=11, block_size=16):
         _trained_like(model)
         full = _logits(model, input_ids=ids)
-        with torch.no_grad():
-            out = model(input_ids=ids[:, :30], use_cache=True)
-            past, rows = out.past_key_values, [out.logits[:, -1]]
-            for t in range(30, 45):
-                out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                rows.append(out.logits[:, -1])
-    assert max_abs_diff(torch.stack(rows[:-1], 1), full[:, 29:44]) <= tol
+        assert max_abs_diff(decoded_rows(model, ids, 30), full[:, 29:]) <= tol
 
 
 def test_gradients_reach_dt_proj_and_a_in_a_model():

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from decode_cases import decoded_rows, static_decode_step
 
 import patchattn
 from patchattn.methods import selective
@@ -157,14 +158,8 @@ def test_cached_decoding_equals_a_full_forward(token_input):
     ids = torch.randint(3, 100, (2, 21))
     with torch.no_grad(), patchattn.patched(model, "selective", token_input=token_input):
         _moved(model)
-        full = model(input_ids=ids).logits[:, -3:]
-        out = model(input_ids=ids[:, :18], use_cache=True)
-        cache, steps = out.past_key_values, []
-        for t in range(18, 21):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits[:, -1])
-    assert max_abs_diff(torch.stack(steps, 1), full) <= 1e-5
+        full = model(input_ids=ids).logits
+        assert max_abs_diff(decoded_rows(model, ids, 18), full[:, 17:]) <= 1e-5
 
 
 def test_unpatch_is_exact():
@@ -205,32 +200,13 @@ def test_recipe_trains_two_steps_and_reloads_the_temperatures(tmp_path):
 
 def test_static_cache_decode_step_compiles_whole_and_equals_the_default_cache():
     """KeyBounds: the step reads its rows on the device (the token's own values sit before the empty slots)."""
-    import copy
-
-    from transformers import StaticCache
-
     torch._dynamo.reset()
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
-    with torch.no_grad(), patchattn.patched(model, "selective", token_input="value"):
+    with patchattn.patched(model, "selective", token_input="value"):
         _moved(model)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        mask2 = torch.cat([mask, torch.ones_like(token)], dim=1)
-        step_pos = positions[:, -1:] + 1
-        default = model(input_ids=token, attention_mask=mask2, position_ids=step_pos,
-                        past_key_values=out.past_key_values, use_cache=True).logits
-        cache = StaticCache(config=model.config, max_cache_len=64)
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-
-        def step(x, c):
-            return model(input_ids=x, attention_mask=mask2, position_ids=step_pos, past_key_values=c,
-                         cache_position=torch.tensor([40]), use_cache=True).logits
-
-        want = step(token, copy.deepcopy(cache))
-        got = torch.compile(step, fullgraph=True, backend="eager")(token, cache)
+        got, want, default = static_decode_step(model, ids, mask)
     assert max_abs_diff(got, want) < 1e-5
     assert max_abs_diff(want, default) < 1e-5
