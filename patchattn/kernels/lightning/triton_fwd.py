@@ -4,15 +4,30 @@ inter-block: ``lambda^(row+1) Q S``; then ``S <- lambda^c S + (K lambda^(c-1-row
 :mod:`.reference` (its chunked path is the oracle)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mm(a, b, UPCAST: tl.constexpr):
+    """a @ b in float32: float32 products when UPCAST (float32 inputs: the oracle's precision; the CPU interpreter,
+    whose 16-bit dot is wrong), else the inputs' own dtype on tensor cores."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
 
 
 @triton.jit
 def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
                    F: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, BF: tl.constexpr, BE: tl.constexpr,
-                   HAS_STATE: tl.constexpr):
+                   HAS_STATE: tl.constexpr, UPCAST: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_e = tl.program_id(1)
     head = pid_bh % H
@@ -41,18 +56,17 @@ def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
         q = tl.load(q_base + rows[:, None] * F + offs_f[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
         k = tl.load(k_base + rows[:, None] * F + offs_f[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
         v = tl.load(v_base + rows[:, None] * E + offs_e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
-        q = q.to(tl.float32)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * intra
-        out = tl.dot(scores, v, input_precision="ieee")
-        out += tl.dot(q, state, input_precision="ieee") * q_decay[:, None]
-        tl.store(o_base + rows[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty),
-                 mask=r_ok[:, None] & e_ok[None, :])
         c = tl.minimum(T - start, BLOCK)
         k_decay = tl.where(r_ok, tl.exp(-slope * tl.maximum(c - 1 - offs_b, 0).to(tl.float32)), 0.0)
-        state = state * tl.exp(-slope * c.to(tl.float32)) + tl.dot(tl.trans(k * k_decay[:, None]), v,
-                                                                   input_precision="ieee")
+        # 16-bit inputs: float32 scores / state / decayed keys are rounded to the input dtype for the next product
+        # (as FlashAttention rounds P) so the products run on tensor cores; accumulation and state stay float32.
+        scores = _mm(q, tl.trans(k), UPCAST) * intra
+        out = _mm(scores.to(v.dtype), v, UPCAST)
+        out += _mm(q, state.to(q.dtype), UPCAST) * q_decay[:, None]
+        update = _mm(tl.trans((k * k_decay[:, None]).to(v.dtype)), v, UPCAST)
+        tl.store(o_base + rows[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty),
+                 mask=r_ok[:, None] & e_ok[None, :])
+        state = state * tl.exp(-slope * c.to(tl.float32)) + update
     tl.store(S_OUT + s_off, state, mask=s_mask)
 
 
@@ -71,5 +85,6 @@ def lightning_forward(q, k, v, slopes, state=None, block: int = 64):
     s_in = state.float().contiguous() if state is not None else final
     grid = (batch * heads, triton.cdiv(e, block_e))
     _lightning_fwd[grid](q, k, v, s_in, out, final, slopes.float().contiguous(), t, heads,
-                         F=f, E=e, BLOCK=max(16, block), BF=_pow2(f), BE=block_e, HAS_STATE=state is not None)
+                         F=f, E=e, BLOCK=max(16, block), BF=_pow2(f), BE=block_e, HAS_STATE=state is not None,
+                         UPCAST=q.dtype == torch.float32 or INTERPRETING)
     return out, final
