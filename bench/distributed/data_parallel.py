@@ -21,8 +21,10 @@ COLUMNS = ["run", "parallel", "processes", "steps_timed", "tokens_per_step", "se
 
 
 def throughput(folder: str, skip: int) -> dict:
-    metrics = json.load(open(os.path.join(folder, "metrics.json"), encoding="utf-8"))
-    steps = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"), encoding="utf-8")]
+    with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    with open(os.path.join(folder, "log.jsonl"), encoding="utf-8") as f:
+        steps = [json.loads(line) for line in f]
     steps = [s for s in steps if "lm_loss" in s and "elapsed_s" in s]
     if len(steps) <= skip + 1:
         raise SystemExit(f"{folder}: {len(steps)} logged steps; need more than --skip {skip} + 1")

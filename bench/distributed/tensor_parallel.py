@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from context_parallel import SHAPES, peak_gib, timed  # noqa: E402  (the sibling bench: same shapes and timing)
+from context_parallel import SHAPES, peak_gib, timed
 
-import patchattn  # noqa: E402
-from patchattn.report import environment  # noqa: E402
+import patchattn
+from patchattn.report import environment
 
 COLUMNS = ["method", "tokens", "layers", "world", "ms", "ms_per_layer", "one_gpu_ms", "speedup", "peak_gib",
            "one_gpu_peak_gib", "max_err", "error"]
@@ -88,8 +88,8 @@ def row_for(args, method, tokens, whole, sharded, device, overrides) -> dict:
     ids = torch.randint(3, whole.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     one_ms, want, one_peak = measure(whole, method, overrides, ids.to(device), device, args.repeats, False)
     ms, got, peak = measure(sharded, method, overrides, ids.to(sharded.device), device, args.repeats, True)
-    return dict(ms=ms, ms_per_layer=ms / args.layers, one_gpu_ms=one_ms, speedup=one_ms / ms, peak_gib=peak,
-                one_gpu_peak_gib=one_peak, max_err=(got.cpu() - want.cpu()).abs().max().item())
+    return {"ms": ms, "ms_per_layer": ms / args.layers, "one_gpu_ms": one_ms, "speedup": one_ms / ms,
+            "peak_gib": peak, "one_gpu_peak_gib": one_peak, "max_err": (got.cpu() - want.cpu()).abs().max().item()}
 
 
 def main(argv=None) -> int:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     rows = []
     for method in args.methods:
         for tokens in args.tokens:
-            row = dict(method=method, tokens=tokens, layers=args.layers, world=world, error="")
+            row = {"method": method, "tokens": tokens, "layers": args.layers, "world": world, "error": ""}
             try:
                 row.update(row_for(args, method, tokens, whole, sharded, device, method_args.get(method, {})))
             except Exception as err:  # noqa: BLE001 - a failed configuration (OOM) is a result row

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench" / "distributed"))
-import data_parallel  # noqa: E402
+import data_parallel
 
 
 def test_throughput_of_a_real_run_and_a_doubled_one(tmp_path):
