@@ -436,25 +436,33 @@ def load_tuned(name_or_path: str | None, adapter: str, *, dtype=None, merge: boo
     (``merge_and_unload``): faster, equal up to rounding.  A DiT distillation run gives ``(transformer, None)``
     (see ``load_tuned_dit``).
     """
-    from peft import PeftModel  # peft (and accelerate behind it) loads in seconds: only when an adapter is read
-
     recipe = read_json(os.path.join(adapter, RECIPE_FILE))
     if recipe["train"].get("kind") == DIT_DISTILL_KIND:
         return load_tuned_dit(name_or_path, adapter, recipe, dtype=dtype, merge=merge), None
+    model, tokenizer = load_base(*_tuned_base(name_or_path, adapter, recipe, dtype))
+    return _with_adapter(model, adapter, merge), tokenizer
+
+
+def _tuned_base(name_or_path: str | None, adapter: str, recipe: dict, dtype) -> tuple[str, str]:
+    """(base model to load, dtype name): the run's own unless one is given (a warning when it differs)."""
     trained_on = recipe["train"]["model"]
     if name_or_path is None:
         name_or_path = trained_on
     elif name_or_path != trained_on:
         warnings.warn(f"adapter {adapter!r} was trained on {trained_on!r}, loading it onto {name_or_path!r}",
-                      stacklevel=3)
+                      stacklevel=4)
     dtype_name = str(dtype).replace("torch.", "") if dtype is not None else recipe["train"].get("dtype", "float32")
-    model, tokenizer = load_base(name_or_path, dtype_name)
+    return name_or_path, dtype_name
+
+
+def _with_adapter(model, adapter: str, merge: bool):
+    """``model`` with the run's inference patch, patch state and LoRA adapter, in eval mode (LoRA merged if asked)."""
+    from peft import PeftModel  # peft (and accelerate behind it) loads in seconds: only when an adapter is read
+
     apply_inference_patch(model, adapter)
     model = PeftModel.from_pretrained(model, os.path.join(adapter, ADAPTER_DIR))
     model.eval()
-    if merge:
-        model = model.merge_and_unload()
-    return model, tokenizer
+    return model.merge_and_unload() if merge else model
 
 
 DIT_DISTILL_KIND = "dit_distill"  # train.json ``kind`` of a DiT distillation run (patchattn.train.dit)
@@ -465,20 +473,8 @@ def load_tuned_dit(name_or_path: str | None, adapter: str, recipe: dict | None =
     """The tuned transformer of a DiT distillation run: base DiT (``tiny-<family>`` or a local diffusers folder;
     None: the one the run trained), the run's inference patch and patch state, its LoRA adapter (peft), eval mode.
     """
-    from peft import PeftModel
-
     from .dit_models import load_dit_base
 
     recipe = recipe or read_json(os.path.join(adapter, RECIPE_FILE))
-    trained_on = recipe["train"]["model"]
-    if name_or_path is None:
-        name_or_path = trained_on
-    elif name_or_path != trained_on:
-        warnings.warn(f"adapter {adapter!r} was trained on {trained_on!r}, loading it onto {name_or_path!r}",
-                      stacklevel=3)
-    dtype_name = str(dtype).replace("torch.", "") if dtype is not None else recipe["train"].get("dtype", "float32")
-    model = load_dit_base(name_or_path, dtype_name)
-    apply_inference_patch(model, adapter)
-    model = PeftModel.from_pretrained(model, os.path.join(adapter, ADAPTER_DIR))
-    model.eval()
-    return model.merge_and_unload() if merge else model
+    model = load_dit_base(*_tuned_base(name_or_path, adapter, recipe, dtype))
+    return _with_adapter(model, adapter, merge)
