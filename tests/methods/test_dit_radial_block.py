@@ -100,9 +100,8 @@ def test_only_tiles_of_padded_keys_stay_partial(grid, n_text, text_first, settin
     layout = frame_layout(grid, image, text, block)
     plan = radial_plan(grid, image=image, text=text, block=block, granularity="block", **settings)
     tiled = plan.tiled
-    slots = torch.arange(layout.n_blocks * block)
-    kind = torch.where(slots < layout.length, torch.cat([layout.kind, layout.kind.new_full((block,), -1)])[:slots.shape[0]],
-                       -1)
+    kind = torch.full((layout.n_blocks * block,), -1)  # -1: past the sequence (cut by its length, not padding)
+    kind[:layout.length] = layout.kind
     padded_key_block = (kind.view(-1, block) == PAD).any(1)  # [n_blocks]
     listed = torch.arange(tiled.kv_indices.shape[-1]) < tiled.kv_counts[0, 0, :, None]
     keys = tiled.kv_indices[0, 0].long()
