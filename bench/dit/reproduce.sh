@@ -14,6 +14,12 @@
 #              random-weight FLUX / Wan transformers with 32x32 / 5x16x16 latent grids — drift, not quality   ~5 min
 #   local      radial (defaults past its dense warm-up steps) and clear, video shapes and FLUX-4K     ~3 min
 #   agent      agent attention only (AgentSD defaults), after the fix of its strided agents (design note 43)  ~0.5 min
+#   radial_block  radial token-exact vs granularity=block (band rounded outward to whole blocks, design note 48),
+#              paper defaults and the released Wan setting, blocks 64 and 128, Wan 720p and HunyuanVideo 720p:
+#              attention (beside SDPA and Flex, listed/partial tiles per row) and forward (Wan only: no
+#              HunyuanVideo model in bench dit)                                                       ~4 min
+#   gna_tile   gna token-exact vs granularity=tile (neighborhoods rounded outward to tiles), attention only, the
+#              scaled defaults at every default shape and the GNA paper's 3D setting at HunyuanVideo 720p  ~2 min
 set -euo pipefail
 out=${OUT:-bench/dit}
 mkdir -p "$out"
@@ -36,6 +42,21 @@ for step in "${steps[@]}"; do
     radial_wan) python -m patchattn.bench.dit --shapes wan-720p --csv "$out/radial_wan.csv" --methods \
         'radial@wan:{"dense_first_steps":0,"dense_band":0,"decay_factor":0.2,"first_frame_sink":true}' ;;
     agent) python -m patchattn.bench.dit --modes attention --methods agent --shapes $shapes --csv "$out/agent.csv" ;;
+    radial_block)
+        wan='"dense_first_steps":0,"dense_band":0,"decay_factor":0.2,"first_frame_sink":true'
+        methods=""
+        for block in 64 128; do
+            for gran in token block; do
+                methods+="radial@paper-$gran-$block:{\"dense_first_steps\":0,\"block\":$block,\"granularity\":\"$gran\"};"
+                methods+="radial@wan-$gran-$block:{$wan,\"block\":$block,\"granularity\":\"$gran\"};"
+            done
+        done
+        python -m patchattn.bench.dit --shapes ${RADIAL_SHAPES:-wan-720p,hunyuan-720p} --csv "$out/radial_block.csv" \
+            --methods "${methods%;}" ${RADIAL_ARGS:-} ;;
+    gna_tile) python -m patchattn.bench.dit --shapes $shapes --modes attention --csv "$out/gna_tile.csv" \
+        --methods 'gna@token;gna@tile:{"granularity":"tile"}' \
+        && python -m patchattn.bench.dit --shapes hunyuan-720p --modes attention --csv "$out/gna_tile_paper.csv" \
+        --methods 'gna@paper-token:{"window":[18,24,24],"stride":[16,8,8]};gna@paper-tile:{"window":[18,24,24],"stride":[16,8,8],"granularity":"tile"}' ;;
     drift) python -m patchattn.bench.dit --shapes small --modes drift --layers 2 --device cpu --dtype float32 \
         --methods 'dense;gna;clear;radial@steady:{"dense_first_steps":0};blocktopk;agent;moh' --csv "$out/drift.csv" ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;

@@ -35,8 +35,8 @@ from ..registry import get_spec
 from ..report import environment, format_table
 from ..state import PatchContext, PatchState, TokenLayout
 
-FIELDS = ["shape", "mode", "method", "tokens", "density", "ms", "sdpa_ms", "speedup_vs_sdpa", "flex_ms", "vs_flex",
-          "cosine", "psnr_db", "note"]
+FIELDS = ["shape", "mode", "method", "tokens", "density", "listed_tiles", "partial_tiles", "ms", "sdpa_ms",
+          "speedup_vs_sdpa", "flex_ms", "vs_flex", "cosine", "psnr_db", "note"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,8 @@ def attention_row(shape: Shape, label: str, name: str, overrides: dict, device, 
     row = dict(shape=shape.name, mode="attention", method=label, tokens=shape.tokens, ms=ms, sdpa_ms=sdpa_ms,
                speedup_vs_sdpa=sdpa_ms / ms, density=module.patchattn.stats.get("density"), note="")
     tiled = _tiled_mask(module.patchattn)
+    if tiled is not None:  # what the kernels read: partial tiles pay a whole tile's matmuls plus a mask load
+        row["listed_tiles"], row["partial_tiles"] = tiled.tile_counts()
     if flex and tiled is not None and device.type == "cuda":
         try:
             row["flex_ms"] = flex_ms(tiled, shape, device, dtype)

@@ -155,13 +155,15 @@ def frame_layout(grid, image: tuple[int, int], text: tuple[tuple[int, int], ...]
 # Tiles from a rule, one evaluation per code
 # ----------------------------------------------------------------------------------------------------------------
 def coded_tiles(layout: FrameLayout, visible: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                candidates: torch.Tensor, codes: torch.Tensor) -> tuple[TiledMask, float]:
+                candidates: torch.Tensor, codes: torch.Tensor, whole_blocks: bool = False) -> tuple[TiledMask, float]:
     """The TiledMask of ``visible`` over the layout's slots, and its density over the call's real token pairs.
 
     ``visible(q_slot [N, B, 1], k_slot [N, 1, B]) -> bool [N, B, B]``: the rule between two *real* slots (padding
     is handled here).  ``candidates``: bool ``[NB, NB]``, a superset of the block pairs with a visible pair.
     ``codes``: int64 ``[NB, NB, C]``: two candidate pairs with equal codes must have equal tiles (the rule and the
     padding of both blocks); the rule is evaluated on the first pair of each code only.
+    ``whole_blocks``: a block pair with any visible pair is read whole (the rule rounded outward to blocks): only
+    padded key slots stay hidden, so the only partial tiles left are those of key blocks holding padding.
     """
     block, length, n_blocks = layout.block, layout.length, layout.n_blocks
     where = candidates.nonzero()  # [n, 2] row-major
@@ -184,13 +186,16 @@ def coded_tiles(layout: FrameLayout, visible: Callable[[torch.Tensor, torch.Tens
         q_real, k_real = q_kind > PAD, k_kind > PAD
         qs, ks = q_slot.clamp(max=length - 1), k_slot.clamp(max=length - 1)
         seen = visible(qs[:, :, None], ks[:, None, :]) & q_real[:, :, None] & k_real[:, None, :]
+        if whole_blocks:  # any visible pair: every real key for every query (padded query rows too: dropped)
+            hit = seen.any(dim=(1, 2))[:, None, None]
+            seen = hit & k_real[:, None, :].expand_as(seen)
         # Whole: every real key of the tile seen by every real query (padded queries don't matter; keys past the
         # sequence are cut by its length).
         ignorable_k = (k_kind < 0)[:, None, :]
         whole = (seen | ~q_real[:, :, None] | ignorable_k).all(dim=(1, 2)) & ~(k_kind == PAD).any(1)
         seen_parts.append(seen)
         whole_parts.append(whole)
-        count_parts.append(seen.sum(dim=(1, 2)))
+        count_parts.append((seen & q_real[:, :, None]).sum(dim=(1, 2)))  # real pairs only
     cat = (lambda parts, shape: torch.cat(parts) if parts else torch.zeros(shape, dtype=torch.bool))
     seen = cat(seen_parts, (0, block, block))
     whole = cat(whole_parts, (0,))
@@ -251,8 +256,11 @@ class FramePlan(PermutedTokens):
         tiled: the mask over the permuted sequence.
         position: ``[T]`` int64, the slot of each token of the call.
         length: slots in all.
-        density: visible (query, key) pairs of the call's tokens over ``T * T``.
+        density: visible (query, key) pairs of the call's tokens over ``T * T``: what the engine reads of the real
+            tokens (padding excluded).
         source: ``[length]`` the token at each slot when nothing is padded (a gather permutes), else None.
+        listed_tiles: (query block, key block) pairs the engine reads; ``partial_tiles``: those with an element mask
+            (each pays a whole tile's matmuls plus the mask), counted on the host when the plan is built.
     """
 
     tiled: TiledMask
@@ -260,12 +268,16 @@ class FramePlan(PermutedTokens):
     length: int
     density: float
     source: torch.Tensor | None = field(default=None, repr=False)
+    listed_tiles: int = 0
+    partial_tiles: int = 0
 
     @classmethod
     def of(cls, layout: FrameLayout, tiled: TiledMask, density: float, device=None) -> FramePlan:
         position = layout.position.to(device)
         source = torch.argsort(layout.position).to(device) if layout.length == layout.n_tokens else None
-        return cls(tiled.to(device) if device is not None else tiled, position, layout.length, density, source)
+        listed, partial = tiled.tile_counts()
+        return cls(tiled.to(device) if device is not None else tiled, position, layout.length, density, source,
+                   listed, partial)
 
 
 def square_tile(block: int, height: int, width: int) -> tuple[int, int]:

@@ -44,6 +44,7 @@ import torch
 from .tiles import PermutedTokens, TiledMask
 
 AXES = 3
+GRANULARITIES = ("token", "tile")
 PARTIAL_COST = 1.5  # a partial tile loads its mask and takes the masked branch: counted as 1.5 whole tiles
 
 
@@ -200,8 +201,11 @@ class AxisTiles:
 
 
 @lru_cache(maxsize=256)
-def axis_tiles(length: int, window: int, stride: int, dilation: int, causal: bool, tile: int) -> AxisTiles:
-    """Classify every (query tile, key tile) pair of one axis as empty / full / partial, without an ``L x L`` mask."""
+def axis_tiles(length: int, window: int, stride: int, dilation: int, causal: bool, tile: int,
+               whole: bool = False) -> AxisTiles:
+    """Classify every (query tile, key tile) pair of one axis as empty / full / partial, without an ``L x L`` mask.
+    ``whole``: every touched pair is full (the neighborhoods rounded outward to tiles) but where the key tile holds
+    padding, which stays hidden."""
     n_tiles = -(-length // tile)
     padded = n_tiles * tile
     lo, hi = axis_intervals(length, window, stride, dilation, causal)
@@ -214,7 +218,10 @@ def axis_tiles(length: int, window: int, stride: int, dilation: int, causal: boo
     starts = torch.arange(n_tiles) * tile
     ends = torch.clamp(starts + tile - 1, max=length - 1)
     inside = starts + tile <= length  # key tiles without padding
-    full = (lo_t.max(1).values[:, None] <= starts[None]) & (hi_t.min(1).values[:, None] >= ends[None]) & inside[None]
+    if whole:
+        full = touched & inside[None]
+    else:
+        full = (lo_t.max(1).values[:, None] <= starts[None]) & (hi_t.min(1).values[:, None] >= ends[None]) & inside[None]
 
     counts = touched.sum(1)
     width = max(1, int(counts.max()))
@@ -226,6 +233,8 @@ def axis_tiles(length: int, window: int, stride: int, dilation: int, causal: boo
     k_tiles = keys[q_tiles, slots]
     cols = starts[k_tiles][:, None, None] + torch.arange(tile)[None, None]
     blocks = (cols >= lo_t[q_tiles][:, :, None]) & (cols <= hi_t[q_tiles][:, :, None]) & real[cols]
+    if whole:  # only padded keys hidden: every row sees the tile's real keys
+        blocks = real[cols].expand(-1, tile, tile)
     valid_blocks = real.view(n_tiles, 1, tile).expand(n_tiles, tile, tile)
     every = torch.cat([torch.ones(1, tile, tile, dtype=torch.bool), blocks, valid_blocks])
     patterns, ids = torch.unique(every.flatten(1), dim=0, return_inverse=True)
@@ -269,18 +278,18 @@ def tile_shapes(grid: tuple[int, int, int], block: int) -> list[tuple[int, int, 
     return snug or shapes
 
 
-def tile_cost(hood: Neighborhood, tile: tuple[int, int, int]) -> tuple[float, int, int]:
+def tile_cost(hood: Neighborhood, tile: tuple[int, int, int], whole: bool = False) -> tuple[float, int, int]:
     """(cost, listed tile pairs, partial tile pairs) of the image grid cut into ``tile``: each count is the product
     over axes of the per-axis sums, since a tile pair is listed (full) when it is on every axis."""
-    axes = [axis_tiles(*hood.axis(a), tile[a]) for a in range(AXES)]
+    axes = [axis_tiles(*hood.axis(a), tile[a], whole) for a in range(AXES)]
     listed = math.prod(int(ax.counts.sum()) for ax in axes)
     whole = math.prod(int(ax.full.sum()) for ax in axes)
     return listed + (PARTIAL_COST - 1) * (listed - whole), listed, listed - whole
 
 
-def choose_tile(hood: Neighborhood, block: int) -> tuple[int, int, int]:
+def choose_tile(hood: Neighborhood, block: int, whole: bool = False) -> tuple[int, int, int]:
     """The candidate tile of ``block`` tokens with the least work (``tile_cost``)."""
-    return min(tile_shapes(hood.grid, block), key=lambda tile: tile_cost(hood, tile)[0])
+    return min(tile_shapes(hood.grid, block), key=lambda tile: tile_cost(hood, tile, whole)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,25 +325,30 @@ class NeighborhoodPlan(PermutedTokens):
 
 def neighborhood_plan(grid, window, stride=1, dilation=1, causal=False, *, tile=None, block: int = 64,
                       image: tuple[int, int] | None = None, text: tuple[tuple[int, int], ...] = (),
-                      device=None) -> NeighborhoodPlan:
+                      granularity: str = "token", device=None) -> NeighborhoodPlan:
     """The engine's lists for NA on ``grid`` (1D/2D/3D), with text tokens as additional KV, without a ``T x T`` tensor.
 
     ``image``: ``(start, stop)`` of the grid's tokens (row-major) in the call's sequence, default ``(0, N)``;
     ``text``: ``(start, stop)`` ranges of text tokens (every other token of the sequence must be in one of them).
     ``tile``: tokens per axis of one tile (one per grid axis, or 3), product a power of two; None: the cheapest of
     ``block`` tokens (``choose_tile``).  Blocks of the engine are ``prod(tile)`` tokens, queries and keys alike.
+    ``granularity``: ``"token"`` (the definition exactly) or ``"tile"`` (each query tile reads every key tile its
+    neighborhoods touch, whole: HaloNet-style blocked local attention; only padded keys stay hidden).
     """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"neighborhood granularity: got {granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+    whole = granularity == "tile"
     hood = Neighborhood.of(grid, window, stride, dilation, causal)
     n_image = math.prod(hood.grid)
     image = (0, n_image) if image is None else tuple(image)
     text = tuple(tuple(t) for t in text)
     check_layout(n_image, image, text)
-    tile = choose_tile(hood, block) if tile is None else _leading(tile, len(grid) if isinstance(grid, (tuple, list))
+    tile = choose_tile(hood, block, whole) if tile is None else _leading(tile, len(grid) if isinstance(grid, (tuple, list))
                                                                   else 1, 1, "tile")
     size = math.prod(tile)
     if size & (size - 1):
         raise ValueError(f"a tile of {tile} holds {size} tokens: tiles must hold a power of two")
-    axes = [axis_tiles(*hood.axis(a), tile[a]) for a in range(AXES)]
+    axes = [axis_tiles(*hood.axis(a), tile[a], whole) for a in range(AXES)]
     image_lists = _image_lists(axes)
     n_text = sum(stop - start for start, stop in text)
     n_image_blocks = math.prod(ax.n_tiles for ax in axes)
@@ -350,7 +364,8 @@ def neighborhood_plan(grid, window, stride=1, dilation=1, causal=False, *, tile=
     position = _positions(hood, axes, tile, image, text, n_image_blocks * size).to(device)
     source = torch.argsort(position).to(device) if length == position.shape[0] else None
     return NeighborhoodPlan(tiled, position, length, tuple(tile), int((ids >= 0).sum()), int(counts.sum()),
-                            tile_masks.shape[0], _density(hood, n_image, n_text), hood, source)
+                            tile_masks.shape[0], _density(hood, n_image, n_text, axes if whole else None), hood,
+                            source)
 
 
 def check_layout(n_image: int, image, text) -> None:
@@ -461,11 +476,22 @@ def _positions(hood: Neighborhood, axes: list[AxisTiles], tile, image, text, n_i
     return position
 
 
-def _density(hood: Neighborhood, n_image: int, n_text: int) -> float:
-    """Visible token pairs over all pairs: per axis, each query's interval length (the grid mask is their product)."""
+def _density(hood: Neighborhood, n_image: int, n_text: int, whole_axes: list[AxisTiles] | None = None) -> float:
+    """Visible token pairs over all pairs: per axis, each query's interval length (the grid mask is their product);
+    with ``whole_axes`` (tile granularity), each touched tile pair's real rows times real columns."""
     visible = 1
     for a in range(AXES):
+        if whole_axes is not None:
+            visible *= _whole_pairs(whole_axes[a])
+            continue
         lo, hi = axis_intervals(*hood.axis(a))
         visible *= int((hi - lo + 1).clamp(min=0).sum())
     total = n_image + n_text
     return (visible + n_text * total + n_image * n_text) / (total * total)
+
+
+def _whole_pairs(ax: AxisTiles) -> int:
+    """Visible pairs of one axis read tile by tile: real positions of the query tile times those of each key tile."""
+    real = (ax.length - torch.arange(ax.n_tiles) * ax.tile).clamp(0, ax.tile)
+    listed = torch.arange(ax.keys.shape[1])[None] < ax.counts[:, None]
+    return int((real[:, None] * torch.where(listed, real[ax.keys], 0)).sum())

@@ -143,9 +143,13 @@ class TiledMask:
 
     def partial_share(self) -> float:
         """Fraction of the tiles read that are partial (each costs a mask load and the masked branch)."""
+        listed, partial = self.tile_counts()
+        return partial / listed if listed else 0.0
+
+    def tile_counts(self) -> tuple[int, int]:
+        """(tiles read, of which partial) over every list: what a benchmark reports beside the density."""
         listed = self._listed()
-        read = int(listed.sum())
-        return float(((self.tile_mask_ids[0] >= 0) & listed).sum()) / read if read else 0.0
+        return int(listed.sum()), int(((self.tile_mask_ids[0] >= 0) & listed).sum())
 
 
 # --------------------------------------------------------------------------------------------

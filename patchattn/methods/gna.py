@@ -21,7 +21,10 @@ Defaults: the GNA paper's FLUX-4K setting (256x256 latent grid, window 80x80, st
 grid: window ``round(0.3125 * extent)`` and stride ``round(0.0625 * extent)`` per axis (FLUX 1024²'s 64x64 grid:
 window 20x20, stride 4x4; about 90% sparse at every size).  An explicit ``window`` takes NATTEN's default stride 1
 unless ``stride`` is given too.  ``window_fraction=1.0`` (windows covering the grid) is the dense-equivalent setting:
-such calls run the model's own SDPA, exactly, with no warning.
+such calls run the model's own SDPA, exactly, with no warning.  ``granularity="tile"`` rounds the neighborhoods
+outward to the tiles they touch (every listed tile whole but for padded keys; denser; design note 48).  Without it,
+settings whose windows land on tile edges are already whole-tile exactly (the GNA paper's "perfectly block-sparse"
+case: e.g. stride = tile and a window an odd multiple of the tile on a grid of whole tiles).
 
 Deviations from NATTEN: a window larger than an axis covers the axis (NATTEN refuses ``kernel * dilation >
 extent``); the tile shape is chosen per grid by counting listed and partial tiles (NATTEN's profiler searches tile
@@ -41,7 +44,7 @@ from typing import ClassVar
 import torch
 
 from ..config import option
-from ..masks.neighborhood import Neighborhood, NeighborhoodPlan, neighborhood_plan
+from ..masks.neighborhood import GRANULARITIES, Neighborhood, NeighborhoodPlan, neighborhood_plan
 from ..registry import register_method
 from ..state import MethodState
 from ._dit import DiTCall, DiTScheduleConfig, dense_call, dit_call, runs_dense, tiled_call
@@ -68,6 +71,10 @@ class GNAConfig(DiTScheduleConfig):
     causal: bool | list = option(False, "causal per axis (e.g. [true, false, false]: causal in time)")
     tile: list = option([], "tile shape in tokens per axis (product a power of two >= 16); empty: chosen per grid")
     tile_tokens: int = option(64, "tokens per tile (= the engine's block) when tile is empty", min=16, max=256)
+    granularity: str = option("token", "'token': the neighborhoods exactly (edges through partial tiles); 'tile': "
+                              "each query tile reads every key tile its neighborhoods touch, whole (HaloNet-style "
+                              "blocked local attention: denser, no partial tile but padded keys)",
+                              choices=GRANULARITIES)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"window_fraction": 1.0}
 
@@ -130,18 +137,18 @@ def neighborhood_for(config: GNAConfig, grid: tuple[int, int, int]) -> Neighborh
 
 @torch.compiler.disable  # host-side list building: a compiled forward calls it once per new grid, then guards
 @lru_cache(maxsize=PLAN_CACHE)
-def _shared_plan(hood: Neighborhood, tile, block: int, image, text, device: str) -> NeighborhoodPlan:
+def _shared_plan(hood: Neighborhood, tile, block: int, image, text, granularity: str, device: str) -> NeighborhoodPlan:
     return neighborhood_plan(hood.grid, hood.window, hood.stride, hood.dilation, hood.causal, tile=tile, block=block,
-                             image=image, text=text, device=torch.device(device))
+                             image=image, text=text, granularity=granularity, device=torch.device(device))
 
 
 def plan_for(state, config: GNAConfig, hood: Neighborhood, call: DiTCall, device) -> NeighborhoodPlan:
     """This call's plan: the module's own if it has it, else the process-wide one (built once for all layers)."""
     tile = tuple(per_axis(config.tile, hood.grid, "tile")) if config.tile else None
-    key = (hood, tile, config.tile_tokens, call.image, call.text, str(device))
+    key = (hood, tile, config.tile_tokens, call.image, call.text, config.granularity, str(device))
     plans = state.method_state.plans
     if key not in plans:
-        plans[key] = _shared_plan(*key[:2], config.tile_tokens, call.image, call.text, str(device))
+        plans[key] = _shared_plan(*key)
     return plans[key]
 
 

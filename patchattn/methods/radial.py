@@ -24,6 +24,10 @@ paper's HunyuanVideo; its Wan setting also keeps the first layer dense: ``dense_
 per-model knobs are fields: ``dense_band=0`` with ``first_frame_sink`` is its Wan mask (adjacent frames windowed,
 frame 0 an attention-sink column), ``decay_factor`` its window scale (0.2 Wan, 0.95 HunyuanVideo).
 ``dense_band >= frames - 1`` is dense: such calls run the model's own SDPA, exactly, with no warning.
+
+``granularity="block"`` reads every block pair that holds a visible pair whole (the released code's block mask
+rounded outward, not its 60%/one-third threshold): no partial tile but those of a frame's padded keys, a higher
+density (the one recorded), and the mask is then the rounded one, not the paper's token rule (design note 48).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 
 from ..config import option
 from ..masks.frames import FramePlan
-from ..masks.radial import RadialRule, radial_plan
+from ..masks.radial import GRANULARITIES, RadialRule, radial_plan
 from ..registry import register_method
 from ..state import MethodState
 from ._dit import DiTScheduleConfig, dense_call, dit_call, runs_dense, tiled_call
@@ -56,6 +60,9 @@ class RadialConfig(DiTScheduleConfig):
     first_frame_sink: bool = option(False, "every query sees frame 0 whole (the released Wan code's sink column)")
     block: int = option(64, "tokens per block of the engine (a power of two >= 16; the paper's code: 128)", min=16,
                         max=256)
+    granularity: str = option("token", "'token': the rule exactly (band edges through partial tiles); 'block': "
+                              "rounded outward to whole blocks, as the released code reads 128-token blocks (denser, "
+                              "no partial tile but a frame's padded keys)", choices=GRANULARITIES)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"dense_band": 1 << 30}
 
@@ -80,15 +87,15 @@ class RadialState(MethodState):
 
 @torch.compiler.disable  # host-side list building: once per new grid
 @lru_cache(maxsize=PLAN_CACHE)
-def _shared_plan(grid, image, text, block, dense_band, decay_factor, sink, device: str) -> FramePlan:
+def _shared_plan(grid, image, text, block, dense_band, decay_factor, sink, granularity, device: str) -> FramePlan:
     return radial_plan(grid, image=image, text=text, block=block, dense_band=dense_band, decay_factor=decay_factor,
-                       first_frame_sink=sink, device=torch.device(device))
+                       first_frame_sink=sink, granularity=granularity, device=torch.device(device))
 
 
 def plan_for(state, config: RadialConfig, call, device) -> FramePlan:
     """This call's plan: the module's own if it has it, else the process-wide one (built once for all layers)."""
     key = (tuple(call.grid), call.image, call.text, config.block, config.dense_band, config.decay_factor,
-           config.first_frame_sink, str(device))
+           config.first_frame_sink, config.granularity, str(device))
     plans = state.method_state.plans
     if key not in plans:
         plans[key] = _shared_plan(*key)

@@ -86,3 +86,26 @@ def test_drift_mode_compares_with_dense(tmp_path):
     assert abs(float(rows["drift-output", "dense"]["cosine"]) - 1.0) < 1e-12
     assert float(rows["drift-output", "gna"]["psnr_db"]) < 200
     assert "not quality" in rows["drift-2-steps", "gna"]["note"]
+
+
+def test_attention_rows_count_the_tiles_read(tmp_path):
+    """Each attention row of a tiled method carries its plan's listed and partial tiles: radial's block
+    granularity keeps the listed tiles and drops the partial ones but the padded keys'."""
+    import csv
+
+    from patchattn.masks.radial import radial_plan
+
+    out = tmp_path / "radial.csv"
+    wan = '"dense_first_steps":0,"dense_band":0,"decay_factor":0.2,"first_frame_sink":true,"block":16'
+    methods = f'radial@token:{{{wan}}};radial@block:{{{wan},"granularity":"block"}}'
+    assert dit.main(["--shapes", "small-wan", "--modes", "attention", "--methods", methods, "--device", "cpu",
+                     "--dtype", "float32", "--csv", str(out)]) == 0
+    rows = {r["method"]: r for r in csv.DictReader(out.open())}
+    for label, granularity in (("radial@token", "token"), ("radial@block", "block")):
+        plan = radial_plan((5, 16, 16), block=16, dense_band=0, decay_factor=0.2, first_frame_sink=True,
+                           granularity=granularity)
+        assert (int(rows[label]["listed_tiles"]), int(rows[label]["partial_tiles"])) == \
+            (plan.listed_tiles, plan.partial_tiles)
+        assert float(rows[label]["density"]) == plan.density
+    assert int(rows["radial@block"]["partial_tiles"]) == 0 < int(rows["radial@token"]["partial_tiles"])
+    assert float(rows["radial@block"]["density"]) > float(rows["radial@token"]["density"])
