@@ -15,7 +15,12 @@ SETTINGS = {
     "dense": {},
     "gna": {"window": 2, "tile_tokens": 16, "backend": "torch"},
     "radial": {"dense_first_steps": 0, "block": 16, "backend": "torch"},
+    "radial@windowed": {"dense_band": -1, "decay_factor": 0.25, "block": 16, "dense_first_steps": 0, "backend": "torch"},
+    "radial@block": {"dense_band": -1, "decay_factor": 0.25, "block": 16, "dense_first_steps": 0,
+                     "granularity": "block", "backend": "torch"},
     "clear": {"radius": 2, "backend": "torch"},
+    "clear@small": {"radius": 1.5, "block": 16, "backend": "torch"},
+    "gna@tile": {"window": 2, "tile_tokens": 16, "granularity": "tile", "backend": "torch"},
     "blocktopk": {"top_k": 1, "mass": 1.0, "block_size": 16, "backend": "torch"},
     "agent": {"pool": [1, 2, 2], "agent_until": 1.0},
     "agent@steps": {"pool": [1, 2, 2]},  # agent_until < 1, step count unknown: warns in eager calls, no break

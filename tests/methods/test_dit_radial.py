@@ -288,19 +288,3 @@ def test_plans_are_built_once_and_shared_by_layers():
                   if isinstance(getattr(m, "patchattn", None), PatchState)]
         plans = [plan for s in states for plan in s.plans.values()]
         assert len(plans) == 2 and plans[0] is plans[1]  # two attn1 layers, one plan; attn2 (cross) has none
-
-
-def test_a_patched_transformer_compiles_without_graph_breaks():
-    """torch.compile of a patched tiny Wan (plan already built): one graph, the output as eager."""
-    import torch._dynamo as dynamo
-
-    model, inputs = tiny("wan")
-    with patchattn.patched(model, "radial", **SMALL):
-        eager = run(model, inputs)
-        dynamo.reset()
-        explain = dynamo.explain(model)(**inputs)
-        assert explain.graph_break_count == 0, [b.reason.splitlines()[0] for b in explain.break_reasons]
-        with torch.no_grad():
-            out = torch.compile(model, backend="aot_eager")(**inputs).sample
-        dynamo.reset()
-    torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-5)
