@@ -107,3 +107,24 @@ def expected_layout(case: Case, role: str):
     if case.joint_text_first:
         return ((0, case.n_text),), (case.n_text, case.n_text + n_image)
     return ((n_image, n_image + case.n_text),), (0, n_image)
+
+
+def spans(grid, n_text: int, text_first):
+    """(image span, text spans) of a call with ``grid`` image tokens and ``n_text`` text tokens before
+    (``text_first``) or after them."""
+    n_image = grid[0] * grid[1] * grid[2]
+    if not n_text:
+        return (0, n_image), ()
+    if text_first:
+        return (n_text, n_text + n_image), ((0, n_text),)
+    return (0, n_image), ((n_image, n_image + n_text),)
+
+
+def pooled_mask(mask: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Each token pair takes its block pair's verdict: visible iff any token pair of the two blocks is
+    (``blocks[i]``: the block or tile of token i), by brute force over the visible token pairs."""
+    n_blocks = int(blocks.max()) + 1
+    any_seen = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    for i, j in mask.nonzero().tolist():
+        any_seen[blocks[i], blocks[j]] = True
+    return any_seen[blocks][:, blocks]

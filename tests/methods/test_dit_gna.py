@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from dit_cases import CASES, FAMILIES, run, tiny
+from dit_cases import CASES, FAMILIES, run, spans, tiny
 
 import patchattn
 from patchattn.masks.neighborhood import neighborhood_token_mask, with_text
@@ -35,15 +35,6 @@ def _oracle_mask(config, grid, image, text, length):
     return with_text(image_mask, length, image, text)
 
 
-def _layout(grid, n_text, text_first):
-    n_image = math.prod(grid)
-    if not n_text:
-        return (0, n_image), ()
-    if text_first:
-        return (n_text, n_text + n_image), ((0, n_text),)
-    return (0, n_image), ((n_image, n_image + n_text),)
-
-
 CALLS = [
     # grid, text tokens, text first, settings
     ((1, 5, 7), 0, None, {"window": 3}),
@@ -57,7 +48,7 @@ CALLS = [
 
 
 def _run_call(config, grid, n_text, text_first, *, device="cpu", dtype=torch.float32, heads=2, batch=2, dim=16):
-    image, text = _layout(grid, n_text, text_first)
+    image, text = spans(grid, n_text, text_first)
     length = math.prod(grid) + n_text
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, length, dim, generator=gen).to(device, dtype).requires_grad_()
@@ -81,7 +72,7 @@ def test_gna_equals_sdpa_with_the_neighborhood_mask(grid, n_text, text_first, se
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     density = module.patchattn.stats["density"]
     length = math.prod(grid) + n_text
-    image, text = _layout(grid, n_text, text_first)
+    image, text = spans(grid, n_text, text_first)
     assert density == pytest.approx(_oracle_mask(config, grid, image, text, length).float().mean().item())
     assert density < 1.0
 

@@ -8,31 +8,13 @@ import warnings
 
 import pytest
 import torch
+from dit_cases import pooled_mask, spans
 
 from patchattn.masks.neighborhood import neighborhood_plan, neighborhood_token_mask, with_text
 from patchattn.methods._dit import dense_sdpa
 from patchattn.methods.gna import GNAConfig, neighborhood_for
 from patchattn.registry import get_spec
 from patchattn.state import PatchContext, PatchState, TokenLayout
-
-
-def pooled_mask(mask, blocks):
-    """Each token pair takes its tile pair's verdict: visible iff any token pair of the two tiles is (brute force)."""
-    n_blocks = int(blocks.max()) + 1
-    any_seen = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
-    for i, j in mask.nonzero().tolist():
-        any_seen[blocks[i], blocks[j]] = True
-    return any_seen[blocks][:, blocks]
-
-
-def _layout(grid, n_text, text_first):
-    n_image = math.prod(grid)
-    if not n_text:
-        return (0, n_image), ()
-    if text_first:
-        return (n_text, n_text + n_image), ((0, n_text),)
-    return (0, n_image), ((n_image, n_image + n_text),)
-
 
 PLANS = [
     # grid, text tokens, text first, window, stride, dilation, causal, tile
@@ -46,7 +28,7 @@ PLANS = [
 
 
 def _plan_and_expected(grid, n_text, text_first, window, stride, dilation, causal, tile):
-    image, text = _layout(grid, n_text, text_first)
+    image, text = spans(grid, n_text, text_first)
     plan = neighborhood_plan(grid, window, stride, dilation, causal, tile=tile, block=math.prod(tile), image=image,
                              text=text, granularity="tile")
     exact = with_text(neighborhood_token_mask(grid, window, stride, dilation, causal), plan.position.shape[0], image,
@@ -63,7 +45,7 @@ def test_tile_mask_is_the_neighborhood_mask_pooled_to_tiles(case):
     assert plan.density == pytest.approx(expected.float().mean().item())
     grid, n_text, text_first, window, stride, dilation, causal, tile = case
     token = neighborhood_plan(grid, window, stride, dilation, causal, tile=tile, block=math.prod(tile),
-                              image=_layout(grid, n_text, text_first)[0], text=_layout(grid, n_text, text_first)[1])
+                              image=spans(grid, n_text, text_first)[0], text=spans(grid, n_text, text_first)[1])
     assert plan.listed_tiles == token.listed_tiles and plan.partial_tiles <= token.partial_tiles
 
 
@@ -113,7 +95,7 @@ CALLS = [
 
 
 def _run_call(config, grid, n_text, text_first, *, batch=2, heads=2, dim=16):
-    image, text = _layout(grid, n_text, text_first)
+    image, text = spans(grid, n_text, text_first)
     length = math.prod(grid) + n_text
     hood = neighborhood_for(config, grid)
     exact = with_text(neighborhood_token_mask(hood.grid, hood.window, hood.stride, hood.dilation, hood.causal),

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from dit_cases import CASES, FAMILIES, run, tiny
+from dit_cases import CASES, FAMILIES, run, spans, tiny
 
 import patchattn
 from patchattn.masks.radial import RadialRule, radial_plan
@@ -46,15 +46,6 @@ def oracle_mask(grid, image, text, *, dense_band=1, decay_factor=1.0, first_fram
     return mask
 
 
-def _layout(grid, n_text, text_first):
-    n_image = math.prod(grid)
-    if not n_text:
-        return (0, n_image), ()
-    if text_first:
-        return (n_text, n_text + n_image), ((0, n_text),)
-    return (0, n_image), ((n_image, n_image + n_text),)
-
-
 MASKS = [
     # grid, text tokens, text first, settings
     ((3, 4, 3), 6, True, {}),  # CogVideoX's tiny grid: frames 0 and 2 half a window apart
@@ -69,7 +60,7 @@ MASKS = [
 @pytest.mark.parametrize("block", [16, 32])
 @pytest.mark.parametrize("grid, n_text, text_first, settings", MASKS)
 def test_plan_equals_the_token_oracle(grid, n_text, text_first, settings, block):
-    image, text = _layout(grid, n_text, text_first)
+    image, text = spans(grid, n_text, text_first)
     plan = radial_plan(grid, image=image, text=text, block=block, **settings)
     expected = oracle_mask(grid, image, text, **settings)
     assert torch.equal(plan.token_mask(), expected)
@@ -125,7 +116,7 @@ def _settings(config):
 
 
 def _run_call(config, grid, n_text, text_first, *, batch=2, heads=2, dim=16, mask=None):
-    image, text = _layout(grid, n_text, text_first)
+    image, text = spans(grid, n_text, text_first)
     length = math.prod(grid) + n_text
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, length, dim, generator=gen).requires_grad_() for _ in range(3))

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from dit_cases import pooled_mask, spans
 
 from patchattn.masks.frames import PAD, frame_layout
 from patchattn.masks.radial import radial_plan
@@ -39,27 +40,6 @@ def token_mask(grid, image, text, dense_band=1, decay_factor=1.0, first_frame_si
     return mask
 
 
-def pooled_mask(mask, blocks):
-    """Each token pair takes its block pair's verdict: visible iff any token pair of the two blocks is
-    (``blocks[i]``: the block of token i), by brute force over the token pairs."""
-    n_blocks = int(blocks.max()) + 1
-    any_seen = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
-    for i in range(mask.shape[0]):
-        for j in range(mask.shape[1]):
-            if mask[i, j]:
-                any_seen[blocks[i], blocks[j]] = True
-    return any_seen[blocks][:, blocks]
-
-
-def _layout(grid, n_text, text_first):
-    n_image = math.prod(grid)
-    if not n_text:
-        return (0, n_image), ()
-    if text_first:
-        return (n_text, n_text + n_image), ((0, n_text),)
-    return (0, n_image), ((n_image, n_image + n_text),)
-
-
 CASES = [
     # grid, text tokens, text first, settings
     ((3, 4, 3), 6, True, {}),  # the paper's defaults on three frames
@@ -81,7 +61,7 @@ def _expected(grid, image, text, block, settings):
 @pytest.mark.parametrize("block", [16, 32])
 @pytest.mark.parametrize("grid, n_text, text_first, settings", CASES)
 def test_block_mask_is_the_token_mask_pooled_to_blocks(grid, n_text, text_first, settings, block):
-    image, text = _layout(grid, n_text, text_first)
+    image, text = spans(grid, n_text, text_first)
     exact, expected, layout = _expected(grid, image, text, block, settings)
     plan = radial_plan(grid, image=image, text=text, block=block, granularity="block", **settings)
     got = plan.token_mask()
@@ -96,7 +76,7 @@ def test_block_mask_is_the_token_mask_pooled_to_blocks(grid, n_text, text_first,
 @pytest.mark.parametrize("block", [16, 32])
 @pytest.mark.parametrize("grid, n_text, text_first, settings", CASES)
 def test_only_tiles_of_padded_keys_stay_partial(grid, n_text, text_first, settings, block):
-    image, text = _layout(grid, n_text, text_first)
+    image, text = spans(grid, n_text, text_first)
     layout = frame_layout(grid, image, text, block)
     plan = radial_plan(grid, image=image, text=text, block=block, granularity="block", **settings)
     tiled = plan.tiled
@@ -134,7 +114,7 @@ def _module(config, grid, image, text):
 
 
 def _run_call(config, grid, n_text, text_first, *, batch=2, heads=2, dim=16):
-    image, text = _layout(grid, n_text, text_first)
+    image, text = spans(grid, n_text, text_first)
     settings = {"dense_band": config.dense_band, "decay_factor": config.decay_factor,
                 "first_frame_sink": config.first_frame_sink}
     _, allowed, _ = _expected(grid, image, text, config.block, settings)
