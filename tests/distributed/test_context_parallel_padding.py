@@ -9,32 +9,26 @@ from __future__ import annotations
 
 import torch
 
-from .cp_cases import ATOL, METHODS, PROMPT, cache_kwarg, cache_of, patched_tiny_llama, prompt, run_two_ranks
+from .cp_cases import (
+    METHODS,
+    PROMPT,
+    assert_real_close,
+    cache_kwarg,
+    cache_of,
+    generate_position_ids,
+    padded_prompt,
+    patched_tiny_llama,
+    run_two_ranks,
+)
 
-LEFT = (0, 37)  # pads per row: a full row and one that starts mid-block
 STEPS = 3
-
-
-def padded(pads=LEFT, right: bool = False):
-    """(input_ids with pad id 0, attention_mask) of batch ``len(pads)``."""
-    ids = prompt(len(pads))
-    real = torch.stack([torch.arange(PROMPT) >= p for p in pads])
-    if right:
-        real = real.flip(-1)
-    return ids.masked_fill(~real, 0), real.long()
-
-
-def _assert_real_close(got, want, mask, what: str) -> None:
-    real = mask.bool()
-    err = (got - want).abs()[real].max().item()
-    assert err < ATOL, f"{what}: max |cp - one process| on real tokens = {err:.2e}"
 
 
 def _check_prefill(rank: int, methods: tuple, right: bool, exchange: str) -> None:
     from patchattn.distributed import context_parallel
     from patchattn.testing import tiny_model
 
-    ids, mask = padded(right=right)
+    ids, mask = padded_prompt(right=right)
     with torch.no_grad():
         dense = tiny_model("llama", seed=0)(ids, attention_mask=mask).logits
     for method in methods:
@@ -50,35 +44,31 @@ def _check_prefill(rank: int, methods: tuple, right: bool, exchange: str) -> Non
         if method != "dense":  # sparse on the padded row too: a selection counted from the padding would show
             assert (oracle - dense).abs()[mask.bool()].max() > 1e-3, f"{what}: reads every block"
         assert local.shape[1] == index.shape[1] < PROMPT
-        _assert_real_close(local, oracle.gather(1, index[..., None].expand(-1, -1, oracle.shape[-1])),
+        assert_real_close(local, oracle.gather(1, index[..., None].expand(-1, -1, oracle.shape[-1])),
                            mask.gather(1, index), what)
-        _assert_real_close(whole, oracle, mask, what + " (gathered)")
+        assert_real_close(whole, oracle, mask, what + " (gathered)")
         # left padding: without the mask the padded row reads its padding (right padding is after every real
         # query, so causal methods may not notice)
         assert right or (unmasked - oracle).abs()[mask.bool()].max() > 1e-3, f"{what}: the padding changes nothing"
 
 
-def _generate_position_ids(mask):
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
 def _check_generate(rank: int, methods: tuple) -> None:
     from patchattn.distributed import context_parallel
 
-    ids, mask = padded()
+    ids, mask = padded_prompt()
     for method in methods:
         model = patched_tiny_llama(method)
         with torch.no_grad():
             want = model.generate(ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False)[:, PROMPT:]
-            oracle = model(ids, attention_mask=mask, position_ids=_generate_position_ids(mask)).logits
+            oracle = model(ids, attention_mask=mask, position_ids=generate_position_ids(mask)).logits
             cp = context_parallel(model)
-            out = cp(ids, attention_mask=mask, position_ids=_generate_position_ids(mask), use_cache=True)
+            out = cp(ids, attention_mask=mask, position_ids=generate_position_ids(mask), use_cache=True)
             logits = cp.gather(out.logits)
             cache = cp.gather_cache(cache_of(out))
             first = logits[:, -1].argmax(-1, keepdim=True)
             got = model.generate(torch.cat([ids, first], 1), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
                                  **cache_kwarg(model, cache), max_new_tokens=STEPS - 1, do_sample=False)
-        _assert_real_close(logits, oracle, mask, f"{method} generate's prefill rank {rank}")
+        assert_real_close(logits, oracle, mask, f"{method} generate's prefill rank {rank}")
         assert torch.equal(got[:, PROMPT:], want), f"{method} rank {rank}: generate differs after the padded prefill"
 
 
