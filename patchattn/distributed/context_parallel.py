@@ -267,7 +267,8 @@ def context_parallel_attention(module, query, key, value, attention_mask, **kwar
     if run is None:
         raise RuntimeError(f"{IMPLEMENTATION} runs only inside ContextParallel's prefill call")
     if attention_mask is not None:
-        raise NotImplementedError("context_parallel: attention masks are not supported (unpadded prompts only)")
+        raise NotImplementedError("context_parallel: the model passed an attention mask to a chunk; padding is "
+                                  "handled by the ContextParallel call (its attention_mask argument)")
     return run.attention(module, state, query, key, value, **kwargs)
 
 

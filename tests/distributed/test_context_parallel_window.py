@@ -26,26 +26,34 @@ from .cp_cases import (
 STEPS = 3
 
 
-def patched(family: str, method: str):
-    import patchattn
+def windowed(family: str):
+    """The tiny model of ``family``; Mistral given a window of 24 on every layer (its tiny config has none)."""
     from patchattn.testing import tiny_model
 
     model = tiny_model(family, seed=0)
+    if family == "mistral":
+        model.config.sliding_window = 24  # read at each call (the layers' kwarg, the mask, the cache's layers)
+    return model
+
+
+def patched(family: str, method: str):
+    import patchattn
+
+    model = windowed(family)
     patchattn.patch(model, method, **{**METHODS[method], "backend": "torch"})
     return model
 
 
 def _check_prefill(rank: int, family: str, methods: tuple, exchange: str, pad: bool) -> None:
     from patchattn.distributed import context_parallel
-    from patchattn.testing import tiny_model
 
     ids, mask = padded_prompt() if pad else (prompt(), torch.ones(2, PROMPT, dtype=torch.long))
     with torch.no_grad():
-        dense = tiny_model(family, seed=0)(ids, attention_mask=mask).logits
-        unwindowed = tiny_model(family, seed=0)
+        dense = windowed(family)(ids, attention_mask=mask).logits
+        unwindowed = windowed(family)
         unwindowed.config.sliding_window = 4 * PROMPT  # the window layers then read their whole prefix
         for layer in unwindowed.model.layers:
-            layer.self_attn.sliding_window = layer.self_attn.sliding_window and 4 * PROMPT
+            layer.self_attn.sliding_window = getattr(layer.self_attn, "sliding_window", None) and 4 * PROMPT
         full = unwindowed(ids, attention_mask=mask).logits
     assert (full - dense).abs()[mask.bool()].max() > 1e-3, "the windows change nothing at this length"
     for method in methods:
@@ -84,7 +92,9 @@ def _check_all(rank: int) -> None:
     _check_prefill(rank, "gemma3_text", ("dense", "blocktopk", "moa"), "ring", False)
     _check_prefill(rank, "gemma3_text", ("dense",), "ring_attention", True)
     _check_prefill(rank, "gemma2", ("hip",), "allgather", True)
+    _check_prefill(rank, "mistral", ("dense",), "ring", True)  # every layer windowed: a sparse method runs dense
     _check_generate(rank, "gemma3_text", ("dense", "hip"))
+    _check_generate(rank, "mistral", ("dense",))
 
 
 def test_sliding_window_layers_equal_one_process():
