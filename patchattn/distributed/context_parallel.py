@@ -24,6 +24,7 @@ cache on every rank, so decoding continues in one process with the patched model
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,9 +105,10 @@ class _Prefill:
             else:
                 outs[i] = self._rows_attention(module, state, method, q, k, v, c, kwargs)
 
-        # A band layer under ring attention gathers its keys (a window of keys per chunk; ring attention's shards
-        # would need a band per shard, not done).
-        exchange = _ring_kv if self.exchange == "ring" else _all_gather_kv
+        if window:  # whatever the exchange: a band reads only the last window - 1 keys of the chunks before it
+            exchange = functools.partial(_all_gather_window_kv, window=window)
+        else:
+            exchange = _ring_kv if self.exchange == "ring" else _all_gather_kv
         exchange(self, key, value, compute)
         return torch.cat([outs[i] for i in range(len(self.chunks))], dim=1), None
 
@@ -206,6 +208,28 @@ def _all_gather_kv(run: _Prefill, key, value, compute) -> None:
     all_gather_stacked(gathered, kv, run.group)
     b, h, width, d = kv.shape
     full = gathered.permute(1, 2, 0, 3, 4).reshape(b, h, world * width, d).index_select(2, run.gather_index)
+    full_k, full_v = full.split([key.shape[-1], value.shape[-1]], dim=-1)
+    for i in range(len(run.chunks)):
+        compute(i, full_k, full_v)
+
+
+def _all_gather_window_kv(run: _Prefill, key, value, compute, *, window: int) -> None:
+    """A sliding-window layer: one all-gather of each rank's chunk tails (their last ``window - 1`` keys and values,
+    ``ShardPlan.tails``), placed with the rank's own tokens at their prompt positions; then every chunk, whose band
+    ``[start - window + 1, stop)`` they cover.  The other positions stay zero and are never read."""
+    kv = torch.cat([key, value], dim=-1)
+    plan, device = run.plan, kv.device
+    tails = [plan.tails(r, window - 1) for r in range(plan.world)]
+    width = max(positions.numel() for positions, _ in tails)
+    mine = kv.index_select(2, tails[run.rank][1].to(device))
+    mine = torch.nn.functional.pad(mine, (0, 0, 0, width - mine.shape[2])).contiguous()
+    gathered = torch.empty((plan.world, *mine.shape), dtype=kv.dtype, device=device)
+    all_gather_stacked(gathered, mine, run.group)
+    b, h, _, d = kv.shape
+    full = kv.new_zeros((b, h, plan.tokens, d))
+    for r, (positions, _) in enumerate(tails):
+        full.index_copy_(2, positions.to(device), gathered[r][:, :, :positions.numel()])
+    _place(run, full, kv, run.rank)
     full_k, full_v = full.split([key.shape[-1], value.shape[-1]], dim=-1)
     for i in range(len(run.chunks)):
         compute(i, full_k, full_v)
