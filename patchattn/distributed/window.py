@@ -34,10 +34,12 @@ def window_attention(q, k, v, *, window: int, scaling=None, softcap=None, tile: 
 
 def _masked(q, k, v, allowed, scaling, softcap) -> torch.Tensor:
     """``[B, Hq, Tq, Dv]`` attention under a boolean ``[Tq, Tk]`` mask (every query sees at least itself)."""
+    groups = q.shape[1] // k.shape[1]
     if softcap is None:
+        if q.is_cuda and groups > 1:  # the fused masked kernels take equal head counts
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling,
                                                                 enable_gqa=q.shape[1] != k.shape[1])
-    groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.tanh(torch.matmul(q, k.transpose(2, 3)) * scaling / softcap) * softcap
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
