@@ -6,7 +6,7 @@ Each process prefills its share of the prompt's query blocks (zig-zag: equal cau
 processes' keys and values layer by layer; the logits it gets are the one-process prefill's for its tokens.  The
 gathered KV cache then lets rank 0 decode alone.  Default: ``hip`` on 4,096 tokens of the embedded SmolLM2
 (CPython's pydoc text), checked against a one-process prefill; ``model`` is ``smollm2`` or a local model folder
-with its tokenizer (models with sliding-window layers, as Gemma 3, are not supported).
+with its tokenizer (sliding-window layers, as Gemma 3's, run their window per chunk).
 """
 
 import os

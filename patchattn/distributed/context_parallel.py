@@ -13,14 +13,19 @@ the same query blocks and key blocks as in one process, and the outputs equal th
 prompt's last block reads it whole (``last_block_dense``), ``density`` resolves at the whole prompt and ``moa``'s
 elastic windows scale with it.
 
-Inference only (the collectives carry no gradient).  Unpadded batches, causal self-attention without a sliding
-window.  After the prefill, ``gather_cache`` assembles the whole KV cache on every rank, so decoding continues in
-one process with the patched model (or on rank 0 only).
+A padded batch (``attention_mask`` with one run of ones per row) is split in a layout where every row's real
+tokens come first (``padding.py``), and each sparse chunk runs row group by row group, as ``methods/_rows.py`` does
+in one process.  Sliding-window layers run their band per chunk (``window.py``), reading only the keys it reaches.
+
+Inference only (the collectives carry no gradient).  After the prefill, ``gather_cache`` assembles the whole KV
+cache on every rank, so decoding continues in one process with the patched model (or on rank 0 only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,12 +36,14 @@ from ..api import get_handle
 from ..checks import check_inputs
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask
 from ..masks import BlockGeometry, causal_allowed
-from ..methods._rows import clear_caches
+from ..methods._rows import clear_caches, group_state
 from ..methods._sparse import layer_dense_reason
 from ..registry import get_spec
 from ..state import get_state
+from .padding import RowLayout
 from .plan import BALANCES, ShardPlan, plan_shards
 from .ring_attention import ring_attention
+from .window import window_attention
 
 # Methods whose calls read "queries = the last positions of the keys" through the block-sparse engine (or dense):
 # tested to equal the one-process prefill (tests/distributed/test_context_parallel.py).
@@ -69,19 +76,18 @@ class _Prefill:
     gather_index: torch.Tensor  # prompt position -> index in the padded all-gather layout
     owners: torch.Tensor  # [T] rank holding each prompt position
     forward: Callable  # the patched method's attention function
+    groups: dict | None = None  # padded batch: rows by real length (real span [0, length) in the split's layout)
     cleared: set = field(default_factory=set)  # ids of the states whose caches this prefill has reset
 
     def attention(self, module, state, query, key, value, **kwargs):
         """``([B, T_local, Hq, Dv], None)``: this rank's queries against the whole prompt's keys, chunk by chunk."""
         method = type(state.config).method
         check_inputs(method, query, key, value)
-        if kwargs.get("sliding_window"):
-            raise NotImplementedError("context_parallel: sliding-window layers are not supported (their window needs "
-                                      "a mask per chunk); use a model without them")
+        window = kwargs.get("sliding_window")
         if id(state) not in self.cleared and state.method_state is not None:
             clear_caches(state.method_state)  # a new sequence: nothing kept from the previous one applies
             self.cleared.add(id(state))
-        if self.exchange == "ring_attention":  # dense only (checked when the ContextParallel is made)
+        if self.exchange == "ring_attention" and not window:  # dense only (checked when the ContextParallel is made)
             return ring_attention(self, query, key, value, scaling=kwargs.get("scaling"),
                                   softcap=kwargs.get("softcap"), backend=getattr(state.config, "backend", "auto"),
                                   block=self.plan.block), None
@@ -90,18 +96,56 @@ class _Prefill:
         def compute(i: int, full_k: torch.Tensor, full_v: torch.Tensor) -> None:
             c = self.chunks[i]
             q = query[:, :, c.local_start:c.local_stop]
-            k, v = full_k[:, :, :c.stop].contiguous(), full_v[:, :, :c.stop].contiguous()
-            outs[i] = _chunk_attention(self.forward, module, state, method, q, k, v, kwargs)
+            first = max(0, c.start - window + 1) if window else 0  # a band reads no key before its window
+            k, v = full_k[:, :, first:c.stop], full_v[:, :, first:c.stop]
+            if window or self.groups is None or _dense_call(method, state, kwargs):
+                # Trailing padding (the split's layout) is after every real query: causality hides it.
+                outs[i] = _chunk_attention(self.forward, module, state, method, q, k.contiguous(), v.contiguous(),
+                                           kwargs)
+            else:
+                outs[i] = self._rows_attention(module, state, method, q, k, v, c, kwargs)
 
-        exchange = _all_gather_kv if self.exchange == "allgather" else _ring_kv
+        if window:  # whatever the exchange: a band reads only the last window - 1 keys of the chunks before it
+            exchange = functools.partial(_all_gather_window_kv, window=window)
+        else:
+            exchange = _ring_kv if self.exchange == "ring" else _all_gather_kv
         exchange(self, key, value, compute)
         return torch.cat([outs[i] for i in range(len(self.chunks))], dim=1), None
+
+    def _rows_attention(self, module, state, method: str, q, k, v, c: _Chunk, kwargs) -> torch.Tensor:
+        """A padded batch's chunk through a sparse method, row group by row group: each group's real queries of the
+        chunk against its real keys, with the group's length as the prompt's and its own between-call state (as
+        ``_rows.run_by_rows`` in one process); padded query rows are zero."""
+        out = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+        previous = state.context.prefill_tokens
+        for length, rows in self.groups.items():
+            stop = min(c.stop, length)
+            if stop <= c.start:
+                continue  # this chunk holds only the group's padding
+            pick = torch.tensor(rows, device=q.device)
+            state.context.prefill_tokens = length
+            try:
+                with group_state(state, (tuple(rows), "context_parallel")):
+                    out[pick, :stop - c.start] = _chunk_attention(
+                        self.forward, module, state, method, q[pick, :, :stop - c.start],
+                        k[pick, :, :stop].contiguous(), v[pick, :, :stop].contiguous(), kwargs)
+            finally:
+                state.context.prefill_tokens = previous
+        return out
+
+
+def _dense_call(method: str, state, kwargs) -> bool:
+    return method == "dense" or layer_dense_reason(state, kwargs) is not None
 
 
 def _chunk_attention(forward, module, state, method: str, q, k, v, kwargs) -> torch.Tensor:
     """One chunk through the patched method, ``[B, Tq, Hq, Dv]``; dense calls (the ``dense`` method, a method's
-    dense layers) bottom-right aligned here (transformers' SDPA path aligns a shorter query top-left)."""
-    if method == "dense" or layer_dense_reason(state, kwargs) is not None:
+    dense layers) bottom-right aligned here (transformers' SDPA path aligns a shorter query top-left); a
+    sliding-window layer's band (queries the last positions of ``k``, which must reach back a window)."""
+    if kwargs.get("sliding_window"):
+        return window_attention(q, k, v, window=kwargs["sliding_window"], scaling=kwargs.get("scaling"),
+                                softcap=kwargs.get("softcap"))
+    if _dense_call(method, state, kwargs):
         return offset_causal_attention(q, k, v, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
                                        backend=getattr(state.config, "backend", "auto"),
                                        block=getattr(state.config, "block_size", DENSE_BLOCK))
@@ -169,6 +213,28 @@ def _all_gather_kv(run: _Prefill, key, value, compute) -> None:
         compute(i, full_k, full_v)
 
 
+def _all_gather_window_kv(run: _Prefill, key, value, compute, *, window: int) -> None:
+    """A sliding-window layer: one all-gather of each rank's chunk tails (their last ``window - 1`` keys and values,
+    ``ShardPlan.tails``), placed with the rank's own tokens at their prompt positions; then every chunk, whose band
+    ``[start - window + 1, stop)`` they cover.  The other positions stay zero and are never read."""
+    kv = torch.cat([key, value], dim=-1)
+    plan, device = run.plan, kv.device
+    tails = [plan.tails(r, window - 1) for r in range(plan.world)]
+    width = max(positions.numel() for positions, _ in tails)
+    mine = kv.index_select(2, tails[run.rank][1].to(device))
+    mine = torch.nn.functional.pad(mine, (0, 0, 0, width - mine.shape[2])).contiguous()
+    gathered = torch.empty((plan.world, *mine.shape), dtype=kv.dtype, device=device)
+    all_gather_stacked(gathered, mine, run.group)
+    b, h, _, d = kv.shape
+    full = kv.new_zeros((b, h, plan.tokens, d))
+    for r, (positions, _) in enumerate(tails):
+        full.index_copy_(2, positions.to(device), gathered[r][:, :, :positions.numel()])
+    _place(run, full, kv, run.rank)
+    full_k, full_v = full.split([key.shape[-1], value.shape[-1]], dim=-1)
+    for i in range(len(run.chunks)):
+        compute(i, full_k, full_v)
+
+
 def all_gather_stacked(out: torch.Tensor, local: torch.Tensor, group) -> None:
     """``out[r] = rank r's local`` (``out``: contiguous ``[world, *local.shape]``) in one collective (``all_gather_single``, as torch now names
     ``all_gather_into_tensor``)."""
@@ -225,7 +291,8 @@ def context_parallel_attention(module, query, key, value, attention_mask, **kwar
     if run is None:
         raise RuntimeError(f"{IMPLEMENTATION} runs only inside ContextParallel's prefill call")
     if attention_mask is not None:
-        raise NotImplementedError("context_parallel: attention masks are not supported (unpadded prompts only)")
+        raise NotImplementedError("context_parallel: the model passed an attention mask to a chunk; padding is "
+                                  "handled by the ContextParallel call (its attention_mask argument)")
     return run.attention(module, state, query, key, value, **kwargs)
 
 
@@ -256,6 +323,7 @@ class ContextParallel:
         exchange: ``"allgather"`` (one collective per layer), ``"ring"`` (point-to-point steps, compute overlapped)
             or ``"ring_attention"`` (``dense`` only: shards dropped after use, partial outputs merged).
         plan: the latest prefill's split (None before the first call).
+        layout: the latest prefill's padding (``padding.RowLayout``; None when no row is padded).
     """
 
     model: torch.nn.Module
@@ -263,6 +331,7 @@ class ContextParallel:
     balance: str = "zigzag"
     exchange: str = "allgather"
     plan: ShardPlan | None = field(default=None, init=False)
+    layout: RowLayout | None = field(default=None, init=False)
 
     def __post_init__(self):
         if self.balance not in BALANCES:
@@ -301,32 +370,70 @@ class ContextParallel:
 
     @property
     def positions(self) -> torch.Tensor:
-        """``[T_local]`` the prompt positions of this rank's tokens in the latest prefill."""
+        """``[T_local]`` the positions of this rank's tokens in the latest prefill's split.  Unpadded: prompt
+        positions; padded: positions of the layout where each row's real tokens come first (``row_positions``
+        gives each row's positions in ``input_ids``)."""
         if self.plan is None:
             raise RuntimeError("no prefill has run yet")
         return self.plan.positions(self.rank)
 
+    def row_positions(self, batch: int) -> torch.Tensor:
+        """``[B, T_local]`` where this rank's tokens sit in each row of ``input_ids`` (the order of its outputs)."""
+        positions = self.positions
+        if self.layout is None:
+            return positions[None].expand(batch, -1)
+        return self.layout.original_positions(positions)
+
     def shard(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's tokens of a whole-prompt tensor (``dim``: its token dimension)."""
+        """This rank's tokens of a whole-prompt tensor (batch on dim 0, tokens on ``dim``)."""
+        if self.layout is not None:
+            tensor = self.layout.to_internal(tensor, dim)
         return tensor.index_select(dim, self.positions.to(tensor.device))
 
     def __call__(self, input_ids: torch.Tensor, **kwargs):
-        """The model's forward on this rank's tokens of ``input_ids`` ``[B, T]`` (the same on every rank): rotary
-        positions are the prompt's; each patched layer reads every rank's keys.  ``attention_mask``, if given, must
-        be all ones (no padding); other keyword arguments go to the model (``use_cache``, ...)."""
+        """The model's forward on this rank's tokens of ``input_ids`` ``[B, T]`` (the same on every rank): each
+        patched layer reads every rank's keys.  ``attention_mask`` ``[B, T]`` may pad rows (left, right or both: one
+        run of ones per row); ``position_ids`` ``[B or 1, T]`` default to ``0..T-1`` as in the model's own forward
+        (``generate`` passes ``attention_mask.cumsum(-1) - 1``: pass the same to match it).  Other keyword
+        arguments go to the model (``use_cache``, ...)."""
         mask = kwargs.pop("attention_mask", None)
-        if mask is not None and not bool(mask.bool().all()):
-            raise NotImplementedError("context_parallel: padded batches are not supported (attention_mask has zeros)")
-        if "position_ids" in kwargs or "inputs_embeds" in kwargs:
-            raise ValueError("context_parallel sets position_ids from the split; pass input_ids only")
-        tokens = input_ids.shape[1]
+        position_ids = kwargs.pop("position_ids", None)
+        if "inputs_embeds" in kwargs:
+            raise ValueError("context_parallel takes input_ids, not inputs_embeds")
+        batch, tokens = input_ids.shape
+        layout = RowLayout.from_mask(mask, (batch, tokens))
         self.split(tokens)
-        positions = self.positions.to(input_ids.device)
+        self.layout = layout
+        index = self.row_positions(batch).to(input_ids.device)  # [B, T_local]
+        if position_ids is None:
+            position_ids = index
+        else:
+            if position_ids.dim() != 2 or position_ids.shape[1] != tokens:
+                raise ValueError(f"context_parallel: position_ids must be [B or 1, {tokens}]; got "
+                                 f"{tuple(position_ids.shape)}")
+            position_ids = position_ids.expand(batch, -1).gather(1, index)
         run = self._prefill_run(input_ids.device)
-        local_ids = input_ids.index_select(1, positions)
-        position_ids = positions[None].expand(input_ids.shape[0], -1)
+        kwargs = self._recording_cache(kwargs)
         with self._running(run, tokens):
-            return self.model(input_ids=local_ids, position_ids=position_ids, **kwargs)
+            return self.model(input_ids=input_ids.gather(1, index), position_ids=position_ids, **kwargs)
+
+    def _recording_cache(self, kwargs: dict) -> dict:
+        """The forward's keyword arguments with a cache whose sliding-window layers keep every local token (a rank's
+        last tokens are not the prompt's: ``gather_cache`` cuts the window after gathering)."""
+        from transformers import DynamicCache
+
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        use_cache = kwargs.get("use_cache", getattr(self.model.config, "use_cache", False))
+        cache = kwargs.get(name)
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.model.config)
+        for layer in getattr(cache, "layers", ()):
+            if getattr(layer, "is_sliding", False):
+                if not hasattr(layer, "activate_past_recording"):
+                    raise NotImplementedError("context_parallel: this transformers' sliding-window cache layers drop "
+                                              "a rank's tokens before they are gathered; prefill with use_cache=False")
+                layer.activate_past_recording()
+        return {**kwargs, name: cache} if cache is not None else kwargs
 
     def split(self, tokens: int) -> ShardPlan:
         """Plan a prompt of ``tokens`` tokens over the group (``__call__`` does it; ``attention`` uses the latest)."""
@@ -352,8 +459,8 @@ class ContextParallel:
         moved = moved.contiguous()
         gathered = torch.empty((plan.world, *moved.shape), dtype=moved.dtype, device=moved.device)
         all_gather_stacked(gathered, moved, self.group)
-        full = gathered.flatten(0, 1).index_select(0, plan.gather_index(moved.device))
-        return full.movedim(0, dim)
+        full = gathered.flatten(0, 1).index_select(0, plan.gather_index(moved.device)).movedim(0, dim)
+        return self.layout.to_original(full, dim) if self.layout is not None else full
 
     def gather_cache(self, cache):
         """The prefill's KV cache (each layer holds this rank's tokens) made whole, in place, on every rank; returns
@@ -364,6 +471,11 @@ class ContextParallel:
                 continue
             layer.keys = self.gather(layer.keys, dim=2)
             layer.values = self.gather(layer.values, dim=2)
+            if getattr(layer, "is_sliding", False):  # what a one-process prefill keeps: the window's last tokens
+                first = max(0, layer.keys.shape[2] - layer.sliding_window + 1)
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                layer.cumulative_length = self.plan.tokens
+                layer.record_past = False
         for module in self.model.modules():
             state = get_state(module)
             if state is not None and state.method_state is not None:
@@ -384,8 +496,9 @@ class ContextParallel:
         owners = torch.empty(plan.tokens, dtype=torch.long)
         for r in range(plan.world):
             owners[plan.positions(r)] = r
+        groups = self.layout.groups() if self.layout is not None else None
         return _Prefill(plan, rank, self.group, self.exchange, chunks, plan.gather_index(device), owners,
-                        self._handle.spec.forward)
+                        self._handle.spec.forward, groups)
 
     @contextlib.contextmanager
     def _running(self, run: _Prefill, tokens: int):

@@ -50,6 +50,18 @@ class ShardPlan:
         parts = [torch.arange(start, stop, device=device) for start, stop in self.chunks[rank]]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
+    def tails(self, rank: int, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt positions, local indices) ``[n]`` of ``rank``'s tokens among the last ``reach`` of each of its
+        chunks: all that a band reaching ``reach`` keys back from a later chunk's start can read of this rank (a
+        sliding-window layer's exchange; a band longer than a chunk reads the tails of several)."""
+        positions, local, offset = [], [], 0
+        for start, stop in self.chunks[rank]:
+            first = max(start, stop - reach)
+            positions.append(torch.arange(first, stop))
+            local.append(torch.arange(first, stop) - start + offset)
+            offset += stop - start
+        return torch.cat(positions), torch.cat(local)
+
     def gather_index(self, device=None) -> torch.Tensor:
         """``[T]`` for prompt position ``p``: where it sits in the ranks' local tokens laid end to end, each rank
         padded to ``max_local_length`` (the layout an all-gather of padded local tensors returns)."""

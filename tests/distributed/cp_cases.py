@@ -111,3 +111,26 @@ def check_prefill(rank: int, methods: tuple, balance: str, exchange: str, overri
         patchattn.unpatch(model)
         with torch.no_grad():  # the prefill left the model as it was
             assert torch.equal(model(ids).logits, dense)
+
+
+LEFT = (4, 38)  # pads per row: real lengths 129 and 95 (odd, partial last blocks), both starting mid-block
+
+
+def padded_prompt(pads=LEFT, right: bool = False):
+    """(input_ids with pad id 0, attention_mask) of batch ``len(pads)``."""
+    ids = prompt(len(pads))
+    real = torch.stack([torch.arange(PROMPT) >= p for p in pads])
+    if right:
+        real = real.flip(-1)
+    return ids.masked_fill(~real, 0), real.long()
+
+
+def assert_real_close(got, want, mask, what: str) -> None:
+    real = mask.bool()
+    err = (got - want).abs()[real].max().item()
+    assert err < ATOL, f"{what}: max |cp - one process| on real tokens = {err:.2e}"
+
+
+def generate_position_ids(mask):
+    """The rotary positions ``generate`` gives a padded prompt."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)

@@ -69,8 +69,10 @@ def _check_refusals(rank: int) -> None:
         context_parallel(model, exchange="ring_attention")
     cp = context_parallel(model)
     ids = prompt()
-    with pytest.raises(NotImplementedError, match="padded"):
-        cp(ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0))
+    with pytest.raises(ValueError, match="not one run of ones"):  # a hole in a row: not padding
+        cp(ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([40]), 0))
+    with pytest.raises(ValueError, match="position_ids must be"):
+        cp(ids, position_ids=torch.arange(ids.shape[1] - 1)[None])
     with pytest.raises(ValueError, match="at least 2 blocks"):
         cp(ids[:, :10])
     with pytest.raises(ValueError, match="at least 3 blocks"):

@@ -105,3 +105,22 @@ def test_ring_attention_merge_of_disjoint_key_parts_is_the_whole_attention():
     assert torch.allclose(lse, scores.logsumexp(-1), atol=1e-5)
     empty = (torch.zeros(1, 4, 32, 8), torch.full((1, 4, 32), float("-inf")))  # a part no row sees: no change
     assert torch.allclose(merge(empty, (out, lse))[0], out) and torch.allclose(merge((out, lse), empty)[1], lse)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_window_tails_cover_every_band(world):
+    # A sliding-window layer exchanges only each chunk's last `reach` tokens: with a rank's own tokens they must
+    # cover the `reach` keys before every chunk's start (bands shorter and longer than a chunk).
+    for tokens, block, reach in ((133, 16, 7), (133, 16, 23), (300, 16, 70), (97, 32, 5)):
+        for balance in ("zigzag", "contiguous"):
+            plan = plan_shards(tokens, world, block, balance)
+            tails = [plan.tails(r, reach) for r in range(world)]
+            for r in range(world):
+                positions, local = tails[r]
+                assert torch.equal(plan.positions(r)[local], positions)
+            shared = set(torch.cat([p for p, _ in tails]).tolist())
+            for r in range(world):
+                held = shared | set(plan.positions(r).tolist())
+                for start, _ in plan.chunks[r]:
+                    assert set(range(max(0, start - reach), start)) <= held, (tokens, reach, balance, r, start)
+            assert len(shared) <= reach * sum(len(c) for c in plan.chunks)  # what travels: tails only
