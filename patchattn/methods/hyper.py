@@ -378,9 +378,9 @@ def decode_hyper_rows(rows: RowGeometry, query, key, state):
     counted from its first real key, its samples by the same priorities as alone, every block below ``min_seq_len``
     keys; ``density`` resolved at the cache's capacity.  With ``ties="topk"`` (torch's order, which depends on the
     row's width): each row selected alone on the host (``_decode_rows_on_host``)."""
+    drop_host_histograms(state.method_state, this_state=state.config.ties == "lowest")
     if state.config.ties != "lowest":
         return _decode_rows_on_host(rows, query, key, state)
-    state.method_state.key_hist = None  # the host path's histogram is not followed here
     with budget_applied(state, rows.geometry()):
         config = state.config
         n_k = rows.n_k
@@ -397,6 +397,16 @@ def decode_hyper_rows(rows: RowGeometry, query, key, state):
         short = (rows.lengths < config.min_seq_len).reshape(-1, 1, 1, 1)
         mask = torch.where(short, allowed, chosen | sampled)
         return blocks_from_mask(mask, width=decode_width(config, rows.geometry()))
+
+
+def drop_host_histograms(kept: HyperState, this_state: bool) -> None:
+    """A rows decode step: the row groups' histograms (from a padded prefill) and, on the device path
+    (``this_state``), this state's are not followed from here on (a later host call recounts), so they are freed now
+    rather than at the next prefill.  (With ``ties="topk"`` a batch of one row continues this state's.)"""
+    if this_state:
+        kept.key_hist = None
+    for group in kept.row_states.values():
+        group.key_hist = None
 
 
 def _decode_rows_on_host(rows: RowGeometry, query, key, state):

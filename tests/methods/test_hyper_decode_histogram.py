@@ -26,7 +26,7 @@ BLOCK = 16
 SETTINGS = {"block_size": BLOCK, "backend": "torch", "min_seq_len": 0, "lsh_blocks": 2, "sample_size": 16,
             "local_blocks": 1, "bucket_keys": 24, "lsh_num_projs": 4}
 STEPS = 24  # crosses at least one block boundary from any prompt length
-ARGS = {"max_new_tokens": STEPS, "do_sample": False, "pad_token_id": 0}
+ARGS = {"max_new_tokens": STEPS, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}  # every step runs
 
 
 class Hashed:
@@ -132,9 +132,27 @@ def test_left_padded_batch_of_two_gives_the_full_rehash_tokens(monkeypatch):
         settings = {**SETTINGS, "ties": ties}
         want = _generate(model, settings, reference=True, monkeypatch=monkeypatch, input_ids=ids,
                          attention_mask=mask)
-        got = _generate(model, settings, reference=False, monkeypatch=monkeypatch, input_ids=ids,
-                        attention_mask=mask)
+        with torch.no_grad(), patchattn.patched(model, "hyper", **settings):
+            got = model.generate(input_ids=ids, attention_mask=mask, **ARGS)
+            for layer in model.model.layers:  # the prefill's row groups' histograms: freed by the first step
+                kept = layer.self_attn.patchattn.method_state
+                assert kept.row_states and all(group.key_hist is None for group in kept.row_states.values())
         assert torch.equal(got, want), ties
+
+
+def test_static_cache_of_one_row_continues_the_histogram(monkeypatch):
+    """A static cache's decode steps come with a mask (the rows path); with ``ties="topk"`` a batch of one row is
+    selected on the host and continues its histogram: the default cache's tokens, one block hashed a step."""
+    model = tiny_model("llama")
+    ids = _prompt(139, seed=14)
+    hashed = Hashed(monkeypatch)
+    want = _generate(model, SETTINGS, reference=True, monkeypatch=monkeypatch, input_ids=ids)
+    hashed.clear()
+    got = _generate(model, SETTINGS, reference=False, monkeypatch=monkeypatch, input_ids=ids,
+                    cache_implementation="static")
+    assert torch.equal(got, want)
+    keys = _decode_sizes(hashed.sizes, ids.shape[1])[0::2]
+    assert len(keys) == model.config.num_hidden_layers * (STEPS - 1) and max(keys) <= BLOCK
 
 
 def test_min_seq_len_crossed_while_decoding(monkeypatch):
