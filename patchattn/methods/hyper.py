@@ -219,10 +219,12 @@ def key_histogram(key, proj, block: int, past: int, previous: KeyHistogram | Non
     first = past // block  # the first block that gained keys since the last call
     tail = bucket_histogram(lsh_buckets(key[:, :, first * block:], proj), block, n_buckets)
     counts = previous.counts
-    if counts.shape[2] == first + tail.shape[2]:
-        counts[:, :, first:] = tail  # same blocks, the last one grew: in place
+    # In place when the blocks are the same (the last one grew); not into a tensor made under inference_mode from
+    # outside it (torch refuses), nor when the cache started a block: then a copy (once per block).
+    if counts.shape[2] == first + tail.shape[2] and (torch.is_inference_mode_enabled() or not counts.is_inference()):
+        counts[:, :, first:] = tail
         return counts
-    return torch.cat([counts[:, :, :first], tail], dim=2)  # the cache started a block (once per block)
+    return torch.cat([counts[:, :, :first], tail], dim=2)
 
 
 def continues(previous: KeyHistogram | None, key, proj, block: int, past: int) -> bool:

@@ -229,6 +229,28 @@ def test_cropped_cache_recounts(monkeypatch):
         assert torch.equal(got, want)
 
 
+def test_prefill_under_inference_mode_then_steps_under_no_grad(monkeypatch):
+    """The kept counts made under ``torch.inference_mode`` are not updated in place from outside it (torch refuses):
+    the steps copy them instead, and give the reference's logits."""
+    model = tiny_model("llama")
+    ids, feed = _prompt(150, seed=15), _prompt(4, seed=16)
+
+    def run(reference):
+        with monkeypatch.context() as patch:
+            if reference:
+                full_rehash(patch)
+            with patchattn.patched(model, "hyper", **SETTINGS):
+                cache = DynamicCache(config=model.config)
+                with torch.inference_mode():
+                    model(input_ids=ids, past_key_values=cache, use_cache=True)
+                with torch.no_grad():
+                    return [model(input_ids=feed[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                            for t in range(feed.shape[1])]
+
+    for got, want in zip(run(False), run(True)):
+        assert torch.equal(got, want)
+
+
 # ---- the selector alone --------------------------------------------------------------------------------------------
 def _state(**overrides):
     config = get_spec("hyper").config_cls(**{**SETTINGS, **overrides})
