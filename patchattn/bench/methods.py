@@ -167,10 +167,14 @@ def _decode_steps(name, state, q, k, v):
     T = k.shape[2]
 
     def grown_by_one():
-        # The cache grew by one token since the last step: the last block's mean is recomputed (in place).
+        # The cache grew by one token since the last step: the last block's mean (blocktopk, hip) or bucket counts
+        # (hyper, batch of one) are recomputed in place.
         key_means = getattr(state.method_state, "key_means", None)  # blocktopk and hip keep one
         if key_means is not None:
             key_means.length = T - 1
+        key_hist = getattr(state.method_state, "key_hist", None)
+        if key_hist is not None:
+            key_hist.tokens = T - 1
 
     if name != "hip":
         return {"step": _Step(name, state, q, k, v, grown_by_one)}

@@ -27,7 +27,9 @@ Below ``min_seq_len`` keys (paper: 4096) a call reads every block (exact attenti
 Decode steps with a mask (a static cache, a padded batch) keep each row's key bucket counts (``KeyBuckets``) and run
 on the device with ``ties="lowest"`` (``decode_hyper_rows``: they compile whole); with the default ``ties="topk"``
 (torch's top-k order among equal LSH scores, which depends on the row's width: what the pinned outputs use) each row
-is selected alone on the host.
+is selected alone on the host.  A batch of one row on the host path (the default cache's decode steps) keeps its key
+blocks' bucket histogram between calls (``KeyHistogram``): a step hashes only the key block that gained a key, not
+the whole cache (design note 51).
 """
 
 from __future__ import annotations
@@ -101,11 +103,25 @@ class KeyBuckets:
 
 
 @dataclass
+class KeyHistogram:
+    """The bucket histogram of every key block of a one-row batch (``counts`` ``[1, Hkv, NK, 2^p]`` fp32: exact
+    integer counts, what ``bucket_histogram`` gives for these keys), kept by a host-path call for the next one:
+    ``tokens`` keys counted, in blocks of ``block``, hashed with ``projections`` (that tensor, by identity)."""
+
+    counts: torch.Tensor
+    tokens: int
+    block: int
+    projections: torch.Tensor
+
+
+@dataclass
 class HyperState(SparseState):
     """This layer's LSH hyperplanes (``[D, p]``, drawn once from ``seed + layer``), the sampling priorities
-    (``[H, NK]``) with the ``(n_k, heads, device)`` they were drawn for, and the row decode's key buckets (not a
-    cache field: one object shared with the row groups' copies, so their host calls mark it stale too)."""
+    (``[H, NK]``) with the ``(n_k, heads, device)`` they were drawn for, the row decode's key buckets (not a
+    cache field: one object shared with the row groups' copies, so their host calls mark it stale too) and the host
+    path's key histogram (a cache field: cleared by a prefill, one per row group)."""
 
+    CACHE_FIELDS: ClassVar[tuple[str, ...]] = (*SparseState.CACHE_FIELDS, "key_hist")
     DECODE_BUFFERS: ClassVar[bool] = True
     DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("projections",)
 
@@ -113,6 +129,7 @@ class HyperState(SparseState):
     priority_shape: tuple | None = None
     priority: torch.Tensor | None = None
     key_buckets: KeyBuckets = dataclasses.field(default_factory=KeyBuckets)
+    key_hist: KeyHistogram | None = None
 
 
 # ---- sortLSH -----------------------------------------------------------------------------------------------------
@@ -180,13 +197,51 @@ def sorted_range_overlap(key_counts: torch.Tensor, width: int) -> torch.Tensor:
     return inside.clamp(min=0) / key_counts.clamp(min=1)[..., None, :]
 
 
-def lsh_block_scores(query, key, proj, g: BlockGeometry, width: int) -> torch.Tensor:
-    """``[B, Hq, NQ, NK]`` expected (query, key) pairs of each block pair that share a sorted bucket range."""
+def lsh_block_scores(query, key, proj, g: BlockGeometry, width: int, k_hist: torch.Tensor | None = None):
+    """``[B, Hq, NQ, NK]`` expected (query, key) pairs of each block pair that share a sorted bucket range;
+    ``k_hist``: the keys' block histogram when already known (``key_histogram``)."""
     n_buckets = 1 << proj.shape[1]
     groups = query.shape[1] // key.shape[1]
     q_hist = bucket_histogram(lsh_buckets(query, proj), g.block_q, n_buckets)  # [B, Hq, NQ, nb]
-    k_hist = bucket_histogram(lsh_buckets(key, proj), g.block_k, n_buckets)  # [B, Hkv, NK, nb]
+    if k_hist is None:
+        k_hist = bucket_histogram(lsh_buckets(key, proj), g.block_k, n_buckets)  # [B, Hkv, NK, nb]
     return shared_range_pairs(q_hist, k_hist, width, groups)
+
+
+def key_histogram(key, proj, block: int, past: int, previous: KeyHistogram | None) -> torch.Tensor:
+    """``[B, Hkv, NK, 2^p]`` the keys' block histogram: the ``previous`` call's, with the blocks from the one that
+    gained keys on re-hashed (at most one block of keys for a decode step), when it counts exactly the ``past`` keys
+    before this call's with the same rows, hyperplanes and blocks; else every key hashed.  Counts are integers in
+    fp32, so both ways give the same tensor bit for bit (and the same scores)."""
+    n_buckets = 1 << proj.shape[1]
+    if not continues(previous, key, proj, block, past):
+        return bucket_histogram(lsh_buckets(key, proj), block, n_buckets)
+    first = past // block  # the first block that gained keys since the last call
+    tail = bucket_histogram(lsh_buckets(key[:, :, first * block:], proj), block, n_buckets)
+    counts = previous.counts
+    # In place when the blocks are the same (the last one grew); not into a tensor made under inference_mode from
+    # outside it (torch refuses), nor when the cache started a block: then a copy (once per block).
+    if counts.shape[2] == first + tail.shape[2] and (torch.is_inference_mode_enabled() or not counts.is_inference()):
+        counts[:, :, first:] = tail
+        return counts
+    return torch.cat([counts[:, :, :first], tail], dim=2)
+
+
+def continues(previous: KeyHistogram | None, key, proj, block: int, past: int) -> bool:
+    """Whether ``previous`` counts exactly this call's first ``past`` keys, from what the host knows (no device
+    read): same rows, heads, device and hyperplanes, and it counted ``past`` keys.  Only a one-row batch keeps one
+    (``keeps_histogram``): a larger batch may be reordered (beam search) with nothing the host sees changing."""
+    if previous is None or past <= 0 or previous.tokens != past or previous.block != block:
+        return False
+    counts = previous.counts
+    return (previous.projections is proj and counts.device == key.device and counts.shape[:2] == key.shape[:2]
+            and counts.shape[2] == -(-past // block) and counts.shape[3] == 1 << proj.shape[1])
+
+
+def keeps_histogram(key) -> bool:
+    """Whether this call keeps its key histogram for the next: a batch of one row (a cache whose rows cannot be
+    reordered under it), on the host (a compiled step keeps no graph output across steps)."""
+    return key.shape[0] == 1 and not torch.compiler.is_compiling()
 
 
 def shared_range_pairs(q_hist: torch.Tensor, k_hist: torch.Tensor, width: int, groups: int) -> torch.Tensor:
@@ -252,15 +307,22 @@ def _drawn_priority(seed: int, n_k: int, heads: int, device: str) -> torch.Tenso
     return _draw_priority(seed, n_k, heads, device)
 
 
-def select_hyper(g: BlockGeometry, query, key, state):
-    config = state.config
-    state.method_state.key_buckets.built = False  # a host-path call: the row decode rebuilds its bucket counts
+def select_hyper(g: BlockGeometry, query, key, state, keep: bool | None = None):
+    """``keep``: whether this call keeps its key histogram for the next (default ``keeps_histogram``)."""
+    config, kept = state.config, state.method_state
+    kept.key_buckets.built = False  # a host-path call: the row decode rebuilds its bucket counts
+    # Taken, not read: a call that keeps none (below min_seq_len, another path) leaves none, so the next recounts.
+    previous, kept.key_hist = kept.key_hist, None
     allowed = causal_allowed(g, query.device)
     if g.kv_len < config.min_seq_len:
         return allowed
     forced = forced_blocks(g, config.sink_blocks, config.local_blocks, query.device) & allowed
     proj = lsh_projections(state, query.shape[-1], query.device)
-    scores = lsh_block_scores(query, key, proj, g, config.bucket_keys)
+    keep = keeps_histogram(key) if keep is None else keep
+    k_hist = key_histogram(key, proj, g.block_k, g.kv_len - g.q_len, previous if keep else None)
+    if keep:
+        kept.key_hist = KeyHistogram(k_hist, g.kv_len, g.block_k, proj)
+    scores = lsh_block_scores(query, key, proj, g, config.bucket_keys, k_hist)
     pick = top_blocks_lowest_first if config.ties == "lowest" else top_blocks
     chosen = pick(scores.masked_fill(~allowed | forced, float("-inf")), config.lsh_blocks) | forced
     sampled = sampled_blocks(state, g, query.shape[1], allowed & ~chosen)
@@ -318,6 +380,7 @@ def decode_hyper_rows(rows: RowGeometry, query, key, state):
     counted from its first real key, its samples by the same priorities as alone, every block below ``min_seq_len``
     keys; ``density`` resolved at the cache's capacity.  With ``ties="topk"`` (torch's order, which depends on the
     row's width): each row selected alone on the host (``_decode_rows_on_host``)."""
+    drop_host_histograms(state.method_state, this_state=state.config.ties == "lowest")
     if state.config.ties != "lowest":
         return _decode_rows_on_host(rows, query, key, state)
     with budget_applied(state, rows.geometry()):
@@ -338,10 +401,22 @@ def decode_hyper_rows(rows: RowGeometry, query, key, state):
         return blocks_from_mask(mask, width=decode_width(config, rows.geometry()))
 
 
+def drop_host_histograms(kept: HyperState, this_state: bool) -> None:
+    """A rows decode step: the row groups' histograms (from a padded prefill) and, on the device path
+    (``this_state``), this state's are not followed from here on (a later host call recounts), so they are freed now
+    rather than at the next prefill.  (With ``ties="topk"`` a batch of one row continues this state's.)"""
+    if this_state:
+        kept.key_hist = None
+    for group in kept.row_states.values():
+        group.key_hist = None
+
+
 def _decode_rows_on_host(rows: RowGeometry, query, key, state):
     """Each row's ``select_hyper`` on its own keys, as alone (a host read of the rows' bounds: the step does not
-    compile whole), as lists counted from each row's first key."""
+    compile whole), as lists counted from each row's first key.  A batch of one row keeps its key histogram (a static
+    cache's decode); rows of a larger batch may be reordered between steps (beam search), so each is recounted."""
     n_k = rows.n_k
+    keep = len(rows.lengths) == 1 and keeps_histogram(key)
     starts = [0] * len(rows.lengths) if rows.starts is None else rows.starts.tolist()
     masks = torch.zeros(len(starts), query.shape[1], 1, n_k, dtype=torch.bool, device=query.device)
     for row, (start, length) in enumerate(zip(starts, rows.lengths.tolist())):
@@ -349,7 +424,8 @@ def _decode_rows_on_host(rows: RowGeometry, query, key, state):
             g = BlockGeometry(1, length, rows.block_q, rows.block_k)
             with budget_applied(state, g):
                 masks[row:row + 1, ..., :g.n_k] = select_hyper(g, query[row:row + 1], key[row:row + 1, :,
-                                                                                      start:start + length], state)
+                                                                                      start:start + length], state,
+                                                               keep=keep)
     return blocks_from_mask(masks, width=decode_width(state.config, rows.geometry()))
 
 
