@@ -14,7 +14,7 @@ import torch
 
 from patchattn.testing import left_pad, tiny_inputs, tiny_model
 
-FAMILIES = ("llava", "qwen2_vl", "gemma3")
+FAMILIES = ("llava", "qwen2_vl", "gemma3", "qwen2_5_vl", "idefics3", "smolvlm")
 
 
 def padded_inputs(model, family: str):

@@ -75,7 +75,7 @@ def _oracle_logits(model, inputs, sees_text=False):
         _set_text_impl(model, "sdpa")
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "qwen2_5_vl", "idefics3", "smolvlm"])
 @pytest.mark.parametrize("visual_sees_text", [False, True])
 def test_matches_masked_sdpa_oracle_padded_batch(family, visual_sees_text):
     model, inputs = _inputs(family)
@@ -150,7 +150,7 @@ def test_perturbing_one_image_token_moves_no_other_image_token():
             assert image_change > 1e-4
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "qwen2_5_vl", "idefics3", "smolvlm"])
 def test_decode_with_cache_matches_the_oracle(family):
     model, inputs = _inputs(family)
     with torch.no_grad():

@@ -20,7 +20,7 @@ from patchattn.testing import left_pad, max_abs_diff, tiny_inputs, tiny_model
 DIM = 17  # the planted sink dimension (text hidden size 64 in every tiny model)
 TOL = 1e-5
 EXACT = 1e-6  # fp64 inputs, fp32 lse from the kernel
-LVLMS = ["llava", "qwen2_vl", "gemma3"]
+LVLMS = ["llava", "qwen2_vl", "gemma3", "qwen2_5_vl", "idefics3", "smolvlm"]
 
 
 # ---- the edit on one attention call --------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def _plant(model, positions: torch.Tensor, value: float = 400.0):
             kwargs["inputs_embeds"] = embeds
         return args, kwargs
 
-    return model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _planted_positions(inputs, image_token):
