@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lvlm_cases import family_inputs
+
 import patchattn
 from patchattn.masks.composite import composite_block_lists, composite_token_mask
 from patchattn.testing import left_pad, max_abs_diff, tiny_inputs, tiny_model
@@ -61,7 +63,7 @@ def _two_image_llava_inputs(model, batch=2):
 
 def _inputs(family):
     model = tiny_model(family)
-    inputs = _two_image_llava_inputs(model) if family == "llava" else tiny_inputs(model, family)
+    inputs = _two_image_llava_inputs(model) if family == "llava" else family_inputs(model, family)
     return model, left_pad(inputs, [0, 3], pad_id=1)
 
 

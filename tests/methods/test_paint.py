@@ -475,3 +475,58 @@ def test_qwen2_5_vl_scores_come_from_full_attention_layers_in_image_order():
 def test_qwen2_5_vl_layer_indices_count_full_attention_layers():
     with pytest.raises(ValueError, match="3 full-attention layers"):
         patchattn.patch(_qwen25_model(), "paint", summary_layer=3)
+
+
+# ---- SmolVLM's 4x4 pixel shuffle, split images --------------------------------------------------------------------
+def _smolvlm_scale4(oracle_name=None):
+    """SmolVLM's connector (scale_factor 4) on a 16x16 patch grid: 16 image tokens of 16 patches each."""
+    from transformers import AutoModelForImageTextToText
+
+    from patchattn.models import TINY_CONFIGS
+
+    config = TINY_CONFIGS["smolvlm"]()
+    config.scale_factor, config.vision_config.image_size, config.vision_config.patch_size = 4, 32, 2
+    if oracle_name is not None:
+        config.text_config._attn_implementation = oracle_name
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(config).eval()
+
+
+def test_smolvlm_pixel_shuffle_4x4_with_split_images_matches_the_oracle():
+    """Three tower images per row (two crops and the global image), each scored on its own: the tokens are the
+    brute-force pooling over the connector's own pixel-shuffle groups, and the model is the eager oracle's."""
+    from lvlm_cases import split_inputs
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from patchattn.testing import left_pad
+
+    model = _smolvlm_scale4()
+    inputs = left_pad(split_inputs(model), [0, 3])
+    mask = image_mask(model, inputs)
+    assert int(mask[0].sum()) == 3 * 16
+    local, summary = [], []
+    for loc, summ in _pixel_shuffle_maps(model, inputs, summary_layer=-1):
+        q1, q3 = np.percentile(summ.double().numpy(), [25, 75])
+        s = torch.from_numpy(summ.double().numpy() > q3)
+        top = torch.zeros_like(s)
+        top[torch.topk(loc, 4).indices] = True
+        local.append(top & ~s)
+        summary.append(s)
+    flat_local, flat_summary = torch.zeros_like(mask), torch.zeros_like(mask)
+    flat_local[mask], flat_summary[mask] = torch.cat(local), torch.cat(summary)
+    oracle = Oracle("paint", layers={0, 1, 2}, alpha=0.7, beta=0.3)
+    oracle.local, oracle.summary = flat_local, flat_summary
+    AttentionInterface.register("paint_oracle_smolvlm4", oracle)
+    AttentionMaskInterface.register("paint_oracle_smolvlm4", sdpa_mask)
+    reference = _smolvlm_scale4("paint_oracle_smolvlm4")
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected, dense = reference(**inputs).logits, model(**inputs).logits
+        with patchattn.patched(model, "paint", start_layer=0, iqr_factor=0.0, summary_layer=-1):
+            got = model(**inputs).logits
+            tokens = _capture(model).tokens
+    assert flat_local.any() and flat_summary.any()
+    assert torch.equal(tokens.local, flat_local) and torch.equal(tokens.summary, flat_summary)
+    assert max_abs_diff(got[valid], expected[valid]) <= TOL
+    assert torch.equal(got[:, :-1], dense[:, :-1]) and max_abs_diff(got[:, -1], dense[:, -1]) > 1e-4

@@ -10,6 +10,8 @@ import warnings
 import pytest
 import torch
 
+from lvlm_cases import family_inputs
+
 import patchattn
 from patchattn.calibrate import sink_dims as calibrate_sink_dims
 from patchattn.cli import main as cli_main
@@ -163,7 +165,7 @@ def _text_states(model):
 
 def _setup(family, pad=None):
     model = tiny_model(family)
-    inputs = tiny_inputs(model, family)
+    inputs = family_inputs(model, family)
     if pad is not None:
         inputs = left_pad(inputs, pad)
     return model, inputs, _plant(model, _planted_positions(inputs, model.config.image_token_id))
