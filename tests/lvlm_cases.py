@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from patchattn.testing import left_pad, tiny_inputs, tiny_model
+from patchattn.testing import LVLM_FAMILIES, left_pad, tiny_inputs, tiny_model
 
-FAMILIES = ("llava", "qwen2_vl", "gemma3", "qwen2_5_vl", "idefics3", "smolvlm")
+FAMILIES = LVLM_FAMILIES
 SPLIT = "smolvlm"  # the family whose test prompts use Idefics3-style image splitting (idefics3 keeps one image)
 
 

@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from patchattn.lvlm import CarveConfig, carve, contrast, fuse
 from patchattn.lvlm.carve import attention_maps, default_layers
 from patchattn.lvlm.images import apply_regions, connected_regions, keep_top_regions, top_p_cells
-from patchattn.testing import tiny_model
+from patchattn.testing import LVLM_FAMILIES, tiny_model
 
-
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
+FAMILIES = LVLM_FAMILIES
 SPLIT = ("smolvlm",)  # prompts with Idefics3-style image splitting: two crops, then the global image
 
 

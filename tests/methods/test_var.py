@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-
 from lvlm_cases import family_inputs
 
 import patchattn
@@ -17,12 +16,12 @@ from patchattn.calibrate import sink_dims as calibrate_sink_dims
 from patchattn.cli import main as cli_main
 from patchattn.methods import var
 from patchattn.state import get_state
-from patchattn.testing import left_pad, max_abs_diff, tiny_inputs, tiny_model
+from patchattn.testing import LVLM_FAMILIES, left_pad, max_abs_diff, tiny_model
 
 DIM = 17  # the planted sink dimension (text hidden size 64 in every tiny model)
 TOL = 1e-5
 EXACT = 1e-6  # fp64 inputs, fp32 lse from the kernel
-LVLMS = ["llava", "qwen2_vl", "gemma3", "qwen2_5_vl", "idefics3", "smolvlm"]
+LVLMS = list(LVLM_FAMILIES)
 
 
 # ---- the edit on one attention call --------------------------------------------------------------------------
