@@ -492,9 +492,26 @@ def _smolvlm_scale4(oracle_name=None):
     return AutoModelForImageTextToText.from_config(config).eval()
 
 
-def test_smolvlm_pixel_shuffle_4x4_with_split_images_matches_the_oracle():
-    """Three tower images per row (two crops and the global image), each scored on its own: the tokens are the
-    brute-force pooling over the connector's own pixel-shuffle groups, and the model is the eager oracle's."""
+def _uneven_split_inputs(model):
+    """Row 0 with three tower images, row 1 with two (left-padded), its third image all zeros: the processor's padding
+    image, which Idefics3 drops before the tower."""
+    from lvlm_cases import split_inputs
+
+    a, b = split_inputs(model, images=3, batch=1), split_inputs(model, images=2, batch=1, seed=1)
+    pad = a["input_ids"].shape[1] - b["input_ids"].shape[1]
+    ids = torch.cat([a["input_ids"], torch.nn.functional.pad(b["input_ids"], (pad, 0))])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    pixels = torch.cat([a["pixel_values"], torch.cat([b["pixel_values"], torch.zeros_like(b["pixel_values"][:, :1])],
+                                                     1)])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+@pytest.mark.parametrize("uneven", [False, True], ids=["3-images", "3-and-2-images"])
+def test_smolvlm_pixel_shuffle_4x4_with_split_images_matches_the_oracle(uneven):
+    """Three tower images per row (two crops and the global image; or two in the second row and a padding image),
+    each scored on its own: the tokens are the brute-force pooling over the connector's own pixel-shuffle groups,
+    and the model is the eager oracle's."""
     from lvlm_cases import split_inputs
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -502,9 +519,9 @@ def test_smolvlm_pixel_shuffle_4x4_with_split_images_matches_the_oracle():
     from patchattn.testing import left_pad
 
     model = _smolvlm_scale4()
-    inputs = left_pad(split_inputs(model), [0, 3])
+    inputs = _uneven_split_inputs(model) if uneven else left_pad(split_inputs(model), [0, 3])
     mask = image_mask(model, inputs)
-    assert int(mask[0].sum()) == 3 * 16
+    assert mask.sum(1).tolist() == [3 * 16, (2 if uneven else 3) * 16]
     local, summary = [], []
     for loc, summ in _pixel_shuffle_maps(model, inputs, summary_layer=-1):
         s = torch.from_numpy(summ.double().numpy() > np.percentile(summ.double().numpy(), 75))  # iqr_factor 0
