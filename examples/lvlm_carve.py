@@ -14,8 +14,8 @@ random model; it is written to run unchanged where the weights are reachable:
 It prints the model's answer on the original image, then CARVE's answer on the refined one, and saves the refined
 image (``--out``).  ``--config`` sets ``patchattn.lvlm.CarveConfig`` fields (layers, steps, lam, top_p, regions, mode,
 ...); ``--method`` patches the model (e.g. ``var``) for both answers (CARVE's two attention-reading passes switch the
-text backbone to eager attention, so they read the unpatched model's maps).  One image per prompt; the image tokens
-must form a grid (LLaVA, Qwen2-VL / Qwen2.5-VL, Gemma 3; not Idefics3 / SmolVLM's split images).  Every argument is
+text backbone to eager attention, so they read the unpatched model's maps).  One image per prompt; its tokens form
+one grid on every LVLM family (Idefics3 / SmolVLM with image splitting: the global image's grid).  Every argument is
 checked before anything is downloaded.
 """
 

@@ -12,14 +12,37 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from patchattn.testing import left_pad, tiny_inputs, tiny_model
+from patchattn.testing import LVLM_FAMILIES, left_pad, tiny_inputs, tiny_model
 
-FAMILIES = ("llava", "qwen2_vl", "gemma3")
+FAMILIES = LVLM_FAMILIES
+SPLIT = "smolvlm"  # the family whose test prompts use Idefics3-style image splitting (idefics3 keeps one image)
+
+
+def split_inputs(model, *, images: int = 3, batch: int = 2, tail: int = 8, seed: int = 0) -> dict:
+    """An Idefics3 / SmolVLM prompt as its processor lays out a split image: per tower image (crops, then the global
+    image) two text tokens (``<fake_token_around_image>``, ``<row_i_col_j>`` / ``<global-img>``) and the image's
+    tokens, then ``tail`` text tokens; ``pixel_values`` ``[B, images, 3, H, W]``."""
+    gen = torch.Generator().manual_seed(seed)
+    config = model.config
+    vision = config.vision_config
+    n_image = (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
+    text = lambda n: torch.randint(3, 100, (batch, n), generator=gen)
+    parts = []
+    for _ in range(images):
+        parts += [text(2), torch.full((batch, n_image), config.image_token_id)]
+    ids = torch.cat([*parts, text(tail)], dim=1)
+    size = vision.image_size
+    return {"input_ids": ids, "pixel_values": torch.randn(batch, images, 3, size, size, generator=gen)}
+
+
+def family_inputs(model, family: str, text_len: int = 12) -> dict:
+    """The tests' prompt for ``family``: ``tiny_inputs`` (one image), split images for ``SPLIT``."""
+    return split_inputs(model) if family == SPLIT else tiny_inputs(model, family, text_len=text_len)
 
 
 def padded_inputs(model, family: str):
-    """A batch of two with the second row left-padded by 3 tokens (its image stays inside)."""
-    return left_pad(tiny_inputs(model, family, text_len=14), [0, 3])
+    """A batch of two with the second row left-padded by 3 tokens (its images stay inside)."""
+    return left_pad(family_inputs(model, family, text_len=14), [0, 3])
 
 
 def full_probs(module, query, key, attention_mask, scaling, softcap=None, edit=None):

@@ -13,6 +13,7 @@ about, then re-asks the question on the image reduced to those regions.
 5. the top ``top_p`` share of cells, their 4-connected regions, the ``regions`` ones with the largest summed ``S``;
 6. the image masked (or cropped to the regions' box and resized back); pass 3 answers the question on it.
 
+With Idefics3 / SmolVLM image splitting the map is the global image's grid (the crops' tokens are not read).
 Attention maps are read with eager attention in the text backbone (``output_attentions``), switched on only for
 passes 1-2; pass 3 runs the model as it is.  ``processor`` is any callable with the transformers processor interface
 (``processor(text=, images=, return_tensors="pt")`` -> ``input_ids``, ``pixel_values``, optionally
@@ -147,15 +148,37 @@ def _generate(model, inputs, tokens: int, **extra):
     return model.generate(**inputs, max_new_tokens=tokens, do_sample=False, **extra)
 
 
+def image_positions(inputs, model) -> torch.Tensor:
+    """Positions of the image tokens CARVE maps, in the first prompt: all of them, except with Idefics3 / SmolVLM
+    image splitting (``pixel_values [1, images, C, H, W]``: the crops, then the global image, each its own grid of
+    tokens in that order): the global image's, the one grid that covers the whole picture."""
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    pixels = inputs.get("pixel_values") if hasattr(inputs, "get") else None
+    if torch.is_tensor(pixels) and pixels.dim() == 5 and pixels.shape[1] > 1:
+        image = image[-(image.numel() // pixels.shape[1]):]
+    return image
+
+
 @torch.no_grad()
 def attention_maps(model, inputs, layers: list[int], steps: int) -> torch.Tensor:
     """``[steps, len(layers), N_v]``: each generated token's attention over the image tokens, mean over heads."""
-    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    image = image_positions(inputs, model)
     with _eager_text_attention(model):
         out = _generate(model, inputs, steps, min_new_tokens=steps, output_attentions=True,
                         return_dict_in_generate=True)
-    maps = [torch.stack([step[layer][0].float().mean(0)[-1, image] for layer in layers]) for step in out.attentions]
+    prompt = inputs["input_ids"].shape[1]
+    maps = [torch.stack([_image_columns(step[layer][0].float().mean(0)[-1], image, prompt + t) for layer in layers])
+            for t, step in enumerate(out.attentions)]
     return torch.stack(maps[:steps]).cpu()
+
+
+def _image_columns(row: torch.Tensor, image: torch.Tensor, length: int) -> torch.Tensor:
+    """The attention of ``row`` (over the call's keys: the last ``row.numel()`` of the ``length`` tokens so far; a
+    sliding-window layer's cache keeps only its newest, as Gemma 3's local layers) on the ``image`` positions; 0 for
+    image tokens that left the window."""
+    columns = image.to(row.device) - (length - row.numel())
+    inside = columns >= 0
+    return torch.where(inside, row[columns.clamp_min(0)], torch.zeros((), dtype=row.dtype, device=row.device))
 
 
 def carve(model, processor, image, question: str, config: CarveConfig | None = None, **overrides) -> CarveResult:

@@ -17,7 +17,9 @@ whose attention implementation is a capture function that computes the CLS row (
 the module's own implementation unchanged; ``unpatch`` puts the shared config back.  A tower without a CLS token
 (Qwen2-VL, Gemma 3's SigLIP) scores each patch by the attention it *receives*, averaged over all query patches
 (computed in query chunks); the scores follow the connector onto the image tokens (Qwen2-VL merges
-``spatial_merge_size^2`` consecutive patches, Gemma 3 average-pools the patch grid), as the features do.
+``spatial_merge_size^2`` consecutive patches, Gemma 3 average-pools the patch grid, Idefics3 / SmolVLM pixel-shuffle
+each ``scale_factor x scale_factor`` block of patches into one token: its score is the block's mean), as the features
+do.  With Idefics3's image splitting each crop (and the global image) is one tower image, scored on its own.
 Qwen2.5-VL's tower attends in windows except in its full-attention layers: the scores come from those (``local_layer``
 and ``summary_layer`` count them), and are put back from the tower's window order into image order.
 
@@ -60,7 +62,8 @@ class TokenMap:
     """How one family's vision tower patches become image tokens.
 
     ``cls``: the tower has a CLS token first (CLIP); ``merge``: consecutive patches merged per token (Qwen2-VL's
-    ``spatial_merge_size^2``); ``pool``: image tokens per image after average-pooling a square patch grid (Gemma 3);
+    ``spatial_merge_size^2``); ``pool``: image tokens per image after average-pooling a square patch grid (Gemma 3;
+    Idefics3 / SmolVLM, whose pixel shuffle groups ``scale_factor^2`` patches per token);
     ``windowed``: the tower sees each image's merge groups in window order (Qwen2.5-VL), so its token scores are put
     back in image order; ``layers``: the tower layers ``local_layer`` / ``summary_layer`` count (None: all; Qwen2.5-VL:
     its full-attention layers, the only ones whose attention spans the whole image).
@@ -90,7 +93,16 @@ def _qwen2_5_vl(config) -> TokenMap:
     return TokenMap(merge=vision.spatial_merge_size ** 2, windowed=True, layers=tuple(vision.fullatt_block_indexes))
 
 
-TOKEN_MAPS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "gemma3": _gemma3}
+def _idefics3(config) -> TokenMap:
+    # The connector's pixel shuffle concatenates each scale_factor x scale_factor block of the (square) patch grid
+    # into one token, row-major over the blocks: the same grouping as average-pooling the grid by scale_factor.
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    return TokenMap(pool=(side // config.scale_factor) ** 2)
+
+
+TOKEN_MAPS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "gemma3": _gemma3,
+              "idefics3": _idefics3, "smolvlm": _idefics3}
 
 
 @dataclass(kw_only=True)

@@ -9,12 +9,13 @@ method (every setting changes the outputs of a prompt with an image).
 import pytest
 import torch
 import torch.nn.functional as F
+from lvlm_cases import family_inputs
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import patchattn
 from patchattn.masks.composite import composite_block_lists, composite_token_mask
-from patchattn.testing import left_pad, max_abs_diff, tiny_inputs, tiny_model
+from patchattn.testing import LVLM_FAMILIES, left_pad, max_abs_diff, tiny_inputs, tiny_model
 
 TOL = 2e-5
 ORACLE = "composite_oracle_test"
@@ -61,7 +62,7 @@ def _two_image_llava_inputs(model, batch=2):
 
 def _inputs(family):
     model = tiny_model(family)
-    inputs = _two_image_llava_inputs(model) if family == "llava" else tiny_inputs(model, family)
+    inputs = _two_image_llava_inputs(model) if family == "llava" else family_inputs(model, family)
     return model, left_pad(inputs, [0, 3], pad_id=1)
 
 
@@ -75,7 +76,7 @@ def _oracle_logits(model, inputs, sees_text=False):
         _set_text_impl(model, "sdpa")
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", LVLM_FAMILIES)
 @pytest.mark.parametrize("visual_sees_text", [False, True])
 def test_matches_masked_sdpa_oracle_padded_batch(family, visual_sees_text):
     model, inputs = _inputs(family)
@@ -150,7 +151,7 @@ def test_perturbing_one_image_token_moves_no_other_image_token():
             assert image_change > 1e-4
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", LVLM_FAMILIES)
 def test_decode_with_cache_matches_the_oracle(family):
     model, inputs = _inputs(family)
     with torch.no_grad():

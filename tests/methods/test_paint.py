@@ -1,5 +1,5 @@
 """``paint``: token choice from the vision tower and the last-row logit edit, against eager oracles, on tiny LLaVA,
-Qwen2-VL and Gemma 3."""
+Qwen2-VL, Gemma 3, Idefics3 and SmolVLM (Qwen2.5-VL's windowed tower has its own tests at the end)."""
 
 import itertools
 
@@ -14,6 +14,9 @@ from patchattn.testing import max_abs_diff, tiny_inputs, tiny_model
 
 TOL = 2e-5
 SETTINGS = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+# qwen2_5_vl: the tiny default tower has one full-attention layer (no penultimate one); tested with 6 layers below
+PAINT_FAMILIES = [f for f in FAMILIES if f != "qwen2_5_vl"]
+PIXEL_SHUFFLE = ("idefics3", "smolvlm")
 
 
 def _capture(model):
@@ -27,6 +30,8 @@ def _vision_maps(family, inputs, summary_layer=-2):
     model = tiny_model(family)
     if family == "qwen2_vl":
         return _qwen_maps(model, inputs, summary_layer)
+    if family in PIXEL_SHUFFLE:
+        return _pixel_shuffle_maps(model, inputs, summary_layer)
     model.config.vision_config._attn_implementation_internal = "eager"
     with torch.no_grad():
         maps = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions
@@ -72,6 +77,35 @@ def _qwen_maps(model, inputs, summary_layer):
     return list(zip(seen[0], seen[last]))
 
 
+def _pixel_shuffle_maps(model, inputs, summary_layer):
+    """Idefics3 / SmolVLM: per tower image, the attention each patch receives (eager, mean over query patches, summed
+    over heads), then each LLM token's score is the mean over the patches the connector's own ``pixel_shuffle`` puts
+    into it (found by shuffling the patch indices, not by assuming a pooling)."""
+    seen = {}
+
+    def grab(layer):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            split = lambda x: x.view(*h.shape[:2], module.num_heads, -1).transpose(1, 2)
+            q, k = split(module.q_proj(h)), split(module.k_proj(h))
+            received = torch.softmax(q @ k.transpose(-1, -2) * module.scale, -1).mean(2).sum(1)  # [images, N]
+            seen[layer] = received
+        return hook
+
+    layers = model.model.vision_model.encoder.layers
+    last = summary_layer % len(layers)
+    handles = [layers[i].self_attn.register_forward_pre_hook(grab(i), with_kwargs=True) for i in {0, last}]
+    with torch.no_grad():
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    patches = seen[0].shape[1]
+    index = torch.arange(patches, dtype=torch.float64)[None, :, None]
+    groups = model.model.connector.pixel_shuffle(index, model.config.scale_factor)[0].long()  # [tokens, s^2]
+    assert torch.equal(groups.flatten().sort().values, torch.arange(patches))
+    return [(seen[0][i][groups].mean(-1), seen[last][i][groups].mean(-1)) for i in range(seen[0].shape[0])]
+
+
 def _oracle_tokens(family, inputs, mask, ratio=0.25, factor=1.5, summary_layer=-2):
     local, summary = [], []
     for loc, summ in _vision_maps(family, inputs, summary_layer):
@@ -91,7 +125,7 @@ def _oracle_tokens(family, inputs, mask, ratio=0.25, factor=1.5, summary_layer=-
 CHOICES = [(1.5, -2), (0.0, -1)]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PAINT_FAMILIES)
 @pytest.mark.parametrize(("factor", "summary_layer"), CHOICES)
 def test_token_choice_matches_the_vision_towers_eager_maps(family, factor, summary_layer):
     model = tiny_model(family)
@@ -109,7 +143,7 @@ def test_token_choice_matches_the_vision_towers_eager_maps(family, factor, summa
 
 
 # ---- whole models against the eager oracle ----------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PAINT_FAMILIES)
 @pytest.mark.parametrize(("factor", "summary_layer"), CHOICES)
 def test_model_matches_the_eager_oracle_prefill_and_decode(family, factor, summary_layer):
     model = tiny_model(family)
@@ -200,7 +234,7 @@ def test_head_variant_runs_on_a_model_and_differs():
 
 
 # ---- dense equivalence, unpatch, targets, families -------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PAINT_FAMILIES)
 def test_zero_boost_is_dense_exactly(family):
     model = tiny_model(family)
     inputs = padded_inputs(model, family)
@@ -210,7 +244,7 @@ def test_zero_boost_is_dense_exactly(family):
             assert torch.equal(model(**inputs).logits, reference)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PAINT_FAMILIES)
 def test_unpatch_restores_the_model_and_its_vision_tower(family):
     model = tiny_model(family)
     inputs = tiny_inputs(model, family)
@@ -254,8 +288,9 @@ def test_text_only_input_and_a_new_prompt():
             assert _capture(model).tokens is not first and torch.equal(_capture(model).tokens.local, first.local)
 
 
-def test_unsupported_family_and_bad_fields_are_refused():
+def test_unsupported_family_and_bad_fields_are_refused(monkeypatch):
     model = tiny_model("idefics3")
+    monkeypatch.delitem(paint.TOKEN_MAPS, "idefics3")  # a family with no patch -> token map is refused at patch time
     with pytest.raises(ValueError, match="llava"):
         patchattn.patch(model, "paint")
     assert patchattn.get_handle(model) is None and not any(hasattr(m, "patchattn") for m in model.modules())
@@ -440,3 +475,74 @@ def test_qwen2_5_vl_scores_come_from_full_attention_layers_in_image_order():
 def test_qwen2_5_vl_layer_indices_count_full_attention_layers():
     with pytest.raises(ValueError, match="3 full-attention layers"):
         patchattn.patch(_qwen25_model(), "paint", summary_layer=3)
+
+
+# ---- SmolVLM's 4x4 pixel shuffle, split images --------------------------------------------------------------------
+def _smolvlm_scale4(oracle_name=None):
+    """SmolVLM's connector (scale_factor 4) on a 16x16 patch grid: 16 image tokens of 16 patches each."""
+    from transformers import AutoModelForImageTextToText
+
+    from patchattn.models import TINY_CONFIGS
+
+    config = TINY_CONFIGS["smolvlm"]()
+    config.scale_factor, config.vision_config.image_size, config.vision_config.patch_size = 4, 32, 2
+    if oracle_name is not None:
+        config.text_config._attn_implementation = oracle_name
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(config).eval()
+
+
+def _uneven_split_inputs(model):
+    """Row 0 with three tower images, row 1 with two (left-padded), its third image all zeros: the processor's padding
+    image, which Idefics3 drops before the tower."""
+    from lvlm_cases import split_inputs
+
+    a, b = split_inputs(model, images=3, batch=1), split_inputs(model, images=2, batch=1, seed=1)
+    pad = a["input_ids"].shape[1] - b["input_ids"].shape[1]
+    ids = torch.cat([a["input_ids"], torch.nn.functional.pad(b["input_ids"], (pad, 0))])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    pixels = torch.cat([a["pixel_values"], torch.cat([b["pixel_values"], torch.zeros_like(b["pixel_values"][:, :1])],
+                                                     1)])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+@pytest.mark.parametrize("uneven", [False, True], ids=["3-images", "3-and-2-images"])
+def test_smolvlm_pixel_shuffle_4x4_with_split_images_matches_the_oracle(uneven):
+    """Three tower images per row (two crops and the global image; or two in the second row and a padding image),
+    each scored on its own: the tokens are the brute-force pooling over the connector's own pixel-shuffle groups,
+    and the model is the eager oracle's."""
+    from lvlm_cases import split_inputs
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from patchattn.testing import left_pad
+
+    model = _smolvlm_scale4()
+    inputs = _uneven_split_inputs(model) if uneven else left_pad(split_inputs(model), [0, 3])
+    mask = image_mask(model, inputs)
+    assert mask.sum(1).tolist() == [3 * 16, (2 if uneven else 3) * 16]
+    local, summary = [], []
+    for loc, summ in _pixel_shuffle_maps(model, inputs, summary_layer=-1):
+        s = torch.from_numpy(summ.double().numpy() > np.percentile(summ.double().numpy(), 75))  # iqr_factor 0
+        top = torch.zeros_like(s)
+        top[torch.topk(loc, 4).indices] = True
+        local.append(top & ~s)
+        summary.append(s)
+    flat_local, flat_summary = torch.zeros_like(mask), torch.zeros_like(mask)
+    flat_local[mask], flat_summary[mask] = torch.cat(local), torch.cat(summary)
+    oracle = Oracle("paint", layers={0, 1, 2}, alpha=0.7, beta=0.3)
+    oracle.local, oracle.summary = flat_local, flat_summary
+    AttentionInterface.register("paint_oracle_smolvlm4", oracle)
+    AttentionMaskInterface.register("paint_oracle_smolvlm4", sdpa_mask)
+    reference = _smolvlm_scale4("paint_oracle_smolvlm4")
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected, dense = reference(**inputs).logits, model(**inputs).logits
+        with patchattn.patched(model, "paint", start_layer=0, iqr_factor=0.0, summary_layer=-1):
+            got = model(**inputs).logits
+            tokens = _capture(model).tokens
+    assert flat_local.any() and flat_summary.any()
+    assert torch.equal(tokens.local, flat_local) and torch.equal(tokens.summary, flat_summary)
+    assert max_abs_diff(got[valid], expected[valid]) <= TOL
+    assert torch.equal(got[:, :-1], dense[:, :-1]) and max_abs_diff(got[:, -1], dense[:, -1]) > 1e-4

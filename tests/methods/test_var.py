@@ -9,18 +9,19 @@ import warnings
 
 import pytest
 import torch
+from lvlm_cases import family_inputs
 
 import patchattn
 from patchattn.calibrate import sink_dims as calibrate_sink_dims
 from patchattn.cli import main as cli_main
 from patchattn.methods import var
 from patchattn.state import get_state
-from patchattn.testing import left_pad, max_abs_diff, tiny_inputs, tiny_model
+from patchattn.testing import LVLM_FAMILIES, left_pad, max_abs_diff, tiny_model
 
 DIM = 17  # the planted sink dimension (text hidden size 64 in every tiny model)
 TOL = 1e-5
 EXACT = 1e-6  # fp64 inputs, fp32 lse from the kernel
-LVLMS = ["llava", "qwen2_vl", "gemma3"]
+LVLMS = list(LVLM_FAMILIES)
 
 
 # ---- the edit on one attention call --------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def _plant(model, positions: torch.Tensor, value: float = 400.0):
             kwargs["inputs_embeds"] = embeds
         return args, kwargs
 
-    return model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _planted_positions(inputs, image_token):
@@ -163,7 +164,7 @@ def _text_states(model):
 
 def _setup(family, pad=None):
     model = tiny_model(family)
-    inputs = tiny_inputs(model, family)
+    inputs = family_inputs(model, family)
     if pad is not None:
         inputs = left_pad(inputs, pad)
     return model, inputs, _plant(model, _planted_positions(inputs, model.config.image_token_id))
