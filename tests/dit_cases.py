@@ -128,3 +128,32 @@ def pooled_mask(mask: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     for i, j in mask.nonzero().tolist():
         any_seen[blocks[i], blocks[j]] = True
     return any_seen[blocks][:, blocks]
+
+
+def dit_module(config, grid, image, text) -> torch.nn.Module:
+    """A bare module carrying a DiT patch state for one call on ``grid`` with ``image`` / ``text`` spans."""
+    from patchattn.state import PatchContext, PatchState, TokenLayout
+
+    layout = TokenLayout(text_slices=text, grid=grid, image_slice=image)
+    module = torch.nn.Module()
+    module.patchattn = PatchState(config, 0, "dit", PatchContext(family="test", kind="dit", layout=layout))
+    return module
+
+
+def call_against_sdpa(method: str, module, length: int, allowed_of, *, batch=2, heads=2, dim=16, scaling=0.3):
+    """One ``method`` call on ``module`` and SDPA with the mask ``allowed_of(module)`` (bool ``[T, T]``, read after
+    the call, when the plan exists) on the same random q/k/v: ((out, dq, dk, dv) of the method, the same of SDPA,
+    the mask)."""
+    from patchattn.methods._dit import dense_sdpa
+    from patchattn.registry import get_spec
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen).requires_grad_() for _ in range(3))
+    out, _ = get_spec(method).forward(module, q, k, v, None, scaling=scaling)
+    allowed = allowed_of(module)
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    expected = dense_sdpa(qr, kr, vr, allowed, scaling=scaling)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    return (out, q.grad, k.grad, v.grad), (expected, qr.grad, kr.grad, vr.grad), allowed

@@ -140,6 +140,29 @@ def model_row(args, method, tokens, exchange, device, dtype, overrides) -> dict:
     return dict(ms=ms / args.layers, one_gpu_ms=one_ms / args.layers, max_err=float("nan"), peak_gib=peak_gib(device))
 
 
+def measured_row(row: dict, measure, device, rank: int) -> dict:
+    """``row`` updated with ``measure()``; a configuration that fails (out of memory) is a row with its error."""
+    try:
+        row.update(measure())
+    except Exception as err:  # noqa: BLE001 - a failed configuration is a result row
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if rank == 0:
+        print(json.dumps(row), flush=True)
+    return row
+
+
+def write_csv(path: str, meta: dict, columns: list[str], rows: list[dict]) -> None:
+    """The rows under a first comment line stamping the environment and command."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        f.write("# " + json.dumps(meta) + "\n")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -168,23 +191,14 @@ def main(argv=None) -> int:
                         continue  # dense only (a content-based selection reads every key block first)
                     row = dict(mode=mode, method=method, tokens=tokens, layers=1 if mode == "attention" else args.layers,
                                world=world, exchange=exchange, balance=args.balance, error="")
-                    try:
-                        row.update(runners[mode](args, method, tokens, exchange, device, dtype, overrides))
-                        row["speedup"] = row["one_gpu_ms"] / row["ms"]
-                    except Exception as err:  # noqa: BLE001 - a failed configuration (OOM) is a result row
-                        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                    rows.append(row)
-                    if rank == 0:
-                        print(json.dumps(row), flush=True)
+
+                    def measure(mode=mode, method=method, tokens=tokens, exchange=exchange, overrides=overrides):
+                        out = runners[mode](args, method, tokens, exchange, device, dtype, overrides)
+                        return {**out, "speedup": out["one_gpu_ms"] / out["ms"]}
+
+                    rows.append(measured_row(row, measure, device, rank))
     if rank == 0 and args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            f.write("# " + json.dumps(meta) + "\n")
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, meta, COLUMNS, rows)
     dist.barrier()
     dist.destroy_process_group()
     return 0

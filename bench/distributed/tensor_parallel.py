@@ -18,7 +18,6 @@ test_tensor_parallel_bench.py); the times then mean nothing.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from context_parallel import SHAPES, peak_gib, timed
+from context_parallel import SHAPES, measured_row, peak_gib, timed, write_csv
 
 import patchattn
 from patchattn.report import environment
@@ -114,22 +113,11 @@ def main(argv=None) -> int:
     for method in args.methods:
         for tokens in args.tokens:
             row = {"method": method, "tokens": tokens, "layers": args.layers, "world": world, "error": ""}
-            try:
-                row.update(row_for(args, method, tokens, whole, sharded, device, method_args.get(method, {})))
-            except Exception as err:  # noqa: BLE001 - a failed configuration (OOM) is a result row
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-            if rank == 0:
-                print(json.dumps(row), flush=True)
+            overrides = method_args.get(method, {})
+            rows.append(measured_row(row, lambda m=method, t=tokens, o=overrides: row_for(args, m, t, whole, sharded,
+                                                                                         device, o), device, rank))
     if rank == 0 and args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            f.write("# " + json.dumps(meta) + "\n")
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, meta, COLUMNS, rows)
     dist.barrier()
     dist.destroy_process_group()
     return 0

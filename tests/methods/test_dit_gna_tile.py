@@ -8,13 +8,10 @@ import warnings
 
 import pytest
 import torch
-from dit_cases import pooled_mask, spans
+from dit_cases import call_against_sdpa, dit_module, pooled_mask, spans
 
 from patchattn.masks.neighborhood import neighborhood_plan, neighborhood_token_mask, with_text
-from patchattn.methods._dit import dense_sdpa
 from patchattn.methods.gna import GNAConfig, neighborhood_for
-from patchattn.registry import get_spec
-from patchattn.state import PatchContext, PatchState, TokenLayout
 
 PLANS = [
     # grid, text tokens, text first, window, stride, dilation, causal, tile
@@ -81,37 +78,26 @@ def test_sliding_window_loses_its_partial_tiles():
 
 
 # ---- the method, against SDPA with the rounded mask ----------------------------------------------------------------
-def _module(config, grid, image, text):
-    layout = TokenLayout(text_slices=text, grid=grid, image_slice=image)
-    module = torch.nn.Module()
-    module.patchattn = PatchState(config, 0, "dit", PatchContext(family="test", kind="dit", layout=layout))
-    return module
-
-
 CALLS = [
     ((1, 6, 5), 4, True, {"window": [3, 4], "stride": [1, 2], "tile": [2, 8]}),
     ((4, 3, 5), 5, False, {"window": [3, 2, 4], "stride": [3, 2, 2], "dilation": [1, 1, 2], "tile": [2, 2, 4]}),
 ]
 
 
-def _run_call(config, grid, n_text, text_first, *, batch=2, heads=2, dim=16):
+def _run_call(config, grid, n_text, text_first, *, batch=2, heads=2):
     image, text = spans(grid, n_text, text_first)
     length = math.prod(grid) + n_text
     hood = neighborhood_for(config, grid)
     exact = with_text(neighborhood_token_mask(hood.grid, hood.window, hood.stride, hood.dilation, hood.causal),
                       length, image, text)
-    module = _module(config, grid, image, text)
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen).requires_grad_() for _ in range(3))
-    out, _ = get_spec("gna").forward(module, q, k, v, None, scaling=0.3)
-    plan = next(iter(module.patchattn.method_state.plans.values()))
-    allowed = pooled_mask(exact, plan.position // plan.tiled.block_q)
-    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    expected = dense_sdpa(qr, kr, vr, allowed, scaling=0.3)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    return (out, q.grad, k.grad, v.grad), (expected, qr.grad, kr.grad, vr.grad), module, allowed
+
+    def allowed_of(module):  # the plan's tiles, known after the call
+        plan = next(iter(module.patchattn.method_state.plans.values()))
+        return pooled_mask(exact, plan.position // plan.tiled.block_q)
+
+    module = dit_module(config, grid, image, text)
+    got, expected, allowed = call_against_sdpa("gna", module, length, allowed_of, batch=batch, heads=heads)
+    return got, expected, module, allowed
 
 
 @pytest.mark.parametrize("grid, n_text, text_first, settings", CALLS)

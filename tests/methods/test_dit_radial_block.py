@@ -7,38 +7,12 @@ import warnings
 
 import pytest
 import torch
-from dit_cases import pooled_mask, spans
+from dit_cases import call_against_sdpa, dit_module, pooled_mask, spans
+from test_dit_radial import oracle_mask
 
 from patchattn.masks.frames import PAD, frame_layout
 from patchattn.masks.radial import radial_plan
-from patchattn.methods._dit import dense_sdpa
 from patchattn.methods.radial import RadialConfig, plan_for
-from patchattn.registry import get_spec
-from patchattn.state import PatchContext, PatchState, TokenLayout
-
-
-def _sees(i, k, j, l, s, dense_band, decay, sink):
-    """Query (frame i, raster k) sees key (frame j, raster l): the paper's rule, in plain Python."""
-    d = abs(i - j)
-    if d <= dense_band or (sink and j == 0):
-        return True
-    w = decay * s / 2 ** math.floor(math.log2(max(d, 1)))
-    if w >= 1:
-        return abs(k - l) < w
-    return k == l and d % math.ceil(1 / w) == 0
-
-
-def token_mask(grid, image, text, dense_band=1, decay_factor=1.0, first_frame_sink=False):
-    frames, height, width = grid
-    s = height * width
-    length = frames * s + sum(b - a for a, b in text)
-    mask = torch.ones(length, length, dtype=torch.bool)  # text rows and columns: everything
-    for q in range(image[0], image[1]):
-        for k in range(image[0], image[1]):
-            a, b = q - image[0], k - image[0]
-            mask[q, k] = _sees(a // s, a % s, b // s, b % s, s, dense_band, decay_factor, first_frame_sink)
-    return mask
-
 
 CASES = [
     # grid, text tokens, text first, settings
@@ -54,7 +28,7 @@ CASES = [
 def _expected(grid, image, text, block, settings):
     layout = frame_layout(grid, image, text, block)
     blocks = layout.position // block
-    return token_mask(grid, image, text, **settings), pooled_mask(token_mask(grid, image, text, **settings), blocks), \
+    return oracle_mask(grid, image, text, **settings), pooled_mask(oracle_mask(grid, image, text, **settings), blocks), \
         layout
 
 
@@ -62,7 +36,7 @@ def _expected(grid, image, text, block, settings):
 @pytest.mark.parametrize("grid, n_text, text_first, settings", CASES)
 def test_block_mask_is_the_token_mask_pooled_to_blocks(grid, n_text, text_first, settings, block):
     image, text = spans(grid, n_text, text_first)
-    exact, expected, layout = _expected(grid, image, text, block, settings)
+    exact, expected, _ = _expected(grid, image, text, block, settings)
     plan = radial_plan(grid, image=image, text=text, block=block, granularity="block", **settings)
     got = plan.token_mask()
     assert torch.equal(got, expected)
@@ -106,29 +80,15 @@ def test_block_mode_removes_most_partial_tiles():
 
 
 # ---- one attention call against SDPA with the rounded mask -------------------------------------------------------
-def _module(config, grid, image, text):
-    layout = TokenLayout(text_slices=text, grid=grid, image_slice=image)
-    module = torch.nn.Module()
-    module.patchattn = PatchState(config, 0, "dit", PatchContext(family="test", kind="dit", layout=layout))
-    return module
-
-
-def _run_call(config, grid, n_text, text_first, *, batch=2, heads=2, dim=16):
+def _run_call(config, grid, n_text, text_first, *, batch=2, heads=2):
     image, text = spans(grid, n_text, text_first)
     settings = {"dense_band": config.dense_band, "decay_factor": config.decay_factor,
                 "first_frame_sink": config.first_frame_sink}
     _, allowed, _ = _expected(grid, image, text, config.block, settings)
-    length = math.prod(grid) + n_text
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen).requires_grad_() for _ in range(3))
-    module = _module(config, grid, image, text)
-    out, _ = get_spec("radial").forward(module, q, k, v, None, scaling=0.3)
-    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    expected = dense_sdpa(qr, kr, vr, allowed, scaling=0.3)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    return (out, q.grad, k.grad, v.grad), (expected, qr.grad, kr.grad, vr.grad), module, allowed
+    module = dit_module(config, grid, image, text)
+    got, expected, _ = call_against_sdpa("radial", module, math.prod(grid) + n_text, lambda _: allowed, batch=batch,
+                                         heads=heads)
+    return got, expected, module, allowed
 
 
 @pytest.mark.parametrize("grid, n_text, text_first, settings", CASES)
@@ -150,7 +110,7 @@ def test_block_mode_triton_interpreter(triton_interpreter):
 
 def test_plans_are_kept_apart_by_granularity():
     grid, image, text = (6, 5, 7), (0, 210), ()
-    module = _module(RadialConfig(), grid, image, text)
+    module = dit_module(RadialConfig(), grid, image, text)
     call = type("Call", (), {"grid": grid, "image": image, "text": text})()
     plans = [plan_for(module.patchattn, RadialConfig(granularity=g, dense_band=0, decay_factor=0.5), call, "cpu")
              for g in ("token", "block", "token")]
