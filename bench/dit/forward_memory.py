@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.getcwd())
-from patchattn.bench import dit  # noqa: E402
+from patchattn.bench import dit
 
 GIB = 2**30
 
