@@ -3,7 +3,11 @@
 # beside SDPA (and FlexAttention on the method's own tiles) in the same run. Random weights: speed does not depend
 # on them. Needs diffusers for the forward rows.
 #   bash bench/dit/reproduce.sh [step ...]      (repository root as cwd; no step: all, in this order)
-# Steps (one CSV each, a .json beside it with the environment and command):
+# Steps (one CSV each, a .json beside it with the environment and command). A step that runs both modes times the
+# whole forward at every shape it names: FLUX (4 double + 8 single blocks), Wan (4 blocks) and now HunyuanVideo
+# (4 double + 8 single blocks; ~17 GiB peak unpatched, bench/dit/forward_memory.py). The times below predate the
+# HunyuanVideo forward rows: gna, routing, local and radial_block now take roughly 25 s more per method (an estimate
+# from Wan's measured forward: ~5 s per HunyuanVideo forward, timed 5 times; not measured).
 #   gna        FLUX 1024² / 4K (128² and NATTEN's 256² grid), Wan 720p, HunyuanVideo 720p: dense, gna (defaults:
 #              the GNA paper's FLUX preset scaled per axis), moh (forward only)                     ~5 min
 #   gna_paper  HunyuanVideo 720p with the GNA paper's 3D setting (window 18x24x24, stride 16x8x8)    ~1 min
@@ -16,8 +20,10 @@
 #   agent      agent attention only (AgentSD defaults), after the fix of its strided agents (design note 43)  ~0.5 min
 #   radial_block  radial token-exact vs granularity=block (band rounded outward to whole blocks, design note 48),
 #              paper defaults and the released Wan setting, blocks 64 and 128, Wan 720p and HunyuanVideo 720p:
-#              attention (beside SDPA and Flex, listed/partial tiles per row) and forward (Wan only: no
-#              HunyuanVideo model in bench dit)                                                       ~4 min
+#              attention (beside SDPA and Flex, listed/partial tiles per row) and forward            ~4 min
+#   hunyuan_forward  only the HunyuanVideo 720p forward rows, one CSV: the methods of gna, routing and local plus
+#              gna with the GNA paper's 3D setting (gna_paper's); fills the forward gap without re-running their
+#              attention rows (not in the default list: gna, routing and local write these rows too)   ~6 min
 #   gna_tile   gna token-exact vs granularity=tile (neighborhoods rounded outward to tiles), attention only, the
 #              scaled defaults at every default shape and the GNA paper's 3D setting at HunyuanVideo 720p  ~2 min
 set -euo pipefail
@@ -41,6 +47,8 @@ for step in "${steps[@]}"; do
         --methods 'radial@steady:{"dense_first_steps":0};clear' --csv "$out/local.csv" ;;
     radial_wan) python -m patchattn.bench.dit --shapes wan-720p --csv "$out/radial_wan.csv" --methods \
         'radial@wan:{"dense_first_steps":0,"dense_band":0,"decay_factor":0.2,"first_frame_sink":true}' ;;
+    hunyuan_forward) python -m patchattn.bench.dit --shapes hunyuan-720p --modes forward --csv "$out/hunyuan_forward.csv" \
+        --methods 'dense;gna;gna@paper:{"window":[18,24,24],"stride":[16,8,8]};moh;blocktopk;blocktopk@d10:{"density":0.1};agent;radial@steady:{"dense_first_steps":0};clear' ;;
     agent) python -m patchattn.bench.dit --modes attention --methods agent --shapes $shapes --csv "$out/agent.csv" ;;
     radial_block)
         wan='"dense_first_steps":0,"dense_band":0,"decay_factor":0.2,"first_frame_sink":true'
@@ -57,7 +65,7 @@ for step in "${steps[@]}"; do
         --methods 'gna@token;gna@tile:{"granularity":"tile"}' \
         && python -m patchattn.bench.dit --shapes hunyuan-720p --modes attention --csv "$out/gna_tile_paper.csv" \
         --methods 'gna@paper-token:{"window":[18,24,24],"stride":[16,8,8]};gna@paper-tile:{"window":[18,24,24],"stride":[16,8,8],"granularity":"tile"}' ;;
-    drift) python -m patchattn.bench.dit --shapes small --modes drift --layers 2 --device cpu --dtype float32 \
+    drift) python -m patchattn.bench.dit --shapes small-flux,small-wan --modes drift --layers 2 --device cpu --dtype float32 \
         --methods 'dense;gna;clear;radial@steady:{"dense_first_steps":0};blocktopk;agent;moh' --csv "$out/drift.csv" ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
     esac

@@ -7,8 +7,8 @@ Two measurements per method and shape, as users time them:
   permutation, plan lookup and kernel included) against ``F.scaled_dot_product_attention`` on the same tensors, and
   FlexAttention on the method's own tile lists (the method's ``TiledMask``, tokens already in its order: the kernel
   alone, permutation excluded) when the method plans one;
-- **forward**: one whole transformer forward (FLUX, Wan: diffusers' own classes from a config with random weights,
-  ``--layers`` blocks) patched with the method, against the same model unpatched (SDPA).
+- **forward**: one whole transformer forward (FLUX, Wan, HunyuanVideo: diffusers' own classes from a config with
+  random weights, ``--layers`` blocks) patched with the method, against the same model unpatched (SDPA).
 
     python -m patchattn.bench.dit --csv bench/dit/h200.csv                      # CUDA GPU
     python -m patchattn.bench.dit --shapes tiny --methods dense --device cpu    # smoke test
@@ -84,10 +84,12 @@ SHAPES = {
         Shape("tiny-wan", "wan", (3, 6, 5), 7, 2, 32),
         Shape("small-flux", "flux", (1, 32, 32), 64, 4, 64),  # CPU-sized drift runs: several tiles per axis
         Shape("small-wan", "wan", (5, 16, 16), 64, 4, 64),
+        Shape("tiny-hunyuan", "hunyuan_video", (3, 6, 5), 7, 2, 32),
+        Shape("small-hunyuan", "hunyuan_video", (5, 16, 16), 64, 4, 64),
     ]
 }
-GROUPS = {"default": ["flux-1024", "flux-4k", "wan-720p", "hunyuan-720p"], "tiny": ["tiny-flux", "tiny-wan"],
-          "small": ["small-flux", "small-wan"]}
+GROUPS = {"default": ["flux-1024", "flux-4k", "wan-720p", "hunyuan-720p"],
+          "tiny": ["tiny-flux", "tiny-wan", "tiny-hunyuan"], "small": ["small-flux", "small-wan", "small-hunyuan"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,7 +265,29 @@ def _wan(shape: Shape, layers: int, device, dtype):
     return model, inputs, f"{layers} blocks (Wan 2.1 14B: 40)"
 
 
-MODELS = {"flux": _flux, "wan": _wan}
+def _hunyuan(shape: Shape, layers: int, device, dtype):
+    """HunyuanVideo T2V's config (hunyuanvideo-community/HunyuanVideo, diffusers' defaults) with ``layers``
+    dual-stream and ``2 * layers`` single-stream blocks (the real 20 + 40 keep that ratio); inputs as its pipeline
+    passes them: timestep in [0, 1000], embedded guidance 6.0 x 1000, every text token visible."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=shape.heads,
+                                           attention_head_dim=shape.head_dim, num_layers=layers,
+                                           num_single_layers=2 * layers, num_refiner_layers=2, mlp_ratio=4.0,
+                                           patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+                                           text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+                                           rope_axes_dim=_rope_axes(shape.head_dim))
+    f, h, w = shape.grid
+    inputs = dict(hidden_states=torch.randn(1, 16, f, 2 * h, 2 * w), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, shape.n_text, 4096),
+                  encoder_attention_mask=torch.ones(1, shape.n_text, dtype=torch.long),
+                  pooled_projections=torch.randn(1, 768), guidance=torch.tensor([6000.0]))
+    return model, inputs, f"{layers} double + {2 * layers} single blocks (HunyuanVideo: 20 + 40)"
+
+
+MODELS = {"flux": _flux, "wan": _wan, "hunyuan_video": _hunyuan}
+# What each family's ``timestep`` input reads for t in [0, 1] (drift's Euler steps): FLUX t, Wan / HunyuanVideo t * 1000.
+TIMESTEP_SCALE = {"flux": 1.0, "wan": 1000.0, "hunyuan_video": 1000.0}
 
 
 def built_model(shape: Shape, layers: int, device, dtype):
@@ -308,7 +332,7 @@ DRIFT_NOTE = "drift vs dense on random weights, not quality"
 
 def euler_latents(model, inputs: dict, steps: int, timestep_scale: float) -> torch.Tensor:
     """``steps`` flow-matching Euler steps from the inputs' latents, the model's output taken as the velocity
-    (t from 1 to 0; FLUX reads t, Wan t * 1000): the latents after them."""
+    (t from 1 to 0; FLUX reads t, Wan and HunyuanVideo t * 1000): the latents after them."""
     x = inputs["hidden_states"]
     times = torch.linspace(1.0, 0.0, steps + 1)
     with torch.no_grad():
@@ -326,7 +350,7 @@ def drift_rows(shape: Shape, methods, layers: int, device, dtype, steps: int) ->
     if shape.family not in MODELS:
         return []
     model, inputs, note = built_model(shape, layers, device, dtype)
-    scale = 1000.0 if shape.family == "wan" else 1.0
+    scale = TIMESTEP_SCALE[shape.family]
 
     def outputs():
         with torch.no_grad():

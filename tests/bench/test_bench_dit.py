@@ -18,7 +18,8 @@ def test_bench_dit_writes_rows_and_environment(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [(r["shape"], r["mode"], r["method"]) for r in rows] == [
         ("tiny-flux", "attention", "dense"), ("tiny-flux", "forward", "dense"),
-        ("tiny-wan", "attention", "dense"), ("tiny-wan", "forward", "dense")]
+        ("tiny-wan", "attention", "dense"), ("tiny-wan", "forward", "dense"),
+        ("tiny-hunyuan", "attention", "dense"), ("tiny-hunyuan", "forward", "dense")]
     assert all(float(r["ms"]) > 0 and float(r["sdpa_ms"]) > 0 for r in rows)
     meta = json.loads((tmp_path / "dit.json").read_text())
     assert meta["command"].startswith("python -m patchattn.bench.dit") and "torch" in meta and "commit" in meta
@@ -109,3 +110,39 @@ def test_attention_rows_count_the_tiles_read(tmp_path):
         assert float(rows[label]["density"]) == plan.density
     assert int(rows["radial@block"]["partial_tiles"]) == 0 < int(rows["radial@token"]["partial_tiles"])
     assert float(rows["radial@block"]["density"]) > float(rows["radial@token"]["density"])
+
+
+def test_hunyuan_forward_goes_through_the_method():
+    """The HunyuanVideo forward rows time the method: patched, every joint attention of the dual- and single-stream
+    blocks runs it on the model's own layout (video grid first, text last; the text refiner stays dense), which
+    moves the output, while ``dense`` patched gives the unpatched output."""
+    import torch
+
+    from patchattn.api import patched
+
+    shape = dit.SHAPES["tiny-hunyuan"]
+    model, inputs, note = dit.built_model(shape, 1, torch.device("cpu"), torch.float32)
+    assert "1 double + 2 single blocks" in note
+
+    def output():
+        with torch.no_grad():
+            return model(**inputs).sample
+
+    reference = output()
+    with patched(model, "dense"):
+        torch.testing.assert_close(output(), reference, atol=1e-5, rtol=1e-4)
+    with patched(model, "gna") as handle:
+        got = output()
+        states = [model.get_submodule(name).patchattn for name in handle.modules]
+    assert sorted(handle.modules) == sorted(["transformer_blocks.0.attn", "single_transformer_blocks.0.attn",
+                                             "single_transformer_blocks.1.attn"])
+    for state in states:
+        assert state.context.layout.grid == shape.grid
+        assert state.context.layout.text_slices == ((shape.n_image, shape.tokens),)
+        assert 0 < state.stats["density"] < 1
+    assert (got - reference).abs().max() > 1e-4
+
+    rows = dit.forward_rows(shape, [("gna", "gna", {})], 1, torch.device("cpu"), torch.float32)
+    assert [(r["shape"], r["mode"], r["method"], r["tokens"]) for r in rows] == [
+        ("tiny-hunyuan", "forward", "gna", shape.tokens)]
+    assert rows[0]["ms"] > 0 and rows[0]["sdpa_ms"] > 0 and rows[0]["note"] == note
