@@ -222,3 +222,21 @@ def test_lvlm_planted_nan_in_the_vision_tower_names_it():
     proj.register_forward_hook(hook)
     with torch.no_grad(), pytest.raises(ValueError, match="the attention value of vision layer 0"):
         model(**inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_flags_equal_a_full_isfinite(dtype):
+    """Against ``isfinite(t).all()`` per tensor: NaN, +Inf, -Inf anywhere, values near the dtype's largest (whose sum
+    would overflow: no false positive), an empty tensor."""
+    gen = torch.Generator().manual_seed(0)
+    big = torch.finfo(dtype).max
+    for trial in range(40):
+        tensors = [torch.randn(2, 3, 7, 5, generator=gen).to(dtype) for _ in range(3)]
+        tensors[trial % 3] = tensors[trial % 3] * 0 + big * (1 - 2 * (trial % 2))  # huge but finite
+        for t in tensors:
+            if torch.rand((), generator=gen) < 0.5:
+                i = torch.randint(t.numel(), (), generator=gen)
+                t.view(-1)[i] = (float("nan"), float("inf"), float("-inf"))[trial % 3]
+        want = [bool(torch.isfinite(t).all()) for t in tensors]
+        assert checks.finite_flags(tensors).tolist() == want
+    assert checks.finite_flags([torch.empty(0, 2), torch.ones(2)]).tolist() == [True, True]
