@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checks import check_inputs
+from ..checks import InputCheckHooks, check_inputs
 from ..config import MethodConfig
 from ..methods._rows import KeyBounds, key_bounds, keys_in_use
 from ..registry import HF_PREFIX, MethodSpec, on_register
@@ -52,7 +52,7 @@ def _make_entry(spec: MethodSpec):
         check_pattern(spec, module)
         if query.shape[0] == 0:
             return query.new_empty(0, query.shape[2], query.shape[1], value.shape[-1]), None
-        check_inputs(spec.name, query, key, value)
+        check_inputs(spec.name, query, key, value, state)
         rows_path = spec.key_bounds and not density_per_length(state.config)
         if rows_path and takes_key_bounds(module, query, attention_mask):
             return spec.forward(module, query, key, value, attention_mask, key_bounds=key_bounds(attention_mask),
@@ -299,6 +299,7 @@ def apply(model, spec: MethodSpec, config: MethodConfig, targets: str = "text") 
     for c in (c for configs in by_role.values() for c in configs):
         c._attn_implementation_internal = spec.hf_name
     _remember_patch(model, spec, config, targets, by_role, patch)
+    patch.hooks.extend(InputCheckHooks(context).register(model))  # the NaN/Inf check: one host read per forward
     if family.media_token_attrs:
         patch.hooks.append(model.register_forward_pre_hook(_media_token_hook(model, family, context), with_kwargs=True))
     if spec.install is not None:

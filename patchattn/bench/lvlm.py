@@ -9,8 +9,9 @@ language model; ``logits_to_keep=1``), per method against the same model unpatch
     python -m patchattn.bench.lvlm --shapes tiny --methods dense --device cpu      # smoke test
 
 The ``dense`` row is the model patched with patchattn's dense method: what the adapter itself costs (its NaN/Inf
-input check reads one value per attention call at prefill, a host-device synchronisation); ``--no-checks`` turns
-that check off for the whole run (``PATCHATTN_CHECKS=0``), leaving the methods' own cost.
+input check queues a flag per attention call at prefill and reads them once per forward, a host-device
+synchronisation); ``--no-checks`` turns that check off for the whole run (``PATCHATTN_CHECKS=0``), leaving the
+methods' own cost.
 Speed does not depend on the weights; quality does and is not measured here.
 """
 

@@ -82,7 +82,7 @@ class _Prefill:
     def attention(self, module, state, query, key, value, **kwargs):
         """``([B, T_local, Hq, Dv], None)``: this rank's queries against the whole prompt's keys, chunk by chunk."""
         method = type(state.config).method
-        check_inputs(method, query, key, value)
+        check_inputs(method, query, key, value, state)
         window = kwargs.get("sliding_window")
         if id(state) not in self.cleared and state.method_state is not None:
             clear_caches(state.method_state)  # a new sequence: nothing kept from the previous one applies

@@ -5,8 +5,9 @@ layers' kernels, so a forward costs host time plus device time instead of the la
 run: var 3.6x, vhr 1.7x, paint 1.8x, composite 1.5x the unpatched model).  The counter (``tests/host_syncs.py``)
 sees every aten op of a CPU forward and counts the ones a GPU would wait for; CPU-only reads (the engine's torch
 reference) are left out.  Each method is timed against the same model unpatched at 3 and 6 text layers: the extra
-reads may not grow with depth.  With the input checks on (the default) the only per-layer read is the NaN/Inf
-check, once per attention call at prefill; a decode step reads nothing.
+reads may not grow with depth.  The input checks (on by default) add one read per prefill forward, not one per
+layer: each attention call queues a device flag and the patched root model's forward hook reads them all at once
+(``patchattn/checks.py``); a decode step reads nothing.
 """
 
 import sys
@@ -31,8 +32,9 @@ OPTIONS = {  # every layer active, so each layer runs the method's whole path
     "composite": {},
 }
 # Reads per prefill forward that do not depend on the depth (image-token facts, PAINT's token sets, composite's
-# block lists): the pinned ceiling.
+# block lists), input checks off: the pinned ceiling.  The input checks add one (``CHECKS``).
 PER_FORWARD = {"var": 2, "vhr": 1, "paint": 4, "composite": 12}
+CHECKS = 1
 
 
 def _model(family: str, layers: int):
@@ -68,10 +70,15 @@ def test_host_reads_per_forward_do_not_grow_with_depth(method, monkeypatch):
     assert deep <= PER_FORWARD[method], f"{method}: {deep} host reads per forward"
 
 
-@pytest.mark.parametrize("method", ["paint", "composite"])
-def test_the_input_check_reads_once_per_layer(method, monkeypatch):
+@pytest.mark.parametrize("method", sorted(OPTIONS))
+def test_the_input_check_reads_once_per_forward(method, monkeypatch):
+    monkeypatch.setenv("PATCHATTN_CHECKS", "0")
+    unchecked = _extra_reads("llava", method, 3)
     monkeypatch.setenv("PATCHATTN_CHECKS", "1")
-    assert _extra_reads("llava", method, 6) - _extra_reads("llava", method, 3) == 3
+    shallow, deep = _extra_reads("llava", method, 3), _extra_reads("llava", method, 6)
+    assert shallow == deep, f"{method}: {shallow} host reads at 3 layers, {deep} at 6: a read in every layer"
+    assert deep == unchecked + CHECKS, f"{method}: the input check costs {deep - unchecked} host reads per forward"
+    assert deep <= PER_FORWARD[method] + CHECKS, f"{method}: {deep} host reads per forward"
 
 
 @pytest.mark.parametrize("method", sorted(OPTIONS))
