@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Issue 23's trained attentions re-run on CPU (2 cores) after their CPU fixes, shortened so each fits in well under an
 # hour, one run at a time (repository root as cwd):
-#   bash bench/recipes/trained_cpu.sh [names...]   (default: landmark dma hybrid dense_lora passkey hybrid_k4 dense_lora_1024)
+#   bash bench/recipes/trained_cpu.sh [names...]   (default: landmark dma hybrid dense_lora dense_lora_1024 passkey hybrid_k4)
 # landmark, dma, dense_lora: 50 of their 150 steps at 2,048 tokens (evaluations scaled to 3 held-out chunks);
 # hybrid, hybrid_k4 (1 softmax layer in 4), dense_lora_1024: 100 steps at 1,024 tokens, 4 held-out chunks (hybrid:
 # 50 transfer + 50 LoRA steps). passkey: landmark's tuned run at 2k/4k/8k. Each run's metrics.json stamps the commit
 # and the machine; bench/recipes/cpu/<name>/ gets metrics.json, log.jsonl, loss.png.
 set -uo pipefail
 names=("$@")
-[ $# -gt 0 ] || names=(landmark dma hybrid dense_lora passkey hybrid_k4 dense_lora_1024)
+[ $# -gt 0 ] || names=(landmark dma hybrid dense_lora dense_lora_1024 passkey hybrid_k4)
 mkdir -p runs/recipes bench/recipes/cpu
 
 train() {  # train NAME FOLDER ARGS...: one run, its small outputs copied
