@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.dense.reference import eager_attention
+
 TILE = 1024  # queries per band call
+_INFERENCE = torch.nn.Module().eval()  # the module eager_attention asks for: inference, no dropout
 
 
 def window_attention(q, k, v, *, window: int, scaling=None, softcap=None, tile: int = TILE) -> torch.Tensor:
@@ -40,7 +43,6 @@ def _masked(q, k, v, allowed, scaling, softcap) -> torch.Tensor:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling,
                                                                 enable_gqa=q.shape[1] != k.shape[1])
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.tanh(torch.matmul(q, k.transpose(2, 3)) * scaling / softcap) * softcap
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    # The one-process dense call's soft-capped softmax (it reads only ``training`` of the module: dropout is 0).
+    out, _ = eager_attention(_INFERENCE, q, k, v, allowed[None, None], scaling=scaling, softcap=softcap)
+    return out.transpose(1, 2)
