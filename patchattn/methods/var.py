@@ -19,12 +19,13 @@ arXiv 2503.03321; follows the released code (VisAttnSink, ``src/logic/logic.py``
    sums stay 1; text non-sink tokens are untouched.
 
 **How it runs on the fused kernels (no T x T matrix).**  ``O' = O + F * Obar(I_ns) - p * sum_{j in S} A_j v_j``, with
-``Obar(I_ns)`` the attention output restricted to ``I_ns`` (normalised there).  Three passes give every term:
-(a) the block-sparse engine over all causal keys with ``return_lse`` gives each row's ``lse``; (b) the engine over
-the key blocks holding image non-sink tokens only, with ``col_bias`` hiding the other columns of those blocks, gives
-``Obar(I_ns)`` and ``lse(I_ns)``, so ``A(I_ns) = exp(lse(I_ns) - lse)``; (c) the few sink columns, gathered
-(``O(T * |S|)``), give ``A(I_s)``, ``A(S)`` and ``sum_S A_j v_j``.  ``O`` is the model's own attention (SDPA with its
-mask): rows that are not edited are bit for bit the unpatched model.  ``var_reference`` is the eager oracle.
+``Obar(I_ns)`` the attention output restricted to ``I_ns`` (normalised there).  One pass of ``kernels/colclass``
+over each edited row's causal keys gives every term: each key carries a class code (bit 0 ``I_ns``, bit 1 the giving
+sinks, bit 2 the visual sinks, built once per layer at prefill), and one online softmax keeps the row's sums over
+all keys and over each class plus ``sum p_j v_j`` over ``I_ns`` and over the givers, so ``A(I_ns)``, ``A(S)``,
+``A(I_s)``, ``Obar(I_ns)`` and ``sum_S A_j v_j`` come from one launch.  ``O`` is the model's own attention (SDPA
+with its mask): rows that are not edited are bit for bit the unpatched model.  ``var_reference`` is the eager
+oracle.
 
 **Decoding.**  The image mask (the adapter's ``context.layout``) and each layer's sink set are frozen at prefill (a
 call whose queries are all its keys) in ``VARState``; decode steps reuse them (tokens generated later are neither
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +46,10 @@ import torch
 
 from ..artifacts import PLANS_DIR
 from ..config import MethodConfig, option
-from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask
+from ..kernels.colclass import class_attention
 from ..registry import register_method
 from ..state import MethodState, PatchState, get_state
-from ._heads import dense_call, full_causal_attention, head_counts, use_fused_kernel
+from ._heads import dense_call, head_counts, use_fused_kernel
 from ._perforward import has_image, per_forward
 
 AUTO = "auto"
@@ -58,8 +58,6 @@ SHIPPED_TABLE = PLANS_DIR / "sink_dims.json"
 MATCH_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size")  # which backbone an entry is
 HOW_TO = ("find them with `patchattn calibrate sink-dims --model <folder> --out sink_dims.json`, then "
           "sink_dims='sink_dims.json' (or give the dimensions: sink_dims=[d1, d2])")
-HIDDEN = -1e30  # col_bias of the columns a pass must not read (finite: rows with none of its columns stay finite)
-BLOCK = 64
 
 
 @dataclass(kw_only=True)
@@ -102,7 +100,8 @@ class VARState(MethodState):
 
     ``dims`` long ``[k]``: D_sink (follows the module's device); ``active``: this layer detects sinks and edits rows;
     ``hidden_sinks`` bool ``[B, T]``: the sink flags of the latest layer input (the pre-hook's); ``sinks`` / ``image``
-    bool ``[B, T0]``: the prefill's sink tokens and image tokens, frozen for the calls that follow."""
+    bool ``[B, T0]``: the prefill's sink tokens and image tokens, frozen for the calls that follow; ``classes`` int8
+    ``[B, T0]``: their class codes for the fused pass (``class_codes``)."""
 
     DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("dims",)
 
@@ -111,6 +110,7 @@ class VARState(MethodState):
     hidden_sinks: torch.Tensor | None = None
     sinks: torch.Tensor | None = None
     image: torch.Tensor | None = None
+    classes: torch.Tensor | None = None
 
 
 # ---- D_sink as data ----------------------------------------------------------------------------------------------
@@ -230,77 +230,42 @@ def key_starts(attention_mask, batch: int, kv_len: int) -> torch.Tensor | None:
     return last.int().argmax(-1).expand(batch).int()
 
 
-def image_block_lists(columns: torch.Tensor, q_len: int, kv_len: int, block: int = BLOCK):
-    """Block lists of the key blocks holding any of ``columns`` (bool ``[B, Tk]``) that each query block may see
-    causally: ``[B, 1, NQ, K]`` / ``[B, 1, NQ]`` (no host read: the width is the number of key blocks)."""
-    n_q, n_k = math.ceil(q_len / block), math.ceil(kv_len / block)
-    padded = torch.nn.functional.pad(columns, (0, n_k * block - kv_len))
-    has = padded.view(columns.shape[0], n_k, block).any(-1)  # [B, NK]
-    last_query = (torch.arange(n_q, device=columns.device) + 1) * block - 1 + (kv_len - q_len)
-    first_key = torch.arange(n_k, device=columns.device) * block
-    causal = first_key[None, :] <= last_query[:, None]  # [NQ, NK]
-    return blocks_from_mask((has[:, None, :] & causal[None])[:, None], width=n_k, backend="torch")
+# Class codes of the one fused pass (``kernels/colclass``): bit 0 the image's non-sink tokens, bit 1 the sinks that
+# give up attention, bit 2 the visual sinks.
+NON_SINK_IMAGE, GIVER, VISUAL_SINK = 1, 2, 4
 
 
-def pass_lists(image: torch.Tensor, q_len: int, kv_len: int):
-    """The column passes' block lists: the key blocks holding image tokens (for ``I_ns``, a subset of the image) and
-    every causal block (for the sinks, which may sit anywhere).  They depend only on the image, so a forward builds
-    them once for every layer."""
-    return image_block_lists(image, q_len, kv_len), image_block_lists(torch.ones_like(image), q_len, kv_len)
+def class_codes(image: torch.Tensor, sinks: torch.Tensor, budget: str) -> torch.Tensor:
+    """int8 ``[B, Tk]`` class code of each key from the image and sink masks (bool ``[B, Tk]``).  Padding keys need
+    no care: the kernel never sees a key before ``kv_start``, and image tokens are never padding."""
+    image, sinks = image.to(torch.int8), sinks.to(torch.int8)
+    visual = image * sinks
+    givers = sinks if budget == "all" else visual
+    return (image - visual).add_(givers, alpha=GIVER).add_(visual, alpha=VISUAL_SINK)  # few ops: once per layer
 
 
-def column_pass(q, k, v, columns, lists, lse, *, scale, starts, backend):
-    """``(Obar, A)`` over the key columns ``columns`` (bool ``[B, Tk]``) for every query row: the attention output
-    normalised over those columns ``[B, Hq, Tq, D]`` and their share of the row's attention ``exp(lse_C - lse)``
-    ``[B, Hq, Tq]`` (0 where the row sees none of them; ``lse``: the rows' log-sum-exp over every key).  ``lists``:
-    block lists covering every block that holds one of the columns."""
-    bias = torch.where(columns, 0.0, HIDDEN).to(torch.float32)[:, None, :]
-    idx, counts = lists
-    out, part_lse = block_sparse_attention(q, k, v, idx, counts, block_q=BLOCK, block_k=BLOCK, causal=True,
-                                           scale=scale, kv_start=starts, col_bias=bias, return_lse=True,
-                                           backend=backend)
-    mass = torch.exp(part_lse.to(lse.dtype) - lse).nan_to_num(0.0)
-    return out.nan_to_num(0.0), mass
-
-
-def redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, scale, starts, backend, lists=None):
+def redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, scale, starts, backend, classes=None):
     """The VAR edit as a correction of the dense output: ``(correction [B, Hq, Tq, D], selected bool [B, Hq, Tq])``.
 
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (queries are the last Tq keys); ``image`` / ``sinks`` bool
     ``[B, Tk]``; ``rows`` bool ``[B, Tq]``: the query rows that may be edited.  Edited output = dense + correction on
-    the selected (head, query) rows.  ``lists``: ``pass_lists(image, Tq, Tk)`` when the caller keeps them.
+    the selected (head, query) rows, and exactly 0 on the others.  ``classes``: ``class_codes(image, sinks,
+    budget)`` when the caller keeps it.
+    One pass over each row's causal keys gives ``A(I_ns)``, ``A(S)``, ``A(I_s)``, ``Obar(I_ns)`` and
+    ``sum_S A_j v_j`` (``class_attention``).
     """
-    kv_len = k.shape[2]
-    image_lists, all_lists = pass_lists(image, q.shape[2], kv_len) if lists is None else lists
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    keys = torch.arange(kv_len, device=q.device)
-    if starts is not None:  # padding is never a sink
-        sinks = sinks & (keys[None] >= starts.to(q.device).long()[:, None])
-    non_sink_image = image & ~sinks
-    visual_sinks = image & sinks
-    givers = sinks if budget == "all" else visual_sinks
-
-    # (a) every causal key: each row's log-sum-exp
-    _, lse = full_causal_attention(q, k, v, scaling=scale, kv_start=starts, backend=backend, return_lse=True)
-    lse = lse.to(compute)
-    # (b) the image's non-sink tokens: Obar(I_ns) and A(I_ns); (c) the sinks that give: Obar(S) and A(S), so
-    # sum_S A_j v_j = A(S) * Obar(S); and the visual sinks' A(I_s).  Each is one engine pass over the key blocks
-    # holding those columns, the block's other columns hidden by a column bias: static shapes, no host read.
-    def restricted(columns, lists):
-        out, mass = column_pass(q, k, v, columns, lists, lse, scale=scale, starts=starts, backend=backend)
-        return out, mass.to(compute)
-
-    image_out, mass_image_ns = restricted(non_sink_image, image_lists)
-    given_normalised, mass_given = restricted(givers, all_lists)
-    mass_visual_sinks = mass_given if budget == "visual" else restricted(visual_sinks, image_lists)[1]
-    given_out = mass_given[..., None] * given_normalised.to(compute)  # sum_S A_j v_j
-    finite = torch.isfinite(lse)[..., None]
-
+    if classes is None:
+        classes = class_codes(image, sinks, budget)
+    mass, image_out, given_out = class_attention(q, k, v, classes, scale=scale, kv_start=starts, backend=backend)
+    mass_image_ns, mass_given, mass_visual_sinks = mass.unbind(-1)
+    visual = (classes >= VISUAL_SINK).any(-1)  # bit 2 is the top bit: the sequence has a visual sink
     mass_image = mass_image_ns + mass_visual_sinks
-    selected = (rows[:, None, :] & visual_sinks.any(-1)[:, None, None] & finite[..., 0] & (mass_image >= summ)
+    # A row that sees no key has every mass 0, so the last term leaves it out.
+    selected = (rows[:, None, :] & visual[:, None, None] & (mass_image >= summ)
                 & (mass_image_ns >= rho * mass_image) & (mass_image_ns > 0))
-    freed = recycled * mass_given
-    correction = freed[..., None] * image_out.to(compute) - recycled * given_out
+    gain = recycled * selected  # p on the selected rows, 0 elsewhere: the correction is 0 there
+    # p * (A(S) * Obar(I_ns) - sum_S A_j v_j), in place on the pass's own fresh outputs
+    correction = image_out.mul_(mass_given[..., None]).sub_(given_out).mul_(gain[..., None])
     return correction, selected
 
 
@@ -316,23 +281,29 @@ def editable_rows(image: torch.Tensor, q_len: int, starts) -> torch.Tensor:
     return rows
 
 
-def _frozen(kept: VARState, batch: int, kv_len: int, device):
-    """The prefill's image and sink masks extended (False) to ``kv_len`` keys, or None when they do not fit."""
-    if kept.image is None or kept.sinks is None or kept.image.shape[0] != batch or kept.image.shape[1] > kv_len:
+def _frozen(context, kept: VARState, batch: int, kv_len: int, device):
+    """The prefill's image and sink masks and this layer's class codes, extended (False / 0) to ``kv_len`` keys, or
+    None when they do not fit.  A prefill uses them as they are; a decode step pads the image once per forward."""
+    if kept.classes is None or kept.image.shape[0] != batch or kept.image.shape[1] > kv_len:
         return None
     extra = kv_len - kept.image.shape[1]
-    image = torch.nn.functional.pad(kept.image.to(device), (0, extra))
-    return image, torch.nn.functional.pad(kept.sinks.to(device), (0, extra))
+    if extra == 0:
+        return kept.image.to(device), kept.sinks.to(device), kept.classes.to(device)
+    grow = lambda mask: torch.nn.functional.pad(mask.to(device), (0, extra))  # noqa: E731
+    image = per_forward(context, "var_image", (kept.image, kv_len, device), lambda: grow(kept.image))
+    return image, grow(kept.sinks), grow(kept.classes)
 
 
 def _freeze(state: PatchState, batch: int, kv_len: int) -> None:
-    """At prefill: keep this sequence's image mask (the adapter's) and this layer's sink flags (the pre-hook's)."""
+    """At prefill: keep this sequence's image mask (the adapter's), this layer's sink flags (the pre-hook's) and the
+    class codes of the fused pass built from them (one small build per layer and prefill)."""
     kept = state.method_state
     image = state.context.layout.image_token_mask
     sinks = kept.hidden_sinks
     fits = (image is not None and sinks is not None and tuple(image.shape) == (batch, kv_len)
             and tuple(sinks.shape) == (batch, kv_len) and has_image(state.context, image))
     kept.image, kept.sinks = (image.bool(), sinks.bool()) if fits else (None, None)
+    kept.classes = class_codes(kept.image, kept.sinks, state.config.budget) if fits else None
     kept.hidden_sinks = None
 
 
@@ -341,8 +312,9 @@ def _rows_from(context, kept: VARState, image, attention_mask, starts, q_len: in
     on go through the passes: a prefill's prompt and image rows (the bulk of an LVLM prompt) cost nothing more than
     dense attention.  Where that row is, is read once per forward (the image and attention masks are the same objects
     in every layer); a decode step's one row needs no read (an unedited row is not selected)."""
+    key = (kept.image, attention_mask, q_len, image.shape[1])
     if q_len == 1:
-        return editable_rows(image, q_len, starts), 0
+        return per_forward(context, "var_rows", key, lambda: (editable_rows(image, q_len, starts), 0))
 
     def first_row():
         rows = editable_rows(image, q_len, starts)
@@ -350,7 +322,12 @@ def _rows_from(context, kept: VARState, image, attention_mask, starts, q_len: in
         first = int(torch.where(editable.any(), editable.int().argmax(), -1))  # one read
         return rows, (first if first >= 0 else None)
 
-    return per_forward(context, "var_rows", (kept.image, attention_mask, q_len, image.shape[1]), first_row)
+    return per_forward(context, "var_rows", key, first_row)
+
+
+def _selected_share(selected: torch.Tensor, q_len: int) -> float:
+    """The share of the call's (head, query) rows that were edited (``selected`` covers its last rows)."""
+    return float(selected.sum()) / (selected.shape[0] * selected.shape[1] * q_len)
 
 
 # ---- attention -------------------------------------------------------------------------------------------------
@@ -377,7 +354,7 @@ def var_attention(module, query, key, value, attention_mask, *, scaling=None, dr
         return dense
     if q_len == kv_len:
         _freeze(state, batch, kv_len)
-    frozen = _frozen(kept, batch, kv_len, query.device)
+    frozen = _frozen(state.context, kept, batch, kv_len, query.device)
     if frozen is None or config.recycled == 0.0:
         state.record(selected=0.0)
         return dense
@@ -385,24 +362,27 @@ def var_attention(module, query, key, value, attention_mask, *, scaling=None, dr
         state.record(selected=0.0)  # a window can hide the image; soft-capped scores are not the kernel's
         return dense
     if torch.is_grad_enabled() and query.requires_grad:
-        warnings.warn("patchattn var is training-free: the kernels' lse carries no gradient, so gradients through "
-                      "the edited rows are not exact (the dense part's are)", stacklevel=2)
-    image, sinks = frozen
-    starts = key_starts(attention_mask, batch, kv_len)
+        warnings.warn("patchattn var is training-free: its one class-mass pass (kernels/colclass) is forward only "
+                      "and carries no gradient, so gradients through the edited rows are not exact (the dense "
+                      "part's are)", stacklevel=2)
+    image, sinks, classes = frozen
+    starts = per_forward(state.context, "var_starts", (attention_mask, batch, kv_len),
+                         lambda: key_starts(attention_mask, batch, kv_len))
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     backend = config.backend if use_fused_kernel(config.backend, query) else "torch"
     rows, lo = _rows_from(state.context, kept, image, attention_mask, starts, q_len)
     if lo is None:  # e.g. a prefill whose image is at the end
         state.record(selected=0.0)
         return dense
-    lists = per_forward(state.context, "var_lists", (kept.image, q_len - lo, kv_len),
-                        lambda: pass_lists(image, q_len - lo, kv_len))  # built by the forward's first layer
     correction, selected = redistribute(query[:, :, lo:], key, value, image, sinks, rows[:, lo:],
                                         recycled=config.recycled, rho=config.rho, summ=config.summ,
                                         budget=config.budget, scale=scale, starts=starts, backend=backend,
-                                        lists=lists)
-    state.record(selected=selected.float().sum() / (selected.shape[0] * selected.shape[1] * q_len))
+                                        classes=classes)
+    state.record(selected=functools.partial(_selected_share, selected, q_len))  # computed when read
     out = dense[0]  # [B, Tq, Hq, D]
+    if not out.requires_grad:  # the usual (inference) case: one in-place add, computed in fp32, rounded once
+        out[:, lo:].add_(correction.transpose(1, 2))
+        return out, None
     tail = out[:, lo:]
     edited = (tail.to(correction.dtype) + correction.transpose(1, 2)).to(out.dtype)
     tail = torch.where(selected.transpose(1, 2)[..., None], edited, tail)

@@ -1,4 +1,4 @@
-"""var: the fused edit (kernel passes + sink columns) against the eager T x T oracle, row sums kept, exactly the freed
+"""var: the fused edit (one class-mass pass) against the eager T x T oracle, row sums kept, exactly the freed
 sink mass moved to the image's non-sink tokens, sink tokens found from planted massive activations on tiny LLaVA,
 Qwen2-VL and Gemma 3, decode steps on the prefill's choices, padding, several images, dense equivalence, unpatch,
 and ``calibrate sink-dims`` finding a planted dimension."""
@@ -150,7 +150,7 @@ def _config(**overrides):
 
 
 def _oracle_redistribute(q, k, v, image, sinks, rows, *, recycled, rho, summ, budget, scale, starts, backend,
-                         lists=None):
+                         classes=None):
     """The fused edit's interface, computed by the eager oracle (a model run through it is the reference)."""
     out, probs, _, selected = var.var_reference(q, k, v, image, sinks, rows, p=recycled, rho=rho, summ=summ,
                                                 budget=budget, scale=scale, starts=starts)
