@@ -289,7 +289,7 @@ def _frozen(context, kept: VARState, batch: int, kv_len: int, device):
     extra = kv_len - kept.image.shape[1]
     if extra == 0:
         return kept.image.to(device), kept.sinks.to(device), kept.classes.to(device)
-    grow = lambda mask: torch.nn.functional.pad(mask.to(device), (0, extra))  # noqa: E731
+    grow = lambda mask: torch.nn.functional.pad(mask.to(device), (0, extra))
     image = per_forward(context, "var_image", (kept.image, kv_len, device), lambda: grow(kept.image))
     return image, grow(kept.sinks), grow(kept.classes)
 

@@ -357,6 +357,18 @@ def test_triton_kernels_match_the_torch_path(triton_interpreter, q_len):
                         torch.where(selected[..., None], triton_correction, 0)) <= 1e-4
 
 
+@pytest.mark.parametrize("pad", [None, [0, 3]], ids=["plain", "left-padded"])
+def test_model_on_the_triton_kernel_matches_the_oracle(triton_interpreter, pad, monkeypatch):
+    """Tiny LLaVA end to end with the one-pass kernel on Triton (interpreter on CPU): the oracle's logits."""
+    model, inputs, _ = _setup("llava", pad=pad)
+    with torch.no_grad(), patchattn.patched(model, "var", backend="triton", **_config()):
+        fused = model(**inputs).logits
+        assert max(s.stats["selected"] for s in _text_states(model) if s.method_state.active) > 0
+        monkeypatch.setattr(var, "redistribute", _oracle_redistribute)
+        oracle = model(**inputs).logits
+    assert max_abs_diff(fused, oracle) <= 1e-4
+
+
 def test_calibration_without_massive_activations_writes_nothing(tmp_path, capsys):
     folder, out = tmp_path / "plain", tmp_path / "dims.json"
     tiny_model("llava").save_pretrained(folder)

@@ -42,6 +42,7 @@ from .triton_fwd import (
     load_tile,
     mma,
     pad_bounds,
+    query_tile,
     reduce_max,
     reduce_sum,
     scores_log2,
@@ -240,17 +241,9 @@ def _dq_kernel(
         TILES_FASTEST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh, tile, n_tiles = _program_ids(TILES_FASTEST)
     tile = n_tiles - 1 - tile  # heavy (late, causal) query tiles first
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Tq
-    rows_pos = rows + (Tk - Tq)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = load_tile(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], row_ok, d_ok,
-                  True, EVEN_D)
+    b, h, rows, row_ok, rows_pos, offs_d, d_ok, q = query_tile(Q, pid_bh, Hq, tile, sqb, sqh, sqt, Tq, Tk, HEAD_DIM,
+                                                               BLOCK_D, BLOCK_M)
     do = load_tile(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :], row_ok, d_ok,
                    True, EVEN_D)
     lse2 = tl.load(Lse + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634

@@ -87,6 +87,24 @@ def load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr)
 
 
 @triton.jit
+def query_tile(Q, pid_bh, Hq, tile, sqb, sqh, sqt, Tq, Tk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """A program's query tile: ``(b, h, rows, row_ok, rows_pos, offs_d, d_ok, q [BLOCK_M, BLOCK_D])`` for program
+    ``pid_bh`` (= b * Hq + h), with the rows' key positions ``rows_pos`` (queries are the last Tq keys) and the head
+    dim padded to ``BLOCK_D``."""
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Tq
+    rows_pos = rows + (Tk - Tq)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = load_tile(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], row_ok, d_ok,
+                  True, HEAD_DIM == BLOCK_D)
+    return b, h, rows, row_ok, rows_pos, offs_d, d_ok, q
+
+
+@triton.jit
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
     """a @ b (+ acc) in fp32. "upcast" is for the CPU interpreter, whose bf16 dot is wrong."""
     if DOT_PRECISION == "upcast":
@@ -266,17 +284,9 @@ def _fwd_kernel(
     else:
         pid_bh = tl.program_id(0)
         tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Tq
-    rows_pos = rows + (Tk - Tq)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = load_tile(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], row_ok, d_ok,
-                  True, EVEN_D)
+    b, h, rows, row_ok, rows_pos, offs_d, d_ok, q = query_tile(Q, pid_bh, Hq, tile, sqb, sqh, sqt, Tq, Tk, HEAD_DIM,
+                                                               BLOCK_D, BLOCK_M)
     k_base = K + b * skb + (h // GROUP) * skh
     v_base = V + b * svb + (h // GROUP) * svh
     bias_ptr = Bias + b * sbb + (h // BIAS_DIV) * sbh

@@ -18,19 +18,17 @@ gradient.  Launch options: ``options=`` (:class:`patchattn.kernels.KernelOptions
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import NamedTuple
 
 import torch
 
+from ..blocksparse import BACKENDS, TRITON_DTYPES, _resolve_backend
 from ..options import KernelOptions, resolve_options
 from .reference import CLASS_BITS, class_attention_torch
 
 __all__ = ["BACKENDS", "CLASS_BITS", "ClassAttention", "class_attention"]
 
-BACKENDS = ("auto", "triton", "torch")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CODE_DTYPES = (torch.int8, torch.uint8)
 MAX_TRITON_HEAD_DIM = 256
 
@@ -75,19 +73,7 @@ def _compute_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_installed() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _validate(q, k, v, classes, kv_start, backend) -> str:
+def _validate(q, k, v, classes, kv_start, requested) -> str:
     """Shapes, dtypes and devices; returns the backend that runs ("triton" or "torch")."""
     where = "class_attention"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -112,19 +98,10 @@ def _validate(q, k, v, classes, kv_start, backend) -> str:
                          f"{tuple(kv_start.shape)}")
     if any(t.device != q.device for t in (k, v, classes)):
         raise ValueError(f"{where}: q, k, v and classes must be on one device")
-    if backend not in BACKENDS:
-        raise ValueError(f"{where}: unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    triton_ok = q.dtype in TRITON_DTYPES and D <= MAX_TRITON_HEAD_DIM
-    if backend == "auto":
-        usable = (q.is_cuda or _interpreting()) and _triton_installed()
-        return "triton" if usable and triton_ok else "torch"
-    if backend == "triton":
-        if not (q.is_cuda or _interpreting()):
-            raise RuntimeError(f"{where}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, for the CPU "
-                               "interpreter); use backend='torch' on CPU")
-        if not _triton_installed():
-            raise RuntimeError(f"{where}: backend='triton' needs the triton package; use backend='torch'")
-        if not triton_ok:
+    backend = _resolve_backend(requested, q)  # the engine's rule: Triton on CUDA or under the interpreter
+    if backend == "triton" and not (q.dtype in TRITON_DTYPES and D <= MAX_TRITON_HEAD_DIM):
+        if requested == "triton":
             raise ValueError(f"{where}: the Triton kernel takes fp16, bf16 or fp32 inputs with head dims up to "
                              f"{MAX_TRITON_HEAD_DIM}; got {q.dtype}, head dim {D} (backend='torch' takes any)")
+        backend = "torch"
     return backend

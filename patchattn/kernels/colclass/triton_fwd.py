@@ -14,8 +14,18 @@ import triton
 import triton.language as tl
 
 from ..blocksparse import _alloc
-from ..blocksparse.triton_fwd import (LOG2E, interpreter_tiles, last_dim_contiguous, launch, load_tile, mma,
-                                      reduce_max, reduce_sum, visibility)
+from ..blocksparse.triton_fwd import (
+    LOG2E,
+    interpreter_tiles,
+    last_dim_contiguous,
+    launch,
+    load_tile,
+    mma,
+    query_tile,
+    reduce_max,
+    reduce_sum,
+    visibility,
+)
 
 FEW_ROWS = 16  # decode-sized calls (Tq <= this) take 16-row tiles: a bigger tile would be mostly masked rows
 
@@ -35,16 +45,9 @@ def _class_kernel(
         FEW: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heavy (late, causal) tiles first
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Tq
-    rows_pos = rows + (Tk - Tq)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = load_tile(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    b, h, rows, row_ok, rows_pos, offs_d, d_ok, q = query_tile(Q, pid_bh, Hq, tile, sqb, sqh, sqt, Tq, Tk, HEAD_DIM,
+                                                               BLOCK_D, BLOCK_M)
     k_base = K + b * skb + (h // GROUP) * skh
     v_base = V + b * svb + (h // GROUP) * svh
     class_base = Classes + b * scb
