@@ -361,10 +361,11 @@ def var_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     if kwargs.get("sliding_window") or kwargs.get("softcap") is not None:
         state.record(selected=0.0)  # a window can hide the image; soft-capped scores are not the kernel's
         return dense
-    if torch.is_grad_enabled() and query.requires_grad:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         warnings.warn("patchattn var is training-free: its one class-mass pass (kernels/colclass) is forward only "
                       "and carries no gradient, so gradients through the edited rows are not exact (the dense "
                       "part's are)", stacklevel=2)
+        query, key, value = query.detach(), key.detach(), value.detach()  # warned once here, not by the kernel too
     image, sinks, classes = frozen
     starts = per_forward(state.context, "var_starts", (attention_mask, batch, kv_len),
                          lambda: key_starts(attention_mask, batch, kv_len))

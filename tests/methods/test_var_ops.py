@@ -117,8 +117,8 @@ def test_gradient_path_gives_the_inference_output():
     model = AutoModelForImageTextToText.from_config(config).eval()
     inputs = tiny_inputs(model, "llava", batch=2, text_len=40)
     _plant(model, inputs)
-    with warnings.catch_warnings(), patchattn.patched(model, "var", **OPTIONS):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught, patchattn.patched(model, "var", **OPTIONS):
+        warnings.simplefilter("always")
         with torch.no_grad():
             inference = model(**inputs).logits
         trained = model(**inputs).logits
@@ -127,3 +127,5 @@ def test_gradient_path_gives_the_inference_output():
         selected = _selected(model)
     assert min(selected) > 0
     assert torch.equal(trained.detach(), inference)
+    said = [str(w.message) for w in caught if "forward only" in str(w.message)]
+    assert said and all(m.startswith("patchattn var is training-free") for m in said), "var warns, the kernel not again"
