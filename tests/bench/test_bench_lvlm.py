@@ -41,3 +41,22 @@ def test_bench_lvlm_refuses_unknown_names():
         lvlm.main(["--shapes", "tiny", "--methods", "no_such_method", "--device", "cpu"])
     with pytest.raises(SystemExit, match="unknown shapes"):
         lvlm.main(["--shapes", "llava-9999", "--methods", "dense", "--device", "cpu"])
+
+
+def test_var_rows_watch_a_dimension_where_none_is_shipped():
+    """Without shipped sink dimensions var patches nothing (every layer inactive): the row would time a no-op."""
+    for name in lvlm.GROUPS["tiny"]:
+        model, _ = lvlm.build(lvlm.SHAPES[name], layers=None)
+        overrides, note = lvlm.timed_overrides(model, "var", {})
+        from patchattn.methods.var import lookup_sink_dims, sink_dims_table
+
+        shipped = lookup_sink_dims(sink_dims_table(), model.config.get_text_config())
+        assert (overrides, note == "") == (({}, True) if shipped else ({"sink_dims": [0]}, False))
+        lvlm.patch(model, "var", **overrides, first_layer=0, except_last_layer=False)  # the tiny models: 2 layers
+        try:
+            active = [m.patchattn.method_state.active for m in model.modules() if hasattr(m, "patchattn")]
+            assert any(active)
+        finally:
+            lvlm.unpatch(model)
+    assert lvlm.timed_overrides(None, "var", {"sink_dims": [3]}) == ({"sink_dims": [3]}, "")
+    assert lvlm.timed_overrides(None, "vhr", {}) == ({}, "")
