@@ -518,6 +518,27 @@ def test_decode_cuda_graph_replays(triton_device, B):
 
 
 @pytest.mark.gpu
+def test_decode_first_called_inside_compiled_cuda_graphs(triton_device, monkeypatch):
+    """The decode kernel's first call in the process inside torch.compile's CUDA graphs ("reduce-overhead", what
+    transformers' compiled static-cache decode uses): its lasting buffers (merge counters, the spare pointer) are
+    made during the graphs' un-captured warm-up run, and must not land in the graphs' private pool, which refuses
+    tensors no graph outputs ("Detected 2 tensor(s) in the cudagraph pool not tracked as outputs")."""
+    monkeypatch.setattr(_alloc_module(), "_COUNTERS", {})
+    monkeypatch.setattr(_alloc_module(), "_SPARE", {})
+    case = Case(B=1, Hq=8, Hkv=2, Tq=1, Tk=4096, D=64, block_q=64, block_k=64, list_heads="kv", density=0.1)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(case, dtype, triton_device, gen)
+    idx, cnt = random_blocks(case, triton_device, gen)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: _decode(x, k, v, idx, cnt, case, "triton", False)[0], mode="reduce-overhead")
+    for _ in range(4):  # warm-up, recording, replays
+        x = torch.randn(q.shape, generator=gen).to(triton_device, dtype)
+        got = step(x).clone()
+        assert_close(got, _decode(x, k, v, idx, cnt, case, "torch", False)[0], dtype, "out", "out")
+
+
+@pytest.mark.gpu
 def test_decode_fused_merge_under_load(triton_device):
     """Memory ordering on the device: many concurrent splits per row group, calls alternating two
     queries.  A last program that read a partial before it was visible would see the NaN poison or

@@ -34,8 +34,7 @@ def counters(n: int, device, owner: str) -> torch.Tensor:
         return bufs[-1]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.zeros(n, dtype=torch.int32, device=device)
-    bufs.append(torch.zeros(max(n, _MIN_COUNTERS, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32,
-                            device=device))
+    bufs.append(lasting_zeros(max(n, _MIN_COUNTERS, 2 * bufs[-1].numel() if bufs else 0), torch.int32, device))
     return bufs[-1]
 
 
@@ -48,7 +47,31 @@ def spare(device) -> torch.Tensor:
     device = torch.device(device)
     buf = _SPARE.get(device)
     if buf is None:
-        buf = torch.zeros(1, dtype=torch.float32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _SPARE[device] = buf
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(1, dtype=torch.float32, device=device)
+        buf = _SPARE[device] = lasting_zeros(1, torch.float32, device)
+    return buf
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def lasting_zeros(n: int, dtype, device: torch.device) -> torch.Tensor:
+    """Zeros kept beyond the call (a module-level cache), made where no CUDA graph's private memory pool takes them.
+
+    torch.compile's CUDA graphs ("reduce-overhead", transformers' compiled static-cache decode) run each graph once
+    un-captured before recording it, with the current stream's allocations routed to the graph's private pool; a
+    cache filled then would hold a tensor of that pool which no graph outputs, and the graphs refuse it ("Detected 2
+    tensor(s) in the cudagraph pool not tracked as outputs").  The pool takes only the current stream's
+    allocations, so these are made on a side stream, ordered with the current one both ways."""
+    if device.type != "cuda":
+        return torch.zeros(n, dtype=dtype, device=device)
+    current = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        buf = torch.zeros(n, dtype=dtype, device=device)
+    current.wait_stream(side)
     return buf
