@@ -3,6 +3,7 @@ profile. (The real runs need a GPU: bench/generate/reproduce.sh.)"""
 import csv
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -206,3 +207,26 @@ def test_compiled_kinds_record_their_graphs(tmp_path):
         assert row["error"] == "" and row["tokens_equal_dynamic"] == "1/1"
         assert int(row["graphs_warmup"]) > 0  # compiled during the warm-up ...
         assert int(row["graphs_timed"]) == 0  # ... and not again inside the timed calls (SDPA: static shapes)
+
+
+def test_decode_step_is_timed_inside_each_call_not_across_calls(monkeypatch):
+    """A prefill that varies between calls (here: every short call's prefill 0.3 s slower) makes the differential
+    (t(N2) - t(N1)) / (N2 - N1) negative, as the 128k compiled runs saw; the in-call clock is unaffected."""
+    model = generate.build_model(2, 300, shape="tiny", device="cpu", dtype=torch.float32)
+    ids = torch.randint(3, 100, (1, 64), generator=torch.Generator().manual_seed(0))
+    prefills = []
+
+    def slow_short_prefills(_module, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is not None and x.shape[1] > 1:
+            prefills.append(x.shape[1])
+            if len(prefills) % 2 == 0:  # the warm-up is prefill 1, then (short, long) pairs: 2, 3, 4, 5
+                time.sleep(0.3)
+
+    handle = model.model.register_forward_pre_hook(slow_short_prefills, with_kwargs=True)
+    try:
+        row, _ = generate.measure(model, ids, "dynamic", generate.Plan(1, 9, repeats=2))
+    finally:
+        handle.remove()
+    assert len(prefills) == 5
+    assert row["decode_ms_differential"] < 0 < row["decode_ms_per_step"] < 300 / 8

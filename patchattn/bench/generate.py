@@ -8,9 +8,12 @@ Measurement (per method x cache kind x prompt length x batch):
 
 - one warm-up ``generate`` of N2 tokens (Triton autotuning, ``torch.compile``, the static cache sized for N2);
 - ``--repeats`` pairs of ``generate`` calls with N1 and N2 new tokens (``min_new_tokens`` forces the length), the
-  device synchronised around each: decode ms/step is the median over the pairs of (t2 - t1) / (N2 - N1), so the
-  prefill and ``generate``'s fixed costs cancel; time to first token is the median of ``generate`` with one new
-  token (with N1 = 1 the short calls of the pairs are those samples: no extra prefills);
+  device synchronised around each: decode ms/step is the median over the N2 calls of the time from their first new
+  token to their last, divided by the N2 - 1 steps between (a streamer stamps each token as ``generate`` hands it to
+  the host), so the prefill's run-to-run variation stays out (at 128k it can exceed a second, more than hundreds of
+  compiled steps take); ``decode_ms_differential``, the median of (t2 - t1) / (N2 - N1) over the pairs, is kept as a
+  cross-check; time to first token is the median of ``generate`` with one new token (with N1 = 1 the short calls of
+  the pairs are those samples: no extra prefills);
 - peak memory (``torch.cuda.max_memory_allocated``) over the measured calls, and the KV cache's own bytes (its
   layers' key and value tensors after the last call; a method's own between-step state is not counted).
 
@@ -55,7 +58,7 @@ CACHES = ("dynamic", "static", "static-compiled", "compiled", "bounded", "bounde
 COMPILED = ("static-compiled", "compiled", "bounded-static-compiled")
 BOUNDED = ("bounded", "bounded-static", "bounded-static-compiled")
 COLUMNS = ["method", "cache", "batch", "prompt", "ttft_s", "decode_ms_per_step", "decode_ms_spread", "decode_tok_s",
-           "ttft_vs_sdpa", "decode_vs_sdpa", "peak_gib", "kv_cache_bytes", "tokens_equal_dynamic", "tokens_hash",
+           "decode_ms_differential", "ttft_vs_sdpa", "decode_vs_sdpa", "peak_gib", "kv_cache_bytes", "tokens_equal_dynamic", "tokens_hash",
            "new_tokens", "repeats", "graphs_warmup", "graphs_timed", "graph_breaks", "config_s", "error"]
 PROGRESS = ["method", "cache", "batch", "prompt", "ttft_s", "decode_ms_per_step", "decode_tok_s", "peak_gib",
             "kv_cache_bytes", "tokens_equal_dynamic", "config_s", "error"]
@@ -230,6 +233,32 @@ class Generated:
     seconds: float
     tokens: torch.Tensor  # [B, new tokens], on the CPU
     kv_bytes: int | None
+    step_seconds: float | None = None  # from the first new token to the last, per step between (StepClock)
+
+
+class StepClock:
+    """A ``generate`` streamer that stamps the time each new token reaches the host (``generate`` copies it there
+    before ``put``; the first ``put`` is the prompt).  Where transformers defers that copy by a step (its
+    ``DeferredStopCheck`` on a GPU), every stamp shifts by about one step, which the first-to-last difference
+    mostly cancels."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, _tokens) -> None:
+        if self._prompt_seen:
+            self.stamps.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+    def step_seconds(self) -> float | None:
+        """Seconds per decode step between the first and the last new token, or None with fewer than two."""
+        if len(self.stamps) < 2:
+            return None
+        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -274,14 +303,15 @@ def timed_generate(model, ids: torch.Tensor, kind: str, new_tokens: int, plan: P
     """One ``generate``, timed between device synchronisations; its output is dropped before returning so that
     no cache outlives the call (the next call's peak memory is its own)."""
     kwargs = generate_kwargs(model, kind, new_tokens, plan)
+    clock = StepClock()
     _sync(ids.device)
     start = time.perf_counter()
-    out = model.generate(input_ids=ids, **kwargs)
+    out = model.generate(input_ids=ids, streamer=clock, **kwargs)
     _sync(ids.device)
     seconds = time.perf_counter() - start
     cache = getattr(out, "cache", None)
     cache = cache if cache is not None else getattr(out, "past_key_values", None)
-    generated = Generated(seconds, out.sequences[:, ids.shape[1]:].cpu(), cache_nbytes(cache))
+    generated = Generated(seconds, out.sequences[:, ids.shape[1]:].cpu(), cache_nbytes(cache), clock.step_seconds())
     del out, cache, kwargs
     return generated
 
@@ -307,11 +337,12 @@ def measure(model, ids: torch.Tensor, kind: str, plan: Plan) -> tuple[dict, torc
     timed_generate(model, ids, kind, plan.n2, plan)  # warm-up: autotune, compile, static cache sized for N2
     warm = compile_counts()
     _reset_peak(device)
-    steps, firsts, last = [], [], None
+    steps, differentials, firsts, last = [], [], [], None
     for _ in range(plan.repeats):
         short = timed_generate(model, ids, kind, plan.n1, plan)
         last = timed_generate(model, ids, kind, plan.n2, plan)
-        steps.append((last.seconds - short.seconds) / (plan.n2 - plan.n1))
+        steps.append(last.step_seconds)
+        differentials.append((last.seconds - short.seconds) / (plan.n2 - plan.n1))
         if plan.n1 == 1:
             firsts.append(short.seconds)
     if plan.n1 != 1:
@@ -319,6 +350,7 @@ def measure(model, ids: torch.Tensor, kind: str, plan: Plan) -> tuple[dict, torc
     step = statistics.median(steps)
     row = {"ttft_s": statistics.median(firsts), "decode_ms_per_step": 1000 * step,
            "decode_ms_spread": 1000 * (max(steps) - min(steps)),
+           "decode_ms_differential": 1000 * statistics.median(differentials),
            "decode_tok_s": ids.shape[0] / step if step > 0 else None,
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
            "kv_cache_bytes": last.kv_bytes}
