@@ -9,8 +9,8 @@ Host data placed on a device is counted too (``host-copy``): ``torch.tensor`` / 
 (or ``Tensor.new_tensor``, which takes its tensor's device).  On a GPU such a copy comes from pageable memory without
 ``non_blocking``, and PyTorch ends it with a stream synchronize: the host waits for every queued kernel, as for a
 scalar read.  A CPU run cannot see it as a device change (it is none there), so the calls are wrapped and counted by
-what they ask for.  Not seen: ``cpu_tensor.to(device)`` of a tensor kept on the CPU (a no-op on a CPU run);
-``tests/test_host_copies.py`` greps the per-call method code for those.
+what they ask for.  Not seen: ``cpu_tensor.to(device)`` of a tensor kept on the CPU (a no-op on a CPU run, so
+nothing dispatches); the LVLM methods' per-call code was read for those (design note 54).
 """
 
 from __future__ import annotations

@@ -126,5 +126,5 @@ def edited_last_row(out: torch.Tensor, row: LastRow, edit: Callable[[torch.Tenso
     return write_last_row(out, row_output(row, logits), row.mask.seen)
 
 
-__all__ = ["LastRow", "RowMask", "compute_dtype", "edited_last_row", "last_row", "mask_row", "probs_output", "row_output",
-           "write_last_row"]
+__all__ = ["LastRow", "RowMask", "compute_dtype", "edited_last_row", "last_row", "mask_row", "probs_output",
+           "row_mask", "row_output", "shared_row_mask", "write_last_row"]
