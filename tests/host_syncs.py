@@ -82,14 +82,17 @@ class SyncCounter(TorchDispatchMode):
 
         def placed(make, name):
             def wrapper(*args, **kwargs):
-                if kwargs.get("device") not in (None, "cpu"):
+                out = make(*args, **kwargs)
+                if kwargs.get("device") not in (None, "cpu") and out.numel():  # an empty copy returns at once
                     counter._record(f"host-copy {name}")
-                return make(*args, **kwargs)
+                return out
             return wrapper
 
         def counted_new_tensor(t, *args, **kwargs):
-            counter._record("host-copy new_tensor")
-            return new_tensor(t, *args, **kwargs)
+            out = new_tensor(t, *args, **kwargs)
+            if out.numel():
+                counter._record("host-copy new_tensor")
+            return out
 
         torch.Tensor.tolist = counted_tolist
         torch.tensor, torch.as_tensor = placed(tensor, "torch.tensor"), placed(as_tensor, "torch.as_tensor")

@@ -53,7 +53,8 @@ class LastRow:
         logits: ``[B, Hq, Tk]`` scores ``q . k * scaling`` (soft-capped where the model caps) at fp32 (fp64 inputs:
             fp64); masked keys hold ``-inf``.
         allowed: bool ``[B, 1, Tk]``: the keys the row may see (its mask row).
-        value: ``[B, Hkv, Tk, D]`` the call's values (one kv head per ``Hq / Hkv`` query heads).
+        value: ``[B, Hkv, Tk, D]`` the call's values at the logits' precision (one kv head per ``Hq / Hkv`` query
+            heads).
         mask: the row's ``RowMask`` (``allowed`` is its ``allowed``).
     """
 
@@ -85,12 +86,20 @@ def last_row(query, key, value, attention_mask, *, scaling: float, softcap: floa
     batch, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     dtype = compute_dtype(query)
-    q = query[:, :, -1].to(dtype).view(batch, kv_heads, heads // kv_heads, dim)
-    logits = torch.matmul(q, key.to(dtype).transpose(-1, -2)).view(batch, heads, kv_len) * scaling
+    # bmm on [B * Hkv, ...] views: matmul of the 4-D tensors queues the same copy and bmm plus expands and views.
+    q = query[:, :, -1].to(dtype).reshape(batch * kv_heads, heads // kv_heads, dim)
+    k = _rows_of(key, dtype)
+    logits = torch.bmm(q, k.transpose(1, 2)).view(batch, heads, kv_len) * scaling
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     mask = shared_row_mask(context, attention_mask, batch, kv_len, query.device)
-    return LastRow(logits.masked_fill(mask.blocked, float("-inf")), mask.allowed, value, mask)
+    values = value.to(dtype, memory_format=torch.contiguous_format)  # converted once, however many outputs read it
+    return LastRow(logits.masked_fill(mask.blocked, float("-inf")), mask.allowed, values, mask)
+
+
+def _rows_of(t: torch.Tensor, dtype) -> torch.Tensor:
+    """``[B, H, T, D]`` -> ``[B * H, T, D]`` at ``dtype`` (one copy at most)."""
+    return t.to(dtype, memory_format=torch.contiguous_format).view(-1, t.shape[2], t.shape[3])
 
 
 def row_output(row: LastRow, logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,8 +114,8 @@ def probs_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``[B, Hq, D]`` = ``probs [B, Hq, Tk]`` times the values (each query head reads its kv head)."""
     batch, heads, kv_len = probs.shape
     kv_heads = value.shape[1]
-    grouped = probs.view(batch, kv_heads, heads // kv_heads, kv_len)
-    return torch.matmul(grouped, value.to(probs.dtype)).view(batch, heads, value.shape[-1])
+    grouped = probs.reshape(batch * kv_heads, heads // kv_heads, kv_len)
+    return torch.bmm(grouped, _rows_of(value, probs.dtype)).view(batch, heads, value.shape[-1])
 
 
 def write_last_row(out: torch.Tensor, row_out: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
