@@ -4,6 +4,13 @@ A ``TorchDispatchMode`` sees every aten op; the ones whose result the host must 
 scalar reads (``item``, ``bool()``, ``int()``, ``float()`` -> ``_local_scalar_dense``), ops whose output size
 depends on the data (``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave`` with a
 tensor of repeats), and ``Tensor.tolist`` (read in C++ without dispatching, so wrapped here).
+
+Host data placed on a device is counted too (``host-copy``): ``torch.tensor`` / ``torch.as_tensor`` given a ``device``
+(or ``Tensor.new_tensor``, which takes its tensor's device).  On a GPU such a copy comes from pageable memory without
+``non_blocking``, and PyTorch ends it with a stream synchronize: the host waits for every queued kernel, as for a
+scalar read.  A CPU run cannot see it as a device change (it is none there), so the calls are wrapped and counted by
+what they ask for.  Not seen: ``cpu_tensor.to(device)`` of a tensor kept on the CPU (a no-op on a CPU run, so
+nothing dispatches); the LVLM methods' per-call code was read for those (design note 54).
 """
 
 from __future__ import annotations
@@ -64,19 +71,37 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
-        original = torch.Tensor.tolist
         counter = self
+        self._originals = [(torch.Tensor, "tolist", torch.Tensor.tolist), (torch, "tensor", torch.tensor),
+                           (torch, "as_tensor", torch.as_tensor), (torch.Tensor, "new_tensor", torch.Tensor.new_tensor)]
+        tolist, tensor, as_tensor, new_tensor = (original for _, _, original in self._originals)
 
-        def tolist(tensor):
+        def counted_tolist(t):
             counter._record("tolist")
-            return original(tensor)
+            return tolist(t)
 
-        self._original_tolist = original
-        torch.Tensor.tolist = tolist
+        def placed(make, name):
+            def wrapper(*args, **kwargs):
+                out = make(*args, **kwargs)
+                if kwargs.get("device") not in (None, "cpu") and out.numel():  # an empty copy returns at once
+                    counter._record(f"host-copy {name}")
+                return out
+            return wrapper
+
+        def counted_new_tensor(t, *args, **kwargs):
+            out = new_tensor(t, *args, **kwargs)
+            if out.numel():
+                counter._record("host-copy new_tensor")
+            return out
+
+        torch.Tensor.tolist = counted_tolist
+        torch.tensor, torch.as_tensor = placed(tensor, "torch.tensor"), placed(as_tensor, "torch.as_tensor")
+        torch.Tensor.new_tensor = counted_new_tensor
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.Tensor.tolist = self._original_tolist
+        for owner, name, original in self._originals:
+            setattr(owner, name, original)
         return super().__exit__(*exc)
 
 

@@ -358,8 +358,12 @@ class _MediaTokenHook:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         # Only a prefill (more than one new token) defines where the image tokens are; decoding keeps it.
         if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and input_ids.shape[1] > 1:
-            ids = torch.tensor(self.token_ids, device=input_ids.device)
-            self.context.layout.image_token_mask = torch.isin(input_ids, ids)
+            # Compared with Python ints: a tensor of the ids made here would be host data copied to the GPU, which
+            # PyTorch ends with a stream synchronize (the host would wait for the queue to drain every forward).
+            mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for token_id in self.token_ids:
+                mask |= input_ids == token_id
+            self.context.layout.image_token_mask = mask
 
 
 def _media_token_hook(model, family: HFFamily, context: PatchContext) -> _MediaTokenHook:

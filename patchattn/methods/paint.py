@@ -46,7 +46,8 @@ from ..config import MethodConfig, option
 from ..registry import register_method
 from ..state import MethodState, PatchState
 from ._heads import dense_call, head_counts
-from ._lastrow import edited_last_row, last_row
+from ._lastrow import compute_dtype, edited_last_row, last_row
+from ._perforward import per_forward
 
 CAPTURE_NAME = "paint_vision_capture"  # the capture's name in transformers' attention registry
 EXTRAS_KEY = "paint"
@@ -373,13 +374,15 @@ def local_tokens(score: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def summary_tokens(score: torch.Tensor, factor: float) -> torch.Tensor:
     """bool: the IQR outliers ``> Q3 + factor * IQR`` of one image (quantiles interpolated linearly, as numpy)."""
-    q1, q3 = torch.quantile(score.double(), torch.tensor([0.25, 0.75], dtype=torch.float64, device=score.device))
+    # q made on the device (linspace: exactly 0.25 and 0.75): ``torch.tensor([...], device=...)`` would copy host
+    # data to the GPU, which ends with a stream synchronize.
+    q1, q3 = torch.quantile(score.double(), torch.linspace(0.25, 0.75, 2, dtype=torch.float64, device=score.device))
     return score.double() > q3 + factor * (q3 - q1)
 
 
-def build_tokens(capture: PaintCapture, image_mask: torch.Tensor) -> PaintTokens | None:
+def build_tokens(capture: PaintCapture, image_mask: torch.Tensor, count: int) -> PaintTokens | None:
     """The local and summary tokens of every image, placed on the image tokens (row-major over the batch, in
-    image order); None (with a warning) when the captured images do not match the image tokens."""
+    image order); None (with a warning) when the captured images do not match the ``count`` image tokens."""
     per_role = {}
     for role in ("local", "summary"):
         orders = capture.orders if capture.token_map.windowed else []
@@ -390,8 +393,8 @@ def build_tokens(capture: PaintCapture, image_mask: torch.Tensor) -> PaintTokens
         per_role[role] = [token_scores(s, capture.token_map, orders[i] if orders else None)
                           for i, s in enumerate(capture.scores[role])]
     sizes = [s.numel() for s in per_role["local"]]
-    if not sizes or sum(sizes) != int(image_mask.sum()) or len(per_role["summary"]) != len(sizes):
-        warnings.warn(f"paint: the vision tower gave {sum(sizes)} token scores for {int(image_mask.sum())} image "
+    if not sizes or sum(sizes) != count or len(per_role["summary"]) != len(sizes):
+        warnings.warn(f"paint: the vision tower gave {sum(sizes)} token scores for {count} image "
                       "tokens; this input runs dense", stacklevel=3)
         return None
     local, summary = [], []
@@ -399,10 +402,17 @@ def build_tokens(capture: PaintCapture, image_mask: torch.Tensor) -> PaintTokens
         s = summary_tokens(summ, capture.iqr_factor)
         local.append(local_tokens(loc, capture.local_ratio) & ~s)
         summary.append(s)
-    flat_local, flat_summary = torch.zeros_like(image_mask), torch.zeros_like(image_mask)
-    flat_local[image_mask] = torch.cat(local).to(image_mask.device)
-    flat_summary[image_mask] = torch.cat(summary).to(image_mask.device)
+    flat_local, flat_summary = place_on_mask(image_mask, torch.stack([torch.cat(local), torch.cat(summary)]))
     return PaintTokens(flat_local, flat_summary, image_mask)
+
+
+def place_on_mask(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``[n, *mask.shape]``: ``values`` ``[n, count]`` (bool) written on the True entries of ``mask`` in row-major
+    order, False elsewhere; ``out[:, mask] = values`` without boolean indexing (whose output size the host reads)."""
+    flat = mask.reshape(-1)
+    rank = (flat.cumsum(0) - 1).clamp(0, values.shape[1] - 1)  # the entry's place among the True ones
+    placed = values.to(mask.device)[:, rank] & flat
+    return placed.view(values.shape[0], *mask.shape)
 
 
 def current_tokens(context) -> PaintTokens | None:
@@ -413,9 +423,12 @@ def current_tokens(context) -> PaintTokens | None:
         return None
     if capture.tokens is not None and capture.tokens.source is image_mask:
         return capture.tokens  # decode steps: no host read
-    if not capture.scores["local"] or not bool(image_mask.any()):
-        return None  # no image in this prompt (the scores of an earlier one are used up)
-    capture.tokens = build_tokens(capture, image_mask)
+    if not capture.scores["local"]:
+        return None  # no vision forward since the last prompt (its scores are used up)
+    count = int(image_mask.sum())  # the prompt's one host read (PAINT's token sets are built on the host)
+    if not count:
+        return None  # no image in this prompt
+    capture.tokens = build_tokens(capture, image_mask, count)
     capture.scores = {"local": [], "summary": []}  # used: a later prompt needs its own vision forward
     return capture.tokens
 
@@ -439,6 +452,18 @@ def key_boosts(tokens: PaintTokens, config: PaintConfig, batch: int, kv_len: int
     return boost[:, slots - kv_len:].to(device)
 
 
+def shared_boosts(context, tokens: PaintTokens, config: PaintConfig, batch: int, kv_len: int, slots: int, device,
+                  dtype) -> torch.Tensor | None:
+    """``key_boosts`` as ``[B, 1, Tk]`` in the logits' dtype, built once per forward (every layer of a forward, or of
+    a decode step, has the same keys): fewer ops queued per layer."""
+    def build():
+        boost = key_boosts(tokens, config, batch, kv_len, slots, device)
+        return None if boost is None else boost.to(dtype)[:, None, :]
+
+    key = (tokens.local, config.alpha, config.beta, batch, kv_len, slots, device, dtype)
+    return per_forward(context, "paint_boosts", key, build)
+
+
 def key_image(tokens: PaintTokens, kv_len: int, slots: int, device) -> torch.Tensor:
     """bool ``[B, Tk]``: the image tokens among the call's keys (placed as ``key_boosts`` places its boosts)."""
     mask = tokens.source
@@ -447,9 +472,10 @@ def key_image(tokens: PaintTokens, kv_len: int, slots: int, device) -> torch.Ten
 
 
 def boost_logits(logits, allowed, boost, *, image=None, visual_heads: bool = False):
-    """``s + c |s|`` on the allowed keys; ``boost`` ``[B, Tk]``; ``visual_heads``: ``c`` per head times its image
-    share of the unedited row (``image`` bool ``[B, Tk]``) over the heads' mean share."""
-    c = boost.to(logits.dtype)[:, None, :]
+    """``s + c |s|`` on the allowed keys; ``boost`` ``[B, Tk]`` (or ``[B, 1, Tk]``); ``visual_heads``: ``c`` per head
+    times its image share of the unedited row (``image`` bool ``[B, Tk]``) over the heads' mean share."""
+    c = boost.to(logits.dtype)
+    c = c[:, None, :] if c.dim() == 2 else c
     if visual_heads:
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         share = (probs * image[:, None, :].to(probs.dtype)).sum(-1, keepdim=True)  # [B, H, 1]
@@ -484,11 +510,13 @@ def paint_attention(module, query, key, value, attention_mask, *, scaling=None, 
         warnings.warn(NOT_ADOPTED, stacklevel=2)
     slots = count_slots(kept, query.shape[2], kv_len)
     tokens = current_tokens(state.context)
-    boost = None if tokens is None else key_boosts(tokens, config, batch, kv_len, slots, query.device)
+    boost = None if tokens is None else shared_boosts(state.context, tokens, config, batch, kv_len, slots,
+                                                      query.device, compute_dtype(query))
     if boost is None:
         return out, None
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    row = last_row(query, key, value, attention_mask, scaling=scale, softcap=kwargs.get("softcap"))
+    row = last_row(query, key, value, attention_mask, scaling=scale, softcap=kwargs.get("softcap"),
+                   context=state.context)
     image = key_image(tokens, kv_len, slots, query.device) if config.heads == "visual" else None
 
     def edit(logits, allowed):

@@ -8,6 +8,10 @@ reference) are left out.  Each method is timed against the same model unpatched 
 reads may not grow with depth.  The input checks (on by default) add one read per prefill forward, not one per
 layer: each attention call queues a device flag and the patched root model's forward hook reads them all at once
 (``patchattn/checks.py``); a decode step reads nothing.
+
+The counter also counts host data placed on the device (``torch.tensor(..., device=...)``): on a GPU that copy ends
+with a stream synchronize, the same wait as a scalar read, yet a CPU run shows no device change.  The media-token
+hook made one per forward and PAINT two per image (design note 54); none is left in patchattn's code.
 """
 
 import sys
@@ -33,13 +37,16 @@ OPTIONS = {  # every layer active, so each layer runs the method's whole path
 }
 # Reads per prefill forward that do not depend on the depth (image-token facts, PAINT's token sets, composite's
 # block lists), input checks off: the pinned ceiling.  The input checks add one (``CHECKS``).
-PER_FORWARD = {"var": 2, "vhr": 1, "paint": 4, "composite": 12}
+PER_FORWARD = {"var": 2, "vhr": 1, "paint": 1, "composite": 11}
 CHECKS = 1
 
 
 def _model(family: str, layers: int):
     config = TINY_CONFIGS[family]()
-    config.get_text_config().num_hidden_layers = layers
+    text = config.get_text_config()
+    text.num_hidden_layers = layers
+    if getattr(text, "layer_types", None):  # Qwen2-VL lists one type per layer
+        text.layer_types = (text.layer_types * layers)[:layers]
     torch.manual_seed(0)
     return AutoModelForImageTextToText.from_config(config).eval()
 
@@ -94,3 +101,18 @@ def test_a_decode_step_reads_nothing(method):
             with SyncCounter(("patchattn",)) as counter:
                 model(**step, use_cache=True)
     assert counter.count == 0, dict(counter.sites)
+
+
+@pytest.mark.parametrize(("family", "method"), [("llava", m) for m in ("dense", *sorted(OPTIONS))]
+                         + [("qwen2_vl", "paint"), ("qwen2_vl", "vhr")])
+def test_no_host_data_is_copied_to_the_device(family, method):
+    model = _model(family, 3)
+    inputs = tiny_inputs(model, family, batch=2, text_len=40)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        with patchattn.patched(model, method, **OPTIONS.get(method, {})):
+            model(**inputs)
+            with SyncCounter(("patchattn",)) as counter:
+                model(**inputs)
+    copies = {site: n for site, n in counter.sites.items() if site.startswith("host-copy")}
+    assert not copies, f"{method}: host data copied to the device per forward: {copies}"

@@ -546,3 +546,14 @@ def test_smolvlm_pixel_shuffle_4x4_with_split_images_matches_the_oracle(uneven):
     assert torch.equal(tokens.local, flat_local) and torch.equal(tokens.summary, flat_summary)
     assert max_abs_diff(got[valid], expected[valid]) <= TOL
     assert torch.equal(got[:, :-1], dense[:, :-1]) and max_abs_diff(got[:, -1], dense[:, -1]) > 1e-4
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_tokens_placed_on_the_image_mask_as_boolean_indexing_places_them(rows):
+    torch.manual_seed(rows)
+    mask = torch.rand(rows, 37) < 0.4
+    values = torch.rand(2, int(mask.sum())) < 0.5
+    expected = torch.zeros(2, *mask.shape, dtype=torch.bool)
+    expected[0][mask], expected[1][mask] = values[0], values[1]
+    assert torch.equal(paint.place_on_mask(mask, values), expected)
+

@@ -215,3 +215,14 @@ def test_the_attention_function_matches_its_reference_prefill_then_decode():
         ref, _ = vhr.vhr_reference(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], image, alpha=2.0,
                                    allowed=allowed[:, :, t:t + 1, :t + 1], heads=heads)
         assert max_abs_diff(step, ref.transpose(1, 2)) <= 1e-12
+
+
+@pytest.mark.parametrize("heads", [1, 2, 5, 8, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_median_from_one_sort_is_torch_quantile(heads, dtype):
+    torch.manual_seed(heads)
+    vhd = torch.randn(64, heads, dtype=dtype).abs()
+    vhd[::3, : heads // 2] = 0.0  # ties and rows of outliers set to 0
+    vhd[::5] = vhd[::5].round(decimals=1)  # more ties
+    vhd[7] = 0.0  # no image: selects none
+    assert torch.equal(vhr.select_heads(vhd), vhd > vhd.quantile(0.5, dim=-1, keepdim=True))
