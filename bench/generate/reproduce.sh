@@ -10,6 +10,8 @@
 #   b1_32k_compiled   B=1, 32k, static-compiled                                             ~6.5 min
 #   b1_128k           B=1, 128k, dynamic + bounded (streaming, duo) + bounded-static-compiled (streaming) ~6 min
 #   b1_128k_compiled  B=1, 128k, static-compiled (dense, hip, blocktopk)                     ~5 min
+#                     (METHODS=dense, then METHODS=hip, ...: one method per call on an H100, each to
+#                     generate_b1_128k_compiled_<method>.csv)
 #   b1_128k_compiled2 B=1, 128k, static-compiled (streaming, duo)                            ~3.5 min
 #   b8_32k            B=8, 32k, dynamic + bounded (streaming, duo)                           ~6 min
 #   b8_32k_compiled   B=8, 32k, static-compiled (dense, hip, blocktopk)                      ~6 min
@@ -61,7 +63,8 @@ for step in "${steps[@]}"; do
         --caches static-compiled --repeats 3 $(reference generate_b1_32k) ;;
     b1_128k) bench generate_b1_128k 6 --lengths 131072 --batch 1 --methods $methods \
         --caches dynamic,bounded=streaming+duo,bounded-static-compiled=streaming --repeats 2 --new-tokens 1,257 ;;
-    b1_128k_compiled) bench generate_b1_128k_compiled 5 --lengths 131072 --batch 1 --methods dense,hip,blocktopk \
+    b1_128k_compiled) bench "generate_b1_128k_compiled${METHODS:+_${METHODS//,/_}}" 5 --lengths 131072 --batch 1 \
+        --methods "${METHODS:-dense,hip,blocktopk}" \
         --caches static-compiled --repeats 2 $(reference generate_b1_128k) --new-tokens 1,257 ;;
     b1_128k_compiled2) bench generate_b1_128k_compiled2 3.5 --lengths 131072 --batch 1 --methods streaming,duo \
         --caches static-compiled --repeats 2 $(reference generate_b1_128k) --new-tokens 1,257 ;;
