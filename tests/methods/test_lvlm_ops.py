@@ -18,38 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import patchattn
 from patchattn.testing import tiny_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from op_counts import MethodOps
 from test_lvlm_syncs import OPTIONS, _model
 
-KERNEL_CODE = ("/kernels/colclass/reference.py", "/kernels/blocksparse/reference.py", "/triton/")
 FUNCTIONS = {"vhr": "vhr_attention", "paint": "paint_attention", "composite": "composite_attention"}
 MAX_OPS_PER_LAYER = {"vhr": 48, "paint": 30, "composite": 10}  # measured 44, 27, 9 (fp32; bf16 adds 2-3 casts)
-
-
-class LayerOps(TorchDispatchMode):
-    """Counts the aten ops of one function outside ``dense_call`` and outside kernel code."""
-
-    def __init__(self, function: str):
-        super().__init__()
-        self.function = function
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        frame = sys._getframe(1)
-        while frame is not None:
-            name, path = frame.f_code.co_name, frame.f_code.co_filename
-            if name == "dense_call" or any(part in path for part in KERNEL_CODE):
-                break
-            if name == self.function:
-                self.ops[func.overloadpacket.__name__] += 1
-                break
-            frame = frame.f_back
-        return func(*args, **(kwargs or {}))
 
 
 def _ops(method: str, layers: int) -> collections.Counter:
@@ -59,7 +37,7 @@ def _ops(method: str, layers: int) -> collections.Counter:
         warnings.simplefilter("ignore")
         with patchattn.patched(model, method, **OPTIONS[method]):
             model(**inputs)  # warm: lazy states, block lists
-            with LayerOps(FUNCTIONS[method]) as counter:
+            with MethodOps(FUNCTIONS[method]) as counter:
                 model(**inputs)
     return counter.ops
 

@@ -8,13 +8,11 @@ it.  Before the one-pass kernel (design note 53) a layer issued 85 ops (96 with 
 passes; now 32 around one.
 """
 
-import collections
-import sys
 import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_counts import MethodOps
 from transformers import AutoModelForImageTextToText
 
 import patchattn
@@ -24,31 +22,7 @@ from patchattn.state import get_state
 from patchattn.testing import left_pad, tiny_inputs
 
 OPTIONS = {"sink_dims": [17], "tau": 4.0, "first_layer": 0, "except_last_layer": False, "summ": 0.05, "rho": 0.3}
-KERNEL_CODE = ("/kernels/colclass/reference.py", "/kernels/blocksparse/reference.py", "/triton/")
 MAX_OPS_PER_LAYER = 40  # measured 32, padded or not; 85 / 96 (left-padded) before the one-pass kernel
-
-
-class LayerOps(TorchDispatchMode):
-    """Counts the aten ops of ``var_attention`` outside ``dense_call`` and outside kernel code."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        frame = sys._getframe(1)
-        counted = False
-        while frame is not None:
-            name, path = frame.f_code.co_name, frame.f_code.co_filename
-            if name == "dense_call" or any(part in path for part in KERNEL_CODE):
-                break
-            if name == "var_attention":
-                counted = True
-                break
-            frame = frame.f_back
-        if counted:
-            self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _plant(model, inputs, dim=17, value=400.0):
@@ -92,7 +66,7 @@ def _ops(layers: int, pad, monkeypatch) -> tuple[int, int, list]:
         warnings.simplefilter("ignore")
         model(**inputs)  # warm: lazy states
         passes.clear()
-        with LayerOps() as counter:
+        with MethodOps("var_attention") as counter:
             model(**inputs)
         selected = _selected(model)
     return sum(counter.ops.values()), len(passes), selected
