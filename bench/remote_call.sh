@@ -34,6 +34,8 @@ for spec in "$@"; do
   [ "$limit" -gt "$left" ] && limit=$left
   [ "$limit" -lt 20 ] && { echo "== skip $name (no time)"; continue; }
   echo "== $name limit ${limit}s $(date -u +%T)"
+  mkdir -p /tmp/res/logs
+  {
   case $name in
     gen_*) seed generate; OUT=/tmp/res/generate timeout $limit bash bench/generate/reproduce.sh ${name#gen_} ;;
     dit_*) seed dit; OUT=/tmp/res/dit timeout $limit bash bench/dit/reproduce.sh ${name#dit_} ;;
@@ -47,6 +49,7 @@ for spec in "$@"; do
     linear_*) seed linear; OUT=/tmp/res/linear timeout $limit bash bench/linear/reproduce.sh ${name#linear_} ;;
     *) echo "unknown $name" ;;
   esac
-  echo "== $name rc=$? $(date -u +%T)"
+  } > /tmp/res/logs/$name.log 2>&1
+  echo "== $name rc=$? $(date -u +%T)"; tail -n 4 /tmp/res/logs/$name.log
 done
 cd /tmp/res && find . -type f -newer /tmp/marker | tar czf $OUT/res.tgz -T - && tar tzf $OUT/res.tgz
