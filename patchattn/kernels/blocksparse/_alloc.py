@@ -3,6 +3,8 @@
 Tests run with ``KernelOptions(poison_outputs=True)`` so every buffer a kernel must fill starts as NaN: an element
 a kernel forgets to write then fails the check instead of silently holding whatever the allocator handed back.
 """
+import threading
+
 import torch
 
 
@@ -53,25 +55,34 @@ def spare(device) -> torch.Tensor:
     return buf
 
 
-_SIDE_STREAMS: dict = {}
-
-
 def lasting_zeros(n: int, dtype, device: torch.device) -> torch.Tensor:
     """Zeros kept beyond the call (a module-level cache), made where no CUDA graph's private memory pool takes them.
 
     torch.compile's CUDA graphs ("reduce-overhead", transformers' compiled static-cache decode) run each graph once
-    un-captured before recording it, with the current stream's allocations routed to the graph's private pool; a
-    cache filled then would hold a tensor of that pool which no graph outputs, and the graphs refuse it ("Detected 2
-    tensor(s) in the cudagraph pool not tracked as outputs").  The pool takes only the current stream's
-    allocations, so these are made on a side stream, ordered with the current one both ways."""
+    un-captured before recording it, with every allocation *of the current thread* routed to the graph's private
+    pool (``_cuda_beginAllocateCurrentThreadToPool``); a cache filled then would hold a tensor of that pool which no
+    graph outputs, and the graphs refuse it ("Detected 2 tensor(s) in the cudagraph pool not tracked as outputs").
+    So CUDA buffers are made by a short-lived helper thread, on its own stream, and the current stream waits for
+    them.  (A side stream on this thread is not enough: the routing is per thread, not per stream.)"""
     if device.type != "cuda":
         return torch.zeros(n, dtype=dtype, device=device)
-    current = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.get(device)
-    if side is None:
-        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        buf = torch.zeros(n, dtype=dtype, device=device)
-    current.wait_stream(side)
-    return buf
+    made: dict = {}
+
+    def make() -> None:
+        try:
+            with torch.cuda.device(device):
+                stream = torch.cuda.Stream(device)
+                with torch.cuda.stream(stream):
+                    made["buf"] = torch.zeros(n, dtype=dtype, device=device)
+                    made["ready"] = torch.cuda.Event()
+                    made["ready"].record(stream)
+        except BaseException as error:  # re-raised on the calling thread
+            made["error"] = error
+
+    helper = threading.Thread(target=make, name="patchattn-lasting-zeros")
+    helper.start()
+    helper.join()
+    if "error" in made:
+        raise made["error"]
+    torch.cuda.current_stream(device).wait_event(made["ready"])
+    return made["buf"]
