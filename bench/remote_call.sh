@@ -37,10 +37,10 @@ for spec in "$@"; do
   mkdir -p /tmp/res/logs
   {
   case $name in
-    gen_*) seed generate; OUT=/tmp/res/generate timeout $limit bash bench/generate/reproduce.sh ${name#gen_} ;;
-    dit_*) seed dit; OUT=/tmp/res/dit timeout $limit bash bench/dit/reproduce.sh ${name#dit_} ;;
     gen_probe) mkdir -p /tmp/res/generate; timeout $limit python3 -m patchattn bench generate --layers 4 --lengths 8192 \
         --methods streaming,hip --caches static-compiled --new-tokens 1,17 --repeats 1 --csv /tmp/res/generate/probe_8k.csv ;;
+    gen_*) seed generate; OUT=/tmp/res/generate timeout $limit bash bench/generate/reproduce.sh ${name#gen_} ;;
+    dit_*) seed dit; OUT=/tmp/res/dit timeout $limit bash bench/dit/reproduce.sh ${name#dit_} ;;
     sync_probe) mkdir -p /tmp/res/lvlm; timeout $limit python3 bench/lvlm/sync_probe.py --out /tmp/res/lvlm/sync_probe.txt ;;
     lvlm) mkdir -p /tmp/res/lvlm; timeout $limit python3 -m patchattn.bench.lvlm --csv /tmp/res/lvlm/lvlm.csv ;;
     decode_hyper) mkdir -p /tmp/res/decode; for l in 1 8; do timeout $(( limit / 2 )) python3 -m patchattn bench methods --methods hyper --prefill "" --decode 131072 --decode-batch 1,8 --decode-layers $l --csv /tmp/res/decode/hyper_l$l.csv; done ;;
