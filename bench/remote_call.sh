@@ -41,7 +41,8 @@ for spec in "$@"; do
         --methods streaming,hip --caches static-compiled --new-tokens 1,17 --repeats 1 --csv /tmp/res/generate/probe_8k.csv ;;
     gen_*) seed generate; OUT=/tmp/res/generate timeout $limit bash bench/generate/reproduce.sh ${name#gen_} ;;
     dit_*) seed dit; OUT=/tmp/res/dit timeout $limit bash bench/dit/reproduce.sh ${name#dit_} ;;
-    sync_probe) mkdir -p /tmp/res/lvlm; timeout $limit python3 bench/lvlm/sync_probe.py --out /tmp/res/lvlm/sync_probe.txt ;;
+    sync_probe) mkdir -p /tmp/res/lvlm; timeout $limit python3 bench/lvlm/sync_probe.py \
+        --methods ${SYNC_METHODS:-dense,paint,composite} --out /tmp/res/lvlm/sync_probe.txt ;;
     lvlm) mkdir -p /tmp/res/lvlm; timeout $limit python3 -m patchattn.bench.lvlm --csv /tmp/res/lvlm/lvlm.csv ;;
     decode_hyper) mkdir -p /tmp/res/decode; for l in 1 8; do timeout $(( limit / 2 )) python3 -m patchattn bench methods --methods hyper --prefill "" --decode 131072 --decode-batch 1,8 --decode-layers $l --csv /tmp/res/decode/hyper_l$l.csv; done ;;
     decode) seed decode; OUT=/tmp/res/decode timeout $limit bash bench/decode/reproduce.sh ;;
