@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (no install there; `python3` only): run the named steps in order, each under its own
 # time limit inside BUDGET seconds, then tar what they wrote into $OUT/res.tgz (a call returns at most 8 files).
 #   COMMIT=$(git rev-parse --short HEAD) BUDGET=570 bash bench/remote_call.sh gen_b1_128k_compiled=335 lvlm=300 ...
-# Steps: gen_<reproduce step>, gen_probe, dit_<reproduce step>, lvlm, sync_probe, decode, decode_hyper, recipes,
+# Steps: gen_<reproduce step>, gen_probe, engine_sweep, dit_<reproduce step>, lvlm, sync_probe, decode, decode_hyper, recipes,
 # linear_<step>; a .whl/ folder (carried, git-ignored) is installed to /tmp/site first (diffusers for the DiT forward
 # rows, gguf for the recipes). The SmolLM2 GGUF (98 MB) exceeds one call's carry: split it
 # (`split -b 49M SmolLM2-135M-Instruct.Q4_1.gguf`) into .gga/ (first call) and .ggb/ (a later call while the machine
@@ -47,6 +47,8 @@ for spec in "$@"; do
     decode_hyper) mkdir -p /tmp/res/decode; for l in 1 8; do timeout $(( limit / 2 )) python3 -m patchattn bench methods --methods hyper --prefill "" --decode 131072 --decode-batch 1,8 --decode-layers $l --csv /tmp/res/decode/hyper_l$l.csv; done ;;
     decode) seed decode; OUT=/tmp/res/decode timeout $limit bash bench/decode/reproduce.sh ;;
     recipes) mkdir -p /tmp/res/recipes; OUT=/tmp/res/recipes timeout $limit bash bench/recipes/trained.sh ${RECIPES:-hybrid hybrid_k4 hybrid_k2 dma landmark}; cp -r bench/recipes/. /tmp/res/recipes/ ;;
+    engine_sweep) mkdir -p /tmp/res/kernel; timeout $limit python3 bench/kernel/engine_sweep.py \
+        --csv /tmp/res/kernel/engine_sweep.csv --budget $(( limit - 40 )) ;;
     linear_*) seed linear; OUT=/tmp/res/linear timeout $limit bash bench/linear/reproduce.sh ${name#linear_} ;;
     *) echo "unknown $name" ;;
   esac

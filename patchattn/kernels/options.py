@@ -48,6 +48,10 @@ class KernelOptions:
     Tests set it to run sub-tiling on a CPU."""
     interpreter_tiles_fastest: bool = False
     """Under the interpreter, launch all tiles of a head together (the other of the forward's two tuned orders)."""
+    forward_config: tuple[int, int, int, int, bool] | None = None
+    """On a GPU, launch the block-sparse forward with this config instead of the autotuned one: ``(BLOCK_M, BLOCK_N,
+    num_warps, num_stages, tiles_fastest)`` (tiles must fit inside the logical blocks); for config sweeps
+    (``bench/kernel/engine_sweep.py``) and pinned reproductions.  None: autotuned."""
 
     def replace(self, **changes) -> KernelOptions:
         return dataclasses.replace(self, **changes)

@@ -233,9 +233,10 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
             clean_lo, clean_hi, tile_ids, stride_tile_entry, tile_masks, q_off,
             BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            HAS_TILES: tl.constexpr):
+            HAS_TILES: tl.constexpr, EVEN_TK: tl.constexpr):
     """Online softmax over list entries j_lo..j_hi (counted in BLOCK_N sub-tiles): the entries clean_lo..clean_hi
-    skip the visibility mask (a branch per sub-tile), the others take it; partial tiles take their element mask."""
+    skip the visibility mask (a branch per sub-tile), the others take it; partial tiles take their element mask.
+    ``EVEN_TK`` (Tk a multiple of the key block): no listed column can pass Tk, so K/V/bias loads take no row mask."""
     SUB: tl.constexpr = BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for j in range(j_lo, j_hi):
@@ -243,9 +244,9 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
         cols = blk * BK + (j % SUB) * BLOCK_N + offs_n
         col_ok = cols < Tk
         k = load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], col_ok, d_ok,
-                      True, EVEN_D)
+                      not EVEN_TK, EVEN_D)
         s, _t = scores_log2(q, k, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_cap,
-                            cap_log2, HAS_SOFTCAP, HAS_BIAS, True, DOT_PRECISION, False)
+                            cap_log2, HAS_SOFTCAP, HAS_BIAS, not EVEN_TK, DOT_PRECISION, False)
         if (j < clean_lo) | (j >= clean_hi):
             s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
         if HAS_TILES:
@@ -257,7 +258,7 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + reduce_sum(p, 1)
         v = load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok,
-                      True, EVEN_D)
+                      not EVEN_TK, EVEN_D)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -275,7 +276,7 @@ def _fwd_kernel(
         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_ACTIVE: tl.constexpr,
         WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, SCAN: tl.constexpr, HAS_TILES: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_FASTEST: tl.constexpr):
+        EVEN_TK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_FASTEST: tl.constexpr):
     # Launch order (tuned): all heads of a query tile together (they share K/V in L2 under GQA),
     # or all tiles of a head together. Heavy (late, causal) tiles go first either way.
     if TILES_FASTEST:
@@ -325,7 +326,8 @@ def _fwd_kernel(
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skt, svt, list_ptr, sik, n_before * SUB,
                             n_vis * SUB, rows_pos, kv_lo, kv_hi, Tk, bias_ptr, sbt, scale_log2, scale_over_cap,
                             cap_log2, offs_d, d_ok, n_lo * SUB, clean_hi * SUB, tile_ids, stk, TileMasks, q_off,
-                            BQ, BK, BLOCK_N, EVEN_D, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_TILES)
+                            BQ, BK, BLOCK_N, EVEN_D, CAUSAL, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_TILES,
+                            EVEN_TK)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -368,7 +370,7 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 _fwd_tuned = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP", "HAS_TILES"],
+    configs=_configs(), key=["HEAD_DIM", "BQ", "BK", "CAUSAL", "HAS_PAD", "HAS_BIAS", "GROUP", "HAS_TILES", "EVEN_TK"],
     prune_configs_by={"early_config_prune": prune_configs})(_fwd_kernel)
 
 
@@ -378,11 +380,14 @@ _fwd_tuned = triton.autotune(
 TUNED: dict = {}
 
 
-def launch(tuned, grid, args, consts, interpreter_meta, device, autotune: bool = True):
-    """Autotuned launch on a GPU; a fixed config under the interpreter, or without ``autotune`` (the first config
-    that compiles)."""
+def launch(tuned, grid, args, consts, interpreter_meta, device, autotune: bool = True, forced=None):
+    """Autotuned launch on a GPU; a fixed config under the interpreter, ``forced`` (a ``triton.Config``) when given,
+    or without ``autotune`` the first config that compiles."""
     if INTERPRETING or device.type != "cuda":
         tuned.fn[grid(interpreter_meta)](*args, **consts, **interpreter_meta)
+        return
+    if forced is not None:
+        tuned.fn[grid(forced.kwargs)](*args, **consts, **forced.all_kwargs())
         return
     key = (tuned.fn.__name__, device.index, args[0].dtype, tuple(sorted(consts.items())))
     cfg = TUNED.get(key)
@@ -406,6 +411,18 @@ def launch(tuned, grid, args, consts, interpreter_meta, device, autotune: bool =
             return
         cfg = TUNED[key] = candidates[-1]
     tuned.fn[grid(cfg.kwargs)](*args, **consts, **cfg.all_kwargs())
+
+
+def forced_forward_config(options, block_q: int, block_k: int):
+    """``KernelOptions.forward_config`` as a ``triton.Config`` (None when unset), its tiles checked against the
+    logical blocks."""
+    if options.forward_config is None:
+        return None
+    block_m, block_n, warps, stages, tiles_fastest = options.forward_config
+    if block_m > block_q or block_n > block_k or block_q % block_m or block_k % block_n:
+        raise ValueError(f"forward_config tiles {block_m}x{block_n} must divide the blocks {block_q}x{block_k}")
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "TILES_FASTEST": bool(tiles_fastest)},
+                         num_warps=warps, num_stages=stages)
 
 
 def _tiles_divide(cfg, consts) -> bool:
@@ -512,7 +529,7 @@ def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, he
     consts = dict(hooks["consts"], **tiles["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, WRITE_LSE=need_lse,
-                  DOT_PRECISION=dot_precision(q.dtype), SCAN=64)
+                  DOT_PRECISION=dot_precision(q.dtype), SCAN=64, EVEN_TK=Tk % opts.block_k == 0)
     bm, bn = interpreter_tiles(opts.block_q, opts.block_k, opts.kernel)
 
     def grid(meta):
@@ -521,5 +538,5 @@ def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, he
 
     launch(_fwd_tuned, grid, args, consts,
            dict(BLOCK_M=bm, BLOCK_N=bn, TILES_FASTEST=opts.kernel.interpreter_tiles_fastest), q.device,
-           opts.kernel.autotune)
+           opts.kernel.autotune, forced_forward_config(opts.kernel, opts.block_q, opts.block_k))
     return out, lse
