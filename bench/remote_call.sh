@@ -48,7 +48,7 @@ for spec in "$@"; do
     decode) seed decode; OUT=/tmp/res/decode timeout $limit bash bench/decode/reproduce.sh ;;
     recipes) mkdir -p /tmp/res/recipes; OUT=/tmp/res/recipes timeout $limit bash bench/recipes/trained.sh ${RECIPES:-hybrid hybrid_k4 hybrid_k2 dma landmark}; cp -r bench/recipes/. /tmp/res/recipes/ ;;
     engine_sweep) mkdir -p /tmp/res/kernel; timeout $limit python3 bench/kernel/engine_sweep.py \
-        --csv /tmp/res/kernel/engine_sweep.csv --budget $(( limit - 40 )) ;;
+        --csv /tmp/res/kernel/engine_sweep${SWEEP_TAG:-}.csv --budget $(( limit - 40 )) ${SWEEP_ARGS:-} ;;
     linear_*) seed linear; OUT=/tmp/res/linear timeout $limit bash bench/linear/reproduce.sh ${name#linear_} ;;
     *) echo "unknown $name" ;;
   esac

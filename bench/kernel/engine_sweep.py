@@ -42,6 +42,9 @@ PLANS = {  # name: (bench.dit shape, method, config overrides)
     "wan_radial_block": ("wan-720p", "radial", {"dense_first_steps": 0, "dense_band": 0, "decay_factor": 0.2,
                                                 "first_frame_sink": True, "granularity": "block"}),
     "flux4k_gna": ("flux-4k", "gna", {}),
+    "wan_gna_tile128": ("wan-720p", "gna", {"granularity": "tile", "tile_tokens": 128}),
+    "wan_radial_block128": ("wan-720p", "radial", {"dense_first_steps": 0, "dense_band": 0, "decay_factor": 0.2,
+                                                   "first_frame_sink": True, "granularity": "block", "block": 128}),
 }
 
 
@@ -111,11 +114,11 @@ def plan_rows(name, triton):
                                      rep=60, return_mode="median")
     rows = [dict(shape=name, config="sdpa", ms=round(t_sdpa, 4),
                  tflops=round(4 * D * tiled.q_len * tiled.k_len * heads / t_sdpa / 1e9, 1))]
-    options = KernelOptions(dense_fallback=False)
     reference = None
-    for factor in (1, 2, 4):
+    for factor, branch in itertools.product((1, 2), (False, True)):
         if tiled.block_q * factor > 128:
             break
+        options = KernelOptions(dense_fallback=False, tile_mask_branch=branch)
         mask = merge_query_blocks(tiled, factor)
         listed, partial = mask.tile_counts()
         pairs = mask.density() * mask.q_len * mask.k_len * heads
@@ -124,7 +127,8 @@ def plan_rows(name, triton):
         err = float((got.float() - reference.float()).abs().max())
         ms = triton.testing.do_bench(lambda: tiled_attention(q, k, v, mask, options=options), warmup=5, rep=60,
                                      return_mode="median")
-        rows.append(dict(shape=name, block_q=mask.block_q, block_k=mask.block_k, config=f"autotuned, merged x{factor}",
+        label = f"autotuned, merged x{factor}, tile masks {'behind a branch' if branch else 'predicated'}"
+        rows.append(dict(shape=name, block_q=mask.block_q, block_k=mask.block_k, config=label,
                          ms=round(ms, 4), tflops=round(4 * D * pairs / ms / 1e9, 1), vs_sdpa=round(t_sdpa / ms, 3),
                          max_err=f"{err:.2e}",
                          note=f"tile density {mask.tile_density():.3f}, partial {partial}/{listed}"))
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--csv", default="bench/kernel/engine_sweep.csv")
     parser.add_argument("--shapes", default="dit,llm")
-    parser.add_argument("--plans", default="wan_gna,wan_gna_tile,wan_radial_block,flux4k_gna",
+    parser.add_argument("--plans", default=",".join(PLANS),
                         help="DiT plans timed as planned and with merged query blocks ('' for none)")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds; stops starting new points after it")
     args = parser.parse_args(argv)
@@ -144,7 +148,8 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    from patchattn.kernels import KernelOptions, block_sparse_attention
+    from patchattn.kernels import KernelOptions
+    from patchattn.kernels.blocksparse import block_sparse_attention
     from patchattn.report import environment
 
     start = time.time()

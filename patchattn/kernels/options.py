@@ -48,6 +48,9 @@ class KernelOptions:
     Tests set it to run sub-tiling on a CPU."""
     interpreter_tiles_fastest: bool = False
     """Under the interpreter, launch all tiles of a head together (the other of the forward's two tuned orders)."""
+    tile_mask_branch: bool = False
+    """Partial tiles' element masks loaded behind a branch per tile (the first version) instead of a predicated load
+    the pipeliner can prefetch; for A/B runs (``bench/kernel/engine_sweep.py``)."""
     forward_config: tuple[int, int, int, int, bool] | None = None
     """On a GPU, launch the block-sparse forward with this config instead of the autotuned one: ``(BLOCK_M, BLOCK_N,
     num_warps, num_stages, tiles_fastest)`` (tiles must fit inside the logical blocks); for config sweeps

@@ -21,7 +21,7 @@ import torch
 
 from ..kernels import blocksparse
 from .neighborhood import check_layout
-from .tiles import PermutedTokens, TiledMask
+from .tiles import PermutedTokens, TiledMask, distinct_tiles
 
 PAD, IMAGE, TEXT = 0, 1, 2
 REPRESENTATIVE_CHUNK = 1 << 22  # rule elements evaluated per chunk (representatives x block x block)
@@ -207,7 +207,7 @@ def coded_tiles(layout: FrameLayout, visible: Callable[[torch.Tensor, torch.Tens
     listed = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
     listed[where[keep, 0], where[keep, 1]] = True
     partial_codes = nonempty & ~whole
-    pool, pool_ids = _distinct(seen[partial_codes])
+    pool, pool_ids = distinct_tiles(seen[partial_codes])
     code_ids = torch.full((n_codes,), -1, dtype=torch.int64)
     code_ids[partial_codes] = pool_ids
     ids_grid = torch.full((n_blocks, n_blocks), -1, dtype=torch.int64)
@@ -234,15 +234,6 @@ def _code_ids(codes: torch.Tensor) -> torch.Tensor:
     for column, span in enumerate(spans):
         key = key * span + (codes[:, column] - low[column])
     return torch.unique(key, return_inverse=True)[1]
-
-
-def _distinct(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct tiles once: (pool ``[P, B, B]``, id of each input tile)."""
-    if not tiles.shape[0]:
-        return torch.zeros(0, *tiles.shape[1:], dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
-    flat = tiles.reshape(tiles.shape[0], -1).to(torch.uint8)
-    pool, inverse = torch.unique(flat, dim=0, return_inverse=True)
-    return pool.bool().reshape(-1, *tiles.shape[1:]), inverse
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -251,6 +251,20 @@ def test_triton_forward(triton_device, case, dtype):
         check(got, dense(qkv, d_out, visible_pairs(case, mask), case, grad=False), dtype)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[IDS[1], IDS[3]])
+def test_tile_masks_behind_a_branch_match_the_predicated_loads(triton_device, case):
+    """The A/B switch ``tile_mask_branch`` (masks loaded behind a branch, the first version) computes the same
+    forward and gradients as the default predicated loads."""
+    qkv, d_out, mask = make_inputs(case, seed=5)
+    lists = lists_for(mask, case.block_q, case.block_k)
+    results = []
+    for branch in (False, True):
+        with kernel_options(interpreter_tiles=case.sub_tiles, tile_mask_branch=branch):
+            results.append(attend("triton", qkv, d_out, lists, case, torch.float32, triton_device, grad=True))
+    check(results[1], results[0], torch.float32)
+    check(results[0], dense(qkv, d_out, visible_pairs(case, mask), case, grad=True), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES + [WIDE], ids=IDS + [str(WIDE)])
 def test_triton_backward(triton_device, case, dtype):

@@ -216,7 +216,7 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, list
             s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
         if HAS_TILES:
             s = apply_tile_mask(s, tile_ids, j // SUB, stride_tile_entry, tile_masks, q_off,
-                                (j % SUB) * BLOCK_N + offs_n, BQ, BK, False)
+                                (j % SUB) * BLOCK_N + offs_n, BQ, BK, False, HAS_TILES)
         p = tl.math.exp2(s - lse2[:, None])
         dp = mma(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -349,7 +349,7 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
             s_t = tl.where(vis, s_t, float("-inf"))
         if HAS_TILES:
             s_t = apply_tile_mask(s_t, tile_ids, t // SUB, 1, tile_masks, (t % SUB) * BLOCK_M + offs_m, k_off, BQ, BK,
-                                  True)
+                                  True, HAS_TILES)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dv = mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
@@ -506,7 +506,7 @@ def backward(d_out, q, k, v, out, lse, kv_indices, kv_counts, opts, kv_start, kv
     hooks = hook_args(q, k, kv_indices, col_bias, None, active, kv_start, kv_end)
     scales = (*softmax_scales(opts), opts.scale)
     plan = backward_plan(D, hooks["consts"]["GROUP"], hooks["consts"]["LIST_DIV"])
-    tile_hooks = tile_args(kv_indices, tile_masks, tile_mask_ids)
+    tile_hooks = tile_args(kv_indices, tile_masks, tile_mask_ids, opts.kernel.tile_mask_branch)
     consts = dict(hooks["consts"], **tile_hooks["consts"], BQ=opts.block_q, BK=opts.block_k, HEAD_DIM=D,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=opts.causal,
                   HAS_SOFTCAP=opts.softcap is not None, DOT_PRECISION=dot_precision(q.dtype),

@@ -193,18 +193,30 @@ def scores_log2(a, b, cols, bias_ptr, stride_bias_t, Tk, scale_log2, scale_over_
 
 @triton.jit
 def apply_tile_mask(s, tile_ids, entry, stride_entry, tile_masks, q_off, k_off,
-                    BQ: tl.constexpr, BK: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
+                    BQ: tl.constexpr, BK: tl.constexpr, KEYS_ON_ROWS: tl.constexpr, MODE: tl.constexpr):
     """Scores of a partial tile (list entry ``entry`` has tile id >= 0) with its element mask applied; whole tiles
-    (id -1) pass through untouched.  ``q_off``/``k_off``: offsets inside the query / key block of the scores' rows
-    and columns ([M, N]; [N, M] with KEYS_ON_ROWS).  Offsets are always inside the tile, so no bounds mask."""
+    (id -1) keep every score.  ``q_off``/``k_off``: offsets inside the query / key block of the scores' rows and
+    columns ([M, N]; [N, M] with KEYS_ON_ROWS).  Offsets are always inside the tile, so no bounds mask.
+    ``MODE`` (the HAS_TILES value): 2 = predicated, no branch (the mask load is switched off for whole tiles, so the
+    software pipeliner can prefetch it with K and V); 1 = load and select behind a branch (the first version, kept
+    for A/B runs: ``KernelOptions.tile_mask_branch``)."""
     tid = tl.load(tile_ids + entry * stride_entry)
-    if tid >= 0:
-        base = tile_masks + tid.to(tl.int64) * (BQ * BK)
+    if MODE == 2:
+        base = tile_masks + tl.maximum(tid, 0).to(tl.int64) * (BQ * BK)
         if KEYS_ON_ROWS:
-            seen = tl.load(base + q_off[None, :] * BK + k_off[:, None])
+            offs = q_off[None, :] * BK + k_off[:, None]
         else:
-            seen = tl.load(base + q_off[:, None] * BK + k_off[None, :])
+            offs = q_off[:, None] * BK + k_off[None, :]
+        seen = tl.load(base + offs, mask=offs < tl.where(tid >= 0, BQ * BK, 0), other=1)  # whole tiles load nothing
         s = tl.where(seen != 0, s, float("-inf"))
+    else:
+        if tid >= 0:
+            base = tile_masks + tid.to(tl.int64) * (BQ * BK)
+            if KEYS_ON_ROWS:
+                seen = tl.load(base + q_off[None, :] * BK + k_off[:, None])
+            else:
+                seen = tl.load(base + q_off[:, None] * BK + k_off[None, :])
+            s = tl.where(seen != 0, s, float("-inf"))
     return s
 
 
@@ -251,7 +263,7 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, list_ptr, st
             s = tl.where(visibility(rows_pos, cols, kv_lo, kv_hi, CAUSAL, False), s, float("-inf"))
         if HAS_TILES:
             s = apply_tile_mask(s, tile_ids, j // SUB, stride_tile_entry, tile_masks, q_off,
-                                (j % SUB) * BLOCK_N + offs_n, BQ, BK, False)
+                                (j % SUB) * BLOCK_N + offs_n, BQ, BK, False, HAS_TILES)
         m_new = tl.maximum(m_i, reduce_max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
         p = tl.math.exp2(s - m_use[:, None])
@@ -481,12 +493,13 @@ def hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end):
                     HAS_ACTIVE=active is not None))
 
 
-def tile_args(kv_indices, tile_masks, tile_mask_ids):
-    """Pointers, list strides and the constexpr for partial tiles (``tile_mask_ids`` has ``kv_indices``' shape)."""
+def tile_args(kv_indices, tile_masks, tile_mask_ids, branch: bool = False):
+    """Pointers, list strides and the constexpr for partial tiles (``tile_mask_ids`` has ``kv_indices``' shape):
+    HAS_TILES 0 none, 2 predicated mask loads, 1 behind a branch (``branch``; see :func:`apply_tile_mask`)."""
     if tile_masks is None:
-        return {"ptrs": (kv_indices, kv_indices), "strides": (0, 0, 0, 0), "consts": {"HAS_TILES": False}}
+        return {"ptrs": (kv_indices, kv_indices), "strides": (0, 0, 0, 0), "consts": {"HAS_TILES": 0}}
     return {"ptrs": (tile_mask_ids, tile_masks.view(torch.uint8)), "strides": list_strides(tile_mask_ids),
-            "consts": {"HAS_TILES": True}}
+            "consts": {"HAS_TILES": 1 if branch else 2}}
 
 
 def softmax_scales(opts):
@@ -520,7 +533,7 @@ def forward(q, k, v, kv_indices, kv_counts, opts, kv_start, kv_end, col_bias, he
     out = _alloc.empty((B, Tq, Hq, D), q.dtype, q.device, poison).transpose(1, 2)
     lse = _alloc.empty((B, Hq, Tq), torch.float32, q.device, poison) if need_lse else None
     hooks = hook_args(q, k, kv_indices, col_bias, head_gain, active, kv_start, kv_end)
-    tiles = tile_args(kv_indices, tile_masks, tile_mask_ids)
+    tiles = tile_args(kv_indices, tile_masks, tile_mask_ids, opts.kernel.tile_mask_branch)
     args = (q, k, v, out, lse if lse is not None else out, kv_indices, kv_counts, *hooks["ptrs"], *tiles["ptrs"],
             *softmax_scales(opts),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
