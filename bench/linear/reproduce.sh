@@ -11,9 +11,10 @@
 #                 gate): prefill, fwd+bwd (training), decode continuing its kept state, 4k..32k, vs SDPA       ~3 min
 #   lightning_long  the same at 64k, 128k                                                                 ~5 min
 #   landmark      landmark layer prefill + decode, 4k..32k                                                    ~3 min
-#   landmark_long landmark at 64k, 128k (its landmark logits are [32, T, T/64] fp32: 34 GB at 128k)       ~5 min
+#   landmark_long landmark at 64k, 128k (retrieval in chunks of query blocks since note 58; before: [32, T, T/64]
+#                 fp32 logits, 34 GB at 128k, and every rank's piece kept until the mix)                 ~5 min
 #   dma           dma layer prefill + decode, 4k..32k                                                         ~3 min
-#   dma_long      dma at 64k, 128k (its key ranking compares every pair of keys: O(T^2) selection)          ~6 min
+#   dma_long      dma at 64k, 128k (key ranking O(T log T) since note 58; before: every pair of keys)      ~6 min
 #   generate_32k  model.generate, 32-layer Llama-3-8B shape, 32k prompt, dynamic and static cache: dense (SDPA),
 #                 hybrid, lightning; decode = differential over 128 steps, 2 repeats                     ~5 min
 #   generate_128k_hybrid     128k, dynamic cache: dense and hybrid (MiniMax 7 lightning : 1 softmax); 256 steps

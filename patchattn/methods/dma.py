@@ -26,8 +26,10 @@ kept at the block's first row; the tiles where a key leaves the window inside th
 blocks no query of the block keeps.  The bias is the engine's ``col_bias``.  The engine's Triton backward has no
 gradient for ``col_bias``; when the bias needs one (training), the call runs the engine's torch backend (block
 lists, autograd through the reference), which is slower but still skips the masked blocks.  Inference (no grad) runs
-Triton.  ``kept_until`` compares every pair of keys (``O(T^2 / chunk)`` memory per chunk of 256 keys): the
-selection costs what dense scores cost, the attention what the kept blocks cost.
+Triton.  ``kept_until`` ranks the keys once (a sort) and finds, for every prefix of positions, the
+``window``-th best rank in it (a wavelet matrix, all prefixes at once): ``O(T log T)`` time and ``O(T)`` memory per
+head, the same ``until`` as comparing every pair of keys (design note 58).  Only the partial tiles are materialised
+(``[P, block, block]`` bool): few for a window-like mask, but up to every listed tile for a content-picked one.
 
 Trainable state: ``dt_proj`` (``[Hkv, Hkv * head_dim]``, ``N(0, init_std)`` from ``seed`` and the layer) and ``a``
 (``[Hkv]``, zeros) are ``nn.Parameter`` s of the module's ``PatchState`` (names contain ``.patchattn.``), saved with a
@@ -55,7 +57,6 @@ from ._rows import run_by_rows
 from ._sparse import dense_call, record_dense_call, sparse_reason
 
 PAPER = "Shi et al., Trainable Dynamic Mask Sparse Attention, arXiv 2508.02124 (code: flash-dmattn)"
-KEY_CHUNK = 256  # keys ranked at once by kept_until (memory: chunk x keys per head)
 
 
 @dataclass(kw_only=True)
@@ -109,40 +110,91 @@ def selection_score(bias: torch.Tensor, window: int, recency: float) -> torch.Te
 def kept_until(bias: torch.Tensor, window: int, recency: float = 0.0) -> torch.Tensor:
     """long ``[B, Hkv, Tk]``: key ``j`` is among the top-``window`` keys (by ``selection_score``, ties to the later
     key) of every query ``i`` with ``j <= i < until_j``; ``until_j`` is the position of the ``window``-th key that
-    beats ``j`` (``Tk`` when fewer do).  Uses the detached bias."""
-    length = bias.shape[-1]
+    beats ``j`` (``Tk`` when fewer do).  Uses the detached bias.
+
+    ``O(T log T)`` per head, no ``[T, T]`` comparison: with ``R_j`` the key's rank by (score, position), key ``m``
+    beats ``j`` iff ``R_m > R_j``, so at least ``window`` keys of ``0..p`` beat ``j`` iff the ``window``-th largest
+    rank among them, ``W(p)``, exceeds ``R_j``.  ``W`` never decreases (the prefix only grows), so ``until_j`` is the
+    first ``p`` with ``W(p) > R_j``: a binary search of ``W``.  A NaN score is beaten by no key and beats none (as a
+    comparison with NaN is false): its rank sits below every other key's and its ``until`` is ``Tk``."""
+    batch, heads, length = bias.shape
     if window >= length:
         return torch.full_like(bias, length, dtype=torch.long)
-    bias = selection_score(bias, window, recency)
-    pos = torch.arange(length, device=bias.device)
-    out = []
-    for lo in range(0, length, KEY_CHUNK):
-        own, own_pos = bias[..., lo:lo + KEY_CHUNK, None], pos[lo:lo + KEY_CHUNK, None]
-        beats = (bias[..., None, :] > own) | ((bias[..., None, :] == own) & (pos > own_pos))  # [B, H, C, Tk]
-        out.append((beats.cumsum(-1, dtype=torch.int32) < window).sum(-1))
-    return torch.cat(out, dim=-1).long()
+    score = selection_score(bias, window, recency).reshape(batch * heads, length)
+    ranks, nan = key_ranks(score)
+    until = torch.searchsorted(prefix_kth_largest(ranks, window), ranks, right=True)
+    return until.masked_fill(nan, length).view(batch, heads, length)
+
+
+def key_ranks(score: torch.Tensor):
+    """long ``[N, T]`` ranks ``1..`` of each row's keys by (score, position), ascending (equal scores: the later key
+    ranks higher, as ``score_m == score_j and m > j`` beats ``j``), NaN scores rank 0; and the NaN mask.  ``-0.0``
+    and ``0.0`` are one value (``+ 0.0``), as for ``==``."""
+    rows, length = score.shape
+    score = score + 0.0
+    nan = score.isnan()
+    order = torch.sort(score, dim=-1, stable=True).indices  # NaN sort last
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(1, length + 1, device=score.device)
+                                             .expand(rows, length))
+    return ranks.masked_fill(nan, 0), nan
+
+
+def prefix_kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """long ``[N, T]``: the ``k``-th largest of ``values[:, :p + 1]`` at ``p`` (``-1`` while ``p + 1 < k``), for
+    integer ``values`` in ``0 .. 2^L - 1`` (``L = bit_length(T)``).
+
+    A wavelet matrix, built and queried together, all prefixes at once: level by level from the top bit, each row's
+    values are split stably into those with the bit clear, then set, and each prefix query ``[start, end)`` follows
+    the side that holds its ``k``-th largest, which fixes one bit of the answer.  ``L`` levels of prefix sums and
+    gathers over ``[N, T]``: ``O(T log T)`` work and ``O(T)`` memory, no host sync."""
+    rows, length = values.shape
+    device = values.device
+    pos = torch.arange(length, device=device)
+    start = torch.zeros(rows, length, dtype=torch.long, device=device)
+    end = (pos + 1).expand(rows, length).contiguous()
+    rank = torch.full_like(start, k - 1)  # 0-based, from the largest
+    answer = torch.zeros_like(start)
+    seq = values
+    for level in reversed(range(max(1, length.bit_length()))):
+        bit = (seq >> level) & 1
+        ones = F.pad(bit.cumsum(-1), (1, 0))  # [N, T + 1]: set bits in seq[:, :i]
+        zeros = length - ones[:, -1:]
+        ones_start, ones_end = ones.gather(-1, start), ones.gather(-1, end)
+        set_count = ones_end - ones_start
+        high = rank < set_count  # the k-th largest has this bit set
+        answer |= high.long() << level
+        start = torch.where(high, zeros + ones_start, start - ones_start)
+        end = torch.where(high, zeros + ones_end, end - ones_end)
+        rank = torch.where(high, rank, rank - set_count)
+        dest = torch.where(bit.bool(), zeros + ones[:, :-1], pos - ones[:, :-1])
+        seq = torch.empty_like(seq).scatter_(-1, dest, seq)
+    return answer.masked_fill(pos < k - 1, -1)
 
 
 def dynamic_mask_lists(until: torch.Tensor, first_block: int, n_q: int, block: int, kv_len: int):
     """Block lists and partial tiles for query blocks aligned on key blocks (query block ``m`` holds the positions of
-    key block ``first_block + m``): ``(kv_indices, kv_counts, tile_masks, tile_mask_ids)``, per KV head."""
+    key block ``first_block + m``): ``(kv_indices, kv_counts, tile_masks, tile_mask_ids)``, per KV head.  A listed
+    tile is whole when every key of it outlives the block's last row (``min until > last row``); only the partial
+    ones are materialised (``[P, block, block]``)."""
     batch, heads, _ = until.shape
+    device = until.device
     n_k = math.ceil(kv_len / block)
     # Keys past the end never bound anything (the engine hides them): a large "until".
     padded = F.pad(until, (0, n_k * block - kv_len), value=1 << 40).view(batch, heads, n_k, block)
-    current = first_block + torch.arange(n_q, device=until.device)  # [NQ] key block of each query block
+    current = first_block + torch.arange(n_q, device=device)  # [NQ] key block of each query block
     first_row = current * block
-    reads = (torch.arange(n_k, device=until.device)[None] <= current[:, None]) \
+    reads = (torch.arange(n_k, device=device)[None] <= current[:, None]) \
         & (padded.amax(-1)[:, :, None, :] > first_row[None, None, :, None])  # [B, H, NQ, NK]
     kv_indices, kv_counts = blocks_from_mask(reads)
-    rows = first_row[:, None] + torch.arange(block, device=until.device)  # [NQ, block]
-    keys = padded.gather(2, kv_indices.long()[..., None].flatten(2, 3).expand(-1, -1, -1, block))
-    keys = keys.view(batch, heads, n_q, -1, block)  # [B, H, NQ, K, block]: until of each listed key
-    tiles = rows[None, None, :, None, :, None] < keys[..., None, :]  # [B, H, NQ, K, block_q, block_k]
-    listed = torch.arange(kv_indices.shape[-1], device=until.device) < kv_counts[..., None]
-    partial = listed & ~tiles.flatten(-2).all(-1)
+    width = kv_indices.shape[-1]
+    soonest = padded.amin(-1).gather(2, kv_indices.long().flatten(2)).view(batch, heads, n_q, width)
+    listed = torch.arange(width, device=device) < kv_counts[..., None]
+    partial = listed & (soonest <= (first_row + block - 1)[:, None])  # [B, H, NQ, K]
     tile_ids = torch.where(partial, partial.flatten().cumsum(0).view(partial.shape) - 1, -1).to(torch.int32)
-    return kv_indices, kv_counts, tiles[partial], tile_ids
+    b_i, h_i, q_i, r_i = partial.nonzero(as_tuple=True)  # row-major: the order of the tile ids
+    keys = padded[b_i, h_i, kv_indices[b_i, h_i, q_i, r_i].long()]  # [P, block]: until of each key of the tile
+    rows = first_row[q_i, None] + torch.arange(block, device=device)  # [P, block]
+    return kv_indices, kv_counts, rows[:, :, None] < keys[:, None, :], tile_ids
 
 
 def dynamic_mask_attention(state, query, key, value, scale: float, softcap: float | None) -> torch.Tensor:

@@ -32,7 +32,10 @@ mid-block, and dropped), so a query block shares its local blocks and candidates
 blocks of a query block's rows (per head: lists ``[B, Hq, NQ, K]``) is listed, and call ``r`` reads entry ``r`` of
 every list, returning the within-block softmax output and its log-sum-exp.  The rows then mix these pieces with their
 own gates (the landmark logit of the block where the row retrieved it, ``-inf`` otherwise) and the local
-log-sum-exp: exactly the grouped softmax, with the work of the listed blocks only.  The gradient needs the
+log-sum-exp: exactly the grouped softmax, with the work of the listed blocks only.  The landmark logits are made
+one chunk of query blocks at a time and reduced there to each row's picks and each query block's list
+(``retrieve_blocks``; memory ``O(T * top_k + T^2 / block^2)`` per head, not ``O(T^2 / block)``), and each rank's
+piece is added to the output as it comes (design note 58).  The gradient needs the
 log-sum-exp's gradient, which the Triton path does not give (``lse`` is non-differentiable there): calls that need
 gradients (training) skip the engine and compute the same grouped softmax as one weight matrix per chunk of query rows
 (``grouped_landmark_training``: operators independent of the number of blocks, no host sync); inference runs Triton.
@@ -46,6 +49,7 @@ model's own.  ``state.stats['density']``: fraction of the causal key blocks each
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -115,18 +119,22 @@ def landmark_logits(query, landmarks, offset, scale: float, softcap: float | Non
     return logits.reshape(batch, heads, length, -1)
 
 
+# Upper bound on the landmark logits (fp32) one chunk of query rows materialises at inference (and on the gate
+# elements one chunk of the mix's softmax reads): the whole [B, Hq, T, T / block] was 34 GB at 128k (Llama-3-8B).
+RETRIEVAL_CHUNK_SCORES = 1 << 26
+
+
 def grouped_landmark_attention(state, query, key, value, scale: float, softcap: float | None,
-                               top_k: int) -> torch.Tensor:
+                               top_k: int, chunk_scores: int = RETRIEVAL_CHUNK_SCORES) -> torch.Tensor:
     """The grouped softmax over local tokens and the ``top_k`` best earlier blocks per query and head, on unpadded
     rows (queries: the last ``Tq`` of ``Tk`` positions): ``[B, Hq, Tq, D]``."""
     config = state.config
     block, local = config.block_size, config.local_blocks
-    batch, heads, q_len, _ = query.shape
-    kv_len = key.shape[2]
+    q_len, kv_len = query.shape[2], key.shape[2]
     offset = kv_len - q_len
     pad = offset % block  # query blocks aligned on key blocks
     rows = q_len + pad
-    n_q, n_k, n_c = math.ceil(rows / block), math.ceil(kv_len / block), kv_len // block
+    n_q, n_k = math.ceil(rows / block), math.ceil(kv_len / block)
     device = query.device
     padded_q = F.pad(query, (0, 0, pad, 0)) if pad else query
     current = (offset - pad) // block + torch.arange(n_q, device=device)  # [NQ] key block of each query block
@@ -153,33 +161,95 @@ def grouped_landmark_attention(state, query, key, value, scale: float, softcap: 
         return out_local[:, :, pad:]
 
     landmarks = landmark_keys(key, value, state.landmark_query, block)
-    logits = landmark_logits(padded_q, landmarks, state.landmark_offset, scale, softcap)  # [B, Hq, rows, NC]
     row_block = current.repeat_interleave(block)[:rows]
-    candidate = torch.arange(n_c, device=device)[None] <= (row_block - local)[:, None]  # [rows, NC]
-    candidate[:pad] = False  # the alignment rows retrieve nothing
-    if top_k >= n_c:
-        chosen = candidate.expand(batch, heads, rows, n_c)
-    else:
-        best = logits.masked_fill(~candidate, float("-inf")).topk(top_k, dim=-1).indices
-        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, best, True) & candidate
-
-    union = F.pad(chosen, (0, 0, 0, n_q * block - rows)).view(batch, heads, n_q, block, n_c).any(3)
-    kv_indices, kv_counts = blocks_from_mask(union)  # [B, Hq, NQ, K]
-    gates, outs = [lse_local], [out_local]
-    for rank in range(kv_indices.shape[-1]):
-        listed = kv_counts > rank
+    picks = retrieve_blocks(padded_q, landmarks, state.landmark_offset, scale, softcap, top_k, block, row_block, pad,
+                            local, chunk_scores)
+    kv_indices, kv_counts = blocks_from_mask(picks.union)  # [B, Hq, NQ, K]
+    weights = mix_weights(lse_local, picks, kv_indices.shape[-1], chunk_scores)  # [B, Hq, rows, 1 + K]
+    out = weights[..., 0, None] * out_local.float()
+    for rank in range(kv_indices.shape[-1]):  # each piece added as it comes (one [B, Hq, rows, D] at a time)
         # The block's mass enters through its landmark gate, not through its own log-sum-exp.
-        out_r = attend(kv_indices[..., rank:rank + 1].contiguous(), listed.to(torch.int32))
-        row_pick = kv_indices[..., rank].long().repeat_interleave(block, dim=-1)[..., :rows, None]
-        row_listed = listed.repeat_interleave(block, dim=-1)[..., :rows, None]
-        keep = chosen.gather(-1, row_pick) & row_listed
-        gates.append(logits.gather(-1, row_pick).masked_fill(~keep, float("-inf")).squeeze(-1))
-        outs.append(out_r)
-    weights = torch.softmax(torch.stack(gates, dim=-1), dim=-1)  # [B, Hq, rows, 1 + K]
-    out = sum(weights[..., i, None] * outs[i].float() for i in range(len(outs)))
-    reads = chosen.sum(-1).float() + reads_local.repeat_interleave(block)[:rows]
+        out_r = attend(kv_indices[..., rank:rank + 1].contiguous(), (kv_counts > rank).to(torch.int32))
+        out.add_(weights[..., rank + 1, None] * out_r.float())
+    reads = picks.count + reads_local.repeat_interleave(block)[:rows]
     state.record(density=(reads[..., pad:] / (row_block[pad:] + 1)).mean())
     return out[:, :, pad:].to(query.dtype)
+
+
+# Inference retrieval in chunks of query blocks --------------------------------------------------------------------
+@dataclass
+class Retrieved:
+    """What the mix needs of each row's top-k retrieval: the union of a query block's retrieved blocks per head
+    (``union``, bool ``[B, Hq, NQ, NC]``), and per row and pick (``[B, Hq, rows, k]``, ``k = min(top_k, NC)``) the
+    landmark logit (``gate``) and the block's entry in its query block's list (``entry``: its rank in ``union``'s
+    row, ``-1`` where the pick is not a candidate); ``count``: blocks retrieved per row (float ``[B, Hq, rows]``)."""
+
+    union: torch.Tensor
+    gate: torch.Tensor
+    entry: torch.Tensor
+    count: torch.Tensor
+
+
+def retrieve_blocks(query, landmarks, offset, scale: float, softcap: float | None, top_k: int, block: int,
+                    row_block: torch.Tensor, pad: int, local: int, chunk_scores: int) -> Retrieved:
+    """Each row's ``top_k`` earlier complete blocks by landmark logit, for ``query`` ``[B, Hq, rows, D]`` aligned on
+    key blocks (row ``r`` in key block ``row_block[r]``; the first ``pad`` rows retrieve nothing).  The logits are
+    made one chunk of query blocks at a time (about ``chunk_scores`` a chunk) and reduced there to the rows' picks
+    and their query blocks' unions: memory ``O(rows * k + NQ * NC)`` per head instead of ``O(rows * NC)``.
+
+    Exactness: every row gets the logits, picks and ties of the whole-matrix computation, as long as the matmul
+    computes a row's dot products the same whatever the number of rows it is given.  CPU BLAS does from about 8 rows
+    (a matrix of 1-6 rows takes another path, whose sums differ in the last bit), so a chunk is at least two query
+    blocks (>= 17 rows) and the last chunk takes the remainder rather than being a few rows alone."""
+    batch, heads, rows, _ = query.shape
+    n_q = math.ceil(rows / block)
+    step = max(2, chunk_scores // max(1, batch * heads * block * landmarks.shape[2]))  # query blocks a chunk
+    starts = list(range(0, n_q, step))
+    if len(starts) > 1 and n_q - starts[-1] < step:
+        starts.pop()  # the last chunk takes the remainder: no chunk of a few rows (see below)
+    bounds = [m * block for m in starts] + [rows]
+    parts = [_retrieve_chunk(query, landmarks, offset, scale, softcap, top_k, block, row_block, pad, local, r0, r1)
+             for r0, r1 in itertools.pairwise(bounds)]
+    return Retrieved(*(torch.cat(field, dim=2) for field in zip(*parts, strict=True)))
+
+
+def _retrieve_chunk(query, landmarks, offset, scale, softcap, top_k, block, row_block, pad, local, r0, r1):
+    """``retrieve_blocks`` for rows ``r0 .. r1`` (whole query blocks): (union, gate, entry, count)."""
+    n_c = landmarks.shape[2]
+    logits = landmark_logits(query[:, :, r0:r1], landmarks, offset, scale, softcap)  # [B, Hq, c, NC]
+    batch, heads, length, _ = logits.shape
+    candidate = torch.arange(n_c, device=query.device)[None] <= (row_block[r0:r1] - local)[:, None]  # [c, NC]
+    candidate[:max(0, pad - r0)] = False  # the alignment rows retrieve nothing
+    candidate = candidate.expand(batch, heads, length, n_c)
+    if top_k >= n_c:  # every candidate
+        gate, pick = logits, torch.arange(n_c, device=query.device).expand(batch, heads, length, n_c)
+    else:
+        gate, pick = logits.masked_fill(~candidate, float("-inf")).topk(top_k, dim=-1)
+    chosen = candidate.gather(-1, pick)
+    picked = torch.zeros_like(candidate).scatter_(-1, pick, chosen)  # [B, Hq, c, NC]
+    n_blocks = math.ceil(length / block)
+    union = F.pad(picked, (0, 0, 0, n_blocks * block - length)).view(batch, heads, n_blocks, block, n_c).any(3)
+    entries = union.cumsum(-1) - 1  # a block's place in its query block's (ascending) list
+    by_block = F.pad(pick, (0, 0, 0, n_blocks * block - length)).view(batch, heads, n_blocks, -1)
+    entry = entries.gather(-1, by_block).view(batch, heads, n_blocks * block, -1)[:, :, :length]
+    return union, gate, entry.masked_fill(~chosen, -1), chosen.sum(-1).float()
+
+
+def mix_weights(lse_local: torch.Tensor, picks: Retrieved, width: int, chunk_scores: int) -> torch.Tensor:
+    """fp32 ``[B, Hq, rows, 1 + width]``: each row's softmax over its local log-sum-exp and, for entry ``r`` of its
+    query block's list, the landmark logit where the row retrieved that block (``-inf`` otherwise); chunks of rows
+    (the softmax is per row)."""
+    batch, heads, rows = lse_local.shape
+    weights = torch.empty(batch, heads, rows, 1 + width, device=lse_local.device)
+    step = max(1, chunk_scores // max(1, batch * heads * (width + 2)))
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        gates = torch.full((batch, heads, r1 - r0, width + 2), float("-inf"), device=lse_local.device)
+        gates[..., 0] = lse_local[:, :, r0:r1]
+        entry = picks.entry[:, :, r0:r1]
+        gates.scatter_(-1, torch.where(entry >= 0, entry + 1, width + 1), picks.gate[:, :, r0:r1])  # last: dropped
+        weights[:, :, r0:r1] = torch.softmax(gates[..., :width + 1].contiguous(), dim=-1)
+    return weights
 
 
 # Training: the grouped softmax as one weight matrix per chunk of query rows (no per-block loop) ---------------------
