@@ -261,10 +261,10 @@ def distinct_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for shift in range(1, 8):  # bit `shift` of every byte: 64 mask bits per word
         words = words | (octets[..., shift] << shift)
     if words.shape[1] == 1:
-        _, inverse = torch.unique(words[:, 0], return_inverse=True)
+        distinct, inverse = torch.unique(words[:, 0], return_inverse=True)
     else:
-        _, inverse = torch.unique(words, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.int64, device=tiles.device)
+        distinct, inverse = torch.unique(words, dim=0, return_inverse=True)
+    first = torch.full((distinct.shape[0],), n, dtype=torch.int64, device=tiles.device)
     first = first.scatter_reduce(0, inverse, torch.arange(n, device=tiles.device), "amin")
     return tiles[first].contiguous(), inverse
 
