@@ -12,9 +12,10 @@ the grid below that fits (``KernelOptions.forward_config``), each timed by ``tri
 TFLOP/s counts 4*D per visible (query, key) pair of the listed blocks.  SDPA (dense, same shape) is timed once per
 shape; its TFLOP/s counts every visible pair of the dense problem.
 
-Plan rows (``--plans``): real DiT plans (gna defaults, gna tile mode, radial's released Wan setting in block mode) at
-Wan 720p and FLUX-4K, the engine alone on the plan's tiles (tokens already permuted) with 64-token query blocks as
-planned and merged into 128-token query blocks (``masks.tiles.merge_query_blocks``), autotuned, beside SDPA.
+Plan rows (``--plans``): real DiT plans (gna defaults, gna tile mode, radial's released Wan setting in block mode,
+64- and 128-token tiles) at Wan 720p and FLUX-4K, the engine alone on the plan's tiles (tokens already permuted),
+autotuned, partial-tile masks predicated (the default) and behind a branch (``tile_mask_branch``), beside SDPA.
+(Query blocks merged two into one were timed at commit 1ccd699 and lost on every plan: design note 59.)
 """
 from __future__ import annotations
 
@@ -103,9 +104,9 @@ def plan_tiles(name):
 
 
 def plan_rows(name, triton):
-    """Engine time on a DiT plan's tiles: as planned, and with query blocks merged to 128 tokens."""
+    """Engine time on a DiT plan's tiles, partial-tile masks predicated and behind a branch."""
     from patchattn.kernels import KernelOptions
-    from patchattn.masks.tiles import merge_query_blocks, tiled_attention
+    from patchattn.masks.tiles import tiled_attention
 
     tiled, shape = plan_tiles(name)
     heads, D = shape.heads, shape.head_dim
@@ -115,23 +116,20 @@ def plan_rows(name, triton):
     rows = [dict(shape=name, config="sdpa", ms=round(t_sdpa, 4),
                  tflops=round(4 * D * tiled.q_len * tiled.k_len * heads / t_sdpa / 1e9, 1))]
     reference = None
-    for factor, branch in itertools.product((1, 2), (False, True)):
-        if tiled.block_q * factor > 128:
-            break
+    listed, partial = tiled.tile_counts()
+    pairs = tiled.density() * tiled.q_len * tiled.k_len * heads
+    for branch in (False, True):
         options = KernelOptions(dense_fallback=False, tile_mask_branch=branch)
-        mask = merge_query_blocks(tiled, factor)
-        listed, partial = mask.tile_counts()
-        pairs = mask.density() * mask.q_len * mask.k_len * heads
-        got = tiled_attention(q, k, v, mask, options=options)
+        got = tiled_attention(q, k, v, tiled, options=options)
         reference = got if reference is None else reference
         err = float((got.float() - reference.float()).abs().max())
-        ms = triton.testing.do_bench(lambda: tiled_attention(q, k, v, mask, options=options), warmup=5, rep=60,
+        ms = triton.testing.do_bench(lambda: tiled_attention(q, k, v, tiled, options=options), warmup=5, rep=60,
                                      return_mode="median")
-        label = f"autotuned, merged x{factor}, tile masks {'behind a branch' if branch else 'predicated'}"
-        rows.append(dict(shape=name, block_q=mask.block_q, block_k=mask.block_k, config=label,
+        label = f"autotuned, tile masks {'behind a branch' if branch else 'predicated'}"
+        rows.append(dict(shape=name, block_q=tiled.block_q, block_k=tiled.block_k, config=label,
                          ms=round(ms, 4), tflops=round(4 * D * pairs / ms / 1e9, 1), vs_sdpa=round(t_sdpa / ms, 3),
                          max_err=f"{err:.2e}",
-                         note=f"tile density {mask.tile_density():.3f}, partial {partial}/{listed}"))
+                         note=f"tile density {tiled.tile_density():.3f}, partial {partial}/{listed}"))
     return rows
 
 
@@ -140,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default="bench/kernel/engine_sweep.csv")
     parser.add_argument("--shapes", default="dit,llm")
     parser.add_argument("--plans", default=",".join(PLANS),
-                        help="DiT plans timed as planned and with merged query blocks ('' for none)")
+                        help="DiT plans timed on the engine ('' for none)")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds; stops starting new points after it")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -29,7 +29,7 @@ import torch
 
 from ..kernels import blocksparse
 
-__all__ = ["PermutedTokens", "TiledMask", "merge_query_blocks", "tiled_attention", "tiles_from_parts", "tiles_from_predicate",
+__all__ = ["PermutedTokens", "TiledMask", "distinct_tiles", "tiled_attention", "tiles_from_parts", "tiles_from_predicate",
            "tiles_from_token_mask"]
 
 # Score-sized elements evaluated per chunk by tiles_from_predicate (bool/int64 temporaries stay ~100 MB at most).
@@ -315,64 +315,6 @@ def tiles_from_predicate(visible: Callable[[torch.Tensor, torch.Tensor, torch.Te
     tiles = torch.cat(parts) if parts else torch.zeros(0, block_q, block_k, dtype=torch.bool, device=dev)
     full = torch.zeros_like(candidates)
     return tiles_from_parts(full, candidates, tiles, block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len)
-
-
-def merge_query_blocks(tiled: TiledMask, factor: int) -> TiledMask:
-    """The same visible pairs with query blocks ``factor`` times taller (``block_q * factor``; key blocks unchanged):
-    each merged query block reads the union of its parts' key blocks, and an entry is whole only where every part
-    reads that key block whole.  Why: the forward's tile is at most one query block tall, and on Hopper a 128-row
-    tile runs the matmuls at a much higher rate than a 64-row one, so 64-token plans (gna, radial) can trade some
-    extra partial tiles for the taller tile (``bench/kernel/engine_sweep.py`` measures it).  ``factor`` 1: ``tiled``."""
-    if not isinstance(factor, int) or factor < 1 or factor & (factor - 1):
-        raise ValueError(f"merge factor: got {factor!r}; allowed: a power of two >= 1")
-    if factor == 1:
-        return tiled
-    heads, n_q, n_k, bq, bk = tiled.heads, tiled.num_q_blocks, tiled.num_k_blocks, tiled.block_q, tiled.block_k
-    dev = tiled.kv_indices.device
-    n_merged = -(-n_q // factor)
-    # Status of every (head, query block, key block): -2 not read, -1 whole, p >= 0 partial tile p; query blocks
-    # past the end (-3) are padding and constrain nothing.
-    status = torch.full((heads, n_merged * factor, n_k + 1), -2, dtype=torch.int64, device=dev)
-    status[:, n_q:] = -3
-    listed = tiled._listed()
-    blk = torch.where(listed, tiled.kv_indices[0].long(), n_k)  # unlisted slots write the spare column n_k
-    h_ix = torch.arange(heads, device=dev)[:, None, None]
-    m_ix = torch.arange(n_q, device=dev)[None, :, None]
-    status[h_ix, m_ix, blk] = torch.where(listed, tiled.tile_mask_ids[0].long(), -2)
-    status = status[:, :, :n_k].view(heads, n_merged, factor, n_k).permute(0, 1, 3, 2)  # [H', NQ', NK, factor]
-    read = ((status == -1) | (status >= 0)).any(-1)
-    whole = read & ((status == -1) | (status == -3)).all(-1)
-    where = (read & ~whole).nonzero()  # [n, 3] head, merged query block, key block
-    codes = status[tuple(where.T)]  # [n, factor]
-    last_q = where[:, 1] == n_merged - 1
-    last_k = where[:, 2] == n_k - 1
-    keyed = torch.cat([codes, last_q[:, None].long(), last_k[:, None].long()], 1)
-    distinct, inverse = torch.unique(keyed, dim=0, return_inverse=True)  # identical merged tiles built once
-    pool = _merged_tiles(distinct, tiled.tile_masks.to(dev), n_merged, n_k, factor * bq, bk, tiled.q_len, tiled.k_len)
-    ids_grid = torch.full(read.shape, -1, dtype=torch.int32, device=dev)
-    ids_grid[tuple(where.T)] = inverse.to(torch.int32)
-    kv_indices, kv_counts = blocksparse.blocks_from_mask(read[None], backend="torch")
-    in_count = torch.arange(kv_indices.shape[-1], device=dev) < kv_counts[..., None]
-    ids = torch.gather(ids_grid[None], 3, kv_indices.long())
-    ids = torch.where(in_count, ids, torch.full_like(ids, -1))
-    return TiledMask(kv_indices, kv_counts, ids.contiguous(), pool.contiguous(), factor * bq, bk, tiled.q_len,
-                     tiled.k_len)
-
-
-def _merged_tiles(distinct, parts, n_merged, n_k, block_q, block_k, q_len, k_len):
-    """bool [P, block_q, block_k]: one merged tile per row of ``distinct`` (each part's status, then whether the tile
-    sits in the last query / key block), positions past ``q_len``/``k_len`` False."""
-    factor = distinct.shape[1] - 2
-    part_q = block_q // factor
-    dev = distinct.device
-    ones = torch.ones(1, part_q, block_k, dtype=torch.bool, device=dev)
-    zeros = torch.zeros(1, part_q, block_k, dtype=torch.bool, device=dev)
-    pool = torch.cat([zeros, zeros, ones, parts])  # status -3, -2, -1, then the partial tiles p
-    stacked = pool[distinct[:, :factor] + 3]  # [P, factor, part_q, block_k]
-    tiles = stacked.reshape(-1, block_q, block_k)
-    rows = torch.where(distinct[:, factor] == 1, n_merged - 1, 0)
-    cols = torch.where(distinct[:, factor + 1] == 1, n_k - 1, 0)
-    return tiles & _real_region(rows, cols, block_q, block_k, q_len, k_len)
 
 
 # --------------------------------------------------------------------------------------------

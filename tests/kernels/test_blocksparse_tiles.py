@@ -14,7 +14,6 @@ import torch
 from blocksparse_cases import assert_close, bs, kernel_options
 
 from patchattn.masks import TiledMask, tiled_attention, tiles_from_parts, tiles_from_predicate, tiles_from_token_mask
-from patchattn.masks.tiles import merge_query_blocks
 
 reference = importlib.import_module(bs.__name__ + ".reference")
 
@@ -367,41 +366,6 @@ def test_tiled_attention_matches_dense(triton_device):
         check({n: t.cpu() for n, t in got.items()}, want, torch.float32)
     with pytest.raises(ValueError, match="q_len"):
         tiled_attention(qkv[0][:, :, :30], qkv[1], qkv[2], tiled)
-
-
-@pytest.mark.parametrize("shape,blocks,factor", [((45, 70), (16, 16), 2), ((3, 64, 64), (16, 32), 2),
-                                                 ((2, 100, 33), (16, 16), 4), ((1, 17, 40), (16, 16), 2)])
-def test_merged_query_blocks_keep_the_mask(shape, blocks, factor):
-    """Taller query blocks read the union of their parts' key blocks: the same visible pairs, whole only where every
-    part was whole, each merged tile stored once; a merged query block past the last real one is never padding."""
-    gen = torch.Generator().manual_seed(sum(shape) + factor)
-    Tq, Tk = shape[-2:]
-    mask = random_token_mask(shape[:-2] or (1,), Tq, Tk, *blocks, gen).reshape(shape)
-    tiled = tiles_from_token_mask(mask, *blocks)
-    merged = merge_query_blocks(tiled, factor)
-    assert (merged.block_q, merged.block_k) == (blocks[0] * factor, blocks[1])
-    assert torch.equal(merged.token_mask(), tiled.token_mask())
-    rebuilt = tiles_from_token_mask(mask, blocks[0] * factor, blocks[1])  # the direct build at the taller blocks
-    assert torch.equal(merged.kv_counts, rebuilt.kv_counts) and torch.equal(merged.kv_indices, rebuilt.kv_indices)
-    assert torch.equal(merged.tile_mask_ids >= 0, rebuilt.tile_mask_ids >= 0)
-    pool = merged.tile_masks.reshape(merged.tile_masks.shape[0], -1)
-    assert torch.unique(pool, dim=0).shape[0] == pool.shape[0]
-    assert merge_query_blocks(tiled, 1) is tiled
-    with pytest.raises(ValueError, match="power of two"):
-        merge_query_blocks(tiled, 3)
-
-
-def test_merged_query_blocks_on_the_engine(triton_device):
-    """Merged blocks through the Triton forward and backward (interpreter) match dense over the same mask."""
-    case = TileCase(Hq=2, Hkv=1, Tq=70, Tk=60, block_q=16, block_k=16)
-    qkv, d_out, mask = make_inputs(case, seed=11)
-    merged = merge_query_blocks(tiles_from_token_mask(mask[0], case.block_q, case.block_k), 2)
-    want = dense(qkv, d_out, visible_pairs(case, mask), case, grad=True)
-    leaves = [t.to(triton_device).requires_grad_() for t in qkv]
-    out, lse = tiled_attention(*leaves, merged, backend="triton", return_lse=True)
-    got = {"out": out, "lse": lse}
-    got.update(zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, d_out.to(triton_device))))
-    check({n: t.cpu() for n, t in got.items()}, want, torch.float32)
 
 
 def test_transposed_tile_ids_are_reused_only_while_unchanged(triton_device):

@@ -74,6 +74,13 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def pipeline_stages(features: int) -> int:
+    """Software-pipelining stages: triton's default 3 for head dims up to 128; 1 for wider feature maps (the
+    lightning layer's hedgehog features, 256 per head: three stages of its q/k tiles asked for 368 KB of shared
+    memory on an H100, which has 227 KB; bench/linear/lightning.csv of 2026-12-06)."""
+    return 3 if _pow2(features) <= 128 else 1
+
+
 def lightning_forward(q, k, v, slopes, state=None, block: int = 64):
     """``(o [B, H, T, E] in v's dtype, final state [B, H, F, E] float32)``; see :mod:`.reference`."""
     batch, heads, t, f = q.shape
@@ -86,5 +93,5 @@ def lightning_forward(q, k, v, slopes, state=None, block: int = 64):
     grid = (batch * heads, triton.cdiv(e, block_e))
     _lightning_fwd[grid](q, k, v, s_in, out, final, slopes.float().contiguous(), t, heads,
                          F=f, E=e, BLOCK=max(16, block), BF=_pow2(f), BE=block_e, HAS_STATE=state is not None,
-                         UPCAST=q.dtype == torch.float32 or INTERPRETING)
+                         UPCAST=q.dtype == torch.float32 or INTERPRETING, num_stages=pipeline_stages(f))
     return out, final
