@@ -21,6 +21,7 @@ import torch
 
 TENSORS = ("query", "key", "value")
 PENDING_KEY = "input_checks"  # PatchContext.extras: a stack of open queues, one per root forward in progress
+CHECKS_OFF = ()  # the queue of a forward that began with PATCHATTN_CHECKS=0: nothing is checked nor queued
 
 
 def checks_enabled() -> bool:
@@ -33,7 +34,7 @@ class _Queued:
 
     flags: torch.Tensor
     method: str
-    where: str
+    state: object  # the module's PatchState (its layer is named only when the error is raised), or None
     shapes: tuple
 
 
@@ -41,7 +42,8 @@ def check_inputs(method: str, query: torch.Tensor, key: torch.Tensor, value: tor
     """ValueError for non-finite queries/keys/values at prefill, or for shapes no method can handle.
 
     With ``state`` (the module's ``PatchState``) the error names its layer, and the finiteness is read at the end of
-    the model's forward when the patch's hooks opened a queue for it (one host read per forward)."""
+    the model's forward when the patch's hooks opened a queue for it (one host read per forward; the hooks read
+    ``PATCHATTN_CHECKS`` once then, not every layer)."""
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise ValueError(
             f"{method}: query/key/value must be [batch, heads, tokens, head_dim]; got "
@@ -51,11 +53,15 @@ def check_inputs(method: str, query: torch.Tensor, key: torch.Tensor, value: tor
         raise ValueError(
             f"{method}: query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})"
         )
-    if not checks_enabled() or query.shape[2] <= 1:
+    if query.shape[2] <= 1:  # a decode step: never checked
+        return
+    pending = _open_queue(state)
+    if pending is CHECKS_OFF:
+        return
+    if pending is None and not checks_enabled():
         return
     tensors = (query, key, value)
-    queued = _Queued(finite_flags(tensors), method, _where(state), tuple(tuple(t.shape) for t in tensors))
-    pending = _open_queue(state)
+    queued = _Queued(finite_flags(tensors), method, state, (tuple(query.shape), tuple(key.shape), tuple(value.shape)))
     if pending is not None:
         pending.append(queued)  # read by InputCheckHooks.end when the model's forward returns
     else:
@@ -65,17 +71,18 @@ def check_inputs(method: str, query: torch.Tensor, key: torch.Tensor, value: tor
 def finite_flags(tensors) -> torch.Tensor:
     """Bool ``[len(tensors)]`` on the device, no host read: each tensor's min and max are finite.
 
-    One reduction per tensor (``aminmax`` propagates NaN, and +-Inf is its own min or max) instead of a full-size
-    ``isfinite`` mask; min/max cannot overflow as a sum would."""
-    flags = []
+    One reduction per tensor (``aminmax`` propagates NaN, and +-Inf is its own min or max -- both ends are kept, so
+    a -Inf is not hidden behind a finite max nor a +Inf behind a finite min) instead of a full-size ``isfinite``
+    mask; min/max cannot overflow as a sum would.  The ends of all the tensors are then tested in 3 small ops:
+    ``x * 0`` is 0 for a finite ``x`` and NaN for NaN or +-Inf, and a sum with a NaN is NaN, so a tensor is finite
+    exactly when the sum of its two ends times 0 equals 0 (``isfinite`` is 4 ops of its own, twice per tensor)."""
+    ends = []
     for t in tensors:
-        if t.numel() == 0:
-            flags.append(torch.ones((), dtype=torch.bool, device=t.device))
-            continue
-        low, high = torch.aminmax(t)
-        flags.append(torch.isfinite(low) & torch.isfinite(high))
-    return torch.stack(flags)
-
+        if t.numel() == 0:  # nothing to check (aminmax refuses an empty tensor)
+            ends += [torch.zeros((), dtype=t.dtype, device=t.device)] * 2
+        else:
+            ends += torch.aminmax(t)
+    return torch.stack(ends).view(-1, 2).mul(0).sum(dim=1).eq(0)
 
 def raise_if_not_finite(queued: list[_Queued]) -> None:
     """One host read for all the queued calls' flags; ValueError naming the first call and tensor not finite."""
@@ -87,7 +94,7 @@ def raise_if_not_finite(queued: list[_Queued]) -> None:
         for name, shape, ok in zip(TENSORS, q.shapes, row):
             if not ok:
                 raise ValueError(
-                    f"{q.method}: the attention {name} of {q.where} contains NaN or Inf (shape {shape}); check the "
+                    f"{q.method}: the attention {name} of {_where(q.state)} contains NaN or Inf (shape {shape}); check the "
                     "model inputs and dtype (fp16 overflow?). Set PATCHATTN_CHECKS=0 to skip this check."
                 )
 
@@ -99,8 +106,9 @@ def _where(state) -> str:
     return f"{role}layer {state.layer_index}"
 
 
-def _open_queue(state) -> list | None:
-    """The innermost queue the root model's hooks opened for this forward, or None (check at once)."""
+def _open_queue(state) -> list | tuple | None:
+    """The innermost queue the root model's hooks opened for this forward (``CHECKS_OFF`` when the checks were off
+    as it began), or None (check at once)."""
     if state is None or torch.compiler.is_compiling():  # a compiled graph keeps today's behaviour (no queue)
         return None
     stack = state.context.extras.get(PENDING_KEY)
@@ -121,7 +129,7 @@ class InputCheckHooks:
     def start(self, _module, _args) -> None:
         if torch.compiler.is_compiling():
             return
-        self.context.extras.setdefault(PENDING_KEY, []).append([])
+        self.context.extras.setdefault(PENDING_KEY, []).append([] if checks_enabled() else CHECKS_OFF)
 
     def end(self, _module, _args, output) -> None:
         if torch.compiler.is_compiling():

@@ -131,7 +131,8 @@ class PatchState(nn.Module):
         Tensors and functions are kept and evaluated when read, so recording costs no device-to-host sync and no
         extra kernels in the call itself (a decode step stays short and capturable in a CUDA graph).
         """
-        self._raw_stats.update({k: v.detach() if torch.is_tensor(v) else v for k, v in stats.items()})
+        for name, value in stats.items():  # a loop, not a comprehension: no extra Python call in every layer
+            self._raw_stats[name] = value.detach() if isinstance(value, torch.Tensor) else value
 
     @property
     def stats(self) -> dict[str, float]:

@@ -240,3 +240,61 @@ def test_finite_flags_equal_a_full_isfinite(dtype):
         want = [bool(torch.isfinite(t).all()) for t in tensors]
         assert checks.finite_flags(tensors).tolist() == want
     assert checks.finite_flags([torch.empty(0, 2), torch.ones(2)]).tolist() == [True, True]
+
+
+BAD = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+@pytest.mark.parametrize("proj,tensor", [("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")])
+def test_each_non_finite_value_in_each_tensor_is_named(proj, tensor, bad):
+    """NaN, +Inf and -Inf in each of query, key and value (design note 57's 3-op test of the ends): the error names
+    that tensor of that layer, on the deferred check (``patch``) and on the immediate one (a submodule called alone)."""
+    model = _llm(3)
+    ids = _ids(model)
+    patchattn.patch(model, "dense")
+    hook = _poison(model, 1, proj, BAD[bad])
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"dense: the attention {tensor} of layer 1 contains"):
+        model(input_ids=ids)
+    assert _open_queues(model) == []
+    layer = model.model.layers[1]
+    hidden = torch.randn(2, 10, model.config.hidden_size)
+    rotary = model.model.rotary_emb(hidden, torch.arange(10)[None].expand(2, -1))
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"dense: the attention {tensor} of layer 1 contains"):
+        layer.self_attn(hidden, position_embeddings=rotary, attention_mask=None)
+    hook.remove()
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_finite_flags_see_an_inf_behind_a_large_finite_end(where, bad):
+    """A -Inf among values up to the dtype's largest (a max alone would miss it), a +Inf among values down to the
+    dtype's lowest (a min alone would miss it), a NaN among both: only that tensor is flagged."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        info = torch.finfo(dtype)
+        tensors = [torch.randn(2, 4, 9, 8).to(dtype) for _ in range(3)]
+        for t in tensors:
+            t.view(-1)[0], t.view(-1)[-1] = info.max, info.min  # both ends huge and finite
+        tensors[where].view(-1)[7] = BAD[bad]
+        assert checks.finite_flags(tensors).tolist() == [i != where for i in range(3)], (dtype, bad)
+    both = torch.tensor([1.0, float("inf"), float("-inf")])
+    assert checks.finite_flags([both, torch.ones(3), torch.ones(3)]).tolist() == [False, True, True]
+
+
+def test_checks_off_at_the_start_of_a_forward_compute_nothing(monkeypatch):
+    """``PATCHATTN_CHECKS=0`` is read once per forward (the hooks' queue): no reduction runs in any layer and a
+    planted NaN is not reported; back on, the next forward reports it."""
+    model = _llm(3)
+    ids = _ids(model)
+    patchattn.patch(model, "dense")
+    hook = _poison(model, 1, "v_proj", float("nan"))
+    calls = []
+    monkeypatch.setattr(checks, "finite_flags", lambda tensors: calls.append(1) or torch.ones(3, dtype=torch.bool))
+    monkeypatch.setenv("PATCHATTN_CHECKS", "0")
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert calls == [] and _open_queues(model) == []
+    monkeypatch.undo()
+    with torch.no_grad(), pytest.raises(ValueError, match="the attention value of layer 1"):
+        model(input_ids=ids)
+    hook.remove()

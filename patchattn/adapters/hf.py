@@ -135,8 +135,8 @@ def check_pattern(spec: MethodSpec, module: nn.Module) -> None:
 
 def _ensure_state(module: nn.Module, spec: MethodSpec) -> PatchState:
     """The module's state; created lazily for models loaded with ``attn_implementation="patchattn_<m>"``."""
-    state = get_state(module)
-    if state is not None and type(state.config).method == spec.name:
+    state = module._modules.get(STATE_ATTR)  # get_state's lookup, inline: this runs in every layer of every call
+    if isinstance(state, PatchState) and type(state.config).method == spec.name:
         return state
     with PATCH_LOCK:
         state = get_state(module)  # another thread may have created it meanwhile

@@ -81,7 +81,7 @@ def _scoped_options() -> KernelOptions:
 def resolve_options(options: KernelOptions | None) -> KernelOptions:
     """``options`` when given, else :func:`current_options`."""
     if options is None:
-        return current_options()
+        return _scoped_options()  # current_options(), one call less: every kernel call of every layer asks
     if not isinstance(options, KernelOptions):
         raise TypeError(f"options: expected a KernelOptions or None, got {type(options).__name__}")
     return options

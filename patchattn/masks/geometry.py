@@ -19,18 +19,16 @@ class BlockGeometry:
     kv_len: int
     block_q: int
     block_k: int
+    # Derived, set once when built: a method reads them several times per call, in every layer of every decode step
+    # (a property would run each time).  Not compared nor hashed: the four fields above fix them.
+    n_q: int = field(init=False, repr=False, compare=False)  # query blocks
+    n_k: int = field(init=False, repr=False, compare=False)  # key blocks
+    offset: int = field(init=False, repr=False, compare=False)  # key position of query row 0
 
-    @property
-    def n_q(self) -> int:
-        return math.ceil(self.q_len / self.block_q)
-
-    @property
-    def n_k(self) -> int:
-        return math.ceil(self.kv_len / self.block_k)
-
-    @property
-    def offset(self) -> int:
-        return self.kv_len - self.q_len
+    def __post_init__(self):
+        object.__setattr__(self, "n_q", math.ceil(self.q_len / self.block_q))
+        object.__setattr__(self, "n_k", math.ceil(self.kv_len / self.block_k))
+        object.__setattr__(self, "offset", self.kv_len - self.q_len)
 
     def first_position(self, device=None) -> torch.Tensor:
         """``[NQ]`` key position of each query block's first row."""

@@ -22,6 +22,7 @@ import torch
 
 from ..masks.static import sink_and_window_runs
 from ._rows import PaddingError, row_starts
+from ._sparse import run_block_sparse
 
 # method name -> plan(state, kv_heads) -> SlotPlan | None (None: this layer keeps every key); registered by each
 # method that can bound its memory; the plan raises ValueError when the config cannot (a window that grows).
@@ -110,14 +111,12 @@ def bounded_or_sparse(module, query, key, value, attention_mask, *, scaling, sel
     """The forward of a static-pattern method that bounds its cache: over a bounded cache's slots ``bounded(state,
     query, kept, scaling=, softcap=)``; otherwise the block-sparse path, then (a bounded cache's first call, which
     gets every key) ``keeps(state, kept, query_heads)`` says which slots later queries may still read."""
-    from ._sparse import run_block_sparse  # _sparse's users import this module: no cycle at import
-
     state = module.patchattn
     kept = take(state.method_state)
     if kept is not None and not kept.plain:
         return bounded(state, query, kept, scaling=scaling, softcap=kwargs.get("softcap")), None
     out = run_block_sparse(module, query, key, value, attention_mask, scaling=scaling, select=select, static=True,
-                           decode_rows=decode_rows, **kwargs)
+                           decode_rows=decode_rows, state=state, **kwargs)
     if kept is not None:
         kept.count_rows_from(attention_mask)
         kept.retain(keeps(state, kept, query.shape[1]))

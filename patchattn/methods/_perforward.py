@@ -17,10 +17,17 @@ import torch
 EXTRAS_PREFIX = "per_forward:"
 
 
-def _same(a, b) -> bool:
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return a is b
-    return type(a) is type(b) and a == b
+def same_key(kept: tuple, key: tuple) -> bool:
+    """Whether ``key`` is ``kept``: tensors by identity, other items by type and value.  A loop of plain checks, no
+    helper per item: every layer of every forward compares its keys here (design note 57)."""
+    if len(kept) != len(key):
+        return False
+    for a, b in zip(kept, key):
+        if a is b:
+            continue
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b) or a != b:
+            return False
+    return True
 
 
 def per_forward(context, name: str, key: tuple, compute: Callable[[], Any]):
@@ -28,7 +35,7 @@ def per_forward(context, name: str, key: tuple, compute: Callable[[], Any]):
     ``context.extras`` under ``name``; the latest key only (one forward at a time)."""
     slot = EXTRAS_PREFIX + name
     entry = context.extras.get(slot)
-    if entry is not None and len(entry[0]) == len(key) and all(_same(a, b) for a, b in zip(entry[0], key)):
+    if entry is not None and same_key(entry[0], key):
         return entry[1]
     value = compute()
     context.extras[slot] = (tuple(key), value)

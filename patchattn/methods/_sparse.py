@@ -150,8 +150,14 @@ def record_dense_call(state, method: str, reason: str, q_len: int, kv_len: int, 
 def sparse_reason(state, attention_mask, q_len: int, kv_len: int, kwargs) -> tuple[str | None, object]:
     """(why this call must run dense, or None; the rows' real spans when the batch is padded, else None)."""
     reason = layer_dense_reason(state, kwargs)
-    if reason is not None:
+    if reason is not None or attention_mask is None:  # no mask: no row is padded
         return reason, None
+    return padding_reason(attention_mask, q_len, kv_len)
+
+
+def padding_reason(attention_mask, q_len: int, kv_len: int) -> tuple[str | None, object]:
+    """``sparse_reason`` of a layer that is not dense in itself: the rows' real spans (None: none padded), or why
+    the mask's structure needs a dense call."""
     try:
         return None, padding_spans(attention_mask, q_len, kv_len)
     except PaddingError as err:
@@ -159,23 +165,27 @@ def sparse_reason(state, attention_mask, q_len: int, kv_len: int, kwargs) -> tup
 
 
 def run_block_sparse(module, query, key, value, attention_mask, *, scaling, select: BlockSelector,
-                     static: bool, decode_rows: RowsSelector | None = None, dropout=0.0, key_bounds=None, **kwargs):
+                     static: bool, decode_rows: RowsSelector | None = None, dropout=0.0, key_bounds=None,
+                     state=None, **kwargs):
     """Shared forward of every block-sparse method (transformers' signature; returns ``([B, Tq, Hq, D], None)``).
 
     A padded batch runs row group by row group (``_rows.run_by_rows``): each row reads the blocks it would read
     alone, whatever the padding of the others.  A decode step given ``key_bounds`` (the adapter does so for methods
-    with a ``decode_rows`` selector) runs every row in one launch with no host read: ``run_rows_decode``."""
-    state = module.patchattn
+    with a ``decode_rows`` selector) runs every row in one launch with no host read: ``run_rows_decode``.
+    ``state``: the module's ``PatchState`` when the caller has it already (None: read from the module)."""
+    state = module.patchattn if state is None else state
     q_len, kv_len = query.shape[2], key.shape[2]
+    reason = layer_dense_reason(state, kwargs)  # sparse_reason's first half; its second only under a mask
     if key_bounds is not None:
-        reason = layer_dense_reason(state, kwargs)
         if reason is None or dense_decode_on_kernel(state, query, reason):
             rows = full_rows if reason is not None else decode_rows
             return run_rows_decode(state, query, key, value, key_bounds, scaling=scaling,
                                    softcap=kwargs.get("softcap"), decode_rows=rows), None
         record_dense_call(state, type(state.config).method, reason, q_len, kv_len, kwargs)
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    reason, spans = sparse_reason(state, attention_mask, q_len, kv_len, kwargs)
+    spans = None
+    if reason is None and attention_mask is not None:
+        reason, spans = padding_reason(attention_mask, q_len, kv_len)
     if reason is not None and attention_mask is None and q_len == 1 and dense_decode_on_kernel(state, query, reason):
         return sparse_call(state, query, key, value, scaling=scaling, softcap=kwargs.get("softcap"),
                            select=full_decode_lists, static=False), None
@@ -184,13 +194,14 @@ def run_block_sparse(module, query, key, value, attention_mask, *, scaling, sele
         return dense_call(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if q_len == kv_len:  # a new sequence: nothing kept from the previous one applies
         clear_caches(state.method_state)
+    if spans is None:
+        return sparse_call(state, query, key, value, scaling=scaling, softcap=kwargs.get("softcap"), select=select,
+                           static=static), None
 
     def run(q, k, v):
         return sparse_call(state, q, k, v, scaling=scaling, softcap=kwargs.get("softcap"), select=select,
                            static=static)
 
-    if spans is None:
-        return run(query, key, value), None
     return run_by_rows(state, query, key, value, spans, run), None
 
 
@@ -336,21 +347,31 @@ def block_lists(state, geometry: BlockGeometry, query, key, select: BlockSelecto
     """Block lists for this call, with ``density`` mapped to the method's own fields at this length (_budget.py);
     static patterns are computed once per (shape, device) and cached."""
     prompt = state.context.prefill_tokens
-    cache_key = (geometry, query.device, prompt)
+    # The key length first: a decode step's differs from the last call's there, so the dataclass's own (Python)
+    # ``__eq__`` does not run in every layer of every step.
+    cache_key = (geometry.kv_len, geometry, query.device, prompt)
     kept = state.method_state
     if static and kept.static_blocks is not None and kept.static_key == cache_key:
         return kept.static_blocks
-    dense_last = reads_last_block_whole(state.config, geometry, prompt)
+    config = state.config
+    dense_last = config.last_block_dense and reads_last_block_whole(config, geometry, prompt)
     if dense_last and geometry.n_q == 1:  # a context-parallel chunk of one block, the prompt's last: every key
         return blocks_from_mask(causal_allowed(geometry, query.device)[None, None])
-    with budget_applied(state, prompt_geometry(geometry, prompt)):
-        mask = select(geometry, query, key, state)
-        blocks = mask if isinstance(mask, tuple) else mask_lists(state.config, geometry, mask, query.device,
-                                                                 dense_last)
+    if getattr(config, "density", None) is None:  # no budget to resolve: the config is this call's (_budget.py)
+        blocks = select_lists(state, geometry, query, key, select, dense_last)
+    else:
+        with budget_applied(state, prompt_geometry(geometry, prompt)):
+            blocks = select_lists(state, geometry, query, key, select, dense_last)
     if static:
         # Only the latest shape is kept: decoding changes it every step.
         kept.static_key, kept.static_blocks = cache_key, blocks
     return blocks
+
+
+def select_lists(state, geometry: BlockGeometry, query, key, select: BlockSelector, dense_last: bool):
+    """The selector's lists for this call (its mask made into lists where it returns one)."""
+    mask = select(geometry, query, key, state)
+    return mask if isinstance(mask, tuple) else mask_lists(state.config, geometry, mask, query.device, dense_last)
 
 
 def reads_last_block_whole(config, geometry: BlockGeometry, prompt: int | None = None) -> bool:

@@ -96,7 +96,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_q: int = 64,
     if tile_masks is not None or tile_mask_ids is not None:
         _validate_tiles(q, kv_indices, tile_masks, tile_mask_ids, block_q, block_k, lists_from_start)
         tile_masks, tile_mask_ids = _tile_inputs(tile_masks, tile_mask_ids)
-    kv_indices, kv_counts = _as_int32(kv_indices), _as_int32(kv_counts)
+    if kv_indices.dtype != torch.int32 or kv_counts.dtype != torch.int32:  # (methods' lists are int32 already)
+        kv_indices, kv_counts = _as_int32(kv_indices), _as_int32(kv_counts)
     kv_start = None if kv_start is None else _as_int32(kv_start)
     kv_end = None if kv_end is None else _as_int32(kv_end)
     opts = Options(block_q, block_k, bool(causal),

@@ -1,6 +1,6 @@
 """Pure-torch dense attention in transformers' calling convention.
 
-``sdpa_attention`` is exactly what a transformers model computes with ``attn_implementation="sdpa"`` (it calls
+``sdpa_attention`` is exactly what a transformers model computes with ``attn_implementation="sdpa"`` (it is
 transformers' own function, so the control method cannot drift from it).  ``eager_attention`` is the explicit
 softmax formulation transformers' eager path uses; it is needed where SDPA cannot express the model's maths
 (Gemma-2's logit soft-capping).
@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-
-def sdpa_attention(module: nn.Module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
-    """transformers' SDPA attention; query ``[B, Hq, Tq, D]`` -> output ``[B, Tq, Hq, D]``."""
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+# transformers' SDPA attention itself; query ``[B, Hq, Tq, D]`` -> output ``[B, Tq, Hq, D]``, called as
+# ``sdpa_attention(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)``.  The function
+# itself, not a wrapper: the dense control method calls it in every layer of every forward, and a wrapper would be
+# one more Python call there each time (design note 57).
+sdpa_attention = sdpa_attention_forward
 
 
 def eager_attention(
