@@ -14,6 +14,7 @@ once per forward (the first layer's per-forward memos, the root model's hooks) d
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 import warnings
 from collections.abc import Callable
@@ -135,6 +136,19 @@ def _counted(forward: Callable, entry, ops: bool) -> Step:
     return Step(counter.calls, counter.c_calls, counter.sites)
 
 
+@contextlib.contextmanager
+def _patched(model, method: str | None, options: dict):
+    """The model patched with ``method`` (None: unpatched) under no_grad, warnings quiet, unpatched on exit."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        patch = None if method is None else patchattn.patch(model, method, **options)
+        try:
+            yield
+        finally:
+            if patch is not None:
+                patchattn.unpatch(model)
+
+
 def decode_step(model, method: str | None, options: dict, *, prompt: int = 256, warm: int = 3,
                 ops: bool = False) -> Step:
     """One default-cache decode step after a ``prompt``-token prefill and ``warm`` steps (``method`` None: the
@@ -142,18 +156,12 @@ def decode_step(model, method: str | None, options: dict, *, prompt: int = 256, 
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt))
     entry = SDPA_ENTRY if method is None else PATCHED_ENTRY
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        patch = None if method is None else patchattn.patch(model, method, **options)
-        try:
-            cache = DynamicCache()
-            token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            for _ in range(warm):
-                model(input_ids=token, past_key_values=cache, use_cache=True)
-            return _counted(lambda: model(input_ids=token, past_key_values=cache, use_cache=True), entry, ops)
-        finally:
-            if patch is not None:
-                patchattn.unpatch(model)
+    with _patched(model, method, options):
+        cache = DynamicCache()
+        token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        for _ in range(warm):
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+        return _counted(lambda: model(input_ids=token, past_key_values=cache, use_cache=True), entry, ops)
 
 
 def prefill(model, method: str | None, options: dict, *, prompt: int = 64, warm: int = 1, ops: bool = False) -> Step:
@@ -161,16 +169,10 @@ def prefill(model, method: str | None, options: dict, *, prompt: int = 64, warm:
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt))
     entry = SDPA_ENTRY if method is None else PATCHED_ENTRY
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        patch = None if method is None else patchattn.patch(model, method, **options)
-        try:
-            for _ in range(warm):
-                model(input_ids=ids, use_cache=False)
-            return _counted(lambda: model(input_ids=ids, use_cache=False), entry, ops)
-        finally:
-            if patch is not None:
-                patchattn.unpatch(model)
+    with _patched(model, method, options):
+        for _ in range(warm):
+            model(input_ids=ids, use_cache=False)
+        return _counted(lambda: model(input_ids=ids, use_cache=False), entry, ops)
 
 
 def lvlm_prefill(model, method: str | None, options: dict, *, text_len: int = 40, warm: int = 1,
