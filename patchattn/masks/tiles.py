@@ -246,9 +246,9 @@ def tiles_from_parts(full: torch.Tensor, partial: torch.Tensor, partial_tiles: t
 
 def distinct_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool ``[n, bq, bk]`` -> (the distinct tiles ``[P, bq, bk]``, each input's index into them ``[n]``; n = 0 gives
-    empty ones).  Rows are
-    compared as packed 64-bit words, not byte by byte: ``torch.unique(dim=0)`` sorts rows with a per-row comparison,
-    which over 4,096-byte rows took 17 ms on an H100 for one LVLM prefill's plan (bench/lvlm/sync_probe.txt)."""
+    empty ones).  Tiles are compared as packed 64-bit words, not byte by byte: ``torch.unique(dim=0)`` sorts rows
+    with a per-row comparison, which over 4,096-byte rows took 17 ms on an H100 for one LVLM prefill's plan
+    (bench/lvlm/sync_probe.txt)."""
     n = tiles.shape[0]
     if not n:
         return tiles.new_zeros(0, *tiles.shape[1:]), torch.zeros(0, dtype=torch.int64, device=tiles.device)

@@ -77,7 +77,7 @@ def _pow2(n: int) -> int:
 def pipeline_stages(features: int) -> int:
     """Software-pipelining stages: triton's default 3 for head dims up to 128; 1 for wider feature maps (the
     lightning layer's hedgehog features, 256 per head: three stages of its q/k tiles asked for 368 KB of shared
-    memory on an H100, which has 227 KB; bench/linear/lightning.csv of 2026-12-06)."""
+    memory on an H100, which has 227 KB; bench/linear/lightning_h100_failed.csv)."""
     return 3 if _pow2(features) <= 128 else 1
 
 
