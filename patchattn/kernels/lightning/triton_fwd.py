@@ -81,17 +81,23 @@ def pipeline_stages(features: int) -> int:
     return 3 if _pow2(features) <= 128 else 1
 
 
-def lightning_forward(q, k, v, slopes, state=None, block: int = 64):
-    """``(o [B, H, T, E] in v's dtype, final state [B, H, F, E] float32)``; see :mod:`.reference`."""
+def lightning_forward(q, k, v, slopes, state=None, block: int = 64, out_dtype=None, *, block_e: int | None = None,
+                      num_warps: int | None = None, num_stages: int | None = None):
+    """``(o [B, H, T, E] in ``out_dtype`` (default v's dtype), final state [B, H, F, E] float32)``; see
+    :mod:`.reference`.  ``block_e`` (value columns per program, default up to 64), ``num_warps`` and ``num_stages``
+    override the launch configuration (``bench/linear/lightning_sweep.py`` times them)."""
     batch, heads, t, f = q.shape
     e = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty(batch, heads, t, e, device=q.device, dtype=v.dtype)
+    out = torch.empty(batch, heads, t, e, device=q.device, dtype=out_dtype or v.dtype)
     final = torch.empty(batch, heads, f, e, device=q.device, dtype=torch.float32)
-    block_e = min(_pow2(e), 64)
+    block_e = block_e or min(_pow2(e), 64)
     s_in = state.float().contiguous() if state is not None else final
     grid = (batch * heads, triton.cdiv(e, block_e))
+    launch = {"num_stages": num_stages or pipeline_stages(f)}
+    if num_warps:
+        launch["num_warps"] = num_warps
     _lightning_fwd[grid](q, k, v, s_in, out, final, slopes.float().contiguous(), t, heads,
                          F=f, E=e, BLOCK=max(16, block), BF=_pow2(f), BE=block_e, HAS_STATE=state is not None,
-                         UPCAST=q.dtype == torch.float32 or INTERPRETING, num_stages=pipeline_stages(f))
+                         UPCAST=q.dtype == torch.float32 or INTERPRETING, **launch)
     return out, final
