@@ -275,12 +275,11 @@ def _linear_output(module, query, key, value, attention_mask, *, keep_state: boo
         initial = kept.kv
     elif past > 0:  # rebuild the state of the cached keys (another cache, e.g. a reordered beam)
         _, initial = lightning_attention(
-            torch.zeros_like(_expand(phi_k[:, :, :past], groups)), _expand(phi_k[:, :, :past], groups),
-            _expand(v[:, :, :past], groups), slopes, block=config.block_size, backend=config.backend)
+            phi_k.new_zeros(batch, heads, past, phi_k.shape[-1]), phi_k[:, :, :past], v[:, :, :past], slopes,
+            block=config.block_size, backend=config.backend)
     phi_q = feature_map(state, query, "q").to(query.dtype)
-    out, final = lightning_attention(phi_q, _expand(phi_k[:, :, new:], groups), _expand(v[:, :, new:], groups),
-                                     slopes, initial, block=config.block_size, backend=config.backend,
-                                     out_dtype=torch.float32)
+    out, final = lightning_attention(phi_q, phi_k[:, :, new:], v[:, :, new:], slopes, initial,
+                                     block=config.block_size, backend=config.backend, out_dtype=torch.float32)
     if carry is not None:
         carry.store(final.detach())
     elif keep_state:  # training calls have no cache to continue

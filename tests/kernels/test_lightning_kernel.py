@@ -137,10 +137,34 @@ def test_triton_forward_with_repeated_kv_heads_matches_per_head_reference(triton
     assert torch.allclose(out.cpu(), want, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gqa_keys_and_values_are_read_in_place_forward_and_backward(triton_target, backend):
+    """k / v with fewer heads than q (each shared by a group of query heads, each with its own decay): the same as
+    the oracle on repeated heads, gradients summed over each group."""
+    q, _, _, slopes = _inputs(heads=4, t=41, f=8, e=5)
+    k, v = torch.rand(2, 2, 41, 8), torch.randn(2, 2, 41, 5)
+    state = torch.randn(2, 4, 8, 5)
+    dev = triton_target if backend == "triton" else "cpu"
+    leaves = [x.to(dev).requires_grad_(True) for x in (q, k, v, state)]
+    out, final = lightning_attention(*leaves[:3], slopes.to(dev), leaves[3], block=16, backend=backend)
+    grad = torch.randn(out.shape)
+    got = torch.autograd.grad((out, final), leaves, (grad.to(dev), torch.ones_like(final)))
+    ref_leaves = [x.clone().requires_grad_(True) for x in (q, k, v, state)]
+    want, want_final = naive_linear_attention(ref_leaves[0], ref_leaves[1].repeat_interleave(2, 1),
+                                              ref_leaves[2].repeat_interleave(2, 1), slopes, ref_leaves[3])
+    ref = torch.autograd.grad((want, want_final), ref_leaves, (grad, torch.ones_like(want_final)))
+    assert out.shape == (2, 4, 41, 5) and torch.allclose(out.cpu(), want, atol=1e-4)
+    assert torch.allclose(final.cpu(), want_final, atol=1e-4)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and torch.allclose(a.cpu(), b, atol=1e-3)
+
+
 def test_bad_shapes_are_refused_clearly():
     q, k, v, slopes = _inputs()
     with pytest.raises(ValueError, match="must share"):
         lightning_attention(q, k[:, :, :5], v, slopes)
+    with pytest.raises(ValueError, match="divide q's"):
+        lightning_attention(q, k[:, :2], v[:, :2], slopes)
     with pytest.raises(ValueError, match="slopes must be"):
         lightning_attention(q, k, v, slopes[:2])
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -66,8 +66,19 @@ class _TritonLightning(torch.autograd.Function):
     def backward(ctx, grad_out, grad_state):
         q, k, v, slopes, state = ctx.saved_tensors
         state = state if ctx.has_state else None
-        gq, gk, gv, gs = _triton_backward(q, k, v, slopes, state, grad_out, grad_state, ctx.block)
+        groups = q.shape[1] // k.shape[1]  # GQA: the backward runs on repeated heads, then sums each group
+        gq, gk, gv, gs = _triton_backward(q, _repeat_heads(k, groups), _repeat_heads(v, groups), slopes, state,
+                                          grad_out, grad_state, ctx.block)
+        gk, gv = (_sum_groups(g, groups) for g in (gk, gv))
         return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, gs, None, None
+
+
+def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _sum_groups(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    return grad if groups == 1 else grad.unflatten(1, (-1, groups)).sum(2)
 
 
 def _triton_backward(q, k, v, slopes, state, grad_out, grad_state, block):
@@ -108,19 +119,23 @@ def _triton_backward(q, k, v, slopes, state, grad_out, grad_state, block):
 def lightning_attention(q, k, v, slopes, state=None, *, block: int = 64, backend: str = "auto", out_dtype=None):
     """Decayed causal linear attention: ``(o [B, H, T, E], final state [B, H, F, E] float32)``.
 
-    ``q, k [B, H, T, F]`` (already feature-mapped, same head count as ``v [B, H, T, E]``), ``slopes [H]`` (decay
+    ``q [B, H, T, F]``, ``k [B, Hkv, T, F]`` (already feature-mapped; ``Hkv`` divides ``H``: GQA, read in place by
+    the Triton path), ``v [B, Hkv, T, E]``, ``slopes [H]`` (decay
     ``exp(-slope)`` per step), ``state`` the recurrent state after the previous tokens (None: zeros).  Products run
     in the inputs' dtype (16-bit: tensor cores, float32 accumulation), sums and the state in float32; ``o`` is
     returned in ``out_dtype`` (default v's dtype)."""
-    if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+    if (q.shape[0], q.shape[2:]) != (k.shape[0], k.shape[2:]) or k.shape[:3] != v.shape[:3] \
+            or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"lightning_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must "
-                         "share [B, H, T] (and q, k their feature size)")
+                         "share [B, T] (q, k their feature size; k, v their heads, which divide q's: GQA)")
     if slopes.shape != (q.shape[1],):
         raise ValueError(f"lightning_attention: slopes must be [H] = [{q.shape[1]}], got {tuple(slopes.shape)}")
     if q.shape[2] == 0:
         s = state.float() if state is not None else q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1],
                                                                   dtype=torch.float32)
-        return v[:, :, :0].to(out_dtype or v.dtype), s
+        return v.new_zeros(*q.shape[:3], v.shape[-1], dtype=out_dtype or v.dtype), s
     if _use_triton(backend, q):
         return _TritonLightning.apply(q, k, v, slopes, state, block, out_dtype)
-    return chunked_linear_attention(q, k, v, slopes, state, block, out_dtype)
+    groups = q.shape[1] // k.shape[1]
+    return chunked_linear_attention(q, _repeat_heads(k, groups), _repeat_heads(v, groups), slopes, state, block,
+                                    out_dtype)

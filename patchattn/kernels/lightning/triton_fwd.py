@@ -27,10 +27,11 @@ def _mm(a, b, UPCAST: tl.constexpr):
 @triton.jit
 def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
                    F: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, BF: tl.constexpr, BE: tl.constexpr,
-                   HAS_STATE: tl.constexpr, UPCAST: tl.constexpr):
+                   GROUPS: tl.constexpr, HAS_STATE: tl.constexpr, UPCAST: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_e = tl.program_id(1)
     head = pid_bh % H
+    kv_head = (pid_bh // H) * (H // GROUPS) + head // GROUPS  # GQA: query heads share a key/value head
     slope = tl.load(SLOPES + head).to(tl.float32)
     offs_b = tl.arange(0, BLOCK)
     offs_f = tl.arange(0, BF)
@@ -38,8 +39,8 @@ def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
     f_ok = offs_f < F
     e_ok = offs_e < E
     q_base = Q + pid_bh * T * F
-    k_base = K + pid_bh * T * F
-    v_base = V + pid_bh * T * E
+    k_base = K + kv_head * T * F
+    v_base = V + kv_head * T * E
     o_base = O + pid_bh * T * E
     s_off = pid_bh * F * E + offs_f[:, None] * E + offs_e[None, :]
     s_mask = f_ok[:, None] & e_ok[None, :]
@@ -84,7 +85,8 @@ def pipeline_stages(features: int) -> int:
 def lightning_forward(q, k, v, slopes, state=None, block: int = 64, out_dtype=None, *, block_e: int | None = None,
                       num_warps: int | None = None, num_stages: int | None = None):
     """``(o [B, H, T, E] in ``out_dtype`` (default v's dtype), final state [B, H, F, E] float32)``; see
-    :mod:`.reference`.  ``block_e`` (value columns per program, default up to 64), ``num_warps`` and ``num_stages``
+    :mod:`.reference`.  ``k`` / ``v`` may have fewer heads than ``q`` (GQA: ``H`` a multiple of theirs), read in
+    place.  ``block_e`` (value columns per program, default up to 64), ``num_warps`` and ``num_stages``
     override the launch configuration (``bench/linear/lightning_sweep.py`` times them)."""
     batch, heads, t, f = q.shape
     e = v.shape[-1]
@@ -98,6 +100,7 @@ def lightning_forward(q, k, v, slopes, state=None, block: int = 64, out_dtype=No
     if num_warps:
         launch["num_warps"] = num_warps
     _lightning_fwd[grid](q, k, v, s_in, out, final, slopes.float().contiguous(), t, heads,
-                         F=f, E=e, BLOCK=max(16, block), BF=_pow2(f), BE=block_e, HAS_STATE=state is not None,
+                         F=f, E=e, BLOCK=max(16, block), BF=_pow2(f), BE=block_e, GROUPS=heads // k.shape[1],
+                         HAS_STATE=state is not None,
                          UPCAST=q.dtype == torch.float32 or INTERPRETING, **launch)
     return out, final
