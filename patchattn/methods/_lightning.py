@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MethodConfig, option
+from ..kernels.hedgehog import hedgehog_features
 from ..kernels.lightning import alibi_slopes, lightning_attention
 from ..state import MethodState, PatchState, get_state
 from ._heads import head_counts
@@ -158,17 +159,15 @@ def make_lightning_state(module, config: LightningConfig, layer_index, role, con
 
 
 # ---- the converted layer ---------------------------------------------------------------------------------------
-def feature_map(state, x: torch.Tensor, which: str) -> torch.Tensor:
-    """``phi(x)`` float32 ``[B, H, T, F]`` for ``x [B, H, T, D]`` (``which``: ``"q"`` or ``"k"``)."""
+def feature_map(state, x: torch.Tensor, which: str, dtype=torch.float32) -> torch.Tensor:
+    """``phi(x)`` ``[B, H, T, F]`` in ``dtype`` for ``x [B, H, T, D]`` (``which``: ``"q"`` or ``"k"``); computed in
+    float32 (hedgehog: the fused kernel of ``kernels/hedgehog`` where no gradient is needed)."""
     kind = state.config.feature_map
+    if kind == "hedgehog":
+        return hedgehog_features(x, getattr(state, f"feature_{which}"), backend=state.config.backend,
+                                 out_dtype=dtype)
     x = x.float()
-    if kind == "elu":
-        return F.elu(x) + 1.0
-    if kind == "silu":
-        return F.silu(x)
-    weight = getattr(state, f"feature_{which}").float()  # [H, D, D]
-    proj = torch.einsum("bhtd,hde->bhte", x, weight)
-    return torch.cat([torch.softmax(proj, dim=-1), torch.softmax(-proj, dim=-1)], dim=-1)
+    return (F.elu(x) + 1.0 if kind == "elu" else F.silu(x)).to(dtype)
 
 
 def key_validity(attention_mask, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -256,17 +255,17 @@ def _linear_output(module, query, key, value, attention_mask, *, keep_state: boo
         if valid is not None:
             valid = valid[:, start:]
 
-    phi_k = feature_map(state, key[:, :, start:], "k")
-    v = value[:, :, start:].float()
+    # Features and values in the model's dtype: the kernel's products run in it (16-bit: tensor cores; features are
+    # probabilities in [0, 1]), its sums, state and output in float32 (float32 inputs ran its float32 path, 30x
+    # slower than SDPA on an H100: bench/linear/RESULTS.md).
+    phi_k = feature_map(state, key[:, :, start:], "k", query.dtype)
+    v = value[:, :, start:]
     if valid is not None:  # padded keys contribute nothing (phi(k) = 0), so a padded row equals the row alone
         phi_k = phi_k * valid[:, None, :, None]
         v = v * valid[:, None, :, None]
     if config.normalize == "sum":
         v = torch.cat([v, torch.ones_like(v[..., :1]) * (valid[:, None, :, None] if valid is not None else 1.0)], -1)
     slopes = kept.slopes.to(query.device)
-    # The kernel's products run in the model's dtype (16-bit: tensor cores; the features are probabilities in
-    # [0, 1]), its sums, state and output in float32: float32 inputs ran its float32 path, 30x slower than SDPA.
-    phi_k, v = phi_k.to(query.dtype), v.to(query.dtype)
 
     initial, new = None, past - start  # ``new``: where this call's keys start in phi_k / v
     if carry is not None:
@@ -277,7 +276,7 @@ def _linear_output(module, query, key, value, attention_mask, *, keep_state: boo
         _, initial = lightning_attention(
             phi_k.new_zeros(batch, heads, past, phi_k.shape[-1]), phi_k[:, :, :past], v[:, :, :past], slopes,
             block=config.block_size, backend=config.backend)
-    phi_q = feature_map(state, query, "q").to(query.dtype)
+    phi_q = feature_map(state, query, "q", query.dtype)
     out, final = lightning_attention(phi_q, phi_k[:, :, new:], v[:, :, new:], slopes, initial,
                                      block=config.block_size, backend=config.backend, out_dtype=torch.float32)
     if carry is not None:
