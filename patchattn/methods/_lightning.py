@@ -278,14 +278,12 @@ def _linear_output(module, query, key, value, attention_mask, *, keep_state: boo
             block=config.block_size, backend=config.backend)
     phi_q = feature_map(state, query, "q", query.dtype)
     out, final = lightning_attention(phi_q, phi_k[:, :, new:], v[:, :, new:], slopes, initial,
-                                     block=config.block_size, backend=config.backend, out_dtype=torch.float32)
+                                     block=config.block_size, backend=config.backend, out_dtype=torch.float32,
+                                     normalize_last=config.normalize == "sum")
     if carry is not None:
         carry.store(final.detach())
     elif keep_state:  # training calls have no cache to continue
         kept.kv, kept.tokens, kept.last_key = final.detach(), kv_len, key[:, :, -1].detach().clone()
-    if config.normalize == "sum":
-        den = out[..., -1:]
-        out = torch.where(den > 1e-12, out[..., :-1] / den.clamp_min(1e-12), torch.zeros_like(out[..., :-1]))
     out = out.transpose(1, 2)  # [B, Tq, Hq, D]
     if config.normalize == "rms":
         flat = out.flatten(2)

@@ -159,6 +159,42 @@ def test_gqa_keys_and_values_are_read_in_place_forward_and_backward(triton_targe
         assert a.shape == b.shape and torch.allclose(a.cpu(), b, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("t,e", [(37, 5), (1, 17), (70, 65)])
+def test_normalized_triton_forward_divides_in_the_kernel(triton_target, dtype, tol, t, e):
+    """``normalize_last``: the fused kernel (no gradient) equals the oracle's columns divided by its last one, from
+    an initial state whose last column is the denominator's, with GQA heads and keys of zero weight (padding; a
+    row that sees none has output 0); its final state equals the unnormalised pass's."""
+    q, _, _, slopes = _inputs(heads=4, t=t, f=8, e=e, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    k = torch.rand(2, 2, t, 8, generator=gen).to(dtype)
+    v = torch.randn(2, 2, t, e, generator=gen)
+    v[..., -1] = 1.0
+    v[0, :, : t // 2, -1] = 0.0  # the first half of row 0 is padding: no weight, no value
+    v[0, :, : t // 2] = 0.0
+    k[0, :, : t // 2] = 0.0
+    v = v.to(dtype)
+    state = torch.rand(2, 4, 8, e)
+    state[0] = 0.0  # row 0 starts empty: its padded queries see no key at all
+    full, want_state = naive_linear_attention(q.float(), k.float().repeat_interleave(2, 1),
+                                              v.float().repeat_interleave(2, 1), slopes, state)
+    num, den = full[..., :-1], full[..., -1:]
+    want = torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.zeros_like(num))
+    dev = triton_target
+    with torch.no_grad():
+        out, final = lightning_attention(q.to(dev), k.to(dev), v.to(dev), slopes.to(dev), state.to(dev), block=16,
+                                         backend="triton", out_dtype=torch.float32, normalize_last=True)
+        torch_out, torch_final = lightning_attention(q, k, v, slopes, state, block=16, backend="torch",
+                                                     out_dtype=torch.float32, normalize_last=True)
+    assert out.shape == (2, 4, t, e - 1)
+    assert (out.cpu() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+    assert (torch_out - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+    assert torch.allclose(final.cpu(), want_state, atol=tol * want_state.abs().max().item())
+    assert torch.allclose(torch_final, want_state, atol=tol * want_state.abs().max().item())
+    if t > 1:
+        assert out[0, :, : t // 2].abs().max().item() == 0.0
+
+
 def test_bad_shapes_are_refused_clearly():
     q, k, v, slopes = _inputs()
     with pytest.raises(ValueError, match="must share"):

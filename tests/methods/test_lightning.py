@@ -211,6 +211,39 @@ def test_triton_path_matches_the_torch_path_with_gradients(triton_interpreter):
     assert max_abs_diff(qa, qb) <= 1e-4
 
 
+def test_inference_kernels_match_the_torch_path_with_padding_and_decoding(triton_interpreter, monkeypatch):
+    """Without gradients the layer runs the fused kernels (hedgehog features, the normalised lightning forward):
+    the same logits as the torch path for a left-padded prefill and for decode steps from the kept state."""
+    from patchattn.kernels.hedgehog import triton_fwd as hedgehog_fwd
+    from patchattn.kernels.lightning import triton_fwd as lightning_fwd
+
+    fused = []
+    for module, name in ((hedgehog_fwd, "hedgehog_forward"), (lightning_fwd, "lightning_forward")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: fused.append(
+            (_name, k.get("normalized"))) or _real(*a, **k))
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 24))
+    inputs = left_pad({"input_ids": ids[:, :21]}, [0, 5])
+    results = []
+    for backend in ("torch", "triton"):
+        with torch.no_grad(), patchattn.patched(model, "lightning", backend=backend, block_size=16):
+            _perturb(model)
+            out = model(**inputs, use_cache=True)
+            mask = inputs["attention_mask"]
+            steps = []
+            for i in range(3):
+                mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], -1)
+                out = model(input_ids=ids[:, 21 + i:22 + i], attention_mask=mask,
+                            past_key_values=out.past_key_values, use_cache=True)
+                steps.append(out.logits[:, -1])
+            results.append((model(**inputs).logits[:, 5:], torch.stack(steps)))
+    (prefill_a, steps_a), (prefill_b, steps_b) = results
+    assert ("lightning_forward", True) in fused and ("hedgehog_forward", None) in fused
+    assert max_abs_diff(prefill_a, prefill_b) <= 1e-4
+    assert max_abs_diff(steps_a, steps_b) <= 1e-4
+
+
 def test_hybrid_layer_plan_and_dense_softmax_layers():
     config = patchattn.get_config("hybrid")
     assert hybrid.softmax_layer_indices(config, 32) == [7, 15, 23, 31]  # MiniMax-01: 7 lightning : 1 softmax

@@ -21,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "alibi_slopes",
     "chunked_linear_attention",
+    "divide_by_last",
     "lightning_attention",
     "naive_linear_attention",
     "recurrent_step",
@@ -116,26 +117,50 @@ def _triton_backward(q, k, v, slopes, state, grad_out, grad_state, block):
     return gq, gk, gv, gs
 
 
-def lightning_attention(q, k, v, slopes, state=None, *, block: int = 64, backend: str = "auto", out_dtype=None):
+def divide_by_last(out: torch.Tensor) -> torch.Tensor:
+    """``out[..., :-1] / out[..., -1:]`` in float32 where the denominator exceeds 1e-12, else 0 (a row that saw no
+    real key)."""
+    num, den = out[..., :-1].float(), out[..., -1:].float()
+    return torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.zeros_like(num))
+
+
+def lightning_attention(q, k, v, slopes, state=None, *, block: int = 64, backend: str = "auto", out_dtype=None,
+                        normalize_last: bool = False):
     """Decayed causal linear attention: ``(o [B, H, T, E], final state [B, H, F, E] float32)``.
 
     ``q [B, H, T, F]``, ``k [B, Hkv, T, F]`` (already feature-mapped; ``Hkv`` divides ``H``: GQA, read in place by
     the Triton path), ``v [B, Hkv, T, E]``, ``slopes [H]`` (decay
     ``exp(-slope)`` per step), ``state`` the recurrent state after the previous tokens (None: zeros).  Products run
     in the inputs' dtype (16-bit: tensor cores, float32 accumulation), sums and the state in float32; ``o`` is
-    returned in ``out_dtype`` (default v's dtype)."""
+    returned in ``out_dtype`` (default v's dtype).  ``normalize_last``: v's last column weighs each key in a
+    denominator (ones on real keys); the output is the other columns divided by it (:func:`divide_by_last`), ``E - 1``
+    columns; the Triton forward does it in the kernel when no gradient is needed, and the state keeps all ``E``."""
     if (q.shape[0], q.shape[2:]) != (k.shape[0], k.shape[2:]) or k.shape[:3] != v.shape[:3] \
             or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"lightning_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must "
                          "share [B, T] (q, k their feature size; k, v their heads, which divide q's: GQA)")
     if slopes.shape != (q.shape[1],):
         raise ValueError(f"lightning_attention: slopes must be [H] = [{q.shape[1]}], got {tuple(slopes.shape)}")
+    if normalize_last and v.shape[-1] < 2:
+        raise ValueError(f"lightning_attention: normalize_last needs v with a value column and the denominator's, "
+                         f"got {v.shape[-1]} column(s)")
     if q.shape[2] == 0:
         s = state.float() if state is not None else q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1],
                                                                   dtype=torch.float32)
-        return v.new_zeros(*q.shape[:3], v.shape[-1], dtype=out_dtype or v.dtype), s
-    if _use_triton(backend, q):
-        return _TritonLightning.apply(q, k, v, slopes, state, block, out_dtype)
-    groups = q.shape[1] // k.shape[1]
-    return chunked_linear_attention(q, _repeat_heads(k, groups), _repeat_heads(v, groups), slopes, state, block,
-                                    out_dtype)
+        return v.new_zeros(*q.shape[:3], v.shape[-1] - normalize_last, dtype=out_dtype or v.dtype), s
+    triton_path = _use_triton(backend, q)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, state))
+    if triton_path and normalize_last and not needs_grad:
+        from .triton_fwd import lightning_forward
+
+        return lightning_forward(q, k, v, slopes, state, block, out_dtype, normalized=True)
+    inner_dtype = torch.float32 if normalize_last else out_dtype
+    if triton_path:
+        out, final = _TritonLightning.apply(q, k, v, slopes, state, block, inner_dtype)
+    else:
+        groups = q.shape[1] // k.shape[1]
+        out, final = chunked_linear_attention(q, _repeat_heads(k, groups), _repeat_heads(v, groups), slopes, state,
+                                              block, inner_dtype)
+    if normalize_last:
+        out = divide_by_last(out).to(out_dtype or v.dtype)
+    return out, final

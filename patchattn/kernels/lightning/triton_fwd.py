@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+# core-op reductions: triton's own tl.sum breaks under the interpreter when triton was imported first
+from ..blocksparse.triton_fwd import reduce_sum
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -27,7 +30,7 @@ def _mm(a, b, UPCAST: tl.constexpr):
 @triton.jit
 def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
                    F: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, BF: tl.constexpr, BE: tl.constexpr,
-                   GROUPS: tl.constexpr, HAS_STATE: tl.constexpr, UPCAST: tl.constexpr):
+                   GROUPS: tl.constexpr, HAS_STATE: tl.constexpr, UPCAST: tl.constexpr, NORMALIZED: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_e = tl.program_id(1)
     head = pid_bh % H
@@ -36,18 +39,25 @@ def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
     offs_b = tl.arange(0, BLOCK)
     offs_f = tl.arange(0, BF)
     offs_e = pid_e * BE + tl.arange(0, BE)
+    # NORMALIZED: V's last column is the denominator's (ones on real keys); each program divides its own output
+    # columns by it, carrying the denominator's state column z [F] beside its chunk of the state
+    EO: tl.constexpr = E - 1 if NORMALIZED else E
     f_ok = offs_f < F
-    e_ok = offs_e < E
+    e_ok = offs_e < EO
     q_base = Q + pid_bh * T * F
     k_base = K + kv_head * T * F
     v_base = V + kv_head * T * E
-    o_base = O + pid_bh * T * E
+    o_base = O + pid_bh * T * EO
     s_off = pid_bh * F * E + offs_f[:, None] * E + offs_e[None, :]
     s_mask = f_ok[:, None] & e_ok[None, :]
+    z_off = pid_bh * F * E + offs_f * E + (E - 1)
     if HAS_STATE:
         state = tl.load(S_IN + s_off, mask=s_mask, other=0.0).to(tl.float32)
     else:
         state = tl.full([BF, BE], 0.0, dtype=tl.float32)
+    z = tl.full([BF], 0.0, dtype=tl.float32)
+    if HAS_STATE and NORMALIZED:
+        z = tl.load(S_IN + z_off, mask=f_ok, other=0.0).to(tl.float32)
     diff = offs_b[:, None] - offs_b[None, :]
     intra = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.0)
     q_decay = tl.exp(-slope * (offs_b + 1).to(tl.float32))
@@ -65,10 +75,19 @@ def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
         out = _mm(scores.to(v.dtype), v, UPCAST)
         out += _mm(q, state.to(q.dtype), UPCAST) * q_decay[:, None]
         update = _mm(tl.trans((k * k_decay[:, None]).to(v.dtype)), v, UPCAST)
-        tl.store(o_base + rows[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty),
+        decay_c = tl.exp(-slope * c.to(tl.float32))
+        if NORMALIZED:  # the denominator in float32: decayed scores times the key weights + q . z
+            w = tl.load(v_base + rows * E + (E - 1), mask=r_ok, other=0.0).to(tl.float32)
+            den = reduce_sum(scores * w[None, :], 1) + reduce_sum(q.to(tl.float32) * z[None, :], 1) * q_decay
+            out = tl.where(den[:, None] > 1e-12, out / tl.maximum(den, 1e-12)[:, None], 0.0)
+            z = z * decay_c + reduce_sum(k.to(tl.float32) * (k_decay * w)[:, None], 0)
+        tl.store(o_base + rows[:, None] * EO + offs_e[None, :], out.to(O.dtype.element_ty),
                  mask=r_ok[:, None] & e_ok[None, :])
-        state = state * tl.exp(-slope * c.to(tl.float32)) + update
+        state = state * decay_c + update
     tl.store(S_OUT + s_off, state, mask=s_mask)
+    if NORMALIZED:
+        if pid_e == 0:
+            tl.store(S_OUT + z_off, z, mask=f_ok)
 
 
 def _pow2(n: int) -> int:
@@ -82,25 +101,27 @@ def pipeline_stages(features: int) -> int:
     return 3 if _pow2(features) <= 128 else 1
 
 
-def lightning_forward(q, k, v, slopes, state=None, block: int = 64, out_dtype=None, *, block_e: int | None = None,
-                      num_warps: int | None = None, num_stages: int | None = None):
+def lightning_forward(q, k, v, slopes, state=None, block: int = 64, out_dtype=None, *, normalized: bool = False,
+                      block_e: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
     """``(o [B, H, T, E] in ``out_dtype`` (default v's dtype), final state [B, H, F, E] float32)``; see
     :mod:`.reference`.  ``k`` / ``v`` may have fewer heads than ``q`` (GQA: ``H`` a multiple of theirs), read in
-    place.  ``block_e`` (value columns per program, default up to 64), ``num_warps`` and ``num_stages``
+    place.  ``normalized``: v's last column is a denominator's (see ``lightning_attention(normalize_last=)``); the
+    output has ``E - 1`` columns, each divided by it, the state all ``E``.  ``block_e`` (value columns per program, default up to 64), ``num_warps`` and ``num_stages``
     override the launch configuration (``bench/linear/lightning_sweep.py`` times them)."""
     batch, heads, t, f = q.shape
     e = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty(batch, heads, t, e, device=q.device, dtype=out_dtype or v.dtype)
+    e_out = e - 1 if normalized else e
+    out = torch.empty(batch, heads, t, e_out, device=q.device, dtype=out_dtype or v.dtype)
     final = torch.empty(batch, heads, f, e, device=q.device, dtype=torch.float32)
-    block_e = block_e or min(_pow2(e), 64)
+    block_e = block_e or min(_pow2(e_out), 64)
     s_in = state.float().contiguous() if state is not None else final
-    grid = (batch * heads, triton.cdiv(e, block_e))
+    grid = (batch * heads, triton.cdiv(e_out, block_e))
     launch = {"num_stages": num_stages or pipeline_stages(f)}
     if num_warps:
         launch["num_warps"] = num_warps
     _lightning_fwd[grid](q, k, v, s_in, out, final, slopes.float().contiguous(), t, heads,
                          F=f, E=e, BLOCK=max(16, block), BF=_pow2(f), BE=block_e, GROUPS=heads // k.shape[1],
-                         HAS_STATE=state is not None,
+                         HAS_STATE=state is not None, NORMALIZED=normalized,
                          UPCAST=q.dtype == torch.float32 or INTERPRETING, **launch)
     return out, final
