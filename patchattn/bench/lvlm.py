@@ -39,16 +39,22 @@ class Shape:
     family: str
     image_tokens: int
     layers: int | None = None  # language-model layers (None: the real count)
+    vision_layers: int | None = None  # vision-tower layers (None: the real count; fewer: the row times the LM)
 
 
 SHAPES = {s.name: s for s in [
     Shape("llava-576", "llava", 576),
     Shape("qwen25vl-1296", "qwen2_5_vl", 1296),
     Shape("qwen25vl-4096", "qwen2_5_vl", 4096),
+    # The language model's share: the vision tower cut to 2 layers (random weights: its cost, not its output, is
+    # what goes), so the rows show what a method changes in the language model (composite's skipped blocks).
+    Shape("qwen25vl-4096-lm", "qwen2_5_vl", 4096, vision_layers=2),
+    Shape("qwen25vl-16384-lm", "qwen2_5_vl", 16384, vision_layers=2),
     Shape("tiny-llava", "tiny-llava", 16),
     Shape("tiny-qwen2-vl", "tiny-qwen2_vl", 4),
 ]}
-GROUPS = {"default": ["llava-576", "qwen25vl-1296", "qwen25vl-4096"], "tiny": ["tiny-llava", "tiny-qwen2-vl"]}
+GROUPS = {"default": ["llava-576", "qwen25vl-1296", "qwen25vl-4096"], "language": ["qwen25vl-4096-lm", "qwen25vl-16384-lm"],
+          "tiny": ["tiny-llava", "tiny-qwen2-vl"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,15 +71,16 @@ def _llava_config(layers: int | None):
                        vision_feature_select_strategy="default")
 
 
-def _qwen25vl_config(layers: int | None):
+def _qwen25vl_config(layers: int | None, vision_layers: int | None = None):
     from transformers import Qwen2_5_VLConfig
 
     text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers or 28, num_attention_heads=28,
                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
                 rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+    depth = vision_layers or 32
+    vision = dict(depth=depth, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[7, 15, 23, 31])
+                  fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < depth] or [depth - 1])
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
                             vision_start_token_id=151652, vision_end_token_id=151653)
 
@@ -104,7 +111,7 @@ def build(shape: Shape, layers: int | None):
         inputs = {"input_ids": _ids(shape.image_tokens, config.image_token_id),
                   "pixel_values": torch.randn(1, 3, 336, 336)}
         return model, inputs
-    config = _qwen25vl_config(layers)
+    config = _qwen25vl_config(layers, shape.vision_layers)
     model = AutoModelForImageTextToText.from_config(config)
     side = int(round(shape.image_tokens ** 0.5)) * 2  # patches per side before the 2x2 merge
     ids = _ids(shape.image_tokens, config.image_token_id, [config.vision_start_token_id], [config.vision_end_token_id])
@@ -131,6 +138,8 @@ def shape_rows(shape: Shape, methods, layers: int | None, device, dtype) -> list
 
     sdpa_ms = time_ms(prefill, device)
     note = f"{model.config.get_text_config().num_hidden_layers} language layers"
+    if shape.vision_layers:
+        note += f", vision tower cut to {shape.vision_layers} layers"
     rows = []
     for label, name, overrides in methods:
         overrides, extra = timed_overrides(model, name, overrides)

@@ -19,7 +19,7 @@ def test_bench_lvlm_writes_rows_and_environment(tmp_path):
     assert "commit" in json.loads((tmp_path / "lvlm.json").read_text())
 
 
-@pytest.mark.parametrize("name", lvlm.GROUPS["default"])
+@pytest.mark.parametrize("name", lvlm.GROUPS["default"] + lvlm.GROUPS["language"])
 def test_real_shapes_hold_their_image_tokens(name, monkeypatch):
     shape = lvlm.SHAPES[name]
     # The model is not built (7B parameters): only the inputs are checked, with a stand-in for the model class.
@@ -34,6 +34,9 @@ def test_real_shapes_hold_their_image_tokens(name, monkeypatch):
         v = config.vision_config
         assert (v.image_size // v.patch_size) ** 2 == shape.image_tokens == 576
     assert torch.equal(inputs["input_ids"], lvlm.build(shape, layers=1)[1]["input_ids"])  # same prompt every run
+    if shape.vision_layers:  # the language-model rows: a 2-layer tower, one of them full attention
+        assert config.vision_config.depth == shape.vision_layers
+        assert config.vision_config.fullatt_block_indexes == [shape.vision_layers - 1]
 
 
 def test_bench_lvlm_refuses_unknown_names():
