@@ -43,7 +43,7 @@ for spec in "$@"; do
     dit_*) seed dit; OUT=/tmp/res/dit timeout $limit bash bench/dit/reproduce.sh ${name#dit_} ;;
     sync_probe) mkdir -p /tmp/res/lvlm; timeout $limit python3 bench/lvlm/sync_probe.py \
         --methods ${SYNC_METHODS:-dense,paint,composite} --out /tmp/res/lvlm/sync_probe.txt ;;
-    lvlm) mkdir -p /tmp/res/lvlm; timeout $limit python3 -m patchattn.bench.lvlm --csv /tmp/res/lvlm/lvlm.csv ;;
+    lvlm) mkdir -p /tmp/res/lvlm; timeout $limit python3 -m patchattn.bench.lvlm ${LVLM_ARGS:-} --csv /tmp/res/lvlm/lvlm.csv ;;
     decode_hyper) mkdir -p /tmp/res/decode; for l in 1 8; do timeout $(( limit / 2 )) python3 -m patchattn bench methods --methods hyper --prefill "" --decode 131072 --decode-batch 1,8 --decode-layers $l --csv /tmp/res/decode/hyper_l$l.csv; done ;;
     decode) seed decode; OUT=/tmp/res/decode timeout $limit bash bench/decode/reproduce.sh ;;
     recipes) mkdir -p /tmp/res/recipes; OUT=/tmp/res/recipes timeout $limit bash bench/recipes/trained.sh ${RECIPES:-hybrid hybrid_k4 hybrid_k2 dma landmark}; cp -r bench/recipes/. /tmp/res/recipes/ ;;
