@@ -52,8 +52,8 @@ def test_lightning_decode_step_continues_the_state_and_matches_the_full_forward(
     q = q_all[:, :, -1:]
     mapped = []
     real_map = _lightning.feature_map
-    monkeypatch.setattr(_lightning, "feature_map", lambda state, x, which: mapped.append(x.shape[2]) or
-                        real_map(state, x, which))
+    monkeypatch.setattr(_lightning, "feature_map", lambda state, x, which, *dtype: mapped.append(x.shape[2]) or
+                        real_map(state, x, which, *dtype))
     step = linear._decode_step("lightning", module, q, k, v)
     mapped.clear()
     out = step()
