@@ -16,12 +16,13 @@ The scores are captured by ``install``: each of those vision attention modules g
 whose attention implementation is a capture function that computes the CLS row (``O(N)`` per head) and then calls
 the module's own implementation unchanged; ``unpatch`` puts the shared config back.  A tower without a CLS token
 (Qwen2-VL, Gemma 3's SigLIP) scores each patch by the attention it *receives*, averaged over all query patches
-(computed in query chunks); the scores follow the connector onto the image tokens (Qwen2-VL merges
-``spatial_merge_size^2`` consecutive patches, Gemma 3 average-pools the patch grid, Idefics3 / SmolVLM pixel-shuffle
-each ``scale_factor x scale_factor`` block of patches into one token: its score is the block's mean), as the features
-do.  With Idefics3's image splitting each crop (and the global image) is one tower image, scored on its own.
-Qwen2.5-VL's tower attends in windows except in its full-attention layers: the scores come from those (``local_layer``
-and ``summary_layer`` count them), and are put back from the tower's window order into image order.
+(the attention matrix's column means, ``kernels.received``: no ``N x N`` tensor); the scores follow the connector
+onto the image tokens (Qwen2-VL merges ``spatial_merge_size^2`` consecutive patches, Gemma 3 average-pools the patch
+grid, Idefics3 / SmolVLM pixel-shuffle each ``scale_factor x scale_factor`` block of patches into one token: its
+score is the block's mean), as the features do.  With Idefics3's image splitting each crop (and the global image)
+is one tower image, scored on its own.  Qwen2.5-VL's tower attends in windows except in its full-attention layers:
+the scores come from those (``local_layer`` and ``summary_layer`` count them), and are put back from the tower's
+window order into image order.
 
 **Logit edit** in the language model's layers ``[start_layer, end_layer)`` (2 .. L-1), on the last query row of
 every call (the prefill's last token and each decode step, as the released code edits ``attn_weights[:, :, -1]``):
@@ -43,6 +44,7 @@ from typing import ClassVar
 import torch
 
 from ..config import MethodConfig, option
+from ..kernels.received import received_attention
 from ..registry import register_method
 from ..state import MethodState, PatchState
 from ._heads import dense_call, head_counts
@@ -125,7 +127,8 @@ class PaintConfig(MethodConfig):
                         "head's image-attention share, the v1 variant)", choices=HEAD_MODES)
     scores: str = option("auto", "vision-token scores: 'cls' (CLS row; towers with a CLS token), 'received' (mean "
                          "attention each patch receives), 'auto' (cls when the tower has one)", choices=SCORES)
-    chunk: int = option(256, "query rows per chunk of the 'received' scores (memory chunk x N per head)", min=1)
+    chunk: int = option(256, "query rows per chunk of the 'received' scores on the torch path (CPU, masks, "
+                        "float64; memory chunk x N per head); the GPU kernel needs no chunks", min=1)
 
     DENSE_EQUIVALENT: ClassVar[dict] = {"alpha": 0.0, "beta": 0.0}
 
@@ -165,6 +168,7 @@ class PaintCapture:
     chunk: int
     local_ratio: float
     iqr_factor: float
+    backend: str = "auto"
     scores: dict = field(default_factory=lambda: {"local": [], "summary": []})
     tokens: PaintTokens | None = None
     orders: list = field(default_factory=list)  # windowed towers: per image, window order -> image order
@@ -221,9 +225,22 @@ def make_paint_state(module, config: PaintConfig, layer_index, role, context) ->
 
 
 # ---- the vision-tower capture --------------------------------------------------------------------------------
-def patch_scores(query, key, attention_mask, *, scaling: float, use_cls: bool, chunk: int) -> torch.Tensor:
+def patch_scores(query, key, attention_mask, *, scaling: float, use_cls: bool, chunk: int,
+                 backend: str = "auto") -> torch.Tensor:
     """``[b, N]`` per image: CLS-to-patch attention (``use_cls``) or the mean attention each patch receives, summed
-    over heads (query/key ``[b, H, N, d]``; no ``N x N`` tensor: ``chunk`` query rows at a time)."""
+    over heads (query/key ``[b, H, N, d]``).  The received scores are the attention matrix's column means
+    (``kernels.received``: two passes of Triton on a GPU, no ``N x N`` tensor; chunked torch, ``chunk`` query rows at
+    a time, on the CPU, with a mask or in float64; ``backend`` picks, as the config's ``backend``); the CLS row is one
+    row.  :func:`patch_scores_reference` is the oracle."""
+    if use_cls:
+        return patch_scores_reference(query, key, attention_mask, scaling=scaling, use_cls=True, chunk=chunk)
+    mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
+    return received_attention(query, key, scale=scaling, mask=mask, chunk_rows=chunk, backend=backend).sum(1)
+
+
+def patch_scores_reference(query, key, attention_mask, *, scaling: float, use_cls: bool, chunk: int) -> torch.Tensor:
+    """The oracle of :func:`patch_scores` (and its only path for the CLS row): the softmax rows materialised in
+    float32 (float64 for float64 inputs), ``chunk`` query rows at a time, then summed over rows and heads."""
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     key = key.to(dtype)
     if key.shape[1] != query.shape[1]:
@@ -260,7 +277,8 @@ def capture_attention(module, query, key, value, attention_mask, **kwargs):
     with torch.no_grad():
         for q, k in _per_image(query, key, kwargs):
             score = patch_scores(q, k, attention_mask if q is query else None, scaling=scaling,
-                                 use_cls=hook.capture.use_cls, chunk=hook.capture.chunk)
+                                 use_cls=hook.capture.use_cls, chunk=hook.capture.chunk,
+                                 backend=hook.capture.backend)
             for role in hook.roles:
                 hook.capture.scores[role].extend(score.unbind(0))
     impl = hook.original_config._attn_implementation
@@ -333,7 +351,7 @@ def install_paint(model, patch) -> list:
             raise ValueError(f"paint: {role}_layer={index} but the vision tower has {len(layers)}{kind} layers")
         roles.setdefault(index % len(layers), []).append(role)
     capture = PaintCapture(token_map, use_cls=token_map.cls and config.scores != "received", chunk=config.chunk,
-                           local_ratio=config.local_ratio, iqr_factor=config.iqr_factor)
+                           local_ratio=config.local_ratio, iqr_factor=config.iqr_factor, backend=config.backend)
     AttentionInterface.register(CAPTURE_NAME, capture_attention)
     patch.context.extras[EXTRAS_KEY] = capture
     handles = [_DropExtras(patch.context), tower.register_forward_pre_hook(capture.reset)]

@@ -557,3 +557,111 @@ def test_tokens_placed_on_the_image_mask_as_boolean_indexing_places_them(rows):
     expected[0][mask], expected[1][mask] = values[0], values[1]
     assert torch.equal(paint.place_on_mask(mask, values), expected)
 
+
+
+# ---- received scores: the column-mean kernel against the materialised-softmax oracle ----------------------------
+def _vision_call(patches=256, heads=8, kv_heads=8, dim=80, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, patches, dim, generator=gen) * 1.5
+    k = torch.randn(1, kv_heads, patches, dim, generator=gen)
+    return q.to(dtype), k.to(dtype)
+
+
+def _chosen(score, token_map):
+    tokens = paint.token_scores(score, token_map)
+    return paint.local_tokens(tokens, 0.25), paint.summary_tokens(tokens, 0.0), tokens
+
+
+def _local_margin(tokens):
+    """The gap between the last local token's score and the next one, relative to the scores' scale."""
+    top = tokens.topk(int(tokens.numel() * 0.25) + 1).values
+    return ((top[-2] - top[-1]) / tokens.abs().max()).item()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [8, 2], ids=["mha", "gqa"])
+def test_received_scores_match_the_reference_oracle_and_choose_the_same_tokens(backend, dtype, kv_heads, request):
+    """``patch_scores`` (column means, no score matrix on Triton) against ``patch_scores_reference`` (the softmax rows
+    materialised, the code before note 60): fp32 rounding apart, for fp32 and bf16 inputs (both compute in fp32 from
+    the same values), and the same local / summary tokens (Qwen2-VL's 2x2 merge: a token per 4 patches)."""
+    patches, heads = (256, 8) if backend == "torch" else (64, 4)  # the interpreter is slow: a smaller tower
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreter")
+    q, k = _vision_call(patches, heads, kv_heads * heads // 8, dtype=dtype, seed=kv_heads)
+    got = paint.patch_scores(q, k, None, scaling=80 ** -0.5, use_cls=False, chunk=48, backend=backend)
+    want = paint.patch_scores_reference(q, k, None, scaling=80 ** -0.5, use_cls=False, chunk=48)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == (1, patches)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+    token_map = paint.TokenMap(merge=4)
+    (local, summary, tokens), (want_local, want_summary, _) = _chosen(got[0], token_map), _chosen(want[0], token_map)
+    assert _local_margin(tokens) > 1e-4, "the case must not be near-tied at the local cut"
+    assert local.sum() == patches // 16 and summary.any()
+    assert torch.equal(local, want_local) and torch.equal(summary, want_summary)
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
+def test_received_scores_with_a_mask_and_in_float64_match_the_oracle(additive):
+    """A mask (padded patches: Idefics3 / SmolVLM) and float64 run the torch path, against the oracle; the CLS row is
+    the oracle's own code."""
+    q, k = _vision_call(patches=90, heads=4, kv_heads=2, dim=32)
+    allowed = torch.ones(1, 1, 90, 90, dtype=torch.bool)
+    allowed[..., 70:] = False  # the last 20 patches are padding: no row sees them
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min) if additive else allowed
+    got = paint.patch_scores(q, k, mask, scaling=0.2, use_cls=False, chunk=16)
+    want = paint.patch_scores_reference(q, k, mask, scaling=0.2, use_cls=False, chunk=16)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5 and not got[:, 70:].any()
+    got, want = (f(q.double(), k.double(), None, scaling=0.2, use_cls=False, chunk=16)
+                 for f in (paint.patch_scores, paint.patch_scores_reference))
+    assert got.dtype == torch.float64 and (got - want).abs().max().item() <= 1e-13
+    cls = paint.patch_scores(q, k, None, scaling=0.2, use_cls=True, chunk=16)
+    assert torch.equal(cls, paint.patch_scores_reference(q, k, None, scaling=0.2, use_cls=True, chunk=16))
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The element counts of the new tensors the ops make (outputs on a storage none of the op's inputs has: views
+    and in-place results are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        self.sizes += [t.numel() for t in tensors(out) if t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_received_scores_on_triton_make_no_score_tensor(triton_interpreter):
+    """On the Triton path (a GPU; the interpreter here) no tensor larger than the inputs is made: per head O(N)
+    (each row's log-sum-exp, each key's sum).  Before note 60 every chunk made four ``H x chunk x N`` fp32 tensors
+    (logits, scaled logits, softmax, ``nan_to_num``)."""
+    q, k = _vision_call(patches=128, heads=2, kv_heads=2, dim=32)
+    with _Allocations() as seen:
+        paint.patch_scores(q, k, None, scaling=0.2, use_cls=False, chunk=256)
+    assert max(seen.sizes) <= q.numel(), f"a {max(seen.sizes)}-element tensor (inputs: {q.numel()})"
+
+
+def test_received_scores_on_torch_make_one_score_tensor_per_chunk():
+    """The torch path (CPU) makes one ``H x chunk x N`` tensor per chunk (the product; max, exp and the row
+    weights work in place or on ``O(chunk)`` rows); before note 60 it made four."""
+    q, k = _vision_call(patches=256, heads=4, kv_heads=4, dim=32)
+    with _Allocations() as seen:
+        paint.patch_scores(q, k, None, scaling=0.2, use_cls=False, chunk=64)  # CPU: the torch path
+    assert sum(size >= 4 * 64 * 256 for size in seen.sizes) == 256 // 64  # one per chunk
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_model_on_the_triton_kernel_chooses_the_eager_maps_tokens(triton_interpreter, family):
+    """Tiny CLS-less towers end to end with the received scores on Triton (interpreter on CPU): the tokens of the
+    eager attention maps."""
+    model = tiny_model(family)
+    inputs = padded_inputs(model, family)
+    with torch.no_grad(), patchattn.patched(model, "paint", start_layer=0, iqr_factor=0.0, summary_layer=-1):
+        model(**inputs)
+        tokens = _capture(model).tokens
+    local, summary = _oracle_tokens(family, inputs, image_mask(model, inputs), factor=0.0, summary_layer=-1)
+    assert local.any() and summary.any()
+    assert torch.equal(tokens.local, local) and torch.equal(tokens.summary, summary)
