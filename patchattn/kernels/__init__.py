@@ -1,5 +1,5 @@
 """Attention kernels: one folder per kernel with its pure-torch reference (``blocksparse``, ``blockselect``,
-``colclass``, ``dense``, ``lightning``), and the launch options they share (:class:`KernelOptions`,
+``colclass``, ``dense``, ``landmark``, ``lightning``), and the launch options they share (:class:`KernelOptions`,
 :func:`kernel_options`)."""
 from .options import KernelOptions, current_options, kernel_options
 
