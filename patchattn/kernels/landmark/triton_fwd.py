@@ -11,8 +11,8 @@ accumulator ``acc`` per row, over *items*:
 * entry ``r`` of the query block's list (block ``n``): log-weight ``g`` (the row's landmark logit where the row
   retrieved ``n``, ``-inf`` otherwise) and value ``o_n = sum_j softmax_j(s_nj) v_nj`` (the block's own softmax,
   complete in one tile: ``BLOCK_N = BLOCK``).  ``m' = max(m, g)``, ``acc = acc 2^(m - m') + (2^(g - m') / S_n)
-  sum_j 2^(s_nj - max_j s_nj) v_nj``, ``l`` likewise.  An entry no row of the tile retrieved is skipped before its
-  keys are loaded.
+  sum_j 2^(s_nj - max_j s_nj) v_nj``, ``l`` likewise.  A tile of part of a query block skips, before any load, the
+  entries none of its rows retrieved; a whole-block tile has no branch in its loop (each entry is some row's pick).
 
 ``out = acc / l``.  A row's ``g`` for entry ``r``: sparse picks (``DENSE_GATES`` off) compare the row's pick entries,
 held in registers (``[BLOCK_M, PICKS_P2]``), with ``r``; dense gates (many picks per row) load column ``r`` of a
@@ -50,6 +50,24 @@ def _scores(q, k, scale_log2, scale_over_cap, cap_log2, HAS_SOFTCAP: tl.constexp
     else:
         s = qk * scale_log2
     return s
+
+
+@triton.jit
+def _block_item(acc, m_i, l_i, g, q, entry_ptr, k_base, v_base, skt, svt, offs_n, offs_d, d_ok, scale_log2,
+                scale_over_cap, cap_log2, BLOCK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """One list entry as an item: the block's own softmax output, weighted by the rows' gates ``g`` (log2 units,
+    ``-inf``: the row did not retrieve it) into the running (acc, m, l)."""
+    cols = tl.load(entry_ptr).to(tl.int64) * BLOCK + offs_n  # a complete block: no key mask
+    k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    s = _scores(q, k, scale_log2, scale_over_cap, cap_log2, HAS_SOFTCAP, DOT_PRECISION)
+    p = tl.math.exp2(s - reduce_max(s, 1)[:, None])
+    m_new = tl.maximum(m_i, g)  # m_i is finite: every row sees its own key
+    alpha = tl.math.exp2(m_i - m_new)
+    w = tl.math.exp2(g - m_new)  # 0 where the row did not retrieve the block
+    v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    acc = mma((p * (w / reduce_sum(p, 1))[:, None]).to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+    return acc, m_new, l_i * alpha + w
 
 
 @triton.jit
@@ -119,18 +137,15 @@ def _landmark_kernel(
             g = tl.load(gate_rows + r * sgk, mask=row_ok, other=float("-inf")).to(tl.float32) * 1.4426950408889634
         else:
             g = reduce_max(tl.where(ent == r, gat, float("-inf")), 1)
-        if reduce_max(g, 0) > float("-inf"):  # some row of this tile retrieved the block
-            cols = tl.load(list_ptr + r * sik).to(tl.int64) * BLOCK + offs_n  # a complete block: no key mask
-            k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-            s = _scores(q, k, scale_log2, scale_over_cap, cap_log2, HAS_SOFTCAP, DOT_PRECISION)
-            p = tl.math.exp2(s - reduce_max(s, 1)[:, None])
-            m_new = tl.maximum(m_i, g)  # m_i is finite: every row sees its own key
-            alpha = tl.math.exp2(m_i - m_new)
-            w = tl.math.exp2(g - m_new)  # 0 where the row did not retrieve the block
-            l_i = l_i * alpha + w
-            v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-            acc = mma((p * (w / reduce_sum(p, 1))[:, None]).to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
-            m_i = m_new
+        if BLOCK_M < BLOCK:  # a tile of part of the query block: skip the entries none of its rows retrieved
+            if reduce_max(g, 0) > float("-inf"):
+                acc, m_i, l_i = _block_item(acc, m_i, l_i, g, q, list_ptr + r * sik, k_base, v_base, skt, svt,
+                                            offs_n, offs_d, d_ok, scale_log2, scale_over_cap, cap_log2, BLOCK,
+                                            HAS_SOFTCAP, DOT_PRECISION)
+        else:  # the whole query block: every entry is some row's pick (no branch in the loop)
+            acc, m_i, l_i = _block_item(acc, m_i, l_i, g, q, list_ptr + r * sik, k_base, v_base, skt, svt, offs_n,
+                                        offs_d, d_ok, scale_log2, scale_over_cap, cap_log2, BLOCK, HAS_SOFTCAP,
+                                        DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = Out + b * sob + h * soh + qrow.to(tl.int64)[:, None] * sot + offs_d[None, :]
