@@ -113,7 +113,7 @@ def landmark_logits(query, landmarks, offset, scale: float, softcap: float | Non
     batch, heads, length, dim = query.shape
     kv_heads = landmarks.shape[1]
     q = query.float().view(batch, kv_heads, heads // kv_heads, length, dim)
-    logits = torch.einsum("bhgtd,bhnd->bhgtn", q, landmarks).mul_(scale)  # in place: fresh tensors (no autograd need)
+    logits = torch.einsum("bhgtd,bhnd->bhgtn", q, landmarks).mul_(scale)  # in place: no backward reads it
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.add_(offset.float()[None, :, None, None, None])
