@@ -26,19 +26,19 @@ attention exactly (tested).  Deviation: retrieved blocks keep their own position
 rotated already); the paper re-places them just before the local context to extrapolate beyond its training length.
 In training mode (``train_all_blocks``, default) every earlier block is gated, as the paper trains.
 
-On the engine.  Query blocks are aligned on key blocks (a few leading query rows are padded in when a call starts
-mid-block, and dropped), so a query block shares its local blocks and candidates.  One call reads the local blocks
-(causal) and returns its log-sum-exp; the earlier blocks are read one *rank* at a time: the union of the retrieved
-blocks of a query block's rows (per head: lists ``[B, Hq, NQ, K]``) is listed, and call ``r`` reads entry ``r`` of
-every list, returning the within-block softmax output and its log-sum-exp.  The rows then mix these pieces with their
-own gates (the landmark logit of the block where the row retrieved it, ``-inf`` otherwise) and the local
-log-sum-exp: exactly the grouped softmax, with the work of the listed blocks only.  The landmark logits are made
-one chunk of query blocks at a time and reduced there to each row's picks and each query block's list
-(``retrieve_blocks``; memory ``O(T * top_k + T^2 / block^2)`` per head, not ``O(T^2 / block)``), and each rank's
-piece is added to the output as it comes (design note 58).  The gradient needs the
-log-sum-exp's gradient, which the Triton path does not give (``lse`` is non-differentiable there): calls that need
-gradients (training) skip the engine and compute the same grouped softmax as one weight matrix per chunk of query rows
-(``grouped_landmark_training``: operators independent of the number of blocks, no host sync); inference runs Triton.
+On the kernels.  Query blocks are aligned on key blocks (a few leading query rows are padded in when a call starts
+mid-block, and dropped), so a query block shares its local blocks and candidates.  The landmark logits are made one
+chunk of query blocks at a time and reduced there to each row's picks and each query block's list: the union of
+its rows' retrieved blocks per head (``retrieve_blocks``; memory ``O(T * top_k + T^2 / block^2)`` per head, not
+``O(T^2 / block)``; design note 58).  Inference on Triton then runs one launch of ``kernels.landmark``
+(``_fused_landmark_attention``, design note 61): per query block, an online softmax over its local keys and its
+list's blocks, each block's own softmax output weighted by the row's gate (the landmark logit where the row
+retrieved the block, ``-inf`` otherwise) -- exactly the grouped softmax, with the work of the listed blocks only.
+The torch backend keeps the engine path (``_per_rank_landmark_attention``, the fused path's oracle): one call for
+the local blocks with its log-sum-exp, then one call per *rank* of the lists, mixed by ``mix_weights``.  Calls that
+need gradients (training) compute the same grouped softmax as one weight matrix per chunk of query rows
+(``grouped_landmark_training``: operators independent of the number of blocks, no host sync); the fused kernel is
+forward only.
 
 Trainable state: ``landmark_query`` (``[Hkv, head_dim]`` (the values' head_dim), zeros) and ``landmark_offset`` (``[Hkv]``,
 ``log(block_size)``) are ``nn.Parameter`` s of the module's ``PatchState`` (names contain ``.patchattn.``): saved with
@@ -61,6 +61,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MethodConfig, option
 from ..kernels.blocksparse import block_sparse_attention, blocks_from_mask
+from ..kernels.landmark import landmark_block_attention, uses_triton
 from ..registry import register_method
 from ..state import PatchState
 from ._heads import head_counts
@@ -112,10 +113,10 @@ def landmark_logits(query, landmarks, offset, scale: float, softcap: float | Non
     batch, heads, length, dim = query.shape
     kv_heads = landmarks.shape[1]
     q = query.float().view(batch, kv_heads, heads // kv_heads, length, dim)
-    logits = torch.einsum("bhgtd,bhnd->bhgtn", q, landmarks) * scale
+    logits = torch.einsum("bhgtd,bhnd->bhgtn", q, landmarks).mul_(scale)  # in place: no backward reads it
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    logits = logits + offset.float()[None, :, None, None, None]
+    logits = logits.add_(offset.float()[None, :, None, None, None])
     return logits.reshape(batch, heads, length, -1)
 
 
@@ -127,7 +128,85 @@ RETRIEVAL_CHUNK_SCORES = 1 << 26
 def grouped_landmark_attention(state, query, key, value, scale: float, softcap: float | None,
                                top_k: int, chunk_scores: int = RETRIEVAL_CHUNK_SCORES) -> torch.Tensor:
     """The grouped softmax over local tokens and the ``top_k`` best earlier blocks per query and head, on unpadded
-    rows (queries: the last ``Tq`` of ``Tk`` positions): ``[B, Hq, Tq, D]``."""
+    rows (queries: the last ``Tq`` of ``Tk`` positions): ``[B, Hq, Tq, D]``.  Calls that need gradients run
+    :func:`grouped_landmark_training`; inference runs the fused kernel (``kernels.landmark``) where the backend is
+    Triton, else :func:`_per_rank_landmark_attention` (the torch engine, one call per rank of the lists)."""
+    geo = _Geometry.of(state.config, query, key)
+    backend = state.config.backend
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (query, key, value, state.landmark_query, state.landmark_offset))
+    if needs_grad and geo.last_candidate >= 0 and top_k > 0:
+        return grouped_landmark_training(state, query, key, value, scale, softcap, top_k)
+    if needs_grad:
+        backend = "torch"  # the Triton path's log-sum-exp has no gradient
+    elif uses_triton(backend, query):
+        return _fused_landmark_attention(state, geo, query, key, value, scale, softcap, top_k, chunk_scores, backend)
+    return _per_rank_landmark_attention(state, query, key, value, scale, softcap, top_k, chunk_scores, backend)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Query blocks aligned on key blocks: ``pad`` alignment rows in front of the queries, ``rows = Tq + pad``,
+    ``n_q`` query blocks, the key block of the first (``first_block``), ``n_c`` complete key blocks, and the last
+    query block's newest earlier block (``last_candidate``, < 0: nothing to retrieve)."""
+
+    block: int
+    local: int
+    pad: int
+    rows: int
+    n_q: int
+    first_block: int
+    n_c: int
+    last_candidate: int
+
+    @classmethod
+    def of(cls, config, query, key) -> _Geometry:
+        block, local = config.block_size, config.local_blocks
+        q_len, kv_len = query.shape[2], key.shape[2]
+        offset = kv_len - q_len
+        pad = offset % block
+        n_q = math.ceil((q_len + pad) / block)
+        first = (offset - pad) // block
+        return cls(block, local, pad, q_len + pad, n_q, first, kv_len // block, first + n_q - 1 - local)
+
+
+def _fused_landmark_attention(state, geo: _Geometry, query, key, value, scale, softcap, top_k, chunk_scores,
+                              backend) -> torch.Tensor:
+    """Inference in one kernel launch after the retrieval: the local blocks and every retrieved block of every row,
+    mixed by the rows' gates inside the kernel (no per-rank engine call, no ``[rows, 1 + K]`` weights, no host
+    read of the lists' width: it is bounded by ``min(NC, block * top_k)``).  ``[B, Hq, Tq, D]``."""
+    block, local = geo.block, geo.local
+    batch, heads, q_len, _ = query.shape
+    device = query.device
+    current = geo.first_block + torch.arange(geo.n_q, device=device)  # [NQ] key block of each query block
+    reads_local = (current - (current - local + 1).clamp(min=0) + 1).float()
+    kernel = {"block": block, "local_blocks": local, "scale": scale, "softcap": softcap, "backend": backend}
+    if geo.last_candidate < 0 or top_k == 0:  # local blocks only: empty lists
+        lists = torch.zeros(1, 1, geo.n_q, 1, dtype=torch.int32, device=device)
+        no_picks = torch.zeros(batch, heads, q_len, 0, device=device)
+        out = landmark_block_attention(query, key, value, lists, lists[..., 0], no_picks.long(), no_picks, **kernel)
+        state.record(density=(reads_local / (current + 1)).mean())
+        return out
+    landmarks = landmark_keys(key, value, state.landmark_query, block)
+    row_block = current.repeat_interleave(block)[:geo.rows]
+    padded_q = F.pad(query, (0, 0, geo.pad, 0)) if geo.pad else query
+    picks = retrieve_blocks(padded_q, landmarks, state.landmark_offset, scale, softcap, top_k, block, row_block,
+                            geo.pad, local, chunk_scores)
+    width = min(geo.n_c, block * min(top_k, geo.n_c))  # a query block's union holds at most this many blocks
+    kv_indices, kv_counts = blocks_from_mask(picks.union, width)
+    out = landmark_block_attention(query, key, value, kv_indices, kv_counts, picks.entry[:, :, geo.pad:],
+                                   picks.gate[:, :, geo.pad:], **kernel)
+    reads = picks.count + reads_local.repeat_interleave(block)[:geo.rows]
+    state.record(density=(reads[..., geo.pad:] / (row_block[geo.pad:] + 1)).mean())
+    return out
+
+
+def _per_rank_landmark_attention(state, query, key, value, scale: float, softcap: float | None, top_k: int,
+                                 chunk_scores: int, backend: str) -> torch.Tensor:
+    """The grouped softmax through the block-sparse engine: one call for the local blocks (with its log-sum-exp),
+    then one call per rank of the query blocks' lists, each piece weighted by :func:`mix_weights` and added as it
+    comes.  The torch-backend inference path (bit for bit the code of design note 58) and the oracle of
+    :func:`_fused_landmark_attention`.  ``[B, Hq, Tq, D]``."""
     config = state.config
     block, local = config.block_size, config.local_blocks
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -139,14 +218,7 @@ def grouped_landmark_attention(state, query, key, value, scale: float, softcap: 
     padded_q = F.pad(query, (0, 0, pad, 0)) if pad else query
     current = (offset - pad) // block + torch.arange(n_q, device=device)  # [NQ] key block of each query block
     blocks = torch.arange(n_k, device=device)
-    backend = config.backend
     last_candidate = (offset - pad) // block + n_q - 1 - local  # the last query block's newest earlier block
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (query, key, value, state.landmark_query, state.landmark_offset))
-    if needs_grad and last_candidate >= 0 and top_k > 0:
-        return grouped_landmark_training(state, query, key, value, scale, softcap, top_k)
-    if needs_grad:
-        backend = "torch"  # the Triton path's log-sum-exp has no gradient
 
     def attend(kv_indices, kv_counts, return_lse=False):
         return block_sparse_attention(padded_q, key, value, kv_indices, kv_counts, block_q=block, block_k=block,
@@ -214,23 +286,28 @@ def retrieve_blocks(query, landmarks, offset, scale: float, softcap: float | Non
 
 
 def _retrieve_chunk(query, landmarks, offset, scale, softcap, top_k, block, row_block, pad, local, r0, r1):
-    """``retrieve_blocks`` for rows ``r0 .. r1`` (whole query blocks): (union, gate, entry, count)."""
+    """``retrieve_blocks`` for rows ``r0 .. r1`` (whole query blocks): (union, gate, entry, count).  The union is
+    scattered from the picks into ``[B, Hq, blocks, NC]`` (no ``[B, Hq, rows, NC]`` pick mask), and the logits are
+    masked in place (a chunk's logits are used only here)."""
     n_c = landmarks.shape[2]
     logits = landmark_logits(query[:, :, r0:r1], landmarks, offset, scale, softcap)  # [B, Hq, c, NC]
     batch, heads, length, _ = logits.shape
     candidate = torch.arange(n_c, device=query.device)[None] <= (row_block[r0:r1] - local)[:, None]  # [c, NC]
     candidate[:max(0, pad - r0)] = False  # the alignment rows retrieve nothing
-    candidate = candidate.expand(batch, heads, length, n_c)
-    if top_k >= n_c:  # every candidate
-        gate, pick = logits, torch.arange(n_c, device=query.device).expand(batch, heads, length, n_c)
-    else:
-        gate, pick = logits.masked_fill(~candidate, float("-inf")).topk(top_k, dim=-1)
-    chosen = candidate.gather(-1, pick)
-    picked = torch.zeros_like(candidate).scatter_(-1, pick, chosen)  # [B, Hq, c, NC]
     n_blocks = math.ceil(length / block)
-    union = F.pad(picked, (0, 0, 0, n_blocks * block - length)).view(batch, heads, n_blocks, block, n_c).any(3)
+    fill = n_blocks * block - length
+    if top_k >= n_c:  # every candidate: the same for every head
+        gate, pick = logits, torch.arange(n_c, device=query.device).expand(batch, heads, length, n_c)
+        chosen = candidate.expand(batch, heads, length, n_c)
+        union = F.pad(candidate, (0, 0, 0, fill)).view(n_blocks, block, n_c).any(1).expand(batch, heads, -1, -1)
+    else:
+        gate, pick = logits.masked_fill_(~candidate, float("-inf")).topk(top_k, dim=-1)
+        chosen = candidate.expand(batch, heads, length, n_c).gather(-1, pick)
+        slot = F.pad(torch.where(chosen, pick, n_c), (0, 0, 0, fill), value=n_c).view(batch, heads, n_blocks, -1)
+        union = torch.zeros(batch, heads, n_blocks, n_c + 1, dtype=torch.bool, device=query.device)
+        union = union.scatter_(-1, slot, True)[..., :n_c]  # not chosen: the dropped last column
     entries = union.cumsum(-1) - 1  # a block's place in its query block's (ascending) list
-    by_block = F.pad(pick, (0, 0, 0, n_blocks * block - length)).view(batch, heads, n_blocks, -1)
+    by_block = F.pad(pick, (0, 0, 0, fill)).view(batch, heads, n_blocks, -1)
     entry = entries.gather(-1, by_block).view(batch, heads, n_blocks * block, -1)[:, :, :length]
     return union, gate, entry.masked_fill(~chosen, -1), chosen.sum(-1).float()
 

@@ -205,17 +205,86 @@ def test_recipe_trains_two_steps_and_reloads(tmp_path):
     assert len(reloaded) == len(learned)
 
 
-@pytest.mark.parametrize("dtype,tol,tq", [(torch.float32, 2e-5, 75), (torch.bfloat16, 3e-2, 1)])
-def test_triton_inference_path_matches_the_torch_path(triton_target, dtype, tol, tq):
-    (q, k, v), pool_query, offset = _inputs(dtype, tq=tq, tk=75)
+# ---- inference: the fused kernel (kernels/landmark) against the per-rank engine path (issue 23) --------------------
+def _recording_state(block, top_k, local, pool_query, offset, backend):
+    state = _state(block, top_k, local, pool_query, offset)
+    state.config.backend = backend
+    state.recorded = {}
+    state.record = lambda **stats: state.recorded.update(stats)
+    return state
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("tq,tk,hq,hkv,block,top_k,local,softcap", [
+    (75, 75, 4, 2, 16, 2, 1, None),        # odd length
+    (7, 83, 4, 2, 16, 2, 1, None),         # queries starting mid-block (alignment rows)
+    (1, 75, 4, 2, 16, 3, 1, None),         # one decode row
+    (3, 130, 6, 2, 32, 2, 1, None),        # a few decode rows, GQA 3
+    (90, 90, 4, 4, 16, 3, 2, 4.0),         # two local blocks, soft-cap, MHA
+    (96, 96, 4, 1, 16, 1 << 30, 1, None),  # every block (dense gates)
+    (20, 40, 4, 2, 16, 2, 2, None),        # nothing to retrieve: local blocks only
+])
+def test_fused_inference_equals_the_per_rank_path(triton_target, dtype, tol, tq, tk, hq, hkv, block, top_k, local,
+                                                  softcap):
+    """The one-launch kernel gives the per-rank path's output (its oracle, kept as ``_per_rank_landmark_attention``)
+    and records the same density."""
+    (q, k, v), pool_query, offset = _inputs(dtype, b=2, hq=hq, hkv=hkv, tq=tq, tk=tk)
     q, k, v, pool_query, offset = (t.detach().to(triton_target) for t in (q, k, v, pool_query, offset))
-    outs = {}
-    for backend in ("torch", "triton"):
-        state = _state(16, 2, 1, pool_query, offset)
-        state.config.backend = backend
-        with torch.no_grad():
-            outs[backend] = landmark.grouped_landmark_attention(state, q, k, v, 0.25, None, 2)
-    assert max_abs_diff(outs["torch"], outs["triton"]) <= tol
+    fused = _recording_state(block, top_k, local, pool_query, offset, "triton")
+    oracle = _recording_state(block, top_k, local, pool_query, offset, "torch")
+    with torch.no_grad():
+        got = landmark.grouped_landmark_attention(fused, q, k, v, 0.25, softcap, top_k)
+        want = landmark._per_rank_landmark_attention(oracle, q, k, v, 0.25, softcap, top_k,
+                                                     landmark.RETRIEVAL_CHUNK_SCORES, "torch")
+    assert got.dtype == dtype and got.shape == q.shape
+    assert max_abs_diff(got, want) <= tol * max(1.0, want.float().abs().max().item())
+    assert torch.equal(fused.recorded["density"], oracle.recorded["density"])
+
+
+def test_fused_inference_with_every_block_is_the_training_attention(triton_target):
+    """``top_k`` >= the number of blocks: the kernel's grouped softmax is the training one."""
+    (q, k, v), pool_query, offset = _inputs(torch.float32, tq=83, tk=83)
+    q, k, v, pool_query, offset = (t.detach().to(triton_target) for t in (q, k, v, pool_query, offset))
+    state = _recording_state(16, 1 << 30, 1, pool_query, offset, "triton")
+    with torch.no_grad():
+        got = landmark.grouped_landmark_attention(state, q, k, v, 0.25, None, 1 << 30)
+        want = landmark.grouped_landmark_training(state, q, k, v, 0.25, None, 1 << 30)
+    assert max_abs_diff(got, want) <= 2e-6
+
+
+def _triton_model_logits(model, backend, **inputs):
+    with patchattn.patched(model, "landmark", block_size=16, top_k=2, backend=backend):
+        _trained_like(model)
+        return _logits(model, **inputs), decoded_rows(model, inputs["input_ids"][:1, -30:], 20)
+
+
+def test_tiny_models_give_the_same_logits_on_both_paths(triton_target):
+    """A padded batch (rows run alone) and cached decoding through a tiny Llama (GQA): the fused kernel's logits are
+    the per-rank path's."""
+    model = tiny_model("llama").to(triton_target)
+    inputs = left_pad({"input_ids": torch.randint(3, 100, (2, 77))}, [0, 19])
+    inputs = {name: t.to(triton_target) for name, t in inputs.items()}
+    fused, fused_steps = _triton_model_logits(model, "triton", **inputs)
+    oracle, oracle_steps = _triton_model_logits(model, "torch", **inputs)
+    assert max_abs_diff(fused, oracle) <= 1e-5
+    assert max_abs_diff(fused_steps, oracle_steps) <= 1e-5
+
+
+def _inference_counts(top_k, backend="triton"):
+    (q, k, v), pool_query, offset = _inputs(torch.float32, b=1, hq=2, hkv=1, tq=160, tk=160)
+    state = _recording_state(16, top_k, 1, pool_query.detach(), offset.detach(), backend)
+    with torch.no_grad(), _OpCounter() as counter:
+        landmark.grouped_landmark_attention(state, q.detach(), k.detach(), v.detach(), 0.25, None, top_k)
+    return counter.ops, counter.syncs
+
+
+def test_inference_ops_do_not_grow_with_the_lists_and_never_sync(triton_target):
+    """The per-rank path made one engine call per rank of the widest list (plus the mix's weights) and read the
+    lists' width on the host: 775 / 843 / 843 operators and 2 host syncs at top_k 1 / 3 / 5 here (lists of 8 / 9 /
+    9 entries).  The fused path runs 181 whatever the lists, and never syncs."""
+    counts = {top_k: _inference_counts(top_k) for top_k in (1, 3, 5)}
+    assert len({ops for ops, _ in counts.values()}) == 1, counts
+    assert all(syncs == 0 for _, syncs in counts.values()), counts
 
 
 # ---- training cost: no per-block work, no host syncs (issue 23) ---------------------------------------------------

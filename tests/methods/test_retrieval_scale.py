@@ -61,14 +61,20 @@ def _landmark_case(seed, device):
 @pytest.mark.parametrize("seed", range(24))
 @pytest.mark.parametrize("chunk_scores", [1, 700, landmark.RETRIEVAL_CHUNK_SCORES])
 def test_landmark_inference_is_the_code_before_exactly(device, seed, chunk_scores):
-    """Bit for bit, with chunks of the smallest size (two query blocks), a few, and the default (one chunk)."""
+    """Bit for bit, with chunks of the smallest size (two query blocks), a few, and the default (one chunk).  On
+    CUDA the engine path is called directly: the method runs the fused kernel there (not bit-identical; checked
+    against this path in test_landmark.py)."""
     (q, k, v), pool_query, offset, config, softcap = _landmark_case(seed, device)
     backend = "torch" if device == "cpu" else "auto"
     before = _landmark_state(**config, pool_query=pool_query, offset=offset, backend=backend)
     after = _landmark_state(**config, pool_query=pool_query, offset=offset, backend=backend)
     with torch.no_grad():
         want = landmark_before(before, q, k, v, 0.25, softcap, config["top_k"])
-        got = landmark.grouped_landmark_attention(after, q, k, v, 0.25, softcap, config["top_k"], chunk_scores)
+        if device == "cpu":
+            got = landmark.grouped_landmark_attention(after, q, k, v, 0.25, softcap, config["top_k"], chunk_scores)
+        else:
+            got = landmark._per_rank_landmark_attention(after, q, k, v, 0.25, softcap, config["top_k"],
+                                                        chunk_scores, backend)
     assert got.dtype == want.dtype and torch.equal(got, want)
     assert torch.equal(after.stats["density"], before.stats["density"])
 
