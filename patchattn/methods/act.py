@@ -15,7 +15,10 @@ For each calibrated head and each sequence, at prefill:
 
 **How it runs without a T x T matrix.**  The kernel gives each row's output ``O_i`` and log-sum-exp ``lse_i``
 (``return_lse=True``).  Column sums for step 1 are accumulated over query chunks from ``q.k`` and ``lse``
-(``O(chunk * T)`` memory, ``chunk`` rows at a time).  Step 2 is then exact from the output: with
+(``O(chunk * T)`` memory, ``chunk`` rows at a time).  On a GPU (or under the interpreter; the config's ``backend``) the prefill's column scores and refined lse
+come instead from ``kernels.received.received_causal`` (two fused Triton passes: row sums, then column sums; no
+``T x T`` work in torch), with :func:`refine_and_score` kept as the torch path and oracle.  Step 2 is then exact
+from the output: with
 ``S_i = sum_{j in S} p_ij v_j`` computed on the few sink columns,
 ``O'_i = beta S_i + (1 - beta P_i) / (1 - P_i) (O_i - S_i)``.  This equals adding the per-row score bias
 ``log(beta (1 - P_i) / (1 - beta P_i))`` on the sink columns; the kernel's ``col_bias`` is per column, not per
@@ -47,6 +50,8 @@ import torch
 
 from ..artifacts import check_against, load_artifact, shipped_for
 from ..config import MethodConfig, option
+from ..kernels.blocksparse import TRITON_DTYPES
+from ..kernels.received import MAX_TRITON_HEAD_DIM, received_causal
 from ..registry import register_method
 from ..state import MethodState, PatchState
 from ._heads import (
@@ -243,6 +248,15 @@ def refine_and_score(q, k, lse, scale, starts, chunk, *, columns: bool, ends=Non
         return lse, sums / seen_by
 
 
+def prefill_scores(q, k, lse, scale, starts, config: ACTConfig, ends=None):
+    """(refined lse, column scores) of a prefill: the fused causal received passes (``kernels.received``, two
+    Triton passes, no ``T x T`` work in torch) where the config's ``backend`` runs Triton for these inputs, else
+    :func:`refine_and_score` (the torch oracle).  Both run without gradient (``_LseGrad`` supplies the lse's)."""
+    if use_fused_kernel(config.backend, q) and q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
+        return received_causal(q, k, lse, scale=scale, starts=starts, ends=ends, backend="triton")
+    return refine_and_score(q, k, lse, scale, starts, config.chunk, columns=True, ends=ends)
+
+
 def sink_set(scores: torch.Tensor, threshold: float, starts) -> torch.Tensor:
     """bool ``[B, n, Tk]``: keys above ``threshold``, minus the first detected one per (sequence, head)."""
     above = scores > threshold
@@ -353,7 +367,8 @@ def calibrated_heads(state, q, k, v, scale, starts, ends=None):
     out, lse = full_causal_attention(q, k, v, scaling=scale, kv_start=starts, kv_end=ends, backend=backend,
                                      return_lse=True)
     prefill = q_len == kv_len
-    lse, scores = refine_and_score(q, k, lse, scale, starts, config.chunk, columns=prefill, ends=ends)
+    lse, scores = prefill_scores(q, k, lse, scale, starts, config, ends) if prefill else refine_and_score(
+        q, k, lse, scale, starts, config.chunk, columns=False, ends=ends)
     if prefill:  # find the sinks of this sequence and freeze them (and their columns) for the calls that follow
         sinks = sink_set(scores, config.threshold, starts)
         kept = state.method_state

@@ -32,7 +32,7 @@ def _inputs(dtype=torch.float64, batch=2, heads=4, kv_heads=2, length=50, dim=16
 
 
 def _state(**overrides):
-    config = patchattn.get_config("act", heads={0: [1, 2]}, threshold=0.05, chunk=16, **overrides)
+    config = patchattn.get_config("act", **({"heads": {0: [1, 2]}, "threshold": 0.05, "chunk": 16} | overrides))
     return PatchState(config, 0, "text", PatchContext())
 
 
@@ -216,3 +216,96 @@ def test_bf16_inputs_match_the_fp64_spec_within_bf16_rounding():
     valid = _valid(starts, q.shape[2])
     assert out.dtype == torch.bfloat16
     assert max_abs_diff(out.double() * valid, ref[:, heads] * valid) <= 3e-2
+
+
+# ---- the fused prefill column scores (kernels.received.received_causal) -------------------------------------------
+def _prefill_call(dtype, target, length=50):
+    q, k, v = (t.to(target) for t in _inputs(dtype, length=length))
+    heads = torch.tensor([1, 2], device=target)
+    group = q.shape[1] // k.shape[1]
+    q, k, v = q[:, heads], k[:, heads // group], v[:, heads // group]
+    starts = torch.tensor([0, 7], dtype=torch.int32, device=target)
+    _, lse = act.full_causal_attention(q, k, v, scaling=q.shape[-1] ** -0.5, kv_start=starts, backend="triton",
+                                       return_lse=True)
+    return q, k, lse, starts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_prefill_scores_match_the_torch_oracle_and_find_the_same_sinks(triton_target, dtype):
+    """``prefill_scores`` on Triton (the interpreter here) against ``refine_and_score``: the refined lse and the
+    causal column scores within fp32 rounding, and the same sink set (the case asserts no score is near the
+    threshold)."""
+    q, k, lse, starts = _prefill_call(dtype, triton_target)
+    scale = q.shape[-1] ** -0.5
+    config = _state(backend="triton").config
+    got_lse, got = act.prefill_scores(q, k, lse, scale, starts, config)
+    want_lse, want = act.refine_and_score(q, k, lse, scale, starts, config.chunk, columns=True)
+    valid = _valid(starts.cpu(), q.shape[2])[..., 0].to(triton_target)
+    assert torch.equal(torch.isfinite(got_lse), torch.isfinite(want_lse))
+    assert (got_lse - want_lse)[valid.expand_as(got_lse)].abs().max() <= 1e-5
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert ((want - config.threshold).abs() > 1e-4).all(), "the case must not put a score within 1e-4 of the threshold"
+    sinks = act.sink_set(got, config.threshold, starts)
+    assert sinks.any() and torch.equal(sinks, act.sink_set(want, config.threshold, starts))
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The element counts of the new tensors the ops make (outputs on a storage none of the op's inputs has)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        self.sizes += [t.numel() for t in tensors(out) if t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_the_fused_prefill_makes_no_score_sized_tensor(triton_interpreter):
+    """On the Triton path the prefill's torch work is O(T) per head: no tensor of ``T x T`` (or ``chunk x T``) scores.
+    Before note 63 ``refine_and_score`` made several ``[B, n, chunk, T]`` fp32 tensors per chunk (here chunk >= T:
+    whole ``T x T`` matrices)."""
+    q, k, v = _inputs(torch.float32, length=128, dim=16)
+    heads, starts = torch.tensor([1, 2]), torch.tensor([0, 7], dtype=torch.int32)
+    state = _state(backend="triton", chunk=4096, threshold=0.02)
+    with _Allocations() as seen:
+        _fused(state, q, k, v, heads, starts)
+    assert state.method_state.sinks.any()
+    assert max(seen.sizes) < 128 * 128, f"a {max(seen.sizes)}-element tensor"
+
+
+def test_model_outputs_and_sinks_match_between_the_fused_and_torch_prefill_scores(triton_target, monkeypatch):
+    """A tiny Llama, left-padded, every head calibrated, attention on Triton in both runs: the prefill column scores
+    from ``received_causal`` or from ``refine_and_score`` give the same sink sets (where no score is near the
+    threshold) and logits within fp32 rounding, prefill and a decode step."""
+    model = tiny_model("llama").to(triton_target)
+    inputs = {k: t.to(triton_target) for k, t in left_pad({"input_ids": torch.randint(3, 100, (2, 40))},
+                                                         [0, 6]).items()}
+    layers = model.model.layers
+    calls = {"fused": 0}
+    fused = act.prefill_scores
+
+    def counted(*args, **kwargs):
+        calls["fused"] += 1
+        return fused(*args, **kwargs)
+
+    def oracle(q, k, lse, scale, starts, config, ends=None):
+        return act.refine_and_score(q, k, lse, scale, starts, config.chunk, columns=True, ends=ends)
+
+    runs = {}
+    for name, scores in (("fused", counted), ("torch", oracle)):
+        monkeypatch.setattr(act, "prefill_scores", scores)
+        with torch.no_grad(), patchattn.patched(model, "act", heads={0: [0, 1, 2, 3], 1: [0, 1, 2, 3]},
+                                                threshold=0.05, backend="triton"):
+            logits = model(**inputs).logits
+            sinks = [layer.self_attn.patchattn.method_state.sinks.clone() for layer in layers]
+            runs[name] = logits, sinks
+    assert calls["fused"] == len(layers)
+    (fused_logits, fused_sinks), (torch_logits, torch_sinks) = runs["fused"], runs["torch"]
+    assert any(s.any() for s in torch_sinks), "the case must find sinks"
+    assert all(torch.equal(a, b) for a, b in zip(fused_sinks, torch_sinks))
+    valid = inputs["attention_mask"].bool()
+    assert max_abs_diff(fused_logits[valid], torch_logits[valid]) <= 1e-4

@@ -43,3 +43,55 @@ def _masked(scores, mask, B, Hkv, Hq):
     if mask.dtype == torch.bool:
         return scores.masked_fill_(~mask, float("-inf"))
     return scores.add_(mask.to(scores.dtype))
+
+
+def causal_positions(q_len: int, kv_len: int, ends, device) -> torch.Tensor:
+    """long ``[B|1, Tq]``: each query row's key position, the last ``q_len`` keys (of each row's real keys when
+    ``ends`` [B] is given; positions may be negative: such rows see nothing)."""
+    rows = torch.arange(q_len, device=device)[None]
+    if ends is None:
+        return rows + (kv_len - q_len)
+    return rows + ends.to(device).long()[:, None] - q_len
+
+
+def causal_seen_by(q_len: int, kv_len: int, device, dtype) -> torch.Tensor:
+    """``[Tk]``: the number of query positions at or after each key, ``min(Tq, Tk - j)`` (``N - j`` when
+    ``Tq == Tk``)."""
+    return (kv_len - torch.arange(kv_len, device=device)).clamp(max=q_len).to(dtype)
+
+
+def received_causal_torch(q, k, lse, *, scale: float, starts=None, ends=None, columns: bool = True,
+                          chunk_rows: int = DEFAULT_CHUNK_ROWS):
+    """Same contract as :func:`patchattn.kernels.received.received_causal` (inputs validated), chunked over query
+    rows: ``(refined lse [B, Hq, Tq], column scores [B, Hq, Tk] or None)`` in the compute dtype."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    keys = k.to(compute)[:, :, None].transpose(-1, -2)  # [B, Hkv, 1, D, Tk]
+    lse = lse.to(compute)
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, torch.zeros_like(lse))
+    positions = causal_positions(Tq, Tk, ends, q.device)  # [B|1, Tq]
+    key_pos = torch.arange(Tk, device=q.device)
+    start = None if starts is None else starts.to(q.device).long().view(-1, 1, 1)
+    total = torch.zeros(B, Hq, Tk, dtype=compute, device=q.device) if columns else None
+    refined = []
+    for lo in range(0, Tq, chunk_rows):
+        hi = min(Tq, lo + chunk_rows)
+        rows = q[:, :, lo:hi].to(compute).reshape(B, Hkv, Hq // Hkv, hi - lo, D) * scale
+        scores = (rows @ keys).reshape(B, Hq, hi - lo, Tk)
+        pos = positions[:, lo:hi, None]  # [B|1, c, 1]
+        ok = key_pos <= pos
+        if start is not None:
+            ok = ok & (key_pos >= start) & (pos >= start)
+        ok = ok[:, None] & finite[:, :, lo:hi, None]
+        probs = scores.sub_(safe[:, :, lo:hi, None]).exp_().masked_fill_(~ok, 0.0)
+        row = probs.sum(-1)
+        refined.append(lse[:, :, lo:hi] + torch.log(row))
+        if columns:
+            weights = torch.where(row > 0, 1.0 / row, torch.zeros_like(row))
+            total += (weights[:, :, None] @ probs)[:, :, 0]
+    refined = torch.cat(refined, dim=2) if refined else lse.clone()
+    if not columns:
+        return refined, None
+    return refined, total / causal_seen_by(Tq, Tk, q.device, compute)
