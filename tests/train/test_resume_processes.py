@@ -47,7 +47,11 @@ def test_fsdp2_checkpoints_resume_on_another_process_count(tmp_path):
         got = saved_weights(resumed)
         assert got.keys() == expected.keys()
         for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"{resumed.name}: {name}")
+            # A tensor the whole run moved by less than 1e-5 from its zero start (the routers' biases: ~1e-6 after 4
+            # steps; their gradient is a cancelling sum near 1e-12, so AdamW's eps-dominated step carries that sum's
+            # rounding, which differs with the split of rows over processes) is compared at that level.
+            atol = 1e-5 if value.abs().max().item() < 1e-5 else 1e-6
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=atol, msg=f"{resumed.name}: {name}")
         # the resumed steps moved every LoRA B and router: the comparison is not of the checkpoint with itself
         at_stop = load_file(resumed / "checkpoints" / f"step-{STOP:06d}" / "trainable.safetensors")
         moved = {name for name in expected if not torch.equal(got[name], at_stop[_trainable_name(name)])}
