@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from op_counts import Allocations
 
 import patchattn
 from patchattn.calibrate import artifact, save_json
@@ -249,21 +250,6 @@ def test_fused_prefill_scores_match_the_torch_oracle_and_find_the_same_sinks(tri
     assert sinks.any() and torch.equal(sinks, act.sink_set(want, config.threshold, starts))
 
 
-class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
-    """The element counts of the new tensors the ops make (outputs on a storage none of the op's inputs has)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
-        inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
-        self.sizes += [t.numel() for t in tensors(out) if t.untyped_storage().data_ptr() not in inputs]
-        return out
-
-
 def test_the_fused_prefill_makes_no_score_sized_tensor(triton_interpreter):
     """On the Triton path the prefill's torch work is O(T) per head: no tensor of ``T x T`` (or ``chunk x T``) scores.
     Before note 63 ``refine_and_score`` made several ``[B, n, chunk, T]`` fp32 tensors per chunk (here chunk >= T:
@@ -271,7 +257,7 @@ def test_the_fused_prefill_makes_no_score_sized_tensor(triton_interpreter):
     q, k, v = _inputs(torch.float32, length=128, dim=16)
     heads, starts = torch.tensor([1, 2]), torch.tensor([0, 7], dtype=torch.int32)
     state = _state(backend="triton", chunk=4096, threshold=0.02)
-    with _Allocations() as seen:
+    with Allocations() as seen:
         _fused(state, q, k, v, heads, starts)
     assert state.method_state.sinks.any()
     assert max(seen.sizes) < 128 * 128, f"a {max(seen.sizes)}-element tensor"

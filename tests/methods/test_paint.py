@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from lvlm_cases import FAMILIES, Oracle, full_probs, image_mask, oracle_model, padded_inputs
+from op_counts import Allocations
 
 import patchattn
 from patchattn.methods import _lastrow, paint
@@ -618,28 +619,12 @@ def test_received_scores_with_a_mask_and_in_float64_match_the_oracle(additive):
     assert torch.equal(cls, paint.patch_scores_reference(q, k, None, scaling=0.2, use_cls=True, chunk=16))
 
 
-class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
-    """The element counts of the new tensors the ops make (outputs on a storage none of the op's inputs has: views
-    and in-place results are not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
-        inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
-        self.sizes += [t.numel() for t in tensors(out) if t.untyped_storage().data_ptr() not in inputs]
-        return out
-
-
 def test_received_scores_on_triton_make_no_score_tensor(triton_interpreter):
     """On the Triton path (a GPU; the interpreter here) no tensor larger than the inputs is made: per head O(N)
     (each row's log-sum-exp, each key's sum).  Before note 60 every chunk made four ``H x chunk x N`` fp32 tensors
     (logits, scaled logits, softmax, ``nan_to_num``)."""
     q, k = _vision_call(patches=128, heads=2, kv_heads=2, dim=32)
-    with _Allocations() as seen:
+    with Allocations() as seen:
         paint.patch_scores(q, k, None, scaling=0.2, use_cls=False, chunk=256)
     assert max(seen.sizes) <= q.numel(), f"a {max(seen.sizes)}-element tensor (inputs: {q.numel()})"
 
@@ -648,7 +633,7 @@ def test_received_scores_on_torch_make_one_score_tensor_per_chunk():
     """The torch path (CPU) makes one ``H x chunk x N`` tensor per chunk (the product; max, exp and the row
     weights work in place or on ``O(chunk)`` rows); before note 60 it made four."""
     q, k = _vision_call(patches=256, heads=4, kv_heads=4, dim=32)
-    with _Allocations() as seen:
+    with Allocations() as seen:
         paint.patch_scores(q, k, None, scaling=0.2, use_cls=False, chunk=64)  # CPU: the torch path
     assert sum(size >= 4 * 64 * 256 for size in seen.sizes) == 256 // 64  # one per chunk
 

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ..blocksparse import BACKENDS, TRITON_DTYPES, _resolve_backend
+from ..inputs import check_qkv
 from ..options import KernelOptions, resolve_options
 from .reference import CLASS_BITS, class_attention_torch
 
@@ -76,20 +77,9 @@ def _compute_dtype(q):
 def _validate(q, k, v, classes, kv_start, requested) -> str:
     """Shapes, dtypes and devices; returns the backend that runs ("triton" or "torch")."""
     where = "class_attention"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{where}: q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, Hq, Tq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{where}: k and v must be [B={B}, Hkv, Tk, D={D}] alike; got {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    Hkv, Tk = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"{where}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if Tq > Tk:
-        raise ValueError(f"{where}: the queries are the last Tq keys, so Tq ({Tq}) must be <= Tk ({Tk})")
-    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{where}: q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv(where, q, k, v)
+    B, D = q.shape[0], q.shape[3]
+    Tk = k.shape[2]
     if classes.dtype not in CODE_DTYPES or tuple(classes.shape) != (B, Tk):
         raise ValueError(f"{where}: classes must be an int8 or uint8 tensor [B={B}, Tk={Tk}] (bits 0-2: class "
                          f"memberships); got {classes.dtype} {tuple(classes.shape)}")

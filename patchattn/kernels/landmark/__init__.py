@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from ..blocksparse import BACKENDS, TRITON_DTYPES, _resolve_backend
+from ..inputs import check_qkv
 from ..options import KernelOptions, resolve_options
 from .reference import landmark_block_attention_torch
 
@@ -76,20 +77,9 @@ def landmark_block_attention(q, k, v, kv_indices, kv_counts, pick_entry, pick_ga
 def _validate(q, k, v, kv_indices, kv_counts, pick_entry, pick_gate, block, local_blocks, requested) -> str:
     """Shapes, dtypes and devices; returns the backend that runs ("triton" or "torch")."""
     where = "landmark_block_attention"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{where}: q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    check_qkv(where, q, k, v)
     batch, heads, q_len, dim = q.shape
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
-        raise ValueError(f"{where}: k and v must be [B={batch}, Hkv, Tk, D={dim}] alike; got {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"{where}: query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    if q_len > kv_len:
-        raise ValueError(f"{where}: the queries are the last Tq keys, so Tq ({q_len}) must be <= Tk ({kv_len})")
-    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{where}: q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    kv_len = k.shape[2]
     if block < 16 or block & (block - 1) or local_blocks < 1:
         raise ValueError(f"{where}: block must be a power of 2 >= 16 and local_blocks >= 1; got {block}, "
                          f"{local_blocks}")

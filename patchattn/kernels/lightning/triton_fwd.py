@@ -85,7 +85,7 @@ def _lightning_fwd(Q, K, V, S_IN, O, S_OUT, SLOPES, T, H,
                  mask=r_ok[:, None] & e_ok[None, :])
         state = state * decay_c + update
     tl.store(S_OUT + s_off, state, mask=s_mask)
-    if NORMALIZED:
+    if NORMALIZED:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if pid_e == 0:
             tl.store(S_OUT + z_off, z, mask=f_ok)
 
