@@ -240,8 +240,7 @@ def _linear_output(module, query, key, value, attention_mask, *, keep_state: boo
     state = module.patchattn
     config, kept = state.config, state.method_state
     batch, heads, q_len, head_dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
+    kv_len = key.shape[2]
     if carry is not None:  # a bounded cache: ``key`` holds this call's tokens only, the state the ones before
         valid = key_validity(attention_mask, batch, q_len, carry.past + kv_len, query.device)
         valid = None if valid is None else valid[:, carry.past:]

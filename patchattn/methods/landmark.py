@@ -207,18 +207,12 @@ def _per_rank_landmark_attention(state, query, key, value, scale: float, softcap
     then one call per rank of the query blocks' lists, each piece weighted by :func:`mix_weights` and added as it
     comes.  The torch-backend inference path (bit for bit the code of design note 58) and the oracle of
     :func:`_fused_landmark_attention`.  ``[B, Hq, Tq, D]``."""
-    config = state.config
-    block, local = config.block_size, config.local_blocks
-    q_len, kv_len = query.shape[2], key.shape[2]
-    offset = kv_len - q_len
-    pad = offset % block  # query blocks aligned on key blocks
-    rows = q_len + pad
-    n_q, n_k = math.ceil(rows / block), math.ceil(kv_len / block)
+    geo = _Geometry.of(state.config, query, key)
+    block, local, pad, rows = geo.block, geo.local, geo.pad, geo.rows
     device = query.device
     padded_q = F.pad(query, (0, 0, pad, 0)) if pad else query
-    current = (offset - pad) // block + torch.arange(n_q, device=device)  # [NQ] key block of each query block
-    blocks = torch.arange(n_k, device=device)
-    last_candidate = (offset - pad) // block + n_q - 1 - local  # the last query block's newest earlier block
+    current = geo.first_block + torch.arange(geo.n_q, device=device)  # [NQ] key block of each query block
+    blocks = torch.arange(math.ceil(key.shape[2] / block), device=device)
 
     def attend(kv_indices, kv_counts, return_lse=False):
         return block_sparse_attention(padded_q, key, value, kv_indices, kv_counts, block_q=block, block_k=block,
@@ -228,7 +222,7 @@ def _per_rank_landmark_attention(state, query, key, value, scale: float, softcap
     local_mask = (blocks[None] <= current[:, None]) & (blocks[None] > current[:, None] - local)
     out_local, lse_local = attend(*blocks_from_mask(local_mask[None, None]), return_lse=True)
     reads_local = (current - (current - local + 1).clamp(min=0) + 1).float()
-    if last_candidate < 0 or top_k == 0:
+    if geo.last_candidate < 0 or top_k == 0:
         state.record(density=(reads_local / (current + 1)).mean())
         return out_local[:, :, pad:]
 

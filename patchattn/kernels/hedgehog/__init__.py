@@ -2,7 +2,7 @@
 
 Entry point :func:`hedgehog_features` (``backend``: ``torch`` = :mod:`.reference`, ``triton`` = the fused forward
 of :mod:`.triton_fwd`, imported lazily so ``TRITON_INTERPRET`` can be set first; ``auto`` = Triton on CUDA / under
-the interpreter when no gradient is needed).  The Triton path has no backward: a call that needs gradients (the
+the interpreter when no gradient is needed, the block-sparse engine's rule).  The Triton path has no backward: a call that needs gradients (the
 weight is trained by the recipes) takes the torch path, whatever ``backend`` says.
 
 This package imports only torch (and triton, lazily), its own modules and the block-sparse kernel's core-op
@@ -10,10 +10,9 @@ reductions.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..blocksparse import _resolve_backend
 from .reference import hedgehog_reference
 
 __all__ = ["hedgehog_features", "hedgehog_reference"]
@@ -31,8 +30,8 @@ def hedgehog_features(x: torch.Tensor, weight: torch.Tensor, *, backend: str = "
                          f"{tuple(weight.shape)}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"hedgehog_features: backend must be one of ('auto', 'triton', 'torch'), got {backend!r}")
-    fused = backend == "triton" or (backend == "auto" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
-    if not fused or _needs_grad(x, weight) or x.shape[2] == 0:
+    # the engine's rule for the fused path: CUDA or the interpreter, Triton dtypes
+    if _needs_grad(x, weight) or x.shape[2] == 0 or _resolve_backend(backend, x) != "triton":
         return hedgehog_reference(x, weight).to(out_dtype)
     from .triton_fwd import hedgehog_forward
 

@@ -3,16 +3,12 @@ the head's ``D x D`` matrix and writes both softmaxes, in one pass over ``x`` (t
 projection, two float32 softmaxes, their concatenation and a cast: five passes over ``[T, 2D]``-sized tensors)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 # core-op reductions: triton's own tl.max / tl.sum break under the interpreter when triton was imported first
 from ..blocksparse.triton_fwd import reduce_max, reduce_sum
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -53,5 +49,5 @@ def hedgehog_forward(x: torch.Tensor, weight: torch.Tensor, out_dtype=None, bloc
     out = torch.empty(batch, heads, t, 2 * d, device=x.device, dtype=out_dtype or x.dtype)
     grid = (batch * heads, triton.cdiv(t, block))
     _hedgehog_fwd[grid](x, weight, out, t, heads, D=d, BD=max(16, triton.next_power_of_2(d)), BLOCK=block,
-                        IEEE=x.dtype == torch.float32 or INTERPRETING)
+                        IEEE=x.dtype == torch.float32 or not x.is_cuda)  # CPU: the interpreter (its 16-bit dot)
     return out
